@@ -1,0 +1,179 @@
+"""Command line: `secateur prune | eval | info`. Flags only build the typed configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from typing import Any, Sequence
+
+from secateur.config import ConfigError, build_calib_config, build_prune_config, read_recipe
+from secateur.data import DataError
+from secateur.io import ModelPathError, load_model, read_manifest, resolve_device
+from secateur.methods import REGISTRY
+from secateur.models import UnsupportedModelError
+
+USER_ERRORS = (ConfigError, DataError, ModelPathError, UnsupportedModelError, FileExistsError)
+
+PRUNE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "device": "auto", "eval_windows": 64, "eval_seq_len": 512}
+
+
+def _prune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="prune a model and save it with a manifest")
+    p.add_argument("model", help="HF model directory or .gguf file (never modified)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--recipe", help="TOML file whose keys mirror these flags; flags given here win")
+    p.add_argument("--method", choices=sorted(REGISTRY), help="pruning method (default: wanda)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", help="N:M semi-structured sparsity: keep N of every M weights, e.g. 2:4")
+    p.add_argument("--scope", choices=["per_row", "per_layer", "global"], help="ranking scope (magnitude, wanda)")
+    p.add_argument("--block-size", type=int, help="SparseGPT column block (default 128)")
+    p.add_argument("--damp", type=float, help="SparseGPT damping, relative to the mean Hessian diagonal (0.01)")
+    p.add_argument("--ignore", action="append", help="fnmatch pattern of layer names to keep dense (repeatable)")
+    p.add_argument("--calib", help="calibration text: enwiki-sample (default), wikitext2, c4, a file or a directory")
+    p.add_argument("--calib-samples", type=int, help="calibration windows (default 64)")
+    p.add_argument("--calib-seq-len", type=int, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-batch-size", type=int, help="windows per forward; 0 = all at once (default)")
+    p.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
+    p.add_argument("--text-field", help="field holding the text in JSONL / datasets sources (default text)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load precision (default float32)")
+    p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--eval", help="evaluate perplexity on this source after pruning; recorded in the manifest")
+    p.add_argument("--eval-windows", type=int, help="evaluation windows (default 64); also the calibration hold-out")
+    p.add_argument("--eval-seq-len", type=int, help="tokens per evaluation window (default 512)")
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity over non-overlapping windows")
+    p.add_argument("model", help="HF model directory or .gguf file")
+    p.add_argument("--data", default="enwiki-sample", help="text source (default enwiki-sample)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--windows", type=int, default=64, help="number of windows from the start (default 64)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _info_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="architecture, parameters, per-layer sparsity, manifest summary")
+    p.add_argument("model", help="HF model directory or .gguf file")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secateur", description="Prune Hugging Face causal language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_prune_parser, _eval_parser, _info_parser):
+        add(sub)
+    return parser
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from secateur.pipeline import run_prune
+
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    settings = {**PRUNE_DEFAULTS, **(read_recipe(args.recipe) if args.recipe else {}), **flags}
+    config = build_prune_config(settings)
+    calib = build_calib_config(settings)
+    manifest = run_prune(
+        args.model, config, calib, args.out,
+        dtype=settings["dtype"], device=settings["device"], overwrite=args.overwrite,
+        eval_source=settings.get("eval"), eval_seq_len=int(settings["eval_seq_len"]),
+        eval_windows=int(settings["eval_windows"]),
+    )  # fmt: skip
+    result = manifest["result"]
+    print(f"pruned {args.model} with {result['method']} {result['target']}: "
+          f"sparsity {result['sparsity']:.4f} of the target layers in {result['seconds']:.1f} s -> {args.out}")
+    if "evaluation" in manifest:
+        ev = manifest["evaluation"]
+        print(f"perplexity {ev['perplexity']:.3f} ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from secateur.pipeline import evaluate_model
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=str(device))
+    result = evaluate_model(model, tokenizer, args.data, args.seq_len, args.windows, field=args.text_field,
+                            batch_size=args.batch_size, device=device)  # fmt: skip
+    result["model"] = args.model
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model}: perplexity {result['perplexity']:.3f} on {args.data} "
+              f"({result['windows']} windows x {result['seq_len']} tokens, {result['seconds']:.1f} s)")
+        print(f"protocol: {result['protocol']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from secateur.pipeline import sparsity_table
+
+    model, _ = load_model(args.model)
+    layers = sparsity_table(model)
+    total = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    target = sum(r * c for _, (r, c), _ in layers)
+    zeros = sum(r * c * s for _, (r, c), s in layers)
+    config = model.config
+    info = {
+        "architecture": config.architectures[0] if config.architectures else type(model).__name__,
+        "model_type": config.model_type,
+        "blocks": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "parameters": total,
+        "nonzero_parameters": nonzero,
+        "target_parameters": target,
+        "target_sparsity": zeros / max(target, 1),
+        "layers": [{"name": n, "shape": list(s), "sparsity": z} for n, s, z in layers],
+        "manifest": read_manifest(args.model) if not str(args.model).endswith(".gguf") else None,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['architecture']} ({info['model_type']}): {info['blocks']} blocks, hidden {info['hidden_size']}")
+    print(f"parameters {total:,} (nonzero {nonzero:,}); prunable {target:,}, sparsity {info['target_sparsity']:.4f}")
+    _print_layer_grid(layers)
+    if info["manifest"]:
+        m = info["manifest"]
+        print(f"manifest: {m['recipe']['method']} {m['result']['target']}, source sha256 {m['source']['sha256'][:12]}…,"
+              f" pruned in {m['result']['seconds']:.1f} s by secateur {m['secateur_version']}")
+    return 0
+
+
+def _print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:
+    """One row per block, one column per layer kind: the fraction of zero weights."""
+    grid: dict[str, dict[str, float]] = defaultdict(dict)
+    for name, _, sparsity in layers:
+        parts = name.split(".")
+        index = next(i for i, part in enumerate(parts) if part.isdigit())
+        block, kind = ".".join(parts[: index + 1]), ".".join(parts[index + 1 :])
+        grid[block][kind] = sparsity
+    kinds = list(next(iter(grid.values())).keys()) if grid else []
+    short = [k.split(".")[-1] for k in kinds]
+    print("block  " + " ".join(f"{k:>10}" for k in short))
+    for block, row in grid.items():
+        print(f"{block.split('.')[-1]:>5}  " + " ".join(f"{row.get(k, float('nan')):>10.4f}" for k in kinds))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except USER_ERRORS as exc:
+        print(f"secateur: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

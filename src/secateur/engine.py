@@ -1,0 +1,178 @@
+"""The sequential layer-by-layer engine, shared by every method and every model family.
+
+1. Capture the inputs of the first decoder block, and the extra arguments every block receives
+   (masks, rotary embeddings: they can differ per block, e.g. Gemma 3's sliding layers), by running
+   the model with each block's forward replaced by a recorder: no block computes anything.
+2. For each block: pre-hooks on its linear layers feed the group statistics and prune each group
+   *when its first layer is about to run*, so every layer is calibrated on the outputs of its
+   already-pruned predecessors. With all samples in one batch this is a single forward per block;
+   with smaller batches the engine stops the forward at the next unpruned group (a few partial passes).
+3. The block's outputs under its pruned weights become the next block's inputs.
+
+Only the block being pruned must sit on the compute device.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from secateur.config import PruneConfig
+from secateur.methods import MethodSpec
+from secateur.models import Adapter, read_weight, write_weight
+from secateur.stats import check_finite
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float  # fraction of weights the mask removed
+    seconds: float  # time spent computing the mask and the update
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering one block, in batches, with each batch's extra arguments."""
+
+    hidden: list[Tensor]  # (batch, seq, hidden) per batch
+    extras: list[list[tuple[tuple, dict[str, Any]]]] = field(default_factory=list)  # [block][batch] -> (args, kwargs)
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+# --- capture --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device) -> BlockInputs:
+    """Run the model up to its blocks and record each block's input and extra arguments."""
+    blocks = adapter.block_list(model)
+    batches = windows.split(batch_size or len(windows))
+    captured = BlockInputs(hidden=[], extras=[[] for _ in blocks])
+
+    def recorder(index: int):
+        def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if index == 0:
+                captured.hidden.append(hidden_states)
+            captured.extras[index].append((args, kwargs))
+            if index == len(blocks) - 1:
+                raise _Stop  # skip the final norm and the LM head
+            return hidden_states
+
+        return forward
+
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)  # instance attribute shadows the class method
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward
+    return captured
+
+
+# --- one block ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    names: list[str]  # qualified names of the prunable layers
+    modules: list[nn.Module]
+    stat: Any = None
+    done: bool = False
+
+
+def _groups(block: nn.Module, index: int, adapter: Adapter, config: PruneConfig) -> list[_Group]:
+    groups = []
+    for group in adapter.groups:
+        names = [f"{adapter.blocks}.{index}.{name}" for name in group]
+        keep = [i for i, name in enumerate(names) if not any(fnmatch.fnmatch(name, p) for p in config.ignore)]
+        if keep:
+            groups.append(_Group([names[i] for i in keep], [block.get_submodule(group[i]) for i in keep]))
+    return groups
+
+
+def _prune_group(group: _Group, spec: MethodSpec, config: PruneConfig, reports: list[LayerReport]) -> None:
+    start = time.perf_counter()
+    if group.stat is not None:
+        check_finite(f"input statistic of {group.names[0]}", group.stat.value)
+    weights = [read_weight(module).to(torch.float32) for module in group.modules]
+    results = spec.prune_group(config.method, weights, group.stat, config.target, group.names)
+    seconds = (time.perf_counter() - start) / len(group.modules)
+    for name, module, (weight, mask) in zip(group.names, group.modules, results):
+        check_finite(f"pruned weight of {name}", weight)
+        write_weight(module, weight)
+        reports.append(LayerReport(name, tuple(weight.shape), float(mask.float().mean()), seconds))
+    group.stat, group.done = None, True  # free the statistic (Hessians can be large)
+
+
+def _forward(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, Any]]) -> Tensor:
+    args, kwargs = extra
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def prune_block(
+    block: nn.Module, index: int, adapter: Adapter, spec: MethodSpec, config: PruneConfig, inputs: BlockInputs
+) -> tuple[list[Tensor], list[LayerReport]]:
+    """Prune one block in place; returns its outputs (under the pruned weights) and layer reports."""
+    groups = _groups(block, index, adapter, config)
+    batches = list(zip(inputs.hidden, inputs.extras[index]))
+    reports: list[LayerReport] = []
+    single = len(batches) == 1
+    active: list[_Group] = []  # multi-batch mode: the group being calibrated across all batches
+
+    def hook_for(group: _Group):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if group.done or (active and group is not active[0]):
+                return
+            if group.stat is None:
+                group.stat = spec.statistic(args[0].shape[-1], args[0].device)
+            group.stat.update(args[0])
+            if single:  # all samples are in this batch: prune now, before the layer runs
+                _prune_group(group, spec, config, reports)
+            else:
+                active[:] = [group]
+                raise _Stop
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(g)) for g in groups for m in g.modules]
+    try:
+        if single:
+            outputs = [_forward(block, *batches[0])]
+        while not single and not all(g.done for g in groups):
+            for hidden, extra in batches:
+                try:
+                    _forward(block, hidden, extra)
+                except _Stop:
+                    pass
+            if not active:
+                break
+            _prune_group(active.pop(), spec, config, reports)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [g.names[0] for g in groups if not g.done]
+    if missing:
+        raise RuntimeError(f"layers {missing} never ran in the block's forward; check the model adapter")
+    if not single:
+        outputs = [_forward(block, hidden, extra) for hidden, extra in batches]
+    return outputs, reports

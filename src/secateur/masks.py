@@ -1,0 +1,71 @@
+"""Mask selection: pure functions from scores to boolean *prune* masks (True = weight removed).
+
+Every function removes an exact number of entries, whatever the ties: dequantized GGUF weights
+repeat values a lot, and a threshold test (`score <= t`) would remove more than asked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def prune_count(numel: int, fraction: float) -> int:
+    """How many of `numel` weights a `fraction` removes (rounded to the nearest integer)."""
+    return int(round(numel * fraction))
+
+
+def smallest_k(scores: Tensor, k: int) -> Tensor:
+    """Mask of exactly the `k` smallest entries of `scores` (any shape); ties go to lower indices."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return mask.view_as(scores)
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = flat.kthvalue(k).values
+    mask = flat < threshold
+    missing = k - int(mask.sum())
+    if missing > 0:  # fill the remainder from the tied entries, lowest index first
+        tied = (flat == threshold).nonzero().squeeze(1)[:missing]
+        mask[tied] = True
+    return mask.view_as(scores)
+
+
+def per_row_mask(scores: Tensor, fraction: float) -> Tensor:
+    """Remove the lowest-scoring entries within each row (dim 0 = outputs, dim 1 = inputs).
+
+    The layer total is exact: round(fraction * numel) entries, spread as evenly as possible over the
+    rows (rows differ by at most one entry).
+    """
+    rows, cols = scores.shape
+    total = prune_count(rows * cols, fraction)
+    counts = torch.full((rows,), total // rows, device=scores.device)
+    counts[: total % rows] += 1  # (rows,)
+    order = scores.argsort(dim=1, stable=True)  # (rows, cols): column indices, smallest score first
+    take = torch.arange(cols, device=scores.device)[None, :] < counts[:, None]  # (rows, cols)
+    return torch.zeros_like(take).scatter_(1, order, take)
+
+
+def per_layer_mask(scores: Tensor, fraction: float) -> Tensor:
+    """Remove the lowest-scoring entries of the whole matrix."""
+    return smallest_k(scores, prune_count(scores.numel(), fraction))
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the `n` highest-scoring entries of every `m` consecutive inputs of each row."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M with M={m} needs the input size to be a multiple of {m}; got {cols}")
+    groups = scores.reshape(rows, cols // m, m)  # (rows, groups, m)
+    drop = groups.topk(m - n, dim=2, largest=False).indices  # (rows, groups, m - n)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, drop, True)
+    return mask.reshape(rows, cols)
+
+
+def global_masks(scores: list[Tensor], fraction: float) -> list[Tensor]:
+    """One ranking across all matrices: remove exactly round(fraction * total) entries overall."""
+    sizes = [s.numel() for s in scores]
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    mask = smallest_k(flat, prune_count(flat.numel(), fraction))
+    return [part.view_as(s) for part, s in zip(mask.split(sizes), scores)]

@@ -1,0 +1,14 @@
+"""Adapters for the supported model families; importing this package registers them all."""
+
+from secateur.models import gemma, gpt2, gpt_neox, llama, opt, phi3, qwen  # noqa: F401  (registration)
+from secateur.models.base import (
+    ADAPTERS,
+    Adapter,
+    UnsupportedModelError,
+    adapter_for,
+    read_weight,
+    supported,
+    write_weight,
+)
+
+__all__ = ["ADAPTERS", "Adapter", "UnsupportedModelError", "adapter_for", "read_weight", "supported", "write_weight"]

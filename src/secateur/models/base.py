@@ -1,0 +1,69 @@
+"""Model adapters: where a family keeps its decoder blocks and which block layers share an input.
+
+An adapter is data, not code: adding an architecture is one small file with one `Adapter(...)` and a
+tiny-config test. The engine, the methods and the I/O never look at the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no adapter."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    model_types: tuple[str, ...]  # values of config.model_type this adapter handles
+    blocks: str  # dotted path from the *ForCausalLM module to the ModuleList of decoder blocks
+    groups: tuple[tuple[str, ...], ...]  # block-relative names of linear layers that read one input
+    needs_bos: bool = False  # the family is trained with BOS first and degrades without it (Gemma)
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def layer_names(self) -> list[str]:
+        return [name for group in self.groups for name in group]
+
+
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    for model_type in adapter.model_types:
+        ADAPTERS[model_type] = adapter
+    return adapter
+
+
+def supported() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(model_or_config) -> Adapter:
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r}; secateur supports: {', '.join(supported())}"
+        )
+    return ADAPTERS[model_type]
+
+
+# --- weights as (outputs, inputs), whatever the module stores -----------------------------------
+
+
+def read_weight(module: nn.Module) -> Tensor:
+    """The weight as (out_features, in_features); GPT-2's Conv1D stores it transposed."""
+    weight = module.weight.data
+    return weight.T if isinstance(module, Conv1D) else weight
+
+
+def write_weight(module: nn.Module, weight: Tensor) -> None:
+    with torch.no_grad():
+        read_weight(module).copy_(weight)

@@ -1,0 +1,7 @@
+"""GPT-2: Conv1D layers (weights stored transposed: (in, out)); c_attn fuses q/k/v."""
+
+from secateur.models.base import Adapter, register
+
+GPT2 = register(
+    Adapter("gpt2", ("gpt2",), "transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)))
+)

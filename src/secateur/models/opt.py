@@ -1,0 +1,12 @@
+"""OPT: separate q/k/v with biases, out_proj, fc1/fc2 MLP."""
+
+from secateur.models.base import Adapter, register
+
+OPT = register(
+    Adapter(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+    )
+)

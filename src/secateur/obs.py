@@ -1,0 +1,104 @@
+"""SparseGPT: blockwise Optimal-Brain-Surgeon pruning with lazy weight updates (pure tensor math).
+
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", 2023.
+Columns are processed left to right; pruning column j moves its error onto the not-yet-processed
+columns through the upper Cholesky factor of H^-1, so the layer output X W^T is preserved as well
+as a second-order model allows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from secateur.config import NM, Target
+from secateur.masks import prune_count, smallest_k
+from secateur.stats import WORK_DTYPE
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10
+
+
+def inverse_hessian_factor(hessian: Tensor, damp: float, name: str = "layer") -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor U of (H + λI)^-1 (so U^T U = H^-1) and the mask of dead inputs.
+
+    Dead inputs (zero diagonal: the feature never fires on calibration data) get a unit diagonal so
+    H stays invertible. λ = damp * mean(diag H); when the factorisation fails, λ grows tenfold
+    (logged) rather than falling back silently to an identity.
+    """
+    h = hessian.to(WORK_DTYPE).clone()
+    dead = h.diagonal() == 0  # (cols,)
+    h[dead, dead] = 1.0
+    cols = h.shape[0]
+    eye = torch.eye(cols, dtype=h.dtype, device=h.device)
+    mean_diag = h.diagonal().mean()
+    for attempt in range(MAX_DAMP_RETRIES):
+        factor = damp * 10**attempt
+        lower, info = torch.linalg.cholesky_ex(h + factor * mean_diag * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("%s: Hessian not positive definite at damp=%g; used damp=%g", name, damp, factor)
+                return upper, dead
+    raise torch.linalg.LinAlgError(
+        f"{name}: Hessian stays singular even with damp={damp * 10 ** (MAX_DAMP_RETRIES - 1):g}; "
+        "calibrate on more (or more varied) tokens"
+    )
+
+
+def _block_prune_counts(rows: int, cols: int, fraction: float, block: int) -> list[int]:
+    """Per-column-block prune counts that add up exactly to round(fraction * rows * cols)."""
+    edges = list(range(0, cols, block)) + [cols]
+    return [prune_count(rows * b, fraction) - prune_count(rows * a, fraction) for a, b in zip(edges, edges[1:])]
+
+
+def sparsegpt_prune(
+    weight: Tensor, inv_factor: Tensor, dead: Tensor, target: Target, block_size: int = 128
+) -> tuple[Tensor, Tensor]:
+    """Prune `weight` (rows = outputs, cols = inputs) with OBS updates; returns (new weight, prune mask).
+
+    Unstructured: the mask is chosen per block of `block_size` columns by the OBS saliency
+    w^2 / [H^-1]_jj^2 over all rows of the block, with exact counts. N:M: inside the column loop,
+    every group of M columns keeps the N entries of highest saliency per row, computed on the
+    already-updated weights.
+    """
+    w = weight.to(WORK_DTYPE).clone()  # (rows, cols)
+    rows, cols = w.shape
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    counts = _block_prune_counts(rows, cols, target.fraction, block_size) if not isinstance(target, NM) else None
+    if isinstance(target, NM) and cols % target.m:
+        raise ValueError(f"N:M with M={target.m} needs the input size to be a multiple of {target.m}; got {cols}")
+    for index, start in enumerate(range(0, cols, block_size)):
+        end = min(start + block_size, cols)
+        w_block = w[:, start:end].clone()  # (rows, b)
+        u_block = inv_factor[start:end, start:end]  # (b, b)
+        u_diag = u_block.diagonal()  # (b,)
+        errors = torch.zeros_like(w_block)
+        block_mask = torch.zeros_like(w_block, dtype=torch.bool)
+        if counts is not None:
+            saliency = w_block.pow(2) / u_diag.pow(2)[None, :]
+            saliency[:, dead[start:end]] = 0.0  # inputs that never fire cost nothing to remove
+            block_mask = smallest_k(saliency, counts[index])
+        for j in range(end - start):
+            if isinstance(target, NM) and j % target.m == 0:
+                group = slice(j, j + target.m)
+                saliency = w_block[:, group].pow(2) / u_diag[group].pow(2)[None, :]  # (rows, m)
+                saliency[:, dead[start:end][group]] = 0.0
+                drop = saliency.topk(target.m - target.n, dim=1, largest=False).indices
+                block_mask[:, group] = torch.zeros_like(saliency, dtype=torch.bool).scatter_(1, drop, True)
+            column = w_block[:, j]
+            pruned = torch.where(block_mask[:, j], torch.zeros_like(column), column)
+            error = (column - pruned) / u_diag[j]  # (rows,)
+            w_block[:, j:] -= error[:, None] * u_block[j, j:][None, :]
+            w_block[:, j] = pruned
+            errors[:, j] = error
+        w[:, start:end] = w_block
+        w[:, end:] -= errors @ inv_factor[start:end, end:]
+        mask[:, start:end] = block_mask
+    w[mask] = 0.0
+    return w.to(weight.dtype), mask

@@ -1,0 +1,102 @@
+"""End-to-end jobs shared by the CLI and the demo: load -> calibrate -> prune -> evaluate -> save."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secateur import __version__
+from secateur.config import CalibConfig, PruneConfig
+from secateur.data import calibration_windows, evaluation_windows, load_text, shares_text, tokenize, uses_bos
+from secateur.evaluate import perplexity
+from secateur.io import check_output, content_hash, load_model, resolve_device, save
+from secateur.models import adapter_for, read_weight
+from secateur.prune import prune, target_layers
+
+
+def _bos(model: nn.Module, tokenizer: Any) -> int | None:
+    return tokenizer.bos_token_id if uses_bos(tokenizer, adapter_for(model).needs_bos) else None
+
+
+def calibration_data(model: nn.Module, tokenizer: Any, calib: CalibConfig) -> Tensor:
+    """Seeded calibration windows; when the text is the evaluation text, its eval region is skipped."""
+    text = load_text(calib.source, "calibration", calib.text_field)
+    tokens = tokenize(tokenizer, text)
+    bos = _bos(model, tokenizer)
+    skip = 0
+    if shares_text(calib.source, calib.source):
+        skip = calib.holdout_windows * (calib.holdout_seq_len - (bos is not None))
+    return calibration_windows(tokens, calib.seq_len, calib.samples, calib.seed, skip=skip, bos=bos)
+
+
+def evaluation_data(model: nn.Module, tokenizer: Any, source: str, seq_len: int, windows: int, field: str = "text") -> Tensor:
+    tokens = tokenize(tokenizer, load_text(source, "evaluation", field))
+    return evaluation_windows(tokens, seq_len, windows, bos=_bos(model, tokenizer))
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, source: str, seq_len: int, windows: int, *,
+                   field: str = "text", batch_size: int = 4, device: torch.device | str = "cpu") -> dict[str, Any]:
+    data = evaluation_data(model, tokenizer, source, seq_len, windows, field)
+    result = perplexity(model, data, batch_size=batch_size, device=device)
+    return {"source": source, "bos": _bos(model, tokenizer) is not None, **result}
+
+
+def sparsity_table(model: nn.Module) -> list[tuple[str, tuple[int, int], float]]:
+    """(name, shape, fraction of zeros) of every prunable layer, as found in the weights."""
+    rows = []
+    for name, module in target_layers(model, adapter_for(model)):
+        weight = read_weight(module)
+        rows.append((name, tuple(weight.shape), float((weight == 0).float().mean())))
+    return rows
+
+
+def run_prune(
+    model_path: str | Path,
+    config: PruneConfig,
+    calib: CalibConfig,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    overwrite: bool = False,
+    eval_source: str | None = None,
+    eval_seq_len: int = 512,
+    eval_windows: int = 64,
+) -> dict[str, Any]:
+    """Prune a model from disk and save it with its manifest; returns the manifest."""
+    check_output(out, overwrite)  # before any work: never overwrite without being asked
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    model, tokenizer = load_model(model_path, dtype=dtype, device="cpu")
+    timings["load"] = time.perf_counter() - clock
+    compute = resolve_device(device)
+    needs_data = config.method_name != "magnitude"
+    clock = time.perf_counter()
+    calibration = calibration_data(model, tokenizer, calib) if needs_data else None
+    timings["calibration_data"] = time.perf_counter() - clock
+    report = prune(model, tokenizer, config, calibration, device=compute, batch_size=calib.batch_size)
+    timings["prune"] = report.seconds
+    manifest: dict[str, Any] = {
+        "secateur_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(Path(model_path).resolve()), "sha256": content_hash(model_path)},
+        "dtype": dtype,
+        "device": str(compute),
+        "recipe": config.to_dict(),
+        "calibration": ({**asdict(calib), "tokens": report.calibration_tokens} if needs_data else None),
+        "result": {k: v for k, v in report.to_dict().items() if k != "layers"},
+        "layers": report.to_dict()["layers"],
+        "timings": timings,
+    }
+    if eval_source:
+        model.to(compute)
+        manifest["evaluation"] = evaluate_model(model, tokenizer, eval_source, eval_seq_len, eval_windows, device=compute)
+        model.to("cpu")
+    save(model, tokenizer, out, manifest, overwrite=overwrite)
+    return manifest

@@ -1,0 +1,151 @@
+"""`prune(model, tokenizer, config, calibration)`: the Python entry point of a pruning run."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from secateur.config import NM, ConfigError, PruneConfig
+from secateur.engine import LayerReport, capture_inputs, prune_block
+from secateur.masks import global_masks
+from secateur.methods import magnitude_scores, spec_for
+from secateur.models import Adapter, adapter_for, read_weight, write_weight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneReport:
+    method: str
+    target: str
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the pruning itself (capture + all blocks)
+    calibration_tokens: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the target layers' weights removed, weighted by layer size."""
+        sizes = [r.shape[0] * r.shape[1] for r in self.layers]
+        return sum(r.sparsity * n for r, n in zip(self.layers, sizes)) / max(sum(sizes), 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "target": self.target,
+            "sparsity": self.sparsity,
+            "seconds": self.seconds,
+            "calibration_tokens": self.calibration_tokens,
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+
+def target_layers(model: nn.Module, adapter: Adapter, ignore: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """Every linear layer of the decoder blocks named by the adapter, minus the ignored ones."""
+    layers = []
+    for index, block in enumerate(adapter.block_list(model)):
+        for name in adapter.layer_names():
+            full = f"{adapter.blocks}.{index}.{name}"
+            if not any(fnmatch.fnmatch(full, pattern) for pattern in ignore):
+                layers.append((full, block.get_submodule(name)))
+    return layers
+
+
+def _check_shapes(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> None:
+    if isinstance(config.target, NM):
+        bad = [name for name, module in layers if read_weight(module).shape[1] % config.target.m]
+        if bad:
+            raise ConfigError(f"N:M with M={config.target.m} needs input sizes divisible by M; not so for {bad[:3]}")
+
+
+def _prune_without_data(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> list[LayerReport]:
+    """Methods that need no calibration (magnitude) prune every layer directly."""
+    spec = spec_for(config.method)
+    weights = [read_weight(module) for _, module in layers]
+    if getattr(config.method, "scope", None) == "global" and not isinstance(config.target, NM):
+        start = time.perf_counter()
+        masks = global_masks([magnitude_scores(w) for w in weights], config.target.fraction)
+        results = [(w.masked_fill(m, 0), m) for w, m in zip(weights, masks)]
+        seconds = [(time.perf_counter() - start) / len(layers)] * len(layers)
+    else:
+        results, seconds = [], []
+        for (name, _), weight in zip(layers, weights):
+            start = time.perf_counter()
+            results += spec.prune_group(config.method, [weight], None, config.target, [name])
+            seconds.append(time.perf_counter() - start)
+    reports = []
+    for (name, module), (weight, mask), sec in zip(layers, results, seconds):
+        write_weight(module, weight)
+        reports.append(LayerReport(name, tuple(weight.shape), float(mask.float().mean()), sec))
+    return reports
+
+
+def _move_outside_blocks(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
+    """Put embeddings, rotary tables and final norms on `device`; blocks stay where they are."""
+    in_blocks = {id(t) for t in adapter.block_list(model).parameters()} | {
+        id(t) for t in adapter.block_list(model).buffers()
+    }
+    for module in model.modules():
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None and id(tensor) not in in_blocks and tensor.device != device:
+                tensor.data = tensor.data.to(device)
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    tokenizer: Any,
+    config: PruneConfig,
+    calibration: Tensor | None = None,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 0,
+) -> PruneReport:
+    """Prune `model` in place. `calibration` is a (samples, seq_len) tensor of token ids.
+
+    `batch_size` samples go through each block at once (0 = all: a single forward per block).
+    The tokenizer is not used by the pruning itself; it is accepted so callers keep model and
+    tokenizer together (and for methods that will need it).
+    """
+    adapter = adapter_for(model)
+    spec = spec_for(config.method)
+    layers = target_layers(model, adapter, config.ignore)
+    _check_shapes(layers, config)
+    report = PruneReport(config.method_name, str(config.target))
+    start = time.perf_counter()
+    model.eval()
+    if spec.statistic is None:
+        report.layers = _prune_without_data(layers, config)
+    else:
+        if calibration is None or calibration.ndim != 2 or len(calibration) == 0:
+            raise ConfigError(f"method {report.method!r} needs calibration: a (samples, seq_len) tensor of token ids")
+        report.calibration_tokens = calibration.numel()
+        report.layers = _prune_sequential(model, adapter, spec, config, calibration, torch.device(device or "cpu"), batch_size)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _prune_sequential(model, adapter, spec, config, calibration, device, batch_size) -> list[LayerReport]:
+    home = next(model.parameters()).device
+    _move_outside_blocks(model, adapter, device)
+    inputs = capture_inputs(model, adapter, calibration, batch_size, device)
+    reports: list[LayerReport] = []
+    blocks = adapter.block_list(model)
+    for index, block in enumerate(tqdm(blocks, desc=f"{report_name(config)}", unit="block")):
+        block.to(device)
+        inputs.hidden, block_reports = prune_block(block, index, adapter, spec, config, inputs)
+        inputs.extras[index] = []  # this block's masks / rotary tables are no longer needed
+        block.to(home)
+        reports += block_reports
+    _move_outside_blocks(model, adapter, home)
+    return reports
+
+
+def report_name(config: PruneConfig) -> str:
+    return f"{config.method_name} {config.target}"
