@@ -14,6 +14,7 @@ from secateur.data import DataError
 from secateur.io import ModelPathError, load_model, read_manifest, resolve_device
 from secateur.methods import REGISTRY
 from secateur.models import UnsupportedModelError
+from secateur.runtime import tune_allocator
 
 USER_ERRORS = (ConfigError, DataError, ModelPathError, UnsupportedModelError, FileExistsError)
 
@@ -36,7 +37,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", help="calibration text: enwiki-sample (default), wikitext2, c4, a file or a directory")
     p.add_argument("--calib-samples", type=int, help="calibration windows (default 64)")
     p.add_argument("--calib-seq-len", type=int, help="tokens per calibration window (default 512)")
-    p.add_argument("--calib-batch-size", type=int, help="windows per forward; 0 = all at once (default)")
+    p.add_argument("--calib-batch-size", type=int, help="windows per forward call (default 8; 0 = all at once)")
     p.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
     p.add_argument("--text-field", help="field holding the text in JSONL / datasets sources (default text)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load precision (default float32)")
@@ -167,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tune_allocator()
     handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}[args.command]
     try:
         return handler(args)

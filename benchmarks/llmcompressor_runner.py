@@ -1,0 +1,72 @@
+"""Runs inside the peer's own virtual environment (llmcompressor==0.14.0.1, torch==2.13.0).
+
+Prunes a HF model directory with llm-compressor's oneshot on the given calibration token windows and
+writes the pruned weights (dense safetensors) so the benchmark evaluates them with the same code as
+secateur's output. Prints one JSON line: prune wall time (the oneshot call) and peak RSS.
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+
+def modifier(method: str, sparsity: float, structure: str):
+    if method == "wanda":
+        from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+        return WandaPruningModifier(sparsity=sparsity, mask_structure=structure, targets="__ALL__")
+    if method == "sparsegpt":
+        from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+        return SparseGPTModifier(sparsity=sparsity, mask_structure=structure, targets="__ALL__")
+    if method == "magnitude":
+        from llmcompressor.modifiers.pruning import MagnitudePruningModifier
+
+        return MagnitudePruningModifier(
+            targets=r"re:.*layers\.\d+\..*(proj)$", init_sparsity=sparsity, final_sparsity=sparsity,
+            start=0, end=1, update=1, mask_structure=structure,
+        )  # fmt: skip
+    raise SystemExit(f"unknown method {method}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--sparsity", type=float, required=True)
+    parser.add_argument("--structure", default="unstructured")
+    parser.add_argument("--calib", required=True, help="torch file with a (samples, seq_len) id tensor")
+    parser.add_argument("--out", required=True, help="safetensors file for the pruned state dict")
+    args = parser.parse_args()
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ids = torch.load(args.calib)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=data,
+        recipe=[modifier(args.method, args.sparsity, args.structure)],
+        num_calibration_samples=len(ids),
+        max_seq_length=ids.shape[1],
+        shuffle_calibration_samples=False,
+    )
+    seconds = time.perf_counter() - start
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
+    save_file(state, args.out)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
