@@ -36,7 +36,7 @@ def inverse_hessian_factor(hessian: Tensor, damp: float, name: str = "layer") ->
     eye = torch.eye(cols, dtype=h.dtype, device=h.device)
     mean_diag = h.diagonal().mean()
     for attempt in range(MAX_DAMP_RETRIES):
-        factor = damp * 10**attempt
+        factor = damp if attempt == 0 else max(damp, 1e-4) * 10**attempt
         lower, info = torch.linalg.cholesky_ex(h + factor * mean_diag * eye)
         if info == 0:
             inverse = torch.cholesky_inverse(lower)
@@ -46,7 +46,7 @@ def inverse_hessian_factor(hessian: Tensor, damp: float, name: str = "layer") ->
                     log.warning("%s: Hessian not positive definite at damp=%g; used damp=%g", name, damp, factor)
                 return upper, dead
     raise torch.linalg.LinAlgError(
-        f"{name}: Hessian stays singular even with damp={damp * 10 ** (MAX_DAMP_RETRIES - 1):g}; "
+        f"{name}: Hessian stays singular even with damp={max(damp, 1e-4) * 10 ** (MAX_DAMP_RETRIES - 1):g}; "
         "calibrate on more (or more varied) tokens"
     )
 
@@ -58,20 +58,28 @@ def _block_prune_counts(rows: int, cols: int, fraction: float, block: int) -> li
 
 
 def sparsegpt_prune(
-    weight: Tensor, inv_factor: Tensor, dead: Tensor, target: Target, block_size: int = 128
+    weight: Tensor,
+    inv_factor: Tensor,
+    dead: Tensor,
+    target: Target,
+    block_size: int = 128,
+    fixed_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prune `weight` (rows = outputs, cols = inputs) with OBS updates; returns (new weight, prune mask).
 
     Unstructured: the mask is chosen per block of `block_size` columns by the OBS saliency
     w^2 / [H^-1]_jj^2 over all rows of the block, with exact counts. N:M: inside the column loop,
     every group of M columns keeps the N entries of highest saliency per row, computed on the
-    already-updated weights.
+    already-updated weights. With `fixed_mask` (True = prune) only the OBS updates run.
     """
     w = weight.to(WORK_DTYPE).clone()  # (rows, cols)
     rows, cols = w.shape
     mask = torch.zeros_like(w, dtype=torch.bool)
-    counts = _block_prune_counts(rows, cols, target.fraction, block_size) if not isinstance(target, NM) else None
-    if isinstance(target, NM) and cols % target.m:
+    choose_nm = isinstance(target, NM) and fixed_mask is None
+    counts = None if isinstance(target, NM) or fixed_mask is not None else _block_prune_counts(
+        rows, cols, target.fraction, block_size
+    )
+    if choose_nm and cols % target.m:
         raise ValueError(f"N:M with M={target.m} needs the input size to be a multiple of {target.m}; got {cols}")
     for index, start in enumerate(range(0, cols, block_size)):
         end = min(start + block_size, cols)
@@ -79,13 +87,13 @@ def sparsegpt_prune(
         u_block = inv_factor[start:end, start:end]  # (b, b)
         u_diag = u_block.diagonal()  # (b,)
         errors = torch.zeros_like(w_block)
-        block_mask = torch.zeros_like(w_block, dtype=torch.bool)
+        block_mask = torch.zeros_like(w_block, dtype=torch.bool) if fixed_mask is None else fixed_mask[:, start:end]
         if counts is not None:
             saliency = w_block.pow(2) / u_diag.pow(2)[None, :]
             saliency[:, dead[start:end]] = 0.0  # inputs that never fire cost nothing to remove
             block_mask = smallest_k(saliency, counts[index])
         for j in range(end - start):
-            if isinstance(target, NM) and j % target.m == 0:
+            if choose_nm and j % target.m == 0:
                 group = slice(j, j + target.m)
                 saliency = w_block[:, group].pow(2) / u_diag[group].pow(2)[None, :]  # (rows, m)
                 saliency[:, dead[start:end][group]] = 0.0

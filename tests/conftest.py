@@ -1,0 +1,103 @@
+"""Tiny random models of every supported family, a tiny word-level tokenizer, and a text file."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 128
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]  # 4 specials: <unk> <s> </s> <pad>
+HIDDEN, FFN = 64, 128
+ATTN = dict(num_attention_heads=4, num_key_value_heads=2)
+COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+              max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)  # fmt: skip
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, **ATTN),
+    "mistral": lambda: MistralConfig(**COMMON, **ATTN, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON, **ATTN),
+    "qwen3": lambda: Qwen3Config(**COMMON, **ATTN, head_dim=16),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **COMMON, **ATTN, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]
+    ),
+    "phi3": lambda: Phi3Config(**COMMON, **ATTN),
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=2,
+                             num_attention_heads=4, word_embed_proj_dim=HIDDEN, max_position_embeddings=256,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=3),  # fmt: skip
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FFN, n_layer=2, n_head=4, n_positions=256,
+                               bos_token_id=1, eos_token_id=2),  # fmt: skip
+    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=256, bos_token_id=1,
+                                      eos_token_id=2),  # fmt: skip
+}
+FAMILIES = list(CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def tiny_text(words: int = 6000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    # a few recurring phrases give the activations some structure
+    phrases = [" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(20)]
+    out = []
+    while len(out) < words:
+        out.extend((rng.choice(phrases) if rng.random() < 0.5 else rng.choice(WORDS)).split())
+    return " ".join(out[:words])
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(tiny_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """Save a tiny model of `family` (with tokenizer) once per session; returns a factory."""
+    cache: dict[str, Path] = {}
+
+    def make(family: str = "llama") -> Path:
+        if family not in cache:
+            path = tmp_path_factory.mktemp(f"model-{family}")
+            tiny_model(family).save_pretrained(path)
+            tiny_tokenizer().save_pretrained(path)
+            cache[family] = path
+        return cache[family]
+
+    return make
+
+
+def calibration_ids(samples: int = 8, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (samples, seq_len), generator=generator)
