@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--method", required=True)
     parser.add_argument("--sparsity", type=float, required=True)
-    parser.add_argument("--structure", default="unstructured")
+    parser.add_argument("--structure", default="0:0", help='"0:0" (unstructured) or "N:M"')
     parser.add_argument("--calib", required=True, help="torch file with a (samples, seq_len) id tensor")
     parser.add_argument("--out", required=True, help="safetensors file for the pruned state dict")
     args = parser.parse_args()

@@ -87,3 +87,24 @@ def test_singular_hessian_raises_damping_instead_of_silent_identity(caplog):
     factor, dead = inverse_hessian_factor(x.T @ x, damp=0.0)
     assert torch.isfinite(factor).all() and not dead.any()
     assert "used damp" in caplog.text
+
+
+def test_stacked_layers_match_separate_calls():
+    x = correlated_inputs()
+    factor, dead = inverse_hessian_factor(x.T @ x, damp=0.01)
+    q, k = torch.randn(12, 32), torch.randn(4, 32)
+    for target in (Unstructured(0.6), NM(2, 4)):
+        stacked, mask = sparsegpt_prune(torch.cat([q, k]), factor, dead, target, block_size=8, segments=[12, 4])
+        alone = torch.cat([sparsegpt_prune(w, factor, dead, target, block_size=8)[0] for w in (q, k)])
+        assert torch.allclose(stacked, alone, atol=1e-5)
+        assert int(mask[12:].sum()) == round(4 * 32 * target.fraction)
+
+
+def test_panelled_hessian_equals_the_full_product():
+    x = torch.randn(3, 50, 700)  # wide enough for the symmetric panel update
+    stat = Hessian(700, "cpu")
+    stat.update(x[:2])
+    stat.update(x[2:])
+    flat = x.reshape(-1, 700)
+    assert torch.allclose(stat.value, flat.T @ flat, rtol=1e-4, atol=1e-3)
+    assert torch.equal(stat.value, stat.value.T)

@@ -37,7 +37,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", help="calibration text: enwiki-sample (default), wikitext2, c4, a file or a directory")
     p.add_argument("--calib-samples", type=int, help="calibration windows (default 64)")
     p.add_argument("--calib-seq-len", type=int, help="tokens per calibration window (default 512)")
-    p.add_argument("--calib-batch-size", type=int, help="windows per forward call (default 8; 0 = all at once)")
+    p.add_argument("--calib-batch-size", type=int, help="windows per forward call (default 4; 0 = all at once)")
     p.add_argument("--seed", type=int, help="seed for drawing calibration windows (default 0)")
     p.add_argument("--text-field", help="field holding the text in JSONL / datasets sources (default text)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load precision (default float32)")

@@ -107,7 +107,7 @@ class CalibConfig:
     # `holdout_windows` windows of `holdout_seq_len` tokens are reserved for evaluation.
     holdout_windows: int = 64
     holdout_seq_len: int = 512
-    batch_size: int = 8  # samples per forward call (all batches stay in flight: one pass per block)
+    batch_size: int = 4  # samples per forward call (all batches stay in flight: one pass per block)
 
 
 @dataclass(frozen=True)

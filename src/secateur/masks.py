@@ -32,19 +32,29 @@ def smallest_k(scores: Tensor, k: int) -> Tensor:
     return mask.view_as(scores)
 
 
+def _smallest_per_row(scores: Tensor, k: int) -> Tensor:
+    """Exactly `k` smallest entries of every row (selection, not a sort); ties go to lower indices."""
+    threshold = scores.kthvalue(k, dim=1, keepdim=True).values  # (rows, 1)
+    below = scores < threshold
+    tied = scores == threshold
+    need = k - below.sum(dim=1, keepdim=True)  # how many tied entries each row still takes
+    return below | (tied & (tied.cumsum(dim=1) <= need))
+
+
 def per_row_mask(scores: Tensor, fraction: float) -> Tensor:
     """Remove the lowest-scoring entries within each row (dim 0 = outputs, dim 1 = inputs).
 
     The layer total is exact: round(fraction * numel) entries, spread as evenly as possible over the
-    rows (rows differ by at most one entry).
+    rows (the first `total % rows` rows take one more).
     """
     rows, cols = scores.shape
     total = prune_count(rows * cols, fraction)
-    counts = torch.full((rows,), total // rows, device=scores.device)
-    counts[: total % rows] += 1  # (rows,)
-    order = scores.argsort(dim=1, stable=True)  # (rows, cols): column indices, smallest score first
-    take = torch.arange(cols, device=scores.device)[None, :] < counts[:, None]  # (rows, cols)
-    return torch.zeros_like(take).scatter_(1, order, take)
+    base, extra = divmod(total, rows)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for k, part in ((base + 1, slice(0, extra)), (base, slice(extra, rows))):
+        if k > 0 and part.stop > part.start:
+            mask[part] = _smallest_per_row(scores[part], min(k, cols))
+    return mask
 
 
 def per_layer_mask(scores: Tensor, fraction: float) -> Tensor:

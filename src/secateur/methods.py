@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 from secateur.config import NM, ConfigError, MagnitudeConfig, SparseGPTConfig, Target, WandaConfig, SCOPES
@@ -103,7 +104,9 @@ def wanda_group(config: WandaConfig, weights: list[Tensor], stat: InputNormSq, t
 
 def sparsegpt_group(config: SparseGPTConfig, weights: list[Tensor], stat: Hessian, target: Target, names: list[str]) -> Pruned:
     factor, dead = inverse_hessian_factor(stat.value, config.damp, name=names[0])  # shared by the group
-    return [sparsegpt_prune(w, factor, dead, target, config.block_size) for w in weights]
+    sizes = [w.shape[0] for w in weights]
+    stacked, mask = sparsegpt_prune(torch.cat(weights), factor, dead, target, config.block_size, segments=sizes)
+    return list(zip(stacked.split(sizes), mask.split(sizes)))
 
 
 register(MethodSpec("magnitude", MagnitudeConfig, None, magnitude_group))

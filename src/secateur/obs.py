@@ -64,6 +64,7 @@ def sparsegpt_prune(
     target: Target,
     block_size: int = 128,
     fixed_mask: Tensor | None = None,
+    segments: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prune `weight` (rows = outputs, cols = inputs) with OBS updates; returns (new weight, prune mask).
 
@@ -71,42 +72,49 @@ def sparsegpt_prune(
     w^2 / [H^-1]_jj^2 over all rows of the block, with exact counts. N:M: inside the column loop,
     every group of M columns keeps the N entries of highest saliency per row, computed on the
     already-updated weights. With `fixed_mask` (True = prune) only the OBS updates run.
+    `segments` (row counts) lets layers that share the Hessian (q/k/v) go through one column loop
+    while each keeps its own unstructured count per block; rows never interact in OBS.
     """
     w = weight.to(WORK_DTYPE).clone()  # (rows, cols)
     rows, cols = w.shape
+    segments = segments or [rows]
+    nm = target if isinstance(target, NM) and fixed_mask is None else None
+    if nm is not None and cols % nm.m:
+        raise ValueError(f"N:M with M={nm.m} needs the input size to be a multiple of {nm.m}; got {cols}")
+    counts = None
+    if nm is None and fixed_mask is None:
+        counts = [_block_prune_counts(n, cols, target.fraction, block_size) for n in segments]
     mask = torch.zeros_like(w, dtype=torch.bool)
-    choose_nm = isinstance(target, NM) and fixed_mask is None
-    counts = None if isinstance(target, NM) or fixed_mask is not None else _block_prune_counts(
-        rows, cols, target.fraction, block_size
-    )
-    if choose_nm and cols % target.m:
-        raise ValueError(f"N:M with M={target.m} needs the input size to be a multiple of {target.m}; got {cols}")
     for index, start in enumerate(range(0, cols, block_size)):
         end = min(start + block_size, cols)
         w_block = w[:, start:end].clone()  # (rows, b)
         u_block = inv_factor[start:end, start:end]  # (b, b)
         u_diag = u_block.diagonal()  # (b,)
-        errors = torch.zeros_like(w_block)
-        block_mask = torch.zeros_like(w_block, dtype=torch.bool) if fixed_mask is None else fixed_mask[:, start:end]
-        if counts is not None:
+        block_dead = dead[start:end]
+        if fixed_mask is not None:
+            block_mask = fixed_mask[:, start:end].clone()
+        elif counts is not None:
             saliency = w_block.pow(2) / u_diag.pow(2)[None, :]
-            saliency[:, dead[start:end]] = 0.0  # inputs that never fire cost nothing to remove
-            block_mask = smallest_k(saliency, counts[index])
+            saliency[:, block_dead] = 0.0  # inputs that never fire cost nothing to remove
+            parts = saliency.split(segments)
+            block_mask = torch.cat([smallest_k(part, c[index]) for part, c in zip(parts, counts)])
+        else:
+            block_mask = torch.zeros_like(w_block, dtype=torch.bool)
+        scale = block_mask / u_diag[None, :]  # error of column j = w_j * scale_j (0 where kept)
+        errors = torch.zeros_like(w_block)
         for j in range(end - start):
-            if choose_nm and j % target.m == 0:
-                group = slice(j, j + target.m)
+            if nm is not None and j % nm.m == 0:
+                group = slice(j, j + nm.m)
                 saliency = w_block[:, group].pow(2) / u_diag[group].pow(2)[None, :]  # (rows, m)
-                saliency[:, dead[start:end][group]] = 0.0
-                drop = saliency.topk(target.m - target.n, dim=1, largest=False).indices
+                saliency[:, block_dead[group]] = 0.0
+                drop = saliency.topk(nm.m - nm.n, dim=1, largest=False).indices
                 block_mask[:, group] = torch.zeros_like(saliency, dtype=torch.bool).scatter_(1, drop, True)
-            column = w_block[:, j]
-            pruned = torch.where(block_mask[:, j], torch.zeros_like(column), column)
-            error = (column - pruned) / u_diag[j]  # (rows,)
-            w_block[:, j:] -= error[:, None] * u_block[j, j:][None, :]
-            w_block[:, j] = pruned
+                scale[:, group] = block_mask[:, group] / u_diag[group][None, :]
+            error = w_block[:, j] * scale[:, j]  # (rows,)
+            w_block[:, j:].addr_(error, u_block[j, j:], alpha=-1.0)  # column j becomes its pruned value
             errors[:, j] = error
         w[:, start:end] = w_block
-        w[:, end:] -= errors @ inv_factor[start:end, end:]
+        w[:, end:].addmm_(errors, inv_factor[start:end, end:], alpha=-1.0)
         mask[:, start:end] = block_mask
-    w[mask] = 0.0
+    w.masked_fill_(mask, 0.0)
     return w.to(weight.dtype), mask

@@ -105,7 +105,7 @@ def prune(
     calibration: Tensor | None = None,
     *,
     device: str | torch.device | None = None,
-    batch_size: int = 8,
+    batch_size: int = 4,
 ) -> PruneReport:
     """Prune `model` in place. `calibration` is a (samples, seq_len) tensor of token ids.
 
