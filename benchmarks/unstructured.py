@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,9 +27,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llmcompressor_runner import peak_rss_mib  # noqa: E402  (stdlib only at import time)
+
 HERE = Path(__file__).resolve().parent
 PEER_PACKAGES = ["llmcompressor==0.14.0.1"]
 SEQ_LEN, EVAL_WINDOWS, CALIB_SAMPLES = 512, 64, 64
+PEER_METHODS = ("wanda", "sparsegpt")  # llm-compressor's magnitude modifier does not prune under oneshot
 
 
 def peer_python() -> Path:
@@ -71,8 +74,7 @@ def secateur_worker(model_dir: str, method: str, target: str, calib_file: str, o
     report = prune(model, tokenizer, build_prune_config(settings), torch.load(calib_file))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
     save_file(state, out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": report.seconds, "peak_mib": peak}), flush=True)
+    print(json.dumps({"seconds": report.seconds, "peak_mib": peak_rss_mib()}), flush=True)
 
 
 def run_child(command: list[str]) -> dict:
@@ -133,7 +135,7 @@ def main() -> None:
     for target in args.targets.split(","):
         for method in args.only.split(","):
             tools = [("secateur", [sys.executable, __file__, "--worker", model_dir, method, target, calib_file])]
-            if peer is not None:
+            if peer is not None and method in PEER_METHODS:
                 sparsity, structure = target_flags(target)
                 tools.append(("llm-compressor", [str(peer), str(HERE / "llmcompressor_runner.py"), model_dir,
                                                  "--method", method, "--sparsity", str(sparsity),

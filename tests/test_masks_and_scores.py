@@ -85,3 +85,17 @@ def test_input_norm_accumulates_over_batches():
     stat.update(x[:2])
     stat.update(x[2:])
     assert torch.allclose(stat.norm, x.reshape(-1, 3).norm(dim=0), rtol=1e-5)
+
+
+def test_magnitude_scopes_on_a_hand_computed_layer():
+    from secateur.config import MagnitudeConfig
+    from secateur.methods import magnitude_group
+
+    weight = torch.tensor([[0.1, -0.2, 0.3, 0.4], [5.0, -6.0, 7.0, 0.05]])
+    [(per_layer, mask)] = magnitude_group(MagnitudeConfig("per_layer"), [weight], None, Unstructured(0.5), ["w"])
+    assert mask.tolist() == [[True, True, True, False], [False, False, False, True]]  # 0.05, 0.1, 0.2, 0.3
+    assert per_layer.tolist()[1] == [5.0, -6.0, 7.0, 0.0]
+    [(_, mask)] = magnitude_group(MagnitudeConfig("per_row"), [weight], None, Unstructured(0.5), ["w"])
+    assert mask.tolist() == [[True, True, False, False], [True, False, False, True]]
+    [(_, mask)] = magnitude_group(MagnitudeConfig("per_layer"), [weight], None, NM(2, 4), ["w"])
+    assert mask.tolist() == [[True, True, False, False], [True, False, False, True]]

@@ -100,21 +100,21 @@ def sparsegpt_prune(
             block_mask = torch.cat([smallest_k(part, c[index]) for part, c in zip(parts, counts)])
         else:
             block_mask = torch.zeros_like(w_block, dtype=torch.bool)
-        scale = block_mask / u_diag[None, :]  # error of column j = w_j * scale_j (0 where kept)
-        errors = torch.zeros_like(w_block)
+        scale = (block_mask / u_diag[None, :]).T.contiguous()  # (b, rows): error_j = w_j * scale_j
+        w_t = w_block.T.contiguous()  # (b, rows): column j of the block is the contiguous row j
+        errors = torch.empty_like(w_t)
         for j in range(end - start):
             if nm is not None and j % nm.m == 0:
                 group = slice(j, j + nm.m)
-                saliency = w_block[:, group].pow(2) / u_diag[group].pow(2)[None, :]  # (rows, m)
+                saliency = w_t[group].T.pow(2) / u_diag[group].pow(2)[None, :]  # (rows, m)
                 saliency[:, block_dead[group]] = 0.0
                 drop = saliency.topk(nm.m - nm.n, dim=1, largest=False).indices
                 block_mask[:, group] = torch.zeros_like(saliency, dtype=torch.bool).scatter_(1, drop, True)
-                scale[:, group] = block_mask[:, group] / u_diag[group][None, :]
-            error = w_block[:, j] * scale[:, j]  # (rows,)
-            w_block[:, j:].addr_(error, u_block[j, j:], alpha=-1.0)  # column j becomes its pruned value
-            errors[:, j] = error
-        w[:, start:end] = w_block
-        w[:, end:].addmm_(errors, inv_factor[start:end, end:], alpha=-1.0)
+                scale[group] = (block_mask[:, group] / u_diag[group][None, :]).T
+            torch.mul(w_t[j], scale[j], out=errors[j])  # (rows,)
+            w_t[j:].addr_(u_block[j, j:], errors[j], alpha=-1.0)  # column j becomes its pruned value
+        w[:, start:end] = w_t.T
+        w[:, end:].addmm_(errors.T, inv_factor[start:end, end:], alpha=-1.0)
         mask[:, start:end] = block_mask
     w.masked_fill_(mask, 0.0)
     return w.to(weight.dtype), mask
