@@ -59,7 +59,7 @@ def target_flags(target: str) -> tuple[float, str]:
     return float(target), "0:0"  # llm-compressor spells unstructured as "0:0"
 
 
-def secateur_worker(model_dir: str, method: str, target: str, calib_file: str, out: str) -> None:
+def secateur_worker(model_dir: str, method: str, target: str, calib_file: str, out: str, block_stats: str) -> None:
     """Runs in a child process: prune with secateur, save the weights, print time and peak RSS."""
     from safetensors.torch import save_file
 
@@ -70,7 +70,8 @@ def secateur_worker(model_dir: str, method: str, target: str, calib_file: str, o
 
     tune_allocator()
     model, tokenizer = load_model(model_dir)
-    settings = {"method": method, **({"pattern": target} if ":" in target else {"sparsity": float(target)})}
+    settings = {"method": method, "block_stats": block_stats}
+    settings.update({"pattern": target} if ":" in target else {"sparsity": float(target)})
     report = prune(model, tokenizer, build_prune_config(settings), torch.load(calib_file))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
     save_file(state, out)
@@ -108,7 +109,8 @@ def main() -> None:
     parser.add_argument("--only", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--targets", default="0.5,2:4")
     parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--worker", nargs=5, metavar=("MODEL", "METHOD", "TARGET", "CALIB", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--block-stats", default="sequential,dense", help="secateur variants to run (comma list)")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return secateur_worker(*args.worker)
@@ -134,15 +136,19 @@ def main() -> None:
     print(f"dense perplexity {rows[0][4]['perplexity']:.2f}", flush=True)
     for target in args.targets.split(","):
         for method in args.only.split(","):
-            tools = [("secateur", [sys.executable, __file__, "--worker", model_dir, method, target, calib_file])]
+            variants = args.block_stats.split(",") if method != "magnitude" else ["sequential"]
+            tools = [(f"secateur ({stats})" if len(variants) > 1 else "secateur",
+                      [sys.executable, __file__, "--worker", model_dir, method, target, calib_file, stats])
+                     for stats in variants]  # fmt: skip
             if peer is not None and method in PEER_METHODS:
                 sparsity, structure = target_flags(target)
                 tools.append(("llm-compressor", [str(peer), str(HERE / "llmcompressor_runner.py"), model_dir,
                                                  "--method", method, "--sparsity", str(sparsity),
                                                  "--structure", structure, "--calib", calib_file]))  # fmt: skip
             for tool, command in tools:
-                out = str(work / f"{tool}-{method}-{target.replace(':', 'of')}.safetensors")
-                command = [*command, out] if tool == "secateur" else [*command, "--out", out]
+                out = str(work / f"{tool.replace(' ', '')}-{method}-{target.replace(':', 'of')}.safetensors")
+                is_peer = tool == "llm-compressor"
+                command = [*command, "--out", out] if is_peer else [*command[:-1], out, command[-1]]
                 timing = run_child(command)
                 quality = evaluate_state(model_dir, out, eval_ids) if "error" not in timing else {}
                 rows.append((tool, method, target, timing, quality))

@@ -110,3 +110,46 @@ def test_bfloat16_model_prunes_in_float32_statistics():
     report = prune(model, tiny_tokenizer(), PruneConfig(SparseGPTConfig(), Unstructured(0.5)), calibration_ids())
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert abs(report.sparsity - 0.5) < 1e-9
+
+
+def reference_dense_block_wanda(model, calibration, fraction):
+    """The reference code's order: every layer of a block calibrated on the dense block."""
+    adapter = adapter_for(model)
+    hidden = model.get_input_embeddings()(calibration)
+    position_ids = torch.arange(calibration.shape[1])[None]
+    rotary = model.model.rotary_emb(hidden, position_ids)
+    kwargs = dict(position_embeddings=rotary, position_ids=position_ids, attention_mask=None)
+    for block in adapter.block_list(model):
+        seen = {}
+        handles = [block.get_submodule(g[0]).register_forward_pre_hook(lambda m, a, g=g: seen.__setitem__(g, a[0]))
+                   for g in adapter.groups]  # fmt: skip
+        with torch.no_grad():
+            block(hidden, **kwargs)
+        for handle in handles:
+            handle.remove()
+        for group in adapter.groups:
+            stat = InputNormSq(seen[group].shape[-1], "cpu")
+            stat.update(seen[group])
+            for name in group:
+                weight = block.get_submodule(name).weight
+                weight.data[select_mask(wanda_scores(weight, stat.norm), Unstructured(fraction), "per_row")] = 0
+        with torch.no_grad():
+            hidden = block(hidden, **kwargs)
+    return model
+
+
+@pytest.mark.parametrize("batch_size", [0, 3])
+def test_dense_block_stats_match_the_reference_order(batch_size):
+    calibration = calibration_ids()
+    expected = reference_dense_block_wanda(tiny_model("llama"), calibration, 0.5)
+    model = tiny_model("llama")
+    config = PruneConfig(WandaConfig(), Unstructured(0.5), block_stats="dense")
+    prune(model, None, config, calibration, batch_size=batch_size)
+    sequential = tiny_model("llama")
+    prune(sequential, None, PruneConfig(WandaConfig(), Unstructured(0.5)), calibration)
+    pairs = zip(target_layers(model, adapter_for(model)), target_layers(expected, adapter_for(expected)))
+    for (name, a), (_, b) in pairs:
+        assert torch.equal(a.weight == 0, b.weight == 0), name
+    differ = [not torch.equal(a.weight, b.weight) for (_, a), (_, b) in
+              zip(target_layers(model, adapter_for(model)), target_layers(sequential, adapter_for(sequential)))]
+    assert any(differ)  # the two orders are really different

@@ -33,6 +33,9 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", choices=["per_row", "per_layer", "global"], help="ranking scope (magnitude, wanda)")
     p.add_argument("--block-size", type=int, help="SparseGPT column block (default 128)")
     p.add_argument("--damp", type=float, help="SparseGPT damping, relative to the mean Hessian diagonal (0.01)")
+    p.add_argument("--block-stats", choices=["sequential", "dense"],
+                   help="inside a block, calibrate on pruned predecessors (sequential, one pass, default) "
+                        "or on the dense block (two passes, as the reference code)")
     p.add_argument("--ignore", action="append", help="fnmatch pattern of layer names to keep dense (repeatable)")
     p.add_argument("--calib", help="calibration text: enwiki-sample (default), wikitext2, c4, a file or a directory")
     p.add_argument("--calib-samples", type=int, help="calibration windows (default 64)")

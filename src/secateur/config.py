@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 
 Scope = Literal["per_row", "per_layer", "global"]
 SCOPES: tuple[str, ...] = ("per_row", "per_layer", "global")
+BLOCK_STATS: tuple[str, ...] = ("sequential", "dense")
 
 
 class ConfigError(ValueError):
@@ -117,6 +118,14 @@ class PruneConfig:
     method: Any  # one of the registered method configs
     target: Target
     ignore: tuple[str, ...] = ()  # fnmatch patterns of layer names to leave dense
+    # Inside a block, a layer's statistic comes from inputs that went through its already-pruned
+    # predecessors ("sequential": one forward per block) or through the dense block ("dense": two
+    # forwards per block, what the SparseGPT/Wanda reference code and llm-compressor do).
+    block_stats: str = "sequential"
+
+    def __post_init__(self) -> None:
+        if self.block_stats not in BLOCK_STATS:
+            raise ConfigError(f"block_stats must be one of {BLOCK_STATS}, got {self.block_stats!r}")
 
     @property
     def method_name(self) -> str:
@@ -128,13 +137,16 @@ class PruneConfig:
         target: dict[str, Any] = (
             {"pattern": str(self.target)} if isinstance(self.target, NM) else {"sparsity": self.target.sparsity}
         )
-        return {"method": self.method_name, **dataclasses.asdict(self.method), **target, "ignore": list(self.ignore)}
+        return {
+            "method": self.method_name, **dataclasses.asdict(self.method), **target,
+            "ignore": list(self.ignore), "block_stats": self.block_stats,
+        }  # fmt: skip
 
 
 # --- building configs from flat key/value settings (CLI flags and recipe files) ----------------
 
 RECIPE_KEYS = {
-    "method", "sparsity", "pattern", "scope", "block_size", "damp", "ignore",
+    "method", "sparsity", "pattern", "scope", "block_size", "damp", "ignore", "block_stats",
     "calib", "calib_samples", "calib_seq_len", "calib_batch_size", "seed", "text_field",
     "dtype", "device", "eval", "eval_windows", "eval_seq_len",
 }  # fmt: skip
@@ -168,7 +180,8 @@ def build_prune_config(settings: dict[str, Any]) -> PruneConfig:
         target = Unstructured(float(settings.get("sparsity", 0.5)))
     method = method_config(str(settings.get("method", "wanda")), settings)
     ignore = settings.get("ignore") or ()
-    return PruneConfig(method=method, target=target, ignore=tuple([ignore] if isinstance(ignore, str) else ignore))
+    ignore = tuple([ignore] if isinstance(ignore, str) else ignore)
+    return PruneConfig(method=method, target=target, ignore=ignore, block_stats=settings.get("block_stats") or "sequential")
 
 
 def build_calib_config(settings: dict[str, Any]) -> CalibConfig:

@@ -139,6 +139,8 @@ def prune_block(
     per batch, and each layer is calibrated on the outputs of its pruned predecessors.
     """
     groups = _groups(block, index, adapter, config)
+    if config.block_stats == "dense":
+        return _prune_block_dense(block, index, groups, spec, config, inputs)
     reports: list[LayerReport] = []
 
     def hook_for(group: _Group):
@@ -164,19 +166,18 @@ def prune_block(
     outputs: list[Tensor | None] = [None] * len(tasks)
     try:
         while any(not task.dead for task in tasks):
-            parked: set[int] = set()
+            parked: list[_Group] = []
             for i, task in enumerate(tasks):
                 if not task.dead:
-                    result = task.switch()
+                    result = task.switch()  # run this batch to the next unpruned group, or to the end
                     if task.dead:
                         outputs[i] = result
                     else:
-                        parked.add(id(result))
-                        group = result
+                        parked.append(result)
             if parked:
-                if len(parked) > 1:
-                    raise RuntimeError("batches of one block reached different layers; the block is not deterministic")
-                _prune_group(group, spec, config, reports)
+                if any(g is not parked[0] for g in parked) or any(task.dead for task in tasks):
+                    raise RuntimeError("batches of one block took different paths through it; cannot prune in one pass")
+                _prune_group(parked[0], spec, config, reports)
     finally:
         for handle in handles:
             handle.remove()
@@ -187,3 +188,41 @@ def prune_block(
     if missing:
         raise RuntimeError(f"layers {missing} never ran in the block's forward; check the model adapter")
     return outputs, reports  # type: ignore[return-value]
+
+
+def _prune_block_dense(
+    block: nn.Module, index: int, groups: list[_Group], spec: MethodSpec, config: PruneConfig, inputs: BlockInputs
+) -> tuple[list[Tensor], list[LayerReport]]:
+    """Every group calibrated on the dense block: one forward for statistics (stopped once the last
+    group has its input), prune all groups, one forward for the outputs."""
+    reports: list[LayerReport] = []
+    fed: set[int] = set()  # groups that saw the current batch
+
+    def hook_for(group: _Group):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if id(group) in fed:
+                return
+            if group.stat is None:
+                group.stat = spec.statistic(args[0].shape[-1], args[0].device)
+            group.stat.update(args[0])
+            fed.add(id(group))
+            if len(fed) == len(groups):
+                raise _Stop  # the rest of the block adds nothing to the statistics
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(g)) for g in groups for m in g.modules]
+    batches = list(zip(inputs.hidden, inputs.extras[index]))
+    try:
+        for hidden, extra in batches:
+            fed.clear()
+            try:
+                _forward(block, hidden, extra)
+            except _Stop:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    for group in groups:
+        _prune_group(group, spec, config, reports)
+    return [_forward(block, hidden, extra) for hidden, extra in batches], reports

@@ -65,24 +65,24 @@ def _check_shapes(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> N
 
 
 def _prune_without_data(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> list[LayerReport]:
-    """Methods that need no calibration (magnitude) prune every layer directly."""
+    """Methods that need no calibration (magnitude) prune every layer directly, one at a time."""
     spec = spec_for(config.method)
-    weights = [read_weight(module) for _, module in layers]
+    shared_masks: list[Tensor] | None = None
     if getattr(config.method, "scope", None) == "global" and not isinstance(config.target, NM):
-        start = time.perf_counter()
-        masks = global_masks([magnitude_scores(w) for w in weights], config.target.fraction)
-        results = [(w.masked_fill(m, 0), m) for w, m in zip(weights, masks)]
-        seconds = [(time.perf_counter() - start) / len(layers)] * len(layers)
-    else:
-        results, seconds = [], []
-        for (name, _), weight in zip(layers, weights):
-            start = time.perf_counter()
-            results += spec.prune_group(config.method, [weight], None, config.target, [name])
-            seconds.append(time.perf_counter() - start)
+        scores = [magnitude_scores(read_weight(module)) for _, module in layers]
+        shared_masks = global_masks(scores, config.target.fraction)
+        del scores
     reports = []
-    for (name, module), (weight, mask), sec in zip(layers, results, seconds):
+    for index, (name, module) in enumerate(layers):
+        start = time.perf_counter()
+        weight = read_weight(module)
+        if shared_masks is not None:
+            mask = shared_masks[index]
+            weight = weight.masked_fill(mask, 0)
+        else:
+            [(weight, mask)] = spec.prune_group(config.method, [weight], None, config.target, [name])
         write_weight(module, weight)
-        reports.append(LayerReport(name, tuple(weight.shape), float(mask.float().mean()), sec))
+        reports.append(LayerReport(name, tuple(weight.shape), float(mask.float().mean()), time.perf_counter() - start))
     return reports
 
 
