@@ -44,30 +44,53 @@ def test_every_family_prunes_exactly_and_reloads(family, method, target, tmp_pat
     assert torch.equal(logits(model, ids), logits(reloaded, ids))
 
 
-def reference_wanda(model, calibration, fraction):
-    """Textbook sequential Wanda: one full block forward per group to get its inputs."""
-    adapter = adapter_for(model)
-    blocks = adapter.block_list(model)
+def _llama_stream(model, calibration):
+    """First-block input and the keyword arguments every tiny-Llama block takes."""
     hidden = model.get_input_embeddings()(calibration)
     position_ids = torch.arange(calibration.shape[1])[None]
     rotary = model.model.rotary_emb(hidden, position_ids)
-    for block in blocks:
+    return hidden, dict(position_embeddings=rotary, position_ids=position_ids, attention_mask=None)
+
+
+def _wanda_group(block, group, x, fraction):
+    stat = InputNormSq(x.shape[-1], "cpu")
+    stat.update(x)
+    for name in group:
+        weight = block.get_submodule(name).weight
+        weight.data[select_mask(wanda_scores(weight, stat.norm), Unstructured(fraction), "per_row")] = 0
+
+
+def _group_inputs(block, groups, hidden, kwargs):
+    """Input of each group's first layer in one forward of the block (as it is now)."""
+    seen = {}
+    handles = [block.get_submodule(g[0]).register_forward_pre_hook(lambda m, a, g=g: seen.__setitem__(g, a[0]))
+               for g in groups]  # fmt: skip
+    with torch.no_grad():
+        block(hidden, **kwargs)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def reference_wanda(model, calibration, fraction, dense_block=False):
+    """Textbook Wanda with full block forwards: each group calibrated after its predecessors are
+    pruned (one forward per group), or all groups on the dense block (the reference code's order)."""
+    adapter = adapter_for(model)
+    hidden, kwargs = _llama_stream(model, calibration)
+    for block in adapter.block_list(model):
+        if dense_block:
+            seen = _group_inputs(block, adapter.groups, hidden, kwargs)
         for group in adapter.groups:
-            first = block.get_submodule(group[0])
-            seen = []
-            handle = first.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-            with torch.no_grad():
-                block(hidden, position_embeddings=rotary, position_ids=position_ids, attention_mask=None)
-            handle.remove()
-            stat = InputNormSq(seen[0].shape[-1], "cpu")
-            stat.update(seen[0])
-            for name in group:
-                module = block.get_submodule(name)
-                mask = select_mask(wanda_scores(module.weight, stat.norm), Unstructured(fraction), "per_row")
-                module.weight.data[mask] = 0
+            x = seen[group] if dense_block else _group_inputs(block, [group], hidden, kwargs)[group]
+            _wanda_group(block, group, x, fraction)
         with torch.no_grad():
-            hidden = block(hidden, position_embeddings=rotary, position_ids=position_ids, attention_mask=None)
+            hidden = block(hidden, **kwargs)
     return model
+
+
+def same_masks(a, b) -> bool:
+    pairs = zip(target_layers(a, adapter_for(a)), target_layers(b, adapter_for(b)))
+    return all(torch.equal(x.weight == 0, y.weight == 0) for (_, x), (_, y) in pairs)
 
 
 @pytest.mark.parametrize("batch_size", [0, 3])
@@ -76,8 +99,7 @@ def test_single_pass_engine_matches_textbook_sequential_pruning(batch_size):
     expected = reference_wanda(tiny_model("llama"), calibration, 0.5)
     model = tiny_model("llama")
     prune(model, None, PruneConfig(WandaConfig(), Unstructured(0.5)), calibration, batch_size=batch_size)
-    for (name, a), (_, b) in zip(target_layers(model, adapter_for(model)), target_layers(expected, adapter_for(expected))):
-        assert torch.equal(a.weight == 0, b.weight == 0), name
+    assert same_masks(model, expected)
 
 
 def test_magnitude_needs_no_calibration_and_global_scope_is_exact():
@@ -112,44 +134,11 @@ def test_bfloat16_model_prunes_in_float32_statistics():
     assert abs(report.sparsity - 0.5) < 1e-9
 
 
-def reference_dense_block_wanda(model, calibration, fraction):
-    """The reference code's order: every layer of a block calibrated on the dense block."""
-    adapter = adapter_for(model)
-    hidden = model.get_input_embeddings()(calibration)
-    position_ids = torch.arange(calibration.shape[1])[None]
-    rotary = model.model.rotary_emb(hidden, position_ids)
-    kwargs = dict(position_embeddings=rotary, position_ids=position_ids, attention_mask=None)
-    for block in adapter.block_list(model):
-        seen = {}
-        handles = [block.get_submodule(g[0]).register_forward_pre_hook(lambda m, a, g=g: seen.__setitem__(g, a[0]))
-                   for g in adapter.groups]  # fmt: skip
-        with torch.no_grad():
-            block(hidden, **kwargs)
-        for handle in handles:
-            handle.remove()
-        for group in adapter.groups:
-            stat = InputNormSq(seen[group].shape[-1], "cpu")
-            stat.update(seen[group])
-            for name in group:
-                weight = block.get_submodule(name).weight
-                weight.data[select_mask(wanda_scores(weight, stat.norm), Unstructured(fraction), "per_row")] = 0
-        with torch.no_grad():
-            hidden = block(hidden, **kwargs)
-    return model
-
-
 @pytest.mark.parametrize("batch_size", [0, 3])
 def test_dense_block_stats_match_the_reference_order(batch_size):
     calibration = calibration_ids()
-    expected = reference_dense_block_wanda(tiny_model("llama"), calibration, 0.5)
+    expected = reference_wanda(tiny_model("llama"), calibration, 0.5, dense_block=True)
     model = tiny_model("llama")
-    config = PruneConfig(WandaConfig(), Unstructured(0.5), block_stats="dense")
-    prune(model, None, config, calibration, batch_size=batch_size)
-    sequential = tiny_model("llama")
-    prune(sequential, None, PruneConfig(WandaConfig(), Unstructured(0.5)), calibration)
-    pairs = zip(target_layers(model, adapter_for(model)), target_layers(expected, adapter_for(expected)))
-    for (name, a), (_, b) in pairs:
-        assert torch.equal(a.weight == 0, b.weight == 0), name
-    differ = [not torch.equal(a.weight, b.weight) for (_, a), (_, b) in
-              zip(target_layers(model, adapter_for(model)), target_layers(sequential, adapter_for(sequential)))]
-    assert any(differ)  # the two orders are really different
+    prune(model, None, PruneConfig(WandaConfig(), Unstructured(0.5), block_stats="dense"), calibration, batch_size=batch_size)
+    assert same_masks(model, expected)
+    assert not same_masks(model, reference_wanda(tiny_model("llama"), calibration, 0.5))  # the orders differ

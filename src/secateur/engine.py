@@ -14,7 +14,6 @@ Only the block being pruned must sit on the compute device.
 from __future__ import annotations
 
 import fnmatch
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,6 @@ from secateur.methods import MethodSpec
 from secateur.models import Adapter, read_weight, write_weight
 from secateur.stats import check_finite
 
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +14,6 @@ from torch import nn
 
 from secateur.models import adapter_for
 
-log = logging.getLogger(__name__)
 
 MANIFEST = "secateur.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

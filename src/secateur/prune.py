@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,7 +17,6 @@ from secateur.masks import global_masks
 from secateur.methods import magnitude_scores, spec_for
 from secateur.models import Adapter, adapter_for, read_weight, write_weight
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
