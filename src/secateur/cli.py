@@ -145,10 +145,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{info['architecture']} ({info['model_type']}): {info['blocks']} blocks, hidden {info['hidden_size']}")
     print(f"parameters {total:,} (nonzero {nonzero:,}); prunable {target:,}, sparsity {info['target_sparsity']:.4f}")
     _print_layer_grid(layers)
-    if info["manifest"]:
-        m = info["manifest"]
-        print(f"manifest: {m['recipe']['method']} {m['result']['target']}, source sha256 {m['source']['sha256'][:12]}…,"
-              f" pruned in {m['result']['seconds']:.1f} s by secateur {m['secateur_version']}")
+    manifest = info["manifest"]
+    if manifest and "recipe" in manifest:
+        source = manifest.get("source", {})
+        print(f"manifest: {manifest['recipe'].get('method')} {manifest.get('result', {}).get('target', '')}, "
+              f"from {source.get('path', '?')} (sha256 {source.get('sha256', '?')[:12]}), "
+              f"secateur {manifest.get('secateur_version', '?')}")
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from secateur.config import NM, CalibConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
 from secateur.data.enwiki import cache_dir
 from secateur.io import load_model, save
-from secateur.pipeline import calibration_data, evaluate_model
+from secateur.pipeline import build_manifest, calibration_data, evaluate_model
 from secateur.prune import prune
 from secateur.runtime import tune_allocator
 
@@ -55,7 +55,8 @@ def main() -> None:
     model, tokenizer = load_model(path)
     dense = evaluate_model(model, tokenizer, "enwiki-sample", SEQ_LEN, EVAL_WINDOWS)
     rows.append(("dense", 0.0, dense["perplexity"], 0.0))
-    calibration = calibration_data(model, tokenizer, CalibConfig())
+    calib = CalibConfig()
+    calibration = calibration_data(model, tokenizer, calib)
     for label, config in RUNS:
         model, tokenizer = load_model(path)
         report = prune(model, tokenizer, config, calibration)
@@ -63,7 +64,9 @@ def main() -> None:
         rows.append((label, report.sparsity, result["perplexity"], report.seconds))
         if label == "wanda 50%":
             out = Path("out") / "smollm2-wanda50"
-            save(model, tokenizer, out, {"recipe": config.to_dict(), "result": report.to_dict()}, overwrite=True)
+            manifest = build_manifest(path, config, calib, report, "float32", "cpu", {"prune": report.seconds})
+            manifest["evaluation"] = result
+            save(model, tokenizer, out, manifest, overwrite=True)
             print(f"saved {out} (reload with AutoModelForCausalLM.from_pretrained)")
     print(f"\nSmolLM2-135M-Instruct, enwiki sample: perplexity on the first {EVAL_WINDOWS} x {SEQ_LEN}-token windows;")
     print(f"calibration: {len(calibration)} x {calibration.shape[1]} tokens drawn after the evaluation text (seed 0)\n")

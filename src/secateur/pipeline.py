@@ -17,7 +17,7 @@ from secateur.data import calibration_windows, evaluation_windows, load_text, sh
 from secateur.evaluate import perplexity
 from secateur.io import check_output, content_hash, load_model, resolve_device, save
 from secateur.models import adapter_for, read_weight
-from secateur.prune import prune, target_layers
+from secateur.prune import PruneReport, prune, target_layers
 
 
 def _bos(model: nn.Module, tokenizer: Any) -> int | None:
@@ -56,6 +56,31 @@ def sparsity_table(model: nn.Module) -> list[tuple[str, tuple[int, int], float]]
     return rows
 
 
+def build_manifest(
+    model_path: str | Path,
+    config: PruneConfig,
+    calib: CalibConfig | None,
+    report: PruneReport,
+    dtype: str,
+    device: torch.device | str,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """What `secateur.json` records: source and its hash, recipe, calibration, per-layer results."""
+    result = report.to_dict()
+    return {
+        "secateur_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(Path(model_path).resolve()), "sha256": content_hash(model_path)},
+        "dtype": dtype,
+        "device": str(device),
+        "recipe": config.to_dict(),
+        "calibration": {**asdict(calib), "tokens": report.calibration_tokens} if calib else None,
+        "result": {k: v for k, v in result.items() if k != "layers"},
+        "layers": result["layers"],
+        "timings": timings,
+    }
+
+
 def run_prune(
     model_path: str | Path,
     config: PruneConfig,
@@ -82,18 +107,7 @@ def run_prune(
     timings["calibration_data"] = time.perf_counter() - clock
     report = prune(model, tokenizer, config, calibration, device=compute, batch_size=calib.batch_size)
     timings["prune"] = report.seconds
-    manifest: dict[str, Any] = {
-        "secateur_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(Path(model_path).resolve()), "sha256": content_hash(model_path)},
-        "dtype": dtype,
-        "device": str(compute),
-        "recipe": config.to_dict(),
-        "calibration": ({**asdict(calib), "tokens": report.calibration_tokens} if needs_data else None),
-        "result": {k: v for k, v in report.to_dict().items() if k != "layers"},
-        "layers": report.to_dict()["layers"],
-        "timings": timings,
-    }
+    manifest = build_manifest(model_path, config, calib if needs_data else None, report, dtype, compute, timings)
     if eval_source:
         model.to(compute)
         manifest["evaluation"] = evaluate_model(model, tokenizer, eval_source, eval_seq_len, eval_windows, device=compute)
