@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from secateur.config import NM, ConfigError, PruneConfig
 from secateur.engine import LayerReport, capture_inputs, prune_block
 from secateur.masks import global_masks
-from secateur.methods import magnitude_scores, spec_for
+from secateur.methods import MethodSpec, magnitude_scores, spec_for
 from secateur.models import Adapter, adapter_for, read_weight, write_weight
 
 
@@ -130,13 +130,23 @@ def prune(
     return report
 
 
-def _prune_sequential(model, adapter, spec, config, calibration, device, batch_size) -> list[LayerReport]:
+def _prune_sequential(
+    model: nn.Module,
+    adapter: Adapter,
+    spec: MethodSpec,
+    config: PruneConfig,
+    calibration: Tensor,
+    device: torch.device,
+    batch_size: int,
+) -> list[LayerReport]:
+    """Capture the first block's inputs, then prune block by block; only the current block and the
+    calibration activations need to be on `device`."""
     home = next(model.parameters()).device
     _move_outside_blocks(model, adapter, device)
     inputs = capture_inputs(model, adapter, calibration, batch_size, device)
     reports: list[LayerReport] = []
     blocks = adapter.block_list(model)
-    for index, block in enumerate(tqdm(blocks, desc=f"{report_name(config)}", unit="block")):
+    for index, block in enumerate(tqdm(blocks, desc=f"{config.method_name} {config.target}", unit="block")):
         block.to(device)
         inputs.hidden, block_reports = prune_block(block, index, adapter, spec, config, inputs)
         inputs.extras[index] = []  # this block's masks / rotary tables are no longer needed
@@ -144,7 +154,3 @@ def _prune_sequential(model, adapter, spec, config, calibration, device, batch_s
         reports += block_reports
     _move_outside_blocks(model, adapter, home)
     return reports
-
-
-def report_name(config: PruneConfig) -> str:
-    return f"{config.method_name} {config.target}"
