@@ -56,7 +56,8 @@ def method_config(name: str, settings: dict[str, Any]) -> Any:
         raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
     config_type = REGISTRY[name].config_type
     fields = {f.name for f in dataclasses.fields(config_type)}
-    foreign = sorted(k for k in ("scope", "block_size", "damp") if settings.get(k) is not None and k not in fields)
+    options = {f.name for spec in REGISTRY.values() for f in dataclasses.fields(spec.config_type)}
+    foreign = sorted(k for k in options - fields if settings.get(k) is not None)
     if foreign:
         raise ConfigError(f"method {name!r} has no option {foreign}; its options: {sorted(fields) or 'none'}")
     config = config_type(**{k: settings[k] for k in fields if settings.get(k) is not None})

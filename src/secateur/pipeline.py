@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from secateur import __version__
 from secateur.config import CalibConfig, PruneConfig
-from secateur.data import calibration_windows, evaluation_windows, load_text, shares_text, tokenize, uses_bos
+from secateur.data import calibration_windows, evaluation_windows, load_text, needs_holdout, tokenize, uses_bos
 from secateur.evaluate import perplexity
 from secateur.io import check_output, content_hash, load_model, resolve_device, save
 from secateur.models import adapter_for, read_weight
@@ -30,7 +30,7 @@ def calibration_data(model: nn.Module, tokenizer: Any, calib: CalibConfig) -> Te
     tokens = tokenize(tokenizer, text)
     bos = _bos(model, tokenizer)
     skip = 0
-    if shares_text(calib.source, calib.source):
+    if needs_holdout(calib.source):
         skip = calib.holdout_windows * (calib.holdout_seq_len - (bos is not None))
     return calibration_windows(tokens, calib.seq_len, calib.samples, calib.seed, skip=skip, bos=bos)
 

@@ -1,9 +1,9 @@
 """Calibration and evaluation text."""
 
-from secateur.data.sources import NAMED, DataError, load_text, shares_text
+from secateur.data.sources import NAMED, DataError, load_text, needs_holdout
 from secateur.data.windows import calibration_windows, evaluation_windows, tokenize, uses_bos
 
 __all__ = [
-    "NAMED", "DataError", "calibration_windows", "evaluation_windows", "load_text", "shares_text", "tokenize",
+    "NAMED", "DataError", "calibration_windows", "evaluation_windows", "load_text", "needs_holdout", "tokenize",
     "uses_bos",
 ]  # fmt: skip

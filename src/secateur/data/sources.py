@@ -100,6 +100,8 @@ def load_text(source: str, purpose: Purpose = "evaluation", text_field: str = "t
     )
 
 
-def shares_text(calibration: str, evaluation: str) -> bool:
-    """Whether calibration and evaluation read the same text (then calibration skips the eval region)."""
-    return calibration == evaluation and not (calibration in NAMED and NAMED[calibration].separate_splits)
+def needs_holdout(source: str) -> bool:
+    """Whether calibration reads the evaluation text of `source` (it has no separate splits), so
+    calibration must skip the evaluation region. Holding out is harmless when evaluation uses
+    another source."""
+    return not (source in NAMED and NAMED[source].separate_splits)
