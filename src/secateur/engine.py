@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import greenlet
 import torch
@@ -25,8 +26,7 @@ from torch import Tensor, nn
 from secateur.config import PruneConfig
 from secateur.methods import MethodSpec
 from secateur.models import Adapter, read_weight, write_weight
-from secateur.stats import check_finite
-
+from secateur.stats import WORK_DTYPE, check_finite
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _prune_group(group: _Group, spec: MethodSpec, config: PruneConfig, reports: 
     start = time.perf_counter()
     if group.stat is not None:
         check_finite(f"input statistic of {group.names[0]}", group.stat.value)
-    weights = [read_weight(module).to(torch.float32) for module in group.modules]
+    weights = [read_weight(module).to(WORK_DTYPE) for module in group.modules]
     results = spec.prune_group(config.method, weights, group.stat, config.target, group.names)
     seconds = (time.perf_counter() - start) / len(group.modules)
     for name, module, (weight, mask) in zip(group.names, group.modules, results):
@@ -119,10 +119,53 @@ def _prune_group(group: _Group, spec: MethodSpec, config: PruneConfig, reports: 
     group.stat, group.done = None, True  # free the statistic (Hessians can be large)
 
 
+def _feed(group: _Group, spec: MethodSpec, x: Tensor) -> None:
+    """Add one batch of the group's (shared) input to its statistic."""
+    if group.stat is None:
+        group.stat = spec.statistic(x.shape[-1], x.device)
+    group.stat.update(x)
+
+
+@contextmanager
+def _pre_hooks(groups: list[_Group], hook_for: Callable[[_Group], Callable]) -> Iterator[None]:
+    """Install `hook_for(group)` as a forward pre-hook on every layer of every group, for the block."""
+    handles = [m.register_forward_pre_hook(hook_for(g)) for g in groups for m in g.modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _forward(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, Any]]) -> Tensor:
     args, kwargs = extra
     out = block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _run_in_lockstep(tasks: list[greenlet.greenlet], on_parked: Callable[[_Group], None]) -> list[Tensor]:
+    """Resume every batch until all are parked at the same group, call `on_parked`, repeat until
+    every batch has finished; returns each batch's result."""
+    outputs: list[Tensor | None] = [None] * len(tasks)
+    try:
+        while any(not task.dead for task in tasks):
+            parked: list[_Group] = []
+            for i, task in enumerate(tasks):
+                if not task.dead:
+                    result = task.switch()  # run this batch to the next unpruned group, or to the end
+                    if task.dead:
+                        outputs[i] = result
+                    else:
+                        parked.append(result)
+            if parked:
+                if any(g is not parked[0] for g in parked) or any(task.dead for task in tasks):
+                    raise RuntimeError("batches of one block took different paths through it; cannot prune in one pass")
+                on_parked(parked[0])
+    finally:
+        for task in tasks:
+            if not task.dead:
+                task.throw(greenlet.GreenletExit)
+    return outputs  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -143,12 +186,9 @@ def prune_block(
 
     def hook_for(group: _Group):
         def hook(module: nn.Module, args: tuple) -> None:
-            if group.done:
-                return
-            if group.stat is None:
-                group.stat = spec.statistic(args[0].shape[-1], args[0].device)
-            group.stat.update(args[0])
-            greenlet.getcurrent().parent.switch(group)  # park until the group is pruned
+            if not group.done:
+                _feed(group, spec, args[0])
+                greenlet.getcurrent().parent.switch(group)  # park until the group is pruned
 
         return hook
 
@@ -159,33 +199,13 @@ def prune_block(
 
         return greenlet.greenlet(run)
 
-    handles = [m.register_forward_pre_hook(hook_for(g)) for g in groups for m in g.modules]
     tasks = [runner(h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
-    outputs: list[Tensor | None] = [None] * len(tasks)
-    try:
-        while any(not task.dead for task in tasks):
-            parked: list[_Group] = []
-            for i, task in enumerate(tasks):
-                if not task.dead:
-                    result = task.switch()  # run this batch to the next unpruned group, or to the end
-                    if task.dead:
-                        outputs[i] = result
-                    else:
-                        parked.append(result)
-            if parked:
-                if any(g is not parked[0] for g in parked) or any(task.dead for task in tasks):
-                    raise RuntimeError("batches of one block took different paths through it; cannot prune in one pass")
-                _prune_group(parked[0], spec, config, reports)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for task in tasks:
-            if not task.dead:
-                task.throw(greenlet.GreenletExit)
+    with _pre_hooks(groups, hook_for):
+        outputs = _run_in_lockstep(tasks, lambda group: _prune_group(group, spec, config, reports))
     missing = [g.names[0] for g in groups if not g.done]
     if missing:
         raise RuntimeError(f"layers {missing} never ran in the block's forward; check the model adapter")
-    return outputs, reports  # type: ignore[return-value]
+    return outputs, reports
 
 
 def _prune_block_dense(
@@ -200,27 +220,21 @@ def _prune_block_dense(
         def hook(module: nn.Module, args: tuple) -> None:
             if id(group) in fed:
                 return
-            if group.stat is None:
-                group.stat = spec.statistic(args[0].shape[-1], args[0].device)
-            group.stat.update(args[0])
+            _feed(group, spec, args[0])
             fed.add(id(group))
             if len(fed) == len(groups):
                 raise _Stop  # the rest of the block adds nothing to the statistics
 
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(g)) for g in groups for m in g.modules]
     batches = list(zip(inputs.hidden, inputs.extras[index]))
-    try:
+    with _pre_hooks(groups, hook_for):
         for hidden, extra in batches:
             fed.clear()
             try:
                 _forward(block, hidden, extra)
             except _Stop:
                 pass
-    finally:
-        for handle in handles:
-            handle.remove()
     for group in groups:
         _prune_group(group, spec, config, reports)
     return [_forward(block, hidden, extra) for hidden, extra in batches], reports

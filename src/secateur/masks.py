@@ -53,7 +53,7 @@ def per_row_mask(scores: Tensor, fraction: float) -> Tensor:
     mask = torch.zeros_like(scores, dtype=torch.bool)
     for k, part in ((base + 1, slice(0, extra)), (base, slice(extra, rows))):
         if k > 0 and part.stop > part.start:
-            mask[part] = _smallest_per_row(scores[part], min(k, cols))
+            mask[part] = _smallest_per_row(scores[part], k)
     return mask
 
 

@@ -15,6 +15,7 @@ from secateur import __version__
 from secateur.config import CalibConfig, PruneConfig
 from secateur.data import calibration_windows, evaluation_windows, load_text, needs_holdout, tokenize, uses_bos
 from secateur.evaluate import perplexity
+from secateur.methods import spec_for
 from secateur.io import check_output, content_hash, load_model, resolve_device, save
 from secateur.models import adapter_for, read_weight
 from secateur.prune import PruneReport, prune, target_layers
@@ -101,7 +102,7 @@ def run_prune(
     model, tokenizer = load_model(model_path, dtype=dtype, device="cpu")
     timings["load"] = time.perf_counter() - clock
     compute = resolve_device(device)
-    needs_data = config.method_name != "magnitude"
+    needs_data = spec_for(config.method).statistic is not None
     clock = time.perf_counter()
     calibration = calibration_data(model, tokenizer, calib) if needs_data else None
     timings["calibration_data"] = time.perf_counter() - clock

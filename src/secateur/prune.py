@@ -18,7 +18,6 @@ from secateur.methods import MethodSpec, magnitude_scores, spec_for
 from secateur.models import Adapter, adapter_for, read_weight, write_weight
 
 
-
 @dataclass
 class PruneReport:
     method: str
