@@ -26,7 +26,9 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) benchmarks/unstructured.py
+	$(PY) benchmarks/depth.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

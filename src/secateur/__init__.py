@@ -4,6 +4,7 @@
     config = secateur.PruneConfig(secateur.WandaConfig(), secateur.Unstructured(0.5))
     report = secateur.prune(model, tokenizer, config, calibration_ids)   # (samples, seq_len) tensor
     secateur.save(model, tokenizer, "pruned/", manifest={...})
+    model, tokenizer = secateur.load("pruned/")   # any secateur output, sublayer-pruned ones included
 """
 
 __version__ = "0.1.0"
@@ -18,10 +19,10 @@ from secateur.config import (  # noqa: E402
     Unstructured,
     WandaConfig,
 )
-from secateur.io import load_model, save  # noqa: E402
+from secateur.io import load, load_model, save  # noqa: E402
 from secateur.prune import PruneReport, prune  # noqa: E402
 
 __all__ = [
     "NM", "CalibConfig", "ConfigError", "MagnitudeConfig", "PruneConfig", "PruneReport", "SparseGPTConfig",
-    "Unstructured", "WandaConfig", "load_model", "prune", "save", "__version__",
+    "Unstructured", "WandaConfig", "load", "load_model", "prune", "save", "__version__",
 ]  # fmt: skip

@@ -7,16 +7,20 @@ import json
 import logging
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Sequence
 
-from secateur.config import ConfigError, build_calib_config, build_prune_config, read_recipe
+from secateur.config import CalibConfig, ConfigError, build_calib_config, build_prune_config, read_recipe
 from secateur.data import DataError
-from secateur.io import ModelPathError, load_model, read_manifest, resolve_device
+from secateur.depth import REGISTRY as DEPTH_REGISTRY
+from secateur.depth import DepthError
+from secateur.depth.config import DEPTH_ONLY_KEYS, build_depth_config
+from secateur.io import ModelPathError, load, read_manifest, resolve_device, split_model_path
 from secateur.methods import REGISTRY
 from secateur.models import UnsupportedModelError
 from secateur.runtime import tune_allocator
 
-USER_ERRORS = (ConfigError, DataError, ModelPathError, UnsupportedModelError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, DepthError, ModelPathError, UnsupportedModelError, FileExistsError)
 
 PRUNE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "device": "auto", "eval_windows": 64, "eval_seq_len": 512}
 
@@ -27,7 +31,8 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--recipe", help="TOML file whose keys mirror these flags; flags given here win")
-    p.add_argument("--method", choices=sorted(REGISTRY), help="pruning method (default: wanda)")
+    p.add_argument("--method", choices=sorted(REGISTRY) + sorted(DEPTH_REGISTRY),
+                   help="pruning method (default: wanda); depth methods remove blocks or sublayers")
     p.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1) (default 0.5)")
     p.add_argument("--pattern", help="N:M semi-structured sparsity: keep N of every M weights, e.g. 2:4")
     p.add_argument("--scope", choices=["per_row", "per_layer", "global"], help="ranking scope (magnitude, wanda)")
@@ -36,6 +41,11 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-stats", choices=["sequential", "dense"],
                    help="inside a block, calibrate on pruned predecessors (sequential, one pass, default) "
                         "or on the dense block (two passes, as the reference code)")
+    p.add_argument("--remove-blocks", type=int, help="depth: number of decoder blocks to remove")
+    p.add_argument("--remove-sublayers", type=int, help="depth (finercut): number of attention / MLP branches to remove")
+    p.add_argument("--remove-fraction", type=float,
+                   help="depth: fraction of the blocks to remove (finercut: of the blocks' parameters)")
+    p.add_argument("--positions", choices=["all", "last"], help="angular: tokens the distance averages over (all)")
     p.add_argument("--ignore", action="append", help="fnmatch pattern of layer names to keep dense (repeatable)")
     p.add_argument("--calib", help="calibration text: enwiki-sample (default), wikitext2, c4, a file or a directory")
     p.add_argument("--calib-samples", type=int, help="calibration windows (default 64)")
@@ -69,11 +79,22 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print everything as JSON")
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="parameters, file size, prefill latency, decode tokens/s, peak memory")
+    p.add_argument("models", nargs="+", help="model directories or .gguf files; ratios are against the first")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when present), cpu or cuda[:N]")
+    p.add_argument("--prompt", type=int, default=512, help="prefill tokens (default 512)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (default 128)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per model, median reported (default 5)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secateur", description="Prune Hugging Face causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prune_parser, _eval_parser, _info_parser):
+    for add in (_prune_parser, _eval_parser, _info_parser, _bench_parser):
         add(sub)
     return parser
 
@@ -83,6 +104,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     flags = {k: v for k, v in vars(args).items() if v is not None}
     settings = {**PRUNE_DEFAULTS, **(read_recipe(args.recipe) if args.recipe else {}), **flags}
+    if settings.get("method") in DEPTH_REGISTRY:
+        return _depth(args, settings)
+    given = sorted(k for k in DEPTH_ONLY_KEYS if k in settings)
+    if given:
+        raise ConfigError(f"{given} apply to the depth methods ({', '.join(sorted(DEPTH_REGISTRY))}), "
+                          f"not to {settings.get('method', 'wanda')}")
     config = build_prune_config(settings)
     calib = build_calib_config(settings)
     manifest = run_prune(
@@ -100,11 +127,35 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _depth(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    from secateur.pipeline import run_depth
+
+    config = build_depth_config(settings)
+    spec = DEPTH_REGISTRY[config.method_name]
+    calib = build_calib_config(settings, CalibConfig(samples=spec.calib_samples, seq_len=spec.calib_seq_len))
+    manifest = run_depth(
+        args.model, config, calib, args.out,
+        dtype=settings["dtype"], device=settings["device"], overwrite=args.overwrite,
+        eval_source=settings.get("eval"), eval_seq_len=int(settings["eval_seq_len"]),
+        eval_windows=int(settings["eval_windows"]),
+    )  # fmt: skip
+    depth = manifest["depth"]
+    what = f"blocks {depth['removed_blocks']}" + (f", sublayers {depth['removed_sublayers']} (numbered as saved)"
+                                                  if depth["removed_sublayers"] else "")
+    print(f"{config.method_name}: removed {what}: {depth['blocks_before']} -> {depth['blocks_after']} blocks, "
+          f"{depth['parameters_before']:,} -> {depth['parameters_after']:,} parameters in "
+          f"{manifest['result']['seconds']:.1f} s -> {args.out}")
+    if "evaluation" in manifest:
+        ev = manifest["evaluation"]
+        print(f"perplexity {ev['perplexity']:.3f} ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from secateur.pipeline import evaluate_model
 
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=str(device))
+    model, tokenizer = load(args.model, dtype=args.dtype, device=str(device))
     result = evaluate_model(model, tokenizer, args.data, args.seq_len, args.windows, field=args.text_field,
                             batch_size=args.batch_size, device=device)  # fmt: skip
     result["model"] = args.model
@@ -120,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from secateur.pipeline import sparsity_table
 
-    model, _ = load_model(args.model)
+    model, _ = load(args.model)
     layers = sparsity_table(model)
     total = sum(p.numel() for p in model.parameters())
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
@@ -169,12 +220,27 @@ def _print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:
         print(f"{block.split('.')[-1]:>5}  " + " ".join(f"{row.get(k, float('nan')):>10.4f}" for k in kinds))
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from secateur.bench import BENCH_PROTOCOL, measure_isolated, table, to_json
+    device = str(resolve_device(args.device))
+    for path in args.models:
+        split_model_path(Path(path))  # a missing or non-model path fails before any timing
+    results = [measure_isolated(path, device=device, prompt=args.prompt, new_tokens=args.new_tokens,
+                                repeats=args.repeats, dtype=args.dtype) for path in args.models]  # fmt: skip
+    if args.json:
+        print(to_json(results))
+    else:
+        print(table(results))
+        print(f"device {device}, {results[0].threads} threads; {BENCH_PROTOCOL}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()
-    handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}[args.command]
+    handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:

@@ -149,6 +149,7 @@ RECIPE_KEYS = {
     "method", "sparsity", "pattern", "scope", "block_size", "damp", "ignore", "block_stats",
     "calib", "calib_samples", "calib_seq_len", "calib_batch_size", "seed", "text_field",
     "dtype", "device", "eval", "eval_windows", "eval_seq_len",
+    "remove_blocks", "remove_sublayers", "remove_fraction", "positions",
 }  # fmt: skip
 
 
@@ -184,8 +185,8 @@ def build_prune_config(settings: dict[str, Any]) -> PruneConfig:
     return PruneConfig(method=method, target=target, ignore=ignore, block_stats=settings.get("block_stats") or "sequential")
 
 
-def build_calib_config(settings: dict[str, Any]) -> CalibConfig:
-    defaults = CalibConfig()
+def build_calib_config(settings: dict[str, Any], defaults: CalibConfig | None = None) -> CalibConfig:
+    defaults = defaults or CalibConfig()
     pick = lambda key, default: default if settings.get(key) is None else settings[key]  # noqa: E731
     config = CalibConfig(
         source=str(pick("calib", defaults.source)),

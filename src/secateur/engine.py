@@ -137,7 +137,7 @@ def _pre_hooks(groups: list[_Group], hook_for: Callable[[_Group], Callable]) -> 
             handle.remove()
 
 
-def _forward(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, Any]]) -> Tensor:
+def run_block(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, Any]]) -> Tensor:
     args, kwargs = extra
     out = block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -195,7 +195,7 @@ def prune_block(
     def runner(hidden: Tensor, extra: tuple[tuple, dict[str, Any]]):
         def run() -> Tensor:
             with torch.no_grad():
-                return _forward(block, hidden, extra)
+                return run_block(block, hidden, extra)
 
         return greenlet.greenlet(run)
 
@@ -232,9 +232,9 @@ def _prune_block_dense(
         for hidden, extra in batches:
             fed.clear()
             try:
-                _forward(block, hidden, extra)
+                run_block(block, hidden, extra)
             except _Stop:
                 pass
     for group in groups:
         _prune_group(group, spec, config, reports)
-    return [_forward(block, hidden, extra) for hidden, extra in batches], reports
+    return [run_block(block, hidden, extra) for hidden, extra in batches], reports

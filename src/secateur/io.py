@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _split(path: Path) -> tuple[str, str | None]:
+def split_model_path(path: Path) -> tuple[str, str | None]:
     """(directory, gguf file name or None) for from_pretrained; checks the path is a model."""
     if not path.exists():
         raise ModelPathError(f"model path {path} does not exist")
@@ -53,7 +54,7 @@ def _split(path: Path) -> tuple[str, str | None]:
 def load_config(path: str | Path):
     from transformers import AutoConfig
 
-    directory, gguf = _split(Path(path))
+    directory, gguf = split_model_path(Path(path))
     return AutoConfig.from_pretrained(directory, gguf_file=gguf)
 
 
@@ -65,7 +66,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    directory, gguf = _split(path)
+    directory, gguf = split_model_path(path)
     adapter_for(load_config(path))  # unsupported architectures fail fast, naming the supported ones
     kwargs = {"gguf_file": gguf} if gguf else {}
     extra = {"quantization_config": _dequantize_gguf(gguf)} if gguf else {}
@@ -144,3 +145,30 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
     file = Path(path) / MANIFEST
     return json.loads(file.read_text()) if file.is_file() else None
+
+
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, Any]:
+    """Load any secateur output (or any model): `load_model`, then re-apply what the manifest says
+    the weights alone cannot express: attention / MLP branches removed from some blocks."""
+    from secateur.depth.structure import remove_sublayers
+
+    manifest = read_manifest(path) if Path(path).is_dir() else None
+    removed = [tuple(u) for u in ((manifest or {}).get("depth") or {}).get("removed_sublayers", [])]
+    if not removed:
+        return load_model(path, dtype=dtype, device=device)
+    with _quiet_missing_weights():  # the removed branches' weights are absent on purpose
+        model, tokenizer = load_model(path, dtype=dtype, device="cpu")
+    remove_sublayers(model, adapter_for(model), removed)
+    return model.to(resolve_device(device)), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_missing_weights():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

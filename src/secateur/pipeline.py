@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from secateur import __version__
 from secateur.config import CalibConfig, PruneConfig
+from secateur.depth import DepthConfig, depth_prune, removed_sublayers
 from secateur.data import calibration_windows, evaluation_windows, load_text, needs_holdout, tokenize, uses_bos
 from secateur.evaluate import perplexity
 from secateur.methods import spec_for
@@ -57,6 +58,16 @@ def sparsity_table(model: nn.Module) -> list[tuple[str, tuple[int, int], float]]
     return rows
 
 
+def _header(model_path: str | Path, dtype: str, device: torch.device | str) -> dict[str, Any]:
+    return {
+        "secateur_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(Path(model_path).resolve()), "sha256": content_hash(model_path)},
+        "dtype": dtype,
+        "device": str(device),
+    }
+
+
 def build_manifest(
     model_path: str | Path,
     config: PruneConfig,
@@ -69,11 +80,7 @@ def build_manifest(
     """What `secateur.json` records: source and its hash, recipe, calibration, per-layer results."""
     result = report.to_dict()
     return {
-        "secateur_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(Path(model_path).resolve()), "sha256": content_hash(model_path)},
-        "dtype": dtype,
-        "device": str(device),
+        **_header(model_path, dtype, device),
         "recipe": config.to_dict(),
         "calibration": {**asdict(calib), "tokens": report.calibration_tokens} if calib else None,
         "result": {k: v for k, v in result.items() if k != "layers"},
@@ -109,6 +116,57 @@ def run_prune(
     report = prune(model, tokenizer, config, calibration, device=compute, batch_size=calib.batch_size)
     timings["prune"] = report.seconds
     manifest = build_manifest(model_path, config, calib if needs_data else None, report, dtype, compute, timings)
+    if eval_source:
+        model.to(compute)
+        manifest["evaluation"] = evaluate_model(model, tokenizer, eval_source, eval_seq_len, eval_windows, device=compute)
+        model.to("cpu")
+    save(model, tokenizer, out, manifest, overwrite=overwrite)
+    return manifest
+
+
+def run_depth(
+    model_path: str | Path,
+    config: DepthConfig,
+    calib: CalibConfig,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    overwrite: bool = False,
+    eval_source: str | None = None,
+    eval_seq_len: int = 512,
+    eval_windows: int = 64,
+) -> dict[str, Any]:
+    """Remove blocks or branches chosen on calibration data; save the model with its manifest."""
+    check_output(out, overwrite)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    model, tokenizer = load_model(model_path, dtype=dtype, device="cpu")
+    timings["load"] = time.perf_counter() - clock
+    compute = resolve_device(device)
+    clock = time.perf_counter()
+    calibration = calibration_data(model, tokenizer, calib)
+    timings["calibration_data"] = time.perf_counter() - clock
+    blocks_before = model.config.num_hidden_layers
+    parameters_before = sum(p.numel() for p in model.parameters())
+    selection = depth_prune(model, config, calibration, device=compute, batch_size=calib.batch_size)
+    timings["prune"] = selection.seconds
+    manifest = {
+        **_header(model_path, dtype, compute),
+        "recipe": config.to_dict(),
+        "calibration": {**asdict(calib), "tokens": calibration.numel()},
+        "result": {"method": config.method_name, "target": str(config.amount), "seconds": selection.seconds},
+        "depth": {
+            "blocks_before": blocks_before,
+            "blocks_after": model.config.num_hidden_layers,
+            "parameters_before": parameters_before,
+            "parameters_after": sum(p.numel() for p in model.parameters()),
+            "removed_blocks": selection.blocks,  # original numbering
+            "removed_sublayers": [list(u) for u in removed_sublayers(model, adapter_for(model))],  # saved numbering
+            **selection.to_dict(),
+        },
+        "timings": timings,
+    }
     if eval_source:
         model.to(compute)
         manifest["evaluation"] = evaluate_model(model, tokenizer, eval_source, eval_seq_len, eval_windows, device=compute)

@@ -49,9 +49,18 @@ def target_layers(model: nn.Module, adapter: Adapter, ignore: tuple[str, ...] = 
     for index, block in enumerate(adapter.block_list(model)):
         for name in adapter.layer_names():
             full = f"{adapter.blocks}.{index}.{name}"
-            if not any(fnmatch.fnmatch(full, pattern) for pattern in ignore):
-                layers.append((full, block.get_submodule(name)))
+            module = _submodule(block, name)
+            if module is not None and not any(fnmatch.fnmatch(full, pattern) for pattern in ignore):
+                layers.append((full, module))
     return layers
+
+
+def _submodule(block: nn.Module, name: str) -> nn.Module | None:
+    """The layer, or None where its branch was removed by depth pruning."""
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _check_shapes(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> None:
@@ -83,7 +92,7 @@ def _prune_without_data(layers: list[tuple[str, nn.Module]], config: PruneConfig
     return reports
 
 
-def _move_outside_blocks(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
+def move_outside_blocks(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
     """Put embeddings, rotary tables and final norms on `device`; blocks stay where they are."""
     in_blocks = {id(t) for t in adapter.block_list(model).parameters()} | {
         id(t) for t in adapter.block_list(model).buffers()
@@ -141,7 +150,7 @@ def _prune_sequential(
     """Capture the first block's inputs, then prune block by block; only the current block and the
     calibration activations need to be on `device`."""
     home = next(model.parameters()).device
-    _move_outside_blocks(model, adapter, device)
+    move_outside_blocks(model, adapter, device)
     inputs = capture_inputs(model, adapter, calibration, batch_size, device)
     reports: list[LayerReport] = []
     blocks = adapter.block_list(model)
@@ -151,5 +160,5 @@ def _prune_sequential(
         inputs.extras[index] = []  # this block's masks / rotary tables are no longer needed
         block.to(home)
         reports += block_reports
-    _move_outside_blocks(model, adapter, home)
+    move_outside_blocks(model, adapter, home)
     return reports

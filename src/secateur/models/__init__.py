@@ -4,6 +4,7 @@ from secateur.models import gemma, gpt2, gpt_neox, llama, opt, phi3, qwen  # noq
 from secateur.models.base import (
     ADAPTERS,
     Adapter,
+    Branches,
     UnsupportedModelError,
     adapter_for,
     read_weight,
@@ -11,4 +12,4 @@ from secateur.models.base import (
     write_weight,
 )
 
-__all__ = ["ADAPTERS", "Adapter", "UnsupportedModelError", "adapter_for", "read_weight", "supported", "write_weight"]
+__all__ = ["ADAPTERS", "Adapter", "Branches", "UnsupportedModelError", "adapter_for", "read_weight", "supported", "write_weight"]

@@ -18,12 +18,33 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class Branches:
+    """The two residual branches of a decoder block, as block-relative module names.
+
+    Each branch lists every module that exists only to compute it (its norms included), so removing
+    the branch replaces all of them; `attention[0]` is the attention module itself (it returns a
+    tuple and owns the KV cache entry of the block).
+    """
+
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+
+    def of(self, kind: str) -> tuple[str, ...]:
+        return {"attention": self.attention, "mlp": self.mlp}[kind]
+
+
+LLAMA_BRANCHES = Branches(("self_attn", "input_layernorm"), ("mlp", "post_attention_layernorm"))
+
+
+@dataclass(frozen=True)
 class Adapter:
     family: str
     model_types: tuple[str, ...]  # values of config.model_type this adapter handles
     blocks: str  # dotted path from the *ForCausalLM module to the ModuleList of decoder blocks
     groups: tuple[tuple[str, ...], ...]  # block-relative names of linear layers that read one input
     needs_bos: bool = False  # the family is trained with BOS first and degrades without it (Gemma)
+    branches: Branches = LLAMA_BRANCHES  # for sublayer (attention / MLP) removal
+    per_layer_config: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)

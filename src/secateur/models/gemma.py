@@ -1,6 +1,12 @@
 """Gemma 3 text models (Gemma3ForCausalLM): Llama-shaped layers, sandwich norms, BOS required."""
 
-from secateur.models.base import Adapter, register
+from secateur.models.base import Adapter, Branches, register
 from secateur.models.llama import LLAMA_GROUPS
 
-GEMMA3 = register(Adapter("gemma3", ("gemma3_text",), "model.layers", LLAMA_GROUPS, needs_bos=True))
+# sandwich norms: each branch has a norm before and after it
+GEMMA3_BRANCHES = Branches(
+    ("self_attn", "input_layernorm", "post_attention_layernorm"),
+    ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+)
+
+GEMMA3 = register(Adapter("gemma3", ("gemma3_text",), "model.layers", LLAMA_GROUPS, needs_bos=True, branches=GEMMA3_BRANCHES))

@@ -1,7 +1,8 @@
 """GPT-2: Conv1D layers (weights stored transposed: (in, out)); c_attn fuses q/k/v."""
 
-from secateur.models.base import Adapter, register
+from secateur.models.base import Adapter, Branches, register
 
 GPT2 = register(
-    Adapter("gpt2", ("gpt2",), "transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)))
+    Adapter("gpt2", ("gpt2",), "transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+            branches=Branches(("attn", "ln_1"), ("mlp", "ln_2")))
 )

@@ -1,6 +1,6 @@
 """OPT: separate q/k/v with biases, out_proj, fc1/fc2 MLP."""
 
-from secateur.models.base import Adapter, register
+from secateur.models.base import Adapter, Branches, register
 
 OPT = register(
     Adapter(
@@ -8,5 +8,6 @@ OPT = register(
         ("opt",),
         "model.decoder.layers",
         (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+        branches=Branches(("self_attn", "self_attn_layer_norm"), ("fc1", "fc2", "final_layer_norm")),
     )
 )

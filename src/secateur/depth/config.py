@@ -1,0 +1,104 @@
+"""Typed configuration of a depth-pruning run: which units to score, how, and how many to remove."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Union
+
+from secateur.config import ConfigError
+
+
+@dataclass(frozen=True)
+class BlockInfluenceConfig:
+    """ShortGPT: remove the blocks whose output is most similar to their input (one pass)."""
+
+
+@dataclass(frozen=True)
+class AngularConfig:
+    """Remove the span of consecutive blocks whose entering and leaving states are closest (one pass).
+
+    The paper measures the last token of each window; averaging over every token (`all`, default)
+    uses the whole calibration set and is steadier on short calibration runs.
+    """
+
+    positions: Literal["all", "last"] = "all"
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("all", "last"):
+            raise ConfigError(f"angular positions must be 'all' or 'last', got {self.positions!r}")
+
+
+@dataclass(frozen=True)
+class GreedyLossConfig:
+    """Remove the block whose removal raises the calibration loss least; re-score; repeat."""
+
+
+@dataclass(frozen=True)
+class FinerCutConfig:
+    """Attention and MLP branches are separate candidates; remove the one whose removal changes the
+    model's next-token distributions least (Jensen-Shannon divergence to the original model);
+    re-score; repeat."""
+
+
+DepthMethod = Union[BlockInfluenceConfig, AngularConfig, GreedyLossConfig, FinerCutConfig]
+
+
+@dataclass(frozen=True)
+class Amount:
+    """How much to remove: a count of units (blocks, or branches for sublayer methods) or a fraction.
+
+    For block methods the fraction is of the blocks (rounded to the nearest count); for sublayer
+    methods it is of the decoder blocks' parameters, i.e. the same per-token compute budget as
+    removing that fraction of blocks: branches are removed until at least that much is gone.
+    """
+
+    count: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.count is None) == (self.fraction is None):
+            raise ConfigError("give exactly one of a count (--remove-blocks / --remove-sublayers) or --remove-fraction")
+        if self.count is not None and self.count < 1:
+            raise ConfigError(f"the number of units to remove must be at least 1, got {self.count}")
+        if self.fraction is not None and not 0.0 < self.fraction < 1.0:
+            raise ConfigError(f"--remove-fraction must be in (0, 1), got {self.fraction}")
+
+    def __str__(self) -> str:
+        return f"{self.count} units" if self.count is not None else f"{self.fraction:g} of the blocks"
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    method: DepthMethod
+    amount: Amount
+
+    @property
+    def method_name(self) -> str:
+        from secateur.depth.methods import name_of
+
+        return name_of(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method_name, **asdict(self.method), **asdict(self.amount)}
+
+
+DEPTH_ONLY_KEYS = ("remove_blocks", "remove_sublayers", "remove_fraction", "positions")
+
+
+def build_depth_config(settings: dict[str, Any]) -> DepthConfig:
+    """A DepthConfig from flat settings (CLI flags, recipe keys)."""
+    from secateur.depth.methods import REGISTRY
+
+    spec = REGISTRY[str(settings["method"])]
+    blocks, sublayers = settings.get("remove_blocks"), settings.get("remove_sublayers")
+    if spec.unit == "block" and sublayers is not None:
+        raise ConfigError(f"{spec.name} removes whole blocks: use --remove-blocks or --remove-fraction")
+    if spec.unit == "sublayer" and blocks is not None:
+        raise ConfigError(f"{spec.name} removes attention / MLP branches: use --remove-sublayers or --remove-fraction")
+    count = blocks if blocks is not None else sublayers
+    fraction = settings.get("remove_fraction")
+    amount = Amount(count=None if count is None else int(count), fraction=None if fraction is None else float(fraction))
+    options = {"positions": settings["positions"]} if settings.get("positions") is not None else {}
+    if options and spec.config_type is not AngularConfig:
+        raise ConfigError(f"--positions applies to the angular method, not {spec.name}")
+    return DepthConfig(spec.config_type(**options), amount)

@@ -1,0 +1,114 @@
+"""Depth methods: the registry binding each config type to its search and to the unit it removes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from secateur.config import ConfigError
+from secateur.depth.config import (
+    Amount,
+    AngularConfig,
+    BlockInfluenceConfig,
+    DepthConfig,
+    FinerCutConfig,
+    GreedyLossConfig,
+)
+from secateur.depth.search import (
+    Selection,
+    budget_for,
+    count_for,
+    select_angular_span,
+    select_block_influence,
+    select_finercut,
+    select_greedy_loss,
+)
+from secateur.depth.structure import KINDS, remove_blocks, remove_sublayers
+from secateur.models import Adapter, adapter_for
+
+Search = Callable[[nn.Module, Adapter, object, Amount, Tensor, int, torch.device], Selection]
+
+
+@dataclass(frozen=True)
+class DepthSpec:
+    name: str
+    config_type: type
+    unit: str  # "block" or "sublayer"
+    search: Search
+    calib_samples: int  # default calibration windows: one-pass scores are cheap, greedy searches are not
+    calib_seq_len: int
+
+
+def _blocks(model: nn.Module, adapter: Adapter, amount: Amount) -> int:
+    count = count_for(amount.count, amount.fraction, len(adapter.block_list(model)))
+    if count >= len(adapter.block_list(model)):
+        raise ConfigError(f"cannot remove {count} of {len(adapter.block_list(model))} blocks; keep at least one")
+    return count
+
+
+def _bi(model, adapter, method, amount, calibration, batch_size, device) -> Selection:
+    return select_block_influence(model, adapter, calibration, _blocks(model, adapter, amount), batch_size, device)
+
+
+def _angular(model, adapter, method, amount, calibration, batch_size, device) -> Selection:
+    return select_angular_span(model, adapter, calibration, _blocks(model, adapter, amount), batch_size, device,
+                               positions=method.positions)  # fmt: skip
+
+
+def _greedy(model, adapter, method, amount, calibration, batch_size, device) -> Selection:
+    return select_greedy_loss(model, adapter, calibration, _blocks(model, adapter, amount), batch_size, device)
+
+
+def _finercut(model, adapter, method, amount, calibration, batch_size, device) -> Selection:
+    budget = budget_for(model, adapter, amount.fraction) if amount.fraction is not None else None
+    return select_finercut(model, adapter, calibration, amount.count, budget, batch_size, device)
+
+
+REGISTRY: dict[str, DepthSpec] = {
+    spec.name: spec
+    for spec in (
+        DepthSpec("block-influence", BlockInfluenceConfig, "block", _bi, 16, 512),
+        DepthSpec("angular", AngularConfig, "block", _angular, 16, 512),
+        DepthSpec("greedy-loss", GreedyLossConfig, "block", _greedy, 8, 256),
+        DepthSpec("finercut", FinerCutConfig, "sublayer", _finercut, 4, 256),
+    )
+}
+
+
+def name_of(method: object) -> str:
+    return next(name for name, spec in REGISTRY.items() if isinstance(method, spec.config_type))
+
+
+def spec_of(config: DepthConfig) -> DepthSpec:
+    return REGISTRY[name_of(config.method)]
+
+
+@torch.no_grad()
+def depth_prune(model: nn.Module, config: DepthConfig, calibration: Tensor, *, device: str | torch.device = "cpu",
+                batch_size: int = 4) -> Selection:
+    """Choose the blocks or branches to remove from calibration data, then remove them in place."""
+    adapter = adapter_for(model)
+    spec = spec_of(config)
+    if calibration is None or calibration.ndim != 2 or len(calibration) == 0:
+        raise ConfigError(f"method {spec.name!r} needs calibration: a (samples, seq_len) tensor of token ids")
+    model.eval()
+    start = time.perf_counter()
+    selection = spec.search(model, adapter, config.method, config.amount, calibration, batch_size, torch.device(device))
+    selection.seconds = time.perf_counter() - start
+    apply_selection(model, adapter, selection)
+    return selection
+
+
+def apply_selection(model: nn.Module, adapter: Adapter, selection: Selection) -> None:
+    """Remove the chosen branches, then the chosen blocks; a block that lost both branches is removed
+    whole (a stock layer fewer instead of two skipped branches)."""
+    chosen = set(selection.sublayers)
+    emptied = {i for i, _ in chosen if all((i, kind) in chosen for kind in KINDS)}
+    remove_sublayers(model, adapter, sorted(u for u in chosen if u[0] not in emptied))
+    blocks = sorted(set(selection.blocks) | emptied)
+    if blocks:
+        remove_blocks(model, adapter, blocks)
