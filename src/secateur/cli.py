@@ -202,6 +202,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"manifest: {manifest['recipe'].get('method')} {manifest.get('result', {}).get('target', '')}, "
               f"from {source.get('path', '?')} (sha256 {source.get('sha256', '?')[:12]}), "
               f"secateur {manifest.get('secateur_version', '?')}")
+    depth = (manifest or {}).get("depth")
+    if depth:
+        print(f"depth: removed blocks {depth.get('removed_blocks', [])} of {depth.get('blocks_before', '?')} "
+              f"(original numbering); branches skipped as saved: {depth.get('removed_sublayers', [])}")
     return 0
 
 
@@ -213,11 +217,11 @@ def _print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:
         index = next(i for i, part in enumerate(parts) if part.isdigit())
         block, kind = ".".join(parts[: index + 1]), ".".join(parts[index + 1 :])
         grid[block][kind] = sparsity
-    kinds = list(next(iter(grid.values())).keys()) if grid else []
+    kinds = list(dict.fromkeys(k for row in grid.values() for k in row))
     short = [k.split(".")[-1] for k in kinds]
     print("block  " + " ".join(f"{k:>10}" for k in short))
     for block, row in grid.items():
-        print(f"{block.split('.')[-1]:>5}  " + " ".join(f"{row.get(k, float('nan')):>10.4f}" for k in kinds))
+        print(f"{block.split('.')[-1]:>5}  " + " ".join(f"{row[k]:>10.4f}" if k in row else f"{'removed':>10}" for k in kinds))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
