@@ -9,15 +9,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIGS, calibration_ids, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import CONFIGS, calibration_ids, tiny_tokenizer
 from secateur import load
 from secateur.cli import main
 from secateur.config import ConfigError
 from secateur.depth import (
     Amount,
-    AngularConfig,
     BlockInfluenceConfig,
     DepthConfig,
     DepthError,
@@ -150,10 +149,9 @@ def test_finercut_scores_equal_brute_force_js(family):
     model = deep_model(family, layers=3)
     ids = calibration_ids(4, 24)
     reference, _ = _loss_without(model, ids)
-    search = _Search(model, adapter_for(model), ids, 2, torch.device("cpu"), metric=None)
+    search = _Search(model, adapter_for(model), ids, 2, torch.device("cpu"))
     reference_batches = [model(input_ids=b, logits_to_keep=search.positions).logits for b in search.batches]
     search.metric = lambda logits, b: js_divergence(logits, reference_batches[b])
-    inputs = search.block_inputs()
     search.removed_branches.add((0, "attention"))
     inputs = search.block_inputs()
     for unit in [(1, "attention"), (2, "mlp"), (0, "mlp")]:

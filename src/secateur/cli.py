@@ -112,19 +112,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           f"not to {settings.get('method', 'wanda')}")
     config = build_prune_config(settings)
     calib = build_calib_config(settings)
-    manifest = run_prune(
-        args.model, config, calib, args.out,
-        dtype=settings["dtype"], device=settings["device"], overwrite=args.overwrite,
-        eval_source=settings.get("eval"), eval_seq_len=int(settings["eval_seq_len"]),
-        eval_windows=int(settings["eval_windows"]),
-    )  # fmt: skip
+    manifest = run_prune(args.model, config, calib, args.out, _run_options(args, settings))
     result = manifest["result"]
     print(f"pruned {args.model} with {result['method']} {result['target']}: "
           f"sparsity {result['sparsity']:.4f} of the target layers in {result['seconds']:.1f} s -> {args.out}")
+    _print_evaluation(manifest)
+    return 0
+
+
+def _run_options(args: argparse.Namespace, settings: dict[str, Any]):
+    from secateur.pipeline import RunOptions
+
+    return RunOptions(dtype=settings["dtype"], device=settings["device"], overwrite=args.overwrite,
+                      eval_source=settings.get("eval"), eval_seq_len=int(settings["eval_seq_len"]),
+                      eval_windows=int(settings["eval_windows"]))  # fmt: skip
+
+
+def _print_evaluation(manifest: dict[str, Any]) -> None:
     if "evaluation" in manifest:
         ev = manifest["evaluation"]
         print(f"perplexity {ev['perplexity']:.3f} ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)")
-    return 0
 
 
 def _depth(args: argparse.Namespace, settings: dict[str, Any]) -> int:
@@ -133,21 +140,14 @@ def _depth(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     config = build_depth_config(settings)
     spec = DEPTH_REGISTRY[config.method_name]
     calib = build_calib_config(settings, CalibConfig(samples=spec.calib_samples, seq_len=spec.calib_seq_len))
-    manifest = run_depth(
-        args.model, config, calib, args.out,
-        dtype=settings["dtype"], device=settings["device"], overwrite=args.overwrite,
-        eval_source=settings.get("eval"), eval_seq_len=int(settings["eval_seq_len"]),
-        eval_windows=int(settings["eval_windows"]),
-    )  # fmt: skip
+    manifest = run_depth(args.model, config, calib, args.out, _run_options(args, settings))
     depth = manifest["depth"]
     what = f"blocks {depth['removed_blocks']}" + (f", sublayers {depth['removed_sublayers']} (numbered as saved)"
                                                   if depth["removed_sublayers"] else "")
     print(f"{config.method_name}: removed {what}: {depth['blocks_before']} -> {depth['blocks_after']} blocks, "
           f"{depth['parameters_before']:,} -> {depth['parameters_after']:,} parameters in "
           f"{manifest['result']['seconds']:.1f} s -> {args.out}")
-    if "evaluation" in manifest:
-        ev = manifest["evaluation"]
-        print(f"perplexity {ev['perplexity']:.3f} ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)")
+    _print_evaluation(manifest)
     return 0
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -89,87 +89,86 @@ def build_manifest(
     }
 
 
-def run_prune(
-    model_path: str | Path,
-    config: PruneConfig,
-    calib: CalibConfig,
-    out: str | Path,
-    *,
-    dtype: str = "float32",
-    device: str = "auto",
-    overwrite: bool = False,
-    eval_source: str | None = None,
-    eval_seq_len: int = 512,
-    eval_windows: int = 64,
-) -> dict[str, Any]:
-    """Prune a model from disk and save it with its manifest; returns the manifest."""
-    check_output(out, overwrite)  # before any work: never overwrite without being asked
+@dataclass(frozen=True)
+class RunOptions:
+    """How a pruning job loads, evaluates and saves, whatever it prunes."""
+
+    dtype: str = "float32"
+    device: str = "auto"
+    overwrite: bool = False
+    eval_source: str | None = None  # evaluate after pruning and record it in the manifest
+    eval_seq_len: int = 512
+    eval_windows: int = 64
+
+
+Work = Callable[[nn.Module, Any, torch.device, dict[str, float]], dict[str, Any]]
+
+
+def _run(model_path: str | Path, out: str | Path, options: RunOptions, work: Work) -> dict[str, Any]:
+    """Refuse an existing output before any work, load on CPU, `work` prunes in place and returns the
+    manifest, evaluate if asked, save atomically."""
+    check_output(out, options.overwrite)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    model, tokenizer = load_model(model_path, dtype=dtype, device="cpu")
+    model, tokenizer = load_model(model_path, dtype=options.dtype, device="cpu")
     timings["load"] = time.perf_counter() - clock
-    compute = resolve_device(device)
-    needs_data = spec_for(config.method).statistic is not None
-    clock = time.perf_counter()
-    calibration = calibration_data(model, tokenizer, calib) if needs_data else None
-    timings["calibration_data"] = time.perf_counter() - clock
-    report = prune(model, tokenizer, config, calibration, device=compute, batch_size=calib.batch_size)
-    timings["prune"] = report.seconds
-    manifest = build_manifest(model_path, config, calib if needs_data else None, report, dtype, compute, timings)
-    if eval_source:
+    compute = resolve_device(options.device)
+    manifest = work(model, tokenizer, compute, timings)
+    if options.eval_source:
         model.to(compute)
-        manifest["evaluation"] = evaluate_model(model, tokenizer, eval_source, eval_seq_len, eval_windows, device=compute)
+        manifest["evaluation"] = evaluate_model(model, tokenizer, options.eval_source, options.eval_seq_len,
+                                                options.eval_windows, device=compute)  # fmt: skip
         model.to("cpu")
-    save(model, tokenizer, out, manifest, overwrite=overwrite)
+    save(model, tokenizer, out, manifest, overwrite=options.overwrite)
     return manifest
 
 
-def run_depth(
-    model_path: str | Path,
-    config: DepthConfig,
-    calib: CalibConfig,
-    out: str | Path,
-    *,
-    dtype: str = "float32",
-    device: str = "auto",
-    overwrite: bool = False,
-    eval_source: str | None = None,
-    eval_seq_len: int = 512,
-    eval_windows: int = 64,
-) -> dict[str, Any]:
-    """Remove blocks or branches chosen on calibration data; save the model with its manifest."""
-    check_output(out, overwrite)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    model, tokenizer = load_model(model_path, dtype=dtype, device="cpu")
-    timings["load"] = time.perf_counter() - clock
-    compute = resolve_device(device)
+def _timed_calibration(model: nn.Module, tokenizer: Any, calib: CalibConfig, timings: dict[str, float]) -> Tensor:
     clock = time.perf_counter()
     calibration = calibration_data(model, tokenizer, calib)
     timings["calibration_data"] = time.perf_counter() - clock
-    blocks_before = model.config.num_hidden_layers
-    parameters_before = sum(p.numel() for p in model.parameters())
-    selection = depth_prune(model, config, calibration, device=compute, batch_size=calib.batch_size)
-    timings["prune"] = selection.seconds
-    manifest = {
-        **_header(model_path, dtype, compute),
-        "recipe": config.to_dict(),
-        "calibration": {**asdict(calib), "tokens": calibration.numel()},
-        "result": {"method": config.method_name, "target": str(config.amount), "seconds": selection.seconds},
-        "depth": {
-            "blocks_before": blocks_before,
-            "blocks_after": model.config.num_hidden_layers,
-            "parameters_before": parameters_before,
-            "parameters_after": sum(p.numel() for p in model.parameters()),
-            "removed_blocks": selection.blocks,  # original numbering
-            "removed_sublayers": [list(u) for u in removed_sublayers(model, adapter_for(model))],  # saved numbering
-            **selection.to_dict(),
-        },
-        "timings": timings,
-    }
-    if eval_source:
-        model.to(compute)
-        manifest["evaluation"] = evaluate_model(model, tokenizer, eval_source, eval_seq_len, eval_windows, device=compute)
-        model.to("cpu")
-    save(model, tokenizer, out, manifest, overwrite=overwrite)
-    return manifest
+    return calibration
+
+
+def run_prune(model_path: str | Path, config: PruneConfig, calib: CalibConfig, out: str | Path,
+              options: RunOptions = RunOptions()) -> dict[str, Any]:
+    """Prune weights of a model from disk and save it with its manifest; returns the manifest."""
+
+    def work(model: nn.Module, tokenizer: Any, compute: torch.device, timings: dict[str, float]) -> dict[str, Any]:
+        needs_data = spec_for(config.method).statistic is not None
+        calibration = _timed_calibration(model, tokenizer, calib, timings) if needs_data else None
+        report = prune(model, tokenizer, config, calibration, device=compute, batch_size=calib.batch_size)
+        timings["prune"] = report.seconds
+        return build_manifest(model_path, config, calib if needs_data else None, report, options.dtype, compute, timings)
+
+    return _run(model_path, out, options, work)
+
+
+def run_depth(model_path: str | Path, config: DepthConfig, calib: CalibConfig, out: str | Path,
+              options: RunOptions = RunOptions()) -> dict[str, Any]:
+    """Remove blocks or branches chosen on calibration data; save the model with its manifest."""
+
+    def work(model: nn.Module, tokenizer: Any, compute: torch.device, timings: dict[str, float]) -> dict[str, Any]:
+        calibration = _timed_calibration(model, tokenizer, calib, timings)
+        blocks_before = model.config.num_hidden_layers
+        parameters_before = sum(p.numel() for p in model.parameters())
+        selection = depth_prune(model, config, calibration, device=compute, batch_size=calib.batch_size)
+        timings["prune"] = selection.seconds
+        return {
+            **_header(model_path, options.dtype, compute),
+            "recipe": config.to_dict(),
+            "calibration": {**asdict(calib), "tokens": calibration.numel()},
+            "result": {"method": config.method_name, "target": str(config.amount), "seconds": selection.seconds},
+            "depth": {
+                "blocks_before": blocks_before,
+                "blocks_after": model.config.num_hidden_layers,
+                "parameters_before": parameters_before,
+                "parameters_after": sum(p.numel() for p in model.parameters()),
+                "removed_blocks": selection.blocks,  # original numbering
+                "removed_sublayers": [list(u) for u in removed_sublayers(model, adapter_for(model))],  # as saved
+                **selection.to_dict(),
+            },
+            "timings": timings,
+        }
+
+    return _run(model_path, out, options, work)

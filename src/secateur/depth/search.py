@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import deque
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from secateur.depth.scores import angular_distance, block_influence, js_divergence, lowest
-from secateur.depth.structure import KINDS, branch_parameters, block_parameters, is_removed, without
+from secateur.depth.structure import KINDS, block_parameters, branch_parameters, is_removed, without
 from secateur.engine import capture_inputs, run_block
 from secateur.models import Adapter
 from secateur.prune import move_outside_blocks
@@ -160,7 +159,7 @@ class _Search:
     """The state of a greedy search: removed units so far, calibration batches, the distance metric."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int,
-                 device: torch.device, metric: Callable[[Tensor, int], Tensor]) -> None:
+                 device: torch.device, metric: Callable[[Tensor, int], Tensor] | None = None) -> None:
         self.model, self.adapter, self.device, self.metric = model, adapter, device, metric
         self.blocks = adapter.block_list(model)
         self.batches = [b.to(device) for b in calibration.split(batch_size or len(calibration))]
@@ -264,7 +263,7 @@ def greedy(search: _Search, done: Callable[[list[Step]], bool], sublayers: bool,
 @torch.no_grad()
 def select_greedy_loss(model: nn.Module, adapter: Adapter, calibration: Tensor, count: int, batch_size: int,
                        device: torch.device) -> Selection:
-    search = _Search(model, adapter, calibration, batch_size, device, metric=lambda logits, b: logits)
+    search = _Search(model, adapter, calibration, batch_size, device)
     search.metric = _loss_metric(search.batches, search.positions)
     steps = greedy(search, lambda s: len(s) >= count, sublayers=False, desc="greedy loss")
     return Selection("calibration loss (mean next-token NLL) of the model after removing this block too", steps)
@@ -275,7 +274,7 @@ def select_finercut(model: nn.Module, adapter: Adapter, calibration: Tensor, cou
                     budget: int | None, batch_size: int, device: torch.device) -> Selection:
     """Greedy over attention / MLP branches; stops after `count` branches or once the removed
     parameters reach `budget`."""
-    search = _Search(model, adapter, calibration, batch_size, device, metric=lambda logits, b: logits)
+    search = _Search(model, adapter, calibration, batch_size, device)
     reference = [model(input_ids=batch, use_cache=False, logits_to_keep=search.positions).logits.float()
                  for batch in search.batches]
     search.metric = _js_metric(reference)
