@@ -47,7 +47,7 @@ def prefix(selection, count: int | None = None, budget: int | None = None):
     return Selection(selection.metric, steps, selection.seconds)
 
 
-def search(model, tokenizer, method: str, count: int, fraction: float):
+def search(model, tokenizer, method: str, count: int, fraction: float, calib_shape: tuple[int, int] | None = None):
     from secateur.config import CalibConfig
     from secateur.depth import REGISTRY, Amount, DepthConfig
     from secateur.depth.methods import spec_of
@@ -57,7 +57,8 @@ def search(model, tokenizer, method: str, count: int, fraction: float):
     spec = REGISTRY[method]
     amount = Amount(fraction=fraction) if spec.unit == "sublayer" else Amount(count=count)
     config = DepthConfig(spec.config_type(), amount)
-    calib = calibration_data(model, tokenizer, CalibConfig(samples=spec.calib_samples, seq_len=spec.calib_seq_len))
+    samples, seq_len = calib_shape or (spec.calib_samples, spec.calib_seq_len)
+    calib = calibration_data(model, tokenizer, CalibConfig(samples=samples, seq_len=seq_len))
     start = time.perf_counter()
     selection = spec_of(config).search(model, adapter_for(model), config.method, amount, calib, 4, torch.device("cpu"))
     selection.seconds = time.perf_counter() - start
@@ -73,6 +74,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "depth.json"))
     parser.add_argument("--model", help="model directory (default: the demo's SmolLM2-135M)")
     parser.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="re-time the models of an earlier run (--out), rebuilt from its recorded removals")
+    parser.add_argument("--calib", help="SAMPLESxSEQ_LEN for every method instead of each method's default")
     args = parser.parse_args()
 
     from secateur.bench import BENCH_PROTOCOL
@@ -91,7 +95,10 @@ def main() -> None:
     adapter = adapter_for(dense)
     blocks = dense.config.num_hidden_layers
     fractions = [float(f) for f in args.fractions.split(",")]
+    calib_shape = tuple(int(x) for x in args.calib.split("x")) if args.calib else None
     counts = [max(1, round(f * blocks)) for f in fractions]
+    if args.speed_only:
+        return speed_only(dense, tokenizer, model_dir, Path(args.out), args.repeats)
     eval_ids = evaluation_data(dense, tokenizer, "enwiki-sample", SEQ_LEN, args.eval_windows)
     results: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                      "dense": perplexity(dense, eval_ids)["perplexity"], "rows": []}  # fmt: skip
@@ -99,10 +106,10 @@ def main() -> None:
 
     for method in args.methods.split(","):
         if method == "angular":  # one span search per length
-            runs = [(search(dense, tokenizer, method, c, f), c, f) for c, f in zip(counts, fractions)]
+            runs = [(search(dense, tokenizer, method, c, f, calib_shape), c, f) for c, f in zip(counts, fractions)]
             chosen = [(sel, shape, sel, c, f) for (sel, shape), c, f in runs]
         else:
-            full, shape = search(dense, tokenizer, method, max(counts), max(fractions))
+            full, shape = search(dense, tokenizer, method, max(counts), max(fractions), calib_shape)
             chosen = []
             for c, f in zip(counts, fractions):
                 part = prefix(full, budget=budget_for(dense, adapter, f)) if method == "finercut" else prefix(full, c)
@@ -183,6 +190,25 @@ def speed(dense, tokenizer, model_dir: str, rows: list[dict], repeats: int) -> l
         print(f"{label:22s} prefill {result['prefill_seconds'] * 1e3:7.1f} ms  decode "
               f"{result['decode_tokens_per_second']:6.1f} tok/s", flush=True)
     return out
+
+
+def speed_only(dense, tokenizer, model_dir: str, out: Path, repeats: int) -> None:
+    from secateur.bench import BENCH_PROTOCOL
+    from secateur.depth import Selection, Step, apply_selection
+    from secateur.models import adapter_for
+
+    results = json.loads(out.read_text())
+    for row in results["rows"]:
+        if row["method"] in ("greedy-loss", "finercut"):
+            model = copy.deepcopy(dense)
+            units = [u if isinstance(u, int) else tuple(u) for u in row["units"]]
+            apply_selection(model, adapter_for(model), Selection("recorded", [Step(u, 0.0, 0) for u in units]))
+            row["saved"] = _save(model, tokenizer, None, f"{row['method']}-{row['fraction']}")
+            del model
+    results["speed"] = speed(dense, tokenizer, model_dir, results["rows"], repeats)
+    results["speed_protocol"] = BENCH_PROTOCOL
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(report(results))
 
 
 def report(results: dict) -> str:

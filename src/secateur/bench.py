@@ -1,7 +1,8 @@
 """Speed and size of models: parameters, file size, prefill latency, decode tokens/s, peak memory.
 
 Protocol (per model, batch 1, random token ids, greedy):
-- prefill: one forward over `prompt` tokens with the KV cache on (the time to the first token);
+- prefill: one forward over `prompt` tokens with the KV cache on, logits for the last position only
+  (what `generate` computes: the time to the first token);
 - decode: after that prefill, `new_tokens` single-token steps with the KV cache, timed together;
 - one warm-up run, then `repeats` timed runs; medians are reported;
 - peak memory: the process's peak resident memory (VmHWM) on CPU, measured in a fresh process per
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 BENCH_PROTOCOL = (
-    "batch 1; prefill = one forward over the prompt with the KV cache; decode = new_tokens greedy single-token "
+    "batch 1; prefill = one forward over the prompt with the KV cache, last-position logits; decode = new_tokens greedy single-token "
     "steps with the KV cache after that prefill; 1 warm-up + repeats timed runs, medians; peak memory = VmHWM "
     "of a fresh process per model (CPU) or peak allocated CUDA memory"
 )
@@ -58,7 +59,7 @@ def _one_run(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> tup
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    out = model(input_ids=prompt_ids, use_cache=True)
+    out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)  # as generate(): last position only
     token = out.logits[:, -1:].argmax(-1)
     sync()
     prefill = time.perf_counter() - start
