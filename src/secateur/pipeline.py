@@ -13,11 +13,11 @@ from torch import Tensor, nn
 
 from secateur import __version__
 from secateur.config import CalibConfig, PruneConfig
-from secateur.depth import DepthConfig, depth_prune, removed_sublayers
 from secateur.data import calibration_windows, evaluation_windows, load_text, needs_holdout, tokenize, uses_bos
+from secateur.depth import DepthConfig, depth_prune, removed_sublayers
 from secateur.evaluate import perplexity
-from secateur.methods import spec_for
 from secateur.io import check_output, content_hash, load_model, resolve_device, save
+from secateur.methods import spec_for
 from secateur.models import adapter_for, read_weight
 from secateur.prune import PruneReport, prune, target_layers
 
