@@ -179,7 +179,7 @@ class _Search:
         try:
             with self._branches_removed(), _patched(self.blocks, self._skips()):
                 for batch in self.batches:
-                    self.model(input_ids=batch, use_cache=False)
+                    self.model(input_ids=batch, use_cache=False, logits_to_keep=1)  # only the block inputs matter
         finally:
             for handle in handles:
                 handle.remove()

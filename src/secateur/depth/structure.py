@@ -42,7 +42,8 @@ def remove_blocks(model: nn.Module, adapter: Adapter, indices: Sequence[int]) ->
     kept = [blocks[i] for i in keep]
     for new_index, block in enumerate(kept):
         _renumber(block, new_index)
-    model.get_submodule(adapter.blocks.rsplit(".", 1)[0])._modules[adapter.blocks.rsplit(".", 1)[1]] = nn.ModuleList(kept)
+    parent, _, name = adapter.blocks.rpartition(".")
+    model.get_submodule(parent)._modules[name] = nn.ModuleList(kept)
     config = model.config
     for name in adapter.per_layer_config:
         values = getattr(config, name, None)
