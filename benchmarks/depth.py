@@ -24,7 +24,6 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -49,19 +48,14 @@ def prefix(selection, count: int | None = None, budget: int | None = None):
 
 def search(model, tokenizer, method: str, count: int, fraction: float, calib_shape: tuple[int, int] | None = None):
     from secateur.config import CalibConfig
-    from secateur.depth import REGISTRY, Amount, DepthConfig
-    from secateur.depth.methods import spec_of
-    from secateur.models import adapter_for
+    from secateur.depth import REGISTRY, Amount, DepthConfig, select_removals
     from secateur.pipeline import calibration_data
 
     spec = REGISTRY[method]
     amount = Amount(fraction=fraction) if spec.unit == "sublayer" else Amount(count=count)
-    config = DepthConfig(spec.config_type(), amount)
     samples, seq_len = calib_shape or (spec.calib_samples, spec.calib_seq_len)
     calib = calibration_data(model, tokenizer, CalibConfig(samples=samples, seq_len=seq_len))
-    start = time.perf_counter()
-    selection = spec_of(config).search(model, adapter_for(model), config.method, amount, calib, 4, torch.device("cpu"))
-    selection.seconds = time.perf_counter() - start
+    selection = select_removals(model, DepthConfig(spec.config_type(), amount), calib)
     return selection, calib.shape
 
 
@@ -128,7 +122,7 @@ def main() -> None:
             print(f"{method:16s} {fraction:.0%}: ppl {ppl:9.3f}  removed {row['units']}  "
                   f"search {full.seconds:.0f} s", flush=True)
             if not args.skip_speed and method in ("greedy-loss", "finercut"):
-                row["saved"] = _save(model, tokenizer, full, f"{method}-{count}")
+                row["saved"] = _save(model, tokenizer, f"{method}-{count}")
             del model
 
     if not args.skip_speed:
@@ -143,7 +137,7 @@ def main() -> None:
 _TMP = tempfile.TemporaryDirectory(prefix="secateur-depth-bench-")
 
 
-def _save(model, tokenizer, selection, name: str) -> str:
+def _save(model, tokenizer, name: str) -> str:
     from secateur.depth import removed_sublayers
     from secateur.io import save
     from secateur.models import adapter_for
@@ -203,7 +197,7 @@ def speed_only(dense, tokenizer, model_dir: str, out: Path, repeats: int) -> Non
             model = copy.deepcopy(dense)
             units = [u if isinstance(u, int) else tuple(u) for u in row["units"]]
             apply_selection(model, adapter_for(model), Selection("recorded", [Step(u, 0.0, 0) for u in units]))
-            row["saved"] = _save(model, tokenizer, None, f"{row['method']}-{row['fraction']}")
+            row["saved"] = _save(model, tokenizer, f"{row['method']}-{row['fraction']}")
             del model
     results["speed"] = speed(dense, tokenizer, model_dir, results["rows"], repeats)
     results["speed_protocol"] = BENCH_PROTOCOL

@@ -5,14 +5,14 @@ from __future__ import annotations
 import fnmatch
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from secateur.config import NM, ConfigError, PruneConfig
-from secateur.engine import LayerReport, capture_inputs, prune_block
+from secateur.engine import BlockInputs, LayerReport, capture_inputs, prune_block
 from secateur.masks import global_masks
 from secateur.methods import MethodSpec, magnitude_scores, spec_for
 from secateur.models import Adapter, adapter_for, read_weight, write_weight
@@ -138,6 +138,26 @@ def prune(
     return report
 
 
+def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int, device: torch.device,
+                  desc: str) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
+    """Capture the first block's inputs, then yield (index, block on `device`, inputs) block by block;
+    the caller sets `inputs.hidden` to the block's outputs. Only the current block and the calibration
+    activations need to be on `device`; everything returns home afterwards."""
+    home = next(model.parameters()).device
+    move_outside_blocks(model, adapter, device)
+    try:
+        inputs = capture_inputs(model, adapter, calibration, batch_size, device)
+        for index, block in enumerate(tqdm(adapter.block_list(model), desc=desc, unit="block")):
+            block.to(device)
+            try:
+                yield index, block, inputs
+            finally:
+                block.to(home)
+            inputs.extras[index] = []  # this block's masks / rotary tables are no longer needed
+    finally:
+        move_outside_blocks(model, adapter, home)
+
+
 def _prune_sequential(
     model: nn.Module,
     adapter: Adapter,
@@ -147,18 +167,10 @@ def _prune_sequential(
     device: torch.device,
     batch_size: int,
 ) -> list[LayerReport]:
-    """Capture the first block's inputs, then prune block by block; only the current block and the
-    calibration activations need to be on `device`."""
-    home = next(model.parameters()).device
-    move_outside_blocks(model, adapter, device)
-    inputs = capture_inputs(model, adapter, calibration, batch_size, device)
+    """Prune block by block; each block's pruned outputs are the next block's inputs."""
     reports: list[LayerReport] = []
-    blocks = adapter.block_list(model)
-    for index, block in enumerate(tqdm(blocks, desc=f"{config.method_name} {config.target}", unit="block")):
-        block.to(device)
+    desc = f"{config.method_name} {config.target}"
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc):
         inputs.hidden, block_reports = prune_block(block, index, adapter, spec, config, inputs)
-        inputs.extras[index] = []  # this block's masks / rotary tables are no longer needed
-        block.to(home)
         reports += block_reports
-    move_outside_blocks(model, adapter, home)
     return reports

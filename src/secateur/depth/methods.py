@@ -88,18 +88,25 @@ def spec_of(config: DepthConfig) -> DepthSpec:
 
 
 @torch.no_grad()
-def depth_prune(model: nn.Module, config: DepthConfig, calibration: Tensor, *, device: str | torch.device = "cpu",
-                batch_size: int = 4) -> Selection:
-    """Choose the blocks or branches to remove from calibration data, then remove them in place."""
-    adapter = adapter_for(model)
+def select_removals(model: nn.Module, config: DepthConfig, calibration: Tensor, *,
+                    device: str | torch.device = "cpu", batch_size: int = 4) -> Selection:
+    """Choose the blocks or branches to remove from calibration data; the model is left as it was."""
     spec = spec_of(config)
     if calibration is None or calibration.ndim != 2 or len(calibration) == 0:
         raise ConfigError(f"method {spec.name!r} needs calibration: a (samples, seq_len) tensor of token ids")
     model.eval()
     start = time.perf_counter()
-    selection = spec.search(model, adapter, config.method, config.amount, calibration, batch_size, torch.device(device))
+    selection = spec.search(model, adapter_for(model), config.method, config.amount, calibration, batch_size,
+                            torch.device(device))  # fmt: skip
     selection.seconds = time.perf_counter() - start
-    apply_selection(model, adapter, selection)
+    return selection
+
+
+def depth_prune(model: nn.Module, config: DepthConfig, calibration: Tensor, *, device: str | torch.device = "cpu",
+                batch_size: int = 4) -> Selection:
+    """Choose the blocks or branches to remove from calibration data, then remove them in place."""
+    selection = select_removals(model, config, calibration, device=device, batch_size=batch_size)
+    apply_selection(model, adapter_for(model), selection)
     return selection
 
 

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from secateur.depth.scores import angular_distance, block_influence, js_divergence, lowest
 from secateur.depth.structure import KINDS, block_parameters, branch_parameters, is_removed, without
-from secateur.engine import capture_inputs, run_block
+from secateur.engine import run_block
 from secateur.models import Adapter
-from secateur.prune import move_outside_blocks
+from secateur.prune import stream_blocks
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +79,13 @@ class Selection:
 def boundary_states(model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int,
                     device: torch.device) -> Iterator[tuple[int, list[Tensor]]]:
     """Yield (l, states entering block l) for l = 0..L (L: leaving the last block), per batch."""
-    home = next(model.parameters()).device
-    move_outside_blocks(model, adapter, device)
-    try:
-        inputs = capture_inputs(model, adapter, calibration, batch_size, device)
-        hidden = inputs.hidden
-        yield 0, hidden
-        for index, block in enumerate(tqdm(adapter.block_list(model), desc="block states", unit="block")):
-            block.to(device)
-            hidden = [run_block(block, h, extra) for h, extra in zip(hidden, inputs.extras[index])]
-            block.to(home)
-            inputs.extras[index] = []
-            yield index + 1, hidden
-    finally:
-        move_outside_blocks(model, adapter, home)
+    first = True
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "block states"):
+        if first:
+            yield 0, inputs.hidden
+            first = False
+        inputs.hidden = [run_block(block, h, extra) for h, extra in zip(inputs.hidden, inputs.extras[index])]
+        yield index + 1, inputs.hidden
 
 
 def _mean(values: list[Tensor]) -> float:
