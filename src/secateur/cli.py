@@ -19,8 +19,10 @@ from secateur.io import ModelPathError, load, read_manifest, resolve_device, spl
 from secateur.methods import REGISTRY
 from secateur.models import UnsupportedModelError
 from secateur.runtime import tune_allocator
+from secateur.width import IMPORTANCE, WIDTH_ONLY_KEYS, WidthError, build_width_config
+from secateur.width.config import ALLOCATIONS, HEAD_MODES
 
-USER_ERRORS = (ConfigError, DataError, DepthError, ModelPathError, UnsupportedModelError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, DepthError, WidthError, ModelPathError, UnsupportedModelError, FileExistsError)
 
 PRUNE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "device": "auto", "eval_windows": 64, "eval_seq_len": 512}
 
@@ -31,8 +33,9 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--recipe", help="TOML file whose keys mirror these flags; flags given here win")
-    p.add_argument("--method", choices=sorted(REGISTRY) + sorted(DEPTH_REGISTRY),
-                   help="pruning method (default: wanda); depth methods remove blocks or sublayers")
+    p.add_argument("--method", choices=sorted(REGISTRY) + sorted(DEPTH_REGISTRY) + ["width"],
+                   help="pruning method (default: wanda); depth methods remove blocks or sublayers; "
+                        "width removes attention heads and MLP channels")
     p.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1) (default 0.5)")
     p.add_argument("--pattern", help="N:M semi-structured sparsity: keep N of every M weights, e.g. 2:4")
     p.add_argument("--scope", choices=["per_row", "per_layer", "global"], help="ranking scope (magnitude, wanda)")
@@ -44,8 +47,17 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remove-blocks", type=int, help="depth: number of decoder blocks to remove")
     p.add_argument("--remove-sublayers", type=int, help="depth (finercut): number of attention / MLP branches to remove")
     p.add_argument("--remove-fraction", type=float,
-                   help="depth: fraction of the blocks to remove (finercut: of the blocks' parameters)")
+                   help="depth: fraction of the blocks to remove (finercut: of the blocks' parameters); "
+                        "width: fraction of the decoder blocks' parameters")
     p.add_argument("--positions", choices=["all", "last"], help="angular: tokens the distance averages over (all)")
+    p.add_argument("--importance", choices=list(IMPORTANCE), help="width: unit score (default fluctuation, FLAP)")
+    p.add_argument("--allocation", choices=list(ALLOCATIONS),
+                   help="width: same widths in every block (uniform, default: stock config) or per block (adaptive)")
+    p.add_argument("--heads", choices=list(HEAD_MODES),
+                   help="width: remove whole key/value groups (kv-groups, default), query heads per group, or none")
+    p.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction,
+                   help="width: fold removed channels' mean output into a bias (default: on for fluctuation)")
+    p.add_argument("--round-to", type=int, help="width: uniform MLP widths are multiples of this (default 8)")
     p.add_argument("--ignore", action="append", help="fnmatch pattern of layer names to keep dense (repeatable)")
     p.add_argument("--calib", help="calibration text: enwiki-sample (default), wikitext2, c4, a file or a directory")
     p.add_argument("--calib-samples", type=int, help="calibration windows (default 64)")
@@ -104,12 +116,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     flags = {k: v for k, v in vars(args).items() if v is not None}
     settings = {**PRUNE_DEFAULTS, **(read_recipe(args.recipe) if args.recipe else {}), **flags}
-    if settings.get("method") in DEPTH_REGISTRY:
+    method = settings.get("method", "wanda")
+    if method in DEPTH_REGISTRY:
+        given = sorted(k for k in WIDTH_ONLY_KEYS if k in settings)
+        if given:
+            raise ConfigError(f"{given} apply to width pruning, not to {method}")
         return _depth(args, settings)
-    given = sorted(k for k in DEPTH_ONLY_KEYS if k in settings)
+    if method == "width":
+        return _width(args, settings)
+    given = sorted(k for k in (*DEPTH_ONLY_KEYS, *WIDTH_ONLY_KEYS) if k in settings)
     if given:
-        raise ConfigError(f"{given} apply to the depth methods ({', '.join(sorted(DEPTH_REGISTRY))}), "
-                          f"not to {settings.get('method', 'wanda')}")
+        raise ConfigError(f"{given} apply to the depth methods ({', '.join(sorted(DEPTH_REGISTRY))}) or to width, "
+                          f"not to {method}")
     config = build_prune_config(settings)
     calib = build_calib_config(settings)
     manifest = run_prune(args.model, config, calib, args.out, _run_options(args, settings))
@@ -147,6 +165,25 @@ def _depth(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     print(f"{config.method_name}: removed {what}: {depth['blocks_before']} -> {depth['blocks_after']} blocks, "
           f"{depth['parameters_before']:,} -> {depth['parameters_after']:,} parameters in "
           f"{manifest['result']['seconds']:.1f} s -> {args.out}")
+    _print_evaluation(manifest)
+    return 0
+
+
+def _width(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    from secateur.pipeline import run_width
+
+    given = sorted(k for k in (*DEPTH_ONLY_KEYS, "sparsity", "pattern", "scope") if k in settings and k != "remove_fraction")
+    if given:
+        raise ConfigError(f"{given} do not apply to width pruning; give --remove-fraction (of block parameters)")
+    config = build_width_config(settings)
+    calib = build_calib_config(settings)
+    manifest = run_width(args.model, config, calib, args.out, _run_options(args, settings))
+    width = manifest["width"]
+    print(f"width ({config.importance}, {config.allocation}, heads {config.heads}): removed "
+          f"{width['removed_fraction']:.4f} of block parameters, {width['parameters_before']:,} -> "
+          f"{width['parameters_after']:,} parameters in {width['seconds']:.1f} s -> {args.out}")
+    if not width["uniform"]:
+        print("per-block widths differ: load it with secateur.load(path)")
     _print_evaluation(manifest)
     return 0
 

@@ -148,18 +148,49 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
 
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, Any]:
-    """Load any secateur output (or any model): `load_model`, then re-apply what the manifest says
-    the weights alone cannot express: attention / MLP branches removed from some blocks."""
+    """Load any secateur output (or any model): `load_model`, then re-apply what the weights and the
+    stock config alone cannot express: attention / MLP branches removed from some blocks (depth), and
+    per-block widths (adaptive width pruning)."""
     from secateur.depth.structure import remove_sublayers
 
-    manifest = read_manifest(path) if Path(path).is_dir() else None
-    removed = [tuple(u) for u in ((manifest or {}).get("depth") or {}).get("removed_sublayers", [])]
+    manifest = (read_manifest(path) if Path(path).is_dir() else None) or {}
+    removed = [tuple(u) for u in (manifest.get("depth") or {}).get("removed_sublayers", [])]
+    width = manifest.get("width") or {}
+    if width and not width.get("uniform", True):
+        return _load_reshaped(Path(path), dtype, device, removed, width["layers"])
     if not removed:
         return load_model(path, dtype=dtype, device=device)
     with _quiet_missing_weights():  # the removed branches' weights are absent on purpose
         model, tokenizer = load_model(path, dtype=dtype, device="cpu")
     remove_sublayers(model, adapter_for(model), removed)
     return model.to(resolve_device(device)), tokenizer
+
+
+def _load_reshaped(path: Path, dtype: str, device: str, removed: list[tuple], layers: list[dict]) -> tuple[nn.Module, Any]:
+    """Build the model empty from its config, shape each block as recorded, then load the weights."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from secateur.depth.structure import remove_sublayers
+    from secateur.width.structure import LayerWidth, apply_widths
+
+    config = load_config(path)
+    adapter = adapter_for(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    remove_sublayers(model, adapter, removed)
+    apply_widths(model, adapter, [LayerWidth(**layer) for layer in layers])
+    state = {k: v for file in sorted(path.glob("*.safetensors")) for k, v in load_file(file).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise ModelPathError(f"{path}: weights do not match the recorded widths (missing {sorted(set(missing) - tied)[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    if tied:
+        model.tie_weights()
+    model = model.to(resolve_dtype(dtype))
+    return model.to(resolve_device(device)).eval(), AutoTokenizer.from_pretrained(path)
 
 
 @contextlib.contextmanager

@@ -78,3 +78,34 @@ def check_finite(name: str, tensor: Tensor) -> None:
         raise FloatingPointError(
             f"non-finite values (NaN/Inf) in {name}: check the model's weights, or run in float32 (--dtype float32)"
         )
+
+
+class Moments:
+    """Per-feature sum and sum of squares over calibration tokens (float64): mean and variance of
+    each input feature (FLAP's fluctuation, bias compensation) and its squared L2 norm (Wanda)."""
+
+    def __init__(self, features: int, device: torch.device | str) -> None:
+        self.sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def update(self, x: Tensor) -> None:
+        rows = _rows(x)  # (tokens, features)
+        self.sum += rows.sum(dim=0, dtype=torch.float64)
+        self.sumsq += rows.square().sum(dim=0, dtype=torch.float64)
+        self.tokens += rows.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        return (self.sum / max(self.tokens, 1)).to(WORK_DTYPE)
+
+    @property
+    def variance(self) -> Tensor:
+        """Population variance over tokens: E[x^2] - E[x]^2, clamped at zero against rounding."""
+        n = max(self.tokens, 1)
+        return (self.sumsq / n - (self.sum / n).square()).clamp_min(0).to(WORK_DTYPE)
+
+    @property
+    def norm(self) -> Tensor:
+        """||X_j||_2 over all tokens."""
+        return self.sumsq.sqrt().to(WORK_DTYPE)

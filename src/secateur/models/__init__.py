@@ -3,13 +3,16 @@
 from secateur.models import gemma, gpt2, gpt_neox, llama, opt, phi3, qwen  # noqa: F401  (registration)
 from secateur.models.base import (
     ADAPTERS,
+    MLP,
     Adapter,
+    Attention,
     Branches,
     UnsupportedModelError,
+    Width,
     adapter_for,
     read_weight,
     supported,
     write_weight,
 )
 
-__all__ = ["ADAPTERS", "Adapter", "Branches", "UnsupportedModelError", "adapter_for", "read_weight", "supported", "write_weight"]
+__all__ = ["ADAPTERS", "MLP", "Adapter", "Attention", "Width", "Branches", "UnsupportedModelError", "adapter_for", "read_weight", "supported", "write_weight"]

@@ -33,6 +33,50 @@ class Branches:
         return {"attention": self.attention, "mlp": self.mlp}[kind]
 
 
+@dataclass(frozen=True)
+class Attention:
+    """Where a block's attention keeps its projections (block-relative names), for head pruning.
+
+    `q`, `k`, `v` name one fused layer when they are equal (Phi-3's qkv_proj: rows are all query
+    heads, then all key heads, then all value heads). Head pruning needs the head size in the config
+    (`head_dim`), since the stock code would otherwise derive it from hidden_size / heads.
+    """
+
+    module: str
+    q: str
+    k: str
+    v: str
+    o: str
+
+    @property
+    def fused(self) -> bool:
+        return self.q == self.k == self.v
+
+
+@dataclass(frozen=True)
+class MLP:
+    """A block's MLP for channel pruning: producers' output rows and the consumer's input columns are
+    the channels; a fused producer stacks `stacked` projections of the channels (Phi-3's gate_up_proj)."""
+
+    producers: tuple[str, ...]
+    consumer: str
+    size_key: str = "intermediate_size"  # the config field holding the channel count
+    stacked: int = 1
+
+
+@dataclass(frozen=True)
+class Width:
+    """What width pruning may slice in a family, and the config flags that give a branch biases
+    (each flag adds a bias to every projection of the branch, in every block)."""
+
+    mlp: MLP
+    attention: Attention | None = None  # None: heads cannot be pruned with a stock config
+    bias_flags: tuple[tuple[str, str], ...] = ()  # (branch kind, config flag)
+
+    def bias_flag(self, kind: str) -> str | None:
+        return dict(self.bias_flags).get(kind)
+
+
 LLAMA_BRANCHES = Branches(("self_attn", "input_layernorm"), ("mlp", "post_attention_layernorm"))
 
 
@@ -45,6 +89,7 @@ class Adapter:
     needs_bos: bool = False  # the family is trained with BOS first and degrades without it (Gemma)
     branches: Branches = LLAMA_BRANCHES  # for sublayer (attention / MLP) removal
     per_layer_config: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
+    width: Width | None = None  # for structured width pruning (heads, MLP channels)
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)

@@ -1,7 +1,7 @@
 """Gemma 3 text models (Gemma3ForCausalLM): Llama-shaped layers, sandwich norms, BOS required."""
 
-from secateur.models.base import Adapter, Branches, register
-from secateur.models.llama import LLAMA_GROUPS
+from secateur.models.base import Adapter, Branches, Width, register
+from secateur.models.llama import LLAMA_ATTENTION, LLAMA_GROUPS, SWIGLU
 
 # sandwich norms: each branch has a norm before and after it
 GEMMA3_BRANCHES = Branches(
@@ -9,4 +9,7 @@ GEMMA3_BRANCHES = Branches(
     ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
 )
 
-GEMMA3 = register(Adapter("gemma3", ("gemma3_text",), "model.layers", LLAMA_GROUPS, needs_bos=True, branches=GEMMA3_BRANCHES))
+GEMMA3 = register(
+    Adapter("gemma3", ("gemma3_text",), "model.layers", LLAMA_GROUPS, needs_bos=True, branches=GEMMA3_BRANCHES,
+            width=Width(SWIGLU, LLAMA_ATTENTION, bias_flags=(("attention", "attention_bias"),)))
+)

@@ -1,6 +1,6 @@
 """Llama family: Llama 2/3, SmolLM, Mistral (separate q/k/v, SwiGLU MLP)."""
 
-from secateur.models.base import Adapter, register
+from secateur.models.base import MLP, Adapter, Attention, Width, register
 
 LLAMA_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -9,4 +9,11 @@ LLAMA_GROUPS = (
     ("mlp.down_proj",),
 )
 
-LLAMA = register(Adapter("llama", ("llama", "mistral"), "model.layers", LLAMA_GROUPS))
+LLAMA_ATTENTION = Attention("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+SWIGLU = MLP(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
+
+LLAMA = register(
+    Adapter("llama", ("llama",), "model.layers", LLAMA_GROUPS,
+            width=Width(SWIGLU, LLAMA_ATTENTION, bias_flags=(("attention", "attention_bias"), ("mlp", "mlp_bias"))))
+)
+MISTRAL = register(Adapter("mistral", ("mistral",), "model.layers", LLAMA_GROUPS, width=Width(SWIGLU, LLAMA_ATTENTION)))

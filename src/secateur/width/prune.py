@@ -1,0 +1,233 @@
+"""`width_prune(model, config, calibration)`: score heads and MLP channels, allocate, slice in place.
+
+1. Statistics: one streamed pass over the dense blocks records each projection's input moments
+   (for activation / fluctuation scores and bias compensation); Taylor scores take gradients of the
+   calibration loss with the whole model on the device.
+2. Units and scores per block (`secateur.width.units`); allocation: uniform or adaptive.
+3. Per block: fold the removed channels' mean into the output bias (if asked), then slice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from secateur.engine import run_block
+from secateur.models import Adapter, Width, adapter_for, read_weight
+from secateur.prune import stream_blocks
+from secateur.stats import Moments
+from secateur.width.config import WidthConfig
+from secateur.width.scores import IMPORTANCE
+from secateur.width.structure import (
+    LayerWidth,
+    WidthError,
+    attention_heads,
+    bias_flag_needed,
+    compensate,
+    enable_biases,
+    head_dim,
+    head_rows,
+    keep_channels,
+    keep_heads,
+    layer_width,
+    submodule,
+    write_uniform_config,
+)
+from secateur.width.units import (
+    Units,
+    adaptive_removals,
+    attention_units,
+    head_keep,
+    layer_scorer,
+    mlp_units,
+    uniform_removals,
+)
+
+
+@dataclass
+class WidthReport:
+    before: list[LayerWidth]
+    after: list[LayerWidth] = field(default_factory=list)
+    block_parameters_before: int = 0
+    block_parameters_after: int = 0
+    uniform: bool = True
+    head_dim: int = 0
+    seconds: float = 0.0
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1 - self.block_parameters_after / max(self.block_parameters_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uniform": self.uniform,
+            "head_dim": self.head_dim,
+            "block_parameters_before": self.block_parameters_before,
+            "block_parameters_after": self.block_parameters_after,
+            "removed_fraction": self.removed_fraction,
+            "layers_before": [w.to_dict() for w in self.before],
+            "layers": [w.to_dict() for w in self.after],  # what `secateur.load` reshapes to
+            "seconds": self.seconds,
+        }
+
+
+def width_of(model: nn.Module, adapter: Adapter, config: WidthConfig) -> Width:
+    """The family's width description, checked against the request before any work."""
+    width, model_type = adapter.width, model.config.model_type
+    if width is None:
+        raise WidthError(f"width pruning is not available for {model_type}")
+    if config.heads != "none" and width.attention is None:
+        raise WidthError(f"{model_type} derives its head size from hidden_size / heads, so removing heads would "
+                         f"need a non-stock config; pass --heads none to prune MLP channels only")
+    if config.heads != "none" and width.attention.fused and config.allocation == "adaptive":
+        raise WidthError(f"{model_type}'s fused qkv_proj reads the head count from the shared config, so every block "
+                         f"must keep the same heads; use --allocation uniform or --heads none")
+    if config.compensate:
+        for kind in ("mlp", "attention") if config.heads != "none" else ("mlp",):
+            bias_flag_needed(model, adapter, kind)
+    return width
+
+
+def _block_parameters(model: nn.Module, adapter: Adapter) -> int:
+    return sum(p.numel() for p in adapter.block_list(model).parameters())
+
+
+def _projection_names(width: Width, heads: bool) -> list[str]:
+    names = [*width.mlp.producers, width.mlp.consumer]
+    if heads:
+        a = width.attention
+        names += list(dict.fromkeys((a.q, a.k, a.v, a.o)))
+    return names
+
+
+@torch.no_grad()
+def collect_moments(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
+                    device: torch.device) -> dict[str, Moments]:  # fmt: skip
+    """Input moments of the named projections of every block, on the dense model."""
+    stats: dict[str, Moments] = {}
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "width statistics"):
+        handles = []
+        for name in names:
+            module = submodule(block, name)
+            if module is not None:
+                moments = stats[f"{adapter.blocks}.{index}.{name}"] = Moments(read_weight(module).shape[1], device)
+                handles.append(module.register_forward_pre_hook(lambda _, args, m=moments: m.update(args[0])))
+        try:
+            inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+        finally:
+            for handle in handles:
+                handle.remove()
+    return stats
+
+
+def collect_gradients(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
+                      device: torch.device) -> dict[str, Tensor]:  # fmt: skip
+    """Calibration-loss gradients of the named projections' weights, as (out, in), summed over batches.
+    Only those weights require gradients; the whole model sits on `device` for the backward pass."""
+    layers = {f"{adapter.blocks}.{i}.{n}": submodule(b, n) for i, b in enumerate(adapter.block_list(model)) for n in names}
+    layers = {k: m for k, m in layers.items() if m is not None}
+    wanted = {id(m.weight) for m in layers.values()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    home = next(model.parameters()).device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+            p.grad = None
+        model.to(device)
+        with torch.enable_grad():
+            for batch in calibration.split(batch_size or len(calibration)):
+                batch = batch.to(device)
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss * len(batch)
+                loss.backward()
+        return {k: (m.weight.grad.T if isinstance(m, Conv1D) else m.weight.grad).float().cpu() for k, m in layers.items()}
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+        model.to(home)
+
+
+def _units(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig, stats: dict, grads: dict) -> list[Units]:
+    importance = IMPORTANCE[config.importance]
+    size = head_dim(model.config)
+    units = []
+    for index, block in enumerate(adapter.block_list(model)):
+        score = layer_scorer(block, f"{adapter.blocks}.{index}", importance, stats, grads)
+        heads = attention_heads(block, width.attention, size) if config.heads != "none" else None
+        if heads is not None:
+            units.append(attention_units(block, index, width.attention, size, *heads, config.heads, score))
+        if submodule(block, width.mlp.consumer) is not None:
+            units.append(mlp_units(block, index, width.mlp, score))
+    return units
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, adapter: Adapter, width: Width, units: list[Units], removals: dict, stats: dict,
+           compensate_bias: bool) -> None:  # fmt: skip
+    size = head_dim(model.config)
+    if compensate_bias:
+        for kind in {u.kind for u in units if removals[(u.block, u.kind)]}:
+            enable_biases(model, adapter, kind)
+    blocks = adapter.block_list(model)
+    for u in units:
+        removed = removals[(u.block, u.kind)]
+        if not removed:
+            continue
+        block, prefix = blocks[u.block], f"{adapter.blocks}.{u.block}"
+        if u.kind == "mlp":
+            keep = u.keep(removed)
+            if compensate_bias:
+                gone = _complement(keep, len(u.scores))
+                compensate(block.get_submodule(width.mlp.consumer), gone, stats[f"{prefix}.{width.mlp.consumer}"].mean)
+            keep_channels(block, width.mlp, keep)
+        else:
+            q_heads, kv_heads = attention_heads(block, width.attention, size)
+            q_keep, kv_keep = head_keep(u, removed, q_heads, kv_heads)
+            if compensate_bias:
+                gone = head_rows(_complement(q_keep, q_heads), size)
+                compensate(block.get_submodule(width.attention.o), gone, stats[f"{prefix}.{width.attention.o}"].mean)
+            keep_heads(block, width.attention, size, q_keep, kv_keep)
+
+
+def _complement(keep: Tensor, n: int) -> Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[keep] = False
+    return mask.nonzero().flatten()
+
+
+def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | None, *,
+                device: str | torch.device = "cpu", batch_size: int = 4) -> WidthReport:  # fmt: skip
+    """Prune heads and MLP channels of `model` in place; the config follows the new shapes."""
+    adapter = adapter_for(model)
+    width = width_of(model, adapter, config)
+    importance = IMPORTANCE[config.importance]
+    device = torch.device(device)
+    size = head_dim(model.config)
+    model.eval()
+    start = time.perf_counter()
+    report = WidthReport(before=[layer_width(b, width, size) for b in adapter.block_list(model)],
+                         block_parameters_before=_block_parameters(model, adapter), head_dim=size)  # fmt: skip
+    names = _projection_names(width, config.heads != "none")
+    needs_data = importance.activations or importance.gradients or config.compensate
+    if needs_data and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
+        raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
+    stats = collect_moments(model, adapter, names, calibration, batch_size, device) if (
+        importance.activations or config.compensate) else {}  # fmt: skip
+    grads = collect_gradients(model, adapter, names, calibration, batch_size, device) if importance.gradients else {}
+    units = _units(model, adapter, width, config, stats, grads)
+    target = config.fraction * report.block_parameters_before
+    removals = (uniform_removals(units, config.fraction, target, config.round_to) if config.allocation == "uniform"
+                else adaptive_removals(units, target))  # fmt: skip
+    _apply(model, adapter, width, units, removals, stats, config.compensate)
+    report.after = [layer_width(b, width, size) for b in adapter.block_list(model)]
+    report.uniform = len({w for w in report.after}) == 1
+    if report.uniform:
+        write_uniform_config(model, width, report.after, size)
+    report.block_parameters_after = _block_parameters(model, adapter)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,139 @@
+"""Removable units of one block (MLP channels, heads or key/value groups), their scores and parameter
+costs; and the two allocations that decide how many units each block loses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from secateur.models import MLP, Attention, read_weight
+from secateur.width.scores import Importance, standardize
+from secateur.width.structure import head_rows
+
+LayerScore = Callable[[str, Literal["rows", "columns"]], Tensor]  # (block-relative layer name, side) -> scores
+
+
+@dataclass
+class Units:
+    """A block's units of one kind; removing k units removes the k lowest-scoring ones."""
+
+    block: int
+    kind: Literal["attention", "mlp"]
+    scores: Tensor  # (n,)
+    cost: int  # parameters one unit holds
+    head_scores: Tensor | None = None  # (kv groups, query heads per group), `queries` mode only
+
+    def keep(self, removed: int) -> Tensor:
+        """Indices of the units kept (ascending)."""
+        return self.scores.argsort()[removed:].sort().values
+
+
+def layer_scorer(block: nn.Module, prefix: str, importance: Importance, stats: dict, grads: dict) -> LayerScore:
+    def score(name: str, side: str) -> Tensor:
+        full = f"{prefix}.{name}"
+        weight = read_weight(block.get_submodule(name)).float()
+        fn = importance.rows if side == "rows" else importance.columns
+        return fn(weight, stats.get(full), grads.get(full)).float().cpu()
+
+    return score
+
+
+def _row_cost(layer: nn.Module) -> int:
+    """Parameters one output row holds (its weights and bias entry)."""
+    return read_weight(layer).shape[1] + (layer.bias is not None)
+
+
+def mlp_units(block: nn.Module, index: int, mlp: MLP, score: LayerScore) -> Units:
+    consumer = block.get_submodule(mlp.consumer)
+    channels = read_weight(consumer).shape[1]
+    total = score(mlp.consumer, "columns")  # (channels,)
+    cost = read_weight(consumer).shape[0]
+    for name in mlp.producers:
+        total = total + score(name, "rows").view(mlp.stacked, channels).sum(dim=0)
+        cost += mlp.stacked * _row_cost(block.get_submodule(name))
+    return Units(index, "mlp", total, cost)
+
+
+def attention_units(block: nn.Module, index: int, attention: Attention, size: int, q_heads: int, kv_heads: int,
+                    mode: str, score: LayerScore) -> Units:  # fmt: skip
+    """Scores per key/value group (`kv-groups`) or per query-head slot (`queries`: slot s holds the
+    s-th weakest query head of every group, so removing k slots removes k heads from each group)."""
+    group = q_heads // kv_heads
+    o = block.get_submodule(attention.o)
+    per_head = score(attention.o, "columns").view(q_heads, size).sum(dim=1)
+    if attention.fused:
+        rows = score(attention.q, "rows")
+        q_rows, k_rows, v_rows = rows.split([q_heads * size, kv_heads * size, kv_heads * size])
+    else:
+        q_rows, k_rows, v_rows = (score(name, "rows") for name in (attention.q, attention.k, attention.v))
+    per_head = per_head + q_rows.view(q_heads, size).sum(dim=1)  # (q_heads,)
+    head_cost = size * (_row_cost(block.get_submodule(attention.q)) + read_weight(o).shape[0])
+    if mode == "queries":
+        by_group = per_head.view(kv_heads, group)
+        slots = by_group.sort(dim=1).values.sum(dim=0)  # (group,) ascending by construction
+        return Units(index, "attention", slots, kv_heads * head_cost, head_scores=by_group)
+    kv_scores = (k_rows + v_rows).view(kv_heads, size).sum(dim=1)
+    kv_cost = 2 * size * _row_cost(block.get_submodule(attention.k))
+    return Units(index, "attention", per_head.view(kv_heads, group).sum(dim=1) + kv_scores, group * head_cost + kv_cost)
+
+
+def head_keep(units: Units, removed: int, q_heads: int, kv_heads: int) -> tuple[Tensor, Tensor]:
+    """(query heads kept, key/value heads kept) after removing `removed` units."""
+    group = q_heads // kv_heads
+    if units.head_scores is None:  # kv-groups
+        kv_keep = units.keep(removed)
+        return head_rows(kv_keep, group), kv_keep
+    kept = units.head_scores.argsort(dim=1)[:, removed:].sort(dim=1).values  # (kv, group - removed)
+    q_keep = (kept + torch.arange(kv_heads)[:, None] * group).flatten()
+    return q_keep, torch.arange(kv_heads)
+
+
+# --- allocation ---------------------------------------------------------------------------------------
+
+
+def _half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def uniform_removals(units: list[Units], fraction: float, target: float, round_to: int) -> dict[tuple[int, str], int]:
+    """Every block loses the same number of units of each kind: attention loses round(fraction x its
+    units) (keeping at least one); the MLP channels then make up the parameter target, with each
+    block's kept width rounded to a multiple of `round_to`."""
+    removals: dict[tuple[int, str], int] = {}
+    attention = [u for u in units if u.kind == "attention"]
+    mlp = [u for u in units if u.kind == "mlp"]
+    for u in attention:
+        removals[(u.block, u.kind)] = min(_half_up(fraction * len(u.scores)), len(u.scores) - 1)
+    left = target - sum(removals[(u.block, u.kind)] * u.cost for u in attention)
+    if mlp:
+        per_block = max(left, 0) / sum(u.cost for u in mlp)
+        for u in mlp:
+            n = len(u.scores)
+            kept = _half_up(n - per_block)
+            if round_to < n:
+                kept = max(round_to, _half_up(kept / round_to) * round_to)
+            removals[(u.block, u.kind)] = min(max(n - kept, 0), n - 1)
+    return removals
+
+
+def adaptive_removals(units: list[Units], target: float) -> dict[tuple[int, str], int]:
+    """Rank all blocks' units together on scores standardised per block and kind (FLAP); remove the
+    lowest until `target` parameters are gone, every block keeping at least one unit of each kind."""
+    entries = []
+    for u in units:
+        z = standardize(u.scores)
+        entries += [(float(value), u.cost, (u.block, u.kind), len(u.scores)) for value in z.tolist()]
+    entries.sort(key=lambda e: e[0])
+    removals = {(u.block, u.kind): 0 for u in units}
+    removed = 0
+    for _, cost, key, n in entries:
+        if removed >= target:
+            break
+        if removals[key] < n - 1:
+            removals[key] += 1
+            removed += cost
+    return removals

@@ -1,0 +1,263 @@
+"""Width pruning: formulas, GQA legality, exactness of slicing, bias compensation, save and reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from secateur.cli import main
+from secateur.io import load, save
+from secateur.models import adapter_for
+from secateur.stats import Moments
+from secateur.width import IMPORTANCE, WidthConfig, WidthError, width_prune
+from secateur.width.scores import standardize
+from secateur.width.structure import (
+    compensate,
+    ensure_bias,
+    keep_channels,
+    keep_heads,
+    layer_width,
+    write_uniform_config,
+)
+from secateur.width.units import Units, adaptive_removals, uniform_removals
+
+HEAD_FAMILIES = [f for f in FAMILIES if f not in ("gpt2", "opt", "gpt_neox")]
+
+
+def moments_of(x: torch.Tensor) -> Moments:
+    m = Moments(x.shape[-1], "cpu")
+    m.update(x)
+    return m
+
+
+def calibration(n: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- formulas ---------------------------------------------------------------------------------------
+
+
+def test_moments_mean_variance_norm():
+    x = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, -2.0]])
+    m = moments_of(x)
+    assert torch.allclose(m.mean, torch.tensor([3.0, 2 / 3]))
+    assert torch.allclose(m.variance, torch.tensor([8 / 3, 32 / 9]))  # population variance
+    assert torch.allclose(m.norm, torch.tensor([35**0.5, 12**0.5]))
+
+
+def test_column_scores_by_hand():
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])  # (out, in)
+    x = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # input channel 0: mean 2, var 1, norm sqrt(10); channel 1: var 1, norm 2
+    stats = moments_of(x)
+    assert torch.allclose(IMPORTANCE["magnitude"].columns(w, None, None), torch.tensor([10.0, 4.25]))
+    assert torch.allclose(IMPORTANCE["activation"].columns(w, stats, None), torch.tensor([4 * 10**0.5, 2.5 * 2]))
+    # FLAP: variance (not the norm, not the mean square) times the squared column norm
+    assert torch.allclose(IMPORTANCE["fluctuation"].columns(w, stats, None), torch.tensor([1 * 10.0, 1 * 4.25]))
+    g = torch.tensor([[1.0, 1.0], [-1.0, 2.0]])
+    assert torch.allclose(IMPORTANCE["taylor"].columns(w, None, g), torch.tensor([1 + 3.0, 2 + 1.0]))  # |w g| summed
+
+
+def test_row_scores_by_hand():
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    stats = moments_of(torch.tensor([[1.0, 0.0], [3.0, 2.0]]))
+    assert torch.allclose(IMPORTANCE["magnitude"].rows(w, None, None), torch.tensor([5.0, 9.25]))
+    assert torch.allclose(IMPORTANCE["activation"].rows(w, stats, None), torch.tensor([10**0.5 + 4, 3 * 10**0.5 + 1]))
+    assert torch.equal(IMPORTANCE["fluctuation"].rows(w, stats, None), torch.zeros(2))
+
+
+def test_standardize_per_layer():
+    z = standardize(torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.allclose(z, torch.tensor([-1.0, 0.0, 1.0]))
+
+
+# --- allocation ---------------------------------------------------------------------------------------
+
+
+def test_uniform_removals_heads_then_channels_make_the_target():
+    units = [Units(b, "attention", torch.rand(3), 100) for b in range(2)] + [Units(b, "mlp", torch.rand(64), 10) for b in range(2)]
+    removals = uniform_removals(units, 0.5, target=1000.0, round_to=8)
+    assert removals[(0, "attention")] == removals[(1, "attention")] == 2  # round(1.5) half up
+    # 1000 - 2 * 2 * 100 = 600 left over 2 blocks at 10 each: 30 channels per block, kept 34 -> rounded to 32
+    assert removals[(0, "mlp")] == removals[(1, "mlp")] == 32
+
+
+def test_adaptive_removals_rank_standardised_scores_and_keep_one_unit():
+    a = Units(0, "mlp", torch.tensor([0.0, 10.0, 20.0]), 1)
+    b = Units(1, "mlp", torch.tensor([100.0, 101.0, 1000.0]), 1)  # standardised, b's first two rank low too
+    removals = adaptive_removals([a, b], target=4)
+    assert removals == {(0, "mlp"): 2, (1, "mlp"): 2}
+    assert adaptive_removals([a, b], target=100) == {(0, "mlp"): 2, (1, "mlp"): 2}  # never the last unit
+
+
+# --- structure ---------------------------------------------------------------------------------------
+
+
+def _zero_heads(block, adapter, heads: list[int], size: int) -> None:
+    attention = adapter.width.attention
+    o = block.get_submodule(attention.o)
+    with torch.no_grad():
+        for h in heads:
+            o.weight[:, h * size:(h + 1) * size] = 0
+
+
+@pytest.mark.parametrize("family", [f for f in HEAD_FAMILIES if f != "phi3"])  # phi3: per-block heads impossible
+def test_removing_zeroed_heads_and_channels_keeps_logits(family):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    size = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // 4
+    ids = calibration(2, 16)
+    block = adapter.block_list(model)[0]
+    _zero_heads(block, adapter, [0, 2], size)  # heads 0 and 2: one of each key/value group (4 heads, 2 groups)
+    consumer = block.get_submodule(adapter.width.mlp.consumer)
+    with torch.no_grad():
+        consumer.weight[:, [1, 5, 7]] = 0
+        before = model(ids).logits
+    keep_heads(block, adapter.width.attention, size, torch.tensor([1, 3]), torch.tensor([0, 1]))
+    keep_channels(block, adapter.width.mlp, torch.tensor([i for i in range(128) if i not in (1, 5, 7)]))
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_removing_a_zeroed_kv_group_keeps_logits(family):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    size = model.config.hidden_size // 4
+    blocks = adapter.block_list(model)
+    for block in blocks:
+        _zero_heads(block, adapter, [2, 3], size)  # both query heads of group 1
+    ids = calibration(2, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+    for block in blocks:
+        keep_heads(block, adapter.width.attention, size, torch.tensor([0, 1]), torch.tensor([0]))
+    write_uniform_config(model, adapter.width, [layer_width(b, adapter.width, size) for b in blocks], size)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)
+    with torch.no_grad():
+        assert torch.allclose(before, model(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox"])
+def test_removing_zeroed_channels_keeps_logits_with_biases(family):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    block = adapter.block_list(model)[0]
+    consumer = block.get_submodule(adapter.width.mlp.consumer)
+    with torch.no_grad():
+        if family == "gpt2":
+            consumer.weight[[2, 9], :] = 0  # Conv1D stores (in, out)
+        else:
+            consumer.weight[:, [2, 9]] = 0
+        ids = calibration(2, 16)
+        before = model(ids).logits
+    keep_channels(block, adapter.width.mlp, torch.tensor([i for i in range(128) if i not in (2, 9)]))
+    with torch.no_grad():
+        assert torch.allclose(before, model(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", ["kv-groups", "queries"])
+@pytest.mark.parametrize("allocation", ["uniform", "adaptive"])
+def test_gqa_ratio_stays_legal(heads, allocation):
+    model = tiny_model("llama")
+    report = width_prune(model, WidthConfig(0.5, "magnitude", allocation, heads), None)
+    for w in report.after:
+        assert w.attention_heads % w.key_value_heads == 0 and w.attention_heads >= w.key_value_heads >= 1
+        if heads == "queries":
+            assert w.key_value_heads == 2
+    ids = calibration(1, 8)
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@torch.no_grad()
+def test_bias_compensation_lowers_layer_error():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4, bias=False)
+    x = torch.randn(500, 6) + torch.tensor([3.0, -2.0, 0.0, 1.0, 0.5, 4.0])  # channels with large means
+    dense = layer(x)
+    removed, keep = torch.tensor([0, 5]), torch.tensor([1, 2, 3, 4])
+    ensure_bias(layer)
+    plain = x[:, keep] @ layer.weight[:, keep].T  # removed, no compensation
+    compensate(layer, removed, moments_of(x).mean)
+    compensated = x[:, keep] @ layer.weight[:, keep].T + layer.bias
+    assert (compensated - dense).square().mean() < 0.5 * (plain - dense).square().mean()
+    # what is left is only the removed channels' fluctuation around their mean
+    centred = (x[:, removed] - x[:, removed].mean(0)) @ layer.weight[:, removed].T
+    assert torch.allclose(dense - compensated, centred, atol=1e-4)
+    # the folded bias is exactly W[:, removed] @ mean[removed]
+    assert torch.allclose(layer.bias, layer.weight[:, removed] @ x[:, removed].mean(0), atol=1e-4)
+
+
+def test_fraction_is_reached_and_parameters_shrink():
+    model = tiny_model("llama")
+    report = width_prune(model, WidthConfig(0.5, "fluctuation", "uniform", "kv-groups"), calibration())
+    assert report.uniform and 0.45 < report.removed_fraction < 0.6
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
+    assert model.config.mlp_bias and model.config.attention_bias  # enabled for compensation
+
+
+# --- save and reload ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_output_reloads_with_stock_from_pretrained(family, tmp_path):
+    model = tiny_model(family)
+    heads = "kv-groups" if family in HEAD_FAMILIES else "none"
+    compensate_bias = family in ("llama", "gpt2", "opt", "gpt_neox")
+    config = WidthConfig(0.4, "activation", "uniform", heads, bias_compensation=compensate_bias)
+    report = width_prune(model, config, calibration())
+    assert report.uniform
+    save(model, tiny_tokenizer(), tmp_path / "out", {"width": report.to_dict()})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = calibration(2, 16, seed=1)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-5)
+        generated = reloaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=True)
+        assert torch.equal(generated, model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gpt2"])
+def test_adaptive_output_reloads_with_secateur_load(family, tmp_path):
+    model = tiny_model(family)
+    heads = "queries" if family in HEAD_FAMILIES else "none"
+    config = WidthConfig(0.4, "taylor", "adaptive", heads)
+    report = width_prune(model, config, calibration())
+    assert not report.uniform
+    save(model, tiny_tokenizer(), tmp_path / "out", {"width": report.to_dict()})
+    reloaded, _ = load(tmp_path / "out")
+    ids = calibration(2, 16, seed=1)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-5)
+        generated = reloaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=True)
+        assert torch.equal(generated, model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+# --- errors and CLI ------------------------------------------------------------------------------------
+
+
+def test_refusals_are_specific():
+    with pytest.raises(WidthError, match="--heads none"):
+        width_prune(tiny_model("gpt2"), WidthConfig(0.3, "magnitude"), None)
+    with pytest.raises(WidthError, match="--no-bias-compensation"):
+        width_prune(tiny_model("qwen2"), WidthConfig(0.3, "fluctuation"), calibration())
+    with pytest.raises(WidthError, match="--allocation uniform"):
+        width_prune(tiny_model("phi3"), WidthConfig(0.3, "magnitude", "adaptive"), None)
+    with pytest.raises(WidthError, match="needs calibration"):
+        width_prune(tiny_model("llama"), WidthConfig(0.3, "activation"), None)
+
+
+def test_cli_width_round_trip(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "narrow"
+    code = main(["prune", str(model_dir("llama")), "--method", "width", "--remove-fraction", "0.4", "--allocation",
+                 "adaptive", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32", "--eval-windows", "2", "--eval-seq-len", "32", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "secateur.json").read_text())
+    assert manifest["width"]["uniform"] is False and manifest["recipe"]["importance"] == "fluctuation"
+    assert main(["eval", str(out), "--data", str(text_file), "--seq-len", "32", "--windows", "2"]) == 0
+    code = main(["prune", str(model_dir("llama")), "--method", "width", "--sparsity", "0.5", "--out", str(tmp_path / "x")])
+    assert code == 2 and "--remove-fraction" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
