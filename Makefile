@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) benchmarks/unstructured.py
 	$(PY) benchmarks/depth.py
+	$(PY) benchmarks/structured.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -243,6 +243,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     if depth:
         print(f"depth: removed blocks {depth.get('removed_blocks', [])} of {depth.get('blocks_before', '?')} "
               f"(original numbering); branches skipped as saved: {depth.get('removed_sublayers', [])}")
+    width = (manifest or {}).get("width")
+    if width:
+        layers = width.get("layers", [])
+        shapes = sorted({(w["attention_heads"], w["key_value_heads"], w["channels"]) for w in layers}, key=str)
+        print(f"width: removed {width.get('removed_fraction', 0):.4f} of block parameters; "
+              f"{'uniform' if width.get('uniform') else 'per-block (load with secateur.load)'} widths "
+              f"(query heads, key/value heads, MLP channels): {shapes[:6]}{' ...' if len(shapes) > 6 else ''}")
     return 0
 
 

