@@ -78,7 +78,8 @@ def test_standardize_per_layer():
 
 
 def test_uniform_removals_heads_then_channels_make_the_target():
-    units = [Units(b, "attention", torch.rand(3), 100) for b in range(2)] + [Units(b, "mlp", torch.rand(64), 10) for b in range(2)]
+    units = [Units(b, "attention", torch.rand(3), 100) for b in range(2)]
+    units += [Units(b, "mlp", torch.rand(64), 10) for b in range(2)]
     removals = uniform_removals(units, 0.5, target=1000.0, round_to=8)
     assert removals[(0, "attention")] == removals[(1, "attention")] == 2  # round(1.5) half up
     # 1000 - 2 * 2 * 100 = 600 left over 2 blocks at 10 each: 30 channels per block, kept 34 -> rounded to 32
@@ -253,7 +254,8 @@ def test_refusals_are_specific():
 def test_cli_width_round_trip(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "narrow"
     code = main(["prune", str(model_dir("llama")), "--method", "width", "--remove-fraction", "0.4", "--allocation",
-                 "adaptive", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32", "--eval-windows", "2", "--eval-seq-len", "32", "--out", str(out)])
+                 "adaptive", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32",
+                 "--eval-windows", "2", "--eval-seq-len", "32", "--out", str(out)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "secateur.json").read_text())
     assert manifest["width"]["uniform"] is False and manifest["recipe"]["importance"] == "fluctuation"

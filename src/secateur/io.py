@@ -15,7 +15,6 @@ from torch import nn
 
 from secateur.models import adapter_for
 
-
 MANIFEST = "secateur.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -15,4 +15,7 @@ from secateur.models.base import (
     write_weight,
 )
 
-__all__ = ["ADAPTERS", "MLP", "Adapter", "Attention", "Width", "Branches", "UnsupportedModelError", "adapter_for", "read_weight", "supported", "write_weight"]
+__all__ = [
+    "ADAPTERS", "MLP", "Adapter", "Attention", "Branches", "UnsupportedModelError", "Width", "adapter_for",
+    "read_weight", "supported", "write_weight",
+]  # fmt: skip

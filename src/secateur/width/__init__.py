@@ -5,5 +5,7 @@ from secateur.width.prune import Statistics, WidthReport, gather_statistics, wid
 from secateur.width.scores import IMPORTANCE
 from secateur.width.structure import LayerWidth, WidthError, apply_widths
 
-__all__ = ["IMPORTANCE", "WIDTH_ONLY_KEYS", "LayerWidth", "Statistics", "gather_statistics", "WidthConfig", "WidthError", "WidthReport", "apply_widths",
-           "build_width_config", "width_prune"]  # fmt: skip
+__all__ = [
+    "IMPORTANCE", "WIDTH_ONLY_KEYS", "LayerWidth", "Statistics", "WidthConfig", "WidthError", "WidthReport",
+    "apply_widths", "build_width_config", "gather_statistics", "width_prune",
+]  # fmt: skip
