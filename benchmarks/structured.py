@@ -52,6 +52,10 @@ def torch_pruning(model_dir: str, fraction: float, eval_file: str) -> dict:
         raise RuntimeError(f"torch-pruning runner failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["path"] = str(out) if result["saved"] is True else None
+    if result["path"]:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)  # for `secateur bench`
     return result
 
 
@@ -128,13 +132,17 @@ def main() -> None:
             print(f"torch-pruning {fraction:.0%}: removed {peer['removed_fraction']:.3f}  ppl {peer['perplexity']:10.3f}",
                   flush=True)
 
+    write(results, args.out)  # quality first: a failure in the timing leaves it on disk
     if not args.skip_speed:
         results["speed"] = speed(model_dir, results["rows"], args.repeats)
-    for row in results["rows"]:
-        row.pop("path", None)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        write(results, args.out)
     print(report_table(results))
+
+
+def write(results: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    clean = {**results, "rows": [{k: v for k, v in r.items() if k != "path"} for r in results["rows"]]}
+    Path(out).write_text(json.dumps(clean, indent=2, default=str))
 
 
 def speed(model_dir: str, rows: list[dict], repeats: int) -> list[dict]:
