@@ -166,9 +166,7 @@ def _native(dense, tokenizer, layers: int) -> str:
 
 
 def speed(dense, tokenizer, model_dir: str, rows: list[dict], repeats: int) -> list[dict]:
-    from dataclasses import asdict
-
-    from secateur.bench import measure_isolated
+    from secateur.bench import time_labelled
 
     entries = [("dense", model_dir)]
     for row in rows:
@@ -176,14 +174,7 @@ def speed(dense, tokenizer, model_dir: str, rows: list[dict], repeats: int) -> l
             entries.append((f"{row['method']} {row['fraction']:.0%}", row["saved"]))
             if row["method"] == "greedy-loss":
                 entries.append((f"native {row['blocks_after']} blocks", _native(dense, tokenizer, row["blocks_after"])))
-    out = []
-    for label, path in entries:
-        result = asdict(measure_isolated(path, device="cpu", repeats=repeats))
-        result["label"] = label
-        out.append(result)
-        print(f"{label:22s} prefill {result['prefill_seconds'] * 1e3:7.1f} ms  decode "
-              f"{result['decode_tokens_per_second']:6.1f} tok/s", flush=True)
-    return out
+    return time_labelled(entries, repeats)
 
 
 def speed_only(dense, tokenizer, model_dir: str, out: Path, repeats: int) -> None:

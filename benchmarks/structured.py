@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -92,20 +93,10 @@ def main() -> None:
     print(f"dense perplexity {results['dense']:.3f}", flush=True)
 
     calib = calibration_data(dense, tokenizer, CalibConfig(samples=samples, seq_len=seq_len))
-    stats = gather_statistics(dense, calib, moments=True, gradients=False)
-    gathered = {"moments": stats.moments}
-    seconds = {}
-    for name in importances:
-        if IMPORTANCE[name].gradients and "grads" not in gathered:
-            import time
-
-            start = time.perf_counter()
-            gathered["grads"] = gather_statistics(dense, calib, moments=False, gradients=True).grads
-            seconds["gradients"] = time.perf_counter() - start
-    from secateur.width import Statistics
-
-    statistics = Statistics(gathered["moments"], gathered.get("grads", {}))
-    results["gradient_seconds"] = seconds.get("gradients")
+    start = time.perf_counter()
+    needs_grads = any(IMPORTANCE[name].gradients for name in importances)
+    statistics = gather_statistics(dense, calib, moments=True, gradients=needs_grads)  # shared by every row
+    results["statistics_seconds"] = time.perf_counter() - start
 
     for fraction in fractions:
         for importance in importances:
@@ -146,20 +137,10 @@ def write(results: dict, out: str) -> None:
 
 
 def speed(model_dir: str, rows: list[dict], repeats: int) -> list[dict]:
-    from dataclasses import asdict
-
-    from secateur.bench import BENCH_PROTOCOL, measure_isolated
+    from secateur.bench import BENCH_PROTOCOL, time_labelled
 
     entries = [("dense", model_dir)] + [(f"{r['tool']} {r['fraction']:.0%}", r["path"]) for r in rows if r.get("path")]
-    out = []
-    for label, path in entries:
-        result = asdict(measure_isolated(path, device="cpu", repeats=repeats))
-        result["label"] = label
-        out.append(result)
-        print(f"{label:26s} prefill {result['prefill_seconds'] * 1e3:7.1f} ms  decode "
-              f"{result['decode_tokens_per_second']:6.1f} tok/s", flush=True)
-    out.append({"protocol": BENCH_PROTOCOL})
-    return out
+    return [*time_labelled(entries, repeats), {"protocol": BENCH_PROTOCOL}]
 
 
 def report_table(results: dict) -> str:

@@ -141,3 +141,14 @@ def table(results: list[SpeedResult]) -> str:
 
 def to_json(results: list[SpeedResult]) -> str:
     return json.dumps({"protocol": BENCH_PROTOCOL, "results": [asdict(r) for r in results]}, indent=2)
+
+
+def time_labelled(entries: list[tuple[str, str]], repeats: int, device: str = "cpu") -> list[dict[str, Any]]:
+    """`measure_isolated` for each (label, path), printing a line per model; rows as dicts with the label."""
+    rows = []
+    for label, path in entries:
+        row = {**asdict(measure_isolated(path, device=device, repeats=repeats)), "label": label}
+        rows.append(row)
+        print(f"{label:26s} prefill {row['prefill_seconds'] * 1e3:7.1f} ms  decode "
+              f"{row['decode_tokens_per_second']:6.1f} tok/s", flush=True)
+    return rows
