@@ -118,16 +118,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     settings = {**PRUNE_DEFAULTS, **(read_recipe(args.recipe) if args.recipe else {}), **flags}
     method = settings.get("method", "wanda")
     if method in DEPTH_REGISTRY:
-        given = sorted(k for k in WIDTH_ONLY_KEYS if k in settings)
-        if given:
-            raise ConfigError(f"{given} apply to width pruning, not to {method}")
+        _refuse(settings, WIDTH_ONLY_KEYS, f"apply to width pruning, not to {method}")
         return _depth(args, settings)
     if method == "width":
         return _width(args, settings)
-    given = sorted(k for k in (*DEPTH_ONLY_KEYS, *WIDTH_ONLY_KEYS) if k in settings)
-    if given:
-        raise ConfigError(f"{given} apply to the depth methods ({', '.join(sorted(DEPTH_REGISTRY))}) or to width, "
-                          f"not to {method}")
+    _refuse(settings, (*DEPTH_ONLY_KEYS, *WIDTH_ONLY_KEYS),
+            f"apply to the depth methods ({', '.join(sorted(DEPTH_REGISTRY))}) or to width, not to {method}")
     config = build_prune_config(settings)
     calib = build_calib_config(settings)
     manifest = run_prune(args.model, config, calib, args.out, _run_options(args, settings))
@@ -136,6 +132,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
           f"sparsity {result['sparsity']:.4f} of the target layers in {result['seconds']:.1f} s -> {args.out}")
     _print_evaluation(manifest)
     return 0
+
+
+def _refuse(settings: dict[str, Any], foreign: Sequence[str], why: str) -> None:
+    """Stop on settings that belong to another kind of pruning (they would be silently ignored)."""
+    given = sorted(k for k in foreign if k in settings)
+    if given:
+        raise ConfigError(f"{given} {why}")
 
 
 def _run_options(args: argparse.Namespace, settings: dict[str, Any]):
@@ -172,9 +175,8 @@ def _depth(args: argparse.Namespace, settings: dict[str, Any]) -> int:
 def _width(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     from secateur.pipeline import run_width
 
-    given = sorted(k for k in (*DEPTH_ONLY_KEYS, "sparsity", "pattern", "scope") if k in settings and k != "remove_fraction")
-    if given:
-        raise ConfigError(f"{given} do not apply to width pruning; give --remove-fraction (of block parameters)")
+    foreign = (*(k for k in DEPTH_ONLY_KEYS if k != "remove_fraction"), "sparsity", "pattern", "scope")
+    _refuse(settings, foreign, "do not apply to width pruning; give --remove-fraction (of block parameters)")
     config = build_width_config(settings)
     calib = build_calib_config(settings)
     manifest = run_width(args.model, config, calib, args.out, _run_options(args, settings))

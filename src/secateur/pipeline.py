@@ -20,7 +20,7 @@ from secateur.io import check_output, content_hash, load_model, resolve_device, 
 from secateur.methods import spec_for
 from secateur.models import adapter_for, read_weight
 from secateur.prune import PruneReport, prune, target_layers
-from secateur.width import IMPORTANCE, WidthConfig, width_prune
+from secateur.width import WidthConfig, width_prune
 
 
 def _bos(model: nn.Module, tokenizer: Any) -> int | None:
@@ -180,16 +180,14 @@ def run_width(model_path: str | Path, config: WidthConfig, calib: CalibConfig, o
     """Remove heads and MLP channels; save the smaller dense model with its manifest."""
 
     def work(model: nn.Module, tokenizer: Any, compute: torch.device, timings: dict[str, float]) -> dict[str, Any]:
-        importance = IMPORTANCE[config.importance]
-        needs_data = importance.activations or importance.gradients or config.compensate
-        calibration = _timed_calibration(model, tokenizer, calib, timings) if needs_data else None
+        calibration = _timed_calibration(model, tokenizer, calib, timings) if config.needs_calibration else None
         parameters_before = sum(p.numel() for p in model.parameters())
         report = width_prune(model, config, calibration, device=compute, batch_size=calib.batch_size)
         timings["prune"] = report.seconds
         return {
             **_header(model_path, options.dtype, compute),
             "recipe": config.to_dict(),
-            "calibration": {**asdict(calib), "tokens": calibration.numel()} if needs_data else None,
+            "calibration": {**asdict(calib), "tokens": calibration.numel()} if config.needs_calibration else None,
             "result": {"method": "width", "target": f"{config.fraction:g} of block parameters",
                        "removed_fraction": report.removed_fraction, "seconds": report.seconds},
             "width": {"parameters_before": parameters_before,

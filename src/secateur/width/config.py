@@ -53,6 +53,15 @@ class WidthConfig:
         return self.importance == "fluctuation" if self.bias_compensation is None else self.bias_compensation
 
     @property
+    def needs_moments(self) -> bool:
+        """Input moments: for activation / fluctuation scores and for bias compensation."""
+        return IMPORTANCE[self.importance].activations or self.compensate
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.needs_moments or IMPORTANCE[self.importance].gradients
+
+    @property
     def method_name(self) -> str:
         return "width"
 

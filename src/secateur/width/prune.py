@@ -172,12 +172,12 @@ def gather_statistics(model: nn.Module, calibration: Tensor, *, moments: bool, g
     )
 
 
-def _units(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig, stats: dict, grads: dict) -> list[Units]:
+def _units(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig, statistics: Statistics) -> list[Units]:
     importance = IMPORTANCE[config.importance]
     size = head_dim(model.config)
     units = []
     for index, block in enumerate(adapter.block_list(model)):
-        score = layer_scorer(block, f"{adapter.blocks}.{index}", importance, stats, grads)
+        score = layer_scorer(block, f"{adapter.blocks}.{index}", importance, statistics.moments, statistics.grads)
         heads = attention_heads(block, width.attention, size) if config.heads != "none" else None
         if heads is not None:
             units.append(attention_units(block, index, width.attention, size, *heads, config.heads, score))
@@ -227,28 +227,25 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     `statistics` gathered beforehand on this (dense) model replace the calibration passes."""
     adapter = adapter_for(model)
     width = width_of(model, adapter, config)
-    importance = IMPORTANCE[config.importance]
     device = torch.device(device)
     size = head_dim(model.config)
     model.eval()
     start = time.perf_counter()
     report = WidthReport(before=[layer_width(b, width, size) for b in adapter.block_list(model)],
                          block_parameters_before=_block_parameters(model, adapter), head_dim=size)  # fmt: skip
-    needs_data = importance.activations or importance.gradients or config.compensate
     if statistics is None:
-        if needs_data and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
+        if config.needs_calibration and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
             raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
-        statistics = gather_statistics(model, calibration, moments=importance.activations or config.compensate,
-                                       gradients=importance.gradients, heads=config.heads != "none", device=device,
-                                       batch_size=batch_size)  # fmt: skip
-    stats, grads = statistics.moments, statistics.grads
-    units = _units(model, adapter, width, config, stats, grads)
+        statistics = gather_statistics(model, calibration, moments=config.needs_moments,
+                                       gradients=IMPORTANCE[config.importance].gradients, heads=config.heads != "none",
+                                       device=device, batch_size=batch_size)  # fmt: skip
+    units = _units(model, adapter, width, config, statistics)
     target = config.fraction * report.block_parameters_before
     removals = (uniform_removals(units, config.fraction, target, config.round_to) if config.allocation == "uniform"
                 else adaptive_removals(units, target))  # fmt: skip
-    _apply(model, adapter, width, units, removals, stats, config.compensate)
+    _apply(model, adapter, width, units, removals, statistics.moments, config.compensate)
     report.after = [layer_width(b, width, size) for b in adapter.block_list(model)]
-    report.uniform = len({w for w in report.after}) == 1
+    report.uniform = len(set(report.after)) == 1
     if report.uniform:
         write_uniform_config(model, width, report.after, size)
     report.block_parameters_after = _block_parameters(model, adapter)

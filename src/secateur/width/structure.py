@@ -137,7 +137,7 @@ def keep_channels(block: nn.Module, mlp: MLP, keep: Tensor) -> None:
     for name in mlp.producers:
         slice_layer(block.get_submodule(name), rows=rows)
     slice_layer(block.get_submodule(mlp.consumer), columns=keep)
-    module = block.get_submodule(mlp.consumer.rpartition(".")[0]) if "." in mlp.consumer else block
+    module = block.get_submodule(mlp.consumer.rpartition(".")[0])  # "" (no dot) is the block itself
     if hasattr(module, "intermediate_size"):
         module.intermediate_size = len(keep)
 
