@@ -17,15 +17,17 @@ import torch
 BLOCKS = [r"re:model\.layers\.\d+$"]  # decoder blocks: their linear layers are pruned (lm_head is not)
 
 
-def modifier(method: str, sparsity: float, structure: str):
+def modifier(method: str, sparsity: float, structure: str, owl: bool = False):
+    # OWL: llm-compressor's own defaults for the outlier threshold and the range (owl_m=5, owl_lmbda=0.08)
+    extra = {"sparsity_profile": "owl", "owl_m": 5, "owl_lmbda": 0.08} if owl else {}
     if method == "wanda":
         from llmcompressor.modifiers.pruning import WandaPruningModifier
 
-        return WandaPruningModifier(sparsity=sparsity, mask_structure=structure, targets=BLOCKS)
+        return WandaPruningModifier(sparsity=sparsity, mask_structure=structure, targets=BLOCKS, **extra)
     if method == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
-        return SparseGPTModifier(sparsity=sparsity, mask_structure=structure, targets=BLOCKS)
+        return SparseGPTModifier(sparsity=sparsity, mask_structure=structure, targets=BLOCKS, **extra)
     raise SystemExit(f"unknown method {method}")
 
 
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, required=True)
     parser.add_argument("--structure", default="0:0", help='"0:0" (unstructured) or "N:M"')
     parser.add_argument("--calib", required=True, help="torch file with a (samples, seq_len) id tensor")
+    parser.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity")
     parser.add_argument("--out", required=True, help="safetensors file for the pruned state dict")
     args = parser.parse_args()
 
@@ -52,7 +55,7 @@ def main() -> None:
     oneshot(
         model=model,
         dataset=data,
-        recipe=[modifier(args.method, args.sparsity, args.structure)],
+        recipe=[modifier(args.method, args.sparsity, args.structure, args.owl)],
         num_calibration_samples=len(ids),
         max_seq_length=ids.shape[1],
         shuffle_calibration_samples=False,

@@ -89,13 +89,13 @@ def test_input_norm_accumulates_over_batches():
 
 def test_magnitude_scopes_on_a_hand_computed_layer():
     from secateur.config import MagnitudeConfig
-    from secateur.methods import magnitude_group
+    from secateur.methods import GroupJob, magnitude_group
 
     weight = torch.tensor([[0.1, -0.2, 0.3, 0.4], [5.0, -6.0, 7.0, 0.05]])
-    [(per_layer, mask)] = magnitude_group(MagnitudeConfig("per_layer"), [weight], None, Unstructured(0.5), ["w"])
+    [(per_layer, mask)] = magnitude_group(MagnitudeConfig("per_layer"), GroupJob(["w"], [weight], [Unstructured(0.5)]))
     assert mask.tolist() == [[True, True, True, False], [False, False, False, True]]  # 0.05, 0.1, 0.2, 0.3
     assert per_layer.tolist()[1] == [5.0, -6.0, 7.0, 0.0]
-    [(_, mask)] = magnitude_group(MagnitudeConfig("per_row"), [weight], None, Unstructured(0.5), ["w"])
+    [(_, mask)] = magnitude_group(MagnitudeConfig("per_row"), GroupJob(["w"], [weight], [Unstructured(0.5)]))
     assert mask.tolist() == [[True, True, False, False], [True, False, False, True]]
-    [(_, mask)] = magnitude_group(MagnitudeConfig("per_layer"), [weight], None, NM(2, 4), ["w"])
+    [(_, mask)] = magnitude_group(MagnitudeConfig("per_layer"), GroupJob(["w"], [weight], [NM(2, 4)]))
     assert mask.tolist() == [[True, True, False, False], [True, False, False, True]]

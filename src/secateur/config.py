@@ -96,6 +96,91 @@ class SparseGPTConfig:
 
 
 @dataclass(frozen=True)
+class RIAConfig:
+    """RIA (Zhang et al. 2024): relative importance times input norm to a power, ranked per row."""
+
+    scope: Scope = "per_row"
+    alpha: float = 0.5  # the paper's exponent of ||X_j||_2
+
+
+@dataclass(frozen=True)
+class GBLMConfig:
+    """Gradient-informed score in the spirit of GBLM-Pruner: |W| * (alpha * ||G|| + ||X||)."""
+
+    scope: Scope = "per_row"
+    alpha: float = 100.0  # weight of the gradient term (GBLM-Pruner's scale)
+    gradient_samples: int = 32  # calibration windows whose loss gradients are accumulated
+
+
+ALLOCATIONS: tuple[str, ...] = ("uniform", "owl", "global")
+MODULE_TYPES: tuple[str, ...] = ("attention", "mlp")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """How the overall sparsity is spread over layers; the achieved total always equals the target.
+
+    uniform: every layer at the target. owl (Yin et al. 2023): a block's share of Wanda scores above
+    `owl_m` times the block mean (its outlier ratio) sets its sparsity within +-`owl_lambda` of the
+    target, more outliers -> denser. global: one ranking of the method's scores across all layers,
+    no layer above `max_layer_sparsity` (default: target + (1 - target) / 2).
+    `module_sparsity` pins attention and/or MLP layers to a sparsity; the other layers absorb the rest.
+    """
+
+    kind: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    max_layer_sparsity: float | None = None
+    module_sparsity: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.kind!r}")
+        if self.owl_m <= 0 or not 0 <= self.owl_lambda < 0.5:
+            raise ConfigError(f"OWL needs owl_m > 0 and 0 <= owl_lambda < 0.5; got {self.owl_m}, {self.owl_lambda}")
+        if self.max_layer_sparsity is not None and not 0 < self.max_layer_sparsity < 1:
+            raise ConfigError(f"max_layer_sparsity must be in (0, 1), got {self.max_layer_sparsity}")
+        for kind, value in self.module_sparsity:
+            if kind not in MODULE_TYPES:
+                raise ConfigError(f"module_sparsity keys are {MODULE_TYPES}, got {kind!r}")
+            if not 0 <= value < 1:
+                raise ConfigError(f"module sparsity for {kind} must be in [0, 1), got {value}")
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.kind == "uniform" and not self.module_sparsity
+
+
+REFINE_STEPS: tuple[str, ...] = ("dsnot", "reconstruct")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Training-free steps after a layer's mask, in order; both keep the exact sparsity / N:M pattern.
+
+    dsnot (Zhang et al. 2023): swap pruned and kept weights row by row to cancel the expected output
+    change (W - W_hat) E[x], up to `dsnot_cycles` swaps per row or until it falls below `dsnot_threshold`.
+    reconstruct: re-fit the kept weights to minimise ||W X - W_hat X||^2 on calibration inputs for the
+    fixed mask (conjugate gradients on the damped normal equations, `reconstruct_iters` iterations);
+    the result is kept only where it lowers the undamped error, so it never raises it.
+    """
+
+    steps: tuple[str, ...] = ()
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 0.1
+    dsnot_var_power: float = 1.0
+    reconstruct_iters: int = 40
+    reconstruct_damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        unknown = [step for step in self.steps if step not in REFINE_STEPS]
+        if unknown:
+            raise ConfigError(f"unknown refinement {unknown}; choose from {REFINE_STEPS}")
+        if self.dsnot_cycles < 1 or self.reconstruct_iters < 1 or self.reconstruct_damp < 0:
+            raise ConfigError("dsnot_cycles and reconstruct_iters must be >= 1, reconstruct_damp >= 0")
+
+
+@dataclass(frozen=True)
 class CalibConfig:
     """Where calibration text comes from and how windows are drawn from it."""
 
@@ -122,10 +207,22 @@ class PruneConfig:
     # predecessors ("sequential": one forward per block) or through the dense block ("dense": two
     # forwards per block, what the SparseGPT/Wanda reference code and llm-compressor do).
     block_stats: str = "sequential"
+    allocation: AllocationConfig = AllocationConfig()
+    refine: RefineConfig = RefineConfig()
+    # N:M only: permute the input channels of layers fed by an MLP or attention inner dimension (the
+    # producing rows move with them) so more score mass survives the pattern.
+    permute: bool = False
+    # After each block, the relative error of its output against the dense block's on one batch; a
+    # block above this is reported as collapsed (warned and recorded).
+    collapse_threshold: float = 1.0
 
     def __post_init__(self) -> None:
         if self.block_stats not in BLOCK_STATS:
             raise ConfigError(f"block_stats must be one of {BLOCK_STATS}, got {self.block_stats!r}")
+        if isinstance(self.target, NM) and not self.allocation.is_uniform:
+            raise ConfigError("an N:M pattern is the same in every layer: use --allocation uniform and no module sparsity")
+        if self.permute and not isinstance(self.target, NM):
+            raise ConfigError("--permute chooses channel orders for an N:M pattern; give --pattern N:M")
 
     @property
     def method_name(self) -> str:
@@ -140,6 +237,8 @@ class PruneConfig:
         return {
             "method": self.method_name, **dataclasses.asdict(self.method), **target,
             "ignore": list(self.ignore), "block_stats": self.block_stats,
+            "allocation": dataclasses.asdict(self.allocation), "refine": dataclasses.asdict(self.refine),
+            "permute": self.permute,
         }  # fmt: skip
 
 
@@ -150,7 +249,31 @@ RECIPE_KEYS = {
     "calib", "calib_samples", "calib_seq_len", "calib_batch_size", "seed", "text_field",
     "dtype", "device", "eval", "eval_windows", "eval_seq_len",
     "remove_blocks", "remove_sublayers", "remove_fraction", "positions",
+    "alpha", "gradient_samples", "allocation", "owl_m", "owl_lambda", "max_layer_sparsity", "module_sparsity",
+    "refine", "dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp",
+    "permute",
 }  # fmt: skip
+ALLOCATION_KEYS = {"allocation": "kind", "owl_m": "owl_m", "owl_lambda": "owl_lambda", "max_layer_sparsity": "max_layer_sparsity"}
+REFINE_KEYS = ("dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp")
+
+
+def _module_sparsity(value: Any) -> tuple[tuple[str, float], ...]:
+    """{"attention": 0.4} or "attention=0.4,mlp=0.6" -> (("attention", 0.4), ...)."""
+    if not value:
+        return ()
+    if isinstance(value, str):
+        try:
+            value = dict((k.strip(), float(v)) for k, v in (part.split("=") for part in value.split(",")))
+        except ValueError:
+            raise ConfigError(f"module sparsity must look like attention=0.4,mlp=0.6; got {value!r}") from None
+    return tuple((str(k), float(v)) for k, v in dict(value).items())
+
+
+def _steps(value: Any) -> tuple[str, ...]:
+    if not value:
+        return ()
+    parts = value.split(",") if isinstance(value, str) else value
+    return tuple(str(part).strip() for part in parts if str(part).strip())
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -182,7 +305,14 @@ def build_prune_config(settings: dict[str, Any]) -> PruneConfig:
     method = method_config(str(settings.get("method", "wanda")), settings)
     ignore = settings.get("ignore") or ()
     ignore = tuple([ignore] if isinstance(ignore, str) else ignore)
-    return PruneConfig(method=method, target=target, ignore=ignore, block_stats=settings.get("block_stats") or "sequential")
+    allocation = AllocationConfig(
+        **{field: settings[key] for key, field in ALLOCATION_KEYS.items() if settings.get(key) is not None},
+        module_sparsity=_module_sparsity(settings.get("module_sparsity")),
+    )
+    refine = RefineConfig(steps=_steps(settings.get("refine")),
+                          **{key: settings[key] for key in REFINE_KEYS if settings.get(key) is not None})
+    return PruneConfig(method=method, target=target, ignore=ignore, block_stats=settings.get("block_stats") or "sequential",
+                       allocation=allocation, refine=refine, permute=bool(settings.get("permute") or False))
 
 
 def build_calib_config(settings: dict[str, Any], defaults: CalibConfig | None = None) -> CalibConfig:
@@ -204,6 +334,6 @@ def build_calib_config(settings: dict[str, Any], defaults: CalibConfig | None = 
 
 
 __all__ = [
-    "CalibConfig", "ConfigError", "MagnitudeConfig", "NM", "PruneConfig", "SparseGPTConfig",
+    "AllocationConfig", "GBLMConfig", "RIAConfig", "RefineConfig", "CalibConfig", "ConfigError", "MagnitudeConfig", "NM", "PruneConfig", "SparseGPTConfig",
     "Target", "Unstructured", "WandaConfig", "build_calib_config", "build_prune_config", "read_recipe",
 ]  # fmt: skip

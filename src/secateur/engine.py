@@ -23,9 +23,13 @@ import greenlet
 import torch
 from torch import Tensor, nn
 
-from secateur.config import PruneConfig
-from secateur.methods import MethodSpec
+from transformers.pytorch_utils import Conv1D
+
+from secateur.config import PruneConfig, Target
+from secateur.methods import GroupJob, MethodSpec
 from secateur.models import Adapter, read_weight, write_weight
+from secateur.permute import Permuter, permuter_for
+from secateur.refine import REFINERS
 from secateur.stats import WORK_DTYPE, check_finite
 
 
@@ -88,11 +92,25 @@ def capture_inputs(model: nn.Module, adapter: Adapter, windows: Tensor, batch_si
 
 
 @dataclass
+class Plan:
+    """What the engine needs to prune a group: the method, each layer's target, auxiliary tensors
+    (gradients), and the input statistics the method and the refinement steps need."""
+
+    spec: MethodSpec
+    config: PruneConfig
+    targets: dict[str, Target]
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    statistics: tuple[type, ...] = ()
+
+
+@dataclass
 class _Group:
     names: list[str]  # qualified names of the prunable layers
     modules: list[nn.Module]
-    stat: Any = None
+    stats: dict[type, Any] = field(default_factory=dict)
     done: bool = False
+    permuter: Permuter | None = None  # N:M channel permutation of a layer fed by an inner dimension
+    perm: Tensor | None = None  # the column order chosen, once pruned
 
 
 def _groups(block: nn.Module, index: int, adapter: Adapter, config: PruneConfig) -> list[_Group]:
@@ -101,29 +119,56 @@ def _groups(block: nn.Module, index: int, adapter: Adapter, config: PruneConfig)
         names = [f"{adapter.blocks}.{index}.{name}" for name in group]
         keep = [i for i, name in enumerate(names) if not any(fnmatch.fnmatch(name, p) for p in config.ignore)]
         if keep:
-            groups.append(_Group([names[i] for i in keep], [block.get_submodule(group[i]) for i in keep]))
+            permuter = permuter_for(block, adapter, group[0], config.target) if config.permute and len(group) == 1 else None
+            groups.append(_Group([names[i] for i in keep], [block.get_submodule(group[i]) for i in keep], permuter=permuter))
     return groups
 
 
-def _prune_group(group: _Group, spec: MethodSpec, config: PruneConfig, reports: list[LayerReport]) -> None:
+def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
     start = time.perf_counter()
-    if group.stat is not None:
-        check_finite(f"input statistic of {group.names[0]}", group.stat.value)
+    for kind, stat in group.stats.items():
+        check_finite(f"input statistic ({kind.__name__}) of {group.names[0]}", stat.value)
     weights = [read_weight(module).to(WORK_DTYPE) for module in group.modules]
-    results = spec.prune_group(config.method, weights, group.stat, config.target, group.names)
+    for name, weight in zip(group.names, weights):
+        check_finite(f"weight of {name}", weight)
+    job = GroupJob(group.names, weights, [plan.targets[n] for n in group.names], group.stats,
+                   {n: plan.aux[n] for n in group.names if n in plan.aux})
+    perm = None
+    if group.permuter is not None:
+        scores = plan.spec.score(plan.config.method, weights[0], job.input_norm() if group.stats else None)
+        perm = group.permuter.find(scores)
+        job.weights = [weights[0][:, perm]]
+        for stat in group.stats.values():
+            stat.permute(perm)
+    results = plan.spec.prune_group(plan.config.method, job)
+    for step in plan.config.refine.steps:
+        results = REFINERS[step].run(plan.config.refine, job, results)
     seconds = (time.perf_counter() - start) / len(group.modules)
+    if perm is not None:
+        group.permuter.reorder_producers(perm)
+        group.perm = perm
     for name, module, (weight, mask) in zip(group.names, group.modules, results):
         check_finite(f"pruned weight of {name}", weight)
-        write_weight(module, weight)
+        if perm is not None:
+            module.weight.data = _with_columns(module, weight)
+        else:
+            write_weight(module, weight)
         reports.append(LayerReport(name, tuple(weight.shape), float(mask.float().mean()), seconds))
-    group.stat, group.done = None, True  # free the statistic (Hessians can be large)
+    group.stats, group.done = {}, True  # free the statistics (Hessians can be large)
 
 
-def _feed(group: _Group, spec: MethodSpec, x: Tensor) -> None:
-    """Add one batch of the group's (shared) input to its statistic."""
-    if group.stat is None:
-        group.stat = spec.statistic(x.shape[-1], x.device)
-    group.stat.update(x)
+def _with_columns(module: nn.Module, weight: Tensor) -> Tensor:
+    """The module's storage layout of a (rows, cols) weight (GPT-2's Conv1D stores it transposed)."""
+    stored = weight.T if isinstance(module, Conv1D) else weight
+    return stored.to(module.weight.dtype).contiguous()
+
+
+def _feed(group: _Group, plan: Plan, x: Tensor) -> None:
+    """Add one batch of the group's (shared) input to its statistics."""
+    for kind in plan.statistics:
+        if kind not in group.stats:
+            group.stats[kind] = kind(x.shape[-1], x.device)
+        group.stats[kind].update(x)
 
 
 @contextmanager
@@ -168,10 +213,19 @@ def _run_in_lockstep(tasks: list[greenlet.greenlet], on_parked: Callable[[_Group
     return outputs  # type: ignore[return-value]
 
 
+def update_error(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, Any]], reference: Tensor,
+                 pruned: Tensor) -> float:
+    """Collapse check: ||pruned - dense|| / ||dense - input|| for one batch, i.e. the error of the
+    block's update to the residual stream relative to the dense update (the residual itself would
+    hide any collapse)."""
+    change = (reference - hidden).float().norm()
+    return float((pruned - reference).float().norm() / change.clamp_min(1e-12))
+
+
 @torch.no_grad()
 def prune_block(
-    block: nn.Module, index: int, adapter: Adapter, spec: MethodSpec, config: PruneConfig, inputs: BlockInputs
-) -> tuple[list[Tensor], list[LayerReport]]:
+    block: nn.Module, index: int, adapter: Adapter, plan: Plan, inputs: BlockInputs
+) -> tuple[list[Tensor], list[LayerReport], float]:
     """Prune one block in place; returns its outputs (under the pruned weights) and layer reports.
 
     Each batch's forward runs as a coroutine (greenlet). A pre-hook on the first layer of an
@@ -179,16 +233,27 @@ def prune_block(
     every batch is parked there, the group is pruned and all resume. So the block runs exactly once
     per batch, and each layer is calibrated on the outputs of its pruned predecessors.
     """
-    groups = _groups(block, index, adapter, config)
-    if config.block_stats == "dense":
-        return _prune_block_dense(block, index, groups, spec, config, inputs)
+    groups = _groups(block, index, adapter, plan.config)
+    reference = run_block(block, inputs.hidden[0], inputs.extras[index][0])  # dense output of one batch
+    if plan.config.block_stats == "dense":
+        outputs, reports = _prune_block_dense(block, index, groups, plan, inputs)
+    else:
+        outputs, reports = _prune_block_sequential(block, index, groups, plan, inputs)
+    return outputs, reports, update_error(block, inputs.hidden[0], inputs.extras[index][0], reference, outputs[0])
+
+
+def _prune_block_sequential(
+    block: nn.Module, index: int, groups: list[_Group], plan: Plan, inputs: BlockInputs
+) -> tuple[list[Tensor], list[LayerReport]]:
     reports: list[LayerReport] = []
 
     def hook_for(group: _Group):
         def hook(module: nn.Module, args: tuple) -> None:
             if not group.done:
-                _feed(group, spec, args[0])
+                _feed(group, plan, args[0])
                 greenlet.getcurrent().parent.switch(group)  # park until the group is pruned
+                if group.perm is not None:  # this input was computed before its producers were reordered
+                    return (args[0][..., group.perm], *args[1:])
 
         return hook
 
@@ -201,7 +266,7 @@ def prune_block(
 
     tasks = [runner(h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
     with _pre_hooks(groups, hook_for):
-        outputs = _run_in_lockstep(tasks, lambda group: _prune_group(group, spec, config, reports))
+        outputs = _run_in_lockstep(tasks, lambda group: _prune_group(group, plan, reports))
     missing = [g.names[0] for g in groups if not g.done]
     if missing:
         raise RuntimeError(f"layers {missing} never ran in the block's forward; check the model adapter")
@@ -209,7 +274,7 @@ def prune_block(
 
 
 def _prune_block_dense(
-    block: nn.Module, index: int, groups: list[_Group], spec: MethodSpec, config: PruneConfig, inputs: BlockInputs
+    block: nn.Module, index: int, groups: list[_Group], plan: Plan, inputs: BlockInputs
 ) -> tuple[list[Tensor], list[LayerReport]]:
     """Every group calibrated on the dense block: one forward for statistics (stopped once the last
     group has its input), prune all groups, one forward for the outputs."""
@@ -220,7 +285,7 @@ def _prune_block_dense(
         def hook(module: nn.Module, args: tuple) -> None:
             if id(group) in fed:
                 return
-            _feed(group, spec, args[0])
+            _feed(group, plan, args[0])
             fed.add(id(group))
             if len(fed) == len(groups):
                 raise _Stop  # the rest of the block adds nothing to the statistics
@@ -236,5 +301,5 @@ def _prune_block_dense(
             except _Stop:
                 pass
     for group in groups:
-        _prune_group(group, spec, config, reports)
+        _prune_group(group, plan, reports)
     return [run_block(block, hidden, extra) for hidden, extra in batches], reports

@@ -1,34 +1,64 @@
-"""Pruning methods: each is one config type, the statistic it needs, and a group handler.
+"""Pruning methods: each is one config type, the statistics it needs, and a group handler.
 
-A *group* is the set of layers of a block that read the same input (q/k/v, gate/up): they share one
-statistic. A handler turns the group's weights (rows = outputs, cols = inputs) into pruned weights
-and prune masks. A new method is one handler plus one `register` call.
+A *group* is the set of layers of a block that read the same input (q/k/v, gate/up): they share
+their input statistics. A handler turns the group's weights (rows = outputs, cols = inputs) into
+pruned weights and prune masks, one target per layer (layer-wise allocation gives layers different
+sparsities). A new method is one handler plus one `register` call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from secateur.config import NM, ConfigError, MagnitudeConfig, SparseGPTConfig, Target, WandaConfig, SCOPES
+from secateur.config import (NM, SCOPES, ConfigError, GBLMConfig, MagnitudeConfig, RIAConfig, SparseGPTConfig, Target,
+                             WandaConfig)
 from secateur.masks import nm_mask, per_layer_mask, per_row_mask
 from secateur.obs import inverse_hessian_factor, sparsegpt_prune
 from secateur.stats import WORK_DTYPE, Hessian, InputNormSq
 
 Pruned = list[tuple[Tensor, Tensor]]  # (new weight, prune mask) per layer of the group
-GroupHandler = Callable[[Any, list[Tensor], Any, Target, list[str]], Pruned]
+
+
+@dataclass
+class GroupJob:
+    """What a handler gets for one group: per-layer names, weights and targets, the finished input
+    statistics (by type) and per-layer auxiliary tensors (e.g. calibration-loss gradients)."""
+
+    names: list[str]
+    weights: list[Tensor]
+    targets: list[Target]
+    stats: dict[type, Any] = field(default_factory=dict)
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+    def input_norm(self) -> Tensor:
+        """||X_j||_2 per input feature, from whichever statistic the group has."""
+        if InputNormSq in self.stats:
+            return self.stats[InputNormSq].norm
+        for stat in self.stats.values():
+            if hasattr(stat, "norm"):
+                return stat.norm
+        raise KeyError("the group has no input statistic with a norm")
+
+
+GroupHandler = Callable[[Any, GroupJob], Pruned]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     config_type: type
-    statistic: type | None  # accumulator fed with the group's input; None = no calibration needed
+    statistics: tuple[type, ...]  # accumulators fed with the group's input; () = no calibration needed
     prune_group: GroupHandler
+    # The per-weight score used to compare weights before pruning (global allocation, N:M permutations):
+    # score(config, weight, input_norm or None).
+    score: Callable[[Any, Tensor, Tensor | None], Tensor] = lambda config, w, norm: wanda_scores(w, norm)
+    # Work before the block pass that needs the whole model (e.g. gradients): returns aux tensors by layer name.
+    prepare: Callable[..., dict[str, Tensor]] | None = None
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -77,7 +107,7 @@ def select_mask(scores: Tensor, target: Target, scope: str) -> Tensor:
     if isinstance(target, NM):
         return nm_mask(scores, target.n, target.m)
     if scope not in MASKERS:
-        raise ConfigError(f"scope {scope!r} ranks across layers; only magnitude supports it (no calibration)")
+        raise ConfigError(f"scope {scope!r} ranks across layers; use --allocation global instead")
     return MASKERS[scope](scores, target.fraction)
 
 
@@ -90,28 +120,68 @@ def wanda_scores(weight: Tensor, input_norm: Tensor) -> Tensor:
     return weight.abs().to(WORK_DTYPE) * input_norm[None, :]
 
 
+def ria_scores(weight: Tensor, input_norm: Tensor, alpha: float = 0.5) -> Tensor:
+    """RIA (Zhang et al. 2024): (|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) * ||X_j||_2 ** alpha.
+
+    The first term normalises by the input channel's column sum over all outputs, the second by the
+    output row's sum over all inputs; empty rows or columns score zero.
+    """
+    w = weight.abs().to(WORK_DTYPE)
+    column = w.sum(dim=0, keepdim=True)
+    row = w.sum(dim=1, keepdim=True)
+    relative = torch.nan_to_num(w / column) + torch.nan_to_num(w / row)
+    return relative * input_norm[None, :].pow(alpha)
+
+
+def gblm_scores(weight: Tensor, input_norm: Tensor, gradient_norm: Tensor, alpha: float) -> Tensor:
+    """GBLM-Pruner-style: |W_ij| * (alpha * ||G_ij|| + ||X_j||_2), where ||G_ij|| is the L2 norm over
+    calibration samples of each sample's calibration-loss gradient."""
+    w = weight.abs().to(WORK_DTYPE)
+    return w * (alpha * gradient_norm.to(WORK_DTYPE) + input_norm[None, :])
+
+
 def _apply(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return weight.masked_fill(mask, 0), mask
 
 
-def magnitude_group(config: MagnitudeConfig, weights: list[Tensor], stat: None, target: Target, names: list[str]) -> Pruned:
-    return [_apply(w, select_mask(magnitude_scores(w), target, config.scope)) for w in weights]
+def magnitude_group(config: MagnitudeConfig, job: GroupJob) -> Pruned:
+    return [_apply(w, select_mask(magnitude_scores(w), t, config.scope)) for w, t in zip(job.weights, job.targets)]
 
 
-def wanda_group(config: WandaConfig, weights: list[Tensor], stat: InputNormSq, target: Target, names: list[str]) -> Pruned:
-    norm = stat.norm
-    return [_apply(w, select_mask(wanda_scores(w, norm), target, config.scope)) for w in weights]
+def wanda_group(config: WandaConfig, job: GroupJob) -> Pruned:
+    norm = job.input_norm()
+    return [_apply(w, select_mask(wanda_scores(w, norm), t, config.scope)) for w, t in zip(job.weights, job.targets)]
 
 
-def sparsegpt_group(config: SparseGPTConfig, weights: list[Tensor], stat: Hessian, target: Target, names: list[str]) -> Pruned:
-    factor, dead = inverse_hessian_factor(stat.value, config.damp, name=names[0])  # shared by the group
-    sizes = [w.shape[0] for w in weights]
-    stacked, mask = sparsegpt_prune(torch.cat(weights), factor, dead, target, config.block_size, segments=sizes)
+def ria_group(config: RIAConfig, job: GroupJob) -> Pruned:
+    norm = job.input_norm()
+    return [_apply(w, select_mask(ria_scores(w, norm, config.alpha), t, config.scope))
+            for w, t in zip(job.weights, job.targets)]  # fmt: skip
+
+
+def gblm_group(config: GBLMConfig, job: GroupJob) -> Pruned:
+    norm = job.input_norm()
+    return [_apply(w, select_mask(gblm_scores(w, norm, job.aux[name], config.alpha), t, config.scope))
+            for name, w, t in zip(job.names, job.weights, job.targets)]  # fmt: skip
+
+
+def sparsegpt_group(config: SparseGPTConfig, job: GroupJob) -> Pruned:
+    factor, dead = inverse_hessian_factor(job.stats[Hessian].value, config.damp, name=job.names[0])  # shared
+    sizes = [w.shape[0] for w in job.weights]
+    stacked, mask = sparsegpt_prune(torch.cat(job.weights), factor, dead, job.targets, config.block_size, segments=sizes)
     return list(zip(stacked.split(sizes), mask.split(sizes)))
 
 
-register(MethodSpec("magnitude", MagnitudeConfig, None, magnitude_group))
-register(MethodSpec("wanda", WandaConfig, InputNormSq, wanda_group))
-register(MethodSpec("sparsegpt", SparseGPTConfig, Hessian, sparsegpt_group))
+def _gblm_prepare(config: GBLMConfig, model, adapter, calibration: Tensor, device, names: list[str]) -> dict[str, Tensor]:
+    from secateur.gradients import gradient_norms
 
-__all__ = ["REGISTRY", "MethodSpec", "register", "spec_for", "method_config", "select_mask"]
+    return gradient_norms(model, calibration, names, device, samples=config.gradient_samples)
+
+
+register(MethodSpec("magnitude", MagnitudeConfig, (), magnitude_group, score=lambda c, w, norm: magnitude_scores(w)))
+register(MethodSpec("wanda", WandaConfig, (InputNormSq,), wanda_group))
+register(MethodSpec("sparsegpt", SparseGPTConfig, (Hessian,), sparsegpt_group))
+register(MethodSpec("ria", RIAConfig, (InputNormSq,), ria_group, score=lambda c, w, norm: ria_scores(w, norm, c.alpha)))
+register(MethodSpec("gblm", GBLMConfig, (InputNormSq,), gblm_group, prepare=_gblm_prepare))
+
+__all__ = ["REGISTRY", "GroupJob", "MethodSpec", "register", "spec_for", "method_config", "select_mask"]

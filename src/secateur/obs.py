@@ -61,7 +61,7 @@ def sparsegpt_prune(
     weight: Tensor,
     inv_factor: Tensor,
     dead: Tensor,
-    target: Target,
+    target: Target | list[Target],
     block_size: int = 128,
     fixed_mask: Tensor | None = None,
     segments: list[int] | None = None,
@@ -73,17 +73,23 @@ def sparsegpt_prune(
     every group of M columns keeps the N entries of highest saliency per row, computed on the
     already-updated weights. With `fixed_mask` (True = prune) only the OBS updates run.
     `segments` (row counts) lets layers that share the Hessian (q/k/v) go through one column loop
-    while each keeps its own unstructured count per block; rows never interact in OBS.
+    while each keeps its own unstructured count per block (and its own target, when `target` is a
+    list with one entry per segment); rows never interact in OBS.
     """
     w = weight.to(WORK_DTYPE).clone()  # (rows, cols)
     rows, cols = w.shape
     segments = segments or [rows]
-    nm = target if isinstance(target, NM) and fixed_mask is None else None
+    targets = list(target) if isinstance(target, (list, tuple)) else [target] * len(segments)
+    if len(targets) != len(segments):
+        raise ValueError(f"{len(targets)} targets for {len(segments)} segments")
+    if len({type(t) for t in targets}) > 1 or (isinstance(targets[0], NM) and len(set(targets)) > 1):
+        raise ValueError("layers that share a Hessian need one N:M pattern, or unstructured targets only")
+    nm = targets[0] if isinstance(targets[0], NM) and fixed_mask is None else None
     if nm is not None and cols % nm.m:
         raise ValueError(f"N:M with M={nm.m} needs the input size to be a multiple of {nm.m}; got {cols}")
     counts = None
     if nm is None and fixed_mask is None:
-        counts = [_block_prune_counts(n, cols, target.fraction, block_size) for n in segments]
+        counts = [_block_prune_counts(n, cols, t.fraction, block_size) for n, t in zip(segments, targets)]
     mask = torch.zeros_like(w, dtype=torch.bool)
     for index, start in enumerate(range(0, cols, block_size)):
         end = min(start + block_size, cols)

@@ -17,9 +17,8 @@ from secateur.data import calibration_windows, evaluation_windows, load_text, ne
 from secateur.depth import DepthConfig, depth_prune, removed_sublayers
 from secateur.evaluate import perplexity
 from secateur.io import check_output, content_hash, load_model, resolve_device, save
-from secateur.methods import spec_for
 from secateur.models import adapter_for, read_weight
-from secateur.prune import PruneReport, prune, target_layers
+from secateur.prune import PruneReport, needs_calibration, prune, target_layers
 from secateur.width import WidthConfig, width_prune
 
 
@@ -136,7 +135,7 @@ def run_prune(model_path: str | Path, config: PruneConfig, calib: CalibConfig, o
     """Prune weights of a model from disk and save it with its manifest; returns the manifest."""
 
     def work(model: nn.Module, tokenizer: Any, compute: torch.device, timings: dict[str, float]) -> dict[str, Any]:
-        needs_data = spec_for(config.method).statistic is not None
+        needs_data = needs_calibration(config)
         calibration = _timed_calibration(model, tokenizer, calib, timings) if needs_data else None
         report = prune(model, tokenizer, config, calibration, device=compute, batch_size=calib.batch_size)
         timings["prune"] = report.seconds

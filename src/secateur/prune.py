@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
@@ -11,11 +12,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from secateur.config import NM, ConfigError, PruneConfig
-from secateur.engine import BlockInputs, LayerReport, capture_inputs, prune_block
+from secateur.allocation import allocate_targets
+from secateur.config import NM, ConfigError, PruneConfig, Target
+from secateur.engine import BlockInputs, LayerReport, Plan, capture_inputs, prune_block
 from secateur.masks import global_masks
-from secateur.methods import MethodSpec, magnitude_scores, spec_for
+from secateur.methods import GroupJob, magnitude_scores, spec_for
 from secateur.models import Adapter, adapter_for, read_weight, write_weight
+from secateur.refine import REFINERS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +30,9 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the pruning itself (capture + all blocks)
     calibration_tokens: int = 0
+    allocation: dict[str, Any] = field(default_factory=dict)
+    block_errors: list[float] = field(default_factory=list)  # collapse check per block (see engine.update_error)
+    collapsed: list[int] = field(default_factory=list)  # blocks whose error passed the threshold
 
     @property
     def sparsity(self) -> float:
@@ -39,6 +47,9 @@ class PruneReport:
             "sparsity": self.sparsity,
             "seconds": self.seconds,
             "calibration_tokens": self.calibration_tokens,
+            "allocation": self.allocation,
+            "block_errors": self.block_errors,
+            "collapsed_blocks": self.collapsed,
             "layers": [asdict(r) for r in self.layers],
         }
 
@@ -70,7 +81,7 @@ def _check_shapes(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> N
             raise ConfigError(f"N:M with M={config.target.m} needs input sizes divisible by M; not so for {bad[:3]}")
 
 
-def _prune_without_data(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> list[LayerReport]:
+def _prune_without_data(layers: list[tuple[str, nn.Module]], config: PruneConfig, targets: dict[str, Target]) -> list[LayerReport]:
     """Methods that need no calibration (magnitude) prune every layer directly, one at a time."""
     spec = spec_for(config.method)
     shared_masks: list[Tensor] | None = None
@@ -86,10 +97,25 @@ def _prune_without_data(layers: list[tuple[str, nn.Module]], config: PruneConfig
             mask = shared_masks[index]
             weight = weight.masked_fill(mask, 0)
         else:
-            [(weight, mask)] = spec.prune_group(config.method, [weight], None, config.target, [name])
+            [(weight, mask)] = spec.prune_group(config.method, GroupJob([name], [weight], [targets[name]]))
         write_weight(module, weight)
         reports.append(LayerReport(name, tuple(weight.shape), float(mask.float().mean()), time.perf_counter() - start))
     return reports
+
+
+def statistics_for(config: PruneConfig) -> tuple[type, ...]:
+    """Input statistics the method and the refinement steps need, each once."""
+    kinds = list(spec_for(config.method).statistics)
+    for step in config.refine.steps:
+        kinds += [k for k in REFINERS[step].statistics if k not in kinds]
+    return tuple(kinds)
+
+
+def needs_calibration(config: PruneConfig) -> bool:
+    """True when the run reads calibration data: statistics, gradients, OWL, or data-driven global allocation."""
+    spec = spec_for(config.method)
+    return bool(statistics_for(config)) or spec.prepare is not None or config.allocation.kind == "owl" or (
+        config.allocation.kind == "global" and bool(spec.statistics))
 
 
 def move_outside_blocks(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
@@ -127,13 +153,28 @@ def prune(
     report = PruneReport(config.method_name, str(config.target))
     start = time.perf_counter()
     model.eval()
-    if spec.statistic is None:
-        report.layers = _prune_without_data(layers, config)
-    else:
+    device = torch.device(device or "cpu")
+    if needs_calibration(config):
         if calibration is None or calibration.ndim != 2 or len(calibration) == 0:
-            raise ConfigError(f"method {report.method!r} needs calibration: a (samples, seq_len) tensor of token ids")
+            raise ConfigError(f"this run ({report.method}, allocation {config.allocation.kind}, refine "
+                              f"{list(config.refine.steps)}) needs calibration: a (samples, seq_len) tensor of token ids")
         report.calibration_tokens = calibration.numel()
-        report.layers = _prune_sequential(model, adapter, spec, config, calibration, torch.device(device or "cpu"), batch_size)
+    targets, report.allocation = allocate_targets(model, adapter, layers, config, spec.score, calibration, device,
+                                                  batch_size, needs_norms=bool(spec.statistics))  # fmt: skip
+    if not needs_calibration(config) and not config.permute:
+        report.layers = _prune_without_data(layers, config, targets)
+    else:
+        aux = {}
+        if spec.prepare is not None:
+            with torch.enable_grad():
+                aux = spec.prepare(config.method, model, adapter, calibration, device, [name for name, _ in layers])
+        plan = Plan(spec, config, targets, aux, statistics_for(config))
+        report.layers, report.block_errors = _prune_sequential(model, adapter, plan, calibration, device, batch_size)
+        report.collapsed = [i for i, e in enumerate(report.block_errors) if e > config.collapse_threshold]
+        if report.collapsed:
+            log.warning("blocks %s collapsed: their output error exceeds %g of the dense block's update (errors %s); "
+                        "lower the sparsity or spread it with --allocation owl", report.collapsed, config.collapse_threshold,
+                        [round(report.block_errors[i], 3) for i in report.collapsed])  # fmt: skip
     report.seconds = time.perf_counter() - start
     return report
 
@@ -159,18 +200,14 @@ def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch
 
 
 def _prune_sequential(
-    model: nn.Module,
-    adapter: Adapter,
-    spec: MethodSpec,
-    config: PruneConfig,
-    calibration: Tensor,
-    device: torch.device,
-    batch_size: int,
-) -> list[LayerReport]:
+    model: nn.Module, adapter: Adapter, plan: Plan, calibration: Tensor, device: torch.device, batch_size: int
+) -> tuple[list[LayerReport], list[float]]:
     """Prune block by block; each block's pruned outputs are the next block's inputs."""
     reports: list[LayerReport] = []
-    desc = f"{config.method_name} {config.target}"
+    errors: list[float] = []
+    desc = f"{plan.config.method_name} {plan.config.target}"
     for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc):
-        inputs.hidden, block_reports = prune_block(block, index, adapter, spec, config, inputs)
+        inputs.hidden, block_reports, error = prune_block(block, index, adapter, plan, inputs)
         reports += block_reports
-    return reports
+        errors.append(error)
+    return reports, errors

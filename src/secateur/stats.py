@@ -34,6 +34,10 @@ class InputNormSq:
         """||X_j||_2 per input feature j: what Wanda multiplies |W_ij| by."""
         return self.value.sqrt()
 
+    def permute(self, order: Tensor) -> None:
+        """Reorder the features (N:M channel permutation): feature i becomes old feature order[i]."""
+        self.value = self.value[order]
+
 
 PANEL = 256  # features per row panel of the symmetric Hessian update (measured best for 576..1536)
 
@@ -70,6 +74,14 @@ class Hessian:
                 end = min(start + PANEL, features)
                 self._sum[end:, start:end] = self._sum[start:end, end:].T
         return self._sum
+
+    @property
+    def norm(self) -> Tensor:
+        return self.value.diagonal().sqrt()
+
+    def permute(self, order: Tensor) -> None:
+        full = self.value
+        self._sum = full[order][:, order].contiguous()
 
 
 def check_finite(name: str, tensor: Tensor) -> None:
@@ -109,3 +121,10 @@ class Moments:
     def norm(self) -> Tensor:
         """||X_j||_2 over all tokens."""
         return self.sumsq.sqrt().to(WORK_DTYPE)
+
+    @property
+    def value(self) -> Tensor:
+        return self.sumsq
+
+    def permute(self, order: Tensor) -> None:
+        self.sum, self.sumsq = self.sum[order], self.sumsq[order]

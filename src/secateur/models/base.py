@@ -97,6 +97,13 @@ class Adapter:
     def layer_names(self) -> list[str]:
         return [name for group in self.groups for name in group]
 
+    def module_type(self, layer: str) -> str:
+        """"attention" or "mlp" for a block-relative layer name (from the branch it belongs to)."""
+        for kind in ("attention", "mlp"):
+            if any(layer == m or layer.startswith(m + ".") for m in self.branches.of(kind)):
+                return kind
+        raise ValueError(f"layer {layer!r} is in neither branch of the {self.family} adapter")
+
 
 ADAPTERS: dict[str, Adapter] = {}
 
