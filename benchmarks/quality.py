@@ -37,7 +37,20 @@ TARGETS = ("0.5", "0.6", "0.7", "2:4", "4:8")
 RECIPES: dict[str, dict] = {
     "wanda": {"method": "wanda"},
     "sparsegpt": {"method": "sparsegpt"},
+    "ria": {"method": "ria"},
+    "gblm": {"method": "gblm"},
+    "wanda+owl": {"method": "wanda", "allocation": "owl"},
+    "sparsegpt+owl": {"method": "sparsegpt", "allocation": "owl"},
+    "wanda+dsnot": {"method": "wanda", "refine": "dsnot"},
+    "wanda+reconstruct": {"method": "wanda", "refine": "reconstruct"},
+    "sparsegpt+reconstruct": {"method": "sparsegpt", "refine": "reconstruct"},
+    "sparsegpt+owl+reconstruct": {"method": "sparsegpt", "allocation": "owl", "refine": "reconstruct"},
+    "wanda+owl+dsnot+reconstruct": {"method": "wanda", "allocation": "owl", "refine": "dsnot,reconstruct"},
+    "sparsegpt+permute": {"method": "sparsegpt", "permute": True},
+    "sparsegpt+permute+reconstruct": {"method": "sparsegpt", "permute": True, "refine": "reconstruct"},
 }
+NM_ONLY = ("permute",)  # recipe options that only apply to N:M targets
+UNSTRUCTURED_ONLY = ("allocation",)
 # llm-compressor configurations: (method, OWL on?)
 PEERS = {"wanda": ("wanda", False), "sparsegpt": ("sparsegpt", False), "sparsegpt+owl": ("sparsegpt", True)}
 
@@ -126,6 +139,8 @@ def main() -> None:
     peer = None if args.skip_peer else peer_python()
     for target in args.targets.split(","):
         for name in filter(None, args.recipes.split(",")):
+            if any(k in RECIPES[name] for k in (UNSTRUCTURED_ONLY if ":" in target else NM_ONLY)):
+                continue  # allocation varies sparsity per layer (not N:M); permutations serve N:M only
             settings = with_target(RECIPES[name], target)
             out = str(work / f"secateur-{name}-{target.replace(':', 'of')}.safetensors")
             command = [sys.executable, __file__, "--worker", model_dir, json.dumps(settings), calib_file, out]

@@ -92,6 +92,14 @@ def falcon_dir(tmp_path):
         (["--method", "magnitude", "--block-size", "64"], "no option"),
         (["--calib-samples", "100000"], "calibration needs"),
         (["--calib", "no-such-source"], "unknown text source"),
+        (["--pattern", "2:4", "--allocation", "owl"], "N:M pattern is the same"),
+        (["--sparsity", "0.5", "--permute"], "--permute"),
+        (["--allocation", "adaptive"], "allocation must be one of"),
+        (["--refine", "retrain"], "unknown refinement"),
+        (["--module-sparsity", "attention=0.99", "--sparsity", "0.2", "--eval-windows", "2", "--calib-samples", "2"],
+         "keep it in"),
+        (["--method", "width", "--remove-fraction", "0.2", "--refine", "dsnot"], "not to width"),
+        (["--method", "block-influence", "--remove-blocks", "1", "--owl-m", "3"], "not to block-influence"),
     ],
 )
 def test_bad_settings_fail_clearly_and_write_nothing(extra, message, model_dir, text_file, tmp_path, capsys):
@@ -137,3 +145,17 @@ def test_input_model_is_never_modified(model_dir, text_file, tmp_path, capsys):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert float((reloaded.transformer.h[0].mlp.c_fc.weight == 0).float().mean()) == pytest.approx(0.5)
     assert torch.isfinite(reloaded.lm_head.weight).all()
+
+
+def test_owl_refined_prune_records_allocation_and_collapse_check(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "owl"
+    code, stdout, err = run(["prune", model_dir("llama"), "--method", "sparsegpt", "--sparsity", "0.6", "--allocation",
+                             "owl", "--refine", "reconstruct", "--calib", text_file, "--out", out, *PRUNE_SMALL], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "secateur.json").read_text())
+    assert manifest["recipe"]["allocation"]["kind"] == "owl" and manifest["recipe"]["refine"]["steps"] == ["reconstruct"]
+    assert manifest["result"]["sparsity"] == pytest.approx(0.6, abs=1e-4)  # round(0.6 * weights) / weights
+    assert set(manifest["result"]["allocation"]["outlier_ratios"]) == {"0", "1"}
+    assert len(manifest["result"]["block_errors"]) == 2 and manifest["result"]["collapsed_blocks"] == []
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.isfinite().all()

@@ -198,7 +198,7 @@ def allocate_targets(
             from secateur.methods import wanda_scores
 
             outliers[block] = outlier_ratio([wanda_scores(read_weight(modules[i.name]), norms[i.name]) for i in free], alloc.owl_m)
-        else:
+        elif alloc.kind == "global":
             for info in free:
                 samples[info.name] = sorted_sample(score(config.method, read_weight(modules[info.name]), norms.get(info.name)), generator)
     counts = allocate(infos, config.target.sparsity, alloc, outliers, samples)

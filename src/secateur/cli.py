@@ -10,7 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from secateur.config import CalibConfig, ConfigError, build_calib_config, build_prune_config, read_recipe
+from secateur.config import ALLOCATIONS as SPARSITY_ALLOCATIONS
+from secateur.config import SPARSITY_ONLY_KEYS, CalibConfig, ConfigError, build_calib_config, build_prune_config, read_recipe
 from secateur.data import DataError
 from secateur.depth import REGISTRY as DEPTH_REGISTRY
 from secateur.depth import DepthError
@@ -51,8 +52,22 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
                         "width: fraction of the decoder blocks' parameters")
     p.add_argument("--positions", choices=["all", "last"], help="angular: tokens the distance averages over (all)")
     p.add_argument("--importance", choices=list(IMPORTANCE), help="width: unit score (default fluctuation, FLAP)")
-    p.add_argument("--allocation", choices=list(ALLOCATIONS),
-                   help="width: same widths in every block (uniform, default: stock config) or per block (adaptive)")
+    p.add_argument("--allocation", choices=sorted(set(ALLOCATIONS) | set(SPARSITY_ALLOCATIONS)),
+                   help="sparsity: uniform (default), owl (outlier-weighted per block) or global (one ranking); "
+                        "width: uniform (stock config) or adaptive (per-block widths)")
+    p.add_argument("--owl-m", type=float, help="OWL: outlier threshold, times the block's mean Wanda score (5)")
+    p.add_argument("--owl-lambda", type=float, help="OWL: per-block sparsity stays within +-lambda of the target (0.08)")
+    p.add_argument("--max-layer-sparsity", type=float, help="global allocation: no layer above this (target + (1-target)/2)")
+    p.add_argument("--module-sparsity", help="pin module types, e.g. attention=0.4; the other layers make up the total")
+    p.add_argument("--refine", help="after each layer's mask, comma list in order: dsnot, reconstruct")
+    p.add_argument("--dsnot-cycles", type=int, help="DSnoT: at most this many swaps per row (50)")
+    p.add_argument("--dsnot-threshold", type=float, help="DSnoT: stop a row once |expected error| is below this (0.1)")
+    p.add_argument("--reconstruct-iters", type=int, help="reconstruct: conjugate-gradient iterations (40)")
+    p.add_argument("--reconstruct-damp", type=float, help="reconstruct: damping relative to the mean Hessian diagonal (0.01)")
+    p.add_argument("--permute", action="store_true", default=None,
+                   help="N:M: permute inner channels (MLP, attention values) to keep more score under the pattern")
+    p.add_argument("--alpha", type=float, help="ria: exponent of the input norm (0.5); gblm: weight of the gradient (100)")
+    p.add_argument("--gradient-samples", type=int, help="gblm: calibration windows whose loss gradients are used (32)")
     p.add_argument("--heads", choices=list(HEAD_MODES),
                    help="width: remove whole key/value groups (kv-groups, default), query heads per group, or none")
     p.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction,
@@ -118,11 +133,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     settings = {**PRUNE_DEFAULTS, **(read_recipe(args.recipe) if args.recipe else {}), **flags}
     method = settings.get("method", "wanda")
     if method in DEPTH_REGISTRY:
-        _refuse(settings, WIDTH_ONLY_KEYS, f"apply to width pruning, not to {method}")
+        _refuse(settings, (*WIDTH_ONLY_KEYS, *SPARSITY_ONLY_KEYS), f"apply to width or sparsity pruning, not to {method}")
         return _depth(args, settings)
     if method == "width":
+        _refuse(settings, SPARSITY_ONLY_KEYS, "apply to sparsity methods, not to width pruning")
         return _width(args, settings)
-    _refuse(settings, (*DEPTH_ONLY_KEYS, *WIDTH_ONLY_KEYS),
+    _refuse(settings, (*DEPTH_ONLY_KEYS, *(k for k in WIDTH_ONLY_KEYS if k != "allocation")),
             f"apply to the depth methods ({', '.join(sorted(DEPTH_REGISTRY))}) or to width, not to {method}")
     config = build_prune_config(settings)
     calib = build_calib_config(settings)

@@ -253,6 +253,9 @@ RECIPE_KEYS = {
     "refine", "dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp",
     "permute",
 }  # fmt: skip
+SPARSITY_ONLY_KEYS = ("owl_m", "owl_lambda", "max_layer_sparsity", "module_sparsity", "refine", "dsnot_cycles",
+                      "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp", "permute", "alpha",
+                      "gradient_samples")
 ALLOCATION_KEYS = {"allocation": "kind", "owl_m": "owl_m", "owl_lambda": "owl_lambda", "max_layer_sparsity": "max_layer_sparsity"}
 REFINE_KEYS = ("dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp")
 
