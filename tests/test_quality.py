@@ -336,3 +336,27 @@ def test_ria_method_prunes_every_family_exactly():
         model = tiny_model(family)
         report = prune(model, None, PruneConfig(RIAConfig(), Unstructured(0.5)), calibration_ids())
         assert report.sparsity == pytest.approx(0.5) and zeros_fraction(model) >= 0.5
+
+
+@pytest.mark.parametrize("target", [Unstructured(0.7), NM(2, 4)], ids=["70", "2:4"])
+def test_gradual_sparsegpt_keeps_the_target_and_fits_better_than_one_shot(target):
+    from secateur.methods import GroupJob, partial_target, sparsegpt_group
+    from secateur.stats import Hessian
+
+    x = correlated_inputs(tokens=2048, features=64)
+    stat = Hessian(64, "cpu")
+    stat.update(x)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=g)
+    errors = {}
+    for steps in (1, 4):
+        [(pruned, mask)] = sparsegpt_group(SparseGPTConfig(block_size=16, steps=steps), GroupJob(["w"], [w], [target], {Hessian: stat}))
+        if isinstance(target, NM):
+            assert bool((mask.view(48, 16, 4).sum(-1) == 2).all())
+        else:
+            assert int(mask.sum()) == round(0.7 * w.numel())
+        assert bool((pruned[mask] == 0).all())
+        errors[steps] = float(reconstruction_error(pruned, w, stat.value).sum())
+    assert errors[4] < errors[1]
+    assert [partial_target(NM(2, 8), k, 3) for k in (1, 2, 3)] == [NM(6, 8), NM(4, 8), NM(2, 8)]
+    assert partial_target(Unstructured(0.6), 1, 4).sparsity == pytest.approx(0.15)

@@ -42,6 +42,8 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", choices=["per_row", "per_layer", "global"], help="ranking scope (magnitude, wanda)")
     p.add_argument("--block-size", type=int, help="SparseGPT column block (default 128)")
     p.add_argument("--damp", type=float, help="SparseGPT damping, relative to the mean Hessian diagonal (0.01)")
+    p.add_argument("--steps", type=int, help="SparseGPT: reach the target in this many passes, re-fitting between them (1)")
+    p.add_argument("--refit-iters", type=int, help="SparseGPT: conjugate-gradient iterations of each re-fit (40)")
     p.add_argument("--block-stats", choices=["sequential", "dense"],
                    help="inside a block, calibrate on pruned predecessors (sequential, one pass, default) "
                         "or on the dense block (two passes, as the reference code)")

@@ -93,6 +93,15 @@ class SparseGPTConfig:
 
     block_size: int = 128  # columns per lazy-update block; also the mask-selection block
     damp: float = 0.01  # added to the Hessian diagonal, relative to its mean
+    # Gradual: reach the target in `steps` OBS passes of rising sparsity (unstructured: k/steps of the
+    # target; N:M: N falls towards the target), the kept weights re-fitted to the dense layer's outputs
+    # (conjugate gradients, `refit_iters`) after every pass but the last. 1 = the paper's one shot.
+    steps: int = 1
+    refit_iters: int = 40
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.refit_iters < 1 or self.block_size < 1 or self.damp < 0:
+            raise ConfigError("SparseGPT needs steps, refit_iters and block_size >= 1 and damp >= 0")
 
 
 @dataclass(frozen=True)
@@ -249,7 +258,7 @@ RECIPE_KEYS = {
     "calib", "calib_samples", "calib_seq_len", "calib_batch_size", "seed", "text_field",
     "dtype", "device", "eval", "eval_windows", "eval_seq_len",
     "remove_blocks", "remove_sublayers", "remove_fraction", "positions",
-    "alpha", "gradient_samples", "allocation", "owl_m", "owl_lambda", "max_layer_sparsity", "module_sparsity",
+    "steps", "refit_iters", "alpha", "gradient_samples", "allocation", "owl_m", "owl_lambda", "max_layer_sparsity", "module_sparsity",
     "refine", "dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp",
     "permute",
 }  # fmt: skip

@@ -9,6 +9,7 @@ sparsities). A new method is one handler plus one `register` call.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,9 +17,10 @@ import torch
 from torch import Tensor
 
 from secateur.config import (NM, SCOPES, ConfigError, GBLMConfig, MagnitudeConfig, RIAConfig, SparseGPTConfig, Target,
-                             WandaConfig)
+                             Unstructured, WandaConfig)
 from secateur.masks import nm_mask, per_layer_mask, per_row_mask
 from secateur.obs import inverse_hessian_factor, sparsegpt_prune
+from secateur.refine import reconstruct
 from secateur.stats import WORK_DTYPE, Hessian, InputNormSq
 
 Pruned = list[tuple[Tensor, Tensor]]  # (new weight, prune mask) per layer of the group
@@ -165,11 +167,25 @@ def gblm_group(config: GBLMConfig, job: GroupJob) -> Pruned:
             for name, w, t in zip(job.names, job.weights, job.targets)]  # fmt: skip
 
 
+def partial_target(target: Target, step: int, steps: int) -> Target:
+    """The target of pass `step` of `steps` on the way to `target` (the last pass is the target itself)."""
+    if isinstance(target, NM):
+        return NM(target.m - math.ceil((target.m - target.n) * step / steps), target.m)
+    return Unstructured(target.sparsity * step / steps)
+
+
 def sparsegpt_group(config: SparseGPTConfig, job: GroupJob) -> Pruned:
-    factor, dead = inverse_hessian_factor(job.stats[Hessian].value, config.damp, name=job.names[0])  # shared
+    hessian = job.stats[Hessian].value
+    factor, dead = inverse_hessian_factor(hessian, config.damp, name=job.names[0])  # shared by the group
     sizes = [w.shape[0] for w in job.weights]
-    stacked, mask = sparsegpt_prune(torch.cat(job.weights), factor, dead, job.targets, config.block_size, segments=sizes)
-    return list(zip(stacked.split(sizes), mask.split(sizes)))
+    dense = torch.cat(job.weights)
+    weight = dense
+    for step in range(1, config.steps + 1):
+        targets = [partial_target(t, step, config.steps) for t in job.targets]
+        weight, mask = sparsegpt_prune(weight, factor, dead, targets, config.block_size, segments=sizes)
+        if step < config.steps:  # earlier zeros score 0, so every later pass keeps them pruned
+            weight = reconstruct(dense, weight, mask, hessian, config.refit_iters, config.damp)
+    return list(zip(weight.split(sizes), mask.split(sizes)))
 
 
 def _gblm_prepare(config: GBLMConfig, model, adapter, calibration: Tensor, device, names: list[str]) -> dict[str, Tensor]:
