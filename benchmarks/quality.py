@@ -90,10 +90,13 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--results", default=str(HERE / "results" / "quality.jsonl"))
     parser.add_argument("--resume", action="store_true", help="reuse rows of --results with the same calibration")
+    parser.add_argument("--report", action="store_true", help="print the tables from --results; run nothing")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return secateur_worker(*args.worker)
+    if args.report:
+        return report(Path(args.results))
 
     from unstructured import evaluate_state
 
@@ -169,6 +172,17 @@ def main() -> None:
                        *(["--owl"] if owl else [])]  # fmt: skip
             rows.append(measure("llm-compressor", name, target, settings, command, out))
     print_table(rows)
+
+
+def report(results: Path) -> None:
+    """The tables of every row in the results file, dense first, by target then tool and recipe."""
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    order = {t: i for i, t in enumerate(TARGETS)}
+    dense = [r for r in rows if r["tool"] == "dense"][:1]
+    pruned = sorted((r for r in rows if r["tool"] != "dense"),
+                    key=lambda r: (order.get(r["target"], 99), r["tool"] != "secateur", r.get("perplexity", 1e30)))
+    print(f"{len(pruned)} rows from {results} (calibration/evaluation data {sorted({r['data'] for r in rows})})")
+    print_table(dense + pruned)
 
 
 def print_table(rows: list[dict]) -> None:

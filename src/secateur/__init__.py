@@ -11,10 +11,14 @@ __version__ = "0.1.0"
 
 from secateur.config import (  # noqa: E402
     NM,
+    AllocationConfig,
     CalibConfig,
     ConfigError,
+    GBLMConfig,
     MagnitudeConfig,
     PruneConfig,
+    RefineConfig,
+    RIAConfig,
     SparseGPTConfig,
     Unstructured,
     WandaConfig,
@@ -23,6 +27,7 @@ from secateur.io import load, load_model, save  # noqa: E402
 from secateur.prune import PruneReport, prune  # noqa: E402
 
 __all__ = [
+    "AllocationConfig", "GBLMConfig", "RIAConfig", "RefineConfig",
     "NM", "CalibConfig", "ConfigError", "MagnitudeConfig", "PruneConfig", "PruneReport", "SparseGPTConfig",
     "Unstructured", "WandaConfig", "load", "load_model", "prune", "save", "__version__",
 ]  # fmt: skip
