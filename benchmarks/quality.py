@@ -62,9 +62,9 @@ PEERS = {"wanda": ("wanda", False), "sparsegpt": ("sparsegpt", False), "sparsegp
 
 def secateur_worker(model_dir: str, settings_json: str, calib_file: str, out: str) -> None:
     """Runs in a child process: prune with secateur, save the weights, print time and peak RSS."""
+    from llmcompressor_runner import peak_rss_mib
     from safetensors.torch import save_file
 
-    from llmcompressor_runner import peak_rss_mib
     from secateur.config import build_prune_config
     from secateur.io import load_model
     from secateur.prune import prune

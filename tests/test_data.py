@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_text, tiny_tokenizer
+
 from secateur.config import CalibConfig
 from secateur.data import DataError, calibration_windows, evaluation_windows, load_text, tokenize, uses_bos
 from secateur.pipeline import calibration_data, evaluation_data

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import FAMILIES, calibration_ids, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, calibration_ids, tiny_model, tiny_tokenizer
 from secateur import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig, prune, save
 from secateur.methods import select_mask, wanda_scores
 from secateur.models import adapter_for, read_weight

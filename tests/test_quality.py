@@ -4,8 +4,8 @@ import logging
 
 import pytest
 import torch
-
 from conftest import FAMILIES, calibration_ids, tiny_model
+
 from secateur import NM, ConfigError, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig, prune
 from secateur.allocation import LayerInfo, allocate, exact_counts, global_fractions, outlier_ratio, owl_sparsities
 from secateur.config import AllocationConfig, GBLMConfig, RefineConfig, RIAConfig, build_prune_config
@@ -206,8 +206,8 @@ def test_dsnot_keeps_the_count_and_moves_the_expected_error_towards_zero():
     w = torch.randn(32, 64, generator=g)
     x = correlated_inputs(features=64)
     mean, var, norm = x.mean(0), x.var(0, unbiased=False), x.norm(dim=0)
+    from secateur.masks import nm_mask, per_row_mask
     from secateur.methods import wanda_scores
-    from secateur.masks import per_row_mask, nm_mask
 
     for mask, nm in ((per_row_mask(wanda_scores(w, norm), 0.5), None), (nm_mask(wanda_scores(w, norm), 2, 4), (2, 4))):
         new = dsnot_mask(w, mask, mean, var, norm, cycles=20, threshold=0.0, nm=nm)
@@ -350,7 +350,8 @@ def test_gradual_sparsegpt_keeps_the_target_and_fits_better_than_one_shot(target
     w = torch.randn(48, 64, generator=g)
     errors = {}
     for steps in (1, 4):
-        [(pruned, mask)] = sparsegpt_group(SparseGPTConfig(block_size=16, steps=steps), GroupJob(["w"], [w], [target], {Hessian: stat}))
+        job = GroupJob(["w"], [w], [target], {Hessian: stat})
+        [(pruned, mask)] = sparsegpt_group(SparseGPTConfig(block_size=16, steps=steps), job)
         if isinstance(target, NM):
             assert bool((mask.view(48, 16, 4).sum(-1) == 2).all())
         else:

@@ -197,10 +197,12 @@ def allocate_targets(
         if alloc.kind == "owl":
             from secateur.methods import wanda_scores
 
-            outliers[block] = outlier_ratio([wanda_scores(read_weight(modules[i.name]), norms[i.name]) for i in free], alloc.owl_m)
+            scores = [wanda_scores(read_weight(modules[i.name]), norms[i.name]) for i in free]
+            outliers[block] = outlier_ratio(scores, alloc.owl_m)
         elif alloc.kind == "global":
             for info in free:
-                samples[info.name] = sorted_sample(score(config.method, read_weight(modules[info.name]), norms.get(info.name)), generator)
+                scores = score(config.method, read_weight(modules[info.name]), norms.get(info.name))
+                samples[info.name] = sorted_sample(scores, generator)
     counts = allocate(infos, config.target.sparsity, alloc, outliers, samples)
     targets = {info.name: Unstructured(counts[info.name] / info.size) for info in infos}
     summary = {"kind": alloc.kind, "outlier_ratios": {str(b): r for b, r in outliers.items()} or None,

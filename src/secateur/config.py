@@ -6,10 +6,11 @@ CLI flags and recipe files only build these objects; the engine and the methods 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
+
+import tomllib
 
 Scope = Literal["per_row", "per_layer", "global"]
 SCOPES: tuple[str, ...] = ("per_row", "per_layer", "global")
@@ -258,7 +259,8 @@ RECIPE_KEYS = {
     "calib", "calib_samples", "calib_seq_len", "calib_batch_size", "seed", "text_field",
     "dtype", "device", "eval", "eval_windows", "eval_seq_len",
     "remove_blocks", "remove_sublayers", "remove_fraction", "positions",
-    "steps", "refit_iters", "alpha", "gradient_samples", "allocation", "owl_m", "owl_lambda", "max_layer_sparsity", "module_sparsity",
+    "steps", "refit_iters", "alpha", "gradient_samples", "allocation", "owl_m", "owl_lambda", "max_layer_sparsity",
+    "module_sparsity",
     "refine", "dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp",
     "permute",
 }  # fmt: skip
@@ -346,6 +348,7 @@ def build_calib_config(settings: dict[str, Any], defaults: CalibConfig | None = 
 
 
 __all__ = [
-    "AllocationConfig", "GBLMConfig", "RIAConfig", "RefineConfig", "CalibConfig", "ConfigError", "MagnitudeConfig", "NM", "PruneConfig", "SparseGPTConfig",
+    "AllocationConfig", "GBLMConfig", "RIAConfig", "RefineConfig",
+    "CalibConfig", "ConfigError", "MagnitudeConfig", "NM", "PruneConfig", "SparseGPTConfig",
     "Target", "Unstructured", "WandaConfig", "build_calib_config", "build_prune_config", "read_recipe",
 ]  # fmt: skip

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator
 import greenlet
 import torch
 from torch import Tensor, nn
-
 from transformers.pytorch_utils import Conv1D
 
 from secateur.config import PruneConfig, Target

@@ -16,8 +16,18 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from secateur.config import (NM, SCOPES, ConfigError, GBLMConfig, MagnitudeConfig, RIAConfig, SparseGPTConfig, Target,
-                             Unstructured, WandaConfig)
+from secateur.config import (
+    NM,
+    SCOPES,
+    ConfigError,
+    GBLMConfig,
+    MagnitudeConfig,
+    RIAConfig,
+    SparseGPTConfig,
+    Target,
+    Unstructured,
+    WandaConfig,
+)
 from secateur.masks import nm_mask, per_layer_mask, per_row_mask
 from secateur.obs import inverse_hessian_factor, sparsegpt_prune
 from secateur.refine import reconstruct

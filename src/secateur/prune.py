@@ -81,7 +81,8 @@ def _check_shapes(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> N
             raise ConfigError(f"N:M with M={config.target.m} needs input sizes divisible by M; not so for {bad[:3]}")
 
 
-def _prune_without_data(layers: list[tuple[str, nn.Module]], config: PruneConfig, targets: dict[str, Target]) -> list[LayerReport]:
+def _prune_without_data(layers: list[tuple[str, nn.Module]], config: PruneConfig,
+                        targets: dict[str, Target]) -> list[LayerReport]:
     """Methods that need no calibration (magnitude) prune every layer directly, one at a time."""
     spec = spec_for(config.method)
     shared_masks: list[Tensor] | None = None
