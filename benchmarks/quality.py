@@ -193,7 +193,8 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         mark = " (reused)" if row.get("reused") else ""
         if "error" in row:
-            print(f"| {row['tool']} | {row['recipe']} | {row['target']} | - | failed: {row['error']} | - | - |")
+            last = row["error"].split("|")[-1].strip()  # the exception line of the child's traceback
+            print(f"| {row['tool']} | {row['recipe']} | {row['target']} | - | failed: `{last}` | - | - |")
         elif row["tool"] == "dense":
             print(f"| dense | - | - | 0.000 | {row['perplexity']:.2f} | - | - |")
         else:
