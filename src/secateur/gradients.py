@@ -9,35 +9,45 @@ target weights require gradients.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 
-def gradient_norms(model: nn.Module, calibration: Tensor, names: list[str], device: torch.device,
-                   samples: int | None = None) -> dict[str, Tensor]:
-    """{layer name: (out, in) tensor of per-weight gradient L2 norms over `samples` windows}."""
-    layers = {name: model.get_submodule(name) for name in names}
-    wanted = {id(m.weight) for m in layers.values()}
+@contextmanager
+def weight_gradients(model: nn.Module, layers: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Inside: the whole model on `device`, gradients enabled, and only the layers' weights requiring
+    them. Afterwards every flag is restored, gradients dropped and the model back where it was."""
+    wanted = {id(m.weight) for m in layers}
     flags = {p: p.requires_grad for p in model.parameters()}
     home = next(model.parameters()).device
-    sums = {name: torch.zeros(m.weight.shape, dtype=torch.float32) for name, m in layers.items()}
-    windows = calibration[: samples or len(calibration)]
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
             p.grad = None
         model.to(device)
         with torch.enable_grad():
-            for window in windows:
-                ids = window[None].to(device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-                for name, module in layers.items():
-                    sums[name] += module.weight.grad.float().square().cpu()
-                    module.weight.grad = None
-        return {name: (total.T if isinstance(layers[name], Conv1D) else total).sqrt() for name, total in sums.items()}
+            yield
     finally:
         for p, flag in flags.items():
             p.grad = None
             p.requires_grad_(flag)
         model.to(home)
+
+
+def gradient_norms(model: nn.Module, calibration: Tensor, names: list[str], device: torch.device,
+                   samples: int | None = None) -> dict[str, Tensor]:
+    """{layer name: (out, in) tensor of per-weight gradient L2 norms over `samples` windows}."""
+    layers = {name: model.get_submodule(name) for name in names}
+    sums = {name: torch.zeros(m.weight.shape, dtype=torch.float32) for name, m in layers.items()}
+    with weight_gradients(model, list(layers.values()), device):
+        for window in calibration[: samples or len(calibration)]:
+            ids = window[None].to(device)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for name, module in layers.items():
+                sums[name] += module.weight.grad.float().square().cpu()
+                module.weight.grad = None
+    return {name: (total.T if isinstance(layers[name], Conv1D) else total).sqrt() for name, total in sums.items()}

@@ -167,8 +167,7 @@ def prune(
     else:
         aux = {}
         if spec.prepare is not None:
-            with torch.enable_grad():
-                aux = spec.prepare(config.method, model, adapter, calibration, device, [name for name, _ in layers])
+            aux = spec.prepare(config.method, model, adapter, calibration, device, [name for name, _ in layers])
         plan = Plan(spec, config, targets, aux, statistics_for(config))
         report.layers, report.block_errors = _prune_sequential(model, adapter, plan, calibration, device, batch_size)
         report.collapsed = [i for i, e in enumerate(report.block_errors) if e > config.collapse_threshold]

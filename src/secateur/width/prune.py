@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from secateur.engine import run_block
+from secateur.gradients import weight_gradients
 from secateur.models import Adapter, Width, adapter_for, read_weight
 from secateur.prune import stream_blocks
 from secateur.stats import Moments
@@ -131,25 +132,12 @@ def collect_gradients(model: nn.Module, adapter: Adapter, names: list[str], cali
     Only those weights require gradients; the whole model sits on `device` for the backward pass."""
     layers = {f"{adapter.blocks}.{i}.{n}": submodule(b, n) for i, b in enumerate(adapter.block_list(model)) for n in names}
     layers = {k: m for k, m in layers.items() if m is not None}
-    wanted = {id(m.weight) for m in layers.values()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    home = next(model.parameters()).device
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in wanted)
-            p.grad = None
-        model.to(device)
-        with torch.enable_grad():
-            for batch in calibration.split(batch_size or len(calibration)):
-                batch = batch.to(device)
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss * len(batch)
-                loss.backward()
+    with weight_gradients(model, list(layers.values()), device):
+        for batch in calibration.split(batch_size or len(calibration)):
+            batch = batch.to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss * len(batch)
+            loss.backward()
         return {k: (m.weight.grad.T if isinstance(m, Conv1D) else m.weight.grad).float().cpu() for k, m in layers.items()}
-    finally:
-        for p, flag in flags.items():
-            p.grad = None
-            p.requires_grad_(flag)
-        model.to(home)
 
 
 @dataclass
