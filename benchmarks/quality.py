@@ -27,10 +27,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from unstructured import peer_python, run_child, target_flags  # noqa: E402
+from unstructured import (  # noqa: E402
+    CALIB_SAMPLES,
+    EVAL_WINDOWS,
+    SEQ_LEN,
+    peer_python,
+    protocol_data,
+    prune_and_save,
+    run_child,
+    target_flags,
+    with_target,
+)
 
 HERE = Path(__file__).resolve().parent
-SEQ_LEN, EVAL_WINDOWS, CALIB_SAMPLES = 512, 64, 64
 TARGETS = ("0.5", "0.6", "0.7", "2:4", "4:8")
 
 # secateur recipes: flat prune settings (the CLI flags' names); the target is added per row.
@@ -60,28 +69,6 @@ UNSTRUCTURED_ONLY = ("allocation",)
 PEERS = {"wanda": ("wanda", False), "sparsegpt": ("sparsegpt", False), "sparsegpt+owl": ("sparsegpt", True)}
 
 
-def secateur_worker(model_dir: str, settings_json: str, calib_file: str, out: str) -> None:
-    """Runs in a child process: prune with secateur, save the weights, print time and peak RSS."""
-    from llmcompressor_runner import peak_rss_mib
-    from safetensors.torch import save_file
-
-    from secateur.config import build_prune_config
-    from secateur.io import load_model
-    from secateur.prune import prune
-    from secateur.runtime import tune_allocator
-
-    tune_allocator()
-    model, tokenizer = load_model(model_dir)
-    report = prune(model, tokenizer, build_prune_config(json.loads(settings_json)), torch.load(calib_file))
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
-    save_file(state, out)
-    print(json.dumps({"seconds": report.seconds, "peak_mib": peak_rss_mib()}), flush=True)
-
-
-def with_target(settings: dict, target: str) -> dict:
-    return {**settings, **({"pattern": target} if ":" in target else {"sparsity": float(target)})}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", default=",".join(TARGETS))
@@ -94,24 +81,14 @@ def main() -> None:
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return secateur_worker(*args.worker)
+        model_dir, settings, calib_file, out = args.worker
+        return prune_and_save(model_dir, json.loads(settings), calib_file, out)
     if args.report:
         return report(Path(args.results))
 
     from unstructured import evaluate_state
 
-    from secateur.config import CalibConfig
-    from secateur.demo import default_model_dir
-    from secateur.io import load_model
-    from secateur.pipeline import calibration_data, evaluation_data
-    from secateur.runtime import tune_allocator
-
-    tune_allocator()
-    model_dir = str(default_model_dir())
-    model, tokenizer = load_model(model_dir)
-    eval_ids = evaluation_data(model, tokenizer, "enwiki-sample", SEQ_LEN, EVAL_WINDOWS)
-    calib_ids = calibration_data(model, tokenizer, CalibConfig(samples=CALIB_SAMPLES, seq_len=SEQ_LEN))
-    del model
+    model_dir, eval_ids, calib_ids = protocol_data()
     calib_hash = hashlib.sha256(calib_ids.numpy().tobytes() + eval_ids.numpy().tobytes()).hexdigest()[:16]
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"secateur-quality-{calib_hash}"
     work.mkdir(parents=True, exist_ok=True)

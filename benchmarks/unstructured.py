@@ -59,7 +59,32 @@ def target_flags(target: str) -> tuple[float, str]:
     return float(target), "0:0"  # llm-compressor spells unstructured as "0:0"
 
 
+def with_target(settings: dict, target: str) -> dict:
+    """Flat prune settings plus the target: '0.5' (unstructured) or '2:4'."""
+    return {**settings, **({"pattern": target} if ":" in target else {"sparsity": float(target)})}
+
+
+def protocol_data() -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(model directory, evaluation windows, calibration windows) of the core protocol."""
+    from secateur.config import CalibConfig
+    from secateur.demo import default_model_dir
+    from secateur.io import load_model
+    from secateur.pipeline import calibration_data, evaluation_data
+    from secateur.runtime import tune_allocator
+
+    tune_allocator()
+    model_dir = str(default_model_dir())
+    model, tokenizer = load_model(model_dir)
+    eval_ids = evaluation_data(model, tokenizer, "enwiki-sample", SEQ_LEN, EVAL_WINDOWS)
+    calib_ids = calibration_data(model, tokenizer, CalibConfig(samples=CALIB_SAMPLES, seq_len=SEQ_LEN))
+    return model_dir, eval_ids, calib_ids
+
+
 def secateur_worker(model_dir: str, method: str, target: str, calib_file: str, out: str, block_stats: str) -> None:
+    prune_and_save(model_dir, with_target({"method": method, "block_stats": block_stats}, target), calib_file, out)
+
+
+def prune_and_save(model_dir: str, settings: dict, calib_file: str, out: str) -> None:
     """Runs in a child process: prune with secateur, save the weights, print time and peak RSS."""
     from safetensors.torch import save_file
 
@@ -70,8 +95,6 @@ def secateur_worker(model_dir: str, method: str, target: str, calib_file: str, o
 
     tune_allocator()
     model, tokenizer = load_model(model_dir)
-    settings = {"method": method, "block_stats": block_stats}
-    settings.update({"pattern": target} if ":" in target else {"sparsity": float(target)})
     report = prune(model, tokenizer, build_prune_config(settings), torch.load(calib_file))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
     save_file(state, out)
@@ -115,18 +138,7 @@ def main() -> None:
     if args.worker:
         return secateur_worker(*args.worker)
 
-    from secateur.config import CalibConfig
-    from secateur.demo import default_model_dir
-    from secateur.io import load_model
-    from secateur.pipeline import calibration_data, evaluation_data
-    from secateur.runtime import tune_allocator
-
-    tune_allocator()
-    model_dir = str(default_model_dir())
-    model, tokenizer = load_model(model_dir)
-    eval_ids = evaluation_data(model, tokenizer, "enwiki-sample", SEQ_LEN, EVAL_WINDOWS)
-    calib_ids = calibration_data(model, tokenizer, CalibConfig(samples=CALIB_SAMPLES, seq_len=SEQ_LEN))
-    del model
+    model_dir, eval_ids, calib_ids = protocol_data()
     work = Path(tempfile.mkdtemp(prefix="secateur-bench-"))
     calib_file = str(work / "calib.pt")
     torch.save(calib_ids, calib_file)

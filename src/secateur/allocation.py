@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from secateur.config import AllocationConfig, ConfigError, PruneConfig, Target, Unstructured
 from secateur.masks import prune_count
+from secateur.methods import wanda_scores
 from secateur.models import Adapter, read_weight
 from secateur.stats import InputNormSq
 
@@ -195,8 +196,6 @@ def allocate_targets(
         if not free:
             continue
         if alloc.kind == "owl":
-            from secateur.methods import wanda_scores
-
             scores = [wanda_scores(read_weight(modules[i.name]), norms[i.name]) for i in free]
             outliers[block] = outlier_ratio(scores, alloc.owl_m)
         elif alloc.kind == "global":
@@ -213,26 +212,9 @@ def allocate_targets(
 def dense_input_norms(model: nn.Module, adapter: Adapter, layers: list[tuple[str, nn.Module]], calibration: Tensor,
                       device: torch.device, batch_size: int) -> dict[str, Tensor]:
     """||X_j||_2 of every target layer's input on the dense model (one streamed pass, no pruning)."""
-    from secateur.engine import run_block
-    from secateur.prune import stream_blocks
+    from secateur.prune import collect_input_stats
 
-    wanted = {id(module): name for name, module in layers}
-    norms: dict[str, Tensor] = {}
-    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "input norms"):
-        stats: dict[str, InputNormSq] = {}
-
-        def hook_for(name: str):
-            def hook(module: nn.Module, args: tuple) -> None:
-                x = args[0]
-                stats.setdefault(name, InputNormSq(x.shape[-1], x.device)).update(x)
-
-            return hook
-
-        handles = [m.register_forward_pre_hook(hook_for(wanted[id(m)])) for m in block.modules() if id(m) in wanted]
-        try:
-            inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
-        finally:
-            for handle in handles:
-                handle.remove()
-        norms.update({name: stat.norm.cpu() for name, stat in stats.items()})
-    return norms
+    wanted = {name for name, _ in layers}
+    stats = collect_input_stats(model, adapter, adapter.layer_names(), calibration, batch_size, device, InputNormSq,
+                                "input norms")  # fmt: skip
+    return {name: stat.norm.cpu() for name, stat in stats.items() if name in wanted}

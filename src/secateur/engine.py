@@ -212,8 +212,7 @@ def _run_in_lockstep(tasks: list[greenlet.greenlet], on_parked: Callable[[_Group
     return outputs  # type: ignore[return-value]
 
 
-def update_error(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, Any]], reference: Tensor,
-                 pruned: Tensor) -> float:
+def update_error(hidden: Tensor, reference: Tensor, pruned: Tensor) -> float:
     """Collapse check: ||pruned - dense|| / ||dense - input|| for one batch, i.e. the error of the
     block's update to the residual stream relative to the dense update (the residual itself would
     hide any collapse)."""
@@ -238,7 +237,7 @@ def prune_block(
         outputs, reports = _prune_block_dense(block, index, groups, plan, inputs)
     else:
         outputs, reports = _prune_block_sequential(block, index, groups, plan, inputs)
-    return outputs, reports, update_error(block, inputs.hidden[0], inputs.extras[index][0], reference, outputs[0])
+    return outputs, reports, update_error(inputs.hidden[0], reference, outputs[0])
 
 
 def _prune_block_sequential(

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from secateur.allocation import allocate_targets
 from secateur.config import NM, ConfigError, PruneConfig, Target
-from secateur.engine import BlockInputs, LayerReport, Plan, capture_inputs, prune_block
+from secateur.engine import BlockInputs, LayerReport, Plan, capture_inputs, prune_block, run_block
 from secateur.masks import global_masks
 from secateur.methods import GroupJob, magnitude_scores, spec_for
 from secateur.models import Adapter, adapter_for, read_weight, write_weight
@@ -155,14 +155,15 @@ def prune(
     start = time.perf_counter()
     model.eval()
     device = torch.device(device or "cpu")
-    if needs_calibration(config):
+    calibrated = needs_calibration(config)
+    if calibrated:
         if calibration is None or calibration.ndim != 2 or len(calibration) == 0:
             raise ConfigError(f"this run ({report.method}, allocation {config.allocation.kind}, refine "
                               f"{list(config.refine.steps)}) needs calibration: a (samples, seq_len) tensor of token ids")
         report.calibration_tokens = calibration.numel()
     targets, report.allocation = allocate_targets(model, adapter, layers, config, spec.score, calibration, device,
                                                   batch_size, needs_norms=bool(spec.statistics))  # fmt: skip
-    if not needs_calibration(config) and not config.permute:
+    if not calibrated and not config.permute:
         report.layers = _prune_without_data(layers, config, targets)
     else:
         aux = {}
@@ -197,6 +198,26 @@ def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch
             inputs.extras[index] = []  # this block's masks / rotary tables are no longer needed
     finally:
         move_outside_blocks(model, adapter, home)
+
+
+def collect_input_stats(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
+                        device: torch.device, kind: type, desc: str) -> dict[str, Any]:
+    """One statistic of type `kind` per named (block-relative) layer of every block, fed with its
+    inputs on the dense model: one streamed pass, nothing pruned. Keys are qualified layer names."""
+    stats: dict[str, Any] = {}
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc):
+        handles = []
+        for name in names:
+            module = _submodule(block, name)
+            if module is not None:
+                stat = stats[f"{adapter.blocks}.{index}.{name}"] = kind(read_weight(module).shape[1], device)
+                handles.append(module.register_forward_pre_hook(lambda _, args, s=stat: s.update(args[0])))
+        try:
+            inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+        finally:
+            for handle in handles:
+                handle.remove()
+    return stats
 
 
 def _prune_sequential(

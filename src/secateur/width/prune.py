@@ -17,10 +17,9 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from secateur.engine import run_block
 from secateur.gradients import weight_gradients
-from secateur.models import Adapter, Width, adapter_for, read_weight
-from secateur.prune import stream_blocks
+from secateur.models import Adapter, Width, adapter_for
+from secateur.prune import collect_input_stats
 from secateur.stats import Moments
 from secateur.width.config import WidthConfig
 from secateur.width.scores import IMPORTANCE
@@ -110,20 +109,7 @@ def _projection_names(width: Width, heads: bool) -> list[str]:
 def collect_moments(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
                     device: torch.device) -> dict[str, Moments]:  # fmt: skip
     """Input moments of the named projections of every block, on the dense model."""
-    stats: dict[str, Moments] = {}
-    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "width statistics"):
-        handles = []
-        for name in names:
-            module = submodule(block, name)
-            if module is not None:
-                moments = stats[f"{adapter.blocks}.{index}.{name}"] = Moments(read_weight(module).shape[1], device)
-                handles.append(module.register_forward_pre_hook(lambda _, args, m=moments: m.update(args[0])))
-        try:
-            inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
-        finally:
-            for handle in handles:
-                handle.remove()
-    return stats
+    return collect_input_stats(model, adapter, names, calibration, batch_size, device, Moments, "width statistics")
 
 
 def collect_gradients(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
