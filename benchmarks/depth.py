@@ -13,17 +13,22 @@ decoder blocks' parameters (the same per-token compute budget).
 Speed: `secateur.bench.measure_isolated` (batch 1, 512-token prefill, 128 decoded tokens, median of
 `--repeats`); a native model is built from the pruned model's config with random weights.
 
-    python benchmarks/depth.py [--fractions 0.1,0.2,0.3] [--repeats 5] [--skip-speed]
+With `--compensate`, each block method also gets a '+ compensate' row: the same removals, then the
+linear fit of `secateur.depth.compensate` on that method's calibration windows.
+
+    python benchmarks/depth.py [--fractions 0.1,0.2,0.3] [--repeats 5] [--skip-speed] [--compensate]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -56,7 +61,7 @@ def search(model, tokenizer, method: str, count: int, fraction: float, calib_sha
     samples, seq_len = calib_shape or (spec.calib_samples, spec.calib_seq_len)
     calib = calibration_data(model, tokenizer, CalibConfig(samples=samples, seq_len=seq_len))
     selection = select_removals(model, DepthConfig(spec.config_type(), amount), calib)
-    return selection, calib.shape
+    return selection, calib
 
 
 def main() -> None:
@@ -71,11 +76,17 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true",
                         help="re-time the models of an earlier run (--out), rebuilt from its recorded removals")
     parser.add_argument("--calib", help="SAMPLESxSEQ_LEN for every method instead of each method's default")
+    parser.add_argument("--compensate", action="store_true",
+                        help="also a '+ compensate' row per block method: the same removals with the linear fit, "
+                             "on the search's calibration windows")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows (and speed) of --out for the methods this run does not produce")
     args = parser.parse_args()
 
     from secateur.bench import BENCH_PROTOCOL
     from secateur.demo import default_model_dir
     from secateur.depth import apply_selection
+    from secateur.depth.compensate import compensate
     from secateur.depth.search import budget_for
     from secateur.evaluate import perplexity
     from secateur.io import load_model
@@ -101,29 +112,44 @@ def main() -> None:
     for method in args.methods.split(","):
         if method == "angular":  # one span search per length
             runs = [(search(dense, tokenizer, method, c, f, calib_shape), c, f) for c, f in zip(counts, fractions)]
-            chosen = [(sel, shape, sel, c, f) for (sel, shape), c, f in runs]
+            chosen = [(sel, calib, sel, c, f) for (sel, calib), c, f in runs]
         else:
-            full, shape = search(dense, tokenizer, method, max(counts), max(fractions), calib_shape)
+            full, calib = search(dense, tokenizer, method, max(counts), max(fractions), calib_shape)
             chosen = []
             for c, f in zip(counts, fractions):
                 part = prefix(full, budget=budget_for(dense, adapter, f)) if method == "finercut" else prefix(full, c)
-                chosen.append((full, shape, part, c, f))
-        for full, shape, part, count, fraction in chosen:
+                chosen.append((full, calib, part, c, f))
+        variants = (False, True) if args.compensate and method != "finercut" else (False,)
+        for (full, calib, part, count, fraction), compensated in itertools.product(chosen, variants):
             model = copy.deepcopy(dense)
+            fit_seconds, fits = 0.0, None
+            if compensated:
+                start = time.perf_counter()
+                fits = compensate(model, adapter_for(model), part.blocks, calib, 4, torch.device("cpu"))
+                fit_seconds = time.perf_counter() - start
             apply_selection(model, adapter_for(model), part)
             ppl = perplexity(model, eval_ids)["perplexity"]
+            name = f"{method} + compensate" if compensated else method
             row = {
-                "method": method, "fraction": fraction, "blocks_removed_equivalent": count,
+                "method": name, "fraction": fraction, "blocks_removed_equivalent": count,
                 "units": [s.unit for s in part.steps], "blocks_after": model.config.num_hidden_layers,
                 "parameters_removed": sum(p.numel() for p in dense.parameters()) - sum(p.numel() for p in model.parameters()),
-                "perplexity": ppl, "search_seconds": full.seconds, "calibration": list(shape),
+                "perplexity": ppl, "search_seconds": full.seconds + fit_seconds, "calibration": list(calib.shape),
+                **({"compensation": fits} if fits is not None else {}),
             }  # fmt: skip
             results["rows"].append(row)
-            print(f"{method:16s} {fraction:.0%}: ppl {ppl:9.3f}  removed {row['units']}  "
-                  f"search {full.seconds:.0f} s", flush=True)
-            if not args.skip_speed and method in ("greedy-loss", "finercut"):
+            print(f"{name:28s} {fraction:.0%}: ppl {ppl:9.3f}  removed {row['units']}  "
+                  f"search {row['search_seconds']:.0f} s", flush=True)
+            if not args.skip_speed and method in ("greedy-loss", "finercut") and not compensated:
                 row["saved"] = _save(model, tokenizer, f"{method}-{count}")
             del model
+
+    if args.merge and Path(args.out).exists():
+        earlier = json.loads(Path(args.out).read_text())
+        fresh = {r["method"] for r in results["rows"]}
+        results["rows"] = [r for r in earlier["rows"] if r["method"] not in fresh] + results["rows"]
+        if args.skip_speed and "speed" in earlier:
+            results["speed"], results["speed_protocol"] = earlier["speed"], earlier["speed_protocol"]
 
     if not args.skip_speed:
         results["speed"] = speed(dense, tokenizer, model_dir, results["rows"], args.repeats)

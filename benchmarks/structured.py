@@ -10,6 +10,10 @@ groups (`kv-groups`). Torch-Pruning runs in its own virtual environment
 (~/.cache/secateur/peer-torchpruning-1.6.1, see `benchmarks/torchpruning_runner.py`), created on
 first use; it needs no calibration (magnitude).
 
+`--hidden-fractions 0,0.125` adds rows that also remove that fraction of the hidden (embedding)
+channels (counted in the same block-parameter target); `--allocations`, `--importances` and
+`--no-compensation` select the rows. Speed is timed for every uniform fluctuation row.
+
     python benchmarks/structured.py [--fractions 0.2,0.5] [--calib 32x512] [--repeats 5]
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import subprocess
@@ -64,6 +69,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fractions", default="0.2,0.5")
     parser.add_argument("--importances", default=",".join(IMPORTANCES))
+    parser.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    parser.add_argument("--hidden-fractions", default="0", help="comma list of hidden-channel fractions per row")
+    parser.add_argument("--no-compensation", action="store_true", help="FLAP rows without bias compensation")
     parser.add_argument("--calib", default="32x512", help="SAMPLESxSEQ_LEN calibration windows")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -98,23 +106,30 @@ def main() -> None:
     statistics = gather_statistics(dense, calib, moments=True, gradients=needs_grads)  # shared by every row
     results["statistics_seconds"] = time.perf_counter() - start
 
+    hidden_fractions = [float(h) for h in args.hidden_fractions.split(",")]
     for fraction in fractions:
-        for importance in importances:
-            for allocation in ALLOCATIONS:
-                model = copy.deepcopy(dense)
-                config = WidthConfig(fraction, importance, allocation, "kv-groups")
+        for importance, allocation, hidden in itertools.product(importances, args.allocations.split(","),
+                                                                hidden_fractions):  # fmt: skip
+            model = copy.deepcopy(dense)
+            compensation = False if args.no_compensation else None
+            config = WidthConfig(fraction, importance, allocation, "kv-groups", compensation, hidden_fraction=hidden)
+            try:
                 report = width_prune(model, config, None, statistics=statistics)
-                ppl = perplexity(model, eval_ids)["perplexity"]
-                row = {"tool": "secateur", "fraction": fraction, "importance": importance, "allocation": allocation,
-                       "bias_compensation": config.compensate, "removed_fraction": report.removed_fraction,
-                       "perplexity": ppl, "apply_seconds": report.seconds,
-                       "widths": [w.to_dict() for w in report.after][:3] if not report.uniform else report.after[0].to_dict()}
-                if allocation == "uniform" and importance == "fluctuation" and not args.skip_speed:
-                    row["path"] = str(save(model, tokenizer, Path(_TMP.name) / f"secateur-{fraction}", {}))
-                results["rows"].append(row)
-                print(f"secateur {importance:11s} {allocation:8s} {fraction:.0%}: removed {report.removed_fraction:.3f}"
-                      f"  ppl {ppl:10.3f}", flush=True)
-                del model
+            except ValueError as exc:  # e.g. the hidden share alone exceeds the target
+                print(f"secateur {importance} {allocation} {fraction:.0%} hidden {hidden:g}: {exc}", flush=True)
+                continue
+            ppl = perplexity(model, eval_ids)["perplexity"]
+            row = {"tool": "secateur", "fraction": fraction, "importance": importance, "allocation": allocation,
+                   "bias_compensation": config.compensate, "hidden_fraction": hidden, "hidden_size": report.hidden_after,
+                   "removed_fraction": report.removed_fraction, "perplexity": ppl, "apply_seconds": report.seconds,
+                   "widths": [w.to_dict() for w in report.after][:3] if not report.uniform else report.after[0].to_dict()}
+            if allocation == "uniform" and importance == "fluctuation" and not args.skip_speed:
+                name = f"secateur-{fraction}-h{hidden:g}"
+                row["path"] = str(save(model, tokenizer, Path(_TMP.name) / name, {}))
+            results["rows"].append(row)
+            print(f"secateur {importance:11s} {allocation:8s} {fraction:.0%} hidden {report.hidden_after}: "
+                  f"removed {report.removed_fraction:.3f}  ppl {ppl:10.3f}", flush=True)
+            del model
         if not args.skip_peer:
             eval_file = str(Path(_TMP.name) / "eval.pt")
             torch.save(eval_ids, eval_file)
@@ -139,16 +154,22 @@ def write(results: dict, out: str) -> None:
 def speed(model_dir: str, rows: list[dict], repeats: int) -> list[dict]:
     from secateur.bench import BENCH_PROTOCOL, time_labelled
 
-    entries = [("dense", model_dir)] + [(f"{r['tool']} {r['fraction']:.0%}", r["path"]) for r in rows if r.get("path")]
+    entries = [("dense", model_dir)] + [(_label(r), r["path"]) for r in rows if r.get("path")]
     return [*time_labelled(entries, repeats), {"protocol": BENCH_PROTOCOL}]
+
+
+def _label(row: dict) -> str:
+    hidden = f" hidden {row['hidden_size']}" if row.get("hidden_fraction") else ""
+    return f"{row['tool']} {row['fraction']:.0%}{hidden}"
 
 
 def report_table(results: dict) -> str:
     lines = [f"dense perplexity {results['dense']:.3f}; calibration {results['calibration']}",
-             "| tool | importance | allocation | target | removed | perplexity |", "|---|---|---|---|---|---|"]
+             "| tool | importance | allocation | hidden | target | removed | perplexity |", "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(f"| {r['tool']} | {r.get('importance', 'group L2 (mean)')} | {r.get('allocation', 'uniform')} | "
-                     f"{r['fraction']:.0%} | {r['removed_fraction']:.3f} | {r['perplexity']:.2f} |")
+                     f"{r.get('hidden_size', '-')} | {r['fraction']:.0%} | {r['removed_fraction']:.3f} | "
+                     f"{r['perplexity']:.2f} |")
     speed_rows = [s for s in results.get("speed", []) if "label" in s]
     if speed_rows:
         base = speed_rows[0]

@@ -283,3 +283,167 @@ def test_cli_depth_bad_requests_exit_2(flags, message, tmp_path, text_file, mode
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+# --- linear compensation -----------------------------------------------------------------------------
+
+
+def test_runs_are_maximal_consecutive():
+    from secateur.depth.compensate import runs
+
+    assert runs([7, 1, 2, 4, 6]) == [(1, 2), (4, 4), (6, 7)]
+    assert runs([]) == []
+
+
+def test_ridge_towards_prior_hand_cases():
+    from secateur.depth.compensate import NormalEquations, ridge_towards
+
+    torch.manual_seed(0)
+    a, r, prior = torch.randn(50, 4, dtype=torch.float64), torch.randn(50, 3, dtype=torch.float64), torch.randn(4, 3)
+    eq = NormalEquations.empty(4, 3, torch.device("cpu"))
+    eq.update(a[:20], r[:20])
+    eq.update(a[20:], r[20:])  # sums over batches
+    lam = 0.5 * float((a.T @ a).diagonal().mean())
+    expected = torch.linalg.solve(a.T @ a + lam * torch.eye(4, dtype=torch.float64), a.T @ r + lam * prior.double())
+    torch.testing.assert_close(ridge_towards(eq, prior, 0.5), expected)  # pulled towards the prior, not to zero
+    lstsq = torch.linalg.lstsq(a, r).solution
+    torch.testing.assert_close(ridge_towards(eq, prior, 0.0), lstsq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ridge_towards(eq, prior, 1e9), prior.double(), rtol=1e-6, atol=1e-6)
+    for coef in (prior.double(), expected):
+        assert eq.error(coef) == pytest.approx(float(((a @ coef - r) ** 2).sum()), rel=1e-9)
+
+
+def _identity_forward(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def _brute_force_fit(model, ids, skip, first, last, consumer, damp):
+    """Capture a, Y (block first-1) and L (leaving block last) with hooks on the stock forward, the
+    earlier runs skipped; solve the ridge directly."""
+    blocks = adapter_for(model).block_list(model)
+    seen = {}
+    module = blocks[first - 1].get_submodule(consumer)
+    def state(key):
+        return lambda _, __, out: seen.update({key: out[0] if isinstance(out, tuple) else out})
+
+    hooks = [module.register_forward_hook(lambda _, args, out: seen.update(a=args[0], m=out)),
+             blocks[first - 1].register_forward_hook(state("o")), blocks[last].register_forward_hook(state("l"))]
+    for i in skip:
+        blocks[i].forward = _identity_forward
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        for i in skip:
+            del blocks[i].forward
+    a = seen["a"].reshape(-1, seen["a"].shape[-1]).double()
+    r = (seen["l"] - (seen["o"] - seen["m"])).reshape(-1, seen["l"].shape[-1]).double()
+    weight = module.weight.data.T if module.weight.shape[0] != r.shape[1] else module.weight.data  # Conv1D
+    prior = weight.T.double()
+    if getattr(module, "bias", None) is not None:
+        a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+        prior = torch.cat([prior, module.bias.data[None].double()])
+    gram = a.T @ a
+    lam = damp * float(gram.diagonal().mean())
+    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), a.T @ r + lam * prior)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_compensation_equals_direct_fit_run_by_run(family):
+    """Two runs (1..2 and 4): each fit equals a direct ridge on hooks of the stock forward, the second
+    one on the model already compensated for the first; then the runs are removed."""
+    from secateur.depth.compensate import compensate
+
+    model = deep_model(family, layers=6)
+    adapter = adapter_for(model)
+    consumer = adapter.width.mlp.consumer
+    ids = calibration_ids(4, 16)
+    reference = copy.deepcopy(model)
+    expected = {}
+    for first, last, skip in ((1, 2, ()), (4, 4, (1, 2))):
+        coef = _brute_force_fit(reference, ids, skip, first, last, consumer, 0.1)
+        module = adapter.block_list(reference)[first - 1].get_submodule(consumer)
+        n_in = coef.shape[0] - (module.bias is not None)
+        with torch.no_grad():  # apply, so the next run sees the compensated model
+            target = module.weight if module.weight.shape[1] == n_in else module.weight.T
+            target.copy_(coef[:n_in].T.float())
+            if module.bias is not None:
+                module.bias.copy_(coef[-1].float())
+        expected[first - 1] = coef
+    records = compensate(model, adapter, [1, 2, 4], ids, batch_size=2, device=torch.device("cpu"), damp=0.1)
+    assert [r["run"] for r in records] == [[1, 2], [4, 4]]
+    for record in records:
+        assert record["error_after"] < record["error_before"]
+    for index in expected:
+        got = adapter.block_list(model)[index].get_submodule(consumer)
+        want = adapter.block_list(reference)[index].get_submodule(consumer)
+        torch.testing.assert_close(got.weight, want.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_compensation_lowers_the_output_error_and_saves_stock(tmp_path):
+    model = deep_model("llama", layers=6)
+    ids = calibration_ids(8, 24)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    plain, fitted = copy.deepcopy(model), copy.deepcopy(model)
+    config = DepthConfig(BlockInfluenceConfig(), Amount(count=2))
+    chosen = depth_prune(plain, config, ids, batch_size=4).blocks
+    selection = depth_prune(fitted, DepthConfig(BlockInfluenceConfig(), Amount(count=2), compensate=True), ids,
+                            batch_size=4)  # fmt: skip
+    assert selection.blocks == chosen and selection.compensation
+    assert selection.to_dict()["compensation"] == selection.compensation
+    with torch.no_grad():
+        err_plain = (plain(input_ids=ids).logits - dense).norm()
+        err_fitted = (fitted(input_ids=ids).logits - dense).norm()
+    assert any(r["fitted"] for r in selection.compensation)  # this seed removes block 0 and block 4
+    assert err_fitted < err_plain
+    save(fitted, tiny_tokenizer(), tmp_path / "out", {})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, fitted(input_ids=ids).logits)
+
+
+def test_compensation_of_a_run_at_block_zero_is_recorded_as_impossible():
+    from secateur.depth.compensate import compensate
+
+    model = deep_model("llama", layers=4)
+    before = copy.deepcopy(model.state_dict())
+    records = compensate(model, adapter_for(model), [0, 1], calibration_ids(2, 8), 2, torch.device("cpu"))
+    assert records == [{"run": [0, 1], "fitted": None, "why": records[0]["why"]}] and "block 0" in records[0]["why"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compensation_refuses_a_normalised_mlp_output():
+    from secateur.depth.compensate import compensate
+
+    model = deep_model("gemma3_text", layers=4)
+    with pytest.raises(DepthError, match="not added straight to the residual stream"):
+        compensate(model, adapter_for(model), [2], calibration_ids(2, 8), 2, torch.device("cpu"))
+
+
+def test_cli_compensate_is_recorded(tmp_path, text_file, model_dir):
+    out = tmp_path / "out"
+    code = main(["prune", str(model_dir("llama")), "--out", str(out), "--method", "angular", "--remove-blocks", "1",
+                 "--compensate", "--compensate-damp", "0.2", "--calib", str(text_file), "--calib-seq-len", "16",
+                 *HOLDOUT])  # fmt: skip
+    assert code == 0
+    manifest = json.loads((out / "secateur.json").read_text())
+    assert manifest["recipe"]["compensate"] is True and manifest["recipe"]["compensate_damp"] == 0.2
+    assert len(manifest["depth"]["compensation"]) == 1
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "finercut", "--remove-sublayers", "1", "--compensate"], "use a block method"),
+    (["--method", "angular", "--remove-blocks", "1", "--compensate-damp", "0.5"], "needs --compensate"),
+    (["--method", "wanda", "--compensate"], "apply to the depth methods"),
+])  # fmt: skip
+def test_cli_compensate_bad_requests_exit_2(flags, message, tmp_path, text_file, model_dir, capsys):
+    out = tmp_path / "out"
+    code = main(["prune", str(model_dir("llama")), "--out", str(out), "--calib", str(text_file),
+                 "--calib-seq-len", "16", *HOLDOUT, *flags])  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

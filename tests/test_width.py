@@ -263,3 +263,117 @@ def test_cli_width_round_trip(model_dir, text_file, tmp_path, capsys):
     code = main(["prune", str(model_dir("llama")), "--method", "width", "--sparsity", "0.5", "--out", str(tmp_path / "x")])
     assert code == 2 and "--remove-fraction" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# --- hidden (embedding) dimension ----------------------------------------------------------------------
+
+HIDDEN_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
+
+
+def _zero_hidden(model, channels: list[int]) -> None:
+    """Make residual channels identically zero: embedding columns and every writer's rows."""
+    from secateur.width.hidden import writers
+
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, channels] = 0
+        for block in adapter.block_list(model):
+            for name in writers(adapter.width):
+                block.get_submodule(name).weight[channels] = 0
+
+
+@pytest.mark.parametrize("family", HIDDEN_FAMILIES)
+def test_removing_zeroed_hidden_channels_keeps_logits_and_reloads_stock(family, tmp_path):
+    from secateur.width.hidden import keep_hidden
+
+    model = tiny_model(family)
+    if family == "gemma3_text":  # make the (1 + w) norm convention matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    gone = [3, 17, 40, 63]  # 60 left: stock configs want hidden_size divisible by the 4 heads
+    _zero_hidden(model, gone)
+    ids = calibration(2, 16, seed=1)
+    with torch.no_grad():
+        before = model(ids).logits
+    keep = torch.tensor([i for i in range(64) if i not in gone])
+    keep_hidden(model, adapter_for(model), keep)
+    assert model.config.hidden_size == 60 and model.get_input_embeddings().weight.shape[1] == 60
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    save(model, tiny_tokenizer(), tmp_path / "out", {})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        generated = reloaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=True)
+        assert torch.equal(generated, model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+def test_removing_live_hidden_channels_changes_logits():
+    """The rescaling is exact only for silent channels: the test above could not pass by doing nothing."""
+    from secateur.width.hidden import keep_hidden
+
+    model = tiny_model("llama")
+    ids = calibration(2, 16, seed=1)
+    with torch.no_grad():
+        before = model(ids).logits
+    keep_hidden(model, adapter_for(model), torch.arange(8, 64))
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, before, atol=1e-3)
+
+
+def test_hidden_scores_sum_readers_columns_and_writers_rows():
+    from secateur.width.hidden import hidden_scores
+    from secateur.width.prune import gather_statistics
+
+    model = tiny_model("llama")
+    stats = gather_statistics(model, calibration(), moments=True, gradients=False)
+    adapter = adapter_for(model)
+    got = hidden_scores(model, adapter, IMPORTANCE["activation"], stats.moments, {})
+    expected = torch.zeros(64, dtype=torch.float64)
+    for i, block in enumerate(model.model.layers):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            w, m = block.get_submodule(name).weight, stats.moments[f"model.layers.{i}.{name}"]
+            expected += (w.abs() * m.norm[None, :]).sum(0).double()  # |W_ij| ||X_j|| over the column
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            w, m = block.get_submodule(name).weight, stats.moments[f"model.layers.{i}.{name}"]
+            expected += (w.abs() * m.norm[None, :]).sum(1).double()  # over the row
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_fraction_counts_towards_the_target_and_reloads(tmp_path):
+    model = tiny_model("llama")
+    params = sum(p.numel() for p in model.model.layers.parameters())
+    config = WidthConfig(0.5, "activation", "uniform", "kv-groups", bias_compensation=False, hidden_fraction=0.25)
+    report = width_prune(model, config, calibration())
+    assert report.hidden_before == 64 and report.hidden_after == 48 and model.config.hidden_size == 48
+    assert 0.45 < report.removed_fraction < 0.55
+    assert report.block_parameters_after == sum(p.numel() for p in model.model.layers.parameters())
+    assert report.block_parameters_before == params
+    save(model, tiny_tokenizer(), tmp_path / "out", {"width": report.to_dict()})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = calibration(2, 16, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_adaptive_reloads_with_secateur_load(tmp_path):
+    model = tiny_model("qwen3")
+    config = WidthConfig(0.4, "taylor", "adaptive", "queries", hidden_fraction=0.125)
+    report = width_prune(model, config, calibration())
+    assert not report.uniform and report.hidden_after == 56
+    save(model, tiny_tokenizer(), tmp_path / "out", {"width": report.to_dict()})
+    reloaded, _ = load(tmp_path / "out")
+    ids = calibration(2, 16, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_refusals():
+    with pytest.raises(WidthError, match="LayerNorm"):
+        width_prune(tiny_model("gpt2"), WidthConfig(0.3, "magnitude", heads="none", hidden_fraction=0.1), None)
+    with pytest.raises(WidthError, match="raise --remove-fraction"):
+        width_prune(tiny_model("llama"), WidthConfig(0.1, "magnitude", hidden_fraction=0.5), None)
+    with pytest.raises(Exception, match="hidden-fraction"):
+        WidthConfig(0.3, hidden_fraction=1.0)

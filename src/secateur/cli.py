@@ -53,6 +53,11 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
                    help="depth: fraction of the blocks to remove (finercut: of the blocks' parameters); "
                         "width: fraction of the decoder blocks' parameters")
     p.add_argument("--positions", choices=["all", "last"], help="angular: tokens the distance averages over (all)")
+    p.add_argument("--compensate", action="store_true", default=None,
+                   help="depth (block methods): re-fit the MLP output projection of the block before each removed "
+                        "run to reproduce the state leaving it (linear, no new parameters)")
+    p.add_argument("--compensate-damp", type=float,
+                   help="--compensate: ridge towards the original weights, times the mean Gram diagonal (0.1)")
     p.add_argument("--importance", choices=list(IMPORTANCE), help="width: unit score (default fluctuation, FLAP)")
     p.add_argument("--allocation", choices=sorted(set(ALLOCATIONS) | set(SPARSITY_ALLOCATIONS)),
                    help="sparsity: uniform (default), owl (outlier-weighted per block) or global (one ranking); "
@@ -75,6 +80,9 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-compensation", action=argparse.BooleanOptionalAction,
                    help="width: fold removed channels' mean output into a bias (default: on for fluctuation)")
     p.add_argument("--round-to", type=int, help="width: uniform MLP widths are multiples of this (default 8)")
+    p.add_argument("--hidden-fraction", type=float,
+                   help="width: also remove this fraction of the hidden (embedding) channels, everywhere (RMSNorm "
+                        "families); counts towards --remove-fraction")
     p.add_argument("--ignore", action="append", help="fnmatch pattern of layer names to keep dense (repeatable)")
     p.add_argument("--calib", help="calibration text: enwiki-sample (default), wikitext2, c4, a file or a directory")
     p.add_argument("--calib-samples", type=int, help="calibration windows (default 64)")

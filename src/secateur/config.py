@@ -258,11 +258,11 @@ RECIPE_KEYS = {
     "method", "sparsity", "pattern", "scope", "block_size", "damp", "ignore", "block_stats",
     "calib", "calib_samples", "calib_seq_len", "calib_batch_size", "seed", "text_field",
     "dtype", "device", "eval", "eval_windows", "eval_seq_len",
-    "remove_blocks", "remove_sublayers", "remove_fraction", "positions",
+    "remove_blocks", "remove_sublayers", "remove_fraction", "positions", "compensate", "compensate_damp",
     "steps", "refit_iters", "alpha", "gradient_samples", "allocation", "owl_m", "owl_lambda", "max_layer_sparsity",
     "module_sparsity",
     "refine", "dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp",
-    "permute",
+    "permute", "importance", "heads", "bias_compensation", "round_to", "hidden_fraction",
 }  # fmt: skip
 SPARSITY_ONLY_KEYS = ("owl_m", "owl_lambda", "max_layer_sparsity", "module_sparsity", "refine", "dsnot_cycles",
                       "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp", "permute", "alpha",

@@ -69,8 +69,18 @@ class Amount:
 
 @dataclass(frozen=True)
 class DepthConfig:
+    """`compensate`: after choosing, re-fit the MLP output projection of the block before each run of
+    removed blocks to reproduce the state leaving the run (see `secateur.depth.compensate`), with a
+    ridge of `compensate_damp` x the mean Gram diagonal towards the original weights."""
+
     method: DepthMethod
     amount: Amount
+    compensate: bool = False
+    compensate_damp: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.compensate_damp < 0:
+            raise ConfigError(f"--compensate-damp must be >= 0, got {self.compensate_damp}")
 
     @property
     def method_name(self) -> str:
@@ -79,10 +89,11 @@ class DepthConfig:
         return name_of(self.method)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method_name, **asdict(self.method), **asdict(self.amount)}
+        extra = {"compensate": True, "compensate_damp": self.compensate_damp} if self.compensate else {}
+        return {"method": self.method_name, **asdict(self.method), **asdict(self.amount), **extra}
 
 
-DEPTH_ONLY_KEYS = ("remove_blocks", "remove_sublayers", "remove_fraction", "positions")
+DEPTH_ONLY_KEYS = ("remove_blocks", "remove_sublayers", "remove_fraction", "positions", "compensate", "compensate_damp")
 
 
 def build_depth_config(settings: dict[str, Any]) -> DepthConfig:
@@ -101,4 +112,11 @@ def build_depth_config(settings: dict[str, Any]) -> DepthConfig:
     options = {"positions": settings["positions"]} if settings.get("positions") is not None else {}
     if options and spec.config_type is not AngularConfig:
         raise ConfigError(f"--positions applies to the angular method, not {spec.name}")
-    return DepthConfig(spec.config_type(**options), amount)
+    compensate = bool(settings.get("compensate", False))
+    damp = settings.get("compensate_damp")
+    if damp is not None and not compensate:
+        raise ConfigError("--compensate-damp needs --compensate")
+    if compensate and spec.unit != "block":
+        raise ConfigError(f"--compensate re-fits the block before each removed run of blocks; {spec.name} removes "
+                          "branches: use a block method (block-influence, angular, greedy-loss)")
+    return DepthConfig(spec.config_type(**options), amount, compensate, 0.1 if damp is None else float(damp))

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from secateur.config import ConfigError
+from secateur.depth.compensate import compensate
 from secateur.depth.config import (
     Amount,
     AngularConfig,
@@ -104,8 +105,14 @@ def select_removals(model: nn.Module, config: DepthConfig, calibration: Tensor, 
 
 def depth_prune(model: nn.Module, config: DepthConfig, calibration: Tensor, *, device: str | torch.device = "cpu",
                 batch_size: int = 4) -> Selection:
-    """Choose the blocks or branches to remove from calibration data, then remove them in place."""
+    """Choose the blocks or branches to remove from calibration data, compensate if asked, then remove
+    them in place."""
     selection = select_removals(model, config, calibration, device=device, batch_size=batch_size)
+    if config.compensate:
+        start = time.perf_counter()
+        selection.compensation = compensate(model, adapter_for(model), selection.blocks, calibration, batch_size,
+                                            torch.device(device), config.compensate_damp)  # fmt: skip
+        selection.seconds += time.perf_counter() - start
     apply_selection(model, adapter_for(model), selection)
     return selection
 

@@ -54,6 +54,7 @@ class Selection:
     metric: str
     steps: list[Step] = field(default_factory=list)
     seconds: float = 0.0
+    compensation: list[dict[str, Any]] | None = None  # one record per compensated run, when asked
 
     @property
     def blocks(self) -> list[int]:
@@ -69,6 +70,7 @@ class Selection:
             "seconds": self.seconds,
             "removed": [{"step": i + 1, "unit": s.unit, "score": s.score, "parameters": s.parameters}
                         for i, s in enumerate(self.steps)],
+            **({"compensation": self.compensation} if self.compensation is not None else {}),
         }  # fmt: skip
 
 

@@ -7,6 +7,7 @@ from secateur.models.base import (
     Adapter,
     Attention,
     Branches,
+    Hidden,
     UnsupportedModelError,
     Width,
     adapter_for,
@@ -16,6 +17,6 @@ from secateur.models.base import (
 )
 
 __all__ = [
-    "ADAPTERS", "MLP", "Adapter", "Attention", "Branches", "UnsupportedModelError", "Width", "adapter_for",
+    "ADAPTERS", "MLP", "Adapter", "Attention", "Branches", "Hidden", "UnsupportedModelError", "Width", "adapter_for",
     "read_weight", "supported", "write_weight",
 ]  # fmt: skip

@@ -65,6 +65,18 @@ class MLP:
 
 
 @dataclass(frozen=True)
+class Hidden:
+    """What slicing the hidden (residual-stream) dimension must update besides the block layers, for
+    an RMSNorm family: the final norm, the norms' weight convention (Gemma multiplies by 1 + w:
+    offset 1) and the config fields of the size and of the norms' eps."""
+
+    final_norm: str = "model.norm"
+    norm_offset: float = 0.0
+    eps_key: str = "rms_norm_eps"
+    size_key: str = "hidden_size"
+
+
+@dataclass(frozen=True)
 class Width:
     """What width pruning may slice in a family, and the config flags that give a branch biases
     (each flag adds a bias to every projection of the branch, in every block)."""
@@ -72,6 +84,7 @@ class Width:
     mlp: MLP
     attention: Attention | None = None  # None: heads cannot be pruned with a stock config
     bias_flags: tuple[tuple[str, str], ...] = ()  # (branch kind, config flag)
+    hidden: Hidden | None = None  # None: the hidden dimension cannot be pruned (LayerNorm families)
 
     def bias_flag(self, kind: str) -> str | None:
         return dict(self.bias_flags).get(kind)

@@ -1,6 +1,6 @@
 """Gemma 3 text models (Gemma3ForCausalLM): Llama-shaped layers, sandwich norms, BOS required."""
 
-from secateur.models.base import Adapter, Branches, Width, register
+from secateur.models.base import Adapter, Branches, Hidden, Width, register
 from secateur.models.llama import LLAMA_ATTENTION, LLAMA_GROUPS, SWIGLU
 
 # sandwich norms: each branch has a norm before and after it
@@ -11,5 +11,6 @@ GEMMA3_BRANCHES = Branches(
 
 GEMMA3 = register(
     Adapter("gemma3", ("gemma3_text",), "model.layers", LLAMA_GROUPS, needs_bos=True, branches=GEMMA3_BRANCHES,
-            width=Width(SWIGLU, LLAMA_ATTENTION, bias_flags=(("attention", "attention_bias"),)))
+            width=Width(SWIGLU, LLAMA_ATTENTION, bias_flags=(("attention", "attention_bias"),),
+                        hidden=Hidden(norm_offset=1.0)))
 )

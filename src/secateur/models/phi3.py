@@ -1,6 +1,6 @@
 """Phi-3: fused qkv_proj and gate_up_proj (each is one layer with one input)."""
 
-from secateur.models.base import MLP, Adapter, Attention, Width, register
+from secateur.models.base import MLP, Adapter, Attention, Hidden, Width, register
 
 PHI3 = register(
     Adapter(
@@ -9,6 +9,7 @@ PHI3 = register(
         "model.layers",
         (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
         width=Width(MLP(("mlp.gate_up_proj",), "mlp.down_proj", stacked=2),
-                    Attention("self_attn", "self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.o_proj")),
+                    Attention("self_attn", "self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.o_proj"),
+                    hidden=Hidden()),
     )
 )

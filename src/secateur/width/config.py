@@ -26,7 +26,9 @@ class WidthConfig:
       on scores standardised per block and branch (FLAP), so widths differ per block.
     bias_compensation: fold the removed channels' mean contribution into the output projection's
       bias (FLAP); on by default for `fluctuation`, whose scores measure exactly what it cannot fold.
-    round_to: uniform MLP widths are multiples of this (kernels favour aligned sizes).
+    round_to: uniform MLP widths (and the hidden size) are multiples of this (kernels favour aligned sizes).
+    hidden_fraction: also remove this fraction of the hidden (embedding) channels, everywhere in the
+      model (RMSNorm families). It counts towards `fraction`: heads and MLP channels make up the rest.
     """
 
     fraction: float
@@ -35,6 +37,7 @@ class WidthConfig:
     heads: HeadMode = "kv-groups"
     bias_compensation: bool | None = None  # None: on for fluctuation, off otherwise
     round_to: int = 8
+    hidden_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction < 1:
@@ -45,6 +48,8 @@ class WidthConfig:
             raise ConfigError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.heads not in HEAD_MODES:
             raise ConfigError(f"--heads must be one of {', '.join(HEAD_MODES)}, got {self.heads!r}")
+        if not 0 <= self.hidden_fraction < 1:
+            raise ConfigError(f"--hidden-fraction must be in [0, 1), got {self.hidden_fraction}")
         if self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
 
@@ -69,7 +74,7 @@ class WidthConfig:
         return {"method": "width", **asdict(self), "bias_compensation": self.compensate}
 
 
-WIDTH_ONLY_KEYS = ("importance", "allocation", "heads", "bias_compensation", "round_to")
+WIDTH_ONLY_KEYS = ("importance", "allocation", "heads", "bias_compensation", "round_to", "hidden_fraction")
 
 
 def build_width_config(settings: dict[str, Any]) -> WidthConfig:

@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from secateur.models import Adapter, Width, adapter_for
 from secateur.prune import collect_input_stats
 from secateur.stats import Moments
 from secateur.width.config import WidthConfig
+from secateur.width.hidden import check_hidden, hidden_count, hidden_scores, keep_hidden
 from secateur.width.scores import IMPORTANCE
 from secateur.width.structure import (
     LayerWidth,
@@ -45,6 +47,7 @@ from secateur.width.units import (
     head_keep,
     layer_scorer,
     mlp_units,
+    uniform_attention_removal,
     uniform_removals,
 )
 
@@ -57,6 +60,8 @@ class WidthReport:
     block_parameters_after: int = 0
     uniform: bool = True
     head_dim: int = 0
+    hidden_before: int = 0
+    hidden_after: int = 0
     seconds: float = 0.0
 
     @property
@@ -67,6 +72,8 @@ class WidthReport:
         return {
             "uniform": self.uniform,
             "head_dim": self.head_dim,
+            "hidden_before": self.hidden_before,
+            "hidden_after": self.hidden_after,
             "block_parameters_before": self.block_parameters_before,
             "block_parameters_after": self.block_parameters_after,
             "removed_fraction": self.removed_fraction,
@@ -87,6 +94,8 @@ def width_of(model: nn.Module, adapter: Adapter, config: WidthConfig) -> Width:
     if config.heads != "none" and width.attention.fused and config.allocation == "adaptive":
         raise WidthError(f"{model_type}'s fused qkv_proj reads the head count from the shared config, so every block "
                          f"must keep the same heads; use --allocation uniform or --heads none")
+    if config.hidden_fraction:
+        check_hidden(model, adapter)
     if config.compensate:
         for kind in ("mlp", "attention") if config.heads != "none" else ("mlp",):
             bias_flag_needed(model, adapter, kind)
@@ -188,6 +197,29 @@ def _apply(model: nn.Module, adapter: Adapter, width: Width, units: list[Units],
             keep_heads(block, width.attention, size, q_keep, kv_keep)
 
 
+def _saved_heads(model: nn.Module, config: WidthConfig, units: list[Units]) -> int:
+    """The query-head count the saved config will hold (stock configs want hidden_size divisible by it)."""
+    q, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    attention = next((u for u in units if u.kind == "attention"), None)
+    if config.allocation != "uniform" or attention is None:
+        return q  # adaptive widths keep the original config; secateur.load reshapes the blocks
+    removed = uniform_attention_removal(len(attention.scores), config.fraction)
+    return (kv - removed) * (q // kv) if config.heads == "kv-groups" else kv * (q // kv - removed)
+
+
+def _prune_hidden(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig, statistics: Statistics,
+                  units: list[Units]) -> int:  # fmt: skip
+    """Slice the lowest-scoring hidden channels (scores on the dense model); re-cost the head and MLP
+    units at the new hidden size. Returns the block parameters removed."""
+    before = _block_parameters(model, adapter)
+    scores = hidden_scores(model, adapter, IMPORTANCE[config.importance], statistics.moments, statistics.grads)
+    kept = hidden_count(len(scores), config.hidden_fraction, math.lcm(config.round_to, _saved_heads(model, config, units)))
+    keep_hidden(model, adapter, scores.argsort()[len(scores) - kept:].sort().values)
+    for unit, resized in zip(units, _units(model, adapter, width, replace(config, importance="magnitude"), Statistics())):
+        unit.cost = resized.cost
+    return before - _block_parameters(model, adapter)
+
+
 def _complement(keep: Tensor, n: int) -> Tensor:
     mask = torch.ones(n, dtype=torch.bool)
     mask[keep] = False
@@ -197,7 +229,8 @@ def _complement(keep: Tensor, n: int) -> Tensor:
 def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | None, *,
                 device: str | torch.device = "cpu", batch_size: int = 4,
                 statistics: Statistics | None = None) -> WidthReport:  # fmt: skip
-    """Prune heads and MLP channels of `model` in place; the config follows the new shapes.
+    """Prune heads, MLP channels and (if asked) hidden channels of `model` in place; the config follows
+    the new shapes.
     `statistics` gathered beforehand on this (dense) model replace the calibration passes."""
     adapter = adapter_for(model)
     width = width_of(model, adapter, config)
@@ -211,10 +244,18 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
         if config.needs_calibration and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
             raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
         statistics = gather_statistics(model, calibration, moments=config.needs_moments,
-                                       gradients=IMPORTANCE[config.importance].gradients, heads=config.heads != "none",
+                                       gradients=IMPORTANCE[config.importance].gradients,
+                                       heads=config.heads != "none" or config.hidden_fraction > 0,
                                        device=device, batch_size=batch_size)  # fmt: skip
     units = _units(model, adapter, width, config, statistics)
     target = config.fraction * report.block_parameters_before
+    report.hidden_before = report.hidden_after = model.config.hidden_size
+    if config.hidden_fraction:
+        target -= _prune_hidden(model, adapter, width, config, statistics, units)
+        report.hidden_after = model.config.hidden_size
+        if target < 0:
+            raise WidthError(f"--hidden-fraction {config.hidden_fraction:g} alone removes more than --remove-fraction "
+                             f"{config.fraction:g} of the block parameters; raise --remove-fraction")
     removals = (uniform_removals(units, config.fraction, target, config.round_to) if config.allocation == "uniform"
                 else adaptive_removals(units, target))  # fmt: skip
     _apply(model, adapter, width, units, removals, statistics.moments, config.compensate)

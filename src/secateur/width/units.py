@@ -99,6 +99,11 @@ def _half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
+def uniform_attention_removal(units: int, fraction: float) -> int:
+    """Attention units every block loses under uniform allocation (at least one stays)."""
+    return min(_half_up(fraction * units), units - 1)
+
+
 def uniform_removals(units: list[Units], fraction: float, target: float, round_to: int) -> dict[tuple[int, str], int]:
     """Every block loses the same number of units of each kind: attention loses round(fraction x its
     units) (keeping at least one); the MLP channels then make up the parameter target, with each
@@ -107,7 +112,7 @@ def uniform_removals(units: list[Units], fraction: float, target: float, round_t
     attention = [u for u in units if u.kind == "attention"]
     mlp = [u for u in units if u.kind == "mlp"]
     for u in attention:
-        removals[(u.block, u.kind)] = min(_half_up(fraction * len(u.scores)), len(u.scores) - 1)
+        removals[(u.block, u.kind)] = uniform_attention_removal(len(u.scores), fraction)
     left = target - sum(removals[(u.block, u.kind)] * u.cost for u in attention)
     if mlp:
         per_block = max(left, 0) / sum(u.cost for u in mlp)

@@ -1,0 +1,200 @@
+"""Linear compensation for removed blocks (the training-free fix of ReplaceMe / LLM-Streamline).
+
+A run of consecutive blocks s..e is removed. The block before it, s-1, ends with its MLP's output
+projection W (`down_proj`), whose output M = a·Wᵀ is added to the residual state Y:
+
+    state leaving s-1 = Y + a·Wᵀ            state leaving e (dense) = L
+
+W is re-fitted so that block s-1 alone lands where the dense model was after block e:
+
+    W' = argmin ‖a·W'ᵀ − (L − Y)‖² + λ‖W' − W‖²,   λ = damp · mean diag(aᵀa)
+
+a ridge towards the original weights, so that λ → ∞ is plain removal. The fit folds into an existing
+layer of the same shape: no parameter is added and the result stays a stock model. The projection's
+bias, when it has one, is fitted with it (a column of ones in a).
+
+Runs are compensated in order, each on the already-compensated model before it, in one streamed
+pass: the blocks of a run still compute during the pass, to give their target L.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secateur.depth.structure import DepthError
+from secateur.engine import run_block
+from secateur.models import Adapter
+from secateur.models.base import read_weight, write_weight
+from secateur.prune import stream_blocks
+
+log = logging.getLogger(__name__)
+
+
+def runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices, as (first, last)."""
+    out: list[tuple[int, int]] = []
+    for index in sorted(set(blocks)):
+        if out and index == out[-1][1] + 1:
+            out[-1] = (out[-1][0], index)
+        else:
+            out.append((index, index))
+    return out
+
+
+@dataclass
+class NormalEquations:
+    """Σ aᵀa, Σ aᵀr and Σ‖r‖² of a least-squares fit of targets r from features a (float64)."""
+
+    gram: Tensor
+    cross: Tensor
+    target_sq: float = 0.0
+
+    @classmethod
+    def empty(cls, features: int, outputs: int, device: torch.device) -> "NormalEquations":
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        return cls(torch.zeros(features, features, dtype=dtype, device=device),
+                   torch.zeros(features, outputs, dtype=dtype, device=device))  # fmt: skip
+
+    def update(self, a: Tensor, r: Tensor) -> None:
+        a = a.reshape(-1, a.shape[-1]).to(self.gram.dtype)
+        r = r.reshape(-1, r.shape[-1]).to(self.gram.dtype)
+        self.gram += a.T @ a
+        self.cross += a.T @ r
+        self.target_sq += float((r * r).sum())
+
+    def error(self, coef: Tensor) -> float:
+        """‖a·coef − r‖² over everything seen, from the sums alone (coef: features x outputs)."""
+        coef = coef.to(self.gram.dtype)
+        return float((coef * (self.gram @ coef)).sum() - 2 * (coef * self.cross).sum()) + self.target_sq
+
+
+def ridge_towards(eq: NormalEquations, prior: Tensor, damp: float) -> Tensor:
+    """argmin_X ‖aX − r‖² + λ‖X − prior‖², λ = damp · mean diag(aᵀa); prior, X: features x outputs."""
+    lam = damp * float(eq.gram.diagonal().mean())
+    if lam <= 0:
+        lam = 1e-8 * max(float(eq.gram.diagonal().abs().max()), 1.0)
+    gram = eq.gram + lam * torch.eye(len(eq.gram), dtype=eq.gram.dtype, device=eq.gram.device)
+    return torch.linalg.solve(gram, eq.cross + lam * prior.to(eq.gram.dtype))
+
+
+def _with_ones(a: Tensor) -> Tensor:
+    return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)], dim=-1)
+
+
+@dataclass
+class _Pending:
+    """A run being compensated: the inputs of the block before it, kept to re-run that block."""
+
+    first: int
+    last: int
+    inputs: list[Tensor]
+    extras: list[Any]
+
+
+def _mlp_output(block: nn.Module, consumer: str, hidden: Tensor, extra: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """(consumer's input a, consumer's output M, block output) of one batch."""
+    seen: dict[str, Tensor] = {}
+    module = block.get_submodule(consumer)
+
+    def hook(_: nn.Module, args: tuple, out: Tensor) -> None:
+        seen["a"], seen["m"] = args[0], out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        out = run_block(block, hidden, extra)
+    finally:
+        handle.remove()
+    return seen["a"], seen["m"], out
+
+
+def _check_additive(block: nn.Module, consumer: str, hidden: Tensor, extra: Any, family: str) -> None:
+    """The fit folds into the consumer only if its output is added straight to the residual state
+    (no norm or scale after it): zeroing it must take exactly M off the block's output."""
+    _, m, out = _mlp_output(block, consumer, hidden, extra)
+    handle = block.get_submodule(consumer).register_forward_hook(lambda _, __, o: torch.zeros_like(o))
+    try:
+        without = run_block(block, hidden, extra)
+    finally:
+        handle.remove()
+    scale = float(out.abs().max()) + 1e-6
+    if float((out - without - m).abs().max()) > 1e-3 * scale:
+        raise DepthError(f"{family}: the MLP output ({consumer}) is not added straight to the residual stream "
+                         "(a norm follows it), so the compensation cannot fold into it; drop --compensate")
+
+
+@torch.no_grad()
+def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibration: Tensor, batch_size: int,
+               device: torch.device, damp: float = 0.1) -> list[dict[str, Any]]:
+    """Re-fit the MLP output projection of the block before each run of `removed` blocks (original
+    numbering) so that it reproduces the dense state leaving the run; the blocks are not removed
+    here. Returns one record per run: the fitted layer and the relative error of the state passed on,
+    ‖state − L‖ / ‖L − Y‖ on the calibration tokens, before and after the fit."""
+    if adapter.width is None:
+        raise DepthError(f"{adapter.family}: no MLP output projection is known, so --compensate is not available")
+    consumer = adapter.width.mlp.consumer
+    spans = runs(removed)
+    starts = {first - 1: (first, last) for first, last in spans if first > 0}
+    records = [{"run": [first, last], "fitted": None, "why": "the run starts at block 0: no block before it to fit"}
+               for first, last in spans if first == 0]  # fmt: skip
+    for first, last in spans:
+        if first == 0:
+            log.warning("blocks 0..%d removed without compensation: no block before them", last)
+    pending: _Pending | None = None
+    blocks = adapter.block_list(model)
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "compensation"):
+        extras = inputs.extras[index]
+        if index in starts:
+            _check_additive(block, consumer, inputs.hidden[0], extras[0], adapter.family)
+            pending = _Pending(*starts[index], list(inputs.hidden), list(extras))
+        inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, extras)]
+        if pending is not None and pending.last == index:
+            record = _fit(blocks[pending.first - 1], consumer, pending, inputs.hidden, device, damp)
+            record["fitted"] = f"{adapter.blocks}.{pending.first - 1}.{consumer}"
+            records.append(record)
+            fitted = blocks[pending.first - 1]
+            home = next(fitted.parameters()).device
+            fitted.to(device)
+            try:  # the compensated state goes on, as if the run were gone
+                inputs.hidden = [run_block(fitted, h, e) for h, e in zip(pending.inputs, pending.extras)]
+            finally:
+                fitted.to(home)
+            pending = None
+    return sorted(records, key=lambda r: r["run"])
+
+
+def _fit(block: nn.Module, consumer: str, pending: _Pending, targets: list[Tensor], device: torch.device,
+         damp: float) -> dict[str, Any]:
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        module = block.get_submodule(consumer)
+        weight = read_weight(module)
+        bias = getattr(module, "bias", None)
+        eq: NormalEquations | None = None
+        for hidden, extra, target in zip(pending.inputs, pending.extras, targets):
+            a, m, out = _mlp_output(block, consumer, hidden, extra)
+            if bias is not None:
+                a = _with_ones(a)
+            if eq is None:
+                eq = NormalEquations.empty(a.shape[-1], weight.shape[0], device)
+            eq.update(a, target - (out - m))  # r = L − Y
+        prior = weight.T if bias is None else torch.cat([weight.T, bias[None]], dim=0)
+        coef = ridge_towards(eq, prior, damp)
+        before, after = eq.error(prior), eq.error(coef)
+        if after < before:
+            write_weight(module, coef[: weight.shape[1]].T.to(weight.dtype))
+            if bias is not None:
+                bias.data.copy_(coef[-1].to(bias.dtype))
+        else:
+            log.warning("compensation of blocks %d..%d did not lower the calibration error; weights kept",
+                        pending.first, pending.last)
+        total = max(eq.target_sq, 1e-30)
+        return {"run": [pending.first, pending.last], "error_before": (before / total) ** 0.5,
+                "error_after": (min(after, before) / total) ** 0.5, "damp": damp}  # fmt: skip
+    finally:
+        block.to(home)
