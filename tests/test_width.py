@@ -377,3 +377,20 @@ def test_hidden_refusals():
         width_prune(tiny_model("llama"), WidthConfig(0.1, "magnitude", hidden_fraction=0.5), None)
     with pytest.raises(Exception, match="hidden-fraction"):
         WidthConfig(0.3, hidden_fraction=1.0)
+
+
+def test_cli_hidden_fraction(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "thin"
+    code = main(["prune", str(model_dir("llama")), "--method", "width", "--remove-fraction", "0.4", "--hidden-fraction",
+                 "0.25", "--no-bias-compensation", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len",
+                 "32", "--eval-windows", "2", "--eval-seq-len", "32", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert "hidden size 64 -> 48" in capsys.readouterr().out
+    manifest = json.loads((out / "secateur.json").read_text())
+    assert manifest["recipe"]["hidden_fraction"] == 0.25 and manifest["width"]["hidden_after"] == 48
+    assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 48
+    code = main(["prune", str(model_dir("gpt2")), "--method", "width", "--remove-fraction", "0.4", "--heads", "none",
+                 "--hidden-fraction", "0.25", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32",
+                 "--eval-windows", "2", "--eval-seq-len", "32", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert code == 2 and "LayerNorm" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

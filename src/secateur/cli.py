@@ -210,6 +210,8 @@ def _width(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     print(f"width ({config.importance}, {config.allocation}, heads {config.heads}): removed "
           f"{width['removed_fraction']:.4f} of block parameters, {width['parameters_before']:,} -> "
           f"{width['parameters_after']:,} parameters in {width['seconds']:.1f} s -> {args.out}")
+    if width["hidden_after"] != width["hidden_before"]:
+        print(f"hidden size {width['hidden_before']} -> {width['hidden_after']}")
     if not width["uniform"]:
         print("per-block widths differ: load it with secateur.load(path)")
     _print_evaluation(manifest)
@@ -278,6 +280,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"width: removed {width.get('removed_fraction', 0):.4f} of block parameters; "
               f"{'uniform' if width.get('uniform') else 'per-block (load with secateur.load)'} widths "
               f"(query heads, key/value heads, MLP channels): {shapes[:6]}{' ...' if len(shapes) > 6 else ''}")
+        if width.get("hidden_after", width.get("hidden_before")) != width.get("hidden_before"):
+            print(f"width: hidden size {width['hidden_before']} -> {width['hidden_after']}")
     return 0
 
 
