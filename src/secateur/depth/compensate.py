@@ -169,6 +169,9 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
 
 def _fit(block: nn.Module, consumer: str, pending: _Pending, targets: list[Tensor], device: torch.device,
          damp: float) -> dict[str, Any]:
+    """Fit the consumer of `block` (the one before the run) on the targets leaving the run. The block
+    runs again on its kept inputs rather than keeping its MLP activations from the streamed pass:
+    those are MLP-width per token, the kept inputs only hidden-width."""
     home = next(block.parameters()).device
     block.to(device)
     try:

@@ -81,6 +81,9 @@ class DepthConfig:
     def __post_init__(self) -> None:
         if self.compensate_damp < 0:
             raise ConfigError(f"--compensate-damp must be >= 0, got {self.compensate_damp}")
+        if self.compensate and isinstance(self.method, FinerCutConfig):
+            raise ConfigError(f"--compensate re-fits the block before each removed run of blocks; {self.method_name} "
+                              "removes branches: use a block method (block-influence, angular, greedy-loss)")
 
     @property
     def method_name(self) -> str:
@@ -116,7 +119,4 @@ def build_depth_config(settings: dict[str, Any]) -> DepthConfig:
     damp = settings.get("compensate_damp")
     if damp is not None and not compensate:
         raise ConfigError("--compensate-damp needs --compensate")
-    if compensate and spec.unit != "block":
-        raise ConfigError(f"--compensate re-fits the block before each removed run of blocks; {spec.name} removes "
-                          "branches: use a block method (block-influence, angular, greedy-loss)")
     return DepthConfig(spec.config_type(**options), amount, compensate, 0.1 if damp is None else float(damp))
