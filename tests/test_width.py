@@ -343,6 +343,8 @@ def test_hidden_scores_sum_readers_columns_and_writers_rows():
 
 
 def test_hidden_fraction_counts_towards_the_target_and_reloads(tmp_path):
+    from secateur.width.hidden import hidden_channel_parameters, keep_hidden
+
     model = tiny_model("llama")
     params = sum(p.numel() for p in model.model.layers.parameters())
     config = WidthConfig(0.5, "activation", "uniform", "kv-groups", bias_compensation=False, hidden_fraction=0.25)
@@ -350,6 +352,10 @@ def test_hidden_fraction_counts_towards_the_target_and_reloads(tmp_path):
     assert report.hidden_before == 64 and report.hidden_after == 48 and model.config.hidden_size == 48
     assert 0.45 < report.removed_fraction < 0.55
     assert report.block_parameters_after == sum(p.numel() for p in model.model.layers.parameters())
+    fresh, sliced = tiny_model("llama"), tiny_model("llama")  # the per-channel count matches the slicing
+    keep_hidden(sliced, adapter_for(sliced), torch.arange(48))
+    assert 16 * hidden_channel_parameters(fresh, adapter_for(fresh)) == params - sum(
+        p.numel() for p in sliced.model.layers.parameters())
     assert report.block_parameters_before == params
     save(model, tiny_tokenizer(), tmp_path / "out", {"width": report.to_dict()})
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -373,8 +379,11 @@ def test_hidden_adaptive_reloads_with_secateur_load(tmp_path):
 def test_hidden_refusals():
     with pytest.raises(WidthError, match="LayerNorm"):
         width_prune(tiny_model("gpt2"), WidthConfig(0.3, "magnitude", heads="none", hidden_fraction=0.1), None)
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(WidthError, match="raise --remove-fraction"):
-        width_prune(tiny_model("llama"), WidthConfig(0.1, "magnitude", hidden_fraction=0.5), None)
+        width_prune(model, WidthConfig(0.1, "magnitude", hidden_fraction=0.5), None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any change
     with pytest.raises(Exception, match="hidden-fraction"):
         WidthConfig(0.3, hidden_fraction=1.0)
 

@@ -84,6 +84,18 @@ def hidden_scores(model: nn.Module, adapter: Adapter, importance: Importance, st
     return total
 
 
+def hidden_channel_parameters(model: nn.Module, adapter: Adapter) -> int:
+    """Block parameters one hidden channel holds: a column of every reader, a row (and bias entry) of
+    every writer, an entry of every norm."""
+    width, total = adapter.width, 0
+    for block in adapter.block_list(model):
+        total += sum(read_weight(layer).shape[0] for name in readers(width) if (layer := submodule(block, name)) is not None)
+        total += sum(read_weight(layer).shape[1] + (layer.bias is not None)
+                     for name in writers(width) if (layer := submodule(block, name)) is not None)  # fmt: skip
+        total += sum(1 for name in block_norms(adapter) if getattr(submodule(block, name), "weight", None) is not None)
+    return total
+
+
 def _scale_norm(norm: nn.Module, keep: Tensor, factor: float, offset: float) -> None:
     weight = norm.weight.data[keep]
     norm.weight = nn.Parameter(((weight.double() + offset) * factor - offset).to(weight.dtype).contiguous(),

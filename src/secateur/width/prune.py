@@ -23,7 +23,7 @@ from secateur.models import Adapter, Width, adapter_for
 from secateur.prune import collect_input_stats
 from secateur.stats import Moments
 from secateur.width.config import WidthConfig
-from secateur.width.hidden import check_hidden, hidden_count, hidden_scores, keep_hidden
+from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
 from secateur.width.scores import IMPORTANCE
 from secateur.width.structure import (
     LayerWidth,
@@ -208,12 +208,16 @@ def _saved_heads(model: nn.Module, config: WidthConfig, units: list[Units]) -> i
 
 
 def _prune_hidden(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig, statistics: Statistics,
-                  units: list[Units]) -> int:  # fmt: skip
+                  units: list[Units], target: float) -> int:  # fmt: skip
     """Slice the lowest-scoring hidden channels (scores on the dense model); re-cost the head and MLP
-    units at the new hidden size. Returns the block parameters removed."""
+    units at the new hidden size. Returns the block parameters removed; refuses, before touching the
+    model, a hidden share above the `target`."""
     before = _block_parameters(model, adapter)
     scores = hidden_scores(model, adapter, IMPORTANCE[config.importance], statistics.moments, statistics.grads)
     kept = hidden_count(len(scores), config.hidden_fraction, math.lcm(config.round_to, _saved_heads(model, config, units)))
+    if (len(scores) - kept) * hidden_channel_parameters(model, adapter) > target:
+        raise WidthError(f"--hidden-fraction {config.hidden_fraction:g} alone removes more than --remove-fraction "
+                         f"{config.fraction:g} of the block parameters; raise --remove-fraction")
     keep_hidden(model, adapter, scores.argsort()[len(scores) - kept:].sort().values)
     for unit, resized in zip(units, _units(model, adapter, width, replace(config, importance="magnitude"), Statistics())):
         unit.cost = resized.cost
@@ -251,11 +255,8 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     target = config.fraction * report.block_parameters_before
     report.hidden_before = report.hidden_after = model.config.hidden_size
     if config.hidden_fraction:
-        target -= _prune_hidden(model, adapter, width, config, statistics, units)
+        target -= _prune_hidden(model, adapter, width, config, statistics, units, target)
         report.hidden_after = model.config.hidden_size
-        if target < 0:
-            raise WidthError(f"--hidden-fraction {config.hidden_fraction:g} alone removes more than --remove-fraction "
-                             f"{config.fraction:g} of the block parameters; raise --remove-fraction")
     removals = (uniform_removals(units, config.fraction, target, config.round_to) if config.allocation == "uniform"
                 else adaptive_removals(units, target))  # fmt: skip
     _apply(model, adapter, width, units, removals, statistics.moments, config.compensate)
