@@ -275,6 +275,9 @@ def test_cli_depth_prune_writes_manifest(tmp_path, text_file, model_dir):
     (["--method", "block-influence", "--remove-blocks", "2"], "keep at least one"),  # every block of the tiny model
     (["--method", "greedy-loss"], "give exactly one"),  # no amount
     (["--method", "greedy-loss", "--remove-blocks", "1", "--positions", "last"], "applies to the angular method"),
+    (["--method", "finercut", "--remove-sublayers", "1", "--compensate"], "use a block method"),
+    (["--method", "angular", "--remove-blocks", "1", "--compensate-damp", "0.5"], "needs --compensate"),
+    (["--method", "wanda", "--compensate"], "apply to the depth methods"),
 ])  # fmt: skip
 def test_cli_depth_bad_requests_exit_2(flags, message, tmp_path, text_file, model_dir, capsys):
     out = tmp_path / "out"
@@ -433,17 +436,3 @@ def test_cli_compensate_is_recorded(tmp_path, text_file, model_dir):
     assert manifest["recipe"]["compensate"] is True and manifest["recipe"]["compensate_damp"] == 0.2
     assert len(manifest["depth"]["compensation"]) == 1
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--method", "finercut", "--remove-sublayers", "1", "--compensate"], "use a block method"),
-    (["--method", "angular", "--remove-blocks", "1", "--compensate-damp", "0.5"], "needs --compensate"),
-    (["--method", "wanda", "--compensate"], "apply to the depth methods"),
-])  # fmt: skip
-def test_cli_compensate_bad_requests_exit_2(flags, message, tmp_path, text_file, model_dir, capsys):
-    out = tmp_path / "out"
-    code = main(["prune", str(model_dir("llama")), "--out", str(out), "--calib", str(text_file),
-                 "--calib-seq-len", "16", *HOLDOUT, *flags])  # fmt: skip
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()

@@ -280,7 +280,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"width: removed {width.get('removed_fraction', 0):.4f} of block parameters; "
               f"{'uniform' if width.get('uniform') else 'per-block (load with secateur.load)'} widths "
               f"(query heads, key/value heads, MLP channels): {shapes[:6]}{' ...' if len(shapes) > 6 else ''}")
-        if width.get("hidden_after", width.get("hidden_before")) != width.get("hidden_before"):
+        if width.get("hidden_after") not in (None, width.get("hidden_before")):
             print(f"width: hidden size {width['hidden_before']} -> {width['hidden_after']}")
     return 0
 

@@ -212,16 +212,16 @@ def _prune_hidden(model: nn.Module, adapter: Adapter, width: Width, config: Widt
     """Slice the lowest-scoring hidden channels (scores on the dense model); re-cost the head and MLP
     units at the new hidden size. Returns the block parameters removed; refuses, before touching the
     model, a hidden share above the `target`."""
-    before = _block_parameters(model, adapter)
     scores = hidden_scores(model, adapter, IMPORTANCE[config.importance], statistics.moments, statistics.grads)
     kept = hidden_count(len(scores), config.hidden_fraction, math.lcm(config.round_to, _saved_heads(model, config, units)))
-    if (len(scores) - kept) * hidden_channel_parameters(model, adapter) > target:
+    removed = (len(scores) - kept) * hidden_channel_parameters(model, adapter)
+    if removed > target:
         raise WidthError(f"--hidden-fraction {config.hidden_fraction:g} alone removes more than --remove-fraction "
                          f"{config.fraction:g} of the block parameters; raise --remove-fraction")
     keep_hidden(model, adapter, scores.argsort()[len(scores) - kept:].sort().values)
     for unit, resized in zip(units, _units(model, adapter, width, replace(config, importance="magnitude"), Statistics())):
         unit.cost = resized.cost
-    return before - _block_parameters(model, adapter)
+    return removed
 
 
 def _complement(keep: Tensor, n: int) -> Tensor:
