@@ -10,13 +10,14 @@ per method serves every fraction; the angular span is searched once per span len
 removes attention / MLP branches until the removed parameters reach the same fraction of the
 decoder blocks' parameters (the same per-token compute budget).
 
-Speed: `secateur.bench.measure_isolated` (batch 1, 512-token prefill, 128 decoded tokens, median of
-`--repeats`); a native model is built from the pruned model's config with random weights.
+Speed: `secateur.bench.bench` (batch 1, 512-token prefill, 128 decoded tokens, `--rounds` rounds
+over all models of `--repeats` runs each; medians, speedups as medians of per-round ratios); a
+native model is built from the pruned model's config with random weights.
 
 With `--compensate`, each block method also gets a '+ compensate' row: the same removals, then the
 linear fit of `secateur.depth.compensate` on that method's calibration windows.
 
-    python benchmarks/depth.py [--fractions 0.1,0.2,0.3] [--repeats 5] [--skip-speed] [--compensate]
+    python benchmarks/depth.py [--fractions 0.1,0.2,0.3] [--repeats 3] [--rounds 3] [--skip-speed] [--compensate]
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fractions", default="0.1,0.2,0.3")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all models (see secateur.bench)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results" / "depth.json"))
     parser.add_argument("--model", help="model directory (default: the demo's SmolLM2-135M)")
@@ -103,7 +105,7 @@ def main() -> None:
     calib_shape = tuple(int(x) for x in args.calib.split("x")) if args.calib else None
     counts = [max(1, round(f * blocks)) for f in fractions]
     if args.speed_only:
-        return speed_only(dense, tokenizer, model_dir, Path(args.out), args.repeats)
+        return speed_only(dense, tokenizer, model_dir, Path(args.out), args.repeats, args.rounds)
     eval_ids = evaluation_data(dense, tokenizer, "enwiki-sample", SEQ_LEN, args.eval_windows)
     results: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                      "dense": perplexity(dense, eval_ids)["perplexity"], "rows": []}  # fmt: skip
@@ -152,7 +154,7 @@ def main() -> None:
             results["speed"], results["speed_protocol"] = earlier["speed"], earlier["speed_protocol"]
 
     if not args.skip_speed:
-        results["speed"] = speed(dense, tokenizer, model_dir, results["rows"], args.repeats)
+        results["speed"] = speed(dense, tokenizer, model_dir, results["rows"], args.repeats, args.rounds)
         results["speed_protocol"] = BENCH_PROTOCOL
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
@@ -191,7 +193,7 @@ def _native(dense, tokenizer, layers: int) -> str:
     return str(out)
 
 
-def speed(dense, tokenizer, model_dir: str, rows: list[dict], repeats: int) -> list[dict]:
+def speed(dense, tokenizer, model_dir: str, rows: list[dict], repeats: int, rounds: int) -> list[dict]:
     from secateur.bench import time_labelled
 
     entries = [("dense", model_dir)]
@@ -200,10 +202,10 @@ def speed(dense, tokenizer, model_dir: str, rows: list[dict], repeats: int) -> l
             entries.append((f"{row['method']} {row['fraction']:.0%}", row["saved"]))
             if row["method"] == "greedy-loss":
                 entries.append((f"native {row['blocks_after']} blocks", _native(dense, tokenizer, row["blocks_after"])))
-    return time_labelled(entries, repeats)
+    return time_labelled(entries, repeats, rounds)
 
 
-def speed_only(dense, tokenizer, model_dir: str, out: Path, repeats: int) -> None:
+def speed_only(dense, tokenizer, model_dir: str, out: Path, repeats: int, rounds: int) -> None:
     from secateur.bench import BENCH_PROTOCOL
     from secateur.depth import Selection, Step, apply_selection
     from secateur.models import adapter_for
@@ -216,7 +218,7 @@ def speed_only(dense, tokenizer, model_dir: str, out: Path, repeats: int) -> Non
             apply_selection(model, adapter_for(model), Selection("recorded", [Step(u, 0.0, 0) for u in units]))
             row["saved"] = _save(model, tokenizer, f"{row['method']}-{row['fraction']}")
             del model
-    results["speed"] = speed(dense, tokenizer, model_dir, results["rows"], repeats)
+    results["speed"] = speed(dense, tokenizer, model_dir, results["rows"], repeats, rounds)
     results["speed_protocol"] = BENCH_PROTOCOL
     out.write_text(json.dumps(results, indent=2, default=str))
     print(report(results))
@@ -239,7 +241,7 @@ def report(results: dict) -> str:
         for s in results["speed"]:
             lines.append(f"| {s['label']} | {s['parameters'] / 1e6:.1f}M | {s['prefill_seconds'] * 1e3:.1f} | "
                          f"{s['decode_tokens_per_second']:.1f} | "
-                         f"{s['decode_tokens_per_second'] / base['decode_tokens_per_second']:.2f} |")
+                         f"{s.get('decode_speedup', s['decode_tokens_per_second'] / base['decode_tokens_per_second']):.2f} |")
     return "\n".join(lines)
 
 

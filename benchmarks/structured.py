@@ -12,9 +12,11 @@ first use; it needs no calibration (magnitude).
 
 `--hidden-fractions 0,0.125` adds rows that also remove that fraction of the hidden (embedding)
 channels (counted in the same block-parameter target); `--allocations`, `--importances` and
-`--no-compensation` select the rows. Speed is timed for every uniform fluctuation row.
+`--no-compensation` select the rows. Speed is timed for every uniform fluctuation row, next to the
+dense model and to the issue's reference shape: the dense config with half the MLP width and one
+key/value group (with its query heads) per block, random weights, built here.
 
-    python benchmarks/structured.py [--fractions 0.2,0.5] [--calib 32x512] [--repeats 5]
+    python benchmarks/structured.py [--fractions 0.2,0.5] [--calib 32x512] [--repeats 3] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def main() -> None:
     parser.add_argument("--no-compensation", action="store_true", help="FLAP rows without bias compensation")
     parser.add_argument("--calib", default="32x512", help="SAMPLESxSEQ_LEN calibration windows")
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all models (see secateur.bench)")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--model", help="model directory (default: the demo's SmolLM2-135M)")
@@ -140,7 +143,7 @@ def main() -> None:
 
     write(results, args.out)  # quality first: a failure in the timing leaves it on disk
     if not args.skip_speed:
-        results["speed"] = speed(model_dir, results["rows"], args.repeats)
+        results["speed"] = speed(model_dir, results["rows"], args.repeats, args.rounds)
         write(results, args.out)
     print(report_table(results))
 
@@ -151,11 +154,29 @@ def write(results: dict, out: str) -> None:
     Path(out).write_text(json.dumps(clean, indent=2, default=str))
 
 
-def speed(model_dir: str, rows: list[dict], repeats: int) -> list[dict]:
+def speed(model_dir: str, rows: list[dict], repeats: int, rounds: int) -> list[dict]:
     from secateur.bench import BENCH_PROTOCOL, time_labelled
 
-    entries = [("dense", model_dir)] + [(_label(r), r["path"]) for r in rows if r.get("path")]
-    return [*time_labelled(entries, repeats), {"protocol": BENCH_PROTOCOL}]
+    entries = [("dense", model_dir), ("reference shape (random)", reference_shape(model_dir))]
+    entries += [(_label(r), r["path"]) for r in rows if r.get("path")]
+    return [*time_labelled(entries, repeats, rounds), {"protocol": BENCH_PROTOCOL}]
+
+
+def reference_shape(model_dir: str, out: Path | None = None) -> str:
+    """The dense architecture with half the MLP channels and one key/value group, random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config.num_attention_heads //= config.num_key_value_heads
+    config.num_key_value_heads = 1
+    config.intermediate_size //= 2
+    config.head_dim = head_dim
+    torch.manual_seed(0)
+    out = out or Path(_TMP.name) / "reference-shape"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return str(out)
 
 
 def _label(row: dict) -> str:
@@ -177,8 +198,9 @@ def report_table(results: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for s in speed_rows:
             lines.append(f"| {s['label']} | {s['parameters']:,} | {s['prefill_seconds'] * 1e3:.1f} | "
-                         f"{s['decode_tokens_per_second']:.1f} | {base['prefill_seconds'] / s['prefill_seconds']:.2f}x | "
-                         f"{s['decode_tokens_per_second'] / base['decode_tokens_per_second']:.2f}x |")
+                         f"{s['decode_tokens_per_second']:.1f} | "
+                         f"{s.get('prefill_speedup', base['prefill_seconds'] / s['prefill_seconds']):.2f}x | "
+                         f"{s.get('decode_speedup', s['decode_tokens_per_second'] / base['decode_tokens_per_second']):.2f}x |")
     return "\n".join(lines)
 
 

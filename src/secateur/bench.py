@@ -5,6 +5,10 @@ Protocol (per model, batch 1, random token ids, greedy):
   (what `generate` computes: the time to the first token);
 - decode: after that prefill, `new_tokens` single-token steps with the KV cache, timed together;
 - one warm-up run, then `repeats` timed runs; medians are reported;
+- `rounds`: the models are timed in turn, round after round, each time in a fresh process, so a
+  slow drift of the machine (a shared host's memory bandwidth moves by 10-20% over minutes) falls on
+  every model alike; a model's figures are medians over all its runs, and a speedup is the median
+  over rounds of the ratio of the two models' per-round medians;
 - peak memory: the process's peak resident memory (VmHWM) on CPU, measured in a fresh process per
   model so models do not see each other's peaks; peak allocated CUDA memory on CUDA.
 """
@@ -15,7 +19,8 @@ import json
 import multiprocessing as mp
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,8 @@ from torch import nn
 
 BENCH_PROTOCOL = (
     "batch 1; prefill = one forward over the prompt with the KV cache, last-position logits; decode = new_tokens greedy single-token "
-    "steps with the KV cache after that prefill; 1 warm-up + repeats timed runs, medians; peak memory = VmHWM "
+    "steps with the KV cache after that prefill; 1 warm-up + repeats timed runs per round, models in turn each round "
+    "in a fresh process, medians; speedup = median over rounds of the per-round ratio; peak memory = VmHWM "
     "of a fresh process per model (CPU) or peak allocated CUDA memory"
 )
 
@@ -38,10 +44,24 @@ class SpeedResult:
     file_bytes: int
     prompt: int
     new_tokens: int
-    prefill_seconds: float  # median
-    decode_tokens_per_second: float  # median
-    peak_memory_bytes: int
-    repeats: int
+    prefill_seconds: float  # median over all timed runs
+    decode_tokens_per_second: float  # median over all timed runs
+    peak_memory_bytes: int  # the largest over rounds
+    repeats: int  # timed runs per round
+    rounds: int = 1
+    prefill_runs: list[float] = field(default_factory=list)  # every timed run, round after round
+    decode_runs: list[float] = field(default_factory=list)
+
+    def per_round(self, runs: list[float]) -> list[float]:
+        return [statistics.median(runs[i : i + self.repeats]) for i in range(0, len(runs), self.repeats)]
+
+    def speedup(self, base: SpeedResult) -> tuple[float, float]:
+        """(prefill, decode) speedup over `base`: the median over rounds of the per-round ratios."""
+        if not self.prefill_runs or len(self.per_round(self.prefill_runs)) != len(base.per_round(base.prefill_runs)):
+            return base.prefill_seconds / self.prefill_seconds, self.decode_tokens_per_second / base.decode_tokens_per_second
+        prefill = [b / s for s, b in zip(self.per_round(self.prefill_runs), base.per_round(base.prefill_runs))]
+        decode = [s / b for s, b in zip(self.per_round(self.decode_runs), base.per_round(base.decode_runs))]
+        return statistics.median(prefill), statistics.median(decode)
 
 
 def file_bytes(path: str | Path) -> int:
@@ -93,6 +113,7 @@ def measure(path: str | Path, *, device: str = "cpu", prompt: int = 512, new_tok
         prefill_seconds=statistics.median(r[0] for r in runs),
         decode_tokens_per_second=statistics.median(r[1] for r in runs),
         peak_memory_bytes=peak, repeats=repeats,
+        prefill_runs=[r[0] for r in runs], decode_runs=[r[1] for r in runs],
     )  # fmt: skip
 
 
@@ -123,6 +144,32 @@ def measure_isolated(path: str | Path, **kwargs: Any) -> SpeedResult:
     return SpeedResult(**payload)
 
 
+def pooled(rounds: list[SpeedResult]) -> SpeedResult:
+    """One model's rounds as one result: medians over all runs, the largest peak memory."""
+    prefill = [t for r in rounds for t in r.prefill_runs]
+    decode = [t for r in rounds for t in r.decode_runs]
+    return SpeedResult(**{**asdict(rounds[0]), "rounds": len(rounds), "prefill_runs": prefill, "decode_runs": decode,
+                          "prefill_seconds": statistics.median(prefill), "decode_tokens_per_second": statistics.median(decode),
+                          "peak_memory_bytes": max(r.peak_memory_bytes for r in rounds)})  # fmt: skip
+
+
+def bench(paths: list[str | Path], *, rounds: int = 3, progress: Callable[[int, str | Path, SpeedResult], None] | None = None,
+          **kwargs: Any) -> list[SpeedResult]:
+    """`measure_isolated` for every model, the models in turn, `rounds` times; pooled per model.
+
+    `progress(round, path, result)` is called after each measurement.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    measured: list[list[SpeedResult]] = [[] for _ in paths]
+    for round_ in range(rounds):
+        for runs, path in zip(measured, paths):
+            runs.append(measure_isolated(path, **kwargs))
+            if progress:
+                progress(round_, path, runs[-1])
+    return [pooled(runs) for runs in measured]
+
+
 def table(results: list[SpeedResult]) -> str:
     """Markdown table; speed ratios are against the first model."""
     base = results[0]
@@ -131,10 +178,10 @@ def table(results: list[SpeedResult]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        prefill_x, decode_x = r.speedup(base)
         lines.append(
             f"| {r.model} | {r.parameters / 1e6:.1f}M | {r.file_bytes / 1e6:.1f} | {r.prefill_seconds * 1e3:.1f} | "
-            f"{r.decode_tokens_per_second:.1f} | {r.decode_tokens_per_second / base.decode_tokens_per_second:.2f} | "
-            f"{base.prefill_seconds / r.prefill_seconds:.2f} | {r.peak_memory_bytes / 1e6:.0f} |"
+            f"{r.decode_tokens_per_second:.1f} | {decode_x:.2f} | {prefill_x:.2f} | {r.peak_memory_bytes / 1e6:.0f} |"
         )
     return "\n".join(lines)
 
@@ -143,12 +190,18 @@ def to_json(results: list[SpeedResult]) -> str:
     return json.dumps({"protocol": BENCH_PROTOCOL, "results": [asdict(r) for r in results]}, indent=2)
 
 
-def time_labelled(entries: list[tuple[str, str]], repeats: int, device: str = "cpu") -> list[dict[str, Any]]:
-    """`measure_isolated` for each (label, path), printing a line per model; rows as dicts with the label."""
+def time_labelled(entries: list[tuple[str, str]], repeats: int, rounds: int = 3, device: str = "cpu") -> list[dict[str, Any]]:
+    """`bench` over (label, path) entries, printing a line per measurement; rows as dicts with the label
+    and the speedups over the first entry."""
+    labels = {str(path): label for label, path in entries}
+
+    def progress(round_: int, path: str, r: SpeedResult) -> None:
+        print(f"round {round_ + 1}/{rounds} {labels[str(path)]:32s} prefill {r.prefill_seconds * 1e3:7.1f} ms  decode "
+              f"{r.decode_tokens_per_second:6.1f} tok/s", flush=True)
+
+    results = bench([path for _, path in entries], rounds=rounds, progress=progress, device=device, repeats=repeats)
     rows = []
-    for label, path in entries:
-        row = {**asdict(measure_isolated(path, device=device, repeats=repeats)), "label": label}
-        rows.append(row)
-        print(f"{label:26s} prefill {row['prefill_seconds'] * 1e3:7.1f} ms  decode "
-              f"{row['decode_tokens_per_second']:6.1f} tok/s", flush=True)
+    for (label, _), r in zip(entries, results):
+        prefill_x, decode_x = r.speedup(results[0])
+        rows.append({**asdict(r), "label": label, "prefill_speedup": prefill_x, "decode_speedup": decode_x})
     return rows

@@ -122,7 +122,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (default: cuda when present), cpu or cuda[:N]")
     p.add_argument("--prompt", type=int, default=512, help="prefill tokens (default 512)")
     p.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (default 128)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per model, median reported (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per model and round (default 3)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over all models, each model in a fresh process per round, so machine drift falls on "
+                        "every model alike; medians over all runs, speedups are medians of per-round ratios (default 3)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -301,12 +304,14 @@ def _print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from secateur.bench import BENCH_PROTOCOL, measure_isolated, table, to_json
+    from secateur.bench import BENCH_PROTOCOL, bench, table, to_json
     device = str(resolve_device(args.device))
     for path in args.models:
         split_model_path(Path(path))  # a missing or non-model path fails before any timing
-    results = [measure_isolated(path, device=device, prompt=args.prompt, new_tokens=args.new_tokens,
-                                repeats=args.repeats, dtype=args.dtype) for path in args.models]  # fmt: skip
+    if args.rounds < 1 or args.repeats < 1:
+        raise ConfigError(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
+    results = bench(args.models, rounds=args.rounds, device=device, prompt=args.prompt, new_tokens=args.new_tokens,
+                    repeats=args.repeats, dtype=args.dtype)  # fmt: skip
     if args.json:
         print(to_json(results))
     else:
