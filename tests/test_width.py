@@ -57,6 +57,12 @@ def test_column_scores_by_hand():
     assert torch.allclose(IMPORTANCE["activation"].columns(w, stats, None), torch.tensor([4 * 10**0.5, 2.5 * 2]))
     # FLAP: variance (not the norm, not the mean square) times the squared column norm
     assert torch.allclose(IMPORTANCE["fluctuation"].columns(w, stats, None), torch.tensor([1 * 10.0, 1 * 4.25]))
+    # with no bias to restore the mean, the error of dropping column j is E[X_j^2] ||W_:,j||^2
+    assert torch.allclose(IMPORTANCE["fluctuation"].columns_without_compensation(w, stats, None),
+                          torch.tensor([5 * 10.0, 2 * 4.25]))  # fmt: skip
+    for name in ("magnitude", "activation"):  # these already see the mean, or no input at all
+        imp = IMPORTANCE[name]
+        assert torch.equal(imp.columns_without_compensation(w, stats, None), imp.columns(w, stats, None))
     g = torch.tensor([[1.0, 1.0], [-1.0, 2.0]])
     assert torch.allclose(IMPORTANCE["taylor"].columns(w, None, g), torch.tensor([1 + 3.0, 2 + 1.0]))  # |w g| summed
 
@@ -339,6 +345,35 @@ def test_hidden_scores_sum_readers_columns_and_writers_rows():
         for name in ("self_attn.o_proj", "mlp.down_proj"):
             w, m = block.get_submodule(name).weight, stats.moments[f"model.layers.{i}.{name}"]
             expected += (w.abs() * m.norm[None, :]).sum(1).double()  # over the row
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fluctuation_without_bias_compensation_scores_mlp_channels_with_their_mean():
+    from secateur.width.prune import _units, gather_statistics, width_of
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    stats = gather_statistics(model, calibration(), moments=True, gradients=False)
+    down, m = model.model.layers[0].mlp.down_proj.weight, stats.moments["model.layers.0.mlp.down_proj"]
+    for compensate, moment in ((True, m.variance), (False, (m.sumsq / m.tokens).float())):
+        config = WidthConfig(0.3, "fluctuation", bias_compensation=compensate)
+        mlp = next(u for u in _units(model, adapter, width_of(model, adapter, config), config, stats) if u.kind == "mlp")
+        torch.testing.assert_close(mlp.scores, moment * down.square().sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_fluctuation_scores_readers_by_their_second_moment():
+    from secateur.width.hidden import hidden_scores
+    from secateur.width.prune import gather_statistics
+
+    model = tiny_model("llama")
+    stats = gather_statistics(model, calibration(), moments=True, gradients=False)
+    got = hidden_scores(model, adapter_for(model), IMPORTANCE["fluctuation"], stats.moments, {})
+    expected = torch.zeros(64, dtype=torch.float64)
+    for i, block in enumerate(model.model.layers):  # writers' rows score zero under fluctuation
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            w, m = block.get_submodule(name).weight, stats.moments[f"model.layers.{i}.{name}"]
+            second_moment = (m.sumsq / m.tokens).float()  # E[x^2], not the variance: no bias takes up the mean
+            expected += (second_moment * w.square().sum(0)).double()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -66,12 +66,14 @@ def hidden_count(hidden: int, fraction: float, multiple: int) -> int:
 
 def hidden_scores(model: nn.Module, adapter: Adapter, importance: Importance, stats: dict, grads: dict) -> Tensor:
     """Score of each hidden channel: the sum, over every block, of the importance's column scores of
-    the readers and row scores of the writers (what the channel owns in the blocks)."""
+    the readers and row scores of the writers (what the channel owns in the blocks). No bias takes up
+    a removed hidden channel's mean, so readers are scored without compensation (for fluctuation,
+    the second moment instead of the variance)."""
     width = adapter.width
     total: Tensor | None = None
     for index, block in enumerate(adapter.block_list(model)):
         prefix = f"{adapter.blocks}.{index}"
-        for names, fn in ((readers(width), importance.columns), (writers(width), importance.rows)):
+        for names, fn in ((readers(width), importance.columns_without_compensation), (writers(width), importance.rows)):
             for name in names:
                 layer = submodule(block, name)
                 if layer is None:  # a branch removed by depth pruning

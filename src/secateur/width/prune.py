@@ -160,7 +160,8 @@ def _units(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig
     size = head_dim(model.config)
     units = []
     for index, block in enumerate(adapter.block_list(model)):
-        score = layer_scorer(block, f"{adapter.blocks}.{index}", importance, statistics.moments, statistics.grads)
+        score = layer_scorer(block, f"{adapter.blocks}.{index}", importance, statistics.moments, statistics.grads,
+                             compensated=config.compensate)  # fmt: skip
         heads = attention_heads(block, width.attention, size) if config.heads != "none" else None
         if heads is not None:
             units.append(attention_units(block, index, width.attention, size, *heads, config.heads, score))

@@ -8,7 +8,9 @@ score is the sum over what it owns (see `secateur.width.units`). Weights are (ou
 - activation (Wanda per group): sum of |W_ij| * ||X_j||_2 over the unit's weights, X being each
   layer's own input.
 - fluctuation (FLAP): for each consumer input channel j, the variance of X_j over the calibration
-  tokens times the squared norm of column j; producers do not count.
+  tokens times the squared norm of column j; producers do not count. The variance is what bias
+  compensation cannot restore; where no compensation follows (the hidden dimension's readers), the
+  column's expected output error is the second moment E[X_j^2] times the squared norm, mean included.
 - taylor (LLM-Pruner, first order): sum of |W_ij * dL/dW_ij| over the unit's weights.
 """
 
@@ -33,6 +35,10 @@ class Importance:
     activations: bool  # needs input statistics from a calibration pass
     gradients: bool  # needs calibration-loss gradients of the weights
     summary: str
+    uncompensated_columns: ColumnScore | None = None  # columns whose mean no bias restores; None: `columns`
+
+    def columns_without_compensation(self, weight: Tensor, stats: Moments | None, grad: Tensor | None) -> Tensor:
+        return (self.uncompensated_columns or self.columns)(weight, stats, grad)
 
 
 def magnitude_rows(weight: Tensor, stats: Moments | None = None, grad: Tensor | None = None) -> Tensor:
@@ -59,6 +65,11 @@ def fluctuation_columns(weight: Tensor, stats: Moments, grad: Tensor | None = No
     return stats.variance * weight.square().sum(dim=0)
 
 
+def second_moment_columns(weight: Tensor, stats: Moments, grad: Tensor | None = None) -> Tensor:
+    """E[||W_:,j X_j||^2] = E[X_j^2] ||W_:,j||^2: the output error of dropping column j with no bias."""
+    return (stats.variance + stats.mean.square()) * weight.square().sum(dim=0)
+
+
 def taylor_rows(weight: Tensor, stats: Moments | None, grad: Tensor) -> Tensor:
     return (weight * grad).abs().sum(dim=1)
 
@@ -74,7 +85,8 @@ IMPORTANCE: dict[str, Importance] = {
         Importance("activation", activation_rows, activation_columns, True, False,
                    "sum of |W_ij| * ||X_j||_2 over the unit's weights (Wanda per group)"),
         Importance("fluctuation", fluctuation_rows, fluctuation_columns, True, False,
-                   "variance of each consumer input channel times its column's squared norm (FLAP)"),
+                   "variance of each consumer input channel times its column's squared norm (FLAP)",
+                   uncompensated_columns=second_moment_columns),
         Importance("taylor", taylor_rows, taylor_columns, False, True,
                    "sum of |W * dL/dW| over the unit's weights (LLM-Pruner, first order)"),
     )
