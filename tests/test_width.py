@@ -355,8 +355,8 @@ def test_fluctuation_without_bias_compensation_scores_mlp_channels_with_their_me
     adapter = adapter_for(model)
     stats = gather_statistics(model, calibration(), moments=True, gradients=False)
     down, m = model.model.layers[0].mlp.down_proj.weight, stats.moments["model.layers.0.mlp.down_proj"]
-    for compensate, moment in ((True, m.variance), (False, (m.sumsq / m.tokens).float())):
-        config = WidthConfig(0.3, "fluctuation", bias_compensation=compensate)
+    for bias, moment in ((True, m.variance), (False, (m.sumsq / m.tokens).float())):
+        config = WidthConfig(0.3, "fluctuation", bias_compensation=bias)
         mlp = next(u for u in _units(model, adapter, width_of(model, adapter, config), config, stats) if u.kind == "mlp")
         torch.testing.assert_close(mlp.scores, moment * down.square().sum(0), rtol=1e-5, atol=1e-6)
 
