@@ -6,9 +6,9 @@ Protocol (per model, batch 1, random token ids, greedy):
 - decode: after that prefill, `new_tokens` single-token steps with the KV cache, timed together;
 - one warm-up run, then `repeats` timed runs; medians are reported;
 - `rounds`: the models are timed in turn, round after round, each time in a fresh process, so a
-  slow drift of the machine (a shared host's memory bandwidth moves by 10-20% over minutes) falls on
-  every model alike; a model's figures are medians over all its runs, and a speedup is the median
-  over rounds of the ratio of the two models' per-round medians;
+  slow drift of the machine (on the shared 2-core development VM, dense decode moved by 25% within
+  half an hour) falls on every model alike; a model's figures are medians over all its runs, and a
+  speedup is the median over rounds of the ratio of the two models' per-round medians;
 - peak memory: the process's peak resident memory (VmHWM) on CPU, measured in a fresh process per
   model so models do not see each other's peaks; peak allocated CUDA memory on CUDA.
 """

@@ -9,8 +9,9 @@ score is the sum over what it owns (see `secateur.width.units`). Weights are (ou
   layer's own input.
 - fluctuation (FLAP): for each consumer input channel j, the variance of X_j over the calibration
   tokens times the squared norm of column j; producers do not count. The variance is what bias
-  compensation cannot restore; where no compensation follows (the hidden dimension's readers), the
-  column's expected output error is the second moment E[X_j^2] times the squared norm, mean included.
+  compensation cannot restore; where no compensation follows (bias compensation off, or the hidden
+  dimension's readers), the column's expected output error is the second moment E[X_j^2] times the
+  squared norm, mean included.
 - taylor (LLM-Pruner, first order): sum of |W_ij * dL/dW_ij| over the unit's weights.
 """
 
