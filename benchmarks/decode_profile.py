@@ -14,6 +14,7 @@ key/value group, random weights; see `structured.reference_shape`).
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -25,8 +26,6 @@ GROUPS = ("lm head matmul", "block matmuls", "kv cache cat", "attention", "other
 def split(path: str, prompt: int, steps: int) -> dict[str, float]:
     """Milliseconds per decode step in each group (self CPU time under the profiler, which adds its
     own per-operator cost, mostly to "other") and per step without the profiler ("total")."""
-    import time
-
     from secateur.io import load
 
     model, _ = load(path)

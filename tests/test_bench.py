@@ -44,8 +44,9 @@ def test_speedup_is_the_median_of_per_round_ratios():
 def test_bench_pools_rounds_per_model(model_dir):
     path = model_dir("llama")
     seen = []
-    results = bench([path, path], rounds=2, repeats=2, prompt=8, new_tokens=4, progress=lambda r, p, _: seen.append(r))
-    assert seen == [0, 0, 1, 1]  # the models in turn, round after round
+    results = bench([path, path], rounds=2, repeats=2, prompt=8, new_tokens=4,
+                    progress=lambda r, i, _: seen.append((r, i)))  # fmt: skip
+    assert seen == [(0, 0), (0, 1), (1, 0), (1, 1)]  # the models in turn, round after round
     for r in results:
         assert r.rounds == 2 and len(r.prefill_runs) == len(r.decode_runs) == 4
         assert r.decode_tokens_per_second == statistics.median(r.decode_runs)

@@ -153,20 +153,20 @@ def pooled(rounds: list[SpeedResult]) -> SpeedResult:
                           "peak_memory_bytes": max(r.peak_memory_bytes for r in rounds)})  # fmt: skip
 
 
-def bench(paths: list[str | Path], *, rounds: int = 3, progress: Callable[[int, str | Path, SpeedResult], None] | None = None,
+def bench(paths: list[str | Path], *, rounds: int = 3, progress: Callable[[int, int, SpeedResult], None] | None = None,
           **kwargs: Any) -> list[SpeedResult]:
     """`measure_isolated` for every model, the models in turn, `rounds` times; pooled per model.
 
-    `progress(round, path, result)` is called after each measurement.
+    `progress(round, model index, result)` is called after each measurement.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     measured: list[list[SpeedResult]] = [[] for _ in paths]
     for round_ in range(rounds):
-        for runs, path in zip(measured, paths):
+        for index, (runs, path) in enumerate(zip(measured, paths)):
             runs.append(measure_isolated(path, **kwargs))
             if progress:
-                progress(round_, path, runs[-1])
+                progress(round_, index, runs[-1])
     return [pooled(runs) for runs in measured]
 
 
@@ -193,10 +193,8 @@ def to_json(results: list[SpeedResult]) -> str:
 def time_labelled(entries: list[tuple[str, str]], repeats: int, rounds: int = 3, device: str = "cpu") -> list[dict[str, Any]]:
     """`bench` over (label, path) entries, printing a line per measurement; rows as dicts with the label
     and the speedups over the first entry."""
-    labels = {str(path): label for label, path in entries}
-
-    def progress(round_: int, path: str, r: SpeedResult) -> None:
-        print(f"round {round_ + 1}/{rounds} {labels[str(path)]:32s} prefill {r.prefill_seconds * 1e3:7.1f} ms  decode "
+    def progress(round_: int, index: int, r: SpeedResult) -> None:
+        print(f"round {round_ + 1}/{rounds} {entries[index][0]:32s} prefill {r.prefill_seconds * 1e3:7.1f} ms  decode "
               f"{r.decode_tokens_per_second:6.1f} tok/s", flush=True)
 
     results = bench([path for _, path in entries], rounds=rounds, progress=progress, device=device, repeats=repeats)
