@@ -228,19 +228,35 @@ def test_uniform_output_reloads_with_stock_from_pretrained(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gpt2"])
-def test_adaptive_output_reloads_with_secateur_load(family, tmp_path):
+def test_adaptive_output_reloads_with_secateur_load_and_stock_remote_code(family, tmp_path):
     model = tiny_model(family)
     heads = "queries" if family in HEAD_FAMILIES else "none"
     config = WidthConfig(0.4, "taylor", "adaptive", heads)
     report = width_prune(model, config, calibration())
-    assert not report.uniform
+    assert not report.uniform and report.remote_code
     save(model, tiny_tokenizer(), tmp_path / "out", {"width": report.to_dict()})
-    reloaded, _ = load(tmp_path / "out")
+    assert (tmp_path / "out" / "modeling_secateur.py").is_file()
     ids = calibration(2, 16, seed=1)
     with torch.no_grad():
-        assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-5)
-        generated = reloaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=True)
-        assert torch.equal(generated, model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=False))
+        expected = model(ids).logits
+    reloaded, _ = load(tmp_path / "out")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()  # the one-liner
+    assert isinstance(stock, type(model)) and type(stock) is not type(model)  # the saved subclass
+    for other in (reloaded, stock):
+        with torch.no_grad():
+            torch.testing.assert_close(other(ids).logits, expected, rtol=1e-5, atol=1e-5)
+            generated = other.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=True)
+            assert torch.equal(generated, model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+def test_remote_code_is_not_declared_when_a_module_is_gone():
+    from secateur.depth.structure import remove_sublayers
+    from secateur.width.remote import declare_reshaped, module_source
+
+    model = tiny_model("llama")
+    remove_sublayers(model, adapter_for(model), [(1, "mlp")])
+    assert declare_reshaped(model) is False and module_source(model) is None
+    assert not hasattr(model.config, "auto_map")
 
 
 # --- errors and CLI ------------------------------------------------------------------------------------
@@ -406,9 +422,11 @@ def test_hidden_adaptive_reloads_with_secateur_load(tmp_path):
     assert not report.uniform and report.hidden_after == 56
     save(model, tiny_tokenizer(), tmp_path / "out", {"width": report.to_dict()})
     reloaded, _ = load(tmp_path / "out")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     ids = calibration(2, 16, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_hidden_refusals():

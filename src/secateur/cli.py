@@ -216,7 +216,9 @@ def _width(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     if width["hidden_after"] != width["hidden_before"]:
         print(f"hidden size {width['hidden_before']} -> {width['hidden_after']}")
     if not width["uniform"]:
-        print("per-block widths differ: load it with secateur.load(path)")
+        stock = (" or AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
+                 if width.get("remote_code") else "")  # fmt: skip
+        print(f"per-block widths differ: load it with secateur.load(path){stock}")
     _print_evaluation(manifest)
     return 0
 

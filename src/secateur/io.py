@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from secateur.models import adapter_for
+from secateur.width.remote import MODULE as REMOTE_MODULE
+from secateur.width.remote import module_source
 
 MANIFEST = "secateur.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,6 +127,8 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, 
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save_pretrained(staging)
+        if source := module_source(model):  # per-block widths for `trust_remote_code=True`
+            (staging / f"{REMOTE_MODULE}.py").write_text(source)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))

@@ -24,6 +24,7 @@ from secateur.prune import collect_input_stats
 from secateur.stats import Moments
 from secateur.width.config import WidthConfig
 from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
+from secateur.width.remote import declare_reshaped
 from secateur.width.scores import IMPORTANCE
 from secateur.width.structure import (
     LayerWidth,
@@ -62,6 +63,7 @@ class WidthReport:
     head_dim: int = 0
     hidden_before: int = 0
     hidden_after: int = 0
+    remote_code: bool = False  # non-uniform widths that stock transformers builds with trust_remote_code=True
     seconds: float = 0.0
 
     @property
@@ -79,6 +81,7 @@ class WidthReport:
             "removed_fraction": self.removed_fraction,
             "layers_before": [w.to_dict() for w in self.before],
             "layers": [w.to_dict() for w in self.after],  # what `secateur.load` reshapes to
+            "remote_code": self.remote_code,
             "seconds": self.seconds,
         }
 
@@ -265,6 +268,8 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     report.uniform = len(set(report.after)) == 1
     if report.uniform:
         write_uniform_config(model, width, report.after, size)
+    else:
+        report.remote_code = declare_reshaped(model)
     report.block_parameters_after = _block_parameters(model, adapter)
     report.seconds = time.perf_counter() - start
     return report

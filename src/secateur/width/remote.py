@@ -1,0 +1,98 @@
+"""Per-block widths for stock transformers: a small module saved beside the weights.
+
+A stock config holds one width per kind, so a model whose blocks differ (adaptive allocation) cannot
+be built by stock code from its config alone. The pruned model records, in its config, every layer
+whose shape differs from what stock code builds (`secateur_layers`: kind, out, in, bias) and every
+integer module attribute that differs (`secateur_attributes`, e.g. an MLP's `intermediate_size`), and
+points `auto_map` at `modeling_secateur.py`, saved with the weights. That module subclasses the stock
+model class and replaces those layers after the stock `__init__`, so
+
+    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+
+builds the pruned shapes and loads the weights; the module needs transformers and torch only.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+MODULE = "modeling_secateur"
+_SIZE_ATTRIBUTES = {"in_features", "out_features", "nf", "nx"}  # carried by the replaced layers themselves
+
+_SOURCE = '''"""Written by secateur: the stock {base} with per-block layer shapes read from the config
+(`secateur_layers`, `secateur_attributes`). Load with
+AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)."""
+
+from torch import nn
+from transformers import {base} as _Stock
+from transformers.pytorch_utils import Conv1D
+
+
+class {name}(_Stock):
+    def __init__(self, config):
+        super().__init__(config)
+        for path, (kind, out_features, in_features, bias) in config.secateur_layers.items():
+            parent, _, child = path.rpartition(".")
+            if kind == "conv1d":
+                layer = Conv1D(out_features, in_features)
+            else:
+                layer = nn.Linear(in_features, out_features, bias=bias)
+            setattr(self.get_submodule(parent), child, layer)
+        for path, value in config.secateur_attributes.items():
+            module, _, attribute = path.rpartition(".")
+            setattr(self.get_submodule(module), attribute, value)
+'''
+
+
+def _layer_record(layer: nn.Module) -> list | None:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(layer, Conv1D):
+        return ["conv1d", layer.nf, layer.weight.shape[0], True]
+    if isinstance(layer, nn.Linear):
+        return ["linear", layer.out_features, layer.in_features, layer.bias is not None]
+    return None
+
+
+def declare_reshaped(model: nn.Module) -> bool:
+    """Record in `model.config` what stock code must change to build this model, and point `auto_map`
+    at the saved module. Returns False (and records nothing) when a module differs in more than
+    shape (a removed sublayer, another class): `secateur.load` still rebuilds those."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        stock = AutoModelForCausalLM.from_config(model.config)
+    stock_modules = dict(stock.named_modules())
+    layers, attributes = {}, {}
+    for path, module in model.named_modules():
+        reference = stock_modules.pop(path, None)
+        if reference is None or type(reference) is not type(module):
+            return False
+        record = _layer_record(module)
+        if record is not None and record != _layer_record(reference):
+            layers[path] = record
+        for attribute, value in vars(module).items():
+            if (isinstance(value, int) and not isinstance(value, bool) and not attribute.startswith("_")
+                    and attribute not in _SIZE_ATTRIBUTES and getattr(reference, attribute, None) != value):  # fmt: skip
+                attributes[f"{path}.{attribute}"] = value
+    if stock_modules:  # modules the pruned model no longer has
+        return False
+    model.config.secateur_layers = layers
+    model.config.secateur_attributes = attributes
+    model.config.auto_map = {"AutoModelForCausalLM": f"{MODULE}.Secateur{_stock_class(model).__name__}"}
+    return True
+
+
+def _stock_class(model: nn.Module) -> type:
+    """The transformers class the model is (or, loaded through this module, derives from)."""
+    return next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
+
+
+def module_source(model: nn.Module) -> str | None:
+    """The text of `modeling_secateur.py` when the model's config declares it, else None."""
+    auto_map = getattr(model.config, "auto_map", None) or {}
+    target = auto_map.get("AutoModelForCausalLM", "")
+    if not target.startswith(f"{MODULE}.") or not hasattr(model.config, "secateur_layers"):
+        return None
+    return _SOURCE.format(base=_stock_class(model).__name__, name=target.split(".", 1)[1])
