@@ -251,12 +251,31 @@ def test_adaptive_output_reloads_with_secateur_load_and_stock_remote_code(family
 
 def test_remote_code_is_not_declared_when_a_module_is_gone():
     from secateur.depth.structure import remove_sublayers
-    from secateur.width.remote import declare_reshaped, module_source
+    from secateur.width.remote import declare_reshaped, prepare_module
 
     model = tiny_model("llama")
     remove_sublayers(model, adapter_for(model), [(1, "mlp")])
-    assert declare_reshaped(model) is False and module_source(model) is None
+    assert declare_reshaped(model) is False and prepare_module(model) is None
     assert not hasattr(model.config, "auto_map")
+
+
+def test_remote_code_declaration_is_rederived_at_save(tmp_path):
+    """An adaptive output pruned again to uniform widths must not keep the old per-layer shapes."""
+    model = tiny_model("llama")
+    assert not width_prune(model, WidthConfig(0.4, "taylor", "adaptive", "queries"), calibration()).uniform
+    save(model, tiny_tokenizer(), tmp_path / "adaptive", {})
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "adaptive", trust_remote_code=True).eval()
+    report = width_prune(again, WidthConfig(0.6, "magnitude", "uniform", "none"), None)
+    assert report.uniform and not report.remote_code
+    save(again, tiny_tokenizer(), tmp_path / "uniform", {})
+    assert not (tmp_path / "uniform" / "modeling_secateur.py").exists()
+    config = json.loads((tmp_path / "uniform" / "config.json").read_text())
+    assert "auto_map" not in config and "secateur_layers" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]  # not the saved subclass it was loaded as
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform").eval()
+    ids = calibration(2, 16, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, again(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 # --- errors and CLI ------------------------------------------------------------------------------------

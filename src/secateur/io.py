@@ -15,7 +15,7 @@ from torch import nn
 
 from secateur.models import adapter_for
 from secateur.width.remote import MODULE as REMOTE_MODULE
-from secateur.width.remote import module_source
+from secateur.width.remote import prepare_module
 
 MANIFEST = "secateur.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -126,8 +126,9 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        source = prepare_module(model)  # per-block widths for `trust_remote_code=True`, before the config is written
         model.save_pretrained(staging)
-        if source := module_source(model):  # per-block widths for `trust_remote_code=True`
+        if source:
             (staging / f"{REMOTE_MODULE}.py").write_text(source)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -61,6 +61,7 @@ def declare_reshaped(model: nn.Module) -> bool:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    _forget(model.config)  # a stale declaration (the input was itself such an output) never survives
     with init_empty_weights(include_buffers=False):
         stock = AutoModelForCausalLM.from_config(model.config)
     stock_modules = dict(stock.named_modules())
@@ -76,7 +77,7 @@ def declare_reshaped(model: nn.Module) -> bool:
             if (isinstance(value, int) and not isinstance(value, bool) and not attribute.startswith("_")
                     and attribute not in _SIZE_ATTRIBUTES and getattr(reference, attribute, None) != value):  # fmt: skip
                 attributes[f"{path}.{attribute}"] = value
-    if stock_modules:  # modules the pruned model no longer has
+    if stock_modules or not (layers or attributes):  # modules gone, or nothing for stock code to change
         return False
     model.config.secateur_layers = layers
     model.config.secateur_attributes = attributes
@@ -89,10 +90,24 @@ def _stock_class(model: nn.Module) -> type:
     return next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
 
 
-def module_source(model: nn.Module) -> str | None:
-    """The text of `modeling_secateur.py` when the model's config declares it, else None."""
-    auto_map = getattr(model.config, "auto_map", None) or {}
-    target = auto_map.get("AutoModelForCausalLM", "")
-    if not target.startswith(f"{MODULE}.") or not hasattr(model.config, "secateur_layers"):
+def _forget(config) -> None:
+    for key in ("secateur_layers", "secateur_attributes", "auto_map"):
+        if hasattr(config, key) and (key != "auto_map" or _declared(config)):
+            delattr(config, key)
+
+
+def _declared(config) -> bool:
+    return (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM", "").startswith(f"{MODULE}.")
+
+
+def prepare_module(model: nn.Module) -> str | None:
+    """Before saving: re-derive the declaration of a model whose config declares one (later pruning
+    cannot leave it stale) and return the text of `modeling_secateur.py`, or None when there is none.
+    A model loaded through the module becomes an instance of the stock class again (the subclass adds
+    nothing but its `__init__`), so transformers neither copies the old module nor writes the
+    subclass into `architectures`."""
+    model.__class__ = _stock_class(model)
+    if not _declared(model.config) or not declare_reshaped(model):
         return None
-    return _SOURCE.format(base=_stock_class(model).__name__, name=target.split(".", 1)[1])
+    name = model.config.auto_map["AutoModelForCausalLM"].split(".", 1)[1]
+    return _SOURCE.format(base=_stock_class(model).__name__, name=name)
