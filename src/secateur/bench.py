@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateur.config import ConfigError
+
 BENCH_PROTOCOL = (
     "batch 1; prefill = one forward over the prompt with the KV cache, last-position logits; decode = new_tokens greedy single-token "
     "steps with the KV cache after that prefill; 1 warm-up + repeats timed runs per round, models in turn each round "
@@ -159,8 +161,8 @@ def bench(paths: list[str | Path], *, rounds: int = 3, progress: Callable[[int, 
 
     `progress(round, model index, result)` is called after each measurement.
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    if rounds < 1 or kwargs.get("repeats", 1) < 1:
+        raise ConfigError(f"--rounds and --repeats must be at least 1, got {rounds} and {kwargs.get('repeats')}")
     measured: list[list[SpeedResult]] = [[] for _ in paths]
     for round_ in range(rounds):
         for index, (runs, path) in enumerate(zip(measured, paths)):

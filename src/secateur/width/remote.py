@@ -81,13 +81,17 @@ def declare_reshaped(model: nn.Module) -> bool:
         return False
     model.config.secateur_layers = layers
     model.config.secateur_attributes = attributes
-    model.config.auto_map = {"AutoModelForCausalLM": f"{MODULE}.Secateur{_stock_class(model).__name__}"}
+    model.config.auto_map = {"AutoModelForCausalLM": f"{MODULE}.{_subclass_name(_stock_class(model))}"}
     return True
 
 
 def _stock_class(model: nn.Module) -> type:
     """The transformers class the model is (or, loaded through this module, derives from)."""
     return next(c for c in type(model).__mro__ if c.__module__.startswith("transformers.models."))
+
+
+def _subclass_name(stock: type) -> str:
+    return f"Secateur{stock.__name__}"
 
 
 def _forget(config) -> None:
@@ -106,8 +110,7 @@ def prepare_module(model: nn.Module) -> str | None:
     A model loaded through the module becomes an instance of the stock class again (the subclass adds
     nothing but its `__init__`), so transformers neither copies the old module nor writes the
     subclass into `architectures`."""
-    model.__class__ = _stock_class(model)
+    stock = model.__class__ = _stock_class(model)
     if not _declared(model.config) or not declare_reshaped(model):
         return None
-    name = model.config.auto_map["AutoModelForCausalLM"].split(".", 1)[1]
-    return _SOURCE.format(base=_stock_class(model).__name__, name=name)
+    return _SOURCE.format(base=stock.__name__, name=_subclass_name(stock))

@@ -37,10 +37,11 @@ def layer_scorer(block: nn.Module, prefix: str, importance: Importance, stats: d
     """Row / column scores of the block's layers; `compensated`: whether bias compensation will take up
     the removed columns' mean (if not, columns are scored with the mean's error too)."""
 
+    columns = importance.columns if compensated else importance.columns_without_compensation
+
     def score(name: str, side: str) -> Tensor:
         full = f"{prefix}.{name}"
         weight = read_weight(block.get_submodule(name)).float()
-        columns = importance.columns if compensated else importance.columns_without_compensation
         fn = importance.rows if side == "rows" else columns
         return fn(weight, stats.get(full), grads.get(full)).float().cpu()
 
