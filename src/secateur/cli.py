@@ -7,23 +7,22 @@ import json
 import logging
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from secateur.config import ALLOCATIONS as SPARSITY_ALLOCATIONS
 from secateur.config import SPARSITY_ONLY_KEYS, CalibConfig, ConfigError, build_calib_config, build_prune_config, read_recipe
-from secateur.data import DataError
 from secateur.depth import REGISTRY as DEPTH_REGISTRY
-from secateur.depth import DepthError
 from secateur.depth.config import DEPTH_ONLY_KEYS, build_depth_config
-from secateur.io import ModelPathError, load, read_manifest, resolve_device, split_model_path
+from secateur.errors import SecateurError
+from secateur.io import load, read_manifest, resolve_device, split_model_path
 from secateur.methods import REGISTRY
-from secateur.models import UnsupportedModelError
 from secateur.runtime import tune_allocator
-from secateur.width import IMPORTANCE, WIDTH_ONLY_KEYS, WidthError, build_width_config
+from secateur.width import IMPORTANCE, WIDTH_ONLY_KEYS, build_width_config
 from secateur.width.config import ALLOCATIONS, HEAD_MODES
 
-USER_ERRORS = (ConfigError, DataError, DepthError, WidthError, ModelPathError, UnsupportedModelError, FileExistsError)
+USER_ERRORS = (SecateurError,)
 
 PRUNE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "device": "auto", "eval_windows": 64, "eval_seq_len": 512}
 

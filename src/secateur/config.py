@@ -12,12 +12,14 @@ from typing import Any, Literal, Union
 
 import tomllib
 
+from secateur.errors import SecateurError
+
 Scope = Literal["per_row", "per_layer", "global"]
 SCOPES: tuple[str, ...] = ("per_row", "per_layer", "global")
 BLOCK_STATS: tuple[str, ...] = ("sequential", "dense")
 
 
-class ConfigError(ValueError):
+class ConfigError(SecateurError):
     """A configuration value is out of range or inconsistent; the message says how to fix it."""
 
 

@@ -7,12 +7,16 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from secateur.errors import OutputError, SecateurError
 from secateur.models import adapter_for
 from secateur.width.remote import MODULE as REMOTE_MODULE
 from secateur.width.remote import prepare_module
@@ -21,7 +25,7 @@ MANIFEST = "secateur.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelPathError(ValueError):
+class ModelPathError(SecateurError):
     """The model path does not exist or holds no loadable model."""
 
 
@@ -106,43 +110,110 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output path unless asked to overwrite it (checked before any work)."""
+def check_output(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse an output path before any work: one that exists (unless asked to overwrite), one that
+    is, contains or lies inside any of the run's `inputs` (overwriting it would delete them), and one
+    that cannot be written. Leftovers of earlier interrupted saves to `out` are cleared first."""
     out = Path(out)
+    target = out.resolve()
+    for source in inputs:
+        resolved = Path(source).resolve()
+        if target == resolved or target in resolved.parents or resolved in target.parents:
+            relation = ("is" if target == resolved else "contains" if target in resolved.parents else "lies inside")
+            raise OutputError(f"--out {out} {relation} the input {source}; choose an output outside the inputs")
+    clear_stale(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
+        raise OutputError(f"output {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a directory; choose another --out")
+        raise OutputError(f"output {out} exists and is not a directory; choose another --out")
+    parent = next(p for p in (target.parent, *target.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {out}: {parent} is not a writable directory; choose another --out")
     return out
 
 
-def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any], overwrite: bool = False) -> Path:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale(out: Path) -> None:
+    """Remove what interrupted saves of `out` by processes that no longer run left behind: staging
+    directories, and a retired old output (put back in place when the new one never arrived)."""
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2 :].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+            continue
+        if kind == "old" and not out.exists():
+            path.rename(out)  # the crash came between retiring the old output and renaming the new one
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While saving, SIGTERM and SIGHUP raise like Ctrl-C does, so the cleanup below runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum} during save")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def manifest_inputs(manifest: dict[str, Any]) -> list[str]:
+    """Paths a manifest names as the run's inputs (model sources, text files), protected by `save`."""
+    paths = [(manifest.get("source") or {}).get("path")]
+    calibration = manifest.get("calibration") or {}
+    paths += [calibration.get("source"), (manifest.get("evaluation") or {}).get("source")]
+    return [p for p in paths if isinstance(p, str) and Path(p).exists()]
+
+
+def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any], overwrite: bool = False,
+         inputs: Sequence[str | Path] = ()) -> Path:
     """Write a HF directory plus `secateur.json` to a temporary sibling, then rename it into place.
 
-    A crash leaves no half-written model: either the old output (if any) or the new one exists.
+    A crash or a signal leaves no half-written model: either the old output (if any) or the new one
+    exists, and the staging directory is removed (or, after SIGKILL, at the next save to `out`).
+    `out` is refused when it is, holds or lies inside an input (`inputs`, and those the manifest names).
     """
-    out = check_output(out, overwrite)
+    out = check_output(out, overwrite, [*inputs, *manifest_inputs(manifest)])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    try:
-        source = prepare_module(model)  # per-block widths for `trust_remote_code=True`, before the config is written
-        model.save_pretrained(staging)
-        if source:
-            (staging / f"{REMOTE_MODULE}.py").write_text(source)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if out.exists():
-            retired = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(retired)
-            staging.rename(out)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with _signals_raise():
+        try:
+            source = prepare_module(model)  # per-block widths for `trust_remote_code=True`, before the config is written
+            model.save_pretrained(staging)
+            if source:
+                (staging / f"{REMOTE_MODULE}.py").write_text(source)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            if out.exists():
+                retired = out.parent / f".{out.name}.old-{os.getpid()}"
+                out.rename(retired)
+                staging.rename(out)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return out
 
 

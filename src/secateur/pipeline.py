@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from secateur import __version__
 from secateur.config import CalibConfig, PruneConfig
-from secateur.data import calibration_windows, evaluation_windows, load_text, needs_holdout, tokenize, uses_bos
+from secateur.data import (
+    calibration_windows,
+    evaluation_windows,
+    load_text,
+    needs_holdout,
+    tokenize,
+    uses_bos,
+)
 from secateur.depth import DepthConfig, depth_prune, removed_sublayers
 from secateur.evaluate import perplexity
 from secateur.io import check_output, content_hash, load_model, resolve_device, save
@@ -104,22 +112,33 @@ class RunOptions:
 Work = Callable[[nn.Module, Any, torch.device, dict[str, float]], dict[str, Any]]
 
 
-def _run(model_path: str | Path, out: str | Path, options: RunOptions, work: Work) -> dict[str, Any]:
-    """Refuse an existing output before any work, load on CPU, `work` prunes in place and returns the
-    manifest, evaluate if asked, save atomically."""
-    check_output(out, options.overwrite)
+def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, calib: CalibConfig | None) -> None:
+    """Everything that can be checked before the model is loaded: the output location (not an input,
+    not existing unless overwriting, writable) and every text source (exists, is readable text)."""
+    sources = [s for s in (calib.source if calib else None, options.eval_source) if s]
+    check_output(out, options.overwrite, [model_path, *(s for s in sources if Path(s).exists())])
+    for source, purpose in zip(sources, ("calibration", "evaluation") if calib else ("evaluation",)):
+        load_text(source, purpose, calib.text_field if calib else "text")
+
+
+def _run(model_path: str | Path, out: str | Path, options: RunOptions, calib: CalibConfig | None, work: Work) -> dict[str, Any]:
+    """Check the output and the data sources before any work, load on CPU, `work` prunes in place and
+    returns the manifest, evaluate if asked (its windows are cut before pruning), save atomically."""
+    _preflight(model_path, out, options, calib)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     model, tokenizer = load_model(model_path, dtype=options.dtype, device="cpu")
     timings["load"] = time.perf_counter() - clock
     compute = resolve_device(options.device)
+    evaluation = (evaluation_data(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
+                  if options.eval_source else None)  # fmt: skip
     manifest = work(model, tokenizer, compute, timings)
-    if options.eval_source:
+    if evaluation is not None:
         model.to(compute)
-        manifest["evaluation"] = evaluate_model(model, tokenizer, options.eval_source, options.eval_seq_len,
-                                                options.eval_windows, device=compute)  # fmt: skip
+        manifest["evaluation"] = {"source": options.eval_source, "bos": _bos(model, tokenizer) is not None,
+                                  **perplexity(model, evaluation, device=compute)}  # fmt: skip
         model.to("cpu")
-    save(model, tokenizer, out, manifest, overwrite=options.overwrite)
+    save(model, tokenizer, out, manifest, overwrite=options.overwrite, inputs=[model_path])
     return manifest
 
 
@@ -141,7 +160,7 @@ def run_prune(model_path: str | Path, config: PruneConfig, calib: CalibConfig, o
         timings["prune"] = report.seconds
         return build_manifest(model_path, config, calib if needs_data else None, report, options.dtype, compute, timings)
 
-    return _run(model_path, out, options, work)
+    return _run(model_path, out, options, calib if needs_calibration(config) else None, work)
 
 
 def run_depth(model_path: str | Path, config: DepthConfig, calib: CalibConfig, out: str | Path,
@@ -171,7 +190,7 @@ def run_depth(model_path: str | Path, config: DepthConfig, calib: CalibConfig, o
             "timings": timings,
         }
 
-    return _run(model_path, out, options, work)
+    return _run(model_path, out, options, calib, work)
 
 
 def run_width(model_path: str | Path, config: WidthConfig, calib: CalibConfig, out: str | Path,
@@ -194,4 +213,4 @@ def run_width(model_path: str | Path, config: WidthConfig, calib: CalibConfig, o
             "timings": timings,
         }  # fmt: skip
 
-    return _run(model_path, out, options, work)
+    return _run(model_path, out, options, calib if config.needs_calibration else None, work)

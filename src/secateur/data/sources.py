@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from secateur.data import enwiki
+from secateur.errors import SecateurError
 
 Purpose = Literal["calibration", "evaluation"]
 
 
-class DataError(ValueError):
+class DataError(SecateurError):
     """A text source is missing, unreadable or too short; the message says what was expected."""
 
 
@@ -69,22 +72,45 @@ def _from_disk(path: Path, purpose: Purpose, field: str) -> str:
     return "\n\n".join(row for row in data[field] if row and row.strip())
 
 
+def _read_text(path: Path) -> str:
+    """A file's text; binary files and files that are not UTF-8 are refused."""
+    data = path.read_bytes()
+    if b"\0" in data[:65536]:
+        raise DataError(f"{path} is a binary file, not text; give a UTF-8 text file, a .jsonl file or a `datasets` directory")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); convert it, e.g. iconv -t utf-8") from None
+
+
 def _from_jsonl(path: Path, field: str) -> str:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-            if field not in record:
+            if not isinstance(record, dict) or field not in record:
                 raise DataError(f"{path}:{number} has no field {field!r}; pass --text-field")
-            texts.append(str(record[field]))
+            if not isinstance(record[field], str):
+                raise DataError(f"{path}:{number}: field {field!r} is {type(record[field]).__name__}, not a string")
+            texts.append(record[field])
     return "\n\n".join(texts)
 
 
 def load_text(source: str, purpose: Purpose = "evaluation", text_field: str = "text") -> str:
     """Plain text from a named source, a `datasets` directory, a .jsonl file or any text file."""
+    path = Path(source)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None  # a changed file is read anew
+    text = _load_text(str(source), purpose, text_field, stamp)
+    if not text.strip():
+        raise DataError(f"text source {source} is empty (for {purpose}); give a source with text in it")
+    return text
+
+
+@functools.lru_cache(maxsize=4)  # checked before a run, read again during it
+def _load_text(source: str, purpose: Purpose, text_field: str, stamp: tuple[int, int] | None) -> str:
     if source in NAMED:
         return NAMED[source].load(purpose, text_field)
     path = Path(source)
@@ -93,7 +119,7 @@ def load_text(source: str, purpose: Purpose = "evaluation", text_field: str = "t
             raise DataError(f"{path} is a directory but not a `datasets` save_to_disk directory")
         return _from_disk(path, purpose, text_field)
     if path.is_file():
-        return _from_jsonl(path, text_field) if path.suffix in (".jsonl", ".ndjson") else path.read_text(encoding="utf-8")
+        return _from_jsonl(path, text_field) if path.suffix in (".jsonl", ".ndjson") else _read_text(path)
     raise DataError(
         f"unknown text source {source!r}: give a text file, a .jsonl file, a `datasets` directory, "
         f"or one of {', '.join(NAMED)}"

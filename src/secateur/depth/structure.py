@@ -17,13 +17,14 @@ from typing import Any, Iterator, Sequence
 
 from torch import Tensor, nn
 
+from secateur.errors import SecateurError
 from secateur.models import Adapter
 
 KINDS = ("attention", "mlp")
 Sublayer = tuple[int, str]  # (block index, "attention" | "mlp")
 
 
-class DepthError(ValueError):
+class DepthError(SecateurError):
     """A removal request does not fit the model (index out of range, nothing left, ...)."""
 
 

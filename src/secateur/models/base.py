@@ -12,8 +12,10 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from secateur.errors import SecateurError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(SecateurError):
     """The model's architecture has no adapter."""
 
 
