@@ -29,18 +29,22 @@ def test_prune_info_eval_round_trip(model_dir, text_file, tmp_path, capsys):
     assert code == 0, err
     assert "sparsity 0.5000" in stdout and "perplexity" in stdout
     manifest = json.loads((out / "secateur.json").read_text())
-    assert manifest["recipe"]["method"] == "sparsegpt" and manifest["recipe"]["pattern"] == "2:4"
-    assert manifest["calibration"]["samples"] == 4 and manifest["calibration"]["seed"] == 0
-    assert len(manifest["source"]["sha256"]) == 64
+    [stage] = manifest["recipe"]["stage"]
+    assert stage["method"] == "sparsegpt" and stage["pattern"] == "2:4" and stage["calib_samples"] == 4
+    [record] = manifest["history"]
+    assert record["calibration"]["calib_samples"] == 4 and record["calibration"]["seed"] == 0
+    assert len(manifest["source"]["sha256"]) == 64 and manifest["origin"] == manifest["source"]
     assert manifest["evaluation"]["windows"] == 4 and manifest["evaluation"]["perplexity"] > 1
-    assert all(layer["sparsity"] == 0.5 for layer in manifest["layers"])
+    assert all(layer["sparsity"] == 0.5 for layer in record["result"]["layers"])
+    assert manifest["structure"]["target_sparsity"] == pytest.approx(0.5)
     assert {"load", "prune"} <= set(manifest["timings"])
     assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
     assert not list(tmp_path.glob(".pruned.partial-*"))
 
     code, stdout, _ = run(["info", out, "--json"], capsys)
     info = json.loads(stdout)
-    assert code == 0 and abs(info["target_sparsity"] - 0.5) < 1e-6 and info["manifest"]["recipe"]["pattern"] == "2:4"
+    assert code == 0 and abs(info["target_sparsity"] - 0.5) < 1e-6
+    assert info["manifest"]["recipe"]["stage"][0]["pattern"] == "2:4"
     code, stdout, _ = run(["info", out], capsys)
     assert "q_proj" in stdout and "0.5000" in stdout
 
@@ -50,16 +54,20 @@ def test_prune_info_eval_round_trip(model_dir, text_file, tmp_path, capsys):
     assert result["predicted_tokens"] == 4 * 31 and "protocol" in result
 
 
+def sparsity_of(out):
+    return json.loads((out / "secateur.json").read_text())["history"][-1]["result"]["sparsity"]
+
+
 def test_recipe_mirrors_flags_and_flags_win(model_dir, text_file, tmp_path, capsys):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'method = "wanda"\nsparsity = 0.6\ncalib = "{text_file}"\ncalib-samples = 4\ncalib_seq_len = 32\n'
                       'eval_windows = 4\neval_seq_len = 32\n')  # fmt: skip
     code, _, err = run(["prune", model_dir("llama"), "--recipe", recipe, "--out", tmp_path / "a"], capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "a" / "secateur.json").read_text())["result"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert sparsity_of(tmp_path / "a") == pytest.approx(0.6, abs=1e-3)
     code, _, err = run(["prune", model_dir("llama"), "--recipe", recipe, "--sparsity", "0.25", "--out", tmp_path / "b"], capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "b" / "secateur.json").read_text())["result"]["sparsity"] == pytest.approx(0.25, abs=1e-3)
+    assert sparsity_of(tmp_path / "b") == pytest.approx(0.25, abs=1e-3)
 
 
 def test_overwrite_replaces_atomically(model_dir, tmp_path, capsys):
@@ -69,7 +77,7 @@ def test_overwrite_replaces_atomically(model_dir, tmp_path, capsys):
     code, _, err = run(args, capsys)
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert run([*args[:-2], "--sparsity", "0.4", "--out", out, "--overwrite"], capsys)[0] == 0
-    assert json.loads((out / "secateur.json").read_text())["result"]["sparsity"] == pytest.approx(0.4, abs=1e-3)
+    assert sparsity_of(out) == pytest.approx(0.4, abs=1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -89,17 +97,19 @@ def falcon_dir(tmp_path):
         (["--pattern", "4:4"], "N must be < M"),
         (["--pattern", "2-4"], "N:M"),
         (["--sparsity", "0.5", "--pattern", "2:4"], "not both"),
-        (["--method", "magnitude", "--block-size", "64"], "no option"),
+        (["--method", "magnitude", "--block-size", "64"], "--block-size belongs to sparsity (sparsegpt)"),
         (["--calib-samples", "100000"], "calibration needs"),
         (["--calib", "no-such-source"], "unknown text source"),
         (["--pattern", "2:4", "--allocation", "owl"], "N:M pattern is the same"),
         (["--sparsity", "0.5", "--permute"], "--permute"),
         (["--allocation", "adaptive"], "allocation must be one of"),
+        (["--method", "width", "--remove-fraction", "0.2", "--ignore", "*.mlp.*"], "--ignore belongs to sparsity"),
         (["--refine", "retrain"], "unknown refinement"),
         (["--module-sparsity", "attention=0.99", "--sparsity", "0.2", "--eval-windows", "2", "--calib-samples", "2"],
          "keep it in"),
         (["--method", "width", "--remove-fraction", "0.2", "--refine", "dsnot"], "not to width"),
         (["--method", "block-influence", "--remove-blocks", "1", "--owl-m", "3"], "not to block-influence"),
+        (["--method", "angular", "--remove-blocks", "1", "--sparsity", "0.5"], "--sparsity belongs to sparsity"),
     ],
 )
 def test_bad_settings_fail_clearly_and_write_nothing(extra, message, model_dir, text_file, tmp_path, capsys):
@@ -153,9 +163,11 @@ def test_owl_refined_prune_records_allocation_and_collapse_check(model_dir, text
                              "owl", "--refine", "reconstruct", "--calib", text_file, "--out", out, *PRUNE_SMALL], capsys)
     assert code == 0, err
     manifest = json.loads((out / "secateur.json").read_text())
-    assert manifest["recipe"]["allocation"]["kind"] == "owl" and manifest["recipe"]["refine"]["steps"] == ["reconstruct"]
-    assert manifest["result"]["sparsity"] == pytest.approx(0.6, abs=1e-4)  # round(0.6 * weights) / weights
-    assert set(manifest["result"]["allocation"]["outlier_ratios"]) == {"0", "1"}
-    assert len(manifest["result"]["block_errors"]) == 2 and manifest["result"]["collapsed_blocks"] == []
+    [stage] = manifest["recipe"]["stage"]
+    assert stage["allocation"] == "owl" and stage["refine"] == ["reconstruct"]
+    result = manifest["history"][-1]["result"]
+    assert result["sparsity"] == pytest.approx(0.6, abs=1e-4)  # round(0.6 * weights) / weights
+    assert set(result["allocation"]["outlier_ratios"]) == {"0", "1"}
+    assert len(result["block_errors"]) == 2 and result["collapsed_blocks"] == []
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.isfinite().all()

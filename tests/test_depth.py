@@ -263,21 +263,23 @@ def test_cli_depth_prune_writes_manifest(tmp_path, text_file, model_dir):
                  "--remove-blocks", "1", "--calib", str(text_file), "--calib-seq-len", "16", *HOLDOUT])  # fmt: skip
     assert code == 0
     manifest = json.loads((out / "secateur.json").read_text())
-    assert manifest["depth"]["blocks_before"] == 2 and manifest["depth"]["blocks_after"] == 1
-    assert len(manifest["depth"]["removed"]) == 1 and "block influence" in manifest["depth"]["metric"]
+    depth = manifest["history"][-1]["result"]
+    assert depth["blocks_before"] == 2 and depth["blocks_after"] == 1 and manifest["structure"]["blocks"] == 1
+    assert len(depth["removed"]) == 1 and "block influence" in depth["metric"]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--method", "wanda", "--remove-blocks", "1"], "apply to the depth methods"),
-    (["--method", "block-influence", "--remove-sublayers", "1"], "removes whole blocks"),
-    (["--method", "finercut", "--remove-blocks", "1"], "removes attention / MLP branches"),
+    (["--method", "wanda", "--remove-blocks", "1"], "--remove-blocks belongs to depth (block-influence, angular, greedy"),
+    (["--method", "block-influence", "--remove-sublayers", "1"], "--remove-sublayers belongs to depth (finercut)"),
+    (["--method", "finercut", "--remove-blocks", "1"], "not to finercut (depth)"),
     (["--method", "block-influence", "--remove-blocks", "2"], "keep at least one"),  # every block of the tiny model
     (["--method", "greedy-loss"], "give exactly one"),  # no amount
-    (["--method", "greedy-loss", "--remove-blocks", "1", "--positions", "last"], "applies to the angular method"),
-    (["--method", "finercut", "--remove-sublayers", "1", "--compensate"], "use a block method"),
+    (["--method", "greedy-loss", "--remove-blocks", "1", "--positions", "last"], "--positions belongs to depth (angular)"),
+    (["--method", "finercut", "--remove-sublayers", "1", "--compensate"], "not to finercut"),
+    (["--method", "angular", "--remove-blocks", "1.7"], "--remove-blocks: invalid int value"),
     (["--method", "angular", "--remove-blocks", "1", "--compensate-damp", "0.5"], "needs --compensate"),
-    (["--method", "wanda", "--compensate"], "apply to the depth methods"),
+    (["--method", "wanda", "--compensate"], "--compensate belongs to depth"),
 ])  # fmt: skip
 def test_cli_depth_bad_requests_exit_2(flags, message, tmp_path, text_file, model_dir, capsys):
     out = tmp_path / "out"
@@ -433,6 +435,7 @@ def test_cli_compensate_is_recorded(tmp_path, text_file, model_dir):
                  *HOLDOUT])  # fmt: skip
     assert code == 0
     manifest = json.loads((out / "secateur.json").read_text())
-    assert manifest["recipe"]["compensate"] is True and manifest["recipe"]["compensate_damp"] == 0.2
-    assert len(manifest["depth"]["compensation"]) == 1
+    stage = manifest["recipe"]["stage"][0]
+    assert stage["compensate"] is True and stage["compensate_damp"] == 0.2
+    assert len(manifest["history"][-1]["result"]["compensation"]) == 1
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1

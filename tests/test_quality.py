@@ -6,13 +6,14 @@ import pytest
 import torch
 from conftest import FAMILIES, calibration_ids, tiny_model
 
-from secateur import NM, ConfigError, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig, prune
+from secateur import NM, ConfigError, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
 from secateur.allocation import LayerInfo, allocate, exact_counts, global_fractions, outlier_ratio, owl_sparsities
-from secateur.config import AllocationConfig, GBLMConfig, RefineConfig, RIAConfig, build_prune_config
+from secateur.config import AllocationConfig, GBLMConfig, RefineConfig, RIAConfig
 from secateur.methods import gblm_scores, ria_scores
 from secateur.models import adapter_for, read_weight
 from secateur.permute import head_permutation, kept_mass, nm_permutation, permuter_for
-from secateur.prune import target_layers
+from secateur.prune import prune, target_layers
+from secateur.recipe import build_stage
 from secateur.refine import dsnot_mask, reconstruct, reconstruction_error
 
 
@@ -80,7 +81,7 @@ def test_module_sparsity_pins_a_type_and_the_rest_absorbs_the_difference():
 ], ids=["wanda-owl", "sparsegpt-owl", "wanda-global", "magnitude-global", "ria-module", "sparsegpt-owl-module"])
 def test_achieved_sparsity_equals_the_target_for_every_allocation(settings):
     model = tiny_model("llama")
-    report = prune(model, None, build_prune_config(settings), calibration_ids())
+    report = prune(model, None, build_stage(settings), calibration_ids())
     layers = target_layers(model, adapter_for(model))
     total = sum(read_weight(m).numel() for _, m in layers)
     zeros = sum(int((read_weight(m) == 0).sum()) for _, m in layers)
@@ -102,7 +103,7 @@ def test_owl_gives_blocks_with_more_outliers_lower_sparsity():
         for _, module in target_layers(model, adapter_for(model)):
             if ".1." in _:
                 module.weight[:, :2] *= 40
-    report = prune(model, None, build_prune_config({"method": "wanda", "sparsity": 0.5, "allocation": "owl"}),
+    report = prune(model, None, build_stage({"method": "wanda", "sparsity": 0.5, "allocation": "owl"}),
                    calibration_ids())
     ratios = report.allocation["outlier_ratios"]
     assert ratios["1"] > ratios["0"]
@@ -113,13 +114,13 @@ def test_owl_gives_blocks_with_more_outliers_lower_sparsity():
 
 def test_allocations_and_patterns_that_cannot_mix_are_refused():
     with pytest.raises(ConfigError, match="N:M pattern is the same"):
-        build_prune_config({"method": "wanda", "pattern": "2:4", "allocation": "owl"})
+        build_stage({"method": "wanda", "pattern": "2:4", "allocation": "owl"})
     with pytest.raises(ConfigError, match="--permute"):
-        build_prune_config({"method": "wanda", "sparsity": 0.5, "permute": True})
+        build_stage({"method": "wanda", "sparsity": 0.5, "permute": True})
     with pytest.raises(ConfigError, match="unknown refinement"):
-        build_prune_config({"method": "wanda", "sparsity": 0.5, "refine": "retrain"})
+        build_stage({"method": "wanda", "sparsity": 0.5, "refine": "retrain"})
     with pytest.raises(ConfigError, match="allocation must be"):
-        build_prune_config({"method": "wanda", "sparsity": 0.5, "allocation": "random"})
+        build_stage({"method": "wanda", "sparsity": 0.5, "allocation": "random"})
 
 
 # --- scores ------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def test_stale_leftovers_are_cleared_and_a_retired_output_restored(source, tmp_p
     (tmp_path / "out").rename(tmp_path / f".out.old-{dead}")  # a crash between the two renames
     code, err = run(["prune", source, *FAST, "--out", tmp_path / "out"], capsys)
     assert code == 2 and "already exists" in err  # the old output was put back, and is not overwritten
-    assert json.loads((tmp_path / "out" / "secateur.json").read_text())["result"]["sparsity"] == pytest.approx(0.3, abs=1e-3)
+    assert json.loads((tmp_path / "out" / "secateur.json").read_text())["history"][0]["result"]["sparsity"] == pytest.approx(0.3, abs=1e-3)
 
 
 SLOW_SAVE = textwrap.dedent("""

@@ -299,7 +299,7 @@ def test_cli_width_round_trip(model_dir, text_file, tmp_path, capsys):
                  "--eval-windows", "2", "--eval-seq-len", "32", "--out", str(out)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "secateur.json").read_text())
-    assert manifest["width"]["uniform"] is False and manifest["recipe"]["importance"] == "fluctuation"
+    assert manifest["structure"]["uniform_widths"] is False and manifest["recipe"]["stage"][0]["importance"] == "fluctuation"
     assert main(["eval", str(out), "--data", str(text_file), "--seq-len", "32", "--windows", "2"]) == 0
     code = main(["prune", str(model_dir("llama")), "--method", "width", "--sparsity", "0.5", "--out", str(tmp_path / "x")])
     assert code == 2 and "--remove-fraction" in capsys.readouterr().err
@@ -468,7 +468,7 @@ def test_cli_hidden_fraction(model_dir, text_file, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert "hidden size 64 -> 48" in capsys.readouterr().out
     manifest = json.loads((out / "secateur.json").read_text())
-    assert manifest["recipe"]["hidden_fraction"] == 0.25 and manifest["width"]["hidden_after"] == 48
+    assert manifest["recipe"]["stage"][0]["hidden_fraction"] == 0.25 and manifest["history"][-1]["result"]["hidden_after"] == 48
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 48
     code = main(["prune", str(model_dir("gpt2")), "--method", "width", "--remove-fraction", "0.4", "--heads", "none",
                  "--hidden-fraction", "0.25", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32",

@@ -1,10 +1,11 @@
 """secateur: prune Hugging Face causal language models.
 
-    model, tokenizer = secateur.load_model("path/or/model.gguf")
-    config = secateur.PruneConfig(secateur.WandaConfig(), secateur.Unstructured(0.5))
-    report = secateur.prune(model, tokenizer, config, calibration_ids)   # (samples, seq_len) tensor
+    model, tokenizer = secateur.load("path/or/model.gguf")   # or any secateur output, its structure restored
+    recipe = [secateur.DepthConfig(secateur.AngularConfig(), secateur.Amount(fraction=0.1)),
+              secateur.WidthConfig(0.2),
+              secateur.PruneConfig(secateur.WandaConfig(), secateur.Unstructured(0.5))]
+    report = secateur.prune(model, recipe, calibration_ids)   # in place; (samples, seq_len) token ids
     secateur.save(model, tokenizer, "pruned/", manifest={...})
-    model, tokenizer = secateur.load("pruned/")   # any secateur output, sublayer-pruned ones included
 """
 
 __version__ = "0.1.0"
@@ -23,11 +24,17 @@ from secateur.config import (  # noqa: E402
     Unstructured,
     WandaConfig,
 )
+from secateur.depth import Amount, AngularConfig, BlockInfluenceConfig, DepthConfig, FinerCutConfig, GreedyLossConfig  # noqa: E402
+from secateur.errors import SecateurError  # noqa: E402
 from secateur.io import load, load_model, save  # noqa: E402
-from secateur.prune import PruneReport, prune  # noqa: E402
+from secateur.prune import PruneReport  # noqa: E402
+from secateur.recipe import RecipeReport, build_stage, prune  # noqa: E402
+from secateur.width import WidthConfig  # noqa: E402
 
 __all__ = [
-    "AllocationConfig", "GBLMConfig", "RIAConfig", "RefineConfig",
+    "AllocationConfig", "Amount", "AngularConfig", "BlockInfluenceConfig", "DepthConfig", "FinerCutConfig",
+    "GBLMConfig", "GreedyLossConfig", "RIAConfig", "RecipeReport", "RefineConfig", "SecateurError", "WidthConfig",
+    "build_stage",
     "NM", "CalibConfig", "ConfigError", "MagnitudeConfig", "PruneConfig", "PruneReport", "SparseGPTConfig",
     "Unstructured", "WandaConfig", "load", "load_model", "prune", "save", "__version__",
 ]  # fmt: skip

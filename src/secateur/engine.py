@@ -116,11 +116,20 @@ def _groups(block: nn.Module, index: int, adapter: Adapter, config: PruneConfig)
     groups = []
     for group in adapter.groups:
         names = [f"{adapter.blocks}.{index}.{name}" for name in group]
-        keep = [i for i, name in enumerate(names) if not any(fnmatch.fnmatch(name, p) for p in config.ignore)]
+        modules = [_present(block, name) for name in group]  # None: the branch was removed by depth pruning
+        keep = [i for i, name in enumerate(names)
+                if modules[i] is not None and not any(fnmatch.fnmatch(name, p) for p in config.ignore)]  # fmt: skip
         if keep:
             permuter = permuter_for(block, adapter, group[0], config.target) if config.permute and len(group) == 1 else None
-            groups.append(_Group([names[i] for i in keep], [block.get_submodule(group[i]) for i in keep], permuter=permuter))
+            groups.append(_Group([names[i] for i in keep], [modules[i] for i in keep], permuter=permuter))
     return groups
+
+
+def _present(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
@@ -142,6 +151,8 @@ def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
     results = plan.spec.prune_group(plan.config.method, job)
     for step in plan.config.refine.steps:
         results = REFINERS[step].run(plan.config.refine, job, results)
+    frozen = [w == 0 for w in job.weights]  # an earlier stage's zeros: no method or refinement revives them
+    results = [(w.masked_fill(f, 0), m | f) for (w, m), f in zip(results, frozen)]
     seconds = (time.perf_counter() - start) / len(group.modules)
     if perm is not None:
         group.permuter.reorder_producers(perm)

@@ -9,3 +9,7 @@ class SecateurError(ValueError):
 class OutputError(SecateurError):
     """The output location cannot be used: it exists, it is not writable, or it would hold or
     overwrite one of the run's inputs."""
+
+
+class ConfigError(SecateurError):
+    """A configuration value is out of range or inconsistent; the message says how to fix it."""

@@ -229,16 +229,27 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple
     from secateur.depth.structure import remove_sublayers
 
     manifest = (read_manifest(path) if Path(path).is_dir() else None) or {}
-    removed = [tuple(u) for u in (manifest.get("depth") or {}).get("removed_sublayers", [])]
-    width = manifest.get("width") or {}
-    if width and not width.get("uniform", True):
-        return _load_reshaped(Path(path), dtype, device, removed, width["layers"])
+    removed, widths = _recorded_structure(manifest)
+    if widths is not None:
+        return _load_reshaped(Path(path), dtype, device, removed, widths)
     if not removed:
         return load_model(path, dtype=dtype, device=device)
     with _quiet_missing_weights():  # the removed branches' weights are absent on purpose
         model, tokenizer = load_model(path, dtype=dtype, device="cpu")
     remove_sublayers(model, adapter_for(model), removed)
     return model.to(resolve_device(device)), tokenizer
+
+
+def _recorded_structure(manifest: dict[str, Any]) -> tuple[list[tuple], list[dict] | None]:
+    """(removed branches, per-block widths or None when the stock config describes them) from a
+    manifest's structure section, or from the depth / width sections of earlier versions."""
+    structure = manifest.get("structure")
+    if structure is not None:
+        widths = None if structure.get("uniform_widths", True) else structure["widths"]
+        return [tuple(u) for u in structure.get("removed_sublayers", [])], widths
+    width = manifest.get("width") or {}
+    removed = [tuple(u) for u in (manifest.get("depth") or {}).get("removed_sublayers", [])]
+    return removed, (width["layers"] if width and not width.get("uniform", True) else None)
 
 
 def _load_reshaped(path: Path, dtype: str, device: str, removed: list[tuple], layers: list[dict]) -> tuple[nn.Module, Any]:

@@ -8,7 +8,6 @@ sparsities). A new method is one handler plus one `register` call.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,7 +17,6 @@ from torch import Tensor
 
 from secateur.config import (
     NM,
-    SCOPES,
     ConfigError,
     GBLMConfig,
     MagnitudeConfig,
@@ -92,35 +90,26 @@ def name_of(method_config: Any) -> str:
     return spec_for(method_config).name
 
 
-def method_config(name: str, settings: dict[str, Any]) -> Any:
-    """Build the named method's config from flat settings, keeping only the fields it declares."""
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
-    config_type = REGISTRY[name].config_type
-    fields = {f.name for f in dataclasses.fields(config_type)}
-    options = {f.name for spec in REGISTRY.values() for f in dataclasses.fields(spec.config_type)}
-    foreign = sorted(k for k in options - fields if settings.get(k) is not None)
-    if foreign:
-        raise ConfigError(f"method {name!r} has no option {foreign}; its options: {sorted(fields) or 'none'}")
-    config = config_type(**{k: settings[k] for k in fields if settings.get(k) is not None})
-    scope = getattr(config, "scope", None)
-    if scope is not None and scope not in SCOPES:
-        raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
-    return config
-
-
 # --- score-based methods: a score per weight, then a mask -----------------------------------------
 
 MASKERS: dict[str, Callable[[Tensor, float], Tensor]] = {"per_row": per_row_mask, "per_layer": per_layer_mask}
 
 
-def select_mask(scores: Tensor, target: Target, scope: str) -> Tensor:
-    """Prune mask for one layer's scores; N:M ignores the scope (the group of M is the scope)."""
+def select_mask(scores: Tensor, target: Target, scope: str, frozen: Tensor | None = None) -> Tensor:
+    """Prune mask for one layer's scores; N:M ignores the scope (the group of M is the scope).
+
+    `frozen` (True = already zero, e.g. pruned by an earlier stage) entries rank below every score and
+    stay pruned even where they exceed the target (a group of M with more zeros than M - N keeps them).
+    """
+    if frozen is not None:
+        scores = scores.masked_fill(frozen, float("-inf"))
     if isinstance(target, NM):
-        return nm_mask(scores, target.n, target.m)
-    if scope not in MASKERS:
+        mask = nm_mask(scores, target.n, target.m)
+    elif scope not in MASKERS:
         raise ConfigError(f"scope {scope!r} ranks across layers; use --allocation global instead")
-    return MASKERS[scope](scores, target.fraction)
+    else:
+        mask = MASKERS[scope](scores, target.fraction)
+    return mask if frozen is None else mask | frozen
 
 
 def magnitude_scores(weight: Tensor) -> Tensor:
@@ -152,29 +141,31 @@ def gblm_scores(weight: Tensor, input_norm: Tensor, gradient_norm: Tensor, alpha
     return w * (alpha * gradient_norm.to(WORK_DTYPE) + input_norm[None, :])
 
 
-def _apply(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    return weight.masked_fill(mask, 0), mask
+def _select(job: GroupJob, scores: list[Tensor], scope: str) -> Pruned:
+    """Each layer's mask from its scores; zeros the weights already have stay pruned."""
+    return [(w.masked_fill(mask, 0), mask)
+            for w, s, t in zip(job.weights, scores, job.targets)
+            for mask in (select_mask(s, t, scope, frozen=w == 0),)]  # fmt: skip
 
 
 def magnitude_group(config: MagnitudeConfig, job: GroupJob) -> Pruned:
-    return [_apply(w, select_mask(magnitude_scores(w), t, config.scope)) for w, t in zip(job.weights, job.targets)]
+    return _select(job, [magnitude_scores(w) for w in job.weights], config.scope)
 
 
 def wanda_group(config: WandaConfig, job: GroupJob) -> Pruned:
     norm = job.input_norm()
-    return [_apply(w, select_mask(wanda_scores(w, norm), t, config.scope)) for w, t in zip(job.weights, job.targets)]
+    return _select(job, [wanda_scores(w, norm) for w in job.weights], config.scope)
 
 
 def ria_group(config: RIAConfig, job: GroupJob) -> Pruned:
     norm = job.input_norm()
-    return [_apply(w, select_mask(ria_scores(w, norm, config.alpha), t, config.scope))
-            for w, t in zip(job.weights, job.targets)]  # fmt: skip
+    return _select(job, [ria_scores(w, norm, config.alpha) for w in job.weights], config.scope)
 
 
 def gblm_group(config: GBLMConfig, job: GroupJob) -> Pruned:
     norm = job.input_norm()
-    return [_apply(w, select_mask(gblm_scores(w, norm, job.aux[name], config.alpha), t, config.scope))
-            for name, w, t in zip(job.names, job.weights, job.targets)]  # fmt: skip
+    return _select(job, [gblm_scores(w, norm, job.aux[n], config.alpha) for n, w in zip(job.names, job.weights)],
+                   config.scope)
 
 
 def partial_target(target: Target, step: int, steps: int) -> Target:
@@ -192,8 +183,9 @@ def sparsegpt_group(config: SparseGPTConfig, job: GroupJob) -> Pruned:
     weight = dense
     for step in range(1, config.steps + 1):
         targets = [partial_target(t, step, config.steps) for t in job.targets]
-        weight, mask = sparsegpt_prune(weight, factor, dead, targets, config.block_size, segments=sizes)
-        if step < config.steps:  # earlier zeros score 0, so every later pass keeps them pruned
+        weight, mask = sparsegpt_prune(weight, factor, dead, targets, config.block_size, segments=sizes,
+                                       frozen=weight == 0)  # zeros of earlier stages and passes stay pruned
+        if step < config.steps:
             weight = reconstruct(dense, weight, mask, hessian, config.refit_iters, config.damp)
     return list(zip(weight.split(sizes), mask.split(sizes)))
 
@@ -210,4 +202,4 @@ register(MethodSpec("sparsegpt", SparseGPTConfig, (Hessian,), sparsegpt_group))
 register(MethodSpec("ria", RIAConfig, (InputNormSq,), ria_group, score=lambda c, w, norm: ria_scores(w, norm, c.alpha)))
 register(MethodSpec("gblm", GBLMConfig, (InputNormSq,), gblm_group, prepare=_gblm_prepare))
 
-__all__ = ["REGISTRY", "GroupJob", "MethodSpec", "register", "spec_for", "method_config", "select_mask"]
+__all__ = ["REGISTRY", "GroupJob", "MethodSpec", "register", "spec_for", "select_mask"]

@@ -65,6 +65,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     fixed_mask: Tensor | None = None,
     segments: list[int] | None = None,
+    frozen: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prune `weight` (rows = outputs, cols = inputs) with OBS updates; returns (new weight, prune mask).
 
@@ -75,6 +76,8 @@ def sparsegpt_prune(
     `segments` (row counts) lets layers that share the Hessian (q/k/v) go through one column loop
     while each keeps its own unstructured count per block (and its own target, when `target` is a
     list with one entry per segment); rows never interact in OBS.
+    `frozen` entries (True: zero before this call, e.g. from an earlier stage) are always pruned and
+    rank first, so OBS moves their (updated) values onto the kept weights instead of reviving them.
     """
     w = weight.to(WORK_DTYPE).clone()  # (rows, cols)
     rows, cols = w.shape
@@ -102,8 +105,12 @@ def sparsegpt_prune(
         elif counts is not None:
             saliency = w_block.pow(2) / u_diag.pow(2)[None, :]
             saliency[:, block_dead] = 0.0  # inputs that never fire cost nothing to remove
+            if frozen is not None:
+                saliency.masked_fill_(frozen[:, start:end], -1.0)
             parts = saliency.split(segments)
             block_mask = torch.cat([smallest_k(part, c[index]) for part, c in zip(parts, counts)])
+            if frozen is not None:
+                block_mask |= frozen[:, start:end]
         else:
             block_mask = torch.zeros_like(w_block, dtype=torch.bool)
         scale = (block_mask / u_diag[None, :]).T.contiguous()  # (b, rows): error_j = w_j * scale_j
@@ -114,8 +121,12 @@ def sparsegpt_prune(
                 group = slice(j, j + nm.m)
                 saliency = w_t[group].T.pow(2) / u_diag[group].pow(2)[None, :]  # (rows, m)
                 saliency[:, block_dead[group]] = 0.0
+                if frozen is not None:
+                    saliency.masked_fill_(frozen[:, start + j : start + j + nm.m], -1.0)
                 drop = saliency.topk(nm.m - nm.n, dim=1, largest=False).indices
                 block_mask[:, group] = torch.zeros_like(saliency, dtype=torch.bool).scatter_(1, drop, True)
+                if frozen is not None:
+                    block_mask[:, group] |= frozen[:, start + j : start + j + nm.m]
                 scale[group] = (block_mask[:, group] / u_diag[group][None, :]).T
             torch.mul(w_t[j], scale[j], out=errors[j])  # (rows,)
             w_t[j:].addr_(u_block[j, j:], errors[j], alpha=-1.0)  # column j becomes its pruned value

@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
+import tomllib
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import torch
 from torch import Tensor, nn
 
 from secateur import __version__
-from secateur.config import CalibConfig, PruneConfig
-from secateur.data import (
-    calibration_windows,
-    evaluation_windows,
-    load_text,
-    needs_holdout,
-    tokenize,
-    uses_bos,
-)
-from secateur.depth import DepthConfig, depth_prune, removed_sublayers
+from secateur.config import CalibConfig
+from secateur.data import calibration_windows, evaluation_windows, load_text, needs_holdout, tokenize, uses_bos
+from secateur.depth import removed_sublayers
+from secateur.errors import ConfigError
 from secateur.evaluate import perplexity
-from secateur.io import check_output, content_hash, load_model, resolve_device, save
+from secateur.io import check_output, content_hash, load, read_manifest, resolve_device, save
 from secateur.models import adapter_for, read_weight
-from secateur.prune import PruneReport, needs_calibration, prune, target_layers
-from secateur.width import WidthConfig, width_prune
+from secateur.prune import target_layers
+from secateur.recipe import KINDS, build_stage, check_order, kind_for_method, kind_of, prune, stage_settings
+from secateur.schema import Option, fill, flatten, option, options_of
+from secateur.width.structure import head_dim, layer_width
 
 
 def _bos(model: nn.Module, tokenizer: Any) -> int | None:
@@ -66,73 +64,169 @@ def sparsity_table(model: nn.Module) -> list[tuple[str, tuple[int, int], float]]
     return rows
 
 
-def _header(model_path: str | Path, dtype: str, device: torch.device | str) -> dict[str, Any]:
+def _header(model_path: str | Path, dtype: str, device: torch.device | str, earlier: dict[str, Any]) -> dict[str, Any]:
+    source = {"path": str(Path(model_path).resolve()), "sha256": content_hash(model_path)}
     return {
         "secateur_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(Path(model_path).resolve()), "sha256": content_hash(model_path)},
+        "source": source,
+        "origin": earlier.get("origin") or earlier.get("source") or source,  # the model before any secateur run
         "dtype": dtype,
         "device": str(device),
     }
 
 
-def build_manifest(
-    model_path: str | Path,
-    config: PruneConfig,
-    calib: CalibConfig | None,
-    report: PruneReport,
-    dtype: str,
-    device: torch.device | str,
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    """What `secateur.json` records: source and its hash, recipe, calibration, per-layer results."""
-    result = report.to_dict()
-    return {
-        **_header(model_path, dtype, device),
-        "recipe": config.to_dict(),
-        "calibration": {**asdict(calib), "tokens": report.calibration_tokens} if calib else None,
-        "result": {k: v for k, v in result.items() if k != "layers"},
-        "layers": result["layers"],
-        "timings": timings,
-    }
+@dataclass(frozen=True)
+class RunOptions:
+    """How a job loads, evaluates and saves, whatever its stages."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "load and work precision")
+    device: str = option("auto", "auto (cuda when present), cpu or cuda[:N]")
+    eval_source: str | None = option(None, "evaluate perplexity on this source after pruning; recorded in the "
+                                           "manifest", key="eval")
+    eval_windows: int = option(64, "evaluation windows; also the calibration hold-out")
+    eval_seq_len: int = option(512, "tokens per evaluation window; also the calibration hold-out")
+    overwrite: bool = False  # replace an existing output (a command-line choice, never part of a recipe)
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    """How a pruning job loads, evaluates and saves, whatever it prunes."""
+class PlannedStage:
+    """A stage and the calibration it reads (None: it reads none)."""
 
-    dtype: str = "float32"
-    device: str = "auto"
-    overwrite: bool = False
-    eval_source: str | None = None  # evaluate after pruning and record it in the manifest
-    eval_seq_len: int = 512
-    eval_windows: int = 64
+    config: Any
+    calib: CalibConfig | None = None
 
 
-Work = Callable[[nn.Module, Any, torch.device, dict[str, float]], dict[str, Any]]
+def plan_stage(config: Any, calib: CalibConfig | None = None) -> PlannedStage:
+    """A stage with its kind's default calibration size where `calib` is not given."""
+    kind = kind_of(config)
+    if not kind.needs_calibration(config):
+        return PlannedStage(config, None)
+    return PlannedStage(config, calib or kind.calibration(config))
 
 
-def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, calib: CalibConfig | None) -> None:
+# --- manifests: history and structure -----------------------------------------------------------------
+
+
+def history_of(manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every stage a secateur output went through, oldest first (outputs of earlier versions, whose
+    manifest held one run's recipe and result, give one entry)."""
+    if not manifest:
+        return []
+    if "history" in manifest:
+        return list(manifest["history"])
+    recipe = manifest.get("recipe") or {}
+    if "method" not in recipe:
+        return []
+    kind = kind_for_method(recipe["method"]).name
+    result = manifest.get(kind) or {**(manifest.get("result") or {}), "layers": manifest.get("layers", [])}
+    return [{"kind": kind, "settings": recipe, "result": result, "input": manifest.get("source")}]
+
+
+def structure_of(model: nn.Module) -> dict[str, Any]:
+    """What the weights and the stock config alone cannot tell a loader, and a summary of the shapes:
+    read from the model at save time, so it is right whatever the stages did."""
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    widths = [layer_width(b, adapter.width, head_dim(model.config)).to_dict() for b in blocks] if adapter.width else []
+    uniform = all(len({w[k] for w in widths if w[k] is not None}) <= 1 for k in ("attention_heads", "channels"))
+    layers = sparsity_table(model)
+    target = sum(r * c for _, (r, c), _ in layers)
+    return {
+        "blocks": len(blocks),
+        "hidden_size": model.config.hidden_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "target_parameters": target,
+        "target_sparsity": sum(r * c * z for _, (r, c), z in layers) / max(target, 1),
+        "removed_sublayers": [list(u) for u in removed_sublayers(model, adapter)],
+        "uniform_widths": uniform,  # False: `secateur.load` shapes each block to `widths`
+        "widths": widths,
+    }
+
+
+def recipe_document(stages: list[PlannedStage], options: RunOptions) -> dict[str, Any]:
+    """This run as a recipe (the TOML layout, as JSON): `secateur prune MODEL --recipe secateur.json`
+    replays it. Every stage lists its calibration in full, so defaults that change cannot change it."""
+    run = {k: v for k, v in flatten(options).items() if k != "device"}
+    tables = [{**stage_settings(s.config), **(flatten(s.calib) if s.calib else {})} for s in stages]
+    return {**run, "stage": tables}
+
+
+# --- the job ------------------------------------------------------------------------------------------
+
+
+def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, stages: list[PlannedStage]) -> None:
     """Everything that can be checked before the model is loaded: the output location (not an input,
     not existing unless overwriting, writable) and every text source (exists, is readable text)."""
-    sources = [s for s in (calib.source if calib else None, options.eval_source) if s]
-    check_output(out, options.overwrite, [model_path, *(s for s in sources if Path(s).exists())])
-    for source, purpose in zip(sources, ("calibration", "evaluation") if calib else ("evaluation",)):
-        load_text(source, purpose, calib.text_field if calib else "text")
+    calibs = [s.calib for s in stages if s.calib is not None]
+    sources = [(c.source, "calibration", c.text_field) for c in calibs]
+    if options.eval_source:
+        sources.append((options.eval_source, "evaluation", "text"))
+    check_output(out, options.overwrite, [model_path, *(s for s, _, _ in sources if Path(s).exists())])
+    for source, purpose, text_field in dict.fromkeys(sources):
+        load_text(source, purpose, text_field)
 
 
-def _run(model_path: str | Path, out: str | Path, options: RunOptions, calib: CalibConfig | None, work: Work) -> dict[str, Any]:
-    """Check the output and the data sources before any work, load on CPU, `work` prunes in place and
-    returns the manifest, evaluate if asked (its windows are cut before pruning), save atomically."""
-    _preflight(model_path, out, options, calib)
-    timings: dict[str, float] = {}
+def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
+                 history: list[dict[str, Any]] = (), source: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:  # fmt: skip
+    """Run planned stages in order on a loaded model, each on its own calibration windows (cut once per
+    distinct calibration setting); returns the stage records for the manifest and the timings."""
+    done = [(h["kind"], h.get("settings", {})) for h in history]
+    windows: dict[CalibConfig, Tensor] = {}
+    timings = {"calibration_data": 0.0, "prune": 0.0}
+    records = []
+    for stage in stages:
+        data = None
+        if stage.calib is not None:
+            key = dataclasses.replace(stage.calib, batch_size=0)  # the batch size does not change the windows
+            if key not in windows:
+                clock = time.perf_counter()
+                windows[key] = calibration_data(model, tokenizer, stage.calib)
+                timings["calibration_data"] += time.perf_counter() - clock
+            data = windows[key]
+        report = prune(model, [stage.config], data, device=device, history=done,
+                       batch_size=stage.calib.batch_size if stage.calib else 4)  # fmt: skip
+        [record] = report.stages
+        record["calibration"] = {**flatten(stage.calib), "tokens": data.numel()} if stage.calib else None
+        record["input"] = {"path": str(Path(source).resolve())} if source is not None else None
+        records.append(record)
+        done.append((record["kind"], record["settings"]))
+        timings["prune"] += record["seconds"]
+    return records, timings
+
+
+def build_manifest(model_path: str | Path, model: nn.Module, stages: list[PlannedStage], records: list[dict[str, Any]],
+                   options: RunOptions, device: torch.device | str, earlier: dict[str, Any] | None = None,
+                   timings: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """What `secateur.json` records: the input and its hash, the model before any secateur run, this
+    run as a replayable recipe, the whole history of stages, and the structure of the result."""
+    earlier = earlier or {}
+    return {**_header(model_path, options.dtype, device, earlier), "recipe": recipe_document(stages, options),
+            "history": [*history_of(earlier), *records], "structure": structure_of(model),
+            "timings": timings or {}}  # fmt: skip
+
+
+def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Path,
+               options: RunOptions = RunOptions()) -> dict[str, Any]:
+    """Load any model or secateur output (its structure restored), run the stages in order, evaluate if
+    asked, save atomically with a manifest of the whole history; returns the manifest.
+    Nothing is loaded before the output, the text sources and the stage order are checked."""
+    if not stages:
+        raise ConfigError("the recipe has no stages")
+    _preflight(model_path, out, options, stages)
+    earlier = (read_manifest(model_path) if Path(model_path).is_dir() else None) or {}
+    history = history_of(earlier)
+    check_order([*((h["kind"], h.get("settings", {})) for h in history),
+                 *((kind_of(s.config).name, stage_settings(s.config)) for s in stages)])  # fmt: skip
     clock = time.perf_counter()
-    model, tokenizer = load_model(model_path, dtype=options.dtype, device="cpu")
-    timings["load"] = time.perf_counter() - clock
+    model, tokenizer = load(model_path, dtype=options.dtype, device="cpu")
+    timings = {"load": time.perf_counter() - clock}
     compute = resolve_device(options.device)
     evaluation = (evaluation_data(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
-                  if options.eval_source else None)  # fmt: skip
-    manifest = work(model, tokenizer, compute, timings)
+                  if options.eval_source else None)  # windows cut before pruning: a short text fails early
+    records, stage_timings = apply_stages(model, tokenizer, stages, compute, history, model_path)
+    manifest = build_manifest(model_path, model, stages, records, options, compute, earlier,
+                              {**timings, **stage_timings})  # fmt: skip
     if evaluation is not None:
         model.to(compute)
         manifest["evaluation"] = {"source": options.eval_source, "bos": _bos(model, tokenizer) is not None,
@@ -142,75 +236,139 @@ def _run(model_path: str | Path, out: str | Path, options: RunOptions, calib: Ca
     return manifest
 
 
-def _timed_calibration(model: nn.Module, tokenizer: Any, calib: CalibConfig, timings: dict[str, float]) -> Tensor:
-    clock = time.perf_counter()
-    calibration = calibration_data(model, tokenizer, calib)
-    timings["calibration_data"] = time.perf_counter() - clock
-    return calibration
+# --- recipes from flags, TOML files and manifests -------------------------------------------------------
+
+CALIB_OPTIONS = options_of(CalibConfig)
+RUN_OPTIONS = options_of(RunOptions)
 
 
-def run_prune(model_path: str | Path, config: PruneConfig, calib: CalibConfig, out: str | Path,
-              options: RunOptions = RunOptions()) -> dict[str, Any]:
-    """Prune weights of a model from disk and save it with its manifest; returns the manifest."""
-
-    def work(model: nn.Module, tokenizer: Any, compute: torch.device, timings: dict[str, float]) -> dict[str, Any]:
-        needs_data = needs_calibration(config)
-        calibration = _timed_calibration(model, tokenizer, calib, timings) if needs_data else None
-        report = prune(model, tokenizer, config, calibration, device=compute, batch_size=calib.batch_size)
-        timings["prune"] = report.seconds
-        return build_manifest(model_path, config, calib if needs_data else None, report, options.dtype, compute, timings)
-
-    return _run(model_path, out, options, calib if needs_calibration(config) else None, work)
-
-
-def run_depth(model_path: str | Path, config: DepthConfig, calib: CalibConfig, out: str | Path,
-              options: RunOptions = RunOptions()) -> dict[str, Any]:
-    """Remove blocks or branches chosen on calibration data; save the model with its manifest."""
-
-    def work(model: nn.Module, tokenizer: Any, compute: torch.device, timings: dict[str, float]) -> dict[str, Any]:
-        calibration = _timed_calibration(model, tokenizer, calib, timings)
-        blocks_before = model.config.num_hidden_layers
-        parameters_before = sum(p.numel() for p in model.parameters())
-        selection = depth_prune(model, config, calibration, device=compute, batch_size=calib.batch_size)
-        timings["prune"] = selection.seconds
-        return {
-            **_header(model_path, options.dtype, compute),
-            "recipe": config.to_dict(),
-            "calibration": {**asdict(calib), "tokens": calibration.numel()},
-            "result": {"method": config.method_name, "target": str(config.amount), "seconds": selection.seconds},
-            "depth": {
-                "blocks_before": blocks_before,
-                "blocks_after": model.config.num_hidden_layers,
-                "parameters_before": parameters_before,
-                "parameters_after": sum(p.numel() for p in model.parameters()),
-                "removed_blocks": selection.blocks,  # original numbering
-                "removed_sublayers": [list(u) for u in removed_sublayers(model, adapter_for(model))],  # as saved
-                **selection.to_dict(),
-            },
-            "timings": timings,
-        }
-
-    return _run(model_path, out, options, calib, work)
+def flag_options() -> dict[str, tuple[Option, str]]:
+    """Every option of every stage kind, of calibration and of the run, once per key: (the option,
+    with the choices of all its owners, and a help text naming the owners where they differ)."""
+    owned: dict[str, list[tuple[str, Option]]] = {}
+    for kind in KINDS.values():
+        for method in kind.methods():
+            for key, opt in kind.options(method).items():
+                owned.setdefault(key, []).append((f"{kind.name}:{method}", opt))
+    for label, options in (("calibration", CALIB_OPTIONS), ("run", RUN_OPTIONS)):
+        for key, opt in options.items():
+            owned.setdefault(key, []).append((label, opt))
+    return {key: (_merged(entries), _help(entries)) for key, entries in owned.items()}
 
 
-def run_width(model_path: str | Path, config: WidthConfig, calib: CalibConfig, out: str | Path,
-              options: RunOptions = RunOptions()) -> dict[str, Any]:
-    """Remove heads and MLP channels; save the smaller dense model with its manifest."""
+def _merged(entries: list[tuple[str, Option]]) -> Option:
+    first = entries[0][1]
+    literals = [get_args(o.type) for _, o in entries if get_origin(o.type) is Literal]
+    if len(literals) == len(entries) and len(entries) > 1:
+        return dataclasses.replace(first, type=Literal[tuple(dict.fromkeys(c for cs in literals for c in cs))])
+    return first
 
-    def work(model: nn.Module, tokenizer: Any, compute: torch.device, timings: dict[str, float]) -> dict[str, Any]:
-        calibration = _timed_calibration(model, tokenizer, calib, timings) if config.needs_calibration else None
-        parameters_before = sum(p.numel() for p in model.parameters())
-        report = width_prune(model, config, calibration, device=compute, batch_size=calib.batch_size)
-        timings["prune"] = report.seconds
-        return {
-            **_header(model_path, options.dtype, compute),
-            "recipe": config.to_dict(),
-            "calibration": {**asdict(calib), "tokens": calibration.numel()} if config.needs_calibration else None,
-            "result": {"method": "width", "target": f"{config.fraction:g} of block parameters",
-                       "removed_fraction": report.removed_fraction, "seconds": report.seconds},
-            "width": {"parameters_before": parameters_before,
-                      "parameters_after": sum(p.numel() for p in model.parameters()), **report.to_dict()},
-            "timings": timings,
-        }  # fmt: skip
 
-    return _run(model_path, out, options, calib if config.needs_calibration else None, work)
+def _help(entries: list[tuple[str, Option]]) -> str:
+    groups: dict[tuple[str, str], list[str]] = {}
+    for owner, opt in entries:
+        default = "" if opt.default in (None, ()) else f" (default {_plain(opt.default)})"
+        groups.setdefault((opt.help, default), []).append(owner)
+    parts = []
+    for (text, default), owners_ in groups.items():
+        parts.append(f"{_owner_label(owners_)}: {text}{default}")
+    return "; ".join(parts)
+
+
+def _plain(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _owner_label(owners_: list[str]) -> str:
+    kinds = dict.fromkeys(o.split(":")[0] for o in owners_)
+    labels = []
+    for kind in kinds:
+        methods = [o.split(":")[1] for o in owners_ if o.startswith(kind + ":")]
+        full = kind not in KINDS or len(methods) == len(KINDS[kind].methods())
+        labels.append(kind if full else f"{kind} ({', '.join(methods)})")
+    return ", ".join(labels)
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe document: a TOML file (flat keys for one stage, or `[[stage]]` tables), or the
+    `recipe` section of a secateur.json manifest (which replays that run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    if path.suffix == ".json":
+        try:
+            document = json.loads(path.read_text(encoding="utf-8")).get("recipe")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ConfigError(f"recipe {path} is not a secateur manifest ({exc})") from None
+        if not isinstance(document, dict) or "stage" not in document:
+            raise ConfigError(f"{path} holds no replayable recipe (written by an earlier secateur); write a TOML recipe")
+    else:
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
+    return _normalised(document)
+
+
+def _normalised(table: dict[str, Any]) -> dict[str, Any]:
+    out = {key.replace("-", "_"): value for key, value in table.items()}
+    if isinstance(out.get("stage"), list):
+        out["stage"] = [_normalised(t) if isinstance(t, dict) else t for t in out["stage"]]
+    return out
+
+
+def _split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(stage, calibration, run) settings."""
+    calib = {k: v for k, v in settings.items() if k in CALIB_OPTIONS}
+    run = {k: v for k, v in settings.items() if k in RUN_OPTIONS}
+    return {k: v for k, v in settings.items() if k not in calib and k not in run}, calib, run
+
+
+def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool = False) -> tuple[list[PlannedStage], RunOptions]:
+    """Stages (with their calibration) and run options from a recipe document and flags; precedence,
+    lowest first: the stage kind's defaults, the recipe's top level, a stage table, the flags."""
+    top = {k: v for k, v in document.items() if k != "stage"}
+    tables = document.get("stage")
+    top_stage, top_calib, top_run = _split(top)
+    flag_stage, flag_calib, flag_run = _split(flags)
+    if tables is None:
+        tables = [{**top_stage, **flag_stage}]
+    else:
+        if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+            raise ConfigError("a recipe's stages are [[stage]] tables, at least one")
+        if top_stage:
+            raise ConfigError(f"{sorted(top_stage)} are stage options: with [[stage]] tables they go inside a table")
+        if flag_stage:
+            flagged = ", ".join("--" + k.replace("_", "-") for k in sorted(flag_stage))
+            raise ConfigError(f"{flagged}: with a multi-stage recipe, stage options belong in its [[stage]] tables; "
+                              "flags set calibration and run options only")
+    run = fill(RunOptions, {**top_run, **flag_run}, overwrite=overwrite)
+    stages = []
+    for number, table in enumerate(tables, 1):
+        where = f"stage {number}: " if len(tables) > 1 else ""
+        stage, calib, extra = _split(table)
+        if extra and len(tables) > 1:
+            raise ConfigError(f"{where}{sorted(extra)} are run options; put them at the top of the recipe")
+        try:
+            config = build_stage(stage)
+            stages.append(_with_calibration(config, {**top_calib, **calib, **flag_calib}, run))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}{exc}") from None
+    given = {**top_calib, **flag_calib, **{k: v for t in tables for k, v in _split(t)[1].items()}}
+    if given and all(s.calib is None for s in stages):
+        raise ConfigError(f"{sorted(given)} do not apply: no stage reads calibration data "
+                          f"({', '.join(s.config.method_name for s in stages)})")
+    unused = sorted(k for k in ("eval_windows", "eval_seq_len") if k in {**top_run, **flag_run})
+    if unused and run.eval_source is None and all(s.calib is None for s in stages):
+        raise ConfigError(f"{unused} apply to --eval (and to the calibration hold-out); no stage calibrates and "
+                          "no --eval is given")
+    return stages, run
+
+
+def _with_calibration(config: Any, settings: dict[str, Any], run: RunOptions) -> PlannedStage:
+    kind = kind_of(config)
+    if not kind.needs_calibration(config):
+        return PlannedStage(config, None)
+    calib = fill(CalibConfig, {**flatten(kind.calibration(config)), **settings},
+                 holdout_windows=run.eval_windows, holdout_seq_len=run.eval_seq_len)  # fmt: skip
+    return PlannedStage(config, calib)

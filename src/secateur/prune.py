@@ -95,7 +95,7 @@ def _prune_without_data(layers: list[tuple[str, nn.Module]], config: PruneConfig
         start = time.perf_counter()
         weight = read_weight(module)
         if shared_masks is not None:
-            mask = shared_masks[index]
+            mask = shared_masks[index] | (weight == 0)  # zeros already there stay pruned
             weight = weight.masked_fill(mask, 0)
         else:
             [(weight, mask)] = spec.prune_group(config.method, GroupJob([name], [weight], [targets[name]]))

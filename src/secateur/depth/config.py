@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Union
 
-from secateur.config import ConfigError
+from secateur.errors import ConfigError
+from secateur.schema import option
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,8 @@ class AngularConfig:
     uses the whole calibration set and is steadier on short calibration runs.
     """
 
-    positions: Literal["all", "last"] = "all"
+    positions: Literal["all", "last"] = option("all", "tokens the angular distance averages over: all, or the last "
+                                                     "of each window (the paper's)")
 
     def __post_init__(self) -> None:
         if self.positions not in ("all", "last"):
@@ -75,8 +77,10 @@ class DepthConfig:
 
     method: DepthMethod
     amount: Amount
-    compensate: bool = False
-    compensate_damp: float = 0.1
+    compensate: bool = option(False, "block methods: re-fit the MLP output projection of the block before each "
+                                     "removed run to reproduce the state leaving it (linear, no new parameters)")
+    compensate_damp: float = option(0.1, "compensate: ridge towards the original weights, times the mean Gram "
+                                         "diagonal")
 
     def __post_init__(self) -> None:
         if self.compensate_damp < 0:
@@ -94,29 +98,3 @@ class DepthConfig:
     def to_dict(self) -> dict[str, Any]:
         extra = {"compensate": True, "compensate_damp": self.compensate_damp} if self.compensate else {}
         return {"method": self.method_name, **asdict(self.method), **asdict(self.amount), **extra}
-
-
-DEPTH_ONLY_KEYS = ("remove_blocks", "remove_sublayers", "remove_fraction", "positions", "compensate", "compensate_damp")
-
-
-def build_depth_config(settings: dict[str, Any]) -> DepthConfig:
-    """A DepthConfig from flat settings (CLI flags, recipe keys)."""
-    from secateur.depth.methods import REGISTRY
-
-    spec = REGISTRY[str(settings["method"])]
-    blocks, sublayers = settings.get("remove_blocks"), settings.get("remove_sublayers")
-    if spec.unit == "block" and sublayers is not None:
-        raise ConfigError(f"{spec.name} removes whole blocks: use --remove-blocks or --remove-fraction")
-    if spec.unit == "sublayer" and blocks is not None:
-        raise ConfigError(f"{spec.name} removes attention / MLP branches: use --remove-sublayers or --remove-fraction")
-    count = blocks if blocks is not None else sublayers
-    fraction = settings.get("remove_fraction")
-    amount = Amount(count=None if count is None else int(count), fraction=None if fraction is None else float(fraction))
-    options = {"positions": settings["positions"]} if settings.get("positions") is not None else {}
-    if options and spec.config_type is not AngularConfig:
-        raise ConfigError(f"--positions applies to the angular method, not {spec.name}")
-    compensate = bool(settings.get("compensate", False))
-    damp = settings.get("compensate_damp")
-    if damp is not None and not compensate:
-        raise ConfigError("--compensate-damp needs --compensate")
-    return DepthConfig(spec.config_type(**options), amount, compensate, 0.1 if damp is None else float(damp))

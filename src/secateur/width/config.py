@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from secateur.config import ConfigError
+from secateur.errors import ConfigError
+from secateur.schema import REQUIRED, option
 from secateur.width.scores import IMPORTANCE
 
 HeadMode = Literal["kv-groups", "queries", "none"]
@@ -31,13 +32,18 @@ class WidthConfig:
       model (RMSNorm families). It counts towards `fraction`: heads and MLP channels make up the rest.
     """
 
-    fraction: float
-    importance: str = "fluctuation"
-    allocation: Allocation = "uniform"
-    heads: HeadMode = "kv-groups"
-    bias_compensation: bool | None = None  # None: on for fluctuation, off otherwise
-    round_to: int = 8
-    hidden_fraction: float = 0.0
+    fraction: float = option(REQUIRED, "fraction of the decoder blocks' parameters to remove", key="remove_fraction")
+    importance: str = option("fluctuation", "unit score: magnitude, activation, fluctuation (FLAP) or taylor",
+                             choices=lambda: tuple(IMPORTANCE))
+    allocation: Allocation = option("uniform", "uniform (the same widths in every block: stock config) or adaptive "
+                                               "(per-block widths)")
+    heads: HeadMode = option("kv-groups", "remove whole key/value groups (kv-groups), query heads per group "
+                                          "(queries), or no heads (none)")
+    bias_compensation: bool | None = option(None, "fold removed channels' mean output into a bias (default: on for "
+                                                  "fluctuation)")
+    round_to: int = option(8, "uniform MLP widths (and the hidden size) are multiples of this")
+    hidden_fraction: float = option(0.0, "also remove this fraction of the hidden (embedding) channels everywhere "
+                                         "(RMSNorm families); counts towards remove_fraction")
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction < 1:
@@ -72,14 +78,3 @@ class WidthConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "width", **asdict(self), "bias_compensation": self.compensate}
-
-
-WIDTH_ONLY_KEYS = ("importance", "allocation", "heads", "bias_compensation", "round_to", "hidden_fraction")
-
-
-def build_width_config(settings: dict[str, Any]) -> WidthConfig:
-    """From merged recipe/flag settings (keys as the CLI flags, dashes as underscores)."""
-    if "remove_fraction" not in settings:
-        raise ConfigError("width pruning needs --remove-fraction: the fraction of decoder-block parameters to remove")
-    keys = {k: settings[k] for k in WIDTH_ONLY_KEYS if settings.get(k) is not None}
-    return WidthConfig(fraction=float(settings["remove_fraction"]), **keys)

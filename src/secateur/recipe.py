@@ -1,0 +1,315 @@
+"""Recipes: lists of typed stages (depth, width, sparsity) run in order on one model in memory.
+
+Each stage kind is one registry entry: its config type, its methods, how flat settings (flags,
+recipe keys, manifest records) build and flatten its config, and how it runs. Every stage sees the
+structure the previous ones left: fewer blocks, removed branches, per-block widths, existing zeros
+(a sparsity stage keeps them, so 50% can go on to 70% or to 2:4). Orders that would undo an earlier
+stage are refused with the reason before anything runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from secateur.config import NM, AllocationConfig, CalibConfig, PruneConfig, RefineConfig, Target, Unstructured
+from secateur.depth import REGISTRY as DEPTH_REGISTRY
+from secateur.depth import Amount, DepthConfig, depth_prune, removed_sublayers
+from secateur.errors import ConfigError
+from secateur.methods import REGISTRY as SPARSITY_REGISTRY
+from secateur.models import adapter_for
+from secateur.prune import needs_calibration, prune as prune_weights
+from secateur.schema import Option, fill, flag, flatten, options_of
+from secateur.width import WidthConfig, width_prune
+
+Settings = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """One kind of stage. `options(method)` are the keys a stage of that method takes besides
+    `method`; `build` checks and turns them into the config, `settings` is its inverse."""
+
+    name: str
+    config_type: type
+    methods: Callable[[], tuple[str, ...]]
+    options: Callable[[str], dict[str, Option]]
+    build: Callable[[str, Settings], Any]
+    settings: Callable[[Any], Settings]  # without "method"
+    run: Callable[[nn.Module, Any, Tensor | None, torch.device, int], dict[str, Any]]
+    needs_calibration: Callable[[Any], bool]
+    calibration: Callable[[Any], CalibConfig]  # the kind's default calibration size for this config
+
+
+KINDS: dict[str, StageKind] = {}
+
+
+def register(kind: StageKind) -> StageKind:
+    KINDS[kind.name] = kind
+    return kind
+
+
+def kind_of(config: Any) -> StageKind:
+    for kind in KINDS.values():
+        if isinstance(config, kind.config_type):
+            return kind
+    raise ConfigError(f"{type(config).__name__} is not a stage; stages are {', '.join(k.config_type.__name__ for k in KINDS.values())}")
+
+
+def kind_for_method(method: str) -> StageKind:
+    for kind in KINDS.values():
+        if method in kind.methods():
+            return kind
+    raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(all_methods())}")
+
+
+def all_methods() -> list[str]:
+    return [m for kind in KINDS.values() for m in kind.methods()]
+
+
+def method_name(config: Any) -> str:
+    return config.method_name
+
+
+# --- sparsity ---------------------------------------------------------------------------------------
+
+TARGET_OPTIONS = {
+    "sparsity": Option("sparsity", float, "fraction of the weights to remove, in [0, 1)", 0.5),
+    "pattern": Option("pattern", str, "N:M semi-structured sparsity: keep N of every M consecutive inputs, e.g. 2:4",
+                      None),
+}
+
+
+def _sparsity_options(method: str) -> dict[str, Option]:
+    nested = (SPARSITY_REGISTRY[method].config_type, PruneConfig, AllocationConfig, RefineConfig)
+    return {**TARGET_OPTIONS, **{k: o for t in nested for k, o in options_of(t).items()}}
+
+
+def _target(settings: Settings) -> Target:
+    sparsity, pattern = (TARGET_OPTIONS[k].check(settings[k]) if settings.get(k) is not None else None
+                         for k in ("sparsity", "pattern"))  # fmt: skip
+    if sparsity is not None and pattern is not None:
+        raise ConfigError("give either --sparsity (unstructured) or --pattern N:M, not both")
+    return NM.parse(pattern) if pattern is not None else Unstructured(0.5 if sparsity is None else sparsity)
+
+
+def _build_sparsity(method: str, settings: Settings) -> PruneConfig:
+    spec = SPARSITY_REGISTRY[method]
+    return fill(PruneConfig, settings, method=fill(spec.config_type, settings), target=_target(settings),
+                allocation=fill(AllocationConfig, settings), refine=fill(RefineConfig, settings))  # fmt: skip
+
+
+def _sparsity_settings(config: PruneConfig) -> Settings:
+    target = {"pattern": str(config.target)} if isinstance(config.target, NM) else {"sparsity": config.target.sparsity}
+    return {**target, **flatten(config.method), **flatten(config), **flatten(config.allocation), **flatten(config.refine)}
+
+
+def _run_sparsity(model: nn.Module, config: PruneConfig, calibration: Tensor | None, device: torch.device,
+                  batch_size: int) -> dict[str, Any]:
+    report = prune_weights(model, None, config, calibration, device=device, batch_size=batch_size)
+    return report.to_dict()
+
+
+register(StageKind(
+    "sparsity", PruneConfig, lambda: tuple(SPARSITY_REGISTRY), _sparsity_options, _build_sparsity, _sparsity_settings,
+    _run_sparsity, needs_calibration, lambda config: CalibConfig(),
+))  # fmt: skip
+
+
+# --- depth ------------------------------------------------------------------------------------------
+
+AMOUNT_OPTIONS = {
+    "remove_blocks": Option("remove_blocks", int, "number of decoder blocks to remove", None),
+    "remove_sublayers": Option("remove_sublayers", int, "finercut: number of attention / MLP branches to remove", None),
+    "remove_fraction": Option("remove_fraction", float, "fraction of the blocks to remove (finercut: of the blocks' "
+                                                        "parameters)", None),
+}
+
+
+def _depth_options(method: str) -> dict[str, Option]:
+    spec = DEPTH_REGISTRY[method]
+    count = "remove_blocks" if spec.unit == "block" else "remove_sublayers"
+    amount = {k: o for k, o in AMOUNT_OPTIONS.items() if k in (count, "remove_fraction")}
+    options = {**amount, **options_of(spec.config_type), **options_of(DepthConfig)}
+    if spec.unit != "block":  # compensation re-fits the block before a removed run of whole blocks
+        options = {k: o for k, o in options.items() if not k.startswith("compensate")}
+    return options
+
+
+def _build_depth(method: str, settings: Settings) -> DepthConfig:
+    spec = DEPTH_REGISTRY[method]
+    given = {k: AMOUNT_OPTIONS[k].check(settings[k]) for k in AMOUNT_OPTIONS if settings.get(k) is not None}
+    count = given.get("remove_blocks", given.get("remove_sublayers"))
+    amount = Amount(count=count, fraction=given.get("remove_fraction"))
+    if settings.get("compensate_damp") is not None and not settings.get("compensate"):
+        raise ConfigError("--compensate-damp needs --compensate")
+    return fill(DepthConfig, settings, method=fill(spec.config_type, settings), amount=amount)
+
+
+def _depth_settings(config: DepthConfig) -> Settings:
+    unit = DEPTH_REGISTRY[config.method_name].unit
+    amount = ({"remove_fraction": config.amount.fraction} if config.amount.fraction is not None
+              else {f"remove_{unit}s": config.amount.count})  # fmt: skip
+    rest = flatten(config)
+    if unit != "block":
+        rest = {k: v for k, v in rest.items() if not k.startswith("compensate")}
+    return {**amount, **flatten(config.method), **rest}
+
+
+def _run_depth(model: nn.Module, config: DepthConfig, calibration: Tensor | None, device: torch.device,
+               batch_size: int) -> dict[str, Any]:
+    blocks_before = model.config.num_hidden_layers
+    parameters_before = sum(p.numel() for p in model.parameters())
+    selection = depth_prune(model, config, calibration, device=device, batch_size=batch_size)
+    return {
+        "blocks_before": blocks_before,
+        "blocks_after": model.config.num_hidden_layers,
+        "parameters_before": parameters_before,
+        "parameters_after": sum(p.numel() for p in model.parameters()),
+        "removed_blocks": selection.blocks,  # numbered as in this stage's input
+        "removed_sublayers": [list(u) for u in removed_sublayers(model, adapter_for(model))],  # as saved
+        **selection.to_dict(),
+    }
+
+
+register(StageKind(
+    "depth", DepthConfig, lambda: tuple(DEPTH_REGISTRY), _depth_options, _build_depth, _depth_settings, _run_depth,
+    lambda config: True,
+    lambda config: CalibConfig(samples=DEPTH_REGISTRY[config.method_name].calib_samples,
+                               seq_len=DEPTH_REGISTRY[config.method_name].calib_seq_len),
+))  # fmt: skip
+
+
+# --- width ------------------------------------------------------------------------------------------
+
+
+def _build_width(method: str, settings: Settings) -> WidthConfig:
+    if settings.get("remove_fraction") is None:
+        raise ConfigError("width pruning needs --remove-fraction: the fraction of decoder-block parameters to remove")
+    return fill(WidthConfig, settings)
+
+
+def _run_width(model: nn.Module, config: WidthConfig, calibration: Tensor | None, device: torch.device,
+               batch_size: int) -> dict[str, Any]:
+    parameters_before = sum(p.numel() for p in model.parameters())
+    report = width_prune(model, config, calibration, device=device, batch_size=batch_size)
+    return {"parameters_before": parameters_before, "parameters_after": sum(p.numel() for p in model.parameters()),
+            **report.to_dict()}  # fmt: skip
+
+
+register(StageKind(
+    "width", WidthConfig, lambda: ("width",), lambda method: options_of(WidthConfig), _build_width,
+    lambda config: {**flatten(config), "bias_compensation": config.compensate}, _run_width,
+    lambda config: config.needs_calibration, lambda config: CalibConfig(),
+))  # fmt: skip
+
+
+# --- building stages from settings --------------------------------------------------------------------
+
+
+def owners(key: str) -> list[str]:
+    """The kinds (and methods) that take `key`, for messages."""
+    found = []
+    for kind in KINDS.values():
+        methods = [m for m in kind.methods() if key in kind.options(m)]
+        if methods:
+            found.append(kind.name if len(methods) == len(kind.methods()) else f"{kind.name} ({', '.join(methods)})")
+    return found
+
+
+def build_stage(settings: Settings, default_method: str = "wanda") -> Any:
+    """One stage config from flat settings; a key that the stage's method does not take is refused,
+    naming the kinds it belongs to."""
+    method = settings.get("method", default_method)
+    if not isinstance(method, str):
+        raise ConfigError(f"method must be a string, got {method!r}")
+    kind = kind_for_method(method)
+    allowed = kind.options(method)
+    foreign = sorted(k for k in settings if k != "method" and k not in allowed)
+    if foreign:
+        where = "; ".join(f"{flag(k)} belongs to {' and '.join(owners(k)) or 'no stage'}" for k in foreign)
+        what = method if method == kind.name else f"{method} ({kind.name})"
+        raise ConfigError(f"{where}, not to {what}, whose options are "
+                          f"{', '.join(flag(k) for k in sorted(allowed))}")
+    return kind.build(method, settings)
+
+
+def stage_settings(config: Any) -> Settings:
+    """The flat settings that `build_stage` turns back into `config`."""
+    return {"method": config.method_name, **kind_of(config).settings(config)}
+
+
+# --- order ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrderRule:
+    later: Callable[[str, Settings], bool]
+    earlier: Callable[[str, Settings], bool]
+    reason: str
+
+
+ORDER_RULES = (
+    OrderRule(lambda kind, s: kind == "width", lambda kind, s: kind == "sparsity" and "pattern" in s,
+              "width pruning removes input columns, which breaks the N:M groups of an earlier sparsity stage; "
+              "put width before N:M sparsity"),
+    OrderRule(lambda kind, s: kind == "depth" and bool(s.get("compensate")), lambda kind, s: kind == "sparsity",
+              "depth compensation re-fits an MLP output projection densely, which would fill the zeros of an earlier "
+              "sparsity stage; put depth before sparsity or drop compensate"),
+)
+
+
+def check_order(stages: Sequence[tuple[str, Settings]]) -> None:
+    """Refuse an order in which a stage would undo an earlier one (history first, then the recipe)."""
+    for i, (kind, settings) in enumerate(stages):
+        for rule in ORDER_RULES:
+            if rule.later(kind, settings) and any(rule.earlier(k, s) for k, s in stages[:i]):
+                raise ConfigError(f"stage {i + 1} ({settings.get('method')}) cannot follow an earlier stage: {rule.reason}")
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecipeReport:
+    stages: list[dict[str, Any]] = field(default_factory=list)  # one record per stage, in order
+    seconds: float = 0.0
+
+
+def as_stages(recipe: Any) -> list[Any]:
+    """A stage config or a sequence of them, as a list (each checked to be a stage)."""
+    stages = list(recipe) if isinstance(recipe, (list, tuple)) else [recipe]
+    for stage in stages:
+        kind_of(stage)
+    return stages
+
+
+def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor | None] | None = None, *,
+          device: str | torch.device | None = None, batch_size: int = 4,
+          history: Sequence[tuple[str, Settings]] = ()) -> RecipeReport:  # fmt: skip
+    """Run the stages of `recipe` (one stage config or a sequence) on `model` in place, in order.
+
+    `calibration` is one (samples, seq_len) tensor of token ids for every stage, or one per stage
+    (None for stages that need none). `history` lists (kind, settings) of stages already applied to
+    the model (a secateur output's manifest), so the order check sees them too.
+    """
+    stages = as_stages(recipe)
+    check_order([*history, *((kind_of(s).name, stage_settings(s)) for s in stages)])
+    per_stage = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * len(stages)
+    if len(per_stage) != len(stages):
+        raise ConfigError(f"{len(per_stage)} calibration tensors for {len(stages)} stages")
+    device = torch.device(device or "cpu")
+    report = RecipeReport()
+    start = time.perf_counter()
+    for config, data in zip(stages, per_stage):
+        kind = kind_of(config)
+        clock = time.perf_counter()
+        result = kind.run(model, config, data if kind.needs_calibration(config) else None, device, batch_size)
+        report.stages.append({"kind": kind.name, "settings": stage_settings(config), "result": result,
+                              "seconds": time.perf_counter() - clock})  # fmt: skip
+    report.seconds = time.perf_counter() - start
+    return report
