@@ -70,7 +70,8 @@ def test_unwritable_out_and_bad_eval_fail_before_pruning(source, tmp_path, capsy
     blocker.write_text("x")
     code, err = run(["prune", source, *FAST, "--out", blocker / "out"], capsys)
     assert code == 2 and "not a writable directory" in err
-    code, err = run(["prune", source, *FAST, "--out", tmp_path / "o", "--eval", tmp_path / "missing.txt"], capsys)
+    code, err = run(["prune", source, *FAST, "--out", tmp_path / "o", "--eval", tmp_path / "missing.txt",
+                     "--eval-seq-len", "32"], capsys)  # fmt: skip
     assert code == 2 and "unknown text source" in err and not (tmp_path / "o").exists()
 
 

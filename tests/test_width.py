@@ -285,7 +285,7 @@ def test_refusals_are_specific():
     with pytest.raises(WidthError, match="--heads none"):
         width_prune(tiny_model("gpt2"), WidthConfig(0.3, "magnitude"), None)
     with pytest.raises(WidthError, match="--no-bias-compensation"):
-        width_prune(tiny_model("qwen2"), WidthConfig(0.3, "fluctuation"), calibration())
+        width_prune(tiny_model("qwen2"), WidthConfig(0.3, "fluctuation", bias_compensation=True), calibration())
     with pytest.raises(WidthError, match="--allocation uniform"):
         width_prune(tiny_model("phi3"), WidthConfig(0.3, "magnitude", "adaptive"), None)
     with pytest.raises(WidthError, match="needs calibration"):

@@ -127,9 +127,12 @@ def _depth_line(record: dict[str, Any]) -> str:
 
 def _width_line(record: dict[str, Any]) -> str:
     width, s = record["result"], record["settings"]
-    line = (f"width ({s['importance']}, {s['allocation']}, heads {s['heads']}): removed {width['removed_fraction']:.4f} "
+    line = (f"width ({s['importance']}, {s['allocation']}, heads {s['heads']}, bias compensation "
+            f"{'on' if width['bias_compensation'] else 'off'}): removed {width['removed_fraction']:.4f} "
             f"of block parameters, {width['parameters_before']:,} -> {width['parameters_after']:,} parameters in "
             f"{record['seconds']:.1f} s")
+    if width.get("variant"):
+        line += f"\n{width['variant']}"
     if width["hidden_after"] != width["hidden_before"]:
         line += f"\nhidden size {width['hidden_before']} -> {width['hidden_after']}"
     return line

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.errors import OutputError, SecateurError
+from secateur.errors import ConfigError, OutputError, SecateurError
 from secateur.models import adapter_for
 from secateur.width.remote import MODULE as REMOTE_MODULE
 from secateur.width.remote import prepare_module
@@ -32,9 +32,17 @@ class ModelPathError(SecateurError):
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device!r} is not a device secateur runs on; use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelPathError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(device)
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ModelPathError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    return resolved
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -60,7 +68,12 @@ def load_config(path: str | Path):
     from transformers import AutoConfig
 
     directory, gguf = split_model_path(Path(path))
-    return AutoConfig.from_pretrained(directory, gguf_file=gguf)
+    try:
+        return AutoConfig.from_pretrained(directory, gguf_file=gguf)
+    except Exception as exc:  # broken JSON, no model_type, a truncated or foreign GGUF: all end the same way
+        what = "GGUF file" if gguf else "config.json"
+        raise ModelPathError(f"{path}: cannot read the model's {what} ({str(exc).splitlines()[0][:200]}); "
+                             "give a valid HF model directory or GGUF file") from None
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, Any]:

@@ -20,7 +20,7 @@ from secateur.data import calibration_windows, evaluation_windows, load_text, ne
 from secateur.depth import removed_sublayers
 from secateur.errors import ConfigError
 from secateur.evaluate import perplexity
-from secateur.io import check_output, content_hash, load, read_manifest, resolve_device, save
+from secateur.io import check_output, content_hash, load, load_config, read_manifest, resolve_device, save
 from secateur.models import adapter_for, read_weight
 from secateur.prune import target_layers
 from secateur.recipe import KINDS, build_stage, check_order, kind_for_method, kind_of, prune, stage_settings
@@ -163,6 +163,15 @@ def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, sta
     if options.eval_source:
         sources.append((options.eval_source, "evaluation", "text"))
     check_output(out, options.overwrite, [model_path, *(s for s, _, _ in sources if Path(s).exists())])
+    resolve_device(options.device)
+    config = load_config(model_path)
+    adapter_for(config)  # unsupported architectures fail here, naming the supported ones
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    lengths = [("--calib-seq-len", c.seq_len) for c in calibs] + ([("--eval-seq-len", options.eval_seq_len)]
+                                                                  if options.eval_source else [])  # fmt: skip
+    for flag_name, length in lengths:
+        if positions and length > positions:
+            raise ConfigError(f"{flag_name} {length} is longer than the model's {positions} positions; lower it")
     for source, purpose, text_field in dict.fromkeys(sources):
         load_text(source, purpose, text_field)
 

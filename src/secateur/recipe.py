@@ -203,7 +203,7 @@ def _run_width(model: nn.Module, config: WidthConfig, calibration: Tensor | None
 
 register(StageKind(
     "width", WidthConfig, lambda: ("width",), lambda method: options_of(WidthConfig), _build_width,
-    lambda config: {**flatten(config), "bias_compensation": config.compensate}, _run_width,
+    flatten, _run_width,
     lambda config: config.needs_calibration, lambda config: CalibConfig(),
 ))  # fmt: skip
 

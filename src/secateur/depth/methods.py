@@ -28,7 +28,7 @@ from secateur.depth.search import (
     select_finercut,
     select_greedy_loss,
 )
-from secateur.depth.structure import KINDS, remove_blocks, remove_sublayers
+from secateur.depth.structure import KINDS, DepthError, branch_parameters, is_removed, remove_blocks, remove_sublayers
 from secateur.models import Adapter, adapter_for
 
 Search = Callable[[nn.Module, Adapter, object, Amount, Tensor, int, torch.device], Selection]
@@ -66,7 +66,23 @@ def _greedy(model, adapter, method, amount, calibration, batch_size, device) -> 
 
 def _finercut(model, adapter, method, amount, calibration, batch_size, device) -> Selection:
     budget = budget_for(model, adapter, amount.fraction) if amount.fraction is not None else None
+    _check_removable(model, adapter, amount.count, budget)
     return select_finercut(model, adapter, calibration, amount.count, budget, batch_size, device)
+
+
+def _check_removable(model: nn.Module, adapter: Adapter, count: int | None, budget: int | None) -> None:
+    """FinerCut keeps one attention branch: refuse a request beyond what the other branches hold."""
+    blocks = adapter.block_list(model)
+    sizes = {(i, k): branch_parameters(b, adapter, k) for i, b in enumerate(blocks) for k in KINDS
+             if not is_removed(b, adapter, k)}  # fmt: skip
+    attention = [n for (_, k), n in sizes.items() if k == "attention"]
+    most = sum(sizes.values()) - (min(attention) if attention else 0)
+    if count is not None and count > len(sizes) - bool(attention):
+        raise DepthError(f"finercut can remove at most {len(sizes) - bool(attention)} of the {len(sizes)} branches "
+                         f"left (one attention stays); --remove-sublayers {count} asks for more")
+    if budget is not None and budget > most:
+        raise DepthError(f"--remove-fraction asks for {budget:,} parameters, more than the {most:,} that the removable "
+                         "branches hold (one attention stays); lower it")
 
 
 REGISTRY: dict[str, DepthSpec] = {

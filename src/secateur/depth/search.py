@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from secateur.depth.scores import angular_distance, block_influence, js_divergence, lowest
-from secateur.depth.structure import KINDS, block_parameters, branch_parameters, is_removed, without
+from secateur.depth.structure import KINDS, DepthError, block_parameters, branch_parameters, is_removed, without
 from secateur.engine import run_block
 from secateur.models import Adapter
 from secateur.prune import stream_blocks
@@ -244,7 +244,7 @@ def greedy(search: _Search, done: Callable[[list[Step]], bool], sublayers: bool,
     while not done(steps):
         candidates = _candidates(search, sublayers)
         if not candidates:
-            raise ValueError("nothing left to remove")
+            raise DepthError(f"{desc}: nothing left to remove after {len(steps)} units; ask for fewer")
         inputs = search.block_inputs()
         scores = [search.score(u, inputs) for u in tqdm(candidates, desc=f"{desc} step {len(steps) + 1}", unit="cand", leave=False)]
         best = lowest(scores, 1)[0]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -52,6 +53,8 @@ from secateur.width.units import (
     uniform_removals,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class WidthReport:
@@ -65,6 +68,8 @@ class WidthReport:
     hidden_after: int = 0
     remote_code: bool = False  # non-uniform widths that stock transformers builds with trust_remote_code=True
     seconds: float = 0.0
+    bias_compensation: bool = False  # as run (the default resolves per family)
+    variant: str | None = None  # why the family's variant differs from the default, if it does
 
     @property
     def removed_fraction(self) -> float:
@@ -83,6 +88,8 @@ class WidthReport:
             "layers": [w.to_dict() for w in self.after],  # what `secateur.load` reshapes to
             "remote_code": self.remote_code,
             "seconds": self.seconds,
+            "bias_compensation": self.bias_compensation,
+            "variant": self.variant,
         }
 
 
@@ -103,6 +110,24 @@ def width_of(model: nn.Module, adapter: Adapter, config: WidthConfig) -> Width:
         for kind in ("mlp", "attention") if config.heads != "none" else ("mlp",):
             bias_flag_needed(model, adapter, kind)
     return width
+
+
+def resolve_variant(model: nn.Module, adapter: Adapter, config: WidthConfig) -> tuple[WidthConfig, str | None]:
+    """The family's best variant of a config left to its defaults: bias compensation (on by default for
+    fluctuation) is turned off, with the reason, where the family's config cannot hold the biases;
+    the fluctuation score then measures the uncompensated error. An explicit choice is kept (and
+    refused by `width_of` where it cannot work)."""
+    if config.bias_compensation is not None or not config.compensate or adapter.width is None:
+        return config, None
+    for kind in ("mlp", "attention") if config.heads != "none" else ("mlp",):
+        try:
+            bias_flag_needed(model, adapter, kind)
+        except WidthError:
+            why = (f"{model.config.model_type} cannot hold a bias on the {kind} output projection: bias compensation "
+                   "off, channels scored by the error they leave uncompensated")
+            log.warning("width: %s", why)
+            return replace(config, bias_compensation=False), why
+    return config, None
 
 
 def _block_parameters(model: nn.Module, adapter: Adapter) -> int:
@@ -241,13 +266,15 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     the new shapes.
     `statistics` gathered beforehand on this (dense) model replace the calibration passes."""
     adapter = adapter_for(model)
+    config, variant = resolve_variant(model, adapter, config)
     width = width_of(model, adapter, config)
     device = torch.device(device)
     size = head_dim(model.config)
     model.eval()
     start = time.perf_counter()
     report = WidthReport(before=[layer_width(b, width, size) for b in adapter.block_list(model)],
-                         block_parameters_before=_block_parameters(model, adapter), head_dim=size)  # fmt: skip
+                         block_parameters_before=_block_parameters(model, adapter), head_dim=size,
+                         bias_compensation=config.compensate, variant=variant)  # fmt: skip
     if statistics is None:
         if config.needs_calibration and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
             raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
