@@ -283,7 +283,7 @@ def test_remote_code_declaration_is_rederived_at_save(tmp_path):
 
 def test_refusals_are_specific():
     with pytest.raises(WidthError, match="--heads none"):
-        width_prune(tiny_model("gpt2"), WidthConfig(0.3, "magnitude"), None)
+        width_prune(tiny_model("gpt2"), WidthConfig(0.3, "magnitude", heads="kv-groups"), None)
     with pytest.raises(WidthError, match="--no-bias-compensation"):
         width_prune(tiny_model("qwen2"), WidthConfig(0.3, "fluctuation", bias_compensation=True), calibration())
     with pytest.raises(WidthError, match="--allocation uniform"):

@@ -127,7 +127,7 @@ def _depth_line(record: dict[str, Any]) -> str:
 
 def _width_line(record: dict[str, Any]) -> str:
     width, s = record["result"], record["settings"]
-    line = (f"width ({s['importance']}, {s['allocation']}, heads {s['heads']}, bias compensation "
+    line = (f"width ({s['importance']}, {s['allocation']}, heads {width['heads']}, bias compensation "
             f"{'on' if width['bias_compensation'] else 'off'}): removed {width['removed_fraction']:.4f} "
             f"of block parameters, {width['parameters_before']:,} -> {width['parameters_after']:,} parameters in "
             f"{record['seconds']:.1f} s")

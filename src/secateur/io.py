@@ -232,7 +232,15 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
     file = Path(path) / MANIFEST
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelPathError(f"{file} is not valid JSON ({exc}); restore it or remove it to load the model as is") from None
+    if not isinstance(manifest, dict):
+        raise ModelPathError(f"{file} is not a secateur manifest; restore it or remove it to load the model as is")
+    return manifest
 
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, Any]:

@@ -155,15 +155,22 @@ def recipe_document(stages: list[PlannedStage], options: RunOptions) -> dict[str
 # --- the job ------------------------------------------------------------------------------------------
 
 
-def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, stages: list[PlannedStage]) -> None:
+def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, stages: list[PlannedStage],
+               history: list[dict[str, Any]]) -> None:  # fmt: skip
     """Everything that can be checked before the model is loaded: the output location (not an input,
-    not existing unless overwriting, writable) and every text source (exists, is readable text)."""
+    not existing unless overwriting, writable), the device, the order of the stages after the input's
+    history, every text source (exists, is readable text), and the window lengths against the
+    model's positions."""
     calibs = [s.calib for s in stages if s.calib is not None]
     sources = [(c.source, "calibration", c.text_field) for c in calibs]
     if options.eval_source:
         sources.append((options.eval_source, "evaluation", "text"))
     check_output(out, options.overwrite, [model_path, *(s for s, _, _ in sources if Path(s).exists())])
     resolve_device(options.device)
+    check_order([*((h["kind"], h.get("settings", {})) for h in history),
+                 *((kind_of(s.config).name, stage_settings(s.config)) for s in stages)])  # fmt: skip
+    for source, purpose, text_field in dict.fromkeys(sources):
+        load_text(source, purpose, text_field)
     config = load_config(model_path)
     adapter_for(config)  # unsupported architectures fail here, naming the supported ones
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -172,8 +179,6 @@ def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, sta
     for flag_name, length in lengths:
         if positions and length > positions:
             raise ConfigError(f"{flag_name} {length} is longer than the model's {positions} positions; lower it")
-    for source, purpose, text_field in dict.fromkeys(sources):
-        load_text(source, purpose, text_field)
 
 
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
@@ -222,11 +227,9 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
     Nothing is loaded before the output, the text sources and the stage order are checked."""
     if not stages:
         raise ConfigError("the recipe has no stages")
-    _preflight(model_path, out, options, stages)
     earlier = (read_manifest(model_path) if Path(model_path).is_dir() else None) or {}
     history = history_of(earlier)
-    check_order([*((h["kind"], h.get("settings", {})) for h in history),
-                 *((kind_of(s.config).name, stage_settings(s.config)) for s in stages)])  # fmt: skip
+    _preflight(model_path, out, options, stages, history)
     clock = time.perf_counter()
     model, tokenizer = load(model_path, dtype=options.dtype, device="cpu")
     timings = {"load": time.perf_counter() - clock}

@@ -109,7 +109,8 @@ def _mlp_output(block: nn.Module, consumer: str, hidden: Tensor, extra: Any) -> 
         out = run_block(block, hidden, extra)
     finally:
         handle.remove()
-    return seen["a"], seen["m"], out
+    a, m = seen["a"], seen["m"]  # OPT's MLP runs on (batch * seq, features): back to the block's (batch, seq)
+    return a.reshape(*out.shape[:-1], a.shape[-1]), m.reshape(out.shape), out
 
 
 def _check_additive(block: nn.Module, consumer: str, hidden: Tensor, extra: Any, family: str) -> None:

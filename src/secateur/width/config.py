@@ -21,7 +21,8 @@ class WidthConfig:
 
     heads: `kv-groups` removes whole key/value groups with their query heads (smaller KV cache);
       `queries` removes the same number of query heads from every group (KV cache unchanged);
-      `none` prunes MLP channels only.
+      `none` prunes MLP channels only. Unset: kv-groups where the family keeps an explicit head size,
+      none where it derives it from hidden_size / heads (GPT-2, OPT, GPT-NeoX).
     allocation: `uniform` removes the same number of units from every block (stock config, stock
       `from_pretrained`, vLLM-compatible shapes); `adaptive` ranks the units of all blocks together
       on scores standardised per block and branch (FLAP), so widths differ per block.
@@ -37,8 +38,9 @@ class WidthConfig:
                              choices=lambda: tuple(IMPORTANCE))
     allocation: Allocation = option("uniform", "uniform (the same widths in every block: stock config) or adaptive "
                                                "(per-block widths)")
-    heads: HeadMode = option("kv-groups", "remove whole key/value groups (kv-groups), query heads per group "
-                                          "(queries), or no heads (none)")
+    heads: HeadMode | None = option(None, "remove whole key/value groups (kv-groups), query heads per group "
+                                          "(queries), or no heads (none); default kv-groups where the family's head "
+                                          "size is explicit, none otherwise")
     bias_compensation: bool | None = option(None, "fold removed channels' mean output into a bias (default: on for "
                                                   "fluctuation)")
     round_to: int = option(8, "uniform MLP widths (and the hidden size) are multiples of this")
@@ -52,7 +54,7 @@ class WidthConfig:
             raise ConfigError(f"--importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
-        if self.heads not in HEAD_MODES:
+        if self.heads is not None and self.heads not in HEAD_MODES:
             raise ConfigError(f"--heads must be one of {', '.join(HEAD_MODES)}, got {self.heads!r}")
         if not 0 <= self.hidden_fraction < 1:
             raise ConfigError(f"--hidden-fraction must be in [0, 1), got {self.hidden_fraction}")

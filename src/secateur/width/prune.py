@@ -68,7 +68,8 @@ class WidthReport:
     hidden_after: int = 0
     remote_code: bool = False  # non-uniform widths that stock transformers builds with trust_remote_code=True
     seconds: float = 0.0
-    bias_compensation: bool = False  # as run (the default resolves per family)
+    bias_compensation: bool = False  # as run (the defaults resolve per family)
+    heads: str = "kv-groups"
     variant: str | None = None  # why the family's variant differs from the default, if it does
 
     @property
@@ -89,6 +90,7 @@ class WidthReport:
             "remote_code": self.remote_code,
             "seconds": self.seconds,
             "bias_compensation": self.bias_compensation,
+            "heads": self.heads,
             "variant": self.variant,
         }
 
@@ -113,21 +115,31 @@ def width_of(model: nn.Module, adapter: Adapter, config: WidthConfig) -> Width:
 
 
 def resolve_variant(model: nn.Module, adapter: Adapter, config: WidthConfig) -> tuple[WidthConfig, str | None]:
-    """The family's best variant of a config left to its defaults: bias compensation (on by default for
-    fluctuation) is turned off, with the reason, where the family's config cannot hold the biases;
-    the fluctuation score then measures the uncompensated error. An explicit choice is kept (and
-    refused by `width_of` where it cannot work)."""
-    if config.bias_compensation is not None or not config.compensate or adapter.width is None:
+    """The family's best variant of the settings left to their defaults: heads are removed as key/value
+    groups where the family has an explicit head size (MLP channels only otherwise), and bias
+    compensation (on by default for fluctuation) is turned off where the family's config cannot hold
+    the biases, the fluctuation score then measuring the uncompensated error. Explicit choices are
+    kept (and refused by `width_of` where they cannot work). Returns the config and the reasons."""
+    if adapter.width is None:
         return config, None
-    for kind in ("mlp", "attention") if config.heads != "none" else ("mlp",):
-        try:
-            bias_flag_needed(model, adapter, kind)
-        except WidthError:
-            why = (f"{model.config.model_type} cannot hold a bias on the {kind} output projection: bias compensation "
-                   "off, channels scored by the error they leave uncompensated")
-            log.warning("width: %s", why)
-            return replace(config, bias_compensation=False), why
-    return config, None
+    reasons = []
+    if config.heads is None:
+        heads = "kv-groups" if adapter.width.attention is not None else "none"
+        config = replace(config, heads=heads)
+        if heads == "none":
+            reasons.append(f"{model.config.model_type} derives its head size from hidden_size / heads: MLP channels only")
+    if config.bias_compensation is None and config.compensate:
+        for kind in ("mlp", "attention") if config.heads != "none" else ("mlp",):
+            try:
+                bias_flag_needed(model, adapter, kind)
+            except WidthError:
+                reasons.append(f"{model.config.model_type} cannot hold a bias on the {kind} output projection: bias "
+                               "compensation off, channels scored by the error they leave uncompensated")
+                config = replace(config, bias_compensation=False)
+                break
+    for why in reasons:
+        log.warning("width: %s", why)
+    return config, "; ".join(reasons) or None
 
 
 def _block_parameters(model: nn.Module, adapter: Adapter) -> int:
@@ -274,7 +286,7 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     start = time.perf_counter()
     report = WidthReport(before=[layer_width(b, width, size) for b in adapter.block_list(model)],
                          block_parameters_before=_block_parameters(model, adapter), head_dim=size,
-                         bias_compensation=config.compensate, variant=variant)  # fmt: skip
+                         bias_compensation=config.compensate, heads=config.heads, variant=variant)  # fmt: skip
     if statistics is None:
         if config.needs_calibration and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
             raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
