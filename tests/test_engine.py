@@ -9,7 +9,7 @@ from secateur import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstruct
 from secateur.methods import select_mask, wanda_scores
 from secateur.models import adapter_for, read_weight
 from secateur.prune import prune, target_layers
-from secateur.stats import InputNormSq
+from secateur.calibrate.stats import InputNormSq
 
 CASES = [
     (WandaConfig(), Unstructured(0.5)),

@@ -6,7 +6,7 @@ import torch
 from secateur.config import NM, ConfigError, Unstructured
 from secateur.masks import global_masks, nm_mask, per_layer_mask, per_row_mask, smallest_k
 from secateur.methods import select_mask, wanda_scores
-from secateur.stats import InputNormSq
+from secateur.calibrate.stats import InputNormSq
 
 
 def test_smallest_k_is_exact_under_ties():

@@ -142,7 +142,7 @@ def test_gblm_adds_the_scaled_gradient_norm_to_the_input_norm():
 
 
 def test_gradient_norms_are_the_l2_norm_over_per_sample_gradients():
-    from secateur.gradients import gradient_norms
+    from secateur.calibrate.gradients import gradient_norms
 
     model = tiny_model("llama")
     calibration = calibration_ids(samples=2)
@@ -342,7 +342,7 @@ def test_ria_method_prunes_every_family_exactly():
 @pytest.mark.parametrize("target", [Unstructured(0.7), NM(2, 4)], ids=["70", "2:4"])
 def test_gradual_sparsegpt_keeps_the_target_and_fits_better_than_one_shot(target):
     from secateur.methods import GroupJob, partial_target, sparsegpt_group
-    from secateur.stats import Hessian
+    from secateur.calibrate.stats import Hessian
 
     x = correlated_inputs(tokens=2048, features=64)
     stat = Hessian(64, "cpu")

@@ -6,7 +6,7 @@ import torch
 from secateur.config import NM, Unstructured
 from secateur.methods import select_mask, wanda_scores
 from secateur.obs import inverse_hessian_factor, sparsegpt_prune
-from secateur.stats import Hessian, InputNormSq
+from secateur.calibrate.stats import Hessian, InputNormSq
 
 
 def correlated_inputs(tokens=512, features=32, seed=0):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from secateur.cli import main
 from secateur.io import load, save
 from secateur.models import adapter_for
-from secateur.stats import Moments
+from secateur.calibrate.stats import Moments
 from secateur.width import IMPORTANCE, WidthConfig, WidthError, width_prune
 from secateur.width.scores import standardize
 from secateur.width.structure import (

@@ -24,12 +24,13 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from secateur.calibrate.stats import WORK_DTYPE, check_finite
+from secateur.calibrate.stream import BlockInputs, StopForward, run_block, submodule
 from secateur.config import PruneConfig, Target
 from secateur.methods import GroupJob, MethodSpec
 from secateur.models import Adapter, read_weight, write_weight
 from secateur.permute import Permuter, permuter_for
 from secateur.refine import REFINERS
-from secateur.stats import WORK_DTYPE, check_finite
 
 
 @dataclass
@@ -38,53 +39,6 @@ class LayerReport:
     shape: tuple[int, int]
     sparsity: float  # fraction of weights the mask removed
     seconds: float  # time spent computing the mask and the update
-
-
-@dataclass
-class BlockInputs:
-    """Calibration activations entering one block, in batches, with each batch's extra arguments."""
-
-    hidden: list[Tensor]  # (batch, seq, hidden) per batch
-    extras: list[list[tuple[tuple, dict[str, Any]]]] = field(default_factory=list)  # [block][batch] -> (args, kwargs)
-
-
-class _Stop(Exception):
-    """Raised inside a hook to end a forward pass early."""
-
-
-# --- capture --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device) -> BlockInputs:
-    """Run the model up to its blocks and record each block's input and extra arguments."""
-    blocks = adapter.block_list(model)
-    batches = windows.split(batch_size or len(windows))
-    captured = BlockInputs(hidden=[], extras=[[] for _ in blocks])
-
-    def recorder(index: int):
-        def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            if index == 0:
-                captured.hidden.append(hidden_states)
-            captured.extras[index].append((args, kwargs))
-            if index == len(blocks) - 1:
-                raise _Stop  # skip the final norm and the LM head
-            return hidden_states
-
-        return forward
-
-    for index, block in enumerate(blocks):
-        block.forward = recorder(index)  # instance attribute shadows the class method
-    try:
-        for batch in batches:
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for block in blocks:
-            del block.forward
-    return captured
 
 
 # --- one block ---------------------------------------------------------------------------------------
@@ -116,20 +70,13 @@ def _groups(block: nn.Module, index: int, adapter: Adapter, config: PruneConfig)
     groups = []
     for group in adapter.groups:
         names = [f"{adapter.blocks}.{index}.{name}" for name in group]
-        modules = [_present(block, name) for name in group]  # None: the branch was removed by depth pruning
+        modules = [submodule(block, name) for name in group]  # None: the branch was removed by depth pruning
         keep = [i for i, name in enumerate(names)
                 if modules[i] is not None and not any(fnmatch.fnmatch(name, p) for p in config.ignore)]  # fmt: skip
         if keep:
             permuter = permuter_for(block, adapter, group[0], config.target) if config.permute and len(group) == 1 else None
             groups.append(_Group([names[i] for i in keep], [modules[i] for i in keep], permuter=permuter))
     return groups
-
-
-def _present(block: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return block.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
@@ -190,12 +137,6 @@ def _pre_hooks(groups: list[_Group], hook_for: Callable[[_Group], Callable]) -> 
     finally:
         for handle in handles:
             handle.remove()
-
-
-def run_block(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, Any]]) -> Tensor:
-    args, kwargs = extra
-    out = block(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _run_in_lockstep(tasks: list[greenlet.greenlet], on_parked: Callable[[_Group], None]) -> list[Tensor]:
@@ -297,7 +238,7 @@ def _prune_block_dense(
             _feed(group, plan, args[0])
             fed.add(id(group))
             if len(fed) == len(groups):
-                raise _Stop  # the rest of the block adds nothing to the statistics
+                raise StopForward  # the rest of the block adds nothing to the statistics
 
         return hook
 
@@ -307,7 +248,7 @@ def _prune_block_dense(
             fed.clear()
             try:
                 run_block(block, hidden, extra)
-            except _Stop:
+            except StopForward:
                 pass
     for group in groups:
         _prune_group(group, plan, reports)

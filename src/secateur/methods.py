@@ -26,10 +26,10 @@ from secateur.config import (
     Unstructured,
     WandaConfig,
 )
+from secateur.calibrate.stats import WORK_DTYPE, Hessian, InputNormSq
 from secateur.masks import nm_mask, per_layer_mask, per_row_mask
 from secateur.obs import inverse_hessian_factor, sparsegpt_prune
 from secateur.refine import reconstruct
-from secateur.stats import WORK_DTYPE, Hessian, InputNormSq
 
 Pruned = list[tuple[Tensor, Tensor]]  # (new weight, prune mask) per layer of the group
 
@@ -191,7 +191,7 @@ def sparsegpt_group(config: SparseGPTConfig, job: GroupJob) -> Pruned:
 
 
 def _gblm_prepare(config: GBLMConfig, model, adapter, calibration: Tensor, device, names: list[str]) -> dict[str, Tensor]:
-    from secateur.gradients import gradient_norms
+    from secateur.calibrate.gradients import gradient_norms
 
     return gradient_norms(model, calibration, names, device, samples=config.gradient_samples)
 

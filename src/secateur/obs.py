@@ -13,9 +13,9 @@ import logging
 import torch
 from torch import Tensor
 
+from secateur.calibrate.stats import WORK_DTYPE
 from secateur.config import NM, Target
 from secateur.masks import prune_count, smallest_k
-from secateur.stats import WORK_DTYPE
 
 log = logging.getLogger(__name__)
 

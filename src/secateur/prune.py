@@ -6,15 +6,15 @@ import fnmatch
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from secateur.allocation import allocate_targets
+from secateur.calibrate.stream import stream_blocks, submodule
 from secateur.config import NM, ConfigError, PruneConfig, Target
-from secateur.engine import BlockInputs, LayerReport, Plan, capture_inputs, prune_block, run_block
+from secateur.engine import LayerReport, Plan, prune_block
 from secateur.masks import global_masks
 from secateur.methods import GroupJob, magnitude_scores, spec_for
 from secateur.models import Adapter, adapter_for, read_weight, write_weight
@@ -60,18 +60,10 @@ def target_layers(model: nn.Module, adapter: Adapter, ignore: tuple[str, ...] = 
     for index, block in enumerate(adapter.block_list(model)):
         for name in adapter.layer_names():
             full = f"{adapter.blocks}.{index}.{name}"
-            module = _submodule(block, name)
+            module = submodule(block, name)
             if module is not None and not any(fnmatch.fnmatch(full, pattern) for pattern in ignore):
                 layers.append((full, module))
     return layers
-
-
-def _submodule(block: nn.Module, name: str) -> nn.Module | None:
-    """The layer, or None where its branch was removed by depth pruning."""
-    try:
-        return block.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _check_shapes(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> None:
@@ -117,17 +109,6 @@ def needs_calibration(config: PruneConfig) -> bool:
     spec = spec_for(config.method)
     return bool(statistics_for(config)) or spec.prepare is not None or config.allocation.kind == "owl" or (
         config.allocation.kind == "global" and bool(spec.statistics))
-
-
-def move_outside_blocks(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
-    """Put embeddings, rotary tables and final norms on `device`; blocks stay where they are."""
-    in_blocks = {id(t) for t in adapter.block_list(model).parameters()} | {
-        id(t) for t in adapter.block_list(model).buffers()
-    }
-    for module in model.modules():
-        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is not None and id(tensor) not in in_blocks and tensor.device != device:
-                tensor.data = tensor.data.to(device)
 
 
 @torch.no_grad()
@@ -178,46 +159,6 @@ def prune(
                         [round(report.block_errors[i], 3) for i in report.collapsed])  # fmt: skip
     report.seconds = time.perf_counter() - start
     return report
-
-
-def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int, device: torch.device,
-                  desc: str) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
-    """Capture the first block's inputs, then yield (index, block on `device`, inputs) block by block;
-    the caller sets `inputs.hidden` to the block's outputs. Only the current block and the calibration
-    activations need to be on `device`; everything returns home afterwards."""
-    home = next(model.parameters()).device
-    move_outside_blocks(model, adapter, device)
-    try:
-        inputs = capture_inputs(model, adapter, calibration, batch_size, device)
-        for index, block in enumerate(tqdm(adapter.block_list(model), desc=desc, unit="block")):
-            block.to(device)
-            try:
-                yield index, block, inputs
-            finally:
-                block.to(home)
-            inputs.extras[index] = []  # this block's masks / rotary tables are no longer needed
-    finally:
-        move_outside_blocks(model, adapter, home)
-
-
-def collect_input_stats(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
-                        device: torch.device, kind: type, desc: str) -> dict[str, Any]:
-    """One statistic of type `kind` per named (block-relative) layer of every block, fed with its
-    inputs on the dense model: one streamed pass, nothing pruned. Keys are qualified layer names."""
-    stats: dict[str, Any] = {}
-    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc):
-        handles = []
-        for name in names:
-            module = _submodule(block, name)
-            if module is not None:
-                stat = stats[f"{adapter.blocks}.{index}.{name}"] = kind(read_weight(module).shape[1], device)
-                handles.append(module.register_forward_pre_hook(lambda _, args, s=stat: s.update(args[0])))
-        try:
-            inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
-        finally:
-            for handle in handles:
-                handle.remove()
-    return stats
 
 
 def _prune_sequential(

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from secateur.calibrate.stats import WORK_DTYPE, Hessian, Moments
 from secateur.config import NM, RefineConfig
-from secateur.stats import WORK_DTYPE, Hessian, Moments
 
 
 def reconstruction_error(weight: Tensor, dense: Tensor, hessian: Tensor) -> Tensor:

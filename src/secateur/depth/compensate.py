@@ -26,11 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secateur.calibrate.stream import run_block, stream_blocks
 from secateur.depth.structure import DepthError
-from secateur.engine import run_block
 from secateur.models import Adapter
 from secateur.models.base import read_weight, write_weight
-from secateur.prune import stream_blocks
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from secateur.calibrate.stream import run_block, stream_blocks
 from secateur.depth.scores import angular_distance, block_influence, js_divergence, lowest
 from secateur.depth.structure import KINDS, DepthError, block_parameters, branch_parameters, is_removed, without
-from secateur.engine import run_block
 from secateur.models import Adapter
-from secateur.prune import stream_blocks
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from secateur.gradients import weight_gradients
+from secateur.calibrate.gradients import weight_gradients
+from secateur.calibrate.stats import Moments
+from secateur.calibrate.stream import collect_input_stats
 from secateur.models import Adapter, Width, adapter_for
-from secateur.prune import collect_input_stats
-from secateur.stats import Moments
 from secateur.width.config import WidthConfig
 from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
 from secateur.width.remote import declare_reshaped

@@ -22,7 +22,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from secateur.stats import Moments
+from secateur.calibrate.stats import Moments
 
 RowScore = Callable[[Tensor, Moments | None, Tensor | None], Tensor]  # (out, in), stats of the input, grad -> (out,)
 ColumnScore = Callable[[Tensor, Moments | None, Tensor | None], Tensor]  # -> (in,)

@@ -1,0 +1,127 @@
+"""Block streaming and input statistics: what every kind of pruning reads from calibration data.
+
+`capture_inputs` records the first block's inputs and every block's extra arguments (masks, rotary
+tables; they can differ per block, e.g. Gemma 3's sliding layers) by running the model with each
+block's forward replaced by a recorder. `stream_blocks` then hands out one block at a time on the
+compute device with its inputs, so only that block and the activations need to fit there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from secateur.models import Adapter, read_weight
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering one block, in batches, with each batch's extra arguments."""
+
+    hidden: list[Tensor]  # (batch, seq, hidden) per batch
+    extras: list[list[tuple[tuple, dict[str, Any]]]] = field(default_factory=list)  # [block][batch] -> (args, kwargs)
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device) -> BlockInputs:
+    """Run the model up to its blocks and record each block's input and extra arguments."""
+    blocks = adapter.block_list(model)
+    batches = windows.split(batch_size or len(windows))
+    captured = BlockInputs(hidden=[], extras=[[] for _ in blocks])
+
+    def recorder(index: int):
+        def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if index == 0:
+                captured.hidden.append(hidden_states)
+            captured.extras[index].append((args, kwargs))
+            if index == len(blocks) - 1:
+                raise StopForward  # skip the final norm and the LM head
+            return hidden_states
+
+        return forward
+
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)  # instance attribute shadows the class method
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward
+    return captured
+
+
+def run_block(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, Any]]) -> Tensor:
+    args, kwargs = extra
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def submodule(block: nn.Module, name: str) -> nn.Module | None:
+    """The layer, or None where its branch was removed by depth pruning."""
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def move_outside_blocks(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
+    """Put embeddings, rotary tables and final norms on `device`; blocks stay where they are."""
+    in_blocks = {id(t) for t in adapter.block_list(model).parameters()} | {
+        id(t) for t in adapter.block_list(model).buffers()
+    }
+    for module in model.modules():
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None and id(tensor) not in in_blocks and tensor.device != device:
+                tensor.data = tensor.data.to(device)
+
+
+def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int, device: torch.device,
+                  desc: str) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
+    """Capture the first block's inputs, then yield (index, block on `device`, inputs) block by block;
+    the caller sets `inputs.hidden` to the block's outputs. Only the current block and the calibration
+    activations need to be on `device`; everything returns home afterwards."""
+    home = next(model.parameters()).device
+    move_outside_blocks(model, adapter, device)
+    try:
+        inputs = capture_inputs(model, adapter, calibration, batch_size, device)
+        for index, block in enumerate(tqdm(adapter.block_list(model), desc=desc, unit="block")):
+            block.to(device)
+            try:
+                yield index, block, inputs
+            finally:
+                block.to(home)
+            inputs.extras[index] = []  # this block's masks / rotary tables are no longer needed
+    finally:
+        move_outside_blocks(model, adapter, home)
+
+
+def collect_input_stats(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
+                        device: torch.device, kind: type, desc: str) -> dict[str, Any]:
+    """One statistic of type `kind` per named (block-relative) layer of every block, fed with its
+    inputs on the dense model: one streamed pass, nothing pruned. Keys are qualified layer names."""
+    stats: dict[str, Any] = {}
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc):
+        handles = []
+        for name in names:
+            module = submodule(block, name)
+            if module is not None:
+                stat = stats[f"{adapter.blocks}.{index}.{name}"] = kind(read_weight(module).shape[1], device)
+                handles.append(module.register_forward_pre_hook(lambda _, args, s=stat: s.update(args[0])))
+        try:
+            inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+        finally:
+            for handle in handles:
+                handle.remove()
+    return stats
