@@ -90,7 +90,7 @@ def prune_and_save(model_dir: str, settings: dict, calib_file: str, out: str) ->
 
     from secateur.config import build_prune_config
     from secateur.io import load_model
-    from secateur.prune import prune
+    from secateur.sparsity.prune import prune
     from secateur.runtime import tune_allocator
 
     tune_allocator()

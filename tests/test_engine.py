@@ -6,9 +6,9 @@ from conftest import FAMILIES, calibration_ids, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from secateur import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig, save
-from secateur.methods import select_mask, wanda_scores
+from secateur.sparsity.methods import select_mask, wanda_scores
 from secateur.models import adapter_for, read_weight
-from secateur.prune import prune, target_layers
+from secateur.sparsity.prune import prune, target_layers
 from secateur.calibrate.stats import InputNormSq
 
 CASES = [

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from secateur.config import NM, ConfigError, Unstructured
-from secateur.masks import global_masks, nm_mask, per_layer_mask, per_row_mask, smallest_k
-from secateur.methods import select_mask, wanda_scores
+from secateur.sparsity.masks import global_masks, nm_mask, per_layer_mask, per_row_mask, smallest_k
+from secateur.sparsity.methods import select_mask, wanda_scores
 from secateur.calibrate.stats import InputNormSq
 
 
@@ -89,7 +89,7 @@ def test_input_norm_accumulates_over_batches():
 
 def test_magnitude_scopes_on_a_hand_computed_layer():
     from secateur.config import MagnitudeConfig
-    from secateur.methods import GroupJob, magnitude_group
+    from secateur.sparsity.methods import GroupJob, magnitude_group
 
     weight = torch.tensor([[0.1, -0.2, 0.3, 0.4], [5.0, -6.0, 7.0, 0.05]])
     [(per_layer, mask)] = magnitude_group(MagnitudeConfig("per_layer"), GroupJob(["w"], [weight], [Unstructured(0.5)]))

@@ -7,14 +7,14 @@ import torch
 from conftest import FAMILIES, calibration_ids, tiny_model
 
 from secateur import NM, ConfigError, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
-from secateur.allocation import LayerInfo, allocate, exact_counts, global_fractions, outlier_ratio, owl_sparsities
+from secateur.sparsity.allocation import LayerInfo, allocate, exact_counts, global_fractions, outlier_ratio, owl_sparsities
 from secateur.config import AllocationConfig, GBLMConfig, RefineConfig, RIAConfig
-from secateur.methods import gblm_scores, ria_scores
+from secateur.sparsity.methods import gblm_scores, ria_scores
 from secateur.models import adapter_for, read_weight
-from secateur.permute import head_permutation, kept_mass, nm_permutation, permuter_for
-from secateur.prune import prune, target_layers
+from secateur.sparsity.permute import head_permutation, kept_mass, nm_permutation, permuter_for
+from secateur.sparsity.prune import prune, target_layers
 from secateur.recipe import build_stage
-from secateur.refine import dsnot_mask, reconstruct, reconstruction_error
+from secateur.sparsity.refine import dsnot_mask, reconstruct, reconstruction_error
 
 
 def logits(model, ids):
@@ -207,8 +207,8 @@ def test_dsnot_keeps_the_count_and_moves_the_expected_error_towards_zero():
     w = torch.randn(32, 64, generator=g)
     x = correlated_inputs(features=64)
     mean, var, norm = x.mean(0), x.var(0, unbiased=False), x.norm(dim=0)
-    from secateur.masks import nm_mask, per_row_mask
-    from secateur.methods import wanda_scores
+    from secateur.sparsity.masks import nm_mask, per_row_mask
+    from secateur.sparsity.methods import wanda_scores
 
     for mask, nm in ((per_row_mask(wanda_scores(w, norm), 0.5), None), (nm_mask(wanda_scores(w, norm), 2, 4), (2, 4))):
         new = dsnot_mask(w, mask, mean, var, norm, cycles=20, threshold=0.0, nm=nm)
@@ -341,7 +341,7 @@ def test_ria_method_prunes_every_family_exactly():
 
 @pytest.mark.parametrize("target", [Unstructured(0.7), NM(2, 4)], ids=["70", "2:4"])
 def test_gradual_sparsegpt_keeps_the_target_and_fits_better_than_one_shot(target):
-    from secateur.methods import GroupJob, partial_target, sparsegpt_group
+    from secateur.sparsity.methods import GroupJob, partial_target, sparsegpt_group
     from secateur.calibrate.stats import Hessian
 
     x = correlated_inputs(tokens=2048, features=64)

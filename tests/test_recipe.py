@@ -14,7 +14,7 @@ from secateur.config import MagnitudeConfig
 from secateur.io import content_hash
 from secateur.models import adapter_for, read_weight
 from secateur.pipeline import CALIB_OPTIONS, RUN_OPTIONS, flag_options
-from secateur.prune import target_layers
+from secateur.sparsity.prune import target_layers
 from secateur.recipe import KINDS, build_stage, stage_settings
 
 SMALL = ["--calib-samples", "4", "--calib-seq-len", "32", "--eval-windows", "2", "--eval-seq-len", "32"]

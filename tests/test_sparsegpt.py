@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from secateur.config import NM, Unstructured
-from secateur.methods import select_mask, wanda_scores
-from secateur.obs import inverse_hessian_factor, sparsegpt_prune
+from secateur.sparsity.methods import select_mask, wanda_scores
+from secateur.sparsity.obs import inverse_hessian_factor, sparsegpt_prune
 from secateur.calibrate.stats import Hessian, InputNormSq
 
 

@@ -27,8 +27,8 @@ from secateur.config import (  # noqa: E402
 from secateur.depth import Amount, AngularConfig, BlockInfluenceConfig, DepthConfig, FinerCutConfig, GreedyLossConfig  # noqa: E402
 from secateur.errors import SecateurError  # noqa: E402
 from secateur.io import load, load_model, save  # noqa: E402
-from secateur.prune import PruneReport  # noqa: E402
 from secateur.recipe import RecipeReport, build_stage, prune  # noqa: E402
+from secateur.sparsity.prune import PruneReport  # noqa: E402
 from secateur.width import WidthConfig  # noqa: E402
 
 __all__ = [

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from secateur.errors import ConfigError
 from secateur.schema import option
@@ -75,6 +75,8 @@ Target = Union[Unstructured, NM]
 class MagnitudeConfig:
     """Prune the smallest |W|; `scope` says over what set of weights the ranking runs."""
 
+    name: ClassVar[str] = "magnitude"  # the registry key, flag value and recipe value
+
     scope: Scope = option("per_layer", "ranking scope: per_row, per_layer (the classic baseline) or global (one "
                                        "ranking over all layers)")
 
@@ -83,12 +85,16 @@ class MagnitudeConfig:
 class WandaConfig:
     """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, ranked within each output row."""
 
+    name: ClassVar[str] = "wanda"  # the registry key, flag value and recipe value
+
     scope: Scope = option("per_row", "ranking scope: per_row (the paper's) or per_layer (its ablation)")
 
 
 @dataclass(frozen=True)
 class SparseGPTConfig:
     """SparseGPT (Frantar & Alistarh 2023): blockwise OBS pruning with weight updates."""
+
+    name: ClassVar[str] = "sparsegpt"  # the registry key, flag value and recipe value
 
     block_size: int = option(128, "columns per lazy-update block, also the mask-selection block")
     damp: float = option(0.01, "damping added to the Hessian diagonal, relative to its mean")
@@ -107,6 +113,8 @@ class SparseGPTConfig:
 class RIAConfig:
     """RIA (Zhang et al. 2024): relative importance times input norm to a power, ranked per row."""
 
+    name: ClassVar[str] = "ria"  # the registry key, flag value and recipe value
+
     scope: Scope = option("per_row", "ranking scope: per_row (the paper's) or per_layer")
     alpha: float = option(0.5, "exponent of the input norm (the paper's)")
 
@@ -114,6 +122,8 @@ class RIAConfig:
 @dataclass(frozen=True)
 class GBLMConfig:
     """Gradient-informed score in the spirit of GBLM-Pruner: |W| * (alpha * ||G|| + ||X||)."""
+
+    name: ClassVar[str] = "gblm"  # the registry key, flag value and recipe value
 
     scope: Scope = option("per_row", "ranking scope: per_row or per_layer")
     alpha: float = option(100.0, "weight of the gradient term (GBLM-Pruner's scale)")
@@ -262,9 +272,7 @@ class PruneConfig:
 
     @property
     def method_name(self) -> str:
-        from secateur.methods import name_of
-
-        return name_of(self.method)
+        return self.method.name
 
     def to_dict(self) -> dict[str, Any]:
         target: dict[str, Any] = (

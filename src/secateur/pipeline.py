@@ -22,9 +22,9 @@ from secateur.errors import ConfigError
 from secateur.evaluate import perplexity
 from secateur.io import check_output, content_hash, load, load_config, read_manifest, resolve_device, save
 from secateur.models import adapter_for, read_weight
-from secateur.prune import target_layers
 from secateur.recipe import KINDS, build_stage, check_order, kind_for_method, kind_of, prune, stage_settings
 from secateur.schema import Option, fill, flatten, option, options_of
+from secateur.sparsity.prune import target_layers
 from secateur.width.structure import head_dim, layer_width
 
 

@@ -20,10 +20,10 @@ from secateur.config import NM, AllocationConfig, CalibConfig, PruneConfig, Refi
 from secateur.depth import REGISTRY as DEPTH_REGISTRY
 from secateur.depth import Amount, DepthConfig, depth_prune, removed_sublayers
 from secateur.errors import ConfigError
-from secateur.methods import REGISTRY as SPARSITY_REGISTRY
 from secateur.models import adapter_for
-from secateur.prune import needs_calibration, prune as prune_weights
 from secateur.schema import Option, fill, flag, flatten, options_of
+from secateur.sparsity.methods import REGISTRY as SPARSITY_REGISTRY
+from secateur.sparsity.prune import needs_calibration, prune as prune_weights
 from secateur.width import WidthConfig, width_prune
 
 Settings = dict[str, Any]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from secateur.data import enwiki
+from secateur.data.enwiki import load as load_enwiki
 from secateur.errors import SecateurError
 
 Purpose = Literal["calibration", "evaluation"]
@@ -42,7 +42,7 @@ def _hub(name: str, config: str | None, splits: dict[str, str], data_files: dict
 
 
 NAMED: dict[str, NamedSource] = {
-    "enwiki-sample": NamedSource(lambda purpose, field: enwiki.load(), False, "offline Wikipedia sample (gensim wheel)"),
+    "enwiki-sample": NamedSource(lambda purpose, field: load_enwiki(), False, "offline Wikipedia sample (gensim wheel)"),
     "wikitext2": NamedSource(
         _hub("wikitext", "wikitext-2-raw-v1", {"calibration": "train", "evaluation": "test"}), True, "WikiText-2 raw"
     ),

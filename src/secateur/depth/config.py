@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from secateur.errors import ConfigError
 from secateur.schema import option
@@ -13,6 +13,8 @@ from secateur.schema import option
 class BlockInfluenceConfig:
     """ShortGPT: remove the blocks whose output is most similar to their input (one pass)."""
 
+    name: ClassVar[str] = "block-influence"
+
 
 @dataclass(frozen=True)
 class AngularConfig:
@@ -21,6 +23,8 @@ class AngularConfig:
     The paper measures the last token of each window; averaging over every token (`all`, default)
     uses the whole calibration set and is steadier on short calibration runs.
     """
+
+    name: ClassVar[str] = "angular"
 
     positions: Literal["all", "last"] = option("all", "tokens the angular distance averages over: all, or the last "
                                                      "of each window (the paper's)")
@@ -34,12 +38,16 @@ class AngularConfig:
 class GreedyLossConfig:
     """Remove the block whose removal raises the calibration loss least; re-score; repeat."""
 
+    name: ClassVar[str] = "greedy-loss"
+
 
 @dataclass(frozen=True)
 class FinerCutConfig:
     """Attention and MLP branches are separate candidates; remove the one whose removal changes the
     model's next-token distributions least (Jensen-Shannon divergence to the original model);
     re-score; repeat."""
+
+    name: ClassVar[str] = "finercut"
 
 
 DepthMethod = Union[BlockInfluenceConfig, AngularConfig, GreedyLossConfig, FinerCutConfig]
@@ -91,9 +99,7 @@ class DepthConfig:
 
     @property
     def method_name(self) -> str:
-        from secateur.depth.methods import name_of
-
-        return name_of(self.method)
+        return self.method.name
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"compensate": True, "compensate_damp": self.compensate_damp} if self.compensate else {}

@@ -88,16 +88,16 @@ def _check_removable(model: nn.Module, adapter: Adapter, count: int | None, budg
 REGISTRY: dict[str, DepthSpec] = {
     spec.name: spec
     for spec in (
-        DepthSpec("block-influence", BlockInfluenceConfig, "block", _bi, 16, 512),
-        DepthSpec("angular", AngularConfig, "block", _angular, 16, 512),
-        DepthSpec("greedy-loss", GreedyLossConfig, "block", _greedy, 8, 256),
-        DepthSpec("finercut", FinerCutConfig, "sublayer", _finercut, 4, 256),
+        DepthSpec(BlockInfluenceConfig.name, BlockInfluenceConfig, "block", _bi, 16, 512),
+        DepthSpec(AngularConfig.name, AngularConfig, "block", _angular, 16, 512),
+        DepthSpec(GreedyLossConfig.name, GreedyLossConfig, "block", _greedy, 8, 256),
+        DepthSpec(FinerCutConfig.name, FinerCutConfig, "sublayer", _finercut, 4, 256),
     )
 }
 
 
 def name_of(method: object) -> str:
-    return next(name for name, spec in REGISTRY.items() if isinstance(method, spec.config_type))
+    return method.name
 
 
 def spec_of(config: DepthConfig) -> DepthSpec:

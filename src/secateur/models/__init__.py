@@ -1,6 +1,6 @@
 """Adapters for the supported model families; importing this package registers them all."""
 
-from secateur.models import gemma, gpt2, gpt_neox, llama, opt, phi3, qwen  # noqa: F401  (registration)
+from . import gemma, gpt2, gpt_neox, llama, opt, phi3, qwen  # noqa: F401  (registration)
 from secateur.models.base import (
     ADAPTERS,
     MLP,

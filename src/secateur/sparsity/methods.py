@@ -26,10 +26,11 @@ from secateur.config import (
     Unstructured,
     WandaConfig,
 )
+from secateur.calibrate.gradients import gradient_norms
 from secateur.calibrate.stats import WORK_DTYPE, Hessian, InputNormSq
-from secateur.masks import nm_mask, per_layer_mask, per_row_mask
-from secateur.obs import inverse_hessian_factor, sparsegpt_prune
-from secateur.refine import reconstruct
+from secateur.sparsity.masks import nm_mask, per_layer_mask, per_row_mask
+from secateur.sparsity.obs import inverse_hessian_factor, sparsegpt_prune
+from secateur.sparsity.refine import reconstruct
 
 Pruned = list[tuple[Tensor, Tensor]]  # (new weight, prune mask) per layer of the group
 
@@ -87,7 +88,7 @@ def spec_for(method_config: Any) -> MethodSpec:
 
 
 def name_of(method_config: Any) -> str:
-    return spec_for(method_config).name
+    return method_config.name
 
 
 # --- score-based methods: a score per weight, then a mask -----------------------------------------
@@ -191,15 +192,13 @@ def sparsegpt_group(config: SparseGPTConfig, job: GroupJob) -> Pruned:
 
 
 def _gblm_prepare(config: GBLMConfig, model, adapter, calibration: Tensor, device, names: list[str]) -> dict[str, Tensor]:
-    from secateur.calibrate.gradients import gradient_norms
-
     return gradient_norms(model, calibration, names, device, samples=config.gradient_samples)
 
 
-register(MethodSpec("magnitude", MagnitudeConfig, (), magnitude_group, score=lambda c, w, norm: magnitude_scores(w)))
-register(MethodSpec("wanda", WandaConfig, (InputNormSq,), wanda_group))
-register(MethodSpec("sparsegpt", SparseGPTConfig, (Hessian,), sparsegpt_group))
-register(MethodSpec("ria", RIAConfig, (InputNormSq,), ria_group, score=lambda c, w, norm: ria_scores(w, norm, c.alpha)))
-register(MethodSpec("gblm", GBLMConfig, (InputNormSq,), gblm_group, prepare=_gblm_prepare))
+register(MethodSpec(MagnitudeConfig.name, MagnitudeConfig, (), magnitude_group, score=lambda c, w, norm: magnitude_scores(w)))
+register(MethodSpec(WandaConfig.name, WandaConfig, (InputNormSq,), wanda_group))
+register(MethodSpec(SparseGPTConfig.name, SparseGPTConfig, (Hessian,), sparsegpt_group))
+register(MethodSpec(RIAConfig.name, RIAConfig, (InputNormSq,), ria_group, score=lambda c, w, norm: ria_scores(w, norm, c.alpha)))
+register(MethodSpec(GBLMConfig.name, GBLMConfig, (InputNormSq,), gblm_group, prepare=_gblm_prepare))
 
 __all__ = ["REGISTRY", "GroupJob", "MethodSpec", "register", "spec_for", "select_mask"]

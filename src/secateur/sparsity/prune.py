@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateur.allocation import allocate_targets
 from secateur.calibrate.stream import stream_blocks, submodule
 from secateur.config import NM, ConfigError, PruneConfig, Target
-from secateur.engine import LayerReport, Plan, prune_block
-from secateur.masks import global_masks
-from secateur.methods import GroupJob, magnitude_scores, spec_for
 from secateur.models import Adapter, adapter_for, read_weight, write_weight
-from secateur.refine import REFINERS
+from secateur.sparsity.allocation import allocate_targets
+from secateur.sparsity.engine import LayerReport, Plan, prune_block
+from secateur.sparsity.masks import global_masks
+from secateur.sparsity.methods import GroupJob, magnitude_scores, spec_for
+from secateur.sparsity.refine import REFINERS
 
 log = logging.getLogger(__name__)
 

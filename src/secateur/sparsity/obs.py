@@ -15,7 +15,7 @@ from torch import Tensor
 
 from secateur.calibrate.stats import WORK_DTYPE
 from secateur.config import NM, Target
-from secateur.masks import prune_count, smallest_k
+from secateur.sparsity.masks import prune_count, smallest_k
 
 log = logging.getLogger(__name__)
 

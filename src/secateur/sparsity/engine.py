@@ -27,10 +27,10 @@ from transformers.pytorch_utils import Conv1D
 from secateur.calibrate.stats import WORK_DTYPE, check_finite
 from secateur.calibrate.stream import BlockInputs, StopForward, run_block, submodule
 from secateur.config import PruneConfig, Target
-from secateur.methods import GroupJob, MethodSpec
 from secateur.models import Adapter, read_weight, write_weight
-from secateur.permute import Permuter, permuter_for
-from secateur.refine import REFINERS
+from secateur.sparsity.methods import GroupJob, MethodSpec
+from secateur.sparsity.permute import Permuter, permuter_for
+from secateur.sparsity.refine import REFINERS
 
 
 @dataclass

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from secateur.calibrate.stats import InputNormSq
+from secateur.calibrate.stream import collect_input_stats
 from secateur.config import AllocationConfig, ConfigError, PruneConfig, Target, Unstructured
-from secateur.masks import prune_count
-from secateur.methods import wanda_scores
 from secateur.models import Adapter, read_weight
+from secateur.sparsity.masks import prune_count
+from secateur.sparsity.methods import wanda_scores
 
 SAMPLE = 1 << 16  # scores kept per layer for the global ranking (a seeded random subset, sorted)
 
@@ -212,8 +213,6 @@ def allocate_targets(
 def dense_input_norms(model: nn.Module, adapter: Adapter, layers: list[tuple[str, nn.Module]], calibration: Tensor,
                       device: torch.device, batch_size: int) -> dict[str, Tensor]:
     """||X_j||_2 of every target layer's input on the dense model (one streamed pass, no pruning)."""
-    from secateur.calibrate.stream import collect_input_stats
-
     wanted = {name for name, _ in layers}
     stats = collect_input_stats(model, adapter, adapter.layer_names(), calibration, batch_size, device, InputNormSq,
                                 "input norms")  # fmt: skip
