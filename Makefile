@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/unstructured.py
 	$(PY) benchmarks/depth.py
 	$(PY) benchmarks/structured.py
+	$(PY) benchmarks/stages.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

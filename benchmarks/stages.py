@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--retime", metavar="TAG",
+                        help="only run the recipe and the chain again (outputs under OUT/TAG, steps NAME@TAG), to time "
+                             "them on an otherwise idle machine")
     args = parser.parse_args()
 
     from secateur.demo import default_model_dir
@@ -139,14 +142,21 @@ def main() -> None:
         rows["dense"] = record({"step": "dense", "path": str(dense), "perplexity": ppl, "block_nonzeros": nonzero,
                                 "block_parameters": total, "eval_seconds": time.perf_counter() - start})  # fmt: skip
     (out / "recipe.toml").write_text(RECIPE)
-    recipe = prune_step("recipe", dense, out / "recipe", ["--recipe", str(out / "recipe.toml")], rows)
+    tag = f"@{args.retime}" if args.retime else ""
+    where = out / args.retime if args.retime else out
+    recipe = prune_step(f"recipe{tag}", dense, where / "recipe", ["--recipe", str(out / "recipe.toml")], rows)
     source = dense
     for index, stage_args in enumerate(CHAIN, 1):
-        target = out / f"chain-{index}"
-        prune_step(f"chain-{index}", source, target, stage_args, rows, evaluate=index == len(CHAIN))
+        target = where / f"chain-{index}"
+        prune_step(f"chain-{index}{tag}", source, target, stage_args, rows, evaluate=index == len(CHAIN))
         source = target
-    if "chain-identical" not in rows:
-        record({"step": "chain-identical", "identical": same_weights(out / "recipe", source)})
+    if f"chain-identical{tag}" not in rows:
+        record({"step": f"chain-identical{tag}", "identical": same_weights(where / "recipe", source)})
+    if args.retime:
+        if not args.skip_speed and f"speed{tag}" not in rows:
+            speed(f"speed{tag}", [str(dense), str(where / "recipe"), *(str(out / f"single-{n}") for n in SINGLES)], args)
+        report(done(), tag)
+        return
     removed = 1 - recipe["block_nonzeros"] / rows["dense"]["block_parameters"]
     blocks = round(removed * 30)
     singles = {
@@ -157,15 +167,21 @@ def main() -> None:
     for name, stage_args in singles.items():
         prune_step(f"single-{name}", dense, out / f"single-{name}", stage_args, rows)
     if not args.skip_speed and "speed" not in rows:
-        models = [str(dense), str(out / "recipe"), *(str(out / f"single-{n}") for n in singles)]
-        result = subprocess.run([sys.executable, "-m", "secateur.cli", "bench", *models, "--json", "--rounds",
-                                 str(args.rounds), "--repeats", str(args.repeats)], check=True, capture_output=True,
-                                text=True)  # fmt: skip
-        record({"step": "speed", "models": models, "bench": json.loads(result.stdout)})
+        speed("speed", [str(dense), str(out / "recipe"), *(str(out / f"single-{n}") for n in SINGLES)], args)
     report(done())
 
 
-def report(rows: dict[str, dict]) -> None:
+SINGLES = ("sparsegpt", "width", "depth")
+
+
+def speed(step: str, models: list[str], args: argparse.Namespace) -> dict:
+    result = subprocess.run([sys.executable, "-m", "secateur.cli", "bench", *models, "--json", "--rounds",
+                             str(args.rounds), "--repeats", str(args.repeats)], check=True, capture_output=True,
+                            text=True)  # fmt: skip
+    return record({"step": step, "models": models, "bench": json.loads(result.stdout)})
+
+
+def report(rows: dict[str, dict], tag: str = "") -> None:
     dense = rows["dense"]
     print(f"\n{'model':<18}{'perplexity':>11}{'params':>10}{'nz block':>10}{'prune s':>9}{'wall s':>8}")
     for name in ("dense", "recipe", "chain-3", "single-sparsegpt", "single-width", "single-depth"):
@@ -176,15 +192,18 @@ def report(rows: dict[str, dict]) -> None:
         print(f"{name:<18}{row['perplexity'] or float('nan'):>11.2f}{(params or 0) / 1e6:>9.1f}M"
               f"{row['block_nonzeros'] / dense['block_parameters']:>10.3f}"
               f"{row.get('prune_seconds') or 0:>9.1f}{row.get('wall_seconds') or 0:>8.1f}")
-    chain = [rows.get(f"chain-{i}") for i in range(1, len(CHAIN) + 1)]
-    if all(chain) and rows.get("recipe"):
+    chain = [rows.get(f"chain-{i}{tag}") for i in range(1, len(CHAIN) + 1)]
+    recipe = rows.get(f"recipe{tag}")
+    if all(chain) and recipe:
         alone = sum(r["prune_seconds"] for r in chain)
         walls = [r["wall_seconds"] for r in chain]
-        print(f"\nrecipe prune {rows['recipe']['prune_seconds']:.1f} s vs its stages alone {alone:.1f} s "
-              f"({rows['recipe']['prune_seconds'] / alone:.3f}x)" +
-              (f"; wall {rows['recipe']['wall_seconds']:.1f} s vs {sum(walls):.1f} s" if None not in walls else ""))
-    if "chain-identical" in rows:
-        print(f"three runs give the recipe's weights bit for bit: {rows['chain-identical']['identical']}")
+        stages = ", ".join(f"{a['method']} {a['seconds']:.1f} / {b['seconds']:.1f} s"
+                           for a, b in zip(recipe["stages"], chain[-1]["stages"]))  # fmt: skip
+        print(f"\nrecipe{tag} prune {recipe['prune_seconds']:.1f} s vs its stages alone {alone:.1f} s "
+              f"({recipe['prune_seconds'] / alone:.3f}x; per stage, recipe / alone: {stages})" +
+              (f"; wall {recipe['wall_seconds']:.1f} s vs {sum(walls):.1f} s" if None not in walls else ""))
+    if f"chain-identical{tag}" in rows:
+        print(f"three runs give the recipe's weights bit for bit: {rows[f'chain-identical{tag}']['identical']}")
 
 
 if __name__ == "__main__":

@@ -88,13 +88,13 @@ def test_one_recipe_equals_three_cli_runs_bit_for_bit(model_dir, text_file, tmp_
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'calib = "{text_file}"\ncalib-samples = 4\ncalib_seq_len = 32\neval_windows = 2\neval_seq_len = 32\n'
                       '[[stage]]\nmethod = "angular"\nremove_blocks = 1\n'
-                      '[[stage]]\nmethod = "width"\nremove_fraction = 0.3\n'
+                      '[[stage]]\nmethod = "width"\nremove_fraction = 0.3\nallocation = "adaptive"\nround_to = 8\n'
                       '[[stage]]\nmethod = "sparsegpt"\npattern = "2:4"\n')  # fmt: skip
     source = model_dir("qwen3")
     code, out = run(["prune", source, "--recipe", recipe, "--out", tmp_path / "one"], capsys)
     assert code == 0, out.err
     chain = [["--method", "angular", "--remove-blocks", "1"],
-             ["--method", "width", "--remove-fraction", "0.3"],
+             ["--method", "width", "--remove-fraction", "0.3", "--allocation", "adaptive", "--round-to", "8"],
              ["--method", "sparsegpt", "--pattern", "2:4"]]  # fmt: skip
     previous = source
     for index, flags in enumerate(chain):
@@ -124,6 +124,18 @@ def test_finercut_then_wanda_keeps_the_removals_and_the_parameter_count(model_di
     assert weights(tmp_path / "w").keys() == weights(tmp_path / "fc").keys()  # no branch came back
     model, _ = secateur.load(tmp_path / "w")
     assert sum(p.numel() for p in model.parameters()) == first["structure"]["parameters"]
+
+
+def test_adaptive_widths_round_to_a_multiple_when_asked():
+    from secateur.width import width_prune
+
+    widths = {}
+    for round_to in (None, 8):
+        config = secateur.WidthConfig(0.3, allocation="adaptive", round_to=round_to, bias_compensation=False)
+        widths[round_to] = [w.channels for w in width_prune(tiny_model("gemma3_text"), config, calibration_ids()).after]
+    assert len(set(widths[8])) > 1 and all(c % 8 == 0 for c in widths[8])  # per-block, and aligned
+    assert any(c % 8 for c in widths[None])  # unset: adaptive widths are not rounded
+    assert all(abs(a - b) <= 4 for a, b in zip(widths[None], widths[8]))  # each rounded to the nearest multiple
 
 
 def test_adaptive_width_output_prunes_again(model_dir, text_file, tmp_path, capsys):

@@ -71,10 +71,6 @@ def all_methods() -> list[str]:
     return [m for kind in KINDS.values() for m in kind.methods()]
 
 
-def method_name(config: Any) -> str:
-    return config.method_name
-
-
 # --- sparsity ---------------------------------------------------------------------------------------
 
 TARGET_OPTIONS = {

@@ -28,7 +28,9 @@ class WidthConfig:
       on scores standardised per block and branch (FLAP), so widths differ per block.
     bias_compensation: fold the removed channels' mean contribution into the output projection's
       bias (FLAP); on by default for `fluctuation`, whose scores measure exactly what it cannot fold.
-    round_to: uniform MLP widths (and the hidden size) are multiples of this (kernels favour aligned sizes).
+    round_to: MLP widths (and the hidden size) are multiples of this (kernels favour aligned sizes; an
+      N:M stage after width needs M to divide them); unset: 8 for uniform widths and the hidden size,
+      no rounding for adaptive widths.
     hidden_fraction: also remove this fraction of the hidden (embedding) channels, everywhere in the
       model (RMSNorm families). It counts towards `fraction`: heads and MLP channels make up the rest.
     """
@@ -43,7 +45,8 @@ class WidthConfig:
                                           "size is explicit, none otherwise")
     bias_compensation: bool | None = option(None, "fold removed channels' mean output into a bias (default: on for "
                                                   "fluctuation)")
-    round_to: int = option(8, "uniform MLP widths (and the hidden size) are multiples of this")
+    round_to: int | None = option(None, "MLP widths (and the hidden size) are multiples of this; default 8 for "
+                                        "uniform widths and the hidden size, 1 (no rounding) for adaptive widths")
     hidden_fraction: float = option(0.0, "also remove this fraction of the hidden (embedding) channels everywhere "
                                          "(RMSNorm families); counts towards remove_fraction")
 
@@ -58,8 +61,16 @@ class WidthConfig:
             raise ConfigError(f"--heads must be one of {', '.join(HEAD_MODES)}, got {self.heads!r}")
         if not 0 <= self.hidden_fraction < 1:
             raise ConfigError(f"--hidden-fraction must be in [0, 1), got {self.hidden_fraction}")
-        if self.round_to < 1:
+        if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
+
+    @property
+    def mlp_multiple(self) -> int:
+        return self.round_to if self.round_to is not None else (8 if self.allocation == "uniform" else 1)
+
+    @property
+    def hidden_multiple(self) -> int:
+        return self.round_to if self.round_to is not None else 8
 
     @property
     def compensate(self) -> bool:

@@ -254,7 +254,7 @@ def _prune_hidden(model: nn.Module, adapter: Adapter, width: Width, config: Widt
     units at the new hidden size. Returns the block parameters removed; refuses, before touching the
     model, a hidden share above the `target`."""
     scores = hidden_scores(model, adapter, IMPORTANCE[config.importance], statistics.moments, statistics.grads)
-    kept = hidden_count(len(scores), config.hidden_fraction, math.lcm(config.round_to, _saved_heads(model, config, units)))
+    kept = hidden_count(len(scores), config.hidden_fraction, math.lcm(config.hidden_multiple, _saved_heads(model, config, units)))
     removed = (len(scores) - kept) * hidden_channel_parameters(model, adapter)
     if removed > target:
         raise WidthError(f"--hidden-fraction {config.hidden_fraction:g} alone removes more than --remove-fraction "
@@ -300,8 +300,8 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     if config.hidden_fraction:
         target -= _prune_hidden(model, adapter, width, config, statistics, units, target)
         report.hidden_after = model.config.hidden_size
-    removals = (uniform_removals(units, config.fraction, target, config.round_to) if config.allocation == "uniform"
-                else adaptive_removals(units, target))  # fmt: skip
+    removals = (uniform_removals(units, config.fraction, target, config.mlp_multiple) if config.allocation == "uniform"
+                else adaptive_removals(units, target, config.mlp_multiple))  # fmt: skip
     _apply(model, adapter, width, units, removals, statistics.moments, config.compensate)
     report.after = [layer_width(b, width, size) for b in adapter.block_list(model)]
     report.uniform = len(set(report.after)) == 1

@@ -131,9 +131,11 @@ def uniform_removals(units: list[Units], fraction: float, target: float, round_t
     return removals
 
 
-def adaptive_removals(units: list[Units], target: float) -> dict[tuple[int, str], int]:
+def adaptive_removals(units: list[Units], target: float, round_to: int = 1) -> dict[tuple[int, str], int]:
     """Rank all blocks' units together on scores standardised per block and kind (FLAP); remove the
-    lowest until `target` parameters are gone, every block keeping at least one unit of each kind."""
+    lowest until `target` parameters are gone, every block keeping at least one unit of each kind.
+    With `round_to` > 1, each block's kept MLP width is then rounded to a multiple of it (so that,
+    e.g., an N:M stage with M dividing it can follow)."""
     entries = []
     for u in units:
         z = standardize(u.scores)
@@ -147,4 +149,9 @@ def adaptive_removals(units: list[Units], target: float) -> dict[tuple[int, str]
         if removals[key] < n - 1:
             removals[key] += 1
             removed += cost
+    for u in units:
+        n = len(u.scores)
+        if u.kind == "mlp" and 1 < round_to < n:
+            kept = max(round_to, _half_up((n - removals[(u.block, u.kind)]) / round_to) * round_to)
+            removals[(u.block, u.kind)] = n - min(kept, n - n % round_to)
     return removals
