@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from secateur.calibrate.stream import submodule
 from secateur.config import ConfigError
 from secateur.models import MLP, Adapter, Attention, Width, read_weight
 
@@ -31,13 +32,6 @@ class LayerWidth:
 
     def to_dict(self) -> dict[str, int | None]:
         return asdict(self)
-
-
-def submodule(block: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return block.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def head_dim(config) -> int:
