@@ -51,6 +51,12 @@ def evaluation_data(model: nn.Module, tokenizer: Any, source: str, seq_len: int,
 def evaluate_model(model: nn.Module, tokenizer: Any, source: str, seq_len: int, windows: int, *,
                    field: str = "text", batch_size: int = 4, device: torch.device | str = "cpu") -> dict[str, Any]:
     data = evaluation_data(model, tokenizer, source, seq_len, windows, field)
+    return _evaluation(model, tokenizer, source, data, batch_size, device)
+
+
+def _evaluation(model: nn.Module, tokenizer: Any, source: str, data: Tensor, batch_size: int,
+                device: torch.device | str) -> dict[str, Any]:  # fmt: skip
+    """Perplexity on windows already cut from `source`, as the manifest records it."""
     result = perplexity(model, data, batch_size=batch_size, device=device)
     return {"source": source, "bos": _bos(model, tokenizer) is not None, **result}
 
@@ -123,6 +129,11 @@ def history_of(manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [{"kind": kind, "settings": recipe, "result": result, "input": manifest.get("source")}]
 
 
+def applied(history: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, settings) of each stage in a history, as the order check reads them."""
+    return [(h["kind"], h.get("settings", {})) for h in history]
+
+
 def structure_of(model: nn.Module) -> dict[str, Any]:
     """What the weights and the stock config alone cannot tell a loader, and a summary of the shapes:
     read from the model at save time, so it is right whatever the stages did."""
@@ -167,8 +178,7 @@ def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, sta
         sources.append((options.eval_source, "evaluation", "text"))
     check_output(out, options.overwrite, [model_path, *(s for s, _, _ in sources if Path(s).exists())])
     resolve_device(options.device)
-    check_order([*((h["kind"], h.get("settings", {})) for h in history),
-                 *((kind_of(s.config).name, stage_settings(s.config)) for s in stages)])  # fmt: skip
+    check_order([*applied(history), *((kind_of(s.config).name, stage_settings(s.config)) for s in stages)])
     for source, purpose, text_field in dict.fromkeys(sources):
         load_text(source, purpose, text_field)
     config = load_config(model_path)
@@ -185,7 +195,7 @@ def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], d
                  history: list[dict[str, Any]] = (), source: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:  # fmt: skip
     """Run planned stages in order on a loaded model, each on its own calibration windows (cut once per
     distinct calibration setting); returns the stage records for the manifest and the timings."""
-    done = [(h["kind"], h.get("settings", {})) for h in history]
+    done = applied(history)
     windows: dict[CalibConfig, Tensor] = {}
     timings = {"calibration_data": 0.0, "prune": 0.0}
     records = []
@@ -241,8 +251,7 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
                               {**timings, **stage_timings})  # fmt: skip
     if evaluation is not None:
         model.to(compute)
-        manifest["evaluation"] = {"source": options.eval_source, "bos": _bos(model, tokenizer) is not None,
-                                  **perplexity(model, evaluation, device=compute)}  # fmt: skip
+        manifest["evaluation"] = _evaluation(model, tokenizer, options.eval_source, evaluation, 4, compute)
         model.to("cpu")
     save(model, tokenizer, out, manifest, overwrite=options.overwrite, inputs=[model_path])
     return manifest

@@ -144,9 +144,11 @@ def gblm_scores(weight: Tensor, input_norm: Tensor, gradient_norm: Tensor, alpha
 
 def _select(job: GroupJob, scores: list[Tensor], scope: str) -> Pruned:
     """Each layer's mask from its scores; zeros the weights already have stay pruned."""
-    return [(w.masked_fill(mask, 0), mask)
-            for w, s, t in zip(job.weights, scores, job.targets)
-            for mask in (select_mask(s, t, scope, frozen=w == 0),)]  # fmt: skip
+    pruned = []
+    for weight, score, target in zip(job.weights, scores, job.targets):
+        mask = select_mask(score, target, scope, frozen=weight == 0)
+        pruned.append((weight.masked_fill(mask, 0), mask))
+    return pruned
 
 
 def magnitude_group(config: MagnitudeConfig, job: GroupJob) -> Pruned:
