@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 import json
 import math
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from conftest import CONFIGS, calibration_ids, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+import secateur
 from secateur import load
 from secateur.cli import main
 from secateur.config import ConfigError
@@ -278,7 +280,7 @@ def test_cli_depth_prune_writes_manifest(tmp_path, text_file, model_dir):
     (["--method", "greedy-loss", "--remove-blocks", "1", "--positions", "last"], "--positions belongs to depth (angular)"),
     (["--method", "finercut", "--remove-sublayers", "1", "--compensate"], "not to finercut"),
     (["--method", "angular", "--remove-blocks", "1.7"], "--remove-blocks: invalid int value"),
-    (["--method", "angular", "--remove-blocks", "1", "--compensate-damp", "0.5"], "needs --compensate"),
+    (["--method", "angular", "--remove-blocks", "1", "--no-compensate", "--compensate-damp", "0.5"], "--no-compensate turns off"),
     (["--method", "wanda", "--compensate"], "--compensate belongs to depth"),
 ])  # fmt: skip
 def test_cli_depth_bad_requests_exit_2(flags, message, tmp_path, text_file, model_dir, capsys):
@@ -393,7 +395,7 @@ def test_compensation_lowers_the_output_error_and_saves_stock(tmp_path):
     with torch.no_grad():
         dense = model(input_ids=ids).logits
     plain, fitted = copy.deepcopy(model), copy.deepcopy(model)
-    config = DepthConfig(BlockInfluenceConfig(), Amount(count=2))
+    config = DepthConfig(BlockInfluenceConfig(), Amount(count=2), compensate=False)
     chosen = depth_prune(plain, config, ids, batch_size=4).blocks
     selection = depth_prune(fitted, DepthConfig(BlockInfluenceConfig(), Amount(count=2), compensate=True), ids,
                             batch_size=4)  # fmt: skip
@@ -424,8 +426,31 @@ def test_compensation_refuses_a_normalised_mlp_output():
     from secateur.depth.compensate import compensate
 
     model = deep_model("gemma3_text", layers=4)
+    adapter = adapter_for(model)
+    with pytest.raises(DepthError, match="passes through post_feedforward_layernorm"):
+        compensate(model, adapter, [2], calibration_ids(2, 8), 2, torch.device("cpu"))
+    # an adapter that forgot the norm is caught by running the block: zeroing the output must take it off
+    forgetful = dataclasses.replace(adapter, width=dataclasses.replace(
+        adapter.width, mlp=dataclasses.replace(adapter.width.mlp, post_norm=None)))
     with pytest.raises(DepthError, match="not added straight to the residual stream"):
-        compensate(model, adapter_for(model), [2], calibration_ids(2, 8), 2, torch.device("cpu"))
+        compensate(model, forgetful, [2], calibration_ids(2, 8), 2, torch.device("cpu"))
+
+
+def test_default_compensation_follows_family_and_history():
+    """Left to its default, compensation is on where it can fold in, off with the reason on Gemma 3
+    and after a sparsity stage (whose zeros a dense re-fit would fill); asked for there, it is refused."""
+    angular = DepthConfig(secateur.AngularConfig(), Amount(count=1))
+    llama, gemma = deep_model("llama", layers=4), deep_model("gemma3_text", layers=4)
+    assert secateur.prune(llama, angular, calibration_ids(2, 8)).stages[0]["result"]["compensated"] is True
+    result = secateur.prune(gemma, angular, calibration_ids(2, 8)).stages[0]["result"]
+    assert result["compensated"] is False and "post_feedforward_layernorm" in result["variant"]
+    sparse = secateur.PruneConfig(secateur.MagnitudeConfig(), secateur.Unstructured(0.5))
+    report = secateur.prune(deep_model("llama", layers=4), [sparse, angular], calibration_ids(2, 8))
+    assert report.stages[1]["settings"]["compensate"] is False
+    assert "earlier sparsity stage" in report.stages[1]["result"]["variant"]
+    with pytest.raises(secateur.SecateurError, match="fill the zeros"):
+        secateur.prune(deep_model("llama", layers=4), [sparse, dataclasses.replace(angular, compensate=True)],
+                       calibration_ids(2, 8))  # fmt: skip
 
 
 def test_cli_compensate_is_recorded(tmp_path, text_file, model_dir):

@@ -13,10 +13,8 @@ RECOMMENDED = {  # the README's flags, as recipe keys
     "sparsity-50": {"method": "sparsegpt", "sparsity": 0.5, "steps": 4, "refine": "reconstruct"},
     "sparsity-2:4": {"method": "sparsegpt", "pattern": "2:4", "permute": True, "refine": "reconstruct"},
     "width": {"method": "width", "remove_fraction": 0.3},
-    "depth": {"method": "angular", "remove_fraction": 0.5, "compensate": True},
+    "depth": {"method": "angular", "remove_fraction": 0.5},  # compensated where the family allows it
 }
-# A recommended recipe known not to run on a family, with the reason it gives.
-REFUSED = {("gemma3_text", "depth"): "not added straight to the residual stream"}
 
 
 @pytest.mark.parametrize("recipe", list(RECOMMENDED))
@@ -24,14 +22,14 @@ REFUSED = {("gemma3_text", "depth"): "not added straight to the residual stream"
 def test_recommended_recipe_runs_on_every_family(family, recipe, tmp_path):
     model = tiny_model(family)
     stage = build_stage(RECOMMENDED[recipe])
-    if (family, recipe) in REFUSED:
-        with pytest.raises(secateur.SecateurError, match=REFUSED[family, recipe]):
-            secateur.prune(model, stage, calibration_ids())
-        return
     report = secateur.prune(model, stage, calibration_ids())
     result = report.stages[0]["result"]
     if recipe == "width":  # the family's variant, and why, where it differs from the default
         assert (result["variant"] is None) == (result["bias_compensation"] and result["heads"] == "kv-groups")
+    if recipe == "depth":  # compensated except where the MLP output is normalised before the residual add
+        assert result["compensated"] == (family != "gemma3_text")
+        assert report.stages[0]["settings"]["compensate"] == result["compensated"]
+        assert ("post_feedforward_layernorm" in result["variant"]) if family == "gemma3_text" else result["variant"] is None
     manifest = build_manifest("unused", model, [plan_stage(stage)], report.stages, RunOptions(), "cpu", {"source": {}})
     secateur.save(model, tiny_tokenizer(), tmp_path / "out", manifest)
     reloaded, _ = secateur.load(tmp_path / "out")

@@ -120,9 +120,13 @@ def _depth_line(record: dict[str, Any]) -> str:
     depth = record["result"]
     what = f"blocks {depth['removed_blocks']}" + (f", sublayers {depth['removed_sublayers']} (numbered as saved)"
                                                   if depth["removed_sublayers"] else "")
-    return (f"{record['settings']['method']}: removed {what}: {depth['blocks_before']} -> {depth['blocks_after']} "
-            f"blocks, {depth['parameters_before']:,} -> {depth['parameters_after']:,} parameters in "
-            f"{record['seconds']:.1f} s")
+    compensated = {True: ", compensated", False: ", not compensated"}.get(depth.get("compensated"), "")
+    line = (f"{record['settings']['method']}: removed {what}{compensated}: {depth['blocks_before']} -> "
+            f"{depth['blocks_after']} blocks, {depth['parameters_before']:,} -> {depth['parameters_after']:,} "
+            f"parameters in {record['seconds']:.1f} s")
+    if depth.get("variant"):
+        line += f"\ncompensation off: {depth['variant']}"
+    return line
 
 
 def _width_line(record: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from secateur.config import NM, AllocationConfig, CalibConfig, PruneConfig, RefineConfig, Target, Unstructured
 from secateur.depth import REGISTRY as DEPTH_REGISTRY
-from secateur.depth import Amount, DepthConfig, depth_prune, removed_sublayers
+from secateur.depth import Amount, DepthConfig, depth_prune, removed_sublayers, resolve_compensation
 from secateur.errors import ConfigError
 from secateur.models import adapter_for
 from secateur.schema import Option, fill, flag, flatten, options_of
@@ -43,6 +43,10 @@ class StageKind:
     run: Callable[[nn.Module, Any, Tensor | None, torch.device, int], dict[str, Any]]
     needs_calibration: Callable[[Any], bool]
     calibration: Callable[[Any], CalibConfig]  # the kind's default calibration size for this config
+    # defaults that depend on the model and the stages before (kind, settings): the definite config
+    # and, where the family's variant differs from what the method does by default, the reason
+    resolve: Callable[[nn.Module, Any, Sequence[tuple[str, Settings]]], tuple[Any, str | None]] = (
+        lambda model, config, earlier: (config, None))
 
 
 KINDS: dict[str, StageKind] = {}
@@ -141,8 +145,8 @@ def _build_depth(method: str, settings: Settings) -> DepthConfig:
     given = {k: AMOUNT_OPTIONS[k].check(settings[k]) for k in AMOUNT_OPTIONS if settings.get(k) is not None}
     count = given.get("remove_blocks", given.get("remove_sublayers"))
     amount = Amount(count=count, fraction=given.get("remove_fraction"))
-    if settings.get("compensate_damp") is not None and not settings.get("compensate"):
-        raise ConfigError("--compensate-damp needs --compensate")
+    if settings.get("compensate_damp") is not None and settings.get("compensate") is False:
+        raise ConfigError("--compensate-damp sets the compensation, which --no-compensate turns off")
     return fill(DepthConfig, settings, method=fill(spec.config_type, settings), amount=amount)
 
 
@@ -172,11 +176,16 @@ def _run_depth(model: nn.Module, config: DepthConfig, calibration: Tensor | None
     }
 
 
+def _resolve_depth(model: nn.Module, config: DepthConfig, earlier: Sequence[tuple[str, Settings]]) -> tuple[DepthConfig, str | None]:
+    return resolve_compensation(model, config, after_sparsity=any(kind == "sparsity" for kind, _ in earlier))
+
+
 register(StageKind(
     "depth", DepthConfig, lambda: tuple(DEPTH_REGISTRY), _depth_options, _build_depth, _depth_settings, _run_depth,
     lambda config: True,
     lambda config: CalibConfig(samples=DEPTH_REGISTRY[config.method_name].calib_samples,
                                seq_len=DEPTH_REGISTRY[config.method_name].calib_seq_len),
+    _resolve_depth,
 ))  # fmt: skip
 
 
@@ -301,11 +310,16 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     device = torch.device(device or "cpu")
     report = RecipeReport()
     start = time.perf_counter()
+    earlier = list(history)
     for config, data in zip(stages, per_stage):
         kind = kind_of(config)
         clock = time.perf_counter()
+        config, why = kind.resolve(model, config, earlier)
         result = kind.run(model, config, data if kind.needs_calibration(config) else None, device, batch_size)
+        if why is not None:
+            result["variant"] = why
         report.stages.append({"kind": kind.name, "settings": stage_settings(config), "result": result,
                               "seconds": time.perf_counter() - clock})  # fmt: skip
+        earlier.append((kind.name, report.stages[-1]["settings"]))
     report.seconds = time.perf_counter() - start
     return report

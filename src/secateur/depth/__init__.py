@@ -8,12 +8,12 @@ from secateur.depth.config import (
     FinerCutConfig,
     GreedyLossConfig,
 )
-from secateur.depth.methods import REGISTRY, apply_selection, depth_prune, select_removals
+from secateur.depth.methods import REGISTRY, apply_selection, depth_prune, resolve_compensation, select_removals
 from secateur.depth.search import Selection, Step
 from secateur.depth.structure import DepthError, remove_blocks, remove_sublayers, removed_sublayers
 
 __all__ = [
     "REGISTRY", "Amount", "AngularConfig", "BlockInfluenceConfig", "DepthConfig", "DepthError", "FinerCutConfig",
     "GreedyLossConfig", "Selection", "Step", "apply_selection", "depth_prune", "remove_blocks", "remove_sublayers",
-    "removed_sublayers", "select_removals",
+    "removed_sublayers", "resolve_compensation", "select_removals",
 ]  # fmt: skip

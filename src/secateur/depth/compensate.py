@@ -127,6 +127,17 @@ def _check_additive(block: nn.Module, consumer: str, hidden: Tensor, extra: Any,
                          "(a norm follows it), so the compensation cannot fold into it; drop --compensate")
 
 
+def unavailable(adapter: Adapter) -> str | None:
+    """Why the fit cannot fold into this family's layers, or None where it can."""
+    if adapter.width is None:
+        return f"{adapter.family}: no MLP output projection is known"
+    mlp = adapter.width.mlp
+    if mlp.post_norm is not None:
+        return (f"{adapter.family}: the MLP output ({mlp.consumer}) passes through {mlp.post_norm} before it is added "
+                "to the residual stream, so a linear fit cannot fold into it")
+    return None
+
+
 @torch.no_grad()
 def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibration: Tensor, batch_size: int,
                device: torch.device, damp: float = 0.1) -> list[dict[str, Any]]:
@@ -134,8 +145,9 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
     numbering) so that it reproduces the dense state leaving the run; the blocks are not removed
     here. Returns one record per run: the fitted layer and the relative error of the state passed on,
     ‖state − L‖ / ‖L − Y‖ on the calibration tokens, before and after the fit."""
-    if adapter.width is None:
-        raise DepthError(f"{adapter.family}: no MLP output projection is known, so --compensate is not available")
+    why = unavailable(adapter)
+    if why is not None:
+        raise DepthError(f"{why}; drop --compensate")
     consumer = adapter.width.mlp.consumer
     spans = runs(removed)
     starts = {first - 1: (first, last) for first, last in spans if first > 0}

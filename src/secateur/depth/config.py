@@ -81,12 +81,16 @@ class Amount:
 class DepthConfig:
     """`compensate`: after choosing, re-fit the MLP output projection of the block before each run of
     removed blocks to reproduce the state leaving the run (see `secateur.depth.compensate`), with a
-    ridge of `compensate_damp` x the mean Gram diagonal towards the original weights."""
+    ridge of `compensate_damp` x the mean Gram diagonal towards the original weights. None (the
+    default) compensates wherever it can: block methods, on families whose MLP output is added
+    straight to the residual stream, with no earlier sparsity stage whose zeros the fit would fill;
+    elsewhere it is off and the reason recorded. True where it cannot work is refused."""
 
     method: DepthMethod
     amount: Amount
-    compensate: bool = option(False, "block methods: re-fit the MLP output projection of the block before each "
-                                     "removed run to reproduce the state leaving it (linear, no new parameters)")
+    compensate: bool | None = option(None, "block methods: re-fit the MLP output projection of the block before "
+                                            "each removed run to reproduce the state leaving it (linear, no new "
+                                            "parameters; default: on where the family and earlier stages allow)")
     compensate_damp: float = option(0.1, "compensate: ridge towards the original weights, times the mean Gram "
                                          "diagonal")
 
@@ -102,5 +106,5 @@ class DepthConfig:
         return self.method.name
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {"compensate": True, "compensate_damp": self.compensate_damp} if self.compensate else {}
+        extra = {"compensate": self.compensate, "compensate_damp": self.compensate_damp} if self.compensate else {}
         return {"method": self.method_name, **asdict(self.method), **asdict(self.amount), **extra}

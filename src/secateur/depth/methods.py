@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from secateur.config import ConfigError
-from secateur.depth.compensate import compensate
+from secateur.depth.compensate import compensate, unavailable
 from secateur.depth.config import (
     Amount,
     AngularConfig,
@@ -30,6 +31,8 @@ from secateur.depth.search import (
 )
 from secateur.depth.structure import KINDS, DepthError, branch_parameters, is_removed, remove_blocks, remove_sublayers
 from secateur.models import Adapter, adapter_for
+
+log = logging.getLogger(__name__)
 
 Search = Callable[[nn.Module, Adapter, object, Amount, Tensor, int, torch.device], Selection]
 
@@ -119,11 +122,30 @@ def select_removals(model: nn.Module, config: DepthConfig, calibration: Tensor, 
     return selection
 
 
+def resolve_compensation(model: nn.Module, config: DepthConfig, after_sparsity: bool = False) -> tuple[DepthConfig, str | None]:
+    """`compensate` left to its default (None) made definite: on for block methods where the fit can
+    fold into the family's layers and no earlier sparsity stage (`after_sparsity`) has zeros it would
+    fill, off elsewhere. Returns the config and, where it is off although the method could use it,
+    the reason (also logged)."""
+    if config.compensate is not None:
+        return config, None
+    if spec_of(config).unit != "block":  # not applicable: left as None
+        return config, None
+    why = unavailable(adapter_for(model))
+    if why is None and after_sparsity:
+        why = "an earlier sparsity stage left zeros that the dense re-fit would fill"
+    if why is not None:
+        log.warning("depth: compensation off: %s", why)
+    return replace(config, compensate=why is None), why
+
+
 def depth_prune(model: nn.Module, config: DepthConfig, calibration: Tensor, *, device: str | torch.device = "cpu",
                 batch_size: int = 4) -> Selection:
-    """Choose the blocks or branches to remove from calibration data, compensate if asked, then remove
-    them in place."""
+    """Choose the blocks or branches to remove from calibration data, compensate (see
+    `resolve_compensation` for the default), then remove them in place."""
+    config, why = resolve_compensation(model, config)
     selection = select_removals(model, config, calibration, device=device, batch_size=batch_size)
+    selection.compensated, selection.variant = config.compensate, why
     if config.compensate:
         start = time.perf_counter()
         selection.compensation = compensate(model, adapter_for(model), selection.blocks, calibration, batch_size,

@@ -54,6 +54,8 @@ class Selection:
     steps: list[Step] = field(default_factory=list)
     seconds: float = 0.0
     compensation: list[dict[str, Any]] | None = None  # one record per compensated run, when asked
+    compensated: bool | None = None  # set by depth_prune: whether the removed runs were compensated
+    variant: str | None = None  # why compensation is off where the method could have used it
 
     @property
     def blocks(self) -> list[int]:
@@ -70,6 +72,7 @@ class Selection:
             "removed": [{"step": i + 1, "unit": s.unit, "score": s.score, "parameters": s.parameters}
                         for i, s in enumerate(self.steps)],
             **({"compensation": self.compensation} if self.compensation is not None else {}),
+            **({"compensated": self.compensated, "variant": self.variant} if self.compensated is not None else {}),
         }  # fmt: skip
 
 

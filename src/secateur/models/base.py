@@ -64,6 +64,7 @@ class MLP:
     consumer: str
     size_key: str = "intermediate_size"  # the config field holding the channel count
     stacked: int = 1
+    post_norm: str | None = None  # a norm between the consumer's output and the residual add (Gemma 3)
 
 
 @dataclass(frozen=True)

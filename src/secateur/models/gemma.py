@@ -1,5 +1,7 @@
 """Gemma 3 text models (Gemma3ForCausalLM): Llama-shaped layers, sandwich norms, BOS required."""
 
+from dataclasses import replace
+
 from secateur.models.base import Adapter, Branches, Hidden, Width, register
 from secateur.models.llama import LLAMA_ATTENTION, LLAMA_GROUPS, SWIGLU
 
@@ -9,8 +11,11 @@ GEMMA3_BRANCHES = Branches(
     ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
 )
 
+# the MLP's output is normalised before the residual add
+GEMMA3_MLP = replace(SWIGLU, post_norm="post_feedforward_layernorm")
+
 GEMMA3 = register(
     Adapter("gemma3", ("gemma3_text",), "model.layers", LLAMA_GROUPS, needs_bos=True, branches=GEMMA3_BRANCHES,
-            width=Width(SWIGLU, LLAMA_ATTENTION, bias_flags=(("attention", "attention_bias"),),
+            width=Width(GEMMA3_MLP, LLAMA_ATTENTION, bias_flags=(("attention", "attention_bias"),),
                         hidden=Hidden(norm_offset=1.0)))
 )
