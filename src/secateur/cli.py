@@ -21,17 +21,43 @@ USER_ERRORS = (SecateurError,)
 def _prune_parser(sub: argparse._SubParsersAction) -> None:
     from secateur.pipeline import flag_options
     from secateur.recipe import all_methods
-    from secateur.schema import cli_type
 
     p = sub.add_parser("prune", help="prune a model with one or more stages and save it with a manifest")
-    p.add_argument("model", help="HF model directory, .gguf file or secateur output (never modified)")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _job_arguments(p)
     p.add_argument("--recipe", help="TOML recipe (keys mirror these flags; [[stage]] tables for several stages) or a "
                                     "secateur.json manifest to replay; flags given here win")
     p.add_argument("--method", choices=all_methods(),
-                   help="the stage's method (default: wanda): sparsity, depth (blocks or branches) or width")
-    for key, (option, help_text) in flag_options().items():
+                   help="the stage's method (default: wanda): sparsity, depth (blocks or branches), width or recovery")
+    _option_flags(p, flag_options())
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    from secateur.pipeline import CALIB_OPTIONS, RUN_OPTIONS, flag_options
+    from secateur.recipe import KINDS
+    from secateur.schema import flag
+
+    recovery = KINDS["recovery"]
+    keys = {*recovery.options("recovery"), *(k for k in CALIB_OPTIONS if k not in recovery.calib_fixed), *RUN_OPTIONS}
+    p = sub.add_parser("train", help="recover a pruned model by training (distillation from the original model by "
+                                     "default) and save it with a manifest")
+    _job_arguments(p)
+    _option_flags(p, {k: v for k, v in flag_options().items() if k in keys})
+    p.set_defaults(method="recovery", recipe=None)
+    p.epilog = f"the same as: secateur prune MODEL --method recovery; data: {flag('calib')} (default enwiki-sample)"
+
+
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HF model directory, .gguf file or secateur output (never modified)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the checkpoints an interrupted recovery stage left next to --out")
+
+
+def _option_flags(p: argparse.ArgumentParser, options: dict[str, Any]) -> None:
+    from secateur.schema import cli_type
+
+    for key, (option, help_text) in options.items():
         kind, extra = cli_type(option)
         p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=help_text,
                        **({"type": kind} if kind else {}), **extra)
@@ -81,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="secateur", description="Prune Hugging Face causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prune_parser, _eval_parser, _info_parser, _bench_parser):
+    for add in (_prune_parser, _train_parser, _eval_parser, _info_parser, _bench_parser):
         add(sub)
     return parser
 
@@ -90,9 +116,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from secateur.pipeline import plan_recipe, read_recipe, run_recipe
 
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "model", "out", "overwrite",
-                                                                             "recipe", "verbose")}  # fmt: skip
+                                                                             "recipe", "verbose", "resume")}  # fmt: skip
     document = read_recipe(args.recipe) if args.recipe else {}
-    stages, options = plan_recipe(document, flags, overwrite=args.overwrite)
+    stages, options = plan_recipe(document, flags, overwrite=args.overwrite, resume=args.resume)
     manifest = run_recipe(args.model, stages, args.out, options)
     records = manifest["history"][-len(stages):]
     for record in records:
@@ -142,7 +168,20 @@ def _width_line(record: dict[str, Any]) -> str:
     return line
 
 
-SUMMARIES = {"sparsity": _sparsity_line, "depth": _depth_line, "width": _width_line}
+def _recovery_line(record: dict[str, Any]) -> str:
+    r = record["result"]
+    best = r["best"]
+    line = (f"recovery ({r['mode']}, {r['precision']}): {r['tokens']:,} tokens in {r['steps']} steps, loss "
+            f"{r['loss']['first']:.4f} -> {r['loss']['last']:.4f}, best validation perplexity {best['perplexity']:.3f} "
+            f"at step {best['step']}, {r['tokens_per_s']:.0f} tokens/s, {record['seconds']:.1f} s")
+    if r["masks"]["layers"]:
+        line += f"\nmasks kept: {r['masks']['kept_after']:,} of {r['masks']['size']:,} weights non-zero (was {r['masks']['kept']:,})"
+    if r.get("curve"):
+        line += f"\ncurve: {r['curve']}, metrics: {r['metrics']}"
+    return line
+
+
+SUMMARIES = {"sparsity": _sparsity_line, "depth": _depth_line, "width": _width_line, "recovery": _recovery_line}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -245,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()
-    handler = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}[args.command]
+    handler = {"prune": cmd_prune, "train": cmd_prune, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:

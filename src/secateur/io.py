@@ -197,12 +197,13 @@ def manifest_inputs(manifest: dict[str, Any]) -> list[str]:
 
 
 def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any], overwrite: bool = False,
-         inputs: Sequence[str | Path] = ()) -> Path:
+         inputs: Sequence[str | Path] = (), extras: dict[str, Path] | None = None) -> Path:
     """Write a HF directory plus `secateur.json` to a temporary sibling, then rename it into place.
 
     A crash or a signal leaves no half-written model: either the old output (if any) or the new one
     exists, and the staging directory is removed (or, after SIGKILL, at the next save to `out`).
     `out` is refused when it is, holds or lies inside an input (`inputs`, and those the manifest names).
+    `extras` are files copied into the output under the given names (training metrics, plots).
     """
     out = check_output(out, overwrite, [*inputs, *manifest_inputs(manifest)])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +217,8 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, 
                 (staging / f"{REMOTE_MODULE}.py").write_text(source)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
+            for name, path in (extras or {}).items():
+                shutil.copyfile(path, staging / name)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
             if out.exists():
                 retired = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import json
-import tomllib
+import shutil
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -23,7 +25,7 @@ from secateur.evaluate import perplexity
 from secateur.io import check_output, content_hash, load, load_config, read_manifest, resolve_device, save
 from secateur.models import adapter_for, read_weight
 from secateur.recipe import KINDS, build_stage, check_order, kind_for_method, kind_of, prune, stage_settings
-from secateur.schema import Option, fill, flatten, option, options_of
+from secateur.schema import Option, fill, flag, flatten, option, options_of
 from secateur.sparsity.prune import target_layers
 from secateur.width.structure import head_dim, layer_width
 
@@ -92,7 +94,10 @@ class RunOptions:
                                            "manifest", key="eval")
     eval_windows: int = option(64, "evaluation windows; also the calibration hold-out")
     eval_seq_len: int = option(512, "tokens per evaluation window; also the calibration hold-out")
+    teacher: str | None = option(None, "recovery: the model to distil from (default: the model before any secateur "
+                                       "run, as the input's manifest names it, or the input itself)")
     overwrite: bool = False  # replace an existing output (a command-line choice, never part of a recipe)
+    resume: bool = False  # go on from the checkpoints an interrupted recovery left (command line only)
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,8 @@ def recipe_document(stages: list[PlannedStage], options: RunOptions) -> dict[str
     """This run as a recipe (the TOML layout, as JSON): `secateur prune MODEL --recipe secateur.json`
     replays it. Every stage lists its calibration in full, so defaults that change cannot change it."""
     run = {k: v for k, v in flatten(options).items() if k != "device"}
-    tables = [{**stage_settings(s.config), **(flatten(s.calib) if s.calib else {})} for s in stages]
+    tables = [{**stage_settings(s.config), **{k: v for k, v in (flatten(s.calib) if s.calib else {}).items()
+                                             if k not in kind_of(s.config).calib_fixed}} for s in stages]  # fmt: skip
     return {**run, "stage": tables}
 
 
@@ -191,10 +197,69 @@ def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, sta
             raise ConfigError(f"{flag_name} {length} is longer than the model's {positions} positions; lower it")
 
 
+def checkpoints_for(out: str | Path) -> Path:
+    """Where recovery stages of a run to `out` keep their checkpoints and metrics (removed once the
+    output is saved; an interrupted run leaves them for --resume)."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _trains(stages: list[PlannedStage]) -> bool:
+    return any(kind_of(s.config).name == "recovery" for s in stages)
+
+
+def teacher_path(model_path: str | Path, earlier: dict[str, Any], options: RunOptions) -> str | None:
+    """The teacher's path: --teacher, else the model before any secateur run when the input is a
+    secateur output (it must still be there, unchanged), else None: the input itself, as loaded."""
+    if options.teacher is not None:
+        return options.teacher
+    origin = earlier.get("origin")
+    if not earlier or not origin:
+        return None
+    path = origin.get("path")
+    if not path or not Path(path).exists():
+        raise ConfigError(f"recovery distils from the model before any secateur run, {path}, which is gone: "
+                          "pass --teacher PATH (or --kd-weight 0 to train without one)")
+    if origin.get("sha256") and content_hash(path) != origin["sha256"]:
+        raise ConfigError(f"the teacher {path} changed since {model_path} was made from it (its hash differs): pass "
+                          f"--teacher {path} to distil from it anyway")
+    return str(path)
+
+
+def _check_training(model_path: str | Path, out: str | Path, options: RunOptions, stages: list[PlannedStage],
+                    earlier: dict[str, Any]) -> None:  # fmt: skip
+    trains = _trains(stages)
+    distils = any(getattr(s.config, "needs_teacher", False) for s in stages)
+    if options.resume and not trains:
+        raise ConfigError("--resume goes on from a recovery stage's checkpoints; this run has no recovery stage")
+    if options.teacher is not None and not distils:
+        raise ConfigError("--teacher applies to a recovery stage that distils (--kd-weight above 0)")
+    if not trains:
+        return
+    work = checkpoints_for(out)
+    if work.exists() and not options.resume:
+        raise ConfigError(f"an interrupted run left checkpoints in {work}: pass --resume to go on from them, or "
+                          "remove that directory")
+    if options.resume and not work.is_dir():
+        raise ConfigError(f"--resume: there is nothing to resume in {work}")
+    if distils:
+        path = teacher_path(model_path, earlier, options)
+        if path is not None:
+            teacher, student = load_config(path), load_config(model_path)
+            if teacher.vocab_size != student.vocab_size:
+                raise ConfigError(f"the teacher {path} has {teacher.vocab_size} tokens in its vocabulary and the "
+                                  f"student {student.vocab_size}: distillation needs the same vocabulary")
+
+
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
-                 history: list[dict[str, Any]] = (), source: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:  # fmt: skip
+                 history: list[dict[str, Any]] = (), source: str | Path | None = None, *,
+                 teacher: nn.Module | None = None, workdir: Path | None = None,
+                 resume: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:  # fmt: skip
     """Run planned stages in order on a loaded model, each on its own calibration windows (cut once per
-    distinct calibration setting); returns the stage records for the manifest and the timings."""
+    distinct calibration setting); returns the stage records for the manifest and the timings.
+    Recovery stages distil from `teacher` (default: a copy of the model before the first stage)."""
+    if teacher is None and any(getattr(s.config, "needs_teacher", False) for s in stages):
+        teacher = copy.deepcopy(model)
     done = applied(history)
     windows: dict[CalibConfig, Tensor] = {}
     timings = {"calibration_data": 0.0, "prune": 0.0}
@@ -208,8 +273,8 @@ def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], d
                 windows[key] = calibration_data(model, tokenizer, stage.calib)
                 timings["calibration_data"] += time.perf_counter() - clock
             data = windows[key]
-        report = prune(model, [stage.config], data, device=device, history=done,
-                       batch_size=stage.calib.batch_size if stage.calib else 4)  # fmt: skip
+        report = prune(model, [stage.config], data, device=device, history=done, teacher=teacher, workdir=workdir,
+                       resume=resume, batch_size=stage.calib.batch_size if stage.calib else 4)  # fmt: skip
         [record] = report.stages
         record["calibration"] = {**flatten(stage.calib), "tokens": data.numel()} if stage.calib else None
         record["input"] = {"path": str(Path(source).resolve())} if source is not None else None
@@ -240,21 +305,54 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
     earlier = (read_manifest(model_path) if Path(model_path).is_dir() else None) or {}
     history = history_of(earlier)
     _preflight(model_path, out, options, stages, history)
+    _check_training(model_path, out, options, stages, earlier)
     clock = time.perf_counter()
     model, tokenizer = load(model_path, dtype=options.dtype, device="cpu")
+    teacher, teacher_file = None, None
+    if any(getattr(s.config, "needs_teacher", False) for s in stages):
+        teacher_file = teacher_path(model_path, earlier, options)
+        if teacher_file is not None:
+            teacher, _ = load(teacher_file, dtype=options.dtype, device="cpu")
     timings = {"load": time.perf_counter() - clock}
     compute = resolve_device(options.device)
     evaluation = (evaluation_data(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
                   if options.eval_source else None)  # windows cut before pruning: a short text fails early
-    records, stage_timings = apply_stages(model, tokenizer, stages, compute, history, model_path)
+    work = checkpoints_for(out) if _trains(stages) else None
+    records, stage_timings = apply_stages(model, tokenizer, stages, compute, history, model_path, teacher=teacher,
+                                          workdir=work, resume=options.resume)  # fmt: skip
+    extras = _training_outputs(records, len(history), teacher_file or model_path)
     manifest = build_manifest(model_path, model, stages, records, options, compute, earlier,
                               {**timings, **stage_timings})  # fmt: skip
     if evaluation is not None:
         model.to(compute)
         manifest["evaluation"] = _evaluation(model, tokenizer, options.eval_source, evaluation, 4, compute)
         model.to("cpu")
-    save(model, tokenizer, out, manifest, overwrite=options.overwrite, inputs=[model_path])
+    inputs = [model_path, *([teacher_file] if teacher_file else [])]
+    save(model, tokenizer, out, manifest, overwrite=options.overwrite, inputs=inputs, extras=extras)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _training_outputs(records: list[dict[str, Any]], earlier: int, teacher: str | Path) -> dict[str, Path]:
+    """Each recovery record's metrics file and curve, as files for the output (named by the stage's
+    place in the whole history), and the teacher it distilled from."""
+    from secateur.train.plot import plot_metrics
+
+    extras = {}
+    for number, record in enumerate(records, earlier + 1):
+        if record["kind"] != "recovery":
+            continue
+        result = record["result"]
+        if record["settings"].get("kd_weight", 1.0) > 0:
+            result["teacher"] = {"path": str(Path(teacher).resolve()), "sha256": content_hash(teacher)}
+        metrics = result.get("metrics")
+        if metrics and Path(metrics).exists():
+            curve = Path(metrics).with_suffix(".png")
+            plot_metrics(metrics, curve, f"recovery ({record['settings'].get('mode', 'full')})")
+            result["metrics"], result["curve"] = f"train-metrics-{number}.jsonl", f"train-curve-{number}.png"
+            extras[result["metrics"]], extras[result["curve"]] = Path(metrics), curve
+    return extras
 
 
 # --- recipes from flags, TOML files and manifests -------------------------------------------------------
@@ -345,7 +443,8 @@ def _split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], di
     return {k: v for k, v in settings.items() if k not in calib and k not in run}, calib, run
 
 
-def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool = False) -> tuple[list[PlannedStage], RunOptions]:
+def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool = False,
+                resume: bool = False) -> tuple[list[PlannedStage], RunOptions]:  # fmt: skip
     """Stages (with their calibration) and run options from a recipe document and flags; precedence,
     lowest first: the stage kind's defaults, the recipe's top level, a stage table, the flags."""
     top = {k: v for k, v in document.items() if k != "stage"}
@@ -363,7 +462,7 @@ def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool
             flagged = ", ".join("--" + k.replace("_", "-") for k in sorted(flag_stage))
             raise ConfigError(f"{flagged}: with a multi-stage recipe, stage options belong in its [[stage]] tables; "
                               "flags set calibration and run options only")
-    run = fill(RunOptions, {**top_run, **flag_run}, overwrite=overwrite)
+    run = fill(RunOptions, {**top_run, **flag_run}, overwrite=overwrite, resume=resume)
     stages = []
     for number, table in enumerate(tables, 1):
         where = f"stage {number}: " if len(tables) > 1 else ""
@@ -372,7 +471,14 @@ def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool
             raise ConfigError(f"{where}{sorted(extra)} are run options; put them at the top of the recipe")
         try:
             config = build_stage(stage)
-            stages.append(_with_calibration(config, {**top_calib, **calib, **flag_calib}, run))
+            fixed = [k for k in kind_of(config).calib_fixed if k in (calib if len(tables) > 1 else
+                                                                     {**top_calib, **calib, **flag_calib})]  # fmt: skip
+            if fixed:
+                raise ConfigError(f"{', '.join(flag(k) for k in fixed)} do not apply to {config.method_name}: its "
+                                  "windows come from its own options (--tokens, --train-seq-len, --val-windows)")
+            settings = {k: v for k, v in {**top_calib, **calib, **flag_calib}.items()
+                        if k not in kind_of(config).calib_fixed}  # fmt: skip
+            stages.append(_with_calibration(config, settings, run))
         except ConfigError as exc:
             raise ConfigError(f"{where}{exc}") from None
     given = {**top_calib, **flag_calib, **{k: v for t in tables for k, v in _split(t)[1].items()}}

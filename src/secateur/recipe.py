@@ -9,8 +9,10 @@ stage are refused with the reason before anything runs.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -24,9 +26,22 @@ from secateur.models import adapter_for
 from secateur.schema import Option, fill, flag, flatten, options_of
 from secateur.sparsity.methods import REGISTRY as SPARSITY_REGISTRY
 from secateur.sparsity.prune import needs_calibration, prune as prune_weights
+from secateur.train import TrainConfig, train
 from secateur.width import WidthConfig, width_prune
 
 Settings = dict[str, Any]
+
+
+@dataclass
+class StageContext:
+    """What a stage may need besides the model, its config and its data."""
+
+    device: torch.device
+    batch_size: int = 4  # windows per forward call of the calibration passes
+    teacher: nn.Module | None = None  # recovery: the model before the first stage, or the one given
+    workdir: Path | None = None  # recovery: checkpoints and metrics of this stage
+    resume: bool = False  # recovery: go on from the checkpoint in `workdir`
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -40,13 +55,14 @@ class StageKind:
     options: Callable[[str], dict[str, Option]]
     build: Callable[[str, Settings], Any]
     settings: Callable[[Any], Settings]  # without "method"
-    run: Callable[[nn.Module, Any, Tensor | None, torch.device, int], dict[str, Any]]
+    run: Callable[[nn.Module, Any, Tensor | None, StageContext], dict[str, Any]]
     needs_calibration: Callable[[Any], bool]
     calibration: Callable[[Any], CalibConfig]  # the kind's default calibration size for this config
     # defaults that depend on the model and the stages before (kind, settings): the definite config
     # and, where the family's variant differs from what the method does by default, the reason
     resolve: Callable[[nn.Module, Any, Sequence[tuple[str, Settings]]], tuple[Any, str | None]] = (
         lambda model, config, earlier: (config, None))
+    calib_fixed: tuple[str, ...] = ()  # calibration keys the kind sets from its own options
 
 
 KINDS: dict[str, StageKind] = {}
@@ -108,9 +124,8 @@ def _sparsity_settings(config: PruneConfig) -> Settings:
     return {**target, **flatten(config.method), **flatten(config), **flatten(config.allocation), **flatten(config.refine)}
 
 
-def _run_sparsity(model: nn.Module, config: PruneConfig, calibration: Tensor | None, device: torch.device,
-                  batch_size: int) -> dict[str, Any]:
-    report = prune_weights(model, None, config, calibration, device=device, batch_size=batch_size)
+def _run_sparsity(model: nn.Module, config: PruneConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
+    report = prune_weights(model, None, config, calibration, device=ctx.device, batch_size=ctx.batch_size)
     return report.to_dict()
 
 
@@ -160,11 +175,10 @@ def _depth_settings(config: DepthConfig) -> Settings:
     return {**amount, **flatten(config.method), **rest}
 
 
-def _run_depth(model: nn.Module, config: DepthConfig, calibration: Tensor | None, device: torch.device,
-               batch_size: int) -> dict[str, Any]:
+def _run_depth(model: nn.Module, config: DepthConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
     blocks_before = model.config.num_hidden_layers
     parameters_before = sum(p.numel() for p in model.parameters())
-    selection = depth_prune(model, config, calibration, device=device, batch_size=batch_size)
+    selection = depth_prune(model, config, calibration, device=ctx.device, batch_size=ctx.batch_size)
     return {
         "blocks_before": blocks_before,
         "blocks_after": model.config.num_hidden_layers,
@@ -198,10 +212,9 @@ def _build_width(method: str, settings: Settings) -> WidthConfig:
     return fill(WidthConfig, settings)
 
 
-def _run_width(model: nn.Module, config: WidthConfig, calibration: Tensor | None, device: torch.device,
-               batch_size: int) -> dict[str, Any]:
+def _run_width(model: nn.Module, config: WidthConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
     parameters_before = sum(p.numel() for p in model.parameters())
-    report = width_prune(model, config, calibration, device=device, batch_size=batch_size)
+    report = width_prune(model, config, calibration, device=ctx.device, batch_size=ctx.batch_size)
     return {"parameters_before": parameters_before, "parameters_after": sum(p.numel() for p in model.parameters()),
             **report.to_dict()}  # fmt: skip
 
@@ -210,6 +223,33 @@ register(StageKind(
     "width", WidthConfig, lambda: ("width",), lambda method: options_of(WidthConfig), _build_width,
     flatten, _run_width,
     lambda config: config.needs_calibration, lambda config: CalibConfig(),
+))  # fmt: skip
+
+
+# --- recovery -------------------------------------------------------------------------------------
+
+
+def _recovery_calibration(config: TrainConfig) -> CalibConfig:
+    """Training and validation windows, drawn together (disjoint, outside the evaluation region)."""
+    return CalibConfig(samples=config.windows + config.val_windows, seq_len=config.train_seq_len)
+
+
+def _run_recovery(model: nn.Module, config: TrainConfig, data: Tensor | None, ctx: StageContext) -> dict[str, Any]:
+    need = config.windows + config.val_windows
+    if data is None or len(data) < need or data.shape[1] != config.train_seq_len:
+        raise ConfigError(f"recovery needs {need} windows of {config.train_seq_len} tokens (training and validation)")
+    parameters = sum(p.numel() for p in model.parameters())
+    result = train(model, config, data[: config.windows], data[config.windows : need], teacher=ctx.teacher,
+                   device=ctx.device, workdir=ctx.workdir, resume=ctx.resume, progress=ctx.progress)  # fmt: skip
+    if sum(p.numel() for p in model.parameters()) != parameters:
+        raise RuntimeError("recovery changed the parameter count")  # LoRA must be merged away
+    return {**result.record, "metrics": str(result.metrics) if result.metrics else None}
+
+
+register(StageKind(
+    "recovery", TrainConfig, lambda: ("recovery",), lambda method: options_of(TrainConfig),
+    lambda method, settings: fill(TrainConfig, settings), flatten, _run_recovery,
+    lambda config: True, _recovery_calibration, calib_fixed=("calib_samples", "calib_seq_len"),
 ))  # fmt: skip
 
 
@@ -295,12 +335,16 @@ def as_stages(recipe: Any) -> list[Any]:
 
 def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor | None] | None = None, *,
           device: str | torch.device | None = None, batch_size: int = 4,
-          history: Sequence[tuple[str, Settings]] = ()) -> RecipeReport:  # fmt: skip
+          history: Sequence[tuple[str, Settings]] = (), teacher: nn.Module | None = None,
+          workdir: str | Path | None = None, resume: bool = False, progress: bool = True) -> RecipeReport:  # fmt: skip
     """Run the stages of `recipe` (one stage config or a sequence) on `model` in place, in order.
 
     `calibration` is one (samples, seq_len) tensor of token ids for every stage, or one per stage
-    (None for stages that need none). `history` lists (kind, settings) of stages already applied to
-    the model (a secateur output's manifest), so the order check sees them too.
+    (None for stages that need none; a recovery stage reads its training and validation windows
+    here). `history` lists (kind, settings) of stages already applied to the model (a secateur
+    output's manifest), so the order check sees them too. Recovery distils from `teacher`, by
+    default a copy of `model` as it is given (the model before the first stage); its checkpoints go
+    to `workdir`/stage-N, from which `resume` goes on.
     """
     stages = as_stages(recipe)
     check_order([*history, *((kind_of(s).name, stage_settings(s)) for s in stages)])
@@ -308,6 +352,8 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     if len(per_stage) != len(stages):
         raise ConfigError(f"{len(per_stage)} calibration tensors for {len(stages)} stages")
     device = torch.device(device or "cpu")
+    if teacher is None and any(getattr(s, "needs_teacher", False) for s in stages):
+        teacher = copy.deepcopy(model)
     report = RecipeReport()
     start = time.perf_counter()
     earlier = list(history)
@@ -315,7 +361,10 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
         kind = kind_of(config)
         clock = time.perf_counter()
         config, why = kind.resolve(model, config, earlier)
-        result = kind.run(model, config, data if kind.needs_calibration(config) else None, device, batch_size)
+        stage_dir = Path(workdir) / f"stage-{len(earlier) + 1}" if workdir else None  # numbered in the whole history
+        ctx = StageContext(device, batch_size, teacher, stage_dir,
+                           resume and stage_dir is not None and (stage_dir / "checkpoint").is_dir(), progress)  # fmt: skip
+        result = kind.run(model, config, data if kind.needs_calibration(config) else None, ctx)
         if why is not None:
             result["variant"] = why
         report.stages.append({"kind": kind.name, "settings": stage_settings(config), "result": result,

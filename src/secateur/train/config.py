@@ -1,0 +1,106 @@
+"""The recovery stage's typed config: what trains, on how many tokens, with which loss and schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from secateur.errors import ConfigError
+from secateur.schema import flatten, option
+
+Mode = Literal["full", "lora", "perp", "perp-lora"]
+Precision = Literal["auto", "float32", "bfloat16"]
+
+# peak learning rates by mode (AdamW): LoRA's is LLM-Pruner's; norms and biases take a larger one
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-4, "perp": 1e-3, "perp-lora": 2e-4}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Recovery by training: distillation from the teacher's logits (forward KL at `temperature`)
+    mixed with cross-entropy, `kd_weight` · KD + (1 − kd_weight) · CE, for `tokens` training tokens
+    per epoch in windows of `train_seq_len`, AdamW with linear warm-up and cosine decay."""
+
+    name: ClassVar[str] = "recovery"
+
+    mode: Mode = option("full", "what trains: full (every weight), lora (adapters on the block projections, merged "
+                                "at the end), perp (norms and biases only), perp-lora (both)")
+    tokens: int = option(131072, "training tokens per epoch (windows drawn outside the evaluation region)")
+    epochs: int = option(1, "passes over the training windows (reshuffled each epoch)")
+    train_seq_len: int = option(512, "tokens per training window")
+    micro_batch: int = option(4, "windows per forward and backward")
+    accumulate: int = option(1, "micro-batches per optimizer step (per process)")
+    lr: float | None = option(None, "peak learning rate (default by mode: full 5e-5, lora 1e-4, perp 1e-3, "
+                                    "perp-lora 2e-4)")
+    warmup: float = option(0.05, "fraction of the optimizer steps spent warming up linearly")
+    min_lr: float = option(0.1, "the cosine decay's floor, as a fraction of the peak learning rate")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    clip: float = option(1.0, "gradient-norm clipping (0: off)")
+    kd_weight: float = option(1.0, "weight of the distillation loss; 1 - kd_weight goes to cross-entropy "
+                                   "(0: plain fine-tuning, no teacher)")
+    temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)")
+    top_k: int = option(0, "distil from the teacher's k largest logits, computed once and cached (0: full "
+                           "logits, the teacher runs at every step)")
+    lora_rank: int | None = option(None, "lora: adapter rank r (8)")
+    lora_alpha: float | None = option(None, "lora: scale alpha, the update being alpha / r * B A (16)")
+    keep_masks: bool = option(True, "keep every exact zero of the block layers zero (sparse and N:M models stay so)")
+    eval_every: int = option(0, "validate every N optimizer steps (0: about 8 times per run)")
+    val_windows: int = option(8, "validation windows (drawn with the training windows, never trained on)")
+    patience: int = option(0, "stop after this many validations without improvement (0: never stop early)")
+    checkpoint_every: int = option(0, "save a resumable checkpoint every N optimizer steps (0: at each validation)")
+    precision: Precision = option("auto", "compute precision: bfloat16 autocast or float32 (auto: bfloat16 where the "
+                                          "device computes it natively)")
+    seed: int = option(0, "seed for the window order and the adapters' initialisation", key="train_seed")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.tokens >= 1 and self.epochs >= 1, "--tokens and --epochs must be at least 1"),
+            (self.train_seq_len >= 2, "--train-seq-len must be at least 2"),
+            (self.micro_batch >= 1 and self.accumulate >= 1, "--micro-batch and --accumulate must be at least 1"),
+            (self.lr is None or self.lr > 0, "--lr must be positive"),
+            (0 <= self.warmup < 1, "--warmup is a fraction of the steps, in [0, 1)"),
+            (0 <= self.min_lr <= 1, "--min-lr is a fraction of the peak learning rate, in [0, 1]"),
+            (self.weight_decay >= 0 and self.clip >= 0, "--weight-decay and --clip must be >= 0"),
+            (0 <= self.kd_weight <= 1, "--kd-weight must be in [0, 1]"),
+            (self.temperature > 0, "--temperature must be positive"),
+            (self.top_k >= 0, "--top-k must be >= 0"),
+            (self.rank >= 1 and self.alpha > 0, "--lora-rank must be >= 1 and --lora-alpha positive"),
+            (min(self.eval_every, self.patience, self.checkpoint_every) >= 0,
+             "--eval-every, --patience and --checkpoint-every must be >= 0"),
+            (self.val_windows >= 1, "--val-windows must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.top_k and self.kd_weight == 0:
+            raise ConfigError("--top-k caches the teacher's logits for distillation, which --kd-weight 0 turns off")
+        if self.mode not in ("lora", "perp-lora") and (self.lora_rank, self.lora_alpha) != (None, None):
+            raise ConfigError(f"--lora-rank and --lora-alpha apply to --mode lora or perp-lora, not {self.mode}")
+
+    @property
+    def method_name(self) -> str:
+        return self.name
+
+    @property
+    def rank(self) -> int:
+        return 8 if self.lora_rank is None else self.lora_rank
+
+    @property
+    def alpha(self) -> float:
+        return 16.0 if self.lora_alpha is None else self.lora_alpha
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+    @property
+    def windows(self) -> int:
+        """Training windows per epoch: enough for `tokens`."""
+        return -(-self.tokens // self.train_seq_len)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd_weight > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, **flatten(self)}

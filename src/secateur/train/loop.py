@@ -1,0 +1,332 @@
+"""The recovery loop, on `accelerate`: one process or many (`accelerate launch`: DDP, FSDP) with no
+distributed code of our own.
+
+An optimizer step reads one global batch of `micro_batch x accumulate x processes` windows, in an
+order fixed by the seed and the step alone (so a resumed run reads what an uninterrupted one would):
+each epoch is a seeded permutation of the training windows, cut into global batches; a process reads
+its own `micro_batch` rows of each micro-step. The learning rate is set from the step number
+(`schedule.lr_factor`), so the schedule has no state of its own. Checkpoints (`save_state`: model,
+optimizer, random states, the loop's own state) are written to a temporary directory and renamed into
+place; `resume` loads the latest one and goes on from its step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from secateur.errors import SecateurError
+from secateur.evaluate import perplexity
+from secateur.models import adapter_for
+from secateur.train.config import TrainConfig
+from secateur.train.loss import kl_distillation, next_token_cross_entropy, top_k, topk_distillation
+from secateur.train.masks import MaskHolder, weight_masks
+from secateur.train.modes import merge_lora, select_trainable
+from secateur.train.schedule import lr_factor
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+BEST = "best.pt"
+
+
+class TrainError(SecateurError):
+    """Training cannot start as asked (too few windows, a checkpoint in the way, ...)."""
+
+
+@dataclass
+class LoopState:
+    """What the loop itself must carry across a resume (saved with the checkpoint)."""
+
+    step: int = 0
+    best: float = math.inf
+    best_step: int = -1
+    since_best: int = 0
+    first_loss: float | None = None
+    validations: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())  # fmt: skip
+    return False
+
+
+def precision_for(config: TrainConfig, device: torch.device) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "bfloat16" if bf16_native(device) else "float32"
+
+
+def batch_rows(step: int, micro: int, config: TrainConfig, windows: int, processes: int, rank: int) -> Tensor:
+    """Indices of the training windows that process `rank` reads at micro-step `micro` of optimizer
+    step `step` (0-based, counted over all epochs)."""
+    per_step = config.micro_batch * config.accumulate * processes
+    steps_per_epoch = windows // per_step
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(windows, generator=torch.Generator().manual_seed(config.seed + epoch))
+    start = within * per_step + (micro * processes + rank) * config.micro_batch
+    return order[start : start + config.micro_batch]
+
+
+def total_steps(config: TrainConfig, windows: int, processes: int) -> int:
+    per_step = config.micro_batch * config.accumulate * processes
+    if windows < per_step:
+        raise TrainError(f"{windows} training windows do not fill one optimizer step of {per_step} windows "
+                         "(--micro-batch x --accumulate x processes): give more --tokens or a smaller batch")
+    return config.epochs * (windows // per_step)
+
+
+def _write_json_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics of the steps a resumed run has already done (later lines were lost work)."""
+    if path.exists():
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+@dataclass
+class TrainResult:
+    record: dict[str, Any]
+    metrics: Path | None  # the JSONL file of the run, in its work directory
+
+
+def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Tensor, *,
+          teacher: nn.Module | None = None, device: str | torch.device | None = None,
+          workdir: str | Path | None = None, resume: bool = False, progress: bool = True) -> TrainResult:  # fmt: skip
+    """Train `model` in place on `windows` (n, seq_len) token ids, validating on `validation`, and
+    leave it with the best validated weights (LoRA merged). `teacher` gives the distillation targets
+    (needed when config.kd_weight > 0). `workdir` holds checkpoints and metrics; with `resume`, the
+    run goes on from its latest checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if config.needs_teacher and teacher is None:
+        raise TrainError("distillation needs a teacher (or --kd-weight 0 for plain fine-tuning)")
+    workdir = Path(workdir) if workdir is not None else None
+    checkpoint = workdir / CHECKPOINT if workdir is not None else None
+    if resume and (checkpoint is None or not checkpoint.is_dir()):
+        raise TrainError(f"--resume: no checkpoint to resume from{f' in {workdir}' if workdir else ''}")
+    wanted = torch.device(device) if device is not None else None
+    precision = precision_for(config, wanted or torch.device("cpu"))
+    AcceleratorState._reset_state()  # a new run may use another precision (keeps the process group)
+    acc = Accelerator(gradient_accumulation_steps=config.accumulate, cpu=wanted is not None and wanted.type == "cpu",
+                      mixed_precision="bf16" if precision == "bfloat16" else "no")  # fmt: skip
+    main = acc.is_main_process
+    steps = total_steps(config, len(windows), acc.num_processes)
+    warmup = int(config.warmup * steps)
+    every = config.eval_every or max(1, steps // 8)
+    save_every = config.checkpoint_every or every
+
+    adapter = adapter_for(model)
+    masks = weight_masks(model, adapter) if config.keep_masks else {}
+    counts = select_trainable(model, adapter, config.mode, config.rank, config.alpha, masks, config.seed)
+    holder = MaskHolder(model, masks if config.mode == "full" else {})  # adapters mask their own delta
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
+    model.train()
+    model, optimizer = acc.prepare(model, optimizer)
+    state = LoopState()
+    acc.register_for_checkpointing(state)
+    if teacher is not None and config.needs_teacher:
+        teacher = teacher.to(acc.device).eval().requires_grad_(False)
+
+    metrics = workdir / METRICS if workdir is not None and main else None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        acc.load_state(str(checkpoint))
+        holder.weights()
+        if metrics is not None:
+            _trim_metrics(metrics, state.step)
+    elif metrics is not None and metrics.exists():
+        metrics.unlink()
+
+    clock = time.perf_counter()
+    cache = None
+    if config.top_k and config.needs_teacher:
+        cache = _teacher_cache(teacher, windows, config, acc)
+    cache_seconds = time.perf_counter() - clock
+
+    raw = acc.unwrap_model(model)
+    bar = tqdm(total=steps, initial=state.step, desc="recovery", unit="step", disable=not (progress and main))
+    tokens_per_step = config.micro_batch * config.accumulate * acc.num_processes * windows.shape[1]
+    start_step, stopped_early, last_loss, best = state.step, False, None, None
+    clock = time.perf_counter()
+    while state.step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = config.peak_lr * lr_factor(state.step, steps, warmup, config.min_lr)
+        parts = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        for micro in range(config.accumulate):
+            rows = batch_rows(state.step, micro, config, len(windows), acc.num_processes, acc.process_index)
+            ids = windows[rows].to(acc.device)
+            with acc.accumulate(model):
+                with acc.autocast():
+                    logits = model(input_ids=ids).logits
+                    loss, kd, ce = _loss(logits, ids, rows, config, teacher, cache)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    holder.gradients()
+                    if config.clip:
+                        acc.clip_grad_norm_(params, config.clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            parts["loss"] += float(loss.detach()) / config.accumulate
+            parts["kd"] += kd / config.accumulate
+            parts["ce"] += ce / config.accumulate
+        holder.weights()
+        state.step += 1
+        last_loss = acc.gather(torch.tensor([parts["loss"]], device=acc.device)).mean().item()
+        if state.first_loss is None:
+            state.first_loss = last_loss
+        done = state.step - start_step
+        speed = done * tokens_per_step / max(time.perf_counter() - clock, 1e-9)
+        record = {"step": state.step, "tokens": state.step * tokens_per_step, "loss": last_loss,
+                  "kd": parts["kd"], "ce": parts["ce"], "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{speed:.0f}")
+        bar.update(1)
+        if state.step % every == 0 or state.step == steps:
+            ppl = perplexity(raw.eval(), validation, batch_size=config.micro_batch, device=acc.device)["perplexity"]
+            raw.train()
+            record["val_perplexity"] = ppl
+            state.validations.append({"step": state.step, "tokens": record["tokens"], "perplexity": ppl})
+            if ppl < state.best:
+                state.best, state.best_step, state.since_best = ppl, state.step, 0
+                best = _trainable(raw)
+                if workdir is not None and main:
+                    _save_best(best, workdir / BEST)
+            else:
+                state.since_best += 1
+            stopped_early = bool(config.patience) and state.since_best >= config.patience and state.step < steps
+        if metrics is not None:
+            _write_json_line(metrics, record)
+        if checkpoint is not None and (state.step % save_every == 0 or stopped_early) and state.step < steps:
+            _save_checkpoint(acc, checkpoint)
+        if stopped_early:
+            log.warning("recovery: no improvement in %d validations: stopped at step %d of %d", config.patience,
+                        state.step, steps)  # fmt: skip
+            break
+    bar.close()
+    seconds = time.perf_counter() - clock
+    acc.wait_for_everyone()
+    model = acc.unwrap_model(model)
+    if state.best_step != state.step:  # the last step did not validate best: go back to the best
+        if best is None and workdir is not None and (workdir / BEST).exists():  # best from before a resume
+            best = torch.load(workdir / BEST, map_location="cpu", weights_only=True)
+        if best is not None:
+            _load_trainable(model, best)
+    model.eval()
+    merged = merge_lora(model)
+    holder_after = weight_masks(model, adapter) if masks else {}
+    record = {
+        "mode": config.mode, **counts, "lora_merged": merged,
+        "masks": {"layers": len(masks), "kept": sum(int(m.sum()) for m in masks.values()),
+                  "size": sum(m.numel() for m in masks.values()),
+                  "kept_after": sum(int(m.sum()) for m in holder_after.values())},
+        "precision": precision, "processes": acc.num_processes,
+        "steps": state.step, "total_steps": steps, "tokens": state.step * tokens_per_step,
+        "schedule": {"peak_lr": config.peak_lr, "warmup_steps": warmup, "min_lr": config.min_lr,
+                     "global_batch_windows": tokens_per_step // windows.shape[1], "window_tokens": windows.shape[1]},
+        "loss": {"first": state.first_loss, "last": last_loss},
+        "validation": state.validations, "best": {"step": state.best_step, "perplexity": state.best},
+        "stopped_early": stopped_early, "resumed_at": start_step if resume else None,
+        "seconds": seconds, "tokens_per_s": (state.step - start_step) * tokens_per_step / max(seconds, 1e-9),
+        "teacher_cache": {"top_k": config.top_k, "seconds": cache_seconds} if cache is not None else None,
+    }  # fmt: skip
+    AcceleratorState._reset_state()
+    return TrainResult(record, workdir / METRICS if workdir is not None else None)
+
+
+def _loss(logits: Tensor, ids: Tensor, rows: Tensor, config: TrainConfig, teacher: nn.Module | None,
+          cache: tuple[Tensor, Tensor] | None) -> tuple[Tensor, float, float]:  # fmt: skip
+    """(loss, its distillation part, its cross-entropy part) of one micro-batch."""
+    kd = ce = None
+    if config.kd_weight > 0:
+        if cache is not None:
+            values, indices = cache[0][rows].to(ids.device), cache[1][rows].to(ids.device)
+            kd = topk_distillation(logits, values, indices, config.temperature)
+        else:
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits
+            kd = kl_distillation(logits, target, config.temperature)
+    if config.kd_weight < 1:
+        ce = next_token_cross_entropy(logits, ids)
+    if kd is not None and ce is not None:
+        loss = config.kd_weight * kd + (1 - config.kd_weight) * ce
+    else:
+        loss = kd if kd is not None else ce
+    return loss, float(kd.detach()) if kd is not None else 0.0, float(ce.detach()) if ce is not None else 0.0
+
+
+@torch.no_grad()
+def _teacher_cache(teacher: nn.Module, windows: Tensor, config: TrainConfig, acc: Any) -> tuple[Tensor, Tensor]:
+    """The teacher's top-k logits of every training window, once (float16 values, int32 indices)."""
+    values, indices = [], []
+    for start in tqdm(range(0, len(windows), config.micro_batch), desc="teacher top-k", unit="batch",
+                      disable=not acc.is_main_process):  # fmt: skip
+        with acc.autocast():
+            logits = teacher(input_ids=windows[start : start + config.micro_batch].to(acc.device)).logits
+        v, i = top_k(logits, config.top_k)
+        values.append(v.cpu())
+        indices.append(i.cpu())
+    return torch.cat(values), torch.cat(indices)
+
+
+def _save_checkpoint(acc: Any, checkpoint: Path) -> None:
+    staging = checkpoint.with_name(checkpoint.name + ".partial")
+    if acc.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(staging), safe_serialization=False)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        old = checkpoint.with_name(checkpoint.name + ".old")
+        if checkpoint.exists():
+            checkpoint.rename(old)
+        staging.rename(checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _trainable(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_best(best: dict[str, Tensor], path: Path) -> None:
+    staging = path.with_name(path.name + ".partial")
+    torch.save(best, staging)
+    staging.replace(path)
+
+
+def _load_trainable(model: nn.Module, values: dict[str, Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            params[name].copy_(value)

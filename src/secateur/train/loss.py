@@ -1,0 +1,48 @@
+"""Recovery losses: knowledge distillation from the dense teacher's logits, mixed with cross-entropy.
+
+With p = softmax(teacher / T) and q = softmax(student / T) at every position,
+
+    distillation = T² · mean over positions of KL(p ‖ q) = T² · mean Σ_v p_v (log p_v − log q_v)
+
+(forward KL, Hinton's T² so that gradients keep their scale across temperatures), and
+
+    loss = kd_weight · distillation + (1 − kd_weight) · cross-entropy(student, next token).
+
+With top-k teacher logits (values and vocabulary indices, cached once), p is the teacher's softmax
+renormalised over its k largest logits and q the student's full softmax read at those k entries:
+the k tokens outside the teacher's top k are dropped from the sum (their teacher mass is lost, the
+student's is still normalised over the whole vocabulary).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kl_distillation(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """T² · mean over positions of KL(softmax(teacher/T) ‖ softmax(student/T)); logits (..., vocab)."""
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return temperature**2 * per_position.mean()
+
+
+def topk_distillation(student: Tensor, values: Tensor, indices: Tensor, temperature: float = 1.0) -> Tensor:
+    """The same loss from the teacher's top-k logits only: values, indices (..., k)."""
+    log_q = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, indices.long())
+    log_p = F.log_softmax(values.float() / temperature, dim=-1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return temperature**2 * per_position.mean()
+
+
+def next_token_cross_entropy(logits: Tensor, ids: Tensor) -> Tensor:
+    """Mean cross-entropy of each position's prediction of the next token (the last position has none)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest logits per position (float16 values, int32 indices: what the cache keeps)."""
+    values, indices = torch.topk(logits.float(), k, dim=-1)
+    return values.to(torch.float16), indices.to(torch.int32)

@@ -1,0 +1,312 @@
+"""Recovery by training: the losses and the schedule against hand-computed values, masks that hold,
+LoRA merges that keep sparsity and the trained logits, resume equal to an uninterrupted run, and the
+CLI / recipe paths with their refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import calibration_ids, tiny_model
+
+import secateur
+from secateur.cli import main
+from secateur.models import adapter_for
+from secateur.sparsity.prune import target_layers
+from secateur.train import TrainConfig, TrainError, train
+from secateur.train import loop as train_loop
+from secateur.train.loss import kl_distillation, next_token_cross_entropy, top_k, topk_distillation
+from secateur.train.modes import merge_lora, select_trainable
+from secateur.train.schedule import lr_factor
+
+SMALL = dict(tokens=32 * 16, train_seq_len=16, micro_batch=4, val_windows=2)
+
+
+def test_distillation_loss_is_t_squared_forward_kl():
+    """Two positions, a vocabulary of 3, T = 2: the KL written out term by term."""
+    student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]])
+    teacher = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]]])
+    T = 2.0
+    total = 0.0
+    for s_row, t_row in zip(student[0].tolist(), teacher[0].tolist()):
+        zs = sum(math.exp(x / T) for x in s_row)
+        zt = sum(math.exp(x / T) for x in t_row)
+        p = [math.exp(x / T) / zt for x in t_row]
+        q = [math.exp(x / T) / zs for x in s_row]
+        total += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected = T * T * total / 2
+    assert kl_distillation(student, teacher, T).item() == pytest.approx(expected, rel=1e-6)
+    assert kl_distillation(teacher, teacher, T).item() == pytest.approx(0.0, abs=1e-7)
+    # reversed arguments give another number: the direction is the teacher's distribution first
+    assert kl_distillation(teacher, student, T).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_topk_distillation():
+    """k = vocabulary gives the full loss; a small k renormalises the teacher over its top k."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    values, indices = top_k(teacher, 11)
+    assert topk_distillation(student, values, indices, 1.5).item() == pytest.approx(
+        kl_distillation(student, teacher, 1.5).item(), rel=1e-3)  # float16 values
+    values, indices = torch.topk(teacher, 3, dim=-1)
+    p = F.softmax(values, -1)
+    log_q = F.log_softmax(student, -1).gather(-1, indices)
+    expected = (p * (p.log() - log_q)).sum(-1).mean()
+    assert topk_distillation(student, values, indices, 1.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_next_token_cross_entropy_shifts():
+    logits = torch.full((1, 3, 4), -10.0)
+    logits[0, 0, 2] = logits[0, 1, 3] = 10.0  # position t predicts token t + 1
+    ids = torch.tensor([[0, 2, 3]])
+    assert next_token_cross_entropy(logits, ids).item() < 1e-6
+
+
+def test_schedule_at_hand_computed_steps():
+    # 10 steps, 2 of warm-up, floor 0.1: warm-up 1/2, 2/2, then cosine over t = (s - 2) / 7
+    assert lr_factor(0, 10, 2, 0.1) == pytest.approx(0.5)
+    assert lr_factor(1, 10, 2, 0.1) == pytest.approx(1.0)
+    assert lr_factor(2, 10, 2, 0.1) == pytest.approx(1.0)
+    assert lr_factor(9, 10, 2, 0.1) == pytest.approx(0.1)
+    t = 3 / 7
+    assert lr_factor(5, 10, 2, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert lr_factor(0, 1, 0, 0.0) == pytest.approx(0.0)  # a single step is also the last one
+
+
+def _two_four(family: str = "llama"):
+    model = tiny_model(family)
+    dense = copy.deepcopy(model)
+    secateur.prune(model, secateur.PruneConfig(secateur.MagnitudeConfig(), secateur.NM.parse("2:4")))
+    return model, dense
+
+
+def _holds_two_four(model) -> bool:
+    for _, module in target_layers(model, adapter_for(model)):
+        groups = (module.weight != 0).reshape(module.weight.shape[0], -1, 4).sum(-1)
+        if not bool((groups <= 2).all()):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "perp-lora"])
+def test_masks_hold_through_training(mode):
+    """Many steps at a high learning rate: every zero stays exactly zero, 2:4 holds, the parameter
+    count is unchanged, and Adam's moments of pruned weights stay zero (the gradient is masked)."""
+    model, dense = _two_four()
+    zeros = {n: m.weight == 0 for n, m in target_layers(model, adapter_for(model))}
+    parameters = sum(p.numel() for p in model.parameters())
+    config = TrainConfig(mode=mode, lr=5e-2, epochs=3, **SMALL)
+    record = train(model, config, calibration_ids(32, 16), calibration_ids(2, 16, seed=1), teacher=dense,
+                   device="cpu", progress=False).record  # fmt: skip
+    assert record["steps"] == 24 and record["masks"]["kept_after"] == record["masks"]["kept"]
+    for name, module in target_layers(model, adapter_for(model)):
+        assert bool((module.weight[zeros[name]] == 0).all()), name
+    assert _holds_two_four(model)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), dense.state_dict().values()))
+    assert changed
+
+
+def test_gradient_masking_keeps_adam_moments_zero():
+    model, dense = _two_four()
+    adapter = adapter_for(model)
+    from secateur.train.masks import MaskHolder, weight_masks
+
+    masks = weight_masks(model, adapter)
+    holder = MaskHolder(model, masks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = calibration_ids(4, 16)
+    for _ in range(3):
+        loss = next_token_cross_entropy(model(input_ids=ids).logits, ids)
+        loss.backward()
+        holder.gradients()
+        opt.step()
+        opt.zero_grad()
+        holder.weights()
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        state = opt.state[params[name]]
+        assert bool((state["exp_avg"][~keep] == 0).all()) and bool((state["exp_avg_sq"][~keep] == 0).all())
+
+
+def test_lora_merge_keeps_sparsity_and_the_trained_logits():
+    model, _ = _two_four()
+    masks = {f"{n}.weight": m.weight != 0 for n, m in target_layers(model, adapter_for(model))}
+    counts = select_trainable(model, adapter_for(model), "lora", 4, 8.0, masks, seed=0)
+    assert 0 < counts["adapter"] == counts["trainable"] < counts["total"]
+    with torch.no_grad():  # a non-zero B, as after training
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.5)
+    ids = calibration_ids(2, 16)
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+    assert merge_lora(model) == len(masks)
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    for name, module in target_layers(model, adapter_for(model)):
+        assert torch.equal(module.weight != 0, masks[f"{name}.weight"]), name
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A run killed after step 4 (checkpoints every 2 steps) and resumed ends with the weights of an
+    uninterrupted run, bit for bit (CPU, float32)."""
+    config = TrainConfig(mode="full", lr=1e-2, epochs=2, checkpoint_every=2, eval_every=16, precision="float32", **SMALL)
+    windows, validation = calibration_ids(32, 16), calibration_ids(2, 16, seed=1)
+    model, dense = _two_four()
+    whole = copy.deepcopy(model)
+    train(whole, config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "a", progress=False)
+
+    calls = {"n": 0}
+    real = train_loop.MaskHolder.weights
+
+    def dies_at_step_five(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self)
+
+    interrupted = copy.deepcopy(model)
+    monkeypatch.setattr(train_loop.MaskHolder, "weights", dies_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "b",
+              progress=False)  # fmt: skip
+    monkeypatch.setattr(train_loop.MaskHolder, "weights", real)
+    resumed = copy.deepcopy(model)  # a fresh process would load the model again from its input
+    record = train(resumed, config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "b",
+                   resume=True, progress=False).record  # fmt: skip
+    assert record["resumed_at"] == 4 and record["steps"] == 16
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
+
+
+def test_best_validated_weights_are_kept():
+    """With a learning rate that wrecks the model, the best validation is the first one and the
+    weights returned are that step's."""
+    model, dense = _two_four()
+    config = TrainConfig(mode="perp", lr=5.0, eval_every=1, **SMALL)
+    record = train(model, config, calibration_ids(32, 16), calibration_ids(2, 16, seed=1), teacher=dense,
+                   device="cpu", progress=False).record  # fmt: skip
+    vals = [v["perplexity"] for v in record["validation"]]
+    assert record["best"]["perplexity"] == min(vals)
+    windows = calibration_ids(2, 16, seed=1)
+    ppl = secateur.evaluate.perplexity(model, windows)["perplexity"]
+    assert ppl == pytest.approx(record["best"]["perplexity"], rel=1e-4)
+
+
+def test_early_stop_on_a_plateau():
+    model, dense = _two_four()
+    config = TrainConfig(mode="perp", lr=5.0, eval_every=1, patience=2, epochs=4, **SMALL)
+    record = train(model, config, calibration_ids(32, 16), calibration_ids(2, 16, seed=1), teacher=dense,
+                   device="cpu", progress=False).record  # fmt: skip
+    best = record["best"]["step"]
+    if record["stopped_early"]:
+        assert record["steps"] == best + 2 < record["total_steps"]
+    else:  # it kept improving: then it ran to the end
+        assert record["steps"] == record["total_steps"]
+
+
+def test_training_needs_a_full_step_and_a_teacher():
+    model, dense = _two_four()
+    with pytest.raises(TrainError, match="do not fill one optimizer step"):
+        train(model, TrainConfig(accumulate=8, **{**SMALL, "micro_batch": 8}), calibration_ids(32, 16),
+              calibration_ids(2, 16), teacher=dense, progress=False)  # fmt: skip
+    with pytest.raises(TrainError, match="needs a teacher"):
+        train(model, TrainConfig(**SMALL), calibration_ids(32, 16), calibration_ids(2, 16), progress=False)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "gpt2", "phi3"])
+def test_structured_outputs_train(family):
+    """Adaptive width and removed branches train too (every family's projections, GPT-2's Conv1D)."""
+    model = tiny_model(family)
+    dense = copy.deepcopy(model)
+    secateur.prune(model, [secateur.WidthConfig(0.3, allocation="adaptive", heads="none"),
+                           secateur.DepthConfig(secateur.FinerCutConfig(), secateur.Amount(count=1))],
+                   calibration_ids())  # fmt: skip
+    parameters = sum(p.numel() for p in model.parameters())
+    for mode in ("full", "lora"):
+        student = copy.deepcopy(model)
+        record = train(student, TrainConfig(mode=mode, lr=1e-3, **SMALL), calibration_ids(32, 16),
+                       calibration_ids(2, 16, seed=1), teacher=dense, progress=False).record  # fmt: skip
+        assert record["steps"] == 8 and sum(p.numel() for p in student.parameters()) == parameters
+        assert math.isfinite(record["loss"]["last"])
+
+
+def _train_cli(model, out, *extra):
+    return main(["train", str(model), "--out", str(out), "--tokens", "256", "--train-seq-len", "16",
+                 "--val-windows", "2", "--micro-batch", "4", "--eval-seq-len", "16", "--eval-windows", "4", *extra])
+
+
+def test_cli_train_saves_a_recovered_model(tmp_path, model_dir, text_file):
+    """prune (2:4) -> train: the output loads, keeps its pattern, and its manifest records the
+    recovery (teacher = the model before the first secateur run, with its hash), metrics and curve."""
+    src, pruned, out = model_dir("llama"), tmp_path / "pruned", tmp_path / "recovered"
+    assert main(["prune", str(src), "--method", "magnitude", "--pattern", "2:4", "--out", str(pruned)]) == 0
+    assert _train_cli(pruned, out, "--calib", str(text_file), "--eval", str(text_file)) == 0
+    manifest = json.loads((out / "secateur.json").read_text())
+    record = manifest["history"][-1]
+    assert [h["kind"] for h in manifest["history"]] == ["sparsity", "recovery"]
+    assert record["result"]["teacher"]["sha256"] == manifest["origin"]["sha256"]
+    assert record["result"]["masks"]["kept_after"] == record["result"]["masks"]["kept"] > 0
+    assert (out / record["result"]["metrics"]).is_file() and (out / record["result"]["curve"]).is_file()
+    assert (out / record["result"]["curve"]).read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "recovered.checkpoints").exists()
+    model, _ = secateur.load(out)
+    assert _holds_two_four(model)
+    replay = tmp_path / "replay"
+    assert main(["prune", str(pruned), "--recipe", str(out / "secateur.json"), "--out", str(replay)]) == 0
+    a, _ = secateur.load(replay)
+    for (name, x), y in zip(model.state_dict().items(), a.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_recipe_width_then_recovery(tmp_path, model_dir, text_file):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'calib = "{text_file}"\neval_seq_len = 16\neval_windows = 4\n'
+                      '[[stage]]\nmethod = "width"\nremove_fraction = 0.3\ncalib_samples = 4\ncalib_seq_len = 16\n'
+                      '[[stage]]\nmethod = "recovery"\ntokens = 256\ntrain_seq_len = 16\nval_windows = 2\nmode = "perp"\n')
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir("llama")), "--recipe", str(recipe), "--out", str(out)]) == 0
+    manifest = json.loads((out / "secateur.json").read_text())
+    assert [h["kind"] for h in manifest["history"]] == ["width", "recovery"]
+    assert manifest["history"][1]["result"]["mode"] == "perp"
+    assert (out / "train-metrics-2.jsonl").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--calib-samples", "8"], "unrecognized arguments: --calib-samples"),
+    (["--resume"], "nothing to resume"),
+    (["--kd-weight", "0", "--teacher", "x"], "--teacher applies to a recovery stage that distils"),
+    (["--lora-rank", "4"], "apply to --mode lora or perp-lora"),
+    (["--top-k", "5", "--kd-weight", "0"], "--kd-weight 0 turns off"),
+    (["--mode", "dense"], "invalid choice"),
+])
+def test_cli_train_refusals(tmp_path, model_dir, text_file, capsys, extra, message):
+    out = tmp_path / "out"
+    assert _train_cli(model_dir("llama"), out, "--calib", str(text_file), *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_train_refuses_to_start_over_checkpoints(tmp_path, model_dir, text_file, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "out.checkpoints").mkdir()
+    assert _train_cli(model_dir("llama"), out, "--calib", str(text_file)) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["prune", str(model_dir("llama")), "--method", "magnitude", "--out", str(out), "--resume"]) == 2
+    assert "no recovery stage" in capsys.readouterr().err
+
+
+def test_prune_refuses_calibration_sizes_for_recovery(tmp_path, model_dir, text_file, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir("llama")), "--method", "recovery", "--calib-seq-len", "16",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "--calib-seq-len do not apply to recovery" in capsys.readouterr().err
