@@ -331,3 +331,95 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert two["processes"] == 2 and one["processes"] == 1 and two["steps"] == one["steps"] == 4
     for name, value in one["state"].items():
         torch.testing.assert_close(two["state"][name], value, rtol=1e-5, atol=1e-6)
+
+
+# --- gradual pruning during training (Zhu & Gupta) ---------------------------------------------------
+
+from secateur.train.gradual import cubic_sparsity, kept_per_group  # noqa: E402
+
+
+def test_cubic_schedule_at_hand_computed_steps():
+    """s_i = 0, s_f = 0.8, t0 = 2, Δt = 3, n = 4: s = 0.8 − 0.8 (1 − k/4)³ at t = 2 + 3k, held between."""
+    s = [cubic_sparsity(t, 0.0, 0.8, 2, 3, 4) for t in (1, 2, 5, 6, 8, 11, 14, 20)]
+    assert s == pytest.approx([0.0, 0.0, 0.4625, 0.4625, 0.7, 0.7875, 0.8, 0.8])
+    assert [kept_per_group(x, 2, 4) for x in (0.0, 0.2, 0.3, 0.5, 0.8)] == [4, 3, 3, 2, 2]
+
+
+def _sparsity(model) -> float:
+    layers = target_layers(model, adapter_for(model))
+    return sum(int((m.weight == 0).sum()) for _, m in layers) / sum(m.weight.numel() for _, m in layers)
+
+
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "taylor"])
+def test_gradual_pruning_reaches_the_target_exactly(score):
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    config = TrainConfig(prune_to=0.6, prune_score=score, prune_every=2, prune_end=0.75, epochs=2, lr=1e-3, **SMALL)
+    record = train(model, config, calibration_ids(32, 16), calibration_ids(2, 16, seed=1), teacher=dense,
+                   progress=False).record  # fmt: skip
+    events = record["gradual"]["events"]
+    assert [e["step"] for e in events] == [2, 4, 6, 8, 10, 12]  # 16 steps: updates from 0 to 12 every 2
+    assert all(a["sparsity"] <= b["sparsity"] for a, b in zip(events, events[1:]))
+    assert events[-1]["target"] == pytest.approx(0.6)
+    assert _sparsity(model) == pytest.approx(0.6, abs=2e-3)  # exact per layer, up to rounding per row
+
+
+def test_gradual_nm_ends_on_the_pattern():
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    config = TrainConfig(prune_pattern="2:4", prune_every=2, epochs=2, lr=1e-3, **SMALL)
+    record = train(model, config, calibration_ids(32, 16), calibration_ids(2, 16, seed=1), teacher=dense,
+                   progress=False).record  # fmt: skip
+    patterns = [e["pattern"] for e in record["gradual"]["events"]]
+    assert patterns[-1] == "2:4" and "3:4" in patterns
+    for _, module in target_layers(model, adapter_for(model)):
+        kept = (module.weight != 0).reshape(module.weight.shape[0], -1, 4).sum(-1)
+        assert bool((kept == 2).all())
+
+
+def test_gradual_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    config = TrainConfig(prune_to=0.5, prune_score="wanda", prune_every=2, epochs=2, lr=1e-2, checkpoint_every=3,
+                         eval_every=16, precision="float32", **SMALL)  # fmt: skip
+    windows, validation = calibration_ids(32, 16), calibration_ids(2, 16, seed=1)
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    whole = copy.deepcopy(model)
+    train(whole, config, windows, validation, teacher=dense, workdir=tmp_path / "a", progress=False)
+    real, calls = train_loop.MaskHolder.weights, {"n": 0}
+
+    def dies(self):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(train_loop.MaskHolder, "weights", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(copy.deepcopy(model), config, windows, validation, teacher=dense, workdir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_loop.MaskHolder, "weights", real)
+    resumed = copy.deepcopy(model)
+    record = train(resumed, config, windows, validation, teacher=dense, workdir=tmp_path / "b", resume=True,
+                   progress=False).record  # fmt: skip
+    assert record["resumed_at"] == 6
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"prune_score": "wanda"}, "apply to gradual pruning"),
+    ({"prune_to": 0.5, "mode": "lora"}, "use --mode full"),
+    ({"prune_to": 0.5, "prune_pattern": "2:4"}, "not both"),
+    ({"prune_to": 0.5, "prune_start": 0.8, "prune_end": 0.5}, "--prune-start < --prune-end"),
+])
+def test_gradual_settings_refused(settings, message):
+    with pytest.raises(secateur.SecateurError, match=message):
+        TrainConfig(**settings)
+
+
+def test_depth_compensation_after_gradual_pruning_is_refused():
+    from secateur.recipe import check_order
+
+    with pytest.raises(secateur.SecateurError, match="fill the zeros"):
+        check_order([("recovery", {"prune_to": 0.5}), ("depth", {"method": "angular", "compensate": True})])
+    with pytest.raises(secateur.SecateurError, match="breaks the N:M groups"):
+        check_order([("recovery", {"prune_pattern": "2:4"}), ("width", {"method": "width"})])

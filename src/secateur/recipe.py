@@ -191,7 +191,7 @@ def _run_depth(model: nn.Module, config: DepthConfig, calibration: Tensor | None
 
 
 def _resolve_depth(model: nn.Module, config: DepthConfig, earlier: Sequence[tuple[str, Settings]]) -> tuple[DepthConfig, str | None]:
-    return resolve_compensation(model, config, after_sparsity=any(kind == "sparsity" for kind, _ in earlier))
+    return resolve_compensation(model, config, after_sparsity=any(sparsifies(kind, s) for kind, s in earlier))
 
 
 register(StageKind(
@@ -298,11 +298,20 @@ class OrderRule:
     reason: str
 
 
+def sparsifies(kind: str, settings: Settings) -> bool:
+    """Whether a stage leaves zeros in the block layers: sparsity, or recovery with gradual pruning."""
+    return kind == "sparsity" or (kind == "recovery" and bool(settings.get("prune_to") or settings.get("prune_pattern")))
+
+
+def _nm(kind: str, settings: Settings) -> bool:
+    return (kind == "sparsity" and "pattern" in settings) or (kind == "recovery" and bool(settings.get("prune_pattern")))
+
+
 ORDER_RULES = (
-    OrderRule(lambda kind, s: kind == "width", lambda kind, s: kind == "sparsity" and "pattern" in s,
+    OrderRule(lambda kind, s: kind == "width", _nm,
               "width pruning removes input columns, which breaks the N:M groups of an earlier sparsity stage; "
               "put width before N:M sparsity"),
-    OrderRule(lambda kind, s: kind == "depth" and bool(s.get("compensate")), lambda kind, s: kind == "sparsity",
+    OrderRule(lambda kind, s: kind == "depth" and bool(s.get("compensate")), sparsifies,
               "depth compensation re-fits an MLP output projection densely, which would fill the zeros of an earlier "
               "sparsity stage; put depth before sparsity or drop compensate"),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from secateur.config import NM
 from secateur.errors import ConfigError
 from secateur.schema import flatten, option
 
@@ -50,6 +51,15 @@ class TrainConfig:
     val_windows: int = option(8, "validation windows (drawn with the training windows, never trained on)")
     patience: int = option(0, "stop after this many validations without improvement (0: never stop early)")
     checkpoint_every: int = option(0, "save a resumable checkpoint every N optimizer steps (0: at each validation)")
+    prune_to: float | None = option(None, "gradual pruning during training (Zhu & Gupta): the final unstructured "
+                                          "sparsity of the block layers, reached on a cubic schedule")
+    prune_pattern: str | None = option(None, "gradual pruning to N:M, e.g. 2:4: N falls step by step at fixed M")
+    prune_score: Literal["magnitude", "wanda", "taylor"] | None = option(
+        None, "gradual pruning score: magnitude (default, the paper), wanda (running input norms), taylor |W g|")
+    prune_start: float | None = option(None, "gradual pruning: first update, as a fraction of the steps (0)")
+    prune_end: float | None = option(None, "gradual pruning: last update (the final sparsity), as a fraction of the "
+                                           "steps (0.75)")
+    prune_every: int | None = option(None, "gradual pruning: optimizer steps between updates (default: 10 updates)")
     precision: Precision = option("auto", "compute precision: bfloat16 autocast or float32 (auto: bfloat16 where the "
                                           "device computes it natively)")
     seed: int = option(0, "seed for the window order and the adapters' initialisation", key="train_seed")
@@ -74,6 +84,23 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        gradual = [self.prune_score, self.prune_start, self.prune_end, self.prune_every]
+        if not self.gradual and any(v is not None for v in gradual):
+            raise ConfigError("--prune-score, --prune-start, --prune-end and --prune-every apply to gradual pruning: "
+                              "give --prune-to or --prune-pattern")
+        if self.prune_to is not None and self.prune_pattern is not None:
+            raise ConfigError("give either --prune-to (unstructured) or --prune-pattern N:M, not both")
+        if self.prune_to is not None and not 0 < self.prune_to < 1:
+            raise ConfigError(f"--prune-to must be in (0, 1), got {self.prune_to}")
+        if self.prune_pattern is not None:
+            NM.parse(self.prune_pattern)
+        if self.gradual and self.mode != "full":
+            raise ConfigError(f"gradual pruning recomputes the masks of the weights themselves: use --mode full, not "
+                              f"{self.mode}")
+        if self.gradual and not 0 <= self.start_fraction < self.end_fraction <= 1:
+            raise ConfigError("gradual pruning needs 0 <= --prune-start < --prune-end <= 1")
+        if self.prune_every is not None and self.prune_every < 1:
+            raise ConfigError("--prune-every must be at least 1")
         if self.top_k and self.kd_weight == 0:
             raise ConfigError("--top-k caches the teacher's logits for distillation, which --kd-weight 0 turns off")
         if self.mode not in ("lora", "perp-lora") and (self.lora_rank, self.lora_alpha) != (None, None):
@@ -82,6 +109,18 @@ class TrainConfig:
     @property
     def method_name(self) -> str:
         return self.name
+
+    @property
+    def gradual(self) -> bool:
+        return self.prune_to is not None or self.prune_pattern is not None
+
+    @property
+    def start_fraction(self) -> float:
+        return 0.0 if self.prune_start is None else self.prune_start
+
+    @property
+    def end_fraction(self) -> float:
+        return 0.75 if self.prune_end is None else self.prune_end
 
     @property
     def rank(self) -> int:

@@ -28,7 +28,10 @@ from tqdm.auto import tqdm
 from secateur.errors import SecateurError
 from secateur.evaluate import perplexity
 from secateur.models import adapter_for
+from secateur.config import NM
+from secateur.sparsity.prune import target_layers
 from secateur.train.config import TrainConfig
+from secateur.train.gradual import GradualPlan, GradualPruner
 from secateur.train.loss import kl_distillation, next_token_cross_entropy, top_k, topk_distillation
 from secateur.train.masks import MaskHolder, weight_masks
 from secateur.train.modes import merge_lora, select_trainable
@@ -147,8 +150,11 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     save_every = config.checkpoint_every or every
 
     adapter = adapter_for(model)
-    masks = weight_masks(model, adapter) if config.keep_masks else {}
+    masks = weight_masks(model, adapter) if config.keep_masks or config.gradual else {}
     counts = select_trainable(model, adapter, config.mode, config.rank, config.alpha, masks, config.seed)
+    pruner = _gradual(model, adapter, config, steps) if config.gradual else None
+    if pruner is not None:  # every target layer is masked from the start
+        masks = {name: module.weight != 0 for name, module in pruner.layers}
     holder = MaskHolder(model, masks if config.mode == "full" else {})  # adapters mask their own delta
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
@@ -156,6 +162,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     model, optimizer = acc.prepare(model, optimizer)
     state = LoopState()
     acc.register_for_checkpointing(state)
+    if pruner is not None:
+        acc.register_for_checkpointing(pruner)
     if teacher is not None and config.needs_teacher:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
 
@@ -164,6 +172,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         workdir.mkdir(parents=True, exist_ok=True)
     if resume:
         acc.load_state(str(checkpoint))
+        if pruner is not None:  # the masks of the updates done before the checkpoint
+            holder.replace({name: module.weight != 0 for name, module in pruner.layers})
         holder.weights()
         if metrics is not None:
             _trim_metrics(metrics, state.step)
@@ -194,6 +204,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
                     loss, kd, ce = _loss(logits, ids, rows, config, teacher, cache)
                 acc.backward(loss)
                 if acc.sync_gradients:
+                    if pruner is not None:
+                        pruner.accumulate_gradients()
                     holder.gradients()
                     if config.clip:
                         acc.clip_grad_norm_(params, config.clip)
@@ -202,8 +214,15 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
             parts["loss"] += float(loss.detach()) / config.accumulate
             parts["kd"] += kd / config.accumulate
             parts["ce"] += ce / config.accumulate
-        holder.weights()
         state.step += 1
+        if pruner is not None and pruner.plan.due(state.step):
+            own = pruner.norms
+            if pruner.score == "wanda":  # every process saw other tokens: rank on the norms of all of them
+                pruner.norms = {k: acc.reduce(v.clone(), "sum") for k, v in own.items()}
+            holder.replace(pruner.update(state.step, holder.masks))
+            pruner.norms = own
+            holder.clear_moments(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        holder.weights()
         last_loss = acc.gather(torch.tensor([parts["loss"]], device=acc.device)).mean().item()
         if state.first_loss is None:
             state.first_loss = last_loss
@@ -219,12 +238,13 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
             raw.train()
             record["val_perplexity"] = ppl
             state.validations.append({"step": state.step, "tokens": record["tokens"], "perplexity": ppl})
-            if ppl < state.best:
+            final = pruner is None or state.step >= pruner.plan.end  # a less pruned model is not a candidate
+            if final and ppl < state.best:
                 state.best, state.best_step, state.since_best = ppl, state.step, 0
                 best = _trainable(raw)
                 if workdir is not None and main:
                     _save_best(best, workdir / BEST)
-            else:
+            elif final:
                 state.since_best += 1
             stopped_early = bool(config.patience) and state.since_best >= config.patience and state.step < steps
         if metrics is not None:
@@ -263,9 +283,34 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         "seconds": seconds, "validation_seconds": overhead,  # validations and checkpoints
         "tokens_per_s": (state.step - start_step) * tokens_per_step / max(seconds - overhead, 1e-9),
         "teacher_cache": {"top_k": config.top_k, "seconds": cache_seconds} if cache is not None else None,
+        "gradual": ({"score": pruner.score, "pattern": config.prune_pattern, "final": pruner.plan.final,
+                     "initial": pruner.plan.initial, "start": pruner.plan.start, "every": pruner.plan.every,
+                     "updates": pruner.plan.updates, "events": pruner.events} if pruner is not None else None),
     }  # fmt: skip
+    if pruner is not None:
+        pruner.close()
     AcceleratorState._reset_state()
     return TrainResult(record, workdir / METRICS if workdir is not None else None)
+
+
+def _gradual(model: nn.Module, adapter: Any, config: TrainConfig, steps: int) -> GradualPruner:
+    """The pruner of every target layer, with the plan of `config` over `steps` optimizer steps."""
+    layers = [(f"{name}.weight", module) for name, module in target_layers(model, adapter)]
+    zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
+    initial = zeros / max(sum(m.weight.numel() for _, m in layers), 1)
+    pattern = NM.parse(config.prune_pattern) if config.prune_pattern else None
+    final = 1 - pattern.n / pattern.m if pattern else config.prune_to
+    if final <= initial:
+        raise TrainError(f"gradual pruning to {final:.3f} from a model already at {initial:.3f} sparsity")
+    start = int(config.start_fraction * steps)
+    end = max(start + 1, int(round(config.end_fraction * steps)))
+    every = config.prune_every or max(1, (end - start) // 10)
+    updates = max(1, (end - start) // every)
+    if start + updates * every > steps:
+        raise TrainError(f"gradual pruning's last update (step {start + updates * every}) comes after the run's "
+                         f"{steps} steps: lower --prune-every or --prune-end, or train longer")
+    plan = GradualPlan(initial, final, start, every, updates, pattern)
+    return GradualPruner(layers, plan, config.prune_score or "magnitude")
 
 
 def _loss(logits: Tensor, ids: Tensor, rows: Tensor, config: TrainConfig, teacher: nn.Module | None,

@@ -38,8 +38,21 @@ class MaskHolder:
     """Applies `masks` (by parameter name) to a model's gradients and weights."""
 
     def __init__(self, model: nn.Module, masks: dict[str, Tensor]):
-        params = dict(model.named_parameters())
-        self.pairs = [(params[name], mask.to(params[name].device)) for name, mask in masks.items()]
+        self.params = dict(model.named_parameters())
+        self.replace(masks)
+
+    def replace(self, masks: dict[str, Tensor]) -> None:
+        self.masks = {name: mask.to(self.params[name].device) for name, mask in masks.items()}
+        self.pairs = [(self.params[name], mask) for name, mask in self.masks.items()]
+
+    @torch.no_grad()
+    def clear_moments(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the optimizer's per-weight state (Adam's moments) where the masks prune: the weights a
+        new mask removes must not keep momentum from before."""
+        for param, mask in self.pairs:
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, Tensor) and value.shape == mask.shape:
+                    value.mul_(mask)
 
     @torch.no_grad()
     def gradients(self) -> None:
