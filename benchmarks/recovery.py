@@ -10,6 +10,10 @@ Recipes: `default` (secateur's defaults: distillation, full fine-tune, lr 1e-3),
 cross-entropy), `perp` (norms and biases, distillation). The issue's "distillation, full fine-tune"
 is the default.
 
+Large-sparse against small-dense (Zhu & Gupta's question): gradual magnitude pruning to 50% and 75%
+during distillation from the dense model, against width-pruned models with the same non-zero block
+parameters (width 50% and 75%) and one-shot SparseGPT 50% trained the same way.
+
 Resumable: every finished run is a line of benchmarks/results/recovery.jsonl and is skipped next
 time; an interrupted run goes on from its checkpoints (--resume).
 
@@ -37,16 +41,22 @@ STARTS = {
     "width20": ["--method", "width", "--remove-fraction", "0.2"],
     "depth20": ["--method", "angular", "--remove-fraction", "0.2"],
     "sparse70": ["--method", "sparsegpt", "--sparsity", "0.7", "--steps", "4", "--refine", "reconstruct"],
+    # large-sparse against small-dense (the same non-zero block parameters, the same training tokens)
+    "sparse50": ["--method", "sparsegpt", "--sparsity", "0.5", "--steps", "4", "--refine", "reconstruct"],
+    "width75": ["--method", "width", "--remove-fraction", "0.75"],
 }
 RECIPES = {
     "default": [],
     "ce-full": ["--kd-weight", "0"],
     "llm-pruner": ["--mode", "lora", "--lora-rank", "8", "--lr", "1e-4", "--kd-weight", "0"],
     "perp": ["--mode", "perp"],
+    "gradual50": ["--prune-to", "0.5"],  # from the dense model: gradual magnitude during distillation
+    "gradual75": ["--prune-to", "0.75"],
 }
 # the order runs are taken in: the headline rows first
 PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "sparse70:default",
-        "width50:ce-full", "width50:llm-pruner", "width50:perp", "24:ce-full", "24:llm-pruner", "24:perp"]
+        "width50:ce-full", "width50:llm-pruner", "width50:perp", "24:ce-full", "24:llm-pruner", "24:perp",
+        "dense:gradual50", "sparse50:default", "dense:gradual75", "width75:default"]  # fmt: skip
 
 
 def dense_model() -> Path:
@@ -67,10 +77,21 @@ def done() -> dict[str, dict]:
 
 
 def start_model(name: str) -> Path:
+    if name == "dense":
+        return dense_model()
     out = WORK / f"start-{name}"
     if not (out / "secateur.json").exists():
         cli("prune", dense_model(), *STARTS[name], "--eval", "enwiki-sample", "--out", out)
     return out
+
+
+def dense_eval() -> dict:
+    cache = WORK / "dense-eval.json"
+    if not cache.exists():
+        out = subprocess.run([sys.executable, "-m", "secateur.cli", "eval", str(dense_model()), "--json"],
+                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+        cache.write_text(out)
+    return json.loads(cache.read_text())
 
 
 def run(key: str, tokens: int) -> dict:
@@ -83,7 +104,7 @@ def run(key: str, tokens: int) -> dict:
         cli("train", start, "--out", out, "--tokens", tokens, "--eval", "enwiki-sample", *RECIPES[recipe], *resume)
     wall = time.perf_counter() - clock
     manifest = json.loads((out / "secateur.json").read_text())
-    begin = json.loads((start / "secateur.json").read_text())
+    begin = json.loads((start / "secateur.json").read_text()) if start_name != "dense" else {"evaluation": dense_eval()}
     record = manifest["history"][-1]["result"]
     metrics = [json.loads(line) for line in (out / record["metrics"]).read_text().splitlines()]
     return {
