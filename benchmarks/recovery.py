@@ -52,11 +52,14 @@ RECIPES = {
     "perp": ["--mode", "perp"],
     "gradual50": ["--prune-to", "0.5"],  # from the dense model: gradual magnitude during distillation
     "gradual75": ["--prune-to", "0.75"],
+    "top64": ["--top-k", "64"],  # the default with cached top-64 teacher logits: what caching costs
+    "float32": ["--precision", "float32"],  # the default in float32: what bfloat16 autocast costs
 }
 # the order runs are taken in: the headline rows first
 PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "sparse70:default",
         "width50:ce-full", "width50:llm-pruner", "width50:perp", "24:ce-full", "24:llm-pruner", "24:perp",
-        "dense:gradual50", "sparse50:default", "dense:gradual75", "width75:default"]  # fmt: skip
+        "dense:gradual50", "sparse50:default", "dense:gradual75", "width75:default", "width50:top64",
+        "width50:float32"]  # fmt: skip
 
 
 def dense_model() -> Path:
@@ -173,21 +176,22 @@ def throughput(steps: int, top: int) -> list[dict]:
     bf16 = precision_for(config, torch.device("cpu")) == "bfloat16"
     rows = []
 
-    model = copy.deepcopy(dense).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
-    times = []
-    for step in range(steps + 1):
-        ids = windows[step * 4 : step * 4 + 4]
-        clock = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = next_token_cross_entropy(model(input_ids=ids).logits, ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - clock)
-    rows.append({"loop": "plain PyTorch (CE)", "tokens_per_s": 2048 * steps / sum(times[1:])})
-    del model, opt
+    for label, autocast in (("plain PyTorch (CE)", bf16), ("plain PyTorch (CE, float32)", False)):
+        model = copy.deepcopy(dense).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+        times = []
+        for step in range(steps + 1):
+            ids = windows[step * 4 : step * 4 + 4]
+            clock = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = next_token_cross_entropy(model(input_ids=ids).logits, ids)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - clock)
+        rows.append({"loop": label, "tokens_per_s": 2048 * steps / sum(times[1:]), "bfloat16": autocast})
+        del model, opt
 
     for label, extra in (("secateur CE", {"kd_weight": 0.0}), ("secateur KD", {}),
                          (f"secateur KD, cached top-{top}", {"top_k": top})):  # fmt: skip

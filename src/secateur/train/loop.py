@@ -150,6 +150,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     save_every = config.checkpoint_every or every
 
     adapter = adapter_for(model)
+    home = next(model.parameters()).device  # where the model goes back to (and the teacher)
     masks = weight_masks(model, adapter) if config.keep_masks or config.gradual else {}
     counts = select_trainable(model, adapter, config.mode, config.rank, config.alpha, masks, config.seed)
     pruner = _gradual(model, adapter, config, steps) if config.gradual else None
@@ -267,6 +268,9 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
             _load_trainable(model, best)
     model.eval()
     merged = merge_lora(model)
+    model.to(home)
+    if teacher is not None:
+        teacher.to(home)
     holder_after = weight_masks(model, adapter) if masks else {}
     record = {
         "mode": config.mode, **counts, "lora_merged": merged,
