@@ -227,7 +227,9 @@ def teacher_path(model_path: str | Path, earlier: dict[str, Any], options: RunOp
 
 
 def _check_training(model_path: str | Path, out: str | Path, options: RunOptions, stages: list[PlannedStage],
-                    earlier: dict[str, Any]) -> None:  # fmt: skip
+                    earlier: dict[str, Any]) -> str | None:  # fmt: skip
+    """Check what recovery stages need before anything loads; returns the teacher's path (None: the
+    input as loaded, or no teacher)."""
     trains = _trains(stages)
     distils = any(getattr(s.config, "needs_teacher", False) for s in stages)
     if options.resume and not trains:
@@ -235,20 +237,22 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
     if options.teacher is not None and not distils:
         raise ConfigError("--teacher applies to a recovery stage that distils (--kd-weight above 0)")
     if not trains:
-        return
+        return None
     work = checkpoints_for(out)
     if work.exists() and not options.resume:
         raise ConfigError(f"an interrupted run left checkpoints in {work}: pass --resume to go on from them, or "
                           "remove that directory")
     if options.resume and not work.is_dir():
         raise ConfigError(f"--resume: there is nothing to resume in {work}")
-    if distils:
-        path = teacher_path(model_path, earlier, options)
-        if path is not None:
-            teacher, student = load_config(path), load_config(model_path)
-            if teacher.vocab_size != student.vocab_size:
-                raise ConfigError(f"the teacher {path} has {teacher.vocab_size} tokens in its vocabulary and the "
-                                  f"student {student.vocab_size}: distillation needs the same vocabulary")
+    if not distils:
+        return None
+    path = teacher_path(model_path, earlier, options)
+    if path is not None:
+        teacher, student = load_config(path), load_config(model_path)
+        if teacher.vocab_size != student.vocab_size:
+            raise ConfigError(f"the teacher {path} has {teacher.vocab_size} tokens in its vocabulary and the "
+                              f"student {student.vocab_size}: distillation needs the same vocabulary")
+    return path
 
 
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
@@ -305,14 +309,10 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
     earlier = (read_manifest(model_path) if Path(model_path).is_dir() else None) or {}
     history = history_of(earlier)
     _preflight(model_path, out, options, stages, history)
-    _check_training(model_path, out, options, stages, earlier)
+    teacher_file = _check_training(model_path, out, options, stages, earlier)
     clock = time.perf_counter()
     model, tokenizer = load(model_path, dtype=options.dtype, device="cpu")
-    teacher, teacher_file = None, None
-    if any(getattr(s.config, "needs_teacher", False) for s in stages):
-        teacher_file = teacher_path(model_path, earlier, options)
-        if teacher_file is not None:
-            teacher, _ = load(teacher_file, dtype=options.dtype, device="cpu")
+    teacher = load(teacher_file, dtype=options.dtype, device="cpu")[0] if teacher_file is not None else None
     timings = {"load": time.perf_counter() - clock}
     compute = resolve_device(options.device)
     evaluation = (evaluation_data(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
