@@ -109,11 +109,21 @@ def _forget_quantizer(model: nn.Module) -> None:
         delattr(model.config, "quantization_config")
 
 
+_HASHES: dict[tuple, str] = {}  # by (path, every file's name, size and mtime): a run hashes a model once
+
+
 def content_hash(path: str | Path) -> str:
     """sha256 over a GGUF file, or over the (name, bytes) of every file of a model directory."""
-    path = Path(path)
-    digest = hashlib.sha256()
+    path = Path(path).resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stamp = (path, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _HASHES:
+        _HASHES[stamp] = _sha256(path, files)
+    return _HASHES[stamp]
+
+
+def _sha256(path: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
     for file in files:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode())
