@@ -96,6 +96,19 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    from secateur.export import TYPES
+
+    p = sub.add_parser("export", help="write a model as one GGUF file for llama.cpp / ollama / LM Studio")
+    p.add_argument("model", help="HF model directory or secateur output (never modified)")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the file to write (atomically)")
+    p.add_argument("--type", default="f16", choices=list(TYPES),
+                   help="weight type of 2-D tensors (default f16; norms and biases stay f32)")
+    p.add_argument("--tokenizer-pre", help="llama.cpp's pre-tokenizer name, for a tokenizer secateur does not "
+                                           "recognise (default: copied from the source GGUF or recognised)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags end like every other bad input: one line, exit code 2."""
 
@@ -107,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="secateur", description="Prune Hugging Face causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prune_parser, _train_parser, _eval_parser, _info_parser, _bench_parser):
+    for add in (_prune_parser, _train_parser, _eval_parser, _info_parser, _bench_parser, _export_parser):
         add(sub)
     return parser
 
@@ -276,6 +289,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from secateur.export import export_gguf
+
+    record = export_gguf(args.model, args.gguf, kind=args.type, overwrite=args.overwrite,
+                         tokenizer_pre=args.tokenizer_pre)  # fmt: skip
+    layout = "per-layer widths" if record["arch"] == "deci" else "uniform widths"
+    print(f"-> {args.gguf}: {record['arch']} ({layout}), {record['type']}, {record['bytes'] / 2**20:.1f} MiB; "
+          f"tokenizer {record['tokenizer']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -284,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()
-    handler = {"prune": cmd_prune, "train": cmd_prune, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}[args.command]
+    handler = {"prune": cmd_prune, "train": cmd_prune, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
+               "export": cmd_export}[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:

@@ -85,14 +85,33 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
 
     path = Path(path)
     directory, gguf = split_model_path(path)
-    adapter_for(load_config(path))  # unsupported architectures fail fast, naming the supported ones
+    config = load_config(path)
+    adapter_for(config)  # unsupported architectures fail fast, naming the supported ones
     kwargs = {"gguf_file": gguf} if gguf else {}
-    extra = {"quantization_config": _dequantize_gguf(gguf)} if gguf else {}
+    extra = {"quantization_config": _dequantize_gguf(gguf), "config": _complete_gguf_config(path, config)} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=resolve_dtype(dtype), **kwargs, **extra)
     if gguf:
         _forget_quantizer(model)
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def _complete_gguf_config(path: Path, config):
+    """What transformers' GGUF reader leaves out of the config: the explicit head size (which
+    pruned heads need, and which it reads for no Qwen) and the biases a Llama file holds (bias
+    compensation adds them; without the flags the stock model has nowhere to load them)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    key_length = reader.fields.get(f"{arch}.attention.key_length")
+    if key_length is not None:
+        config.head_dim = int(key_length.contents())
+    names = [t.name for t in reader.tensors]
+    if config.model_type == "llama":
+        config.attention_bias = any(n.endswith(".attn_output.bias") or n.endswith(".attn_q.bias") for n in names)
+        config.mlp_bias = any(n.endswith(".ffn_down.bias") for n in names)
+    return config
 
 
 def _dequantize_gguf(gguf_file: str):

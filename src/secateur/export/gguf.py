@@ -1,0 +1,240 @@
+"""GGUF export for llama.cpp, ollama and LM Studio, written with the `gguf` library.
+
+A model whose blocks all have the same widths is written as its family's own llama.cpp
+architecture (`llama`, `qwen2`, `qwen3`), with an explicit head size and the biases bias
+compensation added. A model whose blocks differ (adaptive widths, attention or MLP branches removed
+from some blocks) is written as llama.cpp's `deci` architecture (DeciLM / Nemotron-NAS): per-layer
+arrays of query heads, key/value heads and feed-forward widths, 0 heads for an attention-free block.
+What neither can express is refused before anything is written.
+
+The `llama` and `deci` graphs apply rotary embeddings to interleaved pairs, HF's Llama code to the
+two halves of each head: query and key rows are reordered per head (as llama.cpp's own converter
+does); `qwen2` / `qwen3` use the halves convention and take the rows as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from secateur.errors import SecateurError
+
+if TYPE_CHECKING:
+    from secateur.export.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+MANIFEST_KEY = "secateur.manifest"  # the output's secateur.json, as a JSON string
+BLOCK = 32  # values per block of GGML's 8-bit type: a quantized row's length must be a multiple of it
+
+
+class ExportError(SecateurError):
+    """The model cannot be written as GGUF as asked."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a model family is written: llama.cpp's architecture for uniform widths, whether query /
+    key rows are reordered for interleaved rotary pairs, and whether per-layer widths may be written
+    as `deci` (a Llama-shaped block: no q/k norms, SwiGLU, RMSNorm)."""
+
+    arch: str
+    interleaved_rope: bool
+    per_layer: bool
+
+
+FAMILIES = {
+    "llama": Family("llama", interleaved_rope=True, per_layer=True),
+    "mistral": Family("llama", interleaved_rope=True, per_layer=True),
+    "qwen2": Family("qwen2", interleaved_rope=False, per_layer=True),
+    "qwen3": Family("qwen3", interleaved_rope=False, per_layer=False),  # q/k norms: deci has none
+}
+PER_LAYER_ARCH = "deci"
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    tensor: str  # GGMLQuantizationType name for 2-D weights
+    file_type: str  # LlamaFileType name, written as general.file_type
+
+
+TYPES = {
+    "f32": GGUFType("F32", "ALL_F32"),
+    "f16": GGUFType("F16", "MOSTLY_F16"),
+    "bf16": GGUFType("BF16", "MOSTLY_BF16"),
+    "q8_0": GGUFType("Q8_0", "MOSTLY_Q8_0"),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the exported file says about the model: its llama.cpp architecture and the per-layer
+    query heads, key/value heads and MLP widths (0: the branch is absent)."""
+
+    arch: str
+    heads: list[int]
+    kv_heads: list[int]
+    channels: list[int]
+    head_dim: int
+
+    @property
+    def uniform(self) -> bool:
+        return self.arch != PER_LAYER_ARCH
+
+
+# --- what the file can express --------------------------------------------------------------------
+
+
+def family_of(model: nn.Module) -> Family:
+    model_type = model.config.model_type
+    if model_type not in FAMILIES:
+        raise ExportError(f"GGUF export supports the {', '.join(sorted(FAMILIES))} families; {model_type} models "
+                          "cannot be exported yet (save the HF directory and use another engine)")
+    return FAMILIES[model_type]
+
+
+def _rope_theta(config) -> float:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ExportError(f"rotary scaling {kind!r} is not exported yet; only unscaled rotary embeddings are")
+    return float(parameters.get("rope_theta") or getattr(config, "rope_theta", 10000.0))
+
+
+def model_shape(model: nn.Module) -> Shape:
+    """The file layout for `model`; raises ExportError for what no layout expresses."""
+    from secateur.models import adapter_for
+    from secateur.width.structure import head_dim, layer_width
+
+    family, adapter = family_of(model), adapter_for(model)
+    size = head_dim(model.config)
+    widths = [layer_width(block, adapter.width, size) for block in adapter.block_list(model)]
+    heads = [w.attention_heads or 0 for w in widths]
+    kv_heads = [w.key_value_heads or 0 for w in widths]
+    channels = [w.channels or 0 for w in widths]
+    uniform = len(set(heads)) == len(set(kv_heads)) == len(set(channels)) == 1 and heads[0] > 0 and channels[0] > 0
+    if not uniform and not family.per_layer:
+        raise ExportError(f"blocks differ in width or lack a branch, which llama.cpp reads only for Llama-shaped "
+                          f"models (its deci architecture); {model.config.model_type} blocks have q/k norms it "
+                          "cannot hold: prune with uniform widths and whole blocks to export")
+    if not uniform and getattr(model.config, "mlp_bias", False):
+        raise ExportError("per-layer widths with MLP biases cannot be exported: llama.cpp's deci architecture "
+                          "reads no MLP biases; prune with uniform widths or without --bias-compensation")
+    _rope_theta(model.config)
+    return Shape(family.arch if uniform else PER_LAYER_ARCH, heads, kv_heads, channels, size)
+
+
+# --- tensors --------------------------------------------------------------------------------------
+
+
+def interleave_rope_rows(weight: Tensor, heads: int) -> Tensor:
+    """Reorder each head's rows from HF's halves layout (x1 = rows [0, d/2), x2 = [d/2, d)) to
+    GGML's interleaved pairs (row 2i = x1[i], row 2i + 1 = x2[i]); a weight (rows, in) or a bias."""
+    rows = weight.shape[0]
+    half = rows // heads // 2
+    return weight.reshape(heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+
+def named_tensors(model: nn.Module, shape: Shape) -> Iterator[tuple[str, Tensor]]:
+    """(GGUF tensor name, float32 tensor) for every parameter; query / key rows reordered where the
+    architecture rotates interleaved pairs."""
+    import gguf
+
+    family = family_of(model)
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == shape.arch)
+    names = gguf.get_tensor_name_map(arch, len(shape.heads))
+    interleave = family.interleaved_rope or shape.arch == PER_LAYER_ARCH
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ExportError(f"no GGUF name for {hf_name}; this model holds tensors llama.cpp does not read")
+        tensor = tensor.detach().float().cpu()
+        if interleave and (".attn_q." in name or ".attn_k." in name):
+            block = int(name.split(".")[1])
+            heads = shape.heads[block] if ".attn_q." in name else shape.kv_heads[block]
+            tensor = interleave_rope_rows(tensor, heads)
+        yield name, tensor
+
+
+def encode(name: str, tensor: Tensor, kind: str) -> tuple[np.ndarray, Any]:
+    """The tensor's bytes in the requested type: 1-D tensors (norms, biases) stay float32, as
+    llama.cpp's converter keeps them; 2-D rows whose length is no multiple of 32 fall back to f16."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[TYPES[kind].tensor]
+    data = tensor.numpy()
+    if data.ndim == 1:
+        qtype = gguf.GGMLQuantizationType.F32
+    elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % BLOCK:
+        log.info("%s: rows of %d values cannot be 8-bit blocks; written as f16", name, data.shape[-1])
+        qtype = gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+# --- metadata -------------------------------------------------------------------------------------
+
+
+def write_hparams(writer, model: nn.Module, shape: Shape, kind: str) -> None:
+    import gguf
+
+    config = model.config
+    per_layer = not shape.uniform
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(len(shape.heads))
+    writer.add_feed_forward_length(shape.channels if per_layer else shape.channels[0])
+    writer.add_head_count(shape.heads if per_layer else shape.heads[0])
+    writer.add_head_count_kv(shape.kv_heads if per_layer else shape.kv_heads[0])
+    writer.add_key_length(shape.head_dim)
+    writer.add_value_length(shape.head_dim)
+    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(int(gguf.LlamaFileType[TYPES[kind].file_type]))
+
+
+def write_gguf(model: nn.Module, tokenizer: Any, out: Path, kind: str, manifest: dict[str, Any] | None,
+               vocabulary: "Vocabulary", name: str) -> Shape:
+    """Write `model` to `out` (a finished file appears only by rename); returns the layout used."""
+    import gguf
+
+    if kind not in TYPES:
+        raise ExportError(f"--type must be one of {', '.join(TYPES)}, got {kind!r}")
+    shape = model_shape(model)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    writer = gguf.GGUFWriter(staging, shape.arch)
+    try:
+        writer.add_name(name)
+        write_hparams(writer, model, shape, kind)
+        vocabulary.write(writer)
+        if manifest is not None:
+            writer.add_string(MANIFEST_KEY, json.dumps(manifest, default=str))
+        for tensor_name, tensor in named_tensors(model, shape):
+            data, qtype = encode(tensor_name, tensor, kind)
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        staging.rename(out)
+    except BaseException:
+        writer.close()
+        staging.unlink(missing_ok=True)
+        raise
+    return shape
+

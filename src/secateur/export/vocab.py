@@ -1,0 +1,149 @@
+"""The tokenizer of an exported GGUF: copied from the GGUF the model came from, or built from the
+HF tokenizer.
+
+When the model traces back (through its manifests) to a GGUF file whose vocabulary is this
+tokenizer's, its `tokenizer.*` metadata is copied as is: the pre-tokenizer name, token types, merges,
+special ids and chat template the original file's authors chose. Otherwise a byte-level BPE
+(GPT-2 style) tokenizer is written from `tokenizer.json`; llama.cpp needs the name of its
+pre-tokenizer, recognised from the tokenizer's structure for the layouts below or given by the user.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from secateur.export.gguf import ExportError
+
+TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}  # gguf.TokenType values
+
+# llama.cpp's pre-tokenizer for a `tokenizer.json` pre_tokenizer section (its structure, as JSON)
+PRE_TOKENIZERS = {
+    json.dumps({"type": "ByteLevel", "use_regex": True}): "gpt-2",
+    json.dumps({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                      {"type": "ByteLevel", "use_regex": True}]}): "smollm",
+}
+
+
+def _structure(node: Any) -> Any:
+    """The parts of a pre_tokenizer that decide how text splits (types, regex use, digit splitting)."""
+    if isinstance(node, dict):
+        keep = ("type", "use_regex", "individual_digits", "pretokenizers")
+        return {k: _structure(v) for k, v in node.items() if k in keep}
+    if isinstance(node, list):
+        return [_structure(v) for v in node]
+    return node
+
+
+@dataclass
+class Vocabulary:
+    """tokenizer.* metadata to write: (key, value, GGUFValueType, item type for arrays)."""
+
+    fields: list[tuple[str, Any, Any, Any]] = field(default_factory=list)
+    origin: str = ""
+
+    def write(self, writer) -> None:
+        for key, value, vtype, sub_type in self.fields:
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
+
+
+def from_gguf(path: Path, tokens: list[str]) -> Vocabulary | None:
+    """The tokenizer metadata of GGUF `path`, if its token list is `tokens`; else None."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    listed = reader.fields.get("tokenizer.ggml.tokens")
+    if listed is None or list(listed.contents()) != tokens:
+        return None
+    fields = []
+    for key, item in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = item.types[-1] if item.types[0] == gguf.GGUFValueType.ARRAY else None
+            fields.append((key, item.contents(), item.types[0], sub_type))
+    return Vocabulary(fields, origin=f"copied from {path}")
+
+
+def source_ggufs(manifest: dict[str, Any] | None, limit: int = 8) -> list[Path]:
+    """GGUF files the model came from, following each manifest's source (nearest first)."""
+    from secateur.io import read_manifest
+
+    found: list[Path] = []
+    while manifest and limit > 0:
+        limit -= 1
+        source = (manifest.get("source") or {}).get("path") or manifest.get("converted_from")
+        if not isinstance(source, str) or not Path(source).exists():
+            break
+        path = Path(source)
+        if path.is_file():
+            found.append(path)
+            break
+        manifest = read_manifest(path)
+    return found
+
+
+def token_list(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id and their llama.cpp types; ids the tokenizer does not use are padding."""
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has ids up to {max(by_id)} but the model only {vocab_size} embeddings")
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TOKEN_TYPES["unused"])
+            continue
+        tokens.append(by_id[i])
+        token = added.get(i)
+        kind = "normal" if token is None else "control" if token.special else "user_defined"
+        types.append(TOKEN_TYPES[kind])
+    return tokens, types
+
+
+def from_tokenizer(tokenizer: Any, directory: Path, vocab_size: int, pre: str | None) -> Vocabulary:
+    """A byte-level BPE vocabulary from a HF tokenizer saved in `directory`."""
+    import gguf
+
+    file = directory / "tokenizer.json"
+    data = json.loads(file.read_text()) if file.is_file() else {}
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ExportError(f"{directory}: only byte-level BPE tokenizers (GPT-2 style tokenizer.json) are written to "
+                          "GGUF; this one is not, and the model comes from no GGUF whose vocabulary could be copied")
+    if pre is None:
+        pre = PRE_TOKENIZERS.get(json.dumps(_structure(data.get("pre_tokenizer"))))
+        if pre is None:
+            raise ExportError("the tokenizer's pre-tokenizer is not one secateur recognises; pass --tokenizer-pre "
+                              "with llama.cpp's name for it (for example llama-bpe, qwen2, gpt-2)")
+    tokens, types = token_list(tokenizer, vocab_size)
+    special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise ExportError(f"{file} holds no merges; a BPE vocabulary without them cannot tokenize")
+    V = gguf.GGUFValueType
+    fields = [("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", pre, V.STRING, None),
+              ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+              ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+              ("tokenizer.ggml.merges", special.merges, V.ARRAY, V.STRING)]  # fmt: skip
+    for kind, token_id in special.special_token_ids.items():
+        key = "padding" if kind == "pad" else "unknown" if kind == "unk" else kind
+        fields.append((f"tokenizer.ggml.{key}_token_id", int(token_id), V.UINT32, None))
+    for kind, value in special.add_special_token.items():
+        fields.append((f"tokenizer.ggml.add_{kind}_token", bool(value), V.BOOL, None))
+    if special.chat_template:
+        fields.append(("tokenizer.chat_template", special.chat_template, V.STRING, None))
+    return Vocabulary(fields, origin=f"built from {file} (pre-tokenizer {pre})")
+
+
+def vocabulary(tokenizer: Any, directory: Path, vocab_size: int, manifest: dict[str, Any] | None,
+               pre: str | None) -> Vocabulary:
+    """The source GGUF's tokenizer when it is this one (unless a pre-tokenizer is forced), else one
+    built from the HF tokenizer."""
+    if pre is None:
+        tokens, _ = token_list(tokenizer, vocab_size)
+        for path in source_ggufs(manifest):
+            found = from_gguf(path, tokens)
+            if found is not None:
+                return found
+    return from_tokenizer(tokenizer, directory, vocab_size, pre)

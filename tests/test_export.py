@@ -1,0 +1,226 @@
+"""GGUF export: round trips through transformers' GGUF loader, per-layer arrays, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, tiny_model, tiny_text
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from secateur.cli import main
+from secateur.depth.structure import remove_blocks, remove_sublayers
+from secateur.export import MANIFEST_KEY, ExportError, export_gguf, model_shape
+from secateur.export.gguf import interleave_rope_rows
+from secateur.io import load_model, save
+from secateur.models import adapter_for
+from secateur.pipeline import structure_of
+from secateur.width import WidthConfig, width_prune
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style) of fewer than VOCAB tokens, trained on the tiny text."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    backend.train_from_iterator([tiny_text(2000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def ids(n: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def calibration() -> torch.Tensor:
+    return torch.randint(4, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def saved(model, tmp_path, name="model"):
+    out = tmp_path / name
+    save(model, bpe_tokenizer(), out, {"note": "test", "structure": structure_of(model)})
+    return out
+
+
+def round_trip(model, tmp_path, kind="f32"):
+    out = saved(model, tmp_path)
+    record = export_gguf(out, tmp_path / "model.gguf", kind=kind)
+    loaded, _ = load_model(tmp_path / "model.gguf")
+    with torch.no_grad():
+        return record, model(ids()).logits, loaded(ids()).logits
+
+
+# --- the math ---------------------------------------------------------------------------------------
+
+
+def test_interleave_rope_rows_by_hand():
+    # one head of size 4: HF rotates (x0, x2) and (x1, x3); GGML pairs adjacent rows
+    w = torch.arange(8.0).reshape(4, 2)  # rows r0 r1 r2 r3
+    assert interleave_rope_rows(w, heads=1).tolist() == [[0, 1], [4, 5], [2, 3], [6, 7]]  # r0 r2 r1 r3
+    two = torch.arange(8.0)  # two heads of size 4 (a bias): each head on its own
+    assert interleave_rope_rows(two, heads=2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+# --- round trips -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_round_trip_is_exact_in_f32(family, tmp_path):
+    record, expected, got = round_trip(tiny_model(family), tmp_path)
+    assert record["arch"] == {"mistral": "llama"}.get(family, family)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_width_pruned_round_trip_with_head_size_and_biases(family, tmp_path):
+    model = tiny_model(family)
+    compensate = family == "llama"  # the only one of these whose config can announce the biases
+    report = width_prune(model, WidthConfig(0.5, "activation", "uniform", "kv-groups", bias_compensation=compensate),
+                         calibration())  # fmt: skip
+    assert report.uniform and model.config.num_key_value_heads == 1
+    _, expected, got = round_trip(model, tmp_path)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_removed_blocks_and_hidden_slicing_round_trip(tmp_path):
+    model = tiny_model("llama")
+    width_prune(model, WidthConfig(0.3, "magnitude", "uniform", "none", hidden_fraction=0.25), calibration())
+    remove_blocks(model, adapter_for(model), [0])
+    assert model.config.hidden_size == 48 and model.config.num_hidden_layers == 1
+    _, expected, got = round_trip(model, tmp_path)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,tolerance", [("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 1e-1)])
+def test_reduced_types_stay_close(kind, tolerance, tmp_path):
+    record, expected, got = round_trip(tiny_model("llama"), tmp_path, kind)
+    assert (got - expected).abs().max() < tolerance * expected.abs().max()
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == kind.upper() and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_q8_0_falls_back_to_f16_for_rows_no_block_divides(tmp_path):
+    model = tiny_model("llama")
+    width_prune(model, WidthConfig(0.3, "magnitude", "uniform", "none"), calibration())
+    channels = model.config.intermediate_size
+    assert channels % 32  # the down projection's rows cannot be 8-bit blocks
+    round_trip(model, tmp_path, "q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"
+
+
+# --- per-layer layouts -----------------------------------------------------------------------------
+
+
+def test_adaptive_widths_and_removed_branches_become_deci_arrays(tmp_path):
+    model = tiny_model("llama")
+    width_prune(model, WidthConfig(0.4, "taylor", "adaptive", "queries", bias_compensation=False), calibration())
+    remove_sublayers(model, adapter_for(model), [(1, "attention")])
+    shape = model_shape(model)
+    assert shape.arch == "deci"
+    out = saved(model, tmp_path)
+    export_gguf(out, tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    blocks = adapter_for(model).block_list(model)
+    assert field("general.architecture") == "deci"
+    assert field("deci.attention.head_count") == [blocks[0].self_attn.q_proj.out_features // 16, 0]
+    assert field("deci.attention.head_count_kv") == [blocks[0].self_attn.k_proj.out_features // 16, 0]
+    assert field("deci.feed_forward_length") == [b.mlp.down_proj.in_features for b in blocks]
+    assert field("deci.attention.key_length") == 16
+    shapes = {t.name: list(reversed(t.shape.tolist())) for t in reader.tensors}
+    assert "blk.1.attn_q.weight" not in shapes and "blk.1.attn_norm.weight" not in shapes
+    assert shapes["blk.1.ffn_down.weight"] == list(blocks[1].mlp.down_proj.weight.shape)
+    manifest = json.loads(field(MANIFEST_KEY))
+    assert manifest["note"] == "test" and manifest["export"]["arch"] == "deci"
+
+
+def test_the_deci_rows_are_interleaved_per_layer(tmp_path):
+    model = tiny_model("llama")
+    width_prune(model, WidthConfig(0.4, "taylor", "adaptive", "queries", bias_compensation=False), calibration())
+    export_gguf(saved(model, tmp_path), tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    for index, block in enumerate(adapter_for(model).block_list(model)):
+        q = block.self_attn.q_proj.weight.detach()
+        stored = next(t for t in reader.tensors if t.name == f"blk.{index}.attn_q.weight")
+        data = np.asarray(gguf.dequantize(stored.data, stored.tensor_type)).reshape(q.shape)
+        torch.testing.assert_close(torch.from_numpy(data.astype(np.float32)),
+                                   interleave_rope_rows(q, q.shape[0] // 16), atol=1e-3, rtol=1e-3)  # f16
+
+
+# --- vocabulary ------------------------------------------------------------------------------------
+
+
+def test_vocabulary_is_written_with_types_merges_and_padding(tmp_path):
+    tokenizer = bpe_tokenizer()
+    export_gguf(saved(tiny_model("llama"), tmp_path), tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == VOCAB and reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert tokens[: len(tokenizer)] == [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))]
+    assert types[:3] == [3, 3, 3] and types[3] == 1 and tokens[-1] == f"[PAD{VOCAB - 1}]" and types[-1] == 5
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == 2
+    assert len(reader.fields["tokenizer.ggml.merges"].contents()) > 0
+
+
+def test_an_unrecognised_pre_tokenizer_is_refused_unless_named(tmp_path):
+    tokenizer = bpe_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    out = tmp_path / "model"
+    save(tiny_model("llama"), tokenizer, out, {})
+    with pytest.raises(ExportError, match="--tokenizer-pre"):
+        export_gguf(out, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+    export_gguf(out, tmp_path / "a.gguf", tokenizer_pre="llama-bpe")
+    assert gguf.GGUFReader(tmp_path / "a.gguf").fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "gpt2", "gpt_neox", "opt"])
+def test_families_without_an_exporter_are_refused(family, tmp_path):
+    with pytest.raises(ExportError, match="cannot be exported yet"):
+        model_shape(tiny_model(family))
+
+
+def test_per_layer_widths_of_qwen3_are_refused_with_the_reason(tmp_path):
+    model = tiny_model("qwen3")
+    width_prune(model, WidthConfig(0.4, "taylor", "adaptive", "queries"), calibration())
+    with pytest.raises(ExportError, match="q/k norms"):
+        model_shape(model)
+
+
+def test_per_layer_widths_with_mlp_biases_are_refused(tmp_path):
+    model = tiny_model("llama")
+    width_prune(model, WidthConfig(0.4, "taylor", "adaptive", "queries", bias_compensation=True), calibration())
+    with pytest.raises(ExportError, match="MLP biases"):
+        model_shape(model)
+
+
+def test_cli_refuses_before_writing_and_never_overwrites(tmp_path, capsys):
+    out = saved(tiny_model("llama"), tmp_path)
+    target = tmp_path / "m.gguf"
+    assert main(["export", str(out), "--gguf", str(tmp_path / "m.bin")]) == 2
+    assert "must end in .gguf" in capsys.readouterr().err
+    assert main(["export", str(out), "--gguf", str(target), "--type", "f32"]) == 0
+    assert "llama (uniform widths), f32" in capsys.readouterr().out
+    before = target.read_bytes()
+    assert main(["export", str(out), "--gguf", str(target)]) == 2
+    assert "already exists" in capsys.readouterr().err and target.read_bytes() == before
+    assert main(["export", str(out), "--gguf", str(target), "--overwrite"]) == 0  # f16 now
+    assert len(target.read_bytes()) < len(before)
+    assert not list(tmp_path.glob(".m.gguf.partial-*"))
+    gemma = tmp_path / "gemma"
+    save(tiny_model("gemma3_text"), bpe_tokenizer(), gemma, {})
+    assert main(["export", str(gemma), "--gguf", str(tmp_path / "g.gguf")]) == 2
+    assert "cannot be exported yet" in capsys.readouterr().err and not (tmp_path / "g.gguf").exists()
