@@ -56,3 +56,68 @@ def test_bench_pools_rounds_per_model(model_dir):
 def test_bench_refuses_zero_rounds(model_dir, capsys):
     assert main(["bench", str(model_dir("llama")), "--rounds", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+# --- the llama.cpp engine (a stand-in llama-bench: tests never need llama.cpp) ----------------------
+
+FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
+import json, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+p, n, r = int(args["-p"]), int(args["-n"]), int(args["-r"])
+print(json.dumps([{"n_prompt": p, "n_gen": 0, "avg_ts": 1000.0, "samples_ts": [1000.0, 800.0, 1250.0][:r]},
+                  {"n_prompt": 0, "n_gen": n, "avg_ts": 40.0, "samples_ts": [40.0, 50.0, 30.0][:r]}]))
+"""
+
+
+def _fake_llamacpp(tmp_path):
+    binary = tmp_path / "bin" / "llama-bench"
+    binary.parent.mkdir()
+    binary.write_text(FAKE_LLAMA_BENCH)
+    binary.chmod(0o755)
+    return binary.parent
+
+
+def _gguf(tmp_path, model_dir):
+    from secateur.export import export_gguf
+    from test_export import bpe_tokenizer
+
+    from secateur.io import load, save
+
+    model, _ = load(model_dir("llama"))
+    save(model, bpe_tokenizer(), tmp_path / "m", {})
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", kind="f32")
+    return tmp_path / "m.gguf", sum(p.numel() for p in model.parameters())
+
+
+def test_llamacpp_engine_reads_llama_bench_per_repetition(tmp_path, model_dir, capsys):
+    from secateur.bench import measure_llamacpp
+
+    bin_dir = _fake_llamacpp(tmp_path)
+    path, parameters = _gguf(tmp_path, model_dir)
+    result = measure_llamacpp(path, binary=bin_dir / "llama-bench", prompt=512, new_tokens=128, repeats=3, threads=2)
+    assert result.prefill_runs == [512 / 1000.0, 512 / 800.0, 512 / 1250.0]
+    assert result.prefill_seconds == 512 / 1000.0 and result.decode_tokens_per_second == 40.0
+    assert result.parameters == parameters  # the tied LM head counted once, as in the HF model
+    assert result.peak_memory_bytes > 1e6  # the child's own peak (a Python process)
+    assert main(["bench", str(path), str(path), "--engine", "llama.cpp", "--llama-cpp", str(bin_dir),
+                 "--rounds", "2", "--repeats", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "llama.cpp" in out and "| 40.0 | 1.00 | 1.00 |" in out
+
+
+def test_llamacpp_engine_refusals(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("SECATEUR_LLAMA_CPP", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    bin_dir = _fake_llamacpp(tmp_path)
+    path, _ = _gguf(tmp_path, model_dir)
+    assert main(["bench", str(path), "--engine", "llama.cpp"]) == 2
+    assert "llama-bench not found on PATH" in capsys.readouterr().err
+    assert main(["bench", str(model_dir("llama")), "--engine", "llama.cpp", "--llama-cpp", str(bin_dir)]) == 2
+    assert "secateur export" in capsys.readouterr().err
+    assert main(["bench", str(path), "--engine", "llama.cpp", "--llama-cpp", str(bin_dir), "--dtype", "float16"]) == 2
+    assert "do not apply" in capsys.readouterr().err
+    assert main(["bench", str(model_dir("llama")), "--threads", "2"]) == 2
+    assert "apply only to --engine llama.cpp" in capsys.readouterr().err
+    monkeypatch.undo()  # PATH back (the stand-in needs python3 on it)
+    monkeypatch.setenv("SECATEUR_LLAMA_CPP", str(bin_dir))
+    assert main(["bench", str(path), "--engine", "llama.cpp", "--rounds", "1", "--repeats", "1"]) == 0

@@ -146,6 +146,61 @@ def measure_isolated(path: str | Path, **kwargs: Any) -> SpeedResult:
     return SpeedResult(**payload)
 
 
+# --- llama.cpp ----------------------------------------------------------------------------------------
+
+LLAMA_CPP_ENV = "SECATEUR_LLAMA_CPP"  # a directory holding llama.cpp's binaries (llama-bench)
+
+
+def llama_bench_binary(directory: str | Path | None) -> Path:
+    """llama-bench from `directory`, else from $SECATEUR_LLAMA_CPP, else from PATH."""
+    import os
+    import shutil
+
+    where = directory or os.environ.get(LLAMA_CPP_ENV)
+    found = Path(where) / "llama-bench" if where else (Path(p) if (p := shutil.which("llama-bench")) else None)
+    if found is None or not found.is_file():
+        raise ConfigError(f"llama-bench not found {'in ' + str(where) if where else 'on PATH'}; pass --llama-cpp DIR "
+                          f"or set {LLAMA_CPP_ENV} to the directory of llama.cpp's binaries")
+    return found
+
+
+def gguf_parameters(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+
+
+def measure_llamacpp(path: str | Path, *, binary: Path, prompt: int = 512, new_tokens: int = 128, repeats: int = 5,
+                     threads: int | None = None) -> SpeedResult:
+    """`llama-bench` on one GGUF file in a fresh process: prefill and decode per repetition (it warms up
+    first), and that process's peak resident memory."""
+    import os
+    import subprocess
+    import tempfile
+
+    path = Path(path)
+    threads = threads or torch.get_num_threads()
+    with tempfile.TemporaryFile() as out:
+        process = subprocess.Popen([str(binary), "-m", str(path), "-p", str(prompt), "-n", str(new_tokens),
+                                    "-r", str(repeats), "-t", str(threads), "-o", "json"],
+                                   stdout=out, stderr=subprocess.DEVNULL)  # fmt: skip
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            raise ConfigError(f"llama-bench failed on {path} (exit {process.returncode}); is it a GGUF file llama.cpp reads?")
+        out.seek(0)
+        rows = json.loads(out.read())
+    prefill = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
+    decode = next(r for r in rows if r["n_gen"] == new_tokens and r["n_prompt"] == 0)
+    prefill_runs = [prompt / ts for ts in prefill["samples_ts"]]
+    return SpeedResult(model=str(path), device="cpu (llama.cpp)", threads=threads, parameters=gguf_parameters(path),
+                       file_bytes=file_bytes(path), prompt=prompt, new_tokens=new_tokens,
+                       prefill_seconds=statistics.median(prefill_runs),
+                       decode_tokens_per_second=statistics.median(decode["samples_ts"]),
+                       peak_memory_bytes=usage.ru_maxrss * 1024, repeats=repeats, prefill_runs=prefill_runs,
+                       decode_runs=list(decode["samples_ts"]))  # fmt: skip
+
+
 def pooled(rounds: list[SpeedResult]) -> SpeedResult:
     """One model's rounds as one result: medians over all runs, the largest peak memory."""
     prefill = [t for r in rounds for t in r.prefill_runs]
@@ -156,17 +211,17 @@ def pooled(rounds: list[SpeedResult]) -> SpeedResult:
 
 
 def bench(paths: list[str | Path], *, rounds: int = 3, progress: Callable[[int, int, SpeedResult], None] | None = None,
-          **kwargs: Any) -> list[SpeedResult]:
-    """`measure_isolated` for every model, the models in turn, `rounds` times; pooled per model.
-
-    `progress(round, model index, result)` is called after each measurement.
+          measure_one: Callable[..., SpeedResult] = measure_isolated, **kwargs: Any) -> list[SpeedResult]:
+    """`measure_one` (default: the HF engine in a fresh process) for every model, the models in turn,
+    `rounds` times; pooled per model. `progress(round, model index, result)` is called after each
+    measurement.
     """
     if rounds < 1 or kwargs.get("repeats", 1) < 1:
         raise ConfigError(f"--rounds and --repeats must be at least 1, got {rounds} and {kwargs.get('repeats')}")
     measured: list[list[SpeedResult]] = [[] for _ in paths]
     for round_ in range(rounds):
         for index, (runs, path) in enumerate(zip(measured, paths)):
-            runs.append(measure_isolated(path, **kwargs))
+            runs.append(measure_one(path, **kwargs))
             if progress:
                 progress(round_, index, runs[-1])
     return [pooled(runs) for runs in measured]

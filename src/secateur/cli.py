@@ -85,14 +85,18 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="parameters, file size, prefill latency, decode tokens/s, peak memory")
     p.add_argument("models", nargs="+", help="model directories or .gguf files; ratios are against the first")
-    p.add_argument("--device", default="auto", help="auto (default: cuda when present), cpu or cuda[:N]")
+    p.add_argument("--engine", default="hf", choices=["hf", "llama.cpp"],
+                   help="hf (default: transformers, secateur.load) or llama.cpp (llama-bench on .gguf files)")
+    p.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp's binaries (default: $SECATEUR_LLAMA_CPP, then PATH)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: torch's thread count)")
+    p.add_argument("--device", default=None, help="hf: auto (default: cuda when present), cpu or cuda[:N]")
     p.add_argument("--prompt", type=int, default=512, help="prefill tokens (default 512)")
     p.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model and round (default 3)")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds over all models, each model in a fresh process per round, so machine drift falls on "
                         "every model alike; medians over all runs, speedups are medians of per-round ratios (default 3)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="hf: (default float32)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -275,17 +279,33 @@ def _print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from secateur.bench import BENCH_PROTOCOL, bench, table, to_json
-    device = str(resolve_device(args.device))
+    from secateur.bench import BENCH_PROTOCOL, bench, llama_bench_binary, measure_llamacpp, table, to_json
+    from secateur.config import ConfigError
+
     for path in args.models:
         split_model_path(Path(path))  # a missing or non-model path fails before any timing
-    results = bench(args.models, rounds=args.rounds, device=device, prompt=args.prompt, new_tokens=args.new_tokens,
-                    repeats=args.repeats, dtype=args.dtype)  # fmt: skip
+    common = dict(rounds=args.rounds, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
+    if args.engine == "llama.cpp":
+        wrong = [f for f, v in (("--device", args.device), ("--dtype", args.dtype)) if v is not None]
+        if wrong:
+            raise ConfigError(f"{', '.join(wrong)} do not apply to --engine llama.cpp (it runs the GGUF's own types on the CPU)")
+        if not all(str(p).lower().endswith(".gguf") for p in args.models):
+            raise ConfigError("--engine llama.cpp times .gguf files; write them first with secateur export MODEL --gguf OUT.gguf")
+        binary = llama_bench_binary(args.llama_cpp)
+        results = bench(args.models, measure_one=measure_llamacpp, binary=binary, threads=args.threads, **common)
+        where = f"llama.cpp ({binary}), {results[0].threads} threads"
+    else:
+        wrong = [f for f, v in (("--llama-cpp", args.llama_cpp), ("--threads", args.threads)) if v is not None]
+        if wrong:
+            raise ConfigError(f"{', '.join(wrong)} apply only to --engine llama.cpp")
+        device = str(resolve_device(args.device or "auto"))
+        results = bench(args.models, device=device, dtype=args.dtype or "float32", **common)
+        where = f"device {device}, {results[0].threads} threads; {BENCH_PROTOCOL}"
     if args.json:
         print(to_json(results))
     else:
         print(table(results))
-        print(f"device {device}, {results[0].threads} threads; {BENCH_PROTOCOL}")
+        print(where)
     return 0
 
 

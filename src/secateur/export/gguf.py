@@ -205,6 +205,7 @@ def write_hparams(writer, model: nn.Module, shape: Shape, kind: str) -> None:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(int(gguf.LlamaFileType[TYPES[kind].file_type]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def write_gguf(model: nn.Module, tokenizer: Any, out: Path, kind: str, manifest: dict[str, Any] | None,
