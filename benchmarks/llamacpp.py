@@ -2,13 +2,15 @@
 llama.cpp (built from the llama-cpp-python sdist, see llamacpp_build.py), CPU, 2 threads.
 
 Models: dense, width 20% / 50% (uniform and adaptive), depth 20% (angular), FinerCut (12 attention /
-MLP branches), and a two-stage recipe (angular 10% of the blocks, then width 20%); each is pruned
+MLP branches), a two-stage recipe (angular 10% of the blocks, then width 20%) and width 30% with
+12.5% of the hidden channels (which shrinks the embedding and LM head too); each is pruned
 with `secateur prune ... --eval enwiki-sample` (protocol v1) and exported in f16 and q8_0. The
 uniform models are also converted with llama.cpp's own `convert_hf_to_gguf.py` to cross-check.
 
 Phases (resumable; each finished item is a line of benchmarks/results/llamacpp.jsonl):
-- `quality`: perplexity inside llama.cpp on protocol v1's exact token windows (64 x 512, each window
-  scored on its own, every next token predicted), through llama.cpp's Python bindings; and
+- `quality`: perplexity inside llama.cpp on the first 16 of protocol v1's token windows (512 tokens,
+  each window scored on its own, every next token predicted), through llama.cpp's Python bindings,
+  next to secateur's HF perplexity on the same 16 windows (and on all 64); and
   `llama-perplexity` on the windows' text (its own convention: tokenises the text itself and scores
   the second half of each 512-token chunk). The converter cross-check (tensor names, shapes, values).
 - `speed`: `llama-bench` prefill (512) and decode (128) tokens/s, 2 threads, `--rounds` interleaved
@@ -46,6 +48,7 @@ sys.path.insert(0, str(HERE))
 from llamacpp_build import bindings, build, converter  # noqa: E402
 
 THREADS = 2
+WINDOWS = 16  # of protocol v1's 64 (llama.cpp returns all 512 x 49152 logits per window: ~3 s each here)
 RECIPE = """
 [[stage]]
 method = "angular"
@@ -64,6 +67,8 @@ MODELS = {  # name: `secateur prune` flags (None: the dense model itself)
     "depth20": ["--method", "angular", "--remove-fraction", "0.2"],
     "finercut12": ["--method", "finercut", "--remove-sublayers", "12"],
     "angular10+width20": ["--recipe", "RECIPE"],
+    # the hidden size shrinks too: the embedding / LM head (a third of the dense bytes) gets smaller
+    "width30-hidden12": ["--method", "width", "--remove-fraction", "0.3", "--hidden-fraction", "0.125"],
 }
 TYPES = ("f16", "q8_0")
 
@@ -200,9 +205,9 @@ def bindings_perplexity(path: Path, data) -> dict:
     for window in data.tolist():
         llm.reset()
         llm.eval(window)
-        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)  # (seq - 1, vocab)
+        logits = np.asarray(llm.scores[: len(window) - 1])  # (seq - 1, vocab) float32
         top = logits.max(axis=1, keepdims=True)
-        logz = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
+        logz = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=1, dtype=np.float64))
         nll += float((logz - logits[np.arange(len(window) - 1), window[1:]]).sum())
         count += len(window) - 1
     del llm
@@ -211,7 +216,7 @@ def bindings_perplexity(path: Path, data) -> dict:
 
 def tool_perplexity(path: Path, text_file: Path) -> float | None:
     out = subprocess.run([str(build() / "llama-perplexity"), "-m", str(path), "-f", str(text_file), "-c", "512",
-                          "-b", "512", "-t", str(THREADS), "--chunks", "64"], capture_output=True, text=True)  # fmt: skip
+                          "-b", "512", "-t", str(THREADS), "--chunks", str(WINDOWS)], capture_output=True, text=True)  # fmt: skip
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
     return float(found.group(1)) if found else None
 
@@ -231,6 +236,15 @@ def compare_files(ours: Path, theirs: Path) -> dict:
             "max_abs_diff": diff}  # fmt: skip
 
 
+def hf_on_windows(name: str, data) -> float:
+    """secateur's own perplexity (HF engine, float32) on the same windows."""
+    from secateur.evaluate import perplexity
+    from secateur.io import load
+
+    model, _ = load(model_dir(name))
+    return perplexity(model, data)["perplexity"]
+
+
 def quality(names: list[str]) -> None:
     finished = done("quality")
     data, tokenizer = None, None
@@ -239,20 +253,24 @@ def quality(names: list[str]) -> None:
         files = [(kind, exported(name, kind)) for kind in TYPES]
         if uniform(name):
             files.append(("f16-convert_hf_to_gguf", converted(name)))
+        hf = None
         for kind, path in files:
             key = f"{name}:{kind}"
             if key in finished:
                 continue
             if data is None:
                 data, tokenizer = windows()
+                data = data[:WINDOWS]
                 text_file.write_text(tokenizer.decode(data.flatten().tolist()))
-            row = {"model": name, "type": kind, "hf_perplexity": hf_perplexity(name), **file_facts(path),
+            hf = hf if hf is not None else hf_on_windows(name, data)
+            row = {"model": name, "type": kind, "windows": WINDOWS, "hf_perplexity": hf,
+                   "hf_perplexity_64": hf_perplexity(name), **file_facts(path),
                    "llama_cpp": bindings_perplexity(path, data),
                    "llama_perplexity_tool": tool_perplexity(path, text_file) if kind.startswith("f16") else None}
             if kind == "f16-convert_hf_to_gguf":
                 row["versus_ours"] = compare_files(exported(name, "f16"), path)
             record("quality", key, **row)
-            print(f"{key}: llama.cpp {row['llama_cpp']['perplexity']:.3f}, HF {row['hf_perplexity']:.3f}", flush=True)
+            print(f"{key}: llama.cpp {row['llama_cpp']['perplexity']:.3f}, secateur {hf:.3f}", flush=True)
 
 
 # --- speed --------------------------------------------------------------------------------------------

@@ -2,8 +2,7 @@
 `convert_hf_to_gguf.py` and matching Python bindings), cached outside the repository.
 
 The cache (~/.cache/secateur/llamacpp/<version>/) holds the unpacked sdist and a CMake build of the
-vendored llama.cpp with shared libraries: `llama-bench`, `llama-perplexity`, `llama-cli` and
-`libllama.so`. The sdist's pure-Python `llama_cpp` package is used against that library
+vendored llama.cpp with shared libraries: `llama-bench`, `llama-perplexity` and `libllama.so`. The sdist's pure-Python `llama_cpp` package is used against that library
 (`LLAMA_CPP_LIB_PATH`), so its bindings always match the binaries.
 
     python benchmarks/llamacpp_build.py        # prints the bin directory
@@ -19,7 +18,7 @@ from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python; the llama.cpp it vendors is what is built
 CACHE = Path.home() / ".cache" / "secateur" / "llamacpp"
-TARGETS = ("llama-bench", "llama-perplexity", "llama-cli", "llama")
+TARGETS = ("llama-bench", "llama-perplexity", "llama")  # the last: libllama.so, for the Python bindings
 
 
 def source_dir() -> Path:
@@ -40,7 +39,7 @@ def build() -> Path:
     llama = source_dir() / "vendor" / "llama.cpp"
     build_dir = CACHE / f"build-{VERSION}"
     bin_dir = build_dir / "bin"
-    if all((bin_dir / t).exists() for t in TARGETS[:3]) and any(bin_dir.glob("libllama.so*")):
+    if all((bin_dir / t).exists() for t in TARGETS[:2]) and any(bin_dir.glob("libllama.so*")):
         return bin_dir
     subprocess.run(["cmake", "-S", str(llama), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                     "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",

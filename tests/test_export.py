@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_model, tiny_text
+from conftest import HIDDEN, VOCAB, tiny_model, tiny_text
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -140,6 +140,19 @@ def test_adaptive_widths_and_removed_branches_become_deci_arrays(tmp_path):
     assert shapes["blk.1.ffn_down.weight"] == list(blocks[1].mlp.down_proj.weight.shape)
     manifest = json.loads(field(MANIFEST_KEY))
     assert manifest["note"] == "test" and manifest["export"]["arch"] == "deci"
+
+
+def test_a_removed_mlp_beside_a_kept_attention_is_one_zero_channel(tmp_path):
+    model = tiny_model("llama")
+    remove_sublayers(model, adapter_for(model), [(0, "mlp")])
+    shape = model_shape(model)
+    assert shape.arch == "deci" and shape.channels == [1, 128] and shape.stub_mlps == [0]
+    export_gguf(saved(model, tmp_path), tmp_path / "model.gguf", kind="f32")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    assert reader.fields["deci.feed_forward_length"].contents() == [1, 128]
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert not tensors["blk.0.ffn_up.weight"].any() and not tensors["blk.0.ffn_down.weight"].any()
+    assert (tensors["blk.0.ffn_norm.weight"] == 1).all() and tensors["blk.0.ffn_down.weight"].shape == (HIDDEN, 1)
 
 
 def test_the_deci_rows_are_interleaved_per_layer(tmp_path):

@@ -48,7 +48,8 @@ def export_gguf(model_path: str | Path, out: str | Path, kind: str = "f16", over
     shape = model_shape(model)  # refusals before anything is written
     vocab = vocabulary(tokenizer, path, int(model.config.vocab_size), manifest, tokenizer_pre)
     record = {"format": "gguf", "type": kind, "arch": shape.arch, "tokenizer": vocab.origin,
-              "heads": shape.heads, "kv_heads": shape.kv_heads, "channels": shape.channels}  # fmt: skip
+              "heads": shape.heads, "kv_heads": shape.kv_heads, "channels": shape.channels,
+              "stub_mlps": shape.stub_mlps}  # fmt: skip
     document = {**(manifest or {}), "export": record}
     write_gguf(model, tokenizer, out, kind, document, vocab, name=path.name)
     record["bytes"] = out.stat().st_size

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from secateur.errors import SecateurError
@@ -84,6 +85,7 @@ class Shape:
     kv_heads: list[int]
     channels: list[int]
     head_dim: int
+    stub_mlps: list[int]  # blocks whose removed MLP is written as one zero channel (see `stub_mlp`)
 
     @property
     def uniform(self) -> bool:
@@ -130,7 +132,20 @@ def model_shape(model: nn.Module) -> Shape:
         raise ExportError("per-layer widths with MLP biases cannot be exported: llama.cpp's deci architecture "
                           "reads no MLP biases; prune with uniform widths or without --bias-compensation")
     _rope_theta(model.config)
-    return Shape(family.arch if uniform else PER_LAYER_ARCH, heads, kv_heads, channels, size)
+    stubs = [i for i, (h, c) in enumerate(zip(heads, channels)) if h > 0 and c == 0]
+    channels = [1 if i in stubs else c for i, c in enumerate(channels)]
+    return Shape(family.arch if uniform else PER_LAYER_ARCH, heads, kv_heads, channels, size, stubs)
+
+
+def stub_mlp(block: int, hidden: int) -> list[tuple[str, Tensor]]:
+    """A one-channel MLP that adds exactly zero (its up projection is zero), for a block that keeps
+    its attention but lost its MLP: llama.cpp's deci graph (as vendored by llama-cpp-python 0.3.36)
+    skips the rest of a block with no feed-forward width, attention output included, so a width of
+    0 would drop the attention too. Costs 3 x hidden weights per such block."""
+    return [(f"blk.{block}.ffn_norm.weight", torch.ones(hidden)),
+            (f"blk.{block}.ffn_gate.weight", torch.zeros(1, hidden)),
+            (f"blk.{block}.ffn_up.weight", torch.zeros(1, hidden)),
+            (f"blk.{block}.ffn_down.weight", torch.zeros(hidden, 1))]  # fmt: skip
 
 
 # --- tensors --------------------------------------------------------------------------------------
@@ -167,6 +182,8 @@ def named_tensors(model: nn.Module, shape: Shape) -> Iterator[tuple[str, Tensor]
             heads = shape.heads[block] if ".attn_q." in name else shape.kv_heads[block]
             tensor = interleave_rope_rows(tensor, heads)
         yield name, tensor
+    for block in shape.stub_mlps:
+        yield from stub_mlp(block, int(model.config.hidden_size))
 
 
 def encode(name: str, tensor: Tensor, kind: str) -> tuple[np.ndarray, Any]:
