@@ -213,11 +213,15 @@ def test_per_layer_widths_of_qwen3_are_refused_with_the_reason(tmp_path):
         model_shape(model)
 
 
-def test_per_layer_widths_with_mlp_biases_are_refused(tmp_path):
+def test_per_layer_widths_keep_the_compensation_biases(tmp_path):
     model = tiny_model("llama")
     width_prune(model, WidthConfig(0.4, "taylor", "adaptive", "queries", bias_compensation=True), calibration())
-    with pytest.raises(ExportError, match="MLP biases"):
-        model_shape(model)
+    assert model.config.mlp_bias and model_shape(model).arch == "deci"
+    export_gguf(saved(model, tmp_path), tmp_path / "model.gguf", kind="f32")
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    block = adapter_for(model).block_list(model)[0]
+    np.testing.assert_array_equal(tensors["blk.0.ffn_down.bias"], block.mlp.down_proj.bias.detach().numpy())
+    np.testing.assert_array_equal(tensors["blk.0.attn_output.bias"], block.self_attn.o_proj.bias.detach().numpy())
 
 
 def test_cli_refuses_before_writing_and_never_overwrites(tmp_path, capsys):

@@ -128,9 +128,6 @@ def model_shape(model: nn.Module) -> Shape:
         raise ExportError(f"blocks differ in width or lack a branch, which llama.cpp reads only for Llama-shaped "
                           f"models (its deci architecture); {model.config.model_type} blocks have q/k norms it "
                           "cannot hold: prune with uniform widths and whole blocks to export")
-    if not uniform and getattr(model.config, "mlp_bias", False):
-        raise ExportError("per-layer widths with MLP biases cannot be exported: llama.cpp's deci architecture "
-                          "reads no MLP biases; prune with uniform widths or without --bias-compensation")
     _rope_theta(model.config)
     stubs = [i for i, (h, c) in enumerate(zip(heads, channels)) if h > 0 and c == 0]
     channels = [1 if i in stubs else c for i, c in enumerate(channels)]
@@ -157,7 +154,6 @@ def interleave_rope_rows(weight: Tensor, heads: int) -> Tensor:
     rows = weight.shape[0]
     half = rows // heads // 2
     return weight.reshape(heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
 
 
 def named_tensors(model: nn.Module, shape: Shape) -> Iterator[tuple[str, Tensor]]:
