@@ -64,12 +64,19 @@ def _option_flags(p: argparse.ArgumentParser, options: dict[str, Any]) -> None:
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity over non-overlapping windows")
-    p.add_argument("model", help="HF model directory or .gguf file")
-    p.add_argument("--data", default="enwiki-sample", help="text source (default enwiki-sample)")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--windows", type=int, default=64, help="number of windows from the start (default 64)")
+    p = sub.add_parser("eval", help="perplexity over non-overlapping windows, or lm-eval tasks (--tasks)")
+    p.add_argument("model", help="HF model directory, .gguf file or secateur output")
+    p.add_argument("--data", help="perplexity: text source (default enwiki-sample)")
+    p.add_argument("--text-field", help="perplexity: the field of a dataset's rows (default text)")
+    p.add_argument("--seq-len", type=int, help="perplexity: tokens per window (default 512)")
+    p.add_argument("--windows", type=int, help="perplexity: number of windows from the start (default 64)")
+    p.add_argument("--tasks", help="lm-eval task names, comma-separated (secateur_wordnet: the offline knowledge "
+                                   "probe); replaces perplexity")
+    p.add_argument("--limit", type=int, help="tasks: at most N documents per task")
+    p.add_argument("--num-fewshot", type=int, help="tasks: examples in the prompt (default: each task's own)")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="tasks: a directory of local lm-eval task files (repeatable; works offline)")
+    p.add_argument("--results", metavar="FILE.json", help="tasks: also write the results to this new JSON file")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto")
@@ -201,9 +208,22 @@ def _recovery_line(record: dict[str, Any]) -> str:
 SUMMARIES = {"sparsity": _sparsity_line, "depth": _depth_line, "width": _width_line, "recovery": _recovery_line}
 
 
+PERPLEXITY_FLAGS = {"data": "enwiki-sample", "text_field": "text", "seq_len": 512, "windows": 64}
+TASK_FLAGS = ("limit", "num_fewshot", "include_path", "results")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    given = lambda names: ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, [])]  # noqa: E731
+    if args.tasks is not None:
+        if given(PERPLEXITY_FLAGS):
+            raise SecateurError(f"{', '.join(given(PERPLEXITY_FLAGS))} apply to perplexity, not to --tasks")
+        return _eval_tasks(args)
+    if given(TASK_FLAGS):
+        raise SecateurError(f"{', '.join(given(TASK_FLAGS))} apply only with --tasks")
     from secateur.pipeline import evaluate_model
 
+    for name, default in PERPLEXITY_FLAGS.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     device = resolve_device(args.device)
     model, tokenizer = load(args.model, dtype=args.dtype, device=str(device))
     result = evaluate_model(model, tokenizer, args.data, args.seq_len, args.windows, field=args.text_field,
@@ -215,6 +235,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.model}: perplexity {result['perplexity']:.3f} on {args.data} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['seconds']:.1f} s)")
         print(f"protocol: {result['protocol']}")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    import time
+
+    from secateur.errors import OutputError
+    from secateur.tasks.harness import run_tasks
+
+    results_file = Path(args.results) if args.results else None
+    if results_file is not None and results_file.exists():
+        raise OutputError(f"{results_file} already exists; choose a new --results file")
+    for directory in args.include_path:
+        if not Path(directory).is_dir():
+            raise SecateurError(f"--include-path {directory} is not a directory of task files")
+    device = resolve_device(args.device)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=str(device))
+    clock = time.perf_counter()
+    result = run_tasks(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()], limit=args.limit,
+                       num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=str(device),
+                       include_path=[Path(d) for d in args.include_path])  # fmt: skip
+    result.update(model=args.model, seconds=time.perf_counter() - clock)
+    if results_file is not None:
+        partial = results_file.with_name(f".{results_file.name}.partial")
+        partial.write_text(json.dumps(result, indent=2))
+        partial.rename(results_file)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for name, task in result["tasks"].items():
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in task["metrics"].items() if isinstance(v, float))
+        chance = f" (chance {task['chance']:.2f})" if "chance" in task else ""
+        print(f"{args.model}: {name} v{task['version']}: {metrics}{chance}, {task['samples']} documents, "
+              f"{task['num_fewshot']}-shot")
+    print(f"lm-eval {result['lm_eval_version']}, {result['seconds']:.1f} s")
     return 0
 
 

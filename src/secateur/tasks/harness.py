@@ -1,0 +1,71 @@
+"""Zero- and few-shot tasks through lm-eval-harness, on the model object secateur loaded (so every
+kind of output evaluates, those that need `secateur.load` included)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from secateur.errors import ConfigError, SecateurError
+from secateur.tasks.wordnet import TASK as PROBE, write_task
+
+log = logging.getLogger(__name__)
+PROBE_VERSION = "v1"  # bump when the generator changes: the cached items are regenerated
+
+
+class TaskError(SecateurError):
+    """A task cannot be found or run."""
+
+
+def probe_dir() -> Path:
+    """The knowledge probe's items and task file, generated on first use."""
+    from secateur.data.enwiki import cache_dir
+
+    directory = cache_dir() / "tasks" / f"{PROBE}-{PROBE_VERSION}"
+    if not (directory / f"{PROBE}.yaml").is_file():
+        write_task(directory)
+    return directory
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+    except ImportError:
+        raise TaskError("--tasks needs lm-eval: pip install 'secateur[tasks]' (or pip install lm-eval)") from None
+    return lm_eval
+
+
+def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int | None = None,
+              num_fewshot: int | None = None, batch_size: int = 8, device: str = "cpu",
+              include_path: list[Path] = (), seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """lm-eval's `simple_evaluate` on `model`; returns {lm_eval_version, tasks: {name: metrics}}."""
+    lm_eval = _lm_eval()
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if not tasks:
+        raise ConfigError("--tasks is empty; give task names separated by commas")
+    paths = [str(p) for p in include_path] + ([str(probe_dir())] if PROBE in tasks else [])
+    manager = TaskManager(include_path=paths or None, verbosity="ERROR")
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        raise TaskError(f"unknown task(s) {', '.join(missing)}; give lm-eval task names (offline: local task files "
+                        f"with --include-path DIR, or the built-in {PROBE})")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=manager, bootstrap_iters=0, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                      verbosity="ERROR")  # fmt: skip
+    out = {}
+    for name in tasks:
+        metrics = {k.split(",")[0]: v for k, v in results["results"][name].items()
+                   if "," in k and not k.split(",")[0].endswith("_stderr")}  # fmt: skip
+        out[name] = {"metrics": metrics, "version": results.get("versions", {}).get(name),
+                     "samples": results.get("n-samples", {}).get(name, {}).get("effective"),
+                     "num_fewshot": results.get("n-shot", {}).get(name)}  # fmt: skip
+        if name == PROBE:
+            out[name]["chance"] = 0.25
+    return {"lm_eval_version": lm_eval.__version__, "limit": limit, "tasks": out}

@@ -1,0 +1,146 @@
+"""lm-eval tasks on secateur's model objects, and the WordNet knowledge probe's generator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from secateur.cli import main
+from secateur.io import save
+from secateur.tasks.harness import run_tasks
+from secateur.tasks.wordnet import CHOICES, build_items, parse_counts, parse_data_line, read_wordnet, write_task
+
+# --- the probe's generator, on a small WordNet in WordNet's own format ---------------------------------
+
+LINES = [
+    "  1 This software and database is being provided to you, the LICENSEE, by Princeton University",
+    "02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 000 | a member of the genus Canis; \"the dog barked\"",
+    "02121620 05 n 01 cat 0 000 | feline mammal usually having thick soft fur",
+    "02402425 05 n 01 cattle 0 000 | domesticated bovine animals as a group",
+    "01503061 05 n 01 bird 0 000 | warm-blooded egg-laying vertebrates with feathers",
+    "02374451 05 n 01 horse 0 000 | solid-hoofed herbivorous quadruped domesticated since prehistoric times",
+    "02411705 05 n 01 sheep 1 000 | woolly usually horned ruminant mammal",
+    "02512053 05 n 01 fish 0 000 | any of various mostly cold-blooded aquatic vertebrates usually having scales",
+    "03791235 06 n 01 motor_vehicle 0 000 | a self-propelled wheeled vehicle",
+    "02958343 06 n 01 car 0 000 | a motor vehicle with four wheels; usually propelled by an engine",
+    "04490091 06 n 01 truck 0 000 | an automotive vehicle suitable for hauling",
+    "02834778 06 n 01 bicycle 0 000 | a wheeled vehicle that has two wheels and is moved by foot pedals",
+    "03594945 06 n 01 jeep 0 000 | a car suitable for traveling over rough terrain",
+    "02690373 06 n 01 airliner 0 000 | an airplane that carries passengers",
+]
+COUNTS = [f"{w}%1:{f}:{i:02d}:: 1 {n}" for w, f, i, n in [
+    ("dog", "05", 0, 40), ("cat", "05", 0, 20), ("cattle", "05", 0, 9), ("bird", "05", 0, 12), ("horse", "05", 0, 30),
+    ("sheep", "05", 1, 6), ("fish", "05", 0, 3), ("car", "06", 0, 50), ("truck", "06", 0, 12),
+    ("bicycle", "06", 0, 8), ("jeep", "06", 0, 5), ("airliner", "06", 0, 7)]] + ["cat%1:05:01:: 2 99"]  # fmt: skip
+
+
+@pytest.fixture
+def wordnet(tmp_path):
+    (tmp_path / "data.noun").write_text("\n".join(LINES) + "\n")
+    (tmp_path / "cntlist.rev").write_text("\n".join(COUNTS) + "\n")
+    return tmp_path
+
+
+def test_parse_data_line_reads_words_lex_ids_and_the_definition_only():
+    assert parse_data_line(LINES[0]) is None
+    dog = parse_data_line(LINES[1])
+    assert dog.offset == "02084071" and dog.lexfile == 5
+    assert dog.words == ("dog", "domestic_dog", "Canis_familiaris") and dog.lex_ids == (0, 0, 0)
+    assert dog.gloss == "a member of the genus Canis"  # the usage example is gone
+    assert parse_data_line(LINES[6]).lex_ids == (1,)  # lex ids are hexadecimal digits
+    assert parse_counts(iter(["dog%1:05:00:: 1 40"])) == {"dog%1:05:00::": (1, 40)}
+
+
+def test_items_are_deterministic_and_well_formed(wordnet):
+    synsets, counts = read_wordnet(wordnet)
+    items = build_items(synsets, counts, n=20, min_tags=5)
+    assert items == build_items(*read_wordnet(wordnet), n=20, min_tags=5)
+    assert items != build_items(synsets, counts, n=20, min_tags=5, seed=1)
+    answers = {item["choices"][item["answer"]] for item in items}
+    # fish has 3 tags (rare); jeep's gloss holds "car" but not "jeep"; the car's gloss names no car
+    assert answers == {"dog", "cat", "cattle", "bird", "horse", "sheep", "car", "truck", "bicycle", "jeep", "airliner"}
+    animals = {"dog", "cat", "cattle", "bird", "horse", "sheep"}
+    for item in items:
+        word = item["choices"][item["answer"]]
+        assert len(set(item["choices"])) == CHOICES and word not in item["question"].split('"')[1]
+        assert set(item["choices"]) <= animals or not set(item["choices"]) & animals  # distractors of the same file
+        assert item["question"].startswith('The word for "') and item["question"].endswith('" is')
+    dog = next(i for i in items if i["choices"][i["answer"]] == "dog")
+    assert dog["question"] == 'The word for "a member of the genus Canis" is'
+
+
+def test_a_word_whose_first_sense_is_elsewhere_is_not_asked(wordnet):
+    (wordnet / "cntlist.rev").write_text("\n".join(c for c in COUNTS if not c.startswith("cat%1:05:00")) + "\n")
+    items = build_items(*read_wordnet(wordnet), n=20, min_tags=5)
+    assert "cat" not in {i["choices"][i["answer"]] for i in items}  # its sense 1 is another synset
+
+
+def test_missing_wordnet_says_what_to_install(tmp_path):
+    with pytest.raises(Exception, match="wordnet-base"):
+        read_wordnet(tmp_path)
+
+
+# --- lm-eval on a model whose preference is known ----------------------------------------------------
+
+
+def always_w0():
+    """A GPT-2 whose final LayerNorm outputs one constant vector, whose dot product with the tied
+    embeddings is 10 for token w0 and about 0 for every other token: it prefers w0 everywhere."""
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        w0 = tiny_tokenizer().convert_tokens_to_ids("w0")
+        model.transformer.wte.weight[w0] = 0.0
+        model.transformer.wte.weight[w0, 0] = 10.0
+    return model
+
+
+def local_task(tmp_path, answers):
+    docs = [{"question": f"w{5 + i} w{6 + i}", "choices": ["w0", "w1", "w2", "w3"], "answer": a}
+            for i, a in enumerate(answers)]  # fmt: skip
+    data = tmp_path / "tasks" / "always_a.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks" / "always_a.yaml").write_text(
+        f"task: always_a\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 2.0\n")
+    return tmp_path / "tasks"
+
+
+def test_a_model_that_always_prefers_a_scores_the_share_of_a(tmp_path):
+    answers = [0, 1, 0, 2, 3, 0, 1, 0, 2, 0, 0]  # 6 of 11 are A
+    result = run_tasks(always_w0(), tiny_tokenizer(), ["always_a"], include_path=[local_task(tmp_path, answers)])
+    task = result["tasks"]["always_a"]
+    assert task["metrics"]["acc"] == pytest.approx(6 / 11, abs=1e-12)
+    assert task["version"] == 2.0 and task["samples"] == 11 and result["lm_eval_version"]
+    limited = run_tasks(always_w0(), tiny_tokenizer(), ["always_a"], include_path=[tmp_path / "tasks"], limit=4)
+    assert limited["tasks"]["always_a"]["metrics"]["acc"] == pytest.approx(2 / 4)  # the first four: A, B, A, C
+
+
+def test_cli_tasks_write_results_and_refuse_what_does_not_apply(tmp_path, capsys):
+    tasks = local_task(tmp_path, [0, 1, 0, 0])
+    model = tmp_path / "model"
+    save(always_w0(), tiny_tokenizer(), model, {})
+    results = tmp_path / "results.json"
+    args = ["eval", str(model), "--tasks", "always_a", "--include-path", str(tasks), "--device", "cpu"]
+    assert main([*args, "--results", str(results)]) == 0
+    assert "always_a v2.0: acc 0.7500" in capsys.readouterr().out
+    assert json.loads(results.read_text())["tasks"]["always_a"]["metrics"]["acc"] == 0.75
+    assert main([*args, "--results", str(results)]) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*args, "--windows", "4"]) == 2 and "apply to perplexity" in capsys.readouterr().err
+    assert main(["eval", str(model), "--limit", "3"]) == 2 and "only with --tasks" in capsys.readouterr().err
+    assert main(["eval", str(model), "--tasks", "no_such_task", "--include-path", str(tasks)]) == 2
+    assert "unknown task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_the_probe_task_file_points_at_its_items(wordnet, tmp_path):
+    directory = write_task(tmp_path / "probe", n=5, root=wordnet)
+    yaml = (directory / "secateur_wordnet.yaml").read_text()
+    assert str(directory / "secateur_wordnet.jsonl") in yaml and "output_type: multiple_choice" in yaml
+    assert len((directory / "secateur_wordnet.jsonl").read_text().splitlines()) == 5
