@@ -144,3 +144,32 @@ def test_the_probe_task_file_points_at_its_items(wordnet, tmp_path):
     yaml = (directory / "secateur_wordnet.yaml").read_text()
     assert str(directory / "secateur_wordnet.jsonl") in yaml and "output_type: multiple_choice" in yaml
     assert len((directory / "secateur_wordnet.jsonl").read_text().splitlines()) == 5
+
+
+# --- generation samples ------------------------------------------------------------------------------
+
+
+def test_generate_prints_the_reference_from_the_manifest_beside_the_model(tmp_path, capsys, model_dir):
+    from secateur.tasks.generate import PROMPTS
+
+    origin = model_dir("llama")
+    out = tmp_path / "pruned"
+    assert main(["prune", str(origin), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--generate", "--new-tokens", "5", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference"] == str(origin.resolve()) and len(result["samples"]) == len(PROMPTS)
+    assert all(s["model"] and s["reference"] for s in result["samples"])
+    assert main(["eval", str(out), "--generate", "--windows", "3"]) == 2 and "do not apply" in capsys.readouterr().err
+    assert main(["eval", str(out), "--new-tokens", "3"]) == 2 and "only with --generate" in capsys.readouterr().err
+
+
+def test_prompts_go_through_the_chat_template_where_there_is_one():
+    from secateur.tasks.generate import prompt_ids
+
+    tokenizer = tiny_tokenizer()
+    plain = prompt_ids(tokenizer, "w1 w2")
+    tokenizer.chat_template = "{% for m in messages %}<s> w9 {{ m['content'] }} w8{% endfor %}"
+    templated = prompt_ids(tokenizer, "w1 w2")
+    assert plain[0].tolist() == tokenizer("w1 w2").input_ids
+    assert templated[0].tolist() == tokenizer.convert_tokens_to_ids(["<s>", "w9", "w1", "w2", "w8"])

@@ -77,6 +77,11 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="tasks: a directory of local lm-eval task files (repeatable; works offline)")
     p.add_argument("--results", metavar="FILE.json", help="tasks: also write the results to this new JSON file")
+    p.add_argument("--generate", action="store_true",
+                   help="print greedy continuations of fixed prompts, next to the original model's; replaces perplexity")
+    p.add_argument("--reference", metavar="PATH", help="generate: the model to compare with (default: the manifest's "
+                                                       "origin, the model before any secateur run)")
+    p.add_argument("--new-tokens", type=int, help="generate: tokens per continuation (default 32)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto")
@@ -210,10 +215,18 @@ SUMMARIES = {"sparsity": _sparsity_line, "depth": _depth_line, "width": _width_l
 
 PERPLEXITY_FLAGS = {"data": "enwiki-sample", "text_field": "text", "seq_len": 512, "windows": 64}
 TASK_FLAGS = ("limit", "num_fewshot", "include_path", "results")
+GENERATE_FLAGS = ("reference", "new_tokens")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     given = lambda names: ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, [])]  # noqa: E731
+    if args.generate:
+        wrong = given((*PERPLEXITY_FLAGS, *TASK_FLAGS, "tasks"))
+        if wrong:
+            raise SecateurError(f"{', '.join(wrong)} do not apply to --generate")
+        return _eval_generate(args)
+    if given(GENERATE_FLAGS):
+        raise SecateurError(f"{', '.join(given(GENERATE_FLAGS))} apply only with --generate")
     if args.tasks is not None:
         if given(PERPLEXITY_FLAGS):
             raise SecateurError(f"{', '.join(given(PERPLEXITY_FLAGS))} apply to perplexity, not to --tasks")
@@ -235,6 +248,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.model}: perplexity {result['perplexity']:.3f} on {args.data} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['seconds']:.1f} s)")
         print(f"protocol: {result['protocol']}")
+    return 0
+
+
+def _eval_generate(args: argparse.Namespace) -> int:
+    from secateur.tasks.generate import PROMPTS, continuations
+
+    new_tokens = 32 if args.new_tokens is None else args.new_tokens
+    if new_tokens < 1:
+        raise SecateurError(f"--new-tokens must be at least 1, got {new_tokens}")
+    reference = args.reference
+    if reference is None and Path(args.model).is_dir():
+        origin = ((read_manifest(args.model) or {}).get("origin") or {}).get("path")
+        reference = origin if origin and Path(origin).exists() and Path(origin).resolve() != Path(args.model).resolve() else None
+    if reference is not None:
+        split_model_path(Path(reference))
+    device = resolve_device(args.device)
+    rows: dict[str, list[str]] = {}
+    for label, path in (("reference", reference), ("model", args.model)):
+        if path is not None:
+            model, tokenizer = load(path, dtype=args.dtype, device=str(device))
+            rows[label] = continuations(model, tokenizer, PROMPTS, new_tokens, device)
+            del model
+    samples = [{"prompt": p, **{label: texts[i] for label, texts in rows.items()}} for i, p in enumerate(PROMPTS)]
+    if args.json:
+        print(json.dumps({"model": args.model, "reference": reference, "new_tokens": new_tokens, "samples": samples},
+                         indent=2))  # fmt: skip
+        return 0
+    names = {"reference": f"{reference}", "model": f"{args.model}"}
+    for sample in samples:
+        print(f"## {sample['prompt']}")
+        for label in rows:
+            print(f"  [{names[label]}] {sample[label]}")
+    print(f"greedy, {new_tokens} new tokens, chat template where the tokenizer has one")
     return 0
 
 
