@@ -125,6 +125,18 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
 
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="one HTML page (and Markdown) with plots about one or more models")
+    p.add_argument("models", nargs="+", help="secateur outputs or HF model directories")
+    p.add_argument("--out", required=True, help="new directory for index.html, report.md and the plots")
+    p.add_argument("--tasks-results", action="append", default=[], metavar="FILE",
+                   help="a `secateur eval --tasks --results` file (repeatable)")
+    p.add_argument("--bench", metavar="FILE", help="`secateur bench --json` output for these models")
+    p.add_argument("--samples", action="append", default=[], metavar="FILE",
+                   help="`secateur eval --generate --json` output (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags end like every other bad input: one line, exit code 2."""
 
@@ -136,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="secateur", description="Prune Hugging Face causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prune_parser, _train_parser, _eval_parser, _info_parser, _bench_parser, _export_parser):
+    for add in (_prune_parser, _train_parser, _eval_parser, _info_parser, _bench_parser, _export_parser,
+                _report_parser):
         add(sub)
     return parser
 
@@ -421,6 +434,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from secateur.report import write_report
+
+    clock = time.perf_counter()
+    page = write_report(args.models, args.out, tasks=[Path(p) for p in args.tasks_results],
+                        bench=Path(args.bench) if args.bench else None, samples=[Path(p) for p in args.samples],
+                        overwrite=args.overwrite)  # fmt: skip
+    print(f"-> {page} (and report.md), {len(args.models)} models, {time.perf_counter() - clock:.1f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -430,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()
     handler = {"prune": cmd_prune, "train": cmd_prune, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
-               "export": cmd_export}[args.command]
+               "export": cmd_export, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:
