@@ -1,7 +1,7 @@
 """Pruned SmolLM2-135M where users run it: exported with `secateur export`, timed and scored inside
 llama.cpp (built from the llama-cpp-python sdist, see llamacpp_build.py), CPU, 2 threads.
 
-Models: dense, width 20% / 50% (uniform and adaptive), depth 20% (angular), FinerCut (12 attention /
+Models: dense, width 20% and 50% (uniform), width 50% adaptive, depth 20% (angular), FinerCut (12 attention /
 MLP branches), a two-stage recipe (angular 10% of the blocks, then width 20%) and width 30% with
 12.5% of the hidden channels (which shrinks the embedding and LM head too); each is pruned
 with `secateur prune ... --eval enwiki-sample` (protocol v1) and exported in f16 and q8_0. The
@@ -62,7 +62,6 @@ MODELS = {  # name: `secateur prune` flags (None: the dense model itself)
     "dense": None,
     "width20": ["--method", "width", "--remove-fraction", "0.2"],
     "width50": ["--method", "width", "--remove-fraction", "0.5"],
-    "width20-adaptive": ["--method", "width", "--remove-fraction", "0.2", "--allocation", "adaptive"],
     "width50-adaptive": ["--method", "width", "--remove-fraction", "0.5", "--allocation", "adaptive"],
     "depth20": ["--method", "angular", "--remove-fraction", "0.2"],
     "finercut12": ["--method", "finercut", "--remove-sublayers", "12"],

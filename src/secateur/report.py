@@ -47,14 +47,21 @@ class ModelFacts:
 
     @property
     def removed(self) -> str:
+        """Each stage of the history in a few words: what it removed (or trained)."""
         parts = []
         for record in self.manifest.get("history") or []:
-            result = record.get("result") or {}
+            result, kind = record.get("result") or {}, record.get("kind")
+            if kind == "sparsity":
+                parts.append(f"{result.get('method')} {result.get('target')}")
+            elif kind == "width":
+                parts.append(f"width {result.get('removed_fraction', 0):.1%} of block parameters")
+            elif kind == "recovery":
+                parts.append(f"recovery ({result.get('mode')}, {result.get('tokens', 0):,} tokens)")
             if result.get("removed_blocks"):
                 parts.append(f"blocks {result['removed_blocks']}")
             if result.get("removed_sublayers"):
                 parts.append(f"branches {result['removed_sublayers']}")
-        return "; ".join(parts) or "none"
+        return "; ".join(parts) or "nothing"
 
 
 def read_weights(path: Path, facts: ModelFacts) -> None:
@@ -116,7 +123,7 @@ def plot_sparsity(facts: ModelFacts, png: Path) -> Path | None:
     blocks = sorted({b for b, _ in facts.sparsity})
     layers = list(dict.fromkeys(name for _, name in sorted(facts.sparsity)))
     grid = [[facts.sparsity.get((b, name), math.nan) for name in layers] for b in blocks]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(layers), 1.2 + 0.18 * len(blocks)), dpi=100)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * len(layers), 1.2 + 0.1 * len(blocks)), dpi=100)
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(layers)), [n.split(".")[-1] for n in layers], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=6)
