@@ -237,6 +237,8 @@ def test_cli_refuses_before_writing_and_never_overwrites(tmp_path, capsys):
     assert main(["export", str(out), "--gguf", str(target), "--overwrite"]) == 0  # f16 now
     assert len(target.read_bytes()) < len(before)
     assert not list(tmp_path.glob(".m.gguf.partial-*"))
+    assert main(["export", str(target), "--gguf", str(tmp_path / "again.gguf")]) == 2
+    assert "already GGUF" in capsys.readouterr().err and not (tmp_path / "again.gguf").exists()
     gemma = tmp_path / "gemma"
     save(tiny_model("gemma3_text"), bpe_tokenizer(), gemma, {})
     assert main(["export", str(gemma), "--gguf", str(tmp_path / "g.gguf")]) == 2
