@@ -1,8 +1,7 @@
 """Pruned SmolLM2-135M where users run it: exported with `secateur export`, timed and scored inside
 llama.cpp (built from the llama-cpp-python sdist, see llamacpp_build.py), CPU, 2 threads.
 
-Models: dense, width 20% and 50% (uniform), width 50% adaptive, depth 20% (angular), FinerCut (12 attention /
-MLP branches), a two-stage recipe (angular 10% of the blocks, then width 20%) and width 30% with
+Models: dense, width 20% and 50% (uniform), width 50% adaptive, depth 20% (angular), a two-stage recipe (angular 10% of the blocks, then width 20%) and width 30% with
 12.5% of the hidden channels (which shrinks the embedding and LM head too); each is pruned
 with `secateur prune ... --eval enwiki-sample` (protocol v1) and exported in f16 and q8_0. The
 uniform models are also converted with llama.cpp's own `convert_hf_to_gguf.py` to cross-check.
@@ -64,7 +63,6 @@ MODELS = {  # name: `secateur prune` flags (None: the dense model itself)
     "width50": ["--method", "width", "--remove-fraction", "0.5"],
     "width50-adaptive": ["--method", "width", "--remove-fraction", "0.5", "--allocation", "adaptive"],
     "depth20": ["--method", "angular", "--remove-fraction", "0.2"],
-    "finercut12": ["--method", "finercut", "--remove-sublayers", "12"],
     "angular10+width20": ["--recipe", "RECIPE"],
     # the hidden size shrinks too: the embedding / LM head (a third of the dense bytes) gets smaller
     "width30-hidden12": ["--method", "width", "--remove-fraction", "0.3", "--hidden-fraction", "0.125"],
