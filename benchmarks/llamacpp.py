@@ -282,9 +282,9 @@ def llama_bench(path: Path, repetitions: int) -> dict:
     return {"prefill_tps": prefill["avg_ts"], "decode_tps": decode["avg_ts"]}
 
 
-def speed(names: list[str], rounds: int, repetitions: int) -> None:
-    files = [(f"{n}:{k}", exported(n, k)) for n in names for k in TYPES]
-    files += [(f"{n}:f16-convert_hf_to_gguf", converted(n)) for n in names if uniform(n)]
+def speed(names: list[str], rounds: int, repetitions: int, types: tuple[str, ...] = TYPES) -> None:
+    files = [(f"{n}:{k}", exported(n, k)) for n in names for k in types]
+    files += [(f"{n}:f16-convert_hf_to_gguf", converted(n)) for n in names if uniform(n) and "f16" in types]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for r in range(rounds):
         order = files[r % len(files):] + files[: r % len(files)]
@@ -297,11 +297,11 @@ def speed(names: list[str], rounds: int, repetitions: int) -> None:
 # --- table ----------------------------------------------------------------------------------------
 
 
-def speed_ratios() -> dict[str, dict]:
+def speed_ratios(run: str | None = None) -> dict[str, dict]:
     rows = list(done("speed").values())
     if not rows:
         return {}
-    latest = max(r["run"] for r in rows)
+    latest = run or max(r["run"] for r in rows)
     rows = [r for r in rows if r["run"] == latest]
     by_round: dict[int, dict[str, dict]] = {}
     for r in rows:
@@ -319,9 +319,10 @@ def speed_ratios() -> dict[str, dict]:
     return out
 
 
-def table() -> str:
+def table(run: str | None = None) -> str:
+    """Every quality row, with the speed of speed run `run` (default: the latest)."""
     quality_rows = done("quality")
-    speeds = speed_ratios()
+    speeds = speed_ratios(run)
     lines = ["| model | type | arch | parameters | file MiB | prefill t/s | speedup (FLOP ideal) | decode t/s | "
              "speedup (bytes ideal) | ppl llama.cpp | ppl secateur eval | llama-perplexity |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -346,6 +347,8 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated model names (default: all)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repetitions", type=int, default=3, help="llama-bench -r per model and round")
+    parser.add_argument("--types", default=",".join(TYPES), help="speed: the GGUF types to time (default f16,q8_0)")
+    parser.add_argument("--speed-run", help="table: the speed run to show (its start stamp; default the latest)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     names = args.only.split(",") if args.only else list(MODELS)
@@ -354,8 +357,8 @@ def main() -> int:
     if args.phase in ("quality", "all"):
         quality(names)
     if args.phase in ("speed", "all"):
-        speed(names, args.rounds, args.repetitions)
-    print(table())
+        speed(names, args.rounds, args.repetitions, tuple(args.types.split(",")))
+    print(table(args.speed_run))
     return 0
 
 
