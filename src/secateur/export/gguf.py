@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from secateur.errors import SecateurError
+from secateur.export.errors import ExportError
 
 if TYPE_CHECKING:
     from secateur.export.vocab import Vocabulary
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_KEY = "secateur.manifest"  # the output's secateur.json, as a JSON string
 BLOCK = 32  # values per block of GGML's 8-bit type: a quantized row's length must be a multiple of it
-
-
-class ExportError(SecateurError):
-    """The model cannot be written as GGUF as asked."""
 
 
 @dataclass(frozen=True)
