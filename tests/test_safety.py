@@ -89,9 +89,11 @@ def test_stale_leftovers_are_cleared_and_a_retired_output_restored(source, tmp_p
 
 
 SLOW_SAVE = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     import secateur.io as io
     from secateur.io import load_model, save
+    # a job started in the background by a shell inherits SIGINT ignored; Ctrl-C's default here
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     model, tokenizer = load_model(sys.argv[1])
     original = type(model).save_pretrained
     def slow(self, path, **kwargs):
