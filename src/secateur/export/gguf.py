@@ -217,8 +217,8 @@ def write_hparams(writer, model: nn.Module, shape: Shape, kind: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def write_gguf(model: nn.Module, tokenizer: Any, out: Path, kind: str, manifest: dict[str, Any] | None,
-               vocabulary: "Vocabulary", name: str) -> Shape:
+def write_gguf(model: nn.Module, out: Path, kind: str, manifest: dict[str, Any] | None, vocabulary: Vocabulary,
+               name: str) -> Shape:
     """Write `model` to `out` (a finished file appears only by rename); returns the layout used."""
     import gguf
 
