@@ -173,3 +173,20 @@ def test_prompts_go_through_the_chat_template_where_there_is_one():
     templated = prompt_ids(tokenizer, "w1 w2")
     assert plain[0].tolist() == tokenizer("w1 w2").input_ids
     assert templated[0].tolist() == tokenizer.convert_tokens_to_ids(["<s>", "w9", "w1", "w2", "w8"])
+
+
+def test_prune_records_tasks_in_the_manifest_and_refuses_unknown_ones_first(wordnet, tmp_path, model_dir,
+                                                                           monkeypatch, capsys):  # fmt: skip
+    import secateur.tasks.harness as harness
+
+    probe = write_task(tmp_path / "probe", n=6, root=wordnet)
+    monkeypatch.setattr(harness, "probe_dir", lambda: probe)
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir("llama")), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]
+    assert main([*args, "--eval-tasks", "secateur_wordnet,no_such_task"]) == 2
+    assert "unknown task(s) no_such_task" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--eval-tasks", "secateur_wordnet"]) == 0
+    tasks = json.loads((out / "secateur.json").read_text())["evaluation"]["tasks"]
+    probe_result = tasks["tasks"]["secateur_wordnet"]
+    assert probe_result["samples"] == 6 and 0 <= probe_result["metrics"]["acc"] <= 1 and tasks["lm_eval_version"]
+    assert json.loads((out / "secateur.json").read_text())["recipe"]["eval_tasks"] == "secateur_wordnet"

@@ -172,9 +172,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         stock = (" or AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
                  if records[-1]["result"].get("remote_code") else "")  # fmt: skip
         print(f"per-block widths differ: load it with secateur.load(path){stock}")
-    if "evaluation" in manifest:
-        ev = manifest["evaluation"]
+    ev = manifest.get("evaluation") or {}
+    if "perplexity" in ev:
         print(f"perplexity {ev['perplexity']:.3f} ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)")
+    for name, task in (ev.get("tasks") or {}).get("tasks", {}).items():
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in task["metrics"].items() if isinstance(v, float))
+        print(f"{name} v{task['version']}: {metrics} ({task['samples']} documents)")
     return 0
 
 

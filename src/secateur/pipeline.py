@@ -94,6 +94,8 @@ class RunOptions:
                                            "manifest", key="eval")
     eval_windows: int = option(64, "evaluation windows; also the calibration hold-out")
     eval_seq_len: int = option(512, "tokens per evaluation window; also the calibration hold-out")
+    eval_tasks: str | None = option(None, "lm-eval tasks to run after pruning, comma-separated (secateur_wordnet: "
+                                          "the offline knowledge probe); results in the manifest's evaluation")
     teacher: str | None = option(None, "recovery: the model to distil from (default: the model before any secateur "
                                        "run, as the input's manifest names it, or the input itself)")
     overwrite: bool = False  # replace an existing output (a command-line choice, never part of a recipe)
@@ -310,6 +312,11 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
     history = history_of(earlier)
     _preflight(model_path, out, options, stages, history)
     teacher_file = _check_training(model_path, out, options, stages, earlier)
+    tasks = [t.strip() for t in (options.eval_tasks or "").split(",") if t.strip()]
+    if tasks:
+        from secateur.tasks.harness import check_tasks
+
+        check_tasks(tasks)  # lm-eval present and every name known, before any work
     clock = time.perf_counter()
     model, tokenizer = load(model_path, dtype=options.dtype, device="cpu")
     teacher = load(teacher_file, dtype=options.dtype, device="cpu")[0] if teacher_file is not None else None
@@ -326,6 +333,11 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
     if evaluation is not None:
         model.to(compute)
         manifest["evaluation"] = _evaluation(model, tokenizer, options.eval_source, evaluation, 4, compute)
+        model.to("cpu")
+    if tasks:
+        from secateur.tasks.harness import run_tasks
+
+        manifest.setdefault("evaluation", {})["tasks"] = run_tasks(model, tokenizer, tasks, device=str(compute))
         model.to("cpu")
     inputs = [model_path, *([teacher_file] if teacher_file else [])]
     save(model, tokenizer, out, manifest, overwrite=options.overwrite, inputs=inputs, extras=extras)

@@ -38,12 +38,10 @@ def _lm_eval():
     return lm_eval
 
 
-def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int | None = None,
-              num_fewshot: int | None = None, batch_size: int = 8, device: str = "cpu",
-              include_path: list[Path] = (), seed: int = 0) -> dict[str, Any]:  # fmt: skip
-    """lm-eval's `simple_evaluate` on `model`; returns {lm_eval_version, tasks: {name: metrics}}."""
-    lm_eval = _lm_eval()
-    from lm_eval.models.huggingface import HFLM
+def _manager(tasks: list[str], include_path: list[Path] = ()):
+    """lm-eval's task manager over its own tasks, `include_path` and (when asked) the probe; raises
+    for an unknown name."""
+    _lm_eval()
     from lm_eval.tasks import TaskManager
 
     if not tasks:
@@ -54,6 +52,22 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int 
     if missing:
         raise TaskError(f"unknown task(s) {', '.join(missing)}; give lm-eval task names (offline: local task files "
                         f"with --include-path DIR, or the built-in {PROBE})")
+    return manager
+
+
+def check_tasks(tasks: list[str], include_path: list[Path] = ()) -> None:
+    """Fail before any work when lm-eval is missing or a task name is unknown."""
+    _manager(tasks, include_path)
+
+
+def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int | None = None,
+              num_fewshot: int | None = None, batch_size: int = 8, device: str = "cpu",
+              include_path: list[Path] = (), seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """lm-eval's `simple_evaluate` on `model`; returns {lm_eval_version, tasks: {name: metrics}}."""
+    lm_eval = _lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    manager = _manager(tasks, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, bootstrap_iters=0, random_seed=seed,
