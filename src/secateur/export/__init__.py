@@ -51,6 +51,6 @@ def export_gguf(model_path: str | Path, out: str | Path, kind: str = "f16", over
               "heads": shape.heads, "kv_heads": shape.kv_heads, "channels": shape.channels,
               "stub_mlps": shape.stub_mlps}  # fmt: skip
     document = {**(manifest or {}), "export": record}
-    write_gguf(model, out, kind, document, vocab, name=path.name)
+    write_gguf(model, shape, out, kind, document, vocab, name=path.name)
     record["bytes"] = out.stat().st_size
     return record

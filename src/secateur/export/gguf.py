@@ -217,14 +217,14 @@ def write_hparams(writer, model: nn.Module, shape: Shape, kind: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def write_gguf(model: nn.Module, out: Path, kind: str, manifest: dict[str, Any] | None, vocabulary: Vocabulary,
-               name: str) -> Shape:
-    """Write `model` to `out` (a finished file appears only by rename); returns the layout used."""
+def write_gguf(model: nn.Module, shape: Shape, out: Path, kind: str, manifest: dict[str, Any] | None,
+               vocabulary: Vocabulary, name: str) -> None:
+    """Write `model` in layout `shape` (from `model_shape`) to `out`; a finished file appears only by
+    rename."""
     import gguf
 
     if kind not in TYPES:
         raise ExportError(f"--type must be one of {', '.join(TYPES)}, got {kind!r}")
-    shape = model_shape(model)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     writer = gguf.GGUFWriter(staging, shape.arch)
     try:
@@ -245,5 +245,4 @@ def write_gguf(model: nn.Module, out: Path, kind: str, manifest: dict[str, Any] 
         writer.close()
         staging.unlink(missing_ok=True)
         raise
-    return shape
 
