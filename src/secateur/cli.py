@@ -125,6 +125,18 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
 
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    from secateur.plan import PlanConfig
+    from secateur.schema import options_of
+
+    p = sub.add_parser("plan", help="from a target (decode speedup in an engine, parameters, file size) to the best "
+                                    "mix of depth, width and hidden pruning: a recipe, the Pareto front and a plot")
+    p.add_argument("model", help="HF model directory, .gguf file or secateur output (never modified)")
+    p.add_argument("--out", required=True, help="new directory for plan.toml, front.md, pareto.png and plan.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    _option_flags(p, {k: (o, o.help) for k, o in options_of(PlanConfig).items()})
+
+
 def _report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="one HTML page (and Markdown) with plots about one or more models")
     p.add_argument("models", nargs="+", help="secateur outputs or HF model directories")
@@ -149,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_prune_parser, _train_parser, _eval_parser, _info_parser, _bench_parser, _export_parser,
-                _report_parser):
+                _report_parser, _plan_parser):
         add(sub)
     return parser
 
@@ -437,6 +449,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from secateur.errors import ConfigError
+    from secateur.plan import PlanConfig, plan
+    from secateur.schema import fill
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "model", "out", "overwrite", "verbose")}
+    if settings.get("target") is None:
+        raise ConfigError("--target is required, e.g. --target decode-speedup=1.6, params=80M or file=200MB")
+    record = plan(args.model, fill(PlanConfig, settings), args.out, overwrite=args.overwrite)
+    chosen, costs = record["chosen"], record["costs"]
+    print(f"plan for --target {record['target']}: {chosen['key']} ({chosen['kind']}), {chosen['params'] / 1e6:.1f}M "
+          f"parameters, KL {chosen['kl']:.4f} on {chosen['windows']} windows")
+    if costs.get("engine"):
+        errors = [abs(e[k]) for e in costs["errors"] for k in ("decode", "prefill")]
+        print(f"  {'measured' if chosen['measured'] else 'predicted'} in {costs['engine']['engine']}: decode "
+              f"{chosen['decode_speedup']:.2f}x, prefill {chosen['prefill_speedup']:.2f}x; cost model "
+              f"held-out error up to {max(errors, default=0) * 100:.1f}% ({len(costs['errors'])} shapes), margin "
+              f"{costs['margin'] * 100:.1f}%")
+    seconds = record["seconds"]
+    print(f"  {record['evaluations']} candidate builds over rungs {record['rungs']}"
+          f"{'; ' + record['stopped'] if record['stopped'] else ''}; {seconds['total']:.0f} s")
+    print(f"-> {args.out}/plan.toml (secateur prune MODEL --recipe {args.out}/plan.toml --out DIR), front.md, "
+          "pareto.png, plan.json")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     import time
 
@@ -459,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()
     handler = {"prune": cmd_prune, "train": cmd_prune, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
-               "export": cmd_export, "report": cmd_report}[args.command]
+               "export": cmd_export, "report": cmd_report, "plan": cmd_plan}[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:

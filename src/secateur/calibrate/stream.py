@@ -8,6 +8,8 @@ compute device with its inputs, so only that block and the activations need to f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -87,6 +89,19 @@ def move_outside_blocks(model: nn.Module, adapter: Adapter, device: torch.device
                 tensor.data = tensor.data.to(device)
 
 
+_BARS: ContextVar[bool] = ContextVar("secateur_block_bars", default=True)
+
+
+@contextmanager
+def block_bars(enabled: bool) -> Iterator[None]:
+    """Show (or hide) the per-block progress bars of the streamed passes inside this context."""
+    token = _BARS.set(enabled)
+    try:
+        yield
+    finally:
+        _BARS.reset(token)
+
+
 def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int, device: torch.device,
                   desc: str) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
     """Capture the first block's inputs, then yield (index, block on `device`, inputs) block by block;
@@ -96,7 +111,7 @@ def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch
     move_outside_blocks(model, adapter, device)
     try:
         inputs = capture_inputs(model, adapter, calibration, batch_size, device)
-        for index, block in enumerate(tqdm(adapter.block_list(model), desc=desc, unit="block")):
+        for index, block in enumerate(tqdm(adapter.block_list(model), desc=desc, unit="block", disable=not _BARS.get())):
             block.to(device)
             try:
                 yield index, block, inputs

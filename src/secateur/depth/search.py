@@ -110,16 +110,25 @@ def select_block_influence(model: nn.Module, adapter: Adapter, calibration: Tens
     return Selection("block influence: 1 - cos(block input, block output), mean over calibration tokens", steps)
 
 
+def angular_distances(model: nn.Module, adapter: Adapter, calibration: Tensor, counts: list[int], batch_size: int,
+                      device: torch.device, positions: str = "all") -> dict[int, list[float]]:
+    """For each span length in `counts`, the angular distance of every span of that many consecutive
+    blocks (entry l: blocks l .. l + count - 1), from one pass over the dense model."""
+    window: deque[list[Tensor]] = deque(maxlen=max(counts) + 1)
+    distances: dict[int, list[float]] = {count: [] for count in counts}
+    for _, states in boundary_states(model, adapter, calibration, batch_size, device):
+        window.append([s[:, -1] if positions == "last" else s for s in states])
+        for count in counts:
+            if len(window) > count:
+                distances[count].append(_mean([angular_distance(a, b) for a, b in zip(window[-1 - count], window[-1])]))
+    return distances
+
+
 def select_angular_span(model: nn.Module, adapter: Adapter, calibration: Tensor, count: int, batch_size: int,
                         device: torch.device, positions: str = "all") -> Selection:
     """The span of `count` consecutive blocks with the smallest angular distance between the state
     entering its first block and the state leaving its last one."""
-    window: deque[list[Tensor]] = deque(maxlen=count + 1)
-    distances: list[float] = []  # distances[l]: span l .. l + count - 1
-    for _, states in boundary_states(model, adapter, calibration, batch_size, device):
-        window.append([s[:, -1] if positions == "last" else s for s in states])
-        if len(window) == count + 1:
-            distances.append(_mean([angular_distance(a, b) for a, b in zip(window[0], window[-1])]))
+    distances = angular_distances(model, adapter, calibration, [count], batch_size, device, positions)[count]
     start = lowest(distances, 1)[0]
     blocks = adapter.block_list(model)
     steps = [Step(i, distances[start], block_parameters(blocks[i])) for i in range(start, start + count)]

@@ -1,0 +1,213 @@
+"""`secateur plan` on SmolLM2-135M-Instruct: for decode targets 1.3x, 1.6x and 2x in llama.cpp and for
+80M parameters, the planner's recipe (depth x width x hidden) against the best single-kind recipes
+(depth only, width only, on finer grids) chosen by the same rule, each pruned for real, evaluated
+(perplexity, protocol v1: 64 x 512 enwiki windows) and timed in llama.cpp (GGUF f16, llama-bench,
+2 threads, interleaved rounds). Also: the proxy's rank correlation with perplexity over every
+pruned recipe, and planning time against one prune.
+
+Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl.
+
+    python benchmarks/plan.py [--phase plan|prune|speed|proxy|table|all] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "plan.jsonl"
+WORK = ROOT / "bench-out" / "plan"
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+
+from llamacpp_build import build  # noqa: E402
+
+TARGETS = {"decode1.3": "decode-speedup=1.3", "decode1.6": "decode-speedup=1.6", "decode2": "decode-speedup=2",
+           "params80M": "params=80M"}  # fmt: skip
+SEARCHES = {  # the planner's grid, and finer single-kind grids for the baselines
+    "planner": ["--depth", "0:0.7:0.1", "--width", "0:0.7:0.1", "--hidden", "0,0.125"],
+    "depth only": ["--depth", ",".join(f"{k / 30:.6f}" for k in range(0, 25)), "--width", "0", "--hidden", "0"],
+    "width only": ["--depth", "0", "--width", "0:0.85:0.05", "--hidden", "0"],
+}
+
+
+def dense() -> Path:
+    from secateur.demo import default_model_dir
+
+    return default_model_dir()
+
+
+def done() -> dict[str, dict]:
+    if not RESULTS.exists():
+        return {}
+    return {r["step"]: r for r in (json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip())}
+
+
+def append(row: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k not in ("candidates", "bench")})[:400], flush=True)
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "secateur.cli", *map(str, args)], capture_output=True, text=True,
+                          check=check)  # fmt: skip
+
+
+def plan_phase() -> None:
+    rows = done()
+    for name, target in TARGETS.items():
+        for search, flags in SEARCHES.items():
+            step = f"plan:{name}:{search}"
+            if step in rows:
+                continue
+            out = WORK / "plans" / f"{name}-{search.replace(' ', '-')}"
+            clock = time.perf_counter()
+            result = cli("plan", dense(), "--target", target, "--out", out, "--overwrite", *flags, check=False)
+            wall = time.perf_counter() - clock
+            if result.returncode != 0:
+                append({"step": step, "target": target, "search": search, "wall": wall,
+                        "failed": result.stderr.strip().splitlines()[-1]})  # fmt: skip
+                continue
+            record = json.loads((out / "plan.json").read_text())
+            append({"step": step, "target": target, "search": search, "wall": wall, "recipe": str(out / "plan.toml"),
+                    "chosen": record["chosen"], "seconds": record["seconds"], "rungs": record["rungs"],
+                    "evaluations": record["evaluations"], "candidates": len(record["candidates"]),
+                    "errors": record["costs"].get("errors"), "margin": record["costs"].get("margin"),
+                    "measured_shapes": record["costs"].get("measured")})  # fmt: skip
+
+
+def _chosen() -> dict[str, str]:
+    """candidate key -> recipe, over every successful plan."""
+    return {r["chosen"]["key"]: r["recipe"] for s, r in done().items() if s.startswith("plan:") and "chosen" in r}
+
+
+def prune_phase() -> None:
+    for key, recipe in _chosen().items():
+        step = f"prune:{key}"
+        if step in done():
+            continue
+        out = WORK / "models" / key
+        clock = time.perf_counter()
+        cli("prune", dense(), "--recipe", recipe, "--eval", "enwiki-sample", "--out", out, "--overwrite")
+        wall = time.perf_counter() - clock
+        manifest = json.loads((out / "secateur.json").read_text())
+        (WORK / "gguf").mkdir(parents=True, exist_ok=True)
+        cli("export", out, "--gguf", WORK / "gguf" / f"{key}.gguf", "--overwrite")
+        append({"step": step, "key": key, "perplexity": manifest["evaluation"]["perplexity"],
+                "parameters": manifest["structure"]["parameters"], "wall": wall,
+                "stage_seconds": [h["seconds"] for h in manifest["history"]], "timings": manifest["timings"]})  # fmt: skip
+
+
+def speed_phase(rounds: int, repeats: int) -> None:
+    if "speed" in done():
+        return
+    (WORK / "gguf").mkdir(parents=True, exist_ok=True)
+    base = WORK / "gguf" / "dense.gguf"
+    if not base.exists():
+        cli("export", dense(), "--gguf", base)
+    keys = sorted(_chosen())
+    paths = [base, *(WORK / "gguf" / f"{k}.gguf" for k in keys)]
+    env = {**os.environ, "SECATEUR_LLAMA_CPP": str(build())}
+    out = subprocess.run([sys.executable, "-m", "secateur.cli", "bench", *map(str, paths), "--engine", "llama.cpp",
+                          "--rounds", str(rounds), "--repeats", str(repeats), "--json"], capture_output=True,
+                         text=True, check=True, env=env).stdout  # fmt: skip
+    from secateur.bench import SpeedResult
+
+    results = [SpeedResult(**r) for r in json.loads(out)["results"]]
+    speed = {}
+    for key, r in zip(["dense", *keys], results):
+        prefill, decode = r.speedup(results[0])
+        speed[key] = {"decode_speedup": decode, "prefill_speedup": prefill, "decode_tps": r.decode_tokens_per_second,
+                      "prefill_ms": r.prefill_seconds * 1e3, "file_bytes": r.file_bytes}  # fmt: skip
+    append({"step": "speed", "rounds": rounds, "repeats": repeats, "speed": speed})
+
+
+def proxy_phase() -> None:
+    """KL on all four proxy windows for every pruned recipe, with the planner's own machinery."""
+    if "proxy" in done():
+        return
+    import torch
+
+    from secateur.io import load
+    from secateur.plan.config import PlanConfig
+    from secateur.plan.planner import _windows
+    from secateur.plan.proxy import Proxy
+    from secateur.plan.search import spearman
+    from secateur.plan.space import Candidate
+
+    config = PlanConfig(target="params=1")
+    model, tokenizer = load(dense())
+    calibration, windows = _windows(model, tokenizer, config)
+    proxy = Proxy(model, calibration, windows, torch.device("cpu"))
+    rows = done()
+    kl, ppl = {}, {}
+    for key in _chosen():
+        d, w, h = key.split("-")
+        candidate = Candidate(int(d[1:]), float(w[1:]), float(h[1:]))
+        built = proxy.build(candidate)
+        scores = proxy.score(built, range(config.proxy_windows))
+        kl[key], ppl[key] = sum(scores) / len(scores), rows[f"prune:{key}"]["perplexity"]
+        del built
+    keys = sorted(kl)
+    append({"step": "proxy", "kl": kl, "perplexity": ppl,
+            "spearman": spearman([kl[k] for k in keys], [ppl[k] for k in keys]), "n": len(keys)})  # fmt: skip
+
+
+def table_phase() -> None:
+    rows = done()
+    speed = rows.get("speed", {}).get("speed", {})
+    print("| target | recipe | candidate | parameters | perplexity | decode (measured) | prefill | met | planning s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, target in TARGETS.items():
+        for search in SEARCHES:
+            r = rows.get(f"plan:{name}:{search}")
+            if r is None:
+                continue
+            if "failed" in r:
+                print(f"| {target} | {search} | none: {r['failed']} | | | | | | {r['wall']:.0f} |")
+                continue
+            key = r["chosen"]["key"]
+            p, s = rows.get(f"prune:{key}", {}), speed.get(key, {})
+            measured = s.get("decode_speedup")
+            if "params" in target:
+                met = p.get("parameters", 1e18) <= 80e6
+            else:
+                met = measured is not None and measured >= float(target.split("=")[1])
+            print(f"| {target} | {search} | {key} | {p.get('parameters', 0) / 1e6:.1f}M | {p.get('perplexity', float('nan')):.2f} | "
+                  f"{measured or float('nan'):.2f}x (pred. {r['chosen']['decode_speedup'] or float('nan'):.2f}x) | "
+                  f"{s.get('prefill_speedup', float('nan')):.2f}x | {'yes' if met else 'NO'} | {r['wall']:.0f} |")
+    if "proxy" in rows:
+        print(f"\nproxy rank correlation (Spearman, KL vs perplexity, {rows['proxy']['n']} recipes): "
+              f"{rows['proxy']['spearman']:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", default="all", choices=["plan", "prune", "speed", "proxy", "table", "all"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    os.environ.setdefault("SECATEUR_LLAMA_CPP", str(build()))
+    if args.phase in ("plan", "all"):
+        plan_phase()
+    if args.phase in ("prune", "all"):
+        prune_phase()
+    if args.phase in ("speed", "all"):
+        speed_phase(args.rounds, args.repeats)
+    if args.phase in ("proxy", "all"):
+        proxy_phase()
+    if args.phase in ("table", "all"):
+        table_phase()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Typed configuration of `secateur plan`; its flags are generated from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from secateur.errors import ConfigError
+from secateur.schema import REQUIRED, option
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Search depth x width x hidden for the candidate that meets `target` with the least KL to the
+    dense model. Grids are fractions: `a,b,c` or `start:stop:step` (stop included)."""
+
+    target: str = option(REQUIRED, "decode-speedup=X or prefill-speedup=X (in --engine), params=N (80M), or "
+                                   "file=SIZE (200MB; the GGUF f16 file for llama.cpp, float32 safetensors for hf)")
+    engine: Literal["llama.cpp", "hf"] | None = option(None, "speed and file targets: llama.cpp (llama-bench on GGUF "
+                                                             "f16) or hf (transformers here); default llama.cpp")
+    llama_cpp: str | None = option(None, "llama.cpp's binaries (default: $SECATEUR_LLAMA_CPP, then PATH)")
+    threads: int | None = option(None, "llama.cpp threads (default: torch's thread count)")
+    depth: str = option("0:0.5:0.1", "fractions of the decoder blocks to remove (angular span, compensated)")
+    width: str = option("0:0.6:0.1", "fractions of the remaining blocks' parameters to remove as heads and MLP "
+                                     "channels (uniform widths), hidden channels included")
+    hidden: str = option("0,0.125", "fractions of the hidden channels to remove (counted in the width fraction)")
+    calib: str = option("enwiki-sample", "text for statistics, spans and proxy windows (drawn after the "
+                                         "evaluation region)")
+    calib_samples: int = option(8, "windows for the planner's statistics and compensation (the recipe it writes "
+                                   "calibrates with each kind's defaults)")
+    calib_seq_len: int = option(512, "tokens per window (statistics and proxy)")
+    seed: int = option(0, "seed for drawing the windows")
+    eval_windows: int = option(64, "the evaluation region (windows from the start of the text) the planner's "
+                                   "windows stay out of, as prune --eval-windows")
+    eval_seq_len: int = option(512, "tokens per evaluation window (of that region)")
+    proxy_windows: int = option(4, "windows the KL proxy reads at the last rung (rung r reads 2^r)")
+    keep: float = option(0.5, "successive halving: the share of candidates meeting the target kept at each rung")
+    holdout: int = option(3, "measured shapes per hidden size held out to report the cost model's error")
+    margin: float | None = option(None, "speed targets: predicted speedup must beat the target by this relative "
+                                        "margin (default: the cost model's largest held-out error, at least 0.02)")
+    budget_minutes: float | None = option(None, "stop evaluating candidates after this many minutes (the plan "
+                                                "is chosen among those evaluated; a rerun goes on from the cache)")
+    recover_tokens: int = option(0, "append a recovery stage (distillation from the dense model) of this many "
+                                    "tokens to the recipe (0: none)")
+    device: str = option("auto", "auto (cuda when present), cpu or cuda[:N]")
+    prompt: int | None = option(None, "timing: prompt tokens (default: llama.cpp 512, hf 128)")
+    new_tokens: int | None = option(None, "timing: decoded tokens (default: llama.cpp 128, hf 32)")
+    repeats: int | None = option(None, "timing: runs per shape, the fastest counting (default: llama.cpp 5, hf 3)")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep < 1:
+            raise ConfigError(f"--keep must be in (0, 1), got {self.keep}")
+        for name in ("calib_samples", "proxy_windows", "eval_windows", "eval_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.calib_seq_len < 2:
+            raise ConfigError(f"--calib-seq-len must be at least 2, got {self.calib_seq_len}")
+        if self.holdout < 0 or self.recover_tokens < 0:
+            raise ConfigError("--holdout and --recover-tokens must be >= 0")
+        if self.margin is not None and not 0 <= self.margin < 1:
+            raise ConfigError(f"--margin must be in [0, 1), got {self.margin}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise ConfigError(f"--budget-minutes must be positive, got {self.budget_minutes}")
+        for name in ("prompt", "new_tokens", "threads", "repeats"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

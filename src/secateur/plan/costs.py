@@ -1,0 +1,331 @@
+"""The cost model: measured, not guessed.
+
+Random-weight models of candidate shapes are timed once per machine and engine (cached), a linear
+model per hidden size is fitted on a design of them, and held-out shapes, timed too, tell its error.
+Per hidden size because engines are not smooth in it (llama.cpp runs a 504-wide SmolLM2 at a third
+of its prefill speed); within one, a token's time is a fixed cost (embedding, LM head, sampling) plus,
+per block, a fixed cost and a term proportional to the block's weights (decode reads each once):
+
+    t(L, block) = a + L * (b + c * block_params)
+
+(Separate attention and MLP terms were tried: the design's blocks shrink both together, so the two
+were ill-determined and held-out errors reached 23% on SmolLM2 in llama.cpp, against 6% with one.)
+A timing is the fastest of its repetitions: interference from other processes only slows a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateur.errors import ConfigError
+
+
+@dataclass(frozen=True, order=True)
+class ArchShape:
+    """What a uniform decoder's speed depends on (with the family and vocabulary of the base model)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    channels: int  # MLP width
+
+    @property
+    def key(self) -> str:
+        return f"L{self.layers}-h{self.hidden}-q{self.heads}-kv{self.kv_heads}-d{self.head_dim}-c{self.channels}"
+
+    @property
+    def attention_params(self) -> int:
+        """q, k, v, o weights of one block."""
+        return self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+
+    @property
+    def mlp_params(self) -> int:
+        """gate, up, down weights of one block."""
+        return 3 * self.hidden * self.channels
+
+    def features(self) -> list[float]:
+        return [1.0, self.layers, self.layers * (self.attention_params + self.mlp_params) / 1e6]
+
+
+def shape_of(config: Any) -> ArchShape:
+    heads = config.num_attention_heads
+    return ArchShape(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
+                     kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                     head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                     channels=config.intermediate_size)  # fmt: skip
+
+
+def with_layers(config: Any, layers: int) -> Any:
+    """A copy of `config` with `layers` decoder blocks."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    return config
+
+
+def random_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def parameter_count(config: Any) -> tuple[int, int]:
+    """(all parameters, those in 1-D tensors) of a model of `config`, counted on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.ndim == 1)
+
+
+# --- timings and engines ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    decode: float  # seconds per decoded token
+    prefill: float  # seconds for the prompt
+
+    def speedup(self, base: "Timing") -> tuple[float, float]:
+        """(decode, prefill) speedup over `base`."""
+        return base.decode / self.decode, base.prefill / self.prefill
+
+
+class Engine(Protocol):
+    name: str
+
+    def identity(self) -> dict[str, Any]:
+        """What its timings depend on besides the shape (machine, versions, threads, lengths)."""
+
+    def time(self, config: Any) -> Timing:
+        """Time a random-weight model of `config`."""
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))  # fmt: skip
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine()}
+
+
+@dataclass
+class HFEngine:
+    """transformers in this process (secateur bench's protocol: prefill, then greedy decode with the cache)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    prompt: int = 128
+    new_tokens: int = 32
+    repeats: int = 3
+    name: str = "hf"
+
+    def identity(self) -> dict[str, Any]:
+        import transformers
+
+        return {"engine": self.name, **machine(), "device": self.device, "dtype": self.dtype,
+                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "prompt": self.prompt, "new_tokens": self.new_tokens,
+                "repeats": self.repeats, "estimator": "fastest"}  # fmt: skip
+
+    def time(self, config: Any) -> Timing:
+        from secateur.bench import _one_run
+        from secateur.io import resolve_dtype
+
+        model = random_model(config, resolve_dtype(self.dtype)).to(self.device)
+        ids = torch.randint(0, config.vocab_size, (1, self.prompt), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(self.device)
+        _one_run(model, ids, self.new_tokens)  # warm-up
+        runs = [_one_run(model, ids, self.new_tokens) for _ in range(self.repeats)]
+        return Timing(decode=1 / max(r[1] for r in runs), prefill=min(r[0] for r in runs))
+
+
+@dataclass
+class LlamaCppEngine:
+    """llama-bench on an f16 GGUF of the shape (written with secateur's exporter, the source model's
+    vocabulary)."""
+
+    binary: Path
+    vocabulary: Any  # secateur.export.vocab.Vocabulary of the source model
+    threads: int | None = None
+    prompt: int = 512
+    new_tokens: int = 128
+    repeats: int = 5
+    kind: str = "f16"
+    name: str = "llama.cpp"
+
+    def identity(self) -> dict[str, Any]:
+        stat = Path(self.binary).stat()
+        return {"engine": self.name, **machine(), "binary": str(self.binary), "binary_bytes": stat.st_size,
+                "binary_mtime": int(stat.st_mtime), "threads": self.threads or torch.get_num_threads(),
+                "type": self.kind, "prompt": self.prompt, "new_tokens": self.new_tokens, "repeats": self.repeats,
+                "estimator": "fastest"}  # fmt: skip
+
+    def time(self, config: Any) -> Timing:
+        from secateur.bench import measure_llamacpp
+        from secateur.export.gguf import model_shape, write_gguf
+
+        model = random_model(config)
+        with tempfile.TemporaryDirectory(prefix="secateur-plan-") as work:
+            path = Path(work) / "shape.gguf"
+            write_gguf(model, model_shape(model), path, self.kind, None, self.vocabulary, name="shape")
+            del model
+            result = measure_llamacpp(path, binary=Path(self.binary), prompt=self.prompt, new_tokens=self.new_tokens,
+                                      repeats=self.repeats, threads=self.threads)  # fmt: skip
+        return Timing(decode=1 / max(result.decode_runs), prefill=min(result.prefill_runs))
+
+
+@dataclass
+class TableEngine:
+    """Timings looked up in a table keyed by shape (tests; or timings measured elsewhere)."""
+
+    table: dict[ArchShape, Timing]
+    name: str = "table"
+    calls: list[ArchShape] = field(default_factory=list)
+
+    def identity(self) -> dict[str, Any]:
+        return {"engine": self.name, "table": sorted(s.key for s in self.table)}
+
+    def time(self, config: Any) -> Timing:
+        shape = shape_of(config)
+        self.calls.append(shape)
+        if shape not in self.table:
+            raise ConfigError(f"the timing table has no row for {shape.key}")
+        return self.table[shape]
+
+
+# --- measuring, cached ----------------------------------------------------------------------------------
+
+
+def identity_key(engine: Engine, base: Any) -> str:
+    """The cache key of an engine's timings of one model family and vocabulary on this machine."""
+    family = {"model_type": base.model_type, "vocab": base.vocab_size, "tied": bool(base.tie_word_embeddings)}
+    blob = json.dumps({**engine.identity(), **family}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def measure(engine: Engine, configs: dict[ArchShape, Any], cache: Path | None, *,
+            progress: bool = True) -> dict[ArchShape, Timing]:  # fmt: skip
+    """Timings of every shape, from `cache` (JSONL, one line per shape) where there, measured and
+    appended otherwise, so an interrupted measurement goes on where it stopped."""
+    known: dict[str, Timing] = {}
+    if cache is not None and cache.is_file():
+        for line in cache.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                known[row["shape"]] = Timing(row["decode"], row["prefill"])
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by a kill
+    todo = [s for s in configs if s.key not in known]
+    for shape in tqdm(todo, desc=f"timing shapes ({engine.name})", disable=not progress or not todo):
+        timing = engine.time(configs[shape])
+        known[shape.key] = timing
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with cache.open("a") as f:
+                f.write(json.dumps({"shape": shape.key, **asdict(shape), **asdict(timing)}) + "\n")
+    return {s: known[s.key] for s in configs}
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CostModel:
+    """Least squares per hidden size on `ArchShape.features`, for decode and prefill seconds."""
+
+    coefficients: dict[int, tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def fit(cls, timings: dict[ArchShape, Timing]) -> "CostModel":
+        coefficients = {}
+        for hidden in sorted({s.hidden for s in timings}):
+            shapes = [s for s in timings if s.hidden == hidden]
+            x = np.array([s.features() for s in shapes], dtype=np.float64)
+            fits = [np.linalg.lstsq(x, np.array([getattr(timings[s], k) for s in shapes]), rcond=None)[0]
+                    for k in ("decode", "prefill")]  # fmt: skip
+            coefficients[hidden] = (fits[0], fits[1])
+        return cls(coefficients)
+
+    def covers(self, shape: ArchShape) -> bool:
+        return shape.hidden in self.coefficients
+
+    def predict(self, shape: ArchShape) -> Timing:
+        if not self.covers(shape):
+            raise ConfigError(f"the cost model has no measured shape of hidden size {shape.hidden}")
+        decode, prefill = self.coefficients[shape.hidden]
+        x = np.array(shape.features())
+        return Timing(float(x @ decode), float(x @ prefill))
+
+    def errors(self, measured: dict[ArchShape, Timing]) -> list[dict[str, Any]]:
+        """Relative error of the predictions on `measured` (held-out) shapes."""
+        rows = []
+        for shape, timing in measured.items():
+            guess = self.predict(shape)
+            rows.append({"shape": shape.key, "decode": guess.decode / timing.decode - 1,
+                         "prefill": guess.prefill / timing.prefill - 1})  # fmt: skip
+        return rows
+
+
+def design(shapes: Iterable[ArchShape], holdout: int = 3) -> tuple[list[ArchShape], list[ArchShape]]:
+    """(shapes to fit on, shapes held out) per hidden size: the fewest and most layers crossed with the
+    smallest, middle and largest block, and up to `holdout` others spread over the rest (a hidden size
+    with four shapes or fewer is measured whole and holds none out)."""
+
+    def rank(group: list[ArchShape]) -> int:
+        return int(np.linalg.matrix_rank(np.array([s.features() for s in group])))
+
+    fit: list[ArchShape] = []
+    held: list[ArchShape] = []
+    shapes = sorted(set(shapes))
+    for hidden in sorted({s.hidden for s in shapes}):
+        group = [s for s in shapes if s.hidden == hidden]
+        if len(group) <= 4:
+            fit += group
+            continue
+        layers = sorted({s.layers for s in group})
+        blocks = sorted({(s.heads, s.kv_heads, s.head_dim, s.channels) for s in group},
+                        key=lambda b: (b[0] + b[1]) * b[2] * 2 + 3 * b[3])  # fmt: skip
+        picked = {blocks[0], blocks[len(blocks) // 2], blocks[-1]}
+        chosen = [s for s in group if s.layers in (layers[0], layers[-1])
+                  and (s.heads, s.kv_heads, s.head_dim, s.channels) in picked]  # fmt: skip
+        if rank(chosen) < rank(group):  # the corners do not determine what the group's shapes vary in
+            chosen = group[:: max(len(group) // 6, 1)]
+        rest = [s for s in group if s not in chosen]
+        step = max(len(rest) / holdout, 1)
+        fit += chosen
+        held += [rest[int(i * step)] for i in range(min(holdout, len(rest)))]
+    return fit, held
+
+
+def timed_model(engine: Engine, configs: dict[ArchShape, Any], cache: Path | None, *, holdout: int = 3,
+                progress: bool = True) -> tuple[CostModel, dict[ArchShape, Timing], list[dict[str, Any]]]:  # fmt: skip
+    """Measure the design and held-out shapes among `configs`, fit; returns the model, every
+    measured timing and the held-out errors."""
+    fit, held = design(configs, holdout)
+    timings = measure(engine, {s: configs[s] for s in [*fit, *held]}, cache, progress=progress)
+    model = CostModel.fit({s: timings[s] for s in fit})
+    return model, timings, model.errors({s: timings[s] for s in held})
+
+
+ENGINES: dict[str, Callable[..., Engine]] = {"hf": HFEngine, "llama.cpp": LlamaCppEngine}

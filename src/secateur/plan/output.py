@@ -1,0 +1,111 @@
+"""What `secateur plan` writes: the recipe (plan.toml, runnable by `secateur prune --recipe`), the
+Pareto front as a table (front.md) and a plot (pareto.png), and every figure (plan.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def recipe_toml(record: dict[str, Any]) -> str:
+    """The chosen candidate as [[stage]] tables, with what the plan predicted in comments."""
+    chosen = record["chosen"]
+    lines = [f"# secateur plan: --target {record['target']} for {record['model']}",
+             f"# chosen {chosen['key']} ({chosen['kind']}): {chosen['params'] / 1e6:.1f}M parameters, "
+             f"file {chosen['file_bytes'] / 1e6:.1f} MB, KL to dense {chosen['kl']:.4f} on {chosen['windows']} windows"]  # fmt: skip
+    if chosen["decode_speedup"] is not None:
+        how = "measured" if chosen["measured"] else "predicted"
+        lines.append(f"# {how} in {record['costs']['engine']['engine']}: decode {chosen['decode_speedup']:.2f}x, "
+                     f"prefill {chosen['prefill_speedup']:.2f}x")
+    stages = [*record["stages"], *([{"method": "recovery", "tokens": record["recover_tokens"]}]
+                                   if record["recover_tokens"] else [])]  # fmt: skip
+    for stage in stages:
+        lines += ["", "[[stage]]", *(f"{k} = {_toml_value(v)}" for k, v in stage.items())]
+    return "\n".join(lines) + "\n"
+
+
+def front_table(record: dict[str, Any]) -> str:
+    rows = {r["key"]: r for r in record["candidates"]}
+    speed = record["costs"].get("engine") is not None
+    head = "| candidate | kind | KL to dense | windows | parameters | file MB |" + (" decode x | prefill x |" if speed else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key in record["front"]:
+        r = rows[key]
+        mark = " (chosen)" if key == record["chosen"]["key"] else ("" if r["feasible"] else " (misses the target)")
+        line = (f"| {key}{mark} | {r['kind']} | {r['kl']:.4f} | {r['windows']} | {r['params'] / 1e6:.1f}M | "
+                f"{r['file_bytes'] / 1e6:.1f} |")  # fmt: skip
+        if speed:
+            star = "" if r["measured"] else "*"
+            line += f" {r['decode_speedup']:.2f}{star} | {r['prefill_speedup']:.2f}{star} |"
+        lines.append(line)
+    if speed:
+        lines.append("\n\\* predicted by the cost model (the others were timed on their own shape)")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = record["metric"]
+    rows = [r for r in record["candidates"] if r["kl"] is not None]
+
+    def cost(r: dict[str, Any]) -> float:
+        if metric in ("decode-speedup", "prefill-speedup"):
+            return r[metric.replace("-", "_")]
+        return r["params"] / 1e6 if metric == "params" else r["file_bytes"] / 1e6
+
+    label = {"decode-speedup": "decode speedup", "prefill-speedup": "prefill speedup", "params": "parameters (M)",
+             "file": "file (MB)"}[metric]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, colour in (("depth", "tab:blue"), ("width", "tab:orange"), ("width+hidden", "tab:purple")):
+        pts = [r for r in rows if r["kind"] == kind]
+        ax.scatter([cost(r) for r in pts], [r["kl"] for r in pts], s=18, c=colour, label=f"{kind} only")
+    mixed = [r for r in rows if "+" in r["kind"].replace("width+hidden", "")]
+    ax.scatter([cost(r) for r in mixed], [r["kl"] for r in mixed], s=18, c="tab:green", label="mixed")
+    front = [next(r for r in rows if r["key"] == k) for k in record["front"]]
+    ax.plot([cost(r) for r in front], [r["kl"] for r in front], "k-", lw=1, label="Pareto front")
+    chosen = record["chosen"]
+    ax.scatter([cost(chosen)], [chosen["kl"]], s=90, facecolors="none", edgecolors="red", label="chosen")
+    target = record["value"] / (1e6 if metric in ("params", "file") else 1)
+    ax.axvline(target, color="red", ls="--", lw=1, label=f"target {record['target']}")
+    ax.set_xlabel(label)
+    ax.set_ylabel("KL to the dense model (proxy)")
+    ax.set_yscale("log")
+    ax.set_title(f"secateur plan: {Path(record['model']).name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_plan(out: str | Path, record: dict[str, Any], overwrite: bool = False) -> Path:
+    """All four files into `out`, atomically (a temporary sibling renamed at the end)."""
+    out = Path(out)
+    work = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        (work / "plan.toml").write_text(recipe_toml(record))
+        (work / "front.md").write_text(front_table(record))
+        (work / "plan.json").write_text(json.dumps(record, indent=2, default=str))
+        pareto_plot(record, work / "pareto.png")
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -1,0 +1,351 @@
+"""`plan(model, config, out)`: from a target to a recipe, with the Pareto front to prove it.
+
+1. Before loading anything: the target, the grids, the engine, the output.
+2. Shapes: every (width, hidden) pair is pruned once on a one-block copy of the model (uniform
+   widths do not depend on the depth), so each candidate's shape, parameters and file size are
+   known before any candidate is built.
+3. Costs (speed targets): a design of the shapes, and held-out ones, timed in the engine (cached per
+   machine and engine); a linear model per hidden size predicts the rest.
+4. Quality: KL to the dense model after one-shot pruning, by successive halving: every candidate on
+   one window, then the better share of those meeting the target on twice as many, and so on.
+   Scores are cached per window, so an interrupted or budget-limited plan goes on where it stopped.
+5. The Pareto front (KL, cost), a plot, and the chosen candidate as a recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from secateur.calibrate.stream import block_bars
+from secateur.config import CalibConfig
+from secateur.data.enwiki import cache_dir
+from secateur.errors import ConfigError
+from secateur.io import check_output, content_hash, load, load_config, resolve_device
+from secateur.models import adapter_for
+from secateur.plan import costs as cost_models
+from secateur.plan.config import PlanConfig
+from secateur.plan.proxy import Proxy
+from secateur.plan.search import halve, pareto_front
+from secateur.plan.space import Candidate, block_counts, candidates, parse_grid
+from secateur.plan.targets import Target, parse_target
+from secateur.width import WidthConfig, width_prune
+from secateur.width.structure import WidthError
+
+log = logging.getLogger(__name__)
+PROXY_VERSION = 1  # bump when the proxy's definition changes: cached scores of older ones are not reused
+
+
+@dataclass
+class Row:
+    """One candidate: its shape and costs (known up front) and its proxy scores (per window)."""
+
+    candidate: Candidate
+    shape: cost_models.ArchShape
+    params: int
+    file_bytes: int
+    speedup: tuple[float, float] | None = None  # (decode, prefill), predicted or measured
+    measured: bool = False  # the speedup was timed on this very shape
+    feasible: bool = False
+    kl: list[float] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        return sum(self.kl) / len(self.kl) if self.kl else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.candidate.key, **asdict(self.candidate), "kind": self.candidate.kind,
+                "shape": asdict(self.shape), "params": self.params, "file_bytes": self.file_bytes,
+                "decode_speedup": self.speedup[0] if self.speedup else None,
+                "prefill_speedup": self.speedup[1] if self.speedup else None, "measured": self.measured,
+                "feasible": self.feasible, "kl": self.score if self.kl else None, "windows": len(self.kl)}  # fmt: skip
+
+
+def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> cost_models.Engine | None:
+    """The timing engine a speed target needs (checked before any work); None for size targets."""
+    given = [f"--{k.replace('_', '-')}" for k in ("llama_cpp", "threads", "prompt", "new_tokens", "repeats")
+             if getattr(config, k) is not None]  # fmt: skip
+    if not target.speed:
+        if target.metric == "params" and config.engine is not None:
+            raise ConfigError("--engine applies to speed and file targets; params counts parameters")
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to speed targets (decode-speedup, prefill-speedup)")
+        return None
+    engine = config.engine or "llama.cpp"
+    lengths = {k: v for k in ("prompt", "new_tokens", "repeats") if (v := getattr(config, k)) is not None}
+    if engine == "hf":
+        wrong = [f for f in given if f in ("--llama-cpp", "--threads")]
+        if wrong:
+            raise ConfigError(f"{', '.join(wrong)} apply only to --engine llama.cpp")
+        return cost_models.HFEngine(device=str(resolve_device(config.device)), **lengths)
+    from secateur.bench import llama_bench_binary
+    from secateur.export.gguf import FAMILIES
+
+    model_type = load_config(model_path).model_type
+    if model_type not in FAMILIES:
+        raise ConfigError(f"--engine llama.cpp times GGUF exports, which support the {', '.join(sorted(FAMILIES))} "
+                          f"families, not {model_type}; use --engine hf")
+    binary = llama_bench_binary(config.llama_cpp)
+    return cost_models.LlamaCppEngine(binary, None, threads=config.threads, **lengths)
+
+
+def _file_bytes(params: int, one_d: int, target: Target, config: PlanConfig) -> int:
+    """The saved file's size: GGUF f16 (1-D tensors f32) for llama.cpp, float32 safetensors for hf."""
+    if (config.engine or "llama.cpp") == "llama.cpp":
+        return 2 * (params - one_d) + 4 * one_d
+    return 4 * params
+
+
+def block_shapes(model_config: Any, pairs: list[tuple[float, float]]) -> dict[tuple[float, float], Any | str]:
+    """The config a width stage leaves, per (width, hidden) pair, from a one-block random copy of the
+    model pruned for real (uniform widths are the same at any depth); a string says why a pair
+    cannot be pruned."""
+    one = cost_models.with_layers(model_config, 1)
+    calibration = torch.randint(0, model_config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    out: dict[tuple[float, float], Any | str] = {}
+    for width, hidden in pairs:
+        if not width:
+            out[(width, hidden)] = one
+            continue
+        skeleton = cost_models.random_model(copy.deepcopy(one))  # pruning rewrites the model's config
+        try:
+            with block_bars(False):
+                width_prune(skeleton, WidthConfig(width, hidden_fraction=hidden), calibration)
+        except WidthError as exc:
+            out[(width, hidden)] = str(exc)
+            continue
+        out[(width, hidden)] = skeleton.config
+    return out
+
+
+def _windows(model: Any, tokenizer: Any, config: PlanConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    from secateur.pipeline import calibration_data
+
+    calib = CalibConfig(source=config.calib, samples=config.calib_samples + config.proxy_windows,
+                        seq_len=config.calib_seq_len, seed=config.seed, holdout_windows=config.eval_windows,
+                        holdout_seq_len=config.eval_seq_len)  # fmt: skip
+    windows = calibration_data(model, tokenizer, calib)
+    return windows[: config.calib_samples], windows[config.calib_samples :]
+
+
+def _score_cache(model_path: str | Path, config: PlanConfig) -> Path:
+    blob = json.dumps({"model": content_hash(model_path), "proxy": PROXY_VERSION, "calib": config.calib,
+                       "samples": config.calib_samples, "seq_len": config.calib_seq_len, "seed": config.seed,
+                       "windows": config.proxy_windows, "holdout": [config.eval_windows, config.eval_seq_len]},
+                      sort_keys=True)  # fmt: skip
+    return cache_dir() / "plan" / f"scores-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.jsonl"
+
+
+def _read_scores(path: Path) -> dict[str, dict[int, float]]:
+    scores: dict[str, dict[int, float]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                scores.setdefault(row["key"], {})[int(row["window"])] = float(row["kl"])
+            except (json.JSONDecodeError, KeyError, ValueError):
+                continue  # a line cut short by a kill
+    return scores
+
+
+@dataclass
+class Search:
+    """Successive halving over the rows with the proxy; scores cached per (candidate, window)."""
+
+    rows: dict[str, Row]
+    proxy: Proxy
+    cache: Path
+    keep: float
+    windows: int
+    deadline: float | None
+    progress: bool = True
+    stopped: str | None = None  # why the search ended before its last rung
+    evaluations: int = 0
+
+    def run(self) -> list[int]:
+        """Returns the windows read at each rung."""
+        known = _read_scores(self.cache)
+        rungs, alive, size = [], list(self.rows), 1
+        bar = tqdm(total=len(alive), desc="plan: candidates", disable=not self.progress)
+        while alive:
+            size = min(size, self.windows)
+            rungs.append(size)
+            for key in sorted(alive, key=lambda k: self.rows[k].candidate):
+                if self._late():
+                    self.stopped = f"--budget-minutes reached at rung {len(rungs)} ({size} windows)"
+                    bar.close()
+                    return rungs
+                self._evaluate(self.rows[key], size, known.get(key, {}))
+                bar.update(1)
+            feasible = {k: self.rows[k].score for k in alive if self.rows[k].feasible}
+            if size >= self.windows or len(feasible) <= 1:
+                break
+            alive = halve(feasible, self.keep)
+            size *= 2
+            bar.total += len(alive)
+            bar.refresh()
+        bar.close()
+        return rungs
+
+    def _late(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    def _evaluate(self, row: Row, size: int, cached: dict[int, float]) -> None:
+        row.kl = [cached[i] for i in range(size) if i in cached][: size]
+        if len(row.kl) == size and all(i in cached for i in range(size)):
+            return
+        model = self.proxy.build(row.candidate)
+        built = cost_models.shape_of(model.config)
+        if built != row.shape:
+            raise RuntimeError(f"{row.candidate.key}: built {built.key}, predicted {row.shape.key}")
+        missing = [i for i in range(size) if i not in cached]
+        scores = self.proxy.score(model, missing)
+        del model
+        self.evaluations += 1
+        with self.cache.open("a") as f:
+            for i, kl in zip(missing, scores):
+                cached[i] = kl
+                f.write(json.dumps({"key": row.candidate.key, "window": i, "kl": kl}) + "\n")
+        row.kl = [cached[i] for i in range(size)]
+
+
+def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwrite: bool = False,
+         progress: bool = True, engine: cost_models.Engine | None = None) -> dict[str, Any]:  # fmt: skip
+    """Search, write `out/` (plan.toml, plan.json, front.md, pareto.png) and return the plan's record.
+    `engine` replaces the one `config` names (tests time a table)."""
+    from secateur.data import load_text
+    from secateur.plan.output import write_plan
+
+    clock = time.perf_counter()
+    target = parse_target(config.target)
+    depths = parse_grid(config.depth, "depth")
+    widths = parse_grid(config.width, "width")
+    hiddens = parse_grid(config.hidden, "hidden")
+    check_output(out, overwrite, [model_path])
+    load_text(config.calib, "calibration", "text")
+    base = load_config(model_path)
+    adapter = adapter_for(base)
+    if adapter.width is None:
+        raise ConfigError(f"secateur plan prunes width; {base.model_type} has no width description")
+    if engine is None:
+        engine = _engine(config, target, model_path)
+    blocks = base.num_hidden_layers
+    grid = candidates(block_counts(depths, blocks), widths, hiddens)
+    shapes = block_shapes(base, sorted({(c.width, c.hidden) for c in grid}))
+    refused = {f"w{w:g}-h{h:g}": why for (w, h), why in shapes.items() if isinstance(why, str)}
+    grid = [c for c in grid if not isinstance(shapes[(c.width, c.hidden)], str)]
+    configs = {c: cost_models.with_layers(shapes[(c.width, c.hidden)], blocks - c.blocks) for c in grid}
+    dense_params, dense_one_d = cost_models.parameter_count(base)
+    rows = {}
+    for c in grid:
+        params, one_d = cost_models.parameter_count(configs[c])
+        rows[c.key] = Row(c, cost_models.shape_of(configs[c]), params, _file_bytes(params, one_d, target, config))
+    dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, target, config)}
+    if not target.speed:
+        _feasible(rows, target, 0.0, dense_value)
+    model, tokenizer = load(model_path, dtype="float32", device="cpu")
+    calibration, windows = _windows(model, tokenizer, config)  # a short text fails before any timing
+    if isinstance(engine, cost_models.LlamaCppEngine) and engine.vocabulary is None:
+        engine.vocabulary = vocabulary_of(tokenizer, model_path, base.vocab_size)
+    costs = _costs(engine, base, rows, configs, config, target, progress)
+    if target.speed:
+        _feasible(rows, target, costs["margin"], dense_value)
+    setup = time.perf_counter() - clock
+    proxy = Proxy(model, calibration, windows, resolve_device(config.device))
+    proxy.spans(sorted({c.blocks for c in grid}))
+    deadline = clock + config.budget_minutes * 60 if config.budget_minutes else None
+    cache = _score_cache(model_path, config)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    search = Search(rows, proxy, cache, config.keep, config.proxy_windows, deadline, progress)
+    with block_bars(progress):
+        rungs = search.run()
+    record = _record(model_path, config, target, rows, costs, search, rungs, refused, dense_params)
+    record["seconds"] = {"total": time.perf_counter() - clock, "setup": setup, **proxy.seconds}
+    write_plan(out, record, overwrite=overwrite)
+    return record
+
+
+def _costs(engine: cost_models.Engine | None, base: Any, rows: dict[str, Row], configs: dict[Candidate, Any],
+           config: PlanConfig, target: Target, progress: bool) -> dict[str, Any]:  # fmt: skip
+    """Speed targets: the cost model fitted and checked on this engine, every row's speedup."""
+    if engine is None:
+        return {"engine": None, "margin": 0.0}
+    by_shape = {rows[c.key].shape: cfg for c, cfg in configs.items()}
+    dense = cost_models.shape_of(base)
+    cache = cache_dir() / "plan" / f"costs-{cost_models.identity_key(engine, base)}.jsonl"
+    model, timings, errors = cost_models.timed_model(engine, by_shape, cache, holdout=config.holdout, progress=progress)
+    timings.update(cost_models.measure(engine, {dense: base}, cache, progress=False))
+    worst = max((abs(e["decode" if target.metric == "decode-speedup" else "prefill"]) for e in errors), default=0.0)
+    margin = config.margin if config.margin is not None else max(worst, 0.02)
+    for row in rows.values():
+        timing = timings.get(row.shape) or model.predict(row.shape)
+        row.speedup, row.measured = timing.speedup(timings[dense]), row.shape in timings
+    return {"engine": engine.identity(), "cache": str(cache), "margin": margin, "errors": errors,
+            "dense": asdict(timings[dense]), "measured": len(timings),
+            "coefficients": {str(h): [list(map(float, c)) for c in v] for h, v in model.coefficients.items()}}  # fmt: skip
+
+
+def vocabulary_of(tokenizer: Any, model_path: str | Path, vocab_size: int) -> Any:
+    """The GGUF vocabulary of the model (its source GGUF's where it came from one)."""
+    from secateur.export.vocab import vocabulary
+    from secateur.io import read_manifest
+
+    path = Path(model_path)
+    if path.is_file():
+        return vocabulary(tokenizer, path.parent, vocab_size, {"converted_from": str(path)}, None)
+    return vocabulary(tokenizer, path, vocab_size, read_manifest(path), None)
+
+
+def _feasible(rows: dict[str, Row], target: Target, margin: float, dense: dict[str, int]) -> None:
+    """Mark the rows that meet the target; refuse a target the dense model meets or no row meets."""
+    if not target.speed and target.met(dense[target.metric]):
+        raise ConfigError(f"the dense model already meets --target {target} ({dense[target.metric]:,}); "
+                          "nothing needs removing")
+    for row in rows.values():
+        if target.metric == "decode-speedup":
+            row.feasible = target.met(row.speedup[0], margin)
+        elif target.metric == "prefill-speedup":
+            row.feasible = target.met(row.speedup[1], margin)
+        else:
+            row.feasible = target.met(row.params if target.metric == "params" else row.file_bytes)
+    if not any(r.feasible for r in rows.values()):
+        raise ConfigError(f"no candidate of the grid meets --target {target}"
+                          f"{' with the cost model margin of %.0f%%' % (margin * 100) if margin else ''}: widen "
+                          "--depth / --width / --hidden")
+
+
+def cost_of(row: Row, target: Target) -> float:
+    """The front's cost axis (lower is better): time per token relative to dense for speed targets,
+    else the target's own quantity."""
+    if target.metric == "decode-speedup":
+        return 1 / row.speedup[0]
+    if target.metric == "prefill-speedup":
+        return 1 / row.speedup[1]
+    return float(row.params if target.metric == "params" else row.file_bytes)
+
+
+def _record(model_path: str | Path, config: PlanConfig, target: Target, rows: dict[str, Row], costs: dict[str, Any],
+            search: Search, rungs: list[int], refused: dict[str, str], dense_params: int) -> dict[str, Any]:  # fmt: skip
+    scored = [r for r in rows.values() if r.kl]
+    front = pareto_front([(r.score, cost_of(r, target)) for r in scored])
+    top = max((len(r.kl) for r in scored if r.feasible), default=0)
+    finalists = [r for r in scored if r.feasible and len(r.kl) == top]
+    if not finalists:
+        raise ConfigError("the budget ran out before a candidate meeting the target was scored; raise "
+                          "--budget-minutes (a rerun reuses what was scored)")
+    chosen = min(finalists, key=lambda r: (r.score, cost_of(r, target)))
+    return {"model": str(Path(model_path).resolve()), "target": str(target), "metric": target.metric,
+            "value": target.value, "config": asdict(config), "dense_params": dense_params, "costs": costs,
+            "rungs": rungs, "evaluations": search.evaluations, "stopped": search.stopped, "refused": refused,
+            "candidates": [r.to_dict() for r in rows.values()], "front": [scored[i].candidate.key for i in front],
+            "chosen": chosen.to_dict(), "stages": chosen.candidate.stages(),
+            "recover_tokens": config.recover_tokens}  # fmt: skip

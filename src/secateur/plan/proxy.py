@@ -1,0 +1,134 @@
+"""The quality proxy: KL divergence from the dense model's next-token distributions, after one-shot
+pruning, on calibration windows that the statistics did not see.
+
+Everything a candidate needs that does not depend on its width is computed once: the angular
+distances of every span length (one pass), and per depth level the compensated shallower model and
+its width statistics (one pass each). A candidate is then a copy of its level sliced by
+`width_prune` with those statistics, and one forward per window."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from secateur.depth.compensate import compensate, unavailable
+from secateur.depth.scores import lowest
+from secateur.depth.search import angular_distances
+from secateur.depth.structure import remove_blocks
+from secateur.models import adapter_for
+from secateur.plan.space import Candidate
+from secateur.width import WidthConfig, width_prune
+from secateur.width.prune import Statistics, gather_statistics
+
+
+def token_kl(teacher_logprobs: Tensor, student_logits: Tensor) -> Tensor:
+    """KL(teacher || student) per position: sum_v p_t(v) (log p_t(v) - log p_s(v)).
+    (..., vocab) log-probabilities and logits -> (...)."""
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    return (teacher_logprobs.exp() * (teacher_logprobs - student)).sum(-1)
+
+
+@torch.no_grad()
+def window_kl(model: nn.Module, window: Tensor, teacher_logprobs: Tensor, device: torch.device) -> float:
+    """Mean KL over one window's positions."""
+    logits = model(input_ids=window[None].to(device), use_cache=False).logits[0]  # (seq, vocab)
+    return float(token_kl(teacher_logprobs.to(device), logits).mean())
+
+
+@dataclass
+class Level:
+    model: nn.Module  # the dense model less this level's blocks, compensated
+    removed: list[int]
+    statistics: Statistics | None = None  # width statistics, gathered when a candidate first needs them
+
+
+@dataclass
+class Proxy:
+    """Builds candidates from `model` (left unchanged) and scores them on `windows`."""
+
+    model: nn.Module
+    calibration: Tensor  # (samples, seq) windows for the statistics, the spans and the fit
+    windows: Tensor  # (n, seq) windows the proxy is measured on
+    device: torch.device
+    batch_size: int = 4
+    damp: float = 0.1  # the depth stage's compensate_damp default
+    max_levels: int = 6  # depth levels kept in memory (a model copy each), least recently used dropped
+    levels: dict[int, Level] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: {"spans": 0.0, "levels": 0.0, "teacher": 0.0,
+                                                                "candidates": 0.0})  # fmt: skip
+    _distances: dict[int, list[float]] | None = None
+    _teacher: dict[int, Tensor] = field(default_factory=dict)
+
+    def spans(self, counts: list[int]) -> None:
+        """The angular distances of every span length in `counts`, in one pass."""
+        clock = time.perf_counter()
+        counts = [c for c in counts if c]
+        if counts:
+            self._distances = angular_distances(self.model, adapter_for(self.model), self.calibration, counts,
+                                                self.batch_size, self.device)  # fmt: skip
+        self.seconds["spans"] += time.perf_counter() - clock
+
+    def removed(self, blocks: int) -> list[int]:
+        if not blocks:
+            return []
+        if self._distances is None or blocks not in self._distances:
+            self.spans([blocks])
+        start = lowest(self._distances[blocks], 1)[0]
+        return list(range(start, start + blocks))
+
+    def level(self, blocks: int) -> Level:
+        if blocks in self.levels:
+            self.levels[blocks] = self.levels.pop(blocks)  # most recently used last
+        else:
+            while len(self.levels) >= self.max_levels:
+                self.levels.pop(next(iter(self.levels)))
+            clock = time.perf_counter()
+            model, adapter = copy.deepcopy(self.model), adapter_for(self.model)
+            removed = self.removed(blocks)
+            if removed and unavailable(adapter) is None:
+                compensate(model, adapter, removed, self.calibration, self.batch_size, self.device, self.damp)
+            if removed:
+                remove_blocks(model, adapter, removed)
+            self.levels[blocks] = Level(model, removed)
+            self.seconds["levels"] += time.perf_counter() - clock
+        return self.levels[blocks]
+
+    def statistics(self, level: Level) -> Statistics:
+        if level.statistics is None:
+            clock = time.perf_counter()
+            level.statistics = gather_statistics(level.model, self.calibration, moments=True, gradients=False,
+                                                 device=self.device, batch_size=self.batch_size)  # fmt: skip
+            self.seconds["levels"] += time.perf_counter() - clock
+        return level.statistics
+
+    def build(self, candidate: Candidate) -> nn.Module:
+        """The candidate, pruned one-shot (a new model)."""
+        level = self.level(candidate.blocks)
+        model = copy.deepcopy(level.model)
+        if candidate.width:
+            width_prune(model, WidthConfig(candidate.width, hidden_fraction=candidate.hidden), None,
+                        device=self.device, statistics=self.statistics(level))  # fmt: skip
+        return model
+
+    def teacher(self, index: int) -> Tensor:
+        if index not in self._teacher:
+            clock = time.perf_counter()
+            with torch.no_grad():
+                self.model.to(self.device)
+                logits = self.model(input_ids=self.windows[index][None].to(self.device), use_cache=False).logits[0]
+                self._teacher[index] = F.log_softmax(logits.float(), dim=-1).cpu()
+            self.seconds["teacher"] += time.perf_counter() - clock
+        return self._teacher[index]
+
+    def score(self, model: nn.Module, indices: range) -> list[float]:
+        """Per-window KL of a built candidate on the proxy windows `indices`."""
+        clock = time.perf_counter()
+        model.to(self.device).eval()
+        scores = [window_kl(model, self.windows[i], self.teacher(i), self.device) for i in indices]
+        self.seconds["candidates"] += time.perf_counter() - clock
+        return scores

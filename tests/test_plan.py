@@ -1,0 +1,261 @@
+"""secateur plan: targets, grids, the Pareto front, halving, rank correlation, the KL proxy, the cost
+model against a fake engine given as a table, and whole plans on a tiny model whose recipe runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import ATTN, COMMON, tiny_text, tiny_tokenizer
+from secateur.cli import main
+from secateur.errors import ConfigError
+from secateur.io import load
+from secateur.plan.costs import ArchShape, CostModel, TableEngine, Timing, design, measure, shape_of, timed_model
+from secateur.plan.proxy import token_kl
+from secateur.plan.search import halve, pareto_front, spearman
+from secateur.plan.space import Candidate, block_counts, candidates, parse_grid
+from secateur.plan.targets import parse_target
+
+
+# --- targets and grids ------------------------------------------------------------------------------------
+
+
+def test_targets_parse_units_and_directions():
+    assert parse_target("decode-speedup=1.6").value == 1.6
+    assert parse_target("params=80M").value == 80e6
+    assert parse_target("file=200MB").value == 200e6
+    assert parse_target("file=1GiB").value == 2**30
+    speed, size = parse_target("decode-speedup=1.5"), parse_target("params=1k")
+    assert speed.met(1.6) and not speed.met(1.5, margin=0.05) and speed.met(1.58, margin=0.05)
+    assert size.met(1000) and not size.met(1001)
+    for bad in ("speed=2", "params=80Q", "decode-speedup=0.9", "file=", "params"):
+        with pytest.raises(ConfigError):
+            parse_target(bad)
+
+
+def test_grids_ranges_lists_and_block_counts():
+    assert parse_grid("0:0.5:0.1", "width") == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    assert parse_grid("0.2,0.1,0.1", "width") == (0.1, 0.2)
+    for bad in ("0:1:0.5", "a,b", "0.5:0.1:-1", ""):
+        with pytest.raises(ConfigError):
+            parse_grid(bad, "width")
+    assert block_counts((0.0, 0.1, 0.2, 0.3), 30) == (0, 3, 6, 9)
+    grid = candidates((0, 3), (0.0, 0.2), (0.0, 0.125))
+    assert Candidate(0, 0.0, 0.0) not in grid and Candidate(3, 0.0, 0.125) not in grid  # dense; hidden needs width
+    assert Candidate(3, 0.2, 0.125) in grid and len(grid) == 5  # 2 width-only, 1 depth-only, 2 mixed
+    assert Candidate(3, 0.2, 0.125).stages() == [{"method": "angular", "remove_blocks": 3},
+                                                  {"method": "width", "remove_fraction": 0.2, "hidden_fraction": 0.125}]
+
+
+# --- pure search parts ------------------------------------------------------------------------------------------
+
+
+def test_pareto_front_by_hand_and_against_brute_force():
+    points = [(1, 5), (2, 3), (3, 4), (4, 1), (2, 3.5), (4, 1)]
+    assert pareto_front(points) == [3, 5, 1, 0]  # (3, 4) and (2, 3.5) are dominated by (2, 3); equal points both stay
+    rng = random.Random(0)
+    for _ in range(20):
+        pts = [(rng.random(), rng.random()) for _ in range(30)]
+        truth = {i for i, (a, b) in enumerate(pts) if not any(c <= a and d <= b and (c, d) != (a, b) for c, d in pts)}
+        assert set(pareto_front(pts)) == truth
+
+
+def test_halve_keeps_the_best_share_and_ties():
+    scores = {"a": 0.1, "b": 0.4, "c": 0.2, "d": 0.3, "e": 0.2}
+    assert halve(scores, 0.5) == ["a", "c", "e"]  # ceil(5/2) = 3
+    assert halve(scores, 0.2) == ["a"]
+    assert halve({"a": 1.0, "b": 1.0, "c": 2.0}, 0.34) == ["a", "b"]  # the tie at the cut stays
+    assert halve({}, 0.5) == []
+
+
+def test_spearman_uses_mean_ranks_for_ties():
+    # Pearson on mean ranks gives 8 / sqrt(95); the no-ties shortcut 1 - 6 sum(d^2) / (n (n^2 - 1)) would give 0.825
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1)
+
+
+def test_token_kl_is_forward_kl_from_the_teacher():
+    teacher = torch.tensor([[0.5, 0.5]]).log()
+    student = torch.tensor([[0.0, math.log(3)]])  # q = (0.25, 0.75)
+    # KL(p || q) = 0.5 ln 2 + 0.5 ln(2/3) = 0.5 ln(4/3); the reverse KL(q || p) would be 0.1308
+    assert float(token_kl(teacher, student)[0]) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-5)
+
+
+# --- the cost model against a fake engine -------------------------------------------------------------------------
+
+
+def _law(shape: ArchShape) -> Timing:
+    """A fake engine: linear per block, with a 3x penalty on one (misaligned) hidden size."""
+    slow = 3.0 if shape.hidden == 56 else 1.0
+    per_block = 2e-4 + 1.5e-9 * (shape.attention_params + shape.mlp_params)
+    return Timing(decode=slow * (1e-3 + shape.layers * per_block), prefill=slow * (5e-3 + 40 * shape.layers * per_block))
+
+
+def _shapes() -> list[ArchShape]:
+    return [ArchShape(hidden, layers, heads, heads // 2, 16, channels) for hidden in (64, 56)
+            for layers in (4, 6, 8, 10) for heads in (2, 4) for channels in (96, 128, 192)]  # fmt: skip
+
+
+def _config(shape: ArchShape) -> LlamaConfig:
+    return LlamaConfig(**{**COMMON, "hidden_size": shape.hidden, "num_hidden_layers": shape.layers,
+                          "intermediate_size": shape.channels}, num_attention_heads=shape.heads,
+                       num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim)  # fmt: skip
+
+
+def test_cost_model_reproduces_a_table_engine_on_held_out_shapes(tmp_path):
+    shapes = _shapes()
+    engine = TableEngine({s: _law(s) for s in shapes})
+    model, timings, errors = timed_model(engine, {s: _config(s) for s in shapes}, tmp_path / "c.jsonl", holdout=3,
+                                         progress=False)  # fmt: skip
+    fit, held = design(shapes, 3)
+    assert len(held) == 6 and not set(fit) & set(held) and len(timings) == len(fit) + len(held) < len(shapes)
+    assert all(abs(e["decode"]) < 1e-9 and abs(e["prefill"]) < 1e-9 for e in errors)
+    for s in shapes:  # every shape, measured or not, is predicted exactly: the law is what the model assumes
+        assert model.predict(s).decode == pytest.approx(_law(s).decode, rel=1e-9)
+        assert model.predict(s).prefill == pytest.approx(_law(s).prefill, rel=1e-9)
+    # the 3x penalty of hidden 56 is reproduced because each hidden size has its own fit
+    assert set(model.coefficients) == {56, 64}
+
+
+def test_cost_model_error_is_reported_when_the_engine_is_not_linear(tmp_path):
+    shapes = _shapes()
+    table = {s: Timing(_law(s).decode * (1 + 0.3 * (s.channels == 128 and s.heads == 4)), _law(s).prefill)
+             for s in shapes}
+    _, _, errors = timed_model(TableEngine(table), {s: _config(s) for s in shapes}, None, progress=False)
+    assert max(abs(e["decode"]) for e in errors) > 0.05
+
+
+def test_timings_are_cached_and_resumed(tmp_path):
+    shapes = _shapes()[:5]
+    cache = tmp_path / "costs.jsonl"
+    first = TableEngine({s: _law(s) for s in shapes})
+    measure(first, {s: _config(s) for s in shapes[:3]}, cache, progress=False)
+    with cache.open("a") as f:
+        f.write('{"shape": "cut sh')  # a kill in the middle of a line
+    again = TableEngine({s: _law(s) for s in shapes})
+    result = measure(again, {s: _config(s) for s in shapes}, cache, progress=False)
+    assert again.calls == shapes[3:] and result == {s: _law(s) for s in shapes}
+
+
+# --- whole plans on a tiny model -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A 4-block tiny Llama (the shared tiny models have 2 blocks: too few to plan depth) and its text."""
+    root = tmp_path_factory.mktemp("plan")
+    config = LlamaConfig(**{**COMMON, "num_hidden_layers": 4, "intermediate_size": 256}, **ATTN)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "text.txt").write_text(tiny_text(12000))
+    return root / "model", root / "text.txt"
+
+
+def _table_for(model: Path) -> TableEngine:
+    """Every shape a tiny plan can produce, timed by the fake law (the proxy builds real models)."""
+    from secateur.io import load_config
+    from secateur.plan.costs import with_layers
+    from secateur.plan.planner import block_shapes
+
+    base = load_config(model)
+    shapes = block_shapes(base, [(w, h) for w in (0.0, 0.25, 0.5) for h in (0.0, 0.25)])
+    table = {}
+    for cfg in shapes.values():
+        if isinstance(cfg, str):
+            continue
+        for layers in range(1, 5):
+            s = shape_of(with_layers(cfg, layers))
+            table[s] = _law(s)
+    return TableEngine(table)
+
+
+def _flags(text: Path, out: Path, *extra: str) -> list[str]:
+    return ["--out", str(out), "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4",
+            "--eval-windows", "4", "--eval-seq-len", "32", "--depth", "0,0.25,0.5", "--width", "0:0.5:0.25",
+            "--hidden", "0,0.25", *extra]  # fmt: skip
+
+
+def test_plan_meets_a_speed_target_and_its_recipe_runs(deep_model, tmp_path, monkeypatch):
+    from secateur.plan import PlanConfig, plan
+    from secateur.schema import fill
+
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    engine = _table_for(model)
+    settings = {"target": "decode-speedup=1.4", "calib": str(text), "calib_seq_len": 32, "calib_samples": 4,
+                "eval_windows": 4, "eval_seq_len": 32, "depth": "0,0.25,0.5", "width": "0:0.5:0.25",
+                "hidden": "0,0.25", "engine": "hf"}  # fmt: skip
+    record = plan(model, fill(PlanConfig, settings), tmp_path / "plan", engine=engine, progress=False)
+    chosen = record["chosen"]
+    dense = _law(shape_of(load(model)[0].config))
+    assert chosen["feasible"] and chosen["decode_speedup"] >= 1.4 * (1 + record["costs"]["margin"])
+    rows = {r["key"]: r for r in record["candidates"]}
+    scored = [r for r in rows.values() if r["kl"] is not None]
+    assert len(scored) == len(rows)  # rung 0 scores every candidate
+    assert all(r["kl"] >= chosen["kl"] for r in scored if r["feasible"] and r["windows"] == chosen["windows"])
+    points = [(r["kl"], 1 / r["decode_speedup"]) for r in scored]
+    assert sorted(record["front"]) == sorted(scored[i]["key"] for i in pareto_front(points))
+    for name in ("plan.toml", "front.md", "pareto.png", "plan.json"):
+        assert (tmp_path / "plan" / name).stat().st_size > 0
+    # the recipe runs as is, and the output has the predicted shape, so it meets the target in the engine
+    assert main(["prune", str(model), "--recipe", str(tmp_path / "plan" / "plan.toml"), "--out", str(tmp_path / "pruned"),
+                 "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4", "--eval-windows", "4",
+                 "--eval-seq-len", "32"]) == 0  # fmt: skip
+    pruned, _ = load(tmp_path / "pruned")
+    assert shape_of(pruned.config) == ArchShape(**chosen["shape"])
+    assert dense.decode / _law(shape_of(pruned.config)).decode >= 1.4
+    assert sum(p.numel() for p in pruned.parameters()) == chosen["params"]
+    # a second plan reuses every cached score: nothing is built again
+    again = plan(model, fill(PlanConfig, settings), tmp_path / "again", engine=engine, progress=False)
+    assert again["evaluations"] == 0 and again["chosen"]["key"] == chosen["key"]
+
+
+def test_plan_for_a_parameter_target_from_the_command_line(deep_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    dense = sum(p.numel() for p in load(model)[0].parameters())
+    target = int(dense * 0.7)
+    assert main(["plan", str(model), "--target", f"params={target}", *_flags(text, tmp_path / "plan")]) == 0
+    record = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert record["chosen"]["params"] <= target and record["costs"]["engine"] is None
+    assert main(["prune", str(model), "--recipe", str(tmp_path / "plan" / "plan.toml"), "--out", str(tmp_path / "p"),
+                 "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4", "--eval-windows", "4",
+                 "--eval-seq-len", "32"]) == 0  # fmt: skip
+    assert sum(p.numel() for p in load(tmp_path / "p")[0].parameters()) <= target
+    assert "plan for --target params" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target, extra, message", [
+    ("params=1", (), "no candidate of the grid meets"),
+    ("params=1G", (), "already meets"),
+    ("params=50%", (), "the value must be a number"),
+    ("params=1k", ("--engine", "hf"), "--engine applies to speed and file targets"),
+    ("params=1k", ("--threads", "2"), "apply to speed targets"),
+    ("decode-speedup=1.5", ("--engine", "hf", "--llama-cpp", "/nowhere"), "apply only to --engine llama.cpp"),
+    ("decode-speedup=1.5", ("--llama-cpp", "/nowhere"), "llama-bench not found"),
+    ("params=10k", ("--width", "0:1.5:0.5"), "every fraction must be in"),
+    ("params=10k", ("--keep", "1"), "--keep must be in (0, 1)"),
+])  # fmt: skip
+def test_bad_plans_fail_with_one_line_and_write_nothing(deep_model, tmp_path, monkeypatch, capsys, target, extra,
+                                                       message):  # fmt: skip
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    assert main(["plan", str(model), "--target", target, *_flags(text, tmp_path / "plan"), *extra]) == 2
+    err = capsys.readouterr().err  # (a progress bar of the model's loading may come first)
+    assert message in err.strip().splitlines()[-1] and err.count("secateur: error") == 1
+    assert not (tmp_path / "plan").exists()
+
+
+def test_an_existing_output_is_refused_before_any_work(deep_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    (tmp_path / "plan").mkdir()
+    assert main(["plan", str(model), "--target", "params=10k", *_flags(text, tmp_path / "plan")]) == 2
+    assert "already exists" in capsys.readouterr().err and not (tmp_path / "cache").exists()
