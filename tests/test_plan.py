@@ -16,7 +16,7 @@ from conftest import ATTN, COMMON, tiny_text, tiny_tokenizer
 from secateur.cli import main
 from secateur.errors import ConfigError
 from secateur.io import load
-from secateur.plan.costs import ArchShape, CostModel, TableEngine, Timing, design, measure, shape_of, timed_model
+from secateur.plan.costs import ArchShape, TableEngine, Timing, design, measure, shape_of, timed_model
 from secateur.plan.proxy import token_kl
 from secateur.plan.search import halve, pareto_front, spearman
 from secateur.plan.space import Candidate, block_counts, candidates, parse_grid

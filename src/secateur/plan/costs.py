@@ -23,7 +23,7 @@ import platform
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.errors import ConfigError
+from secateur.plan.rows import append_rows, read_rows
 
 
 @dataclass(frozen=True, order=True)
@@ -228,22 +229,12 @@ def measure(engine: Engine, configs: dict[ArchShape, Any], cache: Path | None, *
             progress: bool = True) -> dict[ArchShape, Timing]:  # fmt: skip
     """Timings of every shape, from `cache` (JSONL, one line per shape) where there, measured and
     appended otherwise, so an interrupted measurement goes on where it stopped."""
-    known: dict[str, Timing] = {}
-    if cache is not None and cache.is_file():
-        for line in cache.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                known[row["shape"]] = Timing(row["decode"], row["prefill"])
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by a kill
+    known = {row["shape"]: Timing(row["decode"], row["prefill"]) for row in read_rows(cache)}
     todo = [s for s in configs if s.key not in known]
     for shape in tqdm(todo, desc=f"timing shapes ({engine.name})", disable=not progress or not todo):
         timing = engine.time(configs[shape])
         known[shape.key] = timing
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with cache.open("a") as f:
-                f.write(json.dumps({"shape": shape.key, **asdict(shape), **asdict(timing)}) + "\n")
+        append_rows(cache, [{"shape": shape.key, **asdict(shape), **asdict(timing)}])
     return {s: known[s.key] for s in configs}
 
 
@@ -327,5 +318,3 @@ def timed_model(engine: Engine, configs: dict[ArchShape, Any], cache: Path | Non
     model = CostModel.fit({s: timings[s] for s in fit})
     return model, timings, model.errors({s: timings[s] for s in held})
 
-
-ENGINES: dict[str, Callable[..., Engine]] = {"hf": HFEngine, "llama.cpp": LlamaCppEngine}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,16 +31,28 @@ from secateur.data.enwiki import cache_dir
 from secateur.errors import ConfigError
 from secateur.io import check_output, content_hash, load, load_config, resolve_device
 from secateur.models import adapter_for
-from secateur.plan import costs as cost_models
+from secateur.plan.costs import (
+    ArchShape,
+    Engine,
+    HFEngine,
+    LlamaCppEngine,
+    identity_key,
+    measure,
+    parameter_count,
+    random_model,
+    shape_of,
+    timed_model,
+    with_layers,
+)
 from secateur.plan.config import PlanConfig
 from secateur.plan.proxy import Proxy
+from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front
 from secateur.plan.space import Candidate, block_counts, candidates, parse_grid
 from secateur.plan.targets import Target, parse_target
 from secateur.width import WidthConfig, width_prune
 from secateur.width.structure import WidthError
 
-log = logging.getLogger(__name__)
 PROXY_VERSION = 1  # bump when the proxy's definition changes: cached scores of older ones are not reused
 
 
@@ -50,7 +61,7 @@ class Row:
     """One candidate: its shape and costs (known up front) and its proxy scores (per window)."""
 
     candidate: Candidate
-    shape: cost_models.ArchShape
+    shape: ArchShape
     params: int
     file_bytes: int
     speedup: tuple[float, float] | None = None  # (decode, prefill), predicted or measured
@@ -70,7 +81,7 @@ class Row:
                 "feasible": self.feasible, "kl": self.score if self.kl else None, "windows": len(self.kl)}  # fmt: skip
 
 
-def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> cost_models.Engine | None:
+def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> Engine | None:
     """The timing engine a speed target needs (checked before any work); None for size targets."""
     given = [f"--{k.replace('_', '-')}" for k in ("llama_cpp", "threads", "prompt", "new_tokens", "repeats")
              if getattr(config, k) is not None]  # fmt: skip
@@ -86,7 +97,7 @@ def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> cost_
         wrong = [f for f in given if f in ("--llama-cpp", "--threads")]
         if wrong:
             raise ConfigError(f"{', '.join(wrong)} apply only to --engine llama.cpp")
-        return cost_models.HFEngine(device=str(resolve_device(config.device)), **lengths)
+        return HFEngine(device=str(resolve_device(config.device)), **lengths)
     from secateur.bench import llama_bench_binary
     from secateur.export.gguf import FAMILIES
 
@@ -95,10 +106,10 @@ def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> cost_
         raise ConfigError(f"--engine llama.cpp times GGUF exports, which support the {', '.join(sorted(FAMILIES))} "
                           f"families, not {model_type}; use --engine hf")
     binary = llama_bench_binary(config.llama_cpp)
-    return cost_models.LlamaCppEngine(binary, None, threads=config.threads, **lengths)
+    return LlamaCppEngine(binary, None, threads=config.threads, **lengths)
 
 
-def _file_bytes(params: int, one_d: int, target: Target, config: PlanConfig) -> int:
+def _file_bytes(params: int, one_d: int, config: PlanConfig) -> int:
     """The saved file's size: GGUF f16 (1-D tensors f32) for llama.cpp, float32 safetensors for hf."""
     if (config.engine or "llama.cpp") == "llama.cpp":
         return 2 * (params - one_d) + 4 * one_d
@@ -109,14 +120,14 @@ def block_shapes(model_config: Any, pairs: list[tuple[float, float]]) -> dict[tu
     """The config a width stage leaves, per (width, hidden) pair, from a one-block random copy of the
     model pruned for real (uniform widths are the same at any depth); a string says why a pair
     cannot be pruned."""
-    one = cost_models.with_layers(model_config, 1)
+    one = with_layers(model_config, 1)
     calibration = torch.randint(0, model_config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     out: dict[tuple[float, float], Any | str] = {}
     for width, hidden in pairs:
         if not width:
             out[(width, hidden)] = one
             continue
-        skeleton = cost_models.random_model(copy.deepcopy(one))  # pruning rewrites the model's config
+        skeleton = random_model(copy.deepcopy(one))  # pruning rewrites the model's config
         try:
             with block_bars(False):
                 width_prune(skeleton, WidthConfig(width, hidden_fraction=hidden), calibration)
@@ -147,13 +158,8 @@ def _score_cache(model_path: str | Path, config: PlanConfig) -> Path:
 
 def _read_scores(path: Path) -> dict[str, dict[int, float]]:
     scores: dict[str, dict[int, float]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                scores.setdefault(row["key"], {})[int(row["window"])] = float(row["kl"])
-            except (json.JSONDecodeError, KeyError, ValueError):
-                continue  # a line cut short by a kill
+    for row in read_rows(path):
+        scores.setdefault(row["key"], {})[int(row["window"])] = float(row["kl"])
     return scores
 
 
@@ -200,26 +206,26 @@ class Search:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
     def _evaluate(self, row: Row, size: int, cached: dict[int, float]) -> None:
-        row.kl = [cached[i] for i in range(size) if i in cached][: size]
-        if len(row.kl) == size and all(i in cached for i in range(size)):
-            return
+        missing = [i for i in range(size) if i not in cached]
+        if missing:
+            self._score(row, missing, cached)
+        row.kl = [cached[i] for i in range(size)]
+
+    def _score(self, row: Row, missing: list[int], cached: dict[int, float]) -> None:
+        """Build the candidate, score the windows the cache lacks, and append them to it."""
         model = self.proxy.build(row.candidate)
-        built = cost_models.shape_of(model.config)
+        built = shape_of(model.config)
         if built != row.shape:
             raise RuntimeError(f"{row.candidate.key}: built {built.key}, predicted {row.shape.key}")
-        missing = [i for i in range(size) if i not in cached]
         scores = self.proxy.score(model, missing)
         del model
         self.evaluations += 1
-        with self.cache.open("a") as f:
-            for i, kl in zip(missing, scores):
-                cached[i] = kl
-                f.write(json.dumps({"key": row.candidate.key, "window": i, "kl": kl}) + "\n")
-        row.kl = [cached[i] for i in range(size)]
+        cached.update(zip(missing, scores))
+        append_rows(self.cache, [{"key": row.candidate.key, "window": i, "kl": kl} for i, kl in zip(missing, scores)])
 
 
 def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwrite: bool = False,
-         progress: bool = True, engine: cost_models.Engine | None = None) -> dict[str, Any]:  # fmt: skip
+         progress: bool = True, engine: Engine | None = None) -> dict[str, Any]:  # fmt: skip
     """Search, write `out/` (plan.toml, plan.json, front.md, pareto.png) and return the plan's record.
     `engine` replaces the one `config` names (tests time a table)."""
     from secateur.data import load_text
@@ -243,18 +249,18 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     shapes = block_shapes(base, sorted({(c.width, c.hidden) for c in grid}))
     refused = {f"w{w:g}-h{h:g}": why for (w, h), why in shapes.items() if isinstance(why, str)}
     grid = [c for c in grid if not isinstance(shapes[(c.width, c.hidden)], str)]
-    configs = {c: cost_models.with_layers(shapes[(c.width, c.hidden)], blocks - c.blocks) for c in grid}
-    dense_params, dense_one_d = cost_models.parameter_count(base)
+    configs = {c: with_layers(shapes[(c.width, c.hidden)], blocks - c.blocks) for c in grid}
+    dense_params, dense_one_d = parameter_count(base)
     rows = {}
     for c in grid:
-        params, one_d = cost_models.parameter_count(configs[c])
-        rows[c.key] = Row(c, cost_models.shape_of(configs[c]), params, _file_bytes(params, one_d, target, config))
-    dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, target, config)}
+        params, one_d = parameter_count(configs[c])
+        rows[c.key] = Row(c, shape_of(configs[c]), params, _file_bytes(params, one_d, config))
+    dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, config)}
     if not target.speed:
         _feasible(rows, target, 0.0, dense_value)
     model, tokenizer = load(model_path, dtype="float32", device="cpu")
     calibration, windows = _windows(model, tokenizer, config)  # a short text fails before any timing
-    if isinstance(engine, cost_models.LlamaCppEngine) and engine.vocabulary is None:
+    if isinstance(engine, LlamaCppEngine) and engine.vocabulary is None:
         engine.vocabulary = vocabulary_of(tokenizer, model_path, base.vocab_size)
     costs = _costs(engine, base, rows, configs, config, target, progress)
     if target.speed:
@@ -264,7 +270,6 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     proxy.spans(sorted({c.blocks for c in grid}))
     deadline = clock + config.budget_minutes * 60 if config.budget_minutes else None
     cache = _score_cache(model_path, config)
-    cache.parent.mkdir(parents=True, exist_ok=True)
     search = Search(rows, proxy, cache, config.keep, config.proxy_windows, deadline, progress)
     with block_bars(progress):
         rungs = search.run()
@@ -274,16 +279,16 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     return record
 
 
-def _costs(engine: cost_models.Engine | None, base: Any, rows: dict[str, Row], configs: dict[Candidate, Any],
+def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict[Candidate, Any],
            config: PlanConfig, target: Target, progress: bool) -> dict[str, Any]:  # fmt: skip
     """Speed targets: the cost model fitted and checked on this engine, every row's speedup."""
     if engine is None:
         return {"engine": None, "margin": 0.0}
     by_shape = {rows[c.key].shape: cfg for c, cfg in configs.items()}
-    dense = cost_models.shape_of(base)
-    cache = cache_dir() / "plan" / f"costs-{cost_models.identity_key(engine, base)}.jsonl"
-    model, timings, errors = cost_models.timed_model(engine, by_shape, cache, holdout=config.holdout, progress=progress)
-    timings.update(cost_models.measure(engine, {dense: base}, cache, progress=False))
+    dense = shape_of(base)
+    cache = cache_dir() / "plan" / f"costs-{identity_key(engine, base)}.jsonl"
+    model, timings, errors = timed_model(engine, by_shape, cache, holdout=config.holdout, progress=progress)
+    timings.update(measure(engine, {dense: base}, cache, progress=False))
     worst = max((abs(e["decode" if target.metric == "decode-speedup" else "prefill"]) for e in errors), default=0.0)
     margin = config.margin if config.margin is not None else max(worst, 0.02)
     for row in rows.values():

@@ -127,8 +127,9 @@ class Proxy:
 
     def score(self, model: nn.Module, indices: range) -> list[float]:
         """Per-window KL of a built candidate on the proxy windows `indices`."""
+        teachers = [self.teacher(i) for i in indices]  # timed apart, as "teacher"
         clock = time.perf_counter()
         model.to(self.device).eval()
-        scores = [window_kl(model, self.windows[i], self.teacher(i), self.device) for i in indices]
+        scores = [window_kl(model, self.windows[i], t, self.device) for i, t in zip(indices, teachers)]
         self.seconds["candidates"] += time.perf_counter() - clock
         return scores
