@@ -1,6 +1,7 @@
 """`secateur plan` on SmolLM2-135M-Instruct: for decode targets 1.3x, 1.6x and 2x in llama.cpp and for
 80M parameters, the planner's recipe (depth x width x hidden) against the best single-kind recipes
-(depth only, width only, on finer grids) chosen by the same rule, each pruned for real, evaluated
+(depth only, width only) chosen by the same rule (each winner of a speed target timed against the
+dense model in pairs before it is accepted), each pruned for real, evaluated
 (perplexity, protocol v1: 64 x 512 enwiki windows) and timed in llama.cpp (GGUF f16, llama-bench,
 2 threads, interleaved rounds). Also: the proxy's rank correlation with perplexity over every
 pruned recipe, and planning time against one prune.
@@ -31,9 +32,9 @@ from llamacpp_build import build  # noqa: E402
 
 TARGETS = {"decode1.3": "decode-speedup=1.3", "decode1.6": "decode-speedup=1.6", "decode2": "decode-speedup=2",
            "params80M": "params=80M"}  # fmt: skip
-SEARCHES = {  # the planner's grid, and finer single-kind grids for the baselines
-    "planner": ["--depth", "0:0.7:0.1", "--width", "0:0.7:0.1", "--hidden", "0,0.125"],
-    "depth only": ["--depth", ",".join(f"{k / 30:.6f}" for k in range(0, 25)), "--width", "0", "--hidden", "0"],
+SEARCHES = {  # the planner's grid, and the single-kind grids it contains (width only: finer, and further)
+    "planner": ["--depth", "0:0.8", "--width", "0:0.7:0.05", "--hidden", "0,0.125"],
+    "depth only": ["--depth", "0:0.8", "--width", "0", "--hidden", "0"],
     "width only": ["--depth", "0", "--width", "0:0.85:0.05", "--hidden", "0"],
 }
 
@@ -81,8 +82,10 @@ def plan_phase() -> None:
             append({"step": step, "target": target, "search": search, "wall": wall, "recipe": str(out / "plan.toml"),
                     "chosen": record["chosen"], "seconds": record["seconds"], "rungs": record["rungs"],
                     "evaluations": record["evaluations"], "candidates": len(record["candidates"]),
-                    "errors": record["costs"].get("errors"), "margin": record["costs"].get("margin"),
-                    "measured_shapes": record["costs"].get("measured")})  # fmt: skip
+                    "searched": record["searched"], "errors": record["costs"].get("errors"),
+                    "checks": record["costs"].get("checks"), "margin": record["costs"].get("margin"),
+                    "tolerance": record["costs"].get("tolerance"),
+                    "measured_shapes": record["costs"].get("measured_shapes")})  # fmt: skip
 
 
 def _chosen() -> dict[str, str]:

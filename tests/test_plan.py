@@ -16,10 +16,11 @@ from conftest import ATTN, COMMON, tiny_text, tiny_tokenizer
 from secateur.cli import main
 from secateur.errors import ConfigError
 from secateur.io import load
-from secateur.plan.costs import ArchShape, TableEngine, Timing, design, measure, shape_of, timed_model
+from secateur.plan.costs import (ArchShape, TableEngine, Timing, design, measure, paired, shape_of, time_shape,
+                                 timed_model)
 from secateur.plan.proxy import token_kl
-from secateur.plan.search import halve, pareto_front, spearman
-from secateur.plan.space import Candidate, block_counts, candidates, parse_grid
+from secateur.plan.search import halve, pareto_front, spearman, undominated
+from secateur.plan.space import Candidate, block_counts, candidates, depth_counts, parse_grid
 from secateur.plan.targets import parse_target
 
 
@@ -46,6 +47,11 @@ def test_grids_ranges_lists_and_block_counts():
         with pytest.raises(ConfigError):
             parse_grid(bad, "width")
     assert block_counts((0.0, 0.1, 0.2, 0.3), 30) == (0, 3, 6, 9)
+    assert depth_counts("0:0.5", 30) == tuple(range(16)) and depth_counts("0.1:0.2", 30) == (3, 4, 5, 6)
+    assert depth_counts("0,0.1", 30) == (0, 3) and depth_counts("0:0.9", 4) == (0, 1, 2, 3)  # one block stays
+    for bad in ("0.5:0.2", "0:1.2", "a:b"):
+        with pytest.raises(ConfigError):
+            depth_counts(bad, 30)
     grid = candidates((0, 3), (0.0, 0.2), (0.0, 0.125))
     assert Candidate(0, 0.0, 0.0) not in grid and Candidate(3, 0.0, 0.125) not in grid  # dense; hidden needs width
     assert Candidate(3, 0.2, 0.125) in grid and len(grid) == 5  # 2 width-only, 1 depth-only, 2 mixed
@@ -64,6 +70,19 @@ def test_pareto_front_by_hand_and_against_brute_force():
         pts = [(rng.random(), rng.random()) for _ in range(30)]
         truth = {i for i, (a, b) in enumerate(pts) if not any(c <= a and d <= b and (c, d) != (a, b) for c, d in pts)}
         assert set(pareto_front(pts)) == truth
+
+
+def test_undominated_keeps_the_boundary_per_group():
+    points = [("h0", (2, 0.1)), ("h0", (3, 0.1)), ("h0", (1, 0.3)), ("h0", (1, 0.4)), ("h0", (2, 0.1)),
+              ("h1", (3, 0.1)), ("h0", (0, 0.5))]  # fmt: skip
+    # (3, 0.1) is dominated by (2, 0.1), (1, 0.4) by (1, 0.3); equal points and other groups stay
+    assert undominated(points) == [0, 2, 4, 5, 6]
+    rng = random.Random(0)
+    for _ in range(20):
+        pts = [(rng.randint(0, 1), (rng.randint(0, 5), rng.randint(0, 5))) for _ in range(25)]
+        truth = [i for i, (g, (a, b)) in enumerate(pts)
+                 if not any(h == g and c <= a and d <= b and (c, d) != (a, b) for h, (c, d) in pts)]  # fmt: skip
+        assert undominated(pts) == truth
 
 
 def test_halve_keeps_the_best_share_and_ties():
@@ -143,6 +162,30 @@ def test_timings_are_cached_and_resumed(tmp_path):
     assert again.calls == shapes[3:] and result == {s: _law(s) for s in shapes}
 
 
+class _Drifting(TableEngine):
+    """The table, with the machine slowing down by half of its speed after every two timings."""
+
+    def run(self, prepared: ArchShape) -> Timing:
+        slow = 1 + 0.5 * (len(self.calls) // 2)
+        timing = super().run(prepared)
+        return Timing(timing.decode * slow, timing.prefill * slow)
+
+
+def test_paired_timing_cancels_a_machine_that_slows_between_rounds():
+    big, small = ArchShape(64, 8, 4, 2, 16, 192), ArchShape(64, 4, 2, 1, 16, 96)
+    truth = _law(big).decode / _law(small).decode
+    engine = _Drifting({s: _law(s) for s in (big, small)})
+    decode, prefill = paired(engine, _config(small), _config(big), rounds=3)
+    assert decode == pytest.approx(truth, rel=1e-12) and prefill == pytest.approx(
+        _law(big).prefill / _law(small).prefill, rel=1e-12)
+    assert len(engine.calls) == 6 and engine.calls[:4] == [small, big, big, small]  # the order swaps every round
+    # timed one after the other instead, the slowdown shows as a speedup that is not there
+    engine = _Drifting({s: _law(s) for s in (big, small)})
+    engine.calls.append(big)  # (so that the two timings fall into different spells)
+    alone = time_shape(engine, _config(big)).decode / time_shape(engine, _config(small)).decode
+    assert alone == pytest.approx(truth / 1.5)
+
+
 # --- whole plans on a tiny model -------------------------------------------------------------------------------------
 
 
@@ -182,39 +225,85 @@ def _flags(text: Path, out: Path, *extra: str) -> list[str]:
             "--hidden", "0,0.25", *extra]  # fmt: skip
 
 
+def _settings(text: Path, **extra: object) -> dict:
+    return {"target": "decode-speedup=1.4", "calib": str(text), "calib_seq_len": 32, "calib_samples": 4,
+            "eval_windows": 4, "eval_seq_len": 32, "depth": "0,0.25,0.5", "width": "0:0.5:0.25",
+            "hidden": "0,0.25", "engine": "hf", **extra}  # fmt: skip
+
+
 def test_plan_meets_a_speed_target_and_its_recipe_runs(deep_model, tmp_path, monkeypatch):
     from secateur.plan import PlanConfig, plan
+    from secateur.plan.planner import Row, boundary
     from secateur.schema import fill
 
     monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
     model, text = deep_model
     engine = _table_for(model)
-    settings = {"target": "decode-speedup=1.4", "calib": str(text), "calib_seq_len": 32, "calib_samples": 4,
-                "eval_windows": 4, "eval_seq_len": 32, "depth": "0,0.25,0.5", "width": "0:0.5:0.25",
-                "hidden": "0,0.25", "engine": "hf"}  # fmt: skip
-    record = plan(model, fill(PlanConfig, settings), tmp_path / "plan", engine=engine, progress=False)
+    record = plan(model, fill(PlanConfig, _settings(text)), tmp_path / "plan", engine=engine, progress=False)
     chosen = record["chosen"]
     dense = _law(shape_of(load(model)[0].config))
-    assert chosen["feasible"] and chosen["decode_speedup"] >= 1.4 * (1 + record["costs"]["margin"])
+    truth = dense.decode / _law(ArchShape(**chosen["shape"])).decode
+    # the winner was timed against dense in pairs, and meets the target with the margin
+    assert chosen["measured"] and chosen["decode_speedup"] == pytest.approx(truth)
+    assert truth >= 1.4 * 1.02 and record["costs"]["checks"][-1]["key"] == chosen["key"]
     rows = {r["key"]: r for r in record["candidates"]}
     scored = [r for r in rows.values() if r["kl"] is not None]
-    assert len(scored) == len(rows)  # rung 0 scores every candidate
+    assert 0 < len(scored) < len(rows)  # only the boundary of what meets the target is searched
+    # the boundary: no feasible candidate of the same hidden fraction removes less of both kinds
+    feasible = {k: Row(Candidate(r["blocks"], r["width"], r["hidden"]), None, 0, 0, feasible=True)
+                for k, r in rows.items() if r["feasible"]}  # fmt: skip
+    assert chosen["key"] in boundary(feasible)
     assert all(r["kl"] >= chosen["kl"] for r in scored if r["feasible"] and r["windows"] == chosen["windows"])
-    points = [(r["kl"], 1 / r["decode_speedup"]) for r in scored]
-    assert sorted(record["front"]) == sorted(scored[i]["key"] for i in pareto_front(points))
     for name in ("plan.toml", "front.md", "pareto.png", "plan.json"):
         assert (tmp_path / "plan" / name).stat().st_size > 0
-    # the recipe runs as is, and the output has the predicted shape, so it meets the target in the engine
+    # the recipe runs as is, and the output has the chosen shape, so it meets the target in the engine
     assert main(["prune", str(model), "--recipe", str(tmp_path / "plan" / "plan.toml"), "--out", str(tmp_path / "pruned"),
                  "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4", "--eval-windows", "4",
                  "--eval-seq-len", "32"]) == 0  # fmt: skip
     pruned, _ = load(tmp_path / "pruned")
     assert shape_of(pruned.config) == ArchShape(**chosen["shape"])
-    assert dense.decode / _law(shape_of(pruned.config)).decode >= 1.4
     assert sum(p.numel() for p in pruned.parameters()) == chosen["params"]
-    # a second plan reuses every cached score: nothing is built again
-    again = plan(model, fill(PlanConfig, settings), tmp_path / "again", engine=engine, progress=False)
-    assert again["evaluations"] == 0 and again["chosen"]["key"] == chosen["key"]
+    # a second plan reuses every cached score and timing: nothing is built or timed again
+    calls = len(engine.calls)
+    again = plan(model, fill(PlanConfig, _settings(text)), tmp_path / "again", engine=engine, progress=False)
+    assert again["evaluations"] == 0 and again["chosen"]["key"] == chosen["key"] and len(engine.calls) == calls
+
+
+def test_a_winner_that_misses_when_timed_is_replaced(deep_model, tmp_path, monkeypatch):
+    """The cost model predicts the first winner's shape well above the target, but the engine runs
+    it slower: the paired check rejects it and the plan goes on to one that meets the target."""
+    from secateur.plan import PlanConfig, plan
+    from secateur.schema import fill
+
+    model, text = deep_model
+    settings = fill(PlanConfig, _settings(text, holdout=0, tolerance=0.5))  # no held-out shape: only checks time it
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "first"))
+    first = plan(model, settings, tmp_path / "p1", engine=_table_for(model), progress=False)
+    winner = ArchShape(**first["chosen"]["shape"])
+    engine = _table_for(model)
+    engine.table[winner] = Timing(engine.table[winner].decode * 1.6, engine.table[winner].prefill)
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "second"))
+    record = plan(model, settings, tmp_path / "p2", engine=engine, progress=False)
+    dense = engine.table[shape_of(load(model)[0].config)]
+    chosen = ArchShape(**record["chosen"]["shape"])
+    assert chosen != winner and dense.decode / engine.table[chosen].decode >= 1.4 * 1.02
+    rejected = [c for c in record["costs"]["checks"] if c["shape"] == winner.key]
+    assert rejected and rejected[0]["measured"][0] < 1.4 < rejected[0]["predicted"][0] * 1.5
+    assert not next(r for r in record["candidates"] if r["key"] == first["chosen"]["key"])["feasible"]
+
+
+def test_an_exhaustive_plan_scores_every_candidate_and_draws_the_front(deep_model, tmp_path, monkeypatch):
+    from secateur.plan import PlanConfig, plan
+    from secateur.schema import fill
+
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    record = plan(model, fill(PlanConfig, _settings(text, exhaustive=True)), tmp_path / "plan",
+                  engine=_table_for(model), progress=False)  # fmt: skip
+    scored = [r for r in record["candidates"] if r["kl"] is not None]
+    assert len(scored) == len(record["candidates"])  # rung 0 scores every candidate
+    points = [(r["kl"], 1 / r["decode_speedup"]) for r in scored]
+    assert sorted(record["front"]) == sorted(scored[i]["key"] for i in pareto_front(points))
 
 
 def test_plan_for_a_parameter_target_from_the_command_line(deep_model, tmp_path, monkeypatch, capsys):
@@ -238,6 +327,7 @@ def test_plan_for_a_parameter_target_from_the_command_line(deep_model, tmp_path,
     ("params=50%", (), "the value must be a number"),
     ("params=1k", ("--engine", "hf"), "--engine applies to speed and file targets"),
     ("params=1k", ("--threads", "2"), "apply to speed targets"),
+    ("params=1k", ("--margin", "0.1"), "apply to speed targets"),
     ("decode-speedup=1.5", ("--engine", "hf", "--llama-cpp", "/nowhere"), "apply only to --engine llama.cpp"),
     ("decode-speedup=1.5", ("--llama-cpp", "/nowhere"), "llama-bench not found"),
     ("params=10k", ("--width", "0:1.5:0.5"), "every fraction must be in"),

@@ -463,10 +463,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"parameters, KL {chosen['kl']:.4f} on {chosen['windows']} windows")
     if costs.get("engine"):
         errors = [abs(e[k]) for e in costs["errors"] for k in ("decode", "prefill")]
-        print(f"  {'measured' if chosen['measured'] else 'predicted'} in {costs['engine']['engine']}: decode "
-              f"{chosen['decode_speedup']:.2f}x, prefill {chosen['prefill_speedup']:.2f}x; cost model "
-              f"held-out error up to {max(errors, default=0) * 100:.1f}% ({len(costs['errors'])} shapes), margin "
-              f"{costs['margin'] * 100:.1f}%")
+        print(f"  {'timed against dense' if chosen['measured'] else 'predicted'} in {costs['engine']['engine']}: "
+              f"decode {chosen['decode_speedup']:.2f}x, prefill {chosen['prefill_speedup']:.2f}x; cost model "
+              f"held-out error up to {max(errors, default=0) * 100:.1f}% ({len(costs['errors'])} shapes); "
+              f"{len(costs['checks'])} shapes checked in pairs (margin {costs['margin'] * 100:.1f}%)")
     seconds = record["seconds"]
     print(f"  {record['evaluations']} candidate builds over rungs {record['rungs']}"
           f"{'; ' + record['stopped'] if record['stopped'] else ''}; {seconds['total']:.0f} s")

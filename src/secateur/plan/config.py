@@ -20,7 +20,8 @@ class PlanConfig:
                                                              "f16) or hf (transformers here); default llama.cpp")
     llama_cpp: str | None = option(None, "llama.cpp's binaries (default: $SECATEUR_LLAMA_CPP, then PATH)")
     threads: int | None = option(None, "llama.cpp threads (default: torch's thread count)")
-    depth: str = option("0:0.5:0.1", "fractions of the decoder blocks to remove (angular span, compensated)")
+    depth: str = option("0:0.5", "fractions of the decoder blocks to remove (angular span, compensated); "
+                                 "start:stop is every block count in between")
     width: str = option("0:0.6:0.1", "fractions of the remaining blocks' parameters to remove as heads and MLP "
                                      "channels (uniform widths), hidden channels included")
     hidden: str = option("0,0.125", "fractions of the hidden channels to remove (counted in the width fraction)")
@@ -36,8 +37,15 @@ class PlanConfig:
     proxy_windows: int = option(4, "windows the KL proxy reads at the last rung (rung r reads 2^r)")
     keep: float = option(0.5, "successive halving: the share of candidates meeting the target kept at each rung")
     holdout: int = option(3, "measured shapes per hidden size held out to report the cost model's error")
-    margin: float | None = option(None, "speed targets: predicted speedup must beat the target by this relative "
-                                        "margin (default: the cost model's largest held-out error, at least 0.02)")
+    margin: float | None = option(None, "speed targets: the chosen shape's speedup, timed against the dense model "
+                                        "in pairs, must beat the target by this relative margin (default 0.02)")
+    tolerance: float | None = option(None, "speed targets: candidates predicted within this relative distance "
+                                           "below the target stay in the search until timed (default: the cost "
+                                           "model's largest held-out error, at least 0.05)")
+    rounds: int | None = option(None, "speed targets: rounds of the paired timing that checks a chosen shape "
+                                      "(default 3)")
+    exhaustive: bool = option(False, "score every candidate, not only those that meet the target and remove "
+                                     "no more than needed (a fuller Pareto front, slower)")
     budget_minutes: float | None = option(None, "stop evaluating candidates after this many minutes (the plan "
                                                 "is chosen among those evaluated; a rerun goes on from the cache)")
     recover_tokens: int = option(0, "append a recovery stage (distillation from the dense model) of this many "
@@ -59,6 +67,10 @@ class PlanConfig:
             raise ConfigError("--holdout and --recover-tokens must be >= 0")
         if self.margin is not None and not 0 <= self.margin < 1:
             raise ConfigError(f"--margin must be in [0, 1), got {self.margin}")
+        if self.tolerance is not None and not 0 <= self.tolerance < 1:
+            raise ConfigError(f"--tolerance must be in [0, 1), got {self.tolerance}")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise ConfigError(f"--budget-minutes must be positive, got {self.budget_minutes}")
         for name in ("prompt", "new_tokens", "threads", "repeats"):

@@ -11,6 +11,11 @@ per block, a fixed cost and a term proportional to the block's weights (decode r
 (Separate attention and MLP terms were tried: the design's blocks shrink both together, so the two
 were ill-determined and held-out errors reached 23% on SmolLM2 in llama.cpp, against 6% with one.)
 A timing is the fastest of its repetitions: interference from other processes only slows a run.
+
+The model only screens. The planner checks its choice by `paired` timing: the candidate's shape and
+the dense model in alternation, round after round, the speedup read as the median of the rounds'
+ratios, so that a slow spell of the machine slows both sides of a ratio; each such measurement is
+added to the fit.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -116,8 +123,42 @@ class Engine(Protocol):
     def identity(self) -> dict[str, Any]:
         """What its timings depend on besides the shape (machine, versions, threads, lengths)."""
 
-    def time(self, config: Any) -> Timing:
-        """Time a random-weight model of `config`."""
+    def prepare(self, config: Any) -> Any:
+        """A random-weight model of `config`, ready to time (a model, a file)."""
+
+    def run(self, prepared: Any) -> Timing:
+        """Time what `prepare` made."""
+
+    def release(self, prepared: Any) -> None:
+        """Free what `prepare` made."""
+
+
+def time_shape(engine: Engine, config: Any) -> Timing:
+    """One timing of a random-weight model of `config`."""
+    prepared = engine.prepare(config)
+    try:
+        return engine.run(prepared)
+    finally:
+        engine.release(prepared)
+
+
+def paired(engine: Engine, config: Any, base: Any, rounds: int = 3) -> tuple[float, float]:
+    """(decode, prefill) speedup of `config` over `base`: both timed in alternation (the order
+    swapped every round), the median of the rounds' ratios."""
+    if rounds < 1:
+        raise ConfigError(f"paired timing needs at least one round, got {rounds}")
+    shape, reference = engine.prepare(config), engine.prepare(base)
+    try:
+        ratios = []
+        for round_ in range(rounds):
+            order = (shape, reference) if round_ % 2 == 0 else (reference, shape)
+            first, second = (engine.run(p) for p in order)
+            mine, theirs = (first, second) if round_ % 2 == 0 else (second, first)
+            ratios.append(mine.speedup(theirs))
+    finally:
+        engine.release(shape)
+        engine.release(reference)
+    return float(np.median([r[0] for r in ratios])), float(np.median([r[1] for r in ratios]))
 
 
 def machine() -> dict[str, Any]:
@@ -149,16 +190,23 @@ class HFEngine:
                 "transformers": transformers.__version__, "prompt": self.prompt, "new_tokens": self.new_tokens,
                 "repeats": self.repeats, "estimator": "fastest"}  # fmt: skip
 
-    def time(self, config: Any) -> Timing:
-        from secateur.bench import _one_run
+    def prepare(self, config: Any) -> tuple[nn.Module, torch.Tensor]:
         from secateur.io import resolve_dtype
 
         model = random_model(config, resolve_dtype(self.dtype)).to(self.device)
         ids = torch.randint(0, config.vocab_size, (1, self.prompt), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(self.device)
+        return model, ids.to(self.device)
+
+    def run(self, prepared: tuple[nn.Module, torch.Tensor]) -> Timing:
+        from secateur.bench import _one_run
+
+        model, ids = prepared
         _one_run(model, ids, self.new_tokens)  # warm-up
         runs = [_one_run(model, ids, self.new_tokens) for _ in range(self.repeats)]
         return Timing(decode=1 / max(r[1] for r in runs), prefill=min(r[0] for r in runs))
+
+    def release(self, prepared: Any) -> None:
+        del prepared
 
 
 @dataclass
@@ -182,18 +230,28 @@ class LlamaCppEngine:
                 "type": self.kind, "prompt": self.prompt, "new_tokens": self.new_tokens, "repeats": self.repeats,
                 "estimator": "fastest"}  # fmt: skip
 
-    def time(self, config: Any) -> Timing:
-        from secateur.bench import measure_llamacpp
+    def prepare(self, config: Any) -> Path:
+        """The shape as a GGUF file in a new temporary folder."""
         from secateur.export.gguf import model_shape, write_gguf
 
         model = random_model(config)
-        with tempfile.TemporaryDirectory(prefix="secateur-plan-") as work:
-            path = Path(work) / "shape.gguf"
+        path = Path(tempfile.mkdtemp(prefix="secateur-plan-")) / "shape.gguf"
+        try:
             write_gguf(model, model_shape(model), path, self.kind, None, self.vocabulary, name="shape")
-            del model
-            result = measure_llamacpp(path, binary=Path(self.binary), prompt=self.prompt, new_tokens=self.new_tokens,
-                                      repeats=self.repeats, threads=self.threads)  # fmt: skip
+        except BaseException:
+            self.release(path)
+            raise
+        return path
+
+    def run(self, prepared: Path) -> Timing:
+        from secateur.bench import measure_llamacpp
+
+        result = measure_llamacpp(prepared, binary=Path(self.binary), prompt=self.prompt, new_tokens=self.new_tokens,
+                                  repeats=self.repeats, threads=self.threads)  # fmt: skip
         return Timing(decode=1 / max(result.decode_runs), prefill=min(result.prefill_runs))
+
+    def release(self, prepared: Path) -> None:
+        shutil.rmtree(Path(prepared).parent, ignore_errors=True)
 
 
 @dataclass
@@ -207,12 +265,18 @@ class TableEngine:
     def identity(self) -> dict[str, Any]:
         return {"engine": self.name, "table": sorted(s.key for s in self.table)}
 
-    def time(self, config: Any) -> Timing:
+    def prepare(self, config: Any) -> ArchShape:
         shape = shape_of(config)
-        self.calls.append(shape)
         if shape not in self.table:
             raise ConfigError(f"the timing table has no row for {shape.key}")
-        return self.table[shape]
+        return shape
+
+    def run(self, prepared: ArchShape) -> Timing:
+        self.calls.append(prepared)
+        return self.table[prepared]
+
+    def release(self, prepared: Any) -> None:
+        pass
 
 
 # --- measuring, cached ----------------------------------------------------------------------------------
@@ -232,7 +296,7 @@ def measure(engine: Engine, configs: dict[ArchShape, Any], cache: Path | None, *
     known = {row["shape"]: Timing(row["decode"], row["prefill"]) for row in read_rows(cache)}
     todo = [s for s in configs if s.key not in known]
     for shape in tqdm(todo, desc=f"timing shapes ({engine.name})", disable=not progress or not todo):
-        timing = engine.time(configs[shape])
+        timing = time_shape(engine, configs[shape])
         known[shape.key] = timing
         append_rows(cache, [{"shape": shape.key, **asdict(shape), **asdict(timing)}])
     return {s: known[s.key] for s in configs}
@@ -303,7 +367,7 @@ def design(shapes: Iterable[ArchShape], holdout: int = 3) -> tuple[list[ArchShap
         if rank(chosen) < rank(group):  # the corners do not determine what the group's shapes vary in
             chosen = group[:: max(len(group) // 6, 1)]
         rest = [s for s in group if s not in chosen]
-        step = max(len(rest) / holdout, 1)
+        step = max(len(rest) / max(holdout, 1), 1)
         fit += chosen
         held += [rest[int(i * step)] for i in range(min(holdout, len(rest)))]
     return fit, held
@@ -318,3 +382,52 @@ def timed_model(engine: Engine, configs: dict[ArchShape, Any], cache: Path | Non
     model = CostModel.fit({s: timings[s] for s in fit})
     return model, timings, model.errors({s: timings[s] for s in held})
 
+
+
+@dataclass
+class CostBook:
+    """Speedups of shapes over the dense model: from paired timings where a shape was checked, else
+    predicted by a cost model fitted on every shape measured so far (design, held-out, checked)."""
+
+    engine: Engine
+    base: Any  # the dense model's config
+    timings: dict[ArchShape, Timing]  # single timings, the dense shape's among them
+    cache: Path | None = None  # paired timings, one JSONL row per checked shape
+    rounds: int = 3
+    checked: dict[ArchShape, tuple[float, float]] = field(default_factory=dict)
+    seconds: float = 0.0  # spent timing checks
+
+    def __post_init__(self) -> None:
+        self.dense = shape_of(self.base)
+        if self.dense not in self.timings:
+            raise ValueError("the cost book needs the dense model's timing")
+        self._refit()
+
+    def _refit(self) -> None:
+        dense = self.timings[self.dense]
+        points = dict(self.timings)
+        for shape, (decode, prefill) in self.checked.items():
+            points[shape] = Timing(dense.decode / decode, dense.prefill / prefill)
+        self.model = CostModel.fit(points)
+
+    def speedup(self, shape: ArchShape) -> tuple[float, float]:
+        """(decode, prefill) over dense: measured in pairs if checked, else predicted."""
+        if shape in self.checked:
+            return self.checked[shape]
+        return self.model.predict(shape).speedup(self.timings[self.dense])
+
+    def check(self, config: Any) -> tuple[float, float]:
+        """Time `config`'s shape against the dense model in pairs (cached), and refit with it."""
+        shape = shape_of(config)
+        row = next((r for r in read_rows(self.cache) if r["shape"] == shape.key and r["base"] == self.dense.key
+                    and r["rounds"] == self.rounds), None)  # fmt: skip
+        if row is None:
+            clock = time.perf_counter()
+            decode, prefill = paired(self.engine, config, self.base, self.rounds)
+            self.seconds += time.perf_counter() - clock
+            row = {"shape": shape.key, "base": self.dense.key, "rounds": self.rounds, "decode": decode,
+                   "prefill": prefill}  # fmt: skip
+            append_rows(self.cache, [row])
+        self.checked[shape] = (float(row["decode"]), float(row["prefill"]))
+        self._refit()
+        return self.checked[shape]

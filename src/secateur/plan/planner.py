@@ -5,11 +5,16 @@
    widths do not depend on the depth), so each candidate's shape, parameters and file size are
    known before any candidate is built.
 3. Costs (speed targets): a design of the shapes, and held-out ones, timed in the engine (cached per
-   machine and engine); a linear model per hidden size predicts the rest.
-4. Quality: KL to the dense model after one-shot pruning, by successive halving: every candidate on
-   one window, then the better share of those meeting the target on twice as many, and so on.
+   machine and engine); a linear model per hidden size predicts the rest. It only screens: shapes
+   predicted within its error below the target stay in.
+4. Quality: KL to the dense model after one-shot pruning, by successive halving over the boundary
+   (the candidates that may meet the target and remove no more than needed: removing more of any
+   kind only loses quality): all on one window, the better share on twice as many, and so on.
    Scores are cached per window, so an interrupted or budget-limited plan goes on where it stopped.
-5. The Pareto front (KL, cost), a plot, and the chosen candidate as a recipe.
+5. Speed targets: the winner's shape is timed against the dense model in pairs; if it misses the
+   target it leaves the search, the cost model is refitted with it, and 4 runs again (from the
+   cache) until the winner is one that was timed and meets the target.
+6. The Pareto front (KL, cost), a plot, and the chosen candidate as a recipe.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from secateur.io import check_output, content_hash, load, load_config, resolve_d
 from secateur.models import adapter_for
 from secateur.plan.costs import (
     ArchShape,
+    CostBook,
     Engine,
     HFEngine,
     LlamaCppEngine,
@@ -47,8 +53,8 @@ from secateur.plan.costs import (
 from secateur.plan.config import PlanConfig
 from secateur.plan.proxy import Proxy
 from secateur.plan.rows import append_rows, read_rows
-from secateur.plan.search import halve, pareto_front
-from secateur.plan.space import Candidate, block_counts, candidates, parse_grid
+from secateur.plan.search import halve, pareto_front, undominated
+from secateur.plan.space import Candidate, candidates, depth_counts, parse_grid
 from secateur.plan.targets import Target, parse_target
 from secateur.width import WidthConfig, width_prune
 from secateur.width.structure import WidthError
@@ -64,9 +70,9 @@ class Row:
     shape: ArchShape
     params: int
     file_bytes: int
-    speedup: tuple[float, float] | None = None  # (decode, prefill), predicted or measured
-    measured: bool = False  # the speedup was timed on this very shape
-    feasible: bool = False
+    speedup: tuple[float, float] | None = None  # (decode, prefill), predicted or timed in pairs
+    measured: bool = False  # the speedup was timed on this very shape, against the dense model
+    feasible: bool = False  # meets the target (timed, or a size), or may (predicted within the tolerance)
     kl: list[float] = field(default_factory=list)
 
     @property
@@ -83,7 +89,8 @@ class Row:
 
 def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> Engine | None:
     """The timing engine a speed target needs (checked before any work); None for size targets."""
-    given = [f"--{k.replace('_', '-')}" for k in ("llama_cpp", "threads", "prompt", "new_tokens", "repeats")
+    given = [f"--{k.replace('_', '-')}" for k in ("llama_cpp", "threads", "prompt", "new_tokens", "repeats",
+                                                  "margin", "tolerance", "rounds")
              if getattr(config, k) is not None]  # fmt: skip
     if not target.speed:
         if target.metric == "params" and config.engine is not None:
@@ -165,7 +172,7 @@ def _read_scores(path: Path) -> dict[str, dict[int, float]]:
 
 @dataclass
 class Search:
-    """Successive halving over the rows with the proxy; scores cached per (candidate, window)."""
+    """Successive halving over `rows` with the proxy; scores cached per (candidate, window)."""
 
     rows: dict[str, Row]
     proxy: Proxy
@@ -180,17 +187,22 @@ class Search:
     def run(self) -> list[int]:
         """Returns the windows read at each rung."""
         known = _read_scores(self.cache)
+        self.stopped = None
         rungs, alive, size = [], list(self.rows), 1
         bar = tqdm(total=len(alive), desc="plan: candidates", disable=not self.progress)
         while alive:
             size = min(size, self.windows)
             rungs.append(size)
             for key in sorted(alive, key=lambda k: self.rows[k].candidate):
-                if self._late():
+                cached = known.setdefault(key, {})
+                missing = [i for i in range(size) if i not in cached]
+                if missing and self._late():
                     self.stopped = f"--budget-minutes reached at rung {len(rungs)} ({size} windows)"
                     bar.close()
                     return rungs
-                self._evaluate(self.rows[key], size, known.get(key, {}))
+                if missing:
+                    self._score(self.rows[key], missing, cached)
+                self.rows[key].kl = [cached[i] for i in range(size)]
                 bar.update(1)
             feasible = {k: self.rows[k].score for k in alive if self.rows[k].feasible}
             if size >= self.windows or len(feasible) <= 1:
@@ -205,12 +217,6 @@ class Search:
     def _late(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
-    def _evaluate(self, row: Row, size: int, cached: dict[int, float]) -> None:
-        missing = [i for i in range(size) if i not in cached]
-        if missing:
-            self._score(row, missing, cached)
-        row.kl = [cached[i] for i in range(size)]
-
     def _score(self, row: Row, missing: list[int], cached: dict[int, float]) -> None:
         """Build the candidate, score the windows the cache lacks, and append them to it."""
         model = self.proxy.build(row.candidate)
@@ -224,6 +230,22 @@ class Search:
         append_rows(self.cache, [{"key": row.candidate.key, "window": i, "kl": kl} for i, kl in zip(missing, scores)])
 
 
+def boundary(rows: dict[str, Row]) -> dict[str, Row]:
+    """The rows that meet the target (or may) and that no other such row of the same hidden fraction
+    dominates with fewer blocks and no more width, or less width and no more blocks."""
+    live = [r for r in rows.values() if r.feasible]
+    keep = undominated([(r.candidate.hidden, (r.candidate.blocks, r.candidate.width)) for r in live])
+    return {live[i].candidate.key: live[i] for i in keep}
+
+
+def _choose(rows: dict[str, Row]) -> Row | None:
+    """The best score among the searched rows meeting the target that were scored on the most windows
+    (rows left out of the last search keep older scores, which are not compared)."""
+    scored = [r for r in rows.values() if r.kl and r.feasible]
+    top = max((len(r.kl) for r in scored), default=0)
+    return min((r for r in scored if len(r.kl) == top), key=lambda r: (r.score, r.candidate), default=None)
+
+
 def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwrite: bool = False,
          progress: bool = True, engine: Engine | None = None) -> dict[str, Any]:  # fmt: skip
     """Search, write `out/` (plan.toml, plan.json, front.md, pareto.png) and return the plan's record.
@@ -233,7 +255,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
 
     clock = time.perf_counter()
     target = parse_target(config.target)
-    depths = parse_grid(config.depth, "depth")
+    depth_counts(config.depth, 2)  # checks the grid before any work
     widths = parse_grid(config.width, "width")
     hiddens = parse_grid(config.hidden, "hidden")
     check_output(out, overwrite, [model_path])
@@ -245,7 +267,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     if engine is None:
         engine = _engine(config, target, model_path)
     blocks = base.num_hidden_layers
-    grid = candidates(block_counts(depths, blocks), widths, hiddens)
+    grid = candidates(depth_counts(config.depth, blocks), widths, hiddens)
     shapes = block_shapes(base, sorted({(c.width, c.hidden) for c in grid}))
     refused = {f"w{w:g}-h{h:g}": why for (w, h), why in shapes.items() if isinstance(why, str)}
     grid = [c for c in grid if not isinstance(shapes[(c.width, c.hidden)], str)]
@@ -257,46 +279,65 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
         rows[c.key] = Row(c, shape_of(configs[c]), params, _file_bytes(params, one_d, config))
     dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, config)}
     if not target.speed:
-        _feasible(rows, target, 0.0, dense_value)
+        _feasible(rows, target, None, 0.0, 0.0, dense_value)
     model, tokenizer = load(model_path, dtype="float32", device="cpu")
     calibration, windows = _windows(model, tokenizer, config)  # a short text fails before any timing
     if isinstance(engine, LlamaCppEngine) and engine.vocabulary is None:
         engine.vocabulary = vocabulary_of(tokenizer, model_path, base.vocab_size)
-    costs = _costs(engine, base, rows, configs, config, target, progress)
+    book, costs = _costs(engine, base, rows, configs, config, target, progress)
+    margin, tolerance = costs["margin"], costs["tolerance"]
     if target.speed:
-        _feasible(rows, target, costs["margin"], dense_value)
+        _feasible(rows, target, book, margin, tolerance, dense_value)
     setup = time.perf_counter() - clock
     proxy = Proxy(model, calibration, windows, resolve_device(config.device))
     proxy.spans(sorted({c.blocks for c in grid}))
     deadline = clock + config.budget_minutes * 60 if config.budget_minutes else None
-    cache = _score_cache(model_path, config)
-    search = Search(rows, proxy, cache, config.keep, config.proxy_windows, deadline, progress)
+    search = Search(rows, proxy, _score_cache(model_path, config), config.keep, config.proxy_windows, deadline,
+                    progress)  # fmt: skip
+    by_key = {c.key: c for c in grid}
     with block_bars(progress):
-        rungs = search.run()
-    record = _record(model_path, config, target, rows, costs, search, rungs, refused, dense_params)
-    record["seconds"] = {"total": time.perf_counter() - clock, "setup": setup, **proxy.seconds}
+        while True:
+            search.rows = rows if config.exhaustive else boundary(rows)
+            rungs = search.run()
+            chosen = _choose(search.rows)
+            if chosen is None:
+                raise ConfigError("the budget ran out before a candidate meeting the target was scored; raise "
+                                  "--budget-minutes (a rerun reuses what was scored)")
+            if not target.speed or chosen.measured:
+                break
+            predicted = chosen.speedup
+            measured = book.check(configs[by_key[chosen.candidate.key]])
+            costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
+                                    "measured": measured})  # fmt: skip
+            _feasible(rows, target, book, margin, tolerance, dense_value)
+    if book is not None:
+        costs["measured_shapes"] = len(book.timings) + len(book.checked)
+    record = _record(model_path, config, target, rows, costs, search, rungs, refused, dense_params, chosen)
+    record["seconds"] = {"total": time.perf_counter() - clock, "setup": setup, "checks": book.seconds if book else 0.0,
+                         **proxy.seconds}  # fmt: skip
     write_plan(out, record, overwrite=overwrite)
     return record
 
 
 def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict[Candidate, Any],
-           config: PlanConfig, target: Target, progress: bool) -> dict[str, Any]:  # fmt: skip
-    """Speed targets: the cost model fitted and checked on this engine, every row's speedup."""
+           config: PlanConfig, target: Target, progress: bool) -> tuple[CostBook | None, dict[str, Any]]:  # fmt: skip
+    """Speed targets: the cost model fitted and checked on held-out shapes of this engine."""
     if engine is None:
-        return {"engine": None, "margin": 0.0}
+        return None, {"engine": None, "margin": 0.0, "tolerance": 0.0, "checks": []}
     by_shape = {rows[c.key].shape: cfg for c, cfg in configs.items()}
     dense = shape_of(base)
-    cache = cache_dir() / "plan" / f"costs-{identity_key(engine, base)}.jsonl"
-    model, timings, errors = timed_model(engine, by_shape, cache, holdout=config.holdout, progress=progress)
+    key = identity_key(engine, base)
+    cache = cache_dir() / "plan" / f"costs-{key}.jsonl"
+    fitted, timings, errors = timed_model(engine, by_shape, cache, holdout=config.holdout, progress=progress)
     timings.update(measure(engine, {dense: base}, cache, progress=False))
-    worst = max((abs(e["decode" if target.metric == "decode-speedup" else "prefill"]) for e in errors), default=0.0)
-    margin = config.margin if config.margin is not None else max(worst, 0.02)
-    for row in rows.values():
-        timing = timings.get(row.shape) or model.predict(row.shape)
-        row.speedup, row.measured = timing.speedup(timings[dense]), row.shape in timings
-    return {"engine": engine.identity(), "cache": str(cache), "margin": margin, "errors": errors,
-            "dense": asdict(timings[dense]), "measured": len(timings),
-            "coefficients": {str(h): [list(map(float, c)) for c in v] for h, v in model.coefficients.items()}}  # fmt: skip
+    book = CostBook(engine, base, timings, cache_dir() / "plan" / f"paired-{key}.jsonl", config.rounds or 3)
+    metric = "decode" if target.metric == "decode-speedup" else "prefill"
+    worst = max((abs(e[metric]) for e in errors), default=0.0)
+    tolerance = config.tolerance if config.tolerance is not None else max(worst, 0.05)
+    return book, {"engine": engine.identity(), "cache": str(cache), "margin": 0.02 if config.margin is None
+                  else config.margin, "tolerance": tolerance, "errors": errors, "checks": [],
+                  "dense": asdict(timings[dense]), "rounds": book.rounds,
+                  "coefficients": {str(h): [list(map(float, c)) for c in v] for h, v in fitted.coefficients.items()}}  # fmt: skip
 
 
 def vocabulary_of(tokenizer: Any, model_path: str | Path, vocab_size: int) -> Any:
@@ -310,21 +351,24 @@ def vocabulary_of(tokenizer: Any, model_path: str | Path, vocab_size: int) -> An
     return vocabulary(tokenizer, path, vocab_size, read_manifest(path), None)
 
 
-def _feasible(rows: dict[str, Row], target: Target, margin: float, dense: dict[str, int]) -> None:
-    """Mark the rows that meet the target; refuse a target the dense model meets or no row meets."""
+def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margin: float, tolerance: float,
+              dense: dict[str, int]) -> None:  # fmt: skip
+    """Mark the rows that meet the target: sizes exactly; speeds by their paired timing with `margin`
+    to spare, or, untimed, by a prediction within `tolerance` below the target (the timing decides
+    later). Refuse a target the dense model meets or no row can meet."""
     if not target.speed and target.met(dense[target.metric]):
         raise ConfigError(f"the dense model already meets --target {target} ({dense[target.metric]:,}); "
                           "nothing needs removing")
     for row in rows.values():
-        if target.metric == "decode-speedup":
-            row.feasible = target.met(row.speedup[0], margin)
-        elif target.metric == "prefill-speedup":
-            row.feasible = target.met(row.speedup[1], margin)
-        else:
+        if book is None:
             row.feasible = target.met(row.params if target.metric == "params" else row.file_bytes)
+            continue
+        row.speedup, row.measured = book.speedup(row.shape), row.shape in book.checked
+        value = row.speedup[0] if target.metric == "decode-speedup" else row.speedup[1]
+        row.feasible = target.met(value, margin if row.measured else -tolerance)
     if not any(r.feasible for r in rows.values()):
         raise ConfigError(f"no candidate of the grid meets --target {target}"
-                          f"{' with the cost model margin of %.0f%%' % (margin * 100) if margin else ''}: widen "
+                          f"{' (predicted within the cost model tolerance of %.0f%%, or timed)' % (tolerance * 100) if book else ''}: widen "
                           "--depth / --width / --hidden")
 
 
@@ -339,18 +383,13 @@ def cost_of(row: Row, target: Target) -> float:
 
 
 def _record(model_path: str | Path, config: PlanConfig, target: Target, rows: dict[str, Row], costs: dict[str, Any],
-            search: Search, rungs: list[int], refused: dict[str, str], dense_params: int) -> dict[str, Any]:  # fmt: skip
+            search: Search, rungs: list[int], refused: dict[str, str], dense_params: int,
+            chosen: Row) -> dict[str, Any]:  # fmt: skip
     scored = [r for r in rows.values() if r.kl]
     front = pareto_front([(r.score, cost_of(r, target)) for r in scored])
-    top = max((len(r.kl) for r in scored if r.feasible), default=0)
-    finalists = [r for r in scored if r.feasible and len(r.kl) == top]
-    if not finalists:
-        raise ConfigError("the budget ran out before a candidate meeting the target was scored; raise "
-                          "--budget-minutes (a rerun reuses what was scored)")
-    chosen = min(finalists, key=lambda r: (r.score, cost_of(r, target)))
     return {"model": str(Path(model_path).resolve()), "target": str(target), "metric": target.metric,
             "value": target.value, "config": asdict(config), "dense_params": dense_params, "costs": costs,
-            "rungs": rungs, "evaluations": search.evaluations, "stopped": search.stopped, "refused": refused,
+            "rungs": rungs, "evaluations": search.evaluations, "searched": len(search.rows), "stopped": search.stopped, "refused": refused,
             "candidates": [r.to_dict() for r in rows.values()], "front": [scored[i].candidate.key for i in front],
             "chosen": chosen.to_dict(), "stages": chosen.candidate.stages(),
             "recover_tokens": config.recover_tokens}  # fmt: skip

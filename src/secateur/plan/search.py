@@ -1,5 +1,5 @@
-"""Pure parts of the search: the Pareto front, successive halving's cut, and the rank correlation
-that validates the proxy."""
+"""Pure parts of the search: the Pareto front, the boundary of what meets a target, successive
+halving's cut, and the rank correlation that validates the proxy."""
 
 from __future__ import annotations
 
@@ -15,6 +15,19 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
         if not any((c <= a and d <= b) and (c < a or d < b) for j, (c, d) in enumerate(points) if j != i):
             front.append(i)
     return sorted(front, key=lambda i: (points[i][1], points[i][0]))
+
+
+def undominated(points: Sequence[tuple[object, tuple[float, ...]]]) -> list[int]:
+    """Indices of the (group, removal) points no other point of the same group dominates: one that
+    removes at most as much in every coordinate, and less in one. Among candidates that all meet a
+    target, the dominated ones remove more than needed and score worse (quality falls with every kind
+    of removal), so only the boundary is searched."""
+    out = []
+    for i, (group, mine) in enumerate(points):
+        if not any(g == group and theirs != mine and all(t <= m for t, m in zip(theirs, mine))
+                   for j, (g, theirs) in enumerate(points) if j != i):  # fmt: skip
+            out.append(i)
+    return out
 
 
 def halve(scores: dict[str, float], keep: float = 0.5, least: int = 1) -> list[str]:

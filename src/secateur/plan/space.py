@@ -1,5 +1,5 @@
 """The search space: how many blocks to remove, then which share of the rest as heads and MLP
-channels, and how much of that as hidden channels. Grids come from `0,0.1,0.2` or `0:0.5:0.1`."""
+channels, and how much of that as hidden channels. Grids come from `0,0.1,0.2` or `0:0.5:0.1`; depth also takes `0:0.5`, every block count in between."""
 
 from __future__ import annotations
 
@@ -67,6 +67,18 @@ def parse_grid(text: str, name: str, *, upper: float = 1.0) -> tuple[float, ...]
 def block_counts(fractions: tuple[float, ...], blocks: int) -> tuple[int, ...]:
     """Depth fractions as distinct block counts (rounded), keeping at least one block."""
     return tuple(sorted({min(round(f * blocks), blocks - 1) for f in fractions}))
+
+
+def depth_counts(text: str, blocks: int) -> tuple[int, ...]:
+    """`--depth` as block counts: `start:stop` is every count from round(start * blocks) to
+    round(stop * blocks); otherwise a grid of fractions (`parse_grid`), rounded."""
+    parts = text.strip().split(":")
+    if len(parts) != 2:
+        return block_counts(parse_grid(text, "depth"), blocks)
+    (start,), (stop,) = (parse_grid(part, "depth") for part in parts)
+    if start > stop:
+        raise ConfigError(f"--depth {text!r}: start:stop needs start <= stop")
+    return tuple(range(round(start * blocks), min(round(stop * blocks), blocks - 1) + 1))
 
 
 def candidates(depths: tuple[int, ...], widths: tuple[float, ...], hiddens: tuple[float, ...]) -> list[Candidate]:
