@@ -153,9 +153,9 @@ def proxy_phase() -> None:
     proxy = Proxy(model, calibration, windows, torch.device("cpu"))
     rows = done()
     kl, ppl = {}, {}
+    plans = {r["chosen"]["key"]: r["chosen"] for s, r in rows.items() if s.startswith("plan:") and "chosen" in r}
     for key in _chosen():
-        d, w, h = key.split("-")
-        candidate = Candidate(int(d[1:]), float(w[1:]), float(h[1:]))
+        candidate = Candidate(**{k: plans[key][k] for k in ("blocks", "width", "hidden", "round_to")})
         built = proxy.build(candidate)
         scores = proxy.score(built, range(config.proxy_windows))
         kl[key], ppl[key] = sum(scores) / len(scores), rows[f"prune:{key}"]["perplexity"]

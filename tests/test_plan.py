@@ -56,7 +56,8 @@ def test_grids_ranges_lists_and_block_counts():
     assert Candidate(0, 0.0, 0.0) not in grid and Candidate(3, 0.0, 0.125) not in grid  # dense; hidden needs width
     assert Candidate(3, 0.2, 0.125) in grid and len(grid) == 5  # 2 width-only, 1 depth-only, 2 mixed
     assert Candidate(3, 0.2, 0.125).stages() == [{"method": "angular", "remove_blocks": 3},
-                                                  {"method": "width", "remove_fraction": 0.2, "hidden_fraction": 0.125}]
+                                                  {"method": "width", "remove_fraction": 0.2, "hidden_fraction": 0.125,
+                                                   "round_to": 8}]
 
 
 # --- pure search parts ------------------------------------------------------------------------------------------
@@ -314,6 +315,9 @@ def test_plan_for_a_parameter_target_from_the_command_line(deep_model, tmp_path,
     assert main(["plan", str(model), "--target", f"params={target}", *_flags(text, tmp_path / "plan")]) == 0
     record = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert record["chosen"]["params"] <= target and record["costs"]["engine"] is None
+    # widths aligned for llama.cpp by default (its kernels run misaligned sizes far slower)
+    assert all(stage.get("round_to", 32) == 32 for stage in record["stages"])
+    assert record["chosen"]["shape"]["channels"] % 32 == 0 and record["chosen"]["shape"]["hidden"] % 32 == 0
     assert main(["prune", str(model), "--recipe", str(tmp_path / "plan" / "plan.toml"), "--out", str(tmp_path / "p"),
                  "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4", "--eval-windows", "4",
                  "--eval-seq-len", "32"]) == 0  # fmt: skip

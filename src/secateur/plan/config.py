@@ -24,6 +24,8 @@ class PlanConfig:
                                  "start:stop is every block count in between")
     width: str = option("0:0.6:0.1", "fractions of the remaining blocks' parameters to remove as heads and MLP "
                                      "channels (uniform widths), hidden channels included")
+    round_to: int | None = option(None, "MLP widths and the hidden size are multiples of this (default 32: llama.cpp "
+                                        "runs misaligned sizes several times slower; 8 with --engine hf)")
     hidden: str = option("0,0.125", "fractions of the hidden channels to remove (counted in the width fraction)")
     calib: str = option("enwiki-sample", "text for statistics, spans and proxy windows (drawn after the "
                                          "evaluation region)")
@@ -69,6 +71,8 @@ class PlanConfig:
             raise ConfigError(f"--margin must be in [0, 1), got {self.margin}")
         if self.tolerance is not None and not 0 <= self.tolerance < 1:
             raise ConfigError(f"--tolerance must be in [0, 1), got {self.tolerance}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:

@@ -111,7 +111,7 @@ class Proxy:
         level = self.level(candidate.blocks)
         model = copy.deepcopy(level.model)
         if candidate.width:
-            width_prune(model, WidthConfig(candidate.width, hidden_fraction=candidate.hidden), None,
+            width_prune(model, WidthConfig(candidate.width, hidden_fraction=candidate.hidden, round_to=candidate.round_to), None,
                         device=self.device, statistics=self.statistics(level))  # fmt: skip
         return model
 

@@ -20,6 +20,7 @@ class Candidate:
     blocks: int
     width: float
     hidden: float = 0.0
+    round_to: int = 8  # MLP widths and the hidden size are multiples of this
 
     @property
     def key(self) -> str:
@@ -41,6 +42,7 @@ class Candidate:
             width: dict[str, Any] = {"method": "width", "remove_fraction": self.width}
             if self.hidden:
                 width["hidden_fraction"] = self.hidden
+            width["round_to"] = self.round_to
             tables.append(width)
         return tables
 
@@ -81,7 +83,8 @@ def depth_counts(text: str, blocks: int) -> tuple[int, ...]:
     return tuple(range(round(start * blocks), min(round(stop * blocks), blocks - 1) + 1))
 
 
-def candidates(depths: tuple[int, ...], widths: tuple[float, ...], hiddens: tuple[float, ...]) -> list[Candidate]:
+def candidates(depths: tuple[int, ...], widths: tuple[float, ...], hiddens: tuple[float, ...],
+               round_to: int = 8) -> list[Candidate]:  # fmt: skip
     """Every combination but the dense model; hidden channels only come with some width (they count
     towards it)."""
     out = []
@@ -89,5 +92,5 @@ def candidates(depths: tuple[int, ...], widths: tuple[float, ...], hiddens: tupl
         if hidden and not width:
             continue
         if blocks or width:
-            out.append(Candidate(blocks, width, hidden))
+            out.append(Candidate(blocks, width, hidden, round_to))
     return out
