@@ -187,6 +187,25 @@ def test_paired_timing_cancels_a_machine_that_slows_between_rounds():
     assert alone == pytest.approx(truth / 1.5)
 
 
+def test_one_check_corrects_a_shared_error_of_the_predictions(tmp_path):
+    """A slow single timing of the dense model biases every predicted speedup; one paired check of
+    any shape corrects the others, and the check is cached."""
+    from secateur.plan.costs import CostBook
+
+    shapes = [s for s in _shapes() if s.hidden == 64]
+    dense, checked, other = ArchShape(64, 10, 4, 2, 16, 192), ArchShape(64, 6, 2, 1, 16, 128), ArchShape(64, 4, 4, 2, 16, 96)
+    timings = {s: _law(s) for s in shapes}
+    timings[dense] = Timing(timings[dense].decode * 1.1, timings[dense].prefill * 1.1)
+    truth = _law(dense).decode / _law(other).decode
+    engine = TableEngine({s: _law(s) for s in shapes})
+    book = CostBook(engine, _config(dense), timings, tmp_path / "paired.jsonl", rounds=2)
+    assert book.speedup(other)[0] / truth > 1.07  # the bias, before any check
+    assert book.check(_config(checked))[0] == pytest.approx(_law(dense).decode / _law(checked).decode)
+    assert book.speedup(other)[0] == pytest.approx(truth, rel=0.01) and book.residual(0) == 0.0
+    again = CostBook(TableEngine({}), _config(dense), timings, tmp_path / "paired.jsonl", rounds=2)
+    assert again.check(_config(checked)) == book.checked[checked]  # from the cache: the empty table is not asked
+
+
 # --- whole plans on a tiny model -------------------------------------------------------------------------------------
 
 

@@ -12,8 +12,9 @@
    kind only loses quality): all on one window, the better share on twice as many, and so on.
    Scores are cached per window, so an interrupted or budget-limited plan goes on where it stopped.
 5. Speed targets: the winner's shape is timed against the dense model in pairs; if it misses the
-   target it leaves the search, the cost model is refitted with it, and 4 runs again (from the
-   cache) until the winner is one that was timed and meets the target.
+   target it leaves the search, the checks correct the other predictions (and the tolerance
+   becomes their remaining error), and 4 runs again (from the cache) until the winner is one that
+   was timed and meets the target.
 6. The Pareto front (KL, cost), a plot, and the chosen candidate as a recipe.
 """
 
@@ -318,9 +319,12 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
             measured = book.check(configs[by_key[chosen.candidate.key]])
             costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
                                     "measured": measured})  # fmt: skip
+            if config.tolerance is None:  # what the checks say the corrected predictions are worth
+                tolerance = min(tolerance, max(book.residual(0 if target.metric == "decode-speedup" else 1), 0.03))
             _feasible(rows, target, book, margin, tolerance, dense_value)
     if book is not None:
-        costs["measured_shapes"] = len(book.timings) + len(book.checked)
+        costs.update(measured_shapes=len(book.timings) + len(book.checked), correction=book.correction,
+                     final_tolerance=tolerance)  # fmt: skip
     record = _record(model_path, config, target, rows, costs, search, rungs, refused, dense_params, chosen)
     record["seconds"] = {"total": time.perf_counter() - clock, "setup": setup, "checks": book.seconds if book else 0.0,
                          **proxy.seconds}  # fmt: skip
