@@ -42,10 +42,10 @@ class PlanConfig:
     margin: float | None = option(None, "speed targets: the chosen shape's speedup, timed against the dense model "
                                         "in pairs, must beat the target by this relative margin (default 0.02)")
     tolerance: float | None = option(None, "speed targets: candidates predicted within this relative distance "
-                                           "below the target stay in the search until timed (default: the cost "
-                                           "model's largest held-out error, at least 0.05; after a check, the "
-                                           "largest error of the corrected predictions on the checked shapes, at "
-                                           "least 0.03)")
+                                           "below the target (with --margin) stay in the search until timed "
+                                           "(default: the cost model's largest held-out error, at least 0.05; after "
+                                           "a check, the largest error of the corrected predictions on the checked "
+                                           "shapes)")
     rounds: int | None = option(None, "speed targets: rounds of the paired timing that checks a chosen shape "
                                       "(default 3)")
     exhaustive: bool = option(False, "score every candidate, not only those that meet the target and remove "

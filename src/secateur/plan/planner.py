@@ -320,7 +320,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
             costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
                                     "measured": measured})  # fmt: skip
             if config.tolerance is None:  # what the checks say the corrected predictions are worth
-                tolerance = min(tolerance, max(book.residual(0 if target.metric == "decode-speedup" else 1), 0.03))
+                tolerance = min(tolerance, book.residual(0 if target.metric == "decode-speedup" else 1))
             _feasible(rows, target, book, margin, tolerance, dense_value)
     if book is not None:
         costs.update(measured_shapes=len(book.timings) + len(book.checked), correction=book.correction,
@@ -367,8 +367,7 @@ def vocabulary_of(tokenizer: Any, model_path: str | Path, vocab_size: int) -> An
 def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margin: float, tolerance: float,
               dense: dict[str, int]) -> None:  # fmt: skip
     """Mark the rows that meet the target: sizes exactly; speeds by their paired timing with `margin`
-    to spare, or, untimed, by a prediction within `tolerance` below the target (the timing decides
-    later). Refuse a target the dense model meets or no row can meet."""
+    to spare, or, untimed, by a prediction within `tolerance` below that (the timing decides later). Refuse a target the dense model meets or no row can meet."""
     if not target.speed and target.met(dense[target.metric]):
         raise ConfigError(f"the dense model already meets --target {target} ({dense[target.metric]:,}); "
                           "nothing needs removing")
@@ -378,7 +377,7 @@ def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margi
             continue
         row.speedup, row.measured = book.speedup(row.shape), row.shape in book.checked
         value = row.speedup[0] if target.metric == "decode-speedup" else row.speedup[1]
-        row.feasible = target.met(value, margin if row.measured else -tolerance)
+        row.feasible = target.met(value, margin if row.measured else (1 + margin) * (1 - tolerance) - 1)
     if not any(r.feasible for r in rows.values()):
         raise ConfigError(f"no candidate of the grid meets --target {target}"
                           f"{' (predicted within the cost model tolerance of %.0f%%, or timed)' % (tolerance * 100) if book else ''}: widen "
