@@ -8,7 +8,7 @@ pruned recipe, and planning time against one prune.
 
 Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl.
 
-    python benchmarks/plan.py [--phase plan|prune|speed|proxy|table|all] [--rounds 3]
+    python benchmarks/plan.py [--phase plan|prune|speed|proxy|table|all] [--rounds 3] [--targets decode1.3,params80M]
 """
 
 from __future__ import annotations
@@ -63,9 +63,11 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
                           check=check)  # fmt: skip
 
 
-def plan_phase() -> None:
+def plan_phase(names: list[str]) -> None:
     rows = done()
     for name, target in TARGETS.items():
+        if name not in names:
+            continue
         for search, flags in SEARCHES.items():
             step = f"plan:{name}:{search}"
             if step in rows:
@@ -198,10 +200,11 @@ def main() -> None:
     parser.add_argument("--phase", default="all", choices=["plan", "prune", "speed", "proxy", "table", "all"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     args = parser.parse_args()
     os.environ.setdefault("SECATEUR_LLAMA_CPP", str(build()))
     if args.phase in ("plan", "all"):
-        plan_phase()
+        plan_phase(args.targets.split(","))
     if args.phase in ("prune", "all"):
         prune_phase()
     if args.phase in ("speed", "all"):
