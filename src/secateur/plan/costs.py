@@ -151,9 +151,12 @@ def paired(engine: Engine, config: Any, base: Any, rounds: int = 3) -> tuple[flo
     try:
         ratios = []
         for round_ in range(rounds):
-            order = (shape, reference) if round_ % 2 == 0 else (reference, shape)
-            first, second = (engine.run(p) for p in order)
-            mine, theirs = (first, second) if round_ % 2 == 0 else (second, first)
+            if round_ % 2 == 0:
+                mine = engine.run(shape)
+                theirs = engine.run(reference)
+            else:
+                theirs = engine.run(reference)
+                mine = engine.run(shape)
             ratios.append(mine.speedup(theirs))
     finally:
         engine.release(shape)
@@ -206,7 +209,7 @@ class HFEngine:
         return Timing(decode=1 / max(r[1] for r in runs), prefill=min(r[0] for r in runs))
 
     def release(self, prepared: Any) -> None:
-        del prepared
+        pass  # the model goes with the last reference to it
 
 
 @dataclass
@@ -401,23 +404,19 @@ class CostBook:
     rounds: int = 3
     checked: dict[ArchShape, tuple[float, float]] = field(default_factory=dict)
     seconds: float = 0.0  # spent timing checks
+    correction: tuple[float, float] = (1.0, 1.0)  # (decode, prefill) factors learnt from the checks
 
     def __post_init__(self) -> None:
         self.dense = shape_of(self.base)
         if self.dense not in self.timings:
             raise ValueError("the cost book needs the dense model's timing")
         self.model = CostModel.fit(self.timings)
+        self._cached = {r["shape"]: r for r in read_rows(self.cache)
+                        if r["base"] == self.dense.key and r["rounds"] == self.rounds}  # fmt: skip
 
     def predicted(self, shape: ArchShape) -> tuple[float, float]:
         """The model's (decode, prefill) speedup, uncorrected."""
         return self.model.predict(shape).speedup(self.timings[self.dense])
-
-    @property
-    def correction(self) -> tuple[float, float]:
-        if not self.checked:
-            return 1.0, 1.0
-        ratios = [(m[0] / p[0], m[1] / p[1]) for s, m in self.checked.items() for p in [self.predicted(s)]]
-        return float(np.median([r[0] for r in ratios])), float(np.median([r[1] for r in ratios]))
 
     def residual(self, metric: int) -> float:
         """The largest relative error of the corrected predictions on the checked shapes (metric 0:
@@ -434,10 +433,9 @@ class CostBook:
         return decode * c_decode, prefill * c_prefill
 
     def check(self, config: Any) -> tuple[float, float]:
-        """Time `config`'s shape against the dense model in pairs (cached)."""
+        """Time `config`'s shape against the dense model in pairs (cached), and update the correction."""
         shape = shape_of(config)
-        row = next((r for r in read_rows(self.cache) if r["shape"] == shape.key and r["base"] == self.dense.key
-                    and r["rounds"] == self.rounds), None)  # fmt: skip
+        row = self._cached.get(shape.key)
         if row is None:
             clock = time.perf_counter()
             decode, prefill = paired(self.engine, config, self.base, self.rounds)
@@ -445,5 +443,8 @@ class CostBook:
             row = {"shape": shape.key, "base": self.dense.key, "rounds": self.rounds, "decode": decode,
                    "prefill": prefill}  # fmt: skip
             append_rows(self.cache, [row])
+            self._cached[shape.key] = row
         self.checked[shape] = (float(row["decode"]), float(row["prefill"]))
+        ratios = [np.divide(m, self.predicted(s)) for s, m in self.checked.items()]
+        self.correction = tuple(float(v) for v in np.median(ratios, axis=0))
         return self.checked[shape]

@@ -57,7 +57,7 @@ from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front, undominated
 from secateur.plan.space import Candidate, candidates, depth_counts, parse_grid
 from secateur.plan.targets import Target, parse_target
-from secateur.width import WidthConfig, width_prune
+from secateur.width import width_prune
 from secateur.width.structure import WidthError
 
 PROXY_VERSION = 1  # bump when the proxy's definition changes: cached scores of older ones are not reused
@@ -138,7 +138,7 @@ def block_shapes(model_config: Any, pairs: list[tuple[float, float]], round_to: 
         skeleton = random_model(copy.deepcopy(one))  # pruning rewrites the model's config
         try:
             with block_bars(False):
-                width_prune(skeleton, WidthConfig(width, hidden_fraction=hidden, round_to=round_to), calibration)
+                width_prune(skeleton, Candidate(0, width, hidden, round_to).width_config(), calibration)
         except WidthError as exc:
             out[(width, hidden)] = str(exc)
             continue
@@ -320,7 +320,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
             costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
                                     "measured": measured})  # fmt: skip
             if config.tolerance is None:  # what the checks say the corrected predictions are worth
-                tolerance = min(tolerance, book.residual(0 if target.metric == "decode-speedup" else 1))
+                tolerance = min(tolerance, book.residual(target.speed_index))
             _feasible(rows, target, book, margin, tolerance, dense_value)
     if book is not None:
         costs.update(measured_shapes=len(book.timings) + len(book.checked), correction=book.correction,
@@ -344,8 +344,7 @@ def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict
     fitted, timings, errors = timed_model(engine, by_shape, cache, holdout=config.holdout, progress=progress)
     timings.update(measure(engine, {dense: base}, cache, progress=False))
     book = CostBook(engine, base, timings, cache_dir() / "plan" / f"paired-{key}.jsonl", config.rounds or 3)
-    metric = "decode" if target.metric == "decode-speedup" else "prefill"
-    worst = max((abs(e[metric]) for e in errors), default=0.0)
+    worst = max((abs(e[("decode", "prefill")[target.speed_index]]) for e in errors), default=0.0)
     tolerance = config.tolerance if config.tolerance is not None else max(worst, 0.05)
     return book, {"engine": engine.identity(), "cache": str(cache), "margin": 0.02 if config.margin is None
                   else config.margin, "tolerance": tolerance, "errors": errors, "checks": [],
@@ -367,7 +366,8 @@ def vocabulary_of(tokenizer: Any, model_path: str | Path, vocab_size: int) -> An
 def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margin: float, tolerance: float,
               dense: dict[str, int]) -> None:  # fmt: skip
     """Mark the rows that meet the target: sizes exactly; speeds by their paired timing with `margin`
-    to spare, or, untimed, by a prediction within `tolerance` below that (the timing decides later). Refuse a target the dense model meets or no row can meet."""
+    to spare, or, untimed, by a prediction within `tolerance` below that (the timing decides later).
+    Refuse a target the dense model meets or no row can meet."""
     if not target.speed and target.met(dense[target.metric]):
         raise ConfigError(f"the dense model already meets --target {target} ({dense[target.metric]:,}); "
                           "nothing needs removing")
@@ -376,8 +376,7 @@ def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margi
             row.feasible = target.met(row.params if target.metric == "params" else row.file_bytes)
             continue
         row.speedup, row.measured = book.speedup(row.shape), row.shape in book.checked
-        value = row.speedup[0] if target.metric == "decode-speedup" else row.speedup[1]
-        row.feasible = target.met(value, margin if row.measured else (1 + margin) * (1 - tolerance) - 1)
+        row.feasible = target.met(row.speedup[target.speed_index], margin if row.measured else (1 + margin) * (1 - tolerance) - 1)
     if not any(r.feasible for r in rows.values()):
         raise ConfigError(f"no candidate of the grid meets --target {target}"
                           f"{' (predicted within the cost model tolerance of %.0f%%, or timed)' % (tolerance * 100) if book else ''}: widen "

@@ -22,7 +22,7 @@ from secateur.depth.search import angular_distances
 from secateur.depth.structure import remove_blocks
 from secateur.models import adapter_for
 from secateur.plan.space import Candidate
-from secateur.width import WidthConfig, width_prune
+from secateur.width import width_prune
 from secateur.width.prune import Statistics, gather_statistics
 
 
@@ -111,7 +111,7 @@ class Proxy:
         level = self.level(candidate.blocks)
         model = copy.deepcopy(level.model)
         if candidate.width:
-            width_prune(model, WidthConfig(candidate.width, hidden_fraction=candidate.hidden, round_to=candidate.round_to), None,
+            width_prune(model, candidate.width_config(), None,
                         device=self.device, statistics=self.statistics(level))  # fmt: skip
         return model
 

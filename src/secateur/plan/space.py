@@ -6,9 +6,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from secateur.errors import ConfigError
+
+if TYPE_CHECKING:
+    from secateur.width import WidthConfig
 
 
 @dataclass(frozen=True, order=True)
@@ -32,6 +35,12 @@ class Candidate:
         parts = [name for name, on in (("depth", self.blocks), ("width", self.width and not self.hidden),
                                        ("width+hidden", self.hidden)) if on]  # fmt: skip
         return " + ".join(parts) or "dense"
+
+    def width_config(self) -> "WidthConfig":
+        """The width stage's settings (the stage's recipe table says the same)."""
+        from secateur.width import WidthConfig
+
+        return WidthConfig(self.width, hidden_fraction=self.hidden, round_to=self.round_to)
 
     def stages(self) -> list[dict[str, Any]]:
         """The candidate as recipe [[stage]] tables (depth first: width then scores the shallower model)."""

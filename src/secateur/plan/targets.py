@@ -25,6 +25,11 @@ class Target:
     def speed(self) -> bool:
         return self.metric in SPEED
 
+    @property
+    def speed_index(self) -> int:
+        """Where a speed target reads a (decode, prefill) pair."""
+        return SPEED.index(self.metric)
+
     def __str__(self) -> str:
         if self.metric == "params":
             return f"params<={self.value / 1e6:g}M" if self.value >= 1e5 else f"params<={self.value:g}"
