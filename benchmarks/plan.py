@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,9 +59,26 @@ def append(row: dict) -> None:
     print(json.dumps({k: v for k, v in row.items() if k not in ("candidates", "bench")})[:400], flush=True)
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def cli(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "secateur.cli", *map(str, args)], capture_output=True, text=True,
-                          check=check)  # fmt: skip
+                          check=check, env=env)  # fmt: skip
+
+
+def fresh_cache(name: str) -> dict:
+    """An environment whose secateur cache has the machine's shape timings (measured once per machine
+    and engine, as a user's would be) but no proxy scores or paired checks of earlier plans, so each
+    plan's time is that of a first plan of the model on a calibrated machine."""
+    from secateur.data.enwiki import cache_dir
+
+    real, root = cache_dir(), WORK / "cache" / name
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "plan").mkdir(parents=True)
+    for entry in ("enwiki-sample.txt", "models"):
+        (root / entry).symlink_to(real / entry)
+    for costs in (real / "plan").glob("costs-*.jsonl"):
+        (root / "plan" / costs.name).symlink_to(costs)  # shapes timed by one plan serve the next
+    return {**os.environ, "SECATEUR_CACHE": str(root)}
 
 
 def plan_phase(names: list[str]) -> None:
@@ -74,7 +92,8 @@ def plan_phase(names: list[str]) -> None:
                 continue
             out = WORK / "plans" / f"{name}-{search.replace(' ', '-')}"
             clock = time.perf_counter()
-            result = cli("plan", dense(), "--target", target, "--out", out, "--overwrite", *flags, check=False)
+            result = cli("plan", dense(), "--target", target, "--out", out, "--overwrite", *flags, check=False,
+                         env=fresh_cache(f"{name}-{search.replace(' ', '-')}"))  # fmt: skip
             wall = time.perf_counter() - clock
             if result.returncode != 0:
                 append({"step": step, "target": target, "search": search, "wall": wall,
@@ -112,14 +131,25 @@ def prune_phase() -> None:
                 "stage_seconds": [h["seconds"] for h in manifest["history"]], "timings": manifest["timings"]})  # fmt: skip
 
 
+def measured_speeds() -> dict[str, dict]:
+    """candidate key -> speeds, over every speed step (each timed its shapes with the dense model)."""
+    speed: dict[str, dict] = {}
+    if RESULTS.exists():
+        for row in (json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()):
+            if row["step"] == "speed":
+                speed.update(row["speed"])
+    return speed
+
+
 def speed_phase(rounds: int, repeats: int) -> None:
-    if "speed" in done():
+    """Times the pruned recipes no speed step has timed yet, interleaved with the dense model."""
+    keys = sorted(set(_chosen()) - set(measured_speeds()))
+    if not keys:
         return
     (WORK / "gguf").mkdir(parents=True, exist_ok=True)
     base = WORK / "gguf" / "dense.gguf"
     if not base.exists():
         cli("export", dense(), "--gguf", base)
-    keys = sorted(_chosen())
     paths = [base, *(WORK / "gguf" / f"{k}.gguf" for k in keys)]
     env = {**os.environ, "SECATEUR_LLAMA_CPP": str(build())}
     out = subprocess.run([sys.executable, "-m", "secateur.cli", "bench", *map(str, paths), "--engine", "llama.cpp",
@@ -137,8 +167,9 @@ def speed_phase(rounds: int, repeats: int) -> None:
 
 
 def proxy_phase() -> None:
-    """KL on all four proxy windows for every pruned recipe, with the planner's own machinery."""
-    if "proxy" in done():
+    """KL on all four proxy windows for every pruned recipe, with the planner's own machinery (again
+    for all of them when a recipe was added)."""
+    if set(done().get("proxy", {}).get("kl", {})) == set(_chosen()):
         return
     import torch
 
@@ -169,7 +200,7 @@ def proxy_phase() -> None:
 
 def table_phase() -> None:
     rows = done()
-    speed = rows.get("speed", {}).get("speed", {})
+    speed = measured_speeds()
     print("| target | recipe | candidate | parameters | perplexity | decode (measured) | prefill | met | planning s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, target in TARGETS.items():

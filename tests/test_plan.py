@@ -107,6 +107,28 @@ def test_token_kl_is_forward_kl_from_the_teacher():
     assert float(token_kl(teacher, student)[0]) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-5)
 
 
+def test_an_evicted_depth_level_is_rebuilt_exactly_from_its_patch(deep_model):
+    """With room for one level's model, going back to the first level rebuilds it from the dense
+    model and the parameters compensation changed: the same candidate, the same KL, no new pass."""
+    from secateur.plan.proxy import Proxy
+
+    model, _ = load(deep_model[0], dtype="float32", device="cpu")
+    windows = torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    proxy = Proxy(model, windows[:4], windows[4:], torch.device("cpu"), max_levels=1)
+    candidate = Candidate(1, 0.25, 0.0, 8)
+    first = proxy.score(proxy.build(candidate), range(2))
+    level = proxy.levels[1]
+    assert level.removed and level.patch  # compensation changed the block before the span
+    assert all(name.endswith("down_proj.weight") for name in level.patch)
+    proxy.build(Candidate(2, 0.25, 0.0, 8))
+    assert level.model is None  # evicted
+    passes = proxy.seconds["levels"]
+    assert proxy.score(proxy.build(candidate), range(2)) == first
+    assert proxy.seconds["levels"] == passes  # rebuilt, not recompensated; the statistics were kept
+    fresh = dict(load(deep_model[0], dtype="float32", device="cpu")[0].named_parameters())
+    assert all(torch.equal(p, fresh[n]) for n, p in model.named_parameters())  # the dense model is untouched
+
+
 # --- the cost model against a fake engine -------------------------------------------------------------------------
 
 

@@ -176,6 +176,8 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
             finally:
                 fitted.to(home)
             pending = None
+            if all(last <= index for first, last in spans if first > 0):
+                break  # every run is fitted: the blocks after the last one need no pass
     return sorted(records, key=lambda r: r["run"])
 
 

@@ -128,12 +128,12 @@ def block_shapes(model_config: Any, pairs: list[tuple[float, float]], round_to: 
     """The config a width stage leaves, per (width, hidden) pair, from a one-block random copy of the
     model pruned for real (uniform widths are the same at any depth); a string says why a pair
     cannot be pruned."""
-    one = with_layers(model_config, 1)
-    calibration = torch.randint(0, model_config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    one = _small_vocabulary(with_layers(model_config, 1))
+    calibration = torch.randint(0, one.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     out: dict[tuple[float, float], Any | str] = {}
     for width, hidden in pairs:
         if not width:
-            out[(width, hidden)] = one
+            out[(width, hidden)] = with_layers(model_config, 1)
             continue
         skeleton = random_model(copy.deepcopy(one))  # pruning rewrites the model's config
         try:
@@ -142,8 +142,19 @@ def block_shapes(model_config: Any, pairs: list[tuple[float, float]], round_to: 
         except WidthError as exc:
             out[(width, hidden)] = str(exc)
             continue
+        skeleton.config.vocab_size = model_config.vocab_size
         out[(width, hidden)] = skeleton.config
     return out
+
+
+def _small_vocabulary(config: Any) -> Any:
+    """`config` with a vocabulary just large enough for its special tokens: widths do not depend on
+    it, and the embeddings of a real vocabulary dominate building and pruning a one-block copy."""
+    ids = [v for k in ("pad_token_id", "bos_token_id", "eos_token_id") for v in [getattr(config, k, None)]
+           if isinstance(v, int)]  # fmt: skip
+    config = copy.deepcopy(config)
+    config.vocab_size = min(config.vocab_size, max([256, *(i + 1 for i in ids)]))
+    return config
 
 
 def _windows(model: Any, tokenizer: Any, config: PlanConfig) -> tuple[torch.Tensor, torch.Tensor]:

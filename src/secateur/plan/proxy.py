@@ -42,8 +42,13 @@ def window_kl(model: nn.Module, window: Tensor, teacher_logprobs: Tensor, device
 
 @dataclass
 class Level:
-    model: nn.Module  # the dense model less this level's blocks, compensated
+    """The dense model less `removed`, compensated: kept as the parameters compensation changed (so an
+    evicted level's model is rebuilt from the dense one without another pass) and, while recently
+    used, as the model itself."""
+
     removed: list[int]
+    patch: dict[str, Tensor]  # parameters (dense model names) that compensation changed
+    model: nn.Module | None = None
     statistics: Statistics | None = None  # width statistics, gathered when a candidate first needs them
 
 
@@ -57,8 +62,9 @@ class Proxy:
     device: torch.device
     batch_size: int = 4
     damp: float = 0.1  # the depth stage's compensate_damp default
-    max_levels: int = 6  # depth levels kept in memory (a model copy each), least recently used dropped
+    max_levels: int = 6  # depth levels whose model is kept (a copy each); older ones are rebuilt from patches
     levels: dict[int, Level] = field(default_factory=dict)
+    _held: dict[int, None] = field(default_factory=dict)  # levels holding a model, least recently used first
     seconds: dict[str, float] = field(default_factory=lambda: {"spans": 0.0, "levels": 0.0, "teacher": 0.0,
                                                                 "candidates": 0.0})  # fmt: skip
     _distances: dict[int, list[float]] | None = None
@@ -82,21 +88,36 @@ class Proxy:
         return list(range(start, start + blocks))
 
     def level(self, blocks: int) -> Level:
-        if blocks in self.levels:
-            self.levels[blocks] = self.levels.pop(blocks)  # most recently used last
-        else:
-            while len(self.levels) >= self.max_levels:
-                self.levels.pop(next(iter(self.levels)))
+        if blocks not in self.levels:
             clock = time.perf_counter()
             model, adapter = copy.deepcopy(self.model), adapter_for(self.model)
             removed = self.removed(blocks)
             if removed and unavailable(adapter) is None:
                 compensate(model, adapter, removed, self.calibration, self.batch_size, self.device, self.damp)
+            dense = dict(self.model.named_parameters())
+            patch = {n: p.detach().clone() for n, p in model.named_parameters() if not torch.equal(p, dense[n])}
             if removed:
                 remove_blocks(model, adapter, removed)
-            self.levels[blocks] = Level(model, removed)
+            self.levels[blocks] = Level(removed, patch, model)
             self.seconds["levels"] += time.perf_counter() - clock
-        return self.levels[blocks]
+        level = self.levels[blocks]
+        self._held.pop(blocks, None)
+        self._held[blocks] = None  # most recently used last
+        while len(self._held) > self.max_levels:
+            self.levels[next(iter(self._held))].model = None
+            self._held.pop(next(iter(self._held)))
+        if level.model is None:
+            level.model = self._rebuild(level)
+        return level
+
+    def _rebuild(self, level: Level) -> nn.Module:
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for name, value in level.patch.items():
+                model.get_parameter(name).copy_(value)
+        if level.removed:
+            remove_blocks(model, adapter_for(model), level.removed)
+        return model
 
     def statistics(self, level: Level) -> Statistics:
         if level.statistics is None:
