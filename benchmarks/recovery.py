@@ -137,17 +137,18 @@ def plot(rows: dict[str, dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for row in rows.values():
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
+    colors = plt.get_cmap("tab20").colors
+    for i, row in enumerate(rows.values()):
         xs = [0] + [c["tokens"] for c in row["curve"]]
         ys = [row["before"]] + [c["val_perplexity"] for c in row["curve"]]
-        ax.plot(xs, ys, "o-", ms=3, label=f"{row['start']} {row['recipe']}")
+        ax.plot(xs, ys, "o-" if i < 10 else "s--", ms=3, color=colors[i % 20], label=f"{row['start']} {row['recipe']}")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation perplexity (8 x 512, log scale)")
+    ax.set_ylabel("validation perplexity (8 x 512, log scale; at 0: protocol v1)")
     ax.set_title("SmolLM2-135M recovery (CPU)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
