@@ -241,7 +241,7 @@ def _run_recovery(model: nn.Module, config: TrainConfig, data: Tensor | None, ct
     parameters = sum(p.numel() for p in model.parameters())
     result = train(model, config, data[: config.windows], data[config.windows : need], teacher=ctx.teacher,
                    device=ctx.device, workdir=ctx.workdir, resume=ctx.resume, progress=ctx.progress)  # fmt: skip
-    if sum(p.numel() for p in model.parameters()) != parameters:
+    if config.prune_width is None and sum(p.numel() for p in model.parameters()) != parameters:
         raise RuntimeError("recovery changed the parameter count")  # LoRA must be merged away
     return {**result.record, "metrics": str(result.metrics) if result.metrics else None}
 
@@ -307,8 +307,13 @@ def _nm(kind: str, settings: Settings) -> bool:
     return (kind == "sparsity" and "pattern" in settings) or (kind == "recovery" and bool(settings.get("prune_pattern")))
 
 
+def _narrows(kind: str, settings: Settings) -> bool:
+    """Whether a stage removes heads and MLP channels: width, or recovery with incremental width."""
+    return kind == "width" or (kind == "recovery" and settings.get("prune_width") is not None)
+
+
 ORDER_RULES = (
-    OrderRule(lambda kind, s: kind == "width", _nm,
+    OrderRule(_narrows, _nm,
               "width pruning removes input columns, which breaks the N:M groups of an earlier sparsity stage; "
               "put width before N:M sparsity"),
     OrderRule(lambda kind, s: kind == "depth" and bool(s.get("compensate")), sparsifies,

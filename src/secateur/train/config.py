@@ -8,6 +8,8 @@ from typing import Any, ClassVar, Literal
 from secateur.config import NM
 from secateur.errors import ConfigError
 from secateur.schema import flatten, option
+from secateur.width.config import WidthConfig
+from secateur.width.scores import IMPORTANCE
 
 Mode = Literal["full", "lora", "perp", "perp-lora"]
 Precision = Literal["auto", "float32", "bfloat16"]
@@ -56,6 +58,14 @@ class TrainConfig:
     prune_pattern: str | None = option(None, "gradual pruning to N:M, e.g. 2:4: N falls step by step at fixed M")
     prune_score: Literal["magnitude", "wanda", "taylor"] | None = option(
         None, "gradual pruning score: magnitude (default, the paper), wanda (running input norms), taylor |W g|")
+    prune_width: float | None = option(None, "incremental width pruning during training (Adapt-Pruner): the share of "
+                                             "the decoder blocks' parameters to remove as heads and MLP channels, a "
+                                             "few percent at a time on the cubic schedule")
+    width_importance: str | None = option(None, "incremental width: unit score, as the width stage's --importance "
+                                                "(fluctuation)", choices=lambda: tuple(IMPORTANCE))
+    width_allocation: Literal["uniform", "adaptive"] | None = option(
+        None, "incremental width: uniform (every block the one-shot uniform widths of each step's share: stock "
+              "config) or adaptive (per-block widths)")
     prune_start: float | None = option(None, "gradual pruning: first update, as a fraction of the steps (0)")
     prune_end: float | None = option(None, "gradual pruning: last update (the final sparsity), as a fraction of the "
                                            "steps (0.75)")
@@ -84,20 +94,32 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        gradual = [self.prune_score, self.prune_start, self.prune_end, self.prune_every]
-        if not self.gradual and any(v is not None for v in gradual):
+        schedule = [self.prune_start, self.prune_end, self.prune_every]
+        if not self.scheduled and any(v is not None for v in [self.prune_score, *schedule]):
             raise ConfigError("--prune-score, --prune-start, --prune-end and --prune-every apply to gradual pruning: "
-                              "give --prune-to or --prune-pattern")
+                              "give --prune-to or --prune-pattern (or --prune-width)")
+        if self.prune_width is None and (self.width_importance, self.width_allocation) != (None, None):
+            raise ConfigError("--width-importance and --width-allocation apply to incremental width pruning: give "
+                              "--prune-width")
+        if self.prune_width is not None:
+            if self.gradual:
+                raise ConfigError("give either --prune-width (heads and channels) or --prune-to / --prune-pattern "
+                                  "(zeros), not both in one stage: chain two recovery stages")
+            if not 0 < self.prune_width < 1:
+                raise ConfigError(f"--prune-width must be in (0, 1), got {self.prune_width}")
+            if self.prune_score is not None:
+                raise ConfigError("--prune-score scores weights for gradual sparsity; incremental width takes "
+                                  "--width-importance")
         if self.prune_to is not None and self.prune_pattern is not None:
             raise ConfigError("give either --prune-to (unstructured) or --prune-pattern N:M, not both")
         if self.prune_to is not None and not 0 < self.prune_to < 1:
             raise ConfigError(f"--prune-to must be in (0, 1), got {self.prune_to}")
         if self.prune_pattern is not None:
             NM.parse(self.prune_pattern)
-        if self.gradual and self.mode != "full":
-            raise ConfigError(f"gradual pruning recomputes the masks of the weights themselves: use --mode full, not "
+        if self.scheduled and self.mode != "full":
+            raise ConfigError(f"pruning during training changes the weights themselves: use --mode full, not "
                               f"{self.mode}")
-        if self.gradual and not 0 <= self.start_fraction < self.end_fraction <= 1:
+        if self.scheduled and not 0 <= self.start_fraction < self.end_fraction <= 1:
             raise ConfigError("gradual pruning needs 0 <= --prune-start < --prune-end <= 1")
         if self.prune_every is not None and self.prune_every < 1:
             raise ConfigError("--prune-every must be at least 1")
@@ -113,6 +135,16 @@ class TrainConfig:
     @property
     def gradual(self) -> bool:
         return self.prune_to is not None or self.prune_pattern is not None
+
+    @property
+    def scheduled(self) -> bool:
+        """Pruning during training of either kind: zeros (gradual) or heads and channels (width)."""
+        return self.gradual or self.prune_width is not None
+
+    def width_config(self) -> WidthConfig:
+        """The width stage's settings every incremental update uses (the final share as its fraction)."""
+        return WidthConfig(self.prune_width, importance=self.width_importance or "fluctuation",
+                           allocation=self.width_allocation or "uniform")
 
     @property
     def start_fraction(self) -> float:

@@ -36,10 +36,12 @@ from secateur.train.loss import kl_distillation, next_token_cross_entropy, top_k
 from secateur.train.masks import MaskHolder, weight_masks
 from secateur.train.modes import merge_lora, select_trainable
 from secateur.train.schedule import lr_factor
+from secateur.train.width import STATISTICS_WINDOWS, IncrementalWidth, reshape, shape_record, slice_optimizer
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+SHAPE = "shape.json"  # incremental width: the shapes of the checkpoint's weights
 METRICS = "metrics.jsonl"
 BEST = "best.pt"
 
@@ -150,6 +152,14 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     save_every = config.checkpoint_every or every
 
     adapter = adapter_for(model)
+    if config.prune_width is not None and acc.num_processes > 1:
+        raise TrainError("incremental width pruning changes parameter shapes during training, which DDP and FSDP "
+                         "wrappers cannot follow: run it in one process (or prune width before a recovery stage)")
+    # built on the input's shapes, resumed or not
+    widener = (IncrementalWidth.build(model, adapter, _plan(config, steps, 0.0, config.prune_width), config.width_config())
+               if config.prune_width is not None else None)  # fmt: skip
+    if resume and widener is not None and (checkpoint / SHAPE).exists():
+        reshape(model, adapter, json.loads((checkpoint / SHAPE).read_text(encoding="utf-8")))
     home = next(model.parameters()).device  # where the model goes back to (and the teacher)
     masks = weight_masks(model, adapter) if config.keep_masks or config.gradual else {}
     counts = select_trainable(model, adapter, config.mode, config.rank, config.alpha, masks, config.seed)
@@ -165,6 +175,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     acc.register_for_checkpointing(state)
     if pruner is not None:
         acc.register_for_checkpointing(pruner)
+    if widener is not None:
+        acc.register_for_checkpointing(widener)
     if teacher is not None and config.needs_teacher:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
 
@@ -175,6 +187,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         acc.load_state(str(checkpoint))
         if pruner is not None:  # the masks of the updates done before the checkpoint
             holder.replace({name: module.weight != 0 for name, module in pruner.layers})
+        elif widener is not None and holder.masks:  # the zeros of the sliced weights just loaded
+            holder.replace(weight_masks(acc.unwrap_model(model), adapter))
         holder.weights()
         if metrics is not None:
             _trim_metrics(metrics, state.step)
@@ -223,6 +237,10 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
             holder.replace(pruner.update(state.step, holder.masks))
             pruner.norms = own
             holder.clear_moments(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        if widener is not None and widener.plan.due(state.step):
+            pause = time.perf_counter()
+            params = _prune_width(widener, raw, adapter, state.step, windows, config, acc, optimizer, holder)
+            overhead += time.perf_counter() - pause
         holder.weights()
         last_loss = acc.gather(torch.tensor([parts["loss"]], device=acc.device)).mean().item()
         if state.first_loss is None:
@@ -239,7 +257,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
             raw.train()
             record["val_perplexity"] = ppl
             state.validations.append({"step": state.step, "tokens": record["tokens"], "perplexity": ppl})
-            final = pruner is None or state.step >= pruner.plan.end  # a less pruned model is not a candidate
+            final = all(p is None or state.step >= p.plan.end for p in (pruner, widener))  # less pruned: no candidate
             if final and ppl < state.best:
                 state.best, state.best_step, state.since_best = ppl, state.step, 0
                 best = _trainable(raw)
@@ -251,7 +269,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         if metrics is not None:
             _write_json_line(metrics, record)
         if checkpoint is not None and (state.step % save_every == 0 or stopped_early) and state.step < steps:
-            _save_checkpoint(acc, checkpoint)
+            _save_checkpoint(acc, checkpoint, shape_record(raw, adapter) if widener is not None else None)
         overhead += time.perf_counter() - pause
         if stopped_early:
             log.warning("recovery: no improvement in %d validations: stopped at step %d of %d", config.patience,
@@ -290,11 +308,28 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         "gradual": ({"score": pruner.score, "pattern": config.prune_pattern, "final": pruner.plan.final,
                      "initial": pruner.plan.initial, "start": pruner.plan.start, "every": pruner.plan.every,
                      "updates": pruner.plan.updates, "events": pruner.events} if pruner is not None else None),
+        "width": ({"share": config.prune_width, "importance": widener.width.importance,
+                   "allocation": widener.width.allocation, "heads": widener.width.heads,
+                   "bias_compensation": widener.width.compensate, "start": widener.plan.start,
+                   "every": widener.plan.every, "updates": widener.plan.updates, "block_parameters_before": widener.original,
+                   "events": widener.events} if widener is not None else None),
     }  # fmt: skip
     if pruner is not None:
         pruner.close()
     AcceleratorState._reset_state()
     return TrainResult(record, workdir / METRICS if workdir is not None else None)
+
+
+def _plan(config: TrainConfig, steps: int, initial: float, final: float, pattern: NM | None = None) -> GradualPlan:
+    """When pruning during training updates (`--prune-start`, `--prune-end`, `--prune-every`) over `steps`."""
+    start = int(config.start_fraction * steps)
+    end = max(start + 1, int(round(config.end_fraction * steps)))
+    every = config.prune_every or max(1, (end - start) // 10)
+    updates = max(1, (end - start) // every)
+    if start + updates * every > steps:
+        raise TrainError(f"the last pruning update (step {start + updates * every}) comes after the run's {steps} "
+                         "steps: lower --prune-every or --prune-end, or train longer")
+    return GradualPlan(initial, final, start, every, updates, pattern)
 
 
 def _gradual(model: nn.Module, adapter: Any, config: TrainConfig, steps: int) -> GradualPruner:
@@ -306,15 +341,32 @@ def _gradual(model: nn.Module, adapter: Any, config: TrainConfig, steps: int) ->
     final = 1 - pattern.n / pattern.m if pattern else config.prune_to
     if final <= initial:
         raise TrainError(f"gradual pruning to {final:.3f} from a model already at {initial:.3f} sparsity")
-    start = int(config.start_fraction * steps)
-    end = max(start + 1, int(round(config.end_fraction * steps)))
-    every = config.prune_every or max(1, (end - start) // 10)
-    updates = max(1, (end - start) // every)
-    if start + updates * every > steps:
-        raise TrainError(f"gradual pruning's last update (step {start + updates * every}) comes after the run's "
-                         f"{steps} steps: lower --prune-every or --prune-end, or train longer")
-    plan = GradualPlan(initial, final, start, every, updates, pattern)
-    return GradualPruner(layers, plan, config.prune_score or "magnitude")
+    return GradualPruner(layers, _plan(config, steps, initial, final, pattern), config.prune_score or "magnitude")
+
+
+def _prune_width(widener: IncrementalWidth, model: nn.Module, adapter: Any, step: int, windows: Tensor,
+                 config: TrainConfig, acc: Any, optimizer: Any, holder: MaskHolder) -> list[nn.Parameter]:  # fmt: skip
+    """One incremental width update: slice the model, then the optimizer's moments and the masks with
+    it. Returns the trainable parameters (for clipping)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    sliced: dict[nn.Parameter, tuple[nn.Parameter, Any]] = {}
+
+    def on_slice(old: nn.Parameter, new: nn.Parameter, take: Any) -> None:
+        sliced[old] = (new, take)
+
+    chosen = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed + 1 + step))
+    statistics = windows[chosen[:STATISTICS_WINDOWS]]
+    event = widener.update(model, adapter, step, statistics, acc.device, config.micro_batch, on_slice)
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    slice_optimizer(inner, model, sliced)
+    masks = dict(holder.masks)
+    for old, (_, take) in sliced.items():
+        name = names.get(id(old))
+        if name in masks:
+            masks[name] = take(masks[name])
+    holder.rebind(model, masks)
+    log.info("width: step %d, %.1f%% of the block parameters removed", step, 100 * event["removed"])
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _loss(logits: Tensor, ids: Tensor, rows: Tensor, config: TrainConfig, teacher: nn.Module | None,
@@ -352,7 +404,7 @@ def _teacher_cache(teacher: nn.Module, windows: Tensor, config: TrainConfig, acc
     return torch.cat(values), torch.cat(indices)
 
 
-def _save_checkpoint(acc: Any, checkpoint: Path) -> None:
+def _save_checkpoint(acc: Any, checkpoint: Path, shape: dict[str, Any] | None = None) -> None:
     staging = checkpoint.with_name(checkpoint.name + ".partial")
     if acc.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -360,6 +412,8 @@ def _save_checkpoint(acc: Any, checkpoint: Path) -> None:
     acc.save_state(str(staging), safe_serialization=False)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        if shape is not None:
+            (staging / SHAPE).write_text(json.dumps(shape), encoding="utf-8")
         old = checkpoint.with_name(checkpoint.name + ".old")
         if checkpoint.exists():
             checkpoint.rename(old)

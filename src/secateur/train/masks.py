@@ -38,6 +38,10 @@ class MaskHolder:
     """Applies `masks` (by parameter name) to a model's gradients and weights."""
 
     def __init__(self, model: nn.Module, masks: dict[str, Tensor]):
+        self.rebind(model, masks)
+
+    def rebind(self, model: nn.Module, masks: dict[str, Tensor]) -> None:
+        """Hold `masks` on the model's current parameters (after slicing replaced some)."""
         self.params = dict(model.named_parameters())
         self.replace(masks)
 

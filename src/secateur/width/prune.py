@@ -29,6 +29,7 @@ from secateur.width.remote import declare_reshaped
 from secateur.width.scores import IMPORTANCE
 from secateur.width.structure import (
     LayerWidth,
+    Sliced,
     WidthError,
     attention_heads,
     bias_flag_needed,
@@ -212,7 +213,7 @@ def _units(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig
 
 @torch.no_grad()
 def _apply(model: nn.Module, adapter: Adapter, width: Width, units: list[Units], removals: dict, stats: dict,
-           compensate_bias: bool) -> None:  # fmt: skip
+           compensate_bias: bool, on_slice: Sliced | None = None) -> None:  # fmt: skip
     size = head_dim(model.config)
     if compensate_bias:
         for kind in {u.kind for u in units if removals[(u.block, u.kind)]}:
@@ -228,14 +229,14 @@ def _apply(model: nn.Module, adapter: Adapter, width: Width, units: list[Units],
             if compensate_bias:
                 gone = _complement(keep, len(u.scores))
                 compensate(block.get_submodule(width.mlp.consumer), gone, stats[f"{prefix}.{width.mlp.consumer}"].mean)
-            keep_channels(block, width.mlp, keep)
+            keep_channels(block, width.mlp, keep, on_slice)
         else:
             q_heads, kv_heads = attention_heads(block, width.attention, size)
             q_keep, kv_keep = head_keep(u, removed, q_heads, kv_heads)
             if compensate_bias:
                 gone = head_rows(_complement(q_keep, q_heads), size)
                 compensate(block.get_submodule(width.attention.o), gone, stats[f"{prefix}.{width.attention.o}"].mean)
-            keep_heads(block, width.attention, size, q_keep, kv_keep)
+            keep_heads(block, width.attention, size, q_keep, kv_keep, on_slice)
 
 
 def _saved_heads(model: nn.Module, config: WidthConfig, units: list[Units]) -> int:
@@ -265,6 +266,45 @@ def _prune_hidden(model: nn.Module, adapter: Adapter, width: Width, config: Widt
     return removed
 
 
+def removals_to(units: list[Units], before: list[LayerWidth], widths: list[LayerWidth]) -> dict[tuple[int, str], int]:
+    """Units each block loses to go from `before` to `widths` (attention units are key/value groups or,
+    with `queries` units, query heads per group); refuses a width above the current one."""
+    removals = {}
+    for u in units:
+        now, goal = before[u.block], widths[u.block]
+        if u.kind == "mlp":
+            have, want = now.channels, goal.channels
+        elif u.head_scores is None:  # kv-groups
+            have, want = now.key_value_heads, goal.key_value_heads
+        else:
+            have, want = now.attention_heads // now.key_value_heads, goal.attention_heads // goal.key_value_heads
+        if want is None or not 0 < want <= have:
+            raise WidthError(f"block {u.block}: cannot prune {u.kind} from {have} to {want} units")
+        removals[(u.block, u.kind)] = have - want
+    return removals
+
+
+def uniform_widths(model: nn.Module, config: WidthConfig) -> list[LayerWidth]:
+    """The widths uniform allocation of `config.fraction` gives `model` (shapes only: no data, no scores)."""
+    adapter = adapter_for(model)
+    config, _ = resolve_variant(model, adapter, replace(config, importance="magnitude", bias_compensation=False))
+    width = width_of(model, adapter, config)
+    units = _units(model, adapter, width, config, Statistics())
+    removals = uniform_removals(units, config.fraction, config.fraction * _block_parameters(model, adapter),
+                                config.mlp_multiple)  # fmt: skip
+    size, result = head_dim(model.config), []
+    for index, block in enumerate(adapter.block_list(model)):
+        now = layer_width(block, width, size)
+        heads, kv, channels = now.attention_heads, now.key_value_heads, now.channels
+        gone = removals.get((index, "attention"), 0)
+        if gone and config.heads == "kv-groups":
+            heads, kv = heads - gone * (heads // kv), kv - gone
+        elif gone:  # queries: the same number from every group
+            heads -= gone * kv
+        result.append(LayerWidth(heads, kv, channels - removals[(index, "mlp")] if channels is not None else None))
+    return result
+
+
 def _complement(keep: Tensor, n: int) -> Tensor:
     mask = torch.ones(n, dtype=torch.bool)
     mask[keep] = False
@@ -272,11 +312,14 @@ def _complement(keep: Tensor, n: int) -> Tensor:
 
 
 def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | None, *,
-                device: str | torch.device = "cpu", batch_size: int = 4,
-                statistics: Statistics | None = None) -> WidthReport:  # fmt: skip
+                device: str | torch.device = "cpu", batch_size: int = 4, statistics: Statistics | None = None,
+                widths: list[LayerWidth] | None = None, on_slice: Sliced | None = None) -> WidthReport:  # fmt: skip
     """Prune heads, MLP channels and (if asked) hidden channels of `model` in place; the config follows
     the new shapes.
-    `statistics` gathered beforehand on this (dense) model replace the calibration passes."""
+    `statistics` gathered beforehand on this (dense) model replace the calibration passes. `widths`:
+    prune every block down to these widths (its lowest-scoring units go) instead of allocating
+    `config.fraction` (a schedule that decides the shapes itself, e.g. incremental pruning during
+    training). `on_slice` is told of every parameter replaced (see `slice_layer`)."""
     adapter = adapter_for(model)
     config, variant = resolve_variant(model, adapter, config)
     width = width_of(model, adapter, config)
@@ -300,9 +343,15 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     if config.hidden_fraction:
         target -= _prune_hidden(model, adapter, width, config, statistics, units, target)
         report.hidden_after = model.config.hidden_size
-    removals = (uniform_removals(units, config.fraction, target, config.mlp_multiple) if config.allocation == "uniform"
-                else adaptive_removals(units, target, config.mlp_multiple))  # fmt: skip
-    _apply(model, adapter, width, units, removals, statistics.moments, config.compensate)
+    if widths is not None:
+        if config.hidden_fraction:
+            raise WidthError("pruning to given widths keeps the hidden size: drop --hidden-fraction")
+        removals = removals_to(units, report.before, widths)
+    elif config.allocation == "uniform":
+        removals = uniform_removals(units, config.fraction, target, config.mlp_multiple)
+    else:
+        removals = adaptive_removals(units, target, config.mlp_multiple)
+    _apply(model, adapter, width, units, removals, statistics.moments, config.compensate, on_slice)
     report.after = [layer_width(b, width, size) for b in adapter.block_list(model)]
     report.uniform = len(set(report.after)) == 1
     if report.uniform:

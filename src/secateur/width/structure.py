@@ -8,6 +8,7 @@ number of query heads: the ratio stays an integer and stock attention code runs 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -67,19 +68,39 @@ def head_rows(heads: Tensor, size: int) -> Tensor:
 # --- slicing one layer -------------------------------------------------------------------------
 
 
-def slice_layer(module: nn.Module, rows: Tensor | None = None, columns: Tensor | None = None) -> None:
+Sliced = Callable[[nn.Parameter, nn.Parameter, Callable[[Tensor], Tensor]], None]
+"""Told of every parameter a slice replaces: (old, new, take), where `take` maps any tensor shaped like
+the old parameter (an optimizer's moments, a mask) to the new one's shape."""
+
+
+def slice_layer(module: nn.Module, rows: Tensor | None = None, columns: Tensor | None = None,
+                on_slice: Sliced | None = None) -> None:  # fmt: skip
     """Keep the given output rows and input columns of a linear (or GPT-2 Conv1D) layer and its bias."""
-    weight = read_weight(module)  # (out, in)
-    if rows is not None:
-        weight = weight[rows]
-    if columns is not None:
-        weight = weight[:, columns]
-    stored = weight.T if isinstance(module, Conv1D) else weight
-    module.weight = nn.Parameter(stored.contiguous(), requires_grad=module.weight.requires_grad)
+    conv = isinstance(module, Conv1D)
+
+    def take(stored: Tensor) -> Tensor:  # stored layout: (out, in), or (in, out) for Conv1D
+        weight = stored.T if conv else stored
+        if rows is not None:
+            weight = weight[rows]
+        if columns is not None:
+            weight = weight[:, columns]
+        return (weight.T if conv else weight).contiguous()
+
+    old = module.weight
+    module.weight = nn.Parameter(take(old.data), requires_grad=old.requires_grad)
+    if on_slice is not None:
+        on_slice(old, module.weight, take)
     if rows is not None and module.bias is not None:
-        module.bias = nn.Parameter(module.bias.data[rows].contiguous(), requires_grad=module.bias.requires_grad)
-    out_features, in_features = weight.shape
-    if isinstance(module, Conv1D):
+        old_bias = module.bias
+
+        def take_bias(bias: Tensor) -> Tensor:
+            return bias[rows].contiguous()
+
+        module.bias = nn.Parameter(take_bias(old_bias.data), requires_grad=old_bias.requires_grad)
+        if on_slice is not None:
+            on_slice(old_bias, module.bias, take_bias)
+    out_features, in_features = read_weight(module).shape
+    if conv:
         module.nf = out_features
     else:
         module.out_features, module.in_features = out_features, in_features
@@ -103,7 +124,8 @@ def compensate(consumer: nn.Module, removed: Tensor, mean: Tensor) -> None:
 # --- slicing a block -----------------------------------------------------------------------------
 
 
-def keep_heads(block: nn.Module, attention: Attention, size: int, q_keep: Tensor, kv_keep: Tensor) -> None:
+def keep_heads(block: nn.Module, attention: Attention, size: int, q_keep: Tensor, kv_keep: Tensor,
+               on_slice: Sliced | None = None) -> None:
     """Keep query heads `q_keep` and key/value heads `kv_keep` (ascending) of one block's attention."""
     q_heads, kv_heads = attention_heads(block, attention, size)
     if len(q_keep) % len(kv_keep):
@@ -111,12 +133,12 @@ def keep_heads(block: nn.Module, attention: Attention, size: int, q_keep: Tensor
     q_rows, kv_rows = head_rows(q_keep, size), head_rows(kv_keep, size)
     if attention.fused:  # rows: all query heads, all key heads, all value heads
         rows = torch.cat([q_rows, q_heads * size + kv_rows, (q_heads + kv_heads) * size + kv_rows])
-        slice_layer(block.get_submodule(attention.q), rows=rows)
+        slice_layer(block.get_submodule(attention.q), rows=rows, on_slice=on_slice)
     else:
-        slice_layer(block.get_submodule(attention.q), rows=q_rows)
-        slice_layer(block.get_submodule(attention.k), rows=kv_rows)
-        slice_layer(block.get_submodule(attention.v), rows=kv_rows)
-    slice_layer(block.get_submodule(attention.o), columns=q_rows)
+        slice_layer(block.get_submodule(attention.q), rows=q_rows, on_slice=on_slice)
+        slice_layer(block.get_submodule(attention.k), rows=kv_rows, on_slice=on_slice)
+        slice_layer(block.get_submodule(attention.v), rows=kv_rows, on_slice=on_slice)
+    slice_layer(block.get_submodule(attention.o), columns=q_rows, on_slice=on_slice)
     module = block.get_submodule(attention.module)
     for name, value in (("num_key_value_groups", len(q_keep) // len(kv_keep)), ("num_key_value_heads", len(kv_keep)),
                         ("num_heads", len(q_keep))):  # fmt: skip
@@ -124,13 +146,13 @@ def keep_heads(block: nn.Module, attention: Attention, size: int, q_keep: Tensor
             setattr(module, name, value)
 
 
-def keep_channels(block: nn.Module, mlp: MLP, keep: Tensor) -> None:
+def keep_channels(block: nn.Module, mlp: MLP, keep: Tensor, on_slice: Sliced | None = None) -> None:
     """Keep MLP channels `keep` (ascending): producers' rows (each stacked copy) and consumer columns."""
     channels = mlp_channels(block, mlp)
     rows = torch.cat([keep + part * channels for part in range(mlp.stacked)])
     for name in mlp.producers:
-        slice_layer(block.get_submodule(name), rows=rows)
-    slice_layer(block.get_submodule(mlp.consumer), columns=keep)
+        slice_layer(block.get_submodule(name), rows=rows, on_slice=on_slice)
+    slice_layer(block.get_submodule(mlp.consumer), columns=keep, on_slice=on_slice)
     module = block.get_submodule(mlp.consumer.rpartition(".")[0])  # "" (no dot) is the block itself
     if hasattr(module, "intermediate_size"):
         module.intermediate_size = len(keep)

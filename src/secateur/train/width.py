@@ -1,0 +1,157 @@
+"""Incremental width pruning during training (Adapt-Pruner's Adapt-Accel: remove a few percent of the
+units at a time and train in between, instead of one large cut before training).
+
+The removed share of the decoder blocks' parameters follows the cubic schedule of gradual pruning
+(`GradualPlan`): f_t = f_final · (1 − (1 − k/n)³) after update k of n, so most units go early, while
+the model is most redundant, and the last updates are small. At each update the lowest-scoring heads
+and MLP channels go, scored on the current (trained) weights and input statistics of a few training
+windows, with the width stage's importance (FLAP's fluctuation by default, its bias compensation
+included). Uniform allocation prunes every block to the widths a one-shot uniform prune of f_t would
+give the original model (so the end shape is the one-shot one, stock config); adaptive allocation
+ranks units across blocks for the parameters still to go.
+
+Slicing replaces parameters: the optimizer's moments and the masks are sliced with them (the units
+kept keep their Adam state), so training goes on where it was. The shapes after each update are
+written with the checkpoint, so a resumed run rebuilds them before loading the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from secateur.calibrate.stream import submodule
+from secateur.models import Adapter
+from secateur.train.gradual import GradualPlan
+from secateur.width import LayerWidth, WidthConfig, apply_widths, width_prune
+from secateur.width.prune import resolve_variant, uniform_widths
+from secateur.width.remote import declare_reshaped
+from secateur.width.structure import enable_biases, head_dim, layer_width, write_uniform_config
+
+log = logging.getLogger(__name__)
+
+Take = Callable[[Tensor], Tensor]
+STATISTICS_WINDOWS = 8  # training windows whose input moments score the units at each update
+
+
+def block_parameters(model: nn.Module, adapter: Adapter) -> int:
+    return sum(p.numel() for p in adapter.block_list(model).parameters())
+
+
+def widths_of(model: nn.Module, adapter: Adapter) -> list[LayerWidth]:
+    size = head_dim(model.config)
+    return [layer_width(b, adapter.width, size) for b in adapter.block_list(model)]
+
+
+@dataclass
+class IncrementalWidth:
+    """Prunes heads and MLP channels at the plan's updates (see module docstring)."""
+
+    plan: GradualPlan  # initial 0, final: the share of the original block parameters to remove
+    width: WidthConfig  # importance, allocation, heads and compensation of every update
+    original: int  # block parameters before training
+    targets: list[list[LayerWidth]] = field(default_factory=list)  # uniform: the widths after each update
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, model: nn.Module, adapter: Adapter, plan: GradualPlan, width: WidthConfig) -> "IncrementalWidth":
+        width, _ = resolve_variant(model, adapter, width)
+        pruner = cls(plan, width, block_parameters(model, adapter))
+        if width.allocation == "uniform":  # the shapes are known up front
+            final = uniform_widths(model, replace(width, fraction=plan.final))
+            previous = widths_of(model, adapter)
+            for k in range(1, plan.updates + 1):
+                share = plan.target(plan.start + k * plan.every)
+                previous = between(uniform_widths(model, replace(width, fraction=share)), previous, final)
+                pruner.targets.append(previous)
+        return pruner
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"events": self.events}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.events = list(state["events"])
+
+    def update(self, model: nn.Module, adapter: Adapter, step: int, windows: Tensor, device: torch.device,
+               batch_size: int, on_slice: Callable[[nn.Parameter, nn.Parameter, Take], None]) -> dict[str, Any]:  # fmt: skip
+        """Prune `model` to the schedule's share after optimizer step `step`; returns the event."""
+        share = self.plan.target(step)
+        k = (step - self.plan.start) // self.plan.every
+        before = block_parameters(model, adapter)
+        widths = self.targets[k - 1] if self.targets and k >= 1 else None
+        left = share * self.original - (self.original - before)  # parameters still to remove
+        changes = (widths is not None and widths and widths != widths_of(model, adapter)) or (
+            widths is None and left > 0 and k >= 1)  # fmt: skip
+        if changes:
+            config = replace(self.width, fraction=min(max(left / before, 1e-6), 0.999))
+            was_training = model.training
+            width_prune(model, config, windows, device=device, batch_size=batch_size,
+                        widths=widths or None, on_slice=on_slice)  # fmt: skip
+            model.train(was_training)
+        after = block_parameters(model, adapter)
+        event = {"step": step, "target": share, "removed": 1 - after / self.original, "pruned": bool(changes),
+                 "widths": [w.to_dict() for w in widths_of(model, adapter)]}  # fmt: skip
+        self.events.append(event)
+        return event
+
+
+def between(wanted: list[LayerWidth], previous: list[LayerWidth], final: list[LayerWidth]) -> list[LayerWidth]:
+    """The one-shot uniform widths of a share, held between the last update's widths and the final
+    ones: rounding (MLP widths to multiples, whole key/value groups) can make the one-shot widths of a
+    larger share wider in one kind; a unit removed stays removed, and none goes below the end shape."""
+
+    def clamp(w: int | None, p: int | None, f: int | None) -> int | None:
+        return None if w is None else max(f, min(p, w))
+
+    return [LayerWidth(*(clamp(getattr(w, k), getattr(p, k), getattr(f, k)) for k in ("attention_heads",
+                                                                                    "key_value_heads", "channels")))
+            for w, p, f in zip(wanted, previous, final)]  # fmt: skip
+
+
+def shape_record(model: nn.Module, adapter: Adapter) -> dict[str, Any]:
+    """What a resumed run needs to rebuild the shapes before loading a checkpoint's weights."""
+    width, blocks = adapter.width, adapter.block_list(model)
+    consumers = {"mlp": width.mlp.consumer, "attention": width.attention.o if width.attention else None}
+    biases = [kind for kind, name in consumers.items()
+              if name is not None and any(getattr(submodule(b, name), "bias", None) is not None for b in blocks)]
+    return {"widths": [w.to_dict() for w in widths_of(model, adapter)], "biases": biases}
+
+
+def reshape(model: nn.Module, adapter: Adapter, record: dict[str, Any]) -> None:
+    """Shape a freshly loaded model as `shape_record` saw it (the values are loaded over it)."""
+    widths = [LayerWidth(**w) for w in record["widths"]]
+    for kind in record["biases"]:  # compensation biases added by earlier updates (no-op where present)
+        enable_biases(model, adapter, kind)
+    if widths == widths_of(model, adapter):
+        return
+    apply_widths(model, adapter, widths)
+    if len(set(widths)) == 1:
+        write_uniform_config(model, adapter.width, widths, head_dim(model.config))
+    else:
+        declare_reshaped(model)
+
+
+def slice_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module,
+                    sliced: dict[nn.Parameter, tuple[nn.Parameter, Take]]) -> None:  # fmt: skip
+    """Point the optimizer at the model's current trainable parameters: a sliced parameter keeps its
+    state, sliced the same way; a new one (a compensation bias) starts with none."""
+    replaced = {id(old): (new, take) for old, (new, take) in sliced.items()}
+    state = {}
+    for old, values in optimizer.state.items():
+        if id(old) in replaced:
+            new, take = replaced[id(old)]
+            state[new] = {k: take(v) if isinstance(v, Tensor) and v.shape == old.shape else v for k, v in values.items()}
+        else:
+            state[old] = values
+    params = [p for p in model.parameters() if p.requires_grad]
+    group = optimizer.param_groups[0]
+    if len(optimizer.param_groups) != 1:
+        raise RuntimeError("incremental width pruning expects one parameter group")
+    group["params"] = params
+    live = {id(p) for p in params}
+    optimizer.state.clear()
+    optimizer.state.update({p: v for p, v in state.items() if id(p) in live})
