@@ -101,3 +101,34 @@ def model_dir(tmp_path_factory):
 def calibration_ids(samples: int = 8, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(4, VOCAB, (samples, seq_len), generator=generator)
+
+
+def killed_and_resumed(tmp_path: Path, monkeypatch, model, config, die_at: int):
+    """Train copies of `model` three ways with a teacher copy: uninterrupted (workdir a), killed at the
+    `die_at`-th mask application (workdir b), then resumed from b's checkpoint in a fresh copy, as a
+    new process would load the input again. Returns (uninterrupted model, resumed model, its record)."""
+    import copy
+
+    from secateur.train import train
+    from secateur.train import loop as train_loop
+
+    windows, validation = calibration_ids(32, 16), calibration_ids(2, 16, seed=1)
+    dense, whole = copy.deepcopy(model), copy.deepcopy(model)
+    train(whole, config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "a", progress=False)
+    real, calls = train_loop.MaskHolder.weights, {"n": 0}
+
+    def dies(self):
+        calls["n"] += 1
+        if calls["n"] == die_at:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(train_loop.MaskHolder, "weights", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(copy.deepcopy(model), config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "b",
+              progress=False)  # fmt: skip
+    monkeypatch.setattr(train_loop.MaskHolder, "weights", real)
+    resumed = copy.deepcopy(model)
+    record = train(resumed, config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "b",
+                   resume=True, progress=False).record  # fmt: skip
+    return whole, resumed, record

@@ -11,14 +11,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import calibration_ids, tiny_model
+from conftest import calibration_ids, killed_and_resumed, tiny_model
 
 import secateur
 from secateur.cli import main
 from secateur.models import adapter_for
 from secateur.sparsity.prune import target_layers
 from secateur.train import TrainConfig, TrainError, train
-from secateur.train import loop as train_loop
 from secateur.train.loss import kl_distillation, next_token_cross_entropy, top_k, topk_distillation
 from secateur.train.modes import merge_lora, select_trainable
 from secateur.train.schedule import lr_factor
@@ -158,29 +157,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     """A run killed after step 4 (checkpoints every 2 steps) and resumed ends with the weights of an
     uninterrupted run, bit for bit (CPU, float32)."""
     config = TrainConfig(mode="full", lr=1e-2, epochs=2, checkpoint_every=2, eval_every=16, precision="float32", **SMALL)
-    windows, validation = calibration_ids(32, 16), calibration_ids(2, 16, seed=1)
-    model, dense = _two_four()
-    whole = copy.deepcopy(model)
-    train(whole, config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "a", progress=False)
-
-    calls = {"n": 0}
-    real = train_loop.MaskHolder.weights
-
-    def dies_at_step_five(self):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(self)
-
-    interrupted = copy.deepcopy(model)
-    monkeypatch.setattr(train_loop.MaskHolder, "weights", dies_at_step_five)
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted, config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "b",
-              progress=False)  # fmt: skip
-    monkeypatch.setattr(train_loop.MaskHolder, "weights", real)
-    resumed = copy.deepcopy(model)  # a fresh process would load the model again from its input
-    record = train(resumed, config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "b",
-                   resume=True, progress=False).record  # fmt: skip
+    model, _ = _two_four()
+    whole, resumed, record = killed_and_resumed(tmp_path, monkeypatch, model, config, die_at=5)
     assert record["resumed_at"] == 4 and record["steps"] == 16
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -380,26 +358,7 @@ def test_gradual_nm_ends_on_the_pattern():
 def test_gradual_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     config = TrainConfig(prune_to=0.5, prune_score="wanda", prune_every=2, epochs=2, lr=1e-2, checkpoint_every=3,
                          eval_every=16, precision="float32", **SMALL)  # fmt: skip
-    windows, validation = calibration_ids(32, 16), calibration_ids(2, 16, seed=1)
-    model = tiny_model("llama")
-    dense = copy.deepcopy(model)
-    whole = copy.deepcopy(model)
-    train(whole, config, windows, validation, teacher=dense, workdir=tmp_path / "a", progress=False)
-    real, calls = train_loop.MaskHolder.weights, {"n": 0}
-
-    def dies(self):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(train_loop.MaskHolder, "weights", dies)
-    with pytest.raises(KeyboardInterrupt):
-        train(copy.deepcopy(model), config, windows, validation, teacher=dense, workdir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_loop.MaskHolder, "weights", real)
-    resumed = copy.deepcopy(model)
-    record = train(resumed, config, windows, validation, teacher=dense, workdir=tmp_path / "b", resume=True,
-                   progress=False).record  # fmt: skip
+    whole, resumed, record = killed_and_resumed(tmp_path, monkeypatch, tiny_model("llama"), config, die_at=8)
     assert record["resumed_at"] == 6
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

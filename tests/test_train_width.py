@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import calibration_ids, tiny_model
+from conftest import calibration_ids, killed_and_resumed, tiny_model
 from torch import nn
 
 import secateur
@@ -17,7 +17,6 @@ from secateur.cli import main
 from secateur.models import adapter_for
 from secateur.sparsity.prune import target_layers
 from secateur.train import TrainConfig, train
-from secateur.train import loop as train_loop
 from secateur.train.width import between, slice_optimizer, widths_of
 from secateur.width import LayerWidth, WidthConfig, width_prune
 from secateur.width.prune import uniform_widths
@@ -108,32 +107,14 @@ def test_masks_of_a_sparse_model_hold_through_incremental_width():
 
 
 def test_incremental_width_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    """Killed after two width updates (checkpoint at step 6), resumed: the same shapes and weights, bit
-    for bit, as an uninterrupted run."""
+    """Killed after three width updates (checkpoint at step 6), resumed: the same shapes and weights,
+    bit for bit, as an uninterrupted run."""
     config = TrainConfig(prune_width=0.5, prune_every=2, epochs=2, lr=1e-2, checkpoint_every=3, eval_every=16,
                          precision="float32", **SMALL)  # fmt: skip
-    windows, validation = calibration_ids(32, 16), calibration_ids(2, 16, seed=1)
     model = tiny_model("llama")
-    dense = copy.deepcopy(model)
-    whole = copy.deepcopy(model)
-    train(whole, config, windows, validation, teacher=dense, workdir=tmp_path / "a", progress=False)
-    real, calls = train_loop.MaskHolder.weights, {"n": 0}
-
-    def dies(self):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(train_loop.MaskHolder, "weights", dies)
-    with pytest.raises(KeyboardInterrupt):
-        train(copy.deepcopy(model), config, windows, validation, teacher=dense, workdir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_loop.MaskHolder, "weights", real)
-    assert json.loads((tmp_path / "b" / "checkpoint" / "shape.json").read_text())["widths"] != [
-        w.to_dict() for w in widths_of(model, adapter_for(model))]  # the checkpoint is of a narrower model
-    resumed = copy.deepcopy(model)
-    record = train(resumed, config, windows, validation, teacher=dense, workdir=tmp_path / "b", resume=True,
-                   progress=False).record  # fmt: skip
+    whole, resumed, record = killed_and_resumed(tmp_path, monkeypatch, model, config, die_at=8)
+    saved = json.loads((tmp_path / "b" / "checkpoint" / "shape.json").read_text())["widths"]
+    assert saved != [w.to_dict() for w in widths_of(model, adapter_for(model))]  # a narrower model was saved
     assert record["resumed_at"] == 6
     assert [e["step"] for e in record["width"]["events"]] == [2, 4, 6, 8, 10, 12]
     assert whole.state_dict().keys() == resumed.state_dict().keys()
