@@ -3,7 +3,8 @@ units at a time and train in between, instead of one large cut before training).
 
 The removed share of the decoder blocks' parameters follows the cubic schedule of gradual pruning
 (`GradualPlan`): f_t = f_final · (1 − (1 − k/n)³) after update k of n, so most units go early, while
-the model is most redundant, and the last updates are small. At each update the lowest-scoring heads
+the model is most redundant, and the last updates are small. Heads go in proportion: after update k a
+block has lost round(a · f_t / f_final) of the a attention units it loses by the end. At each update the lowest-scoring heads
 and MLP channels go, scored on the current (trained) weights and input statistics of a few training
 windows, with the width stage's importance (FLAP's fluctuation by default, its bias compensation
 included). Uniform allocation prunes every block to the widths a one-shot uniform prune of f_t would
@@ -18,6 +19,7 @@ written with the checkpoint, so a resumed run rebuilds them before loading the w
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -64,9 +66,11 @@ class IncrementalWidth:
         if width.allocation == "uniform":  # the shapes are known up front
             final = uniform_widths(model, replace(width, fraction=plan.final))
             previous = widths_of(model, adapter)
+            heads = attention_units(previous[0], final[0], width.heads)
             for k in range(1, plan.updates + 1):
                 share = plan.target(plan.start + k * plan.every)
-                previous = between(uniform_widths(model, replace(width, fraction=share)), previous, final)
+                count = None if heads is None else math.floor(heads * share / plan.final + 0.5)
+                previous = between(uniform_widths(model, replace(width, fraction=share), count), previous, final)
                 pruner.targets.append(previous)
         return pruner
 
@@ -97,6 +101,18 @@ class IncrementalWidth:
                  "widths": [w.to_dict() for w in widths_of(model, adapter)]}  # fmt: skip
         self.events.append(event)
         return event
+
+
+def attention_units(start: LayerWidth, final: LayerWidth, heads: str | None) -> int | None:
+    """Attention units (key/value groups, or query heads per group) one block loses by the end; None
+    where heads are not pruned. Updates remove them in proportion to the share removed so far, so that
+    heads go a few at a time like the MLP channels (not all at the last update, as the rounding of a
+    one-shot prune of each share would have it)."""
+    if heads in (None, "none") or start.attention_heads is None or final.attention_heads is None:
+        return None
+    if heads == "kv-groups":
+        return start.key_value_heads - final.key_value_heads
+    return start.attention_heads // start.key_value_heads - final.attention_heads // final.key_value_heads
 
 
 def between(wanted: list[LayerWidth], previous: list[LayerWidth], final: list[LayerWidth]) -> list[LayerWidth]:

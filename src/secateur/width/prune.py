@@ -284,14 +284,18 @@ def removals_to(units: list[Units], before: list[LayerWidth], widths: list[Layer
     return removals
 
 
-def uniform_widths(model: nn.Module, config: WidthConfig) -> list[LayerWidth]:
-    """The widths uniform allocation of `config.fraction` gives `model` (shapes only: no data, no scores)."""
+def uniform_widths(model: nn.Module, config: WidthConfig, attention_units: int | None = None) -> list[LayerWidth]:
+    """The widths uniform allocation of `config.fraction` gives `model` (shapes only: no data, no scores);
+    `attention_units`: remove that many attention units per block instead (the MLP makes up the rest)."""
     adapter = adapter_for(model)
     config, _ = resolve_variant(model, adapter, replace(config, importance="magnitude", bias_compensation=False))
     width = width_of(model, adapter, config)
     units = _units(model, adapter, width, config, Statistics())
-    removals = uniform_removals(units, config.fraction, config.fraction * _block_parameters(model, adapter),
-                                config.mlp_multiple)  # fmt: skip
+    share = config.fraction
+    attention = next((u for u in units if u.kind == "attention"), None)
+    if attention_units is not None and attention is not None:
+        share = attention_units / len(attention.scores)  # what uniform_removals reads the attention count from
+    removals = uniform_removals(units, share, config.fraction * _block_parameters(model, adapter), config.mlp_multiple)
     size, result = head_dim(model.config), []
     for index, block in enumerate(adapter.block_list(model)):
         now = layer_width(block, width, size)
