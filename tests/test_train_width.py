@@ -47,6 +47,26 @@ def test_between_holds_units_removed_and_the_end_shape():
     assert between(wanted, previous, final) == [LayerWidth(4, 2, 88), LayerWidth(2, 1, 100)]
 
 
+def test_heads_go_in_proportion_to_the_share_removed():
+    """3 key/value groups, 50%: the end shape keeps 1 group (round(1.5) = 2 removed). After update k of
+    8 the share removed is 0.5 (1 − (1 − k/8)³), i.e. x = 0.330, 0.578, 0.756, ... of the end's; a
+    block has lost round(2x) groups: 1, 1, 2, ... (a one-shot prune of each share would keep all 3
+    groups until the last update: round(3 · share) < 1.5 before it)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from secateur.train.gradual import GradualPlan
+    from secateur.train.width import IncrementalWidth
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=256,
+                                                         num_hidden_layers=2, num_attention_heads=6,
+                                                         num_key_value_heads=3))  # fmt: skip
+    plan = GradualPlan(0.0, 0.5, 0, 1, 8)
+    pruner = IncrementalWidth.build(model, adapter_for(model), plan, WidthConfig(0.5))
+    assert [t[0].key_value_heads for t in pruner.targets] == [2, 2, 1, 1, 1, 1, 1, 1]
+    assert pruner.targets[-1] == uniform_widths(model, WidthConfig(0.5))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
 def test_incremental_width_ends_on_the_one_shot_shape(family):
     """Widths only shrink from update to update; the last update leaves the one-shot uniform shape,

@@ -66,7 +66,8 @@ class IncrementalWidth:
         if width.allocation == "uniform":  # the shapes are known up front
             final = uniform_widths(model, replace(width, fraction=plan.final))
             previous = widths_of(model, adapter)
-            heads = attention_units(previous[0], final[0], width.heads)
+            heads = next((attention_units(a, b, width.heads) for a, b in zip(previous, final)
+                          if a.attention_heads is not None), None)  # fmt: skip
             for k in range(1, plan.updates + 1):
                 share = plan.target(plan.start + k * plan.every)
                 count = None if heads is None else math.floor(heads * share / plan.final + 0.5)
@@ -86,15 +87,17 @@ class IncrementalWidth:
         share = self.plan.target(step)
         k = (step - self.plan.start) // self.plan.every
         before = block_parameters(model, adapter)
-        widths = self.targets[k - 1] if self.targets and k >= 1 else None
         left = share * self.original - (self.original - before)  # parameters still to remove
-        changes = (widths is not None and widths and widths != widths_of(model, adapter)) or (
-            widths is None and left > 0 and k >= 1)  # fmt: skip
+        if self.targets:  # uniform: the widths of update k
+            widths = self.targets[k - 1] if k >= 1 else widths_of(model, adapter)
+            changes = widths != widths_of(model, adapter)
+        else:  # adaptive: rank units across blocks for what is left
+            widths, changes = None, k >= 1 and left > 0
         if changes:
             config = replace(self.width, fraction=min(max(left / before, 1e-6), 0.999))
             was_training = model.training
-            width_prune(model, config, windows, device=device, batch_size=batch_size,
-                        widths=widths or None, on_slice=on_slice)  # fmt: skip
+            width_prune(model, config, windows, device=device, batch_size=batch_size, widths=widths,
+                        on_slice=on_slice)  # fmt: skip
             model.train(was_training)
         after = block_parameters(model, adapter)
         event = {"step": step, "target": share, "removed": 1 - after / self.original, "pruned": bool(changes),
