@@ -348,7 +348,7 @@ def _prune_width(widener: IncrementalWidth, model: nn.Module, adapter: Any, step
                  config: TrainConfig, acc: Any, optimizer: Any, holder: MaskHolder) -> list[nn.Parameter]:  # fmt: skip
     """One incremental width update: slice the model, then the optimizer's moments and the masks with
     it. Returns the trainable parameters (for clipping)."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {p: n for n, p in model.named_parameters()}
     sliced: dict[nn.Parameter, tuple[nn.Parameter, Any]] = {}
 
     def on_slice(old: nn.Parameter, new: nn.Parameter, take: Any) -> None:
@@ -361,7 +361,7 @@ def _prune_width(widener: IncrementalWidth, model: nn.Module, adapter: Any, step
     slice_optimizer(inner, model, sliced)
     masks = dict(holder.masks)
     for old, (_, take) in sliced.items():
-        name = names.get(id(old))
+        name = names.get(old)
         if name in masks:
             masks[name] = take(masks[name])
     holder.rebind(model, masks)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,23 +30,12 @@ from secateur.calibrate.stream import submodule
 from secateur.models import Adapter
 from secateur.train.gradual import GradualPlan
 from secateur.width import LayerWidth, WidthConfig, apply_widths, width_prune
-from secateur.width.prune import resolve_variant, uniform_widths
-from secateur.width.remote import declare_reshaped
-from secateur.width.structure import enable_biases, head_dim, layer_width, write_uniform_config
+from secateur.width.prune import block_parameters, describe_widths, resolve_variant, uniform_widths, widths_of
+from secateur.width.structure import Sliced, Take, enable_biases
 
 log = logging.getLogger(__name__)
 
-Take = Callable[[Tensor], Tensor]
 STATISTICS_WINDOWS = 8  # training windows whose input moments score the units at each update
-
-
-def block_parameters(model: nn.Module, adapter: Adapter) -> int:
-    return sum(p.numel() for p in adapter.block_list(model).parameters())
-
-
-def widths_of(model: nn.Module, adapter: Adapter) -> list[LayerWidth]:
-    size = head_dim(model.config)
-    return [layer_width(b, adapter.width, size) for b in adapter.block_list(model)]
 
 
 @dataclass
@@ -82,7 +71,7 @@ class IncrementalWidth:
         self.events = list(state["events"])
 
     def update(self, model: nn.Module, adapter: Adapter, step: int, windows: Tensor, device: torch.device,
-               batch_size: int, on_slice: Callable[[nn.Parameter, nn.Parameter, Take], None]) -> dict[str, Any]:  # fmt: skip
+               batch_size: int, on_slice: Sliced) -> dict[str, Any]:  # fmt: skip
         """Prune `model` to the schedule's share after optimizer step `step`; returns the event."""
         share = self.plan.target(step)
         k = (step - self.plan.start) // self.plan.every
@@ -148,29 +137,21 @@ def reshape(model: nn.Module, adapter: Adapter, record: dict[str, Any]) -> None:
     if widths == widths_of(model, adapter):
         return
     apply_widths(model, adapter, widths)
-    if len(set(widths)) == 1:
-        write_uniform_config(model, adapter.width, widths, head_dim(model.config))
-    else:
-        declare_reshaped(model)
+    describe_widths(model, adapter, widths)
 
 
 def slice_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module,
                     sliced: dict[nn.Parameter, tuple[nn.Parameter, Take]]) -> None:  # fmt: skip
     """Point the optimizer at the model's current trainable parameters: a sliced parameter keeps its
     state, sliced the same way; a new one (a compensation bias) starts with none."""
-    replaced = {id(old): (new, take) for old, (new, take) in sliced.items()}
-    state = {}
-    for old, values in optimizer.state.items():
-        if id(old) in replaced:
-            new, take = replaced[id(old)]
-            state[new] = {k: take(v) if isinstance(v, Tensor) and v.shape == old.shape else v for k, v in values.items()}
-        else:
-            state[old] = values
-    params = [p for p in model.parameters() if p.requires_grad]
-    group = optimizer.param_groups[0]
     if len(optimizer.param_groups) != 1:
         raise RuntimeError("incremental width pruning expects one parameter group")
-    group["params"] = params
-    live = {id(p) for p in params}
+    state = {}
+    for param, values in optimizer.state.items():
+        if param in sliced:  # parameters hash by identity
+            param, take = sliced[param]
+            values = {k: take(v) if isinstance(v, Tensor) and v.dim() else v for k, v in values.items()}
+        state[param] = values
+    optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
     optimizer.state.clear()
-    optimizer.state.update({p: v for p, v in state.items() if id(p) in live})
+    optimizer.state.update(state)

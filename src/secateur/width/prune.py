@@ -143,8 +143,23 @@ def resolve_variant(model: nn.Module, adapter: Adapter, config: WidthConfig) -> 
     return config, "; ".join(reasons) or None
 
 
-def _block_parameters(model: nn.Module, adapter: Adapter) -> int:
+def block_parameters(model: nn.Module, adapter: Adapter) -> int:
     return sum(p.numel() for p in adapter.block_list(model).parameters())
+
+
+def widths_of(model: nn.Module, adapter: Adapter) -> list[LayerWidth]:
+    """Every block's widths, read from its weights."""
+    size = head_dim(model.config)
+    return [layer_width(b, adapter.width, size) for b in adapter.block_list(model)]
+
+
+def describe_widths(model: nn.Module, adapter: Adapter, widths: list[LayerWidth]) -> bool:
+    """Make the config describe the blocks' `widths`: the stock config where they are uniform, a
+    declaration for `trust_remote_code` loading otherwise (returns whether that was needed)."""
+    if len(set(widths)) == 1:
+        write_uniform_config(model, adapter.width, widths, head_dim(model.config))
+        return False
+    return declare_reshaped(model)
 
 
 def _projection_names(width: Width, heads: bool) -> list[str]:
@@ -295,10 +310,9 @@ def uniform_widths(model: nn.Module, config: WidthConfig, attention_units: int |
     attention = next((u for u in units if u.kind == "attention"), None)
     if attention_units is not None and attention is not None:
         share = attention_units / len(attention.scores)  # what uniform_removals reads the attention count from
-    removals = uniform_removals(units, share, config.fraction * _block_parameters(model, adapter), config.mlp_multiple)
-    size, result = head_dim(model.config), []
-    for index, block in enumerate(adapter.block_list(model)):
-        now = layer_width(block, width, size)
+    removals = uniform_removals(units, share, config.fraction * block_parameters(model, adapter), config.mlp_multiple)
+    result = []
+    for index, now in enumerate(widths_of(model, adapter)):
         heads, kv, channels = now.attention_heads, now.key_value_heads, now.channels
         gone = removals.get((index, "attention"), 0)
         if gone and config.heads == "kv-groups":
@@ -331,8 +345,8 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     size = head_dim(model.config)
     model.eval()
     start = time.perf_counter()
-    report = WidthReport(before=[layer_width(b, width, size) for b in adapter.block_list(model)],
-                         block_parameters_before=_block_parameters(model, adapter), head_dim=size,
+    report = WidthReport(before=widths_of(model, adapter),
+                         block_parameters_before=block_parameters(model, adapter), head_dim=size,
                          bias_compensation=config.compensate, heads=config.heads, variant=variant)  # fmt: skip
     if statistics is None:
         if config.needs_calibration and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
@@ -356,12 +370,9 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     else:
         removals = adaptive_removals(units, target, config.mlp_multiple)
     _apply(model, adapter, width, units, removals, statistics.moments, config.compensate, on_slice)
-    report.after = [layer_width(b, width, size) for b in adapter.block_list(model)]
+    report.after = widths_of(model, adapter)
     report.uniform = len(set(report.after)) == 1
-    if report.uniform:
-        write_uniform_config(model, width, report.after, size)
-    else:
-        report.remote_code = declare_reshaped(model)
-    report.block_parameters_after = _block_parameters(model, adapter)
+    report.remote_code = describe_widths(model, adapter, report.after)
+    report.block_parameters_after = block_parameters(model, adapter)
     report.seconds = time.perf_counter() - start
     return report

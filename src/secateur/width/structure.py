@@ -68,7 +68,8 @@ def head_rows(heads: Tensor, size: int) -> Tensor:
 # --- slicing one layer -------------------------------------------------------------------------
 
 
-Sliced = Callable[[nn.Parameter, nn.Parameter, Callable[[Tensor], Tensor]], None]
+Take = Callable[[Tensor], Tensor]  # a slice, as a function of any tensor shaped like the sliced parameter
+Sliced = Callable[[nn.Parameter, nn.Parameter, Take], None]
 """Told of every parameter a slice replaces: (old, new, take), where `take` maps any tensor shaped like
 the old parameter (an optimizer's moments, a mask) to the new one's shape."""
 
