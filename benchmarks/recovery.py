@@ -56,12 +56,15 @@ RECIPES = {
     "float32": ["--precision", "float32"],  # the default in float32: what bfloat16 autocast costs
     # from the dense model: width 50% removed a few percent at a time while distilling (Adapt-Pruner)
     "incremental50": ["--prune-width", "0.5"],
+    # the default at a third of its peak learning rate: for starts that pruning damaged less
+    "lr3e-4": ["--lr", "3e-4"],
 }
 # the order runs are taken in: the headline rows first
 PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "sparse70:default",
         "width50:ce-full", "width50:llm-pruner", "width50:perp", "24:ce-full", "24:llm-pruner", "24:perp",
         "dense:gradual50", "sparse50:default", "dense:gradual75", "width75:default", "width50:top64",
-        "width50:float32", "dense:incremental50"]  # fmt: skip
+        "width50:float32", "dense:incremental50",
+        "24:lr3e-4", "depth20:lr3e-4", "width20:lr3e-4", "sparse70:lr3e-4"]  # fmt: skip
 
 
 def dense_model() -> Path:

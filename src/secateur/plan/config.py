@@ -46,6 +46,9 @@ class PlanConfig:
                                            "(default: the cost model's largest held-out error, at least 0.05; after "
                                            "a check, the largest error of the corrected predictions on the checked "
                                            "shapes)")
+    timing_rounds: int | None = option(None, "speed targets: passes over the shapes the cost model is fitted and "
+                                             "tested on, each shape's timing the fastest of its passes (cached per "
+                                             "pass; default 3)")
     rounds: int | None = option(None, "speed targets: rounds of the paired timing that checks a chosen shape "
                                       "(default 3)")
     exhaustive: bool = option(False, "score every candidate, not only those that meet the target and remove "
@@ -75,6 +78,8 @@ class PlanConfig:
             raise ConfigError(f"--tolerance must be in [0, 1), got {self.tolerance}")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.timing_rounds is not None and self.timing_rounds < 1:
+            raise ConfigError(f"--timing-rounds must be at least 1, got {self.timing_rounds}")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:

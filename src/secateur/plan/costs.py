@@ -10,7 +10,11 @@ per block, a fixed cost and a term proportional to the block's weights (decode r
 
 (Separate attention and MLP terms were tried: the design's blocks shrink both together, so the two
 were ill-determined and held-out errors reached 23% on SmolLM2 in llama.cpp, against 6% with one.)
-A timing is the fastest of its repetitions: interference from other processes only slows a run.
+A timing is the fastest of its repetitions, and of `rounds` passes over all the shapes in turn:
+interference from other processes only slows a run, and this machine's slow spells last longer
+than one run (on SmolLM2 in llama.cpp, one shape's fastest of 5 repetitions in one process moved
+by 11% from one pass to the next; the fastest of 3 passes put a 18-block model within 0.3% of the
+line through 6 and 30 blocks).
 
 The model only screens. The planner checks its choice by `paired` timing: the candidate's shape and
 the dense model in alternation, round after round, the speedup read as the median of the rounds'
@@ -119,6 +123,7 @@ class Timing:
 
 class Engine(Protocol):
     name: str
+    keeps: bool  # what `prepare` makes is cheap to keep (a file), so `measure` makes it once for all rounds
 
     def identity(self) -> dict[str, Any]:
         """What its timings depend on besides the shape (machine, versions, threads, lengths)."""
@@ -184,6 +189,7 @@ class HFEngine:
     new_tokens: int = 32
     repeats: int = 3
     name: str = "hf"
+    keeps: bool = False  # a model in memory
 
     def identity(self) -> dict[str, Any]:
         import transformers
@@ -225,6 +231,7 @@ class LlamaCppEngine:
     repeats: int = 5
     kind: str = "f16"
     name: str = "llama.cpp"
+    keeps: bool = True  # a file
 
     def identity(self) -> dict[str, Any]:
         stat = Path(self.binary).stat()
@@ -263,6 +270,7 @@ class TableEngine:
 
     table: dict[ArchShape, Timing]
     name: str = "table"
+    keeps: bool = True
     calls: list[ArchShape] = field(default_factory=list)
 
     def identity(self) -> dict[str, Any]:
@@ -292,17 +300,39 @@ def identity_key(engine: Engine, base: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def measure(engine: Engine, configs: dict[ArchShape, Any], cache: Path | None, *,
+def measure(engine: Engine, configs: dict[ArchShape, Any], cache: Path | None, *, rounds: int = 1,
             progress: bool = True) -> dict[ArchShape, Timing]:  # fmt: skip
-    """Timings of every shape, from `cache` (JSONL, one line per shape) where there, measured and
-    appended otherwise, so an interrupted measurement goes on where it stopped."""
-    known = {row["shape"]: Timing(row["decode"], row["prefill"]) for row in read_rows(cache)}
-    todo = [s for s in configs if s.key not in known]
-    for shape in tqdm(todo, desc=f"timing shapes ({engine.name})", disable=not progress or not todo):
-        timing = time_shape(engine, configs[shape])
-        known[shape.key] = timing
-        append_rows(cache, [{"shape": shape.key, **asdict(shape), **asdict(timing)}])
-    return {s: known[s.key] for s in configs}
+    """Timings of every shape: `rounds` passes over the shapes in turn, each shape's timing the
+    fastest of its passes (decode and prefill each). Passes are read from `cache` (JSONL, one line
+    per shape and pass) where there, measured and appended otherwise, so an interrupted measurement
+    goes on where it stopped and a later call with more rounds times only the passes it lacks."""
+    if rounds < 1:
+        raise ConfigError(f"timing needs at least one round, got {rounds}")
+    known: dict[str, dict[int, Timing]] = {}
+    for row in read_rows(cache):
+        known.setdefault(row["shape"], {})[int(row.get("round", 0))] = Timing(row["decode"], row["prefill"])
+    todo = [(r, s) for r in range(rounds) for s in configs if r not in known.get(s.key, {})]
+    last = {s: r for r, s in todo}  # the last pass a shape is timed in
+    prepared: dict[ArchShape, Any] = {}
+    try:
+        for round_, shape in tqdm(todo, desc=f"timing shapes ({engine.name})", disable=not progress or not todo):
+            if shape not in prepared:
+                prepared[shape] = engine.prepare(configs[shape])
+            try:
+                timing = engine.run(prepared[shape])
+            finally:
+                if not engine.keeps or last[shape] == round_:
+                    engine.release(prepared.pop(shape))
+            known.setdefault(shape.key, {})[round_] = timing
+            append_rows(cache, [{"shape": shape.key, "round": round_, **asdict(shape), **asdict(timing)}])
+    finally:
+        for leftover in prepared.values():
+            engine.release(leftover)
+    return {s: fastest([known[s.key][r] for r in range(rounds)]) for s in configs}
+
+
+def fastest(timings: list[Timing]) -> Timing:
+    return Timing(min(t.decode for t in timings), min(t.prefill for t in timings))
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -377,14 +407,16 @@ def design(shapes: Iterable[ArchShape], holdout: int = 3) -> tuple[list[ArchShap
 
 
 def timed_model(engine: Engine, configs: dict[ArchShape, Any], cache: Path | None, *, holdout: int = 3,
+                rounds: int = 1, also: dict[ArchShape, Any] | None = None,
                 progress: bool = True) -> tuple[CostModel, dict[ArchShape, Timing], list[dict[str, Any]]]:  # fmt: skip
-    """Measure the design and held-out shapes among `configs`, fit; returns the model, every
-    measured timing and the held-out errors."""
+    """Measure the design and held-out shapes among `configs` (and the shapes `also` names, such as
+    the dense model, in the same passes), fit on the design; returns the model, every measured
+    timing and the held-out errors."""
     fit, held = design(configs, holdout)
-    timings = measure(engine, {s: configs[s] for s in [*fit, *held]}, cache, progress=progress)
+    wanted = {**{s: configs[s] for s in [*fit, *held]}, **(also or {})}
+    timings = measure(engine, wanted, cache, rounds=rounds, progress=progress)
     model = CostModel.fit({s: timings[s] for s in fit})
     return model, timings, model.errors({s: timings[s] for s in held})
-
 
 
 @dataclass

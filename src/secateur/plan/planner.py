@@ -44,7 +44,6 @@ from secateur.plan.costs import (
     HFEngine,
     LlamaCppEngine,
     identity_key,
-    measure,
     parameter_count,
     random_model,
     shape_of,
@@ -91,7 +90,7 @@ class Row:
 def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> Engine | None:
     """The timing engine a speed target needs (checked before any work); None for size targets."""
     given = [f"--{k.replace('_', '-')}" for k in ("llama_cpp", "threads", "prompt", "new_tokens", "repeats",
-                                                  "margin", "tolerance", "rounds")
+                                                  "margin", "tolerance", "rounds", "timing_rounds")
              if getattr(config, k) is not None]  # fmt: skip
     if not target.speed:
         if target.metric == "params" and config.engine is not None:
@@ -352,14 +351,14 @@ def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict
     dense = shape_of(base)
     key = identity_key(engine, base)
     cache = cache_dir() / "plan" / f"costs-{key}.jsonl"
-    fitted, timings, errors = timed_model(engine, by_shape, cache, holdout=config.holdout, progress=progress)
-    timings.update(measure(engine, {dense: base}, cache, progress=False))
+    fitted, timings, errors = timed_model(engine, by_shape, cache, holdout=config.holdout,
+                                          rounds=config.timing_rounds or 3, also={dense: base}, progress=progress)  # fmt: skip
     book = CostBook(engine, base, timings, cache_dir() / "plan" / f"paired-{key}.jsonl", config.rounds or 3)
     worst = max((abs(e[("decode", "prefill")[target.speed_index]]) for e in errors), default=0.0)
     tolerance = config.tolerance if config.tolerance is not None else max(worst, 0.05)
     return book, {"engine": engine.identity(), "cache": str(cache), "margin": 0.02 if config.margin is None
                   else config.margin, "tolerance": tolerance, "errors": errors, "checks": [],
-                  "dense": asdict(timings[dense]), "rounds": book.rounds,
+                  "dense": asdict(timings[dense]), "rounds": book.rounds, "timing_rounds": config.timing_rounds or 3,
                   "coefficients": {str(h): [list(map(float, c)) for c in v] for h, v in fitted.coefficients.items()}}  # fmt: skip
 
 
