@@ -129,6 +129,47 @@ def test_an_evicted_depth_level_is_rebuilt_exactly_from_its_patch(deep_model):
     assert all(torch.equal(p, fresh[n]) for n, p in model.named_parameters())  # the dense model is untouched
 
 
+def test_levels_start_their_passes_where_they_differ_from_the_dense_model(deep_model):
+    """Compensation and width statistics of a depth level start at the block before its removed run,
+    on the activations the dense statistics pass kept there, with the dense statistics for the
+    blocks before: the same fitted weights and the same statistics as passes over the whole level
+    model, and fewer blocks streamed."""
+    from secateur.calibrate import stream
+    from secateur.depth import compensate
+    from secateur.plan.proxy import Proxy
+    from secateur.width.prune import gather_statistics
+
+    model, _ = load(deep_model[0], dtype="float32", device="cpu")
+    windows = torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    fast, slow = (Proxy(model, windows[:4], windows[4:], torch.device("cpu")) for _ in range(2))
+    for proxy in (fast, slow):
+        proxy.spans([1, 2])
+        proxy._distances = {1: [0.3, 0.2, 0.1, 0.4], 2: [0.5, 0.4, 0.1]}  # runs [2] and [2, 3]: block 1 is fitted
+    fast.dense_statistics()
+    assert set(fast._states) == {1}
+    real = stream.run_block
+
+    def counted(work):
+        calls = []
+        stream.run_block = compensate.run_block = lambda *a: calls.append(1) or real(*a)
+        try:
+            return work(), len(calls)
+        finally:
+            stream.run_block = compensate.run_block = real
+
+    fast_levels, fast_runs = counted(lambda: [(fast.level(n), fast.statistics(fast.level(n))) for n in (1, 2)])
+    slow_levels, slow_runs = counted(lambda: [(level := slow.level(n), gather_statistics(
+        level.model, windows[:4], moments=True, gradients=False, batch_size=4)) for n in (1, 2)])  # fmt: skip
+    assert slow_runs - fast_runs == 4  # block 0 (one batch), in each level's compensation and statistics pass
+    for (level, statistics), (other, whole) in zip(fast_levels, slow_levels):
+        assert level.patch.keys() == other.patch.keys() and level.patch
+        assert all(torch.equal(level.patch[k], other.patch[k]) for k in level.patch)
+        assert statistics.moments.keys() == whole.moments.keys()
+        for key, moments in whole.moments.items():
+            mine = statistics.moments[key]
+            assert torch.equal(mine.sum, moments.sum) and torch.equal(mine.sumsq, moments.sumsq), key
+
+
 # --- the cost model against a fake engine -------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,18 @@ class BlockInputs:
 
     hidden: list[Tensor]  # (batch, seq, hidden) per batch
     extras: list[list[tuple[tuple, dict[str, Any]]]] = field(default_factory=list)  # [block][batch] -> (args, kwargs)
+
+
+@dataclass
+class BlockState:
+    """The calibration activations entering block `index` of a model, one tensor per batch: a
+    streamed pass can start there instead of at the first block (the blocks before it unchanged)."""
+
+    index: int
+    hidden: list[Tensor]
+
+
+Observer = Callable[[int, list[Tensor]], None]  # (block index, the activations entering it, per batch)
 
 
 class StopForward(Exception):
@@ -103,15 +115,23 @@ def block_bars(enabled: bool) -> Iterator[None]:
 
 
 def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int, device: torch.device,
-                  desc: str) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
+                  desc: str, start: BlockState | None = None) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
     """Capture the first block's inputs, then yield (index, block on `device`, inputs) block by block;
     the caller sets `inputs.hidden` to the block's outputs. Only the current block and the calibration
-    activations need to be on `device`; everything returns home afterwards."""
+    activations need to be on `device`; everything returns home afterwards. With `start`, the pass
+    begins at its block, on its activations (those `calibration` leads to there)."""
     home = next(model.parameters()).device
     move_outside_blocks(model, adapter, device)
     try:
         inputs = capture_inputs(model, adapter, calibration, batch_size, device)
-        for index, block in enumerate(tqdm(adapter.block_list(model), desc=desc, unit="block", disable=not _BARS.get())):
+        first = 0
+        if start is not None:
+            if len(start.hidden) != len(inputs.hidden):
+                raise ValueError(f"the start state has {len(start.hidden)} batches, the calibration {len(inputs.hidden)}")
+            first, inputs.hidden = start.index, [h.to(device) for h in start.hidden]
+        blocks = adapter.block_list(model)
+        for index in tqdm(range(first, len(blocks)), desc=desc, unit="block", disable=not _BARS.get()):
+            block = blocks[index]
             block.to(device)
             try:
                 yield index, block, inputs
@@ -123,11 +143,15 @@ def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch
 
 
 def collect_input_stats(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
-                        device: torch.device, kind: type, desc: str) -> dict[str, Any]:
-    """One statistic of type `kind` per named (block-relative) layer of every block, fed with its
-    inputs on the dense model: one streamed pass, nothing pruned. Keys are qualified layer names."""
+                        device: torch.device, kind: type, desc: str, *, start: BlockState | None = None,
+                        observe: Observer | None = None) -> dict[str, Any]:  # fmt: skip
+    """One statistic of type `kind` per named (block-relative) layer of every block (from `start`'s
+    on), fed with its inputs on the dense model: one streamed pass, nothing pruned. Keys are
+    qualified layer names. `observe` sees each block's inputs before the block runs."""
     stats: dict[str, Any] = {}
-    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc):
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc, start):
+        if observe is not None:
+            observe(index, inputs.hidden)
         handles = []
         for name in names:
             module = submodule(block, name)

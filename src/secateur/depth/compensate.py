@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateur.calibrate.stream import run_block, stream_blocks
+from secateur.calibrate.stream import BlockState, run_block, stream_blocks
 from secateur.depth.structure import DepthError
 from secateur.models import Adapter
 from secateur.models.base import read_weight, write_weight
@@ -140,17 +140,20 @@ def unavailable(adapter: Adapter) -> str | None:
 
 @torch.no_grad()
 def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibration: Tensor, batch_size: int,
-               device: torch.device, damp: float = 0.1) -> list[dict[str, Any]]:
+               device: torch.device, damp: float = 0.1, start: BlockState | None = None) -> list[dict[str, Any]]:
     """Re-fit the MLP output projection of the block before each run of `removed` blocks (original
     numbering) so that it reproduces the dense state leaving the run; the blocks are not removed
     here. Returns one record per run: the fitted layer and the relative error of the state passed on,
-    ‖state − L‖ / ‖L − Y‖ on the calibration tokens, before and after the fit."""
+    ‖state − L‖ / ‖L − Y‖ on the calibration tokens, before and after the fit. With `start` (the
+    dense activations entering a block no later than the first fitted one), the pass begins there."""
     why = unavailable(adapter)
     if why is not None:
         raise DepthError(f"{why}; drop --compensate")
     consumer = adapter.width.mlp.consumer
     spans = runs(removed)
     starts = {first - 1: (first, last) for first, last in spans if first > 0}
+    if start is not None and any(index < start.index for index in starts):
+        raise ValueError(f"the pass starts at block {start.index}, after block {min(starts)} that is fitted")
     records = [{"run": [first, last], "fitted": None, "why": "the run starts at block 0: no block before it to fit"}
                for first, last in spans if first == 0]  # fmt: skip
     for first, last in spans:
@@ -158,7 +161,7 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
             log.warning("blocks 0..%d removed without compensation: no block before them", last)
     pending: _Pending | None = None
     blocks = adapter.block_list(model)
-    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "compensation"):
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "compensation", start):
         extras = inputs.extras[index]
         if index in starts:
             _check_additive(block, consumer, inputs.hidden[0], extras[0], adapter.family)

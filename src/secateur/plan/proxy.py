@@ -2,9 +2,13 @@
 pruning, on calibration windows that the statistics did not see.
 
 Everything a candidate needs that does not depend on its width is computed once: the angular
-distances of every span length (one pass), and per depth level the compensated shallower model and
-its width statistics (one pass each). A candidate is then a copy of its level sliced by
-`width_prune` with those statistics, and one forward per window."""
+distances of every span length (one pass), the dense model's width statistics (one pass, which also
+keeps the activations entering the blocks where depth levels start to differ), and per depth level
+the compensated shallower model and its width statistics. A level differs from the dense model from
+the block before its removed run on (the block compensation fits), so its compensation and its
+statistics pass start there, on the kept dense activations; the statistics of the blocks before
+are the dense ones. A candidate is then a copy of its level sliced by `width_prune` with those
+statistics, and one forward per window."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from secateur.calibrate.stream import BlockState
 from secateur.depth.compensate import compensate, unavailable
 from secateur.depth.scores import lowest
 from secateur.depth.search import angular_distances
@@ -69,6 +74,8 @@ class Proxy:
                                                                 "candidates": 0.0})  # fmt: skip
     _distances: dict[int, list[float]] | None = None
     _teacher: dict[int, Tensor] = field(default_factory=dict)
+    _dense: Statistics | None = None  # the dense model's width statistics
+    _states: dict[int, list[Tensor]] = field(default_factory=dict)  # dense activations entering level starts
 
     def spans(self, counts: list[int]) -> None:
         """The angular distances of every span length in `counts`, in one pass."""
@@ -93,7 +100,8 @@ class Proxy:
             model, adapter = copy.deepcopy(self.model), adapter_for(self.model)
             removed = self.removed(blocks)
             if removed and unavailable(adapter) is None:
-                compensate(model, adapter, removed, self.calibration, self.batch_size, self.device, self.damp)
+                compensate(model, adapter, removed, self.calibration, self.batch_size, self.device, self.damp,
+                           self._start(removed))  # fmt: skip
             dense = dict(self.model.named_parameters())
             patch = {n: p.detach().clone() for n, p in model.named_parameters() if not torch.equal(p, dense[n])}
             if removed:
@@ -119,11 +127,46 @@ class Proxy:
             remove_blocks(model, adapter_for(model), level.removed)
         return model
 
+    @staticmethod
+    def _first_changed(removed: list[int]) -> int:
+        """The first block of a level that is not the dense model's: the one compensation fits."""
+        return max(removed[0] - 1, 0)
+
+    def _start(self, removed: list[int]) -> BlockState | None:
+        """The dense activations entering the level's first changed block, where the dense pass kept them."""
+        index = self._first_changed(removed)
+        return BlockState(index, self._states[index]) if index in self._states else None
+
+    def dense_statistics(self) -> Statistics:
+        """The dense model's width statistics; the pass keeps the activations entering the first
+        changed block of every span length measured so far."""
+        if self._dense is None:
+            clock = time.perf_counter()
+            wanted = {self._first_changed(self.removed(n)) for n in (self._distances or {})}
+
+            def keep(index: int, hidden: list[Tensor]) -> None:
+                if index in wanted:
+                    self._states[index] = [h.cpu() for h in hidden]
+
+            self._dense = gather_statistics(self.model, self.calibration, moments=True, gradients=False,
+                                            device=self.device, batch_size=self.batch_size, observe=keep)  # fmt: skip
+            self.seconds["levels"] += time.perf_counter() - clock
+        return self._dense
+
     def statistics(self, level: Level) -> Statistics:
         if level.statistics is None:
+            dense = self.dense_statistics()
             clock = time.perf_counter()
-            level.statistics = gather_statistics(level.model, self.calibration, moments=True, gradients=False,
-                                                 device=self.device, batch_size=self.batch_size)  # fmt: skip
+            start = self._start(level.removed) if level.removed else None
+            if not level.removed:
+                level.statistics = dense
+            else:
+                tail = gather_statistics(level.model, self.calibration, moments=True, gradients=False,
+                                         device=self.device, batch_size=self.batch_size, start=start)  # fmt: skip
+                first = start.index if start is not None else 0
+                prefix = adapter_for(level.model).blocks + "."
+                head = {k: v for k, v in dense.moments.items() if int(k[len(prefix):].split(".", 1)[0]) < first}
+                level.statistics = Statistics({**head, **tail.moments})
             self.seconds["levels"] += time.perf_counter() - clock
         return level.statistics
 

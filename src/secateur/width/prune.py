@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from secateur.calibrate.gradients import weight_gradients
 from secateur.calibrate.stats import Moments
-from secateur.calibrate.stream import collect_input_stats
+from secateur.calibrate.stream import BlockState, Observer, collect_input_stats
 from secateur.models import Adapter, Width, adapter_for
 from secateur.width.config import WidthConfig
 from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
@@ -172,9 +172,11 @@ def _projection_names(width: Width, heads: bool) -> list[str]:
 
 @torch.no_grad()
 def collect_moments(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
-                    device: torch.device) -> dict[str, Moments]:  # fmt: skip
-    """Input moments of the named projections of every block, on the dense model."""
-    return collect_input_stats(model, adapter, names, calibration, batch_size, device, Moments, "width statistics")
+                    device: torch.device, start: BlockState | None = None,
+                    observe: Observer | None = None) -> dict[str, Moments]:  # fmt: skip
+    """Input moments of the named projections of every block (from `start`'s on), on the dense model."""
+    return collect_input_stats(model, adapter, names, calibration, batch_size, device, Moments, "width statistics",
+                               start=start, observe=observe)  # fmt: skip
 
 
 def collect_gradients(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
@@ -201,12 +203,16 @@ class Statistics:
 
 
 def gather_statistics(model: nn.Module, calibration: Tensor, *, moments: bool, gradients: bool, heads: bool = True,
-                      device: str | torch.device = "cpu", batch_size: int = 4) -> Statistics:  # fmt: skip
+                      device: str | torch.device = "cpu", batch_size: int = 4, start: BlockState | None = None,
+                      observe: Observer | None = None) -> Statistics:  # fmt: skip
+    """`start` and `observe` as in `collect_input_stats` (moments only: gradients need the whole model)."""
+    if gradients and (start is not None or observe is not None):
+        raise ValueError("gradients come from whole forward and backward passes: no start state, no observer")
     adapter = adapter_for(model)
     names = _projection_names(adapter.width, heads and adapter.width.attention is not None)
     device = torch.device(device)
     return Statistics(
-        collect_moments(model, adapter, names, calibration, batch_size, device) if moments else {},
+        collect_moments(model, adapter, names, calibration, batch_size, device, start, observe) if moments else {},
         collect_gradients(model, adapter, names, calibration, batch_size, device) if gradients else {},
     )
 
