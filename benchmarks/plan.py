@@ -6,7 +6,9 @@ dense model in pairs before it is accepted), each pruned for real, evaluated
 2 threads, interleaved rounds). Also: the proxy's rank correlation with perplexity over every
 pruned recipe, and planning time against one prune.
 
-Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl.
+Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl (run 3: shapes
+timed in 3 passes, levels streamed from their first changed block; run 2, on a Xeon, is kept in
+plan-v2.jsonl and run 1 in plan-v1.jsonl).
 
     python benchmarks/plan.py [--phase plan|prune|speed|proxy|table|all] [--rounds 3] [--targets decode1.3,params80M]
 """
