@@ -83,6 +83,17 @@ def fresh_cache(name: str) -> dict:
     return {**os.environ, "SECATEUR_CACHE": str(root)}
 
 
+def keep_timings(name: str) -> None:
+    """Move the shape timings a plan measured into the machine's cache, where the next plan finds them."""
+    from secateur.data.enwiki import cache_dir
+
+    real = cache_dir() / "plan"
+    real.mkdir(parents=True, exist_ok=True)
+    for costs in (WORK / "cache" / name / "plan").glob("costs-*.jsonl"):
+        if not costs.is_symlink():
+            shutil.move(costs, real / costs.name)
+
+
 def plan_phase(names: list[str]) -> None:
     rows = done()
     for name, target in TARGETS.items():
@@ -97,6 +108,7 @@ def plan_phase(names: list[str]) -> None:
             result = cli("plan", dense(), "--target", target, "--out", out, "--overwrite", *flags, check=False,
                          env=fresh_cache(f"{name}-{search.replace(' ', '-')}"))  # fmt: skip
             wall = time.perf_counter() - clock
+            keep_timings(f"{name}-{search.replace(' ', '-')}")
             if result.returncode != 0:
                 append({"step": step, "target": target, "search": search, "wall": wall,
                         "failed": result.stderr.strip().splitlines()[-1]})  # fmt: skip

@@ -226,6 +226,36 @@ def test_timings_are_cached_and_resumed(tmp_path):
     assert again.calls == shapes[3:] and result == {s: _law(s) for s in shapes}
 
 
+def test_each_hidden_size_screens_with_its_own_fits_error(tmp_path, monkeypatch):
+    """A hidden size whose timings are not linear has a large held-out error; the candidates of the
+    other hidden size keep a tolerance of their own fit's error (at least 5%)."""
+    from secateur.plan.config import PlanConfig
+    from secateur.plan.planner import Row, _costs, _feasible
+
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path))
+    shapes = _shapes()
+    bent = {s: 1 + 0.3 * (s.hidden == 56 and s.channels == 128 and s.heads == 4) for s in shapes}
+    table = {s: Timing(_law(s).decode * bent[s] / (3 if s.hidden == 56 else 1), _law(s).prefill) for s in shapes}
+    dense = ArchShape(64, 10, 4, 2, 16, 192)
+    blocks = sorted({(s.hidden, s.heads, s.channels) for s in shapes})  # a width fraction per block shape
+    candidate = {s: Candidate(10 - s.layers, 0.01 * (1 + blocks.index((s.hidden, s.heads, s.channels))), 0.125)
+                 for s in shapes}  # fmt: skip
+    rows = {candidate[s].key: Row(candidate[s], s, 0, 0) for s in shapes if s != dense}
+    configs = {row.candidate: _config(row.shape) for row in rows.values()}
+    target = parse_target("decode-speedup=1.5")
+    book, costs = _costs(TableEngine(table), _config(dense), rows, configs, PlanConfig(target=str(target)), target,
+                         False)  # fmt: skip
+    assert costs["tolerance"][64] == 0.05 and costs["tolerance"][56] > 0.1
+    _feasible(rows, target, book, 0.0, costs["tolerance"], {})
+    for row in rows.values():  # in where predicted within its own hidden size's tolerance below the target
+        predicted = book.speedup(row.shape)[0]
+        assert row.feasible == (predicted >= 1.5 * (1 - costs["tolerance"][row.shape.hidden])), row.shape.key
+    between = [r for r in rows.values() if 1.5 * (1 - costs["tolerance"][56]) <= book.speedup(r.shape)[0] < 1.5 * 0.95]
+    assert {r.shape.hidden for r in between} == {56, 64}  # one tolerance for both would let these 64s in
+    assert {r.feasible for r in between if r.shape.hidden == 64} == {False}
+    assert {r.feasible for r in between if r.shape.hidden == 56} == {True}
+
+
 class _Spells(TableEngine):
     """The table, with slow spells: the n-th run is slowed by `slowdowns[n % len(slowdowns)]`; counts
     what it prepares and releases."""

@@ -43,7 +43,7 @@ class PlanConfig:
                                         "in pairs, must beat the target by this relative margin (default 0.02)")
     tolerance: float | None = option(None, "speed targets: candidates predicted within this relative distance "
                                            "below the target (with --margin) stay in the search until timed "
-                                           "(default: the cost model's largest held-out error, at least 0.05; after "
+                                           "(default, per hidden size: its fit's largest held-out error, at least 0.05; after "
                                            "a check, the largest error of the corrected predictions on the checked "
                                            "shapes)")
     timing_rounds: int | None = option(None, "speed targets: passes over the shapes the cost model is fitted and "

@@ -370,7 +370,7 @@ class CostModel:
         rows = []
         for shape, timing in measured.items():
             guess = self.predict(shape)
-            rows.append({"shape": shape.key, "decode": guess.decode / timing.decode - 1,
+            rows.append({"shape": shape.key, "hidden": shape.hidden, "decode": guess.decode / timing.decode - 1,
                          "prefill": guess.prefill / timing.prefill - 1})  # fmt: skip
         return rows
 

@@ -299,7 +299,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
         rows[c.key] = Row(c, shape_of(configs[c]), params, _file_bytes(params, one_d, config))
     dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, config)}
     if not target.speed:
-        _feasible(rows, target, None, 0.0, 0.0, dense_value)
+        _feasible(rows, target, None, 0.0, {}, dense_value)
     model, tokenizer = load(model_path, dtype="float32", device="cpu")
     calibration, windows = _windows(model, tokenizer, config)  # a short text fails before any timing
     if isinstance(engine, LlamaCppEngine) and engine.vocabulary is None:
@@ -330,7 +330,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
             costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
                                     "measured": measured})  # fmt: skip
             if config.tolerance is None:  # what the checks say the corrected predictions are worth
-                tolerance = min(tolerance, book.residual(target.speed_index))
+                tolerance = {h: min(t, book.residual(target.speed_index)) for h, t in tolerance.items()}
             _feasible(rows, target, book, margin, tolerance, dense_value)
     if book is not None:
         costs.update(measured_shapes=len(book.timings) + len(book.checked), correction=book.correction,
@@ -346,7 +346,7 @@ def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict
            config: PlanConfig, target: Target, progress: bool) -> tuple[CostBook | None, dict[str, Any]]:  # fmt: skip
     """Speed targets: the cost model fitted and checked on held-out shapes of this engine."""
     if engine is None:
-        return None, {"engine": None, "margin": 0.0, "tolerance": 0.0, "checks": []}
+        return None, {"engine": None, "margin": 0.0, "tolerance": {}, "checks": []}
     by_shape = {rows[c.key].shape: cfg for c, cfg in configs.items()}
     dense = shape_of(base)
     key = identity_key(engine, base)
@@ -354,8 +354,11 @@ def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict
     fitted, timings, errors = timed_model(engine, by_shape, cache, holdout=config.holdout,
                                           rounds=config.timing_rounds or 3, also={dense: base}, progress=progress)  # fmt: skip
     book = CostBook(engine, base, timings, cache_dir() / "plan" / f"paired-{key}.jsonl", config.rounds or 3)
-    worst = max((abs(e[("decode", "prefill")[target.speed_index]]) for e in errors), default=0.0)
-    tolerance = config.tolerance if config.tolerance is not None else max(worst, 0.05)
+    metric = ("decode", "prefill")[target.speed_index]
+    worst = {h: max((abs(e[metric]) for e in errors if e["hidden"] == h), default=0.0)
+             for h in sorted({r.shape.hidden for r in rows.values()})}  # fmt: skip
+    # each hidden size has its own fit, so its own error (llama.cpp is not smooth across hidden sizes)
+    tolerance = {h: config.tolerance if config.tolerance is not None else max(w, 0.05) for h, w in worst.items()}
     return book, {"engine": engine.identity(), "cache": str(cache), "margin": 0.02 if config.margin is None
                   else config.margin, "tolerance": tolerance, "errors": errors, "checks": [],
                   "dense": asdict(timings[dense]), "rounds": book.rounds, "timing_rounds": config.timing_rounds or 3,
@@ -373,10 +376,11 @@ def vocabulary_of(tokenizer: Any, model_path: str | Path, vocab_size: int) -> An
     return vocabulary(tokenizer, path, vocab_size, read_manifest(path), None)
 
 
-def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margin: float, tolerance: float,
-              dense: dict[str, int]) -> None:  # fmt: skip
+def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margin: float,
+              tolerance: dict[int, float], dense: dict[str, int]) -> None:  # fmt: skip
     """Mark the rows that meet the target: sizes exactly; speeds by their paired timing with `margin`
-    to spare, or, untimed, by a prediction within `tolerance` below that (the timing decides later).
+    to spare, or, untimed, by a prediction within the `tolerance` of their hidden size below that
+    (the timing decides later).
     Refuse a target the dense model meets or no row can meet."""
     if not target.speed and target.met(dense[target.metric]):
         raise ConfigError(f"the dense model already meets --target {target} ({dense[target.metric]:,}); "
@@ -386,10 +390,11 @@ def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margi
             row.feasible = target.met(row.params if target.metric == "params" else row.file_bytes)
             continue
         row.speedup, row.measured = book.speedup(row.shape), row.shape in book.checked
-        row.feasible = target.met(row.speedup[target.speed_index], margin if row.measured else (1 + margin) * (1 - tolerance) - 1)
+        slack = margin if row.measured else (1 + margin) * (1 - tolerance[row.shape.hidden]) - 1
+        row.feasible = target.met(row.speedup[target.speed_index], slack)
     if not any(r.feasible for r in rows.values()):
         raise ConfigError(f"no candidate of the grid meets --target {target}"
-                          f"{' (predicted within the cost model tolerance of %.0f%%, or timed)' % (tolerance * 100) if book else ''}: widen "
+                          f"{' (predicted within the cost model tolerance of %.0f%%, or timed)' % (max(tolerance.values()) * 100) if book else ''}: widen "
                           "--depth / --width / --hidden")
 
 
