@@ -16,7 +16,7 @@ from conftest import ATTN, COMMON, tiny_text, tiny_tokenizer
 from secateur.cli import main
 from secateur.errors import ConfigError
 from secateur.io import load
-from secateur.plan.costs import (ArchShape, TableEngine, Timing, design, measure, paired, shape_of, time_shape,
+from secateur.plan.costs import (ArchShape, TableEngine, Timing, design, measure, paired, shape_of,
                                  timed_model)
 from secateur.plan.proxy import token_kl
 from secateur.plan.search import halve, pareto_front, spearman, undominated
@@ -335,7 +335,7 @@ def test_paired_timing_cancels_a_machine_that_slows_between_rounds():
     # timed one after the other instead, the slowdown shows as a speedup that is not there
     engine = _Drifting({s: _law(s) for s in (big, small)})
     engine.calls.append(big)  # (so that the two timings fall into different spells)
-    alone = time_shape(engine, _config(big)).decode / time_shape(engine, _config(small)).decode
+    alone = engine.run(engine.prepare(_config(big))).decode / engine.run(engine.prepare(_config(small))).decode
     assert alone == pytest.approx(truth / 1.5)
 
 

@@ -138,15 +138,6 @@ class Engine(Protocol):
         """Free what `prepare` made."""
 
 
-def time_shape(engine: Engine, config: Any) -> Timing:
-    """One timing of a random-weight model of `config`."""
-    prepared = engine.prepare(config)
-    try:
-        return engine.run(prepared)
-    finally:
-        engine.release(prepared)
-
-
 def paired(engine: Engine, config: Any, base: Any, rounds: int = 3) -> tuple[float, float]:
     """(decode, prefill) speedup of `config` over `base`: both timed in alternation (the order
     swapped every round), the median of the rounds' ratios."""
