@@ -154,24 +154,26 @@ class Proxy:
         return self._dense
 
     def statistics(self, level: Level) -> Statistics:
+        """The level's width statistics: the dense ones for its unchanged blocks, one pass for the rest."""
         if level.statistics is None:
             dense = self.dense_statistics()
-            clock = time.perf_counter()
-            start = self._start(level.removed) if level.removed else None
             if not level.removed:
                 level.statistics = dense
-            else:
-                tail = gather_statistics(level.model, self.calibration, moments=True, gradients=False,
-                                         device=self.device, batch_size=self.batch_size, start=start)  # fmt: skip
-                first = start.index if start is not None else 0
-                prefix = adapter_for(level.model).blocks + "."
-                head = {k: v for k, v in dense.moments.items() if int(k[len(prefix):].split(".", 1)[0]) < first}
-                level.statistics = Statistics({**head, **tail.moments})
+                return dense
+            clock = time.perf_counter()
+            start = self._start(level.removed)
+            tail = gather_statistics(level.model, self.calibration, moments=True, gradients=False,
+                                     device=self.device, batch_size=self.batch_size, start=start)  # fmt: skip
+            first, prefix = (start.index if start else 0), adapter_for(level.model).blocks + "."
+            head = {k: v for k, v in dense.moments.items() if int(k[len(prefix):].split(".", 1)[0]) < first}
+            level.statistics = Statistics({**head, **tail.moments})
             self.seconds["levels"] += time.perf_counter() - clock
         return level.statistics
 
     def build(self, candidate: Candidate) -> nn.Module:
         """The candidate, pruned one-shot (a new model)."""
+        if candidate.width:  # first, so that a new level's compensation starts on the activations it keeps
+            self.dense_statistics()
         level = self.level(candidate.blocks)
         model = copy.deepcopy(level.model)
         if candidate.width:
