@@ -6,11 +6,15 @@ dense model in pairs before it is accepted), each pruned for real, evaluated
 2 threads, interleaved rounds). Also: the proxy's rank correlation with perplexity over every
 pruned recipe, and planning time against one prune.
 
-Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl (run 3: shapes
-timed in 3 passes, levels streamed from their first changed block; run 2, on a Xeon, is kept in
-plan-v2.jsonl and run 1 in plan-v1.jsonl).
+Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl (run 4: widths
+aligned to llama.cpp's f16 step, decode-only checks, leave-one-out tolerance; run 3 is kept in
+plan-v3.jsonl, run 2, on a Xeon, in plan-v2.jsonl and run 1 in plan-v1.jsonl).
 
-    python benchmarks/plan.py [--phase plan|prune|speed|proxy|table|all] [--rounds 3] [--targets decode1.3,params80M]
+The first phase times the grids' shapes once for the machine (a plan stopped by a tiny
+--budget-minutes right after its cost model), as a user's first plan would; the plans after it find
+them in the cache, so their times are those of plans on a calibrated machine.
+
+    python benchmarks/plan.py [--phase shapes|plan|prune|speed|proxy|table|all] [--rounds 3] [--targets decode1.3,params80M]
 """
 
 from __future__ import annotations
@@ -92,6 +96,22 @@ def keep_timings(name: str) -> None:
     for costs in (WORK / "cache" / name / "plan").glob("costs-*.jsonl"):
         if not costs.is_symlink():
             shutil.move(costs, real / costs.name)
+
+
+def shapes_phase() -> None:
+    """Time every grid's shapes into the machine's cache: one decode plan per grid, stopped by the
+    budget before any candidate is scored (exit 2), after the cost model is measured."""
+    for search, flags in SEARCHES.items():
+        step = f"shapes:{search}"
+        if step in done():
+            continue
+        out = WORK / "shapes" / search.replace(" ", "-")
+        clock = time.perf_counter()
+        result = cli("plan", dense(), "--target", TARGETS["decode2"], "--out", out, "--overwrite", *flags,
+                     "--budget-minutes", "0.001", check=False)  # fmt: skip
+        if "budget ran out" not in result.stderr:
+            raise RuntimeError(f"timing the {search} shapes: {result.stderr.strip()[-500:]}")
+        append({"step": step, "wall": time.perf_counter() - clock})
 
 
 def plan_phase(names: list[str]) -> None:
@@ -242,12 +262,14 @@ def table_phase() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", default="all", choices=["plan", "prune", "speed", "proxy", "table", "all"])
+    parser.add_argument("--phase", default="all", choices=["shapes", "plan", "prune", "speed", "proxy", "table", "all"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     args = parser.parse_args()
     os.environ.setdefault("SECATEUR_LLAMA_CPP", str(build()))
+    if args.phase in ("shapes", "all"):
+        shapes_phase()
     if args.phase in ("plan", "all"):
         plan_phase(args.targets.split(","))
     if args.phase in ("prune", "all"):

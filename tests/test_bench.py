@@ -64,8 +64,9 @@ FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
 import json, sys
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 p, n, r = int(args["-p"]), int(args["-n"]), int(args["-r"])
-print(json.dumps([{"n_prompt": p, "n_gen": 0, "avg_ts": 1000.0, "samples_ts": [1000.0, 800.0, 1250.0][:r]},
-                  {"n_prompt": 0, "n_gen": n, "avg_ts": 40.0, "samples_ts": [40.0, 50.0, 30.0][:r]}]))
+tests = [{"n_prompt": p, "n_gen": 0, "avg_ts": 1000.0, "samples_ts": [1000.0, 800.0, 1250.0][:r]},
+         {"n_prompt": 0, "n_gen": n, "avg_ts": 40.0, "samples_ts": [40.0, 50.0, 30.0][:r]}]
+print(json.dumps([t for t in tests if t["n_prompt"] or t["n_gen"]]))  # like llama-bench: a length of 0 is no test
 """
 
 
@@ -103,6 +104,24 @@ def test_llamacpp_engine_reads_llama_bench_per_repetition(tmp_path, model_dir, c
                  "--rounds", "2", "--repeats", "3"]) == 0
     out = capsys.readouterr().out
     assert "llama.cpp" in out and "| 40.0 | 1.00 | 1.00 |" in out
+
+
+def test_llamacpp_engine_times_one_metric_when_asked(tmp_path, model_dir):
+    """A decode-only run (the planner's checks of a decode target) skips llama-bench's prefill test."""
+    import math
+
+    from secateur.bench import measure_llamacpp
+    from secateur.plan.costs import LlamaCppEngine
+
+    bin_dir = _fake_llamacpp(tmp_path)
+    path, _ = _gguf(tmp_path, model_dir)
+    result = measure_llamacpp(path, binary=bin_dir / "llama-bench", prompt=0, new_tokens=128, repeats=3)
+    assert result.prefill_runs == [] and math.isnan(result.prefill_seconds) and result.decode_runs == [40.0, 50.0, 30.0]
+    engine = LlamaCppEngine(bin_dir / "llama-bench", None, repeats=3)
+    decode_only, prefill_only = engine.run(path, "decode"), engine.run(path, "prefill")
+    assert decode_only.decode == 1 / 50.0 and math.isnan(decode_only.prefill)
+    assert prefill_only.prefill == 512 / 1250.0 and math.isnan(prefill_only.decode)
+    assert engine.run(path) == type(decode_only)(1 / 50.0, 512 / 1250.0)
 
 
 def test_llamacpp_engine_refusals(tmp_path, model_dir, capsys, monkeypatch):

@@ -173,7 +173,7 @@ def gguf_parameters(path: Path) -> int:
 def measure_llamacpp(path: str | Path, *, binary: Path, prompt: int = 512, new_tokens: int = 128, repeats: int = 5,
                      threads: int | None = None) -> SpeedResult:
     """`llama-bench` on one GGUF file in a fresh process: prefill and decode per repetition (it warms up
-    first), and that process's peak resident memory."""
+    first), and that process's peak resident memory. A length of 0 skips that test (its figure NaN)."""
     import os
     import subprocess
     import tempfile
@@ -190,15 +190,24 @@ def measure_llamacpp(path: str | Path, *, binary: Path, prompt: int = 512, new_t
             raise ConfigError(f"llama-bench failed on {path} (exit {process.returncode}); is it a GGUF file llama.cpp reads?")
         out.seek(0)
         rows = json.loads(out.read())
-    prefill = next(r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0)
-    decode = next(r for r in rows if r["n_gen"] == new_tokens and r["n_prompt"] == 0)
-    prefill_runs = [prompt / ts for ts in prefill["samples_ts"]]
+
+    def samples(n_prompt: int, n_gen: int) -> list[float]:
+        """Tokens per second of one test's repetitions; none for a test of length 0 (skipped)."""
+        if not max(n_prompt, n_gen):
+            return []
+        row = next((r for r in rows if r["n_prompt"] == n_prompt and r["n_gen"] == n_gen), None)
+        if row is None:
+            raise ConfigError(f"llama-bench reported no pp{n_prompt} tg{n_gen} test for {path}")
+        return list(row["samples_ts"])
+
+    prefill_runs = [prompt / ts for ts in samples(prompt, 0)]
+    decode_runs = samples(0, new_tokens)
     return SpeedResult(model=str(path), device="cpu (llama.cpp)", threads=threads, parameters=gguf_parameters(path),
                        file_bytes=file_bytes(path), prompt=prompt, new_tokens=new_tokens,
-                       prefill_seconds=statistics.median(prefill_runs),
-                       decode_tokens_per_second=statistics.median(decode["samples_ts"]),
+                       prefill_seconds=statistics.median(prefill_runs) if prefill_runs else float("nan"),
+                       decode_tokens_per_second=statistics.median(decode_runs) if decode_runs else float("nan"),
                        peak_memory_bytes=usage.ru_maxrss * 1024, repeats=repeats, prefill_runs=prefill_runs,
-                       decode_runs=list(decode["samples_ts"]))  # fmt: skip
+                       decode_runs=decode_runs)  # fmt: skip
 
 
 def pooled(rounds: list[SpeedResult]) -> SpeedResult:

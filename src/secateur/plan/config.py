@@ -24,8 +24,9 @@ class PlanConfig:
                                  "start:stop is every block count in between")
     width: str = option("0:0.6:0.1", "fractions of the remaining blocks' parameters to remove as heads and MLP "
                                      "channels (uniform widths), hidden channels included")
-    round_to: int | None = option(None, "MLP widths and the hidden size are multiples of this (default 32: llama.cpp "
-                                        "runs misaligned sizes several times slower; 8 with --engine hf)")
+    round_to: int | None = option(None, "MLP widths and the hidden size are multiples of this (default: the step of "
+                                        "llama.cpp's f16 kernels on this CPU, 32, 64 with AVX512F, 128 with "
+                                        "AVX512-FP16, since it runs misaligned sizes far slower; 8 with --engine hf)")
     hidden: str = option("0,0.125", "fractions of the hidden channels to remove (counted in the width fraction)")
     calib: str = option("enwiki-sample", "text for statistics, spans and proxy windows (drawn after the "
                                          "evaluation region)")

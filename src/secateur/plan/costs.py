@@ -131,32 +131,29 @@ class Engine(Protocol):
     def prepare(self, config: Any) -> Any:
         """A random-weight model of `config`, ready to time (a model, a file)."""
 
-    def run(self, prepared: Any) -> Timing:
-        """Time what `prepare` made."""
+    def run(self, prepared: Any, only: str | None = None) -> Timing:
+        """Time what `prepare` made; `only` ("decode" or "prefill") lets an engine skip timing the other
+        metric, which is then NaN (an engine that cannot skip it times both)."""
 
     def release(self, prepared: Any) -> None:
         """Free what `prepare` made."""
 
 
-def paired(engine: Engine, config: Any, base: Any, rounds: int = 3) -> tuple[float, float]:
-    """(decode, prefill) speedup of `config` over `base`: both timed in alternation (the order
-    swapped every round), the median of the rounds' ratios."""
+def paired(engine: Engine, shape: Any, reference: Any, rounds: int = 3, only: str | None = None) -> tuple[float, float]:
+    """(decode, prefill) speedup of the prepared `shape` over the prepared `reference`: both timed in
+    alternation (the order swapped every round), the median of the rounds' ratios. With `only`, the
+    engine may skip the other metric (NaN)."""
     if rounds < 1:
         raise ConfigError(f"paired timing needs at least one round, got {rounds}")
-    shape, reference = engine.prepare(config), engine.prepare(base)
-    try:
-        ratios = []
-        for round_ in range(rounds):
-            if round_ % 2 == 0:
-                mine = engine.run(shape)
-                theirs = engine.run(reference)
-            else:
-                theirs = engine.run(reference)
-                mine = engine.run(shape)
-            ratios.append(mine.speedup(theirs))
-    finally:
-        engine.release(shape)
-        engine.release(reference)
+    ratios = []
+    for round_ in range(rounds):
+        if round_ % 2 == 0:
+            mine = engine.run(shape, only)
+            theirs = engine.run(reference, only)
+        else:
+            theirs = engine.run(reference, only)
+            mine = engine.run(shape, only)
+        ratios.append(mine.speedup(theirs))
     return float(np.median([r[0] for r in ratios])), float(np.median([r[1] for r in ratios]))
 
 
@@ -197,7 +194,8 @@ class HFEngine:
         ids = torch.randint(0, config.vocab_size, (1, self.prompt), generator=torch.Generator().manual_seed(0))
         return model, ids.to(self.device)
 
-    def run(self, prepared: tuple[nn.Module, torch.Tensor]) -> Timing:
+    def run(self, prepared: tuple[nn.Module, torch.Tensor], only: str | None = None) -> Timing:
+        """Both metrics always: decoding needs the prefill, which is short next to it."""
         from secateur.bench import _one_run
 
         model, ids = prepared
@@ -207,6 +205,25 @@ class HFEngine:
 
     def release(self, prepared: Any) -> None:
         pass  # the model goes with the last reference to it
+
+
+def llamacpp_alignment(flags: set[str] | None = None) -> int:
+    """The width llama.cpp's CPU kernels want: ggml's f16 dot product (`ggml_vec_dot_f16`, what a
+    decode step runs for every row of every weight) takes GGML_F16_STEP elements per iteration and
+    the rest one by one, so a matrix whose input size is not a multiple of the step pays a scalar
+    tail on every row. The step is 128 with AVX512-FP16, 64 with AVX512F and 32 with AVX/AVX2 or
+    NEON (ggml-cpu/simd-mappings.h, a binary built for the machine it runs on). Measured on a
+    2-core EPYC (AVX512F), SmolLM2 with 30 blocks of 1024 channels decoded at 156 tokens/s with a
+    hidden size of 480 against 261 with 448 and 224 with 512; 1024 channels beat 1056, 960 beat 992."""
+    if flags is None:
+        try:
+            flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                     for f in line.split(":", 1)[1].split()}  # fmt: skip
+        except OSError:
+            flags = set()
+    if "avx512fp16" in flags:
+        return 128
+    return 64 if "avx512f" in flags else 32
 
 
 @dataclass
@@ -244,12 +261,16 @@ class LlamaCppEngine:
             raise
         return path
 
-    def run(self, prepared: Path) -> Timing:
+    def run(self, prepared: Path, only: str | None = None) -> Timing:
+        """llama-bench's prefill and decode tests; `only` runs one of them (a decode-only run takes
+        about two thirds of the time of both, measured on SmolLM2)."""
         from secateur.bench import measure_llamacpp
 
-        result = measure_llamacpp(prepared, binary=Path(self.binary), prompt=self.prompt, new_tokens=self.new_tokens,
-                                  repeats=self.repeats, threads=self.threads)  # fmt: skip
-        return Timing(decode=1 / max(result.decode_runs), prefill=min(result.prefill_runs))
+        result = measure_llamacpp(prepared, binary=Path(self.binary), prompt=0 if only == "decode" else self.prompt,
+                                  new_tokens=0 if only == "prefill" else self.new_tokens, repeats=self.repeats,
+                                  threads=self.threads)  # fmt: skip
+        return Timing(decode=1 / max(result.decode_runs) if result.decode_runs else float("nan"),
+                      prefill=min(result.prefill_runs) if result.prefill_runs else float("nan"))  # fmt: skip
 
     def release(self, prepared: Path) -> None:
         shutil.rmtree(Path(prepared).parent, ignore_errors=True)
@@ -273,7 +294,7 @@ class TableEngine:
             raise ConfigError(f"the timing table has no row for {shape.key}")
         return shape
 
-    def run(self, prepared: ArchShape) -> Timing:
+    def run(self, prepared: ArchShape, only: str | None = None) -> Timing:
         self.calls.append(prepared)
         return self.table[prepared]
 
@@ -418,14 +439,18 @@ class CostBook:
     The model is fitted on single timings, the dense model's among them, so an error in that one
     timing moves every predicted speedup the same way (seen on SmolLM2 in llama.cpp: predictions 6%
     high across the board). Each metric's correction is the median over the checked shapes of
-    measured / predicted, which removes such a shared error after one check."""
+    measured / predicted, which removes such a shared error after one check.
+
+    With `metric` (0: decode, 1: prefill) the checks time only that one, where the engine can skip
+    the other; the dense model is prepared once for all checks (`close` frees it)."""
 
     engine: Engine
     base: Any  # the dense model's config
     timings: dict[ArchShape, Timing]  # single timings, the dense shape's among them
     cache: Path | None = None  # paired timings, one JSONL row per checked shape
     rounds: int = 3
-    checked: dict[ArchShape, tuple[float, float]] = field(default_factory=dict)
+    metric: int | None = None  # the one metric checks time (None: both)
+    checked: dict[ArchShape, tuple[float, float]] = field(default_factory=dict)  # NaN where not timed
     seconds: float = 0.0  # spent timing checks
     correction: tuple[float, float] = (1.0, 1.0)  # (decode, prefill) factors learnt from the checks
 
@@ -434,26 +459,34 @@ class CostBook:
         if self.dense not in self.timings:
             raise ValueError("the cost book needs the dense model's timing")
         self.model = CostModel.fit(self.timings)
-        self._cached = {r["shape"]: r for r in read_rows(self.cache)
-                        if r["base"] == self.dense.key and r["rounds"] == self.rounds}  # fmt: skip
+        wanted = ("decode", "prefill") if self.metric is None else (("decode", "prefill")[self.metric],)
+        self._cached = {r["shape"]: r for r in read_rows(self.cache) if r["base"] == self.dense.key
+                        and r["rounds"] == self.rounds and all(r.get(k) is not None for k in wanted)}  # fmt: skip
+        self._reference: Any = None  # the dense model, prepared at the first check
 
     def predicted(self, shape: ArchShape) -> tuple[float, float]:
         """The model's (decode, prefill) speedup, uncorrected."""
         return self.model.predict(shape).speedup(self.timings[self.dense])
 
-    def residual(self, metric: int) -> float:
-        """The largest relative error of the corrected predictions on the checked shapes (metric 0:
-        decode, 1: prefill)."""
-        factor = self.correction[metric]
-        return max((abs(m[metric] / (self.predicted(s)[metric] * factor) - 1) for s, m in self.checked.items()),
-                   default=0.0)  # fmt: skip
+    def _ratios(self, metric: int) -> dict[ArchShape, float]:
+        """measured / predicted of the checked shapes that timed `metric`."""
+        return {s: m[metric] / self.predicted(s)[metric] for s, m in self.checked.items() if np.isfinite(m[metric])}
+
+    def held_out_error(self, metric: int) -> float | None:
+        """What the checks say an unchecked shape's corrected prediction is worth: the largest
+        relative error on a checked shape when the correction is learnt from the other checks
+        (leave-one-out; the in-sample error of one check is zero by construction). None with fewer
+        than two checks."""
+        ratios = self._ratios(metric)
+        if len(ratios) < 2:
+            return None
+        return max(abs(r / float(np.median([o for t, o in ratios.items() if t != s])) - 1) for s, r in ratios.items())
 
     def speedup(self, shape: ArchShape) -> tuple[float, float]:
-        """(decode, prefill) over dense: measured in pairs if checked, else predicted and corrected."""
-        if shape in self.checked:
-            return self.checked[shape]
-        (decode, prefill), (c_decode, c_prefill) = self.predicted(shape), self.correction
-        return decode * c_decode, prefill * c_prefill
+        """(decode, prefill) over dense: measured in pairs where checked, else predicted and corrected."""
+        guess = [p * c for p, c in zip(self.predicted(shape), self.correction)]
+        measured = self.checked.get(shape, (float("nan"), float("nan")))
+        return tuple(m if np.isfinite(m) else g for m, g in zip(measured, guess))  # type: ignore[return-value]
 
     def check(self, config: Any) -> tuple[float, float]:
         """Time `config`'s shape against the dense model in pairs (cached), and update the correction."""
@@ -461,13 +494,25 @@ class CostBook:
         row = self._cached.get(shape.key)
         if row is None:
             clock = time.perf_counter()
-            decode, prefill = paired(self.engine, config, self.base, self.rounds)
+            only = None if self.metric is None else ("decode", "prefill")[self.metric]
+            if self._reference is None:
+                self._reference = self.engine.prepare(self.base)
+            prepared = self.engine.prepare(config)
+            try:
+                decode, prefill = paired(self.engine, prepared, self._reference, self.rounds, only)
+            finally:
+                self.engine.release(prepared)
             self.seconds += time.perf_counter() - clock
-            row = {"shape": shape.key, "base": self.dense.key, "rounds": self.rounds, "decode": decode,
-                   "prefill": prefill}  # fmt: skip
+            row = {"shape": shape.key, "base": self.dense.key, "rounds": self.rounds,
+                   **{k: v if np.isfinite(v) else None for k, v in (("decode", decode), ("prefill", prefill))}}  # fmt: skip
             append_rows(self.cache, [row])
             self._cached[shape.key] = row
-        self.checked[shape] = (float(row["decode"]), float(row["prefill"]))
-        ratios = [np.divide(m, self.predicted(s)) for s, m in self.checked.items()]
-        self.correction = tuple(float(v) for v in np.median(ratios, axis=0))
+        self.checked[shape] = tuple(float("nan") if row.get(k) is None else float(row[k]) for k in ("decode", "prefill"))  # type: ignore[assignment]
+        self.correction = tuple(float(np.median(list(r.values()))) if (r := self._ratios(m)) else 1.0 for m in (0, 1))  # type: ignore[assignment]
         return self.checked[shape]
+
+    def close(self) -> None:
+        """Free the dense model prepared for the checks."""
+        if self._reference is not None:
+            self.engine.release(self._reference)
+            self._reference = None

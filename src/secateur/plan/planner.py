@@ -11,10 +11,11 @@
    (the candidates that may meet the target and remove no more than needed: removing more of any
    kind only loses quality): all on one window, the better share on twice as many, and so on.
    Scores are cached per window, so an interrupted or budget-limited plan goes on where it stopped.
-5. Speed targets: the winner's shape is timed against the dense model in pairs; if it misses the
-   target it leaves the search, the checks correct the other predictions (and the tolerance
-   becomes their remaining error), and 4 runs again (from the cache) until the winner is one that
-   was timed and meets the target.
+5. Speed targets: the winner's shape is timed against the dense model in pairs (the target's metric
+   only); if it misses the target it leaves the search, the checks correct the other predictions
+   (and, from two checks on, the tolerance becomes their leave-one-out error where that is
+   smaller), and 4 runs again (from the cache) until the winner is one that was timed and meets
+   the target.
 6. The Pareto front (KL, cost), a plot, and the chosen candidate as a recipe.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ from secateur.plan.costs import (
     HFEngine,
     LlamaCppEngine,
     identity_key,
+    llamacpp_alignment,
     parameter_count,
     random_model,
     shape_of,
@@ -167,11 +170,12 @@ def _windows(model: Any, tokenizer: Any, config: PlanConfig) -> tuple[torch.Tens
 
 
 def round_to_of(config: PlanConfig) -> int:
-    """Widths' alignment: 32 unless the plan is for transformers (llama.cpp runs an MLP of 440 channels
-    slower than one of 544, and a hidden size of 504 five times slower in prefill than 576)."""
+    """Widths' alignment: 8 for transformers; for llama.cpp the step of its f16 kernels on this
+    machine (`llamacpp_alignment`: 64 with AVX512F), since it runs misaligned sizes far slower (an
+    MLP of 440 channels slower than one of 544, a hidden size of 480 slower than 512)."""
     if config.round_to is not None:
         return config.round_to
-    return 8 if config.engine == "hf" else 32
+    return 8 if config.engine == "hf" else llamacpp_alignment()
 
 
 def _score_cache(model_path: str | Path, config: PlanConfig) -> Path:
@@ -315,23 +319,29 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     search = Search(rows, proxy, _score_cache(model_path, config), config.keep, config.proxy_windows, deadline,
                     progress)  # fmt: skip
     by_key = {c.key: c for c in grid}
-    with block_bars(progress):
-        while True:
-            search.rows = rows if config.exhaustive else boundary(rows)
-            rungs = search.run()
-            chosen = _choose(search.rows)
-            if chosen is None:
-                raise ConfigError("the budget ran out before a candidate meeting the target was scored; raise "
-                                  "--budget-minutes (a rerun reuses what was scored)")
-            if not target.speed or chosen.measured:
-                break
-            predicted = chosen.speedup
-            measured = book.check(configs[by_key[chosen.candidate.key]])
-            costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
-                                    "measured": measured})  # fmt: skip
-            if config.tolerance is None:  # what the checks say the corrected predictions are worth
-                tolerance = {h: min(t, book.residual(target.speed_index)) for h, t in tolerance.items()}
-            _feasible(rows, target, book, margin, tolerance, dense_value)
+    try:
+        with block_bars(progress):
+            while True:
+                search.rows = rows if config.exhaustive else boundary(rows)
+                rungs = search.run()
+                chosen = _choose(search.rows)
+                if chosen is None:
+                    raise ConfigError("the budget ran out before a candidate meeting the target was scored; raise "
+                                      "--budget-minutes (a rerun reuses what was scored)")
+                if not target.speed or chosen.measured:
+                    break
+                predicted = chosen.speedup
+                measured = book.check(configs[by_key[chosen.candidate.key]])
+                costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
+                                        "measured": [v if math.isfinite(v) else None for v in measured]})  # fmt: skip
+                # what the checks say the corrected predictions of the other shapes are worth
+                loo = book.held_out_error(target.speed_index)
+                if config.tolerance is None and loo is not None:
+                    tolerance = {h: min(t, loo) for h, t in costs["tolerance"].items()}
+                _feasible(rows, target, book, margin, tolerance, dense_value)
+    finally:
+        if book is not None:
+            book.close()
     if book is not None:
         costs.update(measured_shapes=len(book.timings) + len(book.checked), correction=book.correction,
                      final_tolerance=tolerance)  # fmt: skip
@@ -353,7 +363,8 @@ def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict
     cache = cache_dir() / "plan" / f"costs-{key}.jsonl"
     fitted, timings, errors = timed_model(engine, by_shape, cache, holdout=config.holdout,
                                           rounds=config.timing_rounds or 3, also={dense: base}, progress=progress)  # fmt: skip
-    book = CostBook(engine, base, timings, cache_dir() / "plan" / f"paired-{key}.jsonl", config.rounds or 3)
+    book = CostBook(engine, base, timings, cache_dir() / "plan" / f"paired-{key}.jsonl", config.rounds or 3,
+                    target.speed_index)  # fmt: skip
     metric = ("decode", "prefill")[target.speed_index]
     worst = {h: max((abs(e[metric]) for e in errors if e["hidden"] == h), default=0.0)
              for h in sorted({r.shape.hidden for r in rows.values()})}  # fmt: skip
