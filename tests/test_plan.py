@@ -328,7 +328,8 @@ def test_paired_timing_cancels_a_machine_that_slows_between_rounds():
     big, small = ArchShape(64, 8, 4, 2, 16, 192), ArchShape(64, 4, 2, 1, 16, 96)
     truth = _law(big).decode / _law(small).decode
     engine = _Drifting({s: _law(s) for s in (big, small)})
-    decode, prefill = paired(engine, engine.prepare(_config(small)), engine.prepare(_config(big)), rounds=3)
+    (decode, prefill), ran = paired(engine, engine.prepare(_config(small)), engine.prepare(_config(big)), rounds=3)
+    assert ran == 3
     assert decode == pytest.approx(truth, rel=1e-12) and prefill == pytest.approx(
         _law(big).prefill / _law(small).prefill, rel=1e-12)
     assert len(engine.calls) == 6 and engine.calls[:4] == [small, big, big, small]  # the order swaps every round
@@ -337,6 +338,27 @@ def test_paired_timing_cancels_a_machine_that_slows_between_rounds():
     engine.calls.append(big)  # (so that the two timings fall into different spells)
     alone = engine.run(engine.prepare(_config(big))).decode / engine.run(engine.prepare(_config(small))).decode
     assert alone == pytest.approx(truth / 1.5)
+
+
+def test_paired_timing_stops_once_the_rounds_decide_the_side_of_the_threshold():
+    """Three rounds, the second slowed on the candidate's side: two rounds above a low threshold
+    decide (the median of three is above it whatever the third says); against a threshold the slow
+    round falls under, the third round decides, and the speedup is the median of the three."""
+    big, small = ArchShape(64, 8, 4, 2, 16, 192), ArchShape(64, 4, 2, 1, 16, 96)
+    truth = _law(big).decode / _law(small).decode
+    table = {s: _law(s) for s in (big, small)}
+
+    def run(threshold):
+        engine = _Spells(table, [1.0, 1.0, 1.0, 1.5, 1.0, 1.0])  # round 2 runs the dense model first, then the shape
+        result = paired(engine, small, big, rounds=3, only="decode", decide=(0, threshold * truth))
+        return result, len(engine.calls)
+
+    ((decode, _), ran), calls = run(0.5)
+    assert (ran, calls) == (2, 4) and decode == pytest.approx(truth * (1 + 1 / 1.5) / 2)
+    ((decode, _), ran), calls = run(0.9)
+    assert (ran, calls) == (3, 6) and decode == pytest.approx(truth)
+    ((decode, _), ran), calls = run(1.1)  # all under: decided after two
+    assert (ran, calls) == (2, 4)
 
 
 def test_one_check_corrects_a_shared_error_of_the_predictions(tmp_path):
@@ -559,3 +581,17 @@ def test_an_existing_output_is_refused_before_any_work(deep_model, tmp_path, mon
     (tmp_path / "plan").mkdir()
     assert main(["plan", str(model), "--target", "params=10k", *_flags(text, tmp_path / "plan")]) == 2
     assert "already exists" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+
+
+def test_candidates_that_prune_to_the_same_model_are_searched_once():
+    """A hidden fraction that rounding takes back, and two widths rounded to the same multiple, give
+    the same model at the same depth: the candidate asking to remove the least stays."""
+    from secateur.plan.planner import _distinct
+
+    full, narrow = ArchShape(64, 4, 4, 2, 16, 192), ArchShape(64, 4, 4, 2, 16, 128)
+    configs = {Candidate(2, 0.3, 0.0, 64): _config(narrow), Candidate(2, 0.3, 0.125, 64): _config(narrow),
+               Candidate(2, 0.32, 0.0, 64): _config(narrow), Candidate(1, 0.3, 0.0, 64): _config(narrow),
+               Candidate(2, 0.1, 0.0, 64): _config(full)}  # fmt: skip
+    grid, same = _distinct(list(configs), configs)
+    assert [c.key for c in grid] == ["d2-w0.3-h0", "d1-w0.3-h0", "d2-w0.1-h0"]
+    assert same == {"d2-w0.3-h0.125": "d2-w0.3-h0", "d2-w0.32-h0": "d2-w0.3-h0"}

@@ -139,13 +139,17 @@ class Engine(Protocol):
         """Free what `prepare` made."""
 
 
-def paired(engine: Engine, shape: Any, reference: Any, rounds: int = 3, only: str | None = None) -> tuple[float, float]:
-    """(decode, prefill) speedup of the prepared `shape` over the prepared `reference`: both timed in
-    alternation (the order swapped every round), the median of the rounds' ratios. With `only`, the
-    engine may skip the other metric (NaN)."""
+def paired(engine: Engine, shape: Any, reference: Any, rounds: int = 3, only: str | None = None,
+           decide: tuple[int, float] | None = None) -> tuple[tuple[float, float], int]:  # fmt: skip
+    """(decode, prefill) speedup of the prepared `shape` over the prepared `reference`, and the rounds
+    run: both timed in alternation (the order swapped every round), the median of the rounds'
+    ratios. With `only`, the engine may skip the other metric (NaN). With `decide` = (metric index,
+    threshold), the rounds stop as soon as those run fix on which side of the threshold the median
+    of all `rounds` falls (more than half of them on one side): the same answer, sooner (for three
+    rounds, two that agree)."""
     if rounds < 1:
         raise ConfigError(f"paired timing needs at least one round, got {rounds}")
-    ratios = []
+    ratios: list[tuple[float, float]] = []
     for round_ in range(rounds):
         if round_ % 2 == 0:
             mine = engine.run(shape, only)
@@ -154,7 +158,12 @@ def paired(engine: Engine, shape: Any, reference: Any, rounds: int = 3, only: st
             theirs = engine.run(reference, only)
             mine = engine.run(shape, only)
         ratios.append(mine.speedup(theirs))
-    return float(np.median([r[0] for r in ratios])), float(np.median([r[1] for r in ratios]))
+        if decide is not None:
+            above = sum(r[decide[0]] >= decide[1] for r in ratios)
+            if max(above, len(ratios) - above) > rounds // 2:
+                break
+    speedup = float(np.median([r[0] for r in ratios])), float(np.median([r[1] for r in ratios]))
+    return speedup, len(ratios)
 
 
 def machine() -> dict[str, Any]:
@@ -488,10 +497,14 @@ class CostBook:
         measured = self.checked.get(shape, (float("nan"), float("nan")))
         return tuple(m if np.isfinite(m) else g for m, g in zip(measured, guess))  # type: ignore[return-value]
 
-    def check(self, config: Any) -> tuple[float, float]:
-        """Time `config`'s shape against the dense model in pairs (cached), and update the correction."""
+    def check(self, config: Any, threshold: float | None = None) -> tuple[float, float]:
+        """Time `config`'s shape against the dense model in pairs (cached), and update the correction.
+        With a `threshold` for the book's metric, the rounds stop once they decide on which side of it
+        the shape falls (`paired`); such a timing is reused only for the same threshold."""
         shape = shape_of(config)
         row = self._cached.get(shape.key)
+        if row is not None and row.get("ran", self.rounds) < self.rounds and row.get("threshold") != threshold:
+            row = None
         if row is None:
             clock = time.perf_counter()
             only = None if self.metric is None else ("decode", "prefill")[self.metric]
@@ -499,11 +512,13 @@ class CostBook:
                 self._reference = self.engine.prepare(self.base)
             prepared = self.engine.prepare(config)
             try:
-                decode, prefill = paired(self.engine, prepared, self._reference, self.rounds, only)
+                decide = None if self.metric is None or threshold is None else (self.metric, threshold)
+                (decode, prefill), ran = paired(self.engine, prepared, self._reference, self.rounds, only, decide)
             finally:
                 self.engine.release(prepared)
             self.seconds += time.perf_counter() - clock
-            row = {"shape": shape.key, "base": self.dense.key, "rounds": self.rounds,
+            row = {"shape": shape.key, "base": self.dense.key, "rounds": self.rounds, "ran": ran,
+                   "threshold": threshold if ran < self.rounds else None,
                    **{k: v if np.isfinite(v) else None for k, v in (("decode", decode), ("prefill", prefill))}}  # fmt: skip
             append_rows(self.cache, [row])
             self._cached[shape.key] = row

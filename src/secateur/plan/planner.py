@@ -149,6 +149,22 @@ def block_shapes(model_config: Any, pairs: list[tuple[float, float]], round_to: 
     return out
 
 
+def _distinct(grid: list[Candidate], configs: dict[Candidate, Any]) -> tuple[list[Candidate], dict[str, str]]:
+    """One candidate per model: where rounding prunes two (width, hidden) pairs to the same shape at
+    the same depth (a hidden fraction that the alignment and the head count round away, width
+    fractions rounded to the same multiple), the one asking to remove the least stays; the others
+    are named with it."""
+    kept: dict[tuple[int, ArchShape], Candidate] = {}
+    same: dict[str, str] = {}
+    for c in sorted(grid, key=lambda c: (c.blocks, c.hidden, c.width)):
+        key = (c.blocks, shape_of(configs[c]))
+        if key in kept:
+            same[c.key] = kept[key].key
+        else:
+            kept[key] = c
+    return [c for c in grid if c.key not in same], same
+
+
 def _small_vocabulary(config: Any) -> Any:
     """`config` with a vocabulary just large enough for its special tokens: widths do not depend on
     it, and the embeddings of a real vocabulary dominate building and pruning a one-block copy."""
@@ -296,6 +312,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     refused = {f"w{w:g}-h{h:g}": why for (w, h), why in shapes.items() if isinstance(why, str)}
     grid = [c for c in grid if not isinstance(shapes[(c.width, c.hidden)], str)]
     configs = {c: with_layers(shapes[(c.width, c.hidden)], blocks - c.blocks) for c in grid}
+    grid, same = _distinct(grid, configs)
     dense_params, dense_one_d = parameter_count(base)
     rows = {}
     for c in grid:
@@ -331,7 +348,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
                 if not target.speed or chosen.measured:
                     break
                 predicted = chosen.speedup
-                measured = book.check(configs[by_key[chosen.candidate.key]])
+                measured = book.check(configs[by_key[chosen.candidate.key]], target.value * (1 + margin))
                 costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
                                         "measured": [v if math.isfinite(v) else None for v in measured]})  # fmt: skip
                 # what the checks say the corrected predictions of the other shapes are worth
@@ -346,6 +363,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
         costs.update(measured_shapes=len(book.timings) + len(book.checked), correction=book.correction,
                      final_tolerance=tolerance)  # fmt: skip
     record = _record(model_path, config, target, rows, costs, search, rungs, refused, dense_params, chosen)
+    record["same_shape"] = same
     record["seconds"] = {"total": time.perf_counter() - clock, "setup": setup, "checks": book.seconds if book else 0.0,
                          **proxy.seconds}  # fmt: skip
     write_plan(out, record, overwrite=overwrite)
