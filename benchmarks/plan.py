@@ -6,9 +6,11 @@ dense model in pairs before it is accepted), each pruned for real, evaluated
 2 threads, interleaved rounds). Also: the proxy's rank correlation with perplexity over every
 pruned recipe, and planning time against one prune.
 
-Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl (run 4: widths
-aligned to llama.cpp's f16 step, decode-only checks, leave-one-out tolerance; run 3 is kept in
-plan-v3.jsonl, run 2, on a Xeon, in plan-v2.jsonl and run 1 in plan-v1.jsonl).
+Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl (run 5: widths
+aligned to llama.cpp's f16 step, decode-only checks that stop once decided, leave-one-out
+tolerance, a 5% margin, recipes timed in pairs with the dense model; run 4, with a 2% margin and
+checks of three rounds, is kept in plan-v4.jsonl, run 3 in plan-v3.jsonl, run 2, on a Xeon, in
+plan-v2.jsonl and run 1 in plan-v1.jsonl).
 
 The first phase times the grids' shapes once for the machine (a plan stopped by a tiny
 --budget-minutes right after its cost model), as a user's first plan would; the plans after it find
@@ -166,17 +168,20 @@ def prune_phase() -> None:
 
 
 def measured_speeds() -> dict[str, dict]:
-    """candidate key -> speeds, over every speed step (each timed its shapes with the dense model)."""
+    """candidate key -> speeds, over every speed step timed in pairs with the dense model."""
     speed: dict[str, dict] = {}
     if RESULTS.exists():
         for row in (json.loads(l) for l in RESULTS.read_text().splitlines() if l.strip()):
-            if row["step"] == "speed":
+            if row["step"] == "speed" and row.get("paired"):
                 speed.update(row["speed"])
     return speed
 
 
 def speed_phase(rounds: int, repeats: int) -> None:
-    """Times the pruned recipes no speed step has timed yet, interleaved with the dense model."""
+    """Times each pruned recipe no speed step has timed yet against the dense model in pairs: one
+    `secateur bench dense key` per recipe (the two in turn, `rounds` times), so each ratio compares
+    timings seconds apart. (Run 4 first timed all twelve recipes and the dense model in turn, the
+    dense model once per round: a recipe timed a minute after it read up to 7% off its pair.)"""
     keys = sorted(set(_chosen()) - set(measured_speeds()))
     if not keys:
         return
@@ -184,20 +189,19 @@ def speed_phase(rounds: int, repeats: int) -> None:
     base = WORK / "gguf" / "dense.gguf"
     if not base.exists():
         cli("export", dense(), "--gguf", base)
-    paths = [base, *(WORK / "gguf" / f"{k}.gguf" for k in keys)]
     env = {**os.environ, "SECATEUR_LLAMA_CPP": str(build())}
-    out = subprocess.run([sys.executable, "-m", "secateur.cli", "bench", *map(str, paths), "--engine", "llama.cpp",
-                          "--rounds", str(rounds), "--repeats", str(repeats), "--json"], capture_output=True,
-                         text=True, check=True, env=env).stdout  # fmt: skip
     from secateur.bench import SpeedResult
 
-    results = [SpeedResult(**r) for r in json.loads(out)["results"]]
-    speed = {}
-    for key, r in zip(["dense", *keys], results):
-        prefill, decode = r.speedup(results[0])
-        speed[key] = {"decode_speedup": decode, "prefill_speedup": prefill, "decode_tps": r.decode_tokens_per_second,
-                      "prefill_ms": r.prefill_seconds * 1e3, "file_bytes": r.file_bytes}  # fmt: skip
-    append({"step": "speed", "rounds": rounds, "repeats": repeats, "speed": speed})
+    for key in keys:
+        out = subprocess.run([sys.executable, "-m", "secateur.cli", "bench", str(base), str(WORK / "gguf" / f"{key}.gguf"),
+                              "--engine", "llama.cpp", "--rounds", str(rounds), "--repeats", str(repeats), "--json"],
+                             capture_output=True, text=True, check=True, env=env).stdout  # fmt: skip
+        reference, result = (SpeedResult(**r) for r in json.loads(out)["results"])
+        prefill, decode = result.speedup(reference)
+        append({"step": "speed", "paired": True, "rounds": rounds, "repeats": repeats,
+                "speed": {key: {"decode_speedup": decode, "prefill_speedup": prefill,
+                                "decode_tps": result.decode_tokens_per_second, "prefill_ms": result.prefill_seconds * 1e3,
+                                "file_bytes": result.file_bytes, "dense_decode_tps": reference.decode_tokens_per_second}}})  # fmt: skip
 
 
 def proxy_phase() -> None:

@@ -454,7 +454,7 @@ def _flags(text: Path, out: Path, *extra: str) -> list[str]:
 def _settings(text: Path, **extra: object) -> dict:
     return {"target": "decode-speedup=1.4", "calib": str(text), "calib_seq_len": 32, "calib_samples": 4,
             "eval_windows": 4, "eval_seq_len": 32, "depth": "0,0.25,0.5", "width": "0:0.5:0.25",
-            "hidden": "0,0.25", "engine": "hf", **extra}  # fmt: skip
+            "hidden": "0,0.25", "engine": "hf", "margin": 0.02, **extra}  # fmt: skip
 
 
 def test_plan_meets_a_speed_target_and_its_recipe_runs(deep_model, tmp_path, monkeypatch):

@@ -41,7 +41,8 @@ class PlanConfig:
     keep: float = option(0.5, "successive halving: the share of candidates meeting the target kept at each rung")
     holdout: int = option(3, "measured shapes per hidden size held out to report the cost model's error")
     margin: float | None = option(None, "speed targets: the chosen shape's speedup, timed against the dense model "
-                                        "in pairs, must beat the target by this relative margin (default 0.02)")
+                                        "in pairs, must beat the target by this relative margin (default 0.05: on a shared "
+                                        "2-core machine the same pair measured minutes apart moved by up to 6.5%)")
     tolerance: float | None = option(None, "speed targets: candidates predicted within this relative distance "
                                            "below the target (with --margin) stay in the search until timed "
                                            "(default, per hidden size: its fit's largest held-out error, at least 0.05; after "
