@@ -427,14 +427,14 @@ def deep_model(tmp_path_factory) -> tuple[Path, Path]:
     return root / "model", root / "text.txt"
 
 
-def _table_for(model: Path) -> TableEngine:
+def _table_for(model: Path, round_to: int = 8) -> TableEngine:
     """Every shape a tiny plan can produce, timed by the fake law (the proxy builds real models)."""
     from secateur.io import load_config
     from secateur.plan.costs import with_layers
     from secateur.plan.planner import block_shapes
 
     base = load_config(model)
-    shapes = block_shapes(base, [(w, h) for w in (0.0, 0.25, 0.5) for h in (0.0, 0.25)])
+    shapes = block_shapes(base, [(w, h) for w in (0.0, 0.25, 0.5) for h in (0.0, 0.25)], round_to)
     table = {}
     for cfg in shapes.values():
         if isinstance(cfg, str):
@@ -595,3 +595,22 @@ def test_candidates_that_prune_to_the_same_model_are_searched_once():
     grid, same = _distinct(list(configs), configs)
     assert [c.key for c in grid] == ["d2-w0.3-h0", "d1-w0.3-h0", "d2-w0.1-h0"]
     assert same == {"d2-w0.3-h0.125": "d2-w0.3-h0", "d2-w0.32-h0": "d2-w0.3-h0"}
+
+
+def test_a_plan_whose_grid_rounds_to_the_same_models_runs_each_once(deep_model, tmp_path, monkeypatch):
+    """Aligned to 64 channels, the tiny model's hidden size (64) cannot shrink: every candidate with a
+    hidden fraction is a model the grid already has. Size and speed targets plan without them."""
+    from secateur.plan import PlanConfig, plan
+    from secateur.schema import fill
+
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    target = int(sum(p.numel() for p in load(model)[0].parameters()) * 0.8)
+    assert main(["plan", str(model), "--target", f"params={target}", "--round-to", "64",
+                 *_flags(text, tmp_path / "plan")]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    speed = plan(model, fill(PlanConfig, _settings(text, round_to=64, target="decode-speedup=1.2")), tmp_path / "speed",
+                 engine=_table_for(model, round_to=64), progress=False)  # fmt: skip
+    for record in (record, speed):
+        assert record["same_shape"] and all(k.endswith("-h0.25") and v.endswith("-h0") for k, v in record["same_shape"].items())
+        assert not set(record["same_shape"]) & {c["key"] for c in record["candidates"]}

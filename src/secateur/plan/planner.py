@@ -317,6 +317,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     grid = [c for c in grid if not isinstance(shapes[(c.width, c.hidden)], str)]
     configs = {c: with_layers(shapes[(c.width, c.hidden)], blocks - c.blocks) for c in grid}
     grid, same = _distinct(grid, configs)
+    configs = {c: configs[c] for c in grid}
     dense_params, dense_one_d = parameter_count(base)
     rows = {}
     for c in grid:
