@@ -12,9 +12,15 @@ cosine to 0.1x) and precision:
   parametrizations and are squashed into the weights at the end.
 
 Evaluation: protocol v1 (64 x 512 enwiki windows). Results are appended to
-benchmarks/results/gradual.jsonl; a finished row is skipped next time.
+benchmarks/results/gradual.jsonl; a finished (tool, seed) row is skipped next time (rows without a
+seed are seed 0).
 
-    python benchmarks/gradual.py [--tokens 131072] [--only secateur,torch.ao]
+`--seeds 1` repeats both with another window order (TrainConfig.seed), to tell a difference between
+the tools from the spread of one tool over data orders; each run's final masks are kept in
+bench-out/gradual, and for a seed both tools ran, the share of pruned weights they agree on is
+appended as a row of its own.
+
+    python benchmarks/gradual.py [--tokens 131072] [--only secateur,torch.ao] [--seeds 0]
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 RESULTS = HERE / "results" / "gradual.jsonl"
 
 
-def setup(tokens: int):
+MASKS = HERE.parent / "bench-out" / "gradual"
+
+
+def setup(tokens: int, seed: int = 0):
     from secateur.config import CalibConfig
     from secateur.demo import default_model_dir
     from secateur.io import load_model
@@ -41,7 +50,7 @@ def setup(tokens: int):
     from secateur.train import TrainConfig
 
     model, tokenizer = load_model(default_model_dir())
-    config = TrainConfig(tokens=tokens, prune_to=0.5, kd_weight=0.0, prune_every=4)
+    config = TrainConfig(tokens=tokens, prune_to=0.5, kd_weight=0.0, prune_every=4, seed=seed)
     windows = calibration_data(model, tokenizer, CalibConfig(samples=config.windows + config.val_windows, seq_len=512))
     evaluation = evaluation_data(model, tokenizer, "enwiki-sample", 512, 64)
     return model, config, windows, evaluation
@@ -94,32 +103,69 @@ def run_torch_ao(model, config, windows):
     return {"steps": steps, "tokens_per_s": steps * config.micro_batch * 512 / seconds}
 
 
+def keep_masks(model, path: Path) -> None:
+    """The pruned positions of every target layer, bit-packed, in the layers' order."""
+    import numpy as np
+
+    from secateur.models import adapter_for
+    from secateur.sparsity.prune import target_layers
+
+    zeros = torch.cat([(m.weight == 0).flatten() for _, m in target_layers(model, adapter_for(model))])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.packbits(zeros.numpy()))
+
+
+def agreement(a: Path, b: Path) -> float:
+    """Share of a's pruned weights that b pruned too (both prune the same count)."""
+    import numpy as np
+
+    x, y = np.unpackbits(np.load(a)), np.unpackbits(np.load(b))
+    return float((x & y).sum() / x.sum())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=131072)
     parser.add_argument("--only", default="secateur,torch.ao")
+    parser.add_argument("--seeds", default="0", help="window orders, comma-separated")
     args = parser.parse_args()
     from secateur.evaluate import perplexity
     from secateur.models import adapter_for
     from secateur.sparsity.prune import target_layers
 
-    done = {json.loads(line)["tool"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
-    dense, config, windows, evaluation = setup(args.tokens)
-    for tool in args.only.split(","):
-        if tool in done:
+    def done() -> set[tuple[str, int]]:
+        rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+        return {(r["tool"], r.get("seed", 0)) for r in rows}
+
+    tools = args.only.split(",")
+    for seed in map(int, args.seeds.split(",")):
+        if all((tool, seed) in done() for tool in tools):
             continue
-        model = copy.deepcopy(dense)
-        clock = time.perf_counter()
-        row = (run_secateur if tool == "secateur" else run_torch_ao)(model, config, windows)
-        wall = time.perf_counter() - clock
-        layers = target_layers(model, adapter_for(model))
-        sparsity = sum(int((m.weight == 0).sum()) for _, m in layers) / sum(m.weight.numel() for _, m in layers)
-        ppl = perplexity(model, evaluation)["perplexity"]
-        row = {"tool": tool, "tokens": args.tokens, "perplexity": ppl, "sparsity": sparsity, "wall_seconds": wall, **row}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{tool}: perplexity {ppl:.2f}, sparsity {sparsity:.4f}, {row['tokens_per_s']:.0f} tokens/s", flush=True)
+        dense, config, windows, evaluation = setup(args.tokens, seed)
+        for tool in tools:
+            if (tool, seed) in done():
+                continue
+            model = copy.deepcopy(dense)
+            clock = time.perf_counter()
+            row = (run_secateur if tool == "secateur" else run_torch_ao)(model, config, windows)
+            wall = time.perf_counter() - clock
+            layers = target_layers(model, adapter_for(model))
+            sparsity = sum(int((m.weight == 0).sum()) for _, m in layers) / sum(m.weight.numel() for _, m in layers)
+            ppl = perplexity(model, evaluation)["perplexity"]
+            keep_masks(model, MASKS / f"{tool}-s{seed}.npy")
+            row = {"tool": tool, "seed": seed, "tokens": args.tokens, "perplexity": ppl, "sparsity": sparsity,
+                   "wall_seconds": wall, **row}  # fmt: skip
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{tool} (seed {seed}): perplexity {ppl:.2f}, sparsity {sparsity:.4f}, {row['tokens_per_s']:.0f} tokens/s",
+                  flush=True)  # fmt: skip
+        pair = [MASKS / f"{tool}-s{seed}.npy" for tool in ("secateur", "torch.ao")]
+        if all(p.exists() for p in pair) and ("agreement", seed) not in done():
+            share = agreement(*pair)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps({"tool": "agreement", "seed": seed, "agreement": share}) + "\n")
+            print(f"seed {seed}: the tools agree on {share:.4f} of the pruned weights", flush=True)
     return 0
 
 
