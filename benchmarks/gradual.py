@@ -103,6 +103,12 @@ def run_torch_ao(model, config, windows):
     return {"steps": steps, "tokens_per_s": steps * config.micro_batch * 512 / seconds}
 
 
+def append(row: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def keep_masks(model, path: Path) -> None:
     """The pruned positions of every target layer, bit-packed, in the layers' order."""
     import numpy as np
@@ -155,16 +161,13 @@ def main() -> int:
             keep_masks(model, MASKS / f"{tool}-s{seed}.npy")
             row = {"tool": tool, "seed": seed, "tokens": args.tokens, "perplexity": ppl, "sparsity": sparsity,
                    "wall_seconds": wall, **row}  # fmt: skip
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            with RESULTS.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append(row)
             print(f"{tool} (seed {seed}): perplexity {ppl:.2f}, sparsity {sparsity:.4f}, {row['tokens_per_s']:.0f} tokens/s",
                   flush=True)  # fmt: skip
         pair = [MASKS / f"{tool}-s{seed}.npy" for tool in ("secateur", "torch.ao")]
         if all(p.exists() for p in pair) and ("agreement", seed) not in done():
             share = agreement(*pair)
-            with RESULTS.open("a") as f:
-                f.write(json.dumps({"tool": "agreement", "seed": seed, "agreement": share}) + "\n")
+            append({"tool": "agreement", "seed": seed, "agreement": share})
             print(f"seed {seed}: the tools agree on {share:.4f} of the pruned weights", flush=True)
     return 0
 

@@ -193,9 +193,8 @@ def speed_phase(rounds: int, repeats: int) -> None:
     from secateur.bench import SpeedResult
 
     for key in keys:
-        out = subprocess.run([sys.executable, "-m", "secateur.cli", "bench", str(base), str(WORK / "gguf" / f"{key}.gguf"),
-                              "--engine", "llama.cpp", "--rounds", str(rounds), "--repeats", str(repeats), "--json"],
-                             capture_output=True, text=True, check=True, env=env).stdout  # fmt: skip
+        out = cli("bench", base, WORK / "gguf" / f"{key}.gguf", "--engine", "llama.cpp", "--rounds", rounds,
+                  "--repeats", repeats, "--json", env=env).stdout  # fmt: skip
         reference, result = (SpeedResult(**r) for r in json.loads(out)["results"])
         prefill, decode = result.speedup(reference)
         append({"step": "speed", "paired": True, "rounds": rounds, "repeats": repeats,

@@ -350,7 +350,7 @@ def test_paired_timing_stops_once_the_rounds_decide_the_side_of_the_threshold():
 
     def run(threshold):
         engine = _Spells(table, [1.0, 1.0, 1.0, 1.5, 1.0, 1.0])  # round 2 runs the dense model first, then the shape
-        result = paired(engine, small, big, rounds=3, only="decode", decide=(0, threshold * truth))
+        result = paired(engine, small, big, rounds=3, only="decode", threshold=threshold * truth)
         return result, len(engine.calls)
 
     ((decode, _), ran), calls = run(0.5)
@@ -592,8 +592,8 @@ def test_candidates_that_prune_to_the_same_model_are_searched_once():
     configs = {Candidate(2, 0.3, 0.0, 64): _config(narrow), Candidate(2, 0.3, 0.125, 64): _config(narrow),
                Candidate(2, 0.32, 0.0, 64): _config(narrow), Candidate(1, 0.3, 0.0, 64): _config(narrow),
                Candidate(2, 0.1, 0.0, 64): _config(full)}  # fmt: skip
-    grid, same = _distinct(list(configs), configs)
-    assert [c.key for c in grid] == ["d2-w0.3-h0", "d1-w0.3-h0", "d2-w0.1-h0"]
+    kept, same = _distinct(configs)
+    assert [c.key for c in kept] == ["d2-w0.3-h0", "d1-w0.3-h0", "d2-w0.1-h0"]
     assert same == {"d2-w0.3-h0.125": "d2-w0.3-h0", "d2-w0.32-h0": "d2-w0.3-h0"}
 
 

@@ -111,6 +111,9 @@ def parameter_count(config: Any) -> tuple[int, int]:
 # --- timings and engines ---------------------------------------------------------------------------------
 
 
+METRICS = ("decode", "prefill")  # the order of every (decode, prefill) pair
+
+
 @dataclass(frozen=True)
 class Timing:
     decode: float  # seconds per decoded token
@@ -140,15 +143,17 @@ class Engine(Protocol):
 
 
 def paired(engine: Engine, shape: Any, reference: Any, rounds: int = 3, only: str | None = None,
-           decide: tuple[int, float] | None = None) -> tuple[tuple[float, float], int]:  # fmt: skip
+           threshold: float | None = None) -> tuple[tuple[float, float], int]:  # fmt: skip
     """(decode, prefill) speedup of the prepared `shape` over the prepared `reference`, and the rounds
     run: both timed in alternation (the order swapped every round), the median of the rounds'
-    ratios. With `only`, the engine may skip the other metric (NaN). With `decide` = (metric index,
-    threshold), the rounds stop as soon as those run fix on which side of the threshold the median
-    of all `rounds` falls (more than half of them on one side): the same answer, sooner (for three
-    rounds, two that agree)."""
+    ratios. With `only`, the engine may skip the other metric (NaN). With a `threshold` for that
+    metric, the rounds stop as soon as those run fix on which side of it the median of all `rounds`
+    falls (more than half of them on one side): the same answer, sooner (for three rounds, two
+    that agree)."""
     if rounds < 1:
         raise ConfigError(f"paired timing needs at least one round, got {rounds}")
+    if threshold is not None and only is None:
+        raise ValueError("a threshold applies to the one metric `only` names")
     ratios: list[tuple[float, float]] = []
     for round_ in range(rounds):
         if round_ % 2 == 0:
@@ -158,8 +163,8 @@ def paired(engine: Engine, shape: Any, reference: Any, rounds: int = 3, only: st
             theirs = engine.run(reference, only)
             mine = engine.run(shape, only)
         ratios.append(mine.speedup(theirs))
-        if decide is not None:
-            above = sum(r[decide[0]] >= decide[1] for r in ratios)
+        if threshold is not None:
+            above = sum(r[METRICS.index(only)] >= threshold for r in ratios)
             if max(above, len(ratios) - above) > rounds // 2:
                 break
     speedup = float(np.median([r[0] for r in ratios])), float(np.median([r[1] for r in ratios]))
@@ -372,7 +377,7 @@ class CostModel:
             shapes = [s for s in timings if s.hidden == hidden]
             x = np.array([s.features() for s in shapes], dtype=np.float64)
             fits = [np.linalg.lstsq(x, np.array([getattr(timings[s], k) for s in shapes]), rcond=None)[0]
-                    for k in ("decode", "prefill")]  # fmt: skip
+                    for k in METRICS]  # fmt: skip
             coefficients[hidden] = (fits[0], fits[1])
         return cls(coefficients)
 
@@ -468,7 +473,7 @@ class CostBook:
         if self.dense not in self.timings:
             raise ValueError("the cost book needs the dense model's timing")
         self.model = CostModel.fit(self.timings)
-        wanted = ("decode", "prefill") if self.metric is None else (("decode", "prefill")[self.metric],)
+        wanted = METRICS if self.metric is None else (METRICS[self.metric],)
         self._cached = {r["shape"]: r for r in read_rows(self.cache) if r["base"] == self.dense.key
                         and r["rounds"] == self.rounds and all(r.get(k) is not None for k in wanted)}  # fmt: skip
         self._reference: Any = None  # the dense model, prepared at the first check
@@ -507,13 +512,13 @@ class CostBook:
             row = None
         if row is None:
             clock = time.perf_counter()
-            only = None if self.metric is None else ("decode", "prefill")[self.metric]
+            only = None if self.metric is None else METRICS[self.metric]
             if self._reference is None:
                 self._reference = self.engine.prepare(self.base)
             prepared = self.engine.prepare(config)
             try:
-                decide = None if self.metric is None or threshold is None else (self.metric, threshold)
-                (decode, prefill), ran = paired(self.engine, prepared, self._reference, self.rounds, only, decide)
+                (decode, prefill), ran = paired(self.engine, prepared, self._reference, self.rounds, only,
+                                                threshold if only else None)  # fmt: skip
             finally:
                 self.engine.release(prepared)
             self.seconds += time.perf_counter() - clock
@@ -522,7 +527,7 @@ class CostBook:
                    **{k: v if np.isfinite(v) else None for k, v in (("decode", decode), ("prefill", prefill))}}  # fmt: skip
             append_rows(self.cache, [row])
             self._cached[shape.key] = row
-        self.checked[shape] = tuple(float("nan") if row.get(k) is None else float(row[k]) for k in ("decode", "prefill"))  # type: ignore[assignment]
+        self.checked[shape] = tuple(float("nan") if row.get(k) is None else float(row[k]) for k in METRICS)  # type: ignore[assignment]
         self.correction = tuple(float(np.median(list(r.values()))) if (r := self._ratios(m)) else 1.0 for m in (0, 1))  # type: ignore[assignment]
         return self.checked[shape]
 

@@ -44,6 +44,7 @@ from secateur.plan.costs import (
     CostBook,
     Engine,
     HFEngine,
+    METRICS,
     LlamaCppEngine,
     identity_key,
     llamacpp_alignment,
@@ -153,20 +154,20 @@ def block_shapes(model_config: Any, pairs: list[tuple[float, float]], round_to: 
     return out
 
 
-def _distinct(grid: list[Candidate], configs: dict[Candidate, Any]) -> tuple[list[Candidate], dict[str, str]]:
+def _distinct(configs: dict[Candidate, Any]) -> tuple[dict[Candidate, Any], dict[str, str]]:
     """One candidate per model: where rounding prunes two (width, hidden) pairs to the same shape at
     the same depth (a hidden fraction that the alignment and the head count round away, width
     fractions rounded to the same multiple), the one asking to remove the least stays; the others
     are named with it."""
     kept: dict[tuple[int, ArchShape], Candidate] = {}
     same: dict[str, str] = {}
-    for c in sorted(grid, key=lambda c: (c.blocks, c.hidden, c.width)):
+    for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width)):
         key = (c.blocks, shape_of(configs[c]))
         if key in kept:
             same[c.key] = kept[key].key
         else:
             kept[key] = c
-    return [c for c in grid if c.key not in same], same
+    return {c: cfg for c, cfg in configs.items() if c.key not in same}, same
 
 
 def _small_vocabulary(config: Any) -> Any:
@@ -316,8 +317,8 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     refused = {f"w{w:g}-h{h:g}": why for (w, h), why in shapes.items() if isinstance(why, str)}
     grid = [c for c in grid if not isinstance(shapes[(c.width, c.hidden)], str)]
     configs = {c: with_layers(shapes[(c.width, c.hidden)], blocks - c.blocks) for c in grid}
-    grid, same = _distinct(grid, configs)
-    configs = {c: configs[c] for c in grid}
+    configs, same = _distinct(configs)
+    grid = list(configs)
     dense_params, dense_one_d = parameter_count(base)
     rows = {}
     for c in grid:
@@ -388,7 +389,7 @@ def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict
                                           rounds=config.timing_rounds or 3, also={dense: base}, progress=progress)  # fmt: skip
     book = CostBook(engine, base, timings, cache_dir() / "plan" / f"paired-{key}.jsonl", config.rounds or 3,
                     target.speed_index)  # fmt: skip
-    metric = ("decode", "prefill")[target.speed_index]
+    metric = METRICS[target.speed_index]
     worst = {h: max((abs(e[metric]) for e in errors if e["hidden"] == h), default=0.0)
              for h in sorted({r.shape.hidden for r in rows.values()})}  # fmt: skip
     # each hidden size has its own fit, so its own error (llama.cpp is not smooth across hidden sizes)
