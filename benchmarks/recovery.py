@@ -7,7 +7,8 @@ same windows and order for every recipe: seed 0), and evaluated with protocol v1
 
 Recipes: `default` (secateur's defaults: distillation, full fine-tune, lr 1e-3), `ce-full`
 (cross-entropy, full, the same learning rate), `llm-pruner` (LoRA r = 8 on every projection, lr 1e-4,
-cross-entropy), `perp` (norms and biases, distillation). The issue's "distillation, full fine-tune"
+cross-entropy), `perp` (norms and biases, distillation), `squarehead` (the default plus layer-wise
+distillation of every block's output, Kurtic et al. 2023). The issue's "distillation, full fine-tune"
 is the default.
 
 Large-sparse against small-dense (Zhu & Gupta's question): gradual magnitude pruning to 50% and 75%
@@ -58,13 +59,16 @@ RECIPES = {
     "incremental50": ["--prune-width", "0.5"],
     # the default at a third of its peak learning rate: for starts that pruning damaged less
     "lr3e-4": ["--lr", "3e-4"],
+    # the default plus SquareHead's layer-wise distillation of every block's output, weight 1
+    "squarehead": ["--hidden-weight", "1"],
 }
 # the order runs are taken in: the headline rows first
 PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "sparse70:default",
         "width50:ce-full", "width50:llm-pruner", "width50:perp", "24:ce-full", "24:llm-pruner", "24:perp",
         "dense:gradual50", "sparse50:default", "dense:gradual75", "width75:default", "width50:top64",
         "width50:float32", "dense:incremental50",
-        "24:lr3e-4", "depth20:lr3e-4", "width20:lr3e-4", "sparse70:lr3e-4"]  # fmt: skip
+        "24:lr3e-4", "depth20:lr3e-4", "width20:lr3e-4", "sparse70:lr3e-4",
+        "24:squarehead", "sparse70:squarehead", "width50:squarehead", "width20:squarehead"]  # fmt: skip
 
 
 def dense_model() -> Path:

@@ -18,7 +18,9 @@ from secateur.cli import main
 from secateur.models import adapter_for
 from secateur.sparsity.prune import target_layers
 from secateur.train import TrainConfig, TrainError, train
-from secateur.train.loss import kl_distillation, next_token_cross_entropy, top_k, topk_distillation
+from secateur.train.loop import _loss
+from secateur.train.loss import (kl_distillation, layerwise_distillation, next_token_cross_entropy, top_k,
+                                 topk_distillation)
 from secateur.train.modes import merge_lora, select_trainable
 from secateur.train.schedule import lr_factor
 
@@ -56,6 +58,59 @@ def test_topk_distillation():
     log_q = F.log_softmax(student, -1).gather(-1, indices)
     expected = (p * (p.log() - log_q)).sum(-1).mean()
     assert topk_distillation(student, values, indices, 1.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_layerwise_distillation_is_squarehead():
+    """Two blocks written out: each block's mean squared error divided by the teacher's mean square
+    there, summed over blocks (an unnormalised MSE, a mean over blocks or a norm by the student's
+    energy would give 3.5 + 4 / 2 = 5.5, 2.5 / 2.0 or another number)."""
+    teacher = [torch.tensor([[[1.0, 1.0], [1.0, 1.0]]]), torch.tensor([[[2.0, 2.0]]])]
+    student = [torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]), torch.tensor([[[0.0, 0.0]]])]
+    # block 1: (0 + 1 + 4 + 9) / 4 = 3.5 over a teacher mean square of 1; block 2: 4 / 4 = 1
+    assert layerwise_distillation(student, teacher).item() == pytest.approx(3.5 + 1.0)
+    assert layerwise_distillation(teacher, teacher).item() == 0.0
+    # scaling a block's teacher and student together leaves its term unchanged
+    scaled = [teacher[0] * 10, teacher[1]], [student[0] * 10, student[1]]
+    assert layerwise_distillation(scaled[1], scaled[0]).item() == pytest.approx(4.5)
+    with pytest.raises(ValueError, match="pairs blocks"):
+        layerwise_distillation(student[:1], teacher)
+
+
+def test_loss_mixes_logits_cross_entropy_and_blocks():
+    """The training loss of one batch is kd_weight * KD + (1 - kd_weight) * CE + hidden_weight *
+    SquareHead over the block outputs (hidden_states[1:]; the embeddings are left out)."""
+    model, dense = _two_four()
+    ids = calibration_ids(2, 16)
+    config = TrainConfig(kd_weight=0.7, hidden_weight=0.5, temperature=2.0, **SMALL)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        target = dense(input_ids=ids, output_hidden_states=True)
+        loss, kd, ce, layers = _loss(out, ids, torch.arange(2), config, dense, None)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    expected_kd = kl_distillation(out.logits, target.logits, 2.0)
+    expected_ce = next_token_cross_entropy(out.logits, ids)
+    expected_layers = layerwise_distillation(out.hidden_states[1:], target.hidden_states[1:])
+    assert expected_layers.item() > 0
+    assert (kd, ce, layers) == pytest.approx((expected_kd.item(), expected_ce.item(), expected_layers.item()))
+    assert loss.item() == pytest.approx(0.7 * kd + 0.3 * ce + 0.5 * layers, rel=1e-6)
+    # without the layer-wise term the loss is what it was
+    plain = _loss(out, ids, torch.arange(2), TrainConfig(kd_weight=0.7, temperature=2.0, **SMALL), dense, None)
+    assert plain[0].item() == pytest.approx(0.7 * kd + 0.3 * ce, rel=1e-6) and plain[3] == 0.0
+
+
+def test_layerwise_distillation_trains_and_refuses_other_shapes():
+    """A sparse student trains with it (masks hold, the metrics carry its part); a depth-pruned one is
+    refused before any step: its blocks do not pair with the teacher's."""
+    model, dense = _two_four()
+    config = TrainConfig(hidden_weight=1.0, lr=1e-3, epochs=2, **SMALL)
+    record = train(model, config, calibration_ids(32, 16), calibration_ids(2, 16, seed=1), teacher=dense,
+                   device="cpu", progress=False).record  # fmt: skip
+    assert record["masks"]["kept_after"] == record["masks"]["kept"] and _holds_two_four(model)
+    assert math.isfinite(record["loss"]["last"]) and record["loss"]["last"] < record["loss"]["first"]
+    shallow = tiny_model("llama")
+    secateur.prune(shallow, secateur.DepthConfig(secateur.AngularConfig(), secateur.Amount(count=1)), calibration_ids())
+    with pytest.raises(TrainError, match="teacher has 2 blocks of width .* the student 1"):
+        train(shallow, config, calibration_ids(32, 16), calibration_ids(2, 16), teacher=dense, progress=False)
 
 
 def test_next_token_cross_entropy_shifts():
@@ -265,6 +320,8 @@ def test_recipe_width_then_recovery(tmp_path, model_dir, text_file):
     (["--kd-weight", "0", "--teacher", "x"], "--teacher applies to a recovery stage that distils"),
     (["--lora-rank", "4"], "apply to --mode lora or perp-lora"),
     (["--top-k", "5", "--kd-weight", "0"], "--kd-weight 0 turns off"),
+    (["--top-k", "5", "--hidden-weight", "1"], "give one or the other"),
+    (["--hidden-weight", "-1"], "--hidden-weight must be >= 0"),
     (["--mode", "dense"], "invalid choice"),
 ])
 def test_cli_train_refusals(tmp_path, model_dir, text_file, capsys, extra, message):
@@ -272,6 +329,23 @@ def test_cli_train_refusals(tmp_path, model_dir, text_file, capsys, extra, messa
     assert _train_cli(model_dir("llama"), out, "--calib", str(text_file), *extra) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_layerwise_distillation_refuses_reshaped_students(tmp_path, model_dir, text_file, capsys):
+    """--hidden-weight on a depth-pruned input, or after a depth stage of the same recipe: exit 2,
+    nothing written."""
+    src, shallow, out = model_dir("llama"), tmp_path / "shallow", tmp_path / "out"
+    assert main(["prune", str(src), "--method", "angular", "--remove-blocks", "1", "--calib", str(text_file),
+                 "--calib-samples", "4", "--calib-seq-len", "16", "--eval-seq-len", "16", "--eval-windows", "4",
+                 "--out", str(shallow)]) == 0  # fmt: skip
+    assert _train_cli(shallow, out, "--calib", str(text_file), "--hidden-weight", "1") == 2
+    assert "the teacher has 2 blocks" in capsys.readouterr().err and not out.exists()
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'calib = "{text_file}"\neval_seq_len = 16\neval_windows = 4\n[[stage]]\nmethod = "angular"\nremove_blocks = 1\ncalib_samples = 4\n'
+                      'calib_seq_len = 16\n'
+                      '[[stage]]\nmethod = "recovery"\ntokens = 256\ntrain_seq_len = 16\nhidden_weight = 1.0\n')
+    assert main(["prune", str(src), "--recipe", str(recipe), "--out", str(out)]) == 2
+    assert "the depth stage before it can change them" in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_train_refuses_to_start_over_checkpoints(tmp_path, model_dir, text_file, capsys):

@@ -27,6 +27,7 @@ from secateur.models import adapter_for, read_weight
 from secateur.recipe import KINDS, build_stage, check_order, kind_for_method, kind_of, prune, stage_settings
 from secateur.schema import Option, fill, flag, flatten, option, options_of
 from secateur.sparsity.prune import target_layers
+from secateur.train.loop import TrainError, check_layerwise
 from secateur.width.structure import head_dim, layer_width
 
 
@@ -249,12 +250,32 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
     if not distils:
         return None
     path = teacher_path(model_path, earlier, options)
-    if path is not None:
-        teacher, student = load_config(path), load_config(model_path)
-        if teacher.vocab_size != student.vocab_size:
-            raise ConfigError(f"the teacher {path} has {teacher.vocab_size} tokens in its vocabulary and the "
-                              f"student {student.vocab_size}: distillation needs the same vocabulary")
+    student = load_config(model_path)
+    teacher = load_config(path) if path is not None else student  # None: the input as loaded
+    if teacher.vocab_size != student.vocab_size:
+        raise ConfigError(f"the teacher {path} has {teacher.vocab_size} tokens in its vocabulary and the "
+                          f"student {student.vocab_size}: distillation needs the same vocabulary")
+    _check_layerwise(teacher, student, stages)
     return path
+
+
+def _check_layerwise(teacher: Any, student: Any, stages: list[PlannedStage]) -> None:
+    """Layer-wise distillation (--hidden-weight) needs the teacher's blocks and hidden size in the
+    student it trains: the input's, and no depth or hidden-dimension stage before it in this run."""
+    reshaped = None
+    for stage in stages:
+        if getattr(stage.config, "hidden_weight", 0) > 0:
+            if reshaped is not None:
+                raise ConfigError(f"--hidden-weight pairs the student's blocks with the teacher's, and the {reshaped} "
+                                  "stage before it can change them: distil from the logits only (--hidden-weight 0)")
+            try:
+                check_layerwise(teacher, student)
+            except TrainError as exc:
+                raise ConfigError(str(exc)) from None
+        if kind_of(stage.config).name == "depth":
+            reshaped = "depth"
+        elif getattr(stage.config, "hidden_fraction", 0) > 0:
+            reshaped = "hidden-dimension"
 
 
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,

@@ -23,7 +23,8 @@ DEFAULT_LR = {"full": 1e-3, "lora": 1e-4, "perp": 1e-3, "perp-lora": 2e-4}
 @dataclass(frozen=True)
 class TrainConfig:
     """Recovery by training: distillation from the teacher's logits (forward KL at `temperature`)
-    mixed with cross-entropy, `kd_weight` · KD + (1 − kd_weight) · CE, for `tokens` training tokens
+    mixed with cross-entropy, `kd_weight` · KD + (1 − kd_weight) · CE (+ `hidden_weight` · SquareHead's
+    layer-wise distillation), for `tokens` training tokens
     per epoch in windows of `train_seq_len`, AdamW with linear warm-up and cosine decay."""
 
     name: ClassVar[str] = "recovery"
@@ -43,6 +44,9 @@ class TrainConfig:
     clip: float = option(1.0, "gradient-norm clipping (0: off)")
     kd_weight: float = option(1.0, "weight of the distillation loss; 1 - kd_weight goes to cross-entropy "
                                    "(0: plain fine-tuning, no teacher)")
+    hidden_weight: float = option(0.0, "weight of layer-wise distillation (SquareHead): the sum over decoder blocks "
+                                        "of each block output's squared error to the teacher's, normalised by the "
+                                        "teacher's mean square (0: off; needs the teacher's blocks and hidden size)")
     temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)")
     top_k: int = option(0, "distil from the teacher's k largest logits, computed once and cached (0: full "
                            "logits, the teacher runs at every step)")
@@ -85,6 +89,7 @@ class TrainConfig:
             (self.weight_decay >= 0 and self.clip >= 0, "--weight-decay and --clip must be >= 0"),
             (0 <= self.kd_weight <= 1, "--kd-weight must be in [0, 1]"),
             (self.temperature > 0, "--temperature must be positive"),
+            (self.hidden_weight >= 0, "--hidden-weight must be >= 0"),
             (self.top_k >= 0, "--top-k must be >= 0"),
             (self.rank >= 1 and self.alpha > 0, "--lora-rank must be >= 1 and --lora-alpha positive"),
             (min(self.eval_every, self.patience, self.checkpoint_every) >= 0,
@@ -125,6 +130,9 @@ class TrainConfig:
             raise ConfigError("--prune-every must be at least 1")
         if self.top_k and self.kd_weight == 0:
             raise ConfigError("--top-k caches the teacher's logits for distillation, which --kd-weight 0 turns off")
+        if self.top_k and self.hidden_weight:
+            raise ConfigError("--hidden-weight needs the teacher's block outputs at every step, which --top-k's cache "
+                              "of logits does not keep: give one or the other")
         if self.mode not in ("lora", "perp-lora") and (self.lora_rank, self.lora_alpha) != (None, None):
             raise ConfigError(f"--lora-rank and --lora-alpha apply to --mode lora or perp-lora, not {self.mode}")
 
@@ -173,7 +181,7 @@ class TrainConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kd_weight > 0
+        return self.kd_weight > 0 or self.hidden_weight > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **flatten(self)}

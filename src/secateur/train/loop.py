@@ -32,7 +32,8 @@ from secateur.config import NM
 from secateur.sparsity.prune import target_layers
 from secateur.train.config import TrainConfig
 from secateur.train.gradual import GradualPlan, GradualPruner
-from secateur.train.loss import kl_distillation, next_token_cross_entropy, top_k, topk_distillation
+from secateur.train.loss import (kl_distillation, layerwise_distillation, next_token_cross_entropy, top_k,
+                                 topk_distillation)
 from secateur.train.masks import MaskHolder, weight_masks
 from secateur.train.modes import merge_lora, select_trainable
 from secateur.train.schedule import lr_factor
@@ -85,6 +86,16 @@ def precision_for(config: TrainConfig, device: torch.device) -> str:
     return "bfloat16" if bf16_native(device) else "float32"
 
 
+def check_layerwise(teacher: Any, student: Any) -> None:
+    """Layer-wise distillation pairs block l of the student with block l of the teacher: both configs
+    must have the same number of blocks and hidden size."""
+    shapes = [(c.num_hidden_layers, c.hidden_size) for c in (teacher, student)]
+    if shapes[0] != shapes[1]:
+        raise TrainError(f"--hidden-weight pairs the student's blocks with the teacher's, but the teacher has "
+                         f"{shapes[0][0]} blocks of width {shapes[0][1]} and the student {shapes[1][0]} of width "
+                         f"{shapes[1][1]} (depth- or hidden-pruned): distil from the logits only (--hidden-weight 0)")
+
+
 def batch_rows(step: int, micro: int, config: TrainConfig, windows: int, processes: int, rank: int) -> Tensor:
     """Indices of the training windows that process `rank` reads at micro-step `micro` of optimizer
     step `step` (0-based, counted over all epochs)."""
@@ -135,6 +146,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
 
     if config.needs_teacher and teacher is None:
         raise TrainError("distillation needs a teacher (or --kd-weight 0 for plain fine-tuning)")
+    if config.hidden_weight > 0:
+        check_layerwise(teacher.config, model.config)
     workdir = Path(workdir) if workdir is not None else None
     checkpoint = workdir / CHECKPOINT if workdir is not None else None
     if resume and (checkpoint is None or not checkpoint.is_dir()):
@@ -209,14 +222,14 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     while state.step < steps:
         for group in optimizer.param_groups:
             group["lr"] = config.peak_lr * lr_factor(state.step, steps, warmup, config.min_lr)
-        parts = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        parts = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "layers": 0.0}
         for micro in range(config.accumulate):
             rows = batch_rows(state.step, micro, config, len(windows), acc.num_processes, acc.process_index)
             ids = windows[rows].to(acc.device)
             with acc.accumulate(model):
                 with acc.autocast():
-                    logits = model(input_ids=ids).logits
-                    loss, kd, ce = _loss(logits, ids, rows, config, teacher, cache)
+                    out = model(input_ids=ids, output_hidden_states=config.hidden_weight > 0)
+                    loss, kd, ce, layers = _loss(out, ids, rows, config, teacher, cache)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     if pruner is not None:
@@ -229,6 +242,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
             parts["loss"] += float(loss.detach()) / config.accumulate
             parts["kd"] += kd / config.accumulate
             parts["ce"] += ce / config.accumulate
+            parts["layers"] += layers / config.accumulate
         state.step += 1
         if pruner is not None and pruner.plan.due(state.step):
             own = pruner.norms
@@ -248,7 +262,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         done = state.step - start_step
         speed = done * tokens_per_step / max(time.perf_counter() - clock - overhead, 1e-9)  # training steps only
         record = {"step": state.step, "tokens": state.step * tokens_per_step, "loss": last_loss,
-                  "kd": parts["kd"], "ce": parts["ce"], "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+                  "kd": parts["kd"], "ce": parts["ce"], **({"layerwise": parts["layers"]} if config.hidden_weight else {}),
+                  "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{speed:.0f}")
         bar.update(1)
         pause = time.perf_counter()
@@ -369,25 +384,28 @@ def _prune_width(widener: IncrementalWidth, model: nn.Module, adapter: Any, step
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _loss(logits: Tensor, ids: Tensor, rows: Tensor, config: TrainConfig, teacher: nn.Module | None,
-          cache: tuple[Tensor, Tensor] | None) -> tuple[Tensor, float, float]:  # fmt: skip
-    """(loss, its distillation part, its cross-entropy part) of one micro-batch."""
-    kd = ce = None
+def _loss(out: Any, ids: Tensor, rows: Tensor, config: TrainConfig, teacher: nn.Module | None,
+          cache: tuple[Tensor, Tensor] | None) -> tuple[Tensor, float, float, float]:  # fmt: skip
+    """(loss, its distillation, cross-entropy and layer-wise parts) of one micro-batch, from the
+    student's outputs `out` (with hidden states when config.hidden_weight > 0)."""
+    logits = out.logits
+    kd = ce = layers = target = None
+    if teacher is not None and cache is None and config.needs_teacher:
+        with torch.no_grad():
+            target = teacher(input_ids=ids, output_hidden_states=config.hidden_weight > 0)
     if config.kd_weight > 0:
         if cache is not None:
             values, indices = cache[0][rows].to(ids.device), cache[1][rows].to(ids.device)
             kd = topk_distillation(logits, values, indices, config.temperature)
         else:
-            with torch.no_grad():
-                target = teacher(input_ids=ids).logits
-            kd = kl_distillation(logits, target, config.temperature)
+            kd = kl_distillation(logits, target.logits, config.temperature)
     if config.kd_weight < 1:
         ce = next_token_cross_entropy(logits, ids)
-    if kd is not None and ce is not None:
-        loss = config.kd_weight * kd + (1 - config.kd_weight) * ce
-    else:
-        loss = kd if kd is not None else ce
-    return loss, float(kd.detach()) if kd is not None else 0.0, float(ce.detach()) if ce is not None else 0.0
+    if config.hidden_weight > 0:  # block outputs: hidden_states[0] is the embeddings
+        layers = layerwise_distillation(out.hidden_states[1:], target.hidden_states[1:])
+    loss = sum(w * part for w, part in ((config.kd_weight, kd), (1 - config.kd_weight, ce),
+                                        (config.hidden_weight, layers)) if part is not None)  # fmt: skip
+    return loss, *(float(p.detach()) if p is not None else 0.0 for p in (kd, ce, layers))
 
 
 @torch.no_grad()

@@ -6,7 +6,17 @@ With p = softmax(teacher / T) and q = softmax(student / T) at every position,
 
 (forward KL, Hinton's T² so that gradients keep their scale across temperatures), and
 
-    loss = kd_weight · distillation + (1 − kd_weight) · cross-entropy(student, next token).
+    loss = kd_weight · distillation + (1 − kd_weight) · cross-entropy(student, next token)
+           + hidden_weight · layer-wise distillation.
+
+The layer-wise term is SquareHead (Kurtic et al. 2023, "Sparse Fine-tuning for Inference
+Acceleration of Large Language Models"): for the output f_l of every decoder block l = 1..L,
+
+    layer-wise = Σ_l MSE(f_l^student, f_l^teacher) / MSE(f_l^teacher, 0)
+
+each block's squared error normalised by the teacher's mean square there, so that blocks with large
+activations do not drown the others. It needs a student with the teacher's blocks and hidden size
+(sparse and head/channel-pruned models; not depth- or hidden-pruned ones).
 
 With top-k teacher logits (values and vocabulary indices, cached once), p is the teacher's softmax
 renormalised over its k largest logits and q the student's full softmax read at those k entries:
@@ -15,6 +25,8 @@ student's is still normalised over the whole vocabulary).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +47,16 @@ def topk_distillation(student: Tensor, values: Tensor, indices: Tensor, temperat
     log_p = F.log_softmax(values.float() / temperature, dim=-1)
     per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
     return temperature**2 * per_position.mean()
+
+
+def layerwise_distillation(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    """SquareHead: Σ over blocks of mean((s_l − t_l)²) / mean(t_l²); one (..., hidden) tensor per block."""
+    if len(student) != len(teacher):
+        raise ValueError(f"layer-wise distillation pairs blocks: the student has {len(student)}, the teacher "
+                         f"{len(teacher)}")
+    terms = [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+             for s, t in zip(student, teacher)]
+    return torch.stack(terms).sum()
 
 
 def next_token_cross_entropy(logits: Tensor, ids: Tensor) -> Tensor:
