@@ -61,6 +61,8 @@ RECIPES = {
     "lr3e-4": ["--lr", "3e-4"],
     # the default plus SquareHead's layer-wise distillation of every block's output, weight 1
     "squarehead": ["--hidden-weight", "1"],
+    # the same, each position's squared error divided by the teacher's squared norm there
+    "layerwise": ["--hidden-weight", "1", "--hidden-norm", "position"],
 }
 # the order runs are taken in: the headline rows first
 PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "sparse70:default",

@@ -76,6 +76,21 @@ def test_layerwise_distillation_is_squarehead():
         layerwise_distillation(student[:1], teacher)
 
 
+def test_layerwise_distillation_per_position():
+    """normalise="position": each position's squared error over the teacher's squared norm there,
+    averaged over positions, summed over blocks. A sink position with a large norm no longer hides
+    the error at the others."""
+    teacher = [torch.tensor([[[10.0, 0.0], [1.0, 1.0]]])]
+    student = [torch.tensor([[[10.0, 0.0], [1.0, 2.0]]])]
+    # position 1: 0 / 100; position 2: 1 / 2 -> mean 0.25 (block-normalised: (1 / 4) / (102 / 4) = 1 / 102)
+    assert layerwise_distillation(student, teacher, "position").item() == pytest.approx(0.25)
+    assert layerwise_distillation(student, teacher, "block").item() == pytest.approx(1 / 102)
+    two = [teacher[0], teacher[0] * 3], [student[0], student[0] * 3]
+    assert layerwise_distillation(two[1], two[0], "position").item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="normalise is one of"):
+        layerwise_distillation(student, teacher, "layer")
+
+
 def test_loss_mixes_logits_cross_entropy_and_blocks():
     """The training loss of one batch is kd_weight * KD + (1 - kd_weight) * CE + hidden_weight *
     SquareHead over the block outputs (hidden_states[1:]; the embeddings are left out)."""
@@ -322,6 +337,7 @@ def test_recipe_width_then_recovery(tmp_path, model_dir, text_file):
     (["--top-k", "5", "--kd-weight", "0"], "--kd-weight 0 turns off"),
     (["--top-k", "5", "--hidden-weight", "1"], "give one or the other"),
     (["--hidden-weight", "-1"], "--hidden-weight must be >= 0"),
+    (["--hidden-norm", "position"], "--hidden-norm applies to layer-wise distillation"),
     (["--mode", "dense"], "invalid choice"),
 ])
 def test_cli_train_refusals(tmp_path, model_dir, text_file, capsys, extra, message):

@@ -47,6 +47,9 @@ class TrainConfig:
     hidden_weight: float = option(0.0, "weight of layer-wise distillation (SquareHead): the sum over decoder blocks "
                                         "of each block output's squared error to the teacher's, normalised by the "
                                         "teacher's mean square (0: off; needs the teacher's blocks and hidden size)")
+    hidden_norm: Literal["block", "position"] | None = option(
+        None, "layer-wise distillation: divide each squared error by the teacher's mean square over the block "
+              "(SquareHead) or at each position (every position weighs the same; block)")
     temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)")
     top_k: int = option(0, "distil from the teacher's k largest logits, computed once and cached (0: full "
                            "logits, the teacher runs at every step)")
@@ -130,6 +133,8 @@ class TrainConfig:
             raise ConfigError("--prune-every must be at least 1")
         if self.top_k and self.kd_weight == 0:
             raise ConfigError("--top-k caches the teacher's logits for distillation, which --kd-weight 0 turns off")
+        if self.hidden_norm is not None and not self.hidden_weight:
+            raise ConfigError("--hidden-norm applies to layer-wise distillation: give --hidden-weight above 0")
         if self.top_k and self.hidden_weight:
             raise ConfigError("--hidden-weight needs the teacher's block outputs at every step, which --top-k's cache "
                               "of logits does not keep: give one or the other")
@@ -161,6 +166,10 @@ class TrainConfig:
     @property
     def end_fraction(self) -> float:
         return 0.75 if self.prune_end is None else self.prune_end
+
+    @property
+    def layerwise_norm(self) -> str:
+        return self.hidden_norm or "block"
 
     @property
     def rank(self) -> int:

@@ -402,7 +402,7 @@ def _loss(out: Any, ids: Tensor, rows: Tensor, config: TrainConfig, teacher: nn.
     if config.kd_weight < 1:
         ce = next_token_cross_entropy(logits, ids)
     if config.hidden_weight > 0:  # block outputs: hidden_states[0] is the embeddings
-        layers = layerwise_distillation(out.hidden_states[1:], target.hidden_states[1:])
+        layers = layerwise_distillation(out.hidden_states[1:], target.hidden_states[1:], config.layerwise_norm)
     loss = sum(w * part for w, part in ((config.kd_weight, kd), (1 - config.kd_weight, ce),
                                         (config.hidden_weight, layers)) if part is not None)  # fmt: skip
     return loss, *(float(p.detach()) if p is not None else 0.0 for p in (kd, ce, layers))

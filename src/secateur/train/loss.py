@@ -15,7 +15,15 @@ Acceleration of Large Language Models"): for the output f_l of every decoder blo
     layer-wise = Σ_l MSE(f_l^student, f_l^teacher) / MSE(f_l^teacher, 0)
 
 each block's squared error normalised by the teacher's mean square there, so that blocks with large
-activations do not drown the others. It needs a student with the teacher's blocks and hidden size
+activations do not drown the others (`normalise="block"`). Within a block, though, that mean square
+can belong to one position: in SmolLM2-135M, from block 12 on, 80-98% of the residual stream's
+energy sits at the first position of a window (an attention sink, almost all in one channel), so the
+other positions' errors count for almost nothing. `normalise="position"` divides each position's
+squared error by the teacher's squared norm at that position instead,
+
+    layer-wise = Σ_l mean over positions p of ‖f_lp^student − f_lp^teacher‖² / ‖f_lp^teacher‖²
+
+(every position weighs the same). Both need a student with the teacher's blocks and hidden size
 (sparse and head/channel-pruned models; not depth- or hidden-pruned ones).
 
 With top-k teacher logits (values and vocabulary indices, cached once), p is the teacher's softmax
@@ -31,6 +39,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+NORMALISE = ("block", "position")  # layer-wise distillation: what each squared error is divided by
 
 
 def kl_distillation(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
@@ -49,13 +59,21 @@ def topk_distillation(student: Tensor, values: Tensor, indices: Tensor, temperat
     return temperature**2 * per_position.mean()
 
 
-def layerwise_distillation(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-    """SquareHead: Σ over blocks of mean((s_l − t_l)²) / mean(t_l²); one (..., hidden) tensor per block."""
+def layerwise_distillation(student: Sequence[Tensor], teacher: Sequence[Tensor], normalise: str = "block") -> Tensor:
+    """Σ over blocks of each block's squared error to the teacher, normalised by the teacher's mean
+    square over the block (SquareHead) or at each position; one (..., hidden) tensor per block."""
     if len(student) != len(teacher):
         raise ValueError(f"layer-wise distillation pairs blocks: the student has {len(student)}, the teacher "
                          f"{len(teacher)}")
-    terms = [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
-             for s, t in zip(student, teacher)]
+    if normalise not in NORMALISE:
+        raise ValueError(f"normalise is one of {NORMALISE}, not {normalise!r}")
+    terms = []
+    for s, t in zip(student, teacher):
+        error, energy = (s.float() - t.float()).pow(2), t.float().pow(2)
+        if normalise == "block":
+            terms.append(error.mean() / energy.mean().clamp_min(1e-12))
+        else:
+            terms.append((error.sum(-1) / energy.sum(-1).clamp_min(1e-12)).mean())
     return torch.stack(terms).sum()
 
 
