@@ -57,6 +57,8 @@ RECIPES = {
     "float32": ["--precision", "float32"],  # the default in float32: what bfloat16 autocast costs
     # from the dense model: width 50% removed a few percent at a time while distilling (Adapt-Pruner)
     "incremental50": ["--prune-width", "0.5"],
+    # the same with Adapt-Pruner's per-block shares (input-output cosine similarity, A = 0.03)
+    "incremental50-ap": ["--prune-width", "0.5", "--width-allocation", "adapt-pruner"],
     # the default at a third of its peak learning rate: for starts that pruning damaged less
     "lr3e-4": ["--lr", "3e-4"],
     # the default plus SquareHead's layer-wise distillation of every block's output, weight 1
@@ -70,7 +72,7 @@ PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "
         "dense:gradual50", "sparse50:default", "dense:gradual75", "width75:default", "width50:top64",
         "width50:float32", "dense:incremental50",
         "24:lr3e-4", "depth20:lr3e-4", "width20:lr3e-4", "sparse70:lr3e-4",
-        "24:squarehead", "sparse70:squarehead", "width50:squarehead", "width20:squarehead"]  # fmt: skip
+        "24:squarehead", "24:layerwise", "sparse70:layerwise", "width50:layerwise", "dense:incremental50-ap"]  # fmt: skip
 
 
 def dense_model() -> Path:

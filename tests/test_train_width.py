@@ -17,10 +17,11 @@ from secateur.cli import main
 from secateur.models import adapter_for
 from secateur.sparsity.prune import target_layers
 from secateur.train import TrainConfig, train
-from secateur.train.width import between, slice_optimizer, widths_of
+from secateur.train.width import adapt_pruner_shares, between, offset_shares, slice_optimizer, widths_of
 from secateur.width import LayerWidth, WidthConfig, width_prune
 from secateur.width.prune import uniform_widths
 from secateur.width.structure import slice_layer
+from secateur.width.units import Units
 
 SMALL = dict(tokens=32 * 16, train_seq_len=16, micro_batch=4, val_windows=2)
 
@@ -96,6 +97,52 @@ def test_adaptive_incremental_width_removes_the_share():
     assert len({(w.attention_heads, w.channels) for w in widths_of(model, adapter_for(model))}) > 1
 
 
+def test_adapt_pruner_shares_at_hand_computed_values():
+    """Importances 0.1, 0.2, 0.6: centred -0.2, -0.1, 0.3, over the largest magnitude -2/3, -1/3, 1;
+    increment 0.1, A = 0.03: 0.1 + 0.02, 0.1 + 0.01, 0.1 - 0.03 (the most important block loses least)."""
+    shares = adapt_pruner_shares([0.0, 0.0, 0.0], [0.1, 0.2, 0.6], 0.1, 0.03)
+    assert shares == pytest.approx([0.12, 0.11, 0.07])
+    assert adapt_pruner_shares([0.98, 0.0], [0.5, 0.5], 0.1, 0.03) == pytest.approx([0.99, 0.1])  # capped; equal
+    assert adapt_pruner_shares([0.0, 0.05], [0.0, 1.0], 0.01, 0.03) == pytest.approx([0.04, 0.03])  # no floor hit
+    assert adapt_pruner_shares([0.0, 0.0], [0.0, 1.0], 0.01, 0.03) == pytest.approx([0.04, 0.0])  # floored at 0
+
+
+def test_offset_shares_reaches_the_target_with_one_offset():
+    """Two blocks of 10 channels (1 parameter each) at shares 0.1 and 0.3: at c = 0 they keep 9 and 7
+    (4 removed); the target 6 needs c just above 0.05, where round(8.5-) = 8 and round(6.5-) = 6."""
+    units = [Units(0, "mlp", torch.zeros(10), 1), Units(1, "mlp", torch.zeros(10), 1)]
+    counts = {(0, "mlp"): 10, (1, "mlp"): 10}
+    kept, c = offset_shares(units, counts, counts, [0.1, 0.3], 6)
+    assert kept == {(0, "mlp"): 8, (1, "mlp"): 6} and c == pytest.approx(0.05, abs=1e-6)
+    # a block never regrows past its current units, and keeps at least one
+    kept, _ = offset_shares(units, counts, {(0, "mlp"): 5, (1, "mlp"): 10}, [0.0, 0.0], 0)
+    assert kept == {(0, "mlp"): 5, (1, "mlp"): 10}
+    kept, _ = offset_shares(units, counts, counts, [0.0, 0.0], 100)
+    assert kept == {(0, "mlp"): 1, (1, "mlp"): 1}
+
+
+def test_adapt_pruner_incremental_width_removes_the_share_by_block_importance():
+    """Per-block widths from the blocks' input-output cosine: the schedule's share is removed at every
+    update (to rounding), widths only shrink, and the events carry the importances and shares."""
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    before = sum(p.numel() for p in adapter.block_list(model).parameters())
+    record = _run(model, prune_width=0.5, width_allocation="adapt-pruner", width_amplitude=0.2)
+    after = sum(p.numel() for p in adapter.block_list(model).parameters())
+    assert 1 - after / before == pytest.approx(0.5, abs=0.02)
+    events = record["width"]["events"]
+    assert record["width"]["allocation"] == "adapt-pruner" and record["width"]["amplitude"] == 0.2
+    for event in events:
+        assert event["removed"] == pytest.approx(event["target"], abs=0.03)
+        assert len(event["influence"]) == len(event["shares"]) == model.config.num_hidden_layers
+    # the more important block (higher 1 - cos) ends with the smaller share
+    influence, shares = events[0]["influence"], events[-1]["shares"]
+    assert (shares[0] < shares[1]) == (influence[0] > influence[1])
+    shapes = [[LayerWidth(**w) for w in e["widths"]] for e in events]
+    for a, b in zip(shapes, shapes[1:]):
+        assert all(x.channels >= y.channels and x.attention_heads >= y.attention_heads for x, y in zip(a, b))
+
+
 def test_optimizer_moments_follow_the_rows_and_columns_kept():
     layer = nn.Linear(6, 4, bias=True)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
@@ -126,11 +173,12 @@ def test_masks_of_a_sparse_model_hold_through_incremental_width():
     assert zeros == pytest.approx(0.5, abs=0.06)  # the kept rows and columns keep their zeros (no refill)
 
 
-def test_incremental_width_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("allocation", [None, "adapt-pruner"])
+def test_incremental_width_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, allocation):
     """Killed after three width updates (checkpoint at step 6), resumed: the same shapes and weights,
-    bit for bit, as an uninterrupted run."""
+    bit for bit, as an uninterrupted run (Adapt-Pruner's per-block shares are restored too)."""
     config = TrainConfig(prune_width=0.5, prune_every=2, epochs=2, lr=1e-2, checkpoint_every=3, eval_every=16,
-                         precision="float32", **SMALL)  # fmt: skip
+                         precision="float32", width_allocation=allocation, **SMALL)  # fmt: skip
     model = tiny_model("llama")
     whole, resumed, record = killed_and_resumed(tmp_path, monkeypatch, model, config, die_at=8)
     saved = json.loads((tmp_path / "b" / "checkpoint" / "shape.json").read_text())["widths"]
@@ -166,6 +214,8 @@ def test_cli_train_with_incremental_width_saves_a_stock_model(tmp_path, model_di
     ({"prune_width": 0.5, "mode": "lora"}, "use --mode full"),
     ({"prune_width": 1.0}, "must be in \\(0, 1\\)"),
     ({"prune_width": 0.5, "prune_score": "wanda"}, "--width-importance"),
+    ({"prune_width": 0.5, "width_amplitude": 0.1}, "applies to --width-allocation adapt-pruner"),
+    ({"prune_width": 0.5, "width_allocation": "adapt-pruner", "width_amplitude": 1.5}, "must be in \\[0, 1\\)"),
 ])
 def test_incremental_width_settings_refused(settings, message):
     with pytest.raises(secateur.SecateurError, match=message):

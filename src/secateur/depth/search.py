@@ -96,15 +96,22 @@ def _mean(values: list[Tensor]) -> float:
     return float(torch.cat([v.reshape(-1) for v in values]).mean())
 
 
-def select_block_influence(model: nn.Module, adapter: Adapter, calibration: Tensor, count: int,
-                           batch_size: int, device: torch.device) -> Selection:
-    """The `count` blocks with the lowest mean Block Influence (computed once, on the dense model)."""
+def block_influences(model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int,
+                     device: torch.device) -> list[float]:
+    """Every block's Block Influence, 1 - cos(block input, block output), mean over the calibration tokens."""
     scores: list[float] = []
     previous: list[Tensor] | None = None
     for _, states in boundary_states(model, adapter, calibration, batch_size, device):
         if previous is not None:
             scores.append(_mean([block_influence(a, b) for a, b in zip(previous, states)]))
         previous = states
+    return scores
+
+
+def select_block_influence(model: nn.Module, adapter: Adapter, calibration: Tensor, count: int,
+                           batch_size: int, device: torch.device) -> Selection:
+    """The `count` blocks with the lowest mean Block Influence (computed once, on the dense model)."""
+    scores = block_influences(model, adapter, calibration, batch_size, device)
     blocks = adapter.block_list(model)
     steps = [Step(i, scores[i], block_parameters(blocks[i])) for i in lowest(scores, count)]
     return Selection("block influence: 1 - cos(block input, block output), mean over calibration tokens", steps)

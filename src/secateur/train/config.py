@@ -17,6 +17,8 @@ Precision = Literal["auto", "float32", "bfloat16"]
 # peak learning rates by mode (AdamW). full: the best of 5e-5, 2e-4, 1e-3 in a 32,768-token probe on
 # SmolLM2-135M width 50% (validation perplexity 205.75, 138.75, 114.41); lora: LLM-Pruner's; the others
 # are not tuned
+ADAPT_AMPLITUDE = 0.03  # Adapt-Pruner's allocation: its code's default layer_prune_distribution_amplitude
+
 DEFAULT_LR = {"full": 1e-3, "lora": 1e-4, "perp": 1e-3, "perp-lora": 2e-4}
 
 
@@ -70,9 +72,12 @@ class TrainConfig:
                                              "few percent at a time on the cubic schedule")
     width_importance: str | None = option(None, "incremental width: unit score, as the width stage's --importance "
                                                 "(fluctuation)", choices=lambda: tuple(IMPORTANCE))
-    width_allocation: Literal["uniform", "adaptive"] | None = option(
+    width_allocation: Literal["uniform", "adaptive", "adapt-pruner"] | None = option(
         None, "incremental width: uniform (every block the one-shot uniform widths of each step's share: stock "
-              "config) or adaptive (per-block widths)")
+              "config), adaptive (units ranked across blocks: per-block widths) or adapt-pruner (per-block shares "
+              "moved at each update by the blocks' input-output cosine similarity: per-block widths)")
+    width_amplitude: float | None = option(None, "adapt-pruner allocation: A, how far one update moves a block's "
+                                                 "share from the mean by its importance (0.03)")
     prune_start: float | None = option(None, "gradual pruning: first update, as a fraction of the steps (0)")
     prune_end: float | None = option(None, "gradual pruning: last update (the final sparsity), as a fraction of the "
                                            "steps (0.75)")
@@ -109,6 +114,10 @@ class TrainConfig:
         if self.prune_width is None and (self.width_importance, self.width_allocation) != (None, None):
             raise ConfigError("--width-importance and --width-allocation apply to incremental width pruning: give "
                               "--prune-width")
+        if self.width_amplitude is not None and self.width_allocation != "adapt-pruner":
+            raise ConfigError("--width-amplitude applies to --width-allocation adapt-pruner")
+        if self.width_amplitude is not None and not 0 <= self.width_amplitude < 1:
+            raise ConfigError(f"--width-amplitude must be in [0, 1), got {self.width_amplitude}")
         if self.prune_width is not None:
             if self.gradual:
                 raise ConfigError("give either --prune-width (heads and channels) or --prune-to / --prune-pattern "
@@ -156,8 +165,15 @@ class TrainConfig:
 
     def width_config(self) -> WidthConfig:
         """The width stage's settings every incremental update uses (the final share as its fraction)."""
-        return WidthConfig(self.prune_width, importance=self.width_importance or "fluctuation",
-                           allocation=self.width_allocation or "uniform")
+        allocation = {None: "uniform", "adapt-pruner": "adaptive"}.get(self.width_allocation, self.width_allocation)
+        return WidthConfig(self.prune_width, importance=self.width_importance or "fluctuation", allocation=allocation)
+
+    @property
+    def adapt_amplitude(self) -> float | None:
+        """Adapt-Pruner's allocation: its amplitude A (None: another allocation)."""
+        if self.width_allocation != "adapt-pruner":
+            return None
+        return ADAPT_AMPLITUDE if self.width_amplitude is None else self.width_amplitude
 
     @property
     def start_fraction(self) -> float:

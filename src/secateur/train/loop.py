@@ -169,7 +169,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         raise TrainError("incremental width pruning changes parameter shapes during training, which DDP and FSDP "
                          "wrappers cannot follow: run it in one process (or prune width before a recovery stage)")
     # built on the input's shapes, resumed or not
-    widener = (IncrementalWidth.build(model, adapter, _plan(config, steps, 0.0, config.prune_width), config.width_config())
+    widener = (IncrementalWidth.build(model, adapter, _plan(config, steps, 0.0, config.prune_width), config.width_config(),
+                                      config.adapt_amplitude)
                if config.prune_width is not None else None)  # fmt: skip
     if resume and widener is not None and (checkpoint / SHAPE).exists():
         reshape(model, adapter, json.loads((checkpoint / SHAPE).read_text(encoding="utf-8")))
@@ -324,7 +325,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
                      "initial": pruner.plan.initial, "start": pruner.plan.start, "every": pruner.plan.every,
                      "updates": pruner.plan.updates, "events": pruner.events} if pruner is not None else None),
         "width": ({"share": config.prune_width, "importance": widener.width.importance,
-                   "allocation": widener.width.allocation, "heads": widener.width.heads,
+                   "allocation": config.width_allocation or widener.width.allocation, "heads": widener.width.heads,
+                   "amplitude": widener.amplitude,
                    "bias_compensation": widener.width.compensate, "start": widener.plan.start,
                    "every": widener.plan.every, "updates": widener.plan.updates, "block_parameters_before": widener.original,
                    "events": widener.events} if widener is not None else None),

@@ -9,7 +9,19 @@ and MLP channels go, scored on the current (trained) weights and input statistic
 windows, with the width stage's importance (FLAP's fluctuation by default, its bias compensation
 included). Uniform allocation prunes every block to the widths a one-shot uniform prune of f_t would
 give the original model (so the end shape is the one-shot one, stock config); adaptive allocation
-ranks units across blocks for the parameters still to go.
+ranks units across blocks for the parameters still to go. Adapt-Pruner's allocation (`adapt-pruner`)
+gives each block its own removed share r_l: at every update
+
+    r_l ← clamp(r_l + Δ − A · Î_l, 0, 0.99),
+
+Δ the schedule's increment of the share, A the amplitude (0.03, the paper code's default) and Î_l
+the block's importance, the negated mean cosine similarity of its input and output over the
+statistics windows, centred over the blocks and divided by its largest magnitude (so in [−1, 1]):
+blocks that change the residual stream more lose less. Each block then keeps round((1 − r_l − c) ·
+its original units) of each kind (never more than it has): attention units (whole key/value groups
+or query heads, a few per block) at c = 0, MLP channels at the one offset c for all blocks that makes
+the update remove the schedule's share of the parameters (rounding and the clamps would otherwise
+drift from it); units within a block go by the width importance as before.
 
 Slicing replaces parameters: the optimizer's moments and the masks are sliced with them (the units
 kept keep their Adam state), so training goes on where it was. The shapes after each update are
@@ -30,12 +42,57 @@ from secateur.calibrate.stream import submodule
 from secateur.models import Adapter
 from secateur.train.gradual import GradualPlan
 from secateur.width import LayerWidth, WidthConfig, apply_widths, width_prune
-from secateur.width.prune import block_parameters, describe_widths, resolve_variant, uniform_widths, widths_of
+from secateur.depth.search import block_influences
+from secateur.width.prune import (block_parameters, describe_widths, resolve_variant, shape_units, uniform_widths,
+                                  widths_of)
+from secateur.width.units import Units
 from secateur.width.structure import Sliced, Take, enable_biases
 
 log = logging.getLogger(__name__)
 
 STATISTICS_WINDOWS = 8  # training windows whose input moments score the units at each update
+MAX_SHARE = 0.99  # Adapt-Pruner's cap on one block's removed share
+
+
+def adapt_pruner_shares(shares: list[float], influence: list[float], increment: float,
+                        amplitude: float) -> list[float]:  # fmt: skip
+    """Adapt-Pruner's update of every block's removed share: r_l + Δ − A · Î_l, clamped to [0, 0.99],
+    with Î_l = (I_l − mean I) / max |I − mean I| for the blocks' importances I (1 − mean cosine of
+    each block's input and output, or any score where higher means more important)."""
+    mean = sum(influence) / len(influence)
+    centred = [i - mean for i in influence]
+    scale = max(abs(c) for c in centred)
+    normalised = [c / scale if scale > 0 else 0.0 for c in centred]
+    return [min(max(r + increment - amplitude * n, 0.0), MAX_SHARE) for r, n in zip(shares, normalised)]
+
+
+def kept_units(original: int, current: int, share: float) -> int:
+    """Units a block keeps at removed share `share` of its `original` ones: at least one, at most the
+    `current` ones (a unit removed stays removed)."""
+    return max(1, min(current, math.floor((1 - share) * original + 0.5)))
+
+
+def offset_shares(units: list[Units], original: dict[tuple[int, str], int], current: dict[tuple[int, str], int],
+                  shares: list[float], target: float) -> tuple[dict[tuple[int, str], int], float]:  # fmt: skip
+    """The units every block keeps: attention units at share r_l (a few whole heads: an offset would
+    move them in large steps), MLP channels at r_l + c, with the one offset c in [-1, 1] for which the
+    parameters removed from the original shapes first reach `target` (units: each block's units of
+    each kind with their cost; original / current: unit counts by (block, kind)). Returns (kept, c)."""
+
+    def kept(c: float) -> dict[tuple[int, str], int]:
+        return {(u.block, u.kind): kept_units(original[(u.block, u.kind)], current[(u.block, u.kind)],
+                                              min(max(shares[u.block] + (c if u.kind == "mlp" else 0.0), 0.0),
+                                                  MAX_SHARE)) for u in units}  # fmt: skip
+
+    def removed(c: float) -> float:
+        counts = kept(c)
+        return sum((original[(u.block, u.kind)] - counts[(u.block, u.kind)]) * u.cost for u in units)
+
+    low, high = -1.0, 1.0
+    for _ in range(60):  # removed(c) grows with c: the smallest c that reaches the target
+        middle = (low + high) / 2
+        low, high = (low, middle) if removed(middle) >= target else (middle, high)
+    return kept(high), high
 
 
 @dataclass
@@ -47,11 +104,20 @@ class IncrementalWidth:
     original: int  # block parameters before training
     targets: list[list[LayerWidth]] = field(default_factory=list)  # uniform: the widths after each update
     events: list[dict[str, Any]] = field(default_factory=list)
+    amplitude: float | None = None  # Adapt-Pruner's allocation: A (None: uniform or adaptive)
+    shares: list[float] = field(default_factory=list)  # Adapt-Pruner's allocation: every block's r_l
+    units: list[Units] = field(default_factory=list)  # Adapt-Pruner's allocation: the original units and costs
 
     @classmethod
-    def build(cls, model: nn.Module, adapter: Adapter, plan: GradualPlan, width: WidthConfig) -> "IncrementalWidth":
+    def build(cls, model: nn.Module, adapter: Adapter, plan: GradualPlan, width: WidthConfig,
+              amplitude: float | None = None) -> "IncrementalWidth":  # fmt: skip
         width, _ = resolve_variant(model, adapter, width)
-        pruner = cls(plan, width, block_parameters(model, adapter))
+        pruner = cls(plan, width, block_parameters(model, adapter), amplitude=amplitude)
+        if amplitude is not None:
+            if width.allocation != "adaptive":
+                raise ValueError("Adapt-Pruner's allocation gives per-block widths: the width config must be adaptive")
+            pruner.units = shape_units(model, width)[1]
+            pruner.shares = [0.0] * len(adapter.block_list(model))
         if width.allocation == "uniform":  # the shapes are known up front
             final = uniform_widths(model, replace(width, fraction=plan.final))
             previous = widths_of(model, adapter)
@@ -65,10 +131,11 @@ class IncrementalWidth:
         return pruner
 
     def state_dict(self) -> dict[str, Any]:
-        return {"events": self.events}
+        return {"events": self.events, "shares": self.shares}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.events = list(state["events"])
+        self.shares = list(state.get("shares", self.shares))
 
     def update(self, model: nn.Module, adapter: Adapter, step: int, windows: Tensor, device: torch.device,
                batch_size: int, on_slice: Sliced) -> dict[str, Any]:  # fmt: skip
@@ -77,8 +144,12 @@ class IncrementalWidth:
         k = (step - self.plan.start) // self.plan.every
         before = block_parameters(model, adapter)
         left = share * self.original - (self.original - before)  # parameters still to remove
+        extra: dict[str, Any] = {}
         if self.targets:  # uniform: the widths of update k
             widths = self.targets[k - 1] if k >= 1 else widths_of(model, adapter)
+            changes = widths != widths_of(model, adapter)
+        elif self.amplitude is not None:  # Adapt-Pruner: per-block shares from the blocks' importance
+            widths, extra = self._adapt_pruner(model, adapter, step, k, windows, device, batch_size)
             changes = widths != widths_of(model, adapter)
         else:  # adaptive: rank units across blocks for what is left
             widths, changes = None, k >= 1 and left > 0
@@ -90,9 +161,50 @@ class IncrementalWidth:
             model.train(was_training)
         after = block_parameters(model, adapter)
         event = {"step": step, "target": share, "removed": 1 - after / self.original, "pruned": bool(changes),
-                 "widths": [w.to_dict() for w in widths_of(model, adapter)]}  # fmt: skip
+                 "widths": [w.to_dict() for w in widths_of(model, adapter)], **extra}  # fmt: skip
         self.events.append(event)
         return event
+
+    def _adapt_pruner(self, model: nn.Module, adapter: Adapter, step: int, k: int, windows: Tensor,
+                      device: torch.device, batch_size: int) -> tuple[list[LayerWidth], dict[str, Any]]:  # fmt: skip
+        """Update k's widths under Adapt-Pruner's allocation (see the module docstring)."""
+        now = widths_of(model, adapter)
+        if k < 1:
+            return now, {}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():  # higher influence (1 - cos) = more important, as Adapt-Pruner's -cos
+            influence = block_influences(model, adapter, windows, batch_size, device)
+        model.train(was_training)
+        previous = self.plan.target(step - self.plan.every) if k > 1 else 0.0
+        shares = adapt_pruner_shares(self.shares, influence, self.plan.target(step) - previous, self.amplitude)
+        original = {(u.block, u.kind): len(u.scores) for u in self.units}
+        current = {(u.block, u.kind): _count(now[u.block], u.kind, self.width.heads) for u in self.units}
+        target = self.plan.target(step) * self.original
+        kept, offset = offset_shares(self.units, original, current, shares, target)
+        self.shares = shares  # the formula's shares: the offset only corrects this update's rounding
+        widths = [_with_units(w, kept.get((i, "attention")), kept.get((i, "mlp")), self.width.heads)
+                  for i, w in enumerate(now)]  # fmt: skip
+        return widths, {"influence": influence, "shares": list(self.shares), "offset": offset}
+
+
+def _count(width: LayerWidth, kind: str, heads: str | None) -> int:
+    """A block's units of one kind in `width` (attention: key/value groups, or query heads per group)."""
+    if kind == "mlp":
+        return width.channels
+    if heads == "kv-groups":
+        return width.key_value_heads
+    return width.attention_heads // width.key_value_heads
+
+
+def _with_units(width: LayerWidth, attention: int | None, channels: int | None, heads: str | None) -> LayerWidth:
+    """`width` with `attention` attention units and `channels` MLP channels (None: unchanged)."""
+    q, kv = width.attention_heads, width.key_value_heads
+    if attention is not None and heads == "kv-groups":
+        q, kv = attention * (q // kv), attention
+    elif attention is not None:
+        q = attention * kv
+    return LayerWidth(q, kv, width.channels if channels is None else channels)
 
 
 def attention_units(start: LayerWidth, final: LayerWidth, heads: str | None) -> int | None:

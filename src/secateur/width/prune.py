@@ -305,13 +305,20 @@ def removals_to(units: list[Units], before: list[LayerWidth], widths: list[Layer
     return removals
 
 
+def shape_units(model: nn.Module, config: WidthConfig) -> tuple[WidthConfig, list[Units]]:
+    """Every block's units as `config` counts them (attention units, MLP channels) with the parameters
+    one unit holds, for allocation from shapes alone (scores are weight magnitudes: no data); and the
+    config with its head mode resolved."""
+    adapter = adapter_for(model)
+    config, _ = resolve_variant(model, adapter, replace(config, importance="magnitude", bias_compensation=False))
+    return config, _units(model, adapter, width_of(model, adapter, config), config, Statistics())
+
+
 def uniform_widths(model: nn.Module, config: WidthConfig, attention_units: int | None = None) -> list[LayerWidth]:
     """The widths uniform allocation of `config.fraction` gives `model` (shapes only: no data, no scores);
     `attention_units`: remove that many attention units per block instead (the MLP makes up the rest)."""
     adapter = adapter_for(model)
-    config, _ = resolve_variant(model, adapter, replace(config, importance="magnitude", bias_compensation=False))
-    width = width_of(model, adapter, config)
-    units = _units(model, adapter, width, config, Statistics())
+    config, units = shape_units(model, config)
     share = config.fraction
     attention = next((u for u in units if u.kind == "attention"), None)
     if attention_units is not None and attention is not None:
