@@ -13,7 +13,7 @@ is the default.
 
 Large-sparse against small-dense (Zhu & Gupta's question): gradual magnitude pruning to 50% and 75%
 during distillation from the dense model, against width-pruned models with the same non-zero block
-parameters (width 50% and 75%) and one-shot SparseGPT 50% trained the same way.
+parameters (width 50% and 75%) and one-shot SparseGPT 50% and 75% trained the same way.
 
 Resumable: every finished run is a line of benchmarks/results/recovery.jsonl and is skipped next
 time; an interrupted run goes on from its checkpoints (--resume).
@@ -45,6 +45,7 @@ STARTS = {
     # large-sparse against small-dense (the same non-zero block parameters, the same training tokens)
     "sparse50": ["--method", "sparsegpt", "--sparsity", "0.5", "--steps", "4", "--refine", "reconstruct"],
     "width75": ["--method", "width", "--remove-fraction", "0.75"],
+    "sparse75": ["--method", "sparsegpt", "--sparsity", "0.75", "--steps", "4", "--refine", "reconstruct"],
 }
 RECIPES = {
     "default": [],
@@ -63,6 +64,10 @@ RECIPES = {
     "lr3e-4": ["--lr", "3e-4"],
     # the default plus SquareHead's layer-wise distillation of every block's output, weight 1
     "squarehead": ["--hidden-weight", "1"],
+    # the default once more: a row whose start was pruned again (on another machine) since its first run
+    "default2": [],
+    # the default with half the windows per step: twice the optimizer steps on the same tokens
+    "mb2": ["--micro-batch", "2"],
     # the same, each position's squared error divided by the teacher's squared norm there
     "layerwise": ["--hidden-weight", "1", "--hidden-norm", "position"],
 }
@@ -72,7 +77,8 @@ PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "
         "dense:gradual50", "sparse50:default", "dense:gradual75", "width75:default", "width50:top64",
         "width50:float32", "dense:incremental50",
         "24:lr3e-4", "depth20:lr3e-4", "width20:lr3e-4", "sparse70:lr3e-4",
-        "24:squarehead", "24:layerwise", "sparse70:layerwise", "width50:layerwise", "dense:incremental50-ap"]  # fmt: skip
+        "24:squarehead", "24:layerwise", "sparse70:layerwise", "width50:layerwise", "dense:incremental50-ap", "sparse70:default2",
+        "width50:mb2", "24:mb2", "sparse75:default"]  # fmt: skip
 
 
 def dense_model() -> Path:
@@ -171,7 +177,8 @@ def throughput(steps: int, top: int) -> list[dict]:
     """Tokens/s of training steps on dense SmolLM2-135M, side by side in one process, same batch
     (4 x 512), precision (bfloat16 autocast where native) and optimizer (AdamW): a plain PyTorch
     loop (cross-entropy, no masks), secateur's step with cross-entropy, with distillation (teacher at
-    every step), and with cached top-k teacher logits. The first step of each is warm-up."""
+    every step), with cached top-k teacher logits, and with distillation plus layer-wise distillation
+    of the block outputs. The first step of each is warm-up."""
     import copy
 
     import torch
@@ -208,7 +215,8 @@ def throughput(steps: int, top: int) -> list[dict]:
         del model, opt
 
     for label, extra in (("secateur CE", {"kd_weight": 0.0}), ("secateur KD", {}),
-                         (f"secateur KD, cached top-{top}", {"top_k": top})):  # fmt: skip
+                         (f"secateur KD, cached top-{top}", {"top_k": top}),
+                         ("secateur KD + layer-wise", {"hidden_weight": 1.0, "hidden_norm": "position"})):  # fmt: skip
         model = copy.deepcopy(dense)
         cfg = TrainConfig(**{**config.__dict__, **extra})
         record = train(model, cfg, windows[: cfg.windows], windows[cfg.windows :], teacher=dense, device="cpu",

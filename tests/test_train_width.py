@@ -107,6 +107,16 @@ def test_adapt_pruner_shares_at_hand_computed_values():
     assert adapt_pruner_shares([0.0, 0.0], [0.0, 1.0], 0.01, 0.03) == pytest.approx([0.04, 0.0])  # floored at 0
 
 
+def test_attention_units_go_whole():
+    """3 key/value groups: a group goes only once the share covers it (floor(0.516 x 3) = 1 removed,
+    where rounding the kept 1.45 half up would remove 2); MLP channels round half up."""
+    from secateur.train.width import kept_units
+
+    assert kept_units(3, 3, 0.516, whole=True) == 2 and kept_units(3, 3, 0.516) == 1
+    assert kept_units(3, 3, 2 / 3, whole=True) == 1 and kept_units(3, 2, 0.0, whole=True) == 2
+    assert kept_units(10, 10, 0.25) == 8 and kept_units(10, 10, 0.99, whole=True) == 1
+
+
 def test_offset_shares_reaches_the_target_with_one_offset():
     """Two blocks of 10 channels (1 parameter each) at shares 0.1 and 0.3: at c = 0 they keep 9 and 7
     (4 removed); the target 6 needs c just above 0.05, where round(8.5-) = 8 and round(6.5-) = 6."""

@@ -169,8 +169,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         raise TrainError("incremental width pruning changes parameter shapes during training, which DDP and FSDP "
                          "wrappers cannot follow: run it in one process (or prune width before a recovery stage)")
     # built on the input's shapes, resumed or not
-    widener = (IncrementalWidth.build(model, adapter, _plan(config, steps, 0.0, config.prune_width), config.width_config(),
-                                      config.adapt_amplitude)
+    widener = (IncrementalWidth.build(model, adapter, _plan(config, steps, 0.0, config.prune_width),
+                                      config.width_config(), config.adapt_amplitude)
                if config.prune_width is not None else None)  # fmt: skip
     if resume and widener is not None and (checkpoint / SHAPE).exists():
         reshape(model, adapter, json.loads((checkpoint / SHAPE).read_text(encoding="utf-8")))
@@ -263,8 +263,9 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         done = state.step - start_step
         speed = done * tokens_per_step / max(time.perf_counter() - clock - overhead, 1e-9)  # training steps only
         record = {"step": state.step, "tokens": state.step * tokens_per_step, "loss": last_loss,
-                  "kd": parts["kd"], "ce": parts["ce"], **({"layerwise": parts["layers"]} if config.hidden_weight else {}),
-                  "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+                  "kd": parts["kd"], "ce": parts["ce"], "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+        if config.hidden_weight:
+            record["layerwise"] = parts["layers"]
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{speed:.0f}")
         bar.update(1)
         pause = time.perf_counter()

@@ -16,10 +16,11 @@ Acceleration of Large Language Models"): for the output f_l of every decoder blo
 
 each block's squared error normalised by the teacher's mean square there, so that blocks with large
 activations do not drown the others (`normalise="block"`). Within a block, though, that mean square
-can belong to one position: in SmolLM2-135M, from block 12 on, 80-98% of the residual stream's
-energy sits at the first position of a window (an attention sink, almost all in one channel), so the
-other positions' errors count for almost nothing. `normalise="position"` divides each position's
-squared error by the teacher's squared norm at that position instead,
+can belong to one position: in SmolLM2-135M the outputs of blocks 12 to 28 keep 70-98% of their
+energy at the first position of a window (an attention sink, mostly in one channel;
+benchmarks/sink_energy.py), so the other positions' errors count for almost nothing.
+`normalise="position"` divides each position's squared error by the teacher's squared norm at that
+position instead,
 
     layer-wise = Σ_l mean over positions p of ‖f_lp^student − f_lp^teacher‖² / ‖f_lp^teacher‖²
 

@@ -17,11 +17,12 @@ gives each block its own removed share r_l: at every update
 Δ the schedule's increment of the share, A the amplitude (0.03, the paper code's default) and Î_l
 the block's importance, the negated mean cosine similarity of its input and output over the
 statistics windows, centred over the blocks and divided by its largest magnitude (so in [−1, 1]):
-blocks that change the residual stream more lose less. Each block then keeps round((1 − r_l − c) ·
-its original units) of each kind (never more than it has): attention units (whole key/value groups
-or query heads, a few per block) at c = 0, MLP channels at the one offset c for all blocks that makes
-the update remove the schedule's share of the parameters (rounding and the clamps would otherwise
-drift from it); units within a block go by the width importance as before.
+blocks that change the residual stream more lose less. Each block then loses floor(r_l · its
+original attention units) (whole key/value groups or query heads, a few per block: one goes once the
+share covers it, as Adapt-Pruner's code counts heads) and keeps round((1 − r_l − c) · its original
+MLP channels), never more units than it has, with one offset c for all blocks that makes the update
+remove the schedule's share of the parameters (rounding and the clamps would otherwise drift from
+it); units within a block go by the width importance as before.
 
 Slicing replaces parameters: the optimizer's moments and the masks are sliced with them (the units
 kept keep their Adam state), so training goes on where it was. The shapes after each update are
@@ -39,14 +40,14 @@ import torch
 from torch import Tensor, nn
 
 from secateur.calibrate.stream import submodule
+from secateur.depth.search import block_influences
 from secateur.models import Adapter
 from secateur.train.gradual import GradualPlan
 from secateur.width import LayerWidth, WidthConfig, apply_widths, width_prune
-from secateur.depth.search import block_influences
 from secateur.width.prune import (block_parameters, describe_widths, resolve_variant, shape_units, uniform_widths,
                                   widths_of)
-from secateur.width.units import Units
 from secateur.width.structure import Sliced, Take, enable_biases
+from secateur.width.units import Units
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +67,28 @@ def adapt_pruner_shares(shares: list[float], influence: list[float], increment: 
     return [min(max(r + increment - amplitude * n, 0.0), MAX_SHARE) for r, n in zip(shares, normalised)]
 
 
-def kept_units(original: int, current: int, share: float) -> int:
+def kept_units(original: int, current: int, share: float, whole: bool = False) -> int:
     """Units a block keeps at removed share `share` of its `original` ones: at least one, at most the
-    `current` ones (a unit removed stays removed)."""
-    return max(1, min(current, math.floor((1 - share) * original + 0.5)))
+    `current` ones (a unit removed stays removed). `whole`: a unit goes only once the share covers
+    all of it (floor(share x original) removed, as Adapt-Pruner's code counts heads); else the kept
+    count is rounded half up."""
+    kept = original - math.floor(share * original + 1e-9) if whole else math.floor((1 - share) * original + 0.5)
+    return max(1, min(current, kept))
 
 
 def offset_shares(units: list[Units], original: dict[tuple[int, str], int], current: dict[tuple[int, str], int],
                   shares: list[float], target: float) -> tuple[dict[tuple[int, str], int], float]:  # fmt: skip
-    """The units every block keeps: attention units at share r_l (a few whole heads: an offset would
-    move them in large steps), MLP channels at r_l + c, with the one offset c in [-1, 1] for which the
+    """The units every block keeps: attention units at share r_l, a unit going once r_l covers it (a
+    few whole heads per block: rounding half up or an offset would move them in large steps, past the
+    schedule's share, which MLP channels that never regrow could not give back), MLP channels at
+    r_l + c, with the one offset c in [-1, 1] for which the
     parameters removed from the original shapes first reach `target` (units: each block's units of
     each kind with their cost; original / current: unit counts by (block, kind)). Returns (kept, c)."""
 
     def kept(c: float) -> dict[tuple[int, str], int]:
         return {(u.block, u.kind): kept_units(original[(u.block, u.kind)], current[(u.block, u.kind)],
                                               min(max(shares[u.block] + (c if u.kind == "mlp" else 0.0), 0.0),
-                                                  MAX_SHARE)) for u in units}  # fmt: skip
+                                                  MAX_SHARE), whole=u.kind == "attention") for u in units}  # fmt: skip
 
     def removed(c: float) -> float:
         counts = kept(c)
