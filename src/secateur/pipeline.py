@@ -238,7 +238,7 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
     if options.resume and not trains:
         raise ConfigError("--resume goes on from a recovery stage's checkpoints; this run has no recovery stage")
     if options.teacher is not None and not distils:
-        raise ConfigError("--teacher applies to a recovery stage that distils (--kd-weight above 0)")
+        raise ConfigError("--teacher applies to a recovery stage that distils (--kd-weight or --hidden-weight above 0)")
     if not trains:
         return None
     work = checkpoints_for(out)

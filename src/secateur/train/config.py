@@ -17,17 +17,16 @@ Precision = Literal["auto", "float32", "bfloat16"]
 # peak learning rates by mode (AdamW). full: the best of 5e-5, 2e-4, 1e-3 in a 32,768-token probe on
 # SmolLM2-135M width 50% (validation perplexity 205.75, 138.75, 114.41); lora: LLM-Pruner's; the others
 # are not tuned
-ADAPT_AMPLITUDE = 0.03  # Adapt-Pruner's allocation: its code's default layer_prune_distribution_amplitude
-
 DEFAULT_LR = {"full": 1e-3, "lora": 1e-4, "perp": 1e-3, "perp-lora": 2e-4}
+ADAPT_AMPLITUDE = 0.03  # Adapt-Pruner's allocation: its code's default layer_prune_distribution_amplitude
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Recovery by training: distillation from the teacher's logits (forward KL at `temperature`)
-    mixed with cross-entropy, `kd_weight` · KD + (1 − kd_weight) · CE (+ `hidden_weight` · SquareHead's
-    layer-wise distillation), for `tokens` training tokens
-    per epoch in windows of `train_seq_len`, AdamW with linear warm-up and cosine decay."""
+    mixed with cross-entropy, `kd_weight` · KD + (1 − kd_weight) · CE (+ `hidden_weight` · layer-wise
+    distillation of the block outputs), for `tokens` training tokens per epoch in windows of
+    `train_seq_len`, AdamW with linear warm-up and cosine decay."""
 
     name: ClassVar[str] = "recovery"
 
