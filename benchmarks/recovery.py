@@ -61,6 +61,9 @@ RECIPES = {
     # the same with Adapt-Pruner's per-block shares (input-output cosine similarity, A = 0.03)
     "incremental50-ap": ["--prune-width", "0.5", "--width-allocation", "adapt-pruner"],
     # the same shares in every block (A = 0): what the cosine allocation adds beyond its rounding of heads
+    # the same in another window order (the same tokens): how much of its result is the data order
+    "incremental50-ap-s1": ["--prune-width", "0.5", "--width-allocation", "adapt-pruner", "--train-seed", "1"],
+    "incremental20-ap": ["--prune-width", "0.2", "--width-allocation", "adapt-pruner"],
     "incremental50-ap0": ["--prune-width", "0.5", "--width-allocation", "adapt-pruner", "--width-amplitude", "0"],
     # the default at a third of its peak learning rate: for starts that pruning damaged less
     "lr3e-4": ["--lr", "3e-4"],
@@ -80,7 +83,8 @@ PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "
         "width50:float32", "dense:incremental50",
         "24:lr3e-4", "depth20:lr3e-4", "width20:lr3e-4", "sparse70:lr3e-4",
         "24:squarehead", "24:layerwise", "sparse70:layerwise", "width50:layerwise", "dense:incremental50-ap", "sparse70:default2",
-        "width50:mb2", "24:mb2", "sparse75:default", "dense:incremental50-ap0"]  # fmt: skip
+        "width50:mb2", "24:mb2", "sparse75:default", "dense:incremental50-ap0",
+        "dense:incremental20-ap", "dense:incremental50-ap-s1"]  # fmt: skip
 
 
 def dense_model() -> Path:
