@@ -27,7 +27,7 @@ from secateur.models import adapter_for, read_weight
 from secateur.recipe import KINDS, build_stage, check_order, kind_for_method, kind_of, prune, stage_settings
 from secateur.schema import Option, fill, flag, flatten, option, options_of
 from secateur.sparsity.prune import target_layers
-from secateur.train.loop import TrainError, check_layerwise
+from secateur.train.loop import check_layerwise
 from secateur.width.structure import head_dim, layer_width
 
 
@@ -268,10 +268,7 @@ def _check_layerwise(teacher: Any, student: Any, stages: list[PlannedStage]) -> 
             if reshaped is not None:
                 raise ConfigError(f"--hidden-weight pairs the student's blocks with the teacher's, and the {reshaped} "
                                   "stage before it can change them: distil from the logits only (--hidden-weight 0)")
-            try:
-                check_layerwise(teacher, student)
-            except TrainError as exc:
-                raise ConfigError(str(exc)) from None
+            check_layerwise(teacher, student)
         if kind_of(stage.config).name == "depth":
             reshaped = "depth"
         elif getattr(stage.config, "hidden_fraction", 0) > 0:

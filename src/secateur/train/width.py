@@ -45,7 +45,7 @@ from secateur.models import Adapter
 from secateur.train.gradual import GradualPlan
 from secateur.width import LayerWidth, WidthConfig, apply_widths, width_prune
 from secateur.width.prune import (block_parameters, describe_widths, resolve_variant, shape_units, uniform_widths,
-                                  widths_of)
+                                  unit_count, widths_of, with_unit_count)
 from secateur.width.structure import Sliced, Take, enable_biases
 from secateur.width.units import Units
 
@@ -151,66 +151,48 @@ class IncrementalWidth:
         before = block_parameters(model, adapter)
         left = share * self.original - (self.original - before)  # parameters still to remove
         extra: dict[str, Any] = {}
+        was_training = model.training
+        model.eval()
         if self.targets:  # uniform: the widths of update k
             widths = self.targets[k - 1] if k >= 1 else widths_of(model, adapter)
             changes = widths != widths_of(model, adapter)
         elif self.amplitude is not None:  # Adapt-Pruner: per-block shares from the blocks' importance
-            widths, extra = self._adapt_pruner(model, adapter, step, k, windows, device, batch_size)
+            widths, extra = self._adapt_pruner(model, adapter, step, share, windows, device, batch_size)
             changes = widths != widths_of(model, adapter)
         else:  # adaptive: rank units across blocks for what is left
             widths, changes = None, k >= 1 and left > 0
         if changes:
             config = replace(self.width, fraction=min(max(left / before, 1e-6), 0.999))
-            was_training = model.training
             width_prune(model, config, windows, device=device, batch_size=batch_size, widths=widths,
                         on_slice=on_slice)  # fmt: skip
-            model.train(was_training)
+        model.train(was_training)
         after = block_parameters(model, adapter)
         event = {"step": step, "target": share, "removed": 1 - after / self.original, "pruned": bool(changes),
                  "widths": [w.to_dict() for w in widths_of(model, adapter)], **extra}  # fmt: skip
         self.events.append(event)
         return event
 
-    def _adapt_pruner(self, model: nn.Module, adapter: Adapter, step: int, k: int, windows: Tensor,
+    def _adapt_pruner(self, model: nn.Module, adapter: Adapter, step: int, share: float, windows: Tensor,
                       device: torch.device, batch_size: int) -> tuple[list[LayerWidth], dict[str, Any]]:  # fmt: skip
-        """Update k's widths under Adapt-Pruner's allocation (see the module docstring)."""
+        """The widths of the update after `step` (schedule share `share`) under Adapt-Pruner's
+        allocation (see the module docstring)."""
         now = widths_of(model, adapter)
-        if k < 1:
+        if step <= self.plan.start:
             return now, {}
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():  # higher influence (1 - cos) = more important, as Adapt-Pruner's -cos
-            influence = block_influences(model, adapter, windows, batch_size, device)
-        model.train(was_training)
-        previous = self.plan.target(step - self.plan.every) if k > 1 else 0.0
-        shares = adapt_pruner_shares(self.shares, influence, self.plan.target(step) - previous, self.amplitude)
+        # higher influence (1 - cos) = more important, as Adapt-Pruner's -cos
+        influence = block_influences(model, adapter, windows, batch_size, device)
+        increment = share - self.plan.target(step - self.plan.every)  # the plan's target at its start is 0
+        self.shares = adapt_pruner_shares(self.shares, influence, increment, self.amplitude)
         original = {(u.block, u.kind): len(u.scores) for u in self.units}
-        current = {(u.block, u.kind): _count(now[u.block], u.kind, self.width.heads) for u in self.units}
-        target = self.plan.target(step) * self.original
-        kept, offset = offset_shares(self.units, original, current, shares, target)
-        self.shares = shares  # the formula's shares: the offset only corrects this update's rounding
-        widths = [_with_units(w, kept.get((i, "attention")), kept.get((i, "mlp")), self.width.heads)
-                  for i, w in enumerate(now)]  # fmt: skip
+        current = {(u.block, u.kind): unit_count(now[u.block], u.kind, self.width.heads) for u in self.units}
+        kept, offset = offset_shares(self.units, original, current, self.shares, share * self.original)
+        widths = []  # the formula's shares are kept: the offset only corrects this update's rounding
+        for index, width in enumerate(now):
+            for kind in ("attention", "mlp"):
+                if (index, kind) in kept:
+                    width = with_unit_count(width, kind, kept[(index, kind)], self.width.heads)
+            widths.append(width)
         return widths, {"influence": influence, "shares": list(self.shares), "offset": offset}
-
-
-def _count(width: LayerWidth, kind: str, heads: str | None) -> int:
-    """A block's units of one kind in `width` (attention: key/value groups, or query heads per group)."""
-    if kind == "mlp":
-        return width.channels
-    if heads == "kv-groups":
-        return width.key_value_heads
-    return width.attention_heads // width.key_value_heads
-
-
-def _with_units(width: LayerWidth, attention: int | None, channels: int | None, heads: str | None) -> LayerWidth:
-    """`width` with `attention` attention units and `channels` MLP channels (None: unchanged)."""
-    q, kv = width.attention_heads, width.key_value_heads
-    if attention is not None and heads == "kv-groups":
-        q, kv = attention * (q // kv), attention
-    elif attention is not None:
-        q = attention * kv
-    return LayerWidth(q, kv, width.channels if channels is None else channels)
 
 
 def attention_units(start: LayerWidth, final: LayerWidth, heads: str | None) -> int | None:

@@ -287,18 +287,37 @@ def _prune_hidden(model: nn.Module, adapter: Adapter, width: Width, config: Widt
     return removed
 
 
+def unit_count(width: LayerWidth, kind: str, heads: str | None) -> int | None:
+    """A block's units of one kind in `width`: MLP channels, or attention units (key/value groups with
+    `kv-groups` heads, else query heads per group)."""
+    if kind == "mlp":
+        return width.channels
+    if width.attention_heads is None:
+        return None
+    if heads == "kv-groups":
+        return width.key_value_heads
+    return width.attention_heads // width.key_value_heads
+
+
+def with_unit_count(width: LayerWidth, kind: str, count: int, heads: str | None) -> LayerWidth:
+    """`width` with `count` units of one kind (counted as `unit_count` counts them)."""
+    q, kv, channels = width.attention_heads, width.key_value_heads, width.channels
+    if kind == "mlp":
+        channels = count
+    elif heads == "kv-groups":
+        q, kv = count * (q // kv), count
+    else:  # queries: the same number in every group
+        q = count * kv
+    return LayerWidth(q, kv, channels)
+
+
 def removals_to(units: list[Units], before: list[LayerWidth], widths: list[LayerWidth]) -> dict[tuple[int, str], int]:
     """Units each block loses to go from `before` to `widths` (attention units are key/value groups or,
     with `queries` units, query heads per group); refuses a width above the current one."""
     removals = {}
     for u in units:
-        now, goal = before[u.block], widths[u.block]
-        if u.kind == "mlp":
-            have, want = now.channels, goal.channels
-        elif u.head_scores is None:  # kv-groups
-            have, want = now.key_value_heads, goal.key_value_heads
-        else:
-            have, want = now.attention_heads // now.key_value_heads, goal.attention_heads // goal.key_value_heads
+        heads = "kv-groups" if u.head_scores is None else "queries"
+        have, want = unit_count(before[u.block], u.kind, heads), unit_count(widths[u.block], u.kind, heads)
         if want is None or not 0 < want <= have:
             raise WidthError(f"block {u.block}: cannot prune {u.kind} from {have} to {want} units")
         removals[(u.block, u.kind)] = have - want
@@ -325,14 +344,12 @@ def uniform_widths(model: nn.Module, config: WidthConfig, attention_units: int |
         share = attention_units / len(attention.scores)  # what uniform_removals reads the attention count from
     removals = uniform_removals(units, share, config.fraction * block_parameters(model, adapter), config.mlp_multiple)
     result = []
-    for index, now in enumerate(widths_of(model, adapter)):
-        heads, kv, channels = now.attention_heads, now.key_value_heads, now.channels
-        gone = removals.get((index, "attention"), 0)
-        if gone and config.heads == "kv-groups":
-            heads, kv = heads - gone * (heads // kv), kv - gone
-        elif gone:  # queries: the same number from every group
-            heads -= gone * kv
-        result.append(LayerWidth(heads, kv, channels - removals[(index, "mlp")] if channels is not None else None))
+    for index, width in enumerate(widths_of(model, adapter)):
+        for kind in ("attention", "mlp"):
+            if removals.get((index, kind)):
+                width = with_unit_count(width, kind, unit_count(width, kind, config.heads) - removals[(index, kind)],
+                                        config.heads)  # fmt: skip
+        result.append(width)
     return result
 
 
