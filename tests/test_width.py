@@ -10,6 +10,7 @@ from conftest import FAMILIES, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from secateur.cli import main
+from secateur.errors import ConfigError
 from secateur.io import load, save
 from secateur.models import adapter_for
 from secateur.calibrate.stats import Moments
@@ -90,6 +91,29 @@ def test_uniform_removals_heads_then_channels_make_the_target():
     assert removals[(0, "attention")] == removals[(1, "attention")] == 2  # round(1.5) half up
     # 1000 - 2 * 2 * 100 = 600 left over 2 blocks at 10 each: 30 channels per block, kept 34 -> rounded to 32
     assert removals[(0, "mlp")] == removals[(1, "mlp")] == 32
+
+
+def test_attention_fraction_sets_the_split_and_the_mlp_makes_up_the_parameters():
+    # tiny llama block: attention 64x64 + 2 x 64x32 + 64x64 = 12,288 (a key/value group of 2 heads is 6,144),
+    # MLP 3 x 64 x 128 = 24,576 (a channel is 192); 50% of 36,864 is 18,432
+    def widths(**extra):
+        model = tiny_model("llama")
+        report = width_prune(model, WidthConfig(0.5, "magnitude", "uniform", "kv-groups", **extra), None)
+        assert report.block_parameters_before - report.block_parameters_after == 2 * 18_432  # both splits: exactly
+        return {(w.attention_heads, w.key_value_heads, w.channels) for w in report.after}
+
+    assert widths() == {(2, 1, 64)}  # round(0.5 x 2 groups) = 1 group (6,144), then 64 channels (12,288)
+    assert widths(attention_fraction=0.0) == {(4, 2, 32)}  # no group: 96 channels make the 18,432
+    with pytest.raises(WidthError, match="removes 0.01M attention parameters, more than"):
+        # 15%: 5,530 parameters, less than one group; refused before any calibration pass (none is given)
+        width_prune(tiny_model("llama"), WidthConfig(0.15, "fluctuation", "uniform", "kv-groups",
+                                                     attention_fraction=0.5), None)  # fmt: skip
+    with pytest.raises(ConfigError, match="uniform allocation only"):
+        WidthConfig(0.5, allocation="adaptive", attention_fraction=0.3)
+    with pytest.raises(ConfigError, match="needs heads to remove"):
+        WidthConfig(0.5, heads="none", attention_fraction=0.3)
+    with pytest.raises(WidthError, match="heads are not pruned: drop --attention-fraction"):  # gpt2: heads resolve to none
+        width_prune(tiny_model("gpt2"), WidthConfig(0.5, "magnitude", attention_fraction=0.3), None)
 
 
 def test_adaptive_removals_rank_standardised_scores_and_keep_one_unit():

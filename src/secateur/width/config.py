@@ -33,6 +33,10 @@ class WidthConfig:
       no rounding for adaptive widths.
     hidden_fraction: also remove this fraction of the hidden (embedding) channels, everywhere in the
       model (RMSNorm families). It counts towards `fraction`: heads and MLP channels make up the rest.
+    attention_fraction: under uniform allocation, every block loses round(this x its attention units)
+      instead of round(fraction x units); the MLP channels make up the parameter target. With few
+      key/value groups the default rounding is coarse (SmolLM2-135M's 3 groups at fraction 0.5: 2 go),
+      so this chooses the attention/MLP split (Minitron searches it; 1/3 keeps 2 of 3 groups).
     """
 
     fraction: float = option(REQUIRED, "fraction of the decoder blocks' parameters to remove", key="remove_fraction")
@@ -49,6 +53,9 @@ class WidthConfig:
                                         "uniform widths and the hidden size, 1 (no rounding) for adaptive widths")
     hidden_fraction: float = option(0.0, "also remove this fraction of the hidden (embedding) channels everywhere "
                                          "(RMSNorm families); counts towards remove_fraction")
+    attention_fraction: float | None = option(None, "uniform allocation: remove this fraction of every block's "
+                                                    "attention units (default: remove_fraction); the MLP channels "
+                                                    "make up the rest of the parameters")
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction < 1:
@@ -61,6 +68,14 @@ class WidthConfig:
             raise ConfigError(f"--heads must be one of {', '.join(HEAD_MODES)}, got {self.heads!r}")
         if not 0 <= self.hidden_fraction < 1:
             raise ConfigError(f"--hidden-fraction must be in [0, 1), got {self.hidden_fraction}")
+        if self.attention_fraction is not None:
+            if not 0 <= self.attention_fraction < 1:
+                raise ConfigError(f"--attention-fraction must be in [0, 1), got {self.attention_fraction}")
+            if self.allocation != "uniform":
+                raise ConfigError("--attention-fraction applies to uniform allocation only: drop it or use "
+                                  "--allocation uniform")
+            if self.heads == "none":
+                raise ConfigError("--attention-fraction needs heads to remove, and --heads none keeps them all: drop one")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
 
@@ -71,6 +86,11 @@ class WidthConfig:
     @property
     def hidden_multiple(self) -> int:
         return self.round_to if self.round_to is not None else 8
+
+    @property
+    def attention_share(self) -> float:
+        """The fraction of attention units uniform allocation removes from every block."""
+        return self.fraction if self.attention_fraction is None else self.attention_fraction
 
     @property
     def compensate(self) -> bool:

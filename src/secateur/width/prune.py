@@ -126,6 +126,9 @@ def resolve_variant(model: nn.Module, adapter: Adapter, config: WidthConfig) -> 
     reasons = []
     if config.heads is None:
         heads = "kv-groups" if adapter.width.attention is not None else "none"
+        if heads == "none" and config.attention_fraction is not None:
+            raise WidthError(f"{model.config.model_type} derives its head size from hidden_size / heads, so its heads "
+                             f"are not pruned: drop --attention-fraction")
         config = replace(config, heads=heads)
         if heads == "none":
             reasons.append(f"{model.config.model_type} derives its head size from hidden_size / heads: MLP channels only")
@@ -266,7 +269,7 @@ def _saved_heads(model: nn.Module, config: WidthConfig, units: list[Units]) -> i
     attention = next((u for u in units if u.kind == "attention"), None)
     if config.allocation != "uniform" or attention is None:
         return q  # adaptive widths keep the original config; secateur.load reshapes the blocks
-    removed = uniform_attention_removal(len(attention.scores), config.fraction)
+    removed = uniform_attention_removal(len(attention.scores), config.attention_share)
     return (kv - removed) * (q // kv) if config.heads == "kv-groups" else kv * (q // kv - removed)
 
 
@@ -338,7 +341,7 @@ def uniform_widths(model: nn.Module, config: WidthConfig, attention_units: int |
     `attention_units`: remove that many attention units per block instead (the MLP makes up the rest)."""
     adapter = adapter_for(model)
     config, units = shape_units(model, config)
-    share = config.fraction
+    share = config.attention_share
     attention = next((u for u in units if u.kind == "attention"), None)
     if attention_units is not None and attention is not None:
         share = attention_units / len(attention.scores)  # what uniform_removals reads the attention count from
@@ -351,6 +354,18 @@ def uniform_widths(model: nn.Module, config: WidthConfig, attention_units: int |
                                         config.heads)  # fmt: skip
         result.append(width)
     return result
+
+
+def _check_attention_share(config: WidthConfig, units: list[Units], target: float) -> None:
+    """--attention-fraction must leave the MLP something to remove (the config has refused it without heads)."""
+    if config.attention_fraction is None or config.allocation != "uniform":
+        return
+    attention = sum(uniform_attention_removal(len(u.scores), config.attention_share) * u.cost
+                    for u in units if u.kind == "attention")
+    if attention > target:
+        raise WidthError(f"--attention-fraction {config.attention_fraction} removes {attention / 1e6:.2f}M attention "
+                         f"parameters, more than the {target / 1e6:.2f}M that --remove-fraction {config.fraction} "
+                         f"allows: lower it")
 
 
 def _complement(keep: Tensor, n: int) -> Tensor:
@@ -375,6 +390,8 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     size = head_dim(model.config)
     model.eval()
     start = time.perf_counter()
+    if widths is None:  # before any calibration pass (shapes only)
+        _check_attention_share(config, shape_units(model, config)[1], config.fraction * block_parameters(model, adapter))
     report = WidthReport(before=widths_of(model, adapter),
                          block_parameters_before=block_parameters(model, adapter), head_dim=size,
                          bias_compensation=config.compensate, heads=config.heads, variant=variant)  # fmt: skip
@@ -396,7 +413,8 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
             raise WidthError("pruning to given widths keeps the hidden size: drop --hidden-fraction")
         removals = removals_to(units, report.before, widths)
     elif config.allocation == "uniform":
-        removals = uniform_removals(units, config.fraction, target, config.mlp_multiple)
+        removals = uniform_removals(units, config.attention_share, target, config.mlp_multiple)
+        _check_attention_share(config, units, target)
     else:
         removals = adaptive_removals(units, target, config.mlp_multiple)
     _apply(model, adapter, width, units, removals, statistics.moments, config.compensate, on_slice)
