@@ -389,6 +389,33 @@ def test_compensation_equals_direct_fit_run_by_run(family):
         torch.testing.assert_close(got.weight, want.weight, rtol=1e-4, atol=1e-5)
 
 
+def test_compensation_from_known_dense_targets_equals_the_streamed_pass():
+    """The first run, given the dense states leaving it, is fitted without running its blocks: the
+    same weights. The second run's target follows the first fit, so its dense state is not used."""
+    from secateur.calibrate.stream import BlockState
+    from secateur.depth import compensate as module
+    from secateur.depth.search import boundary_states
+
+    model = deep_model("llama", layers=6)
+    adapter = adapter_for(model)
+    ids = calibration_ids(4, 16)
+    states = {i: [h.clone() for h in hidden] for i, hidden in boundary_states(model, adapter, ids, 2, torch.device("cpu"))}
+    streamed, known = copy.deepcopy(model), copy.deepcopy(model)
+    module.compensate(streamed, adapter, [2, 3, 5], ids, 2, torch.device("cpu"))
+    calls, real = [], module.run_block
+    module.run_block = lambda *a: calls.append(1) or real(*a)
+    try:  # targets: the dense states leaving block 3 (entering 4) and leaving block 5 (a wrong one for run 2)
+        module.compensate(known, adapter, [2, 3, 5], ids, 2, torch.device("cpu"), start=BlockState(1, states[1]),
+                          targets={3: states[4], 5: states[6]})  # fmt: skip
+    finally:
+        module.run_block = real
+    for a, b in zip(streamed.parameters(), known.parameters()):
+        assert torch.equal(a, b)
+    # 2 batches: block 1 checked (2 runs of one batch), fitted (2) and run fitted (2); block 4 runs (2),
+    # block 4's check (2), block 5 (2), the fit (2) and the fitted block 4 (2); blocks 2 and 3 never run
+    assert len(calls) == 16
+
+
 def test_compensation_lowers_the_output_error_and_saves_stock(tmp_path):
     model = deep_model("llama", layers=6)
     ids = calibration_ids(8, 24)

@@ -140,12 +140,16 @@ def unavailable(adapter: Adapter) -> str | None:
 
 @torch.no_grad()
 def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibration: Tensor, batch_size: int,
-               device: torch.device, damp: float = 0.1, start: BlockState | None = None) -> list[dict[str, Any]]:
+               device: torch.device, damp: float = 0.1, start: BlockState | None = None,
+               targets: dict[int, list[Tensor]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Re-fit the MLP output projection of the block before each run of `removed` blocks (original
     numbering) so that it reproduces the dense state leaving the run; the blocks are not removed
     here. Returns one record per run: the fitted layer and the relative error of the state passed on,
     ‖state − L‖ / ‖L − Y‖ on the calibration tokens, before and after the fit. With `start` (the
-    dense activations entering a block no later than the first fitted one), the pass begins there."""
+    dense activations entering a block no later than the first fitted one), the pass begins there.
+    `targets`: the dense states leaving some blocks (per calibration batch): the first fitted run,
+    if it ends at one of them, is fitted without running its blocks (the same fit: its target is the
+    dense state); later runs' targets follow the fits before them, so their blocks run."""
     why = unavailable(adapter)
     if why is not None:
         raise DepthError(f"{why}; drop --compensate")
@@ -159,16 +163,28 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
     for first, last in spans:
         if first == 0:
             log.warning("blocks 0..%d removed without compensation: no block before them", last)
+    targets = targets or {}
     pending: _Pending | None = None
+    skip_to = -1  # a run fitted from its known target: its blocks need not run
     blocks = adapter.block_list(model)
     for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "compensation", start):
+        if index <= skip_to:
+            continue
         extras = inputs.extras[index]
         if index in starts:
             _check_additive(block, consumer, inputs.hidden[0], extras[0], adapter.family)
             pending = _Pending(*starts[index], list(inputs.hidden), list(extras))
-        inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, extras)]
-        if pending is not None and pending.last == index:
-            record = _fit(blocks[pending.first - 1], consumer, pending, inputs.hidden, device, damp)
+            if pending.last in targets and index == min(starts):  # later runs' targets follow earlier fits
+                skip_to = pending.last
+                targets_of_run = [t.to(device) for t in targets[pending.last]]
+            else:
+                inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, extras)]
+        else:
+            inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, extras)]
+        if pending is not None and (pending.last == index or pending.last == skip_to):
+            known = pending.last == skip_to
+            record = _fit(blocks[pending.first - 1], consumer, pending, targets_of_run if known else inputs.hidden,
+                          device, damp)  # fmt: skip
             record["fitted"] = f"{adapter.blocks}.{pending.first - 1}.{consumer}"
             records.append(record)
             fitted = blocks[pending.first - 1]
@@ -178,8 +194,8 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
                 inputs.hidden = [run_block(fitted, h, e) for h, e in zip(pending.inputs, pending.extras)]
             finally:
                 fitted.to(home)
-            pending = None
-            if all(last <= index for first, last in spans if first > 0):
+            last, pending = pending.last, None
+            if all(end <= last for first, end in spans if first > 0):
                 break  # every run is fitted: the blocks after the last one need no pass
     return sorted(records, key=lambda r: r["run"])
 

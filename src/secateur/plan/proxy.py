@@ -3,12 +3,13 @@ pruning, on calibration windows that the statistics did not see.
 
 Everything a candidate needs that does not depend on its width is computed once: the angular
 distances of every span length (one pass), the dense model's width statistics (one pass, which also
-keeps the activations entering the blocks where depth levels start to differ), and per depth level
-the compensated shallower model and its width statistics. A level differs from the dense model from
-the block before its removed run on (the block compensation fits), so its compensation and its
-statistics pass start there, on the kept dense activations; the statistics of the blocks before
-are the dense ones. A candidate is then a copy of its level sliced by `width_prune` with those
-statistics, and one forward per window."""
+keeps the activations entering the blocks where depth levels start to differ and those leaving their
+removed runs), and per depth level the compensated shallower model and its width statistics. A level
+differs from the dense model from the block before its removed run on (the block compensation fits):
+the fit reads the kept activations entering that block and, as its target, those leaving the run,
+so no block of the run runs; the statistics pass starts at that block, on the kept dense
+activations; the statistics of the blocks before are the dense ones. A candidate is then a copy of
+its level sliced by `width_prune` with those statistics, and one forward per window."""
 
 from __future__ import annotations
 
@@ -100,8 +101,10 @@ class Proxy:
             model, adapter = copy.deepcopy(self.model), adapter_for(self.model)
             removed = self.removed(blocks)
             if removed and unavailable(adapter) is None:
+                after = removed[-1] + 1  # the dense state entering it is the fit's target
+                targets = {removed[-1]: self._states[after]} if after in self._states else None
                 compensate(model, adapter, removed, self.calibration, self.batch_size, self.device, self.damp,
-                           self._start(removed))  # fmt: skip
+                           self._start(removed), targets)  # fmt: skip
             dense = dict(self.model.named_parameters())
             patch = {n: p.detach().clone() for n, p in model.named_parameters() if not torch.equal(p, dense[n])}
             if removed:
@@ -138,11 +141,13 @@ class Proxy:
         return BlockState(index, self._states[index]) if index in self._states else None
 
     def dense_statistics(self) -> Statistics:
-        """The dense model's width statistics; the pass keeps the activations entering the first
-        changed block of every span length measured so far."""
+        """The dense model's width statistics; the pass keeps, for every span length measured so far,
+        the activations entering the level's first changed block and those leaving its removed run
+        (the compensation's start and target: the level is then fitted without running the run)."""
         if self._dense is None:
             clock = time.perf_counter()
-            wanted = {self._first_changed(self.removed(n)) for n in (self._distances or {})}
+            spans = [self.removed(n) for n in (self._distances or {})]
+            wanted = {self._first_changed(r) for r in spans} | {r[-1] + 1 for r in spans}
 
             def keep(index: int, hidden: list[Tensor]) -> None:
                 if index in wanted:
@@ -172,7 +177,7 @@ class Proxy:
 
     def build(self, candidate: Candidate) -> nn.Module:
         """The candidate, pruned one-shot (a new model)."""
-        if candidate.width:  # first, so that a new level's compensation starts on the activations it keeps
+        if candidate.width or candidate.blocks:  # first: a new level's compensation reads the states it keeps
             self.dense_statistics()
         level = self.level(candidate.blocks)
         model = copy.deepcopy(level.model)
