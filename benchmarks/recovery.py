@@ -90,7 +90,7 @@ PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "
         "24:squarehead", "24:layerwise", "sparse70:layerwise", "width50:layerwise", "dense:incremental50-ap", "sparse70:default2",
         "width50:mb2", "24:mb2", "sparse75:default", "dense:incremental50-ap0",
         "dense:incremental20-ap", "dense:incremental50-ap-s1", "width50-a33:default",
-        "width20-a0:default"]  # fmt: skip
+        "width20-a0:default", "width50-a33:ce-full"]  # fmt: skip
 
 
 def dense_model() -> Path:
