@@ -165,38 +165,36 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
             log.warning("blocks 0..%d removed without compensation: no block before them", last)
     targets = targets or {}
     pending: _Pending | None = None
-    skip_to = -1  # a run fitted from its known target: its blocks need not run
+    skip_to = -1  # the last block of a run fitted from its known target: its blocks need not run
     blocks = adapter.block_list(model)
     for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "compensation", start):
         if index <= skip_to:
             continue
         extras = inputs.extras[index]
+        target: list[Tensor] | None = None
         if index in starts:
             _check_additive(block, consumer, inputs.hidden[0], extras[0], adapter.family)
             pending = _Pending(*starts[index], list(inputs.hidden), list(extras))
             if pending.last in targets and index == min(starts):  # later runs' targets follow earlier fits
-                skip_to = pending.last
-                targets_of_run = [t.to(device) for t in targets[pending.last]]
-            else:
-                inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, extras)]
-        else:
+                target, skip_to = [t.to(device) for t in targets[pending.last]], pending.last
+        if target is None:
             inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, extras)]
-        if pending is not None and (pending.last == index or pending.last == skip_to):
-            known = pending.last == skip_to
-            record = _fit(blocks[pending.first - 1], consumer, pending, targets_of_run if known else inputs.hidden,
-                          device, damp)  # fmt: skip
-            record["fitted"] = f"{adapter.blocks}.{pending.first - 1}.{consumer}"
-            records.append(record)
-            fitted = blocks[pending.first - 1]
-            home = next(fitted.parameters()).device
-            fitted.to(device)
-            try:  # the compensated state goes on, as if the run were gone
-                inputs.hidden = [run_block(fitted, h, e) for h, e in zip(pending.inputs, pending.extras)]
-            finally:
-                fitted.to(home)
-            last, pending = pending.last, None
-            if all(end <= last for first, end in spans if first > 0):
-                break  # every run is fitted: the blocks after the last one need no pass
+            if pending is None or pending.last != index:
+                continue
+            target = inputs.hidden
+        record = _fit(blocks[pending.first - 1], consumer, pending, target, device, damp)
+        record["fitted"] = f"{adapter.blocks}.{pending.first - 1}.{consumer}"
+        records.append(record)
+        fitted = blocks[pending.first - 1]
+        home = next(fitted.parameters()).device
+        fitted.to(device)
+        try:  # the compensated state goes on, as if the run were gone
+            inputs.hidden = [run_block(fitted, h, e) for h, e in zip(pending.inputs, pending.extras)]
+        finally:
+            fitted.to(home)
+        last, pending = pending.last, None
+        if all(end <= last for first, end in spans if first > 0):
+            break  # every run is fitted: the blocks after the last one need no pass
     return sorted(records, key=lambda r: r["run"])
 
 
