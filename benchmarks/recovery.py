@@ -78,6 +78,8 @@ RECIPES = {
     "default2": [],
     # the default with half the windows per step: twice the optimizer steps on the same tokens
     "mb2": ["--micro-batch", "2"],
+    # the default in another window order of the same tokens: how much of a result is the data order
+    "s1": ["--train-seed", "1"],
     # the same, each position's squared error divided by the teacher's squared norm there
     "layerwise": ["--hidden-weight", "1", "--hidden-norm", "position"],
 }
@@ -90,7 +92,7 @@ PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "
         "24:squarehead", "24:layerwise", "sparse70:layerwise", "width50:layerwise", "dense:incremental50-ap", "sparse70:default2",
         "width50:mb2", "24:mb2", "sparse75:default", "dense:incremental50-ap0",
         "dense:incremental20-ap", "dense:incremental50-ap-s1", "width50-a33:default",
-        "width20-a0:default", "width50-a33:ce-full"]  # fmt: skip
+        "width20-a0:default", "width50-a33:ce-full", "width50-a33:s1"]  # fmt: skip
 
 
 def dense_model() -> Path:
