@@ -43,6 +43,8 @@ STARTS = {
     # width 50% with one key/value group of three removed (the default rounds 1.5 up to two) and
     # narrower MLPs making up the parameters: the split the Adapt-Pruner route ended with
     "width50-a33": ["--method", "width", "--remove-fraction", "0.5", "--attention-fraction", "0.34"],
+    # width 50% with every key/value group kept: the MLP alone gives the parameters (two thirds of it)
+    "width50-a0": ["--method", "width", "--remove-fraction", "0.5", "--attention-fraction", "0"],
     # width 20% with every key/value group kept (the default rounds 0.6 groups up to one removed)
     "width20-a0": ["--method", "width", "--remove-fraction", "0.2", "--attention-fraction", "0"],
     "depth20": ["--method", "angular", "--remove-fraction", "0.2"],
@@ -92,7 +94,8 @@ PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "
         "24:squarehead", "24:layerwise", "sparse70:layerwise", "width50:layerwise", "dense:incremental50-ap", "sparse70:default2",
         "width50:mb2", "24:mb2", "sparse75:default", "dense:incremental50-ap0",
         "dense:incremental20-ap", "dense:incremental50-ap-s1", "width50-a33:default",
-        "width20-a0:default", "width50-a33:ce-full", "width50-a33:s1"]  # fmt: skip
+        "width20-a0:default", "width50-a33:ce-full", "width50-a33:s1",
+        "width50-a0:default"]  # fmt: skip
 
 
 def dense_model() -> Path:
