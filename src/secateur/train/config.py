@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 from secateur.config import NM
 from secateur.errors import ConfigError
 from secateur.schema import flatten, option
+from secateur.train.loss import Normalise
 from secateur.width.config import WidthConfig
 from secateur.width.scores import IMPORTANCE
 
@@ -48,7 +49,7 @@ class TrainConfig:
     hidden_weight: float = option(0.0, "weight of layer-wise distillation (SquareHead): the sum over decoder blocks "
                                         "of each block output's squared error to the teacher's, normalised by the "
                                         "teacher's mean square (0: off; needs the teacher's blocks and hidden size)")
-    hidden_norm: Literal["block", "position"] | None = option(
+    hidden_norm: Normalise | None = option(
         None, "layer-wise distillation: divide each squared error by the teacher's mean square over the block "
               "(SquareHead) or at each position (every position weighs the same; block)")
     temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)")

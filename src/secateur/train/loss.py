@@ -36,12 +36,14 @@ student's is still normalised over the whole vocabulary).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-NORMALISE = ("block", "position")  # layer-wise distillation: what each squared error is divided by
+Normalise = Literal["block", "position"]  # layer-wise distillation: what each squared error is divided by
+NORMALISE = get_args(Normalise)
 
 
 def kl_distillation(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
@@ -60,7 +62,8 @@ def topk_distillation(student: Tensor, values: Tensor, indices: Tensor, temperat
     return temperature**2 * per_position.mean()
 
 
-def layerwise_distillation(student: Sequence[Tensor], teacher: Sequence[Tensor], normalise: str = "block") -> Tensor:
+def layerwise_distillation(student: Sequence[Tensor], teacher: Sequence[Tensor],
+                           normalise: Normalise = "block") -> Tensor:
     """Σ over blocks of each block's squared error to the teacher, normalised by the teacher's mean
     square over the block (SquareHead) or at each position; one (..., hidden) tensor per block."""
     if len(student) != len(teacher):

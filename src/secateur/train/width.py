@@ -45,7 +45,7 @@ from secateur.models import Adapter
 from secateur.train.gradual import GradualPlan
 from secateur.width import LayerWidth, WidthConfig, apply_widths, width_prune
 from secateur.width.prune import (block_parameters, describe_widths, resolve_variant, shape_units, uniform_widths,
-                                  unit_count, widths_of, with_unit_count)
+                                  unit_count, widths_of, with_unit_counts)
 from secateur.width.structure import Sliced, Take, enable_biases
 from secateur.width.units import Units
 
@@ -185,13 +185,9 @@ class IncrementalWidth:
         self.shares = adapt_pruner_shares(self.shares, influence, increment, self.amplitude)
         original = {(u.block, u.kind): len(u.scores) for u in self.units}
         current = {(u.block, u.kind): unit_count(now[u.block], u.kind, self.width.heads) for u in self.units}
+        # the formula's shares are kept: the offset only corrects this update's rounding
         kept, offset = offset_shares(self.units, original, current, self.shares, share * self.original)
-        widths = []  # the formula's shares are kept: the offset only corrects this update's rounding
-        for index, width in enumerate(now):
-            for kind in ("attention", "mlp"):
-                if (index, kind) in kept:
-                    width = with_unit_count(width, kind, kept[(index, kind)], self.width.heads)
-            widths.append(width)
+        widths = with_unit_counts(now, kept, self.width.heads)
         return widths, {"influence": influence, "shares": list(self.shares), "offset": offset}
 
 

@@ -314,6 +314,18 @@ def with_unit_count(width: LayerWidth, kind: str, count: int, heads: str | None)
     return LayerWidth(q, kv, channels)
 
 
+def with_unit_counts(widths: list[LayerWidth], counts: dict[tuple[int, str], int],
+                     heads: str | None) -> list[LayerWidth]:
+    """`widths` with the unit counts `counts` gives by (block, kind); the others as they are."""
+    result = []
+    for index, width in enumerate(widths):
+        for kind in ("attention", "mlp"):
+            if (index, kind) in counts:
+                width = with_unit_count(width, kind, counts[(index, kind)], heads)
+        result.append(width)
+    return result
+
+
 def removals_to(units: list[Units], before: list[LayerWidth], widths: list[LayerWidth]) -> dict[tuple[int, str], int]:
     """Units each block loses to go from `before` to `widths` (attention units are key/value groups or,
     with `queries` units, query heads per group); refuses a width above the current one."""
@@ -346,14 +358,9 @@ def uniform_widths(model: nn.Module, config: WidthConfig, attention_units: int |
     if attention_units is not None and attention is not None:
         share = attention_units / len(attention.scores)  # what uniform_removals reads the attention count from
     removals = uniform_removals(units, share, config.fraction * block_parameters(model, adapter), config.mlp_multiple)
-    result = []
-    for index, width in enumerate(widths_of(model, adapter)):
-        for kind in ("attention", "mlp"):
-            if removals.get((index, kind)):
-                width = with_unit_count(width, kind, unit_count(width, kind, config.heads) - removals[(index, kind)],
-                                        config.heads)  # fmt: skip
-        result.append(width)
-    return result
+    now = widths_of(model, adapter)
+    counts = {(b, kind): unit_count(now[b], kind, config.heads) - gone for (b, kind), gone in removals.items() if gone}
+    return with_unit_counts(now, counts, config.heads)
 
 
 def _check_attention_share(config: WidthConfig, units: list[Units], target: float) -> None:
@@ -390,7 +397,7 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     size = head_dim(model.config)
     model.eval()
     start = time.perf_counter()
-    if widths is None:  # before any calibration pass (shapes only)
+    if widths is None and config.attention_fraction is not None:  # before any calibration pass (shapes only)
         _check_attention_share(config, shape_units(model, config)[1], config.fraction * block_parameters(model, adapter))
     report = WidthReport(before=widths_of(model, adapter),
                          block_parameters_before=block_parameters(model, adapter), head_dim=size,
