@@ -1,16 +1,16 @@
 """`secateur plan` on SmolLM2-135M-Instruct: for decode targets 1.3x, 1.6x and 2x in llama.cpp and for
-80M parameters, the planner's recipe (depth x width x hidden) against the best single-kind recipes
+80M parameters, the planner's recipe (depth x width x attention split x hidden) against the best single-kind recipes
 (depth only, width only) chosen by the same rule (each winner of a speed target timed against the
 dense model in pairs before it is accepted), each pruned for real, evaluated
 (perplexity, protocol v1: 64 x 512 enwiki windows) and timed in llama.cpp (GGUF f16, llama-bench,
 2 threads, interleaved rounds). Also: the proxy's rank correlation with perplexity over every
 pruned recipe, and planning time against one prune.
 
-Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl (run 5: widths
-aligned to llama.cpp's f16 step, decode-only checks that stop once decided, leave-one-out
-tolerance, a 5% margin, recipes timed in pairs with the dense model; run 4, with a 2% margin and
-checks of three rounds, is kept in plan-v4.jsonl, run 3 in plan-v3.jsonl, run 2, on a Xeon, in
-plan-v2.jsonl and run 1 in plan-v1.jsonl).
+Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl (run 7: the
+attention/MLP split searched; run 6, the default split only, is kept in plan-v6.jsonl; run 5, whose
+depth levels ran their removed blocks, in plan-v5.jsonl; run 4, with a 2% margin and checks of
+three rounds, in plan-v4.jsonl, run 3 in plan-v3.jsonl, run 2, on a Xeon, in plan-v2.jsonl and run
+1 in plan-v1.jsonl).
 
 The first phase times the grids' shapes once for the machine (a plan stopped by a tiny
 --budget-minutes right after its cost model), as a user's first plan would; the plans after it find
@@ -41,7 +41,10 @@ from llamacpp_build import build  # noqa: E402
 
 TARGETS = {"decode1.3": "decode-speedup=1.3", "decode1.6": "decode-speedup=1.6", "decode2": "decode-speedup=2",
            "params80M": "params=80M"}  # fmt: skip
-SEARCHES = {  # the planner's grid, and the single-kind grids it contains (width only: finer, and further)
+# the planner's grid, and the single-kind grids it contains (width only: finer, and further); the width
+# grids search the default attention splits (default,0:0.75:0.25: of SmolLM2's 3 key/value groups,
+# every block keeps all 3, 2, 1, or the width stage's rounding; run 6 searched the default only)
+SEARCHES = {
     "planner": ["--depth", "0:0.8", "--width", "0:0.7:0.05", "--hidden", "0,0.125"],
     "depth only": ["--depth", "0:0.8", "--width", "0", "--hidden", "0"],
     "width only": ["--depth", "0", "--width", "0:0.85:0.05", "--hidden", "0"],
@@ -225,7 +228,7 @@ def proxy_phase() -> None:
     kl, ppl = {}, {}
     plans = {r["chosen"]["key"]: r["chosen"] for s, r in rows.items() if s.startswith("plan:") and "chosen" in r}
     for key in _chosen():
-        candidate = Candidate(**{k: plans[key][k] for k in ("blocks", "width", "hidden", "round_to")})
+        candidate = Candidate(**{k: plans[key].get(k) for k in ("blocks", "width", "hidden", "round_to", "attention")})
         built = proxy.build(candidate)
         scores = proxy.score(built, range(config.proxy_windows))
         kl[key], ppl[key] = sum(scores) / len(scores), rows[f"prune:{key}"]["perplexity"]

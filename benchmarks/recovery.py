@@ -35,6 +35,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results" / "recovery.jsonl"
 WORK = ROOT / "bench-out" / "recovery"
 sys.path.insert(0, str(ROOT / "src"))
+B = 131072  # the issue's training budget
 
 STARTS = {
     "width50": ["--method", "width", "--remove-fraction", "0.5"],
@@ -133,6 +134,11 @@ def dense_eval() -> dict:
     return json.loads(cache.read_text())
 
 
+def run_key(key: str, tokens: int) -> str:
+    """The results' key of a run: START:RECIPE, with @TOKENS where the budget is not B."""
+    return key if tokens == B else f"{key}@{tokens}"
+
+
 def run(key: str, tokens: int) -> dict:
     start_name, recipe = key.split(":")
     start = start_model(start_name)
@@ -147,7 +153,7 @@ def run(key: str, tokens: int) -> dict:
     record = manifest["history"][-1]["result"]
     metrics = [json.loads(line) for line in (out / record["metrics"]).read_text().splitlines()]
     return {
-        "run": key, "tokens": tokens, "start": start_name, "recipe": recipe, "flags": RECIPES[recipe],
+        "run": run_key(key, tokens), "tokens": tokens, "start": start_name, "recipe": recipe, "flags": RECIPES[recipe],
         "before": begin["evaluation"]["perplexity"], "after": manifest["evaluation"]["perplexity"],
         "parameters": manifest["structure"]["parameters"], "sparsity": manifest["structure"]["target_sparsity"],
         "steps": record["steps"], "trained_tokens": record["tokens"], "precision": record["precision"],
@@ -158,12 +164,13 @@ def run(key: str, tokens: int) -> dict:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| start | recipe | before | after | ratio | steps | tokens/s | train s |", "|---|---|---|---|---|---|---|---|"]
-    for key in PLAN:
-        for row in (r for r in rows.values() if r["run"] == key):
-            lines.append(f"| {row['start']} | {row['recipe']} | {row['before']:.2f} | {row['after']:.2f} | "
-                         f"{row['after'] / row['before']:.3f} | {row['steps']} | {row['tokens_per_s']:.0f} | "
-                         f"{row['train_seconds']:.0f} |")  # fmt: skip
+    lines = ["| start | recipe | tokens | before | after | ratio | steps | tokens/s | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = {key: i for i, key in enumerate(PLAN)}
+    for row in sorted(rows.values(), key=lambda r: (order.get(r["run"].split("@")[0], len(order)), r["tokens"])):
+        lines.append(f"| {row['start']} | {row['recipe']} | {row['tokens']:,} | {row['before']:.2f} | {row['after']:.2f} | "
+                     f"{row['after'] / row['before']:.3f} | {row['steps']} | {row['tokens_per_s']:.0f} | "
+                     f"{row['train_seconds']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -250,7 +257,8 @@ def throughput(steps: int, top: int) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=131072)
+    parser.add_argument("--tokens", type=int, default=B, help="training tokens (rows of other budgets are keyed "
+                                                                "START:RECIPE@TOKENS)")
     parser.add_argument("--only", help="comma-separated START:RECIPE keys (default: the whole plan, in order)")
     parser.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
     parser.add_argument("--throughput", type=int, metavar="STEPS",
@@ -267,7 +275,7 @@ def main() -> int:
     keys = args.only.split(",") if args.only else PLAN
     if not args.table:
         for key in keys:
-            if key in done():
+            if run_key(key, args.tokens) in done():
                 continue
             row = run(key, args.tokens)
             with RESULTS.open("a") as f:

@@ -3,6 +3,7 @@ model against a fake engine given as a table, and whole plans on a tiny model wh
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -20,7 +21,7 @@ from secateur.plan.costs import (ArchShape, TableEngine, Timing, design, llamacp
                                  timed_model)
 from secateur.plan.proxy import token_kl
 from secateur.plan.search import halve, pareto_front, spearman, undominated
-from secateur.plan.space import Candidate, block_counts, candidates, depth_counts, parse_grid
+from secateur.plan.space import Candidate, block_counts, candidates, depth_counts, parse_grid, parse_splits
 from secateur.plan.targets import parse_target
 
 
@@ -58,6 +59,23 @@ def test_grids_ranges_lists_and_block_counts():
     assert Candidate(3, 0.2, 0.125).stages() == [{"method": "angular", "remove_blocks": 3},
                                                   {"method": "width", "remove_fraction": 0.2, "hidden_fraction": 0.125,
                                                    "round_to": 8}]
+
+
+def test_attention_splits_are_one_more_axis_of_the_width_stages():
+    assert parse_splits("default") == (None,) and parse_splits("0:0.5:0.25") == (0.0, 0.25, 0.5)
+    assert parse_splits("0.34, default,0") == (None, 0.0, 0.34)
+    for bad in ("", "1.5", "default,0:0.5:0.25,0.1", "none"):
+        with pytest.raises(ConfigError):
+            parse_splits(bad)
+    grid = candidates((0, 3), (0.0, 0.2), (0.0,), 8, (None, 0.0, 0.34))
+    # a split is a share of some width: depth-only candidates come once, width ones once per split
+    assert len(grid) == 1 + 2 * 3 and Candidate(3, 0.0, 0.0, 8, 0.0) not in grid
+    assert [c.key for c in sorted(c for c in grid if c.blocks == 3)] == ["d3-w0-h0", "d3-w0.2-h0", "d3-w0.2-h0-a0",
+                                                                          "d3-w0.2-h0-a0.34"]
+    assert Candidate(3, 0.2, 0.0, 8, 0.34).stages()[1] == {"method": "width", "remove_fraction": 0.2,
+                                                           "attention_fraction": 0.34, "round_to": 8}
+    assert Candidate(3, 0.2, 0.0, 8, 0.34).width_config().attention_share == 0.34
+    assert Candidate(3, 0.2, 0.0, 8).width_config().attention_share == 0.2  # the default rounds the width
 
 
 # --- pure search parts ------------------------------------------------------------------------------------------
@@ -439,7 +457,8 @@ def _table_for(model: Path, round_to: int = 8) -> TableEngine:
     from secateur.plan.planner import block_shapes
 
     base = load_config(model)
-    shapes = block_shapes(base, [(w, h) for w in (0.0, 0.25, 0.5) for h in (0.0, 0.25)], round_to)
+    shapes = block_shapes(base, [(w, h, a) for w in (0.0, 0.25, 0.5) for h in (0.0, 0.25) for a in (None, 0.0, 0.5)],
+                          round_to)  # fmt: skip
     table = {}
     for cfg in shapes.values():
         if isinstance(cfg, str):
@@ -481,7 +500,8 @@ def test_plan_meets_a_speed_target_and_its_recipe_runs(deep_model, tmp_path, mon
     scored = [r for r in rows.values() if r["kl"] is not None]
     assert 0 < len(scored) < len(rows)  # only the boundary of what meets the target is searched
     # the boundary: no feasible candidate of the same hidden fraction removes less of both kinds
-    feasible = {k: Row(Candidate(r["blocks"], r["width"], r["hidden"]), None, 0, 0, feasible=True)
+    feasible = {k: Row(Candidate(r["blocks"], r["width"], r["hidden"], r["round_to"], r["attention"]), None, 0, 0,
+                       feasible=True)
                 for k, r in rows.items() if r["feasible"]}  # fmt: skip
     assert chosen["key"] in boundary(feasible)
     assert all(r["kl"] >= chosen["kl"] for r in scored if r["feasible"] and r["windows"] == chosen["windows"])
@@ -569,6 +589,7 @@ def test_plan_for_a_parameter_target_from_the_command_line(deep_model, tmp_path,
     ("decode-speedup=1.5", ("--llama-cpp", "/nowhere"), "llama-bench not found"),
     ("params=10k", ("--width", "0:1.5:0.5"), "every fraction must be in"),
     ("params=10k", ("--keep", "1"), "--keep must be in (0, 1)"),
+    ("params=10k", ("--attention", "1.5"), "every fraction must be in"),
 ])  # fmt: skip
 def test_bad_plans_fail_with_one_line_and_write_nothing(deep_model, tmp_path, monkeypatch, capsys, target, extra,
                                                        message):  # fmt: skip
@@ -611,11 +632,67 @@ def test_a_plan_whose_grid_rounds_to_the_same_models_runs_each_once(deep_model, 
     monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
     model, text = deep_model
     target = int(sum(p.numel() for p in load(model)[0].parameters()) * 0.8)
-    assert main(["plan", str(model), "--target", f"params={target}", "--round-to", "64",
+    assert main(["plan", str(model), "--target", f"params={target}", "--round-to", "64", "--attention", "default",
                  *_flags(text, tmp_path / "plan")]) == 0  # fmt: skip
     record = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    speed = plan(model, fill(PlanConfig, _settings(text, round_to=64, target="decode-speedup=1.2")), tmp_path / "speed",
-                 engine=_table_for(model, round_to=64), progress=False)  # fmt: skip
+    speed = plan(model, fill(PlanConfig, _settings(text, round_to=64, target="decode-speedup=1.2", attention="default")),
+                 tmp_path / "speed", engine=_table_for(model, round_to=64), progress=False)  # fmt: skip
     for record in (record, speed):
         assert record["same_shape"] and all(k.endswith("-h0.25") and v.endswith("-h0") for k, v in record["same_shape"].items())
         assert not set(record["same_shape"]) & {c["key"] for c in record["candidates"]}
+
+
+def test_a_plan_searches_the_attention_split_and_its_recipe_keeps_it(deep_model, tmp_path, monkeypatch):
+    """The tiny Llama has 2 key/value groups of 6,144 of a block's 61,440 parameters (an MLP channel:
+    192). The default removes round(width x 2) groups, half up: one at widths 0.25 and 0.5, the same
+    model as split 0.5; split 0 keeps both and takes 80 (0.25) or 160 (0.5) MLP channels instead of 48
+    or 128: one new model per width and depth, with the same weight parameters."""
+    from secateur.plan import PlanConfig, plan
+    from secateur.schema import fill
+
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    target = int(sum(p.numel() for p in load(model)[0].parameters()) * 0.8)
+    settings = _settings(text, target=f"params={target}", engine=None, margin=None, hidden="0", exhaustive=True,
+                         attention="default,0,0.5", round_to=8)  # fmt: skip
+    record = plan(model, fill(PlanConfig, settings), tmp_path / "plan", progress=False)
+    rows = {r["key"]: r for r in record["candidates"]}
+    for blocks, width in itertools.product((0, 1, 2), (0.25, 0.5)):
+        default, split = f"d{blocks}-w{width}-h0", f"d{blocks}-w{width}-h0-a0"
+        assert record["same_shape"][f"{default}-a0.5"] == default
+        assert (rows[default]["shape"]["kv_heads"], rows[split]["shape"]["kv_heads"]) == (1, 2)
+        assert rows[default]["shape"]["channels"] - rows[split]["shape"]["channels"] == {0.25: 32, 0.5: 32}[width]
+        # the same weights; the biases that compensation adds differ: the default's attention biases
+        # (q, k, v of one group and o: 128) and 32 more channels of gate and up biases
+        assert rows[default]["params"] - rows[split]["params"] == (4 - blocks) * (128 + 2 * 32)
+        assert rows[split]["kl"] is not None
+    chosen = next(r for r in record["candidates"] if r["attention"] is not None and r["feasible"])
+    (tmp_path / "split.toml").write_text(
+        "\n".join(f"[[stage]]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in t.items())
+                  for t in Candidate(chosen["blocks"], chosen["width"], chosen["hidden"], chosen["round_to"],
+                                     chosen["attention"]).stages()))  # fmt: skip
+    assert main(["prune", str(model), "--recipe", str(tmp_path / "split.toml"), "--out", str(tmp_path / "pruned"),
+                 "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4", "--eval-windows", "4",
+                 "--eval-seq-len", "32"]) == 0  # fmt: skip
+    pruned, _ = load(tmp_path / "pruned")
+    assert shape_of(pruned.config) == ArchShape(**chosen["shape"])
+
+
+def test_a_split_search_is_refused_where_heads_are_not_pruned(model_dir, text_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    flags = ["--out", str(tmp_path / "plan"), "--calib", str(text_file), "--calib-seq-len", "32", "--calib-samples",
+             "4", "--eval-windows", "4", "--eval-seq-len", "32", "--depth", "0", "--width", "0.25"]  # fmt: skip
+    elsewhere = ["--out", str(tmp_path / "g"), *flags[2:]]
+    neox = model_dir("gpt_neox")
+    assert main(["plan", str(neox), "--target", "params=10k", *flags, "--attention", "default,0"]) == 2
+    assert "heads are not pruned" in capsys.readouterr().err and not (tmp_path / "plan").exists()
+    # the default grid's splits are left out there: MLP channels are the whole width
+    target = int(sum(p.numel() for p in load(neox)[0].parameters()) * 0.95)
+    assert main(["plan", str(neox), "--target", f"params={target}", *flags, "--round-to", "8"]) == 0
+    record = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert [c["key"] for c in record["candidates"]] == ["d0-w0.25-h0"]
+    capsys.readouterr()
+    # a family whose MLP width is not intermediate_size is refused in one line, not a traceback
+    assert main(["plan", str(model_dir("gpt2")), "--target", "params=10k", *elsewhere]) == 2
+    assert "describes decoders whose config gives intermediate_size" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()

@@ -1,9 +1,9 @@
 """`plan(model, config, out)`: from a target to a recipe, with the Pareto front to prove it.
 
 1. Before loading anything: the target, the grids, the engine, the output.
-2. Shapes: every (width, hidden) pair is pruned once on a one-block copy of the model (uniform
-   widths do not depend on the depth), so each candidate's shape, parameters and file size are
-   known before any candidate is built.
+2. Shapes: every width stage (width, hidden, attention split) is pruned once on a one-block copy
+   of the model (uniform widths do not depend on the depth), so each candidate's shape, parameters
+   and file size are known before any candidate is built.
 3. Costs (speed targets): a design of the shapes, and held-out ones, timed in the engine (cached per
    machine and engine); a linear model per hidden size predicts the rest. It only screens: shapes
    predicted within its error below the target stay in.
@@ -54,11 +54,11 @@ from secateur.plan.costs import (
     timed_model,
     with_layers,
 )
-from secateur.plan.config import PlanConfig
+from secateur.plan.config import SPLITS, PlanConfig
 from secateur.plan.proxy import Proxy
 from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front, undominated
-from secateur.plan.space import Candidate, candidates, depth_counts, parse_grid
+from secateur.plan.space import Candidate, candidates, depth_counts, parse_grid, parse_splits
 from secateur.plan.targets import Target, parse_target
 from secateur.width import width_prune
 from secateur.width.structure import WidthError
@@ -131,37 +131,40 @@ def _file_bytes(params: int, one_d: int, config: PlanConfig) -> int:
     return 4 * params
 
 
-def block_shapes(model_config: Any, pairs: list[tuple[float, float]], round_to: int = 8) -> dict[tuple[float, float], Any | str]:
-    """The config a width stage leaves, per (width, hidden) pair, from a one-block random copy of the
-    model pruned for real (uniform widths are the same at any depth); a string says why a pair
-    cannot be pruned."""
+Widths = tuple[float, float, float | None]  # a width stage's (width, hidden, attention split)
+
+
+def block_shapes(model_config: Any, widths: list[Widths], round_to: int = 8) -> dict[Widths, Any | str]:
+    """The config a width stage leaves, per (width, hidden, attention split), from a one-block random
+    copy of the model pruned for real (uniform widths are the same at any depth); a string says why
+    one cannot be pruned."""
     one = _small_vocabulary(with_layers(model_config, 1))
     calibration = torch.randint(0, one.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    out: dict[tuple[float, float], Any | str] = {}
-    for width, hidden in pairs:
+    out: dict[Widths, Any | str] = {}
+    for width, hidden, split in widths:
         if not width:
-            out[(width, hidden)] = with_layers(model_config, 1)
+            out[(width, hidden, split)] = with_layers(model_config, 1)
             continue
         skeleton = random_model(copy.deepcopy(one))  # pruning rewrites the model's config
         try:
             with block_bars(False):
-                width_prune(skeleton, Candidate(0, width, hidden, round_to).width_config(), calibration)
+                width_prune(skeleton, Candidate(0, width, hidden, round_to, split).width_config(), calibration)
         except WidthError as exc:
-            out[(width, hidden)] = str(exc)
+            out[(width, hidden, split)] = str(exc)
             continue
         skeleton.config.vocab_size = model_config.vocab_size
-        out[(width, hidden)] = skeleton.config
+        out[(width, hidden, split)] = skeleton.config
     return out
 
 
 def _distinct(configs: dict[Candidate, Any]) -> tuple[dict[Candidate, Any], dict[str, str]]:
-    """One candidate per model: where rounding prunes two (width, hidden) pairs to the same shape at
-    the same depth (a hidden fraction that the alignment and the head count round away, width
-    fractions rounded to the same multiple), the one asking to remove the least stays; the others
-    are named with it."""
+    """One candidate per model: where rounding prunes two width stages to the same shape at the same
+    depth (a hidden fraction that the alignment and the head count round away, width fractions
+    rounded to the same multiple, an attention split that is the default's), the one asking to
+    remove the least stays (the default split before explicit ones); the others are named with it."""
     kept: dict[tuple[int, ArchShape], Candidate] = {}
     same: dict[str, str] = {}
-    for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width)):
+    for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width, c.attention is not None, c.attention or 0)):
         key = (c.blocks, shape_of(configs[c]))
         if key in kept:
             same[c.key] = kept[key].key
@@ -276,9 +279,11 @@ class Search:
 
 def boundary(rows: dict[str, Row]) -> dict[str, Row]:
     """The rows that meet the target (or may) and that no other such row of the same hidden fraction
-    dominates with fewer blocks and no more width, or less width and no more blocks."""
+    and attention split dominates with fewer blocks and no more width, or less width and no more
+    blocks."""
     live = [r for r in rows.values() if r.feasible]
-    keep = undominated([(r.candidate.hidden, (r.candidate.blocks, r.candidate.width)) for r in live])
+    keep = undominated([((r.candidate.hidden, r.candidate.attention), (r.candidate.blocks, r.candidate.width))
+                        for r in live])  # fmt: skip
     return {live[i].candidate.key: live[i] for i in keep}
 
 
@@ -302,21 +307,33 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     depth_counts(config.depth, 2)  # checks the grid before any work
     widths = parse_grid(config.width, "width")
     hiddens = parse_grid(config.hidden, "hidden")
+    splits = parse_splits(config.attention or SPLITS)
     check_output(out, overwrite, [model_path])
     load_text(config.calib, "calibration", "text")
     base = load_config(model_path)
     adapter = adapter_for(base)
     if adapter.width is None:
         raise ConfigError(f"secateur plan prunes width; {base.model_type} has no width description")
+    if adapter.width.mlp.size_key != "intermediate_size":  # the shapes the cost model describes
+        raise ConfigError(f"secateur plan describes decoders whose config gives intermediate_size (Llama, Qwen, Gemma, "
+                          f"Phi-3, GPT-NeoX, ...), not {base.model_type}: prune it with secateur prune")
+    if adapter.width.attention is None:  # no heads to remove: the width is all MLP channels
+        if config.attention is not None:
+            raise ConfigError(f"--attention {config.attention}: {base.model_type}'s heads are not pruned (its head size "
+                              f"is hidden_size / heads), so there is no split to search: drop --attention")
+        splits = (None,)
     if engine is None:
         engine = _engine(config, target, model_path)
     blocks = base.num_hidden_layers
     round_to = round_to_of(config)
-    grid = candidates(depth_counts(config.depth, blocks), widths, hiddens, round_to)
-    shapes = block_shapes(base, sorted({(c.width, c.hidden) for c in grid}), round_to)
-    refused = {f"w{w:g}-h{h:g}": why for (w, h), why in shapes.items() if isinstance(why, str)}
-    grid = [c for c in grid if not isinstance(shapes[(c.width, c.hidden)], str)]
-    configs = {c: with_layers(shapes[(c.width, c.hidden)], blocks - c.blocks) for c in grid}
+    grid = candidates(depth_counts(config.depth, blocks), widths, hiddens, round_to, splits)
+    stage = {c: (c.width, c.hidden, c.attention) for c in grid}
+    shapes = block_shapes(base, sorted(set(stage.values()), key=lambda s: (s[0], s[1], s[2] is not None, s[2] or 0)),
+                          round_to)  # fmt: skip
+    refused = {Candidate(0, *s[:2], round_to, s[2]).key.removeprefix("d0-"): why for s, why in shapes.items()
+               if isinstance(why, str)}  # fmt: skip
+    grid = [c for c in grid if not isinstance(shapes[stage[c]], str)]
+    configs = {c: with_layers(shapes[stage[c]], blocks - c.blocks) for c in grid}
     configs, same = _distinct(configs)
     grid = list(configs)
     dense_params, dense_one_d = parameter_count(base)

@@ -1,8 +1,11 @@
 """The search space: how many blocks to remove, then which share of the rest as heads and MLP
-channels, and how much of that as hidden channels. Grids come from `0,0.1,0.2` or `0:0.5:0.1`; depth also takes `0:0.5`, every block count in between."""
+channels, how that share splits between attention and MLP, and how much of it goes as hidden
+channels. Grids come from `0,0.1,0.2` or `0:0.5:0.1`; depth also takes `0:0.5`, every block count
+in between; the split also takes `default` (the width stage's own rounding)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -14,20 +17,30 @@ if TYPE_CHECKING:
     from secateur.width import WidthConfig
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class Candidate:
     """Remove `blocks` decoder blocks (the angular span, compensated), then `width` of the remaining
     blocks' parameters as whole key/value groups and MLP channels (uniform widths), `hidden` of the
-    hidden channels counting towards it."""
+    hidden channels counting towards it; `attention`: the fraction of every block's key/value groups
+    among them (the width stage's --attention-fraction; None: its default rounding of `width`)."""
 
     blocks: int
     width: float
     hidden: float = 0.0
     round_to: int = 8  # MLP widths and the hidden size are multiples of this
+    attention: float | None = None
+
+    def _order(self) -> tuple:
+        return (self.blocks, self.width, self.hidden, self.round_to, self.attention is not None, self.attention or 0.0)
+
+    def __lt__(self, other: "Candidate") -> bool:
+        return self._order() < other._order()
 
     @property
     def key(self) -> str:
-        return f"d{self.blocks}-w{self.width:g}-h{self.hidden:g}"
+        split = "" if self.attention is None else f"-a{self.attention:g}"
+        return f"d{self.blocks}-w{self.width:g}-h{self.hidden:g}{split}"
 
     @property
     def kind(self) -> str:
@@ -40,7 +53,8 @@ class Candidate:
         """The width stage's settings (the stage's recipe table says the same)."""
         from secateur.width import WidthConfig
 
-        return WidthConfig(self.width, hidden_fraction=self.hidden, round_to=self.round_to)
+        return WidthConfig(self.width, hidden_fraction=self.hidden, round_to=self.round_to,
+                           attention_fraction=self.attention)
 
     def stages(self) -> list[dict[str, Any]]:
         """The candidate as recipe [[stage]] tables (depth first: width then scores the shallower model)."""
@@ -51,6 +65,8 @@ class Candidate:
             width: dict[str, Any] = {"method": "width", "remove_fraction": self.width}
             if self.hidden:
                 width["hidden_fraction"] = self.hidden
+            if self.attention is not None:
+                width["attention_fraction"] = self.attention
             width["round_to"] = self.round_to
             tables.append(width)
         return tables
@@ -92,14 +108,28 @@ def depth_counts(text: str, blocks: int) -> tuple[int, ...]:
     return tuple(range(round(start * blocks), min(round(stop * blocks), blocks - 1) + 1))
 
 
+def parse_splits(text: str) -> tuple[float | None, ...]:
+    """`--attention`: `default` and fractions of the key/value groups (`default,0,0.34`, `0:0.5:0.25`);
+    None stands for `default`."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    default = "default" in parts
+    rest = ",".join(p for p in parts if p != "default")
+    if ":" in rest and "," in rest:
+        raise ConfigError(f"--attention {text!r}: give default,a,b,c or start:stop:step")
+    fractions = parse_grid(rest, "attention") if rest else ()
+    if not default and not fractions:
+        raise ConfigError(f"--attention {text!r}: give default and/or fractions of the key/value groups")
+    return ((None,) if default else ()) + fractions
+
+
 def candidates(depths: tuple[int, ...], widths: tuple[float, ...], hiddens: tuple[float, ...],
-               round_to: int = 8) -> list[Candidate]:  # fmt: skip
-    """Every combination but the dense model; hidden channels only come with some width (they count
-    towards it)."""
+               round_to: int = 8, splits: tuple[float | None, ...] = (None,)) -> list[Candidate]:  # fmt: skip
+    """Every combination but the dense model; hidden channels and attention splits only come with
+    some width (they are shares of it)."""
     out = []
-    for blocks, width, hidden in itertools.product(depths, widths, hiddens):
-        if hidden and not width:
+    for blocks, width, hidden, split in itertools.product(depths, widths, hiddens, splits):
+        if (hidden or split is not None) and not width:
             continue
         if blocks or width:
-            out.append(Candidate(blocks, width, hidden, round_to))
+            out.append(Candidate(blocks, width, hidden, round_to, split))
     return out
