@@ -13,8 +13,8 @@ SPLITS = "default,0:0.75:0.25"  # the attention splits searched unless --attenti
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """Search depth x width x attention split x hidden for the candidate that meets `target` with the least KL to the
-    dense model. Grids are fractions: `a,b,c` or `start:stop:step` (stop included)."""
+    """Search depth x width x attention split x hidden for the candidate that meets `target` with the
+    least KL to the dense model. Grids are fractions: `a,b,c` or `start:stop:step` (stop included)."""
 
     target: str = option(REQUIRED, "decode-speedup=X or prefill-speedup=X (in --engine), params=N (80M), or "
                                    "file=SIZE (200MB; the GGUF f16 file for llama.cpp, float32 safetensors for hf)")

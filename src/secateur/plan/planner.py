@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -58,9 +58,11 @@ from secateur.plan.config import SPLITS, PlanConfig
 from secateur.plan.proxy import Proxy
 from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front, undominated
-from secateur.plan.space import Candidate, candidates, depth_counts, parse_grid, parse_splits
+from secateur.plan.space import Candidate, candidates, depth_counts, parse_grid, parse_splits, split_order
 from secateur.plan.targets import Target, parse_target
 from secateur.width import width_prune
+from secateur.width.prune import gather_statistics
+from secateur.width.scores import IMPORTANCE
 from secateur.width.structure import WidthError
 
 # A check's speedup must beat the target by this much: a paired speedup drifts with the machine's
@@ -138,23 +140,35 @@ def block_shapes(model_config: Any, widths: list[Widths], round_to: int = 8) -> 
     """The config a width stage leaves, per (width, hidden, attention split), from a one-block random
     copy of the model pruned for real (uniform widths are the same at any depth); a string says why
     one cannot be pruned."""
-    one = _small_vocabulary(with_layers(model_config, 1))
-    calibration = torch.randint(0, one.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    one = random_model(_small_vocabulary(with_layers(model_config, 1)))
+    calibration = torch.randint(0, one.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     out: dict[Widths, Any | str] = {}
+    statistics = None  # one gathering serves every stage (the planner's stages all score alike)
     for width, hidden, split in widths:
         if not width:
             out[(width, hidden, split)] = with_layers(model_config, 1)
             continue
-        skeleton = random_model(copy.deepcopy(one))  # pruning rewrites the model's config
-        try:
-            with block_bars(False):
-                width_prune(skeleton, Candidate(0, width, hidden, round_to, split).width_config(), calibration)
-        except WidthError as exc:
-            out[(width, hidden, split)] = str(exc)
-            continue
+        stage = Candidate(0, width, hidden, round_to, split).width_config()
+        with block_bars(False):
+            if statistics is None:
+                statistics = gather_statistics(one, calibration, moments=stage.needs_moments,
+                                               gradients=IMPORTANCE[stage.importance].gradients)  # fmt: skip
+            skeleton = copy.deepcopy(one)  # pruning rewrites the model and its config
+            try:
+                width_prune(skeleton, stage, calibration, statistics=statistics)
+            except WidthError as exc:
+                out[(width, hidden, split)] = str(exc)
+                continue
         skeleton.config.vocab_size = model_config.vocab_size
         out[(width, hidden, split)] = skeleton.config
     return out
+
+
+def stage_counts(one_block: Any) -> Callable[[int], tuple[int, int]]:
+    """(all parameters, those in 1-D tensors) of the model of `one_block`'s widths with L blocks, for
+    any L: uniform blocks make both linear in L, so two counts on the meta device give them all."""
+    one, two = parameter_count(one_block), parameter_count(with_layers(one_block, 2))
+    return lambda layers: (one[0] + (layers - 1) * (two[0] - one[0]), one[1] + (layers - 1) * (two[1] - one[1]))
 
 
 def _distinct(configs: dict[Candidate, Any]) -> tuple[dict[Candidate, Any], dict[str, str]]:
@@ -164,7 +178,7 @@ def _distinct(configs: dict[Candidate, Any]) -> tuple[dict[Candidate, Any], dict
     remove the least stays (the default split before explicit ones); the others are named with it."""
     kept: dict[tuple[int, ArchShape], Candidate] = {}
     same: dict[str, str] = {}
-    for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width, c.attention is not None, c.attention or 0)):
+    for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width, *split_order(c.attention))):
         key = (c.blocks, shape_of(configs[c]))
         if key in kept:
             same[c.key] = kept[key].key
@@ -328,8 +342,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     round_to = round_to_of(config)
     grid = candidates(depth_counts(config.depth, blocks), widths, hiddens, round_to, splits)
     stage = {c: (c.width, c.hidden, c.attention) for c in grid}
-    shapes = block_shapes(base, sorted(set(stage.values()), key=lambda s: (s[0], s[1], s[2] is not None, s[2] or 0)),
-                          round_to)  # fmt: skip
+    shapes = block_shapes(base, sorted(set(stage.values()), key=lambda s: (*s[:2], *split_order(s[2]))), round_to)
     refused = {Candidate(0, *s[:2], round_to, s[2]).key.removeprefix("d0-"): why for s, why in shapes.items()
                if isinstance(why, str)}  # fmt: skip
     grid = [c for c in grid if not isinstance(shapes[stage[c]], str)]
@@ -338,8 +351,9 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     grid = list(configs)
     dense_params, dense_one_d = parameter_count(base)
     rows = {}
+    counts = {stage[c]: stage_counts(shapes[stage[c]]) for c in grid}
     for c in grid:
-        params, one_d = parameter_count(configs[c])
+        params, one_d = counts[stage[c]](blocks - c.blocks)
         rows[c.key] = Row(c, shape_of(configs[c]), params, _file_bytes(params, one_d, config))
     dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, config)}
     if not target.speed:

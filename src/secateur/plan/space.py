@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from secateur.width import WidthConfig
 
 
+def split_order(split: float | None) -> tuple[bool, float]:
+    """Sorts attention splits: the default (None) first, then by fraction."""
+    return split is not None, split or 0.0
+
+
 @functools.total_ordering
 @dataclass(frozen=True)
 class Candidate:
@@ -32,7 +37,7 @@ class Candidate:
     attention: float | None = None
 
     def _order(self) -> tuple:
-        return (self.blocks, self.width, self.hidden, self.round_to, self.attention is not None, self.attention or 0.0)
+        return (self.blocks, self.width, self.hidden, self.round_to, *split_order(self.attention))
 
     def __lt__(self, other: "Candidate") -> bool:
         return self._order() < other._order()
