@@ -42,12 +42,14 @@ from llamacpp_build import build  # noqa: E402
 TARGETS = {"decode1.3": "decode-speedup=1.3", "decode1.6": "decode-speedup=1.6", "decode2": "decode-speedup=2",
            "params80M": "params=80M"}  # fmt: skip
 # the planner's grid, and the single-kind grids it contains (width only: finer, and further); the width
-# grids search the default attention splits (default,0:0.75:0.25: of SmolLM2's 3 key/value groups,
-# every block keeps all 3, 2, 1, or the width stage's rounding; run 6 searched the default only)
+# grids search the attention split too (of SmolLM2's 3 key/value groups every block keeps all 3, 2, 1,
+# or the width stage's rounding; run 6 searched the default split only, as `secateur plan` does unless
+# told otherwise)
+SPLITS = ["--attention", "default,0:0.75:0.25"]
 SEARCHES = {
-    "planner": ["--depth", "0:0.8", "--width", "0:0.7:0.05", "--hidden", "0,0.125"],
+    "planner": ["--depth", "0:0.8", "--width", "0:0.7:0.05", *SPLITS, "--hidden", "0,0.125"],
     "depth only": ["--depth", "0:0.8", "--width", "0", "--hidden", "0"],
-    "width only": ["--depth", "0", "--width", "0:0.85:0.05", "--hidden", "0"],
+    "width only": ["--depth", "0", "--width", "0:0.85:0.05", *SPLITS, "--hidden", "0"],
 }
 
 

@@ -174,6 +174,12 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# the curves in the plot: the table (the default on every start, the references on width 50%
+# and 2:4) and the default on 2:4 at other budgets; the rest are in the table
+PLOTTED = ["width50:default", "width50:ce-full", "width50:llm-pruner", "width50:perp", "24:default", "24:ce-full",
+           "24:llm-pruner", "24:perp", "width20:default", "depth20:default", "sparse70:default"]
+
+
 def plot(rows: dict[str, dict], png: Path) -> None:
     import matplotlib
 
@@ -182,10 +188,13 @@ def plot(rows: dict[str, dict], png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     colors = plt.get_cmap("tab20").colors
-    for i, row in enumerate(rows.values()):
+    shown = [r for r in rows.values() if r["run"].split("@")[0] in PLOTTED]
+    for i, row in enumerate(shown):
         xs = [0] + [c["tokens"] for c in row["curve"]]
         ys = [row["before"]] + [c["val_perplexity"] for c in row["curve"]]
-        ax.plot(xs, ys, "o-" if i < 10 else "s--", ms=3, color=colors[i % 20], label=f"{row['start']} {row['recipe']}")
+        budget = "" if row["tokens"] == B else f" ({row['tokens']:,} tokens)"
+        ax.plot(xs, ys, "o-" if i < 10 else "s--", ms=3, color=colors[i % 20],
+                label=f"{row['start']} {row['recipe']}{budget}")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation perplexity (8 x 512, log scale; at 0: protocol v1)")

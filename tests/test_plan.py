@@ -632,11 +632,11 @@ def test_a_plan_whose_grid_rounds_to_the_same_models_runs_each_once(deep_model, 
     monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
     model, text = deep_model
     target = int(sum(p.numel() for p in load(model)[0].parameters()) * 0.8)
-    assert main(["plan", str(model), "--target", f"params={target}", "--round-to", "64", "--attention", "default",
+    assert main(["plan", str(model), "--target", f"params={target}", "--round-to", "64",
                  *_flags(text, tmp_path / "plan")]) == 0  # fmt: skip
     record = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    speed = plan(model, fill(PlanConfig, _settings(text, round_to=64, target="decode-speedup=1.2", attention="default")),
-                 tmp_path / "speed", engine=_table_for(model, round_to=64), progress=False)  # fmt: skip
+    speed = plan(model, fill(PlanConfig, _settings(text, round_to=64, target="decode-speedup=1.2")), tmp_path / "speed",
+                 engine=_table_for(model, round_to=64), progress=False)  # fmt: skip
     for record in (record, speed):
         assert record["same_shape"] and all(k.endswith("-h0.25") and v.endswith("-h0") for k, v in record["same_shape"].items())
         assert not set(record["same_shape"]) & {c["key"] for c in record["candidates"]}
@@ -686,7 +686,7 @@ def test_a_split_search_is_refused_where_heads_are_not_pruned(model_dir, text_fi
     neox = model_dir("gpt_neox")
     assert main(["plan", str(neox), "--target", "params=10k", *flags, "--attention", "default,0"]) == 2
     assert "heads are not pruned" in capsys.readouterr().err and not (tmp_path / "plan").exists()
-    # the default grid's splits are left out there: MLP channels are the whole width
+    # without --attention (the default split only) it plans: MLP channels are the whole width
     target = int(sum(p.numel() for p in load(neox)[0].parameters()) * 0.95)
     assert main(["plan", str(neox), "--target", f"params={target}", *flags, "--round-to", "8"]) == 0
     record = json.loads((tmp_path / "plan" / "plan.json").read_text())

@@ -8,8 +8,6 @@ from typing import Literal
 from secateur.errors import ConfigError
 from secateur.schema import REQUIRED, option
 
-SPLITS = "default,0:0.75:0.25"  # the attention splits searched unless --attention says otherwise
-
 
 @dataclass(frozen=True)
 class PlanConfig:
@@ -29,10 +27,11 @@ class PlanConfig:
     round_to: int | None = option(None, "MLP widths and the hidden size are multiples of this (default: the step of "
                                         "llama.cpp's f16 kernels on this CPU, 32, 64 with AVX512F, 128 with "
                                         "AVX512-FP16, since it runs misaligned sizes far slower; 8 with --engine hf)")
-    attention: str | None = option(None, "shares of every block's key/value groups to remove with the width (the "
-                                         "width stage's --attention-fraction; the MLP makes up the rest), one more "
-                                         "axis of the search: default (that stage's rounding of the width fraction) "
-                                         "and/or fractions (default: default,0:0.75:0.25 where heads are pruned)")
+    attention: str = option("default", "attention splits to search, one more axis: the share of every block's "
+                                       "key/value groups that goes with the width (the width stage's "
+                                       "--attention-fraction; the MLP makes up the rest): default (that stage's "
+                                       "rounding of the width fraction) and/or fractions, e.g. default,0:0.75:0.25 "
+                                       "(more candidates: longer plans)")
     hidden: str = option("0,0.125", "fractions of the hidden channels to remove (counted in the width fraction)")
     calib: str = option("enwiki-sample", "text for statistics, spans and proxy windows (drawn after the "
                                          "evaluation region)")

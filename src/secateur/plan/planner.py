@@ -54,7 +54,7 @@ from secateur.plan.costs import (
     timed_model,
     with_layers,
 )
-from secateur.plan.config import SPLITS, PlanConfig
+from secateur.plan.config import PlanConfig
 from secateur.plan.proxy import Proxy
 from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front, undominated
@@ -321,7 +321,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     depth_counts(config.depth, 2)  # checks the grid before any work
     widths = parse_grid(config.width, "width")
     hiddens = parse_grid(config.hidden, "hidden")
-    splits = parse_splits(config.attention or SPLITS)
+    splits = parse_splits(config.attention)
     check_output(out, overwrite, [model_path])
     load_text(config.calib, "calibration", "text")
     base = load_config(model_path)
@@ -331,11 +331,9 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     if adapter.width.mlp.size_key != "intermediate_size":  # the shapes the cost model describes
         raise ConfigError(f"secateur plan describes decoders whose config gives intermediate_size (Llama, Qwen, Gemma, "
                           f"Phi-3, GPT-NeoX, ...), not {base.model_type}: prune it with secateur prune")
-    if adapter.width.attention is None:  # no heads to remove: the width is all MLP channels
-        if config.attention is not None:
-            raise ConfigError(f"--attention {config.attention}: {base.model_type}'s heads are not pruned (its head size "
-                              f"is hidden_size / heads), so there is no split to search: drop --attention")
-        splits = (None,)
+    if adapter.width.attention is None and splits != (None,):  # the width is all MLP channels there
+        raise ConfigError(f"--attention {config.attention}: {base.model_type}'s heads are not pruned (its head size "
+                          f"is hidden_size / heads), so there is no split to search: drop --attention")
     if engine is None:
         engine = _engine(config, target, model_path)
     blocks = base.num_hidden_layers
