@@ -59,7 +59,7 @@ def _option_flags(p: argparse.ArgumentParser, options: dict[str, Any]) -> None:
 
     for key, (option, help_text) in options.items():
         kind, extra = cli_type(option)
-        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=help_text,
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=help_text.replace("%", "%%"),
                        **({"type": kind} if kind else {}), **extra)
 
 
