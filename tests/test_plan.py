@@ -457,8 +457,8 @@ def _table_for(model: Path, round_to: int = 8) -> TableEngine:
     from secateur.plan.planner import block_shapes
 
     base = load_config(model)
-    shapes = block_shapes(base, [(w, h, a) for w in (0.0, 0.25, 0.5) for h in (0.0, 0.25) for a in (None, 0.0, 0.5)],
-                          round_to)  # fmt: skip
+    shapes = block_shapes(base, [Candidate(0, w, h, round_to, a) for w in (0.0, 0.25, 0.5) for h in (0.0, 0.25)
+                                 for a in (None, 0.0, 0.5)])  # fmt: skip
     table = {}
     for cfg in shapes.values():
         if isinstance(cfg, str):

@@ -133,34 +133,31 @@ def _file_bytes(params: int, one_d: int, config: PlanConfig) -> int:
     return 4 * params
 
 
-Widths = tuple[float, float, float | None]  # a width stage's (width, hidden, attention split)
-
-
-def block_shapes(model_config: Any, widths: list[Widths], round_to: int = 8) -> dict[Widths, Any | str]:
-    """The config a width stage leaves, per (width, hidden, attention split), from a one-block random
-    copy of the model pruned for real (uniform widths are the same at any depth); a string says why
-    one cannot be pruned."""
+def block_shapes(model_config: Any, stages: list[Candidate]) -> dict[Candidate, Any | str]:
+    """The config each width stage (`Candidate.stage`) leaves, from a one-block random copy of the
+    model pruned for real (uniform widths are the same at any depth); a string says why one cannot
+    be pruned."""
     one = random_model(_small_vocabulary(with_layers(model_config, 1)))
     calibration = torch.randint(0, one.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    out: dict[Widths, Any | str] = {}
+    out: dict[Candidate, Any | str] = {}
     statistics = None  # one gathering serves every stage (the planner's stages all score alike)
-    for width, hidden, split in widths:
-        if not width:
-            out[(width, hidden, split)] = with_layers(model_config, 1)
+    for stage in stages:
+        if not stage.width:
+            out[stage] = with_layers(model_config, 1)
             continue
-        stage = Candidate(0, width, hidden, round_to, split).width_config()
+        settings = stage.width_config()
         with block_bars(False):
             if statistics is None:
-                statistics = gather_statistics(one, calibration, moments=stage.needs_moments,
-                                               gradients=IMPORTANCE[stage.importance].gradients)  # fmt: skip
+                statistics = gather_statistics(one, calibration, moments=settings.needs_moments,
+                                               gradients=IMPORTANCE[settings.importance].gradients)  # fmt: skip
             skeleton = copy.deepcopy(one)  # pruning rewrites the model and its config
             try:
-                width_prune(skeleton, stage, calibration, statistics=statistics)
+                width_prune(skeleton, settings, calibration, statistics=statistics)
             except WidthError as exc:
-                out[(width, hidden, split)] = str(exc)
+                out[stage] = str(exc)
                 continue
         skeleton.config.vocab_size = model_config.vocab_size
-        out[(width, hidden, split)] = skeleton.config
+        out[stage] = skeleton.config
     return out
 
 
@@ -339,19 +336,17 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     blocks = base.num_hidden_layers
     round_to = round_to_of(config)
     grid = candidates(depth_counts(config.depth, blocks), widths, hiddens, round_to, splits)
-    stage = {c: (c.width, c.hidden, c.attention) for c in grid}
-    shapes = block_shapes(base, sorted(set(stage.values()), key=lambda s: (*s[:2], *split_order(s[2]))), round_to)
-    refused = {Candidate(0, *s[:2], round_to, s[2]).key.removeprefix("d0-"): why for s, why in shapes.items()
-               if isinstance(why, str)}  # fmt: skip
-    grid = [c for c in grid if not isinstance(shapes[stage[c]], str)]
-    configs = {c: with_layers(shapes[stage[c]], blocks - c.blocks) for c in grid}
+    shapes = block_shapes(base, sorted({c.stage for c in grid}))
+    refused = {s.key.removeprefix("d0-"): why for s, why in shapes.items() if isinstance(why, str)}
+    grid = [c for c in grid if not isinstance(shapes[c.stage], str)]
+    configs = {c: with_layers(shapes[c.stage], blocks - c.blocks) for c in grid}
     configs, same = _distinct(configs)
     grid = list(configs)
     dense_params, dense_one_d = parameter_count(base)
     rows = {}
-    counts = {stage[c]: stage_counts(shapes[stage[c]]) for c in grid}
+    counts = {stage: stage_counts(shapes[stage]) for stage in {c.stage for c in grid}}
     for c in grid:
-        params, one_d = counts[stage[c]](blocks - c.blocks)
+        params, one_d = counts[c.stage](blocks - c.blocks)
         rows[c.key] = Row(c, shape_of(configs[c]), params, _file_bytes(params, one_d, config))
     dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, config)}
     if not target.speed:

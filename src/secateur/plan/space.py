@@ -5,6 +5,7 @@ in between; the split also takes `default` (the width stage's own rounding)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -41,6 +42,12 @@ class Candidate:
 
     def __lt__(self, other: "Candidate") -> bool:
         return self._order() < other._order()
+
+    @property
+    def stage(self) -> "Candidate":
+        """The width stage alone (no blocks removed): uniform widths do not depend on the depth, so
+        every candidate of one stage has the same block shape."""
+        return dataclasses.replace(self, blocks=0)
 
     @property
     def key(self) -> str:
