@@ -12,7 +12,8 @@ first use; it needs no calibration (magnitude).
 
 `--hidden-fractions 0,0.125` adds rows that also remove that fraction of the hidden (embedding)
 channels (counted in the same block-parameter target); `--allocations`, `--importances` and
-`--no-compensation` select the rows. Speed is timed for every uniform fluctuation row, next to the
+`--no-compensation` select the rows; `--reconstruct off,0.01` adds rows with the output projections
+refitted by least squares (`--reconstruct`) at each listed damp (`off`: not refitted). Speed is timed for every uniform fluctuation row, next to the
 dense model and to the issue's reference shape: the dense config with half the MLP width and one
 key/value group (with its query heads) per block, random weights, built here.
 
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--allocations", default=",".join(ALLOCATIONS))
     parser.add_argument("--hidden-fractions", default="0", help="comma list of hidden-channel fractions per row")
     parser.add_argument("--no-compensation", action="store_true", help="FLAP rows without bias compensation")
+    parser.add_argument("--reconstruct", default="off", help="comma list: off, or a --reconstruct-damp per row")
     parser.add_argument("--calib", default="32x512", help="SAMPLESxSEQ_LEN calibration windows")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model and round")
@@ -110,14 +112,16 @@ def main() -> None:
     results["statistics_seconds"] = time.perf_counter() - start
 
     hidden_fractions = [float(h) for h in args.hidden_fractions.split(",")]
+    damps = [None if d == "off" else float(d) for d in args.reconstruct.split(",")]
     for fraction in fractions:
-        for importance, allocation, hidden in itertools.product(importances, args.allocations.split(","),
-                                                                hidden_fractions):  # fmt: skip
+        for importance, allocation, hidden, damp in itertools.product(importances, args.allocations.split(","),
+                                                                      hidden_fractions, damps):  # fmt: skip
             model = copy.deepcopy(dense)
             compensation = False if args.no_compensation else None
-            config = WidthConfig(fraction, importance, allocation, "kv-groups", compensation, hidden_fraction=hidden)
+            config = WidthConfig(fraction, importance, allocation, "kv-groups", compensation, hidden_fraction=hidden,
+                                 reconstruct=damp is not None, reconstruct_damp=damp)  # fmt: skip
             try:
-                report = width_prune(model, config, None, statistics=statistics)
+                report = width_prune(model, config, calib if damp is not None else None, statistics=statistics)
             except ValueError as exc:  # e.g. the hidden share alone exceeds the target
                 print(f"secateur {importance} {allocation} {fraction:.0%} hidden {hidden:g}: {exc}", flush=True)
                 continue
@@ -125,12 +129,14 @@ def main() -> None:
             row = {"tool": "secateur", "fraction": fraction, "importance": importance, "allocation": allocation,
                    "bias_compensation": config.compensate, "hidden_fraction": hidden, "hidden_size": report.hidden_after,
                    "removed_fraction": report.removed_fraction, "perplexity": ppl, "apply_seconds": report.seconds,
+                   "reconstruct_damp": damp,
                    "widths": [w.to_dict() for w in report.after][:3] if not report.uniform else report.after[0].to_dict()}
-            if allocation == "uniform" and importance == "fluctuation" and not args.skip_speed:
+            if allocation == "uniform" and importance == "fluctuation" and damp is None and not args.skip_speed:
                 name = f"secateur-{fraction}-h{hidden:g}"
                 row["path"] = str(save(model, tokenizer, Path(_TMP.name) / name, {}))
             results["rows"].append(row)
-            print(f"secateur {importance:11s} {allocation:8s} {fraction:.0%} hidden {report.hidden_after}: "
+            refit = "" if damp is None else f" refit {damp:g}"
+            print(f"secateur {importance:11s} {allocation:8s} {fraction:.0%} hidden {report.hidden_after}{refit}: "
                   f"removed {report.removed_fraction:.3f}  ppl {ppl:10.3f}", flush=True)
             del model
         if not args.skip_peer:
@@ -186,10 +192,12 @@ def _label(row: dict) -> str:
 
 def report_table(results: dict) -> str:
     lines = [f"dense perplexity {results['dense']:.3f}; calibration {results['calibration']}",
-             "| tool | importance | allocation | hidden | target | removed | perplexity |", "|---|---|---|---|---|---|---|"]
+             "| tool | importance | allocation | hidden | refit damp | target | removed | perplexity |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
+        damp = "-" if r.get("reconstruct_damp") is None else f"{r['reconstruct_damp']:g}"
         lines.append(f"| {r['tool']} | {r.get('importance', 'group L2 (mean)')} | {r.get('allocation', 'uniform')} | "
-                     f"{r.get('hidden_size', '-')} | {r['fraction']:.0%} | {r['removed_fraction']:.3f} | "
+                     f"{r.get('hidden_size', '-')} | {damp} | {r['fraction']:.0%} | {r['removed_fraction']:.3f} | "
                      f"{r['perplexity']:.2f} |")
     speed_rows = [s for s in results.get("speed", []) if "label" in s]
     if speed_rows:

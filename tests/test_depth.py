@@ -303,7 +303,7 @@ def test_runs_are_maximal_consecutive():
 
 
 def test_ridge_towards_prior_hand_cases():
-    from secateur.depth.compensate import NormalEquations, ridge_towards
+    from secateur.calibrate.ridge import NormalEquations, ridge_towards
 
     torch.manual_seed(0)
     a, r, prior = torch.randn(50, 4, dtype=torch.float64), torch.randn(50, 3, dtype=torch.float64), torch.randn(4, 3)

@@ -231,6 +231,109 @@ def test_fraction_is_reached_and_parameters_shrink():
     assert model.config.mlp_bias and model.config.attention_bias  # enabled for compensation
 
 
+# --- least-squares reconstruction (--reconstruct) ---------------------------------------------------
+
+
+def _gram(x: torch.Tensor, ones: bool) -> torch.Tensor:
+    a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1) if ones else x
+    return a.T @ a
+
+
+def test_refit_folds_a_removed_channel_that_is_a_sum_of_kept_ones():
+    from secateur.width.reconstruct import refit_columns
+
+    torch.manual_seed(0)
+    x01 = torch.randn(200, 2, dtype=torch.float64)
+    x = torch.cat([x01, x01.sum(1, keepdim=True)], dim=1)  # channel 2 = channel 0 + channel 1
+    weight = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
+    new, bias, before, after = refit_columns(_gram(x, False), weight, None, torch.tensor([0, 1]), damp=0.0)
+    # y0 = x0 + 2 x1 + 3 (x0 + x1) = 4 x0 + 5 x1; y1 = x1 - (x0 + x1) = -x0
+    torch.testing.assert_close(new, torch.tensor([[4.0, 5.0], [-1.0, 0.0]], dtype=torch.float64))
+    assert bias is None and before > 0.3 and after < 1e-6
+    plain = x[:, :2] @ weight[:, :2].T  # the reported error of plain slicing is the real one
+    dense = x @ weight.T
+    assert before == pytest.approx(float((plain - dense).norm() / dense.norm()), rel=1e-9)
+
+
+def test_refit_with_a_bias_absorbs_a_constant_channel_as_flap_does():
+    from secateur.width.reconstruct import refit_columns
+
+    torch.manual_seed(1)
+    x = torch.cat([torch.randn(300, 2, dtype=torch.float64), torch.full((300, 1), 2.0, dtype=torch.float64)], dim=1)
+    weight = torch.tensor([[1.0, 1.0, 3.0]], dtype=torch.float64)
+    bias = torch.tensor([0.5], dtype=torch.float64)
+    new, new_bias, before, after = refit_columns(_gram(x, True), weight, bias, torch.tensor([0, 1]), damp=0.0)
+    torch.testing.assert_close(new, weight[:, :2])  # the kept weights were already right
+    torch.testing.assert_close(new_bias, torch.tensor([0.5 + 3.0 * 2.0], dtype=torch.float64))  # b + W_R E[x_R]
+    assert after < 1e-6 < before
+    # a huge ridge keeps the original weights (plain slicing); a wrong Gram size is refused
+    new, new_bias, _, after = refit_columns(_gram(x, True), weight, bias, torch.tensor([0, 1]), damp=1e12)
+    torch.testing.assert_close(new, weight[:, :2])
+    assert float(new_bias) == pytest.approx(0.5, abs=1e-6) and after == pytest.approx(before, rel=1e-3)
+    with pytest.raises(ValueError, match="gram"):
+        refit_columns(_gram(x, False), weight, bias, torch.tensor([0, 1]), damp=0.0)
+
+
+@torch.no_grad()
+def test_refit_ridge_pulls_towards_the_original_weights():
+    from secateur.width.reconstruct import refit_columns
+
+    torch.manual_seed(2)
+    x = torch.randn(100, 4, dtype=torch.float64)
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    keep, gram = torch.tensor([0, 2, 3]), _gram(x, False)
+    new, _, _, _ = refit_columns(gram, weight, None, keep, damp=0.5)
+    g = gram[keep][:, keep]
+    lam = 0.5 * float(g.diagonal().mean())
+    expected = torch.linalg.solve(g + lam * torch.eye(3, dtype=torch.float64), gram[keep] @ weight.T + lam * weight[:, keep].T)
+    torch.testing.assert_close(new, expected.T)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "gpt2"])
+def test_reconstruct_lowers_every_layer_error_and_the_output_error(family, tmp_path):
+    dense, plain, refit = tiny_model(family), tiny_model(family), tiny_model(family)
+    calib = calibration(16, 64)  # 1,024 tokens: well over the widest refit's 128 + 1 features
+    width_prune(plain, WidthConfig(0.5), calib)
+    report = width_prune(refit, WidthConfig(0.5, reconstruct=True), calib)
+    heads = family in HEAD_FAMILIES
+    assert len(report.reconstruction) == dense.config.num_hidden_layers * (2 if heads else 1)
+    for record in report.reconstruction:
+        assert record["error_after"] <= record["error_before"]
+    assert sum(r["error_after"] for r in report.reconstruction) < 0.95 * sum(r["error_before"] for r in report.reconstruction)
+    assert report.after == widths_of_model(plain)  # the same shapes as without the refit
+    ids = calibration(4, 32, seed=5)  # held out
+
+    def kl(model):
+        return torch.nn.functional.kl_div(model(ids).logits.log_softmax(-1), dense(ids).logits.log_softmax(-1),
+                                          log_target=True, reduction="batchmean")  # fmt: skip
+
+    with torch.no_grad():
+        assert kl(refit) < kl(plain)
+    save(refit, tiny_tokenizer(), tmp_path / "m", {})
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, refit(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def widths_of_model(model):
+    from secateur.width.prune import widths_of
+
+    return widths_of(model, adapter_for(model))
+
+
+def test_reconstruct_refusals():
+    with pytest.raises(ConfigError, match="--reconstruct-damp applies to --reconstruct"):
+        WidthConfig(0.3, reconstruct_damp=0.1)
+    with pytest.raises(ConfigError, match="at least 0"):
+        WidthConfig(0.3, reconstruct=True, reconstruct_damp=-1.0)
+    with pytest.raises(WidthError, match="--reconstruct refits on calibration"):
+        width_prune(tiny_model("llama"), WidthConfig(0.3, "magnitude", reconstruct=True), None)
+    with pytest.raises(WidthError, match="--heads none"):
+        width_prune(tiny_model("phi3"), WidthConfig(0.3, reconstruct=True), calibration())
+    report = width_prune(tiny_model("phi3"), WidthConfig(0.3, heads="none", reconstruct=True), calibration())
+    assert len(report.reconstruction) == 2
+
+
 # --- save and reload ---------------------------------------------------------------------------------
 
 

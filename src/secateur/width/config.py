@@ -37,6 +37,11 @@ class WidthConfig:
       instead of round(fraction x units); the MLP channels make up the parameter target. With few
       key/value groups the default rounding is coarse (SmolLM2-135M's 3 groups at fraction 0.5: 2 go),
       so this chooses the attention/MLP split (Minitron searches it; 1/3 keeps 2 of 3 groups).
+    reconstruct: refit every pruned block's output projections (o_proj, down_proj) on their kept
+      inputs by ridge least squares, block by block on the pruned model's calibration activations
+      (`secateur.width.reconstruct`); the bias is refitted too where it exists (bias compensation on).
+      One more streamed calibration pass; the shapes and the saved config are unchanged.
+    reconstruct_damp: the ridge towards the original weights, times the mean Gram diagonal.
     """
 
     fraction: float = option(REQUIRED, "fraction of the decoder blocks' parameters to remove", key="remove_fraction")
@@ -56,6 +61,10 @@ class WidthConfig:
     attention_fraction: float | None = option(None, "uniform allocation: remove this fraction of every block's "
                                                     "attention units (default: remove_fraction); the MLP channels "
                                                     "make up the rest of the parameters")
+    reconstruct: bool = option(False, "refit each pruned block's output projections on their kept inputs by least "
+                                      "squares on calibration (block by block on the pruned model)")
+    reconstruct_damp: float | None = option(None, "reconstruct: ridge towards the original weights, times the mean "
+                                                  "Gram diagonal (default 0.01)")
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction < 1:
@@ -76,6 +85,11 @@ class WidthConfig:
                                   "--allocation uniform")
             if self.heads == "none":
                 raise ConfigError("--attention-fraction needs heads to remove, and --heads none keeps them all: drop one")
+        if self.reconstruct_damp is not None:
+            if not self.reconstruct:
+                raise ConfigError("--reconstruct-damp applies to --reconstruct only: drop it or add --reconstruct")
+            if self.reconstruct_damp < 0:
+                raise ConfigError(f"--reconstruct-damp must be at least 0, got {self.reconstruct_damp}")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
 
@@ -97,13 +111,18 @@ class WidthConfig:
         return self.importance == "fluctuation" if self.bias_compensation is None else self.bias_compensation
 
     @property
+    def damp(self) -> float:
+        """The reconstruction's ridge (see `reconstruct_damp`)."""
+        return 0.01 if self.reconstruct_damp is None else self.reconstruct_damp
+
+    @property
     def needs_moments(self) -> bool:
         """Input moments: for activation / fluctuation scores and for bias compensation."""
         return IMPORTANCE[self.importance].activations or self.compensate
 
     @property
     def needs_calibration(self) -> bool:
-        return self.needs_moments or IMPORTANCE[self.importance].gradients
+        return self.needs_moments or IMPORTANCE[self.importance].gradients or self.reconstruct
 
     @property
     def method_name(self) -> str:

@@ -25,6 +25,7 @@ from secateur.calibrate.stream import BlockState, Observer, collect_input_stats
 from secateur.models import Adapter, Width, adapter_for
 from secateur.width.config import WidthConfig
 from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
+from secateur.width.reconstruct import Cut, refit_layer, stream_refits
 from secateur.width.remote import declare_reshaped
 from secateur.width.scores import IMPORTANCE
 from secateur.width.structure import (
@@ -72,6 +73,7 @@ class WidthReport:
     bias_compensation: bool = False  # as run (the defaults resolve per family)
     heads: str = "kv-groups"
     variant: str | None = None  # why the family's variant differs from the default, if it does
+    reconstruction: list[dict] = field(default_factory=list)  # per refitted layer: relative output error before/after
 
     @property
     def removed_fraction(self) -> float:
@@ -93,6 +95,7 @@ class WidthReport:
             "bias_compensation": self.bias_compensation,
             "heads": self.heads,
             "variant": self.variant,
+            "reconstruction": self.reconstruction,
         }
 
 
@@ -107,6 +110,10 @@ def width_of(model: nn.Module, adapter: Adapter, config: WidthConfig) -> Width:
     if config.heads != "none" and width.attention.fused and config.allocation == "adaptive":
         raise WidthError(f"{model_type}'s fused qkv_proj reads the head count from the shared config, so every block "
                          f"must keep the same heads; use --allocation uniform or --heads none")
+    if config.heads != "none" and width.attention.fused and config.reconstruct:
+        raise WidthError(f"{model_type}'s fused qkv_proj reads the head count from the shared config, so its blocks "
+                         f"cannot run one by one with fewer heads while --reconstruct refits them; add --heads none "
+                         f"or drop --reconstruct")
     if config.hidden_fraction:
         check_hidden(model, adapter)
     if config.compensate:
@@ -235,32 +242,66 @@ def _units(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig
     return units
 
 
+@dataclass(frozen=True)
+class Refit:
+    """Least-squares reconstruction of the output projections, on these calibration windows."""
+
+    calibration: Tensor
+    damp: float
+    batch_size: int
+    device: torch.device
+
+
 @torch.no_grad()
 def _apply(model: nn.Module, adapter: Adapter, width: Width, units: list[Units], removals: dict, stats: dict,
-           compensate_bias: bool, on_slice: Sliced | None = None) -> None:  # fmt: skip
-    size = head_dim(model.config)
+           compensate_bias: bool, on_slice: Sliced | None = None, refit: Refit | None = None) -> list[dict]:  # fmt: skip
+    """Slice every unit's removals; with `refit`, block by block on the model as pruned so far, each
+    output projection refitted first (returns the refits' records)."""
     if compensate_bias:
         for kind in {u.kind for u in units if removals[(u.block, u.kind)]}:
             enable_biases(model, adapter, kind)
+    todo = [u for u in units if removals[(u.block, u.kind)]]
+    cuts: dict[int, list] = {}
+    for u in todo:  # attention before the MLP within a block (the order `_units` lists them in)
+        cut = _cutter(model, adapter, width, u, removals[(u.block, u.kind)], stats, compensate_bias, on_slice,
+                      refit.damp if refit else None)  # fmt: skip
+        cuts.setdefault(u.block, []).append((width.mlp.consumer if u.kind == "mlp" else width.attention.o, cut))
+    if refit is not None:
+        return stream_refits(model, adapter, cuts, refit.calibration, refit.batch_size, refit.device)
     blocks = adapter.block_list(model)
-    for u in units:
-        removed = removals[(u.block, u.kind)]
-        if not removed:
-            continue
-        block, prefix = blocks[u.block], f"{adapter.blocks}.{u.block}"
+    for index, block_cuts in cuts.items():
+        for _, cut in block_cuts:
+            cut(blocks[index], None)
+    return []
+
+
+def _cutter(model: nn.Module, adapter: Adapter, width: Width, u: Units, removed: int, stats: dict,
+            compensate_bias: bool, on_slice: Sliced | None, damp: float | None) -> Cut:  # fmt: skip
+    """The cut of one unit's removals: given the block (and the Gram of its consumer's inputs, when
+    refitting), refit the consumer or fold the removed channels' mean into its bias, then slice."""
+    size, prefix = head_dim(model.config), f"{adapter.blocks}.{u.block}"
+
+    def cut(block: nn.Module, gram: Tensor | None) -> dict:
         if u.kind == "mlp":
-            keep = u.keep(removed)
-            if compensate_bias:
-                gone = _complement(keep, len(u.scores))
-                compensate(block.get_submodule(width.mlp.consumer), gone, stats[f"{prefix}.{width.mlp.consumer}"].mean)
-            keep_channels(block, width.mlp, keep, on_slice)
+            keep, n = u.keep(removed), len(u.scores)
+            name, columns, gone = width.mlp.consumer, keep, lambda: _complement(keep, n)
         else:
             q_heads, kv_heads = attention_heads(block, width.attention, size)
             q_keep, kv_keep = head_keep(u, removed, q_heads, kv_heads)
-            if compensate_bias:
-                gone = head_rows(_complement(q_keep, q_heads), size)
-                compensate(block.get_submodule(width.attention.o), gone, stats[f"{prefix}.{width.attention.o}"].mean)
+            name, columns = width.attention.o, head_rows(q_keep, size)
+            gone = lambda: head_rows(_complement(q_keep, q_heads), size)  # noqa: E731
+        record = {}
+        if gram is not None:
+            record = refit_layer(block.get_submodule(name), columns, gram, damp)
+        elif compensate_bias:
+            compensate(block.get_submodule(name), gone(), stats[f"{prefix}.{name}"].mean)
+        if u.kind == "mlp":
+            keep_channels(block, width.mlp, keep, on_slice)
+        else:
             keep_heads(block, width.attention, size, q_keep, kv_keep, on_slice)
+        return record
+
+    return cut
 
 
 def _saved_heads(model: nn.Module, config: WidthConfig, units: list[Units]) -> int:
@@ -402,6 +443,8 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     report = WidthReport(before=widths_of(model, adapter),
                          block_parameters_before=block_parameters(model, adapter), head_dim=size,
                          bias_compensation=config.compensate, heads=config.heads, variant=variant)  # fmt: skip
+    if config.reconstruct and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
+        raise WidthError("--reconstruct refits on calibration: pass a (samples, seq_len) tensor of token ids")
     if statistics is None:
         if config.needs_calibration and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
             raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
@@ -424,7 +467,9 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
         _check_attention_share(config, units, target)
     else:
         removals = adaptive_removals(units, target, config.mlp_multiple)
-    _apply(model, adapter, width, units, removals, statistics.moments, config.compensate, on_slice)
+    refit = Refit(calibration, config.damp, batch_size, device) if config.reconstruct else None
+    report.reconstruction = _apply(model, adapter, width, units, removals, statistics.moments, config.compensate,
+                                   on_slice, refit)  # fmt: skip
     report.after = widths_of(model, adapter)
     report.uniform = len(set(report.after)) == 1
     report.remote_code = describe_widths(model, adapter, report.after)
