@@ -6,7 +6,8 @@ dense model in pairs before it is accepted), each pruned for real, evaluated
 2 threads, interleaved rounds). Also: the proxy's rank correlation with perplexity over every
 pruned recipe, and planning time against one prune.
 
-Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl (run 7: the
+Steps are resumable: each finished one is a line of benchmarks/results/plan.jsonl (run 8: run 7
+with two more searches whose width stages refit the output projections, `--reconstruct`; run 7: the
 attention/MLP split searched; run 6, the default split only, is kept in plan-v6.jsonl; run 5, whose
 depth levels ran their removed blocks, in plan-v5.jsonl; run 4, with a 2% margin and checks of
 three rounds, in plan-v4.jsonl, run 3 in plan-v3.jsonl, run 2, on a Xeon, in plan-v2.jsonl and run
@@ -50,7 +51,16 @@ SEARCHES = {
     "planner": ["--depth", "0:0.8", "--width", "0:0.7:0.05", *SPLITS, "--hidden", "0,0.125"],
     "depth only": ["--depth", "0:0.8", "--width", "0", "--hidden", "0"],
     "width only": ["--depth", "0", "--width", "0:0.85:0.05", *SPLITS, "--hidden", "0"],
+    # run 8: width stages refit their output projections (`--reconstruct`), on run 6's grids (the
+    # default split: the split grid's candidate count times a refit each would multiply planning time)
+    "planner refit": ["--depth", "0:0.8", "--width", "0:0.7:0.05", "--hidden", "0,0.125", "--reconstruct"],
+    "width only refit": ["--depth", "0", "--width", "0:0.85:0.05", "--hidden", "0", "--reconstruct"],
 }
+
+
+def recipe_key(chosen: dict) -> str:
+    """A chosen candidate's key, marked when its width stage refits (the candidate key leaves it out)."""
+    return chosen["key"] + ("-refit" if chosen.get("reconstruct") else "")
 
 
 def dense() -> Path:
@@ -152,7 +162,7 @@ def plan_phase(names: list[str]) -> None:
 
 def _chosen() -> dict[str, str]:
     """candidate key -> recipe, over every successful plan."""
-    return {r["chosen"]["key"]: r["recipe"] for s, r in done().items() if s.startswith("plan:") and "chosen" in r}
+    return {recipe_key(r["chosen"]): r["recipe"] for s, r in done().items() if s.startswith("plan:") and "chosen" in r}
 
 
 def prune_phase() -> None:
@@ -228,9 +238,10 @@ def proxy_phase() -> None:
     proxy = Proxy(model, calibration, windows, torch.device("cpu"))
     rows = done()
     kl, ppl = {}, {}
-    plans = {r["chosen"]["key"]: r["chosen"] for s, r in rows.items() if s.startswith("plan:") and "chosen" in r}
+    plans = {recipe_key(r["chosen"]): r["chosen"] for s, r in rows.items() if s.startswith("plan:") and "chosen" in r}
+    fields = ("blocks", "width", "hidden", "round_to", "attention", "reconstruct")
     for key in _chosen():
-        candidate = Candidate(**{k: plans[key].get(k) for k in ("blocks", "width", "hidden", "round_to", "attention")})
+        candidate = Candidate(**{k: plans[key][k] for k in fields if plans[key].get(k) is not None})
         built = proxy.build(candidate)
         scores = proxy.score(built, range(config.proxy_windows))
         kl[key], ppl[key] = sum(scores) / len(scores), rows[f"prune:{key}"]["perplexity"]
@@ -253,7 +264,7 @@ def table_phase() -> None:
             if "failed" in r:
                 print(f"| {target} | {search} | none: {r['failed']} | | | | | | {r['wall']:.0f} |")
                 continue
-            key = r["chosen"]["key"]
+            key = recipe_key(r["chosen"])
             p, s = rows.get(f"prune:{key}", {}), speed.get(key, {})
             measured = s.get("decode_speedup")
             if "params" in target:

@@ -696,3 +696,34 @@ def test_a_split_search_is_refused_where_heads_are_not_pruned(model_dir, text_fi
     assert main(["plan", str(model_dir("gpt2")), "--target", "params=10k", *elsewhere]) == 2
     assert "describes decoders whose config gives intermediate_size" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_a_reconstructing_plan_scores_refitted_candidates_and_its_recipe_refits(deep_model, tmp_path, monkeypatch):
+    from secateur.plan.proxy import Proxy
+    from secateur.plan.space import Candidate
+
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model_path, text = deep_model
+    dense = sum(p.numel() for p in load(model_path)[0].parameters())
+    flags = _flags(text, tmp_path / "plan", "--hidden", "0", "--exhaustive", "--reconstruct")
+    assert main(["plan", str(model_path), "--target", f"params={int(dense * 0.8)}", *flags]) == 0
+    record = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    width_stages = [s for s in record["stages"] if s["method"] == "width"]
+    assert width_stages and all(s["reconstruct"] is True for s in width_stages)
+    scores = list((tmp_path / "cache" / "plan").glob("scores-*.jsonl"))
+    assert len(scores) == 1  # a cache of its own: refitted scores are not those of plain slicing
+    out = tmp_path / "p"
+    assert main(["prune", str(model_path), "--recipe", str(tmp_path / "plan" / "plan.toml"), "--out", str(out),
+                 "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4", "--eval-windows", "4",
+                 "--eval-seq-len", "32"]) == 0  # fmt: skip
+    manifest = json.loads((out / "secateur.json").read_text())
+    refits = [r for h in manifest["history"] if h["kind"] == "width" for r in h["result"]["reconstruction"]]
+    assert refits and all(r["error_after"] <= r["error_before"] for r in refits)
+    # the proxy builds a refitted candidate: the same shapes as plain slicing, other weights
+    model, tokenizer = load(model_path)
+    ids = torch.randint(4, 100, (6, 32), generator=torch.Generator().manual_seed(0))
+    proxy = Proxy(model, ids[:4], ids[4:], torch.device("cpu"))
+    plain, refit = proxy.build(Candidate(0, 0.5, round_to=8)), proxy.build(Candidate(0, 0.5, round_to=8, reconstruct=True))
+    assert plain.config.intermediate_size == refit.config.intermediate_size
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(plain.get_parameter(down), refit.get_parameter(down))

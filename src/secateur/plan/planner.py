@@ -214,10 +214,13 @@ def round_to_of(config: PlanConfig) -> int:
 
 
 def _score_cache(model_path: str | Path, config: PlanConfig) -> Path:
-    blob = json.dumps({"model": content_hash(model_path), "proxy": PROXY_VERSION, "calib": config.calib,
-                       "samples": config.calib_samples, "seq_len": config.calib_seq_len, "seed": config.seed,
-                       "windows": config.proxy_windows, "round_to": round_to_of(config), "holdout": [config.eval_windows, config.eval_seq_len]},
-                      sort_keys=True)  # fmt: skip
+    identity = {"model": content_hash(model_path), "proxy": PROXY_VERSION, "calib": config.calib,
+                "samples": config.calib_samples, "seq_len": config.calib_seq_len, "seed": config.seed,
+                "windows": config.proxy_windows, "round_to": round_to_of(config),
+                "holdout": [config.eval_windows, config.eval_seq_len]}  # fmt: skip
+    if config.reconstruct:  # absent otherwise: caches of plans before the option stay valid
+        identity["reconstruct"] = True
+    blob = json.dumps(identity, sort_keys=True)
     return cache_dir() / "plan" / f"scores-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.jsonl"
 
 
@@ -335,7 +338,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
         engine = _engine(config, target, model_path)
     blocks = base.num_hidden_layers
     round_to = round_to_of(config)
-    grid = candidates(depth_counts(config.depth, blocks), widths, hiddens, round_to, splits)
+    grid = candidates(depth_counts(config.depth, blocks), widths, hiddens, round_to, splits, config.reconstruct)
     shapes = block_shapes(base, sorted({c.stage for c in grid}))
     refused = {s.key.removeprefix("d0-"): why for s, why in shapes.items() if isinstance(why, str)}
     grid = [c for c in grid if not isinstance(shapes[c.stage], str)]

@@ -182,8 +182,9 @@ class Proxy:
         level = self.level(candidate.blocks)
         model = copy.deepcopy(level.model)
         if candidate.width:
-            width_prune(model, candidate.width_config(), None,
-                        device=self.device, statistics=self.statistics(level))  # fmt: skip
+            config = candidate.width_config()
+            width_prune(model, config, self.calibration if config.reconstruct else None,
+                        device=self.device, batch_size=self.batch_size, statistics=self.statistics(level))  # fmt: skip
         return model
 
     def teacher(self, index: int) -> Tensor:

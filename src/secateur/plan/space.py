@@ -29,13 +29,16 @@ class Candidate:
     """Remove `blocks` decoder blocks (the angular span, compensated), then `width` of the remaining
     blocks' parameters as whole key/value groups and MLP channels (uniform widths), `hidden` of the
     hidden channels counting towards it; `attention`: the fraction of every block's key/value groups
-    among them (the width stage's --attention-fraction; None: its default rounding of `width`)."""
+    among them (the width stage's --attention-fraction; None: its default rounding of `width`);
+    `reconstruct`: the width stage refits the output projections (a setting of the whole plan, like
+    `round_to`: not part of the key)."""
 
     blocks: int
     width: float
     hidden: float = 0.0
     round_to: int = 8  # MLP widths and the hidden size are multiples of this
     attention: float | None = None
+    reconstruct: bool = False
 
     def _order(self) -> tuple:
         return (self.blocks, self.width, self.hidden, self.round_to, *split_order(self.attention))
@@ -66,7 +69,7 @@ class Candidate:
         from secateur.width import WidthConfig
 
         return WidthConfig(self.width, hidden_fraction=self.hidden, round_to=self.round_to,
-                           attention_fraction=self.attention)
+                           attention_fraction=self.attention, reconstruct=self.reconstruct)
 
     def stages(self) -> list[dict[str, Any]]:
         """The candidate as recipe [[stage]] tables (depth first: width then scores the shallower model)."""
@@ -80,6 +83,8 @@ class Candidate:
             if self.attention is not None:
                 width["attention_fraction"] = self.attention
             width["round_to"] = self.round_to
+            if self.reconstruct:
+                width["reconstruct"] = True
             tables.append(width)
         return tables
 
@@ -135,7 +140,8 @@ def parse_splits(text: str) -> tuple[float | None, ...]:
 
 
 def candidates(depths: tuple[int, ...], widths: tuple[float, ...], hiddens: tuple[float, ...],
-               round_to: int = 8, splits: tuple[float | None, ...] = (None,)) -> list[Candidate]:  # fmt: skip
+               round_to: int = 8, splits: tuple[float | None, ...] = (None,),
+               reconstruct: bool = False) -> list[Candidate]:  # fmt: skip
     """Every combination but the dense model; hidden channels and attention splits only come with
     some width (they are shares of it)."""
     out = []
@@ -143,5 +149,5 @@ def candidates(depths: tuple[int, ...], widths: tuple[float, ...], hiddens: tupl
         if (hidden or split is not None) and not width:
             continue
         if blocks or width:
-            out.append(Candidate(blocks, width, hidden, round_to, split))
+            out.append(Candidate(blocks, width, hidden, round_to, split, reconstruct and bool(width)))
     return out
