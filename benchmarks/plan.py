@@ -47,12 +47,13 @@ TARGETS = {"decode1.3": "decode-speedup=1.3", "decode1.6": "decode-speedup=1.6",
 # or the width stage's rounding; run 6 searched the default split only, as `secateur plan` does unless
 # told otherwise)
 SPLITS = ["--attention", "default,0:0.75:0.25"]
-SEARCHES = {
-    "planner": ["--depth", "0:0.8", "--width", "0:0.7:0.05", *SPLITS, "--hidden", "0,0.125"],
+SEARCHES = {  # runs 6 and 7 sliced without refitting (`--no-reconstruct`, the default before run 8)
+    "planner": ["--depth", "0:0.8", "--width", "0:0.7:0.05", *SPLITS, "--hidden", "0,0.125", "--no-reconstruct"],
     "depth only": ["--depth", "0:0.8", "--width", "0", "--hidden", "0"],
-    "width only": ["--depth", "0", "--width", "0:0.85:0.05", *SPLITS, "--hidden", "0"],
-    # run 8: width stages refit their output projections (`--reconstruct`), on run 6's grids (the
-    # default split: the split grid's candidate count times a refit each would multiply planning time)
+    "width only": ["--depth", "0", "--width", "0:0.85:0.05", *SPLITS, "--hidden", "0", "--no-reconstruct"],
+    # run 8: width stages refit their output projections (`--reconstruct`, `secateur plan`'s default
+    # since), on run 6's grids (the default split: the split grid's candidate count times a refit
+    # each would multiply planning time)
     "planner refit": ["--depth", "0:0.8", "--width", "0:0.7:0.05", "--hidden", "0,0.125", "--reconstruct"],
     "width only refit": ["--depth", "0", "--width", "0:0.85:0.05", "--hidden", "0", "--reconstruct"],
 }

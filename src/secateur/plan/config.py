@@ -32,8 +32,9 @@ class PlanConfig:
                                        "--attention-fraction; the MLP makes up the rest): default (that stage's "
                                        "rounding of the width fraction) and/or fractions, e.g. default,0:0.75:0.25 "
                                        "(more candidates: longer plans)")
-    reconstruct: bool = option(False, "width stages refit the output projections by least squares (the width "
-                                      "stage's --reconstruct), in the candidates the proxy scores and in the recipe")
+    reconstruct: bool = option(True, "width stages refit the output projections by least squares (the width "
+                                     "stage's --reconstruct), in the candidates the proxy scores and in the recipe; "
+                                     "--no-reconstruct: plain slicing (about half the planning time, worse recipes)")
     hidden: str = option("0,0.125", "fractions of the hidden channels to remove (counted in the width fraction)")
     calib: str = option("enwiki-sample", "text for statistics, spans and proxy windows (drawn after the "
                                          "evaluation region)")
