@@ -710,6 +710,7 @@ def test_a_reconstructing_plan_scores_refitted_candidates_and_its_recipe_refits(
     record = json.loads((tmp_path / "plan" / "plan.json").read_text())
     width_stages = [s for s in record["stages"] if s["method"] == "width"]
     assert width_stages and all(s["reconstruct"] is True for s in width_stages)
+    assert record["seconds"]["builds"] > 0  # candidate builds are timed apart from their scoring
     scores = list((tmp_path / "cache" / "plan").glob("scores-*.jsonl"))
     assert len(scores) == 1  # a cache of its own: refitted scores are not those of plain slicing
     out = tmp_path / "p"

@@ -72,7 +72,7 @@ class Proxy:
     levels: dict[int, Level] = field(default_factory=dict)
     _held: dict[int, None] = field(default_factory=dict)  # levels holding a model, least recently used first
     seconds: dict[str, float] = field(default_factory=lambda: {"spans": 0.0, "levels": 0.0, "teacher": 0.0,
-                                                                "candidates": 0.0})  # fmt: skip
+                                                                "builds": 0.0, "candidates": 0.0})  # fmt: skip
     _distances: dict[int, list[float]] | None = None
     _teacher: dict[int, Tensor] = field(default_factory=dict)
     _dense: Statistics | None = None  # the dense model's width statistics
@@ -180,11 +180,14 @@ class Proxy:
         if candidate.width or candidate.blocks:  # first: a new level's compensation reads the states it keeps
             self.dense_statistics()
         level = self.level(candidate.blocks)
+        statistics = self.statistics(level) if candidate.width else None  # timed as "levels"
+        clock = time.perf_counter()
         model = copy.deepcopy(level.model)
         if candidate.width:
             config = candidate.width_config()
             width_prune(model, config, self.calibration if config.reconstruct else None,
-                        device=self.device, batch_size=self.batch_size, statistics=self.statistics(level))  # fmt: skip
+                        device=self.device, batch_size=self.batch_size, statistics=statistics)  # fmt: skip
+        self.seconds["builds"] += time.perf_counter() - clock
         return model
 
     def teacher(self, index: int) -> Tensor:
