@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,8 +60,8 @@ from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front, undominated
 from secateur.plan.space import Candidate, candidates, depth_counts, parse_grid, parse_splits, split_order
 from secateur.plan.targets import Target, parse_target
-from secateur.width import width_prune
-from secateur.width.prune import gather_statistics
+from secateur.width import WidthConfig, width_prune
+from secateur.width.prune import gather_statistics, resolve_variant, width_of
 from secateur.width.scores import IMPORTANCE
 from secateur.width.structure import WidthError
 
@@ -152,13 +152,24 @@ def block_shapes(model_config: Any, stages: list[Candidate]) -> dict[Candidate, 
                                                gradients=IMPORTANCE[settings.importance].gradients)  # fmt: skip
             skeleton = copy.deepcopy(one)  # pruning rewrites the model and its config
             try:
-                width_prune(skeleton, settings, calibration, statistics=statistics)
+                width_prune(skeleton, _slicing(skeleton, settings), calibration, statistics=statistics)
             except WidthError as exc:
                 out[stage] = str(exc)
                 continue
         skeleton.config.vocab_size = model_config.vocab_size
         out[stage] = skeleton.config
     return out
+
+
+def _slicing(model: Any, settings: WidthConfig) -> WidthConfig:
+    """The settings that give the same shapes without the refit (it changes weights, not shapes:
+    a refit pass per stage would only cost time), once the refit's own refusals have run."""
+    if not settings.reconstruct:
+        return settings
+    adapter = adapter_for(model)
+    settings, _ = resolve_variant(model, adapter, settings)
+    width_of(model, adapter, settings)  # e.g. fused attention that cannot run block by block with fewer heads
+    return replace(settings, reconstruct=False)
 
 
 def stage_counts(one_block: Any) -> Callable[[int], tuple[int, int]]:

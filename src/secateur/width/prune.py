@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from secateur.calibrate.gradients import weight_gradients
 from secateur.calibrate.stats import Moments
 from secateur.calibrate.stream import BlockState, Observer, collect_input_stats
-from secateur.models import Adapter, Width, adapter_for
+from secateur.models import Adapter, Width, adapter_for, read_weight
 from secateur.width.config import WidthConfig
 from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
 from secateur.width.reconstruct import Cut, refit_layer, stream_refits
@@ -283,18 +283,17 @@ def _cutter(model: nn.Module, adapter: Adapter, width: Width, u: Units, removed:
 
     def cut(block: nn.Module, gram: Tensor | None) -> dict:
         if u.kind == "mlp":
-            keep, n = u.keep(removed), len(u.scores)
-            name, columns, gone = width.mlp.consumer, keep, lambda: _complement(keep, n)
+            keep = u.keep(removed)
+            name, columns = width.mlp.consumer, keep
         else:
-            q_heads, kv_heads = attention_heads(block, width.attention, size)
-            q_keep, kv_keep = head_keep(u, removed, q_heads, kv_heads)
+            q_keep, kv_keep = head_keep(u, removed, *attention_heads(block, width.attention, size))
             name, columns = width.attention.o, head_rows(q_keep, size)
-            gone = lambda: head_rows(_complement(q_keep, q_heads), size)  # noqa: E731
-        record = {}
+        consumer, record = block.get_submodule(name), {}
         if gram is not None:
-            record = refit_layer(block.get_submodule(name), columns, gram, damp)
+            record = refit_layer(consumer, columns, gram, damp)
         elif compensate_bias:
-            compensate(block.get_submodule(name), gone(), stats[f"{prefix}.{name}"].mean)
+            gone = _complement(columns, read_weight(consumer).shape[1])
+            compensate(consumer, gone, stats[f"{prefix}.{name}"].mean)
         if u.kind == "mlp":
             keep_channels(block, width.mlp, keep, on_slice)
         else:
@@ -443,10 +442,11 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     report = WidthReport(before=widths_of(model, adapter),
                          block_parameters_before=block_parameters(model, adapter), head_dim=size,
                          bias_compensation=config.compensate, heads=config.heads, variant=variant)  # fmt: skip
-    if config.reconstruct and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
+    has_calibration = calibration is not None and calibration.ndim == 2 and len(calibration) > 0
+    if config.reconstruct and not has_calibration:
         raise WidthError("--reconstruct refits on calibration: pass a (samples, seq_len) tensor of token ids")
     if statistics is None:
-        if config.needs_calibration and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
+        if config.needs_calibration and not has_calibration:
             raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
         statistics = gather_statistics(model, calibration, moments=config.needs_moments,
                                        gradients=IMPORTANCE[config.importance].gradients,

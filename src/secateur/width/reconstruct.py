@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from secateur.calibrate.ridge import NormalEquations, ridge_towards, with_ones
 from secateur.calibrate.stats import Hessian
 from secateur.calibrate.stream import StopForward, run_block, stream_blocks
-from secateur.models import Adapter, read_weight, write_weight
+from secateur.models import Adapter, read_weight
 
 
 def refit_columns(gram: Tensor, weight: Tensor, bias: Tensor | None, keep: Tensor,
@@ -60,9 +60,7 @@ def refit_layer(module: nn.Module, keep: Tensor, gram: Tensor, damp: float) -> d
     """Refit `module`'s kept input columns in place (the caller slices them afterwards)."""
     weight, bias = read_weight(module), getattr(module, "bias", None)
     new_weight, new_bias, before, after = refit_columns(gram, weight, bias, keep, damp)
-    full = weight.clone()
-    full[:, keep] = new_weight
-    write_weight(module, full)
+    weight[:, keep] = new_weight  # a view of the parameter (transposed for Conv1D)
     if bias is not None:
         bias.data.copy_(new_bias)
     return {"error_before": before, "error_after": after}
