@@ -322,7 +322,7 @@ def widths_of_model(model):
 
 
 def test_reconstruct_refusals():
-    with pytest.raises(ConfigError, match="--reconstruct-damp applies to --reconstruct"):
+    with pytest.raises(ConfigError, match="--reconstruct-damp applies only with --reconstruct"):
         WidthConfig(0.3, reconstruct_damp=0.1)
     with pytest.raises(ConfigError, match="at least 0"):
         WidthConfig(0.3, reconstruct=True, reconstruct_damp=-1.0)

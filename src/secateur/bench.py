@@ -96,11 +96,14 @@ def _one_run(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> tup
 
 
 def measure(path: str | Path, *, device: str = "cpu", prompt: int = 512, new_tokens: int = 128, repeats: int = 5,
-            dtype: str = "float32", seed: int = 0) -> SpeedResult:
+            dtype: str = "float32", seed: int = 0, allow_nonfinite: bool = False) -> SpeedResult:
     """Load `path` with `secateur.load` (so depth-pruned outputs run as saved) and time it here."""
     from secateur.io import load
 
-    model, _ = load(path, dtype=dtype, device=device)
+    if prompt < 1 or new_tokens < 1 or repeats < 1:
+        raise ConfigError(f"the hf engine times at least 1 prompt token, 1 new token and 1 run; got --prompt {prompt}, "
+                          f"--new-tokens {new_tokens}, --repeats {repeats}")
+    model, _ = load(path, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
     vocab = model.config.vocab_size
     prompt_ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(seed)).to(device)
     if device.startswith("cuda"):
@@ -127,23 +130,60 @@ def _vm_hwm() -> int:
 
 
 def _worker(queue: mp.Queue, path: str, kwargs: dict[str, Any]) -> None:
+    from secateur.errors import SecateurError
+
     try:
         queue.put(("ok", asdict(measure(path, **kwargs))))
+    except SecateurError as exc:  # bad input: the parent says it in one line
+        queue.put(("input", str(exc)))
     except Exception as exc:  # reported to the parent, which raises it
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def measure_isolated(path: str | Path, **kwargs: Any) -> SpeedResult:
-    """`measure` in a fresh process, so peak memory and allocator state belong to this model alone."""
+class BenchError(ConfigError):
+    """A measurement could not be made (its process died, or the model cannot run)."""
+
+
+def measure_isolated(path: str | Path, poll: float = 0.5, **kwargs: Any) -> SpeedResult:
+    """`measure` in a fresh process, so peak memory and allocator state belong to this model alone. A
+    process that dies without reporting (killed, out of memory, a crash in native code) is an error,
+    never a wait."""
+    import queue as queues
+
     context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_worker, args=(queue, str(path), kwargs))
+    channel = context.Queue()
+    process = context.Process(target=_worker, args=(channel, str(path), kwargs))
     process.start()
-    status, payload = queue.get()
-    process.join()
+    try:
+        while True:
+            try:
+                status, payload = channel.get(timeout=poll)
+                break
+            except queues.Empty:
+                if not process.is_alive():
+                    try:  # it may have reported just before exiting
+                        status, payload = channel.get(timeout=poll)
+                        break
+                    except queues.Empty:
+                        raise BenchError(_death(path, process.exitcode)) from None
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+    if status == "input":
+        raise BenchError(payload)
     if status != "ok":
-        raise RuntimeError(f"benchmarking {path} failed: {payload}")
+        raise BenchError(f"benchmarking {path} failed: {payload}")
     return SpeedResult(**payload)
+
+
+def _death(path: str | Path, code: int | None) -> str:
+    import signal
+
+    how = f"exit {code}"
+    if code is not None and code < 0:
+        how = f"killed by {signal.Signals(-code).name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    return f"the process measuring {path} died ({how}) before reporting; nothing was measured"
 
 
 # --- llama.cpp ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 from secateur.errors import SecateurError
 from secateur.io import load, read_manifest, resolve_device, split_model_path
+from secateur.output import claim, disk_error, signals_raise
 from secateur.runtime import tune_allocator
 
 USER_ERRORS = (SecateurError,)
@@ -52,6 +53,12 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--resume", action="store_true",
                    help="go on from the checkpoints an interrupted recovery stage left next to --out")
+    _nonfinite_argument(p)
+
+
+def _nonfinite_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept NaN / Inf values in the input's weights (refused by default)")
 
 
 def _option_flags(p: argparse.ArgumentParser, options: dict[str, Any]) -> None:
@@ -86,6 +93,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _nonfinite_argument(p)
 
 
 def _info_parser(sub: argparse._SubParsersAction) -> None:
@@ -110,6 +118,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                         "every model alike; medians over all runs, speedups are medians of per-round ratios (default 3)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="hf: (default float32)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _nonfinite_argument(p)
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
@@ -123,6 +132,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer-pre", help="llama.cpp's pre-tokenizer name, for a tokenizer secateur does not "
                                            "recognise (default: copied from the source GGUF or recognised)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _nonfinite_argument(p)
 
 
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +144,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="HF model directory, .gguf file or secateur output (never modified)")
     p.add_argument("--out", required=True, help="new directory for plan.toml, front.md, pareto.png and plan.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    _nonfinite_argument(p)
     _option_flags(p, {k: (o, o.help) for k, o in options_of(PlanConfig).items()})
 
 
@@ -153,7 +164,8 @@ class _Parser(argparse.ArgumentParser):
     """Bad flags end like every other bad input: one line, exit code 2."""
 
     def error(self, message: str) -> None:
-        self.exit(2, f"secateur: error: {message} (see secateur {self.prog.split()[-1]} --help)\n")
+        command = "" if self.prog == "secateur" else f" {self.prog.split()[-1]}"
+        self.exit(2, f"secateur: error: {message} (see secateur{command} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,14 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMAND_ONLY = ("command", "model", "out", "overwrite", "recipe", "verbose", "resume", "allow_nonfinite")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from secateur.pipeline import plan_recipe, read_recipe, run_recipe
 
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "model", "out", "overwrite",
-                                                                             "recipe", "verbose", "resume")}  # fmt: skip
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in COMMAND_ONLY}
     document = read_recipe(args.recipe) if args.recipe else {}
-    stages, options = plan_recipe(document, flags, overwrite=args.overwrite, resume=args.resume)
-    manifest = run_recipe(args.model, stages, args.out, options)
+    stages, options = plan_recipe(document, flags, overwrite=args.overwrite, resume=args.resume,
+                                  allow_nonfinite=args.allow_nonfinite)  # fmt: skip
+    manifest = run_recipe(args.model, stages, args.out, options, inputs=[args.recipe] if args.recipe else [])
     records = manifest["history"][-len(stages):]
     for record in records:
         print(SUMMARIES[record["kind"]](record))
@@ -246,8 +261,18 @@ TASK_FLAGS = ("limit", "num_fewshot", "include_path", "results")
 GENERATE_FLAGS = ("reference", "new_tokens")
 
 
+def _check_eval_counts(args: argparse.Namespace) -> None:
+    least = {"batch_size": 1, "seq_len": 2, "windows": 1, "limit": 1, "num_fewshot": 0, "new_tokens": 1}
+    for name, low in least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise SecateurError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     given = lambda names: ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, [])]  # noqa: E731
+    split_model_path(Path(args.model))  # a missing or non-model path fails before anything else
+    _check_eval_counts(args)
     if args.generate:
         wrong = given((*PERPLEXITY_FLAGS, *TASK_FLAGS, "tasks"))
         if wrong:
@@ -261,12 +286,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_tasks(args)
     if given(TASK_FLAGS):
         raise SecateurError(f"{', '.join(given(TASK_FLAGS))} apply only with --tasks")
-    from secateur.pipeline import evaluate_model
+    from secateur.data import check_text_field
+    from secateur.io import load_config
+    from secateur.pipeline import evaluate_model, model_positions
 
+    if args.text_field is not None:
+        check_text_field(args.data or PERPLEXITY_FLAGS["data"])
+    positions = model_positions(load_config(args.model))
+    if positions and args.seq_len is not None and args.seq_len > positions:
+        raise SecateurError(f"--seq-len {args.seq_len} is longer than the model's {positions} positions; lower it")
+    if positions and args.seq_len is None and PERPLEXITY_FLAGS["seq_len"] > positions:
+        print(f"note: --seq-len {positions} (the default {PERPLEXITY_FLAGS['seq_len']} is longer than the model's "
+              f"{positions} positions)", file=sys.stderr)
+        args.seq_len = positions
     for name, default in PERPLEXITY_FLAGS.items():
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     device = resolve_device(args.device)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=str(device))
+    model, tokenizer = load(args.model, dtype=args.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
     result = evaluate_model(model, tokenizer, args.data, args.seq_len, args.windows, field=args.text_field,
                             batch_size=args.batch_size, device=device)  # fmt: skip
     result["model"] = args.model
@@ -295,7 +331,7 @@ def _eval_generate(args: argparse.Namespace) -> int:
     rows: dict[str, list[str]] = {}
     for label, path in (("reference", reference), ("model", args.model)):
         if path is not None:
-            model, tokenizer = load(path, dtype=args.dtype, device=str(device))
+            model, tokenizer = load(path, dtype=args.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
             rows[label] = continuations(model, tokenizer, PROMPTS, new_tokens, device)
             del model
     samples = [{"prompt": p, **{label: texts[i] for label, texts in rows.items()}} for i, p in enumerate(PROMPTS)]
@@ -313,28 +349,29 @@ def _eval_generate(args: argparse.Namespace) -> int:
 
 
 def _eval_tasks(args: argparse.Namespace) -> int:
+    import contextlib
     import time
 
-    from secateur.errors import OutputError
-    from secateur.tasks.harness import run_tasks
+    from secateur.tasks.harness import check_tasks, run_tasks
 
-    results_file = Path(args.results) if args.results else None
-    if results_file is not None and results_file.exists():
-        raise OutputError(f"{results_file} already exists; choose a new --results file")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for directory in args.include_path:
         if not Path(directory).is_dir():
             raise SecateurError(f"--include-path {directory} is not a directory of task files")
-    device = resolve_device(args.device)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=str(device))
-    clock = time.perf_counter()
-    result = run_tasks(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()], limit=args.limit,
-                       num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=str(device),
-                       include_path=[Path(d) for d in args.include_path])  # fmt: skip
-    result.update(model=args.model, seconds=time.perf_counter() - clock)
-    if results_file is not None:
-        partial = results_file.with_name(f".{results_file.name}.partial")
-        partial.write_text(json.dumps(result, indent=2))
-        partial.rename(results_file)
+    results = (claim(args.results, inputs=[args.model, *args.include_path], overwrite=None, shape="file",
+                     flag="--results", suffix=".json") if args.results else contextlib.nullcontext())  # fmt: skip
+    with results as output:
+        check_tasks(tasks, [Path(d) for d in args.include_path])
+        device = resolve_device(args.device)
+        model, tokenizer = load(args.model, dtype=args.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
+        clock = time.perf_counter()
+        result = run_tasks(model, tokenizer, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                           batch_size=args.batch_size, device=str(device),
+                           include_path=[Path(d) for d in args.include_path])  # fmt: skip
+        result.update(model=args.model, seconds=time.perf_counter() - clock)
+        if output is not None:
+            with output.write() as staging:
+                staging.write_text(json.dumps(result, indent=2))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -350,8 +387,11 @@ def _eval_tasks(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from secateur.pipeline import history_of, sparsity_table
 
-    model, _ = load(args.model)
+    from secateur.io import nonfinite
+
+    model, _ = load(args.model, allow_nonfinite=True)  # info describes the weights, NaN included
     layers = sparsity_table(model)
+    bad = nonfinite(model)
     total = sum(p.numel() for p in model.parameters())
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     target = sum(r * c for _, (r, c), _ in layers)
@@ -367,6 +407,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "target_parameters": target,
         "target_sparsity": zeros / max(target, 1),
         "layers": [{"name": n, "shape": list(s), "sparsity": z} for n, s, z in layers],
+        "nonfinite": {name: count for name, count in bad},
         "manifest": read_manifest(args.model) if not str(args.model).endswith(".gguf") else None,
     }
     if args.json:
@@ -374,6 +415,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"{info['architecture']} ({info['model_type']}): {info['blocks']} blocks, hidden {info['hidden_size']}")
     print(f"parameters {total:,} (nonzero {nonzero:,}); prunable {target:,}, sparsity {info['target_sparsity']:.4f}")
+    if bad:
+        print(f"WARNING: {sum(c for _, c in bad):,} NaN/Inf values in {len(bad)} tensors, first {bad[0][0]}")
     _print_layer_grid(layers)
     manifest = info["manifest"] or {}
     if manifest.get("source"):
@@ -413,9 +456,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     for path in args.models:
         split_model_path(Path(path))  # a missing or non-model path fails before any timing
+    _check_bench_counts(args)
     common = dict(rounds=args.rounds, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
     if args.engine == "llama.cpp":
-        wrong = [f for f, v in (("--device", args.device), ("--dtype", args.dtype)) if v is not None]
+        wrong = [f for f, v in (("--device", args.device), ("--dtype", args.dtype),
+                                ("--allow-nonfinite", args.allow_nonfinite or None)) if v is not None]
         if wrong:
             raise ConfigError(f"{', '.join(wrong)} do not apply to --engine llama.cpp (it runs the GGUF's own types on the CPU)")
         if not all(str(p).lower().endswith(".gguf") for p in args.models):
@@ -428,7 +473,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if wrong:
             raise ConfigError(f"{', '.join(wrong)} apply only to --engine llama.cpp")
         device = str(resolve_device(args.device or "auto"))
-        results = bench(args.models, device=device, dtype=args.dtype or "float32", **common)
+        results = bench(args.models, device=device, dtype=args.dtype or "float32", allow_nonfinite=args.allow_nonfinite,
+                        **common)  # fmt: skip
         where = f"device {device}, {results[0].threads} threads; {BENCH_PROTOCOL}"
     if args.json:
         print(to_json(results))
@@ -438,11 +484,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_bench_counts(args: argparse.Namespace) -> None:
+    """Lengths and counts before any process starts: llama.cpp skips a test of length 0, hf times both."""
+    least = 0 if args.engine == "llama.cpp" else 1
+    for name in ("prompt", "new_tokens"):
+        if getattr(args, name) < least:
+            raise SecateurError(f"--{name.replace('_', '-')} must be at least {least} with --engine {args.engine}, got "
+                                f"{getattr(args, name)}")
+    if args.prompt == 0 and args.new_tokens == 0:
+        raise SecateurError("--prompt 0 and --new-tokens 0 leave nothing to time; give one of them")
+    for name in ("repeats", "rounds", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SecateurError(f"--{name} must be at least 1, got {value}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from secateur.export import export_gguf
 
     record = export_gguf(args.model, args.gguf, kind=args.type, overwrite=args.overwrite,
-                         tokenizer_pre=args.tokenizer_pre)  # fmt: skip
+                         tokenizer_pre=args.tokenizer_pre, allow_nonfinite=args.allow_nonfinite)  # fmt: skip
     layout = "per-layer widths" if record["arch"] == "deci" else "uniform widths"
     print(f"-> {args.gguf}: {record['arch']} ({layout}), {record['type']}, {record['bytes'] / 2**20:.1f} MiB; "
           f"tokenizer {record['tokenizer']}")
@@ -454,10 +515,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from secateur.plan import PlanConfig, plan
     from secateur.schema import fill
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "model", "out", "overwrite", "verbose")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "model", "out", "overwrite", "verbose",
+                                                                 "allow_nonfinite")}  # fmt: skip
     if settings.get("target") is None:
         raise ConfigError("--target is required, e.g. --target decode-speedup=1.6, params=80M or file=200MB")
-    record = plan(args.model, fill(PlanConfig, settings), args.out, overwrite=args.overwrite)
+    record = plan(args.model, fill(PlanConfig, settings), args.out, overwrite=args.overwrite,
+                  allow_nonfinite=args.allow_nonfinite)  # fmt: skip
     chosen, costs = record["chosen"], record["costs"]
     print(f"plan for --target {record['target']}: {chosen['key']} ({chosen['kind']}), {chosen['params'] / 1e6:.1f}M "
           f"parameters, KL {chosen['kl']:.4f} on {chosen['windows']} windows")
@@ -499,9 +562,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"prune": cmd_prune, "train": cmd_prune, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
                "export": cmd_export, "report": cmd_report, "plan": cmd_plan}[args.command]
     try:
-        return handler(args)
+        with signals_raise():  # SIGTERM and SIGHUP end the run as Ctrl-C does: every cleanup runs
+            return handler(args)
     except USER_ERRORS as exc:
         print(f"secateur: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"secateur: interrupted; {args.command} wrote nothing (partial files were removed)", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        error = disk_error(exc, exc.filename or "the output")
+        if error is None and exc.filename is None:
+            raise
+        print(f"secateur: error: {error or f'cannot use {exc.filename}: {exc.strerror}'}", file=sys.stderr)
         return 2
 
 

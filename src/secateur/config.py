@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
 from secateur.errors import ConfigError
-from secateur.schema import option
+from secateur.data.sources import has_fields
+from secateur.schema import Requires, option, refuse_inapplicable
 
 Scope = Literal["per_row", "per_layer", "global"]
 SCOPES: tuple[str, ...] = ("per_row", "per_layer", "global")
@@ -143,6 +144,8 @@ def _module_sparsity(value: Any) -> tuple[tuple[str, float], ...]:
 
 
 ALLOCATIONS: tuple[str, ...] = ("uniform", "owl", "global")
+OWL = Requires(lambda c: c.kind == "owl", "--allocation owl")
+GLOBAL = Requires(lambda c: c.kind == "global", "--allocation global")
 MODULE_TYPES: tuple[str, ...] = ("attention", "mlp")
 
 
@@ -160,15 +163,16 @@ class AllocationConfig:
     kind: Literal["uniform", "owl", "global"] = option(
         "uniform", "how the sparsity is spread over layers: uniform, owl (outlier-weighted per block) or global "
         "(one ranking of all layers)", key="allocation")
-    owl_m: float = option(5.0, "OWL: outlier threshold, times the block's mean Wanda score")
-    owl_lambda: float = option(0.08, "OWL: per-block sparsity stays within +-lambda of the target")
+    owl_m: float = option(5.0, "OWL: outlier threshold, times the block's mean Wanda score", requires=OWL)
+    owl_lambda: float = option(0.08, "OWL: per-block sparsity stays within +-lambda of the target", requires=OWL)
     max_layer_sparsity: float | None = option(None, "global allocation: no layer above this (default: target + "
-                                                    "(1 - target) / 2)")
+                                                    "(1 - target) / 2)", requires=GLOBAL)
     module_sparsity: tuple[tuple[str, float], ...] = option(
         (), "pin module types, e.g. attention=0.4; the other layers make up the total",
         parse=_module_sparsity, flatten=dict)
 
     def __post_init__(self) -> None:
+        refuse_inapplicable(self)
         if self.kind not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.kind!r}")
         if self.owl_m <= 0 or not 0 <= self.owl_lambda < 0.5:
@@ -187,6 +191,8 @@ class AllocationConfig:
 
 
 REFINE_STEPS: tuple[str, ...] = ("dsnot", "reconstruct")
+DSNOT = Requires(lambda c: "dsnot" in c.steps, "--refine dsnot")
+RECONSTRUCT = Requires(lambda c: "reconstruct" in c.steps, "--refine reconstruct")
 
 
 @dataclass(frozen=True)
@@ -202,13 +208,15 @@ class RefineConfig:
 
     steps: tuple[str, ...] = option(
         (), "after each layer's mask, in order (comma list): dsnot, reconstruct", key="refine")
-    dsnot_cycles: int = option(50, "DSnoT: at most this many swaps per row")
-    dsnot_threshold: float = option(0.1, "DSnoT: stop a row once |expected error| is below this")
-    dsnot_var_power: float = option(1.0, "DSnoT: power of the input variance dividing the grow score")
-    reconstruct_iters: int = option(40, "reconstruct: conjugate-gradient iterations")
-    reconstruct_damp: float = option(0.01, "reconstruct: damping relative to the mean Hessian diagonal")
+    dsnot_cycles: int = option(50, "DSnoT: at most this many swaps per row", requires=DSNOT)
+    dsnot_threshold: float = option(0.1, "DSnoT: stop a row once |expected error| is below this", requires=DSNOT)
+    dsnot_var_power: float = option(1.0, "DSnoT: power of the input variance dividing the grow score", requires=DSNOT)
+    reconstruct_iters: int = option(40, "reconstruct: conjugate-gradient iterations", requires=RECONSTRUCT)
+    reconstruct_damp: float = option(0.01, "reconstruct: damping relative to the mean Hessian diagonal",
+                                     requires=RECONSTRUCT)
 
     def __post_init__(self) -> None:
+        refuse_inapplicable(self)
         unknown = [step for step in self.steps if step not in REFINE_STEPS]
         if unknown:
             raise ConfigError(f"unknown refinement {unknown}; choose from {REFINE_STEPS}")
@@ -225,7 +233,8 @@ class CalibConfig:
     samples: int = option(64, "calibration windows", key="calib_samples")
     seq_len: int = option(512, "tokens per calibration window", key="calib_seq_len")
     seed: int = option(0, "seed for drawing calibration windows")
-    text_field: str = option("text", "field holding the text in JSONL / datasets sources")
+    text_field: str = option("text", "field holding the text in JSONL / datasets sources",
+                             requires=Requires(lambda c: has_fields(c.source), "a .jsonl or `datasets` source"))
     # Calibration never overlaps the evaluation windows when both come from one source: the first
     # `holdout_windows` windows of `holdout_seq_len` tokens are reserved for evaluation.
     holdout_windows: int = 64
@@ -234,6 +243,7 @@ class CalibConfig:
                                 "block runs once)", key="calib_batch_size")
 
     def __post_init__(self) -> None:
+        refuse_inapplicable(self)
         if self.samples < 1 or self.seq_len < 2 or self.batch_size < 0:
             raise ConfigError("calibration needs at least 1 sample of at least 2 tokens, and a batch size >= 0")
 

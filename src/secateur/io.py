@@ -6,9 +6,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 
 from secateur.errors import ConfigError, OutputError, SecateurError
 from secateur.models import adapter_for
+from secateur.output import Output, check_apart, claim
 from secateur.width.remote import MODULE as REMOTE_MODULE
 from secateur.width.remote import prepare_module
 
@@ -152,71 +152,6 @@ def _sha256(path: Path, files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def check_output(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> Path:
-    """Refuse an output path before any work: one that exists (unless asked to overwrite), one that
-    is, contains or lies inside any of the run's `inputs` (overwriting it would delete them), and one
-    that cannot be written. Leftovers of earlier interrupted saves to `out` are cleared first."""
-    out = Path(out)
-    target = out.resolve()
-    for source in inputs:
-        resolved = Path(source).resolve()
-        if target == resolved or target in resolved.parents or resolved in target.parents:
-            relation = ("is" if target == resolved else "contains" if target in resolved.parents else "lies inside")
-            raise OutputError(f"--out {out} {relation} the input {source}; choose an output outside the inputs")
-    clear_stale(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a directory; choose another --out")
-    parent = next(p for p in (target.parent, *target.parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {out}: {parent} is not a writable directory; choose another --out")
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clear_stale(out: Path) -> None:
-    """Remove what interrupted saves of `out` by processes that no longer run left behind: staging
-    directories, and a retired old output (put back in place when the new one never arrived)."""
-    if not out.parent.is_dir():
-        return
-    for path in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, pid = path.name[len(out.name) + 2 :].rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
-            continue
-        if kind == "old" and not out.exists():
-            path.rename(out)  # the crash came between retiring the old output and renaming the new one
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """While saving, SIGTERM and SIGHUP raise like Ctrl-C does, so the cleanup below runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum} during save")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def manifest_inputs(manifest: dict[str, Any]) -> list[str]:
     """Paths a manifest names as the run's inputs (model sources, text files), protected by `save`."""
     paths = [(manifest.get("source") or {}).get("path")]
@@ -225,21 +160,30 @@ def manifest_inputs(manifest: dict[str, Any]) -> list[str]:
     return [p for p in paths if isinstance(p, str) and Path(p).exists()]
 
 
-def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any], overwrite: bool = False,
-         inputs: Sequence[str | Path] = (), extras: dict[str, Path] | None = None) -> Path:
-    """Write a HF directory plus `secateur.json` to a temporary sibling, then rename it into place.
+def model_bytes(model: nn.Module) -> int:
+    """The bytes `save_pretrained` writes for the weights (tied tensors once)."""
+    seen = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
 
-    A crash or a signal leaves no half-written model: either the old output (if any) or the new one
-    exists, and the staging directory is removed (or, after SIGKILL, at the next save to `out`).
-    `out` is refused when it is, holds or lies inside an input (`inputs`, and those the manifest names).
+
+def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any], overwrite: bool = False,
+         inputs: Sequence[str | Path] = (), extras: dict[str, Path] | None = None,
+         output: Output | None = None) -> Path:
+    """Write a HF directory plus `secateur.json` through the output path (`secateur.output`): a hidden
+    sibling renamed into place, so a crash, a signal or a full disk leaves either the old output or
+    the new one. `out` is refused when it is, holds or lies inside an input (`inputs`, and those the
+    manifest names). `output`: the claim a job took before its work (else claimed here).
     `extras` are files copied into the output under the given names (training metrics, plots).
     """
-    out = check_output(out, overwrite, [*inputs, *manifest_inputs(manifest)])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    with _signals_raise():
-        try:
+    protected = [*inputs, *manifest_inputs(manifest)]
+    if output is not None:
+        check_apart(output.path, protected, output.flag)
+    claimed = contextlib.nullcontext(output) if output is not None else claim(out, inputs=protected,
+                                                                              overwrite=overwrite, marker=MANIFEST)
+    with claimed as output:
+        with output.write(size=model_bytes(model)) as staging:
             source = prepare_module(model)  # per-block widths for `trust_remote_code=True`, before the config is written
             model.save_pretrained(staging)
             if source:
@@ -249,17 +193,7 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, 
             for name, path in (extras or {}).items():
                 shutil.copyfile(path, staging / name)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-            if out.exists():
-                retired = out.parent / f".{out.name}.old-{os.getpid()}"
-                out.rename(retired)
-                staging.rename(out)
-                shutil.rmtree(retired)
-            else:
-                staging.rename(out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return out
+        return output.path
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
@@ -270,27 +204,195 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelPathError(f"{file} is not valid JSON ({exc}); restore it or remove it to load the model as is") from None
-    if not isinstance(manifest, dict):
-        raise ModelPathError(f"{file} is not a secateur manifest; restore it or remove it to load the model as is")
+    problem = "it is not a JSON object" if not isinstance(manifest, dict) else _manifest_problem(manifest)
+    if problem:
+        raise ModelPathError(f"{file} is not a secateur manifest ({problem}); restore it or remove it to load the "
+                             "model as is")
     return manifest
 
 
-def load(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, Any]:
+SECTIONS = {"source": dict, "origin": dict, "recipe": dict, "history": list, "structure": dict, "evaluation": dict,
+            "calibration": dict, "timings": dict, "width": dict, "depth": dict}  # fmt: skip
+WIDTH_KEYS = ("attention_heads", "key_value_heads", "channels")
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What makes a parsed manifest unusable (the sections secateur reads, of the wrong type), or None."""
+    for key, kind in SECTIONS.items():
+        if key in manifest and manifest[key] is not None and not isinstance(manifest[key], kind):
+            return f"{key} is {type(manifest[key]).__name__}, not {kind.__name__}"
+    for number, record in enumerate(manifest.get("history") or [], 1):
+        if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+            return f"history entry {number} has no kind"
+        if not isinstance(record.get("settings", {}), dict) or not isinstance(record.get("result", {}), dict):
+            return f"history entry {number} has malformed settings or result"
+    structure = manifest.get("structure") or {}
+    removed = structure.get("removed_sublayers", [])
+    if not isinstance(removed, list) or not all(isinstance(u, list) and len(u) == 2 and isinstance(u[0], int)
+                                                and isinstance(u[1], str) for u in removed):  # fmt: skip
+        return "structure.removed_sublayers is not a list of [block, branch] pairs"
+    widths = structure.get("widths", [])
+    if not isinstance(widths, list) or not all(isinstance(w, dict) and set(w) == set(WIDTH_KEYS) and
+                                               all(v is None or isinstance(v, int) for v in w.values())
+                                               for w in widths):  # fmt: skip
+        return "structure.widths is not a list of per-block widths"
+    return None
+
+
+def load(path: str | Path, dtype: str = "float32", device: str = "cpu",
+         allow_nonfinite: bool = False) -> tuple[nn.Module, Any]:
     """Load any secateur output (or any model): `load_model`, then re-apply what the weights and the
     stock config alone cannot express: attention / MLP branches removed from some blocks (depth), and
-    per-block widths (adaptive width pruning)."""
+    per-block widths (adaptive width pruning). The weight files are checked against the config first
+    (block count, shapes, truncation), and the weights for NaN / Inf (unless `allow_nonfinite`)."""
     from secateur.depth.structure import remove_sublayers
 
+    removed, widths = check_model(path)
+    if widths is not None:
+        model, tokenizer = _load_reshaped(Path(path), dtype, device, removed, widths)
+    elif not removed:
+        model, tokenizer = load_model(path, dtype=dtype, device=device)
+    else:
+        with _quiet_missing_weights():  # the removed branches' weights are absent on purpose
+            model, tokenizer = load_model(path, dtype=dtype, device="cpu")
+        remove_sublayers(model, adapter_for(model), removed)
+        model = model.to(resolve_device(device))
+    check_finite(model, f"the model {path}", allow_nonfinite)
+    return model, tokenizer
+
+
+def check_model(path: str | Path) -> tuple[list[tuple], list[dict] | None]:
+    """Read a model directory's manifest and check its weight files against its config, without loading
+    a weight (commands call it before any work); returns the recorded structure (removed branches,
+    per-block widths or None)."""
+    split_model_path(Path(path))
     manifest = (read_manifest(path) if Path(path).is_dir() else None) or {}
     removed, widths = _recorded_structure(manifest)
+    if Path(path).is_dir():
+        check_weight_files(Path(path), removed, widths)
+    return removed, widths
+
+
+class NonFiniteError(SecateurError):
+    """Weights hold NaN or Inf."""
+
+
+def nonfinite(model: nn.Module) -> list[tuple[str, int]]:
+    """(name, count) of every parameter holding NaN or Inf values."""
+    return [(name, int((~torch.isfinite(p)).sum())) for name, p in model.named_parameters()
+            if p.is_floating_point() and not bool(torch.isfinite(p).all())]  # fmt: skip
+
+
+def check_finite(model: nn.Module, what: str, allow: bool = False) -> None:
+    """Refuse weights with NaN or Inf values (they prune, train and export to garbage without a word)."""
+    bad = nonfinite(model)
+    if bad and not allow:
+        name, count = bad[0]
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise NonFiniteError(f"{what} has non-finite weights ({count:,} NaN/Inf values in {name}{more}); fix the "
+                             "checkpoint, or pass --allow-nonfinite to go on anyway")
+
+
+# --- weight files against the config -------------------------------------------------------------------
+
+BLOCK_KEY = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors file's header, after checking the file holds all their bytes."""
+    try:
+        with open(file, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                raise ModelPathError(f"{file} is truncated or not a safetensors file ({size:,} bytes); restore it")
+            header = json.loads(handle.read(length))
+    except OSError as exc:
+        raise ModelPathError(f"cannot read {file}: {exc.strerror}; check its permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelPathError(f"{file} is not a safetensors file (its header is not JSON); restore it") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        shapes = {k: list(v["shape"]) for k, v in tensors.items()}
+    except (KeyError, TypeError, IndexError):
+        raise ModelPathError(f"{file} is not a safetensors file (malformed header); restore it") from None
+    if 8 + length + end > size:
+        raise ModelPathError(f"{file} is truncated: {size:,} bytes where its header needs {8 + length + end:,}; "
+                             "restore it (an interrupted copy or download?)")
+    return shapes
+
+
+def _skeleton(path: Path, removed: list[tuple], widths: list[dict] | None) -> nn.Module:
+    """The model `path`'s config (and recorded structure) describes, on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from secateur.depth.structure import remove_sublayers
+    from secateur.width.structure import LayerWidth, apply_widths
+
+    config = load_config(path)
+    adapter = adapter_for(config)
+    with init_empty_weights(include_buffers=False), _quiet_missing_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    remove_sublayers(model, adapter, removed)
     if widths is not None:
-        return _load_reshaped(Path(path), dtype, device, removed, widths)
-    if not removed:
-        return load_model(path, dtype=dtype, device=device)
-    with _quiet_missing_weights():  # the removed branches' weights are absent on purpose
-        model, tokenizer = load_model(path, dtype=dtype, device="cpu")
-    remove_sublayers(model, adapter_for(model), removed)
-    return model.to(resolve_device(device)), tokenizer
+        apply_widths(model, adapter, [LayerWidth(**layer) for layer in widths])
+    return model
+
+
+def _as_loaded(model: nn.Module, found: dict[str, list[int]]) -> dict[str, list[int]] | None:
+    """File keys under the names transformers gives them on load (its renamings, e.g. GPT-NeoX's
+    embed_out -> lm_head); None where a conversion merges or splits tensors."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, TypeError, AttributeError):  # another transformers: the names as stored
+        return found
+    if any(not isinstance(t, WeightRenaming) for t in transforms):
+        return None
+    renamed = {}
+    for key, shape in found.items():
+        for transform in transforms:
+            key, _ = transform.rename_source_key(key)
+        renamed[key] = shape
+    return renamed
+
+
+def check_weight_files(path: Path, removed: list[tuple] = (), widths: list[dict] | None = None) -> None:
+    """Refuse a model directory whose safetensors files are truncated or unreadable, or disagree with
+    its config.json: another block count, a missing tensor, another shape (transformers would fill the
+    gap with random weights, or stop with a traceback)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return  # other formats are left to transformers
+    found: dict[str, list[int]] = {}
+    for file in files:
+        found.update(safetensors_shapes(file))
+    model = _skeleton(path, list(removed), widths)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    found = _as_loaded(model, found)
+    if found is None:
+        return  # tensors that transformers fuses or splits on load: their shapes are its to check
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and not any(k.startswith(prefix) for k in found):  # hub checkpoints of GPT-2, OPT
+        expected = {k.removeprefix(prefix): v for k, v in expected.items()}
+    blocks = model.config.num_hidden_layers
+    held = {int(m.group(1)) for k in found if (m := BLOCK_KEY.search(k))}
+    if held and len(held) != blocks:
+        raise ModelPathError(f"{path}: config.json says {blocks} blocks and the weights hold {len(held)}; the config "
+                             "does not describe these weights (fix config.json or restore the weights)")
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in expected if k not in found and not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        raise ModelPathError(f"{path}: the weights lack {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}, "
+                             "which config.json describes; restore the weights or fix config.json")
+    for key, shape in expected.items():
+        if key in found and found[key] != shape:
+            raise ModelPathError(f"{path}: {key} is {tuple(found[key])} in the weights and {tuple(shape)} in "
+                                 "config.json; restore the weights or fix config.json")
 
 
 def _recorded_structure(manifest: dict[str, Any]) -> tuple[list[tuple], list[dict] | None]:

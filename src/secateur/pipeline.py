@@ -6,12 +6,13 @@ import copy
 import dataclasses
 import datetime as dt
 import json
+import logging
 import shutil
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Sequence, get_args, get_origin
 
 import torch
 from torch import Tensor, nn
@@ -22,13 +23,17 @@ from secateur.data import calibration_windows, evaluation_windows, load_text, ne
 from secateur.depth import removed_sublayers
 from secateur.errors import ConfigError
 from secateur.evaluate import perplexity
-from secateur.io import check_output, content_hash, load, load_config, read_manifest, resolve_device, save
+from secateur.io import MANIFEST, check_finite, check_model, content_hash, load, load_config, read_manifest, resolve_device, save
+from secateur.output import Output, check_apart, claim
 from secateur.models import adapter_for, read_weight
 from secateur.recipe import KINDS, build_stage, check_order, kind_for_method, kind_of, prune, stage_settings
-from secateur.schema import Option, fill, flag, flatten, option, options_of
+from secateur.schema import Option, check_applies, fill, flag, flatten, option, options_of
 from secateur.sparsity.prune import target_layers
 from secateur.train.loop import check_layerwise
 from secateur.width.structure import head_dim, layer_width
+
+
+log = logging.getLogger(__name__)
 
 
 def _bos(model: nn.Module, tokenizer: Any) -> int | None:
@@ -100,6 +105,8 @@ class RunOptions:
     teacher: str | None = option(None, "recovery: the model to distil from (default: the model before any secateur "
                                        "run, as the input's manifest names it, or the input itself)")
     overwrite: bool = False  # replace an existing output (a command-line choice, never part of a recipe)
+    allow_nonfinite: bool = False  # accept NaN / Inf weights in the input (command line only)
+    explicit: frozenset[str] = frozenset()  # the keys the user gave (defaults that do not fit may adapt)
     resume: bool = False  # go on from the checkpoints an interrupted recovery left (command line only)
 
 
@@ -175,29 +182,77 @@ def recipe_document(stages: list[PlannedStage], options: RunOptions) -> dict[str
 # --- the job ------------------------------------------------------------------------------------------
 
 
-def _preflight(model_path: str | Path, out: str | Path, options: RunOptions, stages: list[PlannedStage],
-               history: list[dict[str, Any]]) -> None:  # fmt: skip
-    """Everything that can be checked before the model is loaded: the output location (not an input,
-    not existing unless overwriting, writable), the device, the order of the stages after the input's
-    history, every text source (exists, is readable text), and the window lengths against the
-    model's positions."""
-    calibs = [s.calib for s in stages if s.calib is not None]
-    sources = [(c.source, "calibration", c.text_field) for c in calibs]
+def _text_sources(stages: list[PlannedStage], options: RunOptions) -> list[tuple[str, str, str]]:
+    """(source, purpose, text field) of every text the run reads."""
+    sources = [(s.calib.source, "calibration", s.calib.text_field) for s in stages if s.calib is not None]
     if options.eval_source:
         sources.append((options.eval_source, "evaluation", "text"))
-    check_output(out, options.overwrite, [model_path, *(s for s, _, _ in sources if Path(s).exists())])
+    return sources
+
+
+def _claim(model_path: str | Path, out: str | Path, options: RunOptions, stages: list[PlannedStage],
+           inputs: Sequence[str | Path]) -> Output:  # fmt: skip
+    """The output, claimed before anything else: not an input (the model, texts, recipe, teacher),
+    not existing unless overwriting, writable, locked against a second run to it."""
+    texts = [s for s, _, _ in _text_sources(stages, options) if Path(s).exists()]
+    work = [checkpoints_for(out)] if _trains(stages) else []
+    protected = [model_path, *texts, *inputs, *([options.teacher] if options.teacher else [])]
+    return claim(out, inputs=protected, overwrite=options.overwrite, marker=MANIFEST, also=work)
+
+
+def _preflight(model_path: str | Path, options: RunOptions, stages: list[PlannedStage],
+               history: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Everything that can be checked before the model is loaded: the device, the order of the stages
+    after the input's history, every text source (exists, is readable text), and the window lengths
+    against the model's positions."""
+    calibs = [s.calib for s in stages if s.calib is not None]
+    sources = _text_sources(stages, options)
     resolve_device(options.device)
     check_order([*applied(history), *((kind_of(s.config).name, stage_settings(s.config)) for s in stages)])
     for source, purpose, text_field in dict.fromkeys(sources):
         load_text(source, purpose, text_field)
     config = load_config(model_path)
     adapter_for(config)  # unsupported architectures fail here, naming the supported ones
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    check_model(model_path)  # weight files against the config, before any work
+    positions = model_positions(config)
     lengths = [("--calib-seq-len", c.seq_len) for c in calibs] + ([("--eval-seq-len", options.eval_seq_len)]
                                                                   if options.eval_source else [])  # fmt: skip
     for flag_name, length in lengths:
         if positions and length > positions:
             raise ConfigError(f"{flag_name} {length} is longer than the model's {positions} positions; lower it")
+
+
+def model_positions(config: Any) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def adapt_lengths(model_path: str | Path, stages: list[PlannedStage],
+                  options: RunOptions) -> tuple[list[PlannedStage], RunOptions, list[str]]:  # fmt: skip
+    """Default window lengths longer than the model's positions become its positions (said, and
+    recorded as the run's settings); lengths the user gave are left for the preflight to refuse."""
+    positions = model_positions(load_config(model_path))
+    notes: list[str] = []
+    if not positions:
+        return stages, options, notes
+    if options.eval_seq_len > positions and "eval_seq_len" not in options.explicit:
+        notes.append(f"--eval-seq-len {positions} (the default {options.eval_seq_len} is longer than the model's "
+                     f"{positions} positions)")
+        options = dataclasses.replace(options, eval_seq_len=positions)
+    adapted = []
+    for stage in stages:
+        calib, config = stage.calib, stage.config
+        if calib is not None:
+            calib = dataclasses.replace(calib, holdout_seq_len=options.eval_seq_len)
+            key = "train_seq_len" if "calib_seq_len" in kind_of(config).calib_fixed else "calib_seq_len"
+            if calib.seq_len > positions and key not in options.explicit:
+                notes.append(f"{config.method_name}: {flag(key)} {positions} (the default {calib.seq_len} is longer "
+                             f"than the model's {positions} positions)")
+                if key == "train_seq_len":
+                    config = dataclasses.replace(config, train_seq_len=positions)
+                    calib = dataclasses.replace(calib, **{"samples": kind_of(config).calibration(config).samples})
+                calib = dataclasses.replace(calib, seq_len=positions)
+        adapted.append(PlannedStage(config, calib))
+    return adapted, options, notes
 
 
 def checkpoints_for(out: str | Path) -> Path:
@@ -320,34 +375,108 @@ def build_manifest(model_path: str | Path, model: nn.Module, stages: list[Planne
 
 
 def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Path,
-               options: RunOptions = RunOptions()) -> dict[str, Any]:
+               options: RunOptions = RunOptions(), inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Load any model or secateur output (its structure restored), run the stages in order, evaluate if
     asked, save atomically with a manifest of the whole history; returns the manifest.
-    Nothing is loaded before the output, the text sources and the stage order are checked."""
+    Nothing is loaded before the output is claimed (`inputs`: further files it must stay apart from,
+    such as the recipe) and the text sources and the stage order are checked."""
     if not stages:
         raise ConfigError("the recipe has no stages")
     earlier = (read_manifest(model_path) if Path(model_path).is_dir() else None) or {}
     history = history_of(earlier)
-    _preflight(model_path, out, options, stages, history)
-    teacher_file = _check_training(model_path, out, options, stages, earlier)
+    with _claim(model_path, out, options, stages, inputs) as output:
+        stages, options, notes = adapt_lengths(model_path, stages, options)
+        for note in notes:
+            log.warning("adapted to the model: %s", note)
+        _preflight(model_path, options, stages, history)
+        teacher_file = _check_training(model_path, out, options, stages, earlier)
+        check_apart(output.path, [teacher_file])
+        work = checkpoints_for(out) if _trains(stages) else None
+        if work is not None:
+            _record_run(work, run_identity(model_path, teacher_file, stages, options), options.resume)
+        try:
+            manifest = _run(model_path, stages, output, options, earlier, teacher_file, notes)
+        except BaseException:
+            if work is not None and not any(work.glob("stage-*/checkpoint")):
+                shutil.rmtree(work, ignore_errors=True)  # nothing to resume from
+            raise
+    return manifest
+
+
+RUN_RECORD = "run.json"  # in the checkpoints directory: the settings that define the interrupted run
+NOT_DEFINING = ("eval_tasks",)  # run keys a resumed run may change (they do not change the weights)
+
+
+def run_identity(model_path: str | Path, teacher: str | None, stages: list[PlannedStage],
+                 options: RunOptions) -> dict[str, Any]:  # fmt: skip
+    """What defines a training run's weights: the input and teacher (by hash), and the recipe."""
+    recipe = {k: v for k, v in recipe_document(stages, options).items() if k not in NOT_DEFINING}
+    return {"input": content_hash(model_path), "teacher": content_hash(teacher) if teacher else None, **recipe}
+
+
+def _record_run(work: Path, identity: dict[str, Any], resume: bool) -> None:
+    """Write the run's identity next to its checkpoints; with --resume, refuse a run that differs
+    from the interrupted one, naming the first difference."""
+    record = work / RUN_RECORD
+    if not resume:
+        work.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(identity, indent=2, default=str))
+        return
+    try:
+        before = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise ConfigError(f"--resume: {work} holds no readable record of the interrupted run's settings, so it cannot "
+                          "be checked; remove that directory and start over") from None
+    difference = first_difference(before, json.loads(json.dumps(identity, default=str)))
+    if difference is not None:
+        raise ConfigError(f"--resume: {difference} differs from the interrupted run; resume with its settings, or "
+                          f"remove {work} to start over")
+
+
+def first_difference(before: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first setting that differs between two run identities, as the user would name it."""
+    names = {"input": "the input model (its content)", "teacher": "the teacher (its content)"}
+    for key in dict.fromkeys([*before, *now]):
+        if key == "stage":
+            continue
+        if before.get(key) != now.get(key):
+            return names.get(key) or f"{flag(key)} ({before.get(key)!r} then, {now.get(key)!r} now)"
+    old, new = before.get("stage", []), now.get("stage", [])
+    if len(old) != len(new):
+        return f"the number of stages ({len(old)} then, {len(new)} now)"
+    for number, (a, b) in enumerate(zip(old, new), 1):
+        for key in dict.fromkeys([*a, *b]):
+            if a.get(key) != b.get(key):
+                where = f"stage {number}: " if len(old) > 1 else ""
+                return f"{where}{flag(key)} ({a.get(key)!r} then, {b.get(key)!r} now)"
+    return None
+
+
+def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, options: RunOptions,
+         earlier: dict[str, Any], teacher_file: str | None, notes: list[str]) -> dict[str, Any]:  # fmt: skip
+    history = history_of(earlier)
     tasks = [t.strip() for t in (options.eval_tasks or "").split(",") if t.strip()]
     if tasks:
         from secateur.tasks.harness import check_tasks
 
         check_tasks(tasks)  # lm-eval present and every name known, before any work
     clock = time.perf_counter()
-    model, tokenizer = load(model_path, dtype=options.dtype, device="cpu")
-    teacher = load(teacher_file, dtype=options.dtype, device="cpu")[0] if teacher_file is not None else None
+    model, tokenizer = load(model_path, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)
+    teacher = (load(teacher_file, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)[0]
+               if teacher_file is not None else None)  # fmt: skip
     timings = {"load": time.perf_counter() - clock}
     compute = resolve_device(options.device)
     evaluation = (evaluation_data(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
                   if options.eval_source else None)  # windows cut before pruning: a short text fails early
-    work = checkpoints_for(out) if _trains(stages) else None
+    work = checkpoints_for(output.path) if _trains(stages) else None
     records, stage_timings = apply_stages(model, tokenizer, stages, compute, history, model_path, teacher=teacher,
                                           workdir=work, resume=options.resume)  # fmt: skip
+    check_finite(model, "the pruned model", allow=options.allow_nonfinite)
     extras = _training_outputs(records, len(history), teacher_file or model_path)
     manifest = build_manifest(model_path, model, stages, records, options, compute, earlier,
                               {**timings, **stage_timings})  # fmt: skip
+    if notes:
+        manifest["adapted"] = notes
     if evaluation is not None:
         model.to(compute)
         manifest["evaluation"] = _evaluation(model, tokenizer, options.eval_source, evaluation, 4, compute)
@@ -358,7 +487,7 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
         manifest.setdefault("evaluation", {})["tasks"] = run_tasks(model, tokenizer, tasks, device=str(compute))
         model.to("cpu")
     inputs = [model_path, *([teacher_file] if teacher_file else [])]
-    save(model, tokenizer, out, manifest, overwrite=options.overwrite, inputs=inputs, extras=extras)
+    save(model, tokenizer, output.path, manifest, inputs=inputs, extras=extras, output=output)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
@@ -473,8 +602,8 @@ def _split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], di
     return {k: v for k, v in settings.items() if k not in calib and k not in run}, calib, run
 
 
-def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool = False,
-                resume: bool = False) -> tuple[list[PlannedStage], RunOptions]:  # fmt: skip
+def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool = False, resume: bool = False,
+                allow_nonfinite: bool = False) -> tuple[list[PlannedStage], RunOptions]:  # fmt: skip
     """Stages (with their calibration) and run options from a recipe document and flags; precedence,
     lowest first: the stage kind's defaults, the recipe's top level, a stage table, the flags."""
     top = {k: v for k, v in document.items() if k != "stage"}
@@ -492,7 +621,9 @@ def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool
             flagged = ", ".join("--" + k.replace("_", "-") for k in sorted(flag_stage))
             raise ConfigError(f"{flagged}: with a multi-stage recipe, stage options belong in its [[stage]] tables; "
                               "flags set calibration and run options only")
-    run = fill(RunOptions, {**top_run, **flag_run}, overwrite=overwrite, resume=resume)
+    explicit = frozenset({*top, *flags, *(k for t in tables if isinstance(t, dict) for k in t)})
+    run = fill(RunOptions, {**top_run, **flag_run}, overwrite=overwrite, resume=resume,
+               allow_nonfinite=allow_nonfinite, explicit=explicit)  # fmt: skip
     stages = []
     for number, table in enumerate(tables, 1):
         where = f"stage {number}: " if len(tables) > 1 else ""
@@ -508,7 +639,11 @@ def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool
                                   "windows come from its own options (--tokens, --train-seq-len, --val-windows)")
             settings = {k: v for k, v in {**top_calib, **calib, **flag_calib}.items()
                         if k not in kind_of(config).calib_fixed}  # fmt: skip
-            stages.append(_with_calibration(config, settings, run))
+            planned = _with_calibration(config, settings, run)
+            check_applies(config, flag_stage)  # a flag of another variant is refused even at its default value
+            if planned.calib is not None:
+                check_applies(planned.calib, flag_calib)
+            stages.append(planned)
         except ConfigError as exc:
             raise ConfigError(f"{where}{exc}") from None
     given = {**top_calib, **flag_calib, **{k: v for t in tables for k, v in _split(t)[1].items()}}

@@ -23,7 +23,7 @@ from secateur.depth import REGISTRY as DEPTH_REGISTRY
 from secateur.depth import Amount, DepthConfig, depth_prune, removed_sublayers, resolve_compensation
 from secateur.errors import ConfigError
 from secateur.models import adapter_for
-from secateur.schema import Option, fill, flag, flatten, options_of
+from secateur.schema import Option, check_finite, fill, flag, flatten, options_of
 from secateur.sparsity.methods import REGISTRY as SPARSITY_REGISTRY
 from secateur.sparsity.prune import needs_calibration, prune as prune_weights
 from secateur.train import TrainConfig, train
@@ -361,6 +361,8 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     to `workdir`/stage-N, from which `resume` goes on.
     """
     stages = as_stages(recipe)
+    for stage in stages:
+        check_finite(stage)
     check_order([*history, *((kind_of(s).name, stage_settings(s)) for s in stages)])
     per_stage = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * len(stages)
     if len(per_stage) != len(stages):

@@ -13,13 +13,15 @@ import html
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secateur.errors import OutputError, SecateurError
-from secateur.io import read_manifest
+from secateur.errors import SecateurError
+from secateur.io import read_manifest, safetensors_shapes
+from secateur.output import claim
+
+REPORT_FILE = "report.md"  # what marks a directory as a report (--overwrite replaces only such a one)
 
 BLOCK = re.compile(r"^(?:model\.|transformer\.|gpt_neox\.)?(?:decoder\.)?(?:layers|h)\.(\d+)\.(.+)\.weight$")
 
@@ -72,6 +74,7 @@ def read_weights(path: Path, facts: ModelFacts) -> None:
     if not files:
         raise ReportError(f"{path} holds no safetensors weights; give secateur outputs or HF model directories")
     for file in files:
+        safetensors_shapes(file)  # unreadable or truncated: one line, before safetensors reads it
         with safe_open(file, "pt") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
@@ -95,12 +98,19 @@ def gather(path: str | Path, tasks: list[dict], speeds: list[dict], samples: lis
     same = lambda other: other and Path(other).resolve() == path.resolve()  # noqa: E731
     for document in tasks:
         if same(document.get("model")):
-            facts.tasks.update(document["tasks"])
+            facts.tasks.update(_part(document, "tasks", dict, "secateur eval --tasks --results"))
     facts.speed = next((s for s in speeds if same(s.get("model"))), None)
     for document in samples:
         if same(document.get("model")):
-            facts.samples = document["samples"]
+            facts.samples = _part(document, "samples", list, "secateur eval --generate --json")
     return facts
+
+
+def _part(document: dict, key: str, kind: type, writer: str) -> Any:
+    value = document.get(key)
+    if not isinstance(value, kind):
+        raise ReportError(f"a file given for {document.get('model')} has no {key} ({writer} writes them)")
+    return value
 
 
 # --- plots ------------------------------------------------------------------------------------------
@@ -204,32 +214,40 @@ def summary_rows(models: list[ModelFacts]) -> tuple[list[str], list[list[str]]]:
 def write_report(paths: list[str | Path], out: str | Path, *, tasks: list[Path] = (), bench: Path | None = None,
                  samples: list[Path] = (), overwrite: bool = False) -> Path:  # fmt: skip
     """Write `out/index.html`, `out/report.md` and the plots; returns the HTML page."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
-    documents = [_read_json(p) for p in tasks], _read_json(bench)["results"] if bench else [], [_read_json(p) for p in samples]
-    models = [gather(p, *documents) for p in paths]
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    figures = [("Non-zero weights per block", plot_blocks(models, staging / "blocks.png")),
-               ("Quality against parameters", plot_pareto(models, staging / "pareto.png"))]
-    figures += [(f"{m.name}: sparsity per layer", plot_sparsity(m, staging / f"sparsity-{i}.png")) for i, m in enumerate(models)]
-    figures = [(title, png.name) for title, png in figures if png is not None]
-    head, rows = summary_rows(models)
-    (staging / "index.html").write_text(_html(models, head, rows, figures))
-    (staging / "report.md").write_text(_markdown(models, head, rows, figures))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out / "index.html"
+    inputs = [*paths, *tasks, *([bench] if bench else []), *samples]
+    with claim(out, inputs=inputs, overwrite=overwrite, marker=REPORT_FILE) as output:
+        documents = ([_read_json(p) for p in tasks], _bench_results(bench) if bench else [],
+                     [_read_json(p) for p in samples])  # fmt: skip
+        models = [gather(p, *documents) for p in paths]
+        with output.write() as staging:
+            figures = [("Non-zero weights per block", plot_blocks(models, staging / "blocks.png")),
+                       ("Quality against parameters", plot_pareto(models, staging / "pareto.png"))]
+            figures += [(f"{m.name}: sparsity per layer", plot_sparsity(m, staging / f"sparsity-{i}.png"))
+                        for i, m in enumerate(models)]  # fmt: skip
+            figures = [(title, png.name) for title, png in figures if png is not None]
+            head, rows = summary_rows(models)
+            (staging / "index.html").write_text(_html(models, head, rows, figures))
+            (staging / REPORT_FILE).write_text(_markdown(models, head, rows, figures))
+    return output.path / "index.html"
+
+
+def _bench_results(path: Path) -> list[dict]:
+    results = _read_json(path).get("results")
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise ReportError(f"{path} is not `secateur bench --json` output (no list of results)")
+    return results
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ReportError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReportError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise ReportError(f"{path}: not a secateur JSON file (a {type(document).__name__}, not an object)")
+    return document
 
 
 def _samples(models: list[ModelFacts]) -> list[tuple[str, list[tuple[str, str]]]]:

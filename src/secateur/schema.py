@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -19,17 +20,33 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin
 from secateur.errors import ConfigError
 
 
+class NotFinite(ConfigError):
+    """A float option given NaN or an infinity."""
+
+
 REQUIRED = dataclasses.MISSING  # an option without a default: the config cannot be built without it
 
 
+@dataclass(frozen=True)
+class Requires:
+    """The variant of its config an option belongs to: `holds(config)` says whether the built config
+    selects it, `what` names it in messages (`--dsnot-cycles applies only with --refine dsnot`)."""
+
+    holds: Callable[[Any], bool]
+    what: str
+
+
 def option(default: Any, help: str, *, key: str | None = None, parse: Callable[[Any], Any] | None = None,
-           flatten: Callable[[Any], Any] | None = None, choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
+           flatten: Callable[[Any], Any] | None = None, choices: Callable[[], tuple[str, ...]] | None = None,
+           requires: Requires | None = None) -> Any:
     """A dataclass field that is also a flag and a recipe key.
 
     `parse` turns a flag or recipe value into the field's value (after the type check is skipped),
     `flatten` the field's value back into a recipe value; `choices` lists allowed strings of a
-    registry (evaluated when flags are built, so registrations made later count)."""
-    metadata = {"help": help, "key": key, "parse": parse, "flatten": flatten, "choices": choices}
+    registry (evaluated when flags are built, so registrations made later count); `requires` names
+    the variant the option belongs to: set for another variant, it is refused, and a manifest leaves
+    it out."""
+    metadata = {"help": help, "key": key, "parse": parse, "flatten": flatten, "choices": choices, "requires": requires}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -43,6 +60,7 @@ class Option:
     parse: Callable[[Any], Any] | None = None
     flatten: Callable[[Any], Any] | None = None
     choices: tuple[str, ...] | None = None
+    requires: Requires | None = None
 
     def check(self, value: Any) -> Any:
         """The value as the field holds it; a wrong type or choice is a ConfigError naming the key."""
@@ -70,20 +88,64 @@ def options_of(config_type: type) -> dict[str, Option]:
         choices = meta["choices"]() if meta["choices"] else None
         default = None if field.default is REQUIRED else field.default
         options[key] = Option(key, hints[field.name], meta["help"], default, field.name, meta["parse"],
-                              meta["flatten"], choices)  # fmt: skip
+                              meta["flatten"], choices, meta.get("requires"))  # fmt: skip
     return options
 
 
 def fill(config_type: type, settings: dict[str, Any], **fixed: Any) -> Any:
-    """An instance of `config_type` from the settings its options name (others are left alone)."""
-    values = {o.field: o.check(settings[k]) for k, o in options_of(config_type).items() if settings.get(k) is not None}
-    return config_type(**values, **fixed)
+    """An instance of `config_type` from the settings its options name (others are left alone). An
+    option of a variant the config does not select is refused when it is set to another value than
+    its default (`check_applies` refuses it whatever its value, for flags)."""
+    options = options_of(config_type)
+    values = {o.field: o.check(settings[k]) for k, o in options.items() if settings.get(k) is not None}
+    config = config_type(**values, **fixed)
+    changed = [k for k, o in options.items() if o.field in values and values[o.field] != o.default]
+    check_applies(config, changed)
+    return config
+
+
+def refuse_inapplicable(config: Any) -> None:
+    """For a config's `__post_init__`: an option of a variant it does not select, set to another value
+    than its default, is refused (built from Python as from flags)."""
+    check_applies(config, [k for k, o in options_of(type(config)).items() if getattr(config, o.field) != o.default])
+
+
+def check_finite(config: Any) -> None:
+    """Every float option of a config (and the configs inside it) is finite: NaN passes every range
+    check (`nan < 0` is False) and prunes or trains to garbage."""
+    for part in nested(config):
+        for key, opt in options_of(type(part)).items():
+            value = getattr(part, opt.field)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{flag(key)} must be a finite number, got {value!r}")
+
+
+def nested(config: Any) -> list[Any]:
+    """A config and the option-bearing configs inside it (a sparsity stage's method, allocation, refine)."""
+    found = [config]
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type) and options_of(type(value)):
+            found += nested(value)
+    return found
+
+
+def check_applies(config: Any, keys: Any) -> None:
+    """Refuse any of `keys` that belongs to a variant `config` (or a config inside it) does not select."""
+    keys = set(keys)
+    for part in nested(config):
+        for key, opt in options_of(type(part)).items():
+            if key in keys and opt.requires is not None and not opt.requires.holds(part):
+                raise ConfigError(f"{flag(key)} applies only with {opt.requires.what}; drop it or select that variant")
 
 
 def flatten(config: Any) -> dict[str, Any]:
-    """The recipe keys of a config's options, with plain (TOML / JSON) values."""
+    """The recipe keys of a config's options, with plain (TOML / JSON) values; options of a variant
+    the config does not select are left out."""
     out = {}
     for key, option in options_of(type(config)).items():
+        if option.requires is not None and not option.requires.holds(config):
+            continue
         value = getattr(config, option.field)
         if option.flatten is not None:
             value = option.flatten(value)
@@ -117,6 +179,8 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(arg, value, key)
+            except NotFinite:
+                raise
             except ConfigError:
                 pass
     elif origin is Literal:
@@ -135,6 +199,8 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise NotFinite(f"{flag(key)} must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from secateur.data.enwiki import load as load_enwiki
 from secateur.errors import SecateurError
 
 Purpose = Literal["calibration", "evaluation"]
+JSONL = (".jsonl", ".ndjson")
 
 
 class DataError(SecateurError):
@@ -24,6 +26,7 @@ class NamedSource:
     load: Callable[[Purpose, str], str]
     separate_splits: bool  # calibration and evaluation text differ (no hold-out needed)
     description: str
+    fields: bool = True  # rows with fields (--text-field picks one); False: plain text
 
 
 def _hub(name: str, config: str | None, splits: dict[str, str], data_files: dict[str, str] | None = None):
@@ -42,7 +45,8 @@ def _hub(name: str, config: str | None, splits: dict[str, str], data_files: dict
 
 
 NAMED: dict[str, NamedSource] = {
-    "enwiki-sample": NamedSource(lambda purpose, field: load_enwiki(), False, "offline Wikipedia sample (gensim wheel)"),
+    "enwiki-sample": NamedSource(lambda purpose, field: load_enwiki(), False, "offline Wikipedia sample (gensim wheel)",
+                                  fields=False),
     "wikitext2": NamedSource(
         _hub("wikitext", "wikitext-2-raw-v1", {"calibration": "train", "evaluation": "test"}), True, "WikiText-2 raw"
     ),
@@ -72,9 +76,26 @@ def _from_disk(path: Path, purpose: Purpose, field: str) -> str:
     return "\n\n".join(row for row in data[field] if row and row.strip())
 
 
+def has_fields(source: str) -> bool:
+    """Whether a source's rows have fields (a .jsonl file, a `datasets` directory, a hub set), so that
+    --text-field applies to it."""
+    path = Path(source)
+    if source in NAMED:
+        return NAMED[source].fields
+    return path.is_dir() or path.suffix in JSONL
+
+
+def check_text_field(source: str) -> None:
+    if not has_fields(source):
+        raise DataError(f"--text-field applies to .jsonl files and `datasets` directories; {source} is plain text")
+
+
 def _read_text(path: Path) -> str:
     """A file's text; binary files and files that are not UTF-8 are refused."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
     if b"\0" in data[:65536]:
         raise DataError(f"{path} is a binary file, not text; give a UTF-8 text file, a .jsonl file or a `datasets` directory")
     try:
@@ -102,7 +123,7 @@ def _from_jsonl(path: Path, field: str) -> str:
 def load_text(source: str, purpose: Purpose = "evaluation", text_field: str = "text") -> str:
     """Plain text from a named source, a `datasets` directory, a .jsonl file or any text file."""
     path = Path(source)
-    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None  # a changed file is read anew
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size, os.access(path, os.R_OK)) if path.is_file() else None  # a changed file is read anew
     text = _load_text(str(source), purpose, text_field, stamp)
     if not text.strip():
         raise DataError(f"text source {source} is empty (for {purpose}); give a source with text in it")
@@ -110,7 +131,7 @@ def load_text(source: str, purpose: Purpose = "evaluation", text_field: str = "t
 
 
 @functools.lru_cache(maxsize=4)  # checked before a run, read again during it
-def _load_text(source: str, purpose: Purpose, text_field: str, stamp: tuple[int, int] | None) -> str:
+def _load_text(source: str, purpose: Purpose, text_field: str, stamp: tuple[int, int, bool] | None) -> str:
     if source in NAMED:
         return NAMED[source].load(purpose, text_field)
     path = Path(source)
@@ -119,7 +140,7 @@ def _load_text(source: str, purpose: Purpose, text_field: str, stamp: tuple[int,
             raise DataError(f"{path} is a directory but not a `datasets` save_to_disk directory")
         return _from_disk(path, purpose, text_field)
     if path.is_file():
-        return _from_jsonl(path, text_field) if path.suffix in (".jsonl", ".ndjson") else _read_text(path)
+        return _from_jsonl(path, text_field) if path.suffix in JSONL else _read_text(path)
     raise DataError(
         f"unknown text source {source!r}: give a text file, a .jsonl file, a `datasets` directory, "
         f"or one of {', '.join(NAMED)}"

@@ -2,55 +2,43 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from secateur.errors import OutputError
-from secateur.export.gguf import MANIFEST_KEY, TYPES, ExportError, Shape, model_shape, write_gguf
+from secateur.export.gguf import MANIFEST_KEY, TYPES, ExportError, Shape, file_bytes, model_shape, write_gguf
+from secateur.export.vocab import LLAMA_CPP_PRE_TOKENIZERS
+from secateur.output import claim
 
-__all__ = ["MANIFEST_KEY", "TYPES", "ExportError", "Shape", "check_gguf_output", "export_gguf", "model_shape"]
-
-
-def check_gguf_output(out: str | Path, overwrite: bool, source: str | Path) -> Path:
-    """Refuse before any work: a name without .gguf, an existing file (unless asked to overwrite),
-    the input itself, a directory, or an unwritable place."""
-    out = Path(out)
-    if out.suffix.lower() != ".gguf":
-        raise OutputError(f"--gguf {out}: the file name must end in .gguf")
-    if out.resolve() == Path(source).resolve():
-        raise OutputError(f"--gguf {out} is the input model; choose another file")
-    if out.is_dir():
-        raise OutputError(f"--gguf {out} is a directory; give a file name ending in .gguf")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
-    parent = out.resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {out}: {parent} is not a writable directory")
-    return out
+__all__ = ["MANIFEST_KEY", "TYPES", "ExportError", "Shape", "export_gguf", "model_shape"]
 
 
 def export_gguf(model_path: str | Path, out: str | Path, kind: str = "f16", overwrite: bool = False,
-                tokenizer_pre: str | None = None) -> dict[str, Any]:
+                tokenizer_pre: str | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Write any secateur output (or HF model) of an exportable family as one GGUF file, its manifest
     in the metadata; returns the export record (layout, type, tokenizer origin, bytes)."""
     from secateur.export.vocab import vocabulary
-    from secateur.io import load, read_manifest
+    from secateur.io import load, read_manifest, split_model_path
 
     if kind not in TYPES:
         raise ExportError(f"--type must be one of {', '.join(TYPES)}, got {kind!r}")
-    out = check_gguf_output(out, overwrite, model_path)
+    if tokenizer_pre is not None and tokenizer_pre not in LLAMA_CPP_PRE_TOKENIZERS:
+        raise ExportError(f"--tokenizer-pre {tokenizer_pre!r} is not a pre-tokenizer llama.cpp knows; give one of "
+                          f"{', '.join(sorted(LLAMA_CPP_PRE_TOKENIZERS))}")
     path = Path(model_path)
-    if not path.is_dir():
-        raise ExportError(f"{path}: give a HF model directory or secateur output (a GGUF file is already GGUF)")
-    manifest = read_manifest(path)
-    model, tokenizer = load(path)
-    shape = model_shape(model)  # refusals before anything is written
-    vocab = vocabulary(tokenizer, path, int(model.config.vocab_size), manifest, tokenizer_pre)
-    record = {"format": "gguf", "type": kind, "arch": shape.arch, "tokenizer": vocab.origin,
-              "heads": shape.heads, "kv_heads": shape.kv_heads, "channels": shape.channels,
-              "stub_mlps": shape.stub_mlps}  # fmt: skip
-    document = {**(manifest or {}), "export": record}
-    write_gguf(model, shape, out, kind, document, vocab, name=path.name)
-    record["bytes"] = out.stat().st_size
+    split_model_path(path)  # a missing or non-model path is said as such, first
+    with claim(out, inputs=[model_path], overwrite=overwrite, shape="file", flag="--gguf", suffix=".gguf",
+               magic=b"GGUF") as output:  # fmt: skip
+        if not path.is_dir():
+            raise ExportError(f"{path}: give a HF model directory or secateur output (a GGUF file is already GGUF)")
+        manifest = read_manifest(path)
+        model, tokenizer = load(path, allow_nonfinite=allow_nonfinite)
+        shape = model_shape(model)  # refusals before anything is written
+        vocab = vocabulary(tokenizer, path, int(model.config.vocab_size), manifest, tokenizer_pre)
+        record = {"format": "gguf", "type": kind, "arch": shape.arch, "tokenizer": vocab.origin,
+                  "heads": shape.heads, "kv_heads": shape.kv_heads, "channels": shape.channels,
+                  "stub_mlps": shape.stub_mlps}  # fmt: skip
+        document = {**(manifest or {}), "export": record}
+        with output.write(size=file_bytes(model, kind)) as staging:
+            write_gguf(model, shape, staging, kind, document, vocab, name=path.name)
+            record["bytes"] = staging.stat().st_size
     return record

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,16 +216,15 @@ def write_hparams(writer, model: nn.Module, shape: Shape, kind: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def write_gguf(model: nn.Module, shape: Shape, out: Path, kind: str, manifest: dict[str, Any] | None,
+def write_gguf(model: nn.Module, shape: Shape, path: Path, kind: str, manifest: dict[str, Any] | None,
                vocabulary: Vocabulary, name: str) -> None:
-    """Write `model` in layout `shape` (from `model_shape`) to `out`; a finished file appears only by
-    rename."""
+    """Write `model` in layout `shape` (from `model_shape`) to `path`, a new file (a command's output
+    goes through `secateur.output`, which hands it a hidden staging path and renames it into place)."""
     import gguf
 
     if kind not in TYPES:
         raise ExportError(f"--type must be one of {', '.join(TYPES)}, got {kind!r}")
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    writer = gguf.GGUFWriter(staging, shape.arch)
+    writer = gguf.GGUFWriter(path, shape.arch)
     try:
         writer.add_name(name)
         write_hparams(writer, model, shape, kind)
@@ -239,10 +237,11 @@ def write_gguf(model: nn.Module, shape: Shape, out: Path, kind: str, manifest: d
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+    finally:
         writer.close()
-        staging.rename(out)
-    except BaseException:
-        writer.close()
-        staging.unlink(missing_ok=True)
-        raise
 
+
+def file_bytes(model: nn.Module, kind: str) -> int:
+    """About the size of the file: every weight at the type's bytes per value (norms stay f32)."""
+    per_value = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[kind]
+    return int(sum(p.numel() * (per_value if p.dim() == 2 else 4.0) for p in model.parameters()))

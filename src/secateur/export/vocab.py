@@ -19,6 +19,22 @@ from secateur.export.errors import ExportError
 
 TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}  # gguf.TokenType values
 
+# The pre-tokenizer names llama.cpp accepts (`tokenizer.ggml.pre`), as its llama-vocab.cpp lists them
+# (llama.cpp vendored by llama-cpp-python 0.3.36); another name makes llama.cpp refuse the file.
+LLAMA_CPP_PRE_TOKENIZERS = frozenset({
+    "a.x-4.0", "afmoe", "bailingmoe", "bailingmoe2", "bloom", "chameleon", "chatglm-bpe", "codeshell", "cohere2moe",
+    "command-r", "dbrx", "deepseek-coder", "deepseek-llm", "deepseek-r1-qwen", "deepseek-v3", "default", "exaone",
+    "exaone-moe", "exaone4", "f2llmv2", "falcon", "falcon-h1", "falcon3", "gemma4", "gigachat", "glm4", "glm5",
+    "gpt-2", "gpt-4o", "gpt3-finnish", "granite-docling", "granite-embed-multi-311m", "granite-embed-multi-97m",
+    "grok-2", "hunyuan", "hunyuan-dense", "hy_v4", "jais", "jais-2", "jina-de", "jina-es", "jina-v1-en",
+    "jina-v2-code", "jina-v2-de", "jina-v2-es", "jina-v5-nano", "joyai-llm", "kanana2", "kimi-k2", "kormo",
+    "laguna", "lfm2", "llada-moe", "llama-bpe", "llama-v3", "llama3", "llama4", "megrez", "mellum", "mellum2",
+    "midm-2.0", "minerva-7b", "minicpm5", "minimax-m2", "modern-bert", "mpt", "olmo", "phi-2", "pixtral",
+    "poro-chat", "qwen2", "qwen35", "refact", "roberta-bpe", "sarvam-moe", "seed-coder", "smaug-bpe", "smollm",
+    "solar-open", "spark2_5", "stablelm2", "starcoder", "superbpe", "talkie", "tekken", "tiny_aya", "trillion",
+    "ufakzeka", "viking", "whitespace", "youtu"
+})
+
 # llama.cpp's pre-tokenizer for a `tokenizer.json` pre_tokenizer section (its structure, as JSON)
 PRE_TOKENIZERS = {
     json.dumps({"type": "ByteLevel", "use_regex": True}): "gpt-2",

@@ -4,10 +4,12 @@ Pareto front as a table (front.md) and a plot (pareto.png), and every figure (pl
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
+
+from secateur.output import Output
+
+PLAN_FILE = "plan.json"  # what marks a directory as a plan (--overwrite replaces only such a one)
 
 
 def _toml_value(value: Any) -> str:
@@ -92,20 +94,11 @@ def pareto_plot(record: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_plan(out: str | Path, record: dict[str, Any], overwrite: bool = False) -> Path:
-    """All four files into `out`, atomically (a temporary sibling renamed at the end)."""
-    out = Path(out)
-    work = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+def write_plan(output: Output, record: dict[str, Any]) -> Path:
+    """All four files into the claimed output, atomically (a hidden sibling renamed at the end)."""
+    with output.write() as work:
         (work / "plan.toml").write_text(recipe_toml(record))
         (work / "front.md").write_text(front_table(record))
-        (work / "plan.json").write_text(json.dumps(record, indent=2, default=str))
+        (work / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str))
         pareto_plot(record, work / "pareto.png")
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        work.rename(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+    return output.path

@@ -37,7 +37,8 @@ from secateur.calibrate.stream import block_bars
 from secateur.config import CalibConfig
 from secateur.data.enwiki import cache_dir
 from secateur.errors import ConfigError
-from secateur.io import check_output, content_hash, load, load_config, resolve_device
+from secateur.io import check_model, content_hash, load, load_config, resolve_device
+from secateur.output import Output, claim
 from secateur.models import adapter_for
 from secateur.plan.costs import (
     ArchShape,
@@ -321,9 +322,19 @@ def _choose(rows: dict[str, Row]) -> Row | None:
 
 
 def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwrite: bool = False,
-         progress: bool = True, engine: Engine | None = None) -> dict[str, Any]:  # fmt: skip
+         progress: bool = True, engine: Engine | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:  # fmt: skip
     """Search, write `out/` (plan.toml, plan.json, front.md, pareto.png) and return the plan's record.
-    `engine` replaces the one `config` names (tests time a table)."""
+    `engine` replaces the one `config` names (tests time a table). The output is claimed first (not
+    at or around the model or the text, locked for the whole search)."""
+    from secateur.plan.output import PLAN_FILE
+
+    texts = [config.calib] if Path(config.calib).exists() else []
+    with claim(out, inputs=[model_path, *texts], overwrite=overwrite, marker=PLAN_FILE) as output:
+        return _plan(model_path, config, output, progress, engine, allow_nonfinite)
+
+
+def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: bool,
+          engine: Engine | None, allow_nonfinite: bool) -> dict[str, Any]:  # fmt: skip
     from secateur.data import load_text
     from secateur.plan.output import write_plan
 
@@ -333,8 +344,8 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     widths = parse_grid(config.width, "width")
     hiddens = parse_grid(config.hidden, "hidden")
     splits = parse_splits(config.attention)
-    check_output(out, overwrite, [model_path])
     load_text(config.calib, "calibration", "text")
+    check_model(model_path)
     base = load_config(model_path)
     adapter = adapter_for(base)
     if adapter.width is None:
@@ -365,7 +376,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, config)}
     if not target.speed:
         _feasible(rows, target, None, 0.0, {}, dense_value)
-    model, tokenizer = load(model_path, dtype="float32", device="cpu")
+    model, tokenizer = load(model_path, dtype="float32", device="cpu", allow_nonfinite=allow_nonfinite)
     calibration, windows = _windows(model, tokenizer, config)  # a short text fails before any timing
     if isinstance(engine, LlamaCppEngine) and engine.vocabulary is None:
         engine.vocabulary = vocabulary_of(tokenizer, model_path, base.vocab_size)
@@ -410,7 +421,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     record["same_shape"] = same
     record["seconds"] = {"total": time.perf_counter() - clock, "setup": setup, "checks": book.seconds if book else 0.0,
                          **proxy.seconds}  # fmt: skip
-    write_plan(out, record, overwrite=overwrite)
+    write_plan(output, record)
     return record
 
 

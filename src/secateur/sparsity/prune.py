@@ -66,6 +66,14 @@ def target_layers(model: nn.Module, adapter: Adapter, ignore: tuple[str, ...] = 
     return layers
 
 
+def _check_ignore(layers: list[tuple[str, nn.Module]], ignore: tuple[str, ...]) -> None:
+    """An --ignore pattern that matches no layer is a typo, not a choice."""
+    for pattern in ignore:
+        if not any(fnmatch.fnmatch(name, pattern) for name, _ in layers):
+            raise ConfigError(f"--ignore {pattern!r} matches no layer; names look like {layers[0][0]!r} "
+                              "(fnmatch patterns, e.g. '*.mlp.down_proj')")
+
+
 def _check_shapes(layers: list[tuple[str, nn.Module]], config: PruneConfig) -> None:
     if isinstance(config.target, NM):
         bad = [name for name, module in layers if read_weight(module).shape[1] % config.target.m]
@@ -131,6 +139,7 @@ def prune(
     adapter = adapter_for(model)
     spec = spec_for(config.method)
     layers = target_layers(model, adapter, config.ignore)
+    _check_ignore(target_layers(model, adapter), config.ignore)
     _check_shapes(layers, config)
     report = PruneReport(config.method_name, str(config.target))
     start = time.perf_counter()

@@ -3,7 +3,9 @@ kind of output evaluates, those that need `secateur.load` included)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +58,31 @@ def _manager(tasks: list[str], include_path: list[Path] = ()):
 
 
 def check_tasks(tasks: list[str], include_path: list[Path] = ()) -> None:
-    """Fail before any work when lm-eval is missing or a task name is unknown."""
-    _manager(tasks, include_path)
+    """Fail before any work when lm-eval is missing, a task name is unknown or a task's data cannot be
+    had (a hub dataset without the internet): the tasks are built here, their data cached."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = _manager(tasks, include_path)
+    with _reachable(tasks):
+        get_task_dict(tasks, manager)
+
+
+NETWORK_MODULES = ("requests", "urllib3", "httpx", "huggingface_hub", "datasets", "aiohttp")
+
+
+@contextlib.contextmanager
+def _reachable(tasks: list[str]) -> Iterator[None]:
+    """A task whose dataset cannot be fetched is one line with the offline choices, not a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        module = type(exc).__module__.split(".")[0]
+        if not isinstance(exc, (ConnectionError, TimeoutError)) and module not in NETWORK_MODULES:
+            raise
+        raise TaskError(f"the data of {', '.join(tasks)} could not be fetched ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160]}); lm-eval's tasks download their datasets from the Hugging "
+                        f"Face hub, which needs the internet: offline, use local task files (--include-path DIR) or "
+                        f"the built-in {PROBE}") from None
 
 
 def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int | None = None,
@@ -69,10 +94,11 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int 
 
     manager = _manager(tasks, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, bootstrap_iters=0, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                      verbosity="ERROR")  # fmt: skip
+    with _reachable(tasks):
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, bootstrap_iters=0, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                          verbosity="ERROR")  # fmt: skip
     out = {}
     for name in tasks:
         metrics = {k.split(",")[0]: v for k, v in results["results"][name].items()

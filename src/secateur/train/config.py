@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from secateur.config import NM
 from secateur.errors import ConfigError
-from secateur.schema import flatten, option
+from secateur.schema import Requires, flatten, option, refuse_inapplicable
 from secateur.train.loss import Normalise
 from secateur.width.config import WidthConfig
 from secateur.width.scores import IMPORTANCE
@@ -52,7 +52,8 @@ class TrainConfig:
     hidden_norm: Normalise | None = option(
         None, "layer-wise distillation: divide each squared error by the teacher's mean square over the block "
               "(SquareHead) or at each position (every position weighs the same; block)")
-    temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)")
+    temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)",
+                                requires=Requires(lambda c: c.kd_weight > 0, "distillation (--kd-weight above 0)"))
     top_k: int = option(0, "distil from the teacher's k largest logits, computed once and cached (0: full "
                            "logits, the teacher runs at every step)")
     lora_rank: int | None = option(None, "lora: adapter rank r (8)")
@@ -87,6 +88,7 @@ class TrainConfig:
     seed: int = option(0, "seed for the window order and the adapters' initialisation", key="train_seed")
 
     def __post_init__(self) -> None:
+        refuse_inapplicable(self)
         checks = [
             (self.tokens >= 1 and self.epochs >= 1, "--tokens and --epochs must be at least 1"),
             (self.train_seq_len >= 2, "--train-seq-len must be at least 2"),

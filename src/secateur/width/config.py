@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from secateur.errors import ConfigError
-from secateur.schema import REQUIRED, option
+from secateur.schema import REQUIRED, Requires, option, refuse_inapplicable
 from secateur.width.scores import IMPORTANCE
 
 HeadMode = Literal["kv-groups", "queries", "none"]
@@ -64,9 +64,11 @@ class WidthConfig:
     reconstruct: bool = option(False, "refit each pruned block's output projections on their kept inputs by least "
                                       "squares on calibration (block by block on the pruned model)")
     reconstruct_damp: float | None = option(None, "reconstruct: ridge towards the original weights, times the mean "
-                                                  "Gram diagonal (default 0.01)")
+                                                  "Gram diagonal (default 0.01)",
+                                            requires=Requires(lambda c: c.reconstruct, "--reconstruct"))
 
     def __post_init__(self) -> None:
+        refuse_inapplicable(self)
         if not 0 < self.fraction < 1:
             raise ConfigError(f"--remove-fraction must be in (0, 1), got {self.fraction}")
         if self.importance not in IMPORTANCE:
@@ -85,11 +87,8 @@ class WidthConfig:
                                   "--allocation uniform")
             if self.heads == "none":
                 raise ConfigError("--attention-fraction needs heads to remove, and --heads none keeps them all: drop one")
-        if self.reconstruct_damp is not None:
-            if not self.reconstruct:
-                raise ConfigError("--reconstruct-damp applies to --reconstruct only: drop it or add --reconstruct")
-            if self.reconstruct_damp < 0:
-                raise ConfigError(f"--reconstruct-damp must be at least 0, got {self.reconstruct_damp}")
+        if self.reconstruct_damp is not None and self.reconstruct_damp < 0:  # without --reconstruct: its `requires`
+            raise ConfigError(f"--reconstruct-damp must be at least 0, got {self.reconstruct_damp}")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
 
