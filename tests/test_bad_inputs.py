@@ -474,6 +474,8 @@ PLAN = [
     ("plan-family", lambda w: plan(w, source=w / "gpt2"), "describes decoders"),
     ("plan-nan-model", lambda w: plan(w, source=w / "nan"), "non-finite weights"),
     ("plan-six-layers", lambda w: plan(w, source=w / "sixlayers"), "says 6 blocks"),
+    ("plan-seq-past-positions", lambda w: plan(w, "--calib-seq-len", "300"), "--calib-seq-len 300 is longer"),
+    ("plan-truncated", lambda w: plan(w, source=w / "truncated"), "is truncated"),
 ]
 
 CASES = [*PRUNE, *TRAIN, *EVAL, *INFO, *BENCH, *EXPORT, *REPORT, *PLAN]

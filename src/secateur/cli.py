@@ -520,7 +520,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if settings.get("target") is None:
         raise ConfigError("--target is required, e.g. --target decode-speedup=1.6, params=80M or file=200MB")
     record = plan(args.model, fill(PlanConfig, settings), args.out, overwrite=args.overwrite,
-                  allow_nonfinite=args.allow_nonfinite)  # fmt: skip
+                  allow_nonfinite=args.allow_nonfinite,
+                  explicit=frozenset(k for k, v in settings.items() if v is not None))  # fmt: skip
     chosen, costs = record["chosen"], record["costs"]
     print(f"plan for --target {record['target']}: {chosen['key']} ({chosen['kind']}), {chosen['params'] / 1e6:.1f}M "
           f"parameters, KL {chosen['kl']:.4f} on {chosen['windows']} windows")
@@ -551,6 +552,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: no output; a recovery stage's checkpoints, for --resume."""
+    from secateur.pipeline import checkpoints_for
+
+    work = checkpoints_for(args.out) if args.command in ("prune", "train") else None
+    if work is not None and any(work.glob("stage-*/checkpoint")):
+        return f"no output was written; the recovery's checkpoints stay in {work} (rerun with --resume)"
+    return "no output was written (partial files were removed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -568,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"secateur: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"secateur: interrupted; {args.command} wrote nothing (partial files were removed)", file=sys.stderr)
+        print(f"secateur: interrupted; {_interrupted(args)}", file=sys.stderr)
         return 130
     except OSError as exc:
         error = disk_error(exc, exc.filename or "the output")

@@ -283,14 +283,14 @@ def nonfinite(model: nn.Module) -> list[tuple[str, int]]:
             if p.is_floating_point() and not bool(torch.isfinite(p).all())]  # fmt: skip
 
 
-def check_finite(model: nn.Module, what: str, allow: bool = False) -> None:
+def check_finite(model: nn.Module, what: str, allow: bool = False,
+                 advice: str = "fix the checkpoint, or pass --allow-nonfinite to go on anyway") -> None:
     """Refuse weights with NaN or Inf values (they prune, train and export to garbage without a word)."""
     bad = nonfinite(model)
     if bad and not allow:
         name, count = bad[0]
         more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
-        raise NonFiniteError(f"{what} has non-finite weights ({count:,} NaN/Inf values in {name}{more}); fix the "
-                             "checkpoint, or pass --allow-nonfinite to go on anyway")
+        raise NonFiniteError(f"{what} has non-finite weights ({count:,} NaN/Inf values in {name}{more}); {advice}")
 
 
 # --- weight files against the config -------------------------------------------------------------------

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import threading
@@ -114,13 +115,26 @@ def signals_raise() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def disk_error(exc: OSError, what: Path | str, flag: str = "--out") -> OutputError | None:
+def _errno(exc: BaseException) -> int | None:
+    """The errno of an OSError, or of one a library wrapped in its own error (its text says os error N)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_error(exc: BaseException, what: Path | str, flag: str = "--out") -> OutputError | None:
     """A full disk or a refused write as one line (None for other errors)."""
-    if exc.errno in SPACE_ERRORS:
-        return OutputError(f"no space left on the device while writing {what} ({os.strerror(exc.errno)}); nothing "
+    code = _errno(exc)
+    if code in SPACE_ERRORS:
+        return OutputError(f"no space left on the device while writing {what} ({os.strerror(code)}); nothing "
                            f"was written: free some space or choose another {flag}")
-    if exc.errno in ACCESS_ERRORS:
-        return OutputError(f"cannot write {what}: {os.strerror(exc.errno)}; nothing was written: choose another {flag}")
+    if code in ACCESS_ERRORS:
+        return OutputError(f"cannot write {what}: {os.strerror(code)}; nothing was written: choose another {flag}")
     return None
 
 
@@ -202,7 +216,7 @@ class Output:
                     staging.mkdir()
                 yield staging
                 self._replace(staging)
-            except OSError as exc:
+            except Exception as exc:  # OSError, or a library's own error wrapping one (safetensors)
                 _remove(staging)
                 error = disk_error(exc, self.path, self.flag)
                 if error is None:

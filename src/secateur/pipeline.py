@@ -471,7 +471,9 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
     work = checkpoints_for(output.path) if _trains(stages) else None
     records, stage_timings = apply_stages(model, tokenizer, stages, compute, history, model_path, teacher=teacher,
                                           workdir=work, resume=options.resume)  # fmt: skip
-    check_finite(model, "the pruned model", allow=options.allow_nonfinite)
+    check_finite(model, "the pruned model", allow=options.allow_nonfinite,
+                 advice="nothing was saved: a stage diverged (for recovery, lower --lr), or pass --allow-nonfinite "
+                        "to save it anyway")  # fmt: skip
     extras = _training_outputs(records, len(history), teacher_file or model_path)
     manifest = build_manifest(model_path, model, stages, records, options, compute, earlier,
                               {**timings, **stage_timings})  # fmt: skip

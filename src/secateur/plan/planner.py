@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -38,8 +39,8 @@ from secateur.config import CalibConfig
 from secateur.data.enwiki import cache_dir
 from secateur.errors import ConfigError
 from secateur.io import check_model, content_hash, load, load_config, resolve_device
-from secateur.output import Output, claim
 from secateur.models import adapter_for
+from secateur.output import Output, claim
 from secateur.plan.costs import (
     ArchShape,
     CostBook,
@@ -65,6 +66,8 @@ from secateur.width import WidthConfig, width_prune
 from secateur.width.prune import gather_statistics, resolve_variant, width_of
 from secateur.width.scores import IMPORTANCE
 from secateur.width.structure import WidthError
+
+log = logging.getLogger(__name__)
 
 # A check's speedup must beat the target by this much: a paired speedup drifts with the machine's
 # state between the check and any later measurement (SmolLM2 in llama.cpp on a shared 2-core EPYC:
@@ -322,7 +325,8 @@ def _choose(rows: dict[str, Row]) -> Row | None:
 
 
 def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwrite: bool = False,
-         progress: bool = True, engine: Engine | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:  # fmt: skip
+         progress: bool = True, engine: Engine | None = None, allow_nonfinite: bool = False,
+         explicit: frozenset[str] = frozenset()) -> dict[str, Any]:  # fmt: skip
     """Search, write `out/` (plan.toml, plan.json, front.md, pareto.png) and return the plan's record.
     `engine` replaces the one `config` names (tests time a table). The output is claimed first (not
     at or around the model or the text, locked for the whole search)."""
@@ -330,7 +334,26 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
 
     texts = [config.calib] if Path(config.calib).exists() else []
     with claim(out, inputs=[model_path, *texts], overwrite=overwrite, marker=PLAN_FILE) as output:
+        config = fit_positions(config, load_config(model_path), explicit)
         return _plan(model_path, config, output, progress, engine, allow_nonfinite)
+
+
+def fit_positions(config: PlanConfig, base: Any, explicit: frozenset[str]) -> PlanConfig:
+    """Default window lengths longer than the model's positions become its positions (said on the
+    console); lengths given (`explicit` keys) that do not fit are refused."""
+    from secateur.pipeline import model_positions
+
+    positions = model_positions(base)
+    for key in ("calib_seq_len", "eval_seq_len"):
+        length = getattr(config, key)
+        if positions and length > positions:
+            if key in explicit:
+                raise ConfigError(f"--{key.replace('_', '-')} {length} is longer than the model's {positions} "
+                                  "positions; lower it")
+            log.warning("adapted to the model: --%s %d (the default %d is longer than the model's %d positions)",
+                        key.replace("_", "-"), positions, length, positions)
+            config = replace(config, **{key: positions})
+    return config
 
 
 def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: bool,
