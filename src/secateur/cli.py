@@ -582,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"secateur: interrupted; {_interrupted(args)}", file=sys.stderr)
         return 130
     except OSError as exc:
-        error = disk_error(exc, exc.filename or "the output")
+        error = disk_error(exc, exc.filename or "a file", None)
         if error is None and exc.filename is None:
             raise
         print(f"secateur: error: {error or f'cannot use {exc.filename}: {exc.strerror}'}", file=sys.stderr)

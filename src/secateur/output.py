@@ -127,14 +127,16 @@ def _errno(exc: BaseException) -> int | None:
     return None
 
 
-def disk_error(exc: BaseException, what: Path | str, flag: str = "--out") -> OutputError | None:
-    """A full disk or a refused write as one line (None for other errors)."""
+def disk_error(exc: BaseException, what: Path | str, flag: str | None = "--out") -> OutputError | None:
+    """A full disk or a refused write as one line (None for other errors); `flag`: the option that
+    names the place, None where the place is not the user's choice (a cache)."""
     code = _errno(exc)
+    elsewhere = f" or choose another {flag}" if flag else ""
     if code in SPACE_ERRORS:
         return OutputError(f"no space left on the device while writing {what} ({os.strerror(code)}); nothing "
-                           f"was written: free some space or choose another {flag}")
+                           f"was written: free some space{elsewhere}")
     if code in ACCESS_ERRORS:
-        return OutputError(f"cannot write {what}: {os.strerror(code)}; nothing was written: choose another {flag}")
+        return OutputError(f"cannot write {what}: {os.strerror(code)}; nothing was written{elsewhere.replace(' or', ':')}")
     return None
 
 
