@@ -323,7 +323,7 @@ TRAIN = [
     ("train-six-layer-config", lambda w: train(w, source=w / "sixlayers"), "says 6 blocks"),
     ("train-resume-nothing", lambda w: train(w, "--resume"), "nothing to resume"),
     ("train-seq-past-positions", lambda w: ["train", model(w), "--train-seq-len", "300", "--out", w / "o"],
-     "longer than the model's 256 positions"),
+     "--train-seq-len 300 is longer than the model's 256 positions"),
     ("train-calib-samples", lambda w: train(w, "--calib-samples", "8"), "unrecognized arguments: --calib-samples"),
     ("train-calib-missing", lambda w: train(w, "--calib", w / "nope.txt"), "unknown text source"),
     ("train-text-field-plain", lambda w: train(w, "--calib", w / "corpus.txt", "--text-field", "body"),

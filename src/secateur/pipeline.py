@@ -205,7 +205,6 @@ def _preflight(model_path: str | Path, options: RunOptions, stages: list[Planned
     """Everything that can be checked before the model is loaded: the device, the order of the stages
     after the input's history, every text source (exists, is readable text), and the window lengths
     against the model's positions."""
-    calibs = [s.calib for s in stages if s.calib is not None]
     sources = _text_sources(stages, options)
     resolve_device(options.device)
     check_order([*applied(history), *((kind_of(s.config).name, stage_settings(s.config)) for s in stages)])
@@ -215,11 +214,16 @@ def _preflight(model_path: str | Path, options: RunOptions, stages: list[Planned
     adapter_for(config)  # unsupported architectures fail here, naming the supported ones
     check_model(model_path)  # weight files against the config, before any work
     positions = model_positions(config)
-    lengths = [("--calib-seq-len", c.seq_len) for c in calibs] + ([("--eval-seq-len", options.eval_seq_len)]
-                                                                  if options.eval_source else [])  # fmt: skip
+    lengths = [(flag(_length_key(s.config)), s.calib.seq_len) for s in stages if s.calib is not None]
+    lengths += [("--eval-seq-len", options.eval_seq_len)] if options.eval_source else []
     for flag_name, length in lengths:
         if positions and length > positions:
             raise ConfigError(f"{flag_name} {length} is longer than the model's {positions} positions; lower it")
+
+
+def _length_key(config: Any) -> str:
+    """The key that sets a stage's window length: its own (recovery's --train-seq-len) or calibration's."""
+    return "train_seq_len" if "calib_seq_len" in kind_of(config).calib_fixed else "calib_seq_len"
 
 
 def model_positions(config: Any) -> int | None:
@@ -234,7 +238,8 @@ def adapt_lengths(model_path: str | Path, stages: list[PlannedStage],
     notes: list[str] = []
     if not positions:
         return stages, options, notes
-    if options.eval_seq_len > positions and "eval_seq_len" not in options.explicit:
+    reads_it = options.eval_source or any(s.calib is not None for s in stages)  # evaluation or the hold-out
+    if reads_it and options.eval_seq_len > positions and "eval_seq_len" not in options.explicit:
         notes.append(f"--eval-seq-len {positions} (the default {options.eval_seq_len} is longer than the model's "
                      f"{positions} positions)")
         options = dataclasses.replace(options, eval_seq_len=positions)
@@ -243,13 +248,13 @@ def adapt_lengths(model_path: str | Path, stages: list[PlannedStage],
         calib, config = stage.calib, stage.config
         if calib is not None:
             calib = dataclasses.replace(calib, holdout_seq_len=options.eval_seq_len)
-            key = "train_seq_len" if "calib_seq_len" in kind_of(config).calib_fixed else "calib_seq_len"
+            key = _length_key(config)
             if calib.seq_len > positions and key not in options.explicit:
                 notes.append(f"{config.method_name}: {flag(key)} {positions} (the default {calib.seq_len} is longer "
                              f"than the model's {positions} positions)")
                 if key == "train_seq_len":
                     config = dataclasses.replace(config, train_seq_len=positions)
-                    calib = dataclasses.replace(calib, **{"samples": kind_of(config).calibration(config).samples})
+                    calib = dataclasses.replace(calib, samples=kind_of(config).calibration(config).samples)
                 calib = dataclasses.replace(calib, seq_len=positions)
         adapted.append(PlannedStage(config, calib))
     return adapted, options, notes
