@@ -314,8 +314,8 @@ TRAIN = [
     ("train-min-lr-nan", lambda w: train(w, "--min-lr", "nan"), "finite number"),
     ("train-clip-negative", lambda w: train(w, "--clip", "-1"), "--clip must be >= 0"),
     ("train-tokens-zero", lambda w: train(w, "--tokens", "0"), "--tokens and --epochs must be at least 1"),
-    ("train-lora-rank-full", lambda w: train(w, "--lora-rank", "4"), "--lora-rank and --lora-alpha apply"),
-    ("train-top-k-without-kd", lambda w: train(w, "--kd-weight", "0", "--top-k", "8"), "--top-k caches"),
+    ("train-lora-rank-full", lambda w: train(w, "--lora-rank", "4"), "--lora-rank applies only with --mode lora"),
+    ("train-top-k-without-kd", lambda w: train(w, "--kd-weight", "0", "--top-k", "8"), "--top-k applies only with distillation"),
     ("train-teacher-without-kd", lambda w: train(w, "--kd-weight", "0", "--teacher", model(w)), "--teacher applies"),
     ("train-teacher-missing", lambda w: train(w, "--teacher", w / "nope"), "does not exist"),
     ("train-teacher-nan", lambda w: train(w, "--teacher", w / "nan"), "non-finite weights"),
@@ -328,9 +328,9 @@ TRAIN = [
     ("train-calib-missing", lambda w: train(w, "--calib", w / "nope.txt"), "unknown text source"),
     ("train-text-field-plain", lambda w: train(w, "--calib", w / "corpus.txt", "--text-field", "body"),
      "--text-field applies only"),
-    ("train-prune-score-alone", lambda w: train(w, "--prune-score", "wanda"), "apply to gradual pruning"),
+    ("train-prune-score-alone", lambda w: train(w, "--prune-score", "wanda"), "--prune-score applies only with gradual pruning"),
     ("train-width-amplitude-alone", lambda w: train(w, "--prune-width", "0.2", "--width-amplitude", "0.1"),
-     "--width-amplitude applies to --width-allocation adapt-pruner"),
+     "--width-amplitude applies only with --width-allocation adapt-pruner"),
 ]
 
 EVAL = [
@@ -469,7 +469,7 @@ PLAN = [
     ("plan-keep-range", lambda w: plan(w, "--keep", "1.5"), "--keep must be in (0, 1)"),
     ("plan-margin-nan", lambda w: plan(w, "--margin", "nan"), "--margin must be a finite number"),
     ("plan-budget-inf", lambda w: plan(w, "--budget-minutes", "inf"), "finite number"),
-    ("plan-margin-for-params", lambda w: plan(w, "--margin", "0.1"), "apply to speed targets"),
+    ("plan-margin-for-params", lambda w: plan(w, "--margin", "0.1"), "--margin applies only with a speed target"),
     ("plan-calib-missing", lambda w: plan(w, "--calib", w / "nope.txt"), "unknown text source"),
     ("plan-family", lambda w: plan(w, source=w / "gpt2"), "describes decoders"),
     ("plan-nan-model", lambda w: plan(w, source=w / "nan"), "non-finite weights"),

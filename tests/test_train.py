@@ -333,11 +333,11 @@ def test_recipe_width_then_recovery(tmp_path, model_dir, text_file):
     (["--calib-samples", "8"], "unrecognized arguments: --calib-samples"),
     (["--resume"], "nothing to resume"),
     (["--kd-weight", "0", "--teacher", "x"], "--teacher applies to a recovery stage that distils"),
-    (["--lora-rank", "4"], "apply to --mode lora or perp-lora"),
-    (["--top-k", "5", "--kd-weight", "0"], "--kd-weight 0 turns off"),
+    (["--lora-rank", "4"], "--lora-rank applies only with --mode lora or perp-lora"),
+    (["--top-k", "5", "--kd-weight", "0"], "--top-k applies only with distillation"),
     (["--top-k", "5", "--hidden-weight", "1"], "give one or the other"),
     (["--hidden-weight", "-1"], "--hidden-weight must be >= 0"),
-    (["--hidden-norm", "position"], "--hidden-norm applies to layer-wise distillation"),
+    (["--hidden-norm", "position"], "--hidden-norm applies only with layer-wise distillation"),
     (["--mode", "dense"], "invalid choice"),
 ])
 def test_cli_train_refusals(tmp_path, model_dir, text_file, capsys, extra, message):
@@ -455,7 +455,7 @@ def test_gradual_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"prune_score": "wanda"}, "apply to gradual pruning"),
+    ({"prune_score": "wanda"}, "--prune-score applies only with gradual pruning"),
     ({"prune_to": 0.5, "mode": "lora"}, "use --mode full"),
     ({"prune_to": 0.5, "prune_pattern": "2:4"}, "not both"),
     ({"prune_to": 0.5, "prune_start": 0.8, "prune_end": 0.5}, "--prune-start < --prune-end"),

@@ -220,11 +220,11 @@ def test_cli_train_with_incremental_width_saves_a_stock_model(tmp_path, model_di
 
 @pytest.mark.parametrize("settings, message", [
     ({"prune_width": 0.5, "prune_to": 0.5}, "not both in one stage"),
-    ({"width_importance": "taylor"}, "give --prune-width"),
+    ({"width_importance": "taylor"}, "applies only with incremental width pruning \\(--prune-width\\)"),
     ({"prune_width": 0.5, "mode": "lora"}, "use --mode full"),
     ({"prune_width": 1.0}, "must be in \\(0, 1\\)"),
     ({"prune_width": 0.5, "prune_score": "wanda"}, "--width-importance"),
-    ({"prune_width": 0.5, "width_amplitude": 0.1}, "applies to --width-allocation adapt-pruner"),
+    ({"prune_width": 0.5, "width_amplitude": 0.1}, "applies only with --width-allocation adapt-pruner"),
     ({"prune_width": 0.5, "width_allocation": "adapt-pruner", "width_amplitude": 1.5}, "must be in \\[0, 1\\)"),
 ])
 def test_incremental_width_settings_refused(settings, message):

@@ -513,13 +513,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from secateur.errors import ConfigError
     from secateur.plan import PlanConfig, plan
-    from secateur.schema import fill
+    from secateur.schema import check_applies, fill
 
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "model", "out", "overwrite", "verbose",
                                                                  "allow_nonfinite")}  # fmt: skip
     if settings.get("target") is None:
         raise ConfigError("--target is required, e.g. --target decode-speedup=1.6, params=80M or file=200MB")
-    record = plan(args.model, fill(PlanConfig, settings), args.out, overwrite=args.overwrite,
+    config = fill(PlanConfig, settings)
+    check_applies(config, [k for k, v in settings.items() if v is not None])  # flags: refused even at a default
+    record = plan(args.model, config, args.out, overwrite=args.overwrite,
                   allow_nonfinite=args.allow_nonfinite,
                   explicit=frozenset(k for k, v in settings.items() if v is not None))  # fmt: skip
     chosen, costs = record["chosen"], record["costs"]

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from secateur.errors import ConfigError
-from secateur.schema import REQUIRED, option
+from secateur.plan.targets import parse_target
+from secateur.schema import REQUIRED, Requires, option
+
+# the targets and engines some options belong to (set for another, they are refused, from the schema)
+SPEED = Requires(lambda c: parse_target(c.target).speed, "a speed target (decode-speedup, prefill-speedup)")
+SPEED_OR_FILE = Requires(lambda c: parse_target(c.target).metric != "params",
+                         "a speed or file target (params counts parameters)")
+LLAMA_CPP = Requires(lambda c: parse_target(c.target).speed and c.engine in (None, "llama.cpp"),
+                     "a speed target timed in llama.cpp (--engine llama.cpp, the default)")
 
 
 @dataclass(frozen=True)
@@ -17,9 +25,11 @@ class PlanConfig:
     target: str = option(REQUIRED, "decode-speedup=X or prefill-speedup=X (in --engine), params=N (80M), or "
                                    "file=SIZE (200MB; the GGUF f16 file for llama.cpp, float32 safetensors for hf)")
     engine: Literal["llama.cpp", "hf"] | None = option(None, "speed and file targets: llama.cpp (llama-bench on GGUF "
-                                                             "f16) or hf (transformers here); default llama.cpp")
-    llama_cpp: str | None = option(None, "llama.cpp's binaries (default: $SECATEUR_LLAMA_CPP, then PATH)")
-    threads: int | None = option(None, "llama.cpp threads (default: torch's thread count)")
+                                                             "f16) or hf (transformers here); default llama.cpp",
+                                                       requires=SPEED_OR_FILE)
+    llama_cpp: str | None = option(None, "llama.cpp's binaries (default: $SECATEUR_LLAMA_CPP, then PATH)",
+                                   requires=LLAMA_CPP)
+    threads: int | None = option(None, "llama.cpp threads (default: torch's thread count)", requires=LLAMA_CPP)
     depth: str = option("0:0.5", "fractions of the decoder blocks to remove (angular span, compensated); "
                                  "start:stop is every block count in between")
     width: str = option("0:0.6:0.1", "fractions of the remaining blocks' parameters to remove as heads and MLP "
@@ -50,17 +60,18 @@ class PlanConfig:
     holdout: int = option(3, "measured shapes per hidden size held out to report the cost model's error")
     margin: float | None = option(None, "speed targets: the chosen shape's speedup, timed against the dense model "
                                         "in pairs, must beat the target by this relative margin (default 0.05: on a shared "
-                                        "2-core machine the same pair measured minutes apart moved by up to 6.5%)")
+                                        "2-core machine the same pair measured minutes apart moved by up to 6.5%)",
+                                  requires=SPEED)
     tolerance: float | None = option(None, "speed targets: candidates predicted within this relative distance "
                                            "below the target (with --margin) stay in the search until timed "
                                            "(default, per hidden size: its fit's largest held-out error, at least 0.05; after "
                                            "a check, the largest error of the corrected predictions on the checked "
-                                           "shapes)")
+                                           "shapes)", requires=SPEED)
     timing_rounds: int | None = option(None, "speed targets: passes over the shapes the cost model is fitted and "
                                              "tested on, each shape's timing the fastest of its passes (cached per "
-                                             "pass; default 3)")
+                                             "pass; default 3)", requires=SPEED)
     rounds: int | None = option(None, "speed targets: rounds of the paired timing that checks a chosen shape "
-                                      "(default 3)")
+                                      "(default 3)", requires=SPEED)
     exhaustive: bool = option(False, "score every candidate, not only those that meet the target and remove "
                                      "no more than needed (a fuller Pareto front, slower)")
     budget_minutes: float | None = option(None, "stop evaluating candidates after this many minutes (the plan "
@@ -68,9 +79,10 @@ class PlanConfig:
     recover_tokens: int = option(0, "append a recovery stage (distillation from the dense model) of this many "
                                     "tokens to the recipe (0: none)")
     device: str = option("auto", "auto (cuda when present), cpu or cuda[:N]")
-    prompt: int | None = option(None, "timing: prompt tokens (default: llama.cpp 512, hf 128)")
-    new_tokens: int | None = option(None, "timing: decoded tokens (default: llama.cpp 128, hf 32)")
-    repeats: int | None = option(None, "timing: runs per shape, the fastest counting (default: llama.cpp 5, hf 3)")
+    prompt: int | None = option(None, "timing: prompt tokens (default: llama.cpp 512, hf 128)", requires=SPEED)
+    new_tokens: int | None = option(None, "timing: decoded tokens (default: llama.cpp 128, hf 32)", requires=SPEED)
+    repeats: int | None = option(None, "timing: runs per shape, the fastest counting (default: llama.cpp 5, hf 3)",
+                                 requires=SPEED)
 
     def __post_init__(self) -> None:
         if not 0 < self.keep < 1:

@@ -102,22 +102,12 @@ class Row:
 
 
 def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> Engine | None:
-    """The timing engine a speed target needs (checked before any work); None for size targets."""
-    given = [f"--{k.replace('_', '-')}" for k in ("llama_cpp", "threads", "prompt", "new_tokens", "repeats",
-                                                  "margin", "tolerance", "rounds", "timing_rounds")
-             if getattr(config, k) is not None]  # fmt: skip
+    """The timing engine a speed target needs (checked before any work); None for size targets. Which
+    options apply to which target and engine is the options' own `requires` (plan/config.py)."""
     if not target.speed:
-        if target.metric == "params" and config.engine is not None:
-            raise ConfigError("--engine applies to speed and file targets; params counts parameters")
-        if given:
-            raise ConfigError(f"{', '.join(given)} apply to speed targets (decode-speedup, prefill-speedup)")
         return None
-    engine = config.engine or "llama.cpp"
     lengths = {k: v for k in ("prompt", "new_tokens", "repeats") if (v := getattr(config, k)) is not None}
-    if engine == "hf":
-        wrong = [f for f in given if f in ("--llama-cpp", "--threads")]
-        if wrong:
-            raise ConfigError(f"{', '.join(wrong)} apply only to --engine llama.cpp")
+    if (config.engine or "llama.cpp") == "hf":
         return HFEngine(device=str(resolve_device(config.device)), **lengths)
     from secateur.bench import llama_bench_binary
     from secateur.export.gguf import FAMILIES

@@ -21,6 +21,15 @@ Precision = Literal["auto", "float32", "bfloat16"]
 DEFAULT_LR = {"full": 1e-3, "lora": 1e-4, "perp": 1e-3, "perp-lora": 2e-4}
 ADAPT_AMPLITUDE = 0.03  # Adapt-Pruner's allocation: its code's default layer_prune_distribution_amplitude
 
+# the variants some options belong to (an option set for another variant is refused, from the schema)
+DISTILS = Requires(lambda c: c.kd_weight > 0, "distillation (--kd-weight above 0)")
+LAYERWISE = Requires(lambda c: c.hidden_weight > 0, "layer-wise distillation (--hidden-weight above 0)")
+LORA = Requires(lambda c: c.mode in ("lora", "perp-lora"), "--mode lora or perp-lora")
+GRADUAL = Requires(lambda c: c.gradual, "gradual pruning (--prune-to or --prune-pattern; incremental width scores "
+                                        "with --width-importance)")
+SCHEDULED = Requires(lambda c: c.scheduled, "pruning during training (--prune-to, --prune-pattern or --prune-width)")
+WIDTH = Requires(lambda c: c.prune_width is not None, "incremental width pruning (--prune-width)")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -51,13 +60,12 @@ class TrainConfig:
                                         "teacher's mean square (0: off; needs the teacher's blocks and hidden size)")
     hidden_norm: Normalise | None = option(
         None, "layer-wise distillation: divide each squared error by the teacher's mean square over the block "
-              "(SquareHead) or at each position (every position weighs the same; block)")
-    temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)",
-                                requires=Requires(lambda c: c.kd_weight > 0, "distillation (--kd-weight above 0)"))
+              "(SquareHead) or at each position (every position weighs the same; block)", requires=LAYERWISE)
+    temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)", requires=DISTILS)
     top_k: int = option(0, "distil from the teacher's k largest logits, computed once and cached (0: full "
-                           "logits, the teacher runs at every step)")
-    lora_rank: int | None = option(None, "lora: adapter rank r (8)")
-    lora_alpha: float | None = option(None, "lora: scale alpha, the update being alpha / r * B A (16)")
+                           "logits, the teacher runs at every step)", requires=DISTILS)
+    lora_rank: int | None = option(None, "lora: adapter rank r (8)", requires=LORA)
+    lora_alpha: float | None = option(None, "lora: scale alpha, the update being alpha / r * B A (16)", requires=LORA)
     keep_masks: bool = option(True, "keep every exact zero of the block layers zero (sparse and N:M models stay so)")
     eval_every: int = option(0, "validate every N optimizer steps (0: about 8 times per run)")
     val_windows: int = option(8, "validation windows (drawn with the training windows, never trained on)")
@@ -67,22 +75,27 @@ class TrainConfig:
                                           "sparsity of the block layers, reached on a cubic schedule")
     prune_pattern: str | None = option(None, "gradual pruning to N:M, e.g. 2:4: N falls step by step at fixed M")
     prune_score: Literal["magnitude", "wanda", "taylor"] | None = option(
-        None, "gradual pruning score: magnitude (default, the paper), wanda (running input norms), taylor |W g|")
+        None, "gradual pruning score: magnitude (default, the paper), wanda (running input norms), taylor |W g|",
+        requires=GRADUAL)
     prune_width: float | None = option(None, "incremental width pruning during training (Adapt-Pruner): the share of "
                                              "the decoder blocks' parameters to remove as heads and MLP channels, a "
                                              "few percent at a time on the cubic schedule")
     width_importance: str | None = option(None, "incremental width: unit score, as the width stage's --importance "
-                                                "(fluctuation)", choices=lambda: tuple(IMPORTANCE))
+                                                "(fluctuation)", choices=lambda: tuple(IMPORTANCE), requires=WIDTH)
     width_allocation: Literal["uniform", "adaptive", "adapt-pruner"] | None = option(
         None, "incremental width: uniform (every block the one-shot uniform widths of each step's share: stock "
               "config), adaptive (units ranked across blocks: per-block widths) or adapt-pruner (per-block shares "
-              "moved at each update by the blocks' input-output cosine similarity: per-block widths)")
+              "moved at each update by the blocks' input-output cosine similarity: per-block widths)", requires=WIDTH)
     width_amplitude: float | None = option(None, "adapt-pruner allocation: A, how far one update moves a block's "
-                                                 "share from the mean by its importance (0.03)")
-    prune_start: float | None = option(None, "gradual pruning: first update, as a fraction of the steps (0)")
+                                                 "share from the mean by its importance (0.03)",
+                                           requires=Requires(lambda c: c.width_allocation == "adapt-pruner",
+                                                             "--width-allocation adapt-pruner"))
+    prune_start: float | None = option(None, "gradual pruning: first update, as a fraction of the steps (0)",
+                                       requires=SCHEDULED)
     prune_end: float | None = option(None, "gradual pruning: last update (the final sparsity), as a fraction of the "
-                                           "steps (0.75)")
-    prune_every: int | None = option(None, "gradual pruning: optimizer steps between updates (default: 10 updates)")
+                                           "steps (0.75)", requires=SCHEDULED)
+    prune_every: int | None = option(None, "gradual pruning: optimizer steps between updates (default: 10 updates)",
+                                     requires=SCHEDULED)
     precision: Precision = option("auto", "compute precision: bfloat16 autocast or float32 (auto: bfloat16 where the "
                                           "device computes it natively)")
     seed: int = option(0, "seed for the window order and the adapters' initialisation", key="train_seed")
@@ -109,15 +122,6 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        schedule = [self.prune_start, self.prune_end, self.prune_every]
-        if not self.scheduled and any(v is not None for v in [self.prune_score, *schedule]):
-            raise ConfigError("--prune-score, --prune-start, --prune-end and --prune-every apply to gradual pruning: "
-                              "give --prune-to or --prune-pattern (or --prune-width)")
-        if self.prune_width is None and (self.width_importance, self.width_allocation) != (None, None):
-            raise ConfigError("--width-importance and --width-allocation apply to incremental width pruning: give "
-                              "--prune-width")
-        if self.width_amplitude is not None and self.width_allocation != "adapt-pruner":
-            raise ConfigError("--width-amplitude applies to --width-allocation adapt-pruner")
         if self.width_amplitude is not None and not 0 <= self.width_amplitude < 1:
             raise ConfigError(f"--width-amplitude must be in [0, 1), got {self.width_amplitude}")
         if self.prune_width is not None:
@@ -126,9 +130,6 @@ class TrainConfig:
                                   "(zeros), not both in one stage: chain two recovery stages")
             if not 0 < self.prune_width < 1:
                 raise ConfigError(f"--prune-width must be in (0, 1), got {self.prune_width}")
-            if self.prune_score is not None:
-                raise ConfigError("--prune-score scores weights for gradual sparsity; incremental width takes "
-                                  "--width-importance")
         if self.prune_to is not None and self.prune_pattern is not None:
             raise ConfigError("give either --prune-to (unstructured) or --prune-pattern N:M, not both")
         if self.prune_to is not None and not 0 < self.prune_to < 1:
@@ -142,15 +143,9 @@ class TrainConfig:
             raise ConfigError("gradual pruning needs 0 <= --prune-start < --prune-end <= 1")
         if self.prune_every is not None and self.prune_every < 1:
             raise ConfigError("--prune-every must be at least 1")
-        if self.top_k and self.kd_weight == 0:
-            raise ConfigError("--top-k caches the teacher's logits for distillation, which --kd-weight 0 turns off")
-        if self.hidden_norm is not None and not self.hidden_weight:
-            raise ConfigError("--hidden-norm applies to layer-wise distillation: give --hidden-weight above 0")
         if self.top_k and self.hidden_weight:
             raise ConfigError("--hidden-weight needs the teacher's block outputs at every step, which --top-k's cache "
                               "of logits does not keep: give one or the other")
-        if self.mode not in ("lora", "perp-lora") and (self.lora_rank, self.lora_alpha) != (None, None):
-            raise ConfigError(f"--lora-rank and --lora-alpha apply to --mode lora or perp-lora, not {self.mode}")
 
     @property
     def method_name(self) -> str:
