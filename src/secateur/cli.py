@@ -191,7 +191,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     manifest = run_recipe(args.model, stages, args.out, options, inputs=[args.recipe] if args.recipe else [])
     records = manifest["history"][-len(stages):]
     for record in records:
-        print(SUMMARIES[record["kind"]](record))
+        print(summary(record))
     structure = manifest["structure"]
     print(f"-> {args.out}: {structure['blocks']} blocks, {structure['parameters']:,} parameters, sparsity "
           f"{structure['target_sparsity']:.4f} of the block layers, in {manifest['timings']['prune']:.1f} s")
@@ -208,52 +208,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sparsity_line(record: dict[str, Any]) -> str:
-    result = record["result"]
-    return (f"{result['method']} {result['target']}: sparsity {result['sparsity']:.4f} of the target layers in "
-            f"{record['seconds']:.1f} s")
+def summary(record: dict[str, Any]) -> str:
+    """A history record's console line, as its kind says it (a kind this secateur does not know: its settings)."""
+    from secateur.recipe import KINDS
 
-
-def _depth_line(record: dict[str, Any]) -> str:
-    depth = record["result"]
-    what = f"blocks {depth['removed_blocks']}" + (f", sublayers {depth['removed_sublayers']} (numbered as saved)"
-                                                  if depth["removed_sublayers"] else "")
-    compensated = {True: ", compensated", False: ", not compensated"}.get(depth.get("compensated"), "")
-    line = (f"{record['settings']['method']}: removed {what}{compensated}: {depth['blocks_before']} -> "
-            f"{depth['blocks_after']} blocks, {depth['parameters_before']:,} -> {depth['parameters_after']:,} "
-            f"parameters in {record['seconds']:.1f} s")
-    if depth.get("variant"):
-        line += f"\ncompensation off: {depth['variant']}"
-    return line
-
-
-def _width_line(record: dict[str, Any]) -> str:
-    width, s = record["result"], record["settings"]
-    line = (f"width ({s['importance']}, {s['allocation']}, heads {width['heads']}, bias compensation "
-            f"{'on' if width['bias_compensation'] else 'off'}): removed {width['removed_fraction']:.4f} "
-            f"of block parameters, {width['parameters_before']:,} -> {width['parameters_after']:,} parameters in "
-            f"{record['seconds']:.1f} s")
-    if width.get("variant"):
-        line += f"\n{width['variant']}"
-    if width["hidden_after"] != width["hidden_before"]:
-        line += f"\nhidden size {width['hidden_before']} -> {width['hidden_after']}"
-    return line
-
-
-def _recovery_line(record: dict[str, Any]) -> str:
-    r = record["result"]
-    best = r["best"]
-    line = (f"recovery ({r['mode']}, {r['precision']}): {r['tokens']:,} tokens in {r['steps']} steps, loss "
-            f"{r['loss']['first']:.4f} -> {r['loss']['last']:.4f}, best validation perplexity {best['perplexity']:.3f} "
-            f"at step {best['step']}, {r['tokens_per_s']:.0f} tokens/s, {record['seconds']:.1f} s")
-    if r["masks"]["layers"]:
-        line += f"\nmasks kept: {r['masks']['kept_after']:,} of {r['masks']['size']:,} weights non-zero (was {r['masks']['kept']:,})"
-    if r.get("curve"):
-        line += f"\ncurve: {r['curve']}, metrics: {r['metrics']}"
-    return line
-
-
-SUMMARIES = {"sparsity": _sparsity_line, "depth": _depth_line, "width": _width_line, "recovery": _recovery_line}
+    kind = KINDS.get(record.get("kind"))
+    return kind.summary(record) if kind is not None and "seconds" in record else f"{record.get('kind')}: {record.get('settings')}"
 
 
 PERPLEXITY_FLAGS = {"data": "enwiki-sample", "text_field": "text", "seq_len": 512, "windows": 64}
@@ -424,7 +384,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"from {source.get('path', '?')} (sha256 {source.get('sha256', '?')[:12]}), "
               f"secateur {manifest.get('secateur_version', '?')}")
     for number, stage in enumerate(history_of(manifest), 1):
-        print(f"stage {number}: {SUMMARIES[stage['kind']](stage) if 'seconds' in stage else stage['settings']}")
+        print(f"stage {number}: {summary(stage)}")
     structure = manifest.get("structure") or {}
     if structure.get("removed_sublayers"):
         print(f"branches skipped (as saved): {structure['removed_sublayers']}")

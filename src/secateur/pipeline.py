@@ -329,10 +329,8 @@ def _check_layerwise(teacher: Any, student: Any, stages: list[PlannedStage]) -> 
                 raise ConfigError(f"--hidden-weight pairs the student's blocks with the teacher's, and the {reshaped} "
                                   "stage before it can change them: distil from the logits only (--hidden-weight 0)")
             check_layerwise(teacher, student)
-        if kind_of(stage.config).name == "depth":
-            reshaped = "depth"
-        elif getattr(stage.config, "hidden_fraction", 0) > 0:
-            reshaped = "hidden-dimension"
+        if kind_of(stage.config).reshapes(stage_settings(stage.config)):
+            reshaped = kind_of(stage.config).name
 
 
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
@@ -657,7 +655,8 @@ def plan_recipe(document: dict[str, Any], flags: dict[str, Any], overwrite: bool
     if given and all(s.calib is None for s in stages):
         raise ConfigError(f"{sorted(given)} do not apply: no stage reads calibration data "
                           f"({', '.join(s.config.method_name for s in stages)})")
-    unused = sorted(k for k in ("eval_windows", "eval_seq_len") if k in {**top_run, **flag_run})
+    unused = sorted(k for k in ("eval_windows", "eval_seq_len")  # a replayed manifest lists them at their defaults
+                    if k in flag_run or (k in top_run and top_run[k] != RUN_OPTIONS[k].default))
     if unused and run.eval_source is None and all(s.calib is None for s in stages):
         raise ConfigError(f"{unused} apply to --eval (and to the calibration hold-out); no stage calibrates and "
                           "no --eval is given")

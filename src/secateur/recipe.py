@@ -1,15 +1,18 @@
-"""Recipes: lists of typed stages (depth, width, sparsity) run in order on one model in memory.
+"""Recipes: lists of typed stages run in order on one model in memory.
 
-Each stage kind is one registry entry: its config type, its methods, how flat settings (flags,
-recipe keys, manifest records) build and flatten its config, and how it runs. Every stage sees the
-structure the previous ones left: fewer blocks, removed branches, per-block widths, existing zeros
-(a sparsity stage keeps them, so 50% can go on to 70% or to 2:4). Orders that would undo an earlier
-stage are refused with the reason before anything runs.
+A stage kind is a plugin: one `StageKind` registered by the kind's own package (`sparsity/stage.py`,
+`depth/stage.py`, `width/stage.py`, `train/stage.py`), which carries everything the rest of the
+program asks of a kind: its config type and methods, how flat settings (flags, recipe keys, manifest
+records) build and flatten its config, how it runs, its console line and report words, and its order
+properties. Every stage sees the structure the previous ones left: fewer blocks, removed branches,
+per-block widths, existing zeros (a sparsity stage keeps them, so 50% can go on to 70% or to 2:4).
+Orders that would undo an earlier stage are refused with the reason before anything runs.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +21,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from secateur.config import NM, AllocationConfig, CalibConfig, PruneConfig, RefineConfig, Target, Unstructured
-from secateur.depth import REGISTRY as DEPTH_REGISTRY
-from secateur.depth import Amount, DepthConfig, depth_prune, removed_sublayers, resolve_compensation
+from secateur.config import CalibConfig
 from secateur.errors import ConfigError
-from secateur.models import adapter_for
-from secateur.schema import Option, check_finite, fill, flag, flatten, options_of
-from secateur.sparsity.methods import REGISTRY as SPARSITY_REGISTRY
-from secateur.sparsity.prune import needs_calibration, prune as prune_weights
-from secateur.train import TrainConfig, train
-from secateur.width import WidthConfig, width_prune
+from secateur.schema import Option, check_finite, flag
 
 Settings = dict[str, Any]
 
@@ -63,9 +59,20 @@ class StageKind:
     resolve: Callable[[nn.Module, Any, Sequence[tuple[str, Settings]]], tuple[Any, str | None]] = (
         lambda model, config, earlier: (config, None))
     calib_fixed: tuple[str, ...] = ()  # calibration keys the kind sets from its own options
+    # what a stage of this kind says: the console line of its history record, a few words of it for
+    # the report (what it removed or trained)
+    summary: Callable[[dict[str, Any]], str] = lambda record: f"{record['kind']}: {record.get('settings')}"
+    describe: Callable[[dict[str, Any]], str] = lambda result: ""
+    # order properties, from a stage's settings: the generic rules in `ORDER_RULES` read only these
+    leaves_zeros: Callable[[Settings], bool] = lambda settings: False  # exact zeros in the block layers
+    leaves_nm: Callable[[Settings], bool] = lambda settings: False  # N:M groups in the block layers
+    removes_columns: Callable[[Settings], bool] = lambda settings: False  # input columns (breaks N:M groups)
+    refits_dense: Callable[[Settings], bool] = lambda settings: False  # rewrites weights densely (fills zeros)
+    reshapes: Callable[[Settings], bool] = lambda settings: False  # blocks or hidden size (no layer-wise pairing)
 
 
 KINDS: dict[str, StageKind] = {}
+BUILTIN = ("secateur.sparsity.stage", "secateur.depth.stage", "secateur.width.stage", "secateur.train.stage")
 
 
 def register(kind: StageKind) -> StageKind:
@@ -89,168 +96,6 @@ def kind_for_method(method: str) -> StageKind:
 
 def all_methods() -> list[str]:
     return [m for kind in KINDS.values() for m in kind.methods()]
-
-
-# --- sparsity ---------------------------------------------------------------------------------------
-
-TARGET_OPTIONS = {
-    "sparsity": Option("sparsity", float, "fraction of the weights to remove, in [0, 1)", 0.5),
-    "pattern": Option("pattern", str, "N:M semi-structured sparsity: keep N of every M consecutive inputs, e.g. 2:4",
-                      None),
-}
-
-
-def _sparsity_options(method: str) -> dict[str, Option]:
-    nested = (SPARSITY_REGISTRY[method].config_type, PruneConfig, AllocationConfig, RefineConfig)
-    return {**TARGET_OPTIONS, **{k: o for t in nested for k, o in options_of(t).items()}}
-
-
-def _target(settings: Settings) -> Target:
-    sparsity, pattern = (TARGET_OPTIONS[k].check(settings[k]) if settings.get(k) is not None else None
-                         for k in ("sparsity", "pattern"))  # fmt: skip
-    if sparsity is not None and pattern is not None:
-        raise ConfigError("give either --sparsity (unstructured) or --pattern N:M, not both")
-    return NM.parse(pattern) if pattern is not None else Unstructured(0.5 if sparsity is None else sparsity)
-
-
-def _build_sparsity(method: str, settings: Settings) -> PruneConfig:
-    spec = SPARSITY_REGISTRY[method]
-    return fill(PruneConfig, settings, method=fill(spec.config_type, settings), target=_target(settings),
-                allocation=fill(AllocationConfig, settings), refine=fill(RefineConfig, settings))  # fmt: skip
-
-
-def _sparsity_settings(config: PruneConfig) -> Settings:
-    target = {"pattern": str(config.target)} if isinstance(config.target, NM) else {"sparsity": config.target.sparsity}
-    return {**target, **flatten(config.method), **flatten(config), **flatten(config.allocation), **flatten(config.refine)}
-
-
-def _run_sparsity(model: nn.Module, config: PruneConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
-    report = prune_weights(model, None, config, calibration, device=ctx.device, batch_size=ctx.batch_size)
-    return report.to_dict()
-
-
-register(StageKind(
-    "sparsity", PruneConfig, lambda: tuple(SPARSITY_REGISTRY), _sparsity_options, _build_sparsity, _sparsity_settings,
-    _run_sparsity, needs_calibration, lambda config: CalibConfig(),
-))  # fmt: skip
-
-
-# --- depth ------------------------------------------------------------------------------------------
-
-AMOUNT_OPTIONS = {
-    "remove_blocks": Option("remove_blocks", int, "number of decoder blocks to remove", None),
-    "remove_sublayers": Option("remove_sublayers", int, "finercut: number of attention / MLP branches to remove", None),
-    "remove_fraction": Option("remove_fraction", float, "fraction of the blocks to remove (finercut: of the blocks' "
-                                                        "parameters)", None),
-}
-
-
-def _depth_options(method: str) -> dict[str, Option]:
-    spec = DEPTH_REGISTRY[method]
-    count = "remove_blocks" if spec.unit == "block" else "remove_sublayers"
-    amount = {k: o for k, o in AMOUNT_OPTIONS.items() if k in (count, "remove_fraction")}
-    options = {**amount, **options_of(spec.config_type), **options_of(DepthConfig)}
-    if spec.unit != "block":  # compensation re-fits the block before a removed run of whole blocks
-        options = {k: o for k, o in options.items() if not k.startswith("compensate")}
-    return options
-
-
-def _build_depth(method: str, settings: Settings) -> DepthConfig:
-    spec = DEPTH_REGISTRY[method]
-    given = {k: AMOUNT_OPTIONS[k].check(settings[k]) for k in AMOUNT_OPTIONS if settings.get(k) is not None}
-    count = given.get("remove_blocks", given.get("remove_sublayers"))
-    amount = Amount(count=count, fraction=given.get("remove_fraction"))
-    if settings.get("compensate_damp") is not None and settings.get("compensate") is False:
-        raise ConfigError("--compensate-damp sets the compensation, which --no-compensate turns off")
-    return fill(DepthConfig, settings, method=fill(spec.config_type, settings), amount=amount)
-
-
-def _depth_settings(config: DepthConfig) -> Settings:
-    unit = DEPTH_REGISTRY[config.method_name].unit
-    amount = ({"remove_fraction": config.amount.fraction} if config.amount.fraction is not None
-              else {f"remove_{unit}s": config.amount.count})  # fmt: skip
-    rest = flatten(config)
-    if unit != "block":
-        rest = {k: v for k, v in rest.items() if not k.startswith("compensate")}
-    return {**amount, **flatten(config.method), **rest}
-
-
-def _run_depth(model: nn.Module, config: DepthConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
-    blocks_before = model.config.num_hidden_layers
-    parameters_before = sum(p.numel() for p in model.parameters())
-    selection = depth_prune(model, config, calibration, device=ctx.device, batch_size=ctx.batch_size)
-    return {
-        "blocks_before": blocks_before,
-        "blocks_after": model.config.num_hidden_layers,
-        "parameters_before": parameters_before,
-        "parameters_after": sum(p.numel() for p in model.parameters()),
-        "removed_blocks": selection.blocks,  # numbered as in this stage's input
-        "removed_sublayers": [list(u) for u in removed_sublayers(model, adapter_for(model))],  # as saved
-        **selection.to_dict(),
-    }
-
-
-def _resolve_depth(model: nn.Module, config: DepthConfig, earlier: Sequence[tuple[str, Settings]]) -> tuple[DepthConfig, str | None]:
-    return resolve_compensation(model, config, after_sparsity=any(sparsifies(kind, s) for kind, s in earlier))
-
-
-register(StageKind(
-    "depth", DepthConfig, lambda: tuple(DEPTH_REGISTRY), _depth_options, _build_depth, _depth_settings, _run_depth,
-    lambda config: True,
-    lambda config: CalibConfig(samples=DEPTH_REGISTRY[config.method_name].calib_samples,
-                               seq_len=DEPTH_REGISTRY[config.method_name].calib_seq_len),
-    _resolve_depth,
-))  # fmt: skip
-
-
-# --- width ------------------------------------------------------------------------------------------
-
-
-def _build_width(method: str, settings: Settings) -> WidthConfig:
-    if settings.get("remove_fraction") is None:
-        raise ConfigError("width pruning needs --remove-fraction: the fraction of decoder-block parameters to remove")
-    return fill(WidthConfig, settings)
-
-
-def _run_width(model: nn.Module, config: WidthConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
-    parameters_before = sum(p.numel() for p in model.parameters())
-    report = width_prune(model, config, calibration, device=ctx.device, batch_size=ctx.batch_size)
-    return {"parameters_before": parameters_before, "parameters_after": sum(p.numel() for p in model.parameters()),
-            **report.to_dict()}  # fmt: skip
-
-
-register(StageKind(
-    "width", WidthConfig, lambda: ("width",), lambda method: options_of(WidthConfig), _build_width,
-    flatten, _run_width,
-    lambda config: config.needs_calibration, lambda config: CalibConfig(),
-))  # fmt: skip
-
-
-# --- recovery -------------------------------------------------------------------------------------
-
-
-def _recovery_calibration(config: TrainConfig) -> CalibConfig:
-    """Training and validation windows, drawn together (disjoint, outside the evaluation region)."""
-    return CalibConfig(samples=config.windows + config.val_windows, seq_len=config.train_seq_len)
-
-
-def _run_recovery(model: nn.Module, config: TrainConfig, data: Tensor | None, ctx: StageContext) -> dict[str, Any]:
-    need = config.windows + config.val_windows
-    if data is None or len(data) < need or data.shape[1] != config.train_seq_len:
-        raise ConfigError(f"recovery needs {need} windows of {config.train_seq_len} tokens (training and validation)")
-    parameters = sum(p.numel() for p in model.parameters())
-    result = train(model, config, data[: config.windows], data[config.windows : need], teacher=ctx.teacher,
-                   device=ctx.device, workdir=ctx.workdir, resume=ctx.resume, progress=ctx.progress)  # fmt: skip
-    if config.prune_width is None and sum(p.numel() for p in model.parameters()) != parameters:
-        raise RuntimeError("recovery changed the parameter count")  # LoRA must be merged away
-    return {**result.record, "metrics": str(result.metrics) if result.metrics else None}
-
-
-register(StageKind(
-    "recovery", TrainConfig, lambda: ("recovery",), lambda method: options_of(TrainConfig),
-    lambda method, settings: fill(TrainConfig, settings), flatten, _run_recovery,
-    lambda config: True, _recovery_calibration, calib_fixed=("calib_samples", "calib_seq_len"),
-))  # fmt: skip
 
 
 # --- building stages from settings --------------------------------------------------------------------
@@ -293,40 +138,33 @@ def stage_settings(config: Any) -> Settings:
 
 @dataclass(frozen=True)
 class OrderRule:
-    later: Callable[[str, Settings], bool]
-    earlier: Callable[[str, Settings], bool]
+    later: Callable[[StageKind, Settings], bool]
+    earlier: Callable[[StageKind, Settings], bool]
     reason: str
 
 
 def sparsifies(kind: str, settings: Settings) -> bool:
-    """Whether a stage leaves zeros in the block layers: sparsity, or recovery with gradual pruning."""
-    return kind == "sparsity" or (kind == "recovery" and bool(settings.get("prune_to") or settings.get("prune_pattern")))
-
-
-def _nm(kind: str, settings: Settings) -> bool:
-    return (kind == "sparsity" and "pattern" in settings) or (kind == "recovery" and bool(settings.get("prune_pattern")))
-
-
-def _narrows(kind: str, settings: Settings) -> bool:
-    """Whether a stage removes heads and MLP channels: width, or recovery with incremental width."""
-    return kind == "width" or (kind == "recovery" and settings.get("prune_width") is not None)
+    """Whether a stage of `kind` with `settings` leaves zeros in the block layers."""
+    return KINDS[kind].leaves_zeros(settings) if kind in KINDS else False
 
 
 ORDER_RULES = (
-    OrderRule(_narrows, _nm,
-              "width pruning removes input columns, which breaks the N:M groups of an earlier sparsity stage; "
-              "put width before N:M sparsity"),
-    OrderRule(lambda kind, s: kind == "depth" and bool(s.get("compensate")), sparsifies,
-              "depth compensation re-fits an MLP output projection densely, which would fill the zeros of an earlier "
-              "sparsity stage; put depth before sparsity or drop compensate"),
+    OrderRule(lambda kind, s: kind.removes_columns(s), lambda kind, s: kind.leaves_nm(s),
+              "it removes input columns, which breaks the N:M groups of an earlier stage; put it before the N:M "
+              "sparsity"),
+    OrderRule(lambda kind, s: kind.refits_dense(s), lambda kind, s: kind.leaves_zeros(s),
+              "it re-fits weights densely (depth compensation), which would fill the zeros of an earlier stage; put "
+              "it before the sparsity or drop compensate"),
 )
 
 
 def check_order(stages: Sequence[tuple[str, Settings]]) -> None:
-    """Refuse an order in which a stage would undo an earlier one (history first, then the recipe)."""
-    for i, (kind, settings) in enumerate(stages):
+    """Refuse an order in which a stage would undo an earlier one (history first, then the recipe).
+    A history entry of a kind this secateur does not know constrains nothing."""
+    known = [(KINDS[kind], settings) for kind, settings in stages if kind in KINDS]
+    for i, (kind, settings) in enumerate(known):
         for rule in ORDER_RULES:
-            if rule.later(kind, settings) and any(rule.earlier(k, s) for k, s in stages[:i]):
+            if rule.later(kind, settings) and any(rule.earlier(k, s) for k, s in known[:i]):
                 raise ConfigError(f"stage {i + 1} ({settings.get('method')}) cannot follow an earlier stage: {rule.reason}")
 
 
@@ -388,3 +226,12 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
         earlier.append((kind.name, report.stages[-1]["settings"]))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def load_builtin_kinds() -> None:
+    """Register the kinds secateur ships (each package registers its own; importing is idempotent)."""
+    for module in BUILTIN:
+        importlib.import_module(module)
+
+
+load_builtin_kinds()

@@ -49,20 +49,14 @@ class ModelFacts:
 
     @property
     def removed(self) -> str:
-        """Each stage of the history in a few words: what it removed (or trained)."""
+        """Each stage of the history in a few words, as its kind says them: what it removed (or trained)."""
+        from secateur.recipe import KINDS
+
         parts = []
         for record in self.manifest.get("history") or []:
-            result, kind = record.get("result") or {}, record.get("kind")
-            if kind == "sparsity":
-                parts.append(f"{result.get('method')} {result.get('target')}")
-            elif kind == "width":
-                parts.append(f"width {result.get('removed_fraction', 0):.1%} of block parameters")
-            elif kind == "recovery":
-                parts.append(f"recovery ({result.get('mode')}, {result.get('tokens', 0):,} tokens)")
-            if result.get("removed_blocks"):
-                parts.append(f"blocks {result['removed_blocks']}")
-            if result.get("removed_sublayers"):
-                parts.append(f"branches {result['removed_sublayers']}")
+            kind = KINDS.get(record.get("kind"))
+            words = kind.describe(record.get("result") or {}) if kind is not None else str(record.get("kind"))
+            parts += [words] if words else []
         return "; ".join(parts) or "nothing"
 
 

@@ -1,0 +1,103 @@
+"""The depth stage kind: remove whole decoder blocks or their attention / MLP branches."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor, nn
+
+from secateur.config import CalibConfig
+from secateur.depth import REGISTRY, Amount, DepthConfig, depth_prune, removed_sublayers, resolve_compensation
+from secateur.errors import ConfigError
+from secateur.models import adapter_for
+from secateur.recipe import Settings, StageContext, StageKind, register, sparsifies
+from secateur.schema import Option, fill, flatten, options_of
+
+AMOUNT_OPTIONS = {
+    "remove_blocks": Option("remove_blocks", int, "number of decoder blocks to remove", None),
+    "remove_sublayers": Option("remove_sublayers", int, "finercut: number of attention / MLP branches to remove", None),
+    "remove_fraction": Option("remove_fraction", float, "fraction of the blocks to remove (finercut: of the blocks' "
+                                                        "parameters)", None),
+}
+
+
+def _options(method: str) -> dict[str, Option]:
+    spec = REGISTRY[method]
+    count = "remove_blocks" if spec.unit == "block" else "remove_sublayers"
+    amount = {k: o for k, o in AMOUNT_OPTIONS.items() if k in (count, "remove_fraction")}
+    options = {**amount, **options_of(spec.config_type), **options_of(DepthConfig)}
+    if spec.unit != "block":  # compensation re-fits the block before a removed run of whole blocks
+        options = {k: o for k, o in options.items() if not k.startswith("compensate")}
+    return options
+
+
+def _build(method: str, settings: Settings) -> DepthConfig:
+    spec = REGISTRY[method]
+    given = {k: AMOUNT_OPTIONS[k].check(settings[k]) for k in AMOUNT_OPTIONS if settings.get(k) is not None}
+    count = given.get("remove_blocks", given.get("remove_sublayers"))
+    amount = Amount(count=count, fraction=given.get("remove_fraction"))
+    if settings.get("compensate_damp") is not None and settings.get("compensate") is False:
+        raise ConfigError("--compensate-damp sets the compensation, which --no-compensate turns off")
+    return fill(DepthConfig, settings, method=fill(spec.config_type, settings), amount=amount)
+
+
+def _settings(config: DepthConfig) -> Settings:
+    unit = REGISTRY[config.method_name].unit
+    amount = ({"remove_fraction": config.amount.fraction} if config.amount.fraction is not None
+              else {f"remove_{unit}s": config.amount.count})  # fmt: skip
+    rest = flatten(config)
+    if unit != "block":
+        rest = {k: v for k, v in rest.items() if not k.startswith("compensate")}
+    return {**amount, **flatten(config.method), **rest}
+
+
+def _run(model: nn.Module, config: DepthConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
+    blocks_before = model.config.num_hidden_layers
+    parameters_before = sum(p.numel() for p in model.parameters())
+    selection = depth_prune(model, config, calibration, device=ctx.device, batch_size=ctx.batch_size)
+    return {
+        "blocks_before": blocks_before,
+        "blocks_after": model.config.num_hidden_layers,
+        "parameters_before": parameters_before,
+        "parameters_after": sum(p.numel() for p in model.parameters()),
+        "removed_blocks": selection.blocks,  # numbered as in this stage's input
+        "removed_sublayers": [list(u) for u in removed_sublayers(model, adapter_for(model))],  # as saved
+        **selection.to_dict(),
+    }
+
+
+def _resolve(model: nn.Module, config: DepthConfig,
+             earlier: Sequence[tuple[str, Settings]]) -> tuple[DepthConfig, str | None]:  # fmt: skip
+    return resolve_compensation(model, config, after_sparsity=any(sparsifies(kind, s) for kind, s in earlier))
+
+
+def _summary(record: dict[str, Any]) -> str:
+    depth = record["result"]
+    what = f"blocks {depth['removed_blocks']}" + (f", sublayers {depth['removed_sublayers']} (numbered as saved)"
+                                                  if depth["removed_sublayers"] else "")
+    compensated = {True: ", compensated", False: ", not compensated"}.get(depth.get("compensated"), "")
+    line = (f"{record['settings']['method']}: removed {what}{compensated}: {depth['blocks_before']} -> "
+            f"{depth['blocks_after']} blocks, {depth['parameters_before']:,} -> {depth['parameters_after']:,} "
+            f"parameters in {record['seconds']:.1f} s")
+    if depth.get("variant"):
+        line += f"\ncompensation off: {depth['variant']}"
+    return line
+
+
+def _describe(result: dict[str, Any]) -> str:
+    parts = [f"blocks {result['removed_blocks']}"] if result.get("removed_blocks") else []
+    parts += [f"branches {result['removed_sublayers']}"] if result.get("removed_sublayers") else []
+    return "; ".join(parts)
+
+
+KIND = register(StageKind(
+    "depth", DepthConfig, lambda: tuple(REGISTRY), _options, _build, _settings, _run,
+    lambda config: True,
+    lambda config: CalibConfig(samples=REGISTRY[config.method_name].calib_samples,
+                               seq_len=REGISTRY[config.method_name].calib_seq_len),
+    _resolve,
+    summary=_summary,
+    describe=_describe,
+    refits_dense=lambda settings: bool(settings.get("compensate")),
+    reshapes=lambda settings: True,
+))  # fmt: skip

@@ -1,0 +1,124 @@
+"""A stage kind is a plugin: a toy kind defined here, and nowhere else in the project, goes through
+`secateur prune` (flag and TOML stage), the manifest, replay, `secateur.load`, `info`, `report` and the
+order check."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+import secateur
+from secateur.cli import main
+from secateur.config import CalibConfig
+from secateur.recipe import KINDS, StageKind, register
+from secateur.schema import fill, flatten, option, options_of
+
+
+@dataclass(frozen=True)
+class LastRowsConfig:
+    """Zero the last `rows` output rows of every attention output projection."""
+
+    name: ClassVar[str] = "lastrows"
+
+    rows: int = option(1, "lastrows: how many of the last output rows of every o_proj to zero")
+
+    @property
+    def method_name(self) -> str:
+        return self.name
+
+
+def _run(model, config: LastRowsConfig, calibration, ctx) -> dict[str, Any]:
+    zeroed = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("self_attn.o_proj"):
+                rows = list(range(module.weight.shape[0] - config.rows, module.weight.shape[0]))
+                module.weight[rows] = 0
+                zeroed[name] = rows
+    return {"zeroed": zeroed}
+
+
+TOY = StageKind(
+    "lastrows", LastRowsConfig, lambda: ("lastrows",), lambda method: options_of(LastRowsConfig),
+    lambda method, settings: fill(LastRowsConfig, settings), flatten, _run,
+    lambda config: False, lambda config: CalibConfig(),
+    summary=lambda record: f"lastrows: zeroed rows of {len(record['result']['zeroed'])} projections",
+    describe=lambda result: f"last rows of {len(result.get('zeroed', {}))} o_proj",
+    leaves_zeros=lambda settings: True,
+)
+
+
+@pytest.fixture
+def toy_kind():
+    register(TOY)
+    yield TOY
+    KINDS.pop(TOY.name)
+
+
+def _o_proj_rows(model, rows):
+    return [module.weight[-rows:] for name, module in model.named_modules() if name.endswith("self_attn.o_proj")]
+
+
+def test_a_kind_defined_in_a_test_runs_everywhere(toy_kind, model_dir, text_file, tmp_path, capsys):
+    source = model_dir("llama")
+    out = tmp_path / "flagged"
+    assert main(["prune", str(source), "--method", "lastrows", "--rows", "2", "--out", str(out)]) == 0
+    assert "lastrows: zeroed rows of 2 projections" in capsys.readouterr().out
+    manifest = json.loads((out / "secateur.json").read_text())
+    record = manifest["history"][-1]
+    assert record["kind"] == "lastrows" and record["settings"] == {"method": "lastrows", "rows": 2}
+    assert record["result"]["zeroed"]["model.layers.0.self_attn.o_proj"] == [62, 63]
+    model, _ = secateur.load(out)
+    assert all(bool((rows == 0).all()) for rows in _o_proj_rows(model, 2))
+
+    replay = tmp_path / "replayed"  # from the manifest's recipe
+    assert main(["prune", str(source), "--recipe", str(out / "secateur.json"), "--out", str(replay)]) == 0
+    again, _ = secateur.load(replay)
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+    recipe = tmp_path / "recipe.toml"  # a [[stage]] table, before a sparsity stage
+    recipe.write_text('[[stage]]\nmethod = "lastrows"\nrows = 1\n\n[[stage]]\nmethod = "magnitude"\nsparsity = 0.25\n')
+    staged = tmp_path / "staged"
+    assert main(["prune", str(source), "--recipe", str(recipe), "--out", str(staged)]) == 0
+    kinds = [h["kind"] for h in json.loads((staged / "secateur.json").read_text())["history"]]
+    assert kinds == ["lastrows", "sparsity"]
+
+    capsys.readouterr()
+    assert main(["info", str(staged)]) == 0
+    assert "stage 1: lastrows: zeroed rows of 2 projections" in capsys.readouterr().out
+    assert main(["report", str(staged), "--out", str(tmp_path / "report")]) == 0
+    assert "last rows of 2 o_proj; magnitude" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_order_check_reads_the_kinds_properties(toy_kind, model_dir, text_file, tmp_path, capsys):
+    """The toy leaves zeros, so depth compensation after it is refused, in one run and across runs."""
+    source = model_dir("llama")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[[stage]]\nmethod = "lastrows"\n\n[[stage]]\nmethod = "angular"\nremove_blocks = 1\n'
+                      "compensate = true\n")  # fmt: skip
+    assert main(["prune", str(source), "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert "fill the zeros" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    first = tmp_path / "first"
+    assert main(["prune", str(source), "--method", "lastrows", "--out", str(first)]) == 0
+    assert main(["prune", str(first), "--method", "angular", "--remove-blocks", "1", "--compensate", "--calib",
+                 str(text_file), "--calib-samples", "2", "--calib-seq-len", "16", "--out", str(tmp_path / "o2")]) == 2
+    assert "fill the zeros" in capsys.readouterr().err
+
+
+def test_a_history_of_an_unknown_kind_is_shown_not_a_crash(toy_kind, model_dir, tmp_path, capsys):
+    """An output made with a kind this secateur does not have: info and report still read it."""
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir("llama")), "--method", "lastrows", "--out", str(out)]) == 0
+    KINDS.pop(TOY.name)
+    try:
+        capsys.readouterr()
+        assert main(["info", str(out)]) == 0
+        assert "stage 1: lastrows: {'method': 'lastrows', 'rows': 1}" in capsys.readouterr().out
+        assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    finally:
+        register(TOY)
