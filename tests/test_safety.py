@@ -538,9 +538,28 @@ def test_resume_refuses_a_changed_run(flag, value, named, interrupted, capsys):
     assert content_hash(work) == before and not (root / "out").exists()
 
 
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(interrupted, monkeypatch, capsys):
+    """torch's writer reports a full disk as 'file write failed' (no errno): still one line, and the
+    checkpoint a resume needs is left as it was."""
+    import accelerate
+
+    argv, work, root = interrupted
+    before = content_hash(work)
+
+    def full(self, path, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
+    code, err = run([*_changed(argv, "--out", str(root / "other-out")), "--checkpoint-every", "1"], capsys)
+    assert code == 2 and "could not write a checkpoint" in err and "rerun with --resume" in err, err
+    assert content_hash(work) == before
+
+
 def test_resume_with_the_same_run_goes_on(interrupted, capsys):
     argv, work, root = interrupted
     code, err = run([*argv, "--resume"], capsys)
     assert code == 0, err
     record = json.loads((root / "out" / "secateur.json").read_text())["history"][-1]["result"]
     assert record["resumed_at"] == 1 and not work.exists()
+

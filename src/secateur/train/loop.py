@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from secateur.errors import SecateurError
+from secateur.errors import OutputError, SecateurError
 from secateur.evaluate import perplexity
 from secateur.models import adapter_for
+from secateur.output import disk_error
 from secateur.config import NM
 from secateur.sparsity.prune import target_layers
 from secateur.train.config import TrainConfig
@@ -430,7 +431,16 @@ def _save_checkpoint(acc: Any, checkpoint: Path, shape: dict[str, Any] | None = 
     if acc.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(staging), safe_serialization=False)
+    try:
+        acc.save_state(str(staging), safe_serialization=False)
+    except (OSError, RuntimeError) as exc:  # torch's writer says only "file write failed"
+        shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(checkpoint.parent).free
+        if disk_error(exc, staging) is None and "write failed" not in str(exc):
+            raise
+        raise OutputError(f"could not write a checkpoint in {checkpoint.parent} ({free / 2**20:.0f} MiB free): "
+                          f"{str(exc).splitlines()[-1][:120]}; free some space, then rerun with --resume (the last "
+                          "complete checkpoint is kept)") from None
     acc.wait_for_everyone()
     if acc.is_main_process:
         if shape is not None:
