@@ -55,7 +55,7 @@ def prefix(selection, count: int | None = None, budget: int | None = None):
 def search(model, tokenizer, method: str, count: int, fraction: float, calib_shape: tuple[int, int] | None = None):
     from secateur.config import CalibConfig
     from secateur.depth import REGISTRY, Amount, DepthConfig, select_removals
-    from secateur.pipeline import calibration_data
+    from secateur.data.calibration import calibration_data
 
     spec = REGISTRY[method]
     amount = Amount(fraction=fraction) if spec.unit == "sublayer" else Amount(count=count)
@@ -93,7 +93,7 @@ def main() -> None:
     from secateur.evaluate import perplexity
     from secateur.io import load_model
     from secateur.models import adapter_for
-    from secateur.pipeline import evaluation_data
+    from secateur.data.calibration import evaluation_data
     from secateur.runtime import tune_allocator
 
     tune_allocator()

@@ -46,7 +46,7 @@ def setup(tokens: int, seed: int = 0):
     from secateur.config import CalibConfig
     from secateur.demo import default_model_dir
     from secateur.io import load_model
-    from secateur.pipeline import calibration_data, evaluation_data
+    from secateur.data.calibration import calibration_data, evaluation_data
     from secateur.train import TrainConfig
 
     model, tokenizer = load_model(default_model_dir())

@@ -178,7 +178,7 @@ def file_facts(path: Path) -> dict:
 
 def windows():
     from secateur.io import load_model
-    from secateur.pipeline import evaluation_data
+    from secateur.data.calibration import evaluation_data
 
     model, tokenizer = load_model(dense_dir())
     return evaluation_data(model, tokenizer, "enwiki-sample", 512, 64), tokenizer

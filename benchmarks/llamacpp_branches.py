@@ -32,7 +32,7 @@ def main() -> int:
     from secateur.export import export_gguf
     from secateur.io import load, save
     from secateur.models import adapter_for
-    from secateur.pipeline import structure_of
+    from secateur.manifest import structure_of
 
     removed = [tuple(u) for u in json.loads(args.remove)]
     model, tokenizer = load(bench.dense_dir())

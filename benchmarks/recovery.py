@@ -217,7 +217,7 @@ def throughput(steps: int, top: int) -> list[dict]:
     import torch
 
     from secateur.io import load_model
-    from secateur.pipeline import calibration_data
+    from secateur.data.calibration import calibration_data
     from secateur.config import CalibConfig
     from secateur.train import TrainConfig, train
     from secateur.train.loop import precision_for

@@ -90,7 +90,7 @@ def main() -> None:
     from secateur.demo import default_model_dir
     from secateur.evaluate import perplexity
     from secateur.io import load_model, save
-    from secateur.pipeline import calibration_data, evaluation_data
+    from secateur.data.calibration import calibration_data, evaluation_data
     from secateur.runtime import tune_allocator
     from secateur.width import IMPORTANCE, WidthConfig, gather_statistics, width_prune
 

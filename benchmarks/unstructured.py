@@ -69,7 +69,7 @@ def protocol_data() -> tuple[str, torch.Tensor, torch.Tensor]:
     from secateur.config import CalibConfig
     from secateur.demo import default_model_dir
     from secateur.io import load_model
-    from secateur.pipeline import calibration_data, evaluation_data
+    from secateur.data.calibration import calibration_data, evaluation_data
     from secateur.runtime import tune_allocator
 
     tune_allocator()
@@ -90,12 +90,12 @@ def prune_and_save(model_dir: str, settings: dict, calib_file: str, out: str) ->
 
     from secateur.config import build_prune_config
     from secateur.io import load_model
-    from secateur.sparsity.prune import prune
+    from secateur.sparsity.prune import sparsify
     from secateur.runtime import tune_allocator
 
     tune_allocator()
     model, tokenizer = load_model(model_dir)
-    report = prune(model, tokenizer, build_prune_config(settings), torch.load(calib_file))
+    report = sparsify(model, tokenizer, build_prune_config(settings), torch.load(calib_file))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
     save_file(state, out)
     print(json.dumps({"seconds": report.seconds, "peak_mib": peak_rss_mib()}), flush=True)
@@ -115,7 +115,7 @@ def evaluate_state(model_dir: str, state_file: str | None, eval_ids: torch.Tenso
 
     from secateur.evaluate import perplexity
     from secateur.io import load_model
-    from secateur.pipeline import sparsity_table
+    from secateur.sparsity.prune import sparsity_table
 
     model, _ = load_model(model_dir)
     if state_file:

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from conftest import CONFIGS, tiny_text
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM

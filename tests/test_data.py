@@ -10,7 +10,7 @@ from conftest import tiny_model, tiny_text, tiny_tokenizer
 
 from secateur.config import CalibConfig
 from secateur.data import DataError, calibration_windows, evaluation_windows, load_text, tokenize, uses_bos
-from secateur.pipeline import calibration_data, evaluation_data
+from secateur.data.calibration import calibration_data, evaluation_data
 
 
 def test_calibration_never_overlaps_evaluation_and_is_seeded():

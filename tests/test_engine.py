@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from secateur import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig, save
 from secateur.sparsity.methods import select_mask, wanda_scores
 from secateur.models import adapter_for, read_weight
-from secateur.sparsity.prune import prune, target_layers
+from secateur.sparsity.prune import sparsify, target_layers
 from secateur.calibrate.stats import InputNormSq
 
 CASES = [
@@ -27,7 +27,7 @@ def logits(model, ids):
 def test_every_family_prunes_exactly_and_reloads(family, method, target, tmp_path):
     model = tiny_model(family)
     embedding = model.get_input_embeddings().weight.clone()
-    report = prune(model, None, PruneConfig(method, target), calibration_ids())
+    report = sparsify(model, None, PruneConfig(method, target), calibration_ids())
     layers = target_layers(model, adapter_for(model))
     assert len(report.layers) == len(layers) == 2 * len(adapter_for(model).layer_names())
     for name, module in layers:
@@ -98,13 +98,13 @@ def test_single_pass_engine_matches_textbook_sequential_pruning(batch_size):
     calibration = calibration_ids()
     expected = reference_wanda(tiny_model("llama"), calibration, 0.5)
     model = tiny_model("llama")
-    prune(model, None, PruneConfig(WandaConfig(), Unstructured(0.5)), calibration, batch_size=batch_size)
+    sparsify(model, None, PruneConfig(WandaConfig(), Unstructured(0.5)), calibration, batch_size=batch_size)
     assert same_masks(model, expected)
 
 
 def test_magnitude_needs_no_calibration_and_global_scope_is_exact():
     model = tiny_model("llama")
-    report = prune(model, None, PruneConfig(MagnitudeConfig(scope="global"), Unstructured(0.3)))
+    report = sparsify(model, None, PruneConfig(MagnitudeConfig(scope="global"), Unstructured(0.3)))
     assert abs(report.sparsity - 0.3) < 1e-4
     sizes = [r.shape[0] * r.shape[1] for r in report.layers]
     assert round(report.sparsity * sum(sizes)) == round(0.3 * sum(sizes))
@@ -115,7 +115,7 @@ def test_ignored_layers_stay_dense():
     model = tiny_model("llama")
     before = model.model.layers[0].mlp.down_proj.weight.clone()
     config = PruneConfig(WandaConfig(), Unstructured(0.5), ignore=("*.0.mlp.down_proj",))
-    report = prune(model, None, config, calibration_ids())
+    report = sparsify(model, None, config, calibration_ids())
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
     assert "model.layers.0.mlp.down_proj" not in {r.name for r in report.layers}
 
@@ -124,12 +124,12 @@ def test_pruning_needs_calibration_for_wanda():
     from secateur import ConfigError
 
     with pytest.raises(ConfigError, match="needs calibration"):
-        prune(tiny_model("llama"), None, PruneConfig(WandaConfig(), Unstructured(0.5)))
+        sparsify(tiny_model("llama"), None, PruneConfig(WandaConfig(), Unstructured(0.5)))
 
 
 def test_bfloat16_model_prunes_in_float32_statistics():
     model = tiny_model("llama").to(torch.bfloat16)
-    report = prune(model, tiny_tokenizer(), PruneConfig(SparseGPTConfig(), Unstructured(0.5)), calibration_ids())
+    report = sparsify(model, tiny_tokenizer(), PruneConfig(SparseGPTConfig(), Unstructured(0.5)), calibration_ids())
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert abs(report.sparsity - 0.5) < 1e-9
 
@@ -139,6 +139,6 @@ def test_dense_block_stats_match_the_reference_order(batch_size):
     calibration = calibration_ids()
     expected = reference_wanda(tiny_model("llama"), calibration, 0.5, dense_block=True)
     model = tiny_model("llama")
-    prune(model, None, PruneConfig(WandaConfig(), Unstructured(0.5), block_stats="dense"), calibration, batch_size=batch_size)
+    sparsify(model, None, PruneConfig(WandaConfig(), Unstructured(0.5), block_stats="dense"), calibration, batch_size=batch_size)
     assert same_masks(model, expected)
     assert not same_masks(model, reference_wanda(tiny_model("llama"), calibration, 0.5))  # the orders differ

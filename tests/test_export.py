@@ -18,7 +18,7 @@ from secateur.export import MANIFEST_KEY, ExportError, export_gguf, model_shape
 from secateur.export.gguf import interleave_rope_rows
 from secateur.io import load_model, save
 from secateur.models import adapter_for
-from secateur.pipeline import structure_of
+from secateur.manifest import structure_of
 from secateur.width import WidthConfig, width_prune
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]

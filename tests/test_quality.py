@@ -12,7 +12,7 @@ from secateur.config import AllocationConfig, GBLMConfig, RefineConfig, RIAConfi
 from secateur.sparsity.methods import gblm_scores, ria_scores
 from secateur.models import adapter_for, read_weight
 from secateur.sparsity.permute import head_permutation, kept_mass, nm_permutation, permuter_for
-from secateur.sparsity.prune import prune, target_layers
+from secateur.sparsity.prune import sparsify, target_layers
 from secateur.recipe import build_stage
 from secateur.sparsity.refine import dsnot_mask, reconstruct, reconstruction_error
 
@@ -81,7 +81,7 @@ def test_module_sparsity_pins_a_type_and_the_rest_absorbs_the_difference():
 ], ids=["wanda-owl", "sparsegpt-owl", "wanda-global", "magnitude-global", "ria-module", "sparsegpt-owl-module"])
 def test_achieved_sparsity_equals_the_target_for_every_allocation(settings):
     model = tiny_model("llama")
-    report = prune(model, None, build_stage(settings), calibration_ids())
+    report = sparsify(model, None, build_stage(settings), calibration_ids())
     layers = target_layers(model, adapter_for(model))
     total = sum(read_weight(m).numel() for _, m in layers)
     zeros = sum(int((read_weight(m) == 0).sum()) for _, m in layers)
@@ -103,7 +103,7 @@ def test_owl_gives_blocks_with_more_outliers_lower_sparsity():
         for _, module in target_layers(model, adapter_for(model)):
             if ".1." in _:
                 module.weight[:, :2] *= 40
-    report = prune(model, None, build_stage({"method": "wanda", "sparsity": 0.5, "allocation": "owl"}),
+    report = sparsify(model, None, build_stage({"method": "wanda", "sparsity": 0.5, "allocation": "owl"}),
                    calibration_ids())
     ratios = report.allocation["outlier_ratios"]
     assert ratios["1"] > ratios["0"]
@@ -161,7 +161,7 @@ def test_gradient_norms_are_the_l2_norm_over_per_sample_gradients():
 
 def test_gblm_prunes_exactly_with_gradients():
     model = tiny_model("qwen2")
-    report = prune(model, None, PruneConfig(GBLMConfig(gradient_samples=4), Unstructured(0.5)), calibration_ids())
+    report = sparsify(model, None, PruneConfig(GBLMConfig(gradient_samples=4), Unstructured(0.5)), calibration_ids())
     assert report.sparsity == pytest.approx(0.5)
 
 
@@ -239,10 +239,10 @@ def test_dsnot_swaps_the_weight_that_cancels_the_expected_error():
 def test_refinement_keeps_the_pattern_and_lowers_block_error(target):
     calibration = calibration_ids()
     plain = tiny_model("llama")
-    base = prune(plain, None, PruneConfig(WandaConfig(), target), calibration)
+    base = sparsify(plain, None, PruneConfig(WandaConfig(), target), calibration)
     refined = tiny_model("llama")
     config = PruneConfig(WandaConfig(), target, refine=RefineConfig(steps=("dsnot", "reconstruct")))
-    report = prune(refined, None, config, calibration)
+    report = sparsify(refined, None, config, calibration)
     assert report.sparsity == pytest.approx(base.sparsity)
     if isinstance(target, NM):
         for _, m in target_layers(refined, adapter_for(refined)):
@@ -300,8 +300,8 @@ def test_permuting_inner_channels_leaves_the_dense_model_unchanged(family):
 def test_permuted_nm_pruning_holds_the_pattern_and_beats_no_permutation(family):
     calibration = calibration_ids()
     plain, permuted = tiny_model(family), tiny_model(family)
-    base = prune(plain, None, PruneConfig(WandaConfig(), NM(2, 4)), calibration)
-    report = prune(permuted, None, PruneConfig(WandaConfig(), NM(2, 4), permute=True), calibration)
+    base = sparsify(plain, None, PruneConfig(WandaConfig(), NM(2, 4)), calibration)
+    report = sparsify(permuted, None, PruneConfig(WandaConfig(), NM(2, 4), permute=True), calibration)
     assert report.sparsity == pytest.approx(0.5)
     for _, m in target_layers(permuted, adapter_for(permuted)):
         w = read_weight(m)
@@ -316,11 +316,11 @@ def test_collapse_check_is_recorded_and_warned(caplog):
     model = tiny_model("llama")
     config = PruneConfig(WandaConfig(), Unstructured(0.95), collapse_threshold=0.5)
     with caplog.at_level(logging.WARNING):
-        report = prune(model, None, config, calibration_ids())
+        report = sparsify(model, None, config, calibration_ids())
     assert len(report.block_errors) == 2 and report.collapsed == [0, 1]
     assert "collapsed" in caplog.text
     assert report.to_dict()["collapsed_blocks"] == [0, 1]
-    mild = prune(tiny_model("llama"), None, PruneConfig(WandaConfig(), Unstructured(0.1)), calibration_ids())
+    mild = sparsify(tiny_model("llama"), None, PruneConfig(WandaConfig(), Unstructured(0.1)), calibration_ids())
     assert mild.collapsed == [] and max(mild.block_errors) < 0.5
 
 
@@ -329,13 +329,13 @@ def test_non_finite_weights_stop_the_run_with_the_layer_named():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="layers.1.mlp"):
-        prune(model, None, PruneConfig(SparseGPTConfig(), Unstructured(0.5)), calibration_ids())
+        sparsify(model, None, PruneConfig(SparseGPTConfig(), Unstructured(0.5)), calibration_ids())
 
 
 def test_ria_method_prunes_every_family_exactly():
     for family in ("llama", "gpt2"):
         model = tiny_model(family)
-        report = prune(model, None, PruneConfig(RIAConfig(), Unstructured(0.5)), calibration_ids())
+        report = sparsify(model, None, PruneConfig(RIAConfig(), Unstructured(0.5)), calibration_ids())
         assert report.sparsity == pytest.approx(0.5) and zeros_fraction(model) >= 0.5
 
 

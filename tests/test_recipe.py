@@ -13,7 +13,7 @@ from secateur.cli import main
 from secateur.config import MagnitudeConfig
 from secateur.io import content_hash
 from secateur.models import adapter_for, read_weight
-from secateur.pipeline import CALIB_OPTIONS, RUN_OPTIONS, flag_options
+from secateur.settings import CALIB_OPTIONS, RUN_OPTIONS, flag_options
 from secateur.sparsity.prune import target_layers
 from secateur.recipe import KINDS, build_stage, stage_settings
 

@@ -6,7 +6,8 @@ import torch
 from conftest import FAMILIES, calibration_ids, tiny_model, tiny_tokenizer
 
 import secateur
-from secateur.pipeline import build_manifest, plan_stage, RunOptions
+from secateur.manifest import build_manifest
+from secateur.settings import plan_stage, RunOptions
 from secateur.recipe import build_stage
 
 RECOMMENDED = {  # the README's flags, as recipe keys

@@ -20,7 +20,7 @@ USER_ERRORS = (SecateurError,)
 
 
 def _prune_parser(sub: argparse._SubParsersAction) -> None:
-    from secateur.pipeline import flag_options
+    from secateur.settings import flag_options
     from secateur.recipe import all_methods
 
     p = sub.add_parser("prune", help="prune a model with one or more stages and save it with a manifest")
@@ -33,7 +33,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    from secateur.pipeline import CALIB_OPTIONS, RUN_OPTIONS, flag_options
+    from secateur.settings import CALIB_OPTIONS, RUN_OPTIONS, flag_options
     from secateur.recipe import KINDS
     from secateur.schema import flag
 
@@ -182,7 +182,8 @@ COMMAND_ONLY = ("command", "model", "out", "overwrite", "recipe", "verbose", "re
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from secateur.pipeline import plan_recipe, read_recipe, run_recipe
+    from secateur.pipeline import run_recipe
+    from secateur.settings import plan_recipe, read_recipe
 
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in COMMAND_ONLY}
     document = read_recipe(args.recipe) if args.recipe else {}
@@ -247,8 +248,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if given(TASK_FLAGS):
         raise SecateurError(f"{', '.join(given(TASK_FLAGS))} apply only with --tasks")
     from secateur.data import check_text_field
-    from secateur.io import load_config
-    from secateur.pipeline import evaluate_model, model_positions
+    from secateur.io import load_config, model_positions
+    from secateur.evaluate import evaluate_model
 
     if args.text_field is not None:
         check_text_field(args.data or PERPLEXITY_FLAGS["data"])
@@ -345,7 +346,8 @@ def _eval_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from secateur.pipeline import history_of, sparsity_table
+    from secateur.manifest import history_of
+    from secateur.sparsity.prune import sparsity_table
 
     from secateur.io import nonfinite
 

@@ -18,7 +18,10 @@ import torch
 from secateur.config import CalibConfig, PruneConfig, Unstructured, WandaConfig
 from secateur.data.enwiki import cache_dir
 from secateur.io import load_model, save
-from secateur.pipeline import RunOptions, apply_stages, build_manifest, evaluate_model, plan_stage
+from secateur.evaluate import evaluate_model
+from secateur.manifest import build_manifest
+from secateur.pipeline import apply_stages
+from secateur.settings import RunOptions, plan_stage
 from secateur.runtime import tune_allocator
 from secateur.train import TrainConfig
 from secateur.width import WidthConfig

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from secateur.data.calibration import bos_token, evaluation_data
+
 PROTOCOL = (
     "first N non-overlapping windows of seq_len tokens from the start of the text; each window scored "
     "independently; perplexity = exp(mean NLL of the seq_len-1 next-token predictions per window)"
@@ -46,3 +48,16 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: s
         "seconds": time.perf_counter() - start,
         "protocol": PROTOCOL,
     }
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, source: str, seq_len: int, windows: int, *,
+                   field: str = "text", batch_size: int = 4, device: torch.device | str = "cpu") -> dict[str, Any]:
+    data = evaluation_data(model, tokenizer, source, seq_len, windows, field)
+    return evaluation_record(model, tokenizer, source, data, batch_size, device)
+
+
+def evaluation_record(model: nn.Module, tokenizer: Any, source: str, data: Tensor, batch_size: int,
+                device: torch.device | str) -> dict[str, Any]:  # fmt: skip
+    """Perplexity on windows already cut from `source`, as the manifest records it."""
+    result = perplexity(model, data, batch_size=batch_size, device=device)
+    return {"source": source, "bos": bos_token(model, tokenizer) is not None, **result}

@@ -8,14 +8,14 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from secateur.errors import ConfigError, OutputError, SecateurError
+from secateur.errors import ConfigError, SecateurError
 from secateur.models import adapter_for
 from secateur.output import Output, check_apart, claim
 from secateur.width.remote import MODULE as REMOTE_MODULE
@@ -74,6 +74,11 @@ def load_config(path: str | Path):
         what = "GGUF file" if gguf else "config.json"
         raise ModelPathError(f"{path}: cannot read the model's {what} ({str(exc).splitlines()[0][:200]}); "
                              "give a valid HF model directory or GGUF file") from None
+
+
+def model_positions(config: Any) -> int | None:
+    """The longest window a model's config allows (None: it does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, Any]:

@@ -186,15 +186,16 @@ def as_stages(recipe: Any) -> list[Any]:
 
 
 def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor | None] | None = None, *,
-          device: str | torch.device | None = None, batch_size: int = 4,
+          device: str | torch.device | None = None, batch_size: int | Sequence[int] = 4,
           history: Sequence[tuple[str, Settings]] = (), teacher: nn.Module | None = None,
           workdir: str | Path | None = None, resume: bool = False, progress: bool = True) -> RecipeReport:  # fmt: skip
     """Run the stages of `recipe` (one stage config or a sequence) on `model` in place, in order.
 
     `calibration` is one (samples, seq_len) tensor of token ids for every stage, or one per stage
     (None for stages that need none; a recovery stage reads its training and validation windows
-    here). `history` lists (kind, settings) of stages already applied to the model (a secateur
-    output's manifest), so the order check sees them too. Recovery distils from `teacher`, by
+    here); `batch_size` likewise, the windows per forward call. `history` lists (kind, settings) of
+    stages already applied to the model (a secateur output's manifest), so the order check sees
+    them too. Recovery distils from `teacher`, by
     default a copy of `model` as it is given (the model before the first stage); its checkpoints go
     to `workdir`/stage-N, from which `resume` goes on.
     """
@@ -203,20 +204,22 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
         check_finite(stage)
     check_order([*history, *((kind_of(s).name, stage_settings(s)) for s in stages)])
     per_stage = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * len(stages)
-    if len(per_stage) != len(stages):
-        raise ConfigError(f"{len(per_stage)} calibration tensors for {len(stages)} stages")
+    batches = list(batch_size) if isinstance(batch_size, (list, tuple)) else [batch_size] * len(stages)
+    if len(per_stage) != len(stages) or len(batches) != len(stages):
+        raise ConfigError(f"{len(per_stage)} calibration tensors and {len(batches)} batch sizes for {len(stages)} "
+                          "stages")
     device = torch.device(device or "cpu")
     if teacher is None and any(getattr(s, "needs_teacher", False) for s in stages):
         teacher = copy.deepcopy(model)
     report = RecipeReport()
     start = time.perf_counter()
     earlier = list(history)
-    for config, data in zip(stages, per_stage):
+    for config, data, batch in zip(stages, per_stage, batches):
         kind = kind_of(config)
         clock = time.perf_counter()
         config, why = kind.resolve(model, config, earlier)
         stage_dir = Path(workdir) / f"stage-{len(earlier) + 1}" if workdir else None  # numbered in the whole history
-        ctx = StageContext(device, batch_size, teacher, stage_dir,
+        ctx = StageContext(device, batch, teacher, stage_dir,
                            resume and stage_dir is not None and (stage_dir / "checkpoint").is_dir(), progress)  # fmt: skip
         result = kind.run(model, config, data if kind.needs_calibration(config) else None, ctx)
         if why is not None:

@@ -200,7 +200,7 @@ def _small_vocabulary(config: Any) -> Any:
 
 
 def _windows(model: Any, tokenizer: Any, config: PlanConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    from secateur.pipeline import calibration_data
+    from secateur.data.calibration import calibration_data
 
     calib = CalibConfig(source=config.calib, samples=config.calib_samples + config.proxy_windows,
                         seq_len=config.calib_seq_len, seed=config.seed, holdout_windows=config.eval_windows,
@@ -331,7 +331,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
 def fit_positions(config: PlanConfig, base: Any, explicit: frozenset[str]) -> PlanConfig:
     """Default window lengths longer than the model's positions become its positions (said on the
     console); lengths given (`explicit` keys) that do not fit are refused."""
-    from secateur.pipeline import model_positions
+    from secateur.io import model_positions
 
     positions = model_positions(base)
     for key in ("calib_seq_len", "eval_seq_len"):

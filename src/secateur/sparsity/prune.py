@@ -66,6 +66,15 @@ def target_layers(model: nn.Module, adapter: Adapter, ignore: tuple[str, ...] = 
     return layers
 
 
+def sparsity_table(model: nn.Module) -> list[tuple[str, tuple[int, int], float]]:
+    """(name, shape, fraction of zeros) of every prunable layer, as found in the weights."""
+    rows = []
+    for name, module in target_layers(model, adapter_for(model)):
+        weight = read_weight(module)
+        rows.append((name, tuple(weight.shape), float((weight == 0).float().mean())))
+    return rows
+
+
 def _check_ignore(layers: list[tuple[str, nn.Module]], ignore: tuple[str, ...]) -> None:
     """An --ignore pattern that matches no layer is a typo, not a choice."""
     for pattern in ignore:
@@ -120,7 +129,7 @@ def needs_calibration(config: PruneConfig) -> bool:
 
 
 @torch.no_grad()
-def prune(
+def sparsify(
     model: nn.Module,
     tokenizer: Any,
     config: PruneConfig,

@@ -11,7 +11,7 @@ from secateur.errors import ConfigError
 from secateur.recipe import Settings, StageContext, StageKind, register
 from secateur.schema import Option, fill, flatten, options_of
 from secateur.sparsity.methods import REGISTRY
-from secateur.sparsity.prune import needs_calibration, prune as prune_weights
+from secateur.sparsity.prune import needs_calibration, sparsify
 
 TARGET_OPTIONS = {
     "sparsity": Option("sparsity", float, "fraction of the weights to remove, in [0, 1)", 0.5),
@@ -45,7 +45,7 @@ def _settings(config: PruneConfig) -> Settings:
 
 
 def _run(model: nn.Module, config: PruneConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
-    report = prune_weights(model, None, config, calibration, device=ctx.device, batch_size=ctx.batch_size)
+    report = sparsify(model, None, config, calibration, device=ctx.device, batch_size=ctx.batch_size)
     return report.to_dict()
 
 

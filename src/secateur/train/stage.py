@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from secateur.config import CalibConfig
 from secateur.errors import ConfigError
-from secateur.recipe import Settings, StageContext, StageKind, register
+from secateur.recipe import StageContext, StageKind, register
 from secateur.schema import fill, flatten, options_of
 from secateur.train import TrainConfig, train
 
