@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from secateur.errors import SecateurError
-from secateur.io import load, read_manifest, resolve_device, split_model_path
+from secateur.io import DTYPES, load, read_manifest, resolve_device, split_model_path
 from secateur.output import claim, disk_error, signals_raise
 from secateur.runtime import tune_allocator
 
@@ -90,7 +90,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
                                                        "origin, the model before any secateur run)")
     p.add_argument("--new-tokens", type=int, help="generate: tokens per continuation (default 32)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _nonfinite_argument(p)
@@ -116,7 +116,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds over all models, each model in a fresh process per round, so machine drift falls on "
                         "every model alike; medians over all runs, speedups are medians of per-round ratios (default 3)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="hf: (default float32)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="hf: (default float32)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _nonfinite_argument(p)
 

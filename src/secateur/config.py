@@ -5,18 +5,16 @@ CLI flags and recipe files only build these objects; the engine and the methods 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union, get_args
 
 from secateur.errors import ConfigError
 from secateur.data.sources import has_fields
 from secateur.schema import Requires, option, refuse_inapplicable
 
 Scope = Literal["per_row", "per_layer", "global"]
-SCOPES: tuple[str, ...] = ("per_row", "per_layer", "global")
-BLOCK_STATS: tuple[str, ...] = ("sequential", "dense")
 BlockStats = Literal["sequential", "dense"]
+BLOCK_STATS: tuple[str, ...] = get_args(BlockStats)
 
 
 @dataclass(frozen=True)
@@ -143,7 +141,8 @@ def _module_sparsity(value: Any) -> tuple[tuple[str, float], ...]:
         raise ConfigError(f"module_sparsity must look like attention=0.4,mlp=0.6; got {value!r}") from None
 
 
-ALLOCATIONS: tuple[str, ...] = ("uniform", "owl", "global")
+Allocation = Literal["uniform", "owl", "global"]
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 OWL = Requires(lambda c: c.kind == "owl", "--allocation owl")
 GLOBAL = Requires(lambda c: c.kind == "global", "--allocation global")
 MODULE_TYPES: tuple[str, ...] = ("attention", "mlp")
@@ -160,7 +159,7 @@ class AllocationConfig:
     `module_sparsity` pins attention and/or MLP layers to a sparsity; the other layers absorb the rest.
     """
 
-    kind: Literal["uniform", "owl", "global"] = option(
+    kind: Allocation = option(
         "uniform", "how the sparsity is spread over layers: uniform, owl (outlier-weighted per block) or global "
         "(one ranking of all layers)", key="allocation")
     owl_m: float = option(5.0, "OWL: outlier threshold, times the block's mean Wanda score", requires=OWL)
@@ -283,17 +282,6 @@ class PruneConfig:
     @property
     def method_name(self) -> str:
         return self.method.name
-
-    def to_dict(self) -> dict[str, Any]:
-        target: dict[str, Any] = (
-            {"pattern": str(self.target)} if isinstance(self.target, NM) else {"sparsity": self.target.sparsity}
-        )
-        return {
-            "method": self.method_name, **dataclasses.asdict(self.method), **target,
-            "ignore": list(self.ignore), "block_stats": self.block_stats,
-            "allocation": dataclasses.asdict(self.allocation), "refine": dataclasses.asdict(self.refine),
-            "permute": self.permute,
-        }  # fmt: skip
 
 
 __all__ = [

@@ -10,7 +10,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from secateur.width.remote import MODULE as REMOTE_MODULE
 from secateur.width.remote import prepare_module
 
 MANIFEST = "secateur.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Dtype = Literal["float32", "bfloat16", "float16"]  # the precisions a model loads and works in
+DTYPES = dict(zip(get_args(Dtype), (torch.float32, torch.bfloat16, torch.float16)))
 
 
 class ModelPathError(SecateurError):

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from secateur.config import CalibConfig
 from secateur.errors import ConfigError
+from secateur.io import Dtype
 from secateur.recipe import KINDS, build_stage, kind_of
 from secateur.schema import Option, check_applies, fill, flag, flatten, option, options_of
 
@@ -21,7 +22,7 @@ from secateur.schema import Option, check_applies, fill, flag, flatten, option, 
 class RunOptions:
     """How a job loads, evaluates and saves, whatever its stages."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "load and work precision")
+    dtype: Dtype = option("float32", "load and work precision")
     device: str = option("auto", "auto (cuda when present), cpu or cuda[:N]")
     eval_source: str | None = option(None, "evaluate perplexity on this source after pruning; recorded in the "
                                            "manifest", key="eval")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal, Union
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Union
 
 from secateur.errors import ConfigError
 from secateur.schema import option
@@ -105,6 +105,4 @@ class DepthConfig:
     def method_name(self) -> str:
         return self.method.name
 
-    def to_dict(self) -> dict[str, Any]:
-        extra = {"compensate": self.compensate, "compensate_damp": self.compensate_damp} if self.compensate else {}
-        return {"method": self.method_name, **asdict(self.method), **asdict(self.amount), **extra}
+

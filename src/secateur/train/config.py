@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from secateur.config import NM
 from secateur.errors import ConfigError
-from secateur.schema import Requires, flatten, option, refuse_inapplicable
+from secateur.schema import Requires, option, refuse_inapplicable
 from secateur.train.loss import Normalise
 from secateur.width.config import WidthConfig
 from secateur.width.scores import IMPORTANCE
@@ -205,5 +205,4 @@ class TrainConfig:
     def needs_teacher(self) -> bool:
         return self.kd_weight > 0 or self.hidden_weight > 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **flatten(self)}
+

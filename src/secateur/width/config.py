@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 from secateur.errors import ConfigError
 from secateur.schema import REQUIRED, Requires, option, refuse_inapplicable
@@ -11,8 +11,8 @@ from secateur.width.scores import IMPORTANCE
 
 HeadMode = Literal["kv-groups", "queries", "none"]
 Allocation = Literal["uniform", "adaptive"]
-HEAD_MODES = ("kv-groups", "queries", "none")
-ALLOCATIONS = ("uniform", "adaptive")
+HEAD_MODES: tuple[str, ...] = get_args(HeadMode)
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 
 
 @dataclass(frozen=True)
@@ -127,5 +127,4 @@ class WidthConfig:
     def method_name(self) -> str:
         return "width"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": "width", **asdict(self), "bias_compensation": self.compensate}
+
