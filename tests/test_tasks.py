@@ -133,7 +133,7 @@ def test_cli_tasks_write_results_and_refuse_what_does_not_apply(tmp_path, capsys
     assert "always_a v2.0: acc 0.7500" in capsys.readouterr().out
     assert json.loads(results.read_text())["tasks"]["always_a"]["metrics"]["acc"] == 0.75
     assert main([*args, "--results", str(results)]) == 2 and "already exists" in capsys.readouterr().err
-    assert main([*args, "--windows", "4"]) == 2 and "apply to perplexity" in capsys.readouterr().err
+    assert main([*args, "--windows", "4"]) == 2 and "--windows applies only with perplexity" in capsys.readouterr().err
     assert main(["eval", str(model), "--limit", "3"]) == 2 and "only with --tasks" in capsys.readouterr().err
     assert main(["eval", str(model), "--tasks", "no_such_task", "--include-path", str(tasks)]) == 2
     assert "unknown task(s) no_such_task" in capsys.readouterr().err
@@ -160,7 +160,7 @@ def test_generate_prints_the_reference_from_the_manifest_beside_the_model(tmp_pa
     result = json.loads(capsys.readouterr().out)
     assert result["reference"] == str(origin.resolve()) and len(result["samples"]) == len(PROMPTS)
     assert all(s["model"] and s["reference"] for s in result["samples"])
-    assert main(["eval", str(out), "--generate", "--windows", "3"]) == 2 and "do not apply" in capsys.readouterr().err
+    assert main(["eval", str(out), "--generate", "--windows", "3"]) == 2 and "--windows applies only with perplexity" in capsys.readouterr().err
     assert main(["eval", str(out), "--new-tokens", "3"]) == 2 and "only with --generate" in capsys.readouterr().err
 
 

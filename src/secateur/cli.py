@@ -71,27 +71,13 @@ def _option_flags(p: argparse.ArgumentParser, options: dict[str, Any]) -> None:
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity over non-overlapping windows, or lm-eval tasks (--tasks)")
+    from secateur.evalconfig import EvalConfig
+    from secateur.schema import options_of
+
+    p = sub.add_parser("eval", help="perplexity over non-overlapping windows, lm-eval tasks (--tasks) or samples "
+                                    "(--generate)")
     p.add_argument("model", help="HF model directory, .gguf file or secateur output")
-    p.add_argument("--data", help="perplexity: text source (default enwiki-sample)")
-    p.add_argument("--text-field", help="perplexity: the field of a dataset's rows (default text)")
-    p.add_argument("--seq-len", type=int, help="perplexity: tokens per window (default 512)")
-    p.add_argument("--windows", type=int, help="perplexity: number of windows from the start (default 64)")
-    p.add_argument("--tasks", help="lm-eval task names, comma-separated (secateur_wordnet: the offline knowledge "
-                                   "probe); replaces perplexity")
-    p.add_argument("--limit", type=int, help="tasks: at most N documents per task")
-    p.add_argument("--num-fewshot", type=int, help="tasks: examples in the prompt (default: each task's own)")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                   help="tasks: a directory of local lm-eval task files (repeatable; works offline)")
-    p.add_argument("--results", metavar="FILE.json", help="tasks: also write the results to this new JSON file")
-    p.add_argument("--generate", action="store_true",
-                   help="print greedy continuations of fixed prompts, next to the original model's; replaces perplexity")
-    p.add_argument("--reference", metavar="PATH", help="generate: the model to compare with (default: the manifest's "
-                                                       "origin, the model before any secateur run)")
-    p.add_argument("--new-tokens", type=int, help="generate: tokens per continuation (default 32)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--device", default="auto")
+    _option_flags(p, {k: (o, o.help) for k, o in options_of(EvalConfig).items()})
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _nonfinite_argument(p)
 
@@ -217,82 +203,61 @@ def summary(record: dict[str, Any]) -> str:
     return kind.summary(record) if kind is not None and "seconds" in record else f"{record.get('kind')}: {record.get('settings')}"
 
 
-PERPLEXITY_FLAGS = {"data": "enwiki-sample", "text_field": "text", "seq_len": 512, "windows": 64}
-TASK_FLAGS = ("limit", "num_fewshot", "include_path", "results")
-GENERATE_FLAGS = ("reference", "new_tokens")
-
-
-def _check_eval_counts(args: argparse.Namespace) -> None:
-    least = {"batch_size": 1, "seq_len": 2, "windows": 1, "limit": 1, "num_fewshot": 0, "new_tokens": 1}
-    for name, low in least.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise SecateurError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    given = lambda names: ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, [])]  # noqa: E731
-    split_model_path(Path(args.model))  # a missing or non-model path fails before anything else
-    _check_eval_counts(args)
-    if args.generate:
-        wrong = given((*PERPLEXITY_FLAGS, *TASK_FLAGS, "tasks"))
-        if wrong:
-            raise SecateurError(f"{', '.join(wrong)} do not apply to --generate")
-        return _eval_generate(args)
-    if given(GENERATE_FLAGS):
-        raise SecateurError(f"{', '.join(given(GENERATE_FLAGS))} apply only with --generate")
-    if args.tasks is not None:
-        if given(PERPLEXITY_FLAGS):
-            raise SecateurError(f"{', '.join(given(PERPLEXITY_FLAGS))} apply to perplexity, not to --tasks")
-        return _eval_tasks(args)
-    if given(TASK_FLAGS):
-        raise SecateurError(f"{', '.join(given(TASK_FLAGS))} apply only with --tasks")
-    from secateur.data import check_text_field
-    from secateur.io import load_config, model_positions
-    from secateur.evaluate import evaluate_model
+    from secateur.evalconfig import EvalConfig
+    from secateur.schema import check_applies, fill
 
-    if args.text_field is not None:
-        check_text_field(args.data or PERPLEXITY_FLAGS["data"])
+    split_model_path(Path(args.model))  # a missing or non-model path fails before anything else
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "model", "json", "verbose",
+                                                                 "allow_nonfinite")}  # fmt: skip
+    config = fill(EvalConfig, settings)
+    check_applies(config, [k for k, v in settings.items() if v is not None])  # flags: refused even at a default
+    run = {"tasks": _eval_tasks, "generate": _eval_generate, "perplexity": _eval_perplexity}[config.mode]
+    return run(args, config)
+
+
+def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
+    import dataclasses
+
+    from secateur.evaluate import evaluate_model
+    from secateur.io import load_config, model_positions
+
     positions = model_positions(load_config(args.model))
-    if positions and args.seq_len is not None and args.seq_len > positions:
-        raise SecateurError(f"--seq-len {args.seq_len} is longer than the model's {positions} positions; lower it")
-    if positions and args.seq_len is None and PERPLEXITY_FLAGS["seq_len"] > positions:
-        print(f"note: --seq-len {positions} (the default {PERPLEXITY_FLAGS['seq_len']} is longer than the model's "
-              f"{positions} positions)", file=sys.stderr)
-        args.seq_len = positions
-    for name, default in PERPLEXITY_FLAGS.items():
-        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
-    device = resolve_device(args.device)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
-    result = evaluate_model(model, tokenizer, args.data, args.seq_len, args.windows, field=args.text_field,
-                            batch_size=args.batch_size, device=device)  # fmt: skip
+    if positions and config.seq_len > positions:
+        if args.seq_len is not None:
+            raise SecateurError(f"--seq-len {config.seq_len} is longer than the model's {positions} positions; lower it")
+        print(f"note: --seq-len {positions} (the default {config.seq_len} is longer than the model's {positions} "
+              "positions)", file=sys.stderr)
+        config = dataclasses.replace(config, seq_len=positions)
+    device = resolve_device(config.device)
+    model, tokenizer = load(args.model, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
+    result = evaluate_model(model, tokenizer, config.data, config.seq_len, config.windows, field=config.text_field,
+                            batch_size=config.batch_size, device=device)  # fmt: skip
     result["model"] = args.model
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.model}: perplexity {result['perplexity']:.3f} on {args.data} "
+        print(f"{args.model}: perplexity {result['perplexity']:.3f} on {config.data} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['seconds']:.1f} s)")
         print(f"protocol: {result['protocol']}")
     return 0
 
 
-def _eval_generate(args: argparse.Namespace) -> int:
+def _eval_generate(args: argparse.Namespace, config: Any) -> int:
     from secateur.tasks.generate import PROMPTS, continuations
 
-    new_tokens = 32 if args.new_tokens is None else args.new_tokens
-    if new_tokens < 1:
-        raise SecateurError(f"--new-tokens must be at least 1, got {new_tokens}")
-    reference = args.reference
+    new_tokens = config.new_tokens
+    reference = config.reference
     if reference is None and Path(args.model).is_dir():
         origin = ((read_manifest(args.model) or {}).get("origin") or {}).get("path")
         reference = origin if origin and Path(origin).exists() and Path(origin).resolve() != Path(args.model).resolve() else None
     if reference is not None:
         split_model_path(Path(reference))
-    device = resolve_device(args.device)
+    device = resolve_device(config.device)
     rows: dict[str, list[str]] = {}
     for label, path in (("reference", reference), ("model", args.model)):
         if path is not None:
-            model, tokenizer = load(path, dtype=args.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
+            model, tokenizer = load(path, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
             rows[label] = continuations(model, tokenizer, PROMPTS, new_tokens, device)
             del model
     samples = [{"prompt": p, **{label: texts[i] for label, texts in rows.items()}} for i, p in enumerate(PROMPTS)]
@@ -309,26 +274,26 @@ def _eval_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_tasks(args: argparse.Namespace) -> int:
+def _eval_tasks(args: argparse.Namespace, config: Any) -> int:
     import contextlib
     import time
 
     from secateur.tasks.harness import check_tasks, run_tasks
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for directory in args.include_path:
-        if not Path(directory).is_dir():
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    include = [Path(d) for d in config.include_path]
+    for directory in include:
+        if not directory.is_dir():
             raise SecateurError(f"--include-path {directory} is not a directory of task files")
-    results = (claim(args.results, inputs=[args.model, *args.include_path], overwrite=None, shape="file",
-                     flag="--results", suffix=".json") if args.results else contextlib.nullcontext())  # fmt: skip
+    results = (claim(config.results, inputs=[args.model, *include], overwrite=None, shape="file", flag="--results",
+                     suffix=".json") if config.results else contextlib.nullcontext())  # fmt: skip
     with results as output:
-        check_tasks(tasks, [Path(d) for d in args.include_path])
-        device = resolve_device(args.device)
-        model, tokenizer = load(args.model, dtype=args.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
+        check_tasks(tasks, include)
+        device = resolve_device(config.device)
+        model, tokenizer = load(args.model, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
         clock = time.perf_counter()
-        result = run_tasks(model, tokenizer, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-                           batch_size=args.batch_size, device=str(device),
-                           include_path=[Path(d) for d in args.include_path])  # fmt: skip
+        result = run_tasks(model, tokenizer, tasks, limit=config.limit, num_fewshot=config.num_fewshot,
+                           batch_size=config.batch_size, device=str(device), include_path=include)  # fmt: skip
         result.update(model=args.model, seconds=time.perf_counter() - clock)
         if output is not None:
             with output.write() as staging:
