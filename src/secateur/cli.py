@@ -77,7 +77,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity over non-overlapping windows, lm-eval tasks (--tasks) or samples "
                                     "(--generate)")
     p.add_argument("model", help="HF model directory, .gguf file or secateur output")
-    _option_flags(p, {k: (o, o.help) for k, o in options_of(EvalConfig).items()})
+    shown = lambda o: "" if o.default in (None, (), False) else f" (default {o.default})"  # noqa: E731
+    _option_flags(p, {k: (o, o.help + shown(o)) for k, o in options_of(EvalConfig).items()})
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _nonfinite_argument(p)
 
