@@ -134,9 +134,9 @@ def test_llamacpp_engine_refusals(tmp_path, model_dir, capsys, monkeypatch):
     assert main(["bench", str(model_dir("llama")), "--engine", "llama.cpp", "--llama-cpp", str(bin_dir)]) == 2
     assert "secateur export" in capsys.readouterr().err
     assert main(["bench", str(path), "--engine", "llama.cpp", "--llama-cpp", str(bin_dir), "--dtype", "float16"]) == 2
-    assert "do not apply" in capsys.readouterr().err
+    assert "--dtype applies only with --engine hf" in capsys.readouterr().err
     assert main(["bench", str(model_dir("llama")), "--threads", "2"]) == 2
-    assert "apply only to --engine llama.cpp" in capsys.readouterr().err
+    assert "--threads applies only with --engine llama.cpp" in capsys.readouterr().err
     monkeypatch.undo()  # PATH back (the stand-in needs python3 on it)
     monkeypatch.setenv("SECATEUR_LLAMA_CPP", str(bin_dir))
     assert main(["bench", str(path), "--engine", "llama.cpp", "--rounds", "1", "--repeats", "1"]) == 0

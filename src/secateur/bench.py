@@ -22,12 +22,51 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from secateur.config import ConfigError
+from secateur.io import Dtype
+from secateur.schema import Requires, option, refuse_inapplicable
+
+HF = Requires(lambda c: c.engine == "hf", "--engine hf (the default)")
+LLAMA_CPP = Requires(lambda c: c.engine == "llama.cpp", "--engine llama.cpp")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How `secateur bench` times its models; its flags are generated from these fields."""
+
+    engine: Literal["hf", "llama.cpp"] = option("hf", "hf (transformers, secateur.load) or llama.cpp (llama-bench on "
+                                                      ".gguf files)")
+    llama_cpp: str | None = option(None, "llama.cpp's binaries (default: $SECATEUR_LLAMA_CPP, then PATH)",
+                                   requires=LLAMA_CPP)
+    threads: int | None = option(None, "llama.cpp threads (default: torch's thread count)", requires=LLAMA_CPP)
+    device: str = option("auto", "auto (cuda when present), cpu or cuda[:N]", requires=HF)
+    dtype: Dtype = option("float32", "load precision", requires=HF)
+    prompt: int = option(512, "prefill tokens (llama.cpp: 0 skips the test)")
+    new_tokens: int = option(128, "decoded tokens (llama.cpp: 0 skips the test)")
+    repeats: int = option(3, "timed runs per model and round")
+    rounds: int = option(3, "rounds over all models, each model in a fresh process per round, so machine drift "
+                            "falls on every model alike; medians over all runs, speedups are medians of per-round "
+                            "ratios")
+
+    def __post_init__(self) -> None:
+        refuse_inapplicable(self)
+        least = 0 if self.engine == "llama.cpp" else 1  # llama.cpp skips a test of length 0; hf times both
+        for name in ("prompt", "new_tokens"):
+            if getattr(self, name) < least:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {least} with --engine {self.engine}, "
+                                  f"got {getattr(self, name)}")
+        if self.prompt == 0 and self.new_tokens == 0:
+            raise ConfigError("--prompt 0 and --new-tokens 0 leave nothing to time; give one of them")
+        for name in ("repeats", "rounds", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value}")
+
 
 BENCH_PROTOCOL = (
     "batch 1; prefill = one forward over the prompt with the KV cache, last-position logits; decode = new_tokens greedy single-token "

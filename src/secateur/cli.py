@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from secateur.errors import SecateurError
-from secateur.io import DTYPES, load, read_manifest, resolve_device, split_model_path
+from secateur.io import load, read_manifest, resolve_device, split_model_path
 from secateur.output import claim, disk_error, signals_raise
 from secateur.runtime import tune_allocator
 
@@ -70,15 +70,21 @@ def _option_flags(p: argparse.ArgumentParser, options: dict[str, Any]) -> None:
                        **({"type": kind} if kind else {}), **extra)
 
 
+def _generated_flags(p: argparse.ArgumentParser, config_type: type) -> None:
+    """A command's flags from its config dataclass, each help with its default."""
+    from secateur.schema import options_of
+
+    shown = lambda o: "" if o.default in (None, (), False) else f" (default {o.default})"  # noqa: E731
+    _option_flags(p, {k: (o, o.help + shown(o)) for k, o in options_of(config_type).items()})
+
+
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     from secateur.evalconfig import EvalConfig
-    from secateur.schema import options_of
 
     p = sub.add_parser("eval", help="perplexity over non-overlapping windows, lm-eval tasks (--tasks) or samples "
                                     "(--generate)")
     p.add_argument("model", help="HF model directory, .gguf file or secateur output")
-    shown = lambda o: "" if o.default in (None, (), False) else f" (default {o.default})"  # noqa: E731
-    _option_flags(p, {k: (o, o.help + shown(o)) for k, o in options_of(EvalConfig).items()})
+    _generated_flags(p, EvalConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _nonfinite_argument(p)
 
@@ -90,20 +96,11 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    from secateur.bench import BenchConfig
+
     p = sub.add_parser("bench", help="parameters, file size, prefill latency, decode tokens/s, peak memory")
     p.add_argument("models", nargs="+", help="model directories or .gguf files; ratios are against the first")
-    p.add_argument("--engine", default="hf", choices=["hf", "llama.cpp"],
-                   help="hf (default: transformers, secateur.load) or llama.cpp (llama-bench on .gguf files)")
-    p.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp's binaries (default: $SECATEUR_LLAMA_CPP, then PATH)")
-    p.add_argument("--threads", type=int, help="llama.cpp threads (default: torch's thread count)")
-    p.add_argument("--device", default=None, help="hf: auto (default: cuda when present), cpu or cuda[:N]")
-    p.add_argument("--prompt", type=int, default=512, help="prefill tokens (default 512)")
-    p.add_argument("--new-tokens", type=int, default=128, help="decoded tokens (default 128)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per model and round (default 3)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="rounds over all models, each model in a fresh process per round, so machine drift falls on "
-                        "every model alike; medians over all runs, speedups are medians of per-round ratios (default 3)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="hf: (default float32)")
+    _generated_flags(p, BenchConfig)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _nonfinite_argument(p)
 
@@ -379,29 +376,28 @@ def _print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from secateur.bench import BENCH_PROTOCOL, bench, llama_bench_binary, measure_llamacpp, table, to_json
-    from secateur.config import ConfigError
+    from secateur.bench import BENCH_PROTOCOL, BenchConfig, bench, llama_bench_binary, measure_llamacpp, table, to_json
+    from secateur.schema import check_applies, fill
 
     for path in args.models:
         split_model_path(Path(path))  # a missing or non-model path fails before any timing
-    _check_bench_counts(args)
-    common = dict(rounds=args.rounds, prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
-    if args.engine == "llama.cpp":
-        wrong = [f for f, v in (("--device", args.device), ("--dtype", args.dtype),
-                                ("--allow-nonfinite", args.allow_nonfinite or None)) if v is not None]
-        if wrong:
-            raise ConfigError(f"{', '.join(wrong)} do not apply to --engine llama.cpp (it runs the GGUF's own types on the CPU)")
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "models", "json", "verbose",
+                                                                 "allow_nonfinite")}  # fmt: skip
+    config = fill(BenchConfig, settings)
+    check_applies(config, [k for k, v in settings.items() if v is not None])  # flags: refused even at a default
+    common = dict(rounds=config.rounds, prompt=config.prompt, new_tokens=config.new_tokens, repeats=config.repeats)
+    if config.engine == "llama.cpp":
+        if args.allow_nonfinite:
+            raise SecateurError("--allow-nonfinite applies only with --engine hf (llama.cpp reads the GGUF as it is)")
         if not all(str(p).lower().endswith(".gguf") for p in args.models):
-            raise ConfigError("--engine llama.cpp times .gguf files; write them first with secateur export MODEL --gguf OUT.gguf")
-        binary = llama_bench_binary(args.llama_cpp)
-        results = bench(args.models, measure_one=measure_llamacpp, binary=binary, threads=args.threads, **common)
+            raise SecateurError("--engine llama.cpp times .gguf files; write them first with secateur export MODEL "
+                                "--gguf OUT.gguf")
+        binary = llama_bench_binary(config.llama_cpp)
+        results = bench(args.models, measure_one=measure_llamacpp, binary=binary, threads=config.threads, **common)
         where = f"llama.cpp ({binary}), {results[0].threads} threads"
     else:
-        wrong = [f for f, v in (("--llama-cpp", args.llama_cpp), ("--threads", args.threads)) if v is not None]
-        if wrong:
-            raise ConfigError(f"{', '.join(wrong)} apply only to --engine llama.cpp")
-        device = str(resolve_device(args.device or "auto"))
-        results = bench(args.models, device=device, dtype=args.dtype or "float32", allow_nonfinite=args.allow_nonfinite,
+        device = str(resolve_device(config.device))
+        results = bench(args.models, device=device, dtype=config.dtype, allow_nonfinite=args.allow_nonfinite,
                         **common)  # fmt: skip
         where = f"device {device}, {results[0].threads} threads; {BENCH_PROTOCOL}"
     if args.json:
@@ -410,21 +406,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(table(results))
         print(where)
     return 0
-
-
-def _check_bench_counts(args: argparse.Namespace) -> None:
-    """Lengths and counts before any process starts: llama.cpp skips a test of length 0, hf times both."""
-    least = 0 if args.engine == "llama.cpp" else 1
-    for name in ("prompt", "new_tokens"):
-        if getattr(args, name) < least:
-            raise SecateurError(f"--{name.replace('_', '-')} must be at least {least} with --engine {args.engine}, got "
-                                f"{getattr(args, name)}")
-    if args.prompt == 0 and args.new_tokens == 0:
-        raise SecateurError("--prompt 0 and --new-tokens 0 leave nothing to time; give one of them")
-    for name in ("repeats", "rounds", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SecateurError(f"--{name} must be at least 1, got {value}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
