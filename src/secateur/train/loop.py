@@ -135,6 +135,46 @@ class TrainResult:
     metrics: Path | None  # the JSONL file of the run, in its work directory
 
 
+@dataclass
+class Run:
+    """A recovery run's moving parts, built once by `_setup`; the loop's steps read and update them."""
+
+    config: TrainConfig
+    acc: Any  # accelerate.Accelerator
+    model: nn.Module  # as `acc.prepare` wrapped it
+    raw: nn.Module  # the model itself (validation, slicing, the best weights)
+    optimizer: Any
+    params: list[nn.Parameter]  # what is trained (clipped); changes when width pruning slices the model
+    holder: MaskHolder
+    adapter: Any
+    windows: Tensor
+    validation: Tensor
+    steps: int
+    warmup: int
+    every: int  # optimizer steps between validations
+    save_every: int  # optimizer steps between checkpoints
+    counts: dict[str, Any]  # what trains (select_trainable's record)
+    masks: dict[str, Tensor]  # the zeros kept, as the run started
+    precision: str
+    home: torch.device  # where the model (and the teacher) go back to
+    state: LoopState = field(default_factory=LoopState)
+    teacher: nn.Module | None = None
+    cache: tuple[Tensor, Tensor] | None = None  # the teacher's top-k logits (--top-k)
+    cache_seconds: float = 0.0
+    pruner: GradualPruner | None = None
+    widener: IncrementalWidth | None = None
+    workdir: Path | None = None
+    metrics: Path | None = None  # the main process's metrics file
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.workdir / CHECKPOINT if self.workdir is not None else None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.micro_batch * self.config.accumulate * self.acc.num_processes * self.windows.shape[1]
+
+
 def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Tensor, *,
           teacher: nn.Module | None = None, device: str | torch.device | None = None,
           workdir: str | Path | None = None, resume: bool = False, progress: bool = True) -> TrainResult:  # fmt: skip
@@ -142,8 +182,61 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     leave it with the best validated weights (LoRA merged). `teacher` gives the distillation targets
     (needed when config.kd_weight > 0). `workdir` holds checkpoints and metrics; with `resume`, the
     run goes on from its latest checkpoint."""
-    from accelerate import Accelerator
+    run = _setup(model, config, windows, validation, teacher, device, workdir, resume)
+    state = run.state
+    bar = tqdm(total=run.steps, initial=state.step, desc="recovery", unit="step",
+               disable=not (progress and run.acc.is_main_process))  # fmt: skip
+    start_step, stopped_early, last_loss, best, overhead = state.step, False, None, None, 0.0
+    clock = time.perf_counter()
+    while state.step < run.steps:
+        parts = _step(run)
+        overhead += _prune_during(run)
+        run.holder.weights()
+        last_loss = run.acc.gather(torch.tensor([parts["loss"]], device=run.acc.device)).mean().item()
+        if state.first_loss is None:
+            state.first_loss = last_loss
+        speed = (state.step - start_step) * run.tokens_per_step / max(time.perf_counter() - clock - overhead, 1e-9)
+        record = _step_record(run, parts, last_loss, speed)  # training steps only in the speed
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{speed:.0f}")
+        bar.update(1)
+        pause = time.perf_counter()
+        if state.step % run.every == 0 or state.step == run.steps:
+            best = _validate(run, record, best)
+            stopped_early = bool(config.patience) and state.since_best >= config.patience and state.step < run.steps
+        if run.metrics is not None:
+            _write_json_line(run.metrics, record)
+        if run.checkpoint is not None and (state.step % run.save_every == 0 or stopped_early) and state.step < run.steps:
+            shape = shape_record(run.raw, run.adapter) if run.widener is not None else None
+            _save_checkpoint(run.acc, run.checkpoint, shape)
+        overhead += time.perf_counter() - pause
+        if stopped_early:
+            log.warning("recovery: no improvement in %d validations: stopped at step %d of %d", config.patience,
+                        state.step, run.steps)  # fmt: skip
+            break
+    bar.close()
+    seconds = time.perf_counter() - clock
+    _finish(run, best)
+    timing = {"start_step": start_step, "seconds": seconds, "overhead": overhead, "stopped_early": stopped_early,
+              "last_loss": last_loss, "resumed": resume}  # fmt: skip
+    result = TrainResult(_record(run, timing), run.workdir / METRICS if run.workdir is not None else None)
+    if run.pruner is not None:
+        run.pruner.close()
+    _reset_accelerator()
+    return result
+
+
+def _reset_accelerator() -> None:
+    """Forget accelerate's global state: a new run may use another precision (keeps the process group)."""
     from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
+
+def _setup(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Tensor, teacher: nn.Module | None,
+           device: str | torch.device | None, workdir: str | Path | None, resume: bool) -> Run:  # fmt: skip
+    """Check the run, build the accelerator, the trainable parameters, masks, pruners and optimizer,
+    and load the checkpoint when resuming."""
+    from accelerate import Accelerator
 
     if config.needs_teacher and teacher is None:
         raise TrainError("distillation needs a teacher (or --kd-weight 0 for plain fine-tuning)")
@@ -155,16 +248,12 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         raise TrainError(f"--resume: no checkpoint to resume from{f' in {workdir}' if workdir else ''}")
     wanted = torch.device(device) if device is not None else None
     precision = precision_for(config, wanted or torch.device("cpu"))
-    AcceleratorState._reset_state()  # a new run may use another precision (keeps the process group)
+    _reset_accelerator()
     on_cpu = wanted.type == "cpu" if wanted is not None else not torch.cuda.is_available()
     acc = Accelerator(gradient_accumulation_steps=config.accumulate, cpu=on_cpu,  # cpu: gloo under torchrun
                       mixed_precision="bf16" if precision == "bfloat16" else "no")  # fmt: skip
-    main = acc.is_main_process
     steps = total_steps(config, len(windows), acc.num_processes)
-    warmup = int(config.warmup * steps)
     every = config.eval_every or max(1, steps // 8)
-    save_every = config.checkpoint_every or every
-
     adapter = adapter_for(model)
     if config.prune_width is not None and acc.num_processes > 1:
         raise TrainError("incremental width pruning changes parameter shapes during training, which DDP and FSDP "
@@ -175,7 +264,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
                if config.prune_width is not None else None)  # fmt: skip
     if resume and widener is not None and (checkpoint / SHAPE).exists():
         reshape(model, adapter, json.loads((checkpoint / SHAPE).read_text(encoding="utf-8")))
-    home = next(model.parameters()).device  # where the model goes back to (and the teacher)
+    home = next(model.parameters()).device
     masks = weight_masks(model, adapter) if config.keep_masks or config.gradual else {}
     counts = select_trainable(model, adapter, config.mode, config.rank, config.alpha, masks, config.seed)
     pruner = _gradual(model, adapter, config, steps) if config.gradual else None
@@ -186,143 +275,154 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
     model.train()
     model, optimizer = acc.prepare(model, optimizer)
-    state = LoopState()
-    acc.register_for_checkpointing(state)
-    if pruner is not None:
-        acc.register_for_checkpointing(pruner)
-    if widener is not None:
-        acc.register_for_checkpointing(widener)
+    run = Run(config, acc, model, acc.unwrap_model(model), optimizer, params, holder, adapter, windows, validation,
+              steps, int(config.warmup * steps), every, config.checkpoint_every or every, counts, masks, precision,
+              home, pruner=pruner, widener=widener, workdir=workdir,
+              metrics=workdir / METRICS if workdir is not None and acc.is_main_process else None)  # fmt: skip
+    for stateful in (run.state, pruner, widener):
+        if stateful is not None:
+            acc.register_for_checkpointing(stateful)
     if teacher is not None and config.needs_teacher:
-        teacher = teacher.to(acc.device).eval().requires_grad_(False)
-
-    metrics = workdir / METRICS if workdir is not None and main else None
+        run.teacher = teacher.to(acc.device).eval().requires_grad_(False)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
     if resume:
-        acc.load_state(str(checkpoint))
-        if pruner is not None:  # the masks of the updates done before the checkpoint
-            holder.replace({name: module.weight != 0 for name, module in pruner.layers})
-        elif widener is not None and holder.masks:  # the zeros of the sliced weights just loaded
-            holder.replace(weight_masks(acc.unwrap_model(model), adapter))
-        holder.weights()
-        if metrics is not None:
-            _trim_metrics(metrics, state.step)
-    elif metrics is not None and metrics.exists():
-        metrics.unlink()
-
+        _resume(run)
+    elif run.metrics is not None and run.metrics.exists():
+        run.metrics.unlink()
     clock = time.perf_counter()
-    cache = None
     if config.top_k and config.needs_teacher:
-        cache = _teacher_cache(teacher, windows, config, acc)
-    cache_seconds = time.perf_counter() - clock
+        run.cache = _teacher_cache(run.teacher, windows, config, acc)
+    run.cache_seconds = time.perf_counter() - clock
+    return run
 
-    raw = acc.unwrap_model(model)
-    bar = tqdm(total=steps, initial=state.step, desc="recovery", unit="step", disable=not (progress and main))
-    tokens_per_step = config.micro_batch * config.accumulate * acc.num_processes * windows.shape[1]
-    start_step, stopped_early, last_loss, best, overhead = state.step, False, None, None, 0.0
-    clock = time.perf_counter()
-    while state.step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = config.peak_lr * lr_factor(state.step, steps, warmup, config.min_lr)
-        parts = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "layers": 0.0}
-        for micro in range(config.accumulate):
-            rows = batch_rows(state.step, micro, config, len(windows), acc.num_processes, acc.process_index)
-            ids = windows[rows].to(acc.device)
-            with acc.accumulate(model):
-                with acc.autocast():
-                    out = model(input_ids=ids, output_hidden_states=config.hidden_weight > 0)
-                    loss, kd, ce, layers = _loss(out, ids, rows, config, teacher, cache)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    if pruner is not None:
-                        pruner.accumulate_gradients()
-                    holder.gradients()
-                    if config.clip:
-                        acc.clip_grad_norm_(params, config.clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            parts["loss"] += float(loss.detach()) / config.accumulate
-            parts["kd"] += kd / config.accumulate
-            parts["ce"] += ce / config.accumulate
-            parts["layers"] += layers / config.accumulate
-        state.step += 1
-        if pruner is not None and pruner.plan.due(state.step):
-            own = pruner.norms
-            if pruner.score == "wanda":  # every process saw other tokens: rank on the norms of all of them
-                pruner.norms = {k: acc.reduce(v.clone(), "sum") for k, v in own.items()}
-            holder.replace(pruner.update(state.step, holder.masks))
-            pruner.norms = own
-            holder.clear_moments(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
-        if widener is not None and widener.plan.due(state.step):
-            pause = time.perf_counter()
-            params = _prune_width(widener, raw, adapter, state.step, windows, config, acc, optimizer, holder)
-            overhead += time.perf_counter() - pause
-        holder.weights()
-        last_loss = acc.gather(torch.tensor([parts["loss"]], device=acc.device)).mean().item()
-        if state.first_loss is None:
-            state.first_loss = last_loss
-        done = state.step - start_step
-        speed = done * tokens_per_step / max(time.perf_counter() - clock - overhead, 1e-9)  # training steps only
-        record = {"step": state.step, "tokens": state.step * tokens_per_step, "loss": last_loss,
-                  "kd": parts["kd"], "ce": parts["ce"], "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
-        if config.hidden_weight:
-            record["layerwise"] = parts["layers"]
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{speed:.0f}")
-        bar.update(1)
-        pause = time.perf_counter()
-        if state.step % every == 0 or state.step == steps:
-            ppl = perplexity(raw.eval(), validation, batch_size=config.micro_batch, device=acc.device)["perplexity"]
-            raw.train()
-            record["val_perplexity"] = ppl
-            state.validations.append({"step": state.step, "tokens": record["tokens"], "perplexity": ppl})
-            final = all(p is None or state.step >= p.plan.end for p in (pruner, widener))  # less pruned: no candidate
-            if final and ppl < state.best:
-                state.best, state.best_step, state.since_best = ppl, state.step, 0
-                best = _trainable(raw)
-                if workdir is not None and main:
-                    _save_best(best, workdir / BEST)
-            elif final:
-                state.since_best += 1
-            stopped_early = bool(config.patience) and state.since_best >= config.patience and state.step < steps
-        if metrics is not None:
-            _write_json_line(metrics, record)
-        if checkpoint is not None and (state.step % save_every == 0 or stopped_early) and state.step < steps:
-            _save_checkpoint(acc, checkpoint, shape_record(raw, adapter) if widener is not None else None)
-        overhead += time.perf_counter() - pause
-        if stopped_early:
-            log.warning("recovery: no improvement in %d validations: stopped at step %d of %d", config.patience,
-                        state.step, steps)  # fmt: skip
-            break
-    bar.close()
-    seconds = time.perf_counter() - clock
-    acc.wait_for_everyone()
-    model = acc.unwrap_model(model)
-    if state.best_step != state.step:  # the last step did not validate best: go back to the best
-        if best is None and workdir is not None and (workdir / BEST).exists():  # best from before a resume
-            best = torch.load(workdir / BEST, map_location="cpu", weights_only=True)
+
+def _resume(run: Run) -> None:
+    """Load the checkpoint, then the masks it implies, and keep the metrics of the steps it holds."""
+    run.acc.load_state(str(run.checkpoint))
+    if run.pruner is not None:  # the masks of the updates done before the checkpoint
+        run.holder.replace({name: module.weight != 0 for name, module in run.pruner.layers})
+    elif run.widener is not None and run.holder.masks:  # the zeros of the sliced weights just loaded
+        run.holder.replace(weight_masks(run.acc.unwrap_model(run.model), run.adapter))
+    run.holder.weights()
+    if run.metrics is not None:
+        _trim_metrics(run.metrics, run.state.step)
+
+
+def _step(run: Run) -> dict[str, float]:
+    """One optimizer step over `accumulate` micro-batches; returns the loss and its parts (means)."""
+    config, acc, state = run.config, run.acc, run.state
+    for group in run.optimizer.param_groups:
+        group["lr"] = config.peak_lr * lr_factor(state.step, run.steps, run.warmup, config.min_lr)
+    parts = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "layers": 0.0}
+    for micro in range(config.accumulate):
+        rows = batch_rows(state.step, micro, config, len(run.windows), acc.num_processes, acc.process_index)
+        ids = run.windows[rows].to(acc.device)
+        with acc.accumulate(run.model):
+            with acc.autocast():
+                out = run.model(input_ids=ids, output_hidden_states=config.hidden_weight > 0)
+                loss, kd, ce, layers = _loss(out, ids, rows, config, run.teacher, run.cache)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                if run.pruner is not None:
+                    run.pruner.accumulate_gradients()
+                run.holder.gradients()
+                if config.clip:
+                    acc.clip_grad_norm_(run.params, config.clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        for name, value in (("loss", float(loss.detach())), ("kd", kd), ("ce", ce), ("layers", layers)):
+            parts[name] += value / config.accumulate
+    state.step += 1
+    return parts
+
+
+def _prune_during(run: Run) -> float:
+    """The pruning updates due after this step (gradual zeros, incremental width); returns the seconds
+    the width update took (not training time)."""
+    step, pruner, widener = run.state.step, run.pruner, run.widener
+    if pruner is not None and pruner.plan.due(step):
+        own = pruner.norms
+        if pruner.score == "wanda":  # every process saw other tokens: rank on the norms of all of them
+            pruner.norms = {k: run.acc.reduce(v.clone(), "sum") for k, v in own.items()}
+        run.holder.replace(pruner.update(step, run.holder.masks))
+        pruner.norms = own
+        run.holder.clear_moments(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer)
+    if widener is None or not widener.plan.due(step):
+        return 0.0
+    pause = time.perf_counter()
+    run.params = _prune_width(widener, run.raw, run.adapter, step, run.windows, run.config, run.acc, run.optimizer,
+                              run.holder)  # fmt: skip
+    return time.perf_counter() - pause
+
+
+def _step_record(run: Run, parts: dict[str, float], loss: float, speed: float) -> dict[str, Any]:
+    record = {"step": run.state.step, "tokens": run.state.step * run.tokens_per_step, "loss": loss,
+              "kd": parts["kd"], "ce": parts["ce"], "lr": run.optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+    if run.config.hidden_weight:
+        record["layerwise"] = parts["layers"]
+    return record
+
+
+def _validate(run: Run, record: dict[str, Any], best: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """Validation perplexity into `record` and the history; a new best (once pruning is over) is kept
+    in memory and in the work directory. Returns the best trainable weights so far."""
+    state = run.state
+    ppl = perplexity(run.raw.eval(), run.validation, batch_size=run.config.micro_batch,
+                     device=run.acc.device)["perplexity"]  # fmt: skip
+    run.raw.train()
+    record["val_perplexity"] = ppl
+    state.validations.append({"step": state.step, "tokens": record["tokens"], "perplexity": ppl})
+    final = all(p is None or state.step >= p.plan.end for p in (run.pruner, run.widener))  # less pruned: no candidate
+    if final and ppl < state.best:
+        state.best, state.best_step, state.since_best = ppl, state.step, 0
+        best = _trainable(run.raw)
+        if run.workdir is not None and run.acc.is_main_process:
+            _save_best(best, run.workdir / BEST)
+    elif final:
+        state.since_best += 1
+    return best
+
+
+def _finish(run: Run, best: dict[str, Tensor] | None) -> None:
+    """Back to the best validated weights, LoRA merged, model and teacher where they came from."""
+    run.acc.wait_for_everyone()
+    model = run.acc.unwrap_model(run.model)
+    if run.state.best_step != run.state.step:  # the last step did not validate best: go back to the best
+        if best is None and run.workdir is not None and (run.workdir / BEST).exists():  # best from before a resume
+            best = torch.load(run.workdir / BEST, map_location="cpu", weights_only=True)
         if best is not None:
             _load_trainable(model, best)
     model.eval()
-    merged = merge_lora(model)
-    model.to(home)
-    if teacher is not None:
-        teacher.to(home)
-    holder_after = weight_masks(model, adapter) if masks else {}
-    record = {
-        "mode": config.mode, **counts, "lora_merged": merged,
-        "masks": {"layers": len(masks), "kept": sum(int(m.sum()) for m in masks.values()),
-                  "size": sum(m.numel() for m in masks.values()),
-                  "kept_after": sum(int(m.sum()) for m in holder_after.values())},
-        "precision": precision, "processes": acc.num_processes,
-        "steps": state.step, "total_steps": steps, "tokens": state.step * tokens_per_step,
-        "schedule": {"peak_lr": config.peak_lr, "warmup_steps": warmup, "min_lr": config.min_lr,
-                     "global_batch_windows": tokens_per_step // windows.shape[1], "window_tokens": windows.shape[1]},
-        "loss": {"first": state.first_loss, "last": last_loss},
+    run.counts["lora_merged"] = merge_lora(model)
+    model.to(run.home)
+    if run.teacher is not None:
+        run.teacher.to(run.home)
+    run.raw = model
+
+
+def _record(run: Run, timing: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records of the run."""
+    config, state, pruner, widener = run.config, run.state, run.pruner, run.widener
+    kept_after = weight_masks(run.raw, run.adapter) if run.masks else {}
+    seconds, overhead, tokens_per_step = timing["seconds"], timing["overhead"], run.tokens_per_step
+    counts = {k: v for k, v in run.counts.items() if k != "lora_merged"}
+    return {
+        "mode": config.mode, **counts, "lora_merged": run.counts["lora_merged"],
+        "masks": {"layers": len(run.masks), "kept": sum(int(m.sum()) for m in run.masks.values()),
+                  "size": sum(m.numel() for m in run.masks.values()),
+                  "kept_after": sum(int(m.sum()) for m in kept_after.values())},
+        "precision": run.precision, "processes": run.acc.num_processes,
+        "steps": state.step, "total_steps": run.steps, "tokens": state.step * tokens_per_step,
+        "schedule": {"peak_lr": config.peak_lr, "warmup_steps": run.warmup, "min_lr": config.min_lr,
+                     "global_batch_windows": tokens_per_step // run.windows.shape[1],
+                     "window_tokens": run.windows.shape[1]},
+        "loss": {"first": state.first_loss, "last": timing["last_loss"]},
         "validation": state.validations, "best": {"step": state.best_step, "perplexity": state.best},
-        "stopped_early": stopped_early, "resumed_at": start_step if resume else None,
+        "stopped_early": timing["stopped_early"], "resumed_at": timing["start_step"] if timing["resumed"] else None,
         "seconds": seconds, "validation_seconds": overhead,  # validations and checkpoints
-        "tokens_per_s": (state.step - start_step) * tokens_per_step / max(seconds - overhead, 1e-9),
-        "teacher_cache": {"top_k": config.top_k, "seconds": cache_seconds} if cache is not None else None,
+        "tokens_per_s": (state.step - timing["start_step"]) * tokens_per_step / max(seconds - overhead, 1e-9),
+        "teacher_cache": {"top_k": config.top_k, "seconds": run.cache_seconds} if run.cache is not None else None,
         "gradual": ({"score": pruner.score, "pattern": config.prune_pattern, "final": pruner.plan.final,
                      "initial": pruner.plan.initial, "start": pruner.plan.start, "every": pruner.plan.every,
                      "updates": pruner.plan.updates, "events": pruner.events} if pruner is not None else None),
@@ -333,10 +433,6 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
                    "every": widener.plan.every, "updates": widener.plan.updates, "block_parameters_before": widener.original,
                    "events": widener.events} if widener is not None else None),
     }  # fmt: skip
-    if pruner is not None:
-        pruner.close()
-    AcceleratorState._reset_state()
-    return TrainResult(record, workdir / METRICS if workdir is not None else None)
 
 
 def _plan(config: TrainConfig, steps: int, initial: float, final: float, pattern: NM | None = None) -> GradualPlan:
