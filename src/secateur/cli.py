@@ -203,13 +203,10 @@ def summary(record: dict[str, Any]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from secateur.evalconfig import EvalConfig
-    from secateur.schema import check_applies, fill
+    from secateur.schema import from_flags
 
     split_model_path(Path(args.model))  # a missing or non-model path fails before anything else
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "model", "json", "verbose",
-                                                                 "allow_nonfinite")}  # fmt: skip
-    config = fill(EvalConfig, settings)
-    check_applies(config, [k for k, v in settings.items() if v is not None])  # flags: refused even at a default
+    config = from_flags(EvalConfig, vars(args))
     run = {"tasks": _eval_tasks, "generate": _eval_generate, "perplexity": _eval_perplexity}[config.mode]
     return run(args, config)
 
@@ -377,14 +374,11 @@ def _print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from secateur.bench import BENCH_PROTOCOL, BenchConfig, bench, llama_bench_binary, measure_llamacpp, table, to_json
-    from secateur.schema import check_applies, fill
+    from secateur.schema import from_flags
 
     for path in args.models:
         split_model_path(Path(path))  # a missing or non-model path fails before any timing
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "models", "json", "verbose",
-                                                                 "allow_nonfinite")}  # fmt: skip
-    config = fill(BenchConfig, settings)
-    check_applies(config, [k for k, v in settings.items() if v is not None])  # flags: refused even at a default
+    config = from_flags(BenchConfig, vars(args))
     common = dict(rounds=config.rounds, prompt=config.prompt, new_tokens=config.new_tokens, repeats=config.repeats)
     if config.engine == "llama.cpp":
         if args.allow_nonfinite:
@@ -422,17 +416,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from secateur.errors import ConfigError
     from secateur.plan import PlanConfig, plan
-    from secateur.schema import check_applies, fill
+    from secateur.schema import from_flags
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "model", "out", "overwrite", "verbose",
-                                                                 "allow_nonfinite")}  # fmt: skip
-    if settings.get("target") is None:
+    if args.target is None:
         raise ConfigError("--target is required, e.g. --target decode-speedup=1.6, params=80M or file=200MB")
-    config = fill(PlanConfig, settings)
-    check_applies(config, [k for k, v in settings.items() if v is not None])  # flags: refused even at a default
-    record = plan(args.model, config, args.out, overwrite=args.overwrite,
+    record = plan(args.model, from_flags(PlanConfig, vars(args)), args.out, overwrite=args.overwrite,
                   allow_nonfinite=args.allow_nonfinite,
-                  explicit=frozenset(k for k, v in settings.items() if v is not None))  # fmt: skip
+                  explicit=frozenset(k for k, v in vars(args).items() if v is not None))  # fmt: skip
     chosen, costs = record["chosen"], record["costs"]
     print(f"plan for --target {record['target']}: {chosen['key']} ({chosen['kind']}), {chosen['params'] / 1e6:.1f}M "
           f"parameters, KL {chosen['kl']:.4f} on {chosen['windows']} windows")

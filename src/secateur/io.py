@@ -285,8 +285,8 @@ class NonFiniteError(SecateurError):
 
 def nonfinite(model: nn.Module) -> list[tuple[str, int]]:
     """(name, count) of every parameter holding NaN or Inf values."""
-    return [(name, int((~torch.isfinite(p)).sum())) for name, p in model.named_parameters()
-            if p.is_floating_point() and not bool(torch.isfinite(p).all())]  # fmt: skip
+    counts = ((name, int((~torch.isfinite(p)).sum())) for name, p in model.named_parameters() if p.is_floating_point())
+    return [(name, count) for name, count in counts if count]
 
 
 def check_finite(model: nn.Module, what: str, allow: bool = False,
@@ -329,7 +329,8 @@ def safetensors_shapes(file: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _skeleton(path: Path, removed: list[tuple], widths: list[dict] | None) -> nn.Module:
+def _skeleton(path: Path, removed: list[tuple], widths: list[dict] | None,
+              dtype: torch.dtype | None = None) -> nn.Module:
     """The model `path`'s config (and recorded structure) describes, on the meta device."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -340,7 +341,7 @@ def _skeleton(path: Path, removed: list[tuple], widths: list[dict] | None) -> nn
     config = load_config(path)
     adapter = adapter_for(config)
     with init_empty_weights(include_buffers=False), _quiet_missing_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     remove_sublayers(model, adapter, removed)
     if widths is not None:
         apply_widths(model, adapter, [LayerWidth(**layer) for layer in widths])
@@ -415,19 +416,11 @@ def _recorded_structure(manifest: dict[str, Any]) -> tuple[list[tuple], list[dic
 
 def _load_reshaped(path: Path, dtype: str, device: str, removed: list[tuple], layers: list[dict]) -> tuple[nn.Module, Any]:
     """Build the model empty from its config, shape each block as recorded, then load the weights."""
-    from accelerate import init_empty_weights
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from secateur.depth.structure import remove_sublayers
-    from secateur.width.structure import LayerWidth, apply_widths
-
-    config = load_config(path)
-    adapter = adapter_for(config)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
-    remove_sublayers(model, adapter, removed)
-    apply_widths(model, adapter, [LayerWidth(**layer) for layer in layers])
+    model = _skeleton(path, removed, layers, resolve_dtype(dtype))
+    config = model.config
     state = {k: v for file in sorted(path.glob("*.safetensors")) for k, v in load_file(file).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}

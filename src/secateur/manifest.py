@@ -132,17 +132,20 @@ def record_run(work: Path, identity: dict[str, Any], resume: bool) -> None:
 def first_difference(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     """The first setting that differs between two run identities, as the user would name it."""
     names = {"input": "the input model (its content)", "teacher": "the teacher (its content)"}
-    for key in dict.fromkeys([*before, *now]):
-        if key == "stage":
-            continue
-        if before.get(key) != now.get(key):
-            return names.get(key) or f"{flag(key)} ({before.get(key)!r} then, {now.get(key)!r} now)"
+    key = _first_key(before, now, skip="stage")
+    if key is not None:
+        return names.get(key) or f"{flag(key)} ({before.get(key)!r} then, {now.get(key)!r} now)"
     old, new = before.get("stage", []), now.get("stage", [])
     if len(old) != len(new):
         return f"the number of stages ({len(old)} then, {len(new)} now)"
     for number, (a, b) in enumerate(zip(old, new), 1):
-        for key in dict.fromkeys([*a, *b]):
-            if a.get(key) != b.get(key):
-                where = f"stage {number}: " if len(old) > 1 else ""
-                return f"{where}{flag(key)} ({a.get(key)!r} then, {b.get(key)!r} now)"
+        key = _first_key(a, b)
+        if key is not None:
+            where = f"stage {number}: " if len(old) > 1 else ""
+            return f"{where}{flag(key)} ({a.get(key)!r} then, {b.get(key)!r} now)"
     return None
+
+
+def _first_key(a: dict[str, Any], b: dict[str, Any], skip: str | None = None) -> str | None:
+    """The first key, in order of appearance, whose value differs between `a` and `b`."""
+    return next((k for k in dict.fromkeys([*a, *b]) if k != skip and a.get(k) != b.get(k)), None)

@@ -62,16 +62,6 @@ def _writable_parent(out: Path, flag: str) -> Path:
     return parent
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -80,16 +70,14 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def clear_stale(out: Path, *, locked: bool = False) -> None:
+def clear_stale(out: Path) -> None:
     """Remove what interrupted writes of `out` left: staging copies, and a retired old output (put back
-    in place when the new one never arrived). Unlocked, only those of processes that no longer run."""
+    in place when the new one never arrived). Called under the output's lock, so no writer is alive."""
     if not out.parent.is_dir():
         return
     for path in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = path.name[len(out.name) + 2 :].rpartition("-")
         if kind not in ("partial", "old") or not pid.isdigit():
-            continue
-        if int(pid) != os.getpid() and not locked and _alive(int(pid)):
             continue
         if kind == "old" and not out.exists():
             path.rename(out)  # the crash came between retiring the old output and renaming the new one
@@ -131,12 +119,12 @@ def disk_error(exc: BaseException, what: Path | str, flag: str | None = "--out")
     """A full disk or a refused write as one line (None for other errors); `flag`: the option that
     names the place, None where the place is not the user's choice (a cache)."""
     code = _errno(exc)
-    elsewhere = f" or choose another {flag}" if flag else ""
+    another = f"choose another {flag}" if flag else ""
     if code in SPACE_ERRORS:
         return OutputError(f"no space left on the device while writing {what} ({os.strerror(code)}); nothing "
-                           f"was written: free some space{elsewhere}")
+                           f"was written: free some space{' or ' + another if another else ''}")
     if code in ACCESS_ERRORS:
-        return OutputError(f"cannot write {what}: {os.strerror(code)}; nothing was written{elsewhere.replace(' or', ':')}")
+        return OutputError(f"cannot write {what}: {os.strerror(code)}; nothing was written{': ' + another if another else ''}")
     return None
 
 
@@ -147,7 +135,6 @@ class Output:
     path: Path
     shape: Literal["dir", "file"] = "dir"
     flag: str = "--out"
-    overwrite: bool = False
     _lock: int | None = field(default=None, repr=False)
     _made: list[Path] = field(default_factory=list, repr=False)  # parent directories the claim created
 
@@ -218,15 +205,12 @@ class Output:
                     staging.mkdir()
                 yield staging
                 self._replace(staging)
-            except Exception as exc:  # OSError, or a library's own error wrapping one (safetensors)
+            except BaseException as exc:  # a signal, or an OSError (perhaps a library's own error wrapping one)
                 _remove(staging)
-                error = disk_error(exc, self.path, self.flag)
+                error = disk_error(exc, self.path, self.flag) if isinstance(exc, Exception) else None
                 if error is None:
                     raise
                 raise error from None
-            except BaseException:
-                _remove(staging)
-                raise
         self._made = []  # the parents now hold the output
 
     def _replace(self, staging: Path) -> None:
@@ -258,10 +242,10 @@ def claim(out: str | Path, *, inputs: Sequence[str | Path | None] = (), overwrit
     for path in (out, *also):
         check_apart(path, [p for p in inputs if p is not None], flag)
     _writable_parent(out, flag)
-    output = Output(out, shape, flag, bool(overwrite))
+    output = Output(out, shape, flag)
     output.acquire()
     try:
-        clear_stale(out, locked=True)
+        clear_stale(out)
         _check_existing(output, overwrite, marker, magic)
     except BaseException:
         output.release()

@@ -49,7 +49,7 @@ def _claim(model_path: str | Path, out: str | Path, options: RunOptions, stages:
     return claim(out, inputs=protected, overwrite=options.overwrite, marker=MANIFEST, also=work)
 
 
-def _preflight(model_path: str | Path, options: RunOptions, stages: list[PlannedStage],
+def _preflight(model_path: str | Path, config: Any, options: RunOptions, stages: list[PlannedStage],
                history: list[dict[str, Any]]) -> None:  # fmt: skip
     """Everything that can be checked before the model is loaded: the device, the order of the stages
     after the input's history, every text source (exists, is readable text), and the window lengths
@@ -59,7 +59,6 @@ def _preflight(model_path: str | Path, options: RunOptions, stages: list[Planned
     check_order([*applied(history), *((kind_of(s.config).name, stage_settings(s.config)) for s in stages)])
     for source, purpose, text_field in dict.fromkeys(sources):
         load_text(source, purpose, text_field)
-    config = load_config(model_path)
     adapter_for(config)  # unsupported architectures fail here, naming the supported ones
     check_model(model_path)  # weight files against the config, before any work
     positions = model_positions(config)
@@ -75,11 +74,12 @@ def _length_key(config: Any) -> str:
     return "train_seq_len" if "calib_seq_len" in kind_of(config).calib_fixed else "calib_seq_len"
 
 
-def adapt_lengths(model_path: str | Path, stages: list[PlannedStage],
+def adapt_lengths(config: Any, stages: list[PlannedStage],
                   options: RunOptions) -> tuple[list[PlannedStage], RunOptions, list[str]]:  # fmt: skip
-    """Default window lengths longer than the model's positions become its positions (said, and
-    recorded as the run's settings); lengths the user gave are left for the preflight to refuse."""
-    positions = model_positions(load_config(model_path))
+    """Default window lengths longer than the model's positions (`config`: its config) become its
+    positions (said, and recorded as the run's settings); lengths the user gave are left for the
+    preflight to refuse."""
+    positions = model_positions(config)
     notes: list[str] = []
     if not positions:
         return stages, options, notes
@@ -213,10 +213,11 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
     earlier = (read_manifest(model_path) if Path(model_path).is_dir() else None) or {}
     history = history_of(earlier)
     with _claim(model_path, out, options, stages, inputs) as output:
-        stages, options, notes = adapt_lengths(model_path, stages, options)
+        model_config = load_config(model_path)
+        stages, options, notes = adapt_lengths(model_config, stages, options)
         for note in notes:
             log.warning("adapted to the model: %s", note)
-        _preflight(model_path, options, stages, history)
+        _preflight(model_path, model_config, options, stages, history)
         teacher_file = _check_training(model_path, out, options, stages, earlier)
         check_apart(output.path, [teacher_file])
         work = checkpoints_for(out) if _trains(stages) else None

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from secateur.config import CalibConfig
 from secateur.errors import ConfigError
-from secateur.schema import Option, check_finite, flag
+from secateur.schema import Option, check_finite_options, flag
 
 Settings = dict[str, Any]
 
@@ -201,7 +201,7 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     """
     stages = as_stages(recipe)
     for stage in stages:
-        check_finite(stage)
+        check_finite_options(stage)
     check_order([*history, *((kind_of(s).name, stage_settings(s)) for s in stages)])
     per_stage = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * len(stages)
     batches = list(batch_size) if isinstance(batch_size, (list, tuple)) else [batch_size] * len(stages)

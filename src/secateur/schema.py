@@ -93,14 +93,17 @@ def options_of(config_type: type) -> dict[str, Option]:
 
 
 def fill(config_type: type, settings: dict[str, Any], **fixed: Any) -> Any:
-    """An instance of `config_type` from the settings its options name (others are left alone). An
-    option of a variant the config does not select is refused when it is set to another value than
-    its default (`check_applies` refuses it whatever its value, for flags)."""
-    options = options_of(config_type)
-    values = {o.field: o.check(settings[k]) for k, o in options.items() if settings.get(k) is not None}
-    config = config_type(**values, **fixed)
-    changed = [k for k, o in options.items() if o.field in values and values[o.field] != o.default]
-    check_applies(config, changed)
+    """An instance of `config_type` from the settings its options name (others are left alone). A
+    config whose options belong to variants refuses them in its `__post_init__` (`refuse_inapplicable`)."""
+    values = {o.field: o.check(settings[k]) for k, o in options_of(config_type).items() if settings.get(k) is not None}
+    return config_type(**values, **fixed)
+
+
+def from_flags(config_type: type, flags: dict[str, Any]) -> Any:
+    """A config from parsed flags (None: not given); a flag of a variant the config does not select is
+    refused even at its default value."""
+    config = fill(config_type, flags)
+    check_applies(config, [k for k, v in flags.items() if v is not None])
     return config
 
 
@@ -110,7 +113,7 @@ def refuse_inapplicable(config: Any) -> None:
     check_applies(config, [k for k, o in options_of(type(config)).items() if getattr(config, o.field) != o.default])
 
 
-def check_finite(config: Any) -> None:
+def check_finite_options(config: Any) -> None:
     """Every float option of a config (and the configs inside it) is finite: NaN passes every range
     check (`nan < 0` is False) and prunes or trains to garbage."""
     for part in nested(config):

@@ -7,7 +7,7 @@ from typing import Literal
 
 from secateur.errors import ConfigError
 from secateur.plan.targets import parse_target
-from secateur.schema import REQUIRED, Requires, option
+from secateur.schema import REQUIRED, Requires, option, refuse_inapplicable
 
 # the targets and engines some options belong to (set for another, they are refused, from the schema)
 SPEED = Requires(lambda c: parse_target(c.target).speed, "a speed target (decode-speedup, prefill-speedup)")
@@ -85,6 +85,7 @@ class PlanConfig:
                                  requires=SPEED)
 
     def __post_init__(self) -> None:
+        refuse_inapplicable(self)
         if not 0 < self.keep < 1:
             raise ConfigError(f"--keep must be in (0, 1), got {self.keep}")
         for name in ("calib_samples", "proxy_windows", "eval_windows", "eval_seq_len"):

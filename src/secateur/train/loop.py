@@ -165,6 +165,7 @@ class Run:
     widener: IncrementalWidth | None = None
     workdir: Path | None = None
     metrics: Path | None = None  # the main process's metrics file
+    lora_merged: bool = False
 
     @property
     def checkpoint(self) -> Path | None:
@@ -394,7 +395,7 @@ def _finish(run: Run, best: dict[str, Tensor] | None) -> None:
         if best is not None:
             _load_trainable(model, best)
     model.eval()
-    run.counts["lora_merged"] = merge_lora(model)
+    run.lora_merged = merge_lora(model)
     model.to(run.home)
     if run.teacher is not None:
         run.teacher.to(run.home)
@@ -406,9 +407,8 @@ def _record(run: Run, timing: dict[str, Any]) -> dict[str, Any]:
     config, state, pruner, widener = run.config, run.state, run.pruner, run.widener
     kept_after = weight_masks(run.raw, run.adapter) if run.masks else {}
     seconds, overhead, tokens_per_step = timing["seconds"], timing["overhead"], run.tokens_per_step
-    counts = {k: v for k, v in run.counts.items() if k != "lora_merged"}
     return {
-        "mode": config.mode, **counts, "lora_merged": run.counts["lora_merged"],
+        "mode": config.mode, **run.counts, "lora_merged": run.lora_merged,
         "masks": {"layers": len(run.masks), "kept": sum(int(m.sum()) for m in run.masks.values()),
                   "size": sum(m.numel() for m in run.masks.values()),
                   "kept_after": sum(int(m.sum()) for m in kept_after.values())},
