@@ -10,11 +10,13 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
 
 import secateur
 from secateur.cli import main
 from secateur.config import CalibConfig
-from secateur.recipe import KINDS, StageKind, register
+from secateur.recipe import KINDS, StageKind, Structure, register
 from secateur.schema import fill, flatten, option, options_of
 
 
@@ -122,3 +124,84 @@ def test_a_history_of_an_unknown_kind_is_shown_not_a_crash(toy_kind, model_dir, 
         assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     finally:
         register(TOY)
+
+
+# --- a kind that leaves a shape the stock config cannot express -------------------------------------
+
+
+@dataclass(frozen=True)
+class NoNormConfig:
+    """Replace one block's input norm by the identity (stock code would build the norm again)."""
+
+    name: ClassVar[str] = "nonorm"
+
+    block: int = option(0, "nonorm: the block whose input norm goes")
+
+    @property
+    def method_name(self) -> str:
+        return self.name
+
+
+def _drop_norms(model, blocks) -> None:
+    for index in blocks:
+        model.model.layers[index].input_layernorm = nn.Identity()
+
+
+def _dropped(model) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if isinstance(layer.input_layernorm, nn.Identity)]
+
+
+NONORM = StageKind(
+    "nonorm", NoNormConfig, lambda: ("nonorm",), lambda method: options_of(NoNormConfig),
+    lambda method, settings: fill(NoNormConfig, settings), flatten,
+    lambda model, config, calibration, ctx: (_drop_norms(model, [config.block]), {"block": config.block})[1],
+    lambda config: False, lambda config: CalibConfig(),
+    structure=Structure(
+        record=lambda model: {"dropped_norms": _dropped(model)},
+        needed=lambda section: section.get("dropped_norms") or None,
+        rebuild=_drop_norms,
+        problem=lambda section: (None if all(isinstance(i, int) for i in section.get("dropped_norms", []))
+                                 else "structure.dropped_norms is not a list of blocks"),
+        show=lambda section: f"input norms dropped: {section['dropped_norms']}" if section.get("dropped_norms") else None,
+    ),
+)
+
+
+@pytest.fixture
+def nonorm_kind():
+    register(NONORM)
+    yield NONORM
+    KINDS.pop(NONORM.name)
+
+
+def test_a_kinds_structure_is_recorded_checked_and_rebuilt(nonorm_kind, model_dir, tmp_path, capsys):
+    """The manifest records what the toy left, `secateur.load` rebuilds it over an empty model (stock
+    `from_pretrained` builds the norm again and computes something else), `info` shows it, and a
+    malformed record is refused in one line."""
+    source = model_dir("llama")
+    out = tmp_path / "out"
+    assert main(["prune", str(source), "--method", "nonorm", "--block", "1", "--out", str(out)]) == 0
+    manifest = json.loads((out / "secateur.json").read_text())
+    assert manifest["structure"]["dropped_norms"] == [1]
+    assert not any("input_layernorm" in k and ".1." in k for k in
+                   json.loads((out / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+                       (out / "model.safetensors").read_bytes()[:8], "little")]))  # the norm's weight is not saved
+
+    expected, _ = secateur.load(source)
+    _drop_norms(expected, [1])
+    loaded, _ = secateur.load(out)
+    assert _dropped(loaded) == [1]
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected(ids).logits)
+        stock = AutoModelForCausalLM.from_pretrained(out)
+        assert not torch.allclose(stock(ids).logits, expected(ids).logits)
+
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "input norms dropped: [1]" in capsys.readouterr().out
+
+    manifest["structure"]["dropped_norms"] = ["one"]
+    (out / "secateur.json").write_text(json.dumps(manifest))
+    assert main(["info", str(out)]) == 2
+    assert "structure.dropped_norms is not a list of blocks" in capsys.readouterr().err

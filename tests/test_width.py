@@ -21,9 +21,9 @@ from secateur.width.structure import (
     ensure_bias,
     keep_channels,
     keep_heads,
-    layer_width,
     write_uniform_config,
 )
+from secateur.models.shapes import layer_width
 from secateur.width.units import Units, adaptive_removals, uniform_removals
 
 HEAD_FAMILIES = [f for f in FAMILIES if f not in ("gpt2", "opt", "gpt_neox")]

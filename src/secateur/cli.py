@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from secateur.errors import SecateurError
-from secateur.io import load, read_manifest, resolve_device, split_model_path
+from secateur.io import load, read_manifest, resolve_device, split_model_path, structure_section, structures
 from secateur.output import claim, disk_error, signals_raise
 from secateur.runtime import tune_allocator
 
@@ -180,10 +180,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     structure = manifest["structure"]
     print(f"-> {args.out}: {structure['blocks']} blocks, {structure['parameters']:,} parameters, sparsity "
           f"{structure['target_sparsity']:.4f} of the block layers, in {manifest['timings']['prune']:.1f} s")
-    if not structure["uniform_widths"]:
-        stock = (" or AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
-                 if records[-1]["result"].get("remote_code") else "")  # fmt: skip
-        print(f"per-block widths differ: load it with secateur.load(path){stock}")
+    _print_structure(structure)
     ev = manifest.get("evaluation") or {}
     if "perplexity" in ev:
         print(f"perplexity {ev['perplexity']:.3f} ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)")
@@ -347,14 +344,16 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"secateur {manifest.get('secateur_version', '?')}")
     for number, stage in enumerate(history_of(manifest), 1):
         print(f"stage {number}: {summary(stage)}")
-    structure = manifest.get("structure") or {}
-    if structure.get("removed_sublayers"):
-        print(f"branches skipped (as saved): {structure['removed_sublayers']}")
-    if structure and not structure.get("uniform_widths", True):
-        shapes = sorted({(w["attention_heads"], w["key_value_heads"], w["channels"]) for w in structure["widths"]}, key=str)
-        print(f"per-block widths (query heads, key/value heads, MLP channels; load with secateur.load): "
-              f"{shapes[:6]}{' ...' if len(shapes) > 6 else ''}")
+    _print_structure(structure_section(manifest))
     return 0
+
+
+def _print_structure(section: dict[str, Any]) -> None:
+    """What each kind's structure hook says of a manifest's structure section (removed branches,
+    per-block widths, ...)."""
+    for structure in structures():
+        if section and (line := structure.show(section)):
+            print(line)
 
 
 def _print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:

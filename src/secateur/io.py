@@ -18,8 +18,6 @@ from torch import nn
 from secateur.errors import ConfigError, SecateurError
 from secateur.models import adapter_for
 from secateur.output import Output, check_apart, claim
-from secateur.width.remote import MODULE as REMOTE_MODULE
-from secateur.width.remote import prepare_module
 
 MANIFEST = "secateur.json"
 Dtype = Literal["float32", "bfloat16", "float16"]  # the precisions a model loads and works in
@@ -190,10 +188,10 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, 
                                                                               overwrite=overwrite, marker=MANIFEST)
     with claimed as output:
         with output.write(size=model_bytes(model)) as staging:
-            source = prepare_module(model)  # per-block widths for `trust_remote_code=True`, before the config is written
+            files = {name: text for s in structures() for name, text in s.save_files(model).items()}  # before the config
             model.save_pretrained(staging)
-            if source:
-                (staging / f"{REMOTE_MODULE}.py").write_text(source)
+            for name, text in files.items():
+                (staging / name).write_text(text)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             for name, path in (extras or {}).items():
@@ -218,8 +216,7 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
 
 
 SECTIONS = {"source": dict, "origin": dict, "recipe": dict, "history": list, "structure": dict, "evaluation": dict,
-            "calibration": dict, "timings": dict, "width": dict, "depth": dict}  # fmt: skip
-WIDTH_KEYS = ("attention_heads", "key_value_heads", "channels")
+            "calibration": dict, "timings": dict}  # fmt: skip
 
 
 def _manifest_problem(manifest: dict[str, Any]) -> str | None:
@@ -232,51 +229,53 @@ def _manifest_problem(manifest: dict[str, Any]) -> str | None:
             return f"history entry {number} has no kind"
         if not isinstance(record.get("settings", {}), dict) or not isinstance(record.get("result", {}), dict):
             return f"history entry {number} has malformed settings or result"
-    structure = manifest.get("structure") or {}
-    removed = structure.get("removed_sublayers", [])
-    if not isinstance(removed, list) or not all(isinstance(u, list) and len(u) == 2 and isinstance(u[0], int)
-                                                and isinstance(u[1], str) for u in removed):  # fmt: skip
-        return "structure.removed_sublayers is not a list of [block, branch] pairs"
-    widths = structure.get("widths", [])
-    if not isinstance(widths, list) or not all(isinstance(w, dict) and set(w) == set(WIDTH_KEYS) and
-                                               all(v is None or isinstance(v, int) for v in w.values())
-                                               for w in widths):  # fmt: skip
-        return "structure.widths is not a list of per-block widths"
-    return None
+    section = structure_section(manifest)
+    return next((problem for s in structures() if (problem := s.problem(section))), None)
+
+
+def structure_section(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's structure section (read from the layout of earlier versions where it has none)."""
+    if manifest.get("structure") is not None:
+        return manifest["structure"]
+    return {key: value for s in structures() for key, value in s.legacy(manifest).items()}
+
+
+Recorded = list[tuple[Any, Any]]  # (structure hook, what it rebuilds), for the kinds that left something
+
+
+def structures():
+    from secateur.recipe import structures as registered  # the kinds register their hooks there
+
+    return registered()
 
 
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu",
          allow_nonfinite: bool = False) -> tuple[nn.Module, Any]:
-    """Load any secateur output (or any model): `load_model`, then re-apply what the weights and the
-    stock config alone cannot express: attention / MLP branches removed from some blocks (depth), and
-    per-block widths (adaptive width pruning). The weight files are checked against the config first
-    (block count, shapes, truncation), and the weights for NaN / Inf (unless `allow_nonfinite`)."""
-    from secateur.depth.structure import remove_sublayers
-
-    removed, widths = check_model(path)
-    if widths is not None:
-        model, tokenizer = _load_reshaped(Path(path), dtype, device, removed, widths)
-    elif not removed:
-        model, tokenizer = load_model(path, dtype=dtype, device=device)
+    """Load any secateur output (or any model): `load_model`, or, where the manifest records shapes the
+    stock config alone cannot express (the kinds' structure hooks: removed branches, per-block widths),
+    the model built empty from its config, reshaped as recorded, then its weights. The weight files are
+    checked against the config first (block count, shapes, truncation), and the weights for NaN / Inf
+    (unless `allow_nonfinite`)."""
+    recorded = check_model(path)
+    if recorded:
+        model, tokenizer = _load_reshaped(Path(path), dtype, device, recorded)
     else:
-        with _quiet_missing_weights():  # the removed branches' weights are absent on purpose
-            model, tokenizer = load_model(path, dtype=dtype, device="cpu")
-        remove_sublayers(model, adapter_for(model), removed)
-        model = model.to(resolve_device(device))
+        model, tokenizer = load_model(path, dtype=dtype, device=device)
     check_finite(model, f"the model {path}", allow_nonfinite)
     return model, tokenizer
 
 
-def check_model(path: str | Path) -> tuple[list[tuple], list[dict] | None]:
+def check_model(path: str | Path) -> Recorded:
     """Read a model directory's manifest and check its weight files against its config, without loading
-    a weight (commands call it before any work); returns the recorded structure (removed branches,
-    per-block widths or None)."""
+    a weight (commands call it before any work); returns what the manifest's structure section asks a
+    loader to rebuild."""
     split_model_path(Path(path))
     manifest = (read_manifest(path) if Path(path).is_dir() else None) or {}
-    removed, widths = _recorded_structure(manifest)
+    section = structure_section(manifest)
+    recorded = [(s, needed) for s in structures() if (needed := s.needed(section)) is not None]
     if Path(path).is_dir():
-        check_weight_files(Path(path), removed, widths)
-    return removed, widths
+        check_weight_files(Path(path), recorded)
+    return recorded
 
 
 class NonFiniteError(SecateurError):
@@ -329,27 +328,22 @@ def safetensors_shapes(file: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _skeleton(path: Path, removed: list[tuple], widths: list[dict] | None,
-              dtype: torch.dtype | None = None) -> nn.Module:
+def _skeleton(path: Path, recorded: Recorded, dtype: torch.dtype | None = None) -> nn.Module:
     """The model `path`'s config (and recorded structure) describes, on the meta device."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from secateur.depth.structure import remove_sublayers
-    from secateur.width.structure import LayerWidth, apply_widths
-
     config = load_config(path)
-    adapter = adapter_for(config)
+    adapter_for(config)  # an unsupported family is refused here
     with init_empty_weights(include_buffers=False), _quiet_missing_weights():
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
-    remove_sublayers(model, adapter, removed)
-    if widths is not None:
-        apply_widths(model, adapter, [LayerWidth(**layer) for layer in widths])
+    for structure, needed in recorded:
+        structure.rebuild(model, needed)
     return model
 
 
-def _as_loaded(model: nn.Module, found: dict[str, list[int]]) -> dict[str, list[int]] | None:
-    """File keys under the names transformers gives them on load (its renamings, e.g. GPT-NeoX's
+def _as_loaded(model: nn.Module, found: dict[str, Any]) -> dict[str, Any] | None:
+    """File keys (of shapes or tensors) under the names transformers gives them on load (its renamings, e.g. GPT-NeoX's
     embed_out -> lm_head); None where a conversion merges or splits tensors."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -368,7 +362,7 @@ def _as_loaded(model: nn.Module, found: dict[str, list[int]]) -> dict[str, list[
     return renamed
 
 
-def check_weight_files(path: Path, removed: list[tuple] = (), widths: list[dict] | None = None) -> None:
+def check_weight_files(path: Path, recorded: Recorded = ()) -> None:
     """Refuse a model directory whose safetensors files are truncated or unreadable, or disagree with
     its config.json: another block count, a missing tensor, another shape (transformers would fill the
     gap with random weights, or stop with a traceback)."""
@@ -378,7 +372,7 @@ def check_weight_files(path: Path, removed: list[tuple] = (), widths: list[dict]
     found: dict[str, list[int]] = {}
     for file in files:
         found.update(safetensors_shapes(file))
-    model = _skeleton(path, list(removed), widths)
+    model = _skeleton(path, list(recorded))
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     found = _as_loaded(model, found)
     if found is None:
@@ -402,30 +396,22 @@ def check_weight_files(path: Path, removed: list[tuple] = (), widths: list[dict]
                                  "config.json; restore the weights or fix config.json")
 
 
-def _recorded_structure(manifest: dict[str, Any]) -> tuple[list[tuple], list[dict] | None]:
-    """(removed branches, per-block widths or None when the stock config describes them) from a
-    manifest's structure section, or from the depth / width sections of earlier versions."""
-    structure = manifest.get("structure")
-    if structure is not None:
-        widths = None if structure.get("uniform_widths", True) else structure["widths"]
-        return [tuple(u) for u in structure.get("removed_sublayers", [])], widths
-    width = manifest.get("width") or {}
-    removed = [tuple(u) for u in (manifest.get("depth") or {}).get("removed_sublayers", [])]
-    return removed, (width["layers"] if width and not width.get("uniform", True) else None)
-
-
-def _load_reshaped(path: Path, dtype: str, device: str, removed: list[tuple], layers: list[dict]) -> tuple[nn.Module, Any]:
-    """Build the model empty from its config, shape each block as recorded, then load the weights."""
+def _load_reshaped(path: Path, dtype: str, device: str, recorded: Recorded) -> tuple[nn.Module, Any]:
+    """Build the model empty from its config, shape it as recorded, then load the weights."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    model = _skeleton(path, removed, layers, resolve_dtype(dtype))
+    model = _skeleton(path, recorded, resolve_dtype(dtype))
     config = model.config
     state = {k: v for file in sorted(path.glob("*.safetensors")) for k, v in load_file(file).items()}
+    state = _as_loaded(model, state)
+    if state is None:
+        raise ModelPathError(f"{path}: transformers fuses or splits this family's tensors on load, which a recorded "
+                             "structure cannot be rebuilt over yet; load it with its own code")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
-        raise ModelPathError(f"{path}: weights do not match the recorded widths (missing {sorted(set(missing) - tied)[:3]}, "
+        raise ModelPathError(f"{path}: weights do not match the recorded structure (missing {sorted(set(missing) - tied)[:3]}, "
                              f"unexpected {unexpected[:3]})")
     if tied:
         model.tie_weights()

@@ -13,15 +13,13 @@ import torch
 from torch import nn
 
 from secateur import __version__
-from secateur.depth import removed_sublayers
 from secateur.errors import ConfigError
 from secateur.io import content_hash
 from secateur.models import adapter_for
-from secateur.recipe import kind_for_method, kind_of, stage_settings
+from secateur.recipe import kind_for_method, kind_of, stage_settings, structures
 from secateur.schema import flag, flatten
 from secateur.settings import PlannedStage, RunOptions
 from secateur.sparsity.prune import sparsity_table
-from secateur.width.structure import head_dim, layer_width
 
 
 def header(model_path: str | Path, dtype: str, device: torch.device | str, earlier: dict[str, Any]) -> dict[str, Any]:
@@ -58,11 +56,9 @@ def applied(history: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
 
 def structure_of(model: nn.Module) -> dict[str, Any]:
     """What the weights and the stock config alone cannot tell a loader, and a summary of the shapes:
-    read from the model at save time, so it is right whatever the stages did."""
-    adapter = adapter_for(model)
-    blocks = adapter.block_list(model)
-    widths = [layer_width(b, adapter.width, head_dim(model.config)).to_dict() for b in blocks] if adapter.width else []
-    uniform = all(len({w[k] for w in widths if w[k] is not None}) <= 1 for k in ("attention_heads", "channels"))
+    read from the model at save time, so it is right whatever the stages did (each kind that leaves
+    shapes the stock config cannot express adds its keys through its structure hook)."""
+    blocks = adapter_for(model).block_list(model)
     layers = sparsity_table(model)
     target = sum(r * c for _, (r, c), _ in layers)
     return {
@@ -71,9 +67,7 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "target_parameters": target,
         "target_sparsity": sum(r * c * z for _, (r, c), z in layers) / max(target, 1),
-        "removed_sublayers": [list(u) for u in removed_sublayers(model, adapter)],
-        "uniform_widths": uniform,  # False: `secateur.load` shapes each block to `widths`
-        "widths": widths,
+        **{key: value for s in structures() for key, value in s.record(model).items()},
     }
 
 

@@ -23,10 +23,9 @@ from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load
 from secateur.manifest import applied, build_manifest, history_of, record_run, run_identity
 from secateur.models import adapter_for
 from secateur.output import Output, check_apart, claim
-from secateur.recipe import check_order, kind_of, prune, stage_settings
+from secateur.recipe import KINDS, check_order, kind_of, prune, stage_settings
 from secateur.schema import flag, flatten
 from secateur.settings import PlannedStage, RunOptions
-from secateur.train.loop import check_layerwise
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +61,11 @@ def _preflight(model_path: str | Path, config: Any, options: RunOptions, stages:
     adapter_for(config)  # unsupported architectures fail here, naming the supported ones
     check_model(model_path)  # weight files against the config, before any work
     positions = model_positions(config)
-    lengths = [(flag(_length_key(s.config)), s.calib.seq_len) for s in stages if s.calib is not None]
+    lengths = [(flag(kind_of(s.config).length_key), s.calib.seq_len) for s in stages if s.calib is not None]
     lengths += [("--eval-seq-len", options.eval_seq_len)] if options.eval_source else []
     for flag_name, length in lengths:
         if positions and length > positions:
             raise ConfigError(f"{flag_name} {length} is longer than the model's {positions} positions; lower it")
-
-
-def _length_key(config: Any) -> str:
-    """The key that sets a stage's window length: its own (recovery's --train-seq-len) or calibration's."""
-    return "train_seq_len" if "calib_seq_len" in kind_of(config).calib_fixed else "calib_seq_len"
 
 
 def adapt_lengths(config: Any, stages: list[PlannedStage],
@@ -93,13 +87,13 @@ def adapt_lengths(config: Any, stages: list[PlannedStage],
         calib, config = stage.calib, stage.config
         if calib is not None:
             calib = dataclasses.replace(calib, holdout_seq_len=options.eval_seq_len)
-            key = _length_key(config)
-            if calib.seq_len > positions and key not in options.explicit:
-                notes.append(f"{config.method_name}: {flag(key)} {positions} (the default {calib.seq_len} is longer "
-                             f"than the model's {positions} positions)")
-                if key == "train_seq_len":
-                    config = dataclasses.replace(config, train_seq_len=positions)
-                    calib = dataclasses.replace(calib, samples=kind_of(config).calibration(config).samples)
+            kind = kind_of(config)
+            if calib.seq_len > positions and kind.length_key not in options.explicit:
+                notes.append(f"{config.method_name}: {flag(kind.length_key)} {positions} (the default {calib.seq_len} "
+                             f"is longer than the model's {positions} positions)")
+                if kind.length_key != "calib_seq_len":  # the stage's own option, from which its windows follow
+                    config = dataclasses.replace(config, **{kind.length_key: positions})
+                    calib = dataclasses.replace(calib, samples=kind.calibration(config).samples)
                 calib = dataclasses.replace(calib, seq_len=positions)
         adapted.append(PlannedStage(config, calib))
     return adapted, options, notes
@@ -113,7 +107,8 @@ def checkpoints_for(out: str | Path) -> Path:
 
 
 def _trains(stages: list[PlannedStage]) -> bool:
-    return any(kind_of(s.config).name == "recovery" for s in stages)
+    """Whether a stage of the run keeps checkpoints (next to the output, for --resume)."""
+    return any(kind_of(s.config).checkpoints for s in stages)
 
 
 def teacher_path(model_path: str | Path, earlier: dict[str, Any], options: RunOptions) -> str | None:
@@ -157,25 +152,13 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
     path = teacher_path(model_path, earlier, options)
     student = load_config(model_path)
     teacher = load_config(path) if path is not None else student  # None: the input as loaded
-    if teacher.vocab_size != student.vocab_size:
-        raise ConfigError(f"the teacher {path} has {teacher.vocab_size} tokens in its vocabulary and the "
-                          f"student {student.vocab_size}: distillation needs the same vocabulary")
-    _check_layerwise(teacher, student, stages)
-    return path
-
-
-def _check_layerwise(teacher: Any, student: Any, stages: list[PlannedStage]) -> None:
-    """Layer-wise distillation (--hidden-weight) needs the teacher's blocks and hidden size in the
-    student it trains: the input's, and no depth or hidden-dimension stage before it in this run."""
-    reshaped = None
+    reshaped = None  # an earlier stage of this run that changes the blocks or the hidden size
     for stage in stages:
-        if getattr(stage.config, "hidden_weight", 0) > 0:
-            if reshaped is not None:
-                raise ConfigError(f"--hidden-weight pairs the student's blocks with the teacher's, and the {reshaped} "
-                                  "stage before it can change them: distil from the logits only (--hidden-weight 0)")
-            check_layerwise(teacher, student)
-        if kind_of(stage.config).reshapes(stage_settings(stage.config)):
-            reshaped = kind_of(stage.config).name
+        kind = kind_of(stage.config)
+        if getattr(stage.config, "needs_teacher", False):
+            kind.check_teacher(stage.config, teacher, student, reshaped)
+        reshaped = kind.name if kind.reshapes(stage_settings(stage.config)) else reshaped
+    return path
 
 
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
@@ -254,7 +237,7 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
     check_finite(model, "the pruned model", allow=options.allow_nonfinite,
                  advice="nothing was saved: a stage diverged (for recovery, lower --lr), or pass --allow-nonfinite "
                         "to save it anyway")  # fmt: skip
-    extras = _training_outputs(records, len(history), teacher_file or model_path)
+    extras = _stage_outputs(records, len(history), teacher_file or model_path)
     manifest = build_manifest(model_path, model, stages, records, options, compute, earlier,
                               {**timings, **stage_timings})  # fmt: skip
     if notes:
@@ -275,22 +258,8 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
     return manifest
 
 
-def _training_outputs(records: list[dict[str, Any]], earlier: int, teacher: str | Path) -> dict[str, Path]:
-    """Each recovery record's metrics file and curve, as files for the output (named by the stage's
-    place in the whole history), and the teacher it distilled from."""
-    from secateur.train.plot import plot_metrics
-
-    extras = {}
-    for number, record in enumerate(records, earlier + 1):
-        if record["kind"] != "recovery":
-            continue
-        result = record["result"]
-        if record["settings"].get("kd_weight", 1.0) > 0:
-            result["teacher"] = {"path": str(Path(teacher).resolve()), "sha256": content_hash(teacher)}
-        metrics = result.get("metrics")
-        if metrics and Path(metrics).exists():
-            curve = Path(metrics).with_suffix(".png")
-            plot_metrics(metrics, curve, f"recovery ({record['settings'].get('mode', 'full')})")
-            result["metrics"], result["curve"] = f"train-metrics-{number}.jsonl", f"train-curve-{number}.png"
-            extras[result["metrics"]], extras[result["curve"]] = Path(metrics), curve
-    return extras
+def _stage_outputs(records: list[dict[str, Any]], earlier: int, teacher: str | Path) -> dict[str, Path]:
+    """The files each stage leaves beside the weights (a recovery's metrics and curve), named by its
+    kind from the stage's place in the whole history."""
+    return {name: file for number, record in enumerate(records, earlier + 1)
+            for name, file in KINDS[record["kind"]].outputs(record, number, Path(teacher)).items()}  # fmt: skip

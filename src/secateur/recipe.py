@@ -41,6 +41,26 @@ class StageContext:
 
 
 @dataclass(frozen=True)
+class Structure:
+    """What a kind leaves in a model that its stock config cannot express, as the manifest's
+    `structure` section holds it. `record` reads the kind's keys of that section from a model at save
+    time; `needed` says, from a section, what a loader must rebuild (None: stock `from_pretrained`
+    builds the model as it is); `rebuild` applies that to a model built empty from its config, before
+    its weights load; `problem` checks the kind's keys in a manifest read from disk; `show` is its line
+    in `info` and `prune` (None: nothing to say); `legacy` reads its keys from the manifest layout of
+    earlier versions; `save_files` are files written beside the weights (called before the config is
+    written, which it may complete)."""
+
+    record: Callable[[nn.Module], dict[str, Any]]
+    needed: Callable[[dict[str, Any]], Any]
+    rebuild: Callable[[nn.Module, Any], None]
+    problem: Callable[[dict[str, Any]], str | None] = lambda section: None
+    show: Callable[[dict[str, Any]], str | None] = lambda section: None
+    legacy: Callable[[dict[str, Any]], dict[str, Any]] = lambda manifest: {}
+    save_files: Callable[[nn.Module], dict[str, str]] = lambda model: {}
+
+
+@dataclass(frozen=True)
 class StageKind:
     """One kind of stage. `options(method)` are the keys a stage of that method takes besides
     `method`; `build` checks and turns them into the config, `settings` is its inverse."""
@@ -69,6 +89,18 @@ class StageKind:
     removes_columns: Callable[[Settings], bool] = lambda settings: False  # input columns (breaks N:M groups)
     refits_dense: Callable[[Settings], bool] = lambda settings: False  # rewrites weights densely (fills zeros)
     reshapes: Callable[[Settings], bool] = lambda settings: False  # blocks or hidden size (no layer-wise pairing)
+    structure: Structure | None = None  # shapes it leaves that the stock config cannot express
+    # the job around the stage: whether it keeps checkpoints that --resume goes on from; the key that sets
+    # its window length (a config field when it is not the calibration's); a check of the teacher
+    # against the student before anything loads (teacher config, student config, the name of an earlier
+    # stage of the run that reshapes the model, or None); files it leaves beside the weights
+    # (record, its number in the whole history, the teacher's path: {name in the output: file}, and
+    # the record names them); a command of its own ((name, help): `secateur train` for recovery)
+    checkpoints: bool = False
+    length_key: str = "calib_seq_len"
+    check_teacher: Callable[[Any, Any, Any, str | None], None] = lambda config, teacher, student, reshaped: None
+    outputs: Callable[[dict[str, Any], int, Path], dict[str, Path]] = lambda record, number, teacher: {}
+    command: tuple[str, str] | None = None
 
 
 KINDS: dict[str, StageKind] = {}
@@ -78,6 +110,11 @@ BUILTIN = ("secateur.sparsity.stage", "secateur.depth.stage", "secateur.width.st
 def register(kind: StageKind) -> StageKind:
     KINDS[kind.name] = kind
     return kind
+
+
+def structures() -> list[Structure]:
+    """The structure hooks of every registered kind, in registration order (the order of rebuilding)."""
+    return [kind.structure for kind in KINDS.values() if kind.structure is not None]
 
 
 def kind_of(config: Any) -> StageKind:

@@ -8,10 +8,9 @@ from secateur.calibrate.stream import (
     move_outside_blocks,
     run_block,
     stream_blocks,
-    submodule,
 )
 
 __all__ = [
     "BlockInputs", "StopForward", "capture_inputs", "collect_input_stats", "move_outside_blocks", "run_block",
-    "stream_blocks", "submodule",
+    "stream_blocks",
 ]  # fmt: skip

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from secateur.models import Adapter, read_weight
+from secateur.models.shapes import submodule
 
 
 @dataclass
@@ -80,14 +81,6 @@ def run_block(block: nn.Module, hidden: Tensor, extra: tuple[tuple, dict[str, An
     args, kwargs = extra
     out = block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-def submodule(block: nn.Module, name: str) -> nn.Module | None:
-    """The layer, or None where its branch was removed by depth pruning."""
-    try:
-        return block.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def move_outside_blocks(model: nn.Module, adapter: Adapter, device: torch.device) -> None:

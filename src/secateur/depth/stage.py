@@ -7,10 +7,11 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from secateur.config import CalibConfig
-from secateur.depth import REGISTRY, Amount, DepthConfig, depth_prune, removed_sublayers, resolve_compensation
+from secateur.depth import (REGISTRY, Amount, DepthConfig, depth_prune, remove_sublayers, removed_sublayers,
+                            resolve_compensation)
 from secateur.errors import ConfigError
 from secateur.models import adapter_for
-from secateur.recipe import Settings, StageContext, StageKind, register, sparsifies
+from secateur.recipe import Settings, StageContext, StageKind, Structure, register, sparsifies
 from secateur.schema import Option, fill, flatten, options_of
 
 AMOUNT_OPTIONS = {
@@ -90,6 +91,31 @@ def _describe(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _removed_problem(section: dict[str, Any]) -> str | None:
+    removed = section.get("removed_sublayers", [])
+    if not isinstance(removed, list) or not all(isinstance(u, list) and len(u) == 2 and isinstance(u[0], int)
+                                                and isinstance(u[1], str) for u in removed):  # fmt: skip
+        return "structure.removed_sublayers is not a list of [block, branch] pairs"
+    return None
+
+
+def _legacy(manifest: dict[str, Any]) -> dict[str, Any]:
+    section = manifest.get("depth")
+    return {"removed_sublayers": section.get("removed_sublayers", [])} if isinstance(section, dict) else {}
+
+
+# removed attention / MLP branches: stock code builds every block whole, so a loader replaces them again
+STRUCTURE = Structure(
+    record=lambda model: {"removed_sublayers": [list(u) for u in removed_sublayers(model, adapter_for(model))]},
+    needed=lambda section: [tuple(u) for u in section.get("removed_sublayers", [])] or None,
+    rebuild=lambda model, removed: remove_sublayers(model, adapter_for(model), removed),
+    problem=_removed_problem,
+    show=lambda section: (f"branches skipped (as saved): {section['removed_sublayers']}"
+                          if section.get("removed_sublayers") else None),
+    legacy=_legacy,
+)
+
+
 KIND = register(StageKind(
     "depth", DepthConfig, lambda: tuple(REGISTRY), _options, _build, _settings, _run,
     lambda config: True,
@@ -100,4 +126,5 @@ KIND = register(StageKind(
     describe=_describe,
     refits_dense=lambda settings: bool(settings.get("compensate")),
     reshapes=lambda settings: True,
+    structure=STRUCTURE,
 ))  # fmt: skip

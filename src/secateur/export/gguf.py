@@ -110,7 +110,7 @@ def _rope_theta(config) -> float:
 def model_shape(model: nn.Module) -> Shape:
     """The file layout for `model`; raises ExportError for what no layout expresses."""
     from secateur.models import adapter_for
-    from secateur.width.structure import head_dim, layer_width
+    from secateur.models.shapes import head_dim, layer_width
 
     family, adapter = family_of(model), adapter_for(model)
     size = head_dim(model.config)

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from secateur.calibrate.stats import WORK_DTYPE, check_finite
-from secateur.calibrate.stream import BlockInputs, StopForward, run_block, submodule
+from secateur.calibrate.stream import BlockInputs, StopForward, run_block
+from secateur.models.shapes import submodule
 from secateur.config import PruneConfig, Target
 from secateur.models import Adapter, read_weight, write_weight
 from secateur.sparsity.methods import GroupJob, MethodSpec

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateur.calibrate.stream import stream_blocks, submodule
+from secateur.calibrate.stream import stream_blocks
+from secateur.models.shapes import submodule
 from secateur.config import NM, ConfigError, PruneConfig, Target
 from secateur.models import Adapter, adapter_for, read_weight, write_weight
 from secateur.sparsity.allocation import allocate_targets

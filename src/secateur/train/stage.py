@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -10,7 +11,10 @@ from secateur.config import CalibConfig
 from secateur.errors import ConfigError
 from secateur.recipe import StageContext, StageKind, register
 from secateur.schema import fill, flatten, options_of
+from secateur.io import content_hash
 from secateur.train import TrainConfig, train
+from secateur.train.loop import check_layerwise
+from secateur.train.plot import plot_metrics
 
 
 def _calibration(config: TrainConfig) -> CalibConfig:
@@ -43,6 +47,34 @@ def _summary(record: dict[str, Any]) -> str:
     return line
 
 
+def _check_teacher(config: TrainConfig, teacher: Any, student: Any, reshaped: str | None) -> None:
+    """Layer-wise distillation (--hidden-weight) needs the teacher's blocks and hidden size in the
+    student it trains: the input's, and no stage before it in this run that reshapes them."""
+    if teacher.vocab_size != student.vocab_size:
+        raise ConfigError(f"the teacher has {teacher.vocab_size} tokens in its vocabulary and the student "
+                          f"{student.vocab_size}: distillation needs the same vocabulary")
+    if config.hidden_weight > 0:
+        if reshaped is not None:
+            raise ConfigError(f"--hidden-weight pairs the student's blocks with the teacher's, and the {reshaped} "
+                              "stage before it can change them: distil from the logits only (--hidden-weight 0)")
+        check_layerwise(teacher, student)
+
+
+def _outputs(record: dict[str, Any], number: int, teacher: Path) -> dict[str, Path]:
+    """The metrics file and its curve, named by the stage's place in the whole history; the record
+    names them, and the teacher it distilled from."""
+    result = record["result"]
+    if record["settings"].get("kd_weight", 1.0) > 0:
+        result["teacher"] = {"path": str(Path(teacher).resolve()), "sha256": content_hash(teacher)}
+    metrics = result.get("metrics")
+    if not metrics or not Path(metrics).exists():
+        return {}
+    curve = Path(metrics).with_suffix(".png")
+    plot_metrics(metrics, curve, f"recovery ({record['settings'].get('mode', 'full')})")
+    result["metrics"], result["curve"] = f"train-metrics-{number}.jsonl", f"train-curve-{number}.png"
+    return {result["metrics"]: Path(metrics), result["curve"]: curve}
+
+
 KIND = register(StageKind(
     "recovery", TrainConfig, lambda: ("recovery",), lambda method: options_of(TrainConfig),
     lambda method, settings: fill(TrainConfig, settings), flatten, _run,
@@ -52,4 +84,10 @@ KIND = register(StageKind(
     leaves_zeros=lambda settings: bool(settings.get("prune_to") or settings.get("prune_pattern")),
     leaves_nm=lambda settings: bool(settings.get("prune_pattern")),
     removes_columns=lambda settings: settings.get("prune_width") is not None,
+    checkpoints=True,
+    length_key="train_seq_len",
+    check_teacher=_check_teacher,
+    outputs=_outputs,
+    command=("train", "recover a pruned model by training (distillation from the original model by default) and "
+                      "save it with a manifest"),
 ))  # fmt: skip

@@ -39,13 +39,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateur.calibrate.stream import submodule
+from secateur.models.shapes import submodule
 from secateur.depth.search import block_influences
 from secateur.models import Adapter
 from secateur.train.gradual import GradualPlan
 from secateur.width import LayerWidth, WidthConfig, apply_widths, width_prune
+from secateur.models.shapes import widths_of
 from secateur.width.prune import (block_parameters, describe_widths, resolve_variant, shape_units, uniform_widths,
-                                  unit_count, widths_of, with_unit_counts)
+                                  unit_count, with_unit_counts)
 from secateur.width.structure import Sliced, Take, enable_biases
 from secateur.width.units import Units
 

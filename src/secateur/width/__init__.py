@@ -3,7 +3,8 @@
 from secateur.width.config import WidthConfig
 from secateur.width.prune import Statistics, WidthReport, gather_statistics, width_prune
 from secateur.width.scores import IMPORTANCE
-from secateur.width.structure import LayerWidth, WidthError, apply_widths
+from secateur.models.shapes import LayerWidth
+from secateur.width.structure import WidthError, apply_widths
 
 __all__ = [
     "IMPORTANCE", "LayerWidth", "Statistics", "WidthConfig", "WidthError", "WidthReport",

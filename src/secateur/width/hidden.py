@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from secateur.models import Adapter, Width, read_weight
 from secateur.width.scores import Importance
-from secateur.width.structure import WidthError, slice_layer, submodule
+from secateur.models.shapes import submodule
+from secateur.width.structure import WidthError, slice_layer
 
 
 def readers(width: Width) -> list[str]:

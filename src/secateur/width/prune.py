@@ -28,20 +28,16 @@ from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidde
 from secateur.width.reconstruct import Cut, refit_layer, stream_refits
 from secateur.width.remote import declare_reshaped
 from secateur.width.scores import IMPORTANCE
+from secateur.models.shapes import LayerWidth, attention_heads, head_dim, submodule, widths_of
 from secateur.width.structure import (
-    LayerWidth,
     Sliced,
     WidthError,
-    attention_heads,
     bias_flag_needed,
     compensate,
     enable_biases,
-    head_dim,
     head_rows,
     keep_channels,
     keep_heads,
-    layer_width,
-    submodule,
     write_uniform_config,
 )
 from secateur.width.units import (
@@ -155,12 +151,6 @@ def resolve_variant(model: nn.Module, adapter: Adapter, config: WidthConfig) -> 
 
 def block_parameters(model: nn.Module, adapter: Adapter) -> int:
     return sum(p.numel() for p in adapter.block_list(model).parameters())
-
-
-def widths_of(model: nn.Module, adapter: Adapter) -> list[LayerWidth]:
-    """Every block's widths, read from its weights."""
-    size = head_dim(model.config)
-    return [layer_width(b, adapter.width, size) for b in adapter.block_list(model)]
 
 
 def describe_widths(model: nn.Module, adapter: Adapter, widths: list[LayerWidth]) -> bool:

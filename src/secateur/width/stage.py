@@ -8,9 +8,12 @@ from torch import Tensor, nn
 
 from secateur.config import CalibConfig
 from secateur.errors import ConfigError
-from secateur.recipe import Settings, StageContext, StageKind, register
+from secateur.models import adapter_for
+from secateur.models.shapes import LayerWidth, widths_of
+from secateur.recipe import Settings, StageContext, StageKind, Structure, register
 from secateur.schema import fill, flatten, options_of
-from secateur.width import WidthConfig, width_prune
+from secateur.width import WidthConfig, apply_widths, width_prune
+from secateur.width.remote import MODULE, prepare_module
 
 
 def _build(method: str, settings: Settings) -> WidthConfig:
@@ -36,7 +39,61 @@ def _summary(record: dict[str, Any]) -> str:
         line += f"\n{width['variant']}"
     if width["hidden_after"] != width["hidden_before"]:
         line += f"\nhidden size {width['hidden_before']} -> {width['hidden_after']}"
+    if width.get("remote_code"):
+        line += ("\nper-block widths differ: load with secateur.load(path) or "
+                 "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
     return line
+
+
+WIDTH_KEYS = ("attention_heads", "key_value_heads", "channels")
+
+
+def _record(model: nn.Module) -> dict[str, Any]:
+    adapter = adapter_for(model)
+    widths = [w.to_dict() for w in widths_of(model, adapter)] if adapter.width else []
+    uniform = all(len({w[k] for w in widths if w[k] is not None}) <= 1 for k in ("attention_heads", "channels"))
+    return {"uniform_widths": uniform, "widths": widths}  # uniform False: `secateur.load` shapes each block
+
+
+def _widths_problem(section: dict[str, Any]) -> str | None:
+    widths = section.get("widths", [])
+    if not isinstance(widths, list) or not all(isinstance(w, dict) and set(w) == set(WIDTH_KEYS) and
+                                               all(v is None or isinstance(v, int) for v in w.values())
+                                               for w in widths):  # fmt: skip
+        return "structure.widths is not a list of per-block widths"
+    return None
+
+
+def _show(section: dict[str, Any]) -> str | None:
+    if section.get("uniform_widths", True):
+        return None
+    shapes = sorted({(w["attention_heads"], w["key_value_heads"], w["channels"]) for w in section["widths"]}, key=str)
+    return (f"per-block widths (query heads, key/value heads, MLP channels; load with secateur.load): "
+            f"{shapes[:6]}{' ...' if len(shapes) > 6 else ''}")
+
+
+def _legacy(manifest: dict[str, Any]) -> dict[str, Any]:
+    section = manifest.get("width")
+    if not isinstance(section, dict) or not section:
+        return {}
+    return {"uniform_widths": section.get("uniform", True), "widths": section.get("layers", [])}
+
+
+def _save_files(model: nn.Module) -> dict[str, str]:
+    source = prepare_module(model)  # per-block widths for `trust_remote_code=True`
+    return {f"{MODULE}.py": source} if source else {}
+
+
+# per-block widths: a stock config holds one width per kind, so a loader shapes each block as recorded
+STRUCTURE = Structure(
+    record=_record,
+    needed=lambda section: None if section.get("uniform_widths", True) else section["widths"],
+    rebuild=lambda model, widths: apply_widths(model, adapter_for(model), [LayerWidth(**w) for w in widths]),
+    problem=_widths_problem,
+    show=_show,
+    legacy=_legacy,
+    save_files=_save_files,
+)
 
 
 KIND = register(StageKind(
@@ -46,4 +103,5 @@ KIND = register(StageKind(
     describe=lambda result: f"width {result.get('removed_fraction', 0):.1%} of block parameters",
     removes_columns=lambda settings: True,
     reshapes=lambda settings: bool(settings.get("hidden_fraction")),
+    structure=STRUCTURE,
 ))  # fmt: skip

@@ -7,57 +7,19 @@ number of query heads: the ratio stays an integer and stock attention code runs 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from secateur.calibrate.stream import submodule
 from secateur.config import ConfigError
 from secateur.models import MLP, Adapter, Attention, Width, read_weight
+from secateur.models.shapes import LayerWidth, attention_heads, head_dim, mlp_channels, submodule
 
 
 class WidthError(ConfigError):
     """The model cannot be width-pruned as asked."""
-
-
-@dataclass(frozen=True)
-class LayerWidth:
-    """One block's widths after pruning (None: the branch is absent, e.g. removed by depth pruning)."""
-
-    attention_heads: int | None
-    key_value_heads: int | None
-    channels: int | None
-
-    def to_dict(self) -> dict[str, int | None]:
-        return asdict(self)
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def attention_heads(block: nn.Module, attention: Attention, size: int) -> tuple[int, int] | None:
-    """(query heads, key/value heads) of a block, read from its weights; None if it has no attention."""
-    o = submodule(block, attention.o)
-    if o is None:
-        return None
-    q_heads = read_weight(o).shape[1] // size
-    rows = read_weight(block.get_submodule(attention.k)).shape[0]
-    kv_heads = (rows - q_heads * size) // (2 * size) if attention.fused else rows // size
-    return q_heads, kv_heads
-
-
-def mlp_channels(block: nn.Module, mlp: MLP) -> int | None:
-    consumer = submodule(block, mlp.consumer)
-    return None if consumer is None else read_weight(consumer).shape[1]
-
-
-def layer_width(block: nn.Module, width: Width, size: int) -> LayerWidth:
-    heads = attention_heads(block, width.attention, size) if width.attention else None
-    return LayerWidth(heads[0] if heads else None, heads[1] if heads else None, mlp_channels(block, width.mlp))
 
 
 def head_rows(heads: Tensor, size: int) -> Tensor:
