@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import secateur
 from secateur.cli import main
+from secateur.evaluate import evaluate_model
 from secateur.report import pareto
 
 
@@ -43,8 +45,31 @@ def test_report_has_every_section_and_the_inputs_numbers(model_dir, text_file, t
         assert f"{perplexity:.2f}" in text and "0.625" in text and "41.5" in text and "123" in text
         assert "hi there" in text and "hi hi" in text and "blocks [" in text  # the removed block is named
     images = [line.split('src="')[1].split('"')[0] for line in page.split("<img")[1:]]
-    assert {"blocks.png", "pareto.png", "sparsity-0.png", "sparsity-1.png", "sparsity-2.png"} == set(images)
+    assert {"blocks.png", "pareto.png", "sparsity-1.png"} == set(images)  # a heat map where there are zeros
     assert all((out / png).stat().st_size > 1000 for png in images)
+    # each stage's section, as its kind writes it; the heat map sits under the sparsity section
+    assert "### Stage 1: Sparsity (magnitude 0.5 unstructured)" in markdown
+    assert markdown.index("Stage 1: Sparsity") < markdown.index("sparsity-1.png") < markdown.index("Stage 1: Depth")
+    assert "| step | removed | score | parameters |" in markdown and "No secateur stages" in markdown
+    # the original's perplexity, measured on the windows the others were evaluated on
+    model, tokenizer = secateur.load(dense)
+    expected = evaluate_model(model, tokenizer, str(text_file), 32, 2)["perplexity"]
+    dense_row = next(line for line in markdown.splitlines() if line.startswith(f"| {dense.name} |"))
+    assert f"| {expected:.2f}* |" in dense_row and "* measured by `secateur report`" in markdown
     assert main(["report", str(dense), "--out", str(out)]) == 2 and "already exists" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")]) == 2
     assert not (tmp_path / "r2").exists()
+
+
+def test_report_measures_speed_when_asked(model_dir, tmp_path, capsys):
+    dense = model_dir("llama")
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"results": []}))
+    assert main(["report", str(dense), "--out", str(tmp_path / "r0"), "--bench", str(bench), "--measure-speed"]) == 2
+    assert "--measure-speed applies only with no --bench file" in capsys.readouterr().err
+    out = tmp_path / "r"
+    assert main(["report", str(dense), "--out", str(out), "--measure-speed"]) == 0
+    markdown = (out / "report.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {dense.name} |")).split(" | ")
+    assert float(row[-3]) > 0 and float(row[-2]) > 0  # decode tok/s, prefill ms
+    assert "speed measured by `secateur report`" in markdown

@@ -61,6 +61,20 @@ class Structure:
 
 
 @dataclass(frozen=True)
+class Section:
+    """A stage's part of the report page: a heading, a sentence, an optional table, an optional curve
+    the report plots ((x label, y label, points)), and whether the model's per-layer sparsity heat map
+    belongs under it."""
+
+    title: str
+    text: str = ""
+    head: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+    curve: tuple[str, str, tuple[tuple[float, float], ...]] | None = None
+    heatmap: bool = False
+
+
+@dataclass(frozen=True)
 class StageKind:
     """One kind of stage. `options(method)` are the keys a stage of that method takes besides
     `method`; `build` checks and turns them into the config, `settings` is its inverse."""
@@ -83,6 +97,7 @@ class StageKind:
     # the report (what it removed or trained)
     summary: Callable[[dict[str, Any]], str] = lambda record: f"{record['kind']}: {record.get('settings')}"
     describe: Callable[[dict[str, Any]], str] = lambda result: ""
+    report: Callable[[dict[str, Any]], Section | None] = lambda record: None  # its section of the report page
     # order properties, from a stage's settings: the generic rules in `ORDER_RULES` read only these
     leaves_zeros: Callable[[Settings], bool] = lambda settings: False  # exact zeros in the block layers
     leaves_nm: Callable[[Settings], bool] = lambda settings: False  # N:M groups in the block layers

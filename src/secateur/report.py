@@ -1,10 +1,13 @@
 """`secateur report`: one HTML page (and the same as Markdown) about one or more models: what was
 removed, what it cost, how fast and how big, what they say. Plots are PNG files next to the page.
 
-Everything is read from what the other commands wrote: each model's `secateur.json` (history,
-structure, perplexity), its weights (per-layer sparsity, read tensor by tensor with safetensors),
-and, where given, `secateur eval --tasks --results` files, `secateur bench --json` output and
-`secateur eval --generate --json` output.
+What the other commands wrote is read: each model's `secateur.json` (history, structure, perplexity),
+its weights (per-layer sparsity, read tensor by tensor with safetensors), and, where given,
+`secateur eval --tasks --results` files, `secateur bench --json` output and `secateur eval --generate
+--json` output. Each stage of a model's history gets the section its kind writes (`StageKind.report`).
+Two things are measured here, and marked so: the perplexity of a model whose manifest has none (the
+original), on the windows the other models were evaluated on, and, with --measure-speed, the speed
+columns.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from secateur.errors import SecateurError
 from secateur.io import read_manifest, safetensors_shapes
 from secateur.output import claim
+from secateur.schema import Requires, option, refuse_inapplicable
 
 REPORT_FILE = "report.md"  # what marks a directory as a report (--overwrite replaces only such a one)
 
@@ -28,6 +32,24 @@ BLOCK = re.compile(r"^(?:model\.|transformer\.|gpt_neox\.)?(?:decoder\.)?(?:laye
 
 class ReportError(SecateurError):
     """A report input is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What `secateur report` reads besides the models, and what it measures; its flags are generated
+    from these fields."""
+
+    tasks_results: tuple[str, ...] = option((), "a `secateur eval --tasks --results` file (repeatable)")
+    bench: str | None = option(None, "`secateur bench --json` output for these models (the speed columns)")
+    measure_speed: bool = option(False, "time every model now for the speed columns (secateur bench's transformers "
+                                        "protocol, one round, on this machine)",
+                                 requires=Requires(lambda c: c.bench is None, "no --bench file"))
+    samples: tuple[str, ...] = option((), "`secateur eval --generate --json` output (repeatable)")
+    fill_perplexity: bool = option(True, "evaluate a model whose manifest holds no perplexity (the original) on the "
+                                         "windows the other models were evaluated on")
+
+    def __post_init__(self) -> None:
+        refuse_inapplicable(self)
 
 
 @dataclass
@@ -42,10 +64,30 @@ class ModelFacts:
     tasks: dict[str, Any] = field(default_factory=dict)
     speed: dict[str, Any] | None = None
     samples: list[dict[str, str]] = field(default_factory=list)
+    measured_perplexity: float | None = None  # by the report, on the other models' windows
 
     @property
     def perplexity(self) -> float | None:
-        return (self.manifest.get("evaluation") or {}).get("perplexity")
+        return (self.manifest.get("evaluation") or {}).get("perplexity") or self.measured_perplexity
+
+    def sections(self) -> list[tuple[int, Any]]:
+        """(stage number, section) for each stage of the history whose kind writes one."""
+        from secateur.recipe import KINDS
+
+        from secateur.recipe import Section
+
+        found = []
+        for number, record in enumerate(self.manifest.get("history") or [], 1):
+            kind = KINDS.get(record.get("kind"))
+            if kind is None:
+                found.append((number, Section(str(record.get("kind")), f"settings {record.get('settings')}")))
+                continue
+            try:
+                section = kind.report(record)
+            except (KeyError, TypeError):  # a record of an earlier version, without what the section reads
+                section = Section(kind.name, kind.describe(record.get("result") or {}))
+            found += [(number, section)] if section is not None else []
+        return found
 
     @property
     def removed(self) -> str:
@@ -98,6 +140,43 @@ def gather(path: str | Path, tasks: list[dict], speeds: list[dict], samples: lis
         if same(document.get("model")):
             facts.samples = _part(document, "samples", list, "secateur eval --generate --json")
     return facts
+
+
+def fill_perplexity(models: list[ModelFacts]) -> str | None:
+    """Evaluate the models whose manifest holds no perplexity (the original, a plain HF directory) on the
+    windows the others were evaluated on, when they all were on the same ones; returns what was done
+    (for the page) or None."""
+    from secateur.evaluate import evaluate_model
+    from secateur.io import load
+
+    protocols = {(e["source"], e["windows"], e["seq_len"]) for m in models
+                 if (e := m.manifest.get("evaluation") or {}).get("perplexity")}  # fmt: skip
+    missing = [m for m in models if not m.perplexity]
+    if not missing or len(protocols) != 1:
+        return None
+    source, windows, seq_len = protocols.pop()
+    if not Path(source).exists() and source != "enwiki-sample":
+        return f"not measured for {', '.join(m.name for m in missing)}: the evaluation text {source} is gone"
+    for m in missing:
+        model, tokenizer = load(m.path)
+        m.measured_perplexity = evaluate_model(model, tokenizer, source, seq_len, windows)["perplexity"]
+    return (f"* measured by `secateur report` on the windows the other models were evaluated on ({source}, "
+            f"{windows} x {seq_len} tokens)")
+
+
+def measure_speeds(models: list[ModelFacts]) -> str:
+    """Time every model now (secateur bench's transformers protocol, one round); returns the protocol."""
+    from secateur.bench import BENCH_PROTOCOL, BenchConfig, bench
+    from secateur.io import resolve_device
+
+    config = BenchConfig()
+    device = str(resolve_device(config.device))
+    results = bench([m.path for m in models], rounds=1, prompt=config.prompt, new_tokens=config.new_tokens,
+                    repeats=config.repeats, device=device, dtype=config.dtype)  # fmt: skip
+    for m, result in zip(models, results):
+        m.speed = {"decode_tokens_per_second": result.decode_tokens_per_second,
+                   "prefill_seconds": result.prefill_seconds, "file_bytes": result.file_bytes}  # fmt: skip
+    return f"speed measured by `secateur report` on {device}, {results[0].threads} threads; {BENCH_PROTOCOL}"
 
 
 def _part(document: dict, key: str, kind: type, writer: str) -> Any:
@@ -157,6 +236,22 @@ def plot_blocks(models: list[ModelFacts], png: Path) -> Path:
     return png
 
 
+def plot_curve(curve: tuple[str, str, tuple[tuple[float, float], ...]], title: str, png: Path) -> Path:
+    """A stage's curve (a recovery's validation perplexity against training tokens)."""
+    plt = _pyplot()
+    xlabel, ylabel, points = curve
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    ax.plot(*zip(*points), marker="o")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
 def pareto(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both coordinates (lower is better on both)."""
     return [i for i, (x, y) in enumerate(points)
@@ -197,32 +292,47 @@ def summary_rows(models: list[ModelFacts]) -> tuple[list[str], list[list[str]]]:
     for m in models:
         accuracy = [f"{m.tasks[t]['metrics'].get('acc', float('nan')):.3f}" if t in m.tasks else "" for t in task_names]
         speed = m.speed or {}
-        rows.append([m.name, f"{m.parameters / 1e6:.1f}M", f"{m.nonzero / 1e6:.1f}M",
-                     f"{m.perplexity:.2f}" if m.perplexity else "", m.removed, *accuracy,
+        quality = f"{m.perplexity:.2f}{'*' if m.measured_perplexity else ''}" if m.perplexity else ""
+        rows.append([m.name, f"{m.parameters / 1e6:.1f}M", f"{m.nonzero / 1e6:.1f}M", quality, m.removed, *accuracy,
                      f"{speed['decode_tokens_per_second']:.1f}" if speed else "",
                      f"{speed['prefill_seconds'] * 1e3:.0f}" if speed else "",
                      f"{speed['file_bytes'] / 1e6:.0f}" if speed else ""])  # fmt: skip
     return head, rows
 
 
-def write_report(paths: list[str | Path], out: str | Path, *, tasks: list[Path] = (), bench: Path | None = None,
-                 samples: list[Path] = (), overwrite: bool = False) -> Path:  # fmt: skip
+def write_report(paths: list[str | Path], out: str | Path, config: ReportConfig = ReportConfig(),
+                 overwrite: bool = False) -> Path:  # fmt: skip
     """Write `out/index.html`, `out/report.md` and the plots; returns the HTML page."""
+    tasks, samples = [Path(p) for p in config.tasks_results], [Path(p) for p in config.samples]
+    bench = Path(config.bench) if config.bench else None
     inputs = [*paths, *tasks, *([bench] if bench else []), *samples]
     with claim(out, inputs=inputs, overwrite=overwrite, marker=REPORT_FILE) as output:
         documents = ([_read_json(p) for p in tasks], _bench_results(bench) if bench else [],
                      [_read_json(p) for p in samples])  # fmt: skip
         models = [gather(p, *documents) for p in paths]
+        notes = [fill_perplexity(models) if config.fill_perplexity else None,
+                 measure_speeds(models) if config.measure_speed else None]
         with output.write() as staging:
-            figures = [("Non-zero weights per block", plot_blocks(models, staging / "blocks.png")),
-                       ("Quality against parameters", plot_pareto(models, staging / "pareto.png"))]
-            figures += [(f"{m.name}: sparsity per layer", plot_sparsity(m, staging / f"sparsity-{i}.png"))
-                        for i, m in enumerate(models)]  # fmt: skip
-            figures = [(title, png.name) for title, png in figures if png is not None]
-            head, rows = summary_rows(models)
-            (staging / "index.html").write_text(_html(models, head, rows, figures))
-            (staging / REPORT_FILE).write_text(_markdown(models, head, rows, figures))
+            page = Page(models, *summary_rows(models), [n for n in notes if n], _figures(models, staging))
+            (staging / "index.html").write_text(page.html())
+            (staging / REPORT_FILE).write_text(page.markdown())
     return output.path / "index.html"
+
+
+def _figures(models: list[ModelFacts], staging: Path) -> dict[str, str]:
+    """Every plot, by key: "blocks", "pareto", "sparsity-I" (model I's heat map, where it has zeros or a
+    sparsity section), "curve-I-N" (the curve of stage N of model I)."""
+    figures = {"blocks": plot_blocks(models, staging / "blocks.png"),
+               "pareto": plot_pareto(models, staging / "pareto.png")}  # fmt: skip
+    for i, m in enumerate(models):
+        sections = m.sections()
+        if any(s.heatmap for _, s in sections) or any(z > 0.01 for z in m.sparsity.values()):
+            figures[f"sparsity-{i}"] = plot_sparsity(m, staging / f"sparsity-{i}.png")
+        for number, section in sections:
+            if section.curve is not None:
+                figures[f"curve-{i}-{number}"] = plot_curve(section.curve, section.title,
+                                                            staging / f"curve-{i}-{number}.png")  # fmt: skip
+    return {key: png.name for key, png in figures.items() if png is not None}
 
 
 def _bench_results(path: Path) -> list[dict]:
@@ -255,27 +365,82 @@ def _samples(models: list[ModelFacts]) -> list[tuple[str, list[tuple[str, str]]]
     return list(prompts.items())
 
 
-def _html(models, head, rows, figures) -> str:
-    e = html.escape
-    table = "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
-    plots = "".join(f'<figure><img src="{e(png)}" alt="{e(t)}"><figcaption>{e(t)}</figcaption></figure>'
-                    for t, png in figures)  # fmt: skip
-    samples = "".join(f"<h3>{e(prompt)}</h3><ul>" + "".join(f"<li><b>{e(who)}</b>: {e(text)}</li>" for who, text in said)
-                      + "</ul>" for prompt, said in _samples(models)) or "<p>No samples given (secateur eval --generate --json).</p>"
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f3f3f3}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>secateur report</title><style>{style}</style>"
-            f"</head><body><h1>secateur report</h1><h2 id='summary'>Summary</h2>{table}"
-            f"<h2 id='removed'>What was removed, and what it cost</h2>{plots}"
-            f"<h2 id='samples'>Samples</h2>{samples}</body></html>")
+@dataclass
+class Page:
+    """The page as a list of parts (heading, paragraph, table, figure), rendered as HTML and Markdown."""
 
+    models: list[ModelFacts]
+    head: list[str]
+    rows: list[list[str]]
+    notes: list[str]
+    figures: dict[str, str]
 
-def _markdown(models, head, rows, figures) -> str:
-    lines = ["# secateur report", "", "## Summary", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "## What was removed, and what it cost", ""] + [f"![{t}]({png})" for t, png in figures]
-    lines += ["", "## Samples", ""]
-    for prompt, said in _samples(models):
-        lines += [f"### {prompt}", ""] + [f"- **{who}**: {text}" for who, text in said] + [""]
-    return "\n".join(lines) + "\n"
+    def parts(self) -> list[tuple]:
+        parts: list[tuple] = [("h1", "secateur report"), ("h2", "Summary", "summary"), ("table", self.head, self.rows)]
+        parts += [("p", note) for note in self.notes]
+        parts.append(("h2", "What was removed, and what it cost", "removed"))
+        parts += [("img", title, self.figures[key]) for key, title in
+                  (("blocks", "Non-zero weights per block"), ("pareto", "Quality against parameters"))
+                  if key in self.figures]  # fmt: skip
+        for i, m in enumerate(self.models):
+            parts.append(("h2", m.name, f"model-{i}"))
+            heatmap = self.figures.get(f"sparsity-{i}")
+            sections = m.sections()
+            if not sections:
+                parts.append(("p", "No secateur stages (the model as given)."))
+            for number, section in sections:
+                parts += [("h3", f"Stage {number}: {section.title}")] + ([("p", section.text)] if section.text else [])
+                parts += [("table", list(section.head), [list(r) for r in section.rows])] if section.rows else []
+                if f"curve-{i}-{number}" in self.figures:
+                    parts.append(("img", section.title, self.figures[f"curve-{i}-{number}"]))
+                if section.heatmap and heatmap:
+                    parts.append(("img", f"{m.name}: sparsity per layer", heatmap))
+                    heatmap = None
+            if heatmap:
+                parts.append(("img", f"{m.name}: sparsity per layer", heatmap))
+        parts.append(("h2", "Samples", "samples"))
+        for prompt, said in _samples(self.models):
+            parts += [("h3", prompt), ("list", said)]
+        if not _samples(self.models):
+            parts.append(("p", "No samples given (secateur eval --generate --json)."))
+        return parts
+
+    def html(self) -> str:
+        e = html.escape
+        out = []
+        for part in self.parts():
+            kind = part[0]
+            if kind in ("h1", "h2", "h3"):
+                anchor = f" id='{part[2]}'" if len(part) > 2 else ""
+                out.append(f"<{kind}{anchor}>{e(part[1])}</{kind}>")
+            elif kind == "p":
+                out.append(f"<p>{e(part[1])}</p>")
+            elif kind == "table":
+                out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in part[1]) + "</tr>" + "".join(
+                    "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in part[2]) + "</table>")
+            elif kind == "img":
+                out.append(f'<figure><img src="{e(part[2])}" alt="{e(part[1])}"><figcaption>{e(part[1])}</figcaption>'
+                           "</figure>")
+            elif kind == "list":
+                out.append("<ul>" + "".join(f"<li><b>{e(who)}</b>: {e(text)}</li>" for who, text in part[1]) + "</ul>")
+        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse}"
+                 "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f3f3f3}img{max-width:100%}")
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>secateur report</title><style>{style}</style>"
+                f"</head><body>{''.join(out)}</body></html>")
+
+    def markdown(self) -> str:
+        lines: list[str] = []
+        for part in self.parts():
+            kind = part[0]
+            if kind in ("h1", "h2", "h3"):
+                lines += ["#" * int(kind[1]) + " " + part[1], ""]
+            elif kind == "p":
+                lines += [part[1], ""]
+            elif kind == "table":
+                lines += ["| " + " | ".join(part[1]) + " |", "|" + "---|" * len(part[1])]
+                lines += ["| " + " | ".join(row) + " |" for row in part[2]] + [""]
+            elif kind == "img":
+                lines += [f"![{part[1]}]({part[2]})", ""]
+            elif kind == "list":
+                lines += [f"- **{who}**: {text}" for who, text in part[1]] + [""]
+        return "\n".join(lines).rstrip() + "\n"

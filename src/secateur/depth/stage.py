@@ -11,7 +11,7 @@ from secateur.depth import (REGISTRY, Amount, DepthConfig, depth_prune, remove_s
                             resolve_compensation)
 from secateur.errors import ConfigError
 from secateur.models import adapter_for
-from secateur.recipe import Settings, StageContext, StageKind, Structure, register, sparsifies
+from secateur.recipe import Section, Settings, StageContext, StageKind, Structure, register, sparsifies
 from secateur.schema import Option, fill, flatten, options_of
 
 AMOUNT_OPTIONS = {
@@ -91,6 +91,20 @@ def _describe(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _report(record: dict[str, Any]) -> Section:
+    """Which blocks and branches went, in the order the search removed them, with their scores."""
+    depth = record["result"]
+    compensated = {True: "; compensation on", False: "; not compensated"}.get(depth.get("compensated"), "")
+    text = (f"{depth['blocks_before']} -> {depth['blocks_after']} blocks, {depth['parameters_before']:,} -> "
+            f"{depth['parameters_after']:,} parameters; blocks removed {depth['removed_blocks']} (numbered as in "
+            f"the stage's input), branches skipped {depth['removed_sublayers']} (numbered as saved){compensated}. "
+            f"Score: {depth.get('metric', '?')}.")
+    rows = tuple((str(r["step"]), str(r["unit"]), f"{r['score']:.4g}", f"{r['parameters']:,}")
+                 for r in depth.get("removed", []))  # fmt: skip
+    return Section(f"Depth ({record['settings']['method']})", text,
+                   ("step", "removed", "score", "parameters"), rows)
+
+
 def _removed_problem(section: dict[str, Any]) -> str | None:
     removed = section.get("removed_sublayers", [])
     if not isinstance(removed, list) or not all(isinstance(u, list) and len(u) == 2 and isinstance(u[0], int)
@@ -124,6 +138,7 @@ KIND = register(StageKind(
     _resolve,
     summary=_summary,
     describe=_describe,
+    report=_report,
     refits_dense=lambda settings: bool(settings.get("compensate")),
     reshapes=lambda settings: True,
     structure=STRUCTURE,

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from secateur.export.gguf import MANIFEST_KEY, TYPES, ExportError, Shape, file_bytes, model_shape, write_gguf
 from secateur.export.vocab import LLAMA_CPP_PRE_TOKENIZERS
 from secateur.output import claim
+from secateur.schema import option
 
-__all__ = ["MANIFEST_KEY", "TYPES", "ExportError", "Shape", "export_gguf", "model_shape"]
+__all__ = ["MANIFEST_KEY", "TYPES", "ExportConfig", "ExportError", "Shape", "export_gguf", "model_shape"]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How `secateur export` writes the file; its flags are generated from these fields."""
+
+    type: str = option("f16", "weight type of 2-D tensors (norms and biases stay f32)", choices=lambda: tuple(TYPES))
+    tokenizer_pre: str | None = option(None, "llama.cpp's pre-tokenizer name, for a tokenizer secateur does not "
+                                             "recognise (default: copied from the source GGUF or recognised)")
 
 
 def export_gguf(model_path: str | Path, out: str | Path, kind: str = "f16", overwrite: bool = False,

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from secateur.config import NM, AllocationConfig, CalibConfig, PruneConfig, RefineConfig, Target, Unstructured
 from secateur.errors import ConfigError
-from secateur.recipe import Settings, StageContext, StageKind, register
+from secateur.recipe import Section, Settings, StageContext, StageKind, register
 from secateur.schema import Option, fill, flatten, options_of
 from secateur.sparsity.methods import REGISTRY
 from secateur.sparsity.prune import needs_calibration, sparsify
@@ -55,11 +55,33 @@ def _summary(record: dict[str, Any]) -> str:
             f"{record['seconds']:.1f} s")
 
 
+def _report(record: dict[str, Any]) -> Section:
+    """Sparsity per block (the heat map below has it per layer), and the block errors where measured."""
+    result = record["result"]
+    blocks: dict[str, list[tuple[float, int]]] = {}
+    for layer in result.get("layers", []):
+        block = next((p for p in layer["name"].split(".") if p.isdigit()), "?")
+        blocks.setdefault(block, []).append((layer["sparsity"], layer["shape"][0] * layer["shape"][1]))
+    errors = result.get("block_errors") or []
+    rows = tuple((block, f"{sum(s * n for s, n in found) / max(sum(n for _, n in found), 1):.4f}",
+                  f"{min(s for s, _ in found):.4f}", f"{max(s for s, _ in found):.4f}",
+                  f"{errors[i]:.4g}" if i < len(errors) and isinstance(errors[i], (int, float)) else "")
+                 for i, (block, found) in enumerate(blocks.items()))  # fmt: skip
+    collapsed = result.get("collapsed_blocks")
+    text = (f"{result['method']} {result['target']}: sparsity {result['sparsity']:.4f} of the target layers, "
+            + (f"{result['calibration_tokens']:,} calibration tokens, " if result.get("calibration_tokens") else "")
+            + f"in {record.get('seconds', 0):.1f} s"
+            + (f"; collapsed blocks {collapsed}" if collapsed else "") + ".")
+    return Section(f"Sparsity ({result['method']} {result['target']})", text,
+                   ("block", "sparsity", "least", "most", "block error"), rows, heatmap=True)
+
+
 KIND = register(StageKind(
     "sparsity", PruneConfig, lambda: tuple(REGISTRY), _options, _build, _settings, _run, needs_calibration,
     lambda config: CalibConfig(),
     summary=_summary,
     describe=lambda result: f"{result.get('method')} {result.get('target')}",
+    report=_report,
     leaves_zeros=lambda settings: True,
     leaves_nm=lambda settings: "pattern" in settings,
 ))  # fmt: skip

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from secateur.config import CalibConfig
 from secateur.errors import ConfigError
-from secateur.recipe import StageContext, StageKind, register
+from secateur.recipe import Section, StageContext, StageKind, register
 from secateur.schema import fill, flatten, options_of
 from secateur.io import content_hash
 from secateur.train import TrainConfig, train
@@ -47,6 +47,20 @@ def _summary(record: dict[str, Any]) -> str:
     return line
 
 
+def _report(record: dict[str, Any]) -> Section:
+    """What the recovery trained, and its validation curve."""
+    r = record["result"]
+    text = (f"{r['mode']} training, {r['precision']}: {r['tokens']:,} tokens in {r['steps']} steps, training loss "
+            f"{r['loss']['first']:.4f} -> {r['loss']['last']:.4f}, best validation perplexity "
+            f"{r['best']['perplexity']:.3f} at step {r['best']['step']}"
+            + (f"; masks kept ({r['masks']['kept_after']:,} of {r['masks']['size']:,} weights non-zero)"
+               if r["masks"]["layers"] else "") + ".")
+    points = tuple((float(v["tokens"]), float(v["perplexity"])) for v in r.get("validation", []))
+    rows = tuple((str(v["step"]), f"{v['tokens']:,}", f"{v['perplexity']:.3f}") for v in r.get("validation", []))
+    return Section(f"Recovery ({r['mode']}, {r['tokens']:,} tokens)", text, ("step", "tokens", "validation perplexity"),
+                   rows, curve=("training tokens", "validation perplexity", points) if len(points) > 1 else None)
+
+
 def _check_teacher(config: TrainConfig, teacher: Any, student: Any, reshaped: str | None) -> None:
     """Layer-wise distillation (--hidden-weight) needs the teacher's blocks and hidden size in the
     student it trains: the input's, and no stage before it in this run that reshapes them."""
@@ -81,6 +95,7 @@ KIND = register(StageKind(
     lambda config: True, _calibration, calib_fixed=("calib_samples", "calib_seq_len"),
     summary=_summary,
     describe=lambda result: f"recovery ({result.get('mode')}, {result.get('tokens', 0):,} tokens)",
+    report=_report,
     leaves_zeros=lambda settings: bool(settings.get("prune_to") or settings.get("prune_pattern")),
     leaves_nm=lambda settings: bool(settings.get("prune_pattern")),
     removes_columns=lambda settings: settings.get("prune_width") is not None,

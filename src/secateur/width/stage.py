@@ -10,7 +10,7 @@ from secateur.config import CalibConfig
 from secateur.errors import ConfigError
 from secateur.models import adapter_for
 from secateur.models.shapes import LayerWidth, widths_of
-from secateur.recipe import Settings, StageContext, StageKind, Structure, register
+from secateur.recipe import Section, Settings, StageContext, StageKind, Structure, register
 from secateur.schema import fill, flatten, options_of
 from secateur.width import WidthConfig, apply_widths, width_prune
 from secateur.width.remote import MODULE, prepare_module
@@ -46,6 +46,21 @@ def _summary(record: dict[str, Any]) -> str:
 
 
 WIDTH_KEYS = ("attention_heads", "key_value_heads", "channels")
+
+
+def _report(record: dict[str, Any]) -> Section:
+    """The heads and channels every block kept, against what it had."""
+    width, s = record["result"], record["settings"]
+    text = (f"removed {width['removed_fraction']:.1%} of the block parameters ({width['parameters_before']:,} -> "
+            f"{width['parameters_after']:,} parameters in the model), heads {width['heads']}, bias compensation "
+            f"{'on' if width['bias_compensation'] else 'off'}"
+            + (f", hidden size {width['hidden_before']} -> {width['hidden_after']}"
+               if width["hidden_after"] != width["hidden_before"] else "") + ".")
+    shown = lambda a, b: "-" if b is None else (str(b) if a == b else f"{a} -> {b}")  # noqa: E731
+    rows = tuple((str(i), *(shown(a[k], b[k]) for k in WIDTH_KEYS))
+                 for i, (a, b) in enumerate(zip(width["layers_before"], width["layers"])))  # fmt: skip
+    return Section(f"Width ({s['importance']}, {s['allocation']})", text,
+                   ("block", "query heads", "key/value heads", "MLP channels"), rows)
 
 
 def _record(model: nn.Module) -> dict[str, Any]:
@@ -101,6 +116,7 @@ KIND = register(StageKind(
     lambda config: config.needs_calibration, lambda config: CalibConfig(),
     summary=_summary,
     describe=lambda result: f"width {result.get('removed_fraction', 0):.1%} of block parameters",
+    report=_report,
     removes_columns=lambda settings: True,
     reshapes=lambda settings: bool(settings.get("hidden_fraction")),
     structure=STRUCTURE,

@@ -1,0 +1,130 @@
+"""`secateur eval`: perplexity, lm-eval tasks or samples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from secateur.commands.flags import generated_flags, nonfinite_argument
+from secateur.errors import SecateurError
+from secateur.io import load, read_manifest, resolve_device, split_model_path
+from secateur.output import claim
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    from secateur.evalconfig import EvalConfig
+
+    p = sub.add_parser("eval", help="perplexity over non-overlapping windows, lm-eval tasks (--tasks) or samples "
+                                    "(--generate)")
+    p.add_argument("model", help="HF model directory, .gguf file or secateur output")
+    generated_flags(p, EvalConfig)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    nonfinite_argument(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from secateur.evalconfig import EvalConfig
+    from secateur.schema import from_flags
+
+    split_model_path(Path(args.model))  # a missing or non-model path fails before anything else
+    config = from_flags(EvalConfig, vars(args))
+    run = {"tasks": _eval_tasks, "generate": _eval_generate, "perplexity": _eval_perplexity}[config.mode]
+    return run(args, config)
+
+
+def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
+    import dataclasses
+
+    from secateur.evaluate import evaluate_model
+    from secateur.io import load_config, model_positions
+
+    positions = model_positions(load_config(args.model))
+    if positions and config.seq_len > positions:
+        if args.seq_len is not None:
+            raise SecateurError(f"--seq-len {config.seq_len} is longer than the model's {positions} positions; lower it")
+        print(f"note: --seq-len {positions} (the default {config.seq_len} is longer than the model's {positions} "
+              "positions)", file=sys.stderr)
+        config = dataclasses.replace(config, seq_len=positions)
+    device = resolve_device(config.device)
+    model, tokenizer = load(args.model, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
+    result = evaluate_model(model, tokenizer, config.data, config.seq_len, config.windows, field=config.text_field,
+                            batch_size=config.batch_size, device=device)  # fmt: skip
+    result["model"] = args.model
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model}: perplexity {result['perplexity']:.3f} on {config.data} "
+              f"({result['windows']} windows x {result['seq_len']} tokens, {result['seconds']:.1f} s)")
+        print(f"protocol: {result['protocol']}")
+    return 0
+
+
+def _eval_generate(args: argparse.Namespace, config: Any) -> int:
+    from secateur.tasks.generate import PROMPTS, continuations
+
+    new_tokens = config.new_tokens
+    reference = config.reference
+    if reference is None and Path(args.model).is_dir():
+        origin = ((read_manifest(args.model) or {}).get("origin") or {}).get("path")
+        reference = origin if origin and Path(origin).exists() and Path(origin).resolve() != Path(args.model).resolve() else None
+    if reference is not None:
+        split_model_path(Path(reference))
+    device = resolve_device(config.device)
+    rows: dict[str, list[str]] = {}
+    for label, path in (("reference", reference), ("model", args.model)):
+        if path is not None:
+            model, tokenizer = load(path, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
+            rows[label] = continuations(model, tokenizer, PROMPTS, new_tokens, device)
+            del model
+    samples = [{"prompt": p, **{label: texts[i] for label, texts in rows.items()}} for i, p in enumerate(PROMPTS)]
+    if args.json:
+        print(json.dumps({"model": args.model, "reference": reference, "new_tokens": new_tokens, "samples": samples},
+                         indent=2))  # fmt: skip
+        return 0
+    names = {"reference": f"{reference}", "model": f"{args.model}"}
+    for sample in samples:
+        print(f"## {sample['prompt']}")
+        for label in rows:
+            print(f"  [{names[label]}] {sample[label]}")
+    print(f"greedy, {new_tokens} new tokens, chat template where the tokenizer has one")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace, config: Any) -> int:
+    import contextlib
+    import time
+
+    from secateur.tasks.harness import check_tasks, run_tasks
+
+    tasks = [t.strip() for t in config.tasks.split(",") if t.strip()]
+    include = [Path(d) for d in config.include_path]
+    for directory in include:
+        if not directory.is_dir():
+            raise SecateurError(f"--include-path {directory} is not a directory of task files")
+    results = (claim(config.results, inputs=[args.model, *include], overwrite=None, shape="file", flag="--results",
+                     suffix=".json") if config.results else contextlib.nullcontext())  # fmt: skip
+    with results as output:
+        check_tasks(tasks, include)
+        device = resolve_device(config.device)
+        model, tokenizer = load(args.model, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
+        clock = time.perf_counter()
+        result = run_tasks(model, tokenizer, tasks, limit=config.limit, num_fewshot=config.num_fewshot,
+                           batch_size=config.batch_size, device=str(device), include_path=include)  # fmt: skip
+        result.update(model=args.model, seconds=time.perf_counter() - clock)
+        if output is not None:
+            with output.write() as staging:
+                staging.write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for name, task in result["tasks"].items():
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in task["metrics"].items() if isinstance(v, float))
+        chance = f" (chance {task['chance']:.2f})" if "chance" in task else ""
+        print(f"{args.model}: {name} v{task['version']}: {metrics}{chance}, {task['samples']} documents, "
+              f"{task['num_fewshot']}-shot")
+    print(f"lm-eval {result['lm_eval_version']}, {result['seconds']:.1f} s")
+    return 0
