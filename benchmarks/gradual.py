@@ -70,13 +70,14 @@ def run_torch_ao(model, config, windows):
 
     from secateur.models import adapter_for
     from secateur.sparsity.prune import target_layers
-    from secateur.train.loop import batch_rows, precision_for, total_steps
+    from secateur.train.config import precision_for
+    from secateur.train.schedule import batch_rows, total_steps
     from secateur.train.loss import next_token_cross_entropy
     from secateur.train.schedule import lr_factor
 
     steps = total_steps(config, config.windows, 1)
     warmup = int(config.warmup * steps)
-    end = int(round(config.end_fraction * steps))
+    end = int(round(config.prune_end * steps))
     updates = end // config.prune_every
     sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1), zeros_per_block=1)
     sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name, _ in target_layers(model, adapter_for(model))])

@@ -220,7 +220,7 @@ def throughput(steps: int, top: int) -> list[dict]:
     from secateur.data.calibration import calibration_data
     from secateur.config import CalibConfig
     from secateur.train import TrainConfig, train
-    from secateur.train.loop import precision_for
+    from secateur.train.config import precision_for
     from secateur.train.loss import next_token_cross_entropy
 
     torch.manual_seed(0)

@@ -483,14 +483,14 @@ def interrupted(tmp_path_factory, model_dir):
     argv = ["train", root / "model", "--tokens", "128", "--train-seq-len", "16", "--val-windows", "1", "--micro-batch",
             "2", "--checkpoint-every", "1", "--calib", root / "corpus.txt", "--eval-windows", "2", "--eval-seq-len",
             "16", "--out", root / "out"]  # fmt: skip
-    real = loop._save_checkpoint
+    real = loop.save_checkpoint
 
     def dies_after(*args, **kwargs):
         real(*args, **kwargs)
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "_save_checkpoint", dies_after)
+        patch.setattr(loop, "save_checkpoint", dies_after)
         assert main([str(a) for a in argv]) == 130
     work = root / "out.checkpoints"
     assert (work / "stage-1" / "checkpoint").is_dir() and (work / "run.json").is_file()

@@ -18,7 +18,7 @@ from secateur.cli import main
 from secateur.models import adapter_for
 from secateur.sparsity.prune import target_layers
 from secateur.train import TrainConfig, TrainError, train
-from secateur.train.loop import _loss
+from secateur.train.objective import step_loss as _loss
 from secateur.train.loss import (kl_distillation, layerwise_distillation, next_token_cross_entropy, top_k,
                                  topk_distillation)
 from secateur.train.modes import merge_lora, select_trainable

@@ -183,7 +183,7 @@ def test_masks_of_a_sparse_model_hold_through_incremental_width():
     assert zeros == pytest.approx(0.5, abs=0.06)  # the kept rows and columns keep their zeros (no refill)
 
 
-@pytest.mark.parametrize("allocation", [None, "adapt-pruner"])
+@pytest.mark.parametrize("allocation", ["uniform", "adapt-pruner"])
 def test_incremental_width_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, allocation):
     """Killed after three width updates (checkpoint at step 6), resumed: the same shapes and weights,
     bit for bit, as an uninterrupted run (Adapt-Pruner's per-block shares are restored too)."""

@@ -13,3 +13,7 @@ class OutputError(SecateurError):
 
 class ConfigError(SecateurError):
     """A configuration value is out of range or inconsistent; the message says how to fix it."""
+
+
+class TrainError(SecateurError):
+    """Training cannot start as asked (too few windows, a checkpoint in the way, ...)."""

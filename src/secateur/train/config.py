@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import torch
+
 from secateur.config import NM
 from secateur.errors import ConfigError
 from secateur.schema import Requires, option, refuse_inapplicable
+from secateur.train.gradual import scores as gradual_scores
 from secateur.train.loss import Normalise
 from secateur.width.config import WidthConfig
 from secateur.width.scores import IMPORTANCE
@@ -58,14 +61,14 @@ class TrainConfig:
     hidden_weight: float = option(0.0, "weight of layer-wise distillation (SquareHead): the sum over decoder blocks "
                                         "of each block output's squared error to the teacher's, normalised by the "
                                         "teacher's mean square (0: off; needs the teacher's blocks and hidden size)")
-    hidden_norm: Normalise | None = option(
-        None, "layer-wise distillation: divide each squared error by the teacher's mean square over the block "
+    hidden_norm: Normalise = option(
+        "block", "layer-wise distillation: divide each squared error by the teacher's mean square over the block "
               "(SquareHead) or at each position (every position weighs the same; block)", requires=LAYERWISE)
     temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)", requires=DISTILS)
     top_k: int = option(0, "distil from the teacher's k largest logits, computed once and cached (0: full "
                            "logits, the teacher runs at every step)", requires=DISTILS)
-    lora_rank: int | None = option(None, "lora: adapter rank r (8)", requires=LORA)
-    lora_alpha: float | None = option(None, "lora: scale alpha, the update being alpha / r * B A (16)", requires=LORA)
+    lora_rank: int = option(8, "lora: adapter rank r", requires=LORA)
+    lora_alpha: float = option(16.0, "lora: scale alpha, the update being alpha / r * B A", requires=LORA)
     keep_masks: bool = option(True, "keep every exact zero of the block layers zero (sparse and N:M models stay so)")
     eval_every: int = option(0, "validate every N optimizer steps (0: about 8 times per run)")
     val_windows: int = option(8, "validation windows (drawn with the training windows, never trained on)")
@@ -74,26 +77,25 @@ class TrainConfig:
     prune_to: float | None = option(None, "gradual pruning during training (Zhu & Gupta): the final unstructured "
                                           "sparsity of the block layers, reached on a cubic schedule")
     prune_pattern: str | None = option(None, "gradual pruning to N:M, e.g. 2:4: N falls step by step at fixed M")
-    prune_score: Literal["magnitude", "wanda", "taylor"] | None = option(
-        None, "gradual pruning score: magnitude (default, the paper), wanda (running input norms), taylor |W g|",
-        requires=GRADUAL)
+    prune_score: str = option("magnitude", "gradual pruning score: a sparsity method that needs at most input norms "
+                                           "(magnitude, the paper's; wanda, ria: on running input norms) or taylor "
+                                           "|W g|", choices=gradual_scores, requires=GRADUAL)
     prune_width: float | None = option(None, "incremental width pruning during training (Adapt-Pruner): the share of "
                                              "the decoder blocks' parameters to remove as heads and MLP channels, a "
                                              "few percent at a time on the cubic schedule")
-    width_importance: str | None = option(None, "incremental width: unit score, as the width stage's --importance "
-                                                "(fluctuation)", choices=lambda: tuple(IMPORTANCE), requires=WIDTH)
-    width_allocation: Literal["uniform", "adaptive", "adapt-pruner"] | None = option(
-        None, "incremental width: uniform (every block the one-shot uniform widths of each step's share: stock "
+    width_importance: str = option("fluctuation", "incremental width: unit score, as the width stage's --importance",
+                                   choices=lambda: tuple(IMPORTANCE), requires=WIDTH)
+    width_allocation: Literal["uniform", "adaptive", "adapt-pruner"] = option(
+        "uniform", "incremental width: uniform (every block the one-shot uniform widths of each step's share: stock "
               "config), adaptive (units ranked across blocks: per-block widths) or adapt-pruner (per-block shares "
               "moved at each update by the blocks' input-output cosine similarity: per-block widths)", requires=WIDTH)
-    width_amplitude: float | None = option(None, "adapt-pruner allocation: A, how far one update moves a block's "
-                                                 "share from the mean by its importance (0.03)",
+    width_amplitude: float = option(ADAPT_AMPLITUDE, "adapt-pruner allocation: A, how far one update moves a "
+                                                     "block's share from the mean by its importance",
                                            requires=Requires(lambda c: c.width_allocation == "adapt-pruner",
                                                              "--width-allocation adapt-pruner"))
-    prune_start: float | None = option(None, "gradual pruning: first update, as a fraction of the steps (0)",
-                                       requires=SCHEDULED)
-    prune_end: float | None = option(None, "gradual pruning: last update (the final sparsity), as a fraction of the "
-                                           "steps (0.75)", requires=SCHEDULED)
+    prune_start: float = option(0.0, "gradual pruning: first update, as a fraction of the steps", requires=SCHEDULED)
+    prune_end: float = option(0.75, "gradual pruning: last update (the final sparsity), as a fraction of the steps",
+                              requires=SCHEDULED)
     prune_every: int | None = option(None, "gradual pruning: optimizer steps between updates (default: 10 updates)",
                                      requires=SCHEDULED)
     precision: Precision = option("auto", "compute precision: bfloat16 autocast or float32 (auto: bfloat16 where the "
@@ -114,7 +116,7 @@ class TrainConfig:
             (self.temperature > 0, "--temperature must be positive"),
             (self.hidden_weight >= 0, "--hidden-weight must be >= 0"),
             (self.top_k >= 0, "--top-k must be >= 0"),
-            (self.rank >= 1 and self.alpha > 0, "--lora-rank must be >= 1 and --lora-alpha positive"),
+            (self.lora_rank >= 1 and self.lora_alpha > 0, "--lora-rank must be >= 1 and --lora-alpha positive"),
             (min(self.eval_every, self.patience, self.checkpoint_every) >= 0,
              "--eval-every, --patience and --checkpoint-every must be >= 0"),
             (self.val_windows >= 1, "--val-windows must be at least 1"),
@@ -122,7 +124,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.width_amplitude is not None and not 0 <= self.width_amplitude < 1:
+        if not 0 <= self.width_amplitude < 1:
             raise ConfigError(f"--width-amplitude must be in [0, 1), got {self.width_amplitude}")
         if self.prune_width is not None:
             if self.gradual:
@@ -139,7 +141,7 @@ class TrainConfig:
         if self.scheduled and self.mode != "full":
             raise ConfigError(f"pruning during training changes the weights themselves: use --mode full, not "
                               f"{self.mode}")
-        if self.scheduled and not 0 <= self.start_fraction < self.end_fraction <= 1:
+        if self.scheduled and not 0 <= self.prune_start < self.prune_end <= 1:
             raise ConfigError("gradual pruning needs 0 <= --prune-start < --prune-end <= 1")
         if self.prune_every is not None and self.prune_every < 1:
             raise ConfigError("--prune-every must be at least 1")
@@ -162,35 +164,13 @@ class TrainConfig:
 
     def width_config(self) -> WidthConfig:
         """The width stage's settings every incremental update uses (the final share as its fraction)."""
-        allocation = {None: "uniform", "adapt-pruner": "adaptive"}.get(self.width_allocation, self.width_allocation)
-        return WidthConfig(self.prune_width, importance=self.width_importance or "fluctuation", allocation=allocation)
+        allocation = "adaptive" if self.width_allocation == "adapt-pruner" else self.width_allocation
+        return WidthConfig(self.prune_width, importance=self.width_importance, allocation=allocation)
 
     @property
     def adapt_amplitude(self) -> float | None:
         """Adapt-Pruner's allocation: its amplitude A (None: another allocation)."""
-        if self.width_allocation != "adapt-pruner":
-            return None
-        return ADAPT_AMPLITUDE if self.width_amplitude is None else self.width_amplitude
-
-    @property
-    def start_fraction(self) -> float:
-        return 0.0 if self.prune_start is None else self.prune_start
-
-    @property
-    def end_fraction(self) -> float:
-        return 0.75 if self.prune_end is None else self.prune_end
-
-    @property
-    def layerwise_norm(self) -> str:
-        return self.hidden_norm or "block"
-
-    @property
-    def rank(self) -> int:
-        return 8 if self.lora_rank is None else self.lora_rank
-
-    @property
-    def alpha(self) -> float:
-        return 16.0 if self.lora_alpha is None else self.lora_alpha
+        return self.width_amplitude if self.width_allocation == "adapt-pruner" else None
 
     @property
     def peak_lr(self) -> float:
@@ -206,3 +186,18 @@ class TrainConfig:
         return self.kd_weight > 0 or self.hidden_weight > 0
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())  # fmt: skip
+    return False
+
+
+def precision_for(config: TrainConfig, device: torch.device) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "bfloat16" if bf16_native(device) else "float32"

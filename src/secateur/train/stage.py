@@ -13,7 +13,7 @@ from secateur.recipe import Section, StageContext, StageKind, register
 from secateur.schema import fill, flatten, options_of
 from secateur.io import content_hash
 from secateur.train import TrainConfig, train
-from secateur.train.loop import check_layerwise
+from secateur.train.objective import check_layerwise
 from secateur.train.plot import plot_metrics
 
 

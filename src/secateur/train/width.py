@@ -45,10 +45,9 @@ from secateur.models import Adapter
 from secateur.train.gradual import GradualPlan
 from secateur.width import LayerWidth, WidthConfig, apply_widths, width_prune
 from secateur.models.shapes import widths_of
-from secateur.width.prune import (block_parameters, describe_widths, resolve_variant, shape_units, uniform_widths,
-                                  unit_count, with_unit_counts)
+from secateur.width.prune import block_parameters, describe_widths, resolve_variant, shape_units, uniform_widths
 from secateur.width.structure import Sliced, Take, enable_biases
-from secateur.width.units import Units
+from secateur.width.units import Units, unit_count, with_unit_counts
 
 log = logging.getLogger(__name__)
 
@@ -252,3 +251,27 @@ def slice_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module,
     optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
     optimizer.state.clear()
     optimizer.state.update(state)
+
+def prune_width_step(widener: IncrementalWidth, model: nn.Module, adapter: Any, step: int, windows: Tensor,
+                 config: Any, acc: Any, optimizer: Any, holder: Any) -> list[nn.Parameter]:  # fmt: skip
+    """One incremental width update: slice the model, then the optimizer's moments and the masks with
+    it. Returns the trainable parameters (for clipping)."""
+    names = {p: n for n, p in model.named_parameters()}
+    sliced: dict[nn.Parameter, tuple[nn.Parameter, Any]] = {}
+
+    def on_slice(old: nn.Parameter, new: nn.Parameter, take: Any) -> None:
+        sliced[old] = (new, take)
+
+    chosen = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed + 1 + step))
+    statistics = windows[chosen[:STATISTICS_WINDOWS]]
+    event = widener.update(model, adapter, step, statistics, acc.device, config.micro_batch, on_slice)
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    slice_optimizer(inner, model, sliced)
+    masks = dict(holder.masks)
+    for old, (_, take) in sliced.items():
+        name = names.get(old)
+        if name in masks:
+            masks[name] = take(masks[name])
+    holder.rebind(model, masks)
+    log.info("width: step %d, %.1f%% of the block parameters removed", step, 100 * event["removed"])
+    return [p for p in model.parameters() if p.requires_grad]

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from secateur.models import MLP, Attention, read_weight
+from secateur.models.shapes import LayerWidth
 from secateur.width.scores import Importance, standardize
-from secateur.width.structure import head_rows
+from secateur.width.structure import WidthError, head_rows
 
 LayerScore = Callable[[str, Literal["rows", "columns"]], Tensor]  # (block-relative layer name, side) -> scores
 
@@ -154,4 +155,56 @@ def adaptive_removals(units: list[Units], target: float, round_to: int = 1) -> d
         if u.kind == "mlp" and 1 < round_to < n:
             kept = max(round_to, _half_up((n - removals[(u.block, u.kind)]) / round_to) * round_to)
             removals[(u.block, u.kind)] = n - min(kept, n - n % round_to)
+    return removals
+
+
+# --- unit counts per block, against widths ---------------------------------------------------------
+
+
+def unit_count(width: LayerWidth, kind: str, heads: str | None) -> int | None:
+    """A block's units of one kind in `width`: MLP channels, or attention units (key/value groups with
+    `kv-groups` heads, else query heads per group)."""
+    if kind == "mlp":
+        return width.channels
+    if width.attention_heads is None:
+        return None
+    if heads == "kv-groups":
+        return width.key_value_heads
+    return width.attention_heads // width.key_value_heads
+
+
+def with_unit_count(width: LayerWidth, kind: str, count: int, heads: str | None) -> LayerWidth:
+    """`width` with `count` units of one kind (counted as `unit_count` counts them)."""
+    q, kv, channels = width.attention_heads, width.key_value_heads, width.channels
+    if kind == "mlp":
+        channels = count
+    elif heads == "kv-groups":
+        q, kv = count * (q // kv), count
+    else:  # queries: the same number in every group
+        q = count * kv
+    return LayerWidth(q, kv, channels)
+
+
+def with_unit_counts(widths: list[LayerWidth], counts: dict[tuple[int, str], int],
+                     heads: str | None) -> list[LayerWidth]:
+    """`widths` with the unit counts `counts` gives by (block, kind); the others as they are."""
+    result = []
+    for index, width in enumerate(widths):
+        for kind in ("attention", "mlp"):
+            if (index, kind) in counts:
+                width = with_unit_count(width, kind, counts[(index, kind)], heads)
+        result.append(width)
+    return result
+
+
+def removals_to(units: list[Units], before: list[LayerWidth], widths: list[LayerWidth]) -> dict[tuple[int, str], int]:
+    """Units each block loses to go from `before` to `widths` (attention units are key/value groups or,
+    with `queries` units, query heads per group); refuses a width above the current one."""
+    removals = {}
+    for u in units:
+        heads = "kv-groups" if u.head_scores is None else "queries"
+        have, want = unit_count(before[u.block], u.kind, heads), unit_count(widths[u.block], u.kind, heads)
+        if want is None or not 0 < want <= have:
+            raise WidthError(f"block {u.block}: cannot prune {u.kind} from {have} to {want} units")
+        removals[(u.block, u.kind)] = have - want
     return removals
