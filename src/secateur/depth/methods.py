@@ -99,12 +99,8 @@ REGISTRY: dict[str, DepthSpec] = {
 }
 
 
-def name_of(method: object) -> str:
-    return method.name
-
-
 def spec_of(config: DepthConfig) -> DepthSpec:
-    return REGISTRY[name_of(config.method)]
+    return REGISTRY[config.method.name]
 
 
 @torch.no_grad()

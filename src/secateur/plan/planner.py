@@ -348,44 +348,14 @@ def fit_positions(config: PlanConfig, base: Any, explicit: frozenset[str]) -> Pl
 
 def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: bool,
           engine: Engine | None, allow_nonfinite: bool) -> dict[str, Any]:  # fmt: skip
-    from secateur.data import load_text
     from secateur.plan.output import write_plan
 
     clock = time.perf_counter()
-    target = parse_target(config.target)
-    depth_counts(config.depth, 2)  # checks the grid before any work
-    widths = parse_grid(config.width, "width")
-    hiddens = parse_grid(config.hidden, "hidden")
-    splits = parse_splits(config.attention)
-    load_text(config.calib, "calibration", "text")
-    check_model(model_path)
-    base = load_config(model_path)
-    adapter = adapter_for(base)
-    if adapter.width is None:
-        raise ConfigError(f"secateur plan prunes width; {base.model_type} has no width description")
-    if adapter.width.mlp.size_key != "intermediate_size":  # the shapes the cost model describes
-        raise ConfigError(f"secateur plan describes decoders whose config gives intermediate_size (Llama, Qwen, Gemma, "
-                          f"Phi-3, GPT-NeoX, ...), not {base.model_type}: prune it with secateur prune")
-    if adapter.width.attention is None and splits != (None,):  # the width is all MLP channels there
-        raise ConfigError(f"--attention {config.attention}: {base.model_type}'s heads are not pruned (its head size "
-                          f"is hidden_size / heads), so there is no split to search: drop --attention")
+    target, base, grid = _inputs(model_path, config)
     if engine is None:
         engine = _engine(config, target, model_path)
-    blocks = base.num_hidden_layers
-    round_to = round_to_of(config)
-    grid = candidates(depth_counts(config.depth, blocks), widths, hiddens, round_to, splits, config.reconstruct)
-    shapes = block_shapes(base, sorted({c.stage for c in grid}))
-    refused = {s.key.removeprefix("d0-"): why for s, why in shapes.items() if isinstance(why, str)}
-    grid = [c for c in grid if not isinstance(shapes[c.stage], str)]
-    configs = {c: with_layers(shapes[c.stage], blocks - c.blocks) for c in grid}
-    configs, same = _distinct(configs)
-    grid = list(configs)
+    grid, rows, configs, refused, same = _grid(base, grid, config)
     dense_params, dense_one_d = parameter_count(base)
-    rows = {}
-    counts = {stage: stage_counts(shapes[stage]) for stage in {c.stage for c in grid}}
-    for c in grid:
-        params, one_d = counts[c.stage](blocks - c.blocks)
-        rows[c.key] = Row(c, shape_of(configs[c]), params, _file_bytes(params, one_d, config))
     dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, config)}
     if not target.speed:
         _feasible(rows, target, None, 0.0, {}, dense_value)
@@ -403,27 +373,10 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
     deadline = clock + config.budget_minutes * 60 if config.budget_minutes else None
     search = Search(rows, proxy, _score_cache(model_path, config), config.keep, config.proxy_windows, deadline,
                     progress)  # fmt: skip
-    by_key = {c.key: c for c in grid}
     try:
         with block_bars(progress):
-            while True:
-                search.rows = rows if config.exhaustive else boundary(rows)
-                rungs = search.run()
-                chosen = _choose(search.rows)
-                if chosen is None:
-                    raise ConfigError("the budget ran out before a candidate meeting the target was scored; raise "
-                                      "--budget-minutes (a rerun reuses what was scored)")
-                if not target.speed or chosen.measured:
-                    break
-                predicted = chosen.speedup
-                measured = book.check(configs[by_key[chosen.candidate.key]], target.value * (1 + margin))
-                costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
-                                        "measured": [v if math.isfinite(v) else None for v in measured]})  # fmt: skip
-                # what the checks say the corrected predictions of the other shapes are worth
-                loo = book.held_out_error(target.speed_index)
-                if config.tolerance is None and loo is not None:
-                    tolerance = {h: min(t, loo) for h, t in costs["tolerance"].items()}
-                _feasible(rows, target, book, margin, tolerance, dense_value)
+            chosen, rungs, tolerance = _search(search, rows, configs, book, costs, config, target, tolerance,
+                                               dense_value)  # fmt: skip
     finally:
         if book is not None:
             book.close()
@@ -436,6 +389,77 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
                          **proxy.seconds}  # fmt: skip
     write_plan(output, record)
     return record
+
+
+def _inputs(model_path: str | Path, config: PlanConfig) -> tuple[Target, Any, list[Candidate]]:
+    """The target, the model's config and the candidate grid, every input checked before any work."""
+    from secateur.data import load_text
+
+    target = parse_target(config.target)
+    depth_counts(config.depth, 2)  # checks the grid before any work
+    widths = parse_grid(config.width, "width")
+    hiddens = parse_grid(config.hidden, "hidden")
+    splits = parse_splits(config.attention)
+    load_text(config.calib, "calibration", "text")
+    check_model(model_path)
+    base = load_config(model_path)
+    adapter = adapter_for(base)
+    if adapter.width is None:
+        raise ConfigError(f"secateur plan prunes width; {base.model_type} has no width description")
+    if adapter.width.mlp.size_key != "intermediate_size":  # the shapes the cost model describes
+        raise ConfigError(f"secateur plan describes decoders whose config gives intermediate_size (Llama, Qwen, Gemma, "
+                          f"Phi-3, GPT-NeoX, ...), not {base.model_type}: prune it with secateur prune")
+    if adapter.width.attention is None and splits != (None,):  # the width is all MLP channels there
+        raise ConfigError(f"--attention {config.attention}: {base.model_type}'s heads are not pruned (its head size "
+                          f"is hidden_size / heads), so there is no split to search: drop --attention")
+    grid = candidates(depth_counts(config.depth, base.num_hidden_layers), widths, hiddens, round_to_of(config), splits,
+                      config.reconstruct)  # fmt: skip
+    return target, base, grid
+
+
+def _grid(base: Any, grid: list[Candidate], config: PlanConfig) -> tuple:
+    """The candidates whose shapes exist, one per distinct shape: (grid, rows by key, configs, refused
+    shapes with the reason, candidates that share a shape)."""
+    blocks = base.num_hidden_layers
+    shapes = block_shapes(base, sorted({c.stage for c in grid}))
+    refused = {s.key.removeprefix("d0-"): why for s, why in shapes.items() if isinstance(why, str)}
+    grid = [c for c in grid if not isinstance(shapes[c.stage], str)]
+    configs = {c: with_layers(shapes[c.stage], blocks - c.blocks) for c in grid}
+    configs, same = _distinct(configs)
+    grid = list(configs)
+    rows = {}
+    counts = {stage: stage_counts(shapes[stage]) for stage in {c.stage for c in grid}}
+    for c in grid:
+        params, one_d = counts[c.stage](blocks - c.blocks)
+        rows[c.key] = Row(c, shape_of(configs[c]), params, _file_bytes(params, one_d, config))
+    return grid, rows, configs, refused, same
+
+
+def _search(search: Search, rows: dict[str, Row], configs: dict[Candidate, Any], book: CostBook | None,
+            costs: dict[str, Any], config: PlanConfig, target: Target, tolerance: Any,
+            dense_value: dict[str, float]) -> tuple[Row, list, Any]:  # fmt: skip
+    """Successive halving over the boundary rows; for a speed target, the chosen shape is timed and
+    the search goes on until the choice is a measured one. Returns (chosen, rungs, tolerance)."""
+    margin = costs["margin"]
+    by_key = {c.key: c for c in configs}
+    while True:
+        search.rows = rows if config.exhaustive else boundary(rows)
+        rungs = search.run()
+        chosen = _choose(search.rows)
+        if chosen is None:
+            raise ConfigError("the budget ran out before a candidate meeting the target was scored; raise "
+                              "--budget-minutes (a rerun reuses what was scored)")
+        if not target.speed or chosen.measured:
+            return chosen, rungs, tolerance
+        predicted = chosen.speedup
+        measured = book.check(configs[by_key[chosen.candidate.key]], target.value * (1 + margin))
+        costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
+                                "measured": [v if math.isfinite(v) else None for v in measured]})  # fmt: skip
+        # what the checks say the corrected predictions of the other shapes are worth
+        loo = book.held_out_error(target.speed_index)
+        if config.tolerance is None and loo is not None:
+            tolerance = {h: min(t, loo) for h, t in costs["tolerance"].items()}
+        _feasible(rows, target, book, margin, tolerance, dense_value)
 
 
 def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict[Candidate, Any],

@@ -87,10 +87,6 @@ def spec_for(method_config: Any) -> MethodSpec:
     raise ConfigError(f"no registered method takes a {type(method_config).__name__}")
 
 
-def name_of(method_config: Any) -> str:
-    return method_config.name
-
-
 # --- score-based methods: a score per weight, then a mask -----------------------------------------
 
 MASKERS: dict[str, Callable[[Tensor, float], Tensor]] = {"per_row": per_row_mask, "per_layer": per_layer_mask}

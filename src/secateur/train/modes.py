@@ -15,6 +15,7 @@ third of the step's matmul work); the optimizer state is only that of A and B.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +23,9 @@ from torch.nn.utils import parametrize
 
 from secateur.models import Adapter
 from secateur.sparsity.prune import target_layers
+from secateur.train.config import Mode
 
-MODES = ("full", "lora", "perp", "perp-lora")
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 class LowRankDelta(nn.Module):
