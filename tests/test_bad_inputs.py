@@ -226,7 +226,7 @@ PRUNE = [
     ("eval-past-positions", lambda w: prune(w, "--method", "magnitude", "--eval", w / "corpus.txt", "--eval-seq-len",
                                             "512"), "--eval-seq-len 512 is longer"),
     ("finercut-too-many", lambda w: prune(w, "--method", "finercut", "--remove-sublayers", "10", "--calib",
-                                          w / "corpus.txt", *SMALL), "can remove at most 3"),
+                                          w / "corpus.txt", *SMALL), "can remove at most 2 of the branches"),
     ("finercut-fraction-too-big", lambda w: prune(w, "--method", "finercut", "--remove-fraction", "0.99", "--calib",
                                                   w / "corpus.txt", *SMALL), "lower it"),
     ("blocks-all", lambda w: prune(w, "--method", "angular", "--remove-blocks", "2", "--calib", w / "corpus.txt",

@@ -130,7 +130,8 @@ def _loss_without(model, ids, drop_blocks=(), drop_sublayers=()):
 def test_greedy_loss_equals_brute_force(family):
     model = deep_model(family, layers=4)
     ids = calibration_ids(4, 24)
-    selection = depth_prune(copy.deepcopy(model), DepthConfig(GreedyLossConfig(), Amount(count=2)), ids, batch_size=2)
+    config = DepthConfig(GreedyLossConfig(), Amount(count=2), remove_last=True)  # every block a candidate
+    selection = depth_prune(copy.deepcopy(model), config, ids, batch_size=2)
     first, second = selection.steps
 
     def loss(blocks):
@@ -449,28 +450,115 @@ def test_compensation_of_a_run_at_block_zero_is_recorded_as_impossible():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_compensation_refuses_a_normalised_mlp_output():
+def test_compensation_of_a_normalised_mlp_output_fits_the_norm_scale():
+    """Gemma 3 normalises the MLP output before the residual add: the fit goes into that norm's scale,
+    equal to a per-channel ridge on hooks of the stock forward, and lowers the error of the state
+    passed on; an adapter that forgot the norm is caught by running the block."""
     from secateur.depth.compensate import compensate
 
     model = deep_model("gemma3_text", layers=4)
     adapter = adapter_for(model)
-    with pytest.raises(DepthError, match="passes through post_feedforward_layernorm"):
-        compensate(model, adapter, [2], calibration_ids(2, 8), 2, torch.device("cpu"))
-    # an adapter that forgot the norm is caught by running the block: zeroing the output must take it off
+    ids = calibration_ids(4, 8)
+    blocks = adapter.block_list(model)
+    norm = blocks[1].post_feedforward_layernorm
+    seen, states = {}, {}
+    handles = [norm.register_forward_hook(lambda m, a, o: seen.update(x=a[0], n=o)),
+               blocks[1].register_forward_hook(lambda m, a, o: states.update(out1=o[0] if isinstance(o, tuple) else o)),
+               blocks[3].register_forward_pre_hook(lambda m, a, k: states.update(l=(a[0] if a else k["hidden_states"])),
+                                                   with_kwargs=True)]  # fmt: skip
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    x = seen["x"].float()
+    u = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)).reshape(-1, x.shape[-1])
+    r = (states["l"] - (states["out1"] - seen["n"])).float().reshape(u.shape)  # L - Y
+    prior = norm.weight.detach().float() + 1.0
+    lam = 0.1 * float((u * u).sum(0).mean())
+    expected = ((u * r).sum(0) + lam * prior) / ((u * u).sum(0) + lam) - 1.0
+    before = copy.deepcopy(model.state_dict())
+    records = compensate(model, adapter, [2], ids, 2, torch.device("cpu"))
+    assert records[0]["fitted"] == "model.layers.1.post_feedforward_layernorm" and records[0]["fit"] == "post-norm scale"
+    assert records[0]["error_after"] < records[0]["error_before"]
+    torch.testing.assert_close(norm.weight.detach(), expected, rtol=1e-4, atol=1e-5)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed == ["model.layers.1.post_feedforward_layernorm.weight"]
     forgetful = dataclasses.replace(adapter, width=dataclasses.replace(
         adapter.width, mlp=dataclasses.replace(adapter.width.mlp, post_norm=None)))
     with pytest.raises(DepthError, match="not added straight to the residual stream"):
         compensate(model, forgetful, [2], calibration_ids(2, 8), 2, torch.device("cpu"))
 
 
+def test_post_norm_scale_fit_by_hand():
+    """s' = (sum u r + lam s) / (sum u^2 + lam), lam = damp * mean sum u^2: exact where r = u * s_true."""
+    from secateur.depth.compensate import scale_fit
+
+    u = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    r = u * torch.tensor([0.5, 2.0])
+    sums = ((u * u).sum(0), (u * r).sum(0), (r * r).sum(0))  # uu = [10, 5], ur = [5, 10], rr = [2.5, 20]
+    scale, before, after = scale_fit(*sums, torch.ones(2), damp=0.0)
+    torch.testing.assert_close(scale, torch.tensor([0.5, 2.0]))
+    assert before == pytest.approx((0.5 * 1) ** 2 + (0.5 * 3) ** 2 + (1 * 2) ** 2 + (1 * 1) ** 2)  # sum (u - r)^2
+    assert after == pytest.approx(0.0, abs=1e-5)
+    scale, _, _ = scale_fit(*sums, torch.ones(2), damp=0.5)  # lam = 0.5 * 7.5 = 3.75
+    torch.testing.assert_close(scale, torch.tensor([8.75 / 13.75, 13.75 / 8.75]))
+
+
+def silence_any(block, adapter) -> None:
+    """Zero the block's attention and MLP output projections: it adds nothing to the residual stream."""
+    with torch.no_grad():
+        for name in (adapter.width.attention.o, adapter.width.mlp.consumer):
+            block.get_submodule(name).weight.zero_()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3"])
+@pytest.mark.parametrize("method", [BlockInfluenceConfig(), secateur.AngularConfig(), FinerCutConfig(),
+                                    GreedyLossConfig()], ids=lambda m: m.name)
+def test_default_depth_selection_never_removes_the_final_block(family, method):
+    """The final block adds nothing, so every score ranks it (or its branches) first; by default the
+    search leaves it, with --remove-last it may take it."""
+    from secateur.depth import select_removals
+
+    model = deep_model(family, layers=4)
+    adapter = adapter_for(model)
+    silence_any(adapter.block_list(model)[3], adapter)
+    ids = calibration_ids(4, 16)
+    kept = select_removals(model, DepthConfig(method, Amount(count=1)), ids)
+    assert 3 not in kept.blocks and all(u[0] != 3 for u in kept.sublayers) and kept.kept == [3]
+    allowed = select_removals(model, DepthConfig(method, Amount(count=1), remove_last=True), ids)
+    assert allowed.kept == []
+    if not isinstance(method, GreedyLossConfig):  # a random block may lower the loss more than a silent one
+        assert allowed.blocks == [3] or allowed.sublayers[0][0] == 3
+
+
+def test_keep_full_attention_protects_the_global_blocks():
+    from secateur.depth import select_removals
+
+    model = deep_model("gemma3_text", layers=6)  # sliding, full, sliding, full, ...
+    adapter = adapter_for(model)
+    for index in (1, 3):
+        silence_any(adapter.block_list(model)[index], adapter)
+    config = DepthConfig(BlockInfluenceConfig(), Amount(count=2), keep_full_attention=True)
+    selection = select_removals(model, config, calibration_ids(4, 16))
+    assert set(selection.blocks) <= {0, 2, 4} and selection.kept == [1, 3, 5]
+    assert select_removals(model, dataclasses.replace(config, keep_full_attention=False),
+                           calibration_ids(4, 16)).blocks == [1, 3]  # fmt: skip
+    with pytest.raises(ConfigError, match="does not"):
+        select_removals(deep_model("llama", layers=4), config, calibration_ids(2, 8))
+    with pytest.raises(ConfigError, match="cannot remove 4 of 6 blocks with blocks"):
+        select_removals(model, dataclasses.replace(config, amount=Amount(count=4)), calibration_ids(2, 8))
+
+
 def test_default_compensation_follows_family_and_history():
-    """Left to its default, compensation is on where it can fold in, off with the reason on Gemma 3
-    and after a sparsity stage (whose zeros a dense re-fit would fill); asked for there, it is refused."""
+    """Left to its default, compensation is on where it can fold in (the MLP output projection, or the
+    norm after it on Gemma 3), off with the reason after a sparsity stage (whose zeros a dense re-fit
+    would fill); asked for there, it is refused."""
     angular = DepthConfig(secateur.AngularConfig(), Amount(count=1))
     llama, gemma = deep_model("llama", layers=4), deep_model("gemma3_text", layers=4)
     assert secateur.prune(llama, angular, calibration_ids(2, 8)).stages[0]["result"]["compensated"] is True
     result = secateur.prune(gemma, angular, calibration_ids(2, 8)).stages[0]["result"]
-    assert result["compensated"] is False and "post_feedforward_layernorm" in result["variant"]
+    assert result["compensated"] is True and result["variant"] is None
+    assert all(r["fitted"] is None or r["fitted"].endswith("post_feedforward_layernorm") for r in result["compensation"])
     sparse = secateur.PruneConfig(secateur.MagnitudeConfig(), secateur.Unstructured(0.5))
     report = secateur.prune(deep_model("llama", layers=4), [sparse, angular], calibration_ids(2, 8))
     assert report.stages[1]["settings"]["compensate"] is False

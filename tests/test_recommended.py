@@ -27,10 +27,8 @@ def test_recommended_recipe_runs_on_every_family(family, recipe, tmp_path):
     result = report.stages[0]["result"]
     if recipe == "width":  # the family's variant, and why, where it differs from the default
         assert (result["variant"] is None) == (result["bias_compensation"] and result["heads"] == "kv-groups")
-    if recipe == "depth":  # compensated except where the MLP output is normalised before the residual add
-        assert result["compensated"] == (family != "gemma3_text")
-        assert report.stages[0]["settings"]["compensate"] == result["compensated"]
-        assert ("post_feedforward_layernorm" in result["variant"]) if family == "gemma3_text" else result["variant"] is None
+    if recipe == "depth":  # compensated on every family: the MLP output projection, or the norm after it
+        assert result["compensated"] and report.stages[0]["settings"]["compensate"] and result["variant"] is None
     manifest = build_manifest("unused", model, [plan_stage(stage)], report.stages, RunOptions(), "cpu", {"source": {}})
     secateur.save(model, tiny_tokenizer(), tmp_path / "out", manifest)
     reloaded, _ = secateur.load(tmp_path / "out")

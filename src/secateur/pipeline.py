@@ -163,8 +163,8 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
 
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
                  history: list[dict[str, Any]] = (), source: str | Path | None = None, *,
-                 teacher: nn.Module | None = None, workdir: Path | None = None,
-                 resume: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:  # fmt: skip
+                 teacher: nn.Module | None = None, workdir: Path | None = None, resume: bool = False,
+                 options: RunOptions = RunOptions()) -> tuple[list[dict[str, Any]], dict[str, float]]:  # fmt: skip
     """Cut each stage's calibration windows (once per distinct setting, before any stage runs), then run
     the stages in order with `secateur.prune`; returns the stage records for the manifest and the
     timings. Recovery stages distil from `teacher` (default: a copy of the model before the first stage)."""
@@ -176,13 +176,26 @@ def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], d
         if key is not None and key not in windows:  # change the windows
             windows[key] = calibration_data(model, tokenizer, stage.calib)
         data.append(windows.get(key))
+    check = _check_windows(model, tokenizer, stages, options)
     cutting = time.perf_counter() - clock
     report = prune(model, [s.config for s in stages], data, device=device, history=applied(history), teacher=teacher,
-                   workdir=workdir, resume=resume, batch_size=[s.calib.batch_size if s.calib else 4 for s in stages])
+                   workdir=workdir, resume=resume, batch_size=[s.calib.batch_size if s.calib else 4 for s in stages],
+                   check=check, check_ratio=options.check_ratio)  # fmt: skip
     for stage, windows_of_stage, record in zip(stages, data, report.stages):
         record["calibration"] = {**flatten(stage.calib), "tokens": windows_of_stage.numel()} if stage.calib else None
         record["input"] = {"path": str(Path(source).resolve())} if source is not None else None
     return report.stages, {"calibration_data": cutting, "prune": sum(r["seconds"] for r in report.stages)}
+
+
+def _check_windows(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], options: RunOptions) -> Tensor | None:
+    """The loud check's windows: the first `check_windows` windows of the first calibration text (or the
+    evaluation text), inside the hold-out that no stage calibrates or trains on; None when off."""
+    calibrated = [s.calib for s in stages if s.calib is not None]
+    source, field = ((calibrated[0].source, calibrated[0].text_field) if calibrated else (options.eval_source, "text"))
+    if not options.check_windows or source is None:
+        return None
+    windows = min(options.check_windows, options.eval_windows)  # inside the hold-out of eval_windows windows
+    return evaluation_data(model, tokenizer, source, options.eval_seq_len, windows, field)
 
 
 def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Path,
@@ -233,7 +246,7 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
                   if options.eval_source else None)  # windows cut before pruning: a short text fails early
     work = checkpoints_for(output.path) if _trains(stages) else None
     records, stage_timings = apply_stages(model, tokenizer, stages, compute, history, model_path, teacher=teacher,
-                                          workdir=work, resume=options.resume)  # fmt: skip
+                                          workdir=work, resume=options.resume, options=options)  # fmt: skip
     check_finite(model, "the pruned model", allow=options.allow_nonfinite,
                  advice="nothing was saved: a stage diverged (for recovery, lower --lr), or pass --allow-nonfinite "
                         "to save it anyway")  # fmt: skip

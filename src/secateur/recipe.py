@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from secateur.errors import ConfigError
 from secateur.schema import Option, check_finite_options, flag
 
 Settings = dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -240,7 +243,8 @@ def as_stages(recipe: Any) -> list[Any]:
 def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor | None] | None = None, *,
           device: str | torch.device | None = None, batch_size: int | Sequence[int] = 4,
           history: Sequence[tuple[str, Settings]] = (), teacher: nn.Module | None = None,
-          workdir: str | Path | None = None, resume: bool = False, progress: bool = True) -> RecipeReport:  # fmt: skip
+          workdir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          check: Tensor | None = None, check_ratio: float = 3.0) -> RecipeReport:  # fmt: skip
     """Run the stages of `recipe` (one stage config or a sequence) on `model` in place, in order.
 
     `calibration` is one (samples, seq_len) tensor of token ids for every stage, or one per stage
@@ -249,7 +253,9 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     stages already applied to the model (a secateur output's manifest), so the order check sees
     them too. Recovery distils from `teacher`, by
     default a copy of `model` as it is given (the model before the first stage); its checkpoints go
-    to `workdir`/stage-N, from which `resume` goes on.
+    to `workdir`/stage-N, from which `resume` goes on. With `check` (held-out windows no stage
+    reads), every stage's record gets the perplexity there against the input's, and a stage that
+    leaves it above `check_ratio` times the input's is warned about (`Check`).
     """
     stages = as_stages(recipe)
     for stage in stages:
@@ -266,6 +272,7 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     report = RecipeReport()
     start = time.perf_counter()
     earlier = list(history)
+    checker = Check(check, check_ratio, device, model) if check is not None else None
     for config, data, batch in zip(stages, per_stage, batches):
         kind = kind_of(config)
         clock = time.perf_counter()
@@ -278,9 +285,44 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
             result["variant"] = why
         report.stages.append({"kind": kind.name, "settings": stage_settings(config), "result": result,
                               "seconds": time.perf_counter() - clock})  # fmt: skip
+        if checker is not None:
+            report.stages[-1]["check"] = checker.after(model, len(earlier) + 1, config.method_name)
         earlier.append((kind.name, report.stages[-1]["settings"]))
     report.seconds = time.perf_counter() - start
     return report
+
+
+class Check:
+    """The loud check after every stage: perplexity on held-out windows against the input's. A stage
+    whose output is above `ratio` times the input's is warned about with the usual remedies, and its
+    record says so; the console line is in the stage's record (`check`)."""
+
+    def __init__(self, windows: Tensor, ratio: float, device: torch.device, model: nn.Module) -> None:
+        self.windows, self.ratio, self.device = windows, ratio, device
+        self.input = self._perplexity(model)
+        self.previous = self.input
+
+    def _perplexity(self, model: nn.Module) -> float:
+        from secateur.evaluate import perplexity
+
+        home = next(model.parameters()).device
+        model.to(self.device)
+        try:
+            return perplexity(model, self.windows, batch_size=1, device=self.device)["perplexity"]
+        finally:
+            model.to(home)
+
+    def after(self, model: nn.Module, number: int, method: str) -> dict[str, Any]:
+        value = self._perplexity(model)
+        record = {"windows": len(self.windows), "seq_len": self.windows.shape[1], "input": self.input,
+                  "stage_input": self.previous, "output": value, "ratio": value / self.input,
+                  "threshold": self.ratio, "flagged": value > self.ratio * self.input}  # fmt: skip
+        self.previous = value
+        if record["flagged"]:
+            log.warning("stage %d (%s) left the held-out perplexity at %.2f, %.1fx the input's %.2f (above %gx): the "
+                        "output is likely broken. Remedies: remove less, try another method, or add a recovery "
+                        "stage after it", number, method, value, record["ratio"], self.input, self.ratio)
+        return record
 
 
 def load_builtin_kinds() -> None:

@@ -32,6 +32,11 @@ class RunOptions:
                                           "the offline knowledge probe); results in the manifest's evaluation")
     teacher: str | None = option(None, "recovery: the model to distil from (default: the model before any secateur "
                                        "run, as the input's manifest names it, or the input itself)")
+    check_windows: int = option(4, "after every stage, the perplexity on this many held-out windows (of "
+                                   "--eval-seq-len tokens from the start of the first calibration text, which no "
+                                   "stage calibrates or trains on) against the input's; 0: off")
+    check_ratio: float = option(3.0, "warn, and record it, when a stage leaves that held-out perplexity above this "
+                                     "multiple of the input's")
     overwrite: bool = False  # replace an existing output (a command-line choice, never part of a recipe)
     allow_nonfinite: bool = False  # accept NaN / Inf weights in the input (command line only)
     explicit: frozenset[str] = frozenset()  # the keys the user gave (defaults that do not fit may adapt)

@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     records = manifest["history"][-len(stages):]
     for record in records:
         print(summary(record))
+        if record.get("check"):
+            print(check_line(record["check"]))
     structure = manifest["structure"]
     print(f"-> {args.out}: {structure['blocks']} blocks, {structure['parameters']:,} parameters, sparsity "
           f"{structure['target_sparsity']:.4f} of the block layers, in {manifest['timings']['prune']:.1f} s")
@@ -90,3 +92,13 @@ def print_structure(section: dict[str, Any]) -> None:
     for structure in structures():
         if section and (line := structure.show(section)):
             print(line)
+
+
+def check_line(check: dict[str, Any]) -> str:
+    """The loud check's console line: the held-out perplexity after the stage against the input's."""
+    line = (f"held-out check: perplexity {check['input']:.2f} -> {check['output']:.2f} ({check['ratio']:.2f}x the "
+            f"input's, {check['windows']} windows of {check['seq_len']} tokens)")
+    if check["flagged"]:
+        line += (f"\nWARNING: above {check['threshold']:g}x the input's perplexity: the output is likely broken. "
+                 "Remedies: remove less, try another method, or add a recovery stage after it")
+    return line

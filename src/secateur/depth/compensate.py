@@ -13,6 +13,15 @@ a ridge towards the original weights, so that λ → ∞ is plain removal. The f
 layer of the same shape: no parameter is added and the result stays a stock model. The projection's
 bias, when it has one, is fitted with it (a column of ones in a).
 
+Post-norm families (Gemma 2 / 3) normalise the MLP output before the residual add: the block adds
+n(M) = u ⊙ s, with u = M / rms(M) and s the norm's scale (offset + weight; Gemma's offset is 1). A
+linear map cannot fold into W there (the norm divides it out), but the scale can be re-fitted,
+channel by channel, in closed form:
+
+    s'_j = (Σ_t u_tj r_tj + λ s_j) / (Σ_t u_tj² + λ),   r = L − Y,   λ = damp · mean_j Σ_t u_tj²
+
+the same ridge towards the original scale; it folds into the norm's own weight (w' = s' − offset).
+
 Runs are compensated in order, each on the already-compensated model before it, in one streamed
 pass: the blocks of a run still compute during the pass, to give their target L.
 """
@@ -57,7 +66,8 @@ class _Pending:
 
 
 def _mlp_output(block: nn.Module, consumer: str, hidden: Tensor, extra: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """(consumer's input a, consumer's output M, block output) of one batch."""
+    """(consumer's input a, consumer's output M, block output) of one batch (the consumer: the layer the
+    fit folds into)."""
     seen: dict[str, Tensor] = {}
     module = block.get_submodule(consumer)
 
@@ -93,10 +103,31 @@ def unavailable(adapter: Adapter) -> str | None:
     if adapter.width is None:
         return f"{adapter.family}: no MLP output projection is known"
     mlp = adapter.width.mlp
-    if mlp.post_norm is not None:
+    if mlp.post_norm is not None and adapter.width.hidden is None:
         return (f"{adapter.family}: the MLP output ({mlp.consumer}) passes through {mlp.post_norm} before it is added "
-                "to the residual stream, so a linear fit cannot fold into it")
+                "to the residual stream, and the norm's weight convention is not known to fit its scale")
     return None
+
+
+def fitted_layer(adapter: Adapter) -> str:
+    """What the fit folds into: the MLP's post-norm scale where the family has one, else its output
+    projection."""
+    return adapter.width.mlp.post_norm or adapter.width.mlp.consumer
+
+
+def scale_fit(uu: Tensor, ur: Tensor, rr: Tensor, prior: Tensor, damp: float) -> tuple[Tensor, float, float]:
+    """The per-channel scale s' = (Σ u·r + λ s) / (Σ u² + λ), λ = damp · mean Σ u², from the sums over
+    tokens of u², u·r and r² per channel; returns (s', the squared error at `prior`, at s')."""
+    lam = damp * float(uu.mean())
+    scale = (ur + lam * prior) / (uu + lam).clamp_min(1e-30)
+    error = lambda s: float((uu * s * s - 2 * s * ur + rr).sum())  # noqa: E731  Σ_t (u s − r)²
+    return scale, error(prior), error(scale)
+
+
+def _rms_unit(x: Tensor, eps: float) -> Tensor:
+    """x / rms(x) over the last dimension, in float32 (what an RMSNorm scales)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 @torch.no_grad()
@@ -114,7 +145,7 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
     why = unavailable(adapter)
     if why is not None:
         raise DepthError(f"{why}; drop --compensate")
-    consumer = adapter.width.mlp.consumer
+    consumer = fitted_layer(adapter)
     spans = runs(removed)
     starts = {first - 1: (first, last) for first, last in spans if first > 0}
     if start is not None and any(index < start.index for index in starts):
@@ -143,7 +174,8 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
             if pending is None or pending.last != index:
                 continue
             target = inputs.hidden
-        record = _fit(blocks[pending.first - 1], consumer, pending, target, device, damp)
+        fit = _fit_scale if adapter.width.mlp.post_norm else _fit
+        record = fit(blocks[pending.first - 1], consumer, pending, target, device, damp, adapter)
         record["fitted"] = f"{adapter.blocks}.{pending.first - 1}.{consumer}"
         records.append(record)
         fitted = blocks[pending.first - 1]
@@ -160,7 +192,7 @@ def compensate(model: nn.Module, adapter: Adapter, removed: list[int], calibrati
 
 
 def _fit(block: nn.Module, consumer: str, pending: _Pending, targets: list[Tensor], device: torch.device,
-         damp: float) -> dict[str, Any]:
+         damp: float, adapter: Adapter) -> dict[str, Any]:
     """Fit the consumer of `block` (the one before the run) on the targets leaving the run. The block
     runs again on its kept inputs rather than keeping its MLP activations from the streamed pass:
     those are MLP-width per token, the kept inputs only hidden-width."""
@@ -191,5 +223,38 @@ def _fit(block: nn.Module, consumer: str, pending: _Pending, targets: list[Tenso
         total = max(eq.target_sq, 1e-30)
         return {"run": [pending.first, pending.last], "error_before": (before / total) ** 0.5,
                 "error_after": (min(after, before) / total) ** 0.5, "damp": damp}  # fmt: skip
+    finally:
+        block.to(home)
+
+
+def _fit_scale(block: nn.Module, norm: str, pending: _Pending, targets: list[Tensor], device: torch.device,
+               damp: float, adapter: Adapter) -> dict[str, Any]:
+    """Fit the scale of the MLP's post-norm of `block` (the one before the run) on the targets leaving
+    the run (see the module docstring); the norm must be an RMSNorm of the family's convention."""
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        module = block.get_submodule(norm)
+        offset, eps = adapter.width.hidden.norm_offset, getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6))
+        prior = module.weight.detach().float() + offset
+        uu = ur = rr = None
+        for hidden, extra, target in zip(pending.inputs, pending.extras, targets):
+            x, n, out = _mlp_output(block, norm, hidden, extra)  # the norm's input, its output, the block's
+            u = _rms_unit(x, eps).reshape(-1, x.shape[-1])
+            if not torch.allclose(u * prior, n.float().reshape(u.shape), rtol=1e-2, atol=1e-3 * float(n.abs().max())):
+                raise DepthError(f"{adapter.family}: {norm} is not an RMSNorm scaled by {offset:g} + weight, so its "
+                                 "scale cannot be fitted; drop --compensate")
+            r = (target - (out - n)).float().reshape(u.shape)  # r = L − Y
+            parts = ((u * u).sum(0), (u * r).sum(0), (r * r).sum(0))
+            uu, ur, rr = parts if uu is None else (uu + parts[0], ur + parts[1], rr + parts[2])
+        scale, before, after = scale_fit(uu, ur, rr, prior, damp)
+        if after < before:
+            module.weight.data.copy_((scale - offset).to(module.weight.dtype))
+        else:
+            log.warning("compensation of blocks %d..%d did not lower the calibration error; weights kept",
+                        pending.first, pending.last)
+        total = max(float(rr.sum()), 1e-30)
+        return {"run": [pending.first, pending.last], "error_before": (before / total) ** 0.5,
+                "error_after": (min(after, before) / total) ** 0.5, "damp": damp, "fit": "post-norm scale"}  # fmt: skip
     finally:
         block.to(home)

@@ -93,6 +93,10 @@ class DepthConfig:
                                             "parameters; default: on where the family and earlier stages allow)")
     compensate_damp: float = option(0.1, "compensate: ridge towards the original weights, times the mean Gram "
                                          "diagonal")
+    remove_last: bool = option(False, "let the search remove the final block (kept by default: the depth literature "
+                                      "removes spans that end before it, and removing it broke Gemma 3)")
+    keep_full_attention: bool = option(False, "never remove a block whose attention is global (full) where the "
+                                              "family mixes sliding-window and global layers (Gemma 2 / 3)")
 
     def __post_init__(self) -> None:
         if self.compensate_damp < 0:

@@ -34,7 +34,8 @@ from secateur.models import Adapter, adapter_for
 
 log = logging.getLogger(__name__)
 
-Search = Callable[[nn.Module, Adapter, object, Amount, Tensor, int, torch.device], Selection]
+# (model, adapter, method config, amount, calibration, batch size, device, protected blocks) -> selection
+Search = Callable[[nn.Module, Adapter, object, Amount, Tensor, int, torch.device, frozenset[int]], Selection]
 
 
 @dataclass(frozen=True)
@@ -47,42 +48,52 @@ class DepthSpec:
     calib_seq_len: int
 
 
-def _blocks(model: nn.Module, adapter: Adapter, amount: Amount) -> int:
-    count = count_for(amount.count, amount.fraction, len(adapter.block_list(model)))
-    if count >= len(adapter.block_list(model)):
-        raise ConfigError(f"cannot remove {count} of {len(adapter.block_list(model))} blocks; keep at least one")
+def _blocks(model: nn.Module, adapter: Adapter, amount: Amount, protected: frozenset[int]) -> int:
+    blocks = len(adapter.block_list(model))
+    count = count_for(amount.count, amount.fraction, blocks)
+    if count >= blocks:
+        raise ConfigError(f"cannot remove {count} of {blocks} blocks; keep at least one")
+    if count > blocks - len(protected):
+        raise ConfigError(f"cannot remove {count} of {blocks} blocks with blocks {sorted(protected)} kept (the final "
+                          "block, and global-attention blocks with --keep-full-attention); ask for fewer, or pass "
+                          "--remove-last")
     return count
 
 
-def _bi(model, adapter, method, amount, calibration, batch_size, device) -> Selection:
-    return select_block_influence(model, adapter, calibration, _blocks(model, adapter, amount), batch_size, device)
+def _bi(model, adapter, method, amount, calibration, batch_size, device, protected) -> Selection:
+    count = _blocks(model, adapter, amount, protected)
+    return select_block_influence(model, adapter, calibration, count, batch_size, device, protected)
 
 
-def _angular(model, adapter, method, amount, calibration, batch_size, device) -> Selection:
-    return select_angular_span(model, adapter, calibration, _blocks(model, adapter, amount), batch_size, device,
-                               positions=method.positions)  # fmt: skip
+def _angular(model, adapter, method, amount, calibration, batch_size, device, protected) -> Selection:
+    return select_angular_span(model, adapter, calibration, _blocks(model, adapter, amount, protected), batch_size,
+                               device, positions=method.positions, protected=protected)  # fmt: skip
 
 
-def _greedy(model, adapter, method, amount, calibration, batch_size, device) -> Selection:
-    return select_greedy_loss(model, adapter, calibration, _blocks(model, adapter, amount), batch_size, device)
+def _greedy(model, adapter, method, amount, calibration, batch_size, device, protected) -> Selection:
+    count = _blocks(model, adapter, amount, protected)
+    return select_greedy_loss(model, adapter, calibration, count, batch_size, device, protected)
 
 
-def _finercut(model, adapter, method, amount, calibration, batch_size, device) -> Selection:
+def _finercut(model, adapter, method, amount, calibration, batch_size, device, protected) -> Selection:
     budget = budget_for(model, adapter, amount.fraction) if amount.fraction is not None else None
-    _check_removable(model, adapter, amount.count, budget)
-    return select_finercut(model, adapter, calibration, amount.count, budget, batch_size, device)
+    _check_removable(model, adapter, amount.count, budget, protected)
+    return select_finercut(model, adapter, calibration, amount.count, budget, batch_size, device, protected)
 
 
-def _check_removable(model: nn.Module, adapter: Adapter, count: int | None, budget: int | None) -> None:
+def _check_removable(model: nn.Module, adapter: Adapter, count: int | None, budget: int | None,
+                     protected: frozenset[int]) -> None:  # fmt: skip
     """FinerCut keeps one attention branch: refuse a request beyond what the other branches hold."""
     blocks = adapter.block_list(model)
     sizes = {(i, k): branch_parameters(b, adapter, k) for i, b in enumerate(blocks) for k in KINDS
-             if not is_removed(b, adapter, k)}  # fmt: skip
+             if not is_removed(b, adapter, k) and i not in protected}  # fmt: skip
     attention = [n for (_, k), n in sizes.items() if k == "attention"]
-    most = sum(sizes.values()) - (min(attention) if attention else 0)
-    if count is not None and count > len(sizes) - bool(attention):
-        raise DepthError(f"finercut can remove at most {len(sizes) - bool(attention)} of the {len(sizes)} branches "
-                         f"left (one attention stays); --remove-sublayers {count} asks for more")
+    kept = any(not is_removed(blocks[i], adapter, "attention") for i in protected)  # a kept block's attention stays
+    reserve = 0 if kept or not attention else min(attention)
+    most, limit = sum(sizes.values()) - reserve, len(sizes) - (0 if kept else bool(attention))
+    if count is not None and count > limit:
+        raise DepthError(f"finercut can remove at most {limit} of the branches left (one attention stays, and those "
+                         f"of the kept blocks {sorted(protected)}); --remove-sublayers {count} asks for more")
     if budget is not None and budget > most:
         raise DepthError(f"--remove-fraction asks for {budget:,} parameters, more than the {most:,} that the removable "
                          "branches hold (one attention stays); lower it")
@@ -112,10 +123,29 @@ def select_removals(model: nn.Module, config: DepthConfig, calibration: Tensor, 
         raise ConfigError(f"method {spec.name!r} needs calibration: a (samples, seq_len) tensor of token ids")
     model.eval()
     start = time.perf_counter()
+    protected = protected_blocks(model, config)
     selection = spec.search(model, adapter_for(model), config.method, config.amount, calibration, batch_size,
-                            torch.device(device))  # fmt: skip
+                            torch.device(device), protected)  # fmt: skip
     selection.seconds = time.perf_counter() - start
+    selection.kept = sorted(protected)
     return selection
+
+
+FULL_ATTENTION = "full_attention"  # transformers' name for a global layer in `config.layer_types`
+
+
+def protected_blocks(model: nn.Module, config: DepthConfig) -> frozenset[int]:
+    """Blocks no search may remove: the final one (unless `remove_last`), and with `keep_full_attention`
+    every global-attention block of a family that mixes sliding-window and global layers."""
+    blocks = model.config.num_hidden_layers
+    protected = set() if config.remove_last else {blocks - 1}
+    if config.keep_full_attention:
+        types = getattr(model.config, "layer_types", None)
+        if not types or len(set(types)) < 2:
+            raise ConfigError(f"--keep-full-attention keeps the global-attention blocks of a family that mixes "
+                              f"sliding-window and global layers; {model.config.model_type} does not")
+        protected |= {i for i, kind in enumerate(types) if kind == FULL_ATTENTION}
+    return frozenset(protected)
 
 
 def resolve_compensation(model: nn.Module, config: DepthConfig, after_sparsity: bool = False) -> tuple[DepthConfig, str | None]:

@@ -55,6 +55,7 @@ class Selection:
     seconds: float = 0.0
     compensation: list[dict[str, Any]] | None = None  # one record per compensated run, when asked
     compensated: bool | None = None  # set by depth_prune: whether the removed runs were compensated
+    kept: list[int] = field(default_factory=list)  # blocks the search could not remove (the final one, ...)
     variant: str | None = None  # why compensation is off where the method could have used it
 
     @property
@@ -69,6 +70,7 @@ class Selection:
         return {
             "metric": self.metric,
             "seconds": self.seconds,
+            "kept": self.kept,
             "removed": [{"step": i + 1, "unit": s.unit, "score": s.score, "parameters": s.parameters}
                         for i, s in enumerate(self.steps)],
             **({"compensation": self.compensation} if self.compensation is not None else {}),
@@ -109,11 +111,13 @@ def block_influences(model: nn.Module, adapter: Adapter, calibration: Tensor, ba
 
 
 def select_block_influence(model: nn.Module, adapter: Adapter, calibration: Tensor, count: int,
-                           batch_size: int, device: torch.device) -> Selection:
-    """The `count` blocks with the lowest mean Block Influence (computed once, on the dense model)."""
+                           batch_size: int, device: torch.device, protected: frozenset[int] = frozenset()) -> Selection:
+    """The `count` blocks with the lowest mean Block Influence (computed once, on the dense model),
+    `protected` blocks aside."""
     scores = block_influences(model, adapter, calibration, batch_size, device)
     blocks = adapter.block_list(model)
-    steps = [Step(i, scores[i], block_parameters(blocks[i])) for i in lowest(scores, count)]
+    allowed = [s if i not in protected else math.inf for i, s in enumerate(scores)]
+    steps = [Step(i, scores[i], block_parameters(blocks[i])) for i in lowest(allowed, count)]
     return Selection("block influence: 1 - cos(block input, block output), mean over calibration tokens", steps)
 
 
@@ -132,11 +136,16 @@ def angular_distances(model: nn.Module, adapter: Adapter, calibration: Tensor, c
 
 
 def select_angular_span(model: nn.Module, adapter: Adapter, calibration: Tensor, count: int, batch_size: int,
-                        device: torch.device, positions: str = "all") -> Selection:
+                        device: torch.device, positions: str = "all", protected: frozenset[int] = frozenset()) -> Selection:
     """The span of `count` consecutive blocks with the smallest angular distance between the state
-    entering its first block and the state leaving its last one."""
+    entering its first block and the state leaving its last one, among the spans that hold no
+    `protected` block."""
     distances = angular_distances(model, adapter, calibration, [count], batch_size, device, positions)[count]
-    start = lowest(distances, 1)[0]
+    allowed = [d if not protected & set(range(l, l + count)) else math.inf for l, d in enumerate(distances)]
+    if not any(math.isfinite(d) for d in allowed):
+        raise DepthError(f"no span of {count} consecutive blocks avoids the kept blocks {sorted(protected)}; ask for "
+                         "fewer blocks")
+    start = lowest(allowed, 1)[0]
     blocks = adapter.block_list(model)
     steps = [Step(i, distances[start], block_parameters(blocks[i])) for i in range(start, start + count)]
     return Selection(f"angular distance arccos(cos)/pi between the states entering block l and block l+{count}, "
@@ -172,8 +181,10 @@ class _Search:
     """The state of a greedy search: removed units so far, calibration batches, the distance metric."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int,
-                 device: torch.device, metric: Callable[[Tensor, int], Tensor] | None = None) -> None:
+                 device: torch.device, metric: Callable[[Tensor, int], Tensor] | None = None,
+                 protected: frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.model, self.adapter, self.device, self.metric = model, adapter, device, metric
+        self.protected = protected  # blocks (and their branches) that are never candidates
         self.blocks = adapter.block_list(model)
         self.batches = [b.to(device) for b in calibration.split(batch_size or len(calibration))]
         self.positions = torch.arange(0, calibration.shape[1] - 1, SCORE_STRIDE, device=device)  # scored positions
@@ -243,11 +254,12 @@ def _js_metric(reference: list[Tensor]) -> Callable[[Tensor, int], Tensor]:
 def _candidates(search: _Search, sublayers: bool) -> list[Unit]:
     alive = [i for i in range(len(search.blocks)) if i not in search.removed_blocks]
     if not sublayers:
-        return alive if len(alive) > 1 else []
+        return [i for i in alive if i not in search.protected] if len(alive) > 1 else []
     units: list[Unit] = [(i, k) for i in alive for k in KINDS if (i, k) not in search.removed_branches
                          and not is_removed(search.blocks[i], search.adapter, k)]  # fmt: skip
     attention_left = sum(1 for u in units if u[1] == "attention")
-    return [u for u in units if u[1] != "attention" or attention_left > 1]  # keep one attention
+    return [u for u in units if (u[1] != "attention" or attention_left > 1)  # keep one attention
+            and u[0] not in search.protected]
 
 
 def _unit_parameters(search: _Search, unit: Unit) -> int:
@@ -275,8 +287,8 @@ def greedy(search: _Search, done: Callable[[list[Step]], bool], sublayers: bool,
 
 @torch.no_grad()
 def select_greedy_loss(model: nn.Module, adapter: Adapter, calibration: Tensor, count: int, batch_size: int,
-                       device: torch.device) -> Selection:
-    search = _Search(model, adapter, calibration, batch_size, device)
+                       device: torch.device, protected: frozenset[int] = frozenset()) -> Selection:
+    search = _Search(model, adapter, calibration, batch_size, device, protected=protected)
     search.metric = _loss_metric(search.batches, search.positions)
     steps = greedy(search, lambda s: len(s) >= count, sublayers=False, desc="greedy loss")
     return Selection("calibration loss (mean next-token NLL) of the model after removing this block too", steps)
@@ -284,10 +296,11 @@ def select_greedy_loss(model: nn.Module, adapter: Adapter, calibration: Tensor, 
 
 @torch.no_grad()
 def select_finercut(model: nn.Module, adapter: Adapter, calibration: Tensor, count: int | None,
-                    budget: int | None, batch_size: int, device: torch.device) -> Selection:
-    """Greedy over attention / MLP branches; stops after `count` branches or once the removed
-    parameters reach `budget`."""
-    search = _Search(model, adapter, calibration, batch_size, device)
+                    budget: int | None, batch_size: int, device: torch.device,
+                    protected: frozenset[int] = frozenset()) -> Selection:  # fmt: skip
+    """Greedy over attention / MLP branches (those of `protected` blocks aside); stops after `count`
+    branches or once the removed parameters reach `budget`."""
+    search = _Search(model, adapter, calibration, batch_size, device, protected=protected)
     reference = [model(input_ids=batch, use_cache=False, logits_to_keep=search.positions).logits.float()
                  for batch in search.batches]
     search.metric = _js_metric(reference)
