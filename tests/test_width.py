@@ -293,7 +293,7 @@ def test_refit_ridge_pulls_towards_the_original_weights():
 def test_reconstruct_lowers_every_layer_error_and_the_output_error(family, tmp_path):
     dense, plain, refit = tiny_model(family), tiny_model(family), tiny_model(family)
     calib = calibration(16, 64)  # 1,024 tokens: well over the widest refit's 128 + 1 features
-    width_prune(plain, WidthConfig(0.5), calib)
+    width_prune(plain, WidthConfig(0.5, reconstruct=False), calib)  # Gemma 3 refits by default
     report = width_prune(refit, WidthConfig(0.5, reconstruct=True), calib)
     heads = family in HEAD_FAMILIES
     assert len(report.reconstruction) == dense.config.num_hidden_layers * (2 if heads else 1)
@@ -323,7 +323,9 @@ def widths_of_model(model):
 
 def test_reconstruct_refusals():
     with pytest.raises(ConfigError, match="--reconstruct-damp applies only with --reconstruct"):
-        WidthConfig(0.3, reconstruct_damp=0.1)
+        WidthConfig(0.3, reconstruct=False, reconstruct_damp=0.1)
+    with pytest.raises(WidthError, match="--reconstruct-damp applies only with --reconstruct"):  # off by default here
+        width_prune(tiny_model("llama"), WidthConfig(0.3, reconstruct_damp=0.1), calibration())
     with pytest.raises(ConfigError, match="at least 0"):
         WidthConfig(0.3, reconstruct=True, reconstruct_damp=-1.0)
     with pytest.raises(WidthError, match="--reconstruct refits on calibration"):
@@ -602,3 +604,22 @@ def test_cli_hidden_fraction(model_dir, text_file, tmp_path, capsys):
                  "--eval-windows", "2", "--eval-seq-len", "32", "--out", str(tmp_path / "x")])  # fmt: skip
     assert code == 2 and "LayerNorm" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_gemma3_refits_by_default_where_bias_compensation_cannot_be_held():
+    """Left to its default, --reconstruct is Gemma 3's family default (its config cannot hold the
+    compensation biases; measured to help, docs/benchmarks.md), said as the stage's variant; elsewhere
+    and when turned off it stays off."""
+    from conftest import tiny_model
+
+    from secateur.width.prune import resolve_variant
+
+    gemma, llama = tiny_model("gemma3_text"), tiny_model("llama")
+    config, why = resolve_variant(gemma, adapter_for(gemma), WidthConfig(0.3))
+    assert config.reconstruct is True and "--reconstruct" in why
+    assert resolve_variant(llama, adapter_for(llama), WidthConfig(0.3))[0].reconstruct is False
+    assert resolve_variant(gemma, adapter_for(gemma), WidthConfig(0.3, reconstruct=False))[0].reconstruct is False
+    from secateur import prune
+
+    report = prune(gemma, WidthConfig(0.3), calibration())
+    assert report.stages[0]["result"]["reconstruction"]

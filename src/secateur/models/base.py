@@ -88,6 +88,9 @@ class Width:
     attention: Attention | None = None  # None: heads cannot be pruned with a stock config
     bias_flags: tuple[tuple[str, str], ...] = ()  # (branch kind, config flag)
     hidden: Hidden | None = None  # None: the hidden dimension cannot be pruned (LayerNorm families)
+    # width stages refit the output projections by default (--reconstruct): where bias compensation
+    # cannot be held and the refit was measured to help (Gemma 3, docs/benchmarks.md)
+    refit: bool = False
 
     def bias_flag(self, kind: str) -> str | None:
         return dict(self.bias_flags).get(kind)

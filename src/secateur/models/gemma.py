@@ -17,5 +17,5 @@ GEMMA3_MLP = replace(SWIGLU, post_norm="post_feedforward_layernorm")
 GEMMA3 = register(
     Adapter("gemma3", ("gemma3_text",), "model.layers", LLAMA_GROUPS, needs_bos=True, branches=GEMMA3_BRANCHES,
             width=Width(GEMMA3_MLP, LLAMA_ATTENTION, bias_flags=(("attention", "attention_bias"),),
-                        hidden=Hidden(norm_offset=1.0)))
+                        hidden=Hidden(norm_offset=1.0), refit=True))
 )

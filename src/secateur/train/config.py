@@ -165,7 +165,8 @@ class TrainConfig:
     def width_config(self) -> WidthConfig:
         """The width stage's settings every incremental update uses (the final share as its fraction)."""
         allocation = "adaptive" if self.width_allocation == "adapt-pruner" else self.width_allocation
-        return WidthConfig(self.prune_width, importance=self.width_importance, allocation=allocation)
+        return WidthConfig(self.prune_width, importance=self.width_importance, allocation=allocation,
+                           reconstruct=False)  # training refits the weights itself
 
     @property
     def adapt_amplitude(self) -> float | None:

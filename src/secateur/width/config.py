@@ -61,11 +61,13 @@ class WidthConfig:
     attention_fraction: float | None = option(None, "uniform allocation: remove this fraction of every block's "
                                                     "attention units (default: remove_fraction); the MLP channels "
                                                     "make up the rest of the parameters")
-    reconstruct: bool = option(False, "refit each pruned block's output projections on their kept inputs by least "
-                                      "squares on calibration (block by block on the pruned model)")
+    reconstruct: bool | None = option(None, "refit each pruned block's output projections on their kept inputs by "
+                                            "least squares on calibration (block by block on the pruned model); "
+                                            "default: on for Gemma 3 (its config cannot hold the bias compensation's "
+                                            "biases; measured to help), off elsewhere")
     reconstruct_damp: float | None = option(None, "reconstruct: ridge towards the original weights, times the mean "
                                                   "Gram diagonal (default 0.01)",
-                                            requires=Requires(lambda c: c.reconstruct, "--reconstruct"))
+                                            requires=Requires(lambda c: c.reconstruct is not False, "--reconstruct"))
 
     def __post_init__(self) -> None:
         refuse_inapplicable(self)
@@ -121,7 +123,7 @@ class WidthConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.needs_moments or IMPORTANCE[self.importance].gradients or self.reconstruct
+        return self.needs_moments or IMPORTANCE[self.importance].gradients or self.reconstruct is not False
 
     @property
     def method_name(self) -> str:

@@ -147,6 +147,14 @@ def resolve_variant(model: nn.Module, adapter: Adapter, config: WidthConfig) -> 
                                "compensation off, channels scored by the error they leave uncompensated")
                 config = replace(config, bias_compensation=False)
                 break
+    if config.reconstruct is None:
+        if config.reconstruct_damp is not None and not adapter.width.refit:
+            raise WidthError(f"--reconstruct-damp applies only with --reconstruct, off by default for "
+                             f"{model.config.model_type}: add --reconstruct")
+        config = replace(config, reconstruct=adapter.width.refit)
+        if adapter.width.refit:
+            reasons.append(f"{model.config.model_type}: each pruned block's output projections are refitted by least "
+                           "squares (--reconstruct), its family's default")
     for why in reasons:
         log.warning("width: %s", why)
     return config, "; ".join(reasons) or None
