@@ -54,6 +54,7 @@ ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `tr
     "greedy20-before": ("dense", [*GREEDY, "--remove-fraction", "0.2", *OLD_DEPTH]),
     "bi20-before": ("dense", [*BI, "--remove-fraction", "0.2", *OLD_DEPTH]),
     "bi20": ("dense", [*BI, "--remove-fraction", "0.2"]),
+    "greedy20-remove-last": ("dense", [*GREEDY, "--remove-fraction", "0.2", "--remove-last"]),
     "greedy20+recovery": ("greedy20", ["train", "--tokens", "32768"]),
     "width20-reconstruct+recovery": ("width20-reconstruct", ["train", "--tokens", "32768"]),
 }
