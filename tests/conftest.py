@@ -132,3 +132,15 @@ def killed_and_resumed(tmp_path: Path, monkeypatch, model, config, die_at: int):
     record = train(resumed, config, windows, validation, teacher=dense, device="cpu", workdir=tmp_path / "b",
                    resume=True, progress=False).record  # fmt: skip
     return whole, resumed, record
+
+
+def make_kind(name: str, config_type: type, run, **fields):
+    """A one-method stage kind for tests: its options, flags and recipe keys from `config_type`'s
+    `option(...)` fields, no calibration; `fields` are further `StageKind` fields."""
+    from secateur.config import CalibConfig
+    from secateur.recipe import StageKind
+    from secateur.schema import fill, flatten, options_of
+
+    return StageKind(name, config_type, lambda: (name,), lambda method: options_of(config_type),
+                     lambda method, settings: fill(config_type, settings), flatten, run,
+                     lambda config: False, lambda config: CalibConfig(), **fields)  # fmt: skip

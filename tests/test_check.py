@@ -11,10 +11,11 @@ from typing import ClassVar
 import pytest
 import torch
 
+from conftest import make_kind
+
 from secateur.cli import main
-from secateur.config import CalibConfig
-from secateur.recipe import KINDS, StageKind, register
-from secateur.schema import fill, flatten, option, options_of
+from secateur.recipe import KINDS, register
+from secateur.schema import option
 
 HELD_OUT = ["--eval-windows", "2", "--eval-seq-len", "16"]
 
@@ -38,9 +39,7 @@ def _spoil(model, config, calibration, ctx):
     return {"factor": config.factor}
 
 
-SPOIL = StageKind("spoil", SpoilConfig, lambda: ("spoil",), lambda method: options_of(SpoilConfig),
-                  lambda method, settings: fill(SpoilConfig, settings), flatten, _spoil,
-                  lambda config: False, lambda config: CalibConfig())
+SPOIL = make_kind("spoil", SpoilConfig, _spoil)
 
 
 @pytest.fixture

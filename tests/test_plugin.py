@@ -11,13 +11,13 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from torch import nn
+from conftest import make_kind
 from transformers import AutoModelForCausalLM
 
 import secateur
 from secateur.cli import main
-from secateur.config import CalibConfig
-from secateur.recipe import KINDS, StageKind, Structure, register
-from secateur.schema import fill, flatten, option, options_of
+from secateur.recipe import KINDS, Structure, register
+from secateur.schema import option
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,8 @@ def _run(model, config: LastRowsConfig, calibration, ctx) -> dict[str, Any]:
     return {"zeroed": zeroed}
 
 
-TOY = StageKind(
-    "lastrows", LastRowsConfig, lambda: ("lastrows",), lambda method: options_of(LastRowsConfig),
-    lambda method, settings: fill(LastRowsConfig, settings), flatten, _run,
-    lambda config: False, lambda config: CalibConfig(),
+TOY = make_kind(
+    "lastrows", LastRowsConfig, _run,
     summary=lambda record: f"lastrows: zeroed rows of {len(record['result']['zeroed'])} projections",
     describe=lambda result: f"last rows of {len(result.get('zeroed', {}))} o_proj",
     leaves_zeros=lambda settings: True,
@@ -151,11 +149,9 @@ def _dropped(model) -> list[int]:
     return [i for i, layer in enumerate(model.model.layers) if isinstance(layer.input_layernorm, nn.Identity)]
 
 
-NONORM = StageKind(
-    "nonorm", NoNormConfig, lambda: ("nonorm",), lambda method: options_of(NoNormConfig),
-    lambda method, settings: fill(NoNormConfig, settings), flatten,
+NONORM = make_kind(
+    "nonorm", NoNormConfig,
     lambda model, config, calibration, ctx: (_drop_norms(model, [config.block]), {"block": config.block})[1],
-    lambda config: False, lambda config: CalibConfig(),
     structure=Structure(
         record=lambda model: {"dropped_norms": _dropped(model)},
         needed=lambda section: section.get("dropped_norms") or None,

@@ -17,6 +17,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,10 @@ class ModelFacts:
     def perplexity(self) -> float | None:
         return (self.manifest.get("evaluation") or {}).get("perplexity") or self.measured_perplexity
 
+    @cached_property
     def sections(self) -> list[tuple[int, Any]]:
-        """(stage number, section) for each stage of the history whose kind writes one."""
+        """(stage number, section) for each stage of the history whose kind writes one (built once:
+        the figures and both renderings read it)."""
         from secateur.recipe import KINDS
 
         from secateur.recipe import Section
@@ -325,7 +328,7 @@ def _figures(models: list[ModelFacts], staging: Path) -> dict[str, str]:
     figures = {"blocks": plot_blocks(models, staging / "blocks.png"),
                "pareto": plot_pareto(models, staging / "pareto.png")}  # fmt: skip
     for i, m in enumerate(models):
-        sections = m.sections()
+        sections = m.sections
         if any(s.heatmap for _, s in sections) or any(z > 0.01 for z in m.sparsity.values()):
             figures[f"sparsity-{i}"] = plot_sparsity(m, staging / f"sparsity-{i}.png")
         for number, section in sections:
@@ -385,7 +388,7 @@ class Page:
         for i, m in enumerate(self.models):
             parts.append(("h2", m.name, f"model-{i}"))
             heatmap = self.figures.get(f"sparsity-{i}")
-            sections = m.sections()
+            sections = m.sections
             if not sections:
                 parts.append(("p", "No secateur stages (the model as given)."))
             for number, section in sections:
@@ -399,9 +402,10 @@ class Page:
             if heatmap:
                 parts.append(("img", f"{m.name}: sparsity per layer", heatmap))
         parts.append(("h2", "Samples", "samples"))
-        for prompt, said in _samples(self.models):
+        samples = _samples(self.models)
+        for prompt, said in samples:
             parts += [("h3", prompt), ("list", said)]
-        if not _samples(self.models):
+        if not samples:
             parts.append(("p", "No samples given (secateur eval --generate --json)."))
         return parts
 
