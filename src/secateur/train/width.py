@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from secateur.models.shapes import submodule
 from secateur.depth.search import block_influences
-from secateur.models import Adapter
+from secateur.models import Adapter, refuse_experts
 from secateur.train.gradual import GradualPlan
 from secateur.width import LayerWidth, WidthConfig, apply_widths, width_prune
 from secateur.models.shapes import widths_of
@@ -117,6 +117,7 @@ class IncrementalWidth:
     @classmethod
     def build(cls, model: nn.Module, adapter: Adapter, plan: GradualPlan, width: WidthConfig,
               amplitude: float | None = None) -> "IncrementalWidth":  # fmt: skip
+        refuse_experts(adapter, "width pruning during training (--prune-width)")
         width, _ = resolve_variant(model, adapter, width)
         pruner = cls(plan, width, block_parameters(model, adapter), amplitude=amplitude)
         if amplitude is not None:

@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from secateur.calibrate.gradients import weight_gradients
 from secateur.calibrate.stats import Moments
 from secateur.calibrate.stream import BlockState, Observer, collect_input_stats
-from secateur.models import Adapter, Width, adapter_for, read_weight
+from secateur.models import Adapter, Width, adapter_for, read_weight, refuse_experts
 from secateur.width.config import WidthConfig
 from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
 from secateur.width.reconstruct import Cut, refit_layer, stream_refits
@@ -101,6 +101,7 @@ class WidthReport:
 def width_of(model: nn.Module, adapter: Adapter, config: WidthConfig) -> Width:
     """The family's width description, checked against the request before any work."""
     width, model_type = adapter.width, model.config.model_type
+    refuse_experts(adapter, "width pruning")
     if width is None:
         raise WidthError(f"width pruning is not available for {model_type}")
     if config.heads != "none" and width.attention is None:

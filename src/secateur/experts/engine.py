@@ -1,0 +1,149 @@
+"""Expert pruning block by block: each MoE block is measured on the calibration activations of the
+model pruned so far (its own router decides which tokens reach which expert), loses its experts,
+and hands its pruned outputs to the next block."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from secateur.calibrate.stream import BlockInputs, run_block, stream_blocks
+from secateur.experts.config import ExpertsConfig
+from secateur.experts.criteria import CRITERIA, lowest, search_removal
+from secateur.experts.prune import (ExpertsError, keep_experts, routed_output, router_over, set_count,
+                                    sparse_blocks)
+from secateur.experts.stats import ExpertStats, expert_output
+from secateur.models import Adapter, adapter_for
+
+
+@dataclass
+class ExpertsReport:
+    criterion: str
+    experts_before: int
+    experts_after: int
+    top_k: int
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # per MoE block: removed, scores, statistics
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "experts_before": self.experts_before,
+                "experts_after": self.experts_after, "top_k": self.top_k, "blocks": self.blocks,
+                "seconds": self.seconds}  # fmt: skip
+
+
+class _Recorder:
+    """Hooks on one block's router and experts feeding an `ExpertStats` (and a token sample for a search)."""
+
+    def __init__(self, block: nn.Module, adapter: Adapter, stats: ExpertStats, sample: int) -> None:
+        self.router, self.experts = block.get_submodule(adapter.experts.router), block.get_submodule(adapter.experts.experts)
+        self.stats, self.sample, self.kept = stats, sample, []
+        self.logits: Tensor | None = None
+
+    def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        self.logits = output[0]
+
+    def on_experts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        named = [kwargs.get(k) for k in ("hidden_states", "top_k_index", "top_k_weights")]
+        x, indices, weights = [*args, *named[len(args):]]  # called positionally in every family; by name too
+        self.stats.update(x, self.logits, indices, weights, module.gate_up_proj, module.down_proj, module.act_fn)
+        held = sum(len(t) for t in self.kept)
+        if held < self.sample:
+            self.kept.append(x[: self.sample - held].detach())
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        """The hooks, while the block runs on calibration."""
+        handles = [self.router.register_forward_hook(self.on_router),
+                   self.experts.register_forward_pre_hook(self.on_experts, with_kwargs=True)]  # fmt: skip
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def run(self, block: nn.Module, inputs: BlockInputs, index: int) -> None:
+        with self.attached():
+            for hidden, extra in zip(inputs.hidden, inputs.extras[index]):
+                run_block(block, hidden, extra)
+
+
+@torch.no_grad()
+def _search(recorder: _Recorder, remove: int) -> list[int]:
+    """NAEE-style: the removal whose kept experts, routed as the pruned router will route, best
+    reproduce the experts module's output on the sampled tokens."""
+    x = torch.cat(recorder.kept)  # (tokens, hidden)
+    experts = recorder.experts
+    count = experts.gate_up_proj.shape[0]
+    outputs = torch.stack([expert_output(experts.gate_up_proj[j], experts.down_proj[j], experts.act_fn, x)
+                           for j in range(count)])  # (experts, tokens, hidden)  # fmt: skip
+
+    def output(kept: list[int]) -> Tensor:
+        _, weights, indices = router_over(recorder.router, kept)(x)
+        return routed_output(outputs, indices, weights, kept)
+
+    reference = output(list(range(count)))
+    return search_removal(count, remove, lambda kept: float((output(kept) - reference).square().sum()))
+
+
+def _choose(config: ExpertsConfig, recorder: _Recorder | None, count: int, remove: int, index: int) -> tuple[list[int], list[float] | None]:
+    criterion = CRITERIA[config.criterion]
+    if criterion.search:
+        return _search(recorder, remove), None
+    stats = recorder.stats if recorder is not None else ExpertStats(count, "cpu")
+    scores = criterion.score(stats, config.draw_seed + index)
+    return lowest(scores, remove), scores.tolist()
+
+
+def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor | None, *,
+                  device: str | torch.device = "cpu", batch_size: int = 4) -> ExpertsReport:  # fmt: skip
+    """Remove routed experts from every MoE block of `model` in place; the config follows."""
+    adapter = adapter_for(model)
+    if adapter.experts is None:
+        raise ExpertsError(f"{adapter.family} is not a mixture of experts: there are no experts to remove")
+    sparse = sparse_blocks(model, adapter)
+    blocks = adapter.block_list(model)
+    counts = {blocks[i].get_submodule(adapter.experts.router).weight.shape[0] for i in sparse}
+    if len(counts) != 1:
+        raise ExpertsError(f"the MoE blocks hold different expert counts {sorted(counts)}; secateur removes the same "
+                           "number from blocks of one count")
+    count, top_k = counts.pop(), getattr(model.config, adapter.experts.top_k_key)
+    remove = config.removed(count, top_k)
+    has_calibration = calibration is not None and calibration.ndim == 2 and len(calibration) > 0
+    if config.needs_calibration and not has_calibration:
+        raise ExpertsError(f"--criterion {config.criterion} needs calibration: a (samples, seq_len) tensor of token ids")
+    start = time.perf_counter()
+    report = ExpertsReport(config.criterion, count, count - remove, top_k)
+    device = torch.device(device)
+    model.eval()
+    if not config.needs_calibration:
+        for index in sparse:
+            removed, scores = _choose(config, None, count, remove, index)
+            keep_experts(blocks[index], adapter, [j for j in range(count) if j not in removed])
+            report.blocks.append({"block": index, "removed": removed, "scores": scores})
+    else:
+        with torch.no_grad():
+            for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "experts"):
+                if index in sparse:
+                    report.blocks.append(_prune_block(block, adapter, config, inputs, index, count, remove))
+                inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+    set_count(model, adapter, [count - remove])
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _prune_block(block: nn.Module, adapter: Adapter, config: ExpertsConfig, inputs: BlockInputs, index: int,
+                 count: int, remove: int) -> dict[str, Any]:  # fmt: skip
+    search = CRITERIA[config.criterion].search
+    stats = ExpertStats(count, next(block.parameters()).device)
+    recorder = _Recorder(block, adapter, stats, config.search_tokens if search else 0)
+    recorder.run(block, inputs, index)
+    removed, scores = _choose(config, recorder, count, remove, index)
+    keep_experts(block, adapter, [j for j in range(count) if j not in removed])
+    few = [j for j in range(count) if stats.count[j] < config.min_tokens]
+    return {"block": index, "removed": removed, "scores": scores, "tokens": stats.tokens,
+            "few_tokens": few, "few_tokens_removed": [j for j in few if j in removed], **stats.to_dict()}

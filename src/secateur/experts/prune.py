@@ -1,0 +1,69 @@
+"""Removing experts: every tensor of the router and of the fused experts with one row per expert is
+sliced to the kept rows (router weight and bias, DeepSeek's score-correction bias, gate_up_proj,
+down_proj and their biases), the modules' expert counts follow, and the config's count with them."""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from secateur.models import Adapter
+
+
+class ExpertsError(ValueError):
+    pass
+
+
+def _slice_rows(module: nn.Module, experts: int, kept: Tensor) -> None:
+    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if tensor is not None and tensor.ndim >= 1 and tensor.shape[0] == experts:
+            tensor.data = tensor.data[kept.to(tensor.device)].contiguous()
+    if isinstance(getattr(module, "num_experts", None), int):
+        module.num_experts = len(kept)
+
+
+def keep_experts(block: nn.Module, adapter: Adapter, kept: Sequence[int]) -> None:
+    """Keep only experts `kept` (in this order) of `block`'s router and experts, in place."""
+    spec = adapter.experts
+    router, experts = block.get_submodule(spec.router), block.get_submodule(spec.experts)
+    count = router.weight.shape[0]
+    index = torch.tensor(sorted(kept), dtype=torch.long)
+    if len(index) == 0 or len(set(kept)) != len(kept) or not all(0 <= j < count for j in kept):
+        raise ExpertsError(f"kept experts {list(kept)} are not distinct indices below {count}")
+    top_k = getattr(router, "top_k", None)
+    if isinstance(top_k, int) and top_k > len(index):
+        raise ExpertsError(f"a block routing every token to {top_k} experts cannot keep only {len(index)}")
+    _slice_rows(router, count, index)
+    _slice_rows(experts, count, index)
+
+
+def router_over(router: nn.Module, kept: Sequence[int]) -> nn.Module:
+    """A copy of `router` that routes among `kept` only, as it will after the removal (the family's
+    own routing: softmax or sigmoid, top-k, renormalisation)."""
+    sliced = copy.deepcopy(router)
+    _slice_rows(sliced, router.weight.shape[0], torch.tensor(sorted(kept), dtype=torch.long))
+    return sliced
+
+
+def routed_output(outputs: Tensor, indices: Tensor, weights: Tensor, kept: Sequence[int]) -> Tensor:
+    """The experts module's output from every expert's output on every token. outputs: (experts,
+    tokens, hidden); indices, weights: (tokens, top_k), indices numbered among `kept`."""
+    original = torch.tensor(sorted(kept), device=indices.device)[indices]  # (tokens, top_k) numbered as before
+    token = torch.arange(indices.shape[0], device=indices.device)[:, None].expand_as(indices)
+    return (outputs[original, token] * weights[..., None].to(outputs.dtype)).sum(dim=1)  # (tokens, hidden)
+
+
+def set_count(model: nn.Module, adapter: Adapter, counts: Sequence[int]) -> None:
+    """The config's expert count from the blocks' (one count for all sparse blocks)."""
+    if len(set(counts)) > 1:
+        raise ExpertsError(f"expert counts differ per block ({sorted(set(counts))}): a stock config holds one count")
+    if counts:
+        setattr(model.config, adapter.experts.count_key, counts[0])
+
+
+def sparse_blocks(model: nn.Module, adapter: Adapter) -> list[int]:
+    blocks = adapter.block_list(model)
+    return [i for i, block in enumerate(blocks) if adapter.experts.sparse(block)]

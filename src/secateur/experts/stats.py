@@ -1,0 +1,59 @@
+"""Per-expert calibration statistics of one MoE block, fed with what its router and experts see.
+
+An expert is measured only on the tokens routed to it (its top-k slot), as the block runs it: an
+expert scored on tokens it never receives would be scored by the wrong formula. All sums run in
+float64 on the block's device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Act = Callable[[Tensor], Tensor]
+
+
+def expert_output(gate_up: Tensor, down: Tensor, act: Act, x: Tensor) -> Tensor:
+    """One expert on tokens `x` (n, hidden): down(act(gate x) * up x), without the gate weight.
+    gate_up: (2 x width, hidden), gate rows first; down: (hidden, width)."""
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)  # (n, width) each
+    return (act(gate) * up) @ down.T  # (n, hidden)
+
+
+class ExpertStats:
+    """Sums over calibration tokens for every routed expert of one block.
+
+    count[j]: tokens routed to j; gate[j]: the sum of the weights j's output was multiplied by there;
+    reap[j]: the sum of weight x ||f_j(x)||_2 there (REAP's numerator); norm[j]: the sum of
+    ||f_j(x)||_2; probability[j]: the router's softmax probability of j summed over all tokens."""
+
+    def __init__(self, experts: int, device: torch.device | str) -> None:
+        zeros = lambda: torch.zeros(experts, dtype=torch.float64, device=device)  # noqa: E731
+        self.count, self.gate, self.reap, self.norm, self.probability = zeros(), zeros(), zeros(), zeros(), zeros()
+        self.tokens = 0
+
+    def update(self, x: Tensor, logits: Tensor, indices: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor,
+               act: Act) -> None:  # fmt: skip
+        """x: (tokens, hidden) entering the experts; logits: (tokens, experts); indices, weights:
+        (tokens, top_k), the experts each token is routed to and the weights their outputs get."""
+        self.tokens += x.shape[0]
+        self.probability += logits.double().softmax(dim=-1).sum(dim=0)
+        for j in indices.unique().tolist():
+            token, slot = torch.where(indices == j)  # the tokens routed to j and in which top-k slot
+            w = weights[token, slot].double()  # (n,)
+            norm = expert_output(gate_up[j], down[j], act, x[token]).double().norm(dim=-1)  # (n,)
+            self.count[j] += len(token)
+            self.gate[j] += w.sum()
+            self.norm[j] += norm.sum()
+            self.reap[j] += (w * norm).sum()
+
+    def mean(self, total: Tensor) -> Tensor:
+        """`total` per routed token (0 for an expert no token reached)."""
+        return torch.where(self.count > 0, total / self.count.clamp(min=1), torch.zeros_like(total))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"tokens_routed": self.count.tolist(), "mean_gate": self.mean(self.gate).tolist(),
+                "mean_output_norm": self.mean(self.norm).tolist(),
+                "mean_probability": (self.probability / max(self.tokens, 1)).tolist()}  # fmt: skip

@@ -1,0 +1,28 @@
+"""Mixture-of-experts families (transformers 5 layout: fused 3-D experts behind a top-k router).
+
+Their attention is Llama's (Qwen2-MoE adds q/k/v biases, Qwen3-MoE and OLMoE q/k norms); blocks and
+branches go as in dense families, sparsity and width reach only what is an `nn.Linear` and refuse
+the fused experts, which the experts stage prunes. The linear groups name the dense MLP of a dense
+block (Qwen MoE's `mlp_only_layers`) and the shared expert; a name a block lacks is skipped.
+"""
+
+from secateur.models.base import Adapter, Experts, register
+
+ATTENTION_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
+DENSE_MLP = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+SHARED_EXPERT = (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate"),
+                 ("mlp.shared_expert.down_proj",))  # fmt: skip
+
+QWEN3_MOE = register(Adapter(
+    "qwen3_moe", ("qwen3_moe",), "model.layers", ATTENTION_GROUPS + DENSE_MLP,
+    experts=Experts("num_experts", "moe_intermediate_size", dense_key="mlp_only_layers", step_key="decoder_sparse_step"),
+))  # fmt: skip
+QWEN2_MOE = register(Adapter(
+    "qwen2_moe", ("qwen2_moe",), "model.layers", ATTENTION_GROUPS + DENSE_MLP + SHARED_EXPERT,
+    experts=Experts("num_experts", "moe_intermediate_size", dense_key="mlp_only_layers", step_key="decoder_sparse_step",
+                    shared="mlp.shared_expert"),
+))  # fmt: skip
+MIXTRAL = register(Adapter("mixtral", ("mixtral",), "model.layers", ATTENTION_GROUPS,
+                           experts=Experts("num_local_experts", "intermediate_size")))
+OLMOE = register(Adapter("olmoe", ("olmoe",), "model.layers", ATTENTION_GROUPS,
+                         experts=Experts("num_experts", "intermediate_size")))

@@ -1,0 +1,241 @@
+"""Mixture-of-experts models: adapters, per-expert statistics by hand, expert removal, reload, and
+what the other kinds do on them."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import MOE_FAMILIES, calibration_ids, tiny_model
+from secateur.cli import main
+from secateur.errors import ConfigError
+from secateur.experts import ExpertsConfig, prune_experts
+from secateur.experts import criteria
+from secateur.experts.engine import _Recorder
+from secateur.experts.prune import ExpertsError, keep_experts
+from secateur.experts.stats import ExpertStats
+from secateur.models import adapter_for
+from secateur.recipe import build_stage, prune
+
+SMALL = ["--calib-samples", "4", "--calib-seq-len", "32", "--eval-windows", "4", "--eval-seq-len", "32"]
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def count_of(model):
+    return getattr(model.config, adapter_for(model).experts.count_key)
+
+
+# --- statistics and scores by hand ------------------------------------------------------------------------
+
+
+def hand_stats() -> ExpertStats:
+    """3 experts of width 1 on a 2-d hidden state, identity activation: f_j(x) = d_j (g_j.x)(u_j.x).
+    f_0(x) = [x0^2, 0]; f_1(x) = [0, 2 x1^2]; f_2(x) = (x0 + x1)^2 [1, 1]."""
+    gate_up = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 2.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    down = torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]], [[1.0], [1.0]]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    indices = torch.tensor([[0, 2], [1, 0], [2, 0]])  # token 0 -> experts 0, 2; token 1 -> 1, 0; token 2 -> 2, 0
+    weights = torch.tensor([[0.75, 0.25], [0.6, 0.4], [0.5, 0.5]])
+    logits = torch.tensor([[1.0, 0.0, 0.5], [0.0, 2.0, 0.0], [0.3, 0.0, 1.0]])
+    stats = ExpertStats(3, "cpu")
+    stats.update(x, logits, indices, weights, gate_up, down, lambda t: t)
+    return stats
+
+
+def test_expert_statistics_by_hand():
+    stats = hand_stats()
+    assert stats.count.tolist() == [3, 1, 2]
+    assert stats.gate.tolist() == pytest.approx([0.75 + 0.4 + 0.5, 0.6, 0.25 + 0.5])
+    # norms on the routed tokens only: expert 0 sees tokens 0, 1, 2 (1, 0, 1), expert 1 token 1 (2),
+    # expert 2 tokens 0 and 2 (sqrt 2, 4 sqrt 2)
+    assert stats.norm.tolist() == pytest.approx([2.0, 2.0, 5 * math.sqrt(2)])
+    assert stats.probability.tolist() == pytest.approx(
+        torch.tensor([[1.0, 0.0, 0.5], [0.0, 2.0, 0.0], [0.3, 0.0, 1.0]]).softmax(-1).sum(0).tolist())
+
+
+def test_reap_is_the_mean_over_routed_tokens_of_gate_times_output_norm():
+    stats = hand_stats()
+    reap = criteria.CRITERIA["reap"].score(stats, 0)
+    expected = [(0.75 * 1 + 0.4 * 0 + 0.5 * 1) / 3, 0.6 * 2 / 1, (0.25 * math.sqrt(2) + 0.5 * 4 * math.sqrt(2)) / 2]
+    assert reap.tolist() == pytest.approx(expected)
+    # REAP drops expert 0 (0.417); frequency drops expert 1 (1 token); summing instead of averaging
+    # (1.25, 1.2, 3.18) would drop expert 1 as well
+    assert criteria.lowest(reap, 1) == [0]
+    assert criteria.lowest(criteria.CRITERIA["frequency"].score(stats, 0), 1) == [1]
+
+
+def test_the_search_is_exhaustive_when_it_can_be_and_greedy_otherwise(monkeypatch):
+    # keep 2 of 4: the best pair is {0, 1}, but greedy first drops 0 (the cheapest single removal)
+    errors = {(0, 1): 0.0, (0, 2): 5.0, (0, 3): 5.0, (1, 2): 3.0, (1, 3): 4.0, (2, 3): 6.0,
+              (1, 2, 3): 1.0, (0, 2, 3): 2.0, (0, 1, 3): 2.0, (0, 1, 2): 2.0}  # fmt: skip
+    error = lambda kept: errors[tuple(sorted(kept))]  # noqa: E731
+    assert criteria.search_removal(4, 2, error) == [2, 3]
+    monkeypatch.setattr(criteria, "EXHAUSTIVE", 0)
+    assert criteria.search_removal(4, 2, error) == [0, 3]
+
+
+def crafted_router(block, rows: dict[int, int], scale: float = 10.0) -> None:
+    """Router logit of expert j = scale x hidden[rows[j]] (every other weight zero)."""
+    router = block.get_submodule("mlp.gate")
+    router.weight.data.zero_()
+    for expert, dim in rows.items():
+        router.weight.data[expert, dim] = scale
+
+
+def test_the_router_decides_which_tokens_each_expert_is_measured_on():
+    model = tiny_model("mixtral")
+    block = model.model.layers[0]
+    crafted_router(block, {j: j for j in range(8)})
+    pairs = [(0, 1), (0, 2), (3, 0), (1, 0)]  # each token: its first expert at logit 10, its second at 5
+    x = torch.zeros(len(pairs), 64)
+    for t, (a, b) in enumerate(pairs):
+        x[t, a], x[t, b] = 1.0, 0.5
+    stats = ExpertStats(8, "cpu")
+    recorder = _Recorder(block, adapter_for(model), stats, 0)
+    with recorder.attached(), torch.no_grad():
+        block.mlp(x[None])
+    assert stats.count.tolist() == [4, 2, 1, 1, 0, 0, 0, 0]
+    high = 1 / (1 + math.exp(-5))  # the renormalised top-2 weight of logit 10 against 5
+    assert stats.gate.tolist() == pytest.approx([2.0, 1.0, 1 - high, high, 0, 0, 0, 0])
+    experts = block.mlp.experts
+    with torch.no_grad():
+        out = [experts.act_fn(x @ experts.gate_up_proj[j][:32].T) * (x @ experts.gate_up_proj[j][32:].T)
+               for j in range(8)]  # fmt: skip
+        norms = [(o @ experts.down_proj[j].T).norm(dim=-1) for j, o in enumerate(out)]
+    expected_reap_1 = high * norms[1][3] + (1 - high) * norms[1][0]  # expert 1: first of token 3, second of token 0
+    assert float(stats.reap[1]) == pytest.approx(float(expected_reap_1), rel=1e-5)
+
+
+# --- removal -----------------------------------------------------------------------------------------------
+
+
+def test_removing_experts_no_token_reaches_keeps_the_logits_bit_identical():
+    model = tiny_model("mixtral", num_experts_per_tok=1)
+    u = torch.randn(64)
+    for block in model.model.layers:  # expert 0 wins when u.x > 0, expert 1 otherwise; 2..7 never
+        weight = block.mlp.gate.weight.data
+        weight[0], weight[1] = u, -u
+        weight[2:] = 0.5 * u
+    ids = calibration_ids()
+    with torch.no_grad():
+        before = model(ids).logits
+    report = prune_experts(model, ExpertsConfig(criterion="frequency", count=6), ids)
+    assert [b["removed"] for b in report.blocks] == [[2, 3, 4, 5, 6, 7]] * 2
+    assert [b["tokens_routed"][2:] for b in report.blocks] == [[0.0] * 6] * 2
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    assert count_of(model) == 2
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("criterion", ["reap", "frequency", "naee", "random"])
+def test_every_criterion_prunes_every_family_and_stock_from_pretrained_reloads_it(family, criterion, tmp_path):
+    model = tiny_model(family)
+    ids = calibration_ids()
+    report = prune(model, build_stage({"method": "experts", "criterion": criterion, "remove_fraction": 0.25}), ids,
+                   progress=False)  # fmt: skip
+    result = report.stages[0]["result"]
+    assert result["experts_before"] == 8 and result["experts_after"] == 6 and result["top_k"] == 2
+    assert all(len(b["removed"]) == 2 for b in result["blocks"]) and len(result["blocks"]) == 2
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape[0] == experts.down_proj.shape[0] == experts.num_experts == 6
+    assert model.model.layers[0].mlp.gate.weight.shape[0] == 6 and count_of(model) == 6
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_kept_rows_are_the_original_experts():
+    model = tiny_model("qwen3_moe")
+    block = model.model.layers[1]
+    gate_up, down, router = (block.mlp.experts.gate_up_proj.clone(), block.mlp.experts.down_proj.clone(),
+                             block.mlp.gate.weight.clone())  # fmt: skip
+    keep_experts(block, adapter_for(model), [6, 1, 3])
+    assert torch.equal(block.mlp.experts.gate_up_proj, gate_up[[1, 3, 6]])
+    assert torch.equal(block.mlp.experts.down_proj, down[[1, 3, 6]])
+    assert torch.equal(block.mlp.gate.weight, router[[1, 3, 6]])
+    with pytest.raises(ExpertsError, match="cannot keep only 1"):
+        keep_experts(block, adapter_for(model), [0])
+
+
+def test_top_k_is_never_more_than_what_is_kept():
+    with pytest.raises(ConfigError, match="leaves 1, fewer than the 2 every token is routed to: remove at most 6"):
+        prune_experts(tiny_model("olmoe"), ExpertsConfig(count=7), calibration_ids())
+    with pytest.raises(ConfigError, match="exactly one of --remove-fraction"):
+        ExpertsConfig(criterion="reap")
+    with pytest.raises(ConfigError, match="--draw-seed applies only with --criterion random"):
+        ExpertsConfig(fraction=0.5, draw_seed=3)
+
+
+def test_experts_that_see_few_tokens_are_reported():
+    model = tiny_model("qwen3_moe")
+    report = prune(model, build_stage({"method": "experts", "remove_fraction": 0.5, "min_tokens": 1000}),
+                   calibration_ids(2, 16), progress=False)  # fmt: skip
+    [record] = report.stages
+    assert all(len(b["few_tokens"]) == 8 for b in record["result"]["blocks"])  # 32 tokens x 2 slots < 1000 each
+    from secateur.experts.stage import _summary
+
+    assert "16 experts (over 2 blocks) were routed fewer than the --min-tokens" in _summary(record)
+
+
+def test_a_dense_model_has_no_experts_to_remove():
+    with pytest.raises(ExpertsError, match="llama is not a mixture of experts"):
+        prune_experts(tiny_model("llama"), ExpertsConfig(fraction=0.5), calibration_ids())
+
+
+# --- the other kinds on mixtures of experts ------------------------------------------------------------------
+
+
+def test_depth_rewrites_which_blocks_are_dense(tmp_path):
+    model = tiny_model("qwen3_moe", num_hidden_layers=3, mlp_only_layers=[2])
+    assert [hasattr(b.mlp, "experts") for b in model.model.layers] == [True, True, False]
+    prune(model, build_stage({"method": "angular", "remove_blocks": 1, "remove_last": False, "compensate": False}),
+          calibration_ids(), progress=False)  # fmt: skip
+    assert model.config.mlp_only_layers == [1] and model.config.num_hidden_layers == 2
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = calibration_ids()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("method,args", [
+    ("wanda", ["--sparsity", "0.5"]),
+    ("width", ["--remove-fraction", "0.2"]),
+])  # fmt: skip
+def test_kinds_that_would_miss_the_experts_refuse_in_one_line(method, args, model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(["prune", model_dir("qwen3_moe"), "--method", method, *args, "--calib", text_file, *SMALL,
+                        "--out", out], capsys)  # fmt: skip
+    assert code == 2 and not out.exists()
+    [line] = [ln for ln in err.splitlines() if ln.startswith("secateur: error")]
+    assert "fused 3-D expert weights of qwen3_moe" in line and "--method experts" in line
+
+
+def test_cli_experts_then_depth_with_a_manifest_and_report_section(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[[stage]]\nmethod = "experts"\ncriterion = "reap"\nremove_fraction = 0.5\n'
+                      '[[stage]]\nmethod = "block-influence"\nremove_blocks = 1\nremove_last = true\n')
+    code, stdout, err = run(["prune", model_dir("qwen2_moe"), "--recipe", recipe, "--calib", text_file, *SMALL,
+                             "--out", out], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "experts (reap): 8 -> 4 routed experts in each of 2 MoE blocks (top-2 routing kept)" in stdout
+    manifest = json.loads((out / "secateur.json").read_text())
+    first, second = manifest["history"]
+    assert first["kind"] == "experts" and len(first["result"]["blocks"]) == 2
+    assert second["kind"] == "depth" and second["result"]["blocks_after"] == 1
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_experts == 4 and reloaded.config.num_hidden_layers == 1
+    from secateur.recipe import KINDS
+
+    section = KINDS["experts"].report(first)
+    assert section.title == "Experts (reap)" and len(section.rows) == 2
