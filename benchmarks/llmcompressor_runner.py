@@ -17,7 +17,7 @@ import torch
 BLOCKS = [r"re:model\.layers\.\d+$"]  # decoder blocks: their linear layers are pruned (lm_head is not)
 
 
-def modifier(method: str, sparsity: float, structure: str, owl: bool = False):
+def modifier(method: str, sparsity: float, structure: str, owl: bool = False, report: str | None = None):
     # OWL: llm-compressor's own defaults for the outlier threshold and the range (owl_m=5, owl_lmbda=0.08)
     extra = {"sparsity_profile": "owl", "owl_m": 5, "owl_lmbda": 0.08} if owl else {}
     if method == "wanda":
@@ -28,6 +28,10 @@ def modifier(method: str, sparsity: float, structure: str, owl: bool = False):
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
         return SparseGPTModifier(sparsity=sparsity, mask_structure=structure, targets=BLOCKS, **extra)
+    if method == "reap":  # removes `sparsity` of every MoE block's experts; structure does not apply
+        from llmcompressor.modifiers.pruning import REAPPruningModifier
+
+        return REAPPruningModifier(sparsity=sparsity, report_path=report)
     raise SystemExit(f"unknown method {method}")
 
 
@@ -39,7 +43,9 @@ def main() -> None:
     parser.add_argument("--structure", default="0:0", help='"0:0" (unstructured) or "N:M"')
     parser.add_argument("--calib", required=True, help="torch file with a (samples, seq_len) id tensor")
     parser.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity")
-    parser.add_argument("--out", required=True, help="safetensors file for the pruned state dict")
+    parser.add_argument("--out", required=True, help="safetensors file for the pruned state dict (reap: a HF "
+                                                     "directory, shapes change)")
+    parser.add_argument("--report", help="reap: JSON file of the experts kept per MoE block")
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -55,12 +61,16 @@ def main() -> None:
     oneshot(
         model=model,
         dataset=data,
-        recipe=[modifier(args.method, args.sparsity, args.structure, args.owl)],
+        recipe=[modifier(args.method, args.sparsity, args.structure, args.owl, args.report)],
         num_calibration_samples=len(ids),
         max_seq_length=ids.shape[1],
         shuffle_calibration_samples=False,
     )
     seconds = time.perf_counter() - start
+    if args.method == "reap":
+        model.save_pretrained(args.out)
+        print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib()}), flush=True)
+        return
     state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
     save_file(state, args.out)
     print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib()}), flush=True)

@@ -239,3 +239,103 @@ def test_cli_experts_then_depth_with_a_manifest_and_report_section(model_dir, te
 
     section = KINDS["experts"].report(first)
     assert section.title == "Experts (reap)" and len(section.rows) == 2
+
+
+# --- the MoEfied proxy ----------------------------------------------------------------------------------------
+
+
+def test_moefication_with_every_expert_routed_is_the_dense_model(tmp_path):
+    from secateur.experts.moefy import balanced_kmeans, moefy
+
+    dense = tiny_model("llama")
+    ids = calibration_ids()
+    moe = moefy(dense, ids, experts=8, top_k=8, temperature=0.0)
+    assert moe.config.model_type == "mixtral" and moe.config.intermediate_size == 16
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    labels = balanced_kmeans(torch.randn(40, 5), 4)
+    assert torch.bincount(labels).tolist() == [10] * 4
+    # two clear clusters of rows are found as they are
+    rows = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(3, 1), torch.tensor([[0.0, 1.0]]).repeat(3, 1)])
+    labels = balanced_kmeans(rows + 0.01 * torch.randn(6, 2), 2)
+    assert len(set(labels[:3].tolist())) == 1 and len(set(labels[3:].tolist())) == 1 and labels[0] != labels[3]
+    routed = moefy(dense, ids, experts=8, top_k=2)
+    routed.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, routed(ids).logits)
+
+
+# --- expert width and merging ----------------------------------------------------------------------------------
+
+
+def test_expert_width_channel_scores_by_hand():
+    gate_up = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]])  # 1 expert, width 2: gate rows, up rows
+    down = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])
+    x = torch.tensor([[2.0, 1.0], [1.0, -1.0]])
+    stats = ExpertStats(1, "cpu", width=2)
+    stats.update(x, torch.zeros(2, 1), torch.tensor([[0], [0]]), torch.tensor([[0.5], [1.0]]), gate_up, down,
+                 lambda t: t)  # fmt: skip
+    # a = (gate x) * (up x): token 0: [2*2, 1*3] = [4, 3]; token 1: [1*1, -1*0] = [1, 0]
+    assert stats.channels[0].tolist() == pytest.approx([0.5 * 4 + 1.0 * 1, 0.5 * 3 + 1.0 * 0])
+
+
+def test_expert_width_keeps_the_best_channels_of_every_expert_and_reloads(tmp_path):
+    model = tiny_model("qwen3_moe")
+    before = model.model.layers[0].mlp.experts.gate_up_proj.clone()
+    ids = calibration_ids()
+    report = prune(model, build_stage({"method": "expert-width", "remove_fraction": 0.5}), ids, progress=False)
+    result = report.stages[0]["result"]
+    assert (result["width_before"], result["width_after"]) == (32, 16) and model.config.moe_intermediate_size == 16
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (8, 32, 64) and experts.down_proj.shape == (8, 64, 16)
+    rows = {tuple(r.tolist()) for r in before[0]}  # every kept gate and up row is one of the expert's own
+    assert all(tuple(r.tolist()) in rows for r in experts.gate_up_proj[0])
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_each_method_takes_its_own_keys():
+    with pytest.raises(ConfigError, match="--round-to belongs to width and experts \\(expert-width\\), not to experts,"):
+        build_stage({"method": "experts", "remove_fraction": 0.5, "round_to": 4})
+    with pytest.raises(ConfigError, match="--criterion belongs to experts \\(experts\\)"):
+        build_stage({"method": "expert-width", "remove_fraction": 0.5, "criterion": "frequency"})
+    with pytest.raises(ConfigError, match="--criterion applies only with --method experts without --merge"):
+        build_stage({"method": "experts", "remove_fraction": 0.5, "merge": True, "criterion": "frequency"})
+
+
+def test_clustering_by_hand():
+    similarity = torch.tensor([[1.0, 0.9, 0.1, 0.2], [0.9, 1.0, 0.3, 0.0], [0.1, 0.3, 1.0, 0.8], [0.2, 0.0, 0.8, 1.0]])
+    assert criteria.cluster(similarity, 2) == [[0, 1], [2, 3]]
+    assert criteria.cluster(similarity, 3) == [[0, 1], [2], [3]]
+
+
+def test_merging_identical_experts_is_exact_and_weights_by_routed_tokens():
+    from secateur.experts.prune import merge_experts
+
+    model = tiny_model("mixtral")
+    block = model.model.layers[0]
+    experts = block.mlp.experts
+    experts.gate_up_proj.data[1] = experts.gate_up_proj.data[0]
+    experts.down_proj.data[1] = experts.down_proj.data[0]
+    gate_up, down, router = experts.gate_up_proj.clone(), experts.down_proj.clone(), block.mlp.gate.weight.clone()
+    weights = torch.tensor([3.0, 5.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0])
+    merge_experts(block, adapter_for(model), [[0, 1], [2, 3], [4], [5], [6], [7]], weights)
+    assert torch.equal(experts.gate_up_proj[0], gate_up[0]) and torch.equal(experts.down_proj[0], down[0])
+    torch.testing.assert_close(experts.gate_up_proj[1], 0.25 * gate_up[2] + 0.75 * gate_up[3])
+    assert torch.equal(block.mlp.gate.weight[:2], router[[1, 3]])  # the heavier member's row (5 > 3; 3 > 1)
+    assert experts.num_experts == block.mlp.gate.weight.shape[0] == 6
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_merging_reloads_with_stock_from_pretrained(family, tmp_path):
+    model = tiny_model(family)
+    ids = calibration_ids()
+    report = prune(model, build_stage({"method": "experts", "merge": True, "remove_fraction": 0.5}), ids,
+                   progress=False)  # fmt: skip
+    blocks = report.stages[0]["result"]["blocks"]
+    assert all(sorted(j for c in b["clusters"] for j in c) == list(range(8)) and len(b["clusters"]) == 4
+               for b in blocks)  # fmt: skip
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)

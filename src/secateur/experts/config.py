@@ -8,34 +8,55 @@ from secateur.errors import ConfigError
 from secateur.experts.criteria import CRITERIA
 from secateur.schema import Requires, option, refuse_inapplicable
 
+COUNT = Requires(lambda c: not c.width, "--method experts")
+WIDTH = Requires(lambda c: c.width, "--method expert-width")
+METHODS = ("experts", "expert-width")
+
 
 @dataclass(frozen=True)
 class ExpertsConfig:
-    """Remove routed experts from every MoE block: `fraction` of them, or `count` per block.
+    """Prune the routed experts of every MoE block along one axis.
 
-    criterion: reap (default; REAP's gate-weighted output norm over the tokens routed to the
-      expert), frequency (tokens routed), naee (the kept set that best reproduces the block's routed
-      output), random (the baseline). Every MoE block keeps the same number of experts, so the stock
-      config and `from_pretrained` reload the output.
+    `--method experts` removes `fraction` of every block's experts (or `count` of them) with their
+    router rows; criterion: reap (default; REAP's gate-weighted output norm over the tokens routed to
+    the expert), frequency (tokens routed), naee (the kept set that best reproduces the block's
+    routed output), random (the baseline). With `merge`, clusters of experts that behave alike (their
+    outputs on the same calibration tokens) are merged instead, each into one expert: the members'
+    weights averaged by how many tokens each was routed, the router row of the most-routed member
+    (M-SMoE / HC-SMoE). Every block keeps the same number of experts, so the stock config and
+    `from_pretrained` reload the output.
+    `--method expert-width` removes `fraction` of every expert's MLP channels (Minitron's expert FFN
+    axis), the same number in every expert (a stock config holds one expert width); a channel's score
+    is the sum over the tokens routed to its expert of gate weight x |activation| x the norm of its
+    down-projection column.
     min_tokens: experts routed fewer calibration tokens than this in a block are reported (their
       scores rest on little data); they are scored on what they saw.
-    search_tokens: naee reconstructs the block's output on this many calibration tokens per block
-      (every expert's output on all of them is held in memory).
+    search_tokens: naee and merge compare every expert's output on this many calibration tokens per
+      block (held in memory: experts x tokens x hidden floats).
     """
 
-    criterion: str = option("reap", "expert score: reap, frequency, naee or random", choices=lambda: tuple(CRITERIA))
-    fraction: float | None = option(None, "fraction of every MoE block's routed experts to remove", key="remove_fraction")
-    count: int | None = option(None, "routed experts to remove from every MoE block", key="remove_experts")
+    criterion: str = option("reap", "expert score: reap, frequency, naee or random", choices=lambda: tuple(CRITERIA),
+                            requires=Requires(lambda c: not c.width and not c.merge, "--method experts without --merge"))
+    fraction: float | None = option(None, "experts: fraction of every MoE block's routed experts to remove; "
+                                          "expert-width: fraction of every expert's channels", key="remove_fraction")
+    count: int | None = option(None, "routed experts to remove from every MoE block", key="remove_experts", requires=COUNT)
+    merge: bool = option(False, "merge clusters of similar experts (weights averaged by routed tokens) instead of "
+                                "removing experts", requires=COUNT)
     min_tokens: int = option(16, "report experts routed fewer calibration tokens than this")
-    search_tokens: int = option(4096, "naee: calibration tokens per block the search reconstructs",
-                                requires=Requires(lambda c: c.criterion == "naee", "--criterion naee"))
+    search_tokens: int = option(4096, "naee and merge: calibration tokens per block on which experts' outputs are "
+                                      "compared", requires=Requires(lambda c: c.criterion == "naee" or c.merge,
+                                                                    "--criterion naee or --merge"))
     draw_seed: int = option(0, "random: the draw's seed", requires=Requires(lambda c: c.criterion == "random",
                                                                               "--criterion random"))
+    round_to: int = option(8, "expert-width: expert widths are multiples of this", requires=WIDTH)
+    width: bool = False  # set by the method (expert-width), not an option
 
     def __post_init__(self) -> None:
         refuse_inapplicable(self)
         if self.criterion not in CRITERIA:
             raise ConfigError(f"--criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.width and self.fraction is None:
+            raise ConfigError("expert-width needs --remove-fraction: the fraction of every expert's channels to remove")
         if (self.fraction is None) == (self.count is None):
             raise ConfigError("expert pruning needs exactly one of --remove-fraction (of every MoE block's experts) "
                               "and --remove-experts (per block)")
@@ -43,16 +64,21 @@ class ExpertsConfig:
             raise ConfigError(f"--remove-fraction must be in (0, 1), got {self.fraction}")
         if self.count is not None and self.count < 1:
             raise ConfigError(f"--remove-experts must be at least 1, got {self.count}")
-        if self.min_tokens < 0 or self.search_tokens < 1:
-            raise ConfigError("--min-tokens must be at least 0 and --search-tokens at least 1")
+        if self.min_tokens < 0 or self.search_tokens < 1 or self.round_to < 1:
+            raise ConfigError("--min-tokens must be at least 0, --search-tokens and --round-to at least 1")
 
     @property
     def method_name(self) -> str:
-        return "experts"
+        return METHODS[self.width]
 
     @property
     def needs_calibration(self) -> bool:
-        return self.criterion != "random"
+        return self.width or self.merge or self.criterion != "random"
+
+    @property
+    def needs_sample(self) -> bool:
+        """Whether every expert's output on a token sample is compared (naee, merge)."""
+        return not self.width and (self.merge or CRITERIA[self.criterion].search)
 
     def removed(self, experts: int, top_k: int) -> int:
         """How many of a block's `experts` go; the rest must still hold the `top_k` each token needs."""
@@ -63,3 +89,11 @@ class ExpertsConfig:
             raise ConfigError(f"removing {remove} of {experts} experts leaves {experts - remove}, fewer than the "
                               f"{top_k} every token is routed to: remove at most {experts - top_k}")
         return remove
+
+    def kept_channels(self, width: int) -> int:
+        """How many of an expert's `width` channels stay (a multiple of round_to, at least one multiple)."""
+        keep = max(self.round_to, round((1 - self.fraction) * width / self.round_to) * self.round_to)
+        if keep >= width:
+            raise ConfigError(f"--remove-fraction {self.fraction} of {width} channels rounded to multiples of "
+                              f"{self.round_to} removes none; ask for more or lower --round-to")
+        return keep

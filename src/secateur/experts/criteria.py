@@ -63,3 +63,14 @@ def search_removal(experts: int, remove: int, error: Error) -> list[int]:
         drop = min(kept, key=lambda j: error([k for k in kept if k != j]))
         kept.remove(drop)
     return sorted(set(range(experts)) - set(kept))
+
+
+def cluster(similarity: Tensor, groups: int) -> list[list[int]]:
+    """Agglomerative clustering with average linkage: `similarity` (n, n) -> `groups` clusters, each
+    sorted, in the order of their smallest member."""
+    clusters = [[j] for j in range(similarity.shape[0])]
+    while len(clusters) > groups:
+        pairs = itertools.combinations(range(len(clusters)), 2)
+        a, b = max(pairs, key=lambda p: (float(similarity[clusters[p[0]]][:, clusters[p[1]]].mean()), -p[0], -p[1]))
+        clusters[a] = sorted(clusters[a] + clusters.pop(b))
+    return sorted(clusters)

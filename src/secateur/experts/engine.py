@@ -14,26 +14,29 @@ from torch import Tensor, nn
 
 from secateur.calibrate.stream import BlockInputs, run_block, stream_blocks
 from secateur.experts.config import ExpertsConfig
-from secateur.experts.criteria import CRITERIA, lowest, search_removal
-from secateur.experts.prune import (ExpertsError, keep_experts, routed_output, router_over, set_count,
-                                    sparse_blocks)
+from secateur.experts.criteria import CRITERIA, cluster, lowest, search_removal
+from secateur.experts.prune import (ExpertsError, keep_experts, merge_experts, routed_output, router_over, set_count,
+                                    slim_experts, sparse_blocks)
 from secateur.experts.stats import ExpertStats, expert_output
 from secateur.models import Adapter, adapter_for
 
 
 @dataclass
 class ExpertsReport:
-    criterion: str
+    method: str  # experts or expert-width
+    criterion: str  # reap, frequency, naee, random or merge (experts)
     experts_before: int
     experts_after: int
     top_k: int
-    blocks: list[dict[str, Any]] = field(default_factory=list)  # per MoE block: removed, scores, statistics
+    width_before: int | None = None  # expert-width: channels per expert
+    width_after: int | None = None
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # per MoE block: what went, scores, statistics
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"criterion": self.criterion, "experts_before": self.experts_before,
-                "experts_after": self.experts_after, "top_k": self.top_k, "blocks": self.blocks,
-                "seconds": self.seconds}  # fmt: skip
+        return {"method": self.method, "criterion": self.criterion, "experts_before": self.experts_before,
+                "experts_after": self.experts_after, "top_k": self.top_k, "width_before": self.width_before,
+                "width_after": self.width_after, "blocks": self.blocks, "seconds": self.seconds}  # fmt: skip
 
 
 class _Recorder:
@@ -72,15 +75,21 @@ class _Recorder:
                 run_block(block, hidden, extra)
 
 
+def _sample_outputs(recorder: _Recorder) -> tuple[Tensor, Tensor]:
+    """The sampled tokens (tokens, hidden) and every expert's output on them (experts, tokens, hidden)."""
+    x = torch.cat(recorder.kept)
+    experts = recorder.experts
+    outputs = torch.stack([expert_output(experts.gate_up_proj[j], experts.down_proj[j], experts.act_fn, x)
+                           for j in range(experts.gate_up_proj.shape[0])])  # fmt: skip
+    return x, outputs
+
+
 @torch.no_grad()
 def _search(recorder: _Recorder, remove: int) -> list[int]:
     """NAEE-style: the removal whose kept experts, routed as the pruned router will route, best
     reproduce the experts module's output on the sampled tokens."""
-    x = torch.cat(recorder.kept)  # (tokens, hidden)
-    experts = recorder.experts
-    count = experts.gate_up_proj.shape[0]
-    outputs = torch.stack([expert_output(experts.gate_up_proj[j], experts.down_proj[j], experts.act_fn, x)
-                           for j in range(count)])  # (experts, tokens, hidden)  # fmt: skip
+    x, outputs = _sample_outputs(recorder)
+    count = outputs.shape[0]
 
     def output(kept: list[int]) -> Tensor:
         _, weights, indices = router_over(recorder.router, kept)(x)
@@ -90,60 +99,98 @@ def _search(recorder: _Recorder, remove: int) -> list[int]:
     return search_removal(count, remove, lambda kept: float((output(kept) - reference).square().sum()))
 
 
-def _choose(config: ExpertsConfig, recorder: _Recorder | None, count: int, remove: int, index: int) -> tuple[list[int], list[float] | None]:
+def _remove(block: nn.Module, adapter: Adapter, config: ExpertsConfig, recorder: _Recorder | None, count: int,
+            remove: int, index: int) -> dict[str, Any]:  # fmt: skip
     criterion = CRITERIA[config.criterion]
     if criterion.search:
-        return _search(recorder, remove), None
-    stats = recorder.stats if recorder is not None else ExpertStats(count, "cpu")
-    scores = criterion.score(stats, config.draw_seed + index)
-    return lowest(scores, remove), scores.tolist()
+        removed, scores = _search(recorder, remove), None
+    else:
+        stats = recorder.stats if recorder is not None else ExpertStats(count, "cpu")
+        values = criterion.score(stats, config.draw_seed + index)
+        removed, scores = lowest(values, remove), values.tolist()
+    keep_experts(block, adapter, [j for j in range(count) if j not in removed])
+    return {"removed": removed, "scores": scores}
+
+
+@torch.no_grad()
+def _merge(block: nn.Module, adapter: Adapter, config: ExpertsConfig, recorder: _Recorder, count: int,
+           remove: int, index: int) -> dict[str, Any]:  # fmt: skip
+    """Cluster the experts by the cosine similarity of their outputs on the sampled tokens, merge each
+    cluster, weighting members by the tokens routed to them."""
+    _, outputs = _sample_outputs(recorder)
+    flat = nn.functional.normalize(outputs.flatten(1).double(), dim=1)  # (experts, tokens x hidden)
+    clusters = cluster(flat @ flat.T, count - remove)
+    merge_experts(block, adapter, clusters, recorder.stats.count)
+    return {"clusters": clusters, "removed": [j for c in clusters for j in c[1:]]}
+
+
+def _slim(block: nn.Module, adapter: Adapter, config: ExpertsConfig, recorder: _Recorder, count: int,
+          remove: int, index: int) -> dict[str, Any]:  # fmt: skip
+    """Every expert keeps its channels of highest gate-weighted activation x down-projection norm."""
+    experts = recorder.experts
+    width = experts.down_proj.shape[2]
+    keep = config.kept_channels(width)
+    scores = recorder.stats.channels * experts.down_proj.detach().double().norm(dim=1)  # (experts, width)
+    kept = scores.topk(keep, dim=1).indices.sort(dim=1).values.cpu()
+    slim_experts(block, adapter, kept)
+    return {"width_before": width, "width_after": keep}
+
+
+def _apply(config: ExpertsConfig):
+    return _slim if config.width else _merge if config.merge else _remove
 
 
 def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor | None, *,
                   device: str | torch.device = "cpu", batch_size: int = 4) -> ExpertsReport:  # fmt: skip
-    """Remove routed experts from every MoE block of `model` in place; the config follows."""
+    """Remove, merge or slim the routed experts of every MoE block of `model` in place; the config
+    follows."""
     adapter = adapter_for(model)
     if adapter.experts is None:
-        raise ExpertsError(f"{adapter.family} is not a mixture of experts: there are no experts to remove")
+        raise ExpertsError(f"{adapter.family} is not a mixture of experts: there are no experts to prune")
     sparse = sparse_blocks(model, adapter)
     blocks = adapter.block_list(model)
     counts = {blocks[i].get_submodule(adapter.experts.router).weight.shape[0] for i in sparse}
     if len(counts) != 1:
-        raise ExpertsError(f"the MoE blocks hold different expert counts {sorted(counts)}; secateur removes the same "
-                           "number from blocks of one count")
+        raise ExpertsError(f"the MoE blocks hold different expert counts {sorted(counts)}; secateur prunes blocks of "
+                           "one count")
     count, top_k = counts.pop(), getattr(model.config, adapter.experts.top_k_key)
-    remove = config.removed(count, top_k)
+    remove = 0 if config.width else config.removed(count, top_k)
+    if config.width:
+        config.kept_channels(getattr(model.config, adapter.experts.width_key))  # refused before any pass
     has_calibration = calibration is not None and calibration.ndim == 2 and len(calibration) > 0
     if config.needs_calibration and not has_calibration:
-        raise ExpertsError(f"--criterion {config.criterion} needs calibration: a (samples, seq_len) tensor of token ids")
+        raise ExpertsError(f"{config.method_name} ({'merge' if config.merge else config.criterion}) needs calibration: "
+                           "a (samples, seq_len) tensor of token ids")
     start = time.perf_counter()
-    report = ExpertsReport(config.criterion, count, count - remove, top_k)
+    report = ExpertsReport(config.method_name, "merge" if config.merge else config.criterion, count, count - remove,
+                           top_k)  # fmt: skip
     device = torch.device(device)
     model.eval()
     if not config.needs_calibration:
         for index in sparse:
-            removed, scores = _choose(config, None, count, remove, index)
-            keep_experts(blocks[index], adapter, [j for j in range(count) if j not in removed])
-            report.blocks.append({"block": index, "removed": removed, "scores": scores})
+            report.blocks.append({"block": index, **_remove(blocks[index], adapter, config, None, count, remove, index)})
     else:
         with torch.no_grad():
             for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "experts"):
                 if index in sparse:
                     report.blocks.append(_prune_block(block, adapter, config, inputs, index, count, remove))
                 inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
-    set_count(model, adapter, [count - remove])
+    if config.width:
+        report.width_before, report.width_after = report.blocks[0]["width_before"], report.blocks[0]["width_after"]
+        setattr(model.config, adapter.experts.width_key, report.width_after)
+    else:
+        set_count(model, adapter, [count - remove])
     report.seconds = time.perf_counter() - start
     return report
 
 
 def _prune_block(block: nn.Module, adapter: Adapter, config: ExpertsConfig, inputs: BlockInputs, index: int,
                  count: int, remove: int) -> dict[str, Any]:  # fmt: skip
-    search = CRITERIA[config.criterion].search
-    stats = ExpertStats(count, next(block.parameters()).device)
-    recorder = _Recorder(block, adapter, stats, config.search_tokens if search else 0)
+    experts = block.get_submodule(adapter.experts.experts)
+    stats = ExpertStats(count, next(block.parameters()).device, experts.down_proj.shape[2] if config.width else 0)
+    recorder = _Recorder(block, adapter, stats, config.search_tokens if config.needs_sample else 0)
     recorder.run(block, inputs, index)
-    removed, scores = _choose(config, recorder, count, remove, index)
-    keep_experts(block, adapter, [j for j in range(count) if j not in removed])
+    done = _apply(config)(block, adapter, config, recorder, count, remove, index)
     few = [j for j in range(count) if stats.count[j] < config.min_tokens]
-    return {"block": index, "removed": removed, "scores": scores, "tokens": stats.tokens,
-            "few_tokens": few, "few_tokens_removed": [j for j in few if j in removed], **stats.to_dict()}
+    return {"block": index, **done, "tokens": stats.tokens, "few_tokens": few,
+            "few_tokens_removed": [j for j in few if j in done.get("removed", [])], **stats.to_dict()}

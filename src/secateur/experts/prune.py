@@ -67,3 +67,40 @@ def set_count(model: nn.Module, adapter: Adapter, counts: Sequence[int]) -> None
 def sparse_blocks(model: nn.Module, adapter: Adapter) -> list[int]:
     blocks = adapter.block_list(model)
     return [i for i, block in enumerate(blocks) if adapter.experts.sparse(block)]
+
+
+def slim_experts(block: nn.Module, adapter: Adapter, kept: Tensor) -> None:
+    """Keep channels `kept` (experts, channels), the same number in every expert, of `block`'s
+    experts: their gate and up rows and their down-projection columns."""
+    experts = block.get_submodule(adapter.experts.experts)
+    width = experts.down_proj.shape[2]
+    gate_up, down = experts.gate_up_proj.data, experts.down_proj.data  # (E, 2w, h), (E, h, w)
+    rows = torch.cat([kept, kept + width], dim=1).to(gate_up.device)  # (E, 2k): gate rows, then up rows
+    experts.gate_up_proj.data = torch.stack([gate_up[j, rows[j]] for j in range(len(kept))])
+    experts.down_proj.data = torch.stack([down[j][:, kept[j].to(down.device)] for j in range(len(kept))])
+    if isinstance(getattr(experts, "intermediate_dim", None), int):
+        experts.intermediate_dim = kept.shape[1]
+
+
+def merge_experts(block: nn.Module, adapter: Adapter, clusters: Sequence[Sequence[int]], weights: Tensor) -> None:
+    """Merge every cluster of `block`'s experts into one: the experts' tensors averaged with
+    `weights` (experts,) within the cluster, the router's rows taken from the cluster's heaviest
+    member. Clusters are kept in the order given."""
+    spec = adapter.experts
+    router, experts = block.get_submodule(spec.router), block.get_submodule(spec.experts)
+    count = router.weight.shape[0]
+    members = sorted(j for cluster in clusters for j in cluster)
+    if members != list(range(count)):
+        raise ExpertsError(f"clusters {list(map(list, clusters))} do not partition the {count} experts")
+    lead = torch.tensor([max(cluster, key=lambda j: (float(weights[j]), -j)) for cluster in clusters])
+    share = torch.zeros(len(clusters), count, dtype=torch.float64)  # (clusters, experts): averaging weights
+    for c, cluster in enumerate(clusters):
+        w = weights[list(cluster)].double()
+        share[c, list(cluster)] = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(cluster))
+    for name, tensor in list(experts.named_parameters(recurse=False)):
+        if tensor.shape[0] == count:
+            flat = tensor.data.double().reshape(count, -1)
+            tensor.data = (share.to(flat.device) @ flat).reshape(len(clusters), *tensor.shape[1:]).to(tensor.dtype)
+    if isinstance(getattr(experts, "num_experts", None), int):
+        experts.num_experts = len(clusters)
+    _slice_rows(router, count, lead)

@@ -8,8 +8,23 @@ from torch import Tensor, nn
 
 from secateur.config import CalibConfig
 from secateur.experts import ExpertsConfig, prune_experts
+from secateur.experts.config import METHODS
 from secateur.recipe import Section, Settings, StageContext, StageKind, register
-from secateur.schema import fill, flatten, options_of
+from secateur.schema import Option, fill, flatten, options_of
+
+
+WIDTH_KEYS = ("remove_fraction", "min_tokens", "round_to")
+
+
+def _options(method: str) -> dict[str, Option]:
+    options = options_of(ExpertsConfig)
+    if method == "expert-width":
+        return {k: options[k] for k in WIDTH_KEYS}
+    return {k: o for k, o in options.items() if k != "round_to"}
+
+
+def _build(method: str, settings: Settings) -> ExpertsConfig:
+    return fill(ExpertsConfig, settings, width=method == "expert-width")
 
 
 def _run(model: nn.Module, config: ExpertsConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
@@ -30,30 +45,48 @@ def _few(result: dict[str, Any]) -> str:
             "calibration (--calib-samples) measures them better")
 
 
+def _what(r: dict[str, Any]) -> str:
+    if r["method"] == "expert-width":
+        return f"{r['width_before']} -> {r['width_after']} channels in every routed expert"
+    verb = "merged into" if r["criterion"] == "merge" else "->"
+    return f"{r['experts_before']} {verb} {r['experts_after']} routed experts"
+
+
 def _summary(record: dict[str, Any]) -> str:
     r = record["result"]
-    return (f"experts ({r['criterion']}): {r['experts_before']} -> {r['experts_after']} routed experts in each of "
-            f"{len(r['blocks'])} MoE blocks (top-{r['top_k']} routing kept), {r['parameters_before']:,} -> "
-            f"{r['parameters_after']:,} parameters in {record['seconds']:.1f} s" + _few(r))
+    how = "" if r["method"] == "expert-width" else f" ({r['criterion']})"
+    return (f"{r['method']}{how}: {_what(r)} in each of {len(r['blocks'])} MoE blocks (top-{r['top_k']} routing "
+            f"kept), {r['parameters_before']:,} -> {r['parameters_after']:,} parameters in {record['seconds']:.1f} s"
+            + _few(r))
+
+
+def _gone(block: dict[str, Any]) -> str:
+    if "clusters" in block:
+        return " ".join("+".join(map(str, c)) for c in block["clusters"] if len(c) > 1)
+    return ", ".join(map(str, block.get("removed", []))) or "-"
 
 
 def _report(record: dict[str, Any]) -> Section:
+    """What every MoE block lost (experts removed, clusters merged) and how many calibration tokens each
+    expert was routed."""
     r = record["result"]
-    text = (f"{r['experts_before']} -> {r['experts_after']} routed experts per MoE block by {r['criterion']}, "
-            f"{r['parameters_before']:,} -> {r['parameters_after']:,} parameters; every token is still routed to "
-            f"{r['top_k']} experts.")
-    rows = tuple((str(b["block"]), ", ".join(map(str, b["removed"])),
-                  ", ".join(str(int(t)) for t in b.get("tokens_routed", [])) or "-",
-                  ", ".join(map(str, b.get("few_tokens", []))) or "-") for b in r["blocks"])  # fmt: skip
-    return Section(f"Experts ({r['criterion']})", text,
-                   ("block", "removed experts", "calibration tokens routed per expert", "few tokens"), rows)
+    text = (f"{_what(r)} per MoE block, {r['parameters_before']:,} -> {r['parameters_after']:,} parameters; every "
+            f"token is still routed to {r['top_k']} experts.")
+    routed = lambda b: ", ".join(str(int(t)) for t in b.get("tokens_routed", [])) or "-"  # noqa: E731
+    few = lambda b: ", ".join(map(str, b.get("few_tokens", []))) or "-"  # noqa: E731
+    if r["method"] == "expert-width":
+        return Section("Expert width", text, ("block", "calibration tokens routed per expert", "few tokens"),
+                       tuple((str(b["block"]), routed(b), few(b)) for b in r["blocks"]))  # fmt: skip
+    gone = "merged experts" if r["criterion"] == "merge" else "removed experts"
+    return Section(f"Experts ({r['criterion']})", text, ("block", gone, "calibration tokens routed per expert",
+                                                        "few tokens"),
+                   tuple((str(b["block"]), _gone(b), routed(b), few(b)) for b in r["blocks"]))  # fmt: skip
 
 
 KIND = register(StageKind(
-    "experts", ExpertsConfig, lambda: ("experts",), lambda method: options_of(ExpertsConfig),
-    lambda method, settings: fill(ExpertsConfig, settings), flatten, _run,
+    "experts", ExpertsConfig, lambda: METHODS, _options, _build, flatten, _run,
     lambda config: config.needs_calibration, lambda config: CalibConfig(),
     summary=_summary,
-    describe=lambda result: f"experts {result['experts_before']} -> {result['experts_after']} per block",
+    describe=_what,
     report=_report,
 ))  # fmt: skip

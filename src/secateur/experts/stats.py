@@ -15,11 +15,17 @@ from torch import Tensor
 Act = Callable[[Tensor], Tensor]
 
 
+def expert_activation(gate_up: Tensor, act: Act, x: Tensor) -> Tensor:
+    """One expert's channels on tokens `x` (n, hidden): act(gate x) * up x, (n, width).
+    gate_up: (2 x width, hidden), gate rows first."""
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)  # (n, width) each
+    return act(gate) * up
+
+
 def expert_output(gate_up: Tensor, down: Tensor, act: Act, x: Tensor) -> Tensor:
     """One expert on tokens `x` (n, hidden): down(act(gate x) * up x), without the gate weight.
-    gate_up: (2 x width, hidden), gate rows first; down: (hidden, width)."""
-    gate, up = (x @ gate_up.T).chunk(2, dim=-1)  # (n, width) each
-    return (act(gate) * up) @ down.T  # (n, hidden)
+    down: (hidden, width)."""
+    return expert_activation(gate_up, act, x) @ down.T  # (n, hidden)
 
 
 class ExpertStats:
@@ -27,11 +33,14 @@ class ExpertStats:
 
     count[j]: tokens routed to j; gate[j]: the sum of the weights j's output was multiplied by there;
     reap[j]: the sum of weight x ||f_j(x)||_2 there (REAP's numerator); norm[j]: the sum of
-    ||f_j(x)||_2; probability[j]: the router's softmax probability of j summed over all tokens."""
+    ||f_j(x)||_2; probability[j]: the router's softmax probability of j summed over all tokens;
+    channels[j, c]: the sum of weight x |a_c(x)|, expert j's channel c's activation scaled as the
+    block scales j's output (expert width scores)."""
 
-    def __init__(self, experts: int, device: torch.device | str) -> None:
-        zeros = lambda: torch.zeros(experts, dtype=torch.float64, device=device)  # noqa: E731
-        self.count, self.gate, self.reap, self.norm, self.probability = zeros(), zeros(), zeros(), zeros(), zeros()
+    def __init__(self, experts: int, device: torch.device | str, width: int = 0) -> None:
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.count, self.gate, self.reap, self.norm, self.probability = (zeros(experts) for _ in range(5))
+        self.channels = zeros(experts, width)
         self.tokens = 0
 
     def update(self, x: Tensor, logits: Tensor, indices: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor,
@@ -43,7 +52,10 @@ class ExpertStats:
         for j in indices.unique().tolist():
             token, slot = torch.where(indices == j)  # the tokens routed to j and in which top-k slot
             w = weights[token, slot].double()  # (n,)
-            norm = expert_output(gate_up[j], down[j], act, x[token]).double().norm(dim=-1)  # (n,)
+            activation = expert_activation(gate_up[j], act, x[token])  # (n, width)
+            norm = (activation @ down[j].T).double().norm(dim=-1)  # (n,)
+            if self.channels.shape[1]:
+                self.channels[j] += (w[:, None] * activation.double().abs()).sum(dim=0)
             self.count[j] += len(token)
             self.gate[j] += w.sum()
             self.norm[j] += norm.sum()

@@ -1,0 +1,59 @@
+"""What the model benchmarks share: running the CLI (timed, with the child's peak memory), the second
+domain's text, and a model's quality on text no stage saw (perplexity on two domains and the WordNet
+probe)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def cache() -> Path:
+    from secateur.data.enwiki import cache_dir
+
+    return cache_dir()
+
+
+def legal_text() -> Path:
+    """Another domain: the license texts Debian ships (legal English), joined."""
+    target = cache() / "legal-english.txt"
+    if not target.is_file():
+        licenses = Path("/usr/share/common-licenses")
+        files = sorted(p for p in licenses.iterdir() if p.is_file() and not p.is_symlink())
+        target.write_text("\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files))
+    return target
+
+
+def cli(*args) -> str:
+    return cli_timed(*args)[0]
+
+
+def cli_timed(*args) -> tuple[str, float, float]:
+    """`secateur ARGS`: its stdout, wall seconds and peak resident memory in MiB (that child's alone)."""
+    clock = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen([sys.executable, "-m", "secateur.cli", *map(str, args)], stdout=out, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - clock
+        out.seek(0), err.seek(0)
+        if child.returncode != 0:
+            raise SystemExit(f"secateur {' '.join(map(str, args))} failed:\n{err.read()[-3000:]}")
+        return out.read(), seconds, usage.ru_maxrss / 1024
+
+
+def quality(path: Path, eval_args: list[str], probe_items: int) -> dict:
+    """Perplexity on the enwiki evaluation windows and on legal English, and the WordNet probe."""
+    row = {}
+    for label, data in (("enwiki", "enwiki-sample"), ("legal", legal_text())):
+        result = json.loads(cli("eval", path, "--data", data, *eval_args, "--json"))
+        row[f"ppl_{label}"] = result["perplexity"]
+    probe = json.loads(cli("eval", path, "--tasks", "secateur_wordnet", "--limit", probe_items, "--json"))
+    task = probe["tasks"]["secateur_wordnet"]
+    row.update(probe_acc=task["metrics"].get("acc"), probe_items=task["samples"])
+    return row
