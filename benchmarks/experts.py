@@ -1,16 +1,21 @@
-"""Expert pruning on a real-weight mixture of experts: SmolLM2-135M MoEfied into 8 experts per block.
+"""Expert pruning on a real-weight mixture of experts: SmolLM2-135M MoEfied into a shared expert and
+8 routed experts per block.
 
 The model (no pretrained MoE is available offline): SmolLM2-135M-Instruct (the project's default
-model) rewritten by `secateur.experts.moefy` as a stock Mixtral checkpoint: every block's 1,536 MLP
-channels split into 8 experts of 192 by balanced k-means on their co-activation over 16,384
-calibration tokens (enwiki sample, calibration region), a linear router fitted per block to the log
-of each expert's output norm, top-2 routing, attention, norms and embeddings unchanged. Built once
-into ~/.cache/secateur/models/smollm2-moefied-8x192-top2. Quality figures are this proxy's, not a
-pretrained MoE's.
+model) rewritten by `secateur.experts.moefy` as a stock Qwen2-MoE checkpoint: in every block the 768
+of 1,536 MLP channels of highest mean |activation| x down-column norm form an always-on shared
+expert; the other 768 are split into 8 routed experts of 96 by balanced k-means on their
+co-activation; a linear router is fitted per block to the log of each expert's output norm; top-2
+routing (renormalised); attention, norms and embeddings unchanged. Statistics from 16,384 calibration
+tokens (enwiki sample, calibration region, 32 windows, seed 0). Built once into
+~/.cache/secateur/models/smollm2-moefied-s768-8x96-top2. Active MLP channels per token: 960 of 1,536.
+Quality figures are this proxy's, not a pretrained MoE's.
 
-Rows: the dense model, the proxy, then 25% and 50% of each block's experts removed by every
-criterion (`secateur prune --method experts --criterion C`), default calibration (64 x 512 enwiki
-windows). Quality on text no stage saw: protocol v1 perplexity (the first 64 windows of 512 tokens
+Rows: the dense model, the proxy, then 50% and 25% of each block's routed experts removed by every
+criterion (`secateur prune --method experts --criterion C`), merged (`--merge`), and by
+llm-compressor 0.14's REAPPruningModifier on the same calibration windows (its own venv), then 25% and
+50% of every routed expert's channels (`--method expert-width`), and REAP 50% after the default
+recovery. Calibration: secateur's default (64 x 512 enwiki windows). Quality on text no stage saw: protocol v1 perplexity (the first 64 windows of 512 tokens
 of the enwiki sample's evaluation region), legal English (64 windows of Debian's license texts) and
 the WordNet probe (200 items, chance 25%); prune wall time and the prune process's peak memory.
 
@@ -36,13 +41,19 @@ sys.path.insert(0, str(HERE))
 from measure import cache, cli_timed, quality  # noqa: E402
 
 EVAL = ["--windows", "64", "--seq-len", "512"]
-EXPERTS, TOP_K, TEMPERATURE = 8, 2, 1.0
+EXPERTS, TOP_K, TEMPERATURE, SHARED = 8, 2, 1.0, 768
 CRITERIA = ("reap", "frequency", "naee", "random")
-ROWS: dict[str, tuple[str | None, list[str] | None]] = {  # name: (input row, `secateur` arguments)
+pct = lambda fraction: str(round(float(fraction) * 100))  # noqa: E731  "0.25" -> "25"
+EXPERTS_ARGS = ["prune", "--method", "experts", "--remove-fraction"]
+ROWS: dict[str, tuple[str | None, list[str] | None]] = {  # name: (input row, arguments)
     "dense": (None, None),
     "proxy": (None, None),
-    **{f"{c}{int(f * 100)}": ("proxy", ["prune", "--method", "experts", "--criterion", c, "--remove-fraction", str(f)])
-       for f in (0.25, 0.5) for c in CRITERIA},
+    **{name: row for f in ("0.5", "0.25") for name, row in (
+        *((f"{c}{pct(f)}", ("proxy", [*EXPERTS_ARGS, f, "--criterion", c])) for c in CRITERIA),
+        (f"merge{pct(f)}", ("proxy", [*EXPERTS_ARGS, f, "--merge"])),
+        (f"llmc-reap{pct(f)}", ("proxy", ["llm-compressor", f])))},
+    **{f"expert-width{pct(f)}": ("proxy", ["prune", "--method", "expert-width", "--remove-fraction", f])
+       for f in ("0.25", "0.5")},
     "reap50+recovery": ("reap50", ["train"]),
 }
 
@@ -55,7 +66,7 @@ def dense_dir() -> Path:
 
 def proxy_dir() -> Path:
     """The MoEfied SmolLM2, built once."""
-    target = cache() / "models" / f"smollm2-moefied-{EXPERTS}x192-top{TOP_K}"
+    target = cache() / "models" / f"smollm2-moefied-s{SHARED}-{EXPERTS}x{(1536 - SHARED) // EXPERTS}-top{TOP_K}"
     if (target / "config.json").is_file():
         return target
     from secateur.config import CalibConfig
@@ -66,8 +77,9 @@ def proxy_dir() -> Path:
     model, tokenizer = load_model(dense_dir())
     windows = calibration_data(model, tokenizer, CalibConfig(samples=32))
     clock = time.perf_counter()
-    moe = moefy(model, windows, experts=EXPERTS, top_k=TOP_K, temperature=TEMPERATURE)
+    moe = moefy(model, windows, experts=EXPERTS, top_k=TOP_K, temperature=TEMPERATURE, shared=SHARED)
     how = {"moefied_from": str(dense_dir()), "experts": EXPERTS, "top_k": TOP_K, "temperature": TEMPERATURE,
+           "shared": SHARED,
            "calibration": "enwiki-sample, 32 x 512, seed 0", "seconds": time.perf_counter() - clock}  # fmt: skip
     save(moe, tokenizer, target, {"moefication": how})
     return target
@@ -77,11 +89,69 @@ def path_of(name: str) -> Path:
     return {"dense": dense_dir, "proxy": proxy_dir}[name]() if ROWS[name][0] is None else WORK / name
 
 
+def calibration_file() -> Path:
+    """The windows `secateur prune` calibrates on by default, saved for llm-compressor."""
+    target = WORK / "calibration.pt"
+    if not target.exists():
+        import torch
+
+        from secateur.config import CalibConfig
+        from secateur.data.calibration import calibration_data
+        from secateur.io import load_model
+
+        model, tokenizer = load_model(proxy_dir())
+        WORK.mkdir(parents=True, exist_ok=True)
+        torch.save(calibration_data(model, tokenizer, CalibConfig()), target)
+    return target
+
+
+def build_peer(name: str, fraction: str) -> dict:
+    """llm-compressor's REAPPruningModifier (oneshot, its own venv) on the proxy with secateur's default
+    calibration windows. Its Mixtral output does not reload with stock transformers (its experts are
+    saved under names the Mixtral loader does not read), so the experts it kept (its report) are cut
+    from the proxy by secateur and saved; the agreement with secateur's REAP is counted per block."""
+    import subprocess
+
+    from unstructured import peer_python
+
+    out = path_of(name)
+    staging, report = WORK / f"{name}.peer", WORK / f"{name}.report.json"
+    timing = {}
+    if not report.exists():
+        done = subprocess.run([str(peer_python()), str(HERE / "llmcompressor_runner.py"), proxy_dir(), "--method", "reap",
+                               "--sparsity", fraction, "--calib", calibration_file(), "--out", staging,
+                               "--report", report], capture_output=True, text=True, check=True)  # fmt: skip
+        timing = json.loads(done.stdout.strip().splitlines()[-1])
+        (WORK / f"{name}.timing.json").write_text(json.dumps(timing))
+    timing = json.loads((WORK / f"{name}.timing.json").read_text())
+    kept = {int(k.split(".")[2]): v for k, v in json.loads(report.read_text()).items()}
+    if not (out / "secateur.json").exists():
+        from secateur.experts.prune import keep_experts, set_count
+        from secateur.io import load_model, save
+        from secateur.models import adapter_for
+
+        model, tokenizer = load_model(proxy_dir())
+        adapter = adapter_for(model)
+        for index, experts in kept.items():
+            keep_experts(adapter.block_list(model)[index], adapter, experts)
+        set_count(model, adapter, [len(next(iter(kept.values())))])
+        save(model, tokenizer, out, {"llm-compressor": {"kept": kept, **timing}})
+    ours = WORK / name.removeprefix("llmc-") / "secateur.json"
+    agree = None
+    if ours.exists():
+        blocks = json.loads(ours.read_text())["history"][-1]["result"]["blocks"]
+        agree = sum(sorted(set(range(8)) - set(b["removed"])) == sorted(kept[b["block"]]) for b in blocks)
+    return {"seconds_stage": timing["seconds"], "peak_rss_mib": timing["peak_mib"], "blocks_same_kept_set": agree,
+            "removed": [sorted(set(range(8)) - set(kept[i])) for i in sorted(kept)]}  # fmt: skip
+
+
 def build(name: str) -> dict:
     """Prune (or train) the row's model unless it is there: its stage record, time and peak memory."""
     source, args = ROWS[name]
     if args is None:
         return {}
+    if args[0] == "llm-compressor":
+        return build_peer(name, args[1])
     out, timing = path_of(name), {}
     if not (out / "secateur.json").exists():
         printed, seconds, peak = cli_timed(args[0], path_of(source), *args[1:], "--out", out)

@@ -183,7 +183,7 @@ def test_experts_that_see_few_tokens_are_reported():
     assert all(len(b["few_tokens"]) == 8 for b in record["result"]["blocks"])  # 32 tokens x 2 slots < 1000 each
     from secateur.experts.stage import _summary
 
-    assert "16 experts (over 2 blocks) were routed fewer than the --min-tokens" in _summary(record)
+    assert "16 experts (in 2 blocks) were routed fewer than the --min-tokens" in _summary(record)
 
 
 def test_a_dense_model_has_no_experts_to_remove():
@@ -259,7 +259,11 @@ def test_moefication_with_every_expert_routed_is_the_dense_model(tmp_path):
     rows = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(3, 1), torch.tensor([[0.0, 1.0]]).repeat(3, 1)])
     labels = balanced_kmeans(rows + 0.01 * torch.randn(6, 2), 2)
     assert len(set(labels[:3].tolist())) == 1 and len(set(labels[3:].tolist())) == 1 and labels[0] != labels[3]
-    routed = moefy(dense, ids, experts=8, top_k=2)
+    shared = moefy(dense, ids, experts=8, top_k=8, temperature=0.0, shared=64)  # 64 shared + 8 x 8 routed
+    assert shared.config.model_type == "qwen2_moe" and shared.config.moe_intermediate_size == 8
+    with torch.no_grad():
+        torch.testing.assert_close(shared(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    routed = moefy(dense, ids, experts=8, top_k=2, shared=32)
     routed.save_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, routed(ids).logits)

@@ -40,7 +40,8 @@ def _few(result: dict[str, Any]) -> str:
     if not few:
         return ""
     gone = sum(len(b.get("few_tokens_removed", [])) for b in result["blocks"])
-    return (f"\n{few} experts (over {sum(bool(b.get('few_tokens')) for b in result['blocks'])} blocks) were routed fewer "
+    blocks = sum(bool(b.get("few_tokens")) for b in result["blocks"])
+    return (f"\n{few} experts (in {blocks} block{'s' * (blocks != 1)}) were routed fewer "
             f"than the --min-tokens calibration tokens; scored on what they saw, {gone} of them removed. More "
             "calibration (--calib-samples) measures them better")
 
