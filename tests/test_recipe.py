@@ -185,7 +185,8 @@ def sample(option):
 def test_every_flag_is_taken_or_refused_by_every_method():
     """No option is silently ignored: a stage key either belongs to the method or is refused, naming its owners."""
     stage_keys = [k for k in flag_options() if k not in CALIB_OPTIONS and k not in RUN_OPTIONS]
-    base = {"width": {"remove_fraction": 0.3}, "depth": {"remove_fraction": 0.3}, "sparsity": {}, "recovery": {}}
+    base = {"width": {"remove_fraction": 0.3}, "depth": {"remove_fraction": 0.3}, "sparsity": {}, "recovery": {},
+            "experts": {"remove_fraction": 0.3}}
     checked = 0
     for kind in KINDS.values():
         for method in kind.methods():
