@@ -45,16 +45,15 @@ EXPERTS, TOP_K, TEMPERATURE, SHARED = 8, 2, 1.0, 768
 CRITERIA = ("reap", "frequency", "naee", "random")
 pct = lambda fraction: str(round(float(fraction) * 100))  # noqa: E731  "0.25" -> "25"
 EXPERTS_ARGS = ["prune", "--method", "experts", "--remove-fraction"]
-ROWS: dict[str, tuple[str | None, list[str] | None]] = {  # name: (input row, arguments)
+ROWS: dict[str, tuple[str | None, list[str] | None]] = {  # name: (input row, arguments); 50% first
     "dense": (None, None),
     "proxy": (None, None),
     **{name: row for f in ("0.5", "0.25") for name, row in (
         *((f"{c}{pct(f)}", ("proxy", [*EXPERTS_ARGS, f, "--criterion", c])) for c in CRITERIA),
         (f"merge{pct(f)}", ("proxy", [*EXPERTS_ARGS, f, "--merge"])),
-        (f"llmc-reap{pct(f)}", ("proxy", ["llm-compressor", f])))},
-    **{f"expert-width{pct(f)}": ("proxy", ["prune", "--method", "expert-width", "--remove-fraction", f])
-       for f in ("0.25", "0.5")},
-    "reap50+recovery": ("reap50", ["train"]),
+        (f"llmc-reap{pct(f)}", ("proxy", ["llm-compressor", f])),
+        (f"expert-width{pct(f)}", ("proxy", ["prune", "--method", "expert-width", "--remove-fraction", f])),
+        *(((f"reap{pct(f)}+recovery", (f"reap{pct(f)}", ["train"])),) if f == "0.5" else ()))},
 }
 
 
@@ -169,8 +168,9 @@ def measure(name: str, probe_items: int) -> dict:
     if row.get("parameters") is None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        config = AutoConfig.from_pretrained(path_of(name))
         with __import__("torch").device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path_of(name)))
+            model = AutoModelForCausalLM.from_config(config)
         row["parameters"] = sum(p.numel() for p in model.parameters())
     row.update(quality(path_of(name), EVAL, probe_items))
     row["wall_seconds"] = time.perf_counter() - clock
