@@ -343,3 +343,12 @@ def test_merging_reloads_with_stock_from_pretrained(family, tmp_path):
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_info_says_what_the_mixture_holds(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(["prune", model_dir("mixtral"), "--method", "expert-width", "--remove-fraction", "0.5",
+                        "--calib", text_file, *SMALL, "--out", out], capsys)  # fmt: skip
+    assert code == 0, err
+    code, stdout, _ = run(["info", out], capsys)
+    assert "mixture of experts: 8 routed experts of 16 channels in 2 of 2 blocks, top-2 routing" in stdout

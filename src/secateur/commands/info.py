@@ -43,12 +43,17 @@ def run(args: argparse.Namespace) -> int:
         "layers": [{"name": n, "shape": list(s), "sparsity": z} for n, s, z in layers],
         "nonfinite": {name: count for name, count in bad},
         "manifest": read_manifest(args.model) if not str(args.model).endswith(".gguf") else None,
+        "experts": experts_of(model),
     }
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"{info['architecture']} ({info['model_type']}): {info['blocks']} blocks, hidden {info['hidden_size']}")
     print(f"parameters {total:,} (nonzero {nonzero:,}); prunable {target:,}, sparsity {info['target_sparsity']:.4f}")
+    if info["experts"]:
+        e = info["experts"]
+        print(f"mixture of experts: {e['routed_experts']} routed experts of {e['expert_width']} channels in "
+              f"{e['moe_blocks']} of {info['blocks']} blocks, top-{e['top_k']} routing")
     if bad:
         print(f"WARNING: {sum(c for _, c in bad):,} NaN/Inf values in {len(bad)} tensors, first {bad[0][0]}")
     print_layer_grid(layers)
@@ -61,6 +66,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"stage {number}: {summary(stage)}")
     print_structure(structure_section(manifest))
     return 0
+
+
+def experts_of(model) -> dict | None:
+    """A mixture of experts' counts, as its config holds them (None for a dense model)."""
+    from secateur.models import UnsupportedModelError, adapter_for
+    from secateur.experts.prune import sparse_blocks
+
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedModelError:
+        return None
+    spec, config = adapter.experts, model.config
+    if spec is None:
+        return None
+    return {"routed_experts": getattr(config, spec.count_key), "top_k": getattr(config, spec.top_k_key),
+            "expert_width": getattr(config, spec.width_key), "moe_blocks": len(sparse_blocks(model, adapter))}
 
 
 def print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:
