@@ -159,7 +159,7 @@ def build(name: str) -> dict:
     record = json.loads((out / "secateur.json").read_text())["history"][-1]
     result = record["result"]
     return {**timing, "seconds_stage": record["seconds"], "parameters": result.get("parameters_after"),
-            "removed": [b["removed"] for b in result.get("blocks", [])] or None}  # fmt: skip
+            "removed": [b["removed"] for b in result.get("blocks", []) if "removed" in b] or None}  # fmt: skip
 
 
 def measure(name: str, probe_items: int) -> dict:
@@ -196,13 +196,14 @@ def main() -> None:
 def table() -> None:
     rows = {r["row"]: r for r in map(json.loads, RESULTS.read_text().splitlines())}
     base = rows.get("proxy")
-    print("| row | parameters | enwiki ppl | x proxy | legal ppl | x proxy | probe acc | prune s | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| row | parameters | enwiki ppl | × proxy | legal ppl | × proxy | probe acc | prune s | peak MiB | same kept set |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         ratio = lambda k: f"{r[k] / base[k]:.2f}" if base else ""  # noqa: E731
-        print(f"| {name} | {r['parameters']:,} | {r['ppl_enwiki']:.2f} | {ratio('ppl_enwiki')} | {r['ppl_legal']:.2f} | "
+        same = r.get("blocks_same_kept_set")
+        print(f"| {name} | {r['parameters'] or 0:,} | {r['ppl_enwiki']:.2f} | {ratio('ppl_enwiki')} | {r['ppl_legal']:.2f} | "
               f"{ratio('ppl_legal')} | {r['probe_acc']:.3f} | {r.get('seconds_stage') or 0:.1f} | "
-              f"{r.get('peak_rss_mib') or 0:.0f} |")
+              f"{r.get('peak_rss_mib') or 0:.0f} | {'' if same is None else f'{same} of 30 blocks'} |")
 
 
 if __name__ == "__main__":
