@@ -283,13 +283,15 @@ def test_expert_width_channel_scores_by_hand():
     assert stats.channels[0].tolist() == pytest.approx([0.5 * 4 + 1.0 * 1, 0.5 * 3 + 1.0 * 0])
 
 
-def test_expert_width_keeps_the_best_channels_of_every_expert_and_reloads(tmp_path):
-    model = tiny_model("qwen3_moe")
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_expert_width_keeps_the_best_channels_of_every_expert_and_reloads(family, tmp_path):
+    model = tiny_model(family)
     before = model.model.layers[0].mlp.experts.gate_up_proj.clone()
     ids = calibration_ids()
     report = prune(model, build_stage({"method": "expert-width", "remove_fraction": 0.5}), ids, progress=False)
     result = report.stages[0]["result"]
-    assert (result["width_before"], result["width_after"]) == (32, 16) and model.config.moe_intermediate_size == 16
+    assert (result["width_before"], result["width_after"]) == (32, 16)
+    assert getattr(model.config, adapter_for(model).experts.width_key) == 16
     experts = model.model.layers[0].mlp.experts
     assert experts.gate_up_proj.shape == (8, 32, 64) and experts.down_proj.shape == (8, 64, 16)
     rows = {tuple(r.tolist()) for r in before[0]}  # every kept gate and up row is one of the expert's own
@@ -331,7 +333,7 @@ def test_merging_identical_experts_is_exact_and_weights_by_routed_tokens():
     assert experts.num_experts == block.mlp.gate.weight.shape[0] == 6
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_merging_reloads_with_stock_from_pretrained(family, tmp_path):
     model = tiny_model(family)
     ids = calibration_ids()
