@@ -50,24 +50,26 @@ class _Recorder:
     def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
         self.logits = output[0]
 
-    def on_experts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        named = [kwargs.get(k) for k in ("hidden_states", "top_k_index", "top_k_weights")]
-        x, indices, weights = [*args, *named[len(args):]]  # called positionally in every family; by name too
-        self.stats.update(x, self.logits, indices, weights, module.gate_up_proj, module.down_proj, module.act_fn)
+    def experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The experts module's forward while it is measured: every routed expert runs once, for its
+        statistics and for the output."""
+        experts = self.experts
         held = sum(len(t) for t in self.kept)
         if held < self.sample:
-            self.kept.append(x[: self.sample - held].detach())
+            self.kept.append(hidden_states[: self.sample - held].detach())
+        return self.stats.update(hidden_states, self.logits, top_k_index, top_k_weights, experts.gate_up_proj,
+                                 experts.down_proj, experts.act_fn)  # fmt: skip
 
     @contextmanager
     def attached(self) -> Iterator[None]:
-        """The hooks, while the block runs on calibration."""
-        handles = [self.router.register_forward_hook(self.on_router),
-                   self.experts.register_forward_pre_hook(self.on_experts, with_kwargs=True)]  # fmt: skip
+        """The router hook and the measuring forward, while the block runs on calibration."""
+        handle = self.router.register_forward_hook(self.on_router)
+        self.experts.forward = self.experts_forward  # an instance attribute shadows the class's forward
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
+            del self.experts.forward
 
     def run(self, block: nn.Module, inputs: BlockInputs, index: int) -> None:
         with self.attached():

@@ -44,22 +44,28 @@ class ExpertStats:
         self.tokens = 0
 
     def update(self, x: Tensor, logits: Tensor, indices: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor,
-               act: Act) -> None:  # fmt: skip
+               act: Act) -> Tensor:  # fmt: skip
         """x: (tokens, hidden) entering the experts; logits: (tokens, experts); indices, weights:
-        (tokens, top_k), the experts each token is routed to and the weights their outputs get."""
+        (tokens, top_k), the experts each token is routed to and the weights their outputs get.
+        Returns what the experts module returns, the weighted sum of the routed experts' outputs
+        (tokens, hidden): each expert runs once for both."""
+        out = torch.zeros_like(x)
         self.tokens += x.shape[0]
         self.probability += logits.double().softmax(dim=-1).sum(dim=0)
         for j in indices.unique().tolist():
             token, slot = torch.where(indices == j)  # the tokens routed to j and in which top-k slot
             w = weights[token, slot].double()  # (n,)
             activation = expert_activation(gate_up[j], act, x[token])  # (n, width)
-            norm = (activation @ down[j].T).double().norm(dim=-1)  # (n,)
+            output = activation @ down[j].T  # (n, hidden)
+            out.index_add_(0, token, (output * weights[token, slot, None]).to(out.dtype))
+            norm = output.double().norm(dim=-1)  # (n,)
             if self.channels.shape[1]:
                 self.channels[j] += (w[:, None] * activation.double().abs()).sum(dim=0)
             self.count[j] += len(token)
             self.gate[j] += w.sum()
             self.norm[j] += norm.sum()
             self.reap[j] += (w * norm).sum()
+        return out
 
     def mean(self, total: Tensor) -> Tensor:
         """`total` per routed token (0 for an expert no token reached)."""
