@@ -15,9 +15,10 @@ Rows: the dense model, the proxy, then 50% and 25% of each block's routed expert
 criterion (`secateur prune --method experts --criterion C`), merged (`--merge`), and by
 llm-compressor 0.14's REAPPruningModifier on the same calibration windows (its own venv), then 25% and
 50% of every routed expert's channels (`--method expert-width`), and REAP 50% after the default
-recovery. Calibration: secateur's default (64 x 512 enwiki windows). Quality on text no stage saw: protocol v1 perplexity (the first 64 windows of 512 tokens
-of the enwiki sample's evaluation region), legal English (64 windows of Debian's license texts) and
-the WordNet probe (200 items, chance 25%); prune wall time and the prune process's peak memory.
+recovery. Calibration: secateur's default (64 x 512 enwiki windows). Quality on text no stage saw:
+protocol v1 perplexity (the first 64 windows of 512 tokens of the enwiki sample's evaluation
+region), legal English (64 windows of Debian's license texts) and the WordNet probe (200 items,
+chance 25%); prune wall time and the prune process's peak memory.
 
 Resumable: every finished row is a line of benchmarks/results/experts.jsonl.
 

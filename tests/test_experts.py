@@ -357,3 +357,33 @@ def test_info_says_what_the_mixture_holds(model_dir, text_file, tmp_path, capsys
     assert code == 0, err
     code, stdout, _ = run(["info", out], capsys)
     assert "mixture of experts: 8 routed experts of 16 channels in 2 of 2 blocks, top-2 routing" in stdout
+
+
+def test_recovery_adds_the_family_load_balancing_loss(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from secateur.train import TrainConfig, train
+    from secateur.train.objective import router_weight, step_loss
+
+    config = TrainConfig(tokens=64, train_seq_len=16, micro_batch=2, kd_weight=0.0)
+    ids = calibration_ids(2, 16)
+    out = SimpleNamespace(logits=torch.randn(2, 16, 128), aux_loss=torch.tensor(2.0))
+    plain, *_ = step_loss(out, ids, torch.arange(2), config, None, None)
+    with_aux, *_ = step_loss(out, ids, torch.arange(2), config, None, None, aux_weight=0.01)
+    assert float(with_aux - plain) == pytest.approx(0.02)
+    model = tiny_model("qwen2_moe")  # router_aux_loss_coef 0.01
+    dense = tiny_model("llama")
+    assert router_weight(model, adapter_for(model)) == 0.01 and router_weight(dense, adapter_for(dense)) == 0
+    with torch.no_grad():
+        assert model(input_ids=ids, output_router_logits=True).aux_loss > 0
+    from secateur.train import loop
+
+    seen = []
+
+    def spy(out, *args, **kwargs):
+        seen.append((args[-1], getattr(out, "aux_loss", None) is not None))
+        return step_loss(out, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "step_loss", spy)
+    train(model, config, calibration_ids(8, 16), calibration_ids(2, 16, seed=1), device="cpu", progress=False)
+    assert seen and all(seen_ == (0.01, True) for seen_ in seen)

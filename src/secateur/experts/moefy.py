@@ -7,11 +7,12 @@ from real weights: with `shared` > 0, every block's `shared` most important MLP 
 its sigmoid gate is held at 0.5 by a zero weight and folded into its down projection); the other
 channels are split into `experts` equal groups by balanced k-means on their co-activation over the
 calibration tokens (channels that fire together go together); expert j is the dense MLP restricted
-to its channels, so the shared expert plus all routed experts is the dense MLP exactly. A linear router is fitted per block by least squares to the log of each expert's output
-norm on the same tokens, times `temperature`, and every token goes to its `top_k` experts; Mixtral
-multiplies their outputs by the top-k softmax weights, which sum to 1, so the experts' down
-projections are scaled by `top_k` (equal weights then give the sum of the chosen experts).
-With top_k = experts and temperature 0 the output equals the dense model's (up to rounding).
+to its channels, so the shared expert plus all routed experts is the dense MLP exactly. A linear
+router is fitted per block by least squares to the log of each expert's output norm on the same
+tokens, times `temperature`, and every token goes to its `top_k` experts; Mixtral multiplies their
+outputs by the top-k softmax weights, which sum to 1, so the experts' down projections are scaled by
+`top_k` (equal weights then give the sum of the chosen experts). With top_k = experts and
+temperature 0 the output equals the dense model's (up to rounding).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from secateur.train.config import TrainConfig, precision_for
 from secateur.train.gradual import gradual_pruning, plan_for
 from secateur.train.masks import MaskHolder, weight_masks
 from secateur.train.modes import merge_lora, select_trainable
-from secateur.train.objective import check_layerwise, step_loss, teacher_cache
+from secateur.train.objective import check_layerwise, router_weight, step_loss, teacher_cache
 from secateur.train.run import Run, TrainResult, record_of
 from secateur.train.schedule import batch_rows, lr_factor, total_steps
 from secateur.train.width import IncrementalWidth, prune_width_step, reshape, shape_record
@@ -144,6 +144,7 @@ def _setup(model: nn.Module, config: TrainConfig, windows: Tensor, validation: T
     run = Run(config, acc, model, acc.unwrap_model(model), optimizer, params, holder, adapter, windows, validation,
               steps, int(config.warmup * steps), every, config.checkpoint_every or every, counts, masks, precision,
               home, pruner=pruner, widener=widener, workdir=workdir,
+              aux_weight=router_weight(acc.unwrap_model(model), adapter),
               metrics=workdir / METRICS if workdir is not None and acc.is_main_process else None)  # fmt: skip
     for stateful in (run.state, pruner, widener):
         if stateful is not None:
@@ -206,8 +207,9 @@ def _step(run: Run) -> dict[str, float]:
         ids = run.windows[rows].to(acc.device)
         with acc.accumulate(run.model):
             with acc.autocast():
-                out = run.model(input_ids=ids, output_hidden_states=config.hidden_weight > 0)
-                loss, kd, ce, layers = step_loss(out, ids, rows, config, run.teacher, run.cache)
+                router = {"output_router_logits": True} if run.aux_weight else {}  # MoE: load-balancing loss
+                out = run.model(input_ids=ids, output_hidden_states=config.hidden_weight > 0, **router)
+                loss, kd, ce, layers = step_loss(out, ids, rows, config, run.teacher, run.cache, run.aux_weight)
             acc.backward(loss)
             if acc.sync_gradients:
                 if run.pruner is not None:

@@ -15,10 +15,18 @@ from secateur.train.loss import (kl_distillation, layerwise_distillation, next_t
                                  topk_distillation)
 
 
+def router_weight(model: nn.Module, adapter: Any) -> float:
+    """The weight of a mixture of experts' load-balancing loss in recovery: the coefficient its family
+    trains with (`router_aux_loss_coef`); 0 for a dense model."""
+    return float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0) if adapter.experts is not None else 0.0
+
+
 def step_loss(out: Any, ids: Tensor, rows: Tensor, config: TrainConfig, teacher: nn.Module | None,
-          cache: tuple[Tensor, Tensor] | None) -> tuple[Tensor, float, float, float]:  # fmt: skip
+              cache: tuple[Tensor, Tensor] | None, aux_weight: float = 0.0) -> tuple[Tensor, float, float, float]:
     """(loss, its distillation, cross-entropy and layer-wise parts) of one micro-batch, from the
-    student's outputs `out` (with hidden states when config.hidden_weight > 0)."""
+    student's outputs `out` (with hidden states when config.hidden_weight > 0). A mixture of experts'
+    load-balancing loss (`out.aux_loss`, computed when the model is asked for its router logits) is
+    added with `aux_weight`."""
     logits = out.logits
     kd = ce = layers = target = None
     if teacher is not None and cache is None and config.needs_teacher:
@@ -34,8 +42,9 @@ def step_loss(out: Any, ids: Tensor, rows: Tensor, config: TrainConfig, teacher:
         ce = next_token_cross_entropy(logits, ids)
     if config.hidden_weight > 0:  # block outputs: hidden_states[0] is the embeddings
         layers = layerwise_distillation(out.hidden_states[1:], target.hidden_states[1:], config.hidden_norm)
+    aux = getattr(out, "aux_loss", None) if aux_weight else None
     loss = sum(w * part for w, part in ((config.kd_weight, kd), (1 - config.kd_weight, ce),
-                                        (config.hidden_weight, layers)) if part is not None)  # fmt: skip
+                                        (config.hidden_weight, layers), (aux_weight, aux)) if part is not None)  # fmt: skip
     return loss, *(float(p.detach()) if p is not None else 0.0 for p in (kd, ce, layers))
 
 

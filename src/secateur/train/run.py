@@ -67,6 +67,7 @@ class Run:
     state: LoopState = field(default_factory=LoopState)
     teacher: nn.Module | None = None
     cache: tuple[Tensor, Tensor] | None = None  # the teacher's top-k logits (--top-k)
+    aux_weight: float = 0.0  # a mixture of experts' load-balancing loss, as its family weights it
     cache_seconds: float = 0.0
     pruner: Sparsifier | None = None
     widener: IncrementalWidth | None = None
