@@ -27,7 +27,6 @@ Resumable: every finished row is a line of benchmarks/results/experts.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -39,7 +38,7 @@ RESULTS = HERE / "results" / "experts.jsonl"
 WORK = ROOT / "bench-out" / "experts"
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
-from measure import cache, cli_timed, quality  # noqa: E402
+from measure import cache, cli_timed, quality, run_rows  # noqa: E402
 
 EVAL = ["--windows", "64", "--seq-len", "512"]
 EXPERTS, TOP_K, TEMPERATURE, SHARED = 8, 2, 1.0, 768
@@ -115,15 +114,13 @@ def build_peer(name: str, fraction: str) -> dict:
     from unstructured import peer_python
 
     out = path_of(name)
-    staging, report = WORK / f"{name}.peer", WORK / f"{name}.report.json"
-    timing = {}
+    staging, report, timing_file = WORK / f"{name}.peer", WORK / f"{name}.report.json", WORK / f"{name}.timing.json"
     if not report.exists():
         done = subprocess.run([str(peer_python()), str(HERE / "llmcompressor_runner.py"), proxy_dir(), "--method", "reap",
                                "--sparsity", fraction, "--calib", calibration_file(), "--out", staging,
                                "--report", report], capture_output=True, text=True, check=True)  # fmt: skip
-        timing = json.loads(done.stdout.strip().splitlines()[-1])
-        (WORK / f"{name}.timing.json").write_text(json.dumps(timing))
-    timing = json.loads((WORK / f"{name}.timing.json").read_text())
+        timing_file.write_text(done.stdout.strip().splitlines()[-1])  # its JSON line: seconds, peak_mib
+    timing = json.loads(timing_file.read_text())
     kept = {int(k.split(".")[2]): v for k, v in json.loads(report.read_text()).items()}
     if not (out / "secateur.json").exists():
         from secateur.experts.prune import keep_experts, set_count
@@ -134,7 +131,7 @@ def build_peer(name: str, fraction: str) -> dict:
         adapter = adapter_for(model)
         for index, experts in kept.items():
             keep_experts(adapter.block_list(model)[index], adapter, experts)
-        set_count(model, adapter, [len(next(iter(kept.values())))])
+        set_count(model, adapter, len(next(iter(kept.values()))))
         save(model, tokenizer, out, {"llm-compressor": {"kept": kept, **timing}})
     ours = WORK / name.removeprefix("llmc-") / "secateur.json"
     agree = None
@@ -167,10 +164,11 @@ def measure(name: str, probe_items: int) -> dict:
     clock = time.perf_counter()
     row = {"row": name, "args": ROWS[name][1], **build(name)}
     if row.get("parameters") is None:
+        import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(path_of(name))
-        with __import__("torch").device("meta"):
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         row["parameters"] = sum(p.numel() for p in model.parameters())
     row.update(quality(path_of(name), EVAL, probe_items))
@@ -179,19 +177,7 @@ def measure(name: str, probe_items: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated rows (default: all)")
-    parser.add_argument("--probe-items", type=int, default=200)
-    args = parser.parse_args()
-    done = {json.loads(line)["row"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
-    for name in (args.only.split(",") if args.only else ROWS):
-        if name in done:
-            continue
-        row = measure(name, args.probe_items)
-        print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    table()
+    run_rows(__doc__, RESULTS, list(ROWS), measure, table)
 
 
 def table() -> None:

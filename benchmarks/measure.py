@@ -4,6 +4,7 @@ probe)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def cache() -> Path:
@@ -45,6 +47,25 @@ def cli_timed(*args) -> tuple[str, float, float]:
         if child.returncode != 0:
             raise SystemExit(f"secateur {' '.join(map(str, args))} failed:\n{err.read()[-3000:]}")
         return out.read(), seconds, usage.ru_maxrss / 1024
+
+
+def run_rows(doc: str, results: Path, rows: list[str], measure: Callable[[str, int], dict],
+             table: Callable[[], None]) -> None:
+    """A model benchmark's command line: measure every row (or those of `--only`) not yet a line of
+    `results`, appending each as it finishes (resumable), then print the table."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated rows (default: all)")
+    parser.add_argument("--probe-items", type=int, default=200)
+    args = parser.parse_args()
+    done = {json.loads(line)["row"] for line in results.read_text().splitlines()} if results.exists() else set()
+    for name in args.only.split(",") if args.only else rows:
+        if name in done:
+            continue
+        row = measure(name, args.probe_items)
+        print(json.dumps(row), flush=True)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    table()
 
 
 def quality(path: Path, eval_args: list[str], probe_items: int) -> dict:

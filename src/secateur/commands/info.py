@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
 def experts_of(model) -> dict | None:
     """A mixture of experts' counts, as its config holds them (None for a dense model)."""
     from secateur.models import UnsupportedModelError, adapter_for
-    from secateur.experts.prune import sparse_blocks
 
     try:
         adapter = adapter_for(model)
@@ -81,7 +80,7 @@ def experts_of(model) -> dict | None:
     if spec is None:
         return None
     return {"routed_experts": getattr(config, spec.count_key), "top_k": getattr(config, spec.top_k_key),
-            "expert_width": getattr(config, spec.width_key), "moe_blocks": len(sparse_blocks(model, adapter))}
+            "expert_width": getattr(config, spec.width_key), "moe_blocks": len(spec.sparse_blocks(adapter.block_list(model)))}
 
 
 def print_layer_grid(layers: list[tuple[str, tuple[int, int], float]]) -> None:

@@ -72,6 +72,11 @@ class ExpertsConfig:
         return METHODS[self.width]
 
     @property
+    def criterion_name(self) -> str:
+        """How experts are chosen: the criterion, or merge."""
+        return "merge" if self.merge else self.criterion
+
+    @property
     def needs_calibration(self) -> bool:
         return self.width or self.merge or self.criterion != "random"
 

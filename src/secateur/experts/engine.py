@@ -16,7 +16,7 @@ from secateur.calibrate.stream import BlockInputs, run_block, stream_blocks
 from secateur.experts.config import ExpertsConfig
 from secateur.experts.criteria import CRITERIA, cluster, lowest, search_removal
 from secateur.experts.prune import (ExpertsError, keep_experts, merge_experts, routed_output, router_over, set_count,
-                                    slim_experts, sparse_blocks)
+                                    slim_experts)
 from secateur.experts.stats import ExpertStats, expert_output
 from secateur.models import Adapter, adapter_for
 
@@ -149,8 +149,8 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
     adapter = adapter_for(model)
     if adapter.experts is None:
         raise ExpertsError(f"{adapter.family} is not a mixture of experts: there are no experts to prune")
-    sparse = sparse_blocks(model, adapter)
     blocks = adapter.block_list(model)
+    sparse = adapter.experts.sparse_blocks(blocks)
     counts = {blocks[i].get_submodule(adapter.experts.router).weight.shape[0] for i in sparse}
     if len(counts) != 1:
         raise ExpertsError(f"the MoE blocks hold different expert counts {sorted(counts)}; secateur prunes blocks of "
@@ -161,11 +161,10 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
         config.kept_channels(getattr(model.config, adapter.experts.width_key))  # refused before any pass
     has_calibration = calibration is not None and calibration.ndim == 2 and len(calibration) > 0
     if config.needs_calibration and not has_calibration:
-        raise ExpertsError(f"{config.method_name} ({'merge' if config.merge else config.criterion}) needs calibration: "
-                           "a (samples, seq_len) tensor of token ids")
+        raise ExpertsError(f"{config.method_name} ({config.criterion_name}) needs calibration: a (samples, seq_len) "
+                           "tensor of token ids")
     start = time.perf_counter()
-    report = ExpertsReport(config.method_name, "merge" if config.merge else config.criterion, count, count - remove,
-                           top_k)  # fmt: skip
+    report = ExpertsReport(config.method_name, config.criterion_name, count, count - remove, top_k)
     device = torch.device(device)
     model.eval()
     if not config.needs_calibration:
@@ -181,7 +180,7 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
         report.width_before, report.width_after = report.blocks[0]["width_before"], report.blocks[0]["width_after"]
         setattr(model.config, adapter.experts.width_key, report.width_after)
     else:
-        set_count(model, adapter, [count - remove])
+        set_count(model, adapter, count - remove)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -17,12 +17,17 @@ class ExpertsError(ValueError):
     pass
 
 
+def _recount(module: nn.Module, experts: int) -> None:
+    """The module's own expert count (routers and experts modules keep one), where it has one."""
+    if isinstance(getattr(module, "num_experts", None), int):
+        module.num_experts = experts
+
+
 def _slice_rows(module: nn.Module, experts: int, kept: Tensor) -> None:
     for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
         if tensor is not None and tensor.ndim >= 1 and tensor.shape[0] == experts:
             tensor.data = tensor.data[kept.to(tensor.device)].contiguous()
-    if isinstance(getattr(module, "num_experts", None), int):
-        module.num_experts = len(kept)
+    _recount(module, len(kept))
 
 
 def keep_experts(block: nn.Module, adapter: Adapter, kept: Sequence[int]) -> None:
@@ -56,17 +61,9 @@ def routed_output(outputs: Tensor, indices: Tensor, weights: Tensor, kept: Seque
     return (outputs[original, token] * weights[..., None].to(outputs.dtype)).sum(dim=1)  # (tokens, hidden)
 
 
-def set_count(model: nn.Module, adapter: Adapter, counts: Sequence[int]) -> None:
-    """The config's expert count from the blocks' (one count for all sparse blocks)."""
-    if len(set(counts)) > 1:
-        raise ExpertsError(f"expert counts differ per block ({sorted(set(counts))}): a stock config holds one count")
-    if counts:
-        setattr(model.config, adapter.experts.count_key, counts[0])
-
-
-def sparse_blocks(model: nn.Module, adapter: Adapter) -> list[int]:
-    blocks = adapter.block_list(model)
-    return [i for i, block in enumerate(blocks) if adapter.experts.sparse(block)]
+def set_count(model: nn.Module, adapter: Adapter, count: int) -> None:
+    """The config's expert count, once every MoE block holds `count` experts (a stock config holds one)."""
+    setattr(model.config, adapter.experts.count_key, count)
 
 
 def slim_experts(block: nn.Module, adapter: Adapter, kept: Tensor) -> None:
@@ -101,6 +98,5 @@ def merge_experts(block: nn.Module, adapter: Adapter, clusters: Sequence[Sequenc
         if tensor.shape[0] == count:
             flat = tensor.data.double().reshape(count, -1)
             tensor.data = (share.to(flat.device) @ flat).reshape(len(clusters), *tensor.shape[1:]).to(tensor.dtype)
-    if isinstance(getattr(experts, "num_experts", None), int):
-        experts.num_experts = len(clusters)
+    _recount(experts, len(clusters))
     _slice_rows(router, count, lead)

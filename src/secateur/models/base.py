@@ -120,16 +120,17 @@ class Experts:
     step_key: str | None = None
     shared: str | None = None
 
-    def sparse(self, block: nn.Module) -> bool:
-        """Whether `block` routes to experts (rather than a dense MLP)."""
-        return hasattr(block.get_submodule(self.module), "experts")
+    def sparse_blocks(self, blocks: nn.ModuleList) -> list[int]:
+        """The indices of the blocks that route to experts (the others hold a dense MLP)."""
+        return [i for i, block in enumerate(blocks) if hasattr(block.get_submodule(self.module), "experts")]
 
     def sync_layers(self, config, blocks: nn.ModuleList) -> None:
         """Rewrite the config's dense-block list from `blocks` as they are (after blocks were removed or
         reordered), so a stock config rebuilds the same mix of dense and sparse blocks."""
         if self.dense_key is None:
             return
-        setattr(config, self.dense_key, [i for i, block in enumerate(blocks) if not self.sparse(block)])
+        sparse = set(self.sparse_blocks(blocks))
+        setattr(config, self.dense_key, [i for i in range(len(blocks)) if i not in sparse])
         if self.step_key is not None:
             setattr(config, self.step_key, 1)
 
