@@ -11,6 +11,7 @@ import secateur
 from secateur import NM, ConfigError, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
 from secateur.cli import main
 from secateur.config import MagnitudeConfig
+from secateur.vocabulary import VocabularyConfig
 from secateur.io import content_hash
 from secateur.models import adapter_for, read_weight
 from secateur.settings import CALIB_OPTIONS, RUN_OPTIONS, flag_options
@@ -186,7 +187,7 @@ def test_every_flag_is_taken_or_refused_by_every_method():
     """No option is silently ignored: a stage key either belongs to the method or is refused, naming its owners."""
     stage_keys = [k for k in flag_options() if k not in CALIB_OPTIONS and k not in RUN_OPTIONS]
     base = {"width": {"remove_fraction": 0.3}, "depth": {"remove_fraction": 0.3}, "sparsity": {}, "recovery": {},
-            "experts": {"remove_fraction": 0.3}}
+            "experts": {"remove_fraction": 0.3}, "vocabulary": {"coverage": 0.99}}
     checked = 0
     for kind in KINDS.values():
         for method in kind.methods():
@@ -211,7 +212,8 @@ def test_stage_settings_round_trip_through_build_stage():
                                 "refine": "dsnot,reconstruct"}),
                    secateur.DepthConfig(secateur.AngularConfig("last"), secateur.Amount(fraction=0.2), compensate=True),
                    secateur.DepthConfig(secateur.FinerCutConfig(), secateur.Amount(count=3)),
-                   secateur.WidthConfig(0.4, allocation="adaptive", hidden_fraction=0.1)):  # fmt: skip
+                   secateur.WidthConfig(0.4, allocation="adaptive", hidden_fraction=0.1),
+                   VocabularyConfig(keep_tokens=3000)):  # fmt: skip
         settings = stage_settings(config)
         assert build_stage(json.loads(json.dumps(settings))) == config, settings
 

@@ -76,16 +76,16 @@ def main() -> None:
 
     model, _ = load_model(path)
     stages = [plan_stage(UNSTRUCTURED, calib)]
-    records, timings = apply_stages(model, tokenizer, stages, cpu, source=path)
+    records, timings, _ = apply_stages(model, tokenizer, stages, cpu, source=path)
     row, result = _row("wanda 50%", model, tokenizer, records, records[0]["seconds"])
     rows.append(row)
     _save(path, model, tokenizer, stages, records, timings, result, "smollm2-wanda50")
 
     model, _ = load_model(path)  # the main flow: a structured prune, then recovery from the dense model
     stages = [plan_stage(STRUCTURED, calib), plan_stage(TrainConfig(tokens=RECOVERY_TOKENS))]
-    records, timings = apply_stages(model, tokenizer, stages[:1], cpu, source=path)
+    records, timings, _ = apply_stages(model, tokenizer, stages[:1], cpu, source=path)
     rows.append(_row("width 20%", model, tokenizer, records, records[0]["seconds"])[0])
-    trained, more = apply_stages(model, tokenizer, stages[1:], cpu, records, source=path, teacher=dense)
+    trained, more, _ = apply_stages(model, tokenizer, stages[1:], cpu, records, source=path, teacher=dense)
     records, timings = records + trained, {k: timings.get(k, 0) + v for k, v in more.items()}
     row, result = _row("width 20% + recovery", model, tokenizer, records, sum(r["seconds"] for r in records))
     rows.append(row)

@@ -4,6 +4,8 @@ Protocol: the first `windows` non-overlapping windows of `seq_len` tokens from t
 (BOS first in every window when the family uses it). Each window is scored on its own, with no
 context carried over; every token after the first is predicted, so a window contributes
 seq_len - 1 predictions. Perplexity = exp(mean negative log-likelihood over all predictions).
+Bits per byte = the summed negative log-likelihood in bits over the UTF-8 bytes of the predicted
+tokens' text: the figure that compares models whose tokenizers differ (a pruned vocabulary).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from secateur.data.bytes import token_bytes as bytes_of_tokens
 from secateur.data.calibration import bos_token, evaluation_data
 
 PROTOCOL = (
@@ -25,11 +28,14 @@ PROTOCOL = (
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Perplexity of `model` on `windows` (n, seq_len); returns the figure with its protocol."""
+def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: str | torch.device = "cpu",
+               token_bytes: Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+    """Perplexity of `model` on `windows` (n, seq_len); returns the figure with its protocol, and with
+    `token_bytes` (bytes of text per id) the bytes predicted and the bits per byte."""
     model.eval()
     start = time.perf_counter()
     total_nll, total_tokens = 0.0, 0
+    predicted_bytes = int(token_bytes[windows[:, 1:]].sum()) if token_bytes is not None else None
     for batch in windows.split(batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits  # (b, seq, vocab)
@@ -39,9 +45,11 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: s
         total_nll += float(nll)
         total_tokens += batch[:, 1:].numel()
     mean_nll = total_nll / total_tokens
+    per_byte = {"bytes": predicted_bytes, "bits_per_byte": total_nll / math.log(2) / predicted_bytes} if predicted_bytes else {}
     return {
         "perplexity": math.exp(mean_nll),
         "mean_nll": mean_nll,
+        **per_byte,
         "windows": len(windows),
         "seq_len": windows.shape[1],
         "predicted_tokens": total_tokens,
@@ -59,5 +67,6 @@ def evaluate_model(model: nn.Module, tokenizer: Any, source: str, seq_len: int, 
 def evaluation_record(model: nn.Module, tokenizer: Any, source: str, data: Tensor, batch_size: int,
                 device: torch.device | str) -> dict[str, Any]:  # fmt: skip
     """Perplexity on windows already cut from `source`, as the manifest records it."""
-    result = perplexity(model, data, batch_size=batch_size, device=device)
+    result = perplexity(model, data, batch_size=batch_size, device=device,
+                        token_bytes=bytes_of_tokens(tokenizer, model.get_input_embeddings().num_embeddings))
     return {"source": source, "bos": bos_token(model, tokenizer) is not None, **result}

@@ -153,21 +153,28 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
     student = load_config(model_path)
     teacher = load_config(path) if path is not None else student  # None: the input as loaded
     reshaped = None  # an earlier stage of this run that changes the blocks or the hidden size
+    renumbered = None  # an earlier stage of this run that rewrites the tokenizer
     for stage in stages:
         kind = kind_of(stage.config)
         if getattr(stage.config, "needs_teacher", False):
+            if renumbered is not None:
+                raise ConfigError(f"recovery distils from a teacher whose vocabulary the {renumbered} stage before it "
+                                  "changed; mapping the teacher's logits onto the kept tokens is not built yet: put "
+                                  "the recovery before that stage, or train without a teacher (--kd-weight 0)")
             kind.check_teacher(stage.config, teacher, student, reshaped)
         reshaped = kind.name if kind.reshapes(stage_settings(stage.config)) else reshaped
+        renumbered = kind.name if kind.renumbers_tokens else renumbered
     return path
 
 
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
                  history: list[dict[str, Any]] = (), source: str | Path | None = None, *,
                  teacher: nn.Module | None = None, workdir: Path | None = None, resume: bool = False,
-                 options: RunOptions = RunOptions()) -> tuple[list[dict[str, Any]], dict[str, float]]:  # fmt: skip
+                 options: RunOptions = RunOptions()) -> tuple[list[dict[str, Any]], dict[str, float], Any]:  # fmt: skip
     """Cut each stage's calibration windows (once per distinct setting, before any stage runs), then run
-    the stages in order with `secateur.prune`; returns the stage records for the manifest and the
-    timings. Recovery stages distil from `teacher` (default: a copy of the model before the first stage)."""
+    the stages in order with `secateur.prune`; returns the stage records for the manifest, the timings
+    and the tokenizer after the stages (a vocabulary stage rewrites it). Recovery stages distil from
+    `teacher` (default: a copy of the model before the first stage)."""
     clock = time.perf_counter()
     windows: dict[CalibConfig, Tensor] = {}
     data = []
@@ -180,11 +187,11 @@ def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], d
     cutting = time.perf_counter() - clock
     report = prune(model, [s.config for s in stages], data, device=device, history=applied(history), teacher=teacher,
                    workdir=workdir, resume=resume, batch_size=[s.calib.batch_size if s.calib else 4 for s in stages],
-                   check=check, check_ratio=options.check_ratio)  # fmt: skip
+                   check=check, check_ratio=options.check_ratio, tokenizer=tokenizer)  # fmt: skip
     for stage, windows_of_stage, record in zip(stages, data, report.stages):
         record["calibration"] = {**flatten(stage.calib), "tokens": windows_of_stage.numel()} if stage.calib else None
         record["input"] = {"path": str(Path(source).resolve())} if source is not None else None
-    return report.stages, {"calibration_data": cutting, "prune": sum(r["seconds"] for r in report.stages)}
+    return report.stages, {"calibration_data": cutting, "prune": sum(r["seconds"] for r in report.stages)}, report.tokenizer
 
 
 def _check_windows(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], options: RunOptions) -> Tensor | None:
@@ -245,8 +252,12 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
     evaluation = (evaluation_data(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
                   if options.eval_source else None)  # windows cut before pruning: a short text fails early
     work = checkpoints_for(output.path) if _trains(stages) else None
-    records, stage_timings = apply_stages(model, tokenizer, stages, compute, history, model_path, teacher=teacher,
-                                          workdir=work, resume=options.resume, options=options)  # fmt: skip
+    records, stage_timings, pruned = apply_stages(model, tokenizer, stages, compute, history, model_path,
+                                                  teacher=teacher, workdir=work, resume=options.resume,
+                                                  options=options)  # fmt: skip
+    if pruned is not tokenizer and evaluation is not None:  # the same text in the new vocabulary's ids
+        evaluation = evaluation_data(model, pruned, options.eval_source, options.eval_seq_len, options.eval_windows)
+    tokenizer = pruned
     check_finite(model, "the pruned model", allow=options.allow_nonfinite,
                  advice="nothing was saved: a stage diverged (for recovery, lower --lr), or pass --allow-nonfinite "
                         "to save it anyway")  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from secateur.config import CalibConfig
+from secateur.data.calibration import retokenize
 from secateur.errors import ConfigError
 from secateur.schema import Option, check_finite_options, flag
 
@@ -41,6 +43,7 @@ class StageContext:
     workdir: Path | None = None  # recovery: checkpoints and metrics of this stage
     resume: bool = False  # recovery: go on from the checkpoint in `workdir`
     progress: bool = True
+    tokenizer: Any = None  # the model's tokenizer; a stage that changes the vocabulary replaces it here
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class StageKind:
     refits_dense: Callable[[Settings], bool] = lambda settings: False  # rewrites weights densely (fills zeros)
     reshapes: Callable[[Settings], bool] = lambda settings: False  # blocks or hidden size (no layer-wise pairing)
     structure: Structure | None = None  # shapes it leaves that the stock config cannot express
+    renumbers_tokens: bool = False  # it rewrites the tokenizer (the ids of later stages' texts change)
     # the job around the stage: whether it keeps checkpoints that --resume goes on from; the key that sets
     # its window length (a config field when it is not the calibration's); a check of the teacher
     # against the student before anything loads (teacher config, student config, the name of an earlier
@@ -123,7 +127,7 @@ class StageKind:
 
 KINDS: dict[str, StageKind] = {}
 BUILTIN = ("secateur.sparsity.stage", "secateur.depth.stage", "secateur.width.stage", "secateur.experts.stage",
-           "secateur.train.stage")
+           "secateur.vocabulary.stage", "secateur.train.stage")
 
 
 def register(kind: StageKind) -> StageKind:
@@ -231,6 +235,7 @@ def check_order(stages: Sequence[tuple[str, Settings]]) -> None:
 class RecipeReport:
     stages: list[dict[str, Any]] = field(default_factory=list)  # one record per stage, in order
     seconds: float = 0.0
+    tokenizer: Any = None  # the model's tokenizer after the stages (a vocabulary stage's rewrite)
 
 
 def as_stages(recipe: Any) -> list[Any]:
@@ -245,7 +250,7 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
           device: str | torch.device | None = None, batch_size: int | Sequence[int] = 4,
           history: Sequence[tuple[str, Settings]] = (), teacher: nn.Module | None = None,
           workdir: str | Path | None = None, resume: bool = False, progress: bool = True,
-          check: Tensor | None = None, check_ratio: float = 3.0) -> RecipeReport:  # fmt: skip
+          check: Tensor | None = None, check_ratio: float = 3.0, tokenizer: Any = None) -> RecipeReport:  # fmt: skip
     """Run the stages of `recipe` (one stage config or a sequence) on `model` in place, in order.
 
     `calibration` is one (samples, seq_len) tensor of token ids for every stage, or one per stage
@@ -256,7 +261,9 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     default a copy of `model` as it is given (the model before the first stage); its checkpoints go
     to `workdir`/stage-N, from which `resume` goes on. With `check` (held-out windows no stage
     reads), every stage's record gets the perplexity there against the input's, and a stage that
-    leaves it above `check_ratio` times the input's is warned about (`Check`).
+    leaves it above `check_ratio` times the input's is warned about (`Check`). `tokenizer` is the
+    model's: a vocabulary stage needs it and leaves its rewrite in the report's `tokenizer`; the
+    windows of the stages after it (and the check's) are the same texts tokenized anew.
     """
     stages = as_stages(recipe)
     for stage in stages:
@@ -273,15 +280,23 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     report = RecipeReport()
     start = time.perf_counter()
     earlier = list(history)
-    checker = Check(check, check_ratio, device, model) if check is not None else None
-    for config, data, batch in zip(stages, per_stage, batches):
+    checker = Check(check, check_ratio, device, model, tokenizer) if check is not None else None
+    for number, (config, batch) in enumerate(zip(stages, batches)):
+        data = per_stage[number]
         kind = kind_of(config)
         clock = time.perf_counter()
         config, why = kind.resolve(model, config, earlier)
         stage_dir = Path(workdir) / f"stage-{len(earlier) + 1}" if workdir else None  # numbered in the whole history
         ctx = StageContext(device, batch, teacher, stage_dir,
-                           resume and stage_dir is not None and (stage_dir / "checkpoint").is_dir(), progress)  # fmt: skip
+                           resume and stage_dir is not None and (stage_dir / "checkpoint").is_dir(), progress,
+                           tokenizer)  # fmt: skip
         result = kind.run(model, config, data if kind.needs_calibration(config) else None, ctx)
+        if ctx.tokenizer is not tokenizer:  # the vocabulary changed: later windows are the same texts, new ids
+            per_stage[number + 1:] = [retokenize(w, tokenizer, ctx.tokenizer, model) if w is not None else None
+                                      for w in per_stage[number + 1:]]  # fmt: skip
+            if checker is not None:
+                checker.retokenize(tokenizer, ctx.tokenizer, model)
+            tokenizer = ctx.tokenizer
         if why is not None:
             result["variant"] = why
         report.stages.append({"kind": kind.name, "settings": stage_settings(config), "result": result,
@@ -290,39 +305,56 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
             report.stages[-1]["check"] = checker.after(model, len(earlier) + 1, config.method_name)
         earlier.append((kind.name, report.stages[-1]["settings"]))
     report.seconds = time.perf_counter() - start
+    report.tokenizer = tokenizer
     return report
 
 
 class Check:
     """The loud check after every stage: perplexity on held-out windows against the input's. A stage
     whose output is above `ratio` times the input's is warned about with the usual remedies, and its
-    record says so; the console line is in the stage's record (`check`)."""
+    record says so; the console line is in the stage's record (`check`). The ratio is taken per byte of
+    text and put back in the input's tokens (exp of the change in loss per byte times the input's bytes
+    per token), so it is the ratio of perplexities when the tokenizer is unchanged and stays fair
+    after a vocabulary stage; without a tokenizer (or on text of unknown tokens only, which stand for no
+    bytes we can count) every token counts as one byte."""
 
-    def __init__(self, windows: Tensor, ratio: float, device: torch.device, model: nn.Module) -> None:
-        self.windows, self.ratio, self.device = windows, ratio, device
-        self.input = self._perplexity(model)
+    def __init__(self, windows: Tensor, ratio: float, device: torch.device, model: nn.Module,
+                 tokenizer: Any = None) -> None:  # fmt: skip
+        self.windows, self.ratio, self.device, self.tokenizer = windows, ratio, device, tokenizer
+        self.input = self._measure(model)
         self.previous = self.input
 
-    def _perplexity(self, model: nn.Module) -> float:
+    def _measure(self, model: nn.Module) -> dict[str, float]:
+        from secateur.data.bytes import token_bytes
         from secateur.evaluate import perplexity
 
+        rows = model.get_input_embeddings().num_embeddings
+        sizes = token_bytes(self.tokenizer, rows) if self.tokenizer is not None else torch.ones(rows, dtype=torch.long)
         home = next(model.parameters()).device
         model.to(self.device)
         try:
-            return perplexity(model, self.windows, batch_size=1, device=self.device)["perplexity"]
+            result = perplexity(model, self.windows, batch_size=1, device=self.device, token_bytes=sizes)
         finally:
             model.to(home)
+        nll, size = result["mean_nll"] * result["predicted_tokens"], result.get("bytes") or result["predicted_tokens"]
+        return {"perplexity": result["perplexity"], "per_byte": nll / size, "bytes_per_token": size / result["predicted_tokens"]}
+
+    def retokenize(self, old: Any, new: Any, model: nn.Module) -> None:
+        """The same held-out texts in a new vocabulary's ids (after a vocabulary stage)."""
+        self.windows, self.tokenizer = retokenize(self.windows, old, new, model), new
 
     def after(self, model: nn.Module, number: int, method: str) -> dict[str, Any]:
-        value = self._perplexity(model)
-        record = {"windows": len(self.windows), "seq_len": self.windows.shape[1], "input": self.input,
-                  "stage_input": self.previous, "output": value, "ratio": value / self.input,
-                  "threshold": self.ratio, "flagged": value > self.ratio * self.input}  # fmt: skip
+        value = self._measure(model)
+        ratio = math.exp((value["per_byte"] - self.input["per_byte"]) * self.input["bytes_per_token"])
+        record = {"windows": len(self.windows), "seq_len": self.windows.shape[1], "input": self.input["perplexity"],
+                  "stage_input": self.previous["perplexity"], "output": value["perplexity"], "ratio": ratio,
+                  "threshold": self.ratio, "flagged": ratio > self.ratio}  # fmt: skip
         self.previous = value
         if record["flagged"]:
             log.warning("stage %d (%s) left the held-out perplexity at %.2f, %.1fx the input's %.2f (above %gx): the "
                         "output is likely broken. Remedies: remove less, try another method, or add a recovery "
-                        "stage after it", number, method, value, record["ratio"], self.input, self.ratio)
+                        "stage after it", number, method, value["perplexity"], ratio, self.input["perplexity"],
+                        self.ratio)
         return record
 
 

@@ -57,7 +57,8 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.model}: perplexity {result['perplexity']:.3f} on {config.data} "
+        per_byte = f", {result['bits_per_byte']:.4f} bits per byte" if "bits_per_byte" in result else ""
+        print(f"{args.model}: perplexity {result['perplexity']:.3f}{per_byte} on {config.data} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['seconds']:.1f} s)")
         print(f"protocol: {result['protocol']}")
     return 0

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     print_structure(structure)
     ev = manifest.get("evaluation") or {}
     if "perplexity" in ev:
-        print(f"perplexity {ev['perplexity']:.3f} ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)")
+        per_byte = f", {ev['bits_per_byte']:.4f} bits per byte" if "bits_per_byte" in ev else ""
+        print(f"perplexity {ev['perplexity']:.3f}{per_byte} ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)")
     for name, task in (ev.get("tasks") or {}).get("tasks", {}).items():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in task["metrics"].items() if isinstance(v, float))
         print(f"{name} v{task['version']}: {metrics} ({task['samples']} documents)")

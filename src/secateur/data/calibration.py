@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from secateur.config import CalibConfig
-from secateur.data.sources import load_text, needs_holdout
-from secateur.data.windows import calibration_windows, evaluation_windows, tokenize, uses_bos
+from secateur.data.sources import DataError, load_text, needs_holdout
+from secateur.data.windows import with_bos, calibration_windows, evaluation_windows, tokenize, uses_bos
 from secateur.models import adapter_for
 
 
@@ -31,3 +32,19 @@ def calibration_data(model: nn.Module, tokenizer: Any, calib: CalibConfig) -> Te
 def evaluation_data(model: nn.Module, tokenizer: Any, source: str, seq_len: int, windows: int, field: str = "text") -> Tensor:
     tokens = tokenize(tokenizer, load_text(source, "evaluation", field))
     return evaluation_windows(tokens, seq_len, windows, bos=bos_token(model, tokenizer))
+
+
+def retokenize(windows: Tensor, old: Any, new: Any, model: nn.Module) -> Tensor:
+    """The texts of `windows` (ids of tokenizer `old`) in the ids of tokenizer `new`: each window's text
+    tokenized anew, the streams joined and cut into windows of the same length (BOS first again when
+    the family uses it). A new vocabulary that splits text more finely covers a little less text per
+    window; there are fewer windows only if the texts no longer fill them."""
+    old_bos, new_bos = bos_token(model, old), bos_token(model, new)
+    body = windows[:, 1:] if old_bos is not None and bool((windows[:, 0] == old_bos).all()) else windows
+    span = windows.shape[1] - (new_bos is not None)
+    texts = [old.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in body]
+    stream = torch.cat([tokenize(new, text) for text in texts])
+    count = min(len(windows), len(stream) // span)
+    if count < 1:
+        raise DataError(f"the windows' text is {len(stream)} tokens in the new vocabulary, less than one window of {span}")
+    return with_bos(stream[: count * span].view(count, span), new_bos)

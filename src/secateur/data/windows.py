@@ -28,7 +28,7 @@ def uses_bos(tokenizer: Any, family_needs_bos: bool) -> bool:
     return bool(probe) and probe[0] == bos
 
 
-def _with_bos(windows: Tensor, bos: int | None) -> Tensor:
+def with_bos(windows: Tensor, bos: int | None) -> Tensor:
     if bos is None:
         return windows
     return torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1)
@@ -45,7 +45,7 @@ def evaluation_windows(tokens: Tensor, seq_len: int, count: int, bos: int | None
             f"the text has {len(tokens)} tokens; {count} windows of {seq_len} need {needed}: "
             "use fewer --windows, a shorter --seq-len or a longer text"
         )
-    return _with_bos(tokens[:needed].view(count, span), bos)
+    return with_bos(tokens[:needed].view(count, span), bos)
 
 
 def calibration_windows(
@@ -64,4 +64,4 @@ def calibration_windows(
     offset = int(torch.randint(0, len(pool) - slots * span + 1, (1,), generator=generator))
     chosen = torch.randperm(slots, generator=generator)[:count].sort().values
     starts = offset + chosen * span  # (count,)
-    return _with_bos(torch.stack([pool[s : s + span] for s in starts.tolist()]), bos)
+    return with_bos(torch.stack([pool[s : s + span] for s in starts.tolist()]), bos)

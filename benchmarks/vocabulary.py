@@ -1,0 +1,199 @@
+"""Vocabulary pruning on SmolLM2-135M-Instruct and Gemma-3-270M: how many tokens, parameters and bytes
+go, what it costs in bits per byte on the calibration domain and on another one, how much held-out
+text tokenizes differently, the WordNet probe, and (SmolLM2) decode and prefill speed in llama.cpp.
+
+Kept tokens are counted on the default calibration windows of the vocabulary stage (256 windows of
+2,048 tokens drawn from the enwiki sample after its evaluation region), by `--coverage` (the corpus's
+most frequent tokens up to that share of its tokens, with the tokens their merge paths need) or
+`--keep-tokens` (that many ids in all, the room the corpus leaves filled in the tokenizer's own
+merge order). Quality on text no stage saw: bits per byte (and perplexity per token, which does not
+compare across tokenizers) on the enwiki sample's evaluation windows and on legal English (the
+license texts of Debian's /usr/share/common-licenses), SmolLM2 on 64 windows of 512 tokens (protocol
+v1), Gemma on 16 windows of 512 (BOS first), and the WordNet probe (`secateur_wordnet`, four-choice,
+chance 25%, the first 200 items). "changed" is the share of the dense tokenizer's tokens of those
+windows that the pruned vocabulary lacks (the text they stand for is split into smaller kept tokens).
+A pruned tokenizer needs more tokens for the same text, so its windows cover a prefix of the text the
+dense model's cover (`bytes` says how much).
+
+Speed (`llamacpp-speed` row): every SmolLM2 row exported with `secateur export` in f16 and q8_0,
+`llama-bench` prefill 512 and decode 128 tokens/s, 2 threads, 3 interleaved rounds, medians of
+per-round ratios to dense of the same type; the bytes ideal is the dense bytes of weights read per
+decoded token over the row's (the LM head is read whole, the embedding one row). Gemma 3 does not
+export to GGUF yet, so it has no speed rows.
+
+Resumable: every finished row is a line of benchmarks/results/vocabulary.jsonl.
+
+    python benchmarks/vocabulary.py [--only smol-dense,smol-cov0.999] [--probe-items 200]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "vocabulary.jsonl"
+WORK = ROOT / "bench-out" / "vocabulary"
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+from measure import cli, cli_timed, legal_text, run_rows  # noqa: E402
+
+EVAL = {"smol": ["--windows", "64", "--seq-len", "512"], "gemma": ["--windows", "16", "--seq-len", "512"]}
+ROWS = {  # name: `secateur prune` arguments (None: the dense model)
+    "smol-dense": None,
+    "smol-cov0.999": ["--coverage", "0.999"],
+    "smol-cov1.0": ["--coverage", "1.0"],
+    "smol-keep16k": ["--keep-tokens", "16384"],
+    "smol-keep32k": ["--keep-tokens", "32768"],
+    "gemma-dense": None,
+    "gemma-cov1.0": ["--coverage", "1.0"],
+    "gemma-keep32k": ["--keep-tokens", "32768"],
+    "gemma-keep60k": ["--keep-tokens", "60000"],
+    "llamacpp-speed": None,
+}
+TYPES = ("f16", "q8_0")
+
+
+def dense_of(name: str) -> Path:
+    if name.startswith("smol"):
+        from secateur.demo import default_model_dir
+
+        return default_model_dir()
+    from gemma import gemma_dir
+
+    return gemma_dir()
+
+
+def path_of(name: str) -> Path:
+    return dense_of(name) if ROWS[name] is None else WORK / name
+
+
+def changed_share(dense: Path, pruned: Path, data: str | Path, windows: int, seq_len: int) -> float:
+    """The share of the dense tokenizer's tokens in the evaluation windows that the pruned one lacks."""
+    from transformers import AutoTokenizer
+
+    from secateur.data import load_text
+    from secateur.data.windows import tokenize
+
+    old, new = AutoTokenizer.from_pretrained(dense), AutoTokenizer.from_pretrained(pruned)
+    ids = tokenize(old, load_text(str(data), "evaluation", "text"))[: windows * seq_len]
+    vocabulary = new.get_vocab()
+    tokens = old.convert_ids_to_tokens(ids.tolist())
+    return sum(t not in vocabulary for t in tokens) / len(tokens)
+
+
+def quality(name: str, probe_items: int) -> dict:
+    path, family = path_of(name), name.split("-")[0]
+    row = {}
+    for label, data in (("enwiki", "enwiki-sample"), ("legal", legal_text())):
+        result = json.loads(cli("eval", path, "--data", data, *EVAL[family], "--json"))
+        row.update({f"bpb_{label}": result["bits_per_byte"], f"ppl_{label}": result["perplexity"],
+                    f"bytes_{label}": result["bytes"]})  # fmt: skip
+        if ROWS[name] is not None:
+            row[f"changed_{label}"] = changed_share(dense_of(name), path, data, int(EVAL[family][1]),
+                                                    int(EVAL[family][3]))  # fmt: skip
+    probe = json.loads(cli("eval", path, "--tasks", "secateur_wordnet", "--limit", probe_items, "--json"))
+    task = probe["tasks"]["secateur_wordnet"]
+    row.update(probe_acc=task["metrics"].get("acc"), probe_items=task["samples"])
+    return row
+
+
+def build(name: str) -> dict:
+    out = path_of(name)
+    facts = {}
+    if ROWS[name] is not None and not (out / "secateur.json").exists():
+        printed, seconds, peak = cli_timed("prune", dense_of(name), "--out", out, "--method", "vocabulary",
+                                           *ROWS[name])  # fmt: skip
+        print(printed, flush=True)
+        facts = {"prune_seconds": seconds, "peak_mib": peak}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(out)
+    from safetensors import safe_open
+
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    parameters = 0
+    for file in out.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            parameters += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    record = json.loads((out / "secateur.json").read_text())["history"][-1] if ROWS[name] is not None else {}
+    result = record.get("result", {})
+    return {**facts, "tokens": getattr(config, "text_config", config).vocab_size, "safetensors_bytes": weights,
+            "parameters": parameters, "corpus_kept": result.get("corpus_kept"),
+            "not_in_corpus": result.get("not_in_corpus"), "check": record.get("check")}  # fmt: skip
+
+
+def _numel(shape: list[int]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def speed() -> dict:
+    from llamacpp import file_facts, llama_bench
+
+    names = [n for n in ROWS if n.startswith("smol")]
+    files = {}
+    for name in names:
+        for kind in TYPES:
+            out = WORK / f"{name}-{kind}.gguf"
+            if not out.exists():
+                cli("export", path_of(name), "--gguf", out, "--type", kind)
+            files[f"{name}:{kind}"] = out
+    rounds = {key: [] for key in files}
+    for r in range(3):
+        keys = list(files)
+        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            rounds[key].append(llama_bench(files[key], 3))
+            print(key, rounds[key][-1], flush=True)
+    out = {}
+    for key, runs in rounds.items():
+        name, kind = key.split(":")
+        dense = rounds[f"smol-dense:{kind}"]
+        facts = file_facts(files[key])
+        out[key] = {"read_bytes": facts["read_bytes"], "file_bytes": facts["bytes"],
+                    "decode_tps": statistics.median(r["decode_tps"] for r in runs),
+                    "prefill_tps": statistics.median(r["prefill_tps"] for r in runs),
+                    "decode_x": statistics.median(r["decode_tps"] / d["decode_tps"] for r, d in zip(runs, dense)),
+                    "prefill_x": statistics.median(r["prefill_tps"] / d["prefill_tps"] for r, d in zip(runs, dense)),
+                    "bytes_ideal": file_facts(files[f"smol-dense:{kind}"])["read_bytes"] / facts["read_bytes"]}
+    return {"speed": out}
+
+
+def measure(name: str, probe_items: int) -> dict:
+    clock = time.perf_counter()
+    if name == "llamacpp-speed":
+        row = {"row": name, **speed()}
+    else:
+        row = {"row": name, "args": ROWS[name], **build(name), **quality(name, probe_items)}
+    row["wall_seconds"] = time.perf_counter() - clock
+    return row
+
+
+def table() -> None:
+    rows = {r["row"]: r for r in map(json.loads, RESULTS.read_text().splitlines())}
+    print("| row | tokens | parameters | enwiki bpb | x dense | changed | legal bpb | x dense | changed | probe acc | prune s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "speed" in r:
+            continue
+        dense = rows.get(f"{name.split('-')[0]}-dense", {})
+        ratio = lambda k: f"{r[k] / dense[k]:.3f}" if k in dense else ""  # noqa: E731
+        share = lambda k: f"{r[k]:.2%}" if k in r else "-"  # noqa: E731
+        print(f"| {name} | {r['tokens']:,} | {r['parameters'] or ''} | {r['bpb_enwiki']:.4f} | {ratio('bpb_enwiki')} | "
+              f"{share('changed_enwiki')} | {r['bpb_legal']:.4f} | {ratio('bpb_legal')} | {share('changed_legal')} | "
+              f"{r['probe_acc']:.3f} | {r.get('prune_seconds', 0):.0f} |")
+    if "llamacpp-speed" in rows:
+        print("\n| llama.cpp | decode tok/s | x dense | bytes ideal | prefill tok/s | x dense |\n|---|---|---|---|---|---|")
+        for key, s in rows["llamacpp-speed"]["speed"].items():
+            print(f"| {key} | {s['decode_tps']:.1f} | {s['decode_x']:.2f} | {s['bytes_ideal']:.2f} | "
+                  f"{s['prefill_tps']:.1f} | {s['prefill_x']:.2f} |")
+
+
+if __name__ == "__main__":
+    run_rows(__doc__, RESULTS, list(ROWS), measure, table)

@@ -1,0 +1,8 @@
+"""Vocabulary pruning: the embedding and LM head rows of the tokens a corpus needs, and a tokenizer
+rewritten to emit only those."""
+
+from secateur.vocabulary.bpe import VocabularyError
+from secateur.vocabulary.config import VocabularyConfig
+from secateur.vocabulary.engine import VocabularyReport, prune_vocabulary
+
+__all__ = ["VocabularyConfig", "VocabularyError", "VocabularyReport", "prune_vocabulary"]

@@ -1,0 +1,72 @@
+"""Vocabulary pruning of a model and its tokenizer together."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secateur.vocabulary.bpe import Bpe, VocabularyError, select
+from secateur.vocabulary.config import VocabularyConfig
+from secateur.vocabulary.model import slice_vocabulary, special_ids
+from secateur.vocabulary.tokenizer import prune_tokenizer, read_tokenizer
+
+
+@dataclass
+class VocabularyReport:
+    style: str  # byte-level or byte-fallback BPE
+    tokens_before: int  # embedding rows
+    tokens_after: int
+    required: int  # bytes, unknown, special tokens and config ids: kept whatever the corpus
+    corpus_tokens: int  # tokens counted in the calibration windows
+    corpus_distinct: int  # distinct ids among them
+    corpus_kept: float  # share of the counted tokens whose id is kept
+    not_in_corpus: int  # kept though the corpus never used them: merge-path parts, and --keep-tokens' fill
+    merges_before: int
+    merges_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def count_tokens(windows: Tensor) -> dict[int, int]:
+    """How often each id occurs in the calibration windows."""
+    counts = torch.bincount(windows.flatten())
+    ids = counts.nonzero().flatten()
+    return dict(zip(ids.tolist(), counts[ids].tolist()))
+
+
+def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
+                     calibration: Tensor) -> tuple[Any, VocabularyReport]:  # fmt: skip
+    """Keep the tokens the calibration windows use (with the tokens they are built from and the
+    required ones) in `model` (in place) and in a new tokenizer, which is returned with the report."""
+    if tokenizer is None:
+        raise VocabularyError("vocabulary pruning needs the model's tokenizer (secateur.prune(..., tokenizer=...))")
+    bpe = read_tokenizer(tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    beyond = max(bpe.vocab.values()) + 1 - rows
+    if beyond > 0:
+        raise VocabularyError(f"the tokenizer has {beyond} ids beyond the model's {rows} embedding rows")
+    generation = getattr(model, "generation_config", None)
+    named = special_ids(model.config) | (special_ids(generation) if generation is not None else set())
+    bpe = dataclasses.replace(bpe, required=bpe.required | {i for i in named if i < rows})
+    counts = count_tokens(calibration)
+    kept = select(counts, bpe, keep_tokens=config.keep_tokens, coverage=config.coverage)
+    new_tokenizer = prune_tokenizer(tokenizer, kept)
+    slice_vocabulary(model, kept)
+    keep = set(kept)
+    total = sum(counts.values())
+    report = VocabularyReport(
+        style=bpe.style, tokens_before=rows, tokens_after=len(kept), required=len(bpe.required),
+        corpus_tokens=total, corpus_distinct=len(counts), corpus_kept=sum(c for i, c in counts.items() if i in keep) / total,
+        not_in_corpus=sum(1 for i in keep if i not in counts and i not in bpe.required),
+        merges_before=len(bpe.merges), merges_after=len(_kept_merges(bpe, keep)))  # fmt: skip
+    return new_tokenizer, report
+
+
+def _kept_merges(bpe: Bpe, keep: set[int]) -> list[tuple[str, str]]:
+    ok = lambda t: bpe.vocab.get(t) in keep  # noqa: E731
+    return [(a, b) for a, b in bpe.merges if ok(a) and ok(b) and ok(bpe.merged(a, b))]
