@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
+
 from secateur.bench import SpeedResult, bench, file_bytes, measure, table
 from secateur.cli import main
+from secateur.errors import ConfigError
 
 
 def test_measure_reports_sizes_and_speed(model_dir):
@@ -126,11 +129,12 @@ def test_llamacpp_engine_times_one_metric_when_asked(tmp_path, model_dir):
 
 def test_llamacpp_engine_refusals(tmp_path, model_dir, capsys, monkeypatch):
     monkeypatch.delenv("SECATEUR_LLAMA_CPP", raising=False)
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))  # no build of `secateur llama-cpp` either
     monkeypatch.setenv("PATH", str(tmp_path))
     bin_dir = _fake_llamacpp(tmp_path)
     path, _ = _gguf(tmp_path, model_dir)
     assert main(["bench", str(path), "--engine", "llama.cpp"]) == 2
-    assert "llama-bench not found on PATH" in capsys.readouterr().err
+    assert "llama-bench not found on PATH: run `secateur llama-cpp` once" in capsys.readouterr().err
     assert main(["bench", str(model_dir("llama")), "--engine", "llama.cpp", "--llama-cpp", str(bin_dir)]) == 2
     assert "secateur export" in capsys.readouterr().err
     assert main(["bench", str(path), "--engine", "llama.cpp", "--llama-cpp", str(bin_dir), "--dtype", "float16"]) == 2
@@ -140,3 +144,21 @@ def test_llamacpp_engine_refusals(tmp_path, model_dir, capsys, monkeypatch):
     monkeypatch.undo()  # PATH back (the stand-in needs python3 on it)
     monkeypatch.setenv("SECATEUR_LLAMA_CPP", str(bin_dir))
     assert main(["bench", str(path), "--engine", "llama.cpp", "--rounds", "1", "--repeats", "1"]) == 0
+
+
+def test_the_build_of_secateur_llama_cpp_is_found_and_not_rebuilt(tmp_path, monkeypatch, capsys):
+    from secateur.bench import llama_bench_binary
+    from secateur.export import llamacpp
+
+    monkeypatch.delenv("SECATEUR_LLAMA_CPP", raising=False)
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="secateur llama-cpp"):
+        llama_bench_binary(None)
+    where = llamacpp.bin_dir()
+    where.mkdir(parents=True)
+    for name in ("llama-bench", "llama-perplexity", "libllama.so"):
+        (where / name).write_text("")
+    assert llama_bench_binary(None) == where / "llama-bench"
+    monkeypatch.setattr(llamacpp.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a complete build"))
+    assert main(["llama-cpp"]) == 0 and str(where) in capsys.readouterr().out

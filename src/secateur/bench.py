@@ -231,15 +231,21 @@ LLAMA_CPP_ENV = "SECATEUR_LLAMA_CPP"  # a directory holding llama.cpp's binaries
 
 
 def llama_bench_binary(directory: str | Path | None) -> Path:
-    """llama-bench from `directory`, else from $SECATEUR_LLAMA_CPP, else from PATH."""
+    """llama-bench from `directory`, else from $SECATEUR_LLAMA_CPP, else from PATH, else from the build
+    `secateur llama-cpp` leaves in secateur's cache."""
     import os
     import shutil
 
+    from secateur.export.llamacpp import built
+
     where = directory or os.environ.get(LLAMA_CPP_ENV)
     found = Path(where) / "llama-bench" if where else (Path(p) if (p := shutil.which("llama-bench")) else None)
+    if found is None and (cached := built()) is not None:
+        found = cached / "llama-bench"
     if found is None or not found.is_file():
-        raise ConfigError(f"llama-bench not found {'in ' + str(where) if where else 'on PATH'}; pass --llama-cpp DIR "
-                          f"or set {LLAMA_CPP_ENV} to the directory of llama.cpp's binaries")
+        raise ConfigError(f"llama-bench not found {'in ' + str(where) if where else 'on PATH'}: run `secateur "
+                          f"llama-cpp` once to build it (several minutes; needs cmake and a C++ compiler), or pass "
+                          f"--llama-cpp DIR or set {LLAMA_CPP_ENV} to the directory of llama.cpp's binaries")
     return found
 
 
