@@ -168,6 +168,42 @@ def test_the_deci_rows_are_interleaved_per_layer(tmp_path):
                                    interleave_rope_rows(q, q.shape[0] // 16), atol=1e-3, rtol=1e-3)  # f16
 
 
+# --- Gemma 3 -----------------------------------------------------------------------------------------
+
+
+def tiny_gemma(**overrides):
+    """A two-block Gemma 3 whose query scale is llama.cpp's (1/sqrt(head size)), one sliding block."""
+    return tiny_model("gemma3_text", **{"query_pre_attn_scalar": 16,
+                                        "layer_types": ["sliding_attention", "full_attention"], **overrides})
+
+
+@pytest.mark.parametrize("prune", ["dense", "depth", "width"])
+def test_gemma3_round_trips_with_its_norms_window_pattern_and_rotary_bases(prune, tmp_path):
+    model = tiny_gemma()
+    if prune == "depth":
+        remove_blocks(model, adapter_for(model), [0])  # the global block is left: no window at all
+    if prune == "width":
+        width_prune(model, WidthConfig(0.5, "magnitude", "uniform", "kv-groups", bias_compensation=False), calibration())
+    record, expected, got = round_trip(model, tmp_path)
+    assert record["arch"] == "gemma3"
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    block = adapter_for(model).block_list(model)[0]
+    np.testing.assert_array_equal(tensors["blk.0.post_ffw_norm.weight"],
+                                  block.post_feedforward_layernorm.weight.detach().numpy() + 1)  # fmt: skip
+    pattern = reader.fields.get("gemma3.attention.sliding_window_pattern")
+    if prune == "depth":
+        assert pattern is None and "gemma3.attention.sliding_window" not in reader.fields
+    else:
+        assert pattern.contents() == [True, False] and reader.fields["gemma3.rope.freq_base_swa"].contents() == 10000
+
+
+def test_gemma3_that_llama_cpp_would_compute_otherwise_is_refused():
+    with pytest.raises(ExportError, match="query_pre_attn_scalar 256 differs from the head size 16"):
+        model_shape(tiny_gemma(query_pre_attn_scalar=256))
+
+
 # --- vocabulary ------------------------------------------------------------------------------------
 
 
@@ -200,7 +236,7 @@ def test_an_unrecognised_pre_tokenizer_is_refused_unless_named(tmp_path):
 # --- refusals ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "gpt2", "gpt_neox", "opt"])
+@pytest.mark.parametrize("family", ["phi3", "gpt2", "gpt_neox", "opt"])
 def test_families_without_an_exporter_are_refused(family, tmp_path):
     with pytest.raises(ExportError, match="cannot be exported yet"):
         model_shape(tiny_model(family))
@@ -239,7 +275,34 @@ def test_cli_refuses_before_writing_and_never_overwrites(tmp_path, capsys):
     assert not list(tmp_path.glob(".m.gguf.partial-*"))
     assert main(["export", str(target), "--gguf", str(tmp_path / "again.gguf")]) == 2
     assert "already GGUF" in capsys.readouterr().err and not (tmp_path / "again.gguf").exists()
-    gemma = tmp_path / "gemma"
-    save(tiny_model("gemma3_text"), bpe_tokenizer(), gemma, {})
-    assert main(["export", str(gemma), "--gguf", str(tmp_path / "g.gguf")]) == 2
-    assert "cannot be exported yet" in capsys.readouterr().err and not (tmp_path / "g.gguf").exists()
+    phi = tmp_path / "phi"
+    save(tiny_model("phi3"), bpe_tokenizer(), phi, {})
+    assert main(["export", str(phi), "--gguf", str(tmp_path / "p.gguf")]) == 2
+    assert "cannot be exported yet" in capsys.readouterr().err and not (tmp_path / "p.gguf").exists()
+
+
+def test_a_pruned_vocabulary_takes_the_source_gguf_tokenizer_at_its_kept_tokens(tmp_path):
+    from secateur.recipe import prune
+    from secateur.vocabulary import VocabularyConfig
+
+    tokenizer = bpe_tokenizer()
+    source = tmp_path / "source.gguf"
+    dense = tiny_model("llama", vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    save(dense, tokenizer, tmp_path / "dense", {})
+    export_gguf(tmp_path / "dense", source)  # the file a user's model came from
+    windows = torch.tensor(tokenizer(tiny_text(300), add_special_tokens=False)["input_ids"][:480]).view(15, 32)
+    report = prune(dense, VocabularyConfig(keep_tokens=80), windows, tokenizer=tokenizer, progress=False)
+    save(dense, report.tokenizer, tmp_path / "pruned", {"converted_from": str(source)})
+    record = export_gguf(tmp_path / "pruned", tmp_path / "pruned.gguf")
+    assert "80 of its" in record["tokenizer"]
+    fields = gguf.GGUFReader(tmp_path / "pruned.gguf").fields
+    full = gguf.GGUFReader(source).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert tokens == report.tokenizer.convert_ids_to_tokens(list(range(80)))
+    old = {t: i for i, t in enumerate(full["tokenizer.ggml.tokens"].contents())}
+    types = full["tokenizer.ggml.token_type"].contents()
+    assert fields["tokenizer.ggml.token_type"].contents() == [types[old[t]] for t in tokens]
+    merges = fields["tokenizer.ggml.merges"].contents()
+    assert 0 < len(merges) < len(full["tokenizer.ggml.merges"].contents())
+    assert all(a in tokens and b in tokens and a + b in tokens for a, b in (m.split(" ") for m in merges))
+    assert tokens[fields["tokenizer.ggml.eos_token_id"].contents()] == "</s>"

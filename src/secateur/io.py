@@ -103,7 +103,8 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
 def _complete_gguf_config(path: Path, config):
     """What transformers' GGUF reader leaves out of the config: the explicit head size (which
     pruned heads need, and which it reads for no Qwen) and the biases a Llama file holds (bias
-    compensation adds them; without the flags the stock model has nowhere to load them)."""
+    compensation adds them; without the flags the stock model has nowhere to load them), and the
+    Gemma 3 settings llama.cpp reads that it does not."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
@@ -112,10 +113,31 @@ def _complete_gguf_config(path: Path, config):
     if key_length is not None:
         config.head_dim = int(key_length.contents())
     names = [t.name for t in reader.tensors]
+    if arch == "gemma3":
+        _complete_gemma3(reader, config)
     if config.model_type == "llama":
         config.attention_bias = any(n.endswith(".attn_output.bias") or n.endswith(".attn_q.bias") for n in names)
         config.mlp_bias = any(n.endswith(".ffn_down.bias") for n in names)
     return config
+
+
+def _complete_gemma3(reader, config) -> None:
+    """Gemma 3 as llama.cpp reads the file: which layers slide (an explicit per-layer array, or a
+    period, default 6, the last of each period global), the sliding layers' rotary base (default
+    10,000), and queries scaled by 1/sqrt(head size)."""
+    field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
+    layers = int(field("gemma3.block_count"))
+    pattern = field("gemma3.attention.sliding_window_pattern")
+    slides = [False] * layers  # no window: every layer global
+    if field("gemma3.attention.sliding_window"):
+        slides = ([bool(x) for x in pattern] if isinstance(pattern, list)
+                  else [bool((i + 1) % int(pattern or 6)) for i in range(layers)])  # fmt: skip
+    config.layer_types = ["sliding_attention" if s else "full_attention" for s in slides]
+    full = float(field("gemma3.rope.freq_base") or 1_000_000.0)
+    local = float(field("gemma3.rope.freq_base_swa") or 10_000.0)
+    config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": full},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": local}}  # fmt: skip
+    config.query_pre_attn_scalar = config.head_dim
 
 
 def _dequantize_gguf(gguf_file: str):

@@ -9,14 +9,20 @@ What neither can express is refused before anything is written.
 
 The `llama` and `deci` graphs apply rotary embeddings to interleaved pairs, HF's Llama code to the
 two halves of each head: query and key rows are reordered per head (as llama.cpp's own converter
-does); `qwen2` / `qwen3` use the halves convention and take the rows as they are.
+does); `qwen2` / `qwen3` / `gemma3` use the halves convention and take the rows as they are.
+
+Gemma 3 is written as llama.cpp's `gemma3`: its RMSNorms scale by 1 + weight, so every norm weight is
+written plus one (as llama.cpp's converter does); which blocks use sliding-window attention is an
+explicit per-layer array (so a depth-pruned model keeps its pattern), with the sliding layers'
+rotary base; llama.cpp scales queries by 1/sqrt(head size) and the embedding by sqrt(hidden size)
+itself, so a config whose query scale differs is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,12 +45,42 @@ BLOCK = 32  # values per block of GGML's 8-bit type: a quantized row's length mu
 @dataclass(frozen=True)
 class Family:
     """How a model family is written: llama.cpp's architecture for uniform widths, whether query /
-    key rows are reordered for interleaved rotary pairs, and whether per-layer widths may be written
-    as `deci` (a Llama-shaped block: no q/k norms, SwiGLU, RMSNorm)."""
+    key rows are reordered for interleaved rotary pairs, whether per-layer widths may be written
+    as `deci` (a Llama-shaped block: no q/k norms, SwiGLU, RMSNorm), what is added to norm weights
+    (Gemma's 1 + weight), and the family's own metadata (a writer of further keys, which refuses what
+    llama.cpp's graph for it cannot compute)."""
 
     arch: str
     interleaved_rope: bool
     per_layer: bool
+    norm_shift: float = 0.0
+    extra: Callable[[Any, Any, "Shape"], None] | None = None
+    check: Callable[[Any, "Shape"], None] | None = None
+
+
+def _gemma3_check(config, shape: "Shape") -> None:
+    """What llama.cpp's gemma3 graph cannot compute."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and int(scalar) != shape.head_dim:
+        raise ExportError(f"query_pre_attn_scalar {scalar} differs from the head size {shape.head_dim}; llama.cpp's "
+                          "gemma3 graph scales queries by 1/sqrt(head size) only")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ExportError("attention logit soft-capping (Gemma 2) is not in llama.cpp's gemma3 graph")
+    types = list(getattr(config, "layer_types", None) or [])
+    if len(types) != len(shape.heads):
+        raise ExportError(f"the config lists {len(types)} layer types for {len(shape.heads)} blocks")
+    _rope_theta(config, "sliding_attention")
+
+
+def _gemma3(writer, config, shape: "Shape") -> None:
+    """Gemma 3's keys: the sliding window, which layers use it, their rotary base, logit soft-capping."""
+    types = list(config.layer_types)
+    if getattr(config, "sliding_window", None) and "sliding_attention" in types:
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        writer.add_rope_freq_base_swa(_rope_theta(config, "sliding_attention"))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 FAMILIES = {
@@ -52,6 +88,8 @@ FAMILIES = {
     "mistral": Family("llama", interleaved_rope=True, per_layer=True),
     "qwen2": Family("qwen2", interleaved_rope=False, per_layer=True),
     "qwen3": Family("qwen3", interleaved_rope=False, per_layer=False),  # q/k norms: deci has none
+    "gemma3_text": Family("gemma3", interleaved_rope=False, per_layer=False, norm_shift=1.0, extra=_gemma3,
+                          check=_gemma3_check),
 }
 PER_LAYER_ARCH = "deci"
 
@@ -98,8 +136,15 @@ def family_of(model: nn.Module) -> Family:
     return FAMILIES[model_type]
 
 
-def _rope_theta(config) -> float:
+def _rope_theta(config, layer_type: str = "full_attention") -> float:
+    """The rotary base (of `layer_type`'s layers where the config holds one per layer type, as Gemma 3's)."""
     parameters = getattr(config, "rope_parameters", None) or {}
+    if isinstance(parameters.get(layer_type), dict):
+        for kind in parameters:
+            if isinstance(parameters[kind], dict) and parameters[kind].get("rope_type", "default") != "default":
+                raise ExportError(f"rotary scaling {parameters[kind]['rope_type']!r} ({kind} layers) is not exported "
+                                  "yet; only unscaled rotary embeddings are")
+        parameters = parameters[layer_type]
     scaling = getattr(config, "rope_scaling", None) or {}
     kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
@@ -126,7 +171,10 @@ def model_shape(model: nn.Module) -> Shape:
     _rope_theta(model.config)
     stubs = [i for i, (h, c) in enumerate(zip(heads, channels)) if h > 0 and c == 0]
     channels = [1 if i in stubs else c for i, c in enumerate(channels)]
-    return Shape(family.arch if uniform else PER_LAYER_ARCH, heads, kv_heads, channels, size, stubs)
+    shape = Shape(family.arch if uniform else PER_LAYER_ARCH, heads, kv_heads, channels, size, stubs)
+    if family.check is not None:
+        family.check(model.config, shape)
+    return shape
 
 
 def stub_mlp(block: int, hidden: int) -> list[tuple[str, Tensor]]:
@@ -168,6 +216,8 @@ def named_tensors(model: nn.Module, shape: Shape) -> Iterator[tuple[str, Tensor]
         if name is None:
             raise ExportError(f"no GGUF name for {hf_name}; this model holds tensors llama.cpp does not read")
         tensor = tensor.detach().float().cpu()
+        if family.norm_shift and name.endswith("norm.weight"):
+            tensor = tensor + family.norm_shift
         if interleave and (".attn_q." in name or ".attn_k." in name):
             block = int(name.split(".")[1])
             heads = shape.heads[block] if ".attn_q." in name else shape.kv_heads[block]
@@ -212,6 +262,9 @@ def write_hparams(writer, model: nn.Module, shape: Shape, kind: str) -> None:
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
+    family = family_of(model)
+    if family.extra is not None:
+        family.extra(writer, config, shape)
     writer.add_file_type(int(gguf.LlamaFileType[TYPES[kind].file_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 

@@ -3,7 +3,8 @@ HF tokenizer.
 
 When the model traces back (through its manifests) to a GGUF file whose vocabulary is this
 tokenizer's, its `tokenizer.*` metadata is copied as is: the pre-tokenizer name, token types, merges,
-special ids and chat template the original file's authors chose. Otherwise a byte-level BPE
+special ids and chat template the original file's authors chose; when this tokenizer keeps a subset
+of that file's tokens (vocabulary pruning), the same metadata at the kept tokens. Otherwise a byte-level BPE
 (GPT-2 style) tokenizer is written from `tokenizer.json`; llama.cpp needs the name of its
 pre-tokenizer, recognised from the tokenizer's structure for the layouts below or given by the user.
 """
@@ -66,19 +67,50 @@ class Vocabulary:
 
 
 def from_gguf(path: Path, tokens: list[str]) -> Vocabulary | None:
-    """The tokenizer metadata of GGUF `path`, if its token list is `tokens`; else None."""
+    """The tokenizer metadata of GGUF `path` for the token list `tokens`: copied as is when the lists are
+    the same; when `tokens` is a subset of the file's (a pruned vocabulary), the file's per-token arrays
+    (types, scores) taken at the kept tokens, its merges kept where both parts and the result are kept,
+    its special ids renumbered; None when `tokens` holds a token the file lacks."""
     import gguf
 
     reader = gguf.GGUFReader(path)
     listed = reader.fields.get("tokenizer.ggml.tokens")
-    if listed is None or list(listed.contents()) != tokens:
+    if listed is None:
         return None
+    original = list(listed.contents())
+    index: dict[str, int] = {}
+    for i, token in enumerate(original):
+        index.setdefault(token, i)
+    if original != tokens and not all(t in index for t in tokens):
+        return None
+    picks = [index[t] for t in tokens]
+    new_id = {old: new for new, old in enumerate(picks)}
+    kept = set(tokens)
     fields = []
     for key, item in reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub_type = item.types[-1] if item.types[0] == gguf.GGUFValueType.ARRAY else None
-            fields.append((key, item.contents(), item.types[0], sub_type))
-    return Vocabulary(fields, origin=f"copied from {path}")
+        if not key.startswith("tokenizer."):
+            continue
+        sub_type = item.types[-1] if item.types[0] == gguf.GGUFValueType.ARRAY else None
+        value = item.contents()
+        if original != tokens:
+            if key == "tokenizer.ggml.tokens":
+                value = tokens
+            elif key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+                value = [value[i] for i in picks]
+            elif key == "tokenizer.ggml.merges":
+                value = [m for m in value if _merge_kept(m, kept)]
+            elif key.endswith("_token_id"):
+                if value not in new_id:
+                    continue  # a special token the pruned vocabulary does not hold
+                value = new_id[value]
+        fields.append((key, value, item.types[0], sub_type))
+    how = "copied from" if original == tokens else f"{len(tokens):,} of its {len(original):,} tokens taken from"
+    return Vocabulary(fields, origin=f"{how} {path}")
+
+
+def _merge_kept(merge: str, kept: set[str]) -> bool:
+    left, _, right = merge.partition(" ")
+    return left in kept and right in kept and left + right in kept
 
 
 def source_ggufs(manifest: dict[str, Any] | None, limit: int = 8) -> list[Path]:
