@@ -18,8 +18,9 @@ dense model's cover (`bytes` says how much).
 Speed (`llamacpp-speed` row): every SmolLM2 row exported with `secateur export` in f16 and q8_0,
 `llama-bench` prefill 512 and decode 128 tokens/s, 2 threads, 3 interleaved rounds, medians of
 per-round ratios to dense of the same type; the bytes ideal is the dense bytes of weights read per
-decoded token over the row's (the LM head is read whole, the embedding one row). Gemma 3 does not
-export to GGUF yet, so it has no speed rows.
+decoded token over the row's (the LM head is read whole, the embedding one row). The same for
+Gemma dense and vocabulary-pruned (`gemma-llamacpp` row), with perplexity inside llama.cpp (its
+Python bindings, f16) against secateur's on the same 8 token windows.
 
 Resumable: every finished row is a line of benchmarks/results/vocabulary.jsonl.
 
@@ -54,7 +55,10 @@ ROWS = {  # name: `secateur prune` arguments (None: the dense model)
     "gemma-keep32k": ["--keep-tokens", "32768"],
     "gemma-keep60k": ["--keep-tokens", "60000"],
     "llamacpp-speed": None,
+    "gemma-llamacpp": None,
 }
+GEMMA_IN_LLAMACPP = ("gemma-dense", "gemma-keep60k")
+LLAMACPP_WINDOWS = 8  # Gemma's 262,144-entry logits for every position of a window: ~0.5 GB each
 TYPES = ("f16", "q8_0")
 
 
@@ -134,10 +138,9 @@ def _numel(shape: list[int]) -> int:
     return total
 
 
-def speed() -> dict:
+def speed(names: list[str]) -> dict:
     from llamacpp import file_facts, llama_bench
 
-    names = [n for n in ROWS if n.startswith("smol")]
     files = {}
     for name in names:
         for kind in TYPES:
@@ -154,21 +157,47 @@ def speed() -> dict:
     out = {}
     for key, runs in rounds.items():
         name, kind = key.split(":")
-        dense = rounds[f"smol-dense:{kind}"]
+        dense = rounds[f"{names[0]}:{kind}"]
         facts = file_facts(files[key])
         out[key] = {"read_bytes": facts["read_bytes"], "file_bytes": facts["bytes"],
                     "decode_tps": statistics.median(r["decode_tps"] for r in runs),
                     "prefill_tps": statistics.median(r["prefill_tps"] for r in runs),
                     "decode_x": statistics.median(r["decode_tps"] / d["decode_tps"] for r, d in zip(runs, dense)),
                     "prefill_x": statistics.median(r["prefill_tps"] / d["prefill_tps"] for r, d in zip(runs, dense)),
-                    "bytes_ideal": file_facts(files[f"smol-dense:{kind}"])["read_bytes"] / facts["read_bytes"]}
+                    "bytes_ideal": file_facts(files[f"{names[0]}:{kind}"])["read_bytes"] / facts["read_bytes"]}
     return {"speed": out}
+
+
+def inside_llamacpp(names: tuple[str, ...]) -> dict:
+    """Perplexity inside llama.cpp (its Python bindings, f16 file) against secateur's on the same token
+    windows: the first windows of the enwiki evaluation region in each model's own tokenizer."""
+    from llamacpp import bindings_perplexity
+
+    from secateur.data.calibration import evaluation_data
+    from secateur.evaluate import perplexity
+    from secateur.io import load
+
+    out = {}
+    for name in names:
+        gguf = WORK / f"{name}-f16.gguf"
+        if not gguf.exists():
+            cli("export", path_of(name), "--gguf", gguf, "--type", "f16")
+        model, tokenizer = load(path_of(name))
+        data = evaluation_data(model, tokenizer, "enwiki-sample", 512, LLAMACPP_WINDOWS)
+        ours = perplexity(model, data)["perplexity"]
+        del model
+        theirs = bindings_perplexity(gguf, data)["perplexity"]
+        out[name] = {"secateur": ours, "llama_cpp": theirs, "difference": theirs / ours - 1}
+        print(name, out[name], flush=True)
+    return {"inside": out}
 
 
 def measure(name: str, probe_items: int) -> dict:
     clock = time.perf_counter()
     if name == "llamacpp-speed":
-        row = {"row": name, **speed()}
+        row = {"row": name, **speed([n for n in ROWS if n.startswith("smol")])}
+    elif name == "gemma-llamacpp":
+        row = {"row": name, **inside_llamacpp(GEMMA_IN_LLAMACPP), **speed(list(GEMMA_IN_LLAMACPP))}
     else:
         row = {"row": name, "args": ROWS[name], **build(name), **quality(name, probe_items)}
     row["wall_seconds"] = time.perf_counter() - clock
@@ -188,11 +217,14 @@ def table() -> None:
         print(f"| {name} | {r['tokens']:,} | {r['parameters'] or ''} | {r['bpb_enwiki']:.4f} | {ratio('bpb_enwiki')} | "
               f"{share('changed_enwiki')} | {r['bpb_legal']:.4f} | {ratio('bpb_legal')} | {share('changed_legal')} | "
               f"{r['probe_acc']:.3f} | {r.get('prune_seconds', 0):.0f} |")
-    if "llamacpp-speed" in rows:
-        print("\n| llama.cpp | decode tok/s | x dense | bytes ideal | prefill tok/s | x dense |\n|---|---|---|---|---|---|")
-        for key, s in rows["llamacpp-speed"]["speed"].items():
+    print("\n| llama.cpp | decode tok/s | x dense | bytes ideal | prefill tok/s | x dense |\n|---|---|---|---|---|---|")
+    for row in ("llamacpp-speed", "gemma-llamacpp"):
+        for key, s in rows.get(row, {}).get("speed", {}).items():
             print(f"| {key} | {s['decode_tps']:.1f} | {s['decode_x']:.2f} | {s['bytes_ideal']:.2f} | "
                   f"{s['prefill_tps']:.1f} | {s['prefill_x']:.2f} |")
+    for name, q in rows.get("gemma-llamacpp", {}).get("inside", {}).items():
+        print(f"{name}: perplexity inside llama.cpp {q['llama_cpp']:.3f}, secateur {q['secateur']:.3f} "
+              f"({q['difference']:+.2%}) on the same {LLAMACPP_WINDOWS} windows")
 
 
 if __name__ == "__main__":

@@ -298,12 +298,57 @@ def test_tokenizers_it_cannot_rewrite_refuse_in_one_line(model_dir, text_file, t
     assert not (tmp_path / "out").exists()
 
 
-def test_distillation_after_a_vocabulary_stage_is_refused_before_loading(bpe_model_dir, tmp_path, capsys):
+def test_the_teacher_seen_through_the_kept_ids_agrees_with_the_pruned_student_exactly():
+    from secateur.train.loss import kl_distillation
+    from secateur.vocabulary.teacher import KeptVocabulary
+
+    tokenizer = byte_level_tokenizer()
+    model = model_for(tokenizer)
+    teacher = model_for(tokenizer)
+    teacher.load_state_dict(model.state_dict())
+    calibration = windows_of(tokenizer, CORPUS[:3000])
+    prune(model, VocabularyConfig(keep_tokens=350), calibration, tokenizer=tokenizer, progress=False)
+    kept = torch.tensor(prune_vocabulary_ids(tokenizer, model))
+    view = KeptVocabulary(teacher, kept)
+    ids = torch.randint(0, 350, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        student, target = model(ids).logits, view(input_ids=ids).logits
+    assert target.shape == student.shape and float(kl_distillation(student, target)) < 1e-6
+    twice = KeptVocabulary(view, torch.arange(100))  # a second pruning composes with the first
+    assert twice.teacher is teacher and torch.equal(twice.ids, kept[:100])
+
+
+def prune_vocabulary_ids(tokenizer, model):
+    """The old ids of a pruned model's rows, read back from the embedding (rows are unique here)."""
+    original = model_for(tokenizer).get_input_embeddings().weight
+    rows = model.get_input_embeddings().weight
+    return [int((original == row).all(dim=1).nonzero()[0]) for row in rows]
+
+
+RECOVERY = 'method = "recovery"\ntokens = 256\ntrain_seq_len = 16\nval_windows = 2\n'
+
+
+def test_recovery_after_a_vocabulary_stage_distils_from_the_original(bpe_model_dir, tmp_path):
     path, text = bpe_model_dir
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text('[[stage]]\nmethod = "vocabulary"\ncoverage = 0.95\n\n[[stage]]\nmethod = "recovery"\n')
-    code, _, err = run(["prune", path, "--out", tmp_path / "out", "--recipe", recipe, "--calib", text, *SMALL], capsys)
-    assert code == 2 and "mapping the teacher's logits onto the kept tokens is not built yet" in err
+    recipe.write_text(f'[[stage]]\nmethod = "vocabulary"\nkeep_tokens = 350\n\n[[stage]]\n{RECOVERY}')
+    out = tmp_path / "out"
+    assert main(["prune", str(path), "--out", str(out), "--recipe", str(recipe), "--calib", str(text), *SMALL]) == 0
+    record = json.loads((out / "secateur.json").read_text())["history"][-1]
+    assert record["kind"] == "recovery" and record["result"]["teacher"]["path"] == str(path.resolve())
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 350
+
+
+def test_a_later_run_distils_from_the_origin_and_refuses_a_teacher_without_the_tokens(bpe_model_dir, model_dir,
+                                                                                    tmp_path, capsys):  # fmt: skip
+    path, text = bpe_model_dir
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(path), "--out", str(pruned), "--method", "vocabulary", "--keep-tokens", "350",
+                 "--calib", str(text), *SMALL]) == 0  # fmt: skip
+    train = ["train", pruned, "--tokens", 256, "--train-seq-len", 16, "--val-windows", 2, "--calib", text, *SMALL[4:]]
+    assert main([str(a) for a in [*train, "--out", tmp_path / "trained"]]) == 0
+    code, _, err = run([*train, "--out", tmp_path / "other", "--teacher", model_dir("llama")], capsys)
+    assert code == 2 and "the teacher's tokenizer lacks" in err and not (tmp_path / "other").exists()
 
 
 def test_the_config_is_a_stage_like_the_others():

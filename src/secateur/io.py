@@ -75,6 +75,14 @@ def load_config(path: str | Path):
                              "give a valid HF model directory or GGUF file") from None
 
 
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a HF directory or a GGUF file, without the model."""
+    from transformers import AutoTokenizer
+
+    directory, gguf = split_model_path(Path(path))
+    return AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+
+
 def model_positions(config: Any) -> int | None:
     """The longest window a model's config allows (None: it does not say)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -18,8 +18,8 @@ from secateur.data import load_text
 from secateur.data.calibration import calibration_data, evaluation_data
 from secateur.errors import ConfigError
 from secateur.evaluate import evaluation_record
-from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load, load_config, model_positions,
-                         read_manifest, resolve_device, save)
+from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load, load_config, load_tokenizer,
+                         model_positions, read_manifest, resolve_device, save)
 from secateur.manifest import applied, build_manifest, history_of, record_run, run_identity
 from secateur.models import adapter_for
 from secateur.output import Output, check_apart, claim
@@ -153,18 +153,23 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
     student = load_config(model_path)
     teacher = load_config(path) if path is not None else student  # None: the input as loaded
     reshaped = None  # an earlier stage of this run that changes the blocks or the hidden size
-    renumbered = None  # an earlier stage of this run that rewrites the tokenizer
+    teacher_vocabulary(model_path, path)  # a teacher of another vocabulary must hold the student's tokens
     for stage in stages:
         kind = kind_of(stage.config)
         if getattr(stage.config, "needs_teacher", False):
-            if renumbered is not None:
-                raise ConfigError(f"recovery distils from a teacher whose vocabulary the {renumbered} stage before it "
-                                  "changed; mapping the teacher's logits onto the kept tokens is not built yet: put "
-                                  "the recovery before that stage, or train without a teacher (--kd-weight 0)")
             kind.check_teacher(stage.config, teacher, student, reshaped)
         reshaped = kind.name if kind.reshapes(stage_settings(stage.config)) else reshaped
-        renumbered = kind.name if kind.renumbers_tokens else renumbered
     return path
+
+
+def teacher_vocabulary(model_path: str | Path, teacher_file: str | Path | None) -> Tensor | None:
+    """The teacher's id of every token of the student (`model_path`) when their vocabularies differ (the
+    student's was pruned), matched by token string; None when they are the same."""
+    if teacher_file is None or load_config(teacher_file).vocab_size == load_config(model_path).vocab_size:
+        return None
+    from secateur.vocabulary.teacher import teacher_ids
+
+    return teacher_ids(load_tokenizer(model_path), load_tokenizer(teacher_file))
 
 
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
@@ -247,6 +252,11 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
     model, tokenizer = load(model_path, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)
     teacher = (load(teacher_file, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)[0]
                if teacher_file is not None else None)  # fmt: skip
+    ids = teacher_vocabulary(model_path, teacher_file) if teacher is not None else None
+    if ids is not None:  # the input's vocabulary was pruned: the teacher reads and predicts its tokens
+        from secateur.vocabulary.teacher import KeptVocabulary
+
+        teacher = KeptVocabulary(teacher, ids)
     timings = {"load": time.perf_counter() - clock}
     compute = resolve_device(options.device)
     evaluation = (evaluation_data(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)

@@ -64,9 +64,6 @@ def _report(record: dict[str, Any]) -> Section:
 def _check_teacher(config: TrainConfig, teacher: Any, student: Any, reshaped: str | None) -> None:
     """Layer-wise distillation (--hidden-weight) needs the teacher's blocks and hidden size in the
     student it trains: the input's, and no stage before it in this run that reshapes them."""
-    if teacher.vocab_size != student.vocab_size:
-        raise ConfigError(f"the teacher has {teacher.vocab_size} tokens in its vocabulary and the student "
-                          f"{student.vocab_size}: distillation needs the same vocabulary")
     if config.hidden_weight > 0:
         if reshaped is not None:
             raise ConfigError(f"--hidden-weight pairs the student's blocks with the teacher's, and the {reshaped} "
