@@ -204,6 +204,28 @@ def test_gemma3_that_llama_cpp_would_compute_otherwise_is_refused():
         model_shape(tiny_gemma(query_pre_attn_scalar=256))
 
 
+# --- Phi-3 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prune", ["dense", "depth"])
+def test_phi3_round_trips_with_its_fused_projections(prune, tmp_path):
+    model = tiny_model("phi3")
+    if prune == "depth":
+        remove_blocks(model, adapter_for(model), [0])
+    record, expected, got = round_trip(model, tmp_path)
+    assert record["arch"] == "phi3"
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    assert "blk.0.attn_qkv.weight" in names and "blk.0.ffn_up.weight" in names and "output.weight" in names
+
+
+def test_phi3_with_fewer_heads_than_llama_cpp_holds_is_refused():
+    model = tiny_model("phi3")
+    width_prune(model, WidthConfig(0.5, "magnitude", "uniform", "kv-groups", bias_compensation=False), calibration())
+    with pytest.raises(ExportError, match="query heads x head size = hidden size"):
+        model_shape(model)
+
+
 # --- vocabulary ------------------------------------------------------------------------------------
 
 
@@ -236,7 +258,7 @@ def test_an_unrecognised_pre_tokenizer_is_refused_unless_named(tmp_path):
 # --- refusals ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["phi3", "gpt2", "gpt_neox", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "opt"])
 def test_families_without_an_exporter_are_refused(family, tmp_path):
     with pytest.raises(ExportError, match="cannot be exported yet"):
         model_shape(tiny_model(family))
@@ -275,10 +297,10 @@ def test_cli_refuses_before_writing_and_never_overwrites(tmp_path, capsys):
     assert not list(tmp_path.glob(".m.gguf.partial-*"))
     assert main(["export", str(target), "--gguf", str(tmp_path / "again.gguf")]) == 2
     assert "already GGUF" in capsys.readouterr().err and not (tmp_path / "again.gguf").exists()
-    phi = tmp_path / "phi"
-    save(tiny_model("phi3"), bpe_tokenizer(), phi, {})
-    assert main(["export", str(phi), "--gguf", str(tmp_path / "p.gguf")]) == 2
-    assert "cannot be exported yet" in capsys.readouterr().err and not (tmp_path / "p.gguf").exists()
+    neox = tmp_path / "neox"
+    save(tiny_model("gpt_neox"), bpe_tokenizer(), neox, {})
+    assert main(["export", str(neox), "--gguf", str(tmp_path / "n.gguf")]) == 2
+    assert "cannot be exported yet" in capsys.readouterr().err and not (tmp_path / "n.gguf").exists()
 
 
 def test_a_pruned_vocabulary_takes_the_source_gguf_tokenizer_at_its_kept_tokens(tmp_path):

@@ -83,6 +83,19 @@ def _gemma3(writer, config, shape: "Shape") -> None:
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
+def _phi3_check(config, shape: "Shape") -> None:
+    """llama.cpp's phi3 graph holds queries of the hidden size (its output projection is hidden x hidden)
+    and rotates whole heads."""
+    hidden = int(config.hidden_size)
+    if shape.heads[0] * shape.head_dim != hidden:
+        raise ExportError(f"llama.cpp's phi3 expects query heads x head size = hidden size ({hidden}); this model has "
+                          f"{shape.heads[0]} x {shape.head_dim}: export Phi-3 with its attention heads whole (prune the "
+                          "MLP width, blocks or vocabulary only)")
+    factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        raise ExportError(f"partial rotary embeddings (factor {factor}) are not exported yet")
+
+
 FAMILIES = {
     "llama": Family("llama", interleaved_rope=True, per_layer=True),
     "mistral": Family("llama", interleaved_rope=True, per_layer=True),
@@ -90,6 +103,7 @@ FAMILIES = {
     "qwen3": Family("qwen3", interleaved_rope=False, per_layer=False),  # q/k norms: deci has none
     "gemma3_text": Family("gemma3", interleaved_rope=False, per_layer=False, norm_shift=1.0, extra=_gemma3,
                           check=_gemma3_check),
+    "phi3": Family("phi3", interleaved_rope=False, per_layer=False, check=_phi3_check),  # fused qkv, gate_up
 }
 PER_LAYER_ARCH = "deci"
 
