@@ -76,20 +76,6 @@ def path_of(name: str) -> Path:
     return dense_of(name) if ROWS[name] is None else WORK / name
 
 
-def changed_share(dense: Path, pruned: Path, data: str | Path, windows: int, seq_len: int) -> float:
-    """The share of the dense tokenizer's tokens in the evaluation windows that the pruned one lacks."""
-    from transformers import AutoTokenizer
-
-    from secateur.data import load_text
-    from secateur.data.windows import tokenize
-
-    old, new = AutoTokenizer.from_pretrained(dense), AutoTokenizer.from_pretrained(pruned)
-    ids = tokenize(old, load_text(str(data), "evaluation", "text"))[: windows * seq_len]
-    vocabulary = new.get_vocab()
-    tokens = old.convert_ids_to_tokens(ids.tolist())
-    return sum(t not in vocabulary for t in tokens) / len(tokens)
-
-
 def quality(name: str, probe_items: int) -> dict:
     path, family = path_of(name), name.split("-")[0]
     row = {}
@@ -97,9 +83,8 @@ def quality(name: str, probe_items: int) -> dict:
         result = json.loads(cli("eval", path, "--data", data, *EVAL[family], "--json"))
         row.update({f"bpb_{label}": result["bits_per_byte"], f"ppl_{label}": result["perplexity"],
                     f"bytes_{label}": result["bytes"]})  # fmt: skip
-        if ROWS[name] is not None:
-            row[f"changed_{label}"] = changed_share(dense_of(name), path, data, int(EVAL[family][1]),
-                                                    int(EVAL[family][3]))  # fmt: skip
+        if "changed_tokens" in result:
+            row[f"changed_{label}"] = result["changed_tokens"]
     probe = json.loads(cli("eval", path, "--tasks", "secateur_wordnet", "--limit", probe_items, "--json"))
     task = probe["tasks"]["secateur_wordnet"]
     row.update(probe_acc=task["metrics"].get("acc"), probe_items=task["samples"])

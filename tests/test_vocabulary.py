@@ -246,9 +246,18 @@ def test_prune_writes_a_model_and_tokenizer_that_agree(bpe_model_dir, tmp_path, 
     assert code == 0, err
     assert "-> 400 tokens" in stdout
     manifest = json.loads((out / "secateur.json").read_text())
-    assert manifest["history"][-1]["result"]["tokens_after"] == 400 and "bits_per_byte" in manifest["evaluation"]
+    evaluation = manifest["evaluation"]
+    assert manifest["history"][-1]["result"]["tokens_after"] == 400 and "bits_per_byte" in evaluation
     model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     assert model.config.vocab_size == len(tokenizer) == 400
+    code, stdout, _ = run(["eval", out, "--data", text, "--windows", 4, "--seq-len", 32, "--json"], capsys)
+    again = json.loads(stdout)
+    assert code == 0 and again["bits_per_byte"] == pytest.approx(evaluation["bits_per_byte"], rel=1e-4)
+    assert 0 < again["changed_tokens"] == pytest.approx(evaluation["changed_tokens"])
+    original = AutoTokenizer.from_pretrained(path)  # by hand: the original's tokens the pruned vocabulary lacks
+    ids = original(text.read_text(), add_special_tokens=False)["input_ids"][:4 * 32]
+    gone = [t for t in original.convert_ids_to_tokens(ids) if t not in tokenizer.get_vocab()]
+    assert again["changed_tokens"] == len(gone) / len(ids)
 
 
 def test_a_stage_after_the_vocabulary_calibrates_on_the_new_ids(bpe_model_dir, tmp_path):

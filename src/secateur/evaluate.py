@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from secateur.data.bytes import token_bytes as bytes_of_tokens
+from secateur.data import load_text
 from secateur.data.calibration import bos_token, evaluation_data
+from secateur.data.windows import tokenize
 
 PROTOCOL = (
     "first N non-overlapping windows of seq_len tokens from the start of the text; each window scored "
@@ -70,3 +72,11 @@ def evaluation_record(model: nn.Module, tokenizer: Any, source: str, data: Tenso
     result = perplexity(model, data, batch_size=batch_size, device=device,
                         token_bytes=bytes_of_tokens(tokenizer, model.get_input_embeddings().num_embeddings))
     return {"source": source, "bos": bos_token(model, tokenizer) is not None, **result}
+
+
+def changed_tokens(original: Any, tokenizer: Any, source: str, seq_len: int, windows: int, field: str = "text") -> float:
+    """The share of `original`'s tokens over the evaluation windows' text (its first windows x seq_len
+    tokens) that `tokenizer` lacks: how much of the text a pruned vocabulary splits differently."""
+    ids = tokenize(original, load_text(source, "evaluation", field))[: windows * seq_len]
+    vocabulary = tokenizer.get_vocab()
+    return sum(t not in vocabulary for t in original.convert_ids_to_tokens(ids.tolist())) / max(len(ids), 1)

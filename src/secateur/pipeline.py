@@ -17,7 +17,7 @@ from secateur.config import CalibConfig
 from secateur.data import load_text
 from secateur.data.calibration import calibration_data, evaluation_data
 from secateur.errors import ConfigError
-from secateur.evaluate import evaluation_record
+from secateur.evaluate import changed_tokens, evaluation_record
 from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load, load_config, load_tokenizer,
                          model_positions, read_manifest, resolve_device, save)
 from secateur.manifest import applied, build_manifest, history_of, record_run, run_identity
@@ -267,7 +267,7 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
                                                   options=options)  # fmt: skip
     if pruned is not tokenizer and evaluation is not None:  # the same text in the new vocabulary's ids
         evaluation = evaluation_data(model, pruned, options.eval_source, options.eval_seq_len, options.eval_windows)
-    tokenizer = pruned
+    original, tokenizer = tokenizer, pruned
     check_finite(model, "the pruned model", allow=options.allow_nonfinite,
                  advice="nothing was saved: a stage diverged (for recovery, lower --lr), or pass --allow-nonfinite "
                         "to save it anyway")  # fmt: skip
@@ -280,6 +280,9 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
         model.to(compute)
         manifest["evaluation"] = evaluation_record(model, tokenizer, options.eval_source, evaluation, 4, compute)
         model.to("cpu")
+        if original is not tokenizer:
+            manifest["evaluation"]["changed_tokens"] = changed_tokens(original, tokenizer, options.eval_source,
+                                                                      options.eval_seq_len, options.eval_windows)
     if tasks:
         from secateur.tasks.harness import run_tasks
 

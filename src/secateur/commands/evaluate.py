@@ -36,10 +36,23 @@ def run(args: argparse.Namespace) -> int:
     return run(args, config)
 
 
+def _original_tokenizer(model: str, tokenizer: Any) -> Any:
+    """The tokenizer before a stage that renumbered tokens (vocabulary pruning), when the model's history
+    has one and its origin is still there; else None."""
+    from secateur.io import load_tokenizer
+    from secateur.manifest import history_of
+    from secateur.recipe import KINDS
+
+    manifest = (read_manifest(model) if Path(model).is_dir() else None) or {}
+    renumbered = any(KINDS[r["kind"]].renumbers_tokens for r in history_of(manifest) if r.get("kind") in KINDS)
+    origin = (manifest.get("origin") or {}).get("path")
+    return load_tokenizer(origin) if renumbered and origin and Path(origin).exists() else None
+
+
 def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
     import dataclasses
 
-    from secateur.evaluate import evaluate_model
+    from secateur.evaluate import changed_tokens, evaluate_model
     from secateur.io import load_config, model_positions
 
     positions = model_positions(load_config(args.model))
@@ -54,12 +67,20 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
     result = evaluate_model(model, tokenizer, config.data, config.seq_len, config.windows, field=config.text_field,
                             batch_size=config.batch_size, device=device)  # fmt: skip
     result["model"] = args.model
+    original = _original_tokenizer(args.model, tokenizer)
+    if original is not None:
+        result["changed_tokens"] = changed_tokens(original, tokenizer, config.data, config.seq_len, config.windows,
+                                                  config.text_field)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         per_byte = f", {result['bits_per_byte']:.4f} bits per byte" if "bits_per_byte" in result else ""
         print(f"{args.model}: perplexity {result['perplexity']:.3f}{per_byte} on {config.data} "
               f"({result['windows']} windows x {result['seq_len']} tokens, {result['seconds']:.1f} s)")
+        if original is not None:
+            print(f"pruned vocabulary: {result['changed_tokens']:.2%} of the original tokenizer's tokens of this text "
+                  "are gone (their text is split into kept tokens); perplexity per token does not compare with the "
+                  "original's, bits per byte does")
         print(f"protocol: {result['protocol']}")
     return 0
 

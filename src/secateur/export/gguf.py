@@ -56,6 +56,7 @@ class Family:
     norm_shift: float = 0.0
     extra: Callable[[Any, Any, "Shape"], None] | None = None
     check: Callable[[Any, "Shape"], None] | None = None
+    unlike_deci: str = ""  # what its blocks have that llama.cpp's deci cannot hold (per-layer widths refused)
 
 
 def _gemma3_check(config, shape: "Shape") -> None:
@@ -100,10 +101,11 @@ FAMILIES = {
     "llama": Family("llama", interleaved_rope=True, per_layer=True),
     "mistral": Family("llama", interleaved_rope=True, per_layer=True),
     "qwen2": Family("qwen2", interleaved_rope=False, per_layer=True),
-    "qwen3": Family("qwen3", interleaved_rope=False, per_layer=False),  # q/k norms: deci has none
+    "qwen3": Family("qwen3", interleaved_rope=False, per_layer=False, unlike_deci="q/k norms"),
     "gemma3_text": Family("gemma3", interleaved_rope=False, per_layer=False, norm_shift=1.0, extra=_gemma3,
-                          check=_gemma3_check),
-    "phi3": Family("phi3", interleaved_rope=False, per_layer=False, check=_phi3_check),  # fused qkv, gate_up
+                          check=_gemma3_check, unlike_deci="q/k norms, post-norms and GELU"),
+    "phi3": Family("phi3", interleaved_rope=False, per_layer=False, check=_phi3_check,
+                   unlike_deci="fused qkv and gate_up projections"),
 }
 PER_LAYER_ARCH = "deci"
 
@@ -180,8 +182,9 @@ def model_shape(model: nn.Module) -> Shape:
     uniform = len(set(heads)) == len(set(kv_heads)) == len(set(channels)) == 1 and heads[0] > 0 and channels[0] > 0
     if not uniform and not family.per_layer:
         raise ExportError(f"blocks differ in width or lack a branch, which llama.cpp reads only for Llama-shaped "
-                          f"models (its deci architecture); {model.config.model_type} blocks have q/k norms it "
-                          "cannot hold: prune with uniform widths and whole blocks to export")
+                          f"models (its deci architecture); {model.config.model_type} blocks have "
+                          f"{family.unlike_deci or 'parts'} it cannot hold: prune with uniform widths and whole "
+                          "blocks to export")
     _rope_theta(model.config)
     stubs = [i for i, (h, c) in enumerate(zip(heads, channels)) if h > 0 and c == 0]
     channels = [1 if i in stubs else c for i, c in enumerate(channels)]
