@@ -252,11 +252,10 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
     model, tokenizer = load(model_path, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)
     teacher = (load(teacher_file, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)[0]
                if teacher_file is not None else None)  # fmt: skip
-    ids = teacher_vocabulary(model_path, teacher_file) if teacher is not None else None
-    if ids is not None:  # the input's vocabulary was pruned: the teacher reads and predicts its tokens
-        from secateur.vocabulary.teacher import KeptVocabulary
+    if teacher is not None and teacher_vocabulary(model_path, teacher_file) is not None:
+        from secateur.vocabulary.teacher import KeptVocabulary  # the input's vocabulary was pruned: the teacher
 
-        teacher = KeptVocabulary(teacher, ids)
+        teacher = KeptVocabulary(teacher, load_tokenizer(teacher_file), tokenizer)  # reads and predicts its tokens
     timings = {"load": time.perf_counter() - clock}
     compute = resolve_device(options.device)
     evaluation = (evaluation_data(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)

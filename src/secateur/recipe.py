@@ -44,7 +44,6 @@ class StageContext:
     resume: bool = False  # recovery: go on from the checkpoint in `workdir`
     progress: bool = True
     tokenizer: Any = None  # the model's tokenizer; a stage that changes the vocabulary replaces it here
-    kept_ids: Tensor | None = None  # ... and gives here the old id of every new one (for the teacher)
 
 
 @dataclass(frozen=True)
@@ -292,10 +291,10 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
                            resume and stage_dir is not None and (stage_dir / "checkpoint").is_dir(), progress,
                            tokenizer)  # fmt: skip
         result = kind.run(model, config, data if kind.needs_calibration(config) else None, ctx)
-        if ctx.kept_ids is not None and teacher is not None:  # recovery later reads the teacher in the new ids
+        if ctx.tokenizer is not tokenizer and teacher is not None:  # recovery later reads the teacher in the new ids
             from secateur.vocabulary.teacher import KeptVocabulary
 
-            teacher = KeptVocabulary(teacher, ctx.kept_ids)
+            teacher = KeptVocabulary(teacher, tokenizer, ctx.tokenizer)
         if ctx.tokenizer is not tokenizer:  # the vocabulary changed: later windows are the same texts, new ids
             per_stage[number + 1:] = [retokenize(w, tokenizer, ctx.tokenizer, model) if w is not None else None
                                       for w in per_stage[number + 1:]]  # fmt: skip

@@ -40,10 +40,9 @@ def count_tokens(windows: Tensor) -> dict[int, int]:
 
 
 def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
-                     calibration: Tensor) -> tuple[Any, VocabularyReport, Tensor]:  # fmt: skip
+                     calibration: Tensor) -> tuple[Any, VocabularyReport]:  # fmt: skip
     """Keep the tokens the calibration windows use (with the tokens they are built from and the
-    required ones) in `model` (in place) and in a new tokenizer; returns it, the report and the old id
-    of every new id."""
+    required ones) in `model` (in place) and in a new tokenizer, which is returned with the report."""
     if tokenizer is None:
         raise VocabularyError("vocabulary pruning needs the model's tokenizer (secateur.prune(..., tokenizer=...))")
     bpe = read_tokenizer(tokenizer)
@@ -65,7 +64,7 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
         corpus_tokens=total, corpus_distinct=len(counts), corpus_kept=sum(c for i, c in counts.items() if i in keep) / total,
         not_in_corpus=sum(1 for i in keep if i not in counts and i not in bpe.required),
         merges_before=len(bpe.merges), merges_after=len(_kept_merges(bpe, keep)))  # fmt: skip
-    return new_tokenizer, report, torch.tensor(kept, dtype=torch.long)
+    return new_tokenizer, report
 
 
 def _kept_merges(bpe: Bpe, keep: set[int]) -> list[tuple[str, str]]:

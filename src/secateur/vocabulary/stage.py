@@ -18,7 +18,7 @@ CALIBRATION = CalibConfig(samples=256, seq_len=2048)
 
 def _run(model: nn.Module, config: VocabularyConfig, calibration: Tensor | None, ctx: StageContext) -> dict[str, Any]:
     parameters_before = sum(p.numel() for p in model.parameters())
-    ctx.tokenizer, report, ctx.kept_ids = prune_vocabulary(model, ctx.tokenizer, config, calibration)
+    ctx.tokenizer, report = prune_vocabulary(model, ctx.tokenizer, config, calibration)
     return {"parameters_before": parameters_before, "parameters_after": sum(p.numel() for p in model.parameters()),
             **report.to_dict()}  # fmt: skip
 
