@@ -15,6 +15,10 @@ windows that the pruned vocabulary lacks (the text they stand for is split into 
 A pruned tokenizer needs more tokens for the same text, so its windows cover a prefix of the text the
 dense model's cover (`bytes` says how much).
 
+Composition (Gemma, about 110M parameters each): the vocabulary kept at 60,000 tokens, then angular
+depth 10% and width 20% (`--reconstruct`), against depth 10% and width 60% with 55% of the hidden
+channels (which shrinks the embedding and LM head) and no vocabulary pruning.
+
 Recovery (`smol-cov1.0+recovery`): `secateur train` with the default recipe on 65,536 enwiki tokens,
 distilling from the dense model, whose probability of a removed token goes to the first token of its
 text in the pruned tokenizer.
@@ -47,6 +51,14 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 from measure import cli, cli_timed, legal_text, run_rows  # noqa: E402
 
+RECIPES = {
+    "vocab60k+depth10+width20": ('[[stage]]\nmethod = "vocabulary"\nkeep_tokens = 60000\n\n'
+                                 '[[stage]]\nmethod = "angular"\nremove_fraction = 0.1\n\n'
+                                 '[[stage]]\nmethod = "width"\nremove_fraction = 0.2\nreconstruct = true\n'),
+    "depth10+width60-hidden55": ('[[stage]]\nmethod = "angular"\nremove_fraction = 0.1\n\n'
+                                 '[[stage]]\nmethod = "width"\nremove_fraction = 0.6\nhidden_fraction = 0.55\n'
+                                 'reconstruct = true\n'),
+}
 EVAL = {"smol": ["--windows", "64", "--seq-len", "512"], "gemma": ["--windows", "16", "--seq-len", "512"]}
 ROWS = {  # name: `secateur prune` arguments (None: the dense model)
     "smol-dense": None,
@@ -59,6 +71,10 @@ ROWS = {  # name: `secateur prune` arguments (None: the dense model)
     "gemma-keep32k": ["--keep-tokens", "32768"],
     "gemma-keep60k": ["--keep-tokens", "60000"],
     "smol-cov1.0+recovery": ["--tokens", "65536"],  # `secateur train` on smol-cov1.0, distilling from dense
+    # about 110M parameters on Gemma: the vocabulary with depth and width, against depth and width alone
+    # (the hidden size shrinks the embedding and LM head too)
+    "gemma-vocab60k+depth10+width20": ["--recipe", "vocab60k+depth10+width20"],
+    "gemma-depth10+width60-hidden55": ["--recipe", "depth10+width60-hidden55"],
     "llamacpp-speed": None,
     "gemma-llamacpp": None,
 }
@@ -103,6 +119,11 @@ def build(name: str) -> dict:
         if name.endswith("+recovery"):
             printed, seconds, peak = cli_timed("train", path_of(name.removesuffix("+recovery")), "--out", out,
                                                *ROWS[name])  # fmt: skip
+        elif ROWS[name][0] == "--recipe":
+            recipe = WORK / f"{ROWS[name][1]}.toml"
+            recipe.parent.mkdir(parents=True, exist_ok=True)
+            recipe.write_text(RECIPES[ROWS[name][1]])
+            printed, seconds, peak = cli_timed("prune", dense_of(name), "--out", out, "--recipe", recipe)
         else:
             printed, seconds, peak = cli_timed("prune", dense_of(name), "--out", out, "--method", "vocabulary",
                                                *ROWS[name])  # fmt: skip

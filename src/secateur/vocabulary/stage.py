@@ -42,7 +42,8 @@ def _report(record: dict[str, Any]) -> Section:
             ("merges", f"{r['merges_before']:,}", f"{r['merges_after']:,}"),
             ("parameters", f"{r['parameters_before']:,}", f"{r['parameters_after']:,}"))  # fmt: skip
     text = (f"{r['style']} BPE; kept: {r['required']:,} bytes and special tokens, the calibration corpus's tokens by "
-            f"count ({r['corpus_distinct']:,} distinct in {r['corpus_tokens']:,}; {r['corpus_kept']:.2%} of them kept), "
+            f"count ({r['corpus_distinct']:,} distinct ids in {r['corpus_tokens']:,} tokens; {r['corpus_kept']:.2%} of "
+            "those tokens kept as they were), "
             f"and {r['not_in_corpus']:,} tokens the corpus did not use (those kept tokens are merged from, and with "
             "--keep-tokens the tokenizer's own most frequent). The tokenizer is rewritten to emit kept "
             "tokens only.")
