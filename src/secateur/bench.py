@@ -51,7 +51,15 @@ class BenchConfig:
     repeats: int = option(3, "timed runs per model and round")
     rounds: int = option(3, "rounds over all models, each model in a fresh process per round, so machine drift "
                             "falls on every model alike; medians over all runs, speedups are medians of per-round "
-                            "ratios")
+                            "ratios", requires=Requires(lambda c: c.draft is None, "several models (not --draft)"))
+    draft: str | None = option(None, "a pruned model as the speculative-decoding draft of the one model given: its "
+                                     "acceptance rate, the speedup of greedy decoding, and whether the output is the "
+                                     "model's own greedy output", requires=HF)
+    draft_tokens: int = option(4, "draft tokens proposed per round", requires=Requires(lambda c: c.draft is not None,
+                                                                                         "--draft"))
+    prompt_text: str = option("enwiki-sample", "the text whose first --prompt tokens are the prompt (--draft: "
+                                               "acceptance depends on real text)",
+                              requires=Requires(lambda c: c.draft is not None, "--draft"))
 
     def __post_init__(self) -> None:
         refuse_inapplicable(self)
@@ -62,6 +70,8 @@ class BenchConfig:
                                   f"got {getattr(self, name)}")
         if self.prompt == 0 and self.new_tokens == 0:
             raise ConfigError("--prompt 0 and --new-tokens 0 leave nothing to time; give one of them")
+        if self.draft_tokens < 1:
+            raise ConfigError(f"--draft-tokens must be at least 1, got {self.draft_tokens}")
         for name in ("repeats", "rounds", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -354,3 +364,60 @@ def time_labelled(entries: list[tuple[str, str]], repeats: int, rounds: int = 3,
         prefill_x, decode_x = r.speedup(results[0])
         rows.append({**asdict(r), "label": label, "prefill_speedup": prefill_x, "decode_speedup": decode_x})
     return rows
+
+
+# --- speculative decoding with a draft ------------------------------------------------------------------
+
+DRAFT_PROTOCOL = (
+    "batch 1, greedy; the prompt is the first --prompt tokens of --prompt-text; plain = one target forward per new "
+    "token with the KV cache; speculative = the draft proposes --draft-tokens tokens, the target checks them in one "
+    "forward and keeps the longest prefix that matches its own greedy choices, plus its next token; 1 warm-up, then "
+    "plain and speculative alternate for --repeats runs each; medians; speedup = plain time / speculative time"
+)
+
+
+@dataclass
+class DraftResult:
+    model: str
+    draft: str
+    prompt: int
+    new_tokens: int
+    draft_tokens: int
+    identical: bool  # the speculative output is the model's greedy output, token for token
+    acceptance: float  # accepted / proposed draft tokens
+    tokens_per_round: float  # new tokens per target forward (accepted + 1)
+    plain_tokens_per_second: float  # medians over the runs, prefill included
+    speculative_tokens_per_second: float
+    speedup: float
+    plain_runs: list[float] = field(default_factory=list)
+    speculative_runs: list[float] = field(default_factory=list)
+
+
+def measure_draft(path: str | Path, draft_path: str | Path, *, prompt: int = 512, new_tokens: int = 128,
+                  draft_tokens: int = 4, repeats: int = 3, text: str = "enwiki-sample", device: str = "cpu",
+                  dtype: str = "float32", allow_nonfinite: bool = False) -> DraftResult:  # fmt: skip
+    """Greedy decoding of `path` alone and with `draft_path` as its speculative draft, on a real prompt."""
+    from secateur.data import load_text
+    from secateur.data.windows import tokenize
+    from secateur.generate import greedy, speculative
+    from secateur.io import load
+
+    model, tokenizer = load(path, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
+    draft, _ = load(draft_path, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
+    ids = tokenize(tokenizer, load_text(text, "evaluation", "text"))
+    if len(ids) < prompt:
+        raise ConfigError(f"--prompt-text {text} has {len(ids)} tokens, fewer than --prompt {prompt}")
+    prompt_ids = ids[:prompt].view(1, -1).to(device)
+    reference = greedy(model, prompt_ids, new_tokens)  # also the warm-up
+    first = speculative(model, draft, prompt_ids, new_tokens, draft_tokens)
+    plain, fast = [], []
+    for _ in range(repeats):
+        plain.append(new_tokens / greedy(model, prompt_ids, new_tokens).seconds)
+        fast.append(new_tokens / speculative(model, draft, prompt_ids, new_tokens, draft_tokens).seconds)
+    plain_speed, fast_speed = statistics.median(plain), statistics.median(fast)
+    return DraftResult(
+        model=str(path), draft=str(draft_path), prompt=prompt, new_tokens=new_tokens, draft_tokens=draft_tokens,
+        identical=first.tokens == reference.tokens, acceptance=first.acceptance,
+        tokens_per_round=(first.accepted + first.target_calls) / max(first.target_calls, 1),
+        plain_tokens_per_second=plain_speed, speculative_tokens_per_second=fast_speed, speedup=fast_speed / plain_speed,
+        plain_runs=plain, speculative_runs=fast)  # fmt: skip

@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
         split_model_path(Path(path))  # a missing or non-model path fails before any timing
     config = from_flags(BenchConfig, vars(args))
     common = dict(rounds=config.rounds, prompt=config.prompt, new_tokens=config.new_tokens, repeats=config.repeats)
+    if config.draft is not None:
+        return _draft(args, config)
     if config.engine == "llama.cpp":
         if args.allow_nonfinite:
             raise SecateurError("--allow-nonfinite applies only with --engine hf (llama.cpp reads the GGUF as it is)")
@@ -49,3 +51,32 @@ def run(args: argparse.Namespace) -> int:
         print(table(results))
         print(where)
     return 0
+
+
+def _draft(args: argparse.Namespace, config) -> int:
+    """`secateur bench MODEL --draft PRUNED`: speculative decoding with a pruned draft."""
+    import json
+    from dataclasses import asdict
+
+    from secateur.bench import DRAFT_PROTOCOL, measure_draft
+    from secateur.io import load_config
+
+    if len(args.models) != 1:
+        raise SecateurError(f"--draft times one model with its draft; {len(args.models)} models were given")
+    split_model_path(Path(config.draft))
+    if load_config(config.draft).vocab_size != load_config(args.models[0]).vocab_size:
+        raise SecateurError("the draft must share the model's vocabulary (a vocabulary-pruned draft does not)")
+    result = measure_draft(args.models[0], config.draft, prompt=config.prompt, new_tokens=config.new_tokens,
+                           draft_tokens=config.draft_tokens, repeats=config.repeats, text=config.prompt_text,
+                           device=str(resolve_device(config.device)), dtype=config.dtype,
+                           allow_nonfinite=args.allow_nonfinite)  # fmt: skip
+    if args.json:
+        print(json.dumps({"protocol": DRAFT_PROTOCOL, "result": asdict(result)}, indent=2))
+        return 0
+    print(f"{result.model} with draft {result.draft}: acceptance {result.acceptance:.1%} of {result.draft_tokens} "
+          f"proposed per round ({result.tokens_per_round:.2f} tokens per target forward); greedy "
+          f"{result.plain_tokens_per_second:.1f} -> {result.speculative_tokens_per_second:.1f} tokens/s "
+          f"({result.speedup:.2f}x); output {'identical to' if result.identical else 'DIFFERS from'} the model's "
+          "greedy output")
+    print(DRAFT_PROTOCOL)
+    return 0 if result.identical else 1
