@@ -15,6 +15,10 @@ windows that the pruned vocabulary lacks (the text they stand for is split into 
 A pruned tokenizer needs more tokens for the same text, so its windows cover a prefix of the text the
 dense model's cover (`bytes` says how much).
 
+"-dict" rows count on more English: the enwiki sample past its first 200,000 characters (past every
+evaluation region) followed by an English word list (Debian's `wamerican`, 104,334 words, each once,
+space-separated), 420 windows of 2,048 tokens (most of it).
+
 Composition (Gemma, about 110M parameters each): the vocabulary kept at 60,000 tokens, then angular
 depth 10% and width 20% (`--reconstruct`), against depth 10% and width 60% with 55% of the hidden
 channels (which shrinks the embedding and LM head) and no vocabulary pruning.
@@ -70,6 +74,10 @@ ROWS = {  # name: `secateur prune` arguments (None: the dense model)
     "gemma-cov1.0": ["--coverage", "1.0"],
     "gemma-keep32k": ["--keep-tokens", "32768"],
     "gemma-keep60k": ["--keep-tokens", "60000"],
+    # counted on the enwiki sample after its first 200,000 characters (past every evaluation region) and an
+    # English word list (Debian's wamerican, each word once, space-separated), all of it
+    "smol-keep32k-dict": ["--keep-tokens", "32768", "--calib", "DICT", "--calib-samples", "420"],
+    "gemma-keep60k-dict": ["--keep-tokens", "60000", "--calib", "DICT", "--calib-samples", "420"],
     "smol-cov1.0+recovery": ["--tokens", "65536"],  # `secateur train` on smol-cov1.0, distilling from dense
     # about 110M parameters on Gemma: the vocabulary with depth and width, against depth and width alone
     # (the hidden size shrinks the embedding and LM head too)
@@ -81,6 +89,20 @@ ROWS = {  # name: `secateur prune` arguments (None: the dense model)
 GEMMA_IN_LLAMACPP = ("gemma-dense", "gemma-keep60k")
 LLAMACPP_WINDOWS = 8  # Gemma's 262,144-entry logits for every position of a window: ~0.5 GB each
 TYPES = ("f16", "q8_0")
+
+
+def english_text() -> Path:
+    """The enwiki sample past its evaluation regions, then an English word list: 'an English vocabulary'."""
+    target = WORK / "enwiki-and-words.txt"
+    if not target.exists():
+        words = Path("/usr/share/dict/words")
+        if not words.is_file():
+            raise SystemExit("the -dict rows need an English word list at /usr/share/dict/words (apt install wamerican)")
+        from secateur.data.enwiki import load as enwiki
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(enwiki()[200_000:] + "\n\n" + " ".join(words.read_text().split()))
+    return target
 
 
 def dense_of(name: str) -> Path:
@@ -125,8 +147,9 @@ def build(name: str) -> dict:
             recipe.write_text(RECIPES[ROWS[name][1]])
             printed, seconds, peak = cli_timed("prune", dense_of(name), "--out", out, "--recipe", recipe)
         else:
+            args = [str(english_text()) if a == "DICT" else a for a in ROWS[name]]
             printed, seconds, peak = cli_timed("prune", dense_of(name), "--out", out, "--method", "vocabulary",
-                                               *ROWS[name])  # fmt: skip
+                                               *args)  # fmt: skip
         print(printed, flush=True)
         facts = {"prune_seconds": seconds, "peak_mib": peak}
     from transformers import AutoConfig
