@@ -193,6 +193,13 @@ def _remap_processor(node: Any, new_id: dict[int, int]) -> None:
             _remap_processor(processor, new_id)
 
 
+def kept_merges(bpe: Bpe, kept: Iterable[int]) -> list[tuple[str, str]]:
+    """The merges whose two parts and result are all kept, in their ranks."""
+    kept = set(kept)
+    keep = lambda t: bpe.vocab.get(t) in kept  # noqa: E731
+    return [(a, b) for a, b in bpe.merges if keep(a) and keep(b) and keep(bpe.merged(a, b))]
+
+
 def prune_tokenizer_json(data: dict[str, Any], kept: list[int]) -> dict[str, Any]:
     """A copy of a parsed tokenizer.json that holds the `kept` ids only, renumbered 0.. in their old
     order: the vocabulary, the merges whose parts and result are all kept (in their old ranks), the
@@ -205,9 +212,8 @@ def prune_tokenizer_json(data: dict[str, Any], kept: list[int]) -> dict[str, Any
     out = copy.deepcopy(data)
     model = out["model"]
     model["vocab"] = {t: new_id[i] for t, i in data["model"]["vocab"].items() if i in new_id}
-    keep = lambda t: t in bpe.vocab and bpe.vocab[t] in new_id  # noqa: E731
     strings = bool(model.get("merges")) and isinstance(model["merges"][0], str)
-    merges = [(a, b) for a, b in bpe.merges if keep(a) and keep(b) and keep(bpe.merged(a, b))]
+    merges = kept_merges(bpe, new_id.keys())
     model["merges"] = [f"{a} {b}" for a, b in merges] if strings else [[a, b] for a, b in merges]
     out["added_tokens"] = [{**t, "id": new_id[t["id"]]} for t in data.get("added_tokens", []) if t["id"] in new_id]
     _remap_processor(out.get("post_processor"), new_id)

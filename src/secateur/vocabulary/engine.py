@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateur.vocabulary.bpe import Bpe, VocabularyError, select
+from secateur.vocabulary.bpe import VocabularyError, kept_merges, select
 from secateur.vocabulary.config import VocabularyConfig
 from secateur.vocabulary.model import slice_vocabulary, special_ids
 from secateur.vocabulary.tokenizer import prune_tokenizer, read_tokenizer
@@ -63,10 +63,6 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
         style=bpe.style, tokens_before=rows, tokens_after=len(kept), required=len(bpe.required),
         corpus_tokens=total, corpus_distinct=len(counts), corpus_kept=sum(c for i, c in counts.items() if i in keep) / total,
         not_in_corpus=sum(1 for i in keep if i not in counts and i not in bpe.required),
-        merges_before=len(bpe.merges), merges_after=len(_kept_merges(bpe, keep)))  # fmt: skip
+        merges_before=len(bpe.merges), merges_after=len(kept_merges(bpe, keep)))  # fmt: skip
     return new_tokenizer, report
 
-
-def _kept_merges(bpe: Bpe, keep: set[int]) -> list[tuple[str, str]]:
-    ok = lambda t: bpe.vocab.get(t) in keep  # noqa: E731
-    return [(a, b) for a, b in bpe.merges if ok(a) and ok(b) and ok(bpe.merged(a, b))]
