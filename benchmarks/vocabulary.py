@@ -23,8 +23,8 @@ Composition (Gemma, about 110M parameters each): the vocabulary kept at 60,000 t
 depth 10% and width 20% (`--reconstruct`), against depth 10% and width 60% with 55% of the hidden
 channels (which shrinks the embedding and LM head) and no vocabulary pruning.
 
-Recovery (`smol-cov1.0+recovery`): `secateur train` with the default recipe on 65,536 enwiki tokens,
-distilling from the dense model, whose probability of a removed token goes to the first token of its
+Recovery (`smol-cov1.0+recovery`): `secateur train` with the default recipe on 65,536 enwiki tokens
+(and `-lr1e-4`: the same at a tenth of the default peak learning rate), distilling from the dense model, whose probability of a removed token goes to the first token of its
 text in the pruned tokenizer.
 
 Speed (`llamacpp-speed` row): every SmolLM2 row exported with `secateur export` in f16 and q8_0,
@@ -79,6 +79,7 @@ ROWS = {  # name: `secateur prune` arguments (None: the dense model)
     "smol-keep32k-dict": ["--keep-tokens", "32768", "--calib", "DICT", "--calib-samples", "420"],
     "gemma-keep60k-dict": ["--keep-tokens", "60000", "--calib", "DICT", "--calib-samples", "420"],
     "smol-cov1.0+recovery": ["--tokens", "65536"],  # `secateur train` on smol-cov1.0, distilling from dense
+    "smol-cov1.0+recovery-lr1e-4": ["--tokens", "65536", "--lr", "1e-4"],
     # about 110M parameters on Gemma: the vocabulary with depth and width, against depth and width alone
     # (the hidden size shrinks the embedding and LM head too)
     "gemma-vocab60k+depth10+width20": ["--recipe", "vocab60k+depth10+width20"],
@@ -138,8 +139,8 @@ def build(name: str) -> dict:
     out = path_of(name)
     facts = {}
     if ROWS[name] is not None and not (out / "secateur.json").exists():
-        if name.endswith("+recovery"):
-            printed, seconds, peak = cli_timed("train", path_of(name.removesuffix("+recovery")), "--out", out,
+        if "+recovery" in name:
+            printed, seconds, peak = cli_timed("train", path_of(name.split("+recovery")[0]), "--out", out,
                                                *ROWS[name])  # fmt: skip
         elif ROWS[name][0] == "--recipe":
             recipe = WORK / f"{ROWS[name][1]}.toml"
