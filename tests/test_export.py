@@ -328,3 +328,23 @@ def test_a_pruned_vocabulary_takes_the_source_gguf_tokenizer_at_its_kept_tokens(
     assert 0 < len(merges) < len(full["tokenizer.ggml.merges"].contents())
     assert all(a in tokens and b in tokens and a + b in tokens for a, b in (m.split(" ") for m in merges))
     assert tokens[fields["tokenizer.ggml.eos_token_id"].contents()] == "</s>"
+
+
+def test_sentencepiece_whitespace_tokens_match_their_transformers_spelling(tmp_path):
+    """Gemma's GGUF holds runs of spaces as user-defined tokens; transformers spells them with ▁."""
+    from secateur.export.vocab import from_gguf
+
+    path = tmp_path / "spm.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<s>", "\u2581a", "  ", "b"])
+    writer.add_token_scores([0.0, -1.0, -2.0, -3.0])
+    writer.add_token_types([3, 1, 4, 1])
+    writer.add_bos_token_id(0)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    same = from_gguf(path, ["<s>", "\u2581a", "\u2581\u2581", "b"])
+    assert same.origin.startswith("copied from")
+    sliced = {key: value for key, value, _, _ in from_gguf(path, ["<s>", "\u2581\u2581"]).fields}
+    assert sliced["tokenizer.ggml.tokens"] == ["<s>", "  "] and sliced["tokenizer.ggml.token_type"] == [3, 4]
+    assert sliced["tokenizer.ggml.scores"] == [0.0, -2.0] and sliced["tokenizer.ggml.bos_token_id"] == 0
+    assert from_gguf(path, ["<s>", "c"]) is None

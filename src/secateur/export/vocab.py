@@ -78,23 +78,25 @@ def from_gguf(path: Path, tokens: list[str]) -> Vocabulary | None:
     if listed is None:
         return None
     original = list(listed.contents())
+    same = len(original) == len(tokens) and all(map(_same_token, tokens, original))
     index: dict[str, int] = {}
-    for i, token in enumerate(original):
-        index.setdefault(token, i)
-    if original != tokens and not all(t in index for t in tokens):
+    for spelling in (lambda t: t, _as_hf):  # exact spellings first
+        for i, token in enumerate(original):
+            index.setdefault(spelling(token), i)
+    if not same and not all(t in index for t in tokens):
         return None
-    picks = [index[t] for t in tokens]
+    picks = list(range(len(original))) if same else [index[t] for t in tokens]
     new_id = {old: new for new, old in enumerate(picks)}
-    kept = set(tokens)
+    kept = {original[i] for i in picks}
     fields = []
     for key, item in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
         sub_type = item.types[-1] if item.types[0] == gguf.GGUFValueType.ARRAY else None
         value = item.contents()
-        if original != tokens:
+        if not same:
             if key == "tokenizer.ggml.tokens":
-                value = tokens
+                value = [original[i] for i in picks]  # the file's own spelling
             elif key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
                 value = [value[i] for i in picks]
             elif key == "tokenizer.ggml.merges":
@@ -104,8 +106,18 @@ def from_gguf(path: Path, tokens: list[str]) -> Vocabulary | None:
                     continue  # a special token the pruned vocabulary does not hold
                 value = new_id[value]
         fields.append((key, value, item.types[0], sub_type))
-    how = "copied from" if original == tokens else f"{len(tokens):,} of its {len(original):,} tokens taken from"
+    how = "copied from" if same else f"{len(tokens):,} of its {len(original):,} tokens taken from"
     return Vocabulary(fields, origin=f"{how} {path}")
+
+
+def _as_hf(token: str) -> str:
+    """A GGUF token as transformers spells it: SentencePiece's user-defined whitespace tokens (Gemma's runs
+    of spaces) hold spaces in the file and `▁` in the HF tokenizer."""
+    return token.replace(" ", "\u2581")
+
+
+def _same_token(ours: str, theirs: str) -> bool:
+    return ours == theirs or ours == _as_hf(theirs)
 
 
 def _merge_kept(merge: str, kept: set[str]) -> bool:
