@@ -17,7 +17,7 @@ dense model's cover (`bytes` says how much).
 
 "-dict" rows count on more English: the enwiki sample past its first 200,000 characters (past every
 evaluation region) followed by an English word list (Debian's `wamerican`, 104,334 words, each once,
-space-separated), 420 windows of 2,048 tokens (most of it).
+space-separated), 400 windows of 2,048 tokens (most of it).
 
 Composition (Gemma, about 110M parameters each): the vocabulary kept at 60,000 tokens, then angular
 depth 10% and width 20% (`--reconstruct`), against depth 10% and width 60% with 55% of the hidden
@@ -76,8 +76,8 @@ ROWS = {  # name: `secateur prune` arguments (None: the dense model)
     "gemma-keep60k": ["--keep-tokens", "60000"],
     # counted on the enwiki sample after its first 200,000 characters (past every evaluation region) and an
     # English word list (Debian's wamerican, each word once, space-separated), all of it
-    "smol-keep32k-dict": ["--keep-tokens", "32768", "--calib", "DICT", "--calib-samples", "420"],
-    "gemma-keep60k-dict": ["--keep-tokens", "60000", "--calib", "DICT", "--calib-samples", "420"],
+    "smol-keep32k-dict": ["--keep-tokens", "32768", "--calib", "DICT", "--calib-samples", "400"],
+    "gemma-keep60k-dict": ["--keep-tokens", "60000", "--calib", "DICT", "--calib-samples", "400"],
     "smol-cov1.0+recovery": ["--tokens", "65536"],  # `secateur train` on smol-cov1.0, distilling from dense
     "smol-cov1.0+recovery-lr1e-4": ["--tokens", "65536", "--lr", "1e-4"],
     # about 110M parameters on Gemma: the vocabulary with depth and width, against depth and width alone
