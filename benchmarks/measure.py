@@ -69,11 +69,15 @@ def run_rows(doc: str, results: Path, rows: list[str], measure: Callable[[str, i
 
 
 def quality(path: Path, eval_args: list[str], probe_items: int) -> dict:
-    """Perplexity on the enwiki evaluation windows and on legal English, and the WordNet probe."""
+    """Perplexity and bits per byte on the enwiki evaluation windows and on legal English (with, for a
+    pruned vocabulary, the share of the original's tokens that are gone), and the WordNet probe."""
     row = {}
     for label, data in (("enwiki", "enwiki-sample"), ("legal", legal_text())):
         result = json.loads(cli("eval", path, "--data", data, *eval_args, "--json"))
         row[f"ppl_{label}"] = result["perplexity"]
+        for key, name in (("bits_per_byte", "bpb"), ("bytes", "bytes"), ("changed_tokens", "changed")):
+            if key in result:
+                row[f"{name}_{label}"] = result[key]
     probe = json.loads(cli("eval", path, "--tasks", "secateur_wordnet", "--limit", probe_items, "--json"))
     task = probe["tasks"]["secateur_wordnet"]
     row.update(probe_acc=task["metrics"].get("acc"), probe_items=task["samples"])

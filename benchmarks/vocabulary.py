@@ -42,6 +42,7 @@ Resumable: every finished row is a line of benchmarks/results/vocabulary.jsonl.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -53,7 +54,7 @@ RESULTS = HERE / "results" / "vocabulary.jsonl"
 WORK = ROOT / "bench-out" / "vocabulary"
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
-from measure import cli, cli_timed, legal_text, run_rows  # noqa: E402
+from measure import cli, cli_timed, quality, run_rows  # noqa: E402
 
 RECIPES = {
     "vocab60k+depth10+width20": ('[[stage]]\nmethod = "vocabulary"\nkeep_tokens = 60000\n\n'
@@ -120,21 +121,6 @@ def path_of(name: str) -> Path:
     return dense_of(name) if ROWS[name] is None else WORK / name
 
 
-def quality(name: str, probe_items: int) -> dict:
-    path, family = path_of(name), name.split("-")[0]
-    row = {}
-    for label, data in (("enwiki", "enwiki-sample"), ("legal", legal_text())):
-        result = json.loads(cli("eval", path, "--data", data, *EVAL[family], "--json"))
-        row.update({f"bpb_{label}": result["bits_per_byte"], f"ppl_{label}": result["perplexity"],
-                    f"bytes_{label}": result["bytes"]})  # fmt: skip
-        if "changed_tokens" in result:
-            row[f"changed_{label}"] = result["changed_tokens"]
-    probe = json.loads(cli("eval", path, "--tasks", "secateur_wordnet", "--limit", probe_items, "--json"))
-    task = probe["tasks"]["secateur_wordnet"]
-    row.update(probe_acc=task["metrics"].get("acc"), probe_items=task["samples"])
-    return row
-
-
 def build(name: str) -> dict:
     out = path_of(name)
     facts = {}
@@ -162,19 +148,12 @@ def build(name: str) -> dict:
     parameters = 0
     for file in out.glob("*.safetensors"):
         with safe_open(file, "pt") as f:
-            parameters += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+            parameters += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     record = json.loads((out / "secateur.json").read_text())["history"][-1] if ROWS[name] is not None else {}
     result = record.get("result", {})
     return {**facts, "tokens": getattr(config, "text_config", config).vocab_size, "safetensors_bytes": weights,
             "parameters": parameters, "corpus_kept": result.get("corpus_kept"),
             "not_in_corpus": result.get("not_in_corpus"), "check": record.get("check")}  # fmt: skip
-
-
-def _numel(shape: list[int]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 def speed(names: list[str]) -> dict:
@@ -238,7 +217,8 @@ def measure(name: str, probe_items: int) -> dict:
     elif name == "gemma-llamacpp":
         row = {"row": name, **inside_llamacpp(GEMMA_IN_LLAMACPP), **speed(list(GEMMA_IN_LLAMACPP))}
     else:
-        row = {"row": name, "args": ROWS[name], **build(name), **quality(name, probe_items)}
+        row = {"row": name, "args": ROWS[name], **build(name),
+               **quality(path_of(name), EVAL[name.split("-")[0]], probe_items)}
     row["wall_seconds"] = time.perf_counter() - clock
     return row
 

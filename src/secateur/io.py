@@ -93,7 +93,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
 
     The architecture is checked against the adapters before any weight is read.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     directory, gguf = split_model_path(path)
@@ -104,8 +104,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=resolve_dtype(dtype), **kwargs, **extra)
     if gguf:
         _forget_quantizer(model)
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    return model.to(resolve_device(device)).eval(), tokenizer
+    return model.to(resolve_device(device)).eval(), load_tokenizer(path)
 
 
 def _complete_gguf_config(path: Path, config):

@@ -153,7 +153,7 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
     student = load_config(model_path)
     teacher = load_config(path) if path is not None else student  # None: the input as loaded
     reshaped = None  # an earlier stage of this run that changes the blocks or the hidden size
-    teacher_vocabulary(model_path, path)  # a teacher of another vocabulary must hold the student's tokens
+    _check_teacher_vocabulary(model_path, path)
     for stage in stages:
         kind = kind_of(stage.config)
         if getattr(stage.config, "needs_teacher", False):
@@ -162,14 +162,14 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
     return path
 
 
-def teacher_vocabulary(model_path: str | Path, teacher_file: str | Path | None) -> Tensor | None:
-    """The teacher's id of every token of the student (`model_path`) when their vocabularies differ (the
-    student's was pruned), matched by token string; None when they are the same."""
+def _check_teacher_vocabulary(model_path: str | Path, teacher_file: str | Path | None) -> None:
+    """A teacher of another vocabulary than the student's (whose was pruned) must hold every student
+    token (matched by token string), before anything loads."""
     if teacher_file is None or load_config(teacher_file).vocab_size == load_config(model_path).vocab_size:
-        return None
+        return
     from secateur.vocabulary.teacher import teacher_ids
 
-    return teacher_ids(load_tokenizer(model_path), load_tokenizer(teacher_file))
+    teacher_ids(load_tokenizer(model_path), load_tokenizer(teacher_file))
 
 
 def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], device: torch.device,
@@ -252,7 +252,7 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
     model, tokenizer = load(model_path, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)
     teacher = (load(teacher_file, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)[0]
                if teacher_file is not None else None)  # fmt: skip
-    if teacher is not None and teacher_vocabulary(model_path, teacher_file) is not None:
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         from secateur.vocabulary.teacher import KeptVocabulary  # the input's vocabulary was pruned: the teacher
 
         teacher = KeptVocabulary(teacher, load_tokenizer(teacher_file), tokenizer)  # reads and predicts its tokens

@@ -291,15 +291,15 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
                            resume and stage_dir is not None and (stage_dir / "checkpoint").is_dir(), progress,
                            tokenizer)  # fmt: skip
         result = kind.run(model, config, data if kind.needs_calibration(config) else None, ctx)
-        if ctx.tokenizer is not tokenizer and teacher is not None:  # recovery later reads the teacher in the new ids
-            from secateur.vocabulary.teacher import KeptVocabulary
-
-            teacher = KeptVocabulary(teacher, tokenizer, ctx.tokenizer)
         if ctx.tokenizer is not tokenizer:  # the vocabulary changed: later windows are the same texts, new ids
             per_stage[number + 1:] = [retokenize(w, tokenizer, ctx.tokenizer, model) if w is not None else None
                                       for w in per_stage[number + 1:]]  # fmt: skip
             if checker is not None:
                 checker.retokenize(tokenizer, ctx.tokenizer, model)
+            if teacher is not None:  # recovery later reads the teacher in the new ids
+                from secateur.vocabulary.teacher import KeptVocabulary
+
+                teacher = KeptVocabulary(teacher, tokenizer, ctx.tokenizer)
             tokenizer = ctx.tokenizer
         if why is not None:
             result["variant"] = why
@@ -324,20 +324,25 @@ class Check:
 
     def __init__(self, windows: Tensor, ratio: float, device: torch.device, model: nn.Module,
                  tokenizer: Any = None) -> None:  # fmt: skip
-        self.windows, self.ratio, self.device, self.tokenizer = windows, ratio, device, tokenizer
+        self.windows, self.ratio, self.device = windows, ratio, device
+        self._read(tokenizer, model)
         self.input = self._measure(model)
         self.previous = self.input
 
-    def _measure(self, model: nn.Module) -> dict[str, float]:
+    def _read(self, tokenizer: Any, model: nn.Module) -> None:
+        """The bytes each id stands for, once per tokenizer (not per stage)."""
         from secateur.data.bytes import token_bytes
-        from secateur.evaluate import perplexity
 
         rows = model.get_input_embeddings().num_embeddings
-        sizes = token_bytes(self.tokenizer, rows) if self.tokenizer is not None else torch.ones(rows, dtype=torch.long)
+        self.sizes = token_bytes(tokenizer, rows) if tokenizer is not None else torch.ones(rows, dtype=torch.long)
+
+    def _measure(self, model: nn.Module) -> dict[str, float]:
+        from secateur.evaluate import perplexity
+
         home = next(model.parameters()).device
         model.to(self.device)
         try:
-            result = perplexity(model, self.windows, batch_size=1, device=self.device, token_bytes=sizes)
+            result = perplexity(model, self.windows, batch_size=1, device=self.device, token_bytes=self.sizes)
         finally:
             model.to(home)
         nll, size = result["mean_nll"] * result["predicted_tokens"], result.get("bytes") or result["predicted_tokens"]
@@ -345,7 +350,8 @@ class Check:
 
     def retokenize(self, old: Any, new: Any, model: nn.Module) -> None:
         """The same held-out texts in a new vocabulary's ids (after a vocabulary stage)."""
-        self.windows, self.tokenizer = retokenize(self.windows, old, new, model), new
+        self.windows = retokenize(self.windows, old, new, model)
+        self._read(new, model)
 
     def after(self, model: nn.Module, number: int, method: str) -> dict[str, Any]:
         value = self._measure(model)

@@ -15,9 +15,9 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPIECE_SPACE = "\u2581"
 
 
-def _is_byte_level(data: dict[str, Any]) -> bool:
-    text = json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
-    return '"ByteLevel"' in text
+def is_byte_level(data: dict[str, Any]) -> bool:
+    """Whether a parsed tokenizer.json pre-tokenizes or decodes byte-level (every byte one character)."""
+    return '"ByteLevel"' in json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
 
 
 def token_bytes(tokenizer: Any, size: int) -> Tensor:
@@ -31,7 +31,7 @@ def token_bytes(tokenizer: Any, size: int) -> Tensor:
             lengths[i] = len(tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(i)]).encode())
     else:
         data = json.loads(backend.to_str())
-        byte_level = _is_byte_level(data)
+        byte_level = is_byte_level(data)
         vocab = data["model"].get("vocab") or {}
         pairs = vocab.items() if isinstance(vocab, dict) else ((entry[0], i) for i, entry in enumerate(vocab))  # unigram
         for token, i in pairs:

@@ -12,14 +12,13 @@ pruned tokenizer can emit kept tokens only.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
+from secateur.data.bytes import BYTE_TOKEN, is_byte_level
 from secateur.errors import ConfigError
 
 Style = Literal["byte-level", "byte-fallback"]
-BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class VocabularyError(ConfigError):
@@ -27,19 +26,10 @@ class VocabularyError(ConfigError):
 
 
 def byte_alphabet() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 bytes, in byte order (the base tokens of byte-level BPE)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    """GPT-2's printable stand-ins for the 256 bytes (the base tokens of byte-level BPE)."""
+    from tokenizers.pre_tokenizers import ByteLevel
 
-
-def _mentions(node: Any, kind: str) -> bool:
-    """Whether a tokenizer.json component (or a Sequence of them) is or holds `kind`."""
-    if isinstance(node, dict):
-        return node.get("type") == kind or any(_mentions(v, kind) for v in node.values())
-    if isinstance(node, list):
-        return any(_mentions(v, kind) for v in node)
-    return False
+    return ByteLevel.alphabet()
 
 
 @dataclass(frozen=True)
@@ -69,7 +59,7 @@ def read_bpe(data: dict[str, Any]) -> Bpe:
     for token in data.get("added_tokens", []):
         vocab.setdefault(token["content"], token["id"])
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-    if _mentions(data.get("pre_tokenizer"), "ByteLevel") or _mentions(data.get("decoder"), "ByteLevel"):
+    if is_byte_level(data):
         style: Style = "byte-level"
         required = {vocab[c] for c in byte_alphabet() if c in vocab}  # some lack a few (SmolLM2: 21)
     elif model.get("byte_fallback"):
@@ -200,11 +190,12 @@ def kept_merges(bpe: Bpe, kept: Iterable[int]) -> list[tuple[str, str]]:
     return [(a, b) for a, b in bpe.merges if keep(a) and keep(b) and keep(bpe.merged(a, b))]
 
 
-def prune_tokenizer_json(data: dict[str, Any], kept: list[int]) -> dict[str, Any]:
+def prune_tokenizer_json(data: dict[str, Any], kept: list[int], bpe: Bpe | None = None) -> dict[str, Any]:
     """A copy of a parsed tokenizer.json that holds the `kept` ids only, renumbered 0.. in their old
     order: the vocabulary, the merges whose parts and result are all kept (in their old ranks), the
-    added tokens, and the ids the post-processor inserts."""
-    bpe = read_bpe(data)
+    added tokens, and the ids the post-processor inserts. `bpe`: `data` as `read_bpe` reads it, when
+    the caller has it already."""
+    bpe = bpe or read_bpe(data)
     new_id = {old: new for new, old in enumerate(kept)}
     missing = sorted(bpe.required - new_id.keys())
     if missing:

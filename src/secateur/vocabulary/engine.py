@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateur.vocabulary.bpe import VocabularyError, kept_merges, select
+from secateur.vocabulary.bpe import VocabularyError, prune_tokenizer_json, read_bpe, select
 from secateur.vocabulary.config import VocabularyConfig
 from secateur.vocabulary.model import slice_vocabulary, special_ids
-from secateur.vocabulary.tokenizer import prune_tokenizer, read_tokenizer
+from secateur.vocabulary.tokenizer import prune_tokenizer, tokenizer_json
 
 
 @dataclass
@@ -45,7 +45,8 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
     required ones) in `model` (in place) and in a new tokenizer, which is returned with the report."""
     if tokenizer is None:
         raise VocabularyError("vocabulary pruning needs the model's tokenizer (secateur.prune(..., tokenizer=...))")
-    bpe = read_tokenizer(tokenizer)
+    data = tokenizer_json(tokenizer)
+    bpe = read_bpe(data)
     rows = model.get_input_embeddings().num_embeddings
     beyond = max(bpe.vocab.values()) + 1 - rows
     if beyond > 0:
@@ -55,7 +56,8 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
     bpe = dataclasses.replace(bpe, required=bpe.required | {i for i in named if i < rows})
     counts = count_tokens(calibration)
     kept = select(counts, bpe, keep_tokens=config.keep_tokens, coverage=config.coverage)
-    new_tokenizer = prune_tokenizer(tokenizer, kept)
+    pruned = prune_tokenizer_json(data, kept, bpe)
+    new_tokenizer = prune_tokenizer(tokenizer, pruned, kept)
     slice_vocabulary(model, kept)
     keep = set(kept)
     total = sum(counts.values())
@@ -63,6 +65,6 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
         style=bpe.style, tokens_before=rows, tokens_after=len(kept), required=len(bpe.required),
         corpus_tokens=total, corpus_distinct=len(counts), corpus_kept=sum(c for i, c in counts.items() if i in keep) / total,
         not_in_corpus=sum(1 for i in keep if i not in counts and i not in bpe.required),
-        merges_before=len(bpe.merges), merges_after=len(kept_merges(bpe, keep)))  # fmt: skip
+        merges_before=len(bpe.merges), merges_after=len(pruned["model"]["merges"]))  # fmt: skip
     return new_tokenizer, report
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from secateur.vocabulary.bpe import Bpe, VocabularyError, prune_tokenizer_json, read_bpe
+from secateur.vocabulary.bpe import VocabularyError
 
 
 def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
@@ -20,17 +20,12 @@ def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
     return json.loads(backend.to_str())
 
 
-def read_tokenizer(tokenizer: Any) -> Bpe:
-    """The BPE vocabulary of a HF tokenizer (refused in one line when it is not prunable)."""
-    return read_bpe(tokenizer_json(tokenizer))
-
-
-def prune_tokenizer(tokenizer: Any, kept: Sequence[int]) -> Any:
-    """A new tokenizer of the same class holding the `kept` ids only, renumbered 0.. in their old order."""
+def prune_tokenizer(tokenizer: Any, pruned: dict[str, Any], kept: Sequence[int]) -> Any:
+    """A new tokenizer of the same class as `tokenizer` whose tokenizer.json is `pruned` (the `kept` ids
+    only, renumbered 0.. in their old order: `prune_tokenizer_json`)."""
     from transformers import AutoTokenizer
 
     new_id = {old: new for new, old in enumerate(kept)}
-    pruned = prune_tokenizer_json(tokenizer_json(tokenizer), list(kept))
     with tempfile.TemporaryDirectory(prefix="secateur-tokenizer-") as tmp:
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "tokenizer.json").write_text(json.dumps(pruned, ensure_ascii=False), encoding="utf-8")
