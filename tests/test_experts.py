@@ -381,7 +381,7 @@ def test_recovery_adds_the_family_load_balancing_loss(tmp_path, monkeypatch):
     seen = []
 
     def spy(out, *args, **kwargs):
-        seen.append((args[-1], getattr(out, "aux_loss", None) is not None))
+        seen.append((args[5], getattr(out, "aux_loss", None) is not None))  # args: ids, rows, config, teacher, cache, aux
         return step_loss(out, *args, **kwargs)
 
     monkeypatch.setattr(loop, "step_loss", spy)

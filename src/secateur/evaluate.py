@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from secateur.data.bytes import token_bytes as bytes_of_tokens
 from secateur.data import load_text
 from secateur.data.calibration import bos_token, evaluation_data
 from secateur.data.windows import tokenize
+from secateur.models.head import chunk_positions, hidden_out, splittable
 
 PROTOCOL = (
     "first N non-overlapping windows of seq_len tokens from the start of the text; each window scored "
@@ -38,14 +40,13 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: s
     start = time.perf_counter()
     total_nll, total_tokens = 0.0, 0
     predicted_bytes = int(token_bytes[windows[:, 1:]].sum()) if token_bytes is not None else None
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits  # (b, seq, vocab)
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
+    chunk = chunk_positions(model) if splittable(model) else 0
+    with hidden_out(model) if chunk else nullcontext() as head:
+        for batch in windows.split(batch_size):
+            batch = batch.to(device)
+            out = model(input_ids=batch, use_cache=False).logits  # (b, seq, hidden), or (b, seq, vocab) whole
+            total_nll += _nll(out[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), head, chunk)
+            total_tokens += batch[:, 1:].numel()
     mean_nll = total_nll / total_tokens
     per_byte = {"bytes": predicted_bytes, "bits_per_byte": total_nll / math.log(2) / predicted_bytes} if predicted_bytes else {}
     return {
@@ -58,6 +59,15 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: s
         "seconds": time.perf_counter() - start,
         "protocol": PROTOCOL,
     }
+
+
+def _nll(outputs: Tensor, targets: Tensor, head: Any, chunk: int) -> float:
+    """Summed negative log-likelihood of `targets` (n,) from logits (n, vocab), or from hidden states
+    (n, hidden) through `head`, `chunk` positions at a time."""
+    if head is None:
+        return float(F.cross_entropy(outputs.float(), targets, reduction="sum"))
+    return sum(float(F.cross_entropy(head(outputs[a : a + chunk]).float(), targets[a : a + chunk], reduction="sum"))
+               for a in range(0, len(outputs), chunk))  # fmt: skip
 
 
 def evaluate_model(model: nn.Module, tokenizer: Any, source: str, seq_len: int, windows: int, *,

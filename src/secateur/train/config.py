@@ -98,6 +98,13 @@ class TrainConfig:
                               requires=SCHEDULED)
     prune_every: int | None = option(None, "gradual pruning: optimizer steps between updates (default: 10 updates)",
                                      requires=SCHEDULED)
+    loss_chunk: int | None = option(None, "positions per chunk of the output head and the logit losses: the batch x "
+                                          "sequence x vocabulary logits of student and teacher are never held at "
+                                          "once (0: all at once, as the model computes them; default: 2^24 logits "
+                                          "per chunk, 341 positions of a 49,152-token vocabulary; 0 under FSDP, "
+                                          "which shards the head)")
+    activation_checkpointing: bool = option(False, "keep only each block's input and recompute the block in the "
+                                                   "backward pass (less memory for about one more forward)")
     precision: Precision = option("auto", "compute precision: bfloat16 autocast or float32 (auto: bfloat16 where the "
                                           "device computes it natively)")
     seed: int = option(0, "seed for the window order and the adapters' initialisation", key="train_seed")
@@ -120,6 +127,7 @@ class TrainConfig:
             (min(self.eval_every, self.patience, self.checkpoint_every) >= 0,
              "--eval-every, --patience and --checkpoint-every must be >= 0"),
             (self.val_windows >= 1, "--val-windows must be at least 1"),
+            (self.loss_chunk is None or self.loss_chunk >= 0, "--loss-chunk must be >= 0 (0: no chunks)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from secateur.evaluate import perplexity
+from secateur.models.head import chunk_positions, hidden_out, splittable
 from secateur.models import adapter_for
 from secateur.train.checkpoint import (BEST, CHECKPOINT, METRICS, SHAPE, load_trainable, save_best, save_checkpoint,
                                        trainable, trim_metrics, write_json_line)
@@ -137,6 +139,8 @@ def _setup(model: nn.Module, config: TrainConfig, windows: Tensor, validation: T
     if pruner is not None:  # every target layer is masked from the start
         masks = {name: module.weight != 0 for name, module in pruner.layers}
     holder = MaskHolder(model, masks if config.mode == "full" else {})  # adapters mask their own delta
+    if config.activation_checkpointing:
+        _checkpoint_activations(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
     model.train()
@@ -144,13 +148,39 @@ def _setup(model: nn.Module, config: TrainConfig, windows: Tensor, validation: T
     run = Run(config, acc, model, acc.unwrap_model(model), optimizer, params, holder, adapter, windows, validation,
               steps, int(config.warmup * steps), every, config.checkpoint_every or every, counts, masks, precision,
               home, pruner=pruner, widener=widener, workdir=workdir,
-              aux_weight=router_weight(acc.unwrap_model(model), adapter),
+              aux_weight=router_weight(acc.unwrap_model(model), adapter), chunk=_loss_chunk(config, acc, model, teacher if config.needs_teacher else None),
               metrics=workdir / METRICS if workdir is not None and acc.is_main_process else None)  # fmt: skip
     for stateful in (run.state, pruner, widener):
         if stateful is not None:
             acc.register_for_checkpointing(stateful)
     _start(run, teacher, resume)
     return run
+
+
+def _loss_chunk(config: TrainConfig, acc: Any, model: nn.Module, teacher: nn.Module | None) -> int:
+    """Positions per chunk of the logit losses: the config's, else the default; none under FSDP, whose
+    sharded head cannot be read outside the model's forward, nor for a head that is not a plain linear
+    layer."""
+    from accelerate.utils import DistributedType
+
+    raw = acc.unwrap_model(model)
+    why = ("FSDP shards the output head, which the chunks read outside the model's forward"
+           if acc.distributed_type == DistributedType.FSDP else
+           next((f"the {who}'s output head is not a linear layer with its own weights"
+                 for who, m in (("student", raw), ("teacher", teacher)) if m is not None and not splittable(m)), None))  # fmt: skip
+    if why is not None:
+        if config.loss_chunk:
+            raise TrainError(f"--loss-chunk: {why}; give --loss-chunk 0")
+        return 0
+    return chunk_positions(raw) if config.loss_chunk is None else config.loss_chunk
+
+
+def _checkpoint_activations(model: nn.Module) -> None:
+    """Recompute each block in the backward pass (transformers' own, non-reentrant checkpointing)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainError(f"{type(model).__name__} does not support activation checkpointing: drop "
+                         f"--activation-checkpointing")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _accelerator(config: TrainConfig, device: str | torch.device | None) -> tuple[Any, str]:
@@ -180,7 +210,7 @@ def _start(run: Run, teacher: nn.Module | None, resume: bool) -> None:
         run.metrics.unlink()
     clock = time.perf_counter()
     if config.top_k and config.needs_teacher:
-        run.cache = teacher_cache(run.teacher, run.windows, config, run.acc)
+        run.cache = teacher_cache(run.teacher, run.windows, config, run.acc, run.chunk)
     run.cache_seconds = time.perf_counter() - clock
 
 
@@ -208,8 +238,10 @@ def _step(run: Run) -> dict[str, float]:
         with acc.accumulate(run.model):
             with acc.autocast():
                 router = {"output_router_logits": True} if run.aux_weight else {}  # MoE: load-balancing loss
-                out = run.model(input_ids=ids, output_hidden_states=config.hidden_weight > 0, **router)
-                loss, kd, ce, layers = step_loss(out, ids, rows, config, run.teacher, run.cache, run.aux_weight)
+                with hidden_out(run.raw) if run.chunk else nullcontext() as head:  # logits in chunks, below
+                    out = run.model(input_ids=ids, output_hidden_states=config.hidden_weight > 0, **router)
+                loss, kd, ce, layers = step_loss(out, ids, rows, config, run.teacher, run.cache, run.aux_weight,
+                                                 head, run.chunk)  # fmt: skip
             acc.backward(loss)
             if acc.sync_gradients:
                 if run.pruner is not None:
@@ -279,6 +311,8 @@ def _finish(run: Run, best: dict[str, Tensor] | None) -> None:
         if best is not None:
             load_trainable(model, best)
     model.eval()
+    if run.config.activation_checkpointing:
+        model.activation_checkpointing_disable()
     run.lora_merged = merge_lora(model)
     model.to(run.home)
     if run.teacher is not None:

@@ -3,6 +3,7 @@ cross-entropy, and layer-wise distillation of the block outputs, mixed by the co
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -11,8 +12,9 @@ from tqdm.auto import tqdm
 
 from secateur.errors import TrainError
 from secateur.train.config import TrainConfig
-from secateur.train.loss import (kl_distillation, layerwise_distillation, next_token_cross_entropy, top_k,
-                                 topk_distillation)
+from secateur.models.head import Head, hidden_out
+from secateur.train.loss import (Targets, head_loss, kl_distillation, layerwise_distillation, next_token_cross_entropy,
+                                 next_token_labels, top_k, topk_distillation)
 
 
 def router_weight(model: nn.Module, adapter: Any) -> float:
@@ -22,41 +24,74 @@ def router_weight(model: nn.Module, adapter: Any) -> float:
 
 
 def step_loss(out: Any, ids: Tensor, rows: Tensor, config: TrainConfig, teacher: nn.Module | None,
-              cache: tuple[Tensor, Tensor] | None, aux_weight: float = 0.0) -> tuple[Tensor, float, float, float]:
+              cache: tuple[Tensor, Tensor] | None, aux_weight: float = 0.0, head: Head | None = None,
+              chunk: int = 0) -> tuple[Tensor, float, float, float]:  # fmt: skip
     """(loss, its distillation, cross-entropy and layer-wise parts) of one micro-batch, from the
     student's outputs `out` (with hidden states when config.hidden_weight > 0). A mixture of experts'
     load-balancing loss (`out.aux_loss`, computed when the model is asked for its router logits) is
-    added with `aux_weight`."""
-    logits = out.logits
+    added with `aux_weight`. With `head` (the student ran inside `hidden_out`: `out.logits` are its last
+    hidden states), the logit losses are computed `chunk` positions at a time (`loss.head_loss`), the
+    teacher's logits too."""
     kd = ce = layers = target = None
+    teacher_head = None
     if teacher is not None and cache is None and config.needs_teacher:
-        with torch.no_grad():
+        with torch.no_grad(), hidden_out(teacher) if head is not None else nullcontext() as teacher_head:
             target = teacher(input_ids=ids, output_hidden_states=config.hidden_weight > 0)
-    if config.kd_weight > 0:
-        if cache is not None:
-            values, indices = cache[0][rows].to(ids.device), cache[1][rows].to(ids.device)
-            kd = topk_distillation(logits, values, indices, config.temperature)
-        else:
-            kd = kl_distillation(logits, target.logits, config.temperature)
-    if config.kd_weight < 1:
-        ce = next_token_cross_entropy(logits, ids)
+    if head is not None:
+        loss, kd, ce = _chunked(out.logits, head, ids, rows, config, target, teacher_head, cache, chunk)
+        kd, ce = (kd if config.kd_weight > 0 else None), (ce if config.kd_weight < 1 else None)
+    else:
+        logits = out.logits
+        if config.kd_weight > 0:
+            if cache is not None:
+                values, indices = cache[0][rows].to(ids.device), cache[1][rows].to(ids.device)
+                kd = topk_distillation(logits, values, indices, config.temperature)
+            else:
+                kd = kl_distillation(logits, target.logits, config.temperature)
+        if config.kd_weight < 1:
+            ce = next_token_cross_entropy(logits, ids)
+        loss = None
     if config.hidden_weight > 0:  # block outputs: hidden_states[0] is the embeddings
         layers = layerwise_distillation(out.hidden_states[1:], target.hidden_states[1:], config.hidden_norm)
     aux = getattr(out, "aux_loss", None) if aux_weight else None
-    loss = sum(w * part for w, part in ((config.kd_weight, kd), (1 - config.kd_weight, ce),
-                                        (config.hidden_weight, layers), (aux_weight, aux)) if part is not None)  # fmt: skip
+    terms = [(1.0, loss)] if loss is not None else [(config.kd_weight, kd), (1 - config.kd_weight, ce)]
+    loss = sum(w * part for w, part in (*terms, (config.hidden_weight, layers), (aux_weight, aux)) if part is not None)
     return loss, *(float(p.detach()) if p is not None else 0.0 for p in (kd, ce, layers))
 
 
+def _chunked(hidden: Tensor, head: Head, ids: Tensor, rows: Tensor, config: TrainConfig, target: Any,
+             teacher_head: Head | None, cache: tuple[Tensor, Tensor] | None, chunk: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The weighted logit losses from the student's last hidden states, `chunk` positions at a time."""
+    teacher = values = indices = None
+    if config.kd_weight > 0 and cache is not None:
+        values, indices = (c[rows].flatten(0, 1) for c in cache)
+    elif config.kd_weight > 0:
+        theirs = target.logits.flatten(0, -2)  # (positions, teacher hidden)
+
+        def teacher(start: int, stop: int) -> Tensor:
+            return teacher_head(theirs[start:stop])
+
+    targets = Targets(next_token_labels(ids), config.kd_weight, config.temperature, teacher, values, indices)
+    return head_loss(hidden, head, targets, chunk)
+
+
 @torch.no_grad()
-def teacher_cache(teacher: nn.Module, windows: Tensor, config: TrainConfig, acc: Any) -> tuple[Tensor, Tensor]:
-    """The teacher's top-k logits of every training window, once (float16 values, int32 indices)."""
+def teacher_cache(teacher: nn.Module, windows: Tensor, config: TrainConfig, acc: Any,
+                  chunk: int = 0) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The teacher's top-k logits of every training window, once (float16 values, int32 indices);
+    with `chunk`, the logits of `chunk` positions at a time."""
     values, indices = [], []
     for start in tqdm(range(0, len(windows), config.micro_batch), desc="teacher top-k", unit="batch",
                       disable=not acc.is_main_process):  # fmt: skip
-        with acc.autocast():
-            logits = teacher(input_ids=windows[start : start + config.micro_batch].to(acc.device)).logits
-        v, i = top_k(logits, config.top_k)
+        ids = windows[start : start + config.micro_batch].to(acc.device)
+        with acc.autocast(), hidden_out(teacher) if chunk else nullcontext() as head:
+            out = teacher(input_ids=ids).logits  # (batch, seq, vocabulary), or hidden with a head
+            if head is None:
+                v, i = top_k(out, config.top_k)
+            else:
+                flat = out.flatten(0, 1)
+                parts = [top_k(head(flat[a : a + chunk]), config.top_k) for a in range(0, len(flat), chunk)]
+                v, i = (torch.cat(p).unflatten(0, out.shape[:2]) for p in zip(*parts))
         values.append(v.cpu())
         indices.append(i.cpu())
     return torch.cat(values), torch.cat(indices)

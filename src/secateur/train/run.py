@@ -68,6 +68,7 @@ class Run:
     teacher: nn.Module | None = None
     cache: tuple[Tensor, Tensor] | None = None  # the teacher's top-k logits (--top-k)
     aux_weight: float = 0.0  # a mixture of experts' load-balancing loss, as its family weights it
+    chunk: int = 0  # positions per chunk of the logit losses (0: the model's own full logits)
     cache_seconds: float = 0.0
     pruner: Sparsifier | None = None
     widener: IncrementalWidth | None = None
@@ -94,7 +95,8 @@ def record_of(run: Run, timing: dict[str, Any]) -> dict[str, Any]:
         "masks": {"layers": len(run.masks), "kept": sum(int(m.sum()) for m in run.masks.values()),
                   "size": sum(m.numel() for m in run.masks.values()),
                   "kept_after": sum(int(m.sum()) for m in kept_after.values())},
-        "precision": run.precision, "processes": run.acc.num_processes,
+        "precision": run.precision, "processes": run.acc.num_processes, "loss_chunk": run.chunk,
+        "activation_checkpointing": config.activation_checkpointing,
         "steps": state.step, "total_steps": run.steps, "tokens": state.step * tokens_per_step,
         "schedule": {"peak_lr": config.peak_lr, "warmup_steps": run.warmup, "min_lr": config.min_lr,
                      "global_batch_windows": tokens_per_step // run.windows.shape[1],

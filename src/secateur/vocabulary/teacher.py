@@ -10,12 +10,15 @@ tokens, which would teach the student that removed words never come."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from secateur.models.head import Head, hidden_out
 from secateur.vocabulary.bpe import VocabularyError
 
 
@@ -66,6 +69,7 @@ class KeptVocabulary(nn.Module):
         self.register_buffer("sources", (fold >= 0).nonzero().flatten(), persistent=False)
         self.register_buffer("targets", fold[fold >= 0], persistent=False)
         self.size = len(self.ids)
+        self.hidden = False  # inside `hidden_out`: the teacher's last hidden states pass through
 
     @property
     def config(self) -> Any:
@@ -73,8 +77,23 @@ class KeptVocabulary(nn.Module):
 
     def forward(self, input_ids: Tensor, **kwargs: Any) -> Any:
         out = self.teacher(input_ids=self.ids[input_ids], **kwargs)
-        probabilities = F.softmax(out.logits.float(), dim=-1)[..., self.sources]  # (batch, seq, folded ids)
-        folded = probabilities.new_zeros(*probabilities.shape[:-1], self.size)
-        folded.index_add_(folded.dim() - 1, self.targets, probabilities)  # (batch, seq, student vocabulary)
-        out.logits = folded.clamp_min(torch.finfo(folded.dtype).tiny).log()
+        if not self.hidden:
+            out.logits = self.fold(out.logits)
         return out
+
+    def fold(self, logits: Tensor) -> Tensor:
+        """(..., teacher vocabulary) logits -> (..., student vocabulary) log-probabilities, folded."""
+        probabilities = F.softmax(logits.float(), dim=-1)[..., self.sources]  # (..., folded ids)
+        folded = probabilities.new_zeros(*probabilities.shape[:-1], self.size)
+        folded.index_add_(folded.dim() - 1, self.targets, probabilities)  # (..., student vocabulary)
+        return folded.clamp_min(torch.finfo(folded.dtype).tiny).log()
+
+    @contextmanager
+    def hidden_out(self) -> Iterator[Head]:
+        """The teacher's last hidden states out of the forward; the head folds its logits."""
+        with hidden_out(self.teacher) as head:
+            self.hidden = True
+            try:
+                yield Head(head.weight, head.bias, head.softcap, fold=self.fold)
+            finally:
+                self.hidden = False
