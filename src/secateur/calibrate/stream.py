@@ -90,7 +90,7 @@ def move_outside_blocks(model: nn.Module, adapter: Adapter, device: torch.device
     }
     for module in model.modules():
         for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is not None and id(tensor) not in in_blocks and tensor.device != device:
+            if tensor is not None and id(tensor) not in in_blocks and tensor.device != device and not tensor.is_meta:
                 tensor.data = tensor.data.to(device)
 
 
@@ -108,11 +108,14 @@ def block_bars(enabled: bool) -> Iterator[None]:
 
 
 def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int, device: torch.device,
-                  desc: str, start: BlockState | None = None) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
+                  desc: str, start: BlockState | None = None,
+                  store: Any = None) -> Iterator[tuple[int, nn.Module, BlockInputs]]:  # fmt: skip
     """Capture the first block's inputs, then yield (index, block on `device`, inputs) block by block;
     the caller sets `inputs.hidden` to the block's outputs. Only the current block and the calibration
     activations need to be on `device`; everything returns home afterwards. With `start`, the pass
-    begins at its block, on its activations (those `calibration` leads to there)."""
+    begins at its block, on its activations (those `calibration` leads to there). With `store` (a
+    `calibrate.disk.DiskBlocks`), each block is read from disk when its turn comes and written out
+    when the caller is done with it."""
     home = next(model.parameters()).device
     move_outside_blocks(model, adapter, device)
     try:
@@ -124,11 +127,15 @@ def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch
             first, inputs.hidden = start.index, [h.to(device) for h in start.hidden]
         blocks = adapter.block_list(model)
         for index in tqdm(range(first, len(blocks)), desc=desc, unit="block", disable=not _BARS.get()):
-            block = blocks[index]
-            block.to(device)
+            block = store.enter(index, device) if store is not None else blocks[index].to(device)
             try:
                 yield index, block, inputs
-            finally:
+            except BaseException:  # an error, or the caller stopped early: nothing is written
+                block.to(home if store is None else "meta")
+                raise
+            if store is not None:
+                store.leave(index)
+            else:
                 block.to(home)
             inputs.extras[index] = []  # this block's masks / rotary tables are no longer needed
     finally:

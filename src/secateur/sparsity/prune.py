@@ -138,8 +138,11 @@ def sparsify(
     *,
     device: str | torch.device | None = None,
     batch_size: int = 4,
+    store: Any = None,
 ) -> PruneReport:
-    """Prune `model` in place. `calibration` is a (samples, seq_len) tensor of token ids.
+    """Prune `model` in place. `calibration` is a (samples, seq_len) tensor of token ids. With `store`
+    (`calibrate.disk.DiskBlocks`: `model` is its skeleton), every block is read from disk, pruned and
+    written out in one streamed pass.
 
     `batch_size` samples go through a block per forward call (0 = all at once); memory holds all
     batches' activations of one block either way.
@@ -164,14 +167,15 @@ def sparsify(
         report.calibration_tokens = calibration.numel()
     targets, report.allocation = allocate_targets(model, adapter, layers, config, spec.score, calibration, device,
                                                   batch_size, needs_norms=bool(spec.statistics))  # fmt: skip
-    if not calibrated and not config.permute:
+    if not calibrated and not config.permute and store is None:
         report.layers = _prune_without_data(layers, config, targets)
     else:
         aux = {}
         if spec.prepare is not None:
             aux = spec.prepare(config.method, model, adapter, calibration, device, [name for name, _ in layers])
         plan = Plan(spec, config, targets, aux, statistics_for(config))
-        report.layers, report.block_errors = _prune_sequential(model, adapter, plan, calibration, device, batch_size)
+        report.layers, report.block_errors = _prune_sequential(model, adapter, plan, calibration, device, batch_size,
+                                                               store)  # fmt: skip
         report.collapsed = [i for i, e in enumerate(report.block_errors) if e > config.collapse_threshold]
         if report.collapsed:
             log.warning("blocks %s collapsed: their output error exceeds %g of the dense block's update (errors %s); "
@@ -182,13 +186,14 @@ def sparsify(
 
 
 def _prune_sequential(
-    model: nn.Module, adapter: Adapter, plan: Plan, calibration: Tensor, device: torch.device, batch_size: int
+    model: nn.Module, adapter: Adapter, plan: Plan, calibration: Tensor, device: torch.device, batch_size: int,
+    store: Any = None,
 ) -> tuple[list[LayerReport], list[float]]:
     """Prune block by block; each block's pruned outputs are the next block's inputs."""
     reports: list[LayerReport] = []
     errors: list[float] = []
     desc = f"{plan.config.method_name} {plan.config.target}"
-    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc):
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc, store=store):
         inputs.hidden, block_reports, error = prune_block(block, index, adapter, plan, inputs)
         reports += block_reports
         errors.append(error)

@@ -1,0 +1,132 @@
+"""Models larger than memory: a sparsity stage streamed from disk to disk writes the same weights, bit for
+bit, as the stage on the model in memory, loads with stock transformers, and leaves nothing behind
+when it fails."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+from conftest import FAMILIES, calibration_ids, tiny_model, tiny_tokenizer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from secateur import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
+from secateur.calibrate.disk import DiskBlocks, DiskError
+from secateur.errors import OutputError
+from secateur.sparsity.disk import sparsify_on_disk
+from secateur.sparsity.prune import sparsify
+
+CONFIGS = {
+    "wanda": lambda: PruneConfig(WandaConfig(), Unstructured(0.5)),
+    "sparsegpt-2:4": lambda: PruneConfig(SparseGPTConfig(), NM(2, 4)),
+    "magnitude": lambda: PruneConfig(MagnitudeConfig(), Unstructured(0.6)),
+}
+
+
+def saved(tmp_path, family: str, **save_args):
+    path = tmp_path / f"{family}-in"
+    tiny_model(family).save_pretrained(path, **save_args)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def stored(path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_streamed_output_equals_in_memory_output_bit_for_bit(tmp_path, family, method):
+    path = saved(tmp_path, family)
+    calibration = calibration_ids(6, 16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    sparsify(model, None, CONFIGS[method](), calibration, batch_size=4)
+    model.save_pretrained(tmp_path / "memory")
+    report = sparsify_on_disk(path, tmp_path / "disk", CONFIGS[method](), calibration, batch_size=4)
+    memory, disk = stored(tmp_path / "memory"), stored(tmp_path / "disk")
+    assert set(disk) >= set(memory)  # a tied head is stored once in memory's save, as in the input
+    for name, tensor in memory.items():
+        assert torch.equal(disk[name], tensor), name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
+    ids = calibration_ids(2, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    manifest = json.loads((tmp_path / "disk" / "secateur.json").read_text())
+    assert manifest["history"][0]["offload"] == "disk" and manifest["history"][0]["result"]["sparsity"] == report.sparsity
+
+
+def test_a_sharded_input_streams_and_the_output_index_names_every_tensor(tmp_path):
+    path = saved(tmp_path, "llama", max_shard_size="100KB")
+    assert len(list(path.glob("*.safetensors"))) > 2
+    sparsify_on_disk(path, tmp_path / "disk", CONFIGS["wanda"](), calibration_ids(4, 16))
+    index = json.loads((tmp_path / "disk" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert all((tmp_path / "disk" / f).is_file() for f in files)
+    assert set(index["weight_map"]) == set(stored(tmp_path / "disk"))
+    assert set(index["weight_map"]) == set(stored(path))  # every input tensor, under its own name
+
+
+def test_a_failure_mid_stream_leaves_no_output_and_the_input_untouched(tmp_path, monkeypatch):
+    path = saved(tmp_path, "llama")
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    original = DiskBlocks.leave
+
+    def fail_at_second(self, index):
+        if index == 1:
+            raise RuntimeError("disk gone")
+        original(self, index)
+
+    monkeypatch.setattr(DiskBlocks, "leave", fail_at_second)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        sparsify_on_disk(path, tmp_path / "disk", CONFIGS["wanda"](), calibration_ids(4, 16))
+    assert not (tmp_path / "disk").exists() and not list(tmp_path.glob(".disk*"))
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+
+
+def test_an_existing_output_or_one_inside_the_input_is_refused_before_work(tmp_path):
+    path = saved(tmp_path, "llama")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("mine")
+    with pytest.raises(OutputError):
+        sparsify_on_disk(path, tmp_path / "taken", CONFIGS["wanda"](), calibration_ids(4, 16))
+    with pytest.raises(OutputError, match="input"):
+        sparsify_on_disk(path, path / "out", CONFIGS["wanda"](), calibration_ids(4, 16))
+    assert (tmp_path / "taken" / "x").read_text() == "mine"
+
+
+def test_a_checkpoint_without_safetensors_is_refused(tmp_path):
+    path = tmp_path / "bin"
+    tiny_model("llama").save_pretrained(path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(DiskError, match="safetensors"):
+        sparsify_on_disk(path, tmp_path / "out", CONFIGS["wanda"](), calibration_ids(4, 16))
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_two_blocks_are_in_memory_at_once(tmp_path, monkeypatch):
+    """Counted on the model itself: while block i is pruned, no block other than i and the prefetched
+    i + 1 holds real (non-meta) weights, and the head of an untied model is never loaded."""
+    model = tiny_model("llama", num_hidden_layers=6, tie_word_embeddings=False)
+    path = tmp_path / "deep"
+    model.save_pretrained(path), tiny_tokenizer().save_pretrained(path)
+    seen = []
+    original = DiskBlocks.enter
+
+    def watch(self, index, device):
+        block = original(self, index, device)
+        blocks = self.adapter.block_list(self.model)
+        seen.append((index, [i for i, b in enumerate(blocks) if not next(b.parameters()).is_meta],
+                     self.model.get_output_embeddings().weight.is_meta))  # fmt: skip
+        return block
+
+    monkeypatch.setattr(DiskBlocks, "enter", watch)
+    sparsify_on_disk(path, tmp_path / "out", CONFIGS["wanda"](), calibration_ids(4, 16))
+    assert [s[0] for s in seen] == list(range(6))
+    assert all(real == [index] and head_on_meta for index, real, head_on_meta in seen)
