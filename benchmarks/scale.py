@@ -1,4 +1,15 @@
-"""Memory at scale (CPU): recovery's peak resident memory and speed before and after the chunked loss.
+"""Memory at scale (CPU): pruning streamed from disk to disk against in memory, and recovery's peak
+resident memory and speed before and after the chunked loss.
+
+Streaming rows: Wanda 50% (the default 128 x 2,048 calibration tokens unless said) by `secateur prune`
+with `--offload none` (in memory) and `--offload disk` (blocks streamed from the input's safetensors
+to the output). `smollm2-*`: SmolLM2-135M in float32. `llama8b-*`: a random-weight model with
+Llama-3.1-8B shapes (32 blocks of hidden 4,096, MLP 14,336, 32 query / 8 key-value heads, a
+128,256-token vocabulary, untied head: 8.03B parameters, bfloat16 safetensors, 16.1 GB on disk, one
+shard per block), written here by `llama8b_model()` (normal(0, 0.02) weights, SmolLM2's tokenizer for
+the calibration text), pruned in bfloat16 with 16 x 2,048 calibration tokens;
+`llama8b2-memory` / `llama8b2-disk` are the same with 2 blocks, the per-block cost in memory and
+streamed on the same block shape.
 
 Recovery rows: SmolLM2-135M width 50% (`secateur prune --method width --remove-fraction 0.5`, 81.7M
 parameters) trained by `secateur train` with the dense model as teacher at the default batch
@@ -38,6 +49,81 @@ RECOVERY = {
 }
 
 
+STREAM = {
+    "smollm2-memory": ("smollm2", ["--offload", "none"]),
+    "smollm2-disk": ("smollm2", ["--offload", "disk"]),
+    "llama8b2-memory": ("llama8b2", ["--offload", "none"]),
+    "llama8b2-disk": ("llama8b2", ["--offload", "disk"]),
+    "llama8b-disk": ("llama8b", ["--offload", "disk"]),
+}
+LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)  # fmt: skip
+
+
+def llama8b_model(blocks: int) -> Path:
+    """A random-weight bfloat16 checkpoint with Llama-3.1-8B shapes and `blocks` blocks, written one
+    shard per block (never whole in memory)."""
+    import shutil
+
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = cache() / "models" / f"random-llama8b-shape-{blocks}"
+    if (path / "model.safetensors.index.json").is_file():
+        return path
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    config = LlamaConfig(**LLAMA8B, num_hidden_layers=blocks, dtype="bfloat16")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(0)
+    groups: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        groups.setdefault(f"block-{int(parts[2]):03d}" if parts[1] == "layers" else "rest", []).append(name)
+    weight_map, total = {}, 0
+    for shard, names in sorted(groups.items()):
+        tensors = {}
+        for name in names:
+            shape = model.get_parameter(name).shape
+            tensors[name] = (torch.ones(shape) if name.endswith("norm.weight") else
+                             torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)  # fmt: skip
+            total += tensors[name].numel() * 2
+        save_file(tensors, staging / f"{shard}.safetensors", metadata={"format": "pt"})
+        weight_map.update({name: f"{shard}.safetensors" for name in names})
+    (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}))  # fmt: skip
+    config.save_pretrained(staging)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(dense() / name, staging / name)
+    staging.rename(path)
+    return path
+
+
+def stream_row(name: str) -> dict:
+    model, flags = STREAM[name]
+    path = dense() if model == "smollm2" else llama8b_model(32 if model == "llama8b" else 2)
+    extra = [] if model == "smollm2" else ["--dtype", "bfloat16", "--calib-samples", "16"]
+    out = WORK / name
+    _, seconds, peak = cli_timed("prune", path, "--method", "wanda", "--sparsity", "0.5", *flags, *extra,
+                                 "--check-windows", "0", "--out", out, "--overwrite")  # fmt: skip
+    manifest = json.loads((out / "secateur.json").read_text())
+    record = manifest["history"][-1]
+    row = {"row": name, "peak_rss_mib": peak, "seconds": seconds, "prune_seconds": record["seconds"],
+           "blocks": manifest["structure"]["blocks"], "parameters": manifest["structure"]["parameters"],
+           "sparsity": manifest["structure"]["target_sparsity"], "calibration_tokens": record["calibration"]["tokens"],
+           "offload": manifest.get("offload", "none")}  # fmt: skip
+    if model != "smollm2":
+        import shutil
+
+        shutil.rmtree(out)  # 16 GB: the figures are what the row keeps
+    return row
+
+
 def dense() -> Path:
     return cache() / "models" / "SmolLM2-135M-Instruct"
 
@@ -50,6 +136,8 @@ def width50() -> Path:
 
 
 def measure(name: str, _probe_items: int) -> dict:
+    if name in STREAM:
+        return stream_row(name)
     if name in RECOVERY:
         out = WORK / name
         _, seconds, peak = cli_timed("train", width50(), "--teacher", dense(), "--tokens", TOKENS, "--eval-every", 100,
@@ -67,6 +155,12 @@ def table() -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
     base = next((r for r in rows if r["row"] == "recovery-full-logits"), None)
     print(f"{'row':24s} {'peak RSS MiB':>12s} {'tokens/s':>9s} {'vs full':>8s} {'first loss':>10s} {'val ppl':>8s}")
+    print(f"\n{'row':18s} {'blocks':>6s} {'peak RSS MiB':>12s} {'prune s':>8s} {'s/block':>8s} {'wall s':>8s}")
+    for r in rows:
+        if r["row"] in STREAM:
+            print(f"{r['row']:18s} {r['blocks']:6d} {r['peak_rss_mib']:12.0f} {r['prune_seconds']:8.1f} "
+                  f"{r['prune_seconds'] / r['blocks']:8.2f} {r['seconds']:8.1f}")  # fmt: skip
+    print()
     for r in rows:
         if r["row"].startswith("recovery"):
             ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
@@ -75,4 +169,4 @@ def table() -> None:
 
 
 if __name__ == "__main__":
-    run_rows(__doc__, RESULTS, list(RECOVERY), measure, table)
+    run_rows(__doc__, RESULTS, [*RECOVERY, *STREAM], measure, table)

@@ -130,3 +130,68 @@ def test_only_two_blocks_are_in_memory_at_once(tmp_path, monkeypatch):
     sparsify_on_disk(path, tmp_path / "out", CONFIGS["wanda"](), calibration_ids(4, 16))
     assert [s[0] for s in seen] == list(range(6))
     assert all(real == [index] and head_on_meta for index, real, head_on_meta in seen)
+
+
+# --- the command line: --offload ------------------------------------------------------------------------------------
+
+from secateur.cli import main  # noqa: E402
+
+CLI_SMALL = ["--calib-samples", "6", "--calib-seq-len", "16", "--eval-windows", "4", "--eval-seq-len", "32", "--check-windows", "0"]
+
+
+def cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_offload_disk_on_the_command_line_equals_the_in_memory_run(model_dir, text_file, tmp_path, capsys, family):
+    args = ["prune", model_dir(family), "--method", "wanda", "--sparsity", "0.5", "--calib", text_file, *CLI_SMALL]
+    code, _, err = cli([*args, "--offload", "none", "--out", tmp_path / "memory"], capsys)
+    assert code == 0, err
+    code, stdout, err = cli([*args, "--offload", "disk", "--out", tmp_path / "disk"], capsys)
+    assert code == 0, err
+    assert "sparsity 0.5000 of the block layers" in stdout
+    memory, disk = stored(tmp_path / "memory"), stored(tmp_path / "disk")
+    assert set(memory) <= set(disk) and all(torch.equal(disk[n], t) for n, t in memory.items())
+    manifest = json.loads((tmp_path / "disk" / "secateur.json").read_text())
+    assert manifest["offload"] == "disk" and manifest["recipe"]["offload"] == "disk"
+    assert manifest["structure"]["target_sparsity"] == pytest.approx(
+        json.loads((tmp_path / "memory" / "secateur.json").read_text())["structure"]["target_sparsity"])
+    code, stdout, err = cli(["info", tmp_path / "disk"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "width", "--remove-fraction", "0.5"], "one sparsity stage"),
+    (["--method", "wanda", "--sparsity", "0.5", "--allocation", "owl"], "allocation owl"),
+    (["--method", "wanda", "--sparsity", "0.5", "--check-windows", "2"], "--check-windows evaluates the whole model"),
+])  # fmt: skip
+def test_offload_disk_that_cannot_stream_is_refused_before_work(model_dir, text_file, tmp_path, capsys, extra, message):
+    code, _, err = cli(["prune", model_dir("llama"), *extra, "--calib", text_file, "--offload", "disk",
+                        "--out", tmp_path / "out"], capsys)  # fmt: skip
+    assert code == 2 and message in err and "--offload disk" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_offload_auto_streams_when_the_weights_do_not_fit_and_says_so(model_dir, text_file, tmp_path, capsys,
+                                                                      monkeypatch, caplog):  # fmt: skip
+    import secateur.offload as offload
+
+    args = ["prune", model_dir("llama"), "--method", "wanda", "--sparsity", "0.5", "--calib", text_file, *CLI_SMALL]
+    code, _, err = cli([*args, "--out", tmp_path / "fits"], capsys)
+    assert code == 0, err
+    assert "offload" not in json.loads((tmp_path / "fits" / "secateur.json").read_text())
+    monkeypatch.setattr(offload, "available_memory", lambda: 1000)
+    with caplog.at_level("WARNING"):
+        code, _, err = cli([*args, "--out", tmp_path / "streamed"], capsys)
+    assert code == 0, err
+    assert "streaming the blocks from disk" in caplog.text
+    assert json.loads((tmp_path / "streamed" / "secateur.json").read_text())["offload"] == "disk"
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # cannot stream: says so and loads in memory
+        code, _, err = cli([*args[:3], "width", "--remove-fraction", "0.25", *args[6:], "--out", tmp_path / "width"],
+                           capsys)  # fmt: skip
+    assert code == 0, err
+    assert "loading them in memory anyway" in caplog.text

@@ -22,6 +22,7 @@ from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load
                          model_positions, read_manifest, resolve_device, save)
 from secateur.manifest import applied, build_manifest, history_of, record_run, run_identity
 from secateur.models import adapter_for
+from secateur.offload import on_disk, run_on_disk
 from secateur.output import Output, check_apart, claim
 from secateur.recipe import KINDS, check_order, kind_of, prune, stage_settings
 from secateur.schema import flag, flatten
@@ -226,6 +227,8 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
         for note in notes:
             log.warning("adapted to the model: %s", note)
         _preflight(model_path, model_config, options, stages, history)
+        if on_disk(model_path, stages, options):
+            return run_on_disk(model_path, stages, output, options, earlier, notes)
         teacher_file = _check_training(model_path, out, options, stages, earlier)
         check_apart(output.path, [teacher_file])
         work = checkpoints_for(out) if _trains(stages) else None

@@ -1,5 +1,5 @@
-"""A sparsity stage from disk to disk, for models larger than memory (Python API; the command line's
-`--offload` is not there yet).
+"""A sparsity stage from disk to disk, for models larger than memory (`secateur prune --offload disk`,
+or `sparsify_on_disk` in Python).
 
 `sparsify_on_disk(path, out, config, calibration)` reads the input's blocks one at a time from its
 safetensors (the next one prefetched while the current one is pruned), writes each pruned block to
@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from secateur.calibrate.disk import DiskBlocks, weight_map
-from secateur.config import PruneConfig
+from secateur.config import NM, PruneConfig
+from secateur.errors import ConfigError
 from secateur.io import MANIFEST, load_config, load_tokenizer, resolve_device, resolve_dtype
 from secateur.output import claim
 from secateur.sparsity.prune import PruneReport, sparsify
@@ -32,26 +33,59 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")  # fmt: skip
 
 
+def streamable(config: PruneConfig) -> str | None:
+    """Why a sparsity stage cannot be streamed block by block (None: it can): what reads the whole
+    model before the pass (data-driven allocations, gradients)."""
+    from secateur.sparsity.methods import spec_for
+
+    if not isinstance(config.target, NM) and not config.allocation.is_uniform:
+        return f"allocation {config.allocation.kind} ranks the layers of the whole model before pruning"
+    if spec_for(config.method).prepare is not None:
+        return f"{config.method_name} needs gradients of the whole model"
+    return None
+
+
+def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration: Tensor | None, dtype: str,
+                    device: str | torch.device, batch_size: int) -> tuple[PruneReport, dict[str, Any]]:  # fmt: skip
+    """Prune the model at `path` block by block into the directory `staging` (weights, index, config,
+    tokenizer and generation files); returns the report and the structure section of the manifest."""
+    why = streamable(config)
+    if why is not None:
+        raise ConfigError(f"{why}: it cannot be streamed from disk; use a uniform allocation or load it in memory")
+    store = DiskBlocks.open(path, resolve_dtype(dtype), staging)
+    try:
+        report = sparsify(store.model, None, config, calibration, device=torch.device(device), batch_size=batch_size,
+                          store=store)  # fmt: skip
+        store.finish()
+    finally:
+        store.close()
+    _side_files(path, staging, dtype)
+    return report, _structure(path, report)
+
+
 def sparsify_on_disk(path: str | Path, out: str | Path, config: PruneConfig, calibration: Tensor | None, *,
                      dtype: str = "float32", device: str = "cpu", batch_size: int = 4,
                      overwrite: bool = False) -> PruneReport:  # fmt: skip
     """Prune the model at `path` (a HF directory of safetensors) block by block into `out`; see the
     module docstring. `calibration`: (samples, seq_len) token ids, tokenized by the input's tokenizer."""
+    import json
+
+    from secateur.manifest import header
+    from secateur.sparsity.stage import _settings
+
     path, start = Path(path), time.perf_counter()
     load_config(path)  # a directory with a readable config, before anything is claimed
     files = weight_map(path)
     with claim(out, inputs=[path], overwrite=overwrite, marker=MANIFEST) as output:
-        size = sum(f.stat().st_size for f in set(files.values()))
-        with output.write(size=size) as staging:
-            store = DiskBlocks.open(path, resolve_dtype(dtype), staging)
-            try:
-                report = sparsify(store.model, None, config, calibration, device=resolve_device(device),
-                                  batch_size=batch_size, store=store)  # fmt: skip
-                store.finish()
-            finally:
-                store.close()
-            _side_files(path, staging, dtype)
-            (staging / MANIFEST).write_text(_manifest(path, config, report, dtype, device, time.perf_counter() - start))
+        with output.write(size=sum(f.stat().st_size for f in set(files.values()))) as staging:
+            report, structure = stream_sparsity(path, staging, config, calibration, dtype, resolve_device(device),
+                                                batch_size)  # fmt: skip
+            seconds = time.perf_counter() - start
+            manifest = {**header(path, dtype, device, {}), "recipe": {"dtype": dtype, "stage": [_settings(config)]},
+                        "history": [{"kind": "sparsity", "settings": _settings(config), "result": report.to_dict(),
+                                     "seconds": seconds, "offload": "disk"}],
+                        "structure": structure, "timings": {"sparsity": seconds}}  # fmt: skip
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         return report
 
 
@@ -67,27 +101,14 @@ def _side_files(path: Path, staging: Path, dtype: str) -> None:
         load_tokenizer(path).save_pretrained(staging)
 
 
-def _manifest(path: Path, config: PruneConfig, report: PruneReport, dtype: str, device: str, seconds: float) -> str:
-    import json
-
-    from secateur.manifest import header
-    from secateur.sparsity.stage import _settings
-
-    layers = report.layers
+def _structure(path: Path, report: PruneReport) -> dict[str, Any]:
+    """The manifest's structure section, from the layer reports and the stored shapes (the model itself
+    was never whole in memory)."""
+    layers, config = report.layers, load_config(path)
     target = sum(r.shape[0] * r.shape[1] for r in layers)
-    model_config = load_config(path)
-    parameters = sum(_numel(t) for t in _shapes(path).values())
-    manifest: dict[str, Any] = {
-        **header(path, dtype, device, {}),
-        "recipe": {"dtype": dtype, "stage": [_settings(config)]},
-        "history": [{"kind": "sparsity", "settings": _settings(config), "result": report.to_dict(), "seconds": seconds,
-                     "offload": "disk"}],
-        "structure": {"blocks": model_config.num_hidden_layers, "hidden_size": model_config.hidden_size,
-                      "parameters": parameters, "target_parameters": target,
-                      "target_sparsity": sum(r.shape[0] * r.shape[1] * r.sparsity for r in layers) / max(target, 1)},
-        "timings": {"sparsity": seconds},
-    }  # fmt: skip
-    return json.dumps(manifest, indent=2, default=str)
+    return {"blocks": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "parameters": sum(_numel(t) for t in _shapes(path).values()), "target_parameters": target,
+            "target_sparsity": sum(r.shape[0] * r.shape[1] * r.sparsity for r in layers) / max(target, 1)}  # fmt: skip
 
 
 def _shapes(path: Path) -> dict[str, list[int]]:

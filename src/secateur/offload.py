@@ -1,0 +1,140 @@
+"""Where a run's weights live (`--offload`): in memory (`none`), or on disk (`disk`: the blocks streamed
+from the input's safetensors to the output one at a time, `sparsity.disk`); `auto` streams when the
+weights would not fit in the memory available, and says so.
+
+Streaming covers one sparsity stage with a uniform allocation (or N:M) so far; evaluation after the
+run and the held-out check need the whole model, so they are not done (an explicit --eval, --eval-tasks
+or --check-windows is refused; the default check is skipped, and the manifest says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from secateur.data.calibration import calibration_data
+from secateur.errors import ConfigError
+from secateur.io import check_model, load_config, load_tokenizer, resolve_device, resolve_dtype
+from secateur.output import Output
+from secateur.schema import flag, flatten
+from secateur.settings import PlannedStage, RunOptions
+
+log = logging.getLogger(__name__)
+
+AUTO_SHARE = 0.8  # auto streams when the weights exceed this share of the memory available
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can give without swapping (MemAvailable), or the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def weight_bytes(model_path: str | Path, dtype: str) -> int | None:
+    """The weights' size once loaded at `dtype`, from the safetensors headers (None: not safetensors)."""
+    from secateur.calibrate.disk import DiskError, weight_map
+    from secateur.io import safetensors_shapes
+
+    try:
+        files = set(weight_map(Path(model_path)).values())
+    except (DiskError, NotADirectoryError, FileNotFoundError):
+        return None
+    count = sum(int(torch.Size(shape).numel()) for f in files for shape in safetensors_shapes(f).values())
+    return count * resolve_dtype(dtype).itemsize
+
+
+def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOptions) -> str | None:
+    """Why this run cannot stream its blocks from disk (None: it can)."""
+    from secateur.calibrate.disk import DiskError, weight_map
+    from secateur.config import PruneConfig
+    from secateur.sparsity.disk import streamable
+
+    if len(stages) != 1 or not isinstance(stages[0].config, PruneConfig):
+        return "it streams a recipe of one sparsity stage so far"
+    why = streamable(stages[0].config)
+    if why is not None:
+        return why
+    given = [f"{flag(k)}" for k in ("eval_source", "eval_tasks", "check_windows") if k in options.explicit
+             and getattr(options, k)]  # fmt: skip
+    if given:
+        return f"{', '.join(given)} evaluates the whole model, which streaming never holds; evaluate the output after"
+    if Path(model_path).is_file():
+        return "it reads safetensors directories, not GGUF files; convert the model first"
+    try:
+        weight_map(Path(model_path))
+    except DiskError as exc:
+        return str(exc)
+    if check_model(model_path):
+        return "the input's manifest records shapes the stock config cannot express (an earlier width or depth run)"
+    return None
+
+
+def on_disk(model_path: str | Path, stages: list[PlannedStage], options: RunOptions) -> bool:
+    """Whether the run streams from disk: as asked, or (auto) when the weights do not fit; a run asked
+    to stream that cannot is refused, before any work."""
+    if options.offload == "none":
+        return False
+    why = why_not(model_path, stages, options)
+    if options.offload == "disk":
+        if why is not None:
+            raise ConfigError(f"--offload disk: {why}")
+        return True
+    size, free = weight_bytes(model_path, options.dtype), available_memory()
+    if size is None or size <= AUTO_SHARE * free:
+        return False
+    if why is not None:
+        log.warning("offload auto: the weights (%.1f GiB) exceed %d%% of the memory available (%.1f GiB), but %s: "
+                    "loading them in memory anyway", size / 2**30, AUTO_SHARE * 100, free / 2**30, why)  # fmt: skip
+        return False
+    log.warning("offload auto: the weights (%.1f GiB) exceed %d%% of the memory available (%.1f GiB): streaming the "
+                "blocks from disk", size / 2**30, AUTO_SHARE * 100, free / 2**30)  # fmt: skip
+    return True
+
+
+def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Output, options: RunOptions,
+                earlier: dict[str, Any], notes: list[str]) -> dict[str, Any]:  # fmt: skip
+    """The run streamed from disk into the claimed `output`; returns the manifest it wrote."""
+    import json
+
+    from secateur.calibrate.disk import weight_map
+    from secateur.io import MANIFEST
+    from secateur.manifest import header, history_of, recipe_document
+    from secateur.recipe import stage_settings
+    from secateur.sparsity.disk import stream_sparsity
+
+    stage = stages[0]
+    clock = time.perf_counter()
+    skeleton_config = load_config(model_path)
+    windows = None
+    if stage.calib is not None:  # whether windows start with BOS: the config says, no weight is needed
+        windows = calibration_data(skeleton_config, load_tokenizer(model_path), stage.calib)
+    cutting = time.perf_counter() - clock
+    size = sum(f.stat().st_size for f in set(weight_map(Path(model_path)).values()))
+    compute = resolve_device(options.device)
+    with output.write(size=size) as staging:
+        start = time.perf_counter()
+        report, structure = stream_sparsity(Path(model_path), staging, stage.config, windows, options.dtype, compute,
+                                            stage.calib.batch_size if stage.calib else 4)  # fmt: skip
+        seconds = time.perf_counter() - start
+        record = {"kind": "sparsity", "settings": stage_settings(stage.config), "result": report.to_dict(),
+                  "seconds": seconds, "offload": "disk",
+                  "calibration": {**flatten(stage.calib), "tokens": windows.numel()} if windows is not None else None,
+                  "input": {"path": str(Path(model_path).resolve())}}  # fmt: skip
+        manifest = {**header(model_path, options.dtype, compute, earlier), "recipe": recipe_document(stages, options),
+                    "history": [*history_of(earlier), record], "structure": structure,
+                    "timings": {"calibration_data": cutting, "prune": seconds}, "offload": "disk",
+                    "check": "skipped: the whole model is never in memory when streaming"}  # fmt: skip
+        if notes:
+            manifest["adapted"] = notes
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
