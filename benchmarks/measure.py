@@ -36,7 +36,8 @@ def cli(*args) -> str:
 
 
 def cli_timed(*args) -> tuple[str, float, float]:
-    """`secateur ARGS`: its stdout, wall seconds and peak resident memory in MiB (that child's alone)."""
+    """`secateur ARGS`: its stdout, wall seconds and peak resident memory in MiB (that child's alone, with a
+    floor: Linux folds the parent's peak at the spawn into it, so the calling process must stay small)."""
     clock = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen([sys.executable, "-m", "secateur.cli", *map(str, args)], stdout=out, stderr=err)

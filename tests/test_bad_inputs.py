@@ -271,7 +271,7 @@ PRUNE = [
     ("calib-samples-zero", lambda w: prune(w, "--calib-samples", "0"), "at least 1 sample"),
     ("compensate-damp-nan", lambda w: prune(w, "--method", "angular", "--remove-blocks", "1", "--compensate-damp",
                                             "nan"), "finite number"),
-    ("resume-without-recovery", lambda w: prune(w, "--method", "magnitude", "--resume"), "no recovery stage"),
+    ("resume-without-recovery", lambda w: prune(w, "--method", "magnitude", "--resume"), "this run has neither"),
     ("out-is-input", lambda w: ["prune", model(w), "--out", model(w), "--overwrite"], "is the input"),
     ("out-holds-input", lambda w: ["prune", model(w), "--out", w, "--overwrite"], "contains the input"),
     ("out-inside-input", lambda w: ["prune", model(w), "--out", model(w) / "sub"], "lies inside the input"),

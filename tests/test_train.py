@@ -370,7 +370,7 @@ def test_cli_train_refuses_to_start_over_checkpoints(tmp_path, model_dir, text_f
     assert _train_cli(model_dir("llama"), out, "--calib", str(text_file)) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert main(["prune", str(model_dir("llama")), "--method", "magnitude", "--out", str(out), "--resume"]) == 2
-    assert "no recovery stage" in capsys.readouterr().err
+    assert "this run has neither" in capsys.readouterr().err
 
 
 def test_prune_refuses_calibration_sizes_for_recovery(tmp_path, model_dir, text_file, capsys):

@@ -102,8 +102,9 @@ def on_disk(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
 
 
 def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Output, options: RunOptions,
-                earlier: dict[str, Any], notes: list[str]) -> dict[str, Any]:  # fmt: skip
-    """The run streamed from disk into the claimed `output`; returns the manifest it wrote."""
+                earlier: dict[str, Any], notes: list[str], work: Path) -> dict[str, Any]:  # fmt: skip
+    """The run streamed from disk into the claimed `output`, finished blocks and the state to resume
+    from kept in `work` until the end; returns the manifest it wrote."""
     import json
 
     from secateur.calibrate.disk import weight_map
@@ -124,7 +125,7 @@ def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Outp
     with output.write(size=size) as staging:
         start = time.perf_counter()
         report, structure = stream_sparsity(Path(model_path), staging, stage.config, windows, options.dtype, compute,
-                                            stage.calib.batch_size if stage.calib else 4)  # fmt: skip
+                                            stage.calib.batch_size if stage.calib else 4, work)  # fmt: skip
         seconds = time.perf_counter() - start
         record = {"kind": "sparsity", "settings": stage_settings(stage.config), "result": report.to_dict(),
                   "seconds": seconds, "offload": "disk",

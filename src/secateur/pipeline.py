@@ -22,6 +22,7 @@ from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load
                          model_positions, read_manifest, resolve_device, save)
 from secateur.manifest import applied, build_manifest, history_of, record_run, run_identity
 from secateur.models import adapter_for
+from secateur.calibrate.disk import STATE
 from secateur.offload import on_disk, run_on_disk
 from secateur.output import Output, check_apart, claim
 from secateur.recipe import KINDS, check_order, kind_of, prune, stage_settings
@@ -44,7 +45,7 @@ def _claim(model_path: str | Path, out: str | Path, options: RunOptions, stages:
     """The output, claimed before anything else: not an input (the model, texts, recipe, teacher),
     not existing unless overwriting, writable, locked against a second run to it."""
     texts = [s for s, _, _ in _text_sources(stages, options) if Path(s).exists()]
-    work = [checkpoints_for(out)] if _trains(stages) else []
+    work = [checkpoints_for(out)]  # recovery checkpoints, or the blocks a streamed run finished
     protected = [model_path, *texts, *inputs, *([options.teacher] if options.teacher else [])]
     return claim(out, inputs=protected, overwrite=options.overwrite, marker=MANIFEST, also=work)
 
@@ -100,6 +101,9 @@ def adapt_lengths(config: Any, stages: list[PlannedStage],
     return adapted, options, notes
 
 
+STREAM = "stream"  # in the checkpoints directory: a streamed run's finished blocks and state
+
+
 def checkpoints_for(out: str | Path) -> Path:
     """Where recovery stages of a run to `out` keep their checkpoints and metrics (removed once the
     output is saved; an interrupted run leaves them for --resume)."""
@@ -137,17 +141,13 @@ def _check_training(model_path: str | Path, out: str | Path, options: RunOptions
     trains = _trains(stages)
     distils = any(getattr(s.config, "needs_teacher", False) for s in stages)
     if options.resume and not trains:
-        raise ConfigError("--resume goes on from a recovery stage's checkpoints; this run has no recovery stage")
+        raise ConfigError("--resume goes on from a recovery stage's checkpoints or a streamed run's blocks (--offload "
+                          "disk); this run has neither")
     if options.teacher is not None and not distils:
         raise ConfigError("--teacher applies to a recovery stage that distils (--kd-weight or --hidden-weight above 0)")
     if not trains:
         return None
-    work = checkpoints_for(out)
-    if work.exists() and not options.resume:
-        raise ConfigError(f"an interrupted run left checkpoints in {work}: pass --resume to go on from them, or "
-                          "remove that directory")
-    if options.resume and not work.is_dir():
-        raise ConfigError(f"--resume: there is nothing to resume in {work}")
+    _check_work(checkpoints_for(out), options)
     if not distils:
         return None
     path = teacher_path(model_path, earlier, options)
@@ -228,7 +228,7 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
             log.warning("adapted to the model: %s", note)
         _preflight(model_path, model_config, options, stages, history)
         if on_disk(model_path, stages, options):
-            return run_on_disk(model_path, stages, output, options, earlier, notes)
+            return _run_streamed(model_path, stages, output, options, earlier, notes)
         teacher_file = _check_training(model_path, out, options, stages, earlier)
         check_apart(output.path, [teacher_file])
         work = checkpoints_for(out) if _trains(stages) else None
@@ -241,6 +241,34 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
                 shutil.rmtree(work, ignore_errors=True)  # nothing to resume from
             raise
     return manifest
+
+
+def _run_streamed(model_path: str | Path, stages: list[PlannedStage], output: Output, options: RunOptions,
+                  earlier: dict[str, Any], notes: list[str]) -> dict[str, Any]:  # fmt: skip
+    """The run streamed from disk (`offload`), resumable like recovery: its finished blocks and the
+    state to go on from stay in the checkpoints directory when it is interrupted."""
+    if options.teacher is not None:
+        raise ConfigError("--teacher applies to a recovery stage that distils; this run prunes one sparsity stage")
+    work = checkpoints_for(output.path)
+    _check_work(work, options)
+    record_run(work, run_identity(model_path, None, stages, options), options.resume)
+    try:
+        manifest = run_on_disk(model_path, stages, output, options, earlier, notes, work / STREAM)
+    except BaseException:
+        if not (work / STREAM / STATE).is_file():
+            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _check_work(work: Path, options: RunOptions) -> None:
+    """An interrupted run's checkpoints are gone on from with --resume, never silently replaced."""
+    if work.exists() and not options.resume:
+        raise ConfigError(f"an interrupted run left checkpoints in {work}: pass --resume to go on from them, or "
+                          "remove that directory")
+    if options.resume and not work.is_dir():
+        raise ConfigError(f"--resume: there is nothing to resume in {work}")
 
 
 def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, options: RunOptions,

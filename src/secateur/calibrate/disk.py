@@ -9,6 +9,11 @@ next block's already, in a background thread, while this one computes) and place
 `leave(i)`: block i is written to its own output shard and goes back to the meta device. Peak host
 memory is about the embeddings plus two blocks plus the calibration activations, whatever the depth.
 
+With a work directory (`work`), finished blocks are written there instead, and every SAVE_EVERY
+seconds the activations entering the next block and what the finished blocks reported (`reached`):
+a run killed at any point goes on from there (`resume_point`), writing what an uninterrupted run
+would, bit for bit; the blocks move into the output at the end.
+
 `finish()` writes what lies outside the blocks, copied tensor by tensor from the input (a one-shot
 sparsity stage leaves it unchanged), renames the shards to transformers' `model-0000i-of-0000n`
 names and writes their index, so stock `from_pretrained` loads the output.
@@ -18,6 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +37,11 @@ from torch import Tensor, nn
 
 from secateur.errors import SecateurError
 from secateur.models import Adapter, adapter_for
+from secateur.runtime import release_free_memory
 
 INDEX = "model.safetensors.index.json"
+STATE = "state.pt"  # in the work directory: where a resumed run starts
+SAVE_EVERY = 60.0  # seconds between saves of the activations (a resumed run redoes at most about this much)
 
 
 class DiskError(SecateurError):
@@ -51,17 +62,37 @@ def weight_map(path: Path) -> dict[str, Path]:
 
 
 def read(files: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The named tensors, read from their (memory-mapped) files and cast to `dtype`."""
+    """The named tensors, read from their (memory-mapped) files into one buffer of their own, floating-
+    point ones cast to `dtype`. The buffer is an anonymous mapping, outside the allocator's heap: a
+    block's weights go back to the system as one piece when its last view dies (as separate heap
+    tensors, interleaved with the pruning's temporaries, they fragment the heap and resident memory
+    creeps up block after block). safetensors' own tensors are views of a copy-on-write mapping of
+    the whole file, which must not outlive the read."""
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
+    layout, total = {}, 0  # name -> (offset, shape, dtype)
+    for file, group in by_file.items():
+        with safe_open(file, "pt") as handle:
+            for name in group:
+                sliced = handle.get_slice(name)
+                stored = _TORCH[sliced.get_dtype()]
+                kind = dtype if stored.is_floating_point else stored
+                layout[name] = (total, sliced.get_shape(), kind)
+                total += -(-math.prod(sliced.get_shape()) * kind.itemsize // ALIGN) * ALIGN
+    buffer = torch.frombuffer(mmap.mmap(-1, max(total, 1)), dtype=torch.uint8)  # unmapped with its last view
     tensors = {}
     for file, group in by_file.items():
         with safe_open(file, "pt") as handle:
             for name in group:
-                tensor = handle.get_tensor(name)
-                tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                offset, shape, kind = layout[name]
+                view = buffer[offset : offset + math.prod(shape) * kind.itemsize].view(kind).view(shape)
+                view.copy_(handle.get_tensor(name))
+                tensors[name] = view
     return tensors
+
+
+ALIGN = 64  # bytes: each tensor of a read starts at a multiple (what the allocator would give it)
 
 
 @dataclass
@@ -73,19 +104,24 @@ class DiskBlocks:
     files: dict[str, Path]  # input tensor name -> its file
     dtype: torch.dtype
     staging: Path | None = None  # where finished blocks are written (None: nowhere, read only)
-    written: list[Path] = field(default_factory=list)
+    work: Path | None = None  # where they are written instead, with the state a resumed run starts from
+    _pending: dict | None = None  # the state after the last finished block, not saved yet
+    _saved_at: float = field(default_factory=time.monotonic)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     _ahead: dict[int, Future] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: str | Path, dtype: torch.dtype, staging: Path | None = None) -> DiskBlocks:
+    def open(cls, path: str | Path, dtype: torch.dtype, staging: Path | None = None,
+             work: Path | None = None) -> DiskBlocks:  # fmt: skip
         from secateur.io import _skeleton
 
         path = Path(path)
         model = _skeleton(path, (), dtype)
         adapter = adapter_for(model)
         files = weight_map(path)
-        store = cls(model, adapter, files, dtype, staging)
+        store = cls(model, adapter, files, dtype, staging, work)
+        if work is not None:
+            work.mkdir(parents=True, exist_ok=True)
         store._check_names()
         store._load_outside()
         model.eval()
@@ -140,15 +176,39 @@ class DiskBlocks:
         return block
 
     def leave(self, index: int) -> None:
-        """Write block `index` to its own shard (when writing) and send it back to the meta device."""
+        """Write block `index` to its own shard (when writing), save the state when due, and send the
+        block back to the meta device."""
         block = self.adapter.block_list(self.model)[index]
         if self.staging is not None:
             prefix = f"{self.adapter.blocks}.{index}."
             tensors = {prefix + name: p.detach().to("cpu").contiguous() for name, p in block.named_parameters()}
-            file = self.staging / f"block-{index:05d}.safetensors"
-            save_file(tensors, file, metadata={"format": "pt"})
-            self.written.append(file)
+            file = self._block_file(index)
+            save_file(tensors, file.with_suffix(".tmp"), metadata={"format": "pt"})
+            os.replace(file.with_suffix(".tmp"), file)
         block.to("meta")
+        release_free_memory()
+        if self.work is not None and self._pending is not None and self._pending["index"] == index + 1:
+            if time.monotonic() - self._saved_at >= SAVE_EVERY:
+                torch.save(self._pending, self.work / (STATE + ".tmp"))
+                os.replace(self.work / (STATE + ".tmp"), self.work / STATE)
+                self._saved_at = time.monotonic()
+            self._pending = None
+
+    def _block_file(self, index: int) -> Path:
+        return (self.work or self.staging) / f"block-{index:05d}.safetensors"
+
+    def reached(self, index: int, hidden: list[Tensor], reports: list[dict], errors: list[float]) -> None:
+        """The activations entering block `index` and what the blocks before it reported: saved with the
+        block before it, when due."""
+        if self.work is not None:
+            self._pending = {"index": index, "hidden": [h.to("cpu") for h in hidden], "reports": reports,
+                             "errors": errors}  # fmt: skip
+
+    def resume_point(self) -> dict | None:
+        """The state an interrupted run saved last (None: start from the first block)."""
+        if self.work is None or not (self.work / STATE).is_file():
+            return None
+        return torch.load(self.work / STATE, weights_only=True)
 
     def finish(self) -> None:
         """The tensors outside the blocks, copied from the input a shard of at most SHARD bytes at a time;
@@ -167,7 +227,7 @@ class DiskBlocks:
             if name is not None:
                 group.append(name)
                 size += _bytes(self.files[name], name)
-        shards += self.written
+        shards += [self._block_file(i) for i in range(len(self.adapter.block_list(self.model)))]
         mapping, total = {}, 0
         for i, shard in enumerate(shards):
             final = self.staging / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -184,6 +244,9 @@ class DiskBlocks:
 
 
 SHARD = 2**30  # bytes of tensors outside the blocks per output shard
+_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}  # fmt: skip
 ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from secateur.calibrate.disk import DiskBlocks, weight_map
 from secateur.config import NM, PruneConfig
 from secateur.errors import ConfigError
-from secateur.io import MANIFEST, load_config, load_tokenizer, resolve_device, resolve_dtype
+from secateur.io import MANIFEST, load_config, resolve_device, resolve_dtype
 from secateur.output import claim
 from secateur.sparsity.prune import PruneReport, sparsify
 
@@ -46,13 +46,16 @@ def streamable(config: PruneConfig) -> str | None:
 
 
 def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration: Tensor | None, dtype: str,
-                    device: str | torch.device, batch_size: int) -> tuple[PruneReport, dict[str, Any]]:  # fmt: skip
+                    device: str | torch.device, batch_size: int,
+                    work: Path | None = None) -> tuple[PruneReport, dict[str, Any]]:  # fmt: skip
     """Prune the model at `path` block by block into the directory `staging` (weights, index, config,
-    tokenizer and generation files); returns the report and the structure section of the manifest."""
+    tokenizer and generation files); returns the report and the structure section of the manifest.
+    With `work`, finished blocks and the state to resume from are kept there until the end (a run
+    interrupted earlier goes on from what it holds)."""
     why = streamable(config)
     if why is not None:
         raise ConfigError(f"{why}: it cannot be streamed from disk; use a uniform allocation or load it in memory")
-    store = DiskBlocks.open(path, resolve_dtype(dtype), staging)
+    store = DiskBlocks.open(path, resolve_dtype(dtype), staging, work)
     try:
         report = sparsify(store.model, None, config, calibration, device=torch.device(device), batch_size=batch_size,
                           store=store)  # fmt: skip
@@ -67,8 +70,15 @@ def sparsify_on_disk(path: str | Path, out: str | Path, config: PruneConfig, cal
                      dtype: str = "float32", device: str = "cpu", batch_size: int = 4,
                      overwrite: bool = False) -> PruneReport:  # fmt: skip
     """Prune the model at `path` (a HF directory of safetensors) block by block into `out`; see the
-    module docstring. `calibration`: (samples, seq_len) token ids, tokenized by the input's tokenizer."""
+    module docstring. `calibration`: (samples, seq_len) token ids, tokenized by the input's tokenizer.
+    Tunes the process's allocator as the command line does (`runtime.tune_allocator`: freed buffers
+    stay in the heap for the next block; without it, glibc's moving mmap threshold lets resident
+    memory creep up by a few MB per block on small blocks)."""
     import json
+
+    from secateur.runtime import tune_allocator
+
+    tune_allocator()
 
     from secateur.manifest import header
     from secateur.sparsity.stage import _settings
@@ -90,15 +100,13 @@ def sparsify_on_disk(path: str | Path, out: str | Path, config: PruneConfig, cal
 
 
 def _side_files(path: Path, staging: Path, dtype: str) -> None:
-    """The config (with the output's dtype) and the tokenizer and generation files, as they are."""
+    """The config (with the output's dtype) and the tokenizer and generation files there are, as they are."""
     config = load_config(path)
     config.dtype = resolve_dtype(dtype)
     config.save_pretrained(staging)
     for name in SIDE_FILES:
         if (path / name).is_file():
             shutil.copyfile(path / name, staging / name)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
-        load_tokenizer(path).save_pretrained(staging)
 
 
 def _structure(path: Path, report: PruneReport) -> dict[str, Any]:

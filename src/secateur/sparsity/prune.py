@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateur.calibrate.stream import stream_blocks
+from secateur.calibrate.stream import BlockState, stream_blocks
 from secateur.models.shapes import submodule
 from secateur.config import NM, ConfigError, PruneConfig, Target
 from secateur.models import Adapter, adapter_for, read_weight, refuse_experts, write_weight
@@ -193,8 +193,14 @@ def _prune_sequential(
     reports: list[LayerReport] = []
     errors: list[float] = []
     desc = f"{plan.config.method_name} {plan.config.target}"
-    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc, store=store):
+    point, start = store.resume_point() if store is not None else None, None
+    if point is not None:  # an interrupted streamed run: go on from its last saved block
+        reports = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in point["reports"]]
+        errors, start = list(point["errors"]), BlockState(point["index"], point["hidden"])
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc, start, store):
         inputs.hidden, block_reports, error = prune_block(block, index, adapter, plan, inputs)
         reports += block_reports
         errors.append(error)
+        if store is not None:
+            store.reached(index + 1, inputs.hidden, [asdict(r) for r in reports], errors)
     return reports, errors

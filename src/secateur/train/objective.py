@@ -67,10 +67,7 @@ def _chunked(hidden: Tensor, head: Head, ids: Tensor, rows: Tensor, config: Trai
         values, indices = (c[rows].flatten(0, 1) for c in cache)
     elif config.kd_weight > 0:
         theirs = target.logits.flatten(0, -2)  # (positions, teacher hidden)
-
-        def teacher(start: int, stop: int) -> Tensor:
-            return teacher_head(theirs[start:stop])
-
+        teacher = lambda start, stop: teacher_head(theirs[start:stop])  # noqa: E731  (the teacher's logits of rows)
     targets = Targets(next_token_labels(ids), config.kd_weight, config.temperature, teacher, values, indices)
     return head_loss(hidden, head, targets, chunk)
 
