@@ -1,15 +1,16 @@
 """Memory at scale (CPU): pruning streamed from disk to disk against in memory, and recovery's peak
 resident memory and speed before and after the chunked loss.
 
-Streaming rows: Wanda 50% (the default 128 x 2,048 calibration tokens unless said) by `secateur prune`
+Streaming rows: Wanda 50% (the default 64 x 512 calibration tokens unless said) by `secateur prune`
 with `--offload none` (in memory) and `--offload disk` (blocks streamed from the input's safetensors
 to the output). `smollm2-*`: SmolLM2-135M in float32. `llama8b-*`: a random-weight model with
 Llama-3.1-8B shapes (32 blocks of hidden 4,096, MLP 14,336, 32 query / 8 key-value heads, a
 128,256-token vocabulary, untied head: 8.03B parameters, bfloat16 safetensors, 16.1 GB on disk, one
 shard per block), written here by `llama8b_model()` (normal(0, 0.02) weights, SmolLM2's tokenizer for
-the calibration text), pruned in bfloat16 with 16 x 2,048 calibration tokens;
+the calibration text), pruned in bfloat16 with 16 x 512 calibration tokens;
 `llama8b2-memory` / `llama8b2-disk` are the same with 2 blocks, the per-block cost in memory and
-streamed on the same block shape.
+streamed on the same block shape. `prune s` is the pass over the blocks (a streamed run's reading and
+writing of blocks included; its copying of what lies outside the blocks is `write s`).
 
 Recovery rows: SmolLM2-135M width 50% (`secateur prune --method width --remove-fraction 0.5`, 81.7M
 parameters) trained by `secateur train` with the dense model as teacher at the default batch
@@ -124,6 +125,7 @@ def stream_row(name: str) -> dict:
     manifest = json.loads((out / "secateur.json").read_text())
     record = manifest["history"][-1]
     row = {"row": name, "peak_rss_mib": peak, "seconds": seconds, "prune_seconds": record["seconds"],
+           "write_seconds": record.get("write_seconds"),
            "blocks": manifest["structure"]["blocks"], "parameters": manifest["structure"]["parameters"],
            "sparsity": manifest["structure"]["target_sparsity"], "calibration_tokens": record["calibration"]["tokens"],
            "offload": manifest.get("offload", "none")}  # fmt: skip
@@ -165,11 +167,12 @@ def table() -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
     base = next((r for r in rows if r["row"] == "recovery-full-logits"), None)
     print(f"{'row':24s} {'peak RSS MiB':>12s} {'tokens/s':>9s} {'vs full':>8s} {'first loss':>10s} {'val ppl':>8s}")
-    print(f"\n{'row':18s} {'blocks':>6s} {'peak RSS MiB':>12s} {'prune s':>8s} {'s/block':>8s} {'wall s':>8s}")
+    print(f"\n{'row':18s} {'blocks':>6s} {'peak RSS MiB':>12s} {'prune s':>8s} {'s/block':>8s} {'write s':>8s} "
+          f"{'wall s':>8s}")  # fmt: skip
     for r in rows:
         if r["row"] in STREAM:
             print(f"{r['row']:18s} {r['blocks']:6d} {r['peak_rss_mib']:12.0f} {r['prune_seconds']:8.1f} "
-                  f"{r['prune_seconds'] / r['blocks']:8.2f} {r['seconds']:8.1f}")  # fmt: skip
+                  f"{r['prune_seconds'] / r['blocks']:8.2f} {r.get('write_seconds') or 0:8.1f} {r['seconds']:8.1f}")  # fmt: skip
     print()
     for r in rows:
         if r["row"].startswith("recovery"):

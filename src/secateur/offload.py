@@ -124,11 +124,11 @@ def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Outp
     compute = resolve_device(options.device)
     with output.write(size=size) as staging:
         start = time.perf_counter()
-        report, structure = stream_sparsity(Path(model_path), staging, stage.config, windows, options.dtype, compute,
+        report, structure, writing = stream_sparsity(Path(model_path), staging, stage.config, windows, options.dtype, compute,
                                             stage.calib.batch_size if stage.calib else 4, work)  # fmt: skip
         seconds = time.perf_counter() - start
         record = {"kind": "sparsity", "settings": stage_settings(stage.config), "result": report.to_dict(),
-                  "seconds": seconds, "offload": "disk",
+                  "seconds": report.seconds, "write_seconds": writing, "offload": "disk",
                   "calibration": {**flatten(stage.calib), "tokens": windows.numel()} if windows is not None else None,
                   "input": {"path": str(Path(model_path).resolve())}}  # fmt: skip
         manifest = {**header(model_path, options.dtype, compute, earlier), "recipe": recipe_document(stages, options),

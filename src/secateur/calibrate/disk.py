@@ -146,6 +146,16 @@ class DiskBlocks:
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
 
+    def captured(self) -> None:
+        """The blocks' inputs are captured: the tensors outside the blocks (the embeddings above all) go
+        back to the meta device; `finish` copies them to the output from the input."""
+        blocks = {id(p) for p in self.adapter.block_list(self.model).parameters()}
+        for module in self.model.modules():
+            for leaf, param in list(module._parameters.items()):
+                if param is not None and id(param) not in blocks and not param.is_meta:
+                    module._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
+        release_free_memory()
+
     def _check_names(self) -> None:
         """The blocks' tensors must be stored under the names the model gives them (no renaming)."""
         wanted = {f"{self.adapter.blocks}.{name}" for name, _ in self.adapter.block_list(self.model).named_parameters()}

@@ -120,6 +120,8 @@ def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch
     move_outside_blocks(model, adapter, device)
     try:
         inputs = capture_inputs(model, adapter, calibration, batch_size, device)
+        if store is not None:
+            store.captured()  # what lies before the blocks is no longer needed
         first = 0
         if start is not None:
             if len(start.hidden) != len(inputs.hidden):

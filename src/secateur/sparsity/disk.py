@@ -47,9 +47,10 @@ def streamable(config: PruneConfig) -> str | None:
 
 def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration: Tensor | None, dtype: str,
                     device: str | torch.device, batch_size: int,
-                    work: Path | None = None) -> tuple[PruneReport, dict[str, Any]]:  # fmt: skip
+                    work: Path | None = None) -> tuple[PruneReport, dict[str, Any], float]:  # fmt: skip
     """Prune the model at `path` block by block into the directory `staging` (weights, index, config,
-    tokenizer and generation files); returns the report and the structure section of the manifest.
+    tokenizer and generation files); returns the report (its seconds: the pass), the structure section
+    of the manifest and the seconds spent writing what lies outside the blocks.
     With `work`, finished blocks and the state to resume from are kept there until the end (a run
     interrupted earlier goes on from what it holds)."""
     why = streamable(config)
@@ -59,11 +60,12 @@ def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration:
     try:
         report = sparsify(store.model, None, config, calibration, device=torch.device(device), batch_size=batch_size,
                           store=store)  # fmt: skip
+        clock = time.perf_counter()
         store.finish()
     finally:
         store.close()
     _side_files(path, staging, dtype)
-    return report, _structure(path, report)
+    return report, _structure(path, report), time.perf_counter() - clock  # writing the rest: not the pass
 
 
 def sparsify_on_disk(path: str | Path, out: str | Path, config: PruneConfig, calibration: Tensor | None, *,
@@ -88,12 +90,13 @@ def sparsify_on_disk(path: str | Path, out: str | Path, config: PruneConfig, cal
     files = weight_map(path)
     with claim(out, inputs=[path], overwrite=overwrite, marker=MANIFEST) as output:
         with output.write(size=sum(f.stat().st_size for f in set(files.values()))) as staging:
-            report, structure = stream_sparsity(path, staging, config, calibration, dtype, resolve_device(device),
-                                                batch_size)  # fmt: skip
+            report, structure, writing = stream_sparsity(path, staging, config, calibration, dtype,
+                                                         resolve_device(device), batch_size)  # fmt: skip
             seconds = time.perf_counter() - start
             manifest = {**header(path, dtype, device, {}), "recipe": {"dtype": dtype, "stage": [_settings(config)]},
                         "history": [{"kind": "sparsity", "settings": _settings(config), "result": report.to_dict(),
-                                     "seconds": seconds, "offload": "disk"}],
+                                     "seconds": report.seconds, "write_seconds": writing,
+                                     "offload": "disk"}],
                         "structure": structure, "timings": {"sparsity": seconds}}  # fmt: skip
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         return report

@@ -100,7 +100,8 @@ def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
     for step in plan.config.refine.steps:
         results = REFINERS[step].run(plan.config.refine, job, results)
     frozen = [w == 0 for w in job.weights]  # an earlier stage's zeros: no method or refinement revives them
-    results = [(w.masked_fill(f, 0), m | f) for (w, m), f in zip(results, frozen)]
+    results = [(w.masked_fill_(f, 0), m.logical_or_(f)) for (w, m), f in zip(results, frozen)]  # in place: large
+    del frozen  # layers are the peak of a streamed run
     seconds = (time.perf_counter() - start) / len(group.modules)
     if perm is not None:
         group.permuter.reorder_producers(perm)
