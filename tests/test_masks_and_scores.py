@@ -99,3 +99,21 @@ def test_magnitude_scopes_on_a_hand_computed_layer():
     assert mask.tolist() == [[True, True, False, False], [True, False, False, True]]
     [(_, mask)] = magnitude_group(MagnitudeConfig("per_layer"), GroupJob(["w"], [weight], [NM(2, 4)]))
     assert mask.tolist() == [[True, True, False, False], [True, False, False, True]]
+
+
+def test_per_row_selection_in_chunks_of_rows_equals_the_whole_matrix_with_ties(monkeypatch):
+    """Rows ranked a few at a time (ENTRIES) and the tie rule applied only to rows with ties left out give
+    the mask of the one-shot formula: below the k-th value, then the lowest-index ties."""
+    from secateur.sparsity import masks
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        rows, cols = torch.randint(1, 12, (2,), generator=generator).tolist()
+        scores = torch.randint(0, 4, (rows, cols), generator=generator).float()  # many ties
+        k = int(torch.randint(1, cols + 1, (1,), generator=generator))
+        threshold = scores.kthvalue(k, dim=1, keepdim=True).values
+        below, tied = scores < threshold, scores == threshold
+        expected = below | (tied & (tied.cumsum(1) <= k - below.sum(1, keepdim=True)))
+        monkeypatch.setattr(masks, "ENTRIES", int(torch.randint(1, 30, (1,), generator=generator)))
+        assert torch.equal(masks._smallest_per_row(scores, k), expected)
+        assert int(expected.sum()) == rows * k

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from secateur.errors import SecateurError
@@ -62,37 +61,107 @@ def weight_map(path: Path) -> dict[str, Path]:
 
 
 def read(files: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The named tensors, read from their (memory-mapped) files into one buffer of their own, floating-
-    point ones cast to `dtype`. The buffer is an anonymous mapping, outside the allocator's heap: a
-    block's weights go back to the system as one piece when its last view dies (as separate heap
-    tensors, interleaved with the pruning's temporaries, they fragment the heap and resident memory
-    creeps up block after block). safetensors' own tensors are views of a copy-on-write mapping of
-    the whole file, which must not outlive the read."""
-    by_file: dict[Path, list[str]] = {}
+    """The named tensors, read from their files into one buffer of their own, floating-point ones cast
+    to `dtype`. The buffer is an anonymous mapping, outside the allocator's heap: a block's weights go
+    back to the system as one piece when its last view dies (as separate heap tensors, interleaved
+    with the pruning's temporaries, they fragment the heap and resident memory creeps up block after
+    block). The bytes are read with plain reads, not through safetensors' memory map, whose pages
+    would count as resident while the file is open (a whole block more, at the pruning's peak)."""
+    layout, total = {}, 0  # name -> (offset in the buffer, shape, stored dtype, dtype, byte range in its file)
+    headers: dict[Path, tuple[int, dict]] = {}
     for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    layout, total = {}, 0  # name -> (offset, shape, dtype)
-    for file, group in by_file.items():
-        with safe_open(file, "pt") as handle:
-            for name in group:
-                sliced = handle.get_slice(name)
-                stored = _TORCH[sliced.get_dtype()]
-                kind = dtype if stored.is_floating_point else stored
-                layout[name] = (total, sliced.get_shape(), kind)
-                total += -(-math.prod(sliced.get_shape()) * kind.itemsize // ALIGN) * ALIGN
+        file = files[name]
+        if file not in headers:
+            headers[file] = _read_header(file)
+        start, header = headers[file]
+        entry = header[name]
+        stored, shape = _TORCH[entry["dtype"]], entry["shape"]
+        kind = dtype if stored.is_floating_point else stored
+        begin, end = entry["data_offsets"]
+        layout[name] = (total, shape, stored, kind, (start + begin, start + end))
+        total += -(-math.prod(shape) * kind.itemsize // ALIGN) * ALIGN
     buffer = torch.frombuffer(mmap.mmap(-1, max(total, 1)), dtype=torch.uint8)  # unmapped with its last view
     tensors = {}
-    for file, group in by_file.items():
-        with safe_open(file, "pt") as handle:
-            for name in group:
-                offset, shape, kind = layout[name]
-                view = buffer[offset : offset + math.prod(shape) * kind.itemsize].view(kind).view(shape)
-                view.copy_(handle.get_tensor(name))
-                tensors[name] = view
+    for name in names:
+        offset, shape, stored, kind, (begin, end) = layout[name]
+        view = buffer[offset : offset + math.prod(shape) * kind.itemsize].view(kind).view(shape)
+        target = view if stored == kind else torch.empty(shape, dtype=stored)
+        with open(files[name], "rb") as handle:
+            handle.seek(begin)
+            handle.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy()))
+        if target is not view:
+            view.copy_(target)
+        tensors[name] = view
     return tensors
 
 
+def _read_header(file: Path) -> tuple[int, dict]:
+    """A safetensors file's header and where its data starts."""
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return 8 + length, json.loads(handle.read(length))
+
+
 ALIGN = 64  # bytes: each tensor of a read starts at a multiple (what the allocator would give it)
+PIECE = 1 << 26  # bytes copied at a time when a tensor goes from the input's file to the output's
+
+
+def _header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
+    """A safetensors header for (name, dtype, shape, bytes) in this order, padded to 8 bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, size in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def save_tensors(tensors: dict[str, Tensor], file: Path) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory (safetensors' save_file
+    first serialises the whole file into one bytes object: a second copy of a block)."""
+    items = [(name, t.detach().to("cpu").contiguous()) for name, t in tensors.items()]
+    entries = [(name, _SAFE[t.dtype], list(t.shape), t.numel() * t.element_size()) for name, t in items]
+    with open(file, "wb") as handle:
+        handle.write(_header(entries))
+        for _, tensor in items:
+            handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+
+def copy_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype, file: Path) -> None:
+    """The named tensors of the input into one safetensors file, floating-point ones as `dtype`, a piece
+    at a time: bytes copied as they are where the type is kept, rows converted where it changes."""
+    entries, sources = [], []
+    for name in names:
+        with safe_open(files[name], "pt") as handle:
+            sliced = handle.get_slice(name)
+            stored, shape = _TORCH[sliced.get_dtype()], sliced.get_shape()
+        kind = dtype if stored.is_floating_point else stored
+        entries.append((name, _SAFE[kind], shape, math.prod(shape) * kind.itemsize))
+        sources.append((files[name], name, stored, kind, shape))
+    with open(file, "wb") as out:
+        out.write(_header(entries))
+        for source, name, stored, kind, shape in sources:
+            if stored == kind:
+                start, end = _data_range(source, name)
+                with open(source, "rb") as handle:
+                    handle.seek(start)
+                    for left in range(end - start, 0, -PIECE):
+                        out.write(handle.read(min(PIECE, left)))
+                continue
+            rows = max(1, PIECE // max(math.prod(shape[1:]) * 4, 1)) if len(shape) > 1 else None
+            with safe_open(source, "pt") as handle:
+                sliced = handle.get_slice(name)
+                parts = [sliced[a : a + rows] for a in range(0, shape[0], rows)] if rows else [handle.get_tensor(name)]
+                for part in parts:
+                    out.write(memoryview(part.to(kind).contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _data_range(file: Path, name: str) -> tuple[int, int]:
+    """Where a tensor's bytes lie in a safetensors file."""
+    start, header = _read_header(file)
+    begin, end = header[name]["data_offsets"]
+    return start + begin, start + end
 
 
 @dataclass
@@ -191,9 +260,8 @@ class DiskBlocks:
         block = self.adapter.block_list(self.model)[index]
         if self.staging is not None:
             prefix = f"{self.adapter.blocks}.{index}."
-            tensors = {prefix + name: p.detach().to("cpu").contiguous() for name, p in block.named_parameters()}
             file = self._block_file(index)
-            save_file(tensors, file.with_suffix(".tmp"), metadata={"format": "pt"})
+            save_tensors({prefix + name: p for name, p in block.named_parameters()}, file.with_suffix(".tmp"))
             os.replace(file.with_suffix(".tmp"), file)
         block.to("meta")
         release_free_memory()
@@ -231,8 +299,7 @@ class DiskBlocks:
         for name in [*outside, None]:
             if group and (name is None or size >= SHARD):
                 shards.append(self.staging / f"rest-{len(shards):05d}.safetensors")
-                save_file({n: t.contiguous() for n, t in read(self.files, group, self.dtype).items()}, shards[-1],
-                          metadata={"format": "pt"})  # fmt: skip
+                copy_tensors(self.files, group, self.dtype, shards[-1])
                 group, size = [], 0
             if name is not None:
                 group.append(name)
@@ -267,3 +334,4 @@ def _bytes(file: Path, name: str, handle=None) -> int:
             return _bytes(file, name, opened)
     sliced = handle.get_slice(name)
     return math.prod(sliced.get_shape()) * ITEMSIZE[sliced.get_dtype()]
+_SAFE = {dtype: name for name, dtype in _TORCH.items()}

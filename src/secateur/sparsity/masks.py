@@ -32,13 +32,30 @@ def smallest_k(scores: Tensor, k: int) -> Tensor:
     return mask.view_as(scores)
 
 
+ENTRIES = 2**22  # scores ranked at once by the per-row selection: bounds its temporaries on large layers
+
+
 def _smallest_per_row(scores: Tensor, k: int) -> Tensor:
-    """Exactly `k` smallest entries of every row (selection, not a sort); ties go to lower indices."""
+    """Exactly `k` smallest entries of every row (selection, not a sort); ties go to lower indices. Rows
+    are independent: they are ranked a few at a time (ENTRIES scores), which bounds the copies the
+    selection makes on a large layer and changes nothing in the result."""
+    mask = torch.empty_like(scores, dtype=torch.bool)
+    step = max(1, ENTRIES // max(scores.shape[1], 1))
+    for start in range(0, scores.shape[0], step):
+        mask[start : start + step] = _smallest_in_rows(scores[start : start + step], k)
+    return mask
+
+
+def _smallest_in_rows(scores: Tensor, k: int) -> Tensor:
     threshold = scores.kthvalue(k, dim=1, keepdim=True).values  # (rows, 1)
     below = scores < threshold
     tied = scores == threshold
     need = k - below.sum(dim=1, keepdim=True)  # how many tied entries each row still takes
-    return below | (tied & (tied.cumsum(dim=1) <= need))
+    over = (tied.sum(dim=1, keepdim=True) > need).squeeze(1).nonzero().squeeze(1)  # rows with ties left out
+    if len(over):  # the lowest indices among their ties
+        kept = tied[over]
+        tied[over] = kept & (kept.cumsum(dim=1) <= need[over])
+    return below | tied
 
 
 def per_row_mask(scores: Tensor, fraction: float) -> Tensor:

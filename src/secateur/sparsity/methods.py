@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
@@ -98,6 +99,8 @@ def select_mask(scores: Tensor, target: Target, scope: str, frozen: Tensor | Non
     `frozen` (True = already zero, e.g. pruned by an earlier stage) entries rank below every score and
     stay pruned even where they exceed the target (a group of M with more zeros than M - N keeps them).
     """
+    if frozen is not None and not bool(frozen.any()):
+        frozen = None  # nothing to keep pruned: no copy of the scores (large layers)
     if frozen is not None:
         scores = scores.masked_fill(frozen, float("-inf"))
     if isinstance(target, NM):
@@ -138,8 +141,9 @@ def gblm_scores(weight: Tensor, input_norm: Tensor, gradient_norm: Tensor, alpha
     return w * (alpha * gradient_norm.to(WORK_DTYPE) + input_norm[None, :])
 
 
-def _select(job: GroupJob, scores: list[Tensor], scope: str) -> Pruned:
-    """Each layer's mask from its scores; zeros the weights already have stay pruned."""
+def _select(job: GroupJob, scores: Iterable[Tensor], scope: str) -> Pruned:
+    """Each layer's mask from its scores; zeros the weights already have stay pruned. `scores` may be
+    a generator: one layer's scores at a time (a large layer's are as large as its weight)."""
     pruned = []
     for weight, score, target in zip(job.weights, scores, job.targets):
         mask = select_mask(score, target, scope, frozen=weight == 0)
@@ -148,22 +152,22 @@ def _select(job: GroupJob, scores: list[Tensor], scope: str) -> Pruned:
 
 
 def magnitude_group(config: MagnitudeConfig, job: GroupJob) -> Pruned:
-    return _select(job, [magnitude_scores(w) for w in job.weights], config.scope)
+    return _select(job, (magnitude_scores(w) for w in job.weights), config.scope)
 
 
 def wanda_group(config: WandaConfig, job: GroupJob) -> Pruned:
     norm = job.input_norm()
-    return _select(job, [wanda_scores(w, norm) for w in job.weights], config.scope)
+    return _select(job, (wanda_scores(w, norm) for w in job.weights), config.scope)
 
 
 def ria_group(config: RIAConfig, job: GroupJob) -> Pruned:
     norm = job.input_norm()
-    return _select(job, [ria_scores(w, norm, config.alpha) for w in job.weights], config.scope)
+    return _select(job, (ria_scores(w, norm, config.alpha) for w in job.weights), config.scope)
 
 
 def gblm_group(config: GBLMConfig, job: GroupJob) -> Pruned:
     norm = job.input_norm()
-    return _select(job, [gblm_scores(w, norm, job.aux[n], config.alpha) for n, w in zip(job.names, job.weights)],
+    return _select(job, (gblm_scores(w, norm, job.aux[n], config.alpha) for n, w in zip(job.names, job.weights)),
                    config.scope)
 
 
