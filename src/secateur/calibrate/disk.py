@@ -185,6 +185,7 @@ class DiskBlocks:
         from secateur.io import _skeleton
 
         path = Path(path)
+        release_free_memory()  # what came before (the calibration text's tokens) leaves no high-water mark
         model = _skeleton(path, (), dtype)
         adapter = adapter_for(model)
         files = weight_map(path)
