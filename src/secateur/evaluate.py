@@ -66,8 +66,8 @@ def _nll(outputs: Tensor, targets: Tensor, head: Any, chunk: int) -> float:
     (n, hidden) through `head`, `chunk` positions at a time."""
     if head is None:
         return float(F.cross_entropy(outputs.float(), targets, reduction="sum"))
-    return sum(float(F.cross_entropy(head(outputs[a : a + chunk]).float(), targets[a : a + chunk], reduction="sum"))
-               for a in range(0, len(outputs), chunk))  # fmt: skip
+    return sum(float(F.cross_entropy(logits.float(), targets[a : a + len(logits)], reduction="sum"))
+               for a, logits in head.chunks(outputs, chunk))  # fmt: skip
 
 
 def evaluate_model(model: nn.Module, tokenizer: Any, source: str, seq_len: int, windows: int, *,

@@ -332,8 +332,9 @@ def check_finite(model: nn.Module, what: str, allow: bool = False,
 BLOCK_KEY = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
-def safetensors_shapes(file: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors file's header, after checking the file holds all their bytes."""
+def safetensors_header(file: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(where the data starts, {name: {"dtype", "shape", "data_offsets"}}) from a safetensors file's
+    header, after checking the file holds all the bytes it promises."""
     try:
         with open(file, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -348,13 +349,20 @@ def safetensors_shapes(file: Path) -> dict[str, list[int]]:
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     try:
         end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
-        shapes = {k: list(v["shape"]) for k, v in tensors.items()}
+        malformed = any(not isinstance(v["shape"], list) or not isinstance(v["dtype"], str) for v in tensors.values())
     except (KeyError, TypeError, IndexError):
-        raise ModelPathError(f"{file} is not a safetensors file (malformed header); restore it") from None
+        malformed = True
+    if malformed:
+        raise ModelPathError(f"{file} is not a safetensors file (malformed header); restore it")
     if 8 + length + end > size:
         raise ModelPathError(f"{file} is truncated: {size:,} bytes where its header needs {8 + length + end:,}; "
                              "restore it (an interrupted copy or download?)")
-    return shapes
+    return 8 + length, tensors
+
+
+def safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors file's header, after checking the file holds all their bytes."""
+    return {name: list(entry["shape"]) for name, entry in safetensors_header(file)[1].items()}
 
 
 def _skeleton(path: Path, recorded: Recorded, dtype: torch.dtype | None = None) -> nn.Module:

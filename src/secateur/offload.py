@@ -9,13 +9,13 @@ or --check-windows is refused; the default check is skipped, and the manifest sa
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from secateur.data.calibration import calibration_data
 from secateur.errors import ConfigError
@@ -42,15 +42,13 @@ def available_memory() -> int:
 
 def weight_bytes(model_path: str | Path, dtype: str) -> int | None:
     """The weights' size once loaded at `dtype`, from the safetensors headers (None: not safetensors)."""
-    from secateur.calibrate.disk import DiskError, weight_map
-    from secateur.io import safetensors_shapes
+    from secateur.calibrate.disk import DiskError, stored_shapes
 
     try:
-        files = set(weight_map(Path(model_path)).values())
+        shapes = stored_shapes(Path(model_path))
     except (DiskError, NotADirectoryError, FileNotFoundError):
         return None
-    count = sum(int(torch.Size(shape).numel()) for f in files for shape in safetensors_shapes(f).values())
-    return count * resolve_dtype(dtype).itemsize
+    return sum(math.prod(shape) for shape in shapes.values()) * resolve_dtype(dtype).itemsize
 
 
 def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOptions) -> str | None:
@@ -105,34 +103,27 @@ def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Outp
                 earlier: dict[str, Any], notes: list[str], work: Path) -> dict[str, Any]:  # fmt: skip
     """The run streamed from disk into the claimed `output`, finished blocks and the state to resume
     from kept in `work` until the end; returns the manifest it wrote."""
-    import json
-
-    from secateur.calibrate.disk import weight_map
+    from secateur.calibrate.disk import stored_bytes
     from secateur.io import MANIFEST
     from secateur.manifest import header, history_of, recipe_document
-    from secateur.recipe import stage_settings
-    from secateur.sparsity.disk import stream_sparsity
+    from secateur.sparsity.disk import stream_sparsity, structure_of
 
     stage = stages[0]
     clock = time.perf_counter()
-    skeleton_config = load_config(model_path)
     windows = None
     if stage.calib is not None:  # whether windows start with BOS: the config says, no weight is needed
-        windows = calibration_data(skeleton_config, load_tokenizer(model_path), stage.calib)
+        windows = calibration_data(load_config(model_path), load_tokenizer(model_path), stage.calib)
     cutting = time.perf_counter() - clock
-    size = sum(f.stat().st_size for f in set(weight_map(Path(model_path)).values()))
     compute = resolve_device(options.device)
-    with output.write(size=size) as staging:
+    with output.write(size=stored_bytes(Path(model_path))) as staging:
         start = time.perf_counter()
-        report, structure, writing = stream_sparsity(Path(model_path), staging, stage.config, windows, options.dtype, compute,
-                                            stage.calib.batch_size if stage.calib else 4, work)  # fmt: skip
+        report, record = stream_sparsity(Path(model_path), staging, stage.config, windows, options.dtype, compute,
+                                         stage.calib.batch_size if stage.calib else 4, work)  # fmt: skip
         seconds = time.perf_counter() - start
-        record = {"kind": "sparsity", "settings": stage_settings(stage.config), "result": report.to_dict(),
-                  "seconds": report.seconds, "write_seconds": writing, "offload": "disk",
-                  "calibration": {**flatten(stage.calib), "tokens": windows.numel()} if windows is not None else None,
-                  "input": {"path": str(Path(model_path).resolve())}}  # fmt: skip
+        record.update(calibration={**flatten(stage.calib), "tokens": windows.numel()} if windows is not None else None,
+                      input={"path": str(Path(model_path).resolve())})  # fmt: skip
         manifest = {**header(model_path, options.dtype, compute, earlier), "recipe": recipe_document(stages, options),
-                    "history": [*history_of(earlier), record], "structure": structure,
+                    "history": [*history_of(earlier), record], "structure": structure_of(Path(model_path), report),
                     "timings": {"calibration_data": cutting, "prune": seconds}, "offload": "disk",
                     "check": "skipped: the whole model is never in memory when streaming"}  # fmt: skip
         if notes:

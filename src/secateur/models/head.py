@@ -42,6 +42,11 @@ class Head:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return self.fold(logits) if self.fold is not None else logits
 
+    def chunks(self, hidden: Tensor, positions: int) -> Iterator[tuple[int, Tensor]]:
+        """(start, logits) of `positions` rows of `hidden` (n, hidden) at a time."""
+        for start in range(0, len(hidden), positions):
+            yield start, self(hidden[start : start + positions])
+
 
 CHUNK_LOGITS = 2**24  # logits computed at once by default: 64 MiB in float32 (341 positions of SmolLM2's 49,152)
 

@@ -13,6 +13,7 @@ a hidden sibling, renamed into place at the end, removed on an error or a signal
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secateur.calibrate.disk import DiskBlocks, weight_map
+from secateur.calibrate.disk import DiskBlocks, stored_bytes, stored_shapes
 from secateur.config import NM, PruneConfig
 from secateur.errors import ConfigError
 from secateur.io import MANIFEST, load_config, resolve_device, resolve_dtype
@@ -47,12 +48,14 @@ def streamable(config: PruneConfig) -> str | None:
 
 def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration: Tensor | None, dtype: str,
                     device: str | torch.device, batch_size: int,
-                    work: Path | None = None) -> tuple[PruneReport, dict[str, Any], float]:  # fmt: skip
+                    work: Path | None = None) -> tuple[PruneReport, dict[str, Any]]:  # fmt: skip
     """Prune the model at `path` block by block into the directory `staging` (weights, index, config,
-    tokenizer and generation files); returns the report (its seconds: the pass), the structure section
-    of the manifest and the seconds spent writing what lies outside the blocks.
-    With `work`, finished blocks and the state to resume from are kept there until the end (a run
-    interrupted earlier goes on from what it holds)."""
+    tokenizer and generation files); returns the report and the stage's history record (its seconds:
+    the pass; its write_seconds: copying what lies outside the blocks). With `work`, finished blocks
+    and the state to resume from are kept there until the end (a run interrupted earlier goes on from
+    what it holds)."""
+    from secateur.recipe import stage_settings
+
     why = streamable(config)
     if why is not None:
         raise ConfigError(f"{why}: it cannot be streamed from disk; use a uniform allocation or load it in memory")
@@ -65,7 +68,9 @@ def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration:
     finally:
         store.close()
     _side_files(path, staging, dtype)
-    return report, _structure(path, report), time.perf_counter() - clock  # writing the rest: not the pass
+    record = {"kind": "sparsity", "settings": stage_settings(config), "result": report.to_dict(),
+              "seconds": report.seconds, "write_seconds": time.perf_counter() - clock, "offload": "disk"}  # fmt: skip
+    return report, record
 
 
 def sparsify_on_disk(path: str | Path, out: str | Path, config: PruneConfig, calibration: Tensor | None, *,
@@ -73,31 +78,26 @@ def sparsify_on_disk(path: str | Path, out: str | Path, config: PruneConfig, cal
                      overwrite: bool = False) -> PruneReport:  # fmt: skip
     """Prune the model at `path` (a HF directory of safetensors) block by block into `out`; see the
     module docstring. `calibration`: (samples, seq_len) token ids, tokenized by the input's tokenizer.
-    Tunes the process's allocator as the command line does (`runtime.tune_allocator`: freed buffers
-    stay in the heap for the next block; without it, glibc's moving mmap threshold lets resident
-    memory creep up by a few MB per block on small blocks)."""
+    Tunes the process's allocator
+    as the command line does (`runtime.tune_allocator`: freed buffers stay in the heap for the next
+    block; without it, glibc's moving mmap threshold lets resident memory creep up by a few MB per
+    block on small blocks)."""
     import json
 
+    from secateur.manifest import header
     from secateur.runtime import tune_allocator
 
     tune_allocator()
-
-    from secateur.manifest import header
-    from secateur.sparsity.stage import _settings
-
     path, start = Path(path), time.perf_counter()
     load_config(path)  # a directory with a readable config, before anything is claimed
-    files = weight_map(path)
+    size = stored_bytes(path)
     with claim(out, inputs=[path], overwrite=overwrite, marker=MANIFEST) as output:
-        with output.write(size=sum(f.stat().st_size for f in set(files.values()))) as staging:
-            report, structure, writing = stream_sparsity(path, staging, config, calibration, dtype,
-                                                         resolve_device(device), batch_size)  # fmt: skip
-            seconds = time.perf_counter() - start
-            manifest = {**header(path, dtype, device, {}), "recipe": {"dtype": dtype, "stage": [_settings(config)]},
-                        "history": [{"kind": "sparsity", "settings": _settings(config), "result": report.to_dict(),
-                                     "seconds": report.seconds, "write_seconds": writing,
-                                     "offload": "disk"}],
-                        "structure": structure, "timings": {"sparsity": seconds}}  # fmt: skip
+        with output.write(size=size) as staging:
+            report, record = stream_sparsity(path, staging, config, calibration, dtype, resolve_device(device),
+                                             batch_size)  # fmt: skip
+            manifest = {**header(path, dtype, device, {}), "recipe": {"dtype": dtype, "stage": [record["settings"]]},
+                        "history": [record], "structure": structure_of(path, report),
+                        "timings": {"sparsity": time.perf_counter() - start}}  # fmt: skip
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         return report
 
@@ -112,24 +112,11 @@ def _side_files(path: Path, staging: Path, dtype: str) -> None:
             shutil.copyfile(path / name, staging / name)
 
 
-def _structure(path: Path, report: PruneReport) -> dict[str, Any]:
+def structure_of(path: Path, report: PruneReport) -> dict[str, Any]:
     """The manifest's structure section, from the layer reports and the stored shapes (the model itself
     was never whole in memory)."""
     layers, config = report.layers, load_config(path)
     target = sum(r.shape[0] * r.shape[1] for r in layers)
     return {"blocks": config.num_hidden_layers, "hidden_size": config.hidden_size,
-            "parameters": sum(_numel(t) for t in _shapes(path).values()), "target_parameters": target,
+            "parameters": sum(math.prod(shape) for shape in stored_shapes(path).values()), "target_parameters": target,
             "target_sparsity": sum(r.shape[0] * r.shape[1] * r.sparsity for r in layers) / max(target, 1)}  # fmt: skip
-
-
-def _shapes(path: Path) -> dict[str, list[int]]:
-    from secateur.io import safetensors_shapes
-
-    shapes: dict[str, list[int]] = {}
-    for file in sorted(set(weight_map(path).values())):
-        shapes.update(safetensors_shapes(file))
-    return shapes
-
-
-def _numel(shape: list[int]) -> int:
-    return int(torch.Size(shape).numel())

@@ -202,5 +202,5 @@ def _prune_sequential(
         reports += block_reports
         errors.append(error)
         if store is not None:
-            store.reached(index + 1, inputs.hidden, [asdict(r) for r in reports], errors)
+            store.reached(index + 1, inputs.hidden, reports, errors)
     return reports, errors

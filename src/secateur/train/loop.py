@@ -148,7 +148,8 @@ def _setup(model: nn.Module, config: TrainConfig, windows: Tensor, validation: T
     run = Run(config, acc, model, acc.unwrap_model(model), optimizer, params, holder, adapter, windows, validation,
               steps, int(config.warmup * steps), every, config.checkpoint_every or every, counts, masks, precision,
               home, pruner=pruner, widener=widener, workdir=workdir,
-              aux_weight=router_weight(acc.unwrap_model(model), adapter), chunk=_loss_chunk(config, acc, model, teacher if config.needs_teacher else None),
+              aux_weight=router_weight(acc.unwrap_model(model), adapter),
+              chunk=_loss_chunk(config, acc, model, teacher if config.needs_teacher else None),
               metrics=workdir / METRICS if workdir is not None and acc.is_main_process else None)  # fmt: skip
     for stateful in (run.state, pruner, widener):
         if stateful is not None:
@@ -164,10 +165,12 @@ def _loss_chunk(config: TrainConfig, acc: Any, model: nn.Module, teacher: nn.Mod
     from accelerate.utils import DistributedType
 
     raw = acc.unwrap_model(model)
-    why = ("FSDP shards the output head, which the chunks read outside the model's forward"
-           if acc.distributed_type == DistributedType.FSDP else
-           next((f"the {who}'s output head is not a linear layer with its own weights"
-                 for who, m in (("student", raw), ("teacher", teacher)) if m is not None and not splittable(m)), None))  # fmt: skip
+    why = None
+    if acc.distributed_type == DistributedType.FSDP:
+        why = "FSDP shards the output head, which the chunks read outside the model's forward"
+    elif not splittable(raw) or (teacher is not None and not splittable(teacher)):
+        who = "student" if not splittable(raw) else "teacher"
+        why = f"the {who}'s output head is not a linear layer with its own weights"
     if why is not None:
         if config.loss_chunk:
             raise TrainError(f"--loss-chunk: {why}; give --loss-chunk 0")

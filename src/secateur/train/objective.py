@@ -87,7 +87,7 @@ def teacher_cache(teacher: nn.Module, windows: Tensor, config: TrainConfig, acc:
                 v, i = top_k(out, config.top_k)
             else:
                 flat = out.flatten(0, 1)
-                parts = [top_k(head(flat[a : a + chunk]), config.top_k) for a in range(0, len(flat), chunk)]
+                parts = [top_k(logits, config.top_k) for _, logits in head.chunks(flat, chunk)]
                 v, i = (torch.cat(p).unflatten(0, out.shape[:2]) for p in zip(*parts))
         values.append(v.cpu())
         indices.append(i.cpu())
