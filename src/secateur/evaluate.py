@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +75,32 @@ def evaluate_model(model: nn.Module, tokenizer: Any, source: str, seq_len: int, 
                    field: str = "text", batch_size: int = 4, device: torch.device | str = "cpu") -> dict[str, Any]:
     data = evaluation_data(model, tokenizer, source, seq_len, windows, field)
     return evaluation_record(model, tokenizer, source, data, batch_size, device)
+
+
+def split_sources(data: str) -> list[str]:
+    """The text sources of an evaluation: one path, or names and paths separated by commas, every
+    mixture replaced by its corpora."""
+    from secateur.data.mixture import expand
+
+    return expand([data] if Path(data).exists() else [part.strip() for part in data.split(",") if part.strip()])
+
+
+def evaluate_sources(model: nn.Module, tokenizer: Any, sources: list[str], seq_len: int, windows: int, *,
+                     field: str = "text", batch_size: int = 4, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Perplexity on each source (`evaluate_model`); with several, each under `domains` and their mean
+    at the top: mean_nll the mean of the domains' (each domain weighs the same), perplexity its
+    exponential (the geometric mean of the domains' perplexities), bits per byte the mean of theirs."""
+    results = {source: evaluate_model(model, tokenizer, source, seq_len, windows, field=field, batch_size=batch_size,
+                                      device=device) for source in sources}  # fmt: skip
+    if len(results) == 1:
+        return next(iter(results.values()))
+    nll = sum(r["mean_nll"] for r in results.values()) / len(results)
+    per_byte = ({"bits_per_byte": sum(r["bits_per_byte"] for r in results.values()) / len(results)}
+                if all("bits_per_byte" in r for r in results.values()) else {})  # fmt: skip
+    return {"sources": list(results), "perplexity": math.exp(nll), "mean_nll": nll, **per_byte,
+            "mean": "each domain weighs the same: exp(mean over domains of their mean NLL)",
+            "windows": windows, "seq_len": seq_len, "seconds": sum(r["seconds"] for r in results.values()),
+            "domains": results, "protocol": PROTOCOL}  # fmt: skip
 
 
 def evaluation_record(model: nn.Module, tokenizer: Any, source: str, data: Tensor, batch_size: int,

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from secateur.config import CalibConfig
 from secateur.data import load_text
 from secateur.data.calibration import calibration_data, evaluation_data
+from secateur.data.mixture import MIXTURES, labels
 from secateur.errors import ConfigError
 from secateur.evaluate import changed_tokens, evaluation_record
 from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load, load_config, load_tokenizer,
@@ -191,9 +192,11 @@ def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], d
         data.append(windows.get(key))
     check = _check_windows(model, tokenizer, stages, options)
     cutting = time.perf_counter() - clock
+    domains = [labels(s.calib.source, s.calib.samples) if s.calib and s.calib.source in MIXTURES else None
+               for s in stages]  # fmt: skip
     report = prune(model, [s.config for s in stages], data, device=device, history=applied(history), teacher=teacher,
                    workdir=workdir, resume=resume, batch_size=[s.calib.batch_size if s.calib else 4 for s in stages],
-                   check=check, check_ratio=options.check_ratio, tokenizer=tokenizer)  # fmt: skip
+                   check=check, check_ratio=options.check_ratio, tokenizer=tokenizer, domains=domains)  # fmt: skip
     for stage, windows_of_stage, record in zip(stages, data, report.stages):
         record["calibration"] = {**flatten(stage.calib), "tokens": windows_of_stage.numel()} if stage.calib else None
         record["input"] = {"path": str(Path(source).resolve())} if source is not None else None
@@ -202,9 +205,11 @@ def apply_stages(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], d
 
 def _check_windows(model: nn.Module, tokenizer: Any, stages: list[PlannedStage], options: RunOptions) -> Tensor | None:
     """The loud check's windows: the first `check_windows` windows of the first calibration text (or the
-    evaluation text), inside the hold-out that no stage calibrates or trains on; None when off."""
+    evaluation text; a mixture's first corpus), inside the hold-out that no stage calibrates or trains on;
+    None when off."""
     calibrated = [s.calib for s in stages if s.calib is not None]
     source, field = ((calibrated[0].source, calibrated[0].text_field) if calibrated else (options.eval_source, "text"))
+    source = MIXTURES[source].sources[0] if source in MIXTURES else source
     if not options.check_windows or source is None:
         return None
     windows = min(options.check_windows, options.eval_windows)  # inside the hold-out of eval_windows windows

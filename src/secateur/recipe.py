@@ -44,6 +44,7 @@ class StageContext:
     resume: bool = False  # recovery: go on from the checkpoint in `workdir`
     progress: bool = True
     tokenizer: Any = None  # the model's tokenizer; a stage that changes the vocabulary replaces it here
+    domains: list[str] | None = None  # the corpus of each calibration window, when they come from a mixture
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
           device: str | torch.device | None = None, batch_size: int | Sequence[int] = 4,
           history: Sequence[tuple[str, Settings]] = (), teacher: nn.Module | None = None,
           workdir: str | Path | None = None, resume: bool = False, progress: bool = True,
-          check: Tensor | None = None, check_ratio: float = 3.0, tokenizer: Any = None) -> RecipeReport:  # fmt: skip
+          check: Tensor | None = None, check_ratio: float = 3.0, tokenizer: Any = None,
+          domains: Sequence[list[str] | None] | None = None) -> RecipeReport:  # fmt: skip
     """Run the stages of `recipe` (one stage config or a sequence) on `model` in place, in order.
 
     `calibration` is one (samples, seq_len) tensor of token ids for every stage, or one per stage
@@ -263,7 +265,8 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     reads), every stage's record gets the perplexity there against the input's, and a stage that
     leaves it above `check_ratio` times the input's is warned about (`Check`). `tokenizer` is the
     model's: a vocabulary stage needs it and leaves its rewrite in the report's `tokenizer`; the
-    windows of the stages after it (and the check's) are the same texts tokenized anew.
+    windows of the stages after it (and the check's) are the same texts tokenized anew. `domains`
+    names, per stage, the corpus of each of its windows (a mixture; recovery validates per corpus).
     """
     stages = as_stages(recipe)
     for stage in stages:
@@ -271,6 +274,7 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     check_order([*history, *((kind_of(s).name, stage_settings(s)) for s in stages)])
     per_stage = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * len(stages)
     batches = list(batch_size) if isinstance(batch_size, (list, tuple)) else [batch_size] * len(stages)
+    per_domains = list(domains) if domains is not None else [None] * len(stages)
     if len(per_stage) != len(stages) or len(batches) != len(stages):
         raise ConfigError(f"{len(per_stage)} calibration tensors and {len(batches)} batch sizes for {len(stages)} "
                           "stages")
@@ -289,11 +293,12 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
         stage_dir = Path(workdir) / f"stage-{len(earlier) + 1}" if workdir else None  # numbered in the whole history
         ctx = StageContext(device, batch, teacher, stage_dir,
                            resume and stage_dir is not None and (stage_dir / "checkpoint").is_dir(), progress,
-                           tokenizer)  # fmt: skip
+                           tokenizer, per_domains[number])  # fmt: skip
         result = kind.run(model, config, data if kind.needs_calibration(config) else None, ctx)
         if ctx.tokenizer is not tokenizer:  # the vocabulary changed: later windows are the same texts, new ids
             per_stage[number + 1:] = [retokenize(w, tokenizer, ctx.tokenizer, model) if w is not None else None
                                       for w in per_stage[number + 1:]]  # fmt: skip
+            per_domains[number + 1:] = [None] * (len(stages) - number - 1)  # windows rejoined: corpora mixed
             if checker is not None:
                 checker.retokenize(tokenizer, ctx.tokenizer, model)
             if teacher is not None:  # recovery later reads the teacher in the new ids

@@ -52,7 +52,8 @@ def _original_tokenizer(model: str, tokenizer: Any) -> Any:
 def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
     import dataclasses
 
-    from secateur.evaluate import changed_tokens, evaluate_model
+    from secateur.data import load_text
+    from secateur.evaluate import changed_tokens, evaluate_sources, split_sources
     from secateur.io import load_config, model_positions
 
     positions = model_positions(load_config(args.model))
@@ -62,25 +63,35 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
         print(f"note: --seq-len {positions} (the default {config.seq_len} is longer than the model's {positions} "
               "positions)", file=sys.stderr)
         config = dataclasses.replace(config, seq_len=positions)
+    sources = split_sources(config.data)
+    for source in sources:
+        load_text(source, "evaluation", config.text_field)  # a missing or unreadable source fails before loading
     device = resolve_device(config.device)
     model, tokenizer = load(args.model, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
-    result = evaluate_model(model, tokenizer, config.data, config.seq_len, config.windows, field=config.text_field,
-                            batch_size=config.batch_size, device=device)  # fmt: skip
+    result = evaluate_sources(model, tokenizer, sources, config.seq_len, config.windows, field=config.text_field,
+                              batch_size=config.batch_size, device=device)  # fmt: skip
     result["model"] = args.model
     original = _original_tokenizer(args.model, tokenizer)
-    if original is not None:
-        result["changed_tokens"] = changed_tokens(original, tokenizer, config.data, config.seq_len, config.windows,
-                                                  config.text_field)  # fmt: skip
+    domains = result.get("domains", {sources[0]: result})
+    for source, one in domains.items():
+        if original is not None:
+            one["changed_tokens"] = changed_tokens(original, tokenizer, source, config.seq_len, config.windows,
+                                                   config.text_field)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        per_byte = f", {result['bits_per_byte']:.4f} bits per byte" if "bits_per_byte" in result else ""
-        print(f"{args.model}: perplexity {result['perplexity']:.3f}{per_byte} on {config.data} "
-              f"({result['windows']} windows x {result['seq_len']} tokens, {result['seconds']:.1f} s)")
+        for source, one in domains.items():
+            per_byte = f", {one['bits_per_byte']:.4f} bits per byte" if "bits_per_byte" in one else ""
+            print(f"{args.model}: perplexity {one['perplexity']:.3f}{per_byte} on {source} "
+                  f"({one['windows']} windows x {one['seq_len']} tokens, {one['seconds']:.1f} s)")
+        if "domains" in result:
+            per_byte = f", {result['bits_per_byte']:.4f} bits per byte" if "bits_per_byte" in result else ""
+            print(f"mean over {len(sources)} domains: perplexity {result['perplexity']:.3f}{per_byte} "
+                  f"({result['mean']})")
         if original is not None:
-            print(f"pruned vocabulary: {result['changed_tokens']:.2%} of the original tokenizer's tokens of this text "
-                  "are gone (their text is split into kept tokens); perplexity per token does not compare with the "
-                  "original's, bits per byte does")
+            gone = ", ".join(f"{one['changed_tokens']:.2%}" for one in domains.values())
+            print(f"pruned vocabulary: {gone} of the original tokenizer's tokens of this text are gone (their text is split into kept tokens); "
+                  "perplexity per token does not compare with the original's, bits per byte does")
         print(f"protocol: {result['protocol']}")
     return 0
 

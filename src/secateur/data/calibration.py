@@ -3,12 +3,14 @@ token its family puts first)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from secateur.config import CalibConfig
+from secateur.data.mixture import MIXTURES, interleave, shares
 from secateur.data.sources import DataError, load_text, needs_holdout
 from secateur.data.windows import with_bos, calibration_windows, evaluation_windows, tokenize, uses_bos
 from secateur.models import adapter_for
@@ -19,17 +21,38 @@ def bos_token(model: nn.Module, tokenizer: Any) -> int | None:
 
 
 def calibration_data(model: nn.Module, tokenizer: Any, calib: CalibConfig) -> Tensor:
-    """Seeded calibration windows; when the text is the evaluation text, its eval region is skipped."""
+    """Seeded calibration windows; when the text is the evaluation text, its eval region is skipped. A
+    mixture draws each corpus's share (its part of the windows, seed + its index) the same way and
+    interleaves them (`mixture.labels` names the corpus of each window)."""
+    if calib.source in MIXTURES:
+        mixture = MIXTURES[calib.source]
+        counts = shares(calib.samples, tuple(weight for _, weight in mixture.parts))
+        drawn = [_windows(model, tokenizer, replace(calib, source=name, samples=count, seed=calib.seed + i))
+                 if count else None for i, (name, count) in enumerate(zip(mixture.sources, counts))]  # fmt: skip
+        taken, rows = [0] * len(counts), []
+        for part in interleave(counts):
+            rows.append(drawn[part][taken[part]])
+            taken[part] += 1
+        return torch.stack(rows)
+    return _windows(model, tokenizer, calib)
+
+
+def _windows(model: nn.Module, tokenizer: Any, calib: CalibConfig) -> Tensor:
     text = load_text(calib.source, "calibration", calib.text_field)
     tokens = tokenize(tokenizer, text)
     bos = bos_token(model, tokenizer)
     skip = 0
     if needs_holdout(calib.source):
         skip = calib.holdout_windows * (calib.holdout_seq_len - (bos is not None))
-    return calibration_windows(tokens, calib.seq_len, calib.samples, calib.seed, skip=skip, bos=bos)
+    try:
+        return calibration_windows(tokens, calib.seq_len, calib.samples, calib.seed, skip=skip, bos=bos)
+    except DataError as exc:
+        raise DataError(f"{calib.source}: {exc}") from None
 
 
 def evaluation_data(model: nn.Module, tokenizer: Any, source: str, seq_len: int, windows: int, field: str = "text") -> Tensor:
+    if source in MIXTURES:
+        raise DataError(f"{source} is a mixture: evaluate on its corpora one by one ({', '.join(MIXTURES[source].sources)})")
     tokens = tokenize(tokenizer, load_text(source, "evaluation", field))
     return evaluation_windows(tokens, seq_len, windows, bos=bos_token(model, tokenizer))
 

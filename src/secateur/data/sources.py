@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from secateur.data.enwiki import load as load_enwiki
+from secateur.data import corpora
 from secateur.errors import SecateurError
 
 Purpose = Literal["calibration", "evaluation"]
@@ -44,9 +44,14 @@ def _hub(name: str, config: str | None, splits: dict[str, str], data_files: dict
     return load
 
 
+def _offline(name: str) -> NamedSource:
+    corpus = corpora.CORPORA[name]
+    return NamedSource(lambda purpose, field: corpora.load(name), False, f"offline {corpus.kind}: {corpus.origin}",
+                       fields=False)
+
+
 NAMED: dict[str, NamedSource] = {
-    "enwiki-sample": NamedSource(lambda purpose, field: load_enwiki(), False, "offline Wikipedia sample (gensim wheel)",
-                                  fields=False),
+    **{name: _offline(name) for name in corpora.CORPORA},
     "wikitext2": NamedSource(
         _hub("wikitext", "wikitext-2-raw-v1", {"calibration": "train", "evaluation": "test"}), True, "WikiText-2 raw"
     ),
@@ -79,9 +84,13 @@ def _from_disk(path: Path, purpose: Purpose, field: str) -> str:
 def has_fields(source: str) -> bool:
     """Whether a source's rows have fields (a .jsonl file, a `datasets` directory, a hub set), so that
     --text-field applies to it."""
+    from secateur.data.mixture import MIXTURES
+
     path = Path(source)
     if source in NAMED:
         return NAMED[source].fields
+    if source in MIXTURES:
+        return False
     return path.is_dir() or path.suffix in JSONL
 
 
@@ -132,8 +141,12 @@ def load_text(source: str, purpose: Purpose = "evaluation", text_field: str = "t
 
 @functools.lru_cache(maxsize=4)  # checked before a run, read again during it
 def _load_text(source: str, purpose: Purpose, text_field: str, stamp: tuple[int, int, bool] | None) -> str:
+    from secateur.data.mixture import MIXTURES
+
     if source in NAMED:
         return NAMED[source].load(purpose, text_field)
+    if source in MIXTURES:  # all its corpora, joined (what counting tokens over it reads)
+        return "\n\n".join(load_text(name, purpose) for name in MIXTURES[source].sources)
     path = Path(source)
     if path.is_dir():
         if not (path / "dataset_dict.json").exists() and not (path / "dataset_info.json").exists():
@@ -143,7 +156,7 @@ def _load_text(source: str, purpose: Purpose, text_field: str, stamp: tuple[int,
         return _from_jsonl(path, text_field) if path.suffix in JSONL else _read_text(path)
     raise DataError(
         f"unknown text source {source!r}: give a text file, a .jsonl file, a `datasets` directory, "
-        f"or one of {', '.join(NAMED)}"
+        f"or one of {', '.join([*NAMED, *MIXTURES])}"
     )
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +53,17 @@ log = logging.getLogger(__name__)
 
 def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Tensor, *,
           teacher: nn.Module | None = None, device: str | torch.device | None = None,
-          workdir: str | Path | None = None, resume: bool = False, progress: bool = True) -> TrainResult:  # fmt: skip
+          workdir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          validation_domains: list[str] | None = None) -> TrainResult:  # fmt: skip
     """Train `model` in place on `windows` (n, seq_len) token ids, validating on `validation`, and
     leave it with the best validated weights (LoRA merged). `teacher` gives the distillation targets
     (needed when config.kd_weight > 0). `workdir` holds checkpoints and metrics; with `resume`, the
-    run goes on from its latest checkpoint."""
+    run goes on from its latest checkpoint. `validation_domains` names the corpus of each validation
+    window (a mixture): every validation then records each corpus's perplexity too."""
+    if validation_domains is not None and len(validation_domains) != len(validation):
+        raise TrainError(f"{len(validation_domains)} domain names for {len(validation)} validation windows")
     run = _setup(model, config, windows, validation, teacher, device, workdir, resume)
+    run.validation_domains = list(validation_domains) if validation_domains is not None else None
     state = run.state
     bar = tqdm(total=run.steps, initial=state.step, desc="recovery", unit="step",
                disable=not (progress and run.acc.is_main_process))  # fmt: skip
@@ -288,11 +295,12 @@ def _validate(run: Run, record: dict[str, Any], best: dict[str, Tensor] | None) 
     """Validation perplexity into `record` and the history; a new best (once pruning is over) is kept
     in memory and in the work directory. Returns the best trainable weights so far."""
     state = run.state
-    ppl = perplexity(run.raw.eval(), run.validation, batch_size=run.config.micro_batch,
-                     device=run.acc.device)["perplexity"]  # fmt: skip
+    ppl, domains = _validation_perplexity(run)
     run.raw.train()
     record["val_perplexity"] = ppl
     state.validations.append({"step": state.step, "tokens": record["tokens"], "perplexity": ppl})
+    if domains:
+        record["val_domains"] = state.validations[-1]["domains"] = domains
     final = all(p is None or state.step >= p.plan.end for p in (run.pruner, run.widener))  # less pruned: no candidate
     if final and ppl < state.best:
         state.best, state.best_step, state.since_best = ppl, state.step, 0
@@ -302,6 +310,20 @@ def _validate(run: Run, record: dict[str, Any], best: dict[str, Tensor] | None) 
     elif final:
         state.since_best += 1
     return best
+
+
+def _validation_perplexity(run: Run) -> tuple[float, dict[str, float]]:
+    """Perplexity over all validation windows and, when they come from several corpora, each corpus's
+    (one pass over the windows either way)."""
+    score = partial(perplexity, run.raw.eval(), batch_size=run.config.micro_batch, device=run.acc.device)
+    if not run.validation_domains:
+        return score(run.validation)["perplexity"], {}
+    names = list(dict.fromkeys(run.validation_domains))
+    parts = {name: score(run.validation[[i for i, d in enumerate(run.validation_domains) if d == name]])
+             for name in names}  # fmt: skip
+    tokens = sum(p["predicted_tokens"] for p in parts.values())
+    overall = math.exp(sum(p["mean_nll"] * p["predicted_tokens"] for p in parts.values()) / tokens)
+    return overall, {name: p["perplexity"] for name, p in parts.items()}
 
 
 def _finish(run: Run, best: dict[str, Tensor] | None) -> None:

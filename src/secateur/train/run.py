@@ -74,6 +74,7 @@ class Run:
     widener: IncrementalWidth | None = None
     workdir: Path | None = None
     metrics: Path | None = None  # the main process's metrics file
+    validation_domains: list[str] | None = None  # the corpus of each validation window (a mixture)
     lora_merged: bool = False
 
     @property

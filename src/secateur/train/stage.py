@@ -28,7 +28,8 @@ def _run(model: nn.Module, config: TrainConfig, data: Tensor | None, ctx: StageC
         raise ConfigError(f"recovery needs {need} windows of {config.train_seq_len} tokens (training and validation)")
     parameters = sum(p.numel() for p in model.parameters())
     result = train(model, config, data[: config.windows], data[config.windows : need], teacher=ctx.teacher,
-                   device=ctx.device, workdir=ctx.workdir, resume=ctx.resume, progress=ctx.progress)  # fmt: skip
+                   device=ctx.device, workdir=ctx.workdir, resume=ctx.resume, progress=ctx.progress,
+                   validation_domains=ctx.domains[config.windows : need] if ctx.domains else None)  # fmt: skip
     if config.prune_width is None and sum(p.numel() for p in model.parameters()) != parameters:
         raise RuntimeError("recovery changed the parameter count")  # LoRA must be merged away
     return {**result.record, "metrics": str(result.metrics) if result.metrics else None}
