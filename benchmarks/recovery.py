@@ -18,7 +18,16 @@ parameters (width 50% and 75%) and one-shot SparseGPT 50% and 75% trained the sa
 Resumable: every finished run is a line of benchmarks/results/recovery.jsonl and is skipped next
 time; an interrupted run goes on from its checkpoints (--resume).
 
+Held-out domains (--domains): the default recipe on width 20%, depth 20%, width 50% and 2:4, trained
+on B tokens of the enwiki sample alone or of the offline mixture (`--calib offline-mix`: enwiki,
+newsgroups, code, docs), each model before and after scored on every corpus's evaluation region
+(32 x 512 windows each; news-sample and legal-sample are in no training set) and on the WordNet probe
+(200 items) and the Google analogies (secateur_analogy, 200 items). Rows in
+benchmarks/results/recovery-domains.jsonl, per-model scores cached in
+bench-out/recovery/quality/.
+
     python benchmarks/recovery.py [--tokens 131072] [--only width50:default,24:default] [--table]
+    python benchmarks/recovery.py --domains [--only width20:mix]
 """
 
 from __future__ import annotations
@@ -163,6 +172,69 @@ def run(key: str, tokens: int) -> dict:
     }  # fmt: skip
 
 
+DOMAIN_RESULTS = HERE / "results" / "recovery-domains.jsonl"
+TRAINED_ON = {"enwiki": "enwiki-sample", "mix": "offline-mix"}
+DOMAINS = ["enwiki-sample", "newsgroups-sample", "code-sample", "docs-sample", "news-sample", "legal-sample"]
+NEVER_TRAINED = ["news-sample", "legal-sample"]
+DOMAIN_PLAN = [f"{start}:{source}" for start in ("width20", "depth20", "width50", "24") for source in TRAINED_ON]
+
+
+def scores(model: Path, name: str, probe_items: int = 200) -> dict:
+    """Perplexity on every domain's evaluation windows and the WordNet probe, cached by model name."""
+    cache = WORK / "quality" / f"{name}.json"
+    row = json.loads(cache.read_text()) if cache.exists() else {}
+    if "ppl" not in row:
+        out = subprocess.run([sys.executable, "-m", "secateur.cli", "eval", str(model), "--data", ",".join(DOMAINS),
+                              "--windows", "32", "--json"], check=True, capture_output=True, text=True).stdout
+        row["ppl"] = {source: r["perplexity"] for source, r in json.loads(out)["domains"].items()}
+    for key, task in (("probe", "secateur_wordnet"), ("analogy", "secateur_analogy")):
+        if key not in row:
+            out = subprocess.run([sys.executable, "-m", "secateur.cli", "eval", str(model), "--tasks", task, "--limit",
+                                  str(probe_items), "--json"], check=True, capture_output=True, text=True).stdout
+            row[key] = json.loads(out)["tasks"][task]["metrics"]["acc"]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(row))
+    return row
+
+
+def run_domains(key: str, tokens: int) -> dict:
+    start_name, trained_on = key.split(":")
+    start = start_model(start_name)
+    out = WORK / f"{start_name}-{trained_on}-{tokens}"
+    resume = ["--resume"] if (out.parent / (out.name + ".checkpoints")).exists() else []
+    if not (out / "secateur.json").exists():
+        cli("train", start, "--out", out, "--tokens", tokens, "--calib", TRAINED_ON[trained_on], *resume)
+    record = json.loads((out / "secateur.json").read_text())["history"][-1]["result"]
+    return {"run": run_key(key, tokens), "start": start_name, "trained_on": trained_on, "tokens": tokens,
+            "dense": scores(dense_model(), "dense"), "before": scores(start, f"start-{start_name}"),
+            "after": scores(out, out.name), "train_seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"],
+            "validation": record["validation"]}  # fmt: skip
+
+
+def domain_table(rows: list[dict]) -> str:
+    """Per start and training source: perplexity per domain before -> after, the mean log-perplexity
+    change on the never-trained corpora, and the probe."""
+    import math
+
+    short = {"enwiki-sample": "enwiki", "newsgroups-sample": "newsgr.", "code-sample": "code", "docs-sample": "docs",
+             "news-sample": "news*", "legal-sample": "legal*"}  # fmt: skip
+    lines = ["| start | trained on | " + " | ".join(short[d] for d in DOMAINS) +
+             " | Δ log ppl never trained* | probe | analogies |", "|---|---|" + "---|" * len(DOMAINS) + "---|---|---|"]
+    for row in rows:
+        b, a = row["before"]["ppl"], row["after"]["ppl"]
+        gain = sum(math.log(a[d]) - math.log(b[d]) for d in NEVER_TRAINED) / len(NEVER_TRAINED)
+        cells = " | ".join(f"{b[d]:.1f} → {a[d]:.1f}" for d in DOMAINS)
+        analogies = (f"{row['before']['analogy']:.3f} → {row['after']['analogy']:.3f}"
+                     if "analogy" in row["after"] else "")  # fmt: skip
+        lines.append(f"| {row['start']} | {row['trained_on']} | {cells} | {gain:+.3f} | "
+                     f"{row['before']['probe']:.3f} → {row['after']['probe']:.3f} | {analogies} |")
+    dense = rows[0]["dense"] if rows else None
+    if dense:
+        lines.append("| dense | | " + " | ".join(f"{dense['ppl'][d]:.1f}" for d in DOMAINS) +
+                     f" | | {dense['probe']:.3f} | {dense.get('analogy', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, dict]) -> str:
     lines = ["| start | recipe | tokens | before | after | ratio | steps | tokens/s | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -273,9 +345,35 @@ def main() -> int:
     parser.add_argument("--throughput", type=int, metavar="STEPS",
                         help="time STEPS training steps of each loop (plain PyTorch, secateur CE / KD / cached KD)")
     parser.add_argument("--top-k", type=int, default=64, help="k of the cached-logits row of --throughput")
+    parser.add_argument("--domains", action="store_true", help="enwiki-only against mixture training, scored on "
+                                                               "held-out domains and the probe")
+    parser.add_argument("--rescore", action="store_true", help="--domains: fill scores added since a row was written "
+                                                               "(the cached ones are kept) and rewrite the rows")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if args.domains:
+        finished = ({json.loads(line)["run"] for line in DOMAIN_RESULTS.read_text().splitlines()}
+                    if DOMAIN_RESULTS.exists() else set())  # fmt: skip
+        for key in (args.only.split(",") if args.only else DOMAIN_PLAN):
+            if args.table or run_key(key, args.tokens) in finished:
+                continue
+            row = run_domains(key, args.tokens)
+            with DOMAIN_RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{key}: done in {row['train_seconds']:.0f} s", flush=True)
+        rows = [json.loads(line) for line in DOMAIN_RESULTS.read_text().splitlines()] if DOMAIN_RESULTS.exists() else []
+        if args.rescore:
+            for row in rows:
+                start = start_model(row["start"])
+                row.update(dense=scores(dense_model(), "dense"), before=scores(start, f"start-{row['start']}"),
+                           after=scores(WORK / f"{row['start']}-{row['trained_on']}-{row['tokens']}",
+                                        f"{row['start']}-{row['trained_on']}-{row['tokens']}"))  # fmt: skip
+            partial = DOMAIN_RESULTS.with_suffix(".tmp")
+            partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            partial.replace(DOMAIN_RESULTS)
+        print(domain_table(rows))
+        return 0
     if args.throughput:
         rows = throughput(args.throughput, args.top_k)
         with (HERE / "results" / "recovery-throughput.jsonl").open("a") as f:

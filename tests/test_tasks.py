@@ -190,3 +190,54 @@ def test_prune_records_tasks_in_the_manifest_and_refuses_unknown_ones_first(word
     probe_result = tasks["tasks"]["secateur_wordnet"]
     assert probe_result["samples"] == 6 and 0 <= probe_result["metrics"]["acc"] <= 1 and tasks["lm_eval_version"]
     assert json.loads((out / "secateur.json").read_text())["recipe"]["eval_tasks"] == "secateur_wordnet"
+
+
+# --- the analogy task -----------------------------------------------------------------------------------
+
+ANALOGIES = """: capitals
+Athens Greece Berlin Germany
+Athens Greece Paris France
+Berlin Germany Rome Italy
+: plural
+cat cats dog dogs
+dog dogs bird birds
+bird birds cat cats
+bird birds horse horses
+cow cows horse horses
+horse horses cow cows
+"""
+
+
+def test_analogy_items_come_in_turn_from_the_sections_with_their_own_answers():
+    from secateur.tasks.analogy import build_items, parse_questions
+
+    sections = parse_questions(ANALOGIES.splitlines())
+    assert sections["capitals"][1] == ("Athens", "Greece", "Paris", "France") and len(sections["plural"]) == 6
+    items = build_items(sections, n=10, seed=0)
+    # capitals' answers are {Germany, France, Italy}: without the question's own words two are left,
+    # fewer than three distractors, so it asks nothing; plural's five answers leave three every time
+    assert {item["section"] for item in items} == {"plural"} and len(items) == 6
+    for item in items:
+        a, b, c = item["id"].split(":")[1:]
+        answer = item["choices"][item["answer"]]
+        assert item["question"] == f"{a} is to {b} as {c} is to"
+        assert (a, b, c, answer) in sections["plural"] and len(item["choices"]) == 4
+        assert not {a.lower(), b.lower(), c.lower()} & {w.lower() for w in item["choices"]}
+        assert set(item["choices"]) <= {"cats", "dogs", "birds", "horses", "cows"}
+    assert items == build_items(sections, n=10, seed=0) and items != build_items(sections, n=10, seed=1)
+
+
+def test_analogy_task_runs_through_the_cli(tmp_path, monkeypatch, capsys):
+    """Four answers w0..w3 per section and question words elsewhere: every item offers all four, the
+    model that always prefers w0 scores the share of items whose answer is w0 (2 of 5)."""
+    import secateur.tasks.harness as harness
+    from secateur.tasks import analogy
+
+    text = ": s\n" + "\n".join(f"w{10 + i} w{20 + i} w{30 + i} w{d}" for i, d in enumerate([0, 1, 0, 2, 3])) + "\n"
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(harness.BUILTIN, analogy.TASK, ("test", lambda d: analogy.write_task(d, text=text)))
+    model = tmp_path / "model"
+    save(always_w0(), tiny_tokenizer(), model, {})
+    assert main(["eval", str(model), "--tasks", "secateur_analogy", "--device", "cpu", "--json"]) == 0
+    task = json.loads(capsys.readouterr().out)["tasks"]["secateur_analogy"]
+    assert task["metrics"]["acc"] == pytest.approx(2 / 5) and task["samples"] == 5 and task["chance"] == 0.25

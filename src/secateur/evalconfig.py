@@ -28,8 +28,8 @@ class EvalConfig:
     seq_len: int = option(512, "perplexity: tokens per window (a default longer than the model's positions "
                                "becomes its positions)", requires=PERPLEXITY)
     windows: int = option(64, "perplexity: number of windows from the start", requires=PERPLEXITY)
-    tasks: str | None = option(None, "lm-eval task names, comma-separated (secateur_wordnet: the offline knowledge "
-                                     "probe); replaces perplexity")
+    tasks: str | None = option(None, "lm-eval task names, comma-separated (offline: secateur_wordnet, the "
+                                     "knowledge probe; secateur_analogy, the Google analogies); replaces perplexity")
     limit: int | None = option(None, "tasks: at most N documents per task", requires=TASKS)
     num_fewshot: int | None = option(None, "tasks: examples in the prompt (default: each task's own)", requires=TASKS)
     include_path: tuple[str, ...] = option((), "tasks: a directory of local lm-eval task files (repeatable; works "

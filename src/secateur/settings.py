@@ -28,8 +28,8 @@ class RunOptions:
                                            "manifest", key="eval")
     eval_windows: int = option(64, "evaluation windows; also the calibration hold-out")
     eval_seq_len: int = option(512, "tokens per evaluation window; also the calibration hold-out")
-    eval_tasks: str | None = option(None, "lm-eval tasks to run after pruning, comma-separated (secateur_wordnet: "
-                                          "the offline knowledge probe); results in the manifest's evaluation")
+    eval_tasks: str | None = option(None, "lm-eval tasks to run after pruning, comma-separated (offline: "
+                                          "secateur_wordnet, secateur_analogy); results in the manifest's evaluation")
     teacher: str | None = option(None, "recovery: the model to distil from (default: the model before any secateur "
                                        "run, as the input's manifest names it, or the input itself)")
     check_windows: int = option(4, "after every stage, the perplexity on this many held-out windows (of "

@@ -12,10 +12,13 @@ from typing import Any
 from torch import nn
 
 from secateur.errors import ConfigError, SecateurError
+from secateur.tasks import analogy
 from secateur.tasks.wordnet import TASK as PROBE, write_task
 
 log = logging.getLogger(__name__)
 PROBE_VERSION = "v1"  # bump when the generator changes: the cached items are regenerated
+# the other built-in offline tasks: name -> (generator version, writer into a directory)
+BUILTIN = {analogy.TASK: ("v1", analogy.write_task)}
 
 
 class TaskError(SecateurError):
@@ -29,6 +32,17 @@ def probe_dir() -> Path:
     directory = cache_dir() / "tasks" / f"{PROBE}-{PROBE_VERSION}"
     if not (directory / f"{PROBE}.yaml").is_file():
         write_task(directory)
+    return directory
+
+
+def builtin_dir(name: str) -> Path:
+    """A built-in task's items and task file (not the probe's), generated on first use."""
+    from secateur.data.enwiki import cache_dir
+
+    version, write = BUILTIN[name]
+    directory = cache_dir() / "tasks" / f"{name}-{version}"
+    if not (directory / f"{name}.yaml").is_file():
+        write(directory)
     return directory
 
 
@@ -49,11 +63,12 @@ def _manager(tasks: list[str], include_path: list[Path] = ()):
     if not tasks:
         raise ConfigError("--tasks is empty; give task names separated by commas")
     paths = [str(p) for p in include_path] + ([str(probe_dir())] if PROBE in tasks else [])
+    paths += [str(builtin_dir(name)) for name in BUILTIN if name in tasks]
     manager = TaskManager(include_path=paths or None, verbosity="ERROR")
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         raise TaskError(f"unknown task(s) {', '.join(missing)}; give lm-eval task names (offline: local task files "
-                        f"with --include-path DIR, or the built-in {PROBE})")
+                        f"with --include-path DIR, or the built-in {', '.join([PROBE, *BUILTIN])})")
     return manager
 
 
@@ -82,7 +97,7 @@ def _reachable(tasks: list[str]) -> Iterator[None]:
         raise TaskError(f"the data of {', '.join(tasks)} could not be fetched ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160]}); lm-eval's tasks download their datasets from the Hugging "
                         f"Face hub, which needs the internet: offline, use local task files (--include-path DIR) or "
-                        f"the built-in {PROBE}") from None
+                        f"the built-in {', '.join([PROBE, *BUILTIN])}") from None
 
 
 def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int | None = None,
@@ -106,6 +121,6 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int 
         out[name] = {"metrics": metrics, "version": results.get("versions", {}).get(name),
                      "samples": results.get("n-samples", {}).get(name, {}).get("effective"),
                      "num_fewshot": results.get("n-shot", {}).get(name)}  # fmt: skip
-        if name == PROBE:
+        if name == PROBE or name in BUILTIN:
             out[name]["chance"] = 0.25
     return {"lm_eval_version": lm_eval.__version__, "limit": limit, "tasks": out}

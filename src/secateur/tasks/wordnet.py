@@ -11,7 +11,6 @@ log-likelihood of each choice after the prompt, as lm-eval's multiple-choice tas
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import defaultdict
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secateur.errors import SecateurError
+from secateur.tasks.local import write_multiple_choice
 
 WORDNET = Path("/usr/share/wordnet")  # Debian's wordnet-base
 TASK = "secateur_wordnet"
@@ -113,37 +113,9 @@ def read_wordnet(root: Path = WORDNET) -> tuple[list[Synset], dict[str, tuple[in
         return synsets, parse_counts(f)
 
 
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-  chance: 0.25
-  source: WordNet 3.0 noun glosses (Debian wordnet-base), first senses with at least {min_tags} SemCor tags
-"""
-
-
 def write_task(directory: Path, n: int = 500, min_tags: int = 5, seed: int = 0, root: Path = WORDNET) -> Path:
     """Generate the probe's items and its lm-eval task YAML into `directory` (its --include-path)."""
     synsets, counts = read_wordnet(root)
     items = build_items(synsets, counts, n, min_tags, seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    data = directory / f"{TASK}.jsonl"
-    data.write_text("".join(json.dumps(item) + "\n" for item in items))
-    (directory / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data, min_tags=min_tags))
-    return directory
+    source = f"WordNet 3.0 noun glosses (Debian wordnet-base), first senses with at least {min_tags} SemCor tags"
+    return write_multiple_choice(directory, TASK, items, source)
