@@ -145,6 +145,12 @@ def test_cli_train_on_a_mixture_records_validation_per_corpus(corpora, model_dir
     assert set(record["result"]["validation"][-1]["domains"]) == set(mixture.labels("test-mix", 12)[8:])
     lines = [json.loads(line) for line in (out / record["result"]["metrics"]).read_text().splitlines()]
     assert any("val_domains" in line for line in lines)
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0  # a column per corpus
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    last = record["result"]["validation"][-1]
+    head = next(line for line in markdown.splitlines() if line.startswith("| step | tokens | validation perplexity |"))
+    assert all(name in head for name in last["domains"])
+    assert all(f"{value:.3f}" in markdown for value in last["domains"].values())
 
 
 def test_newsgroup_headers_are_dropped_and_the_pickle_reader_is_narrow():

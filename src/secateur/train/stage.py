@@ -56,10 +56,15 @@ def _report(record: dict[str, Any]) -> Section:
             f"{r['best']['perplexity']:.3f} at step {r['best']['step']}"
             + (f"; masks kept ({r['masks']['kept_after']:,} of {r['masks']['size']:,} weights non-zero)"
                if r["masks"]["layers"] else "") + ".")
-    points = tuple((float(v["tokens"]), float(v["perplexity"])) for v in r.get("validation", []))
-    rows = tuple((str(v["step"]), f"{v['tokens']:,}", f"{v['perplexity']:.3f}") for v in r.get("validation", []))
-    return Section(f"Recovery ({r['mode']}, {r['tokens']:,} tokens)", text, ("step", "tokens", "validation perplexity"),
-                   rows, curve=("training tokens", "validation perplexity", points) if len(points) > 1 else None)
+    validation = r.get("validation", [])
+    points = tuple((float(v["tokens"]), float(v["perplexity"])) for v in validation)
+    domains = list(dict.fromkeys(d for v in validation for d in v.get("domains", {})))  # a mixture: per corpus too
+    rows = tuple((str(v["step"]), f"{v['tokens']:,}", f"{v['perplexity']:.3f}",
+                  *(f"{v['domains'][d]:.3f}" if d in v.get("domains", {}) else "" for d in domains))
+                 for v in validation)  # fmt: skip
+    return Section(f"Recovery ({r['mode']}, {r['tokens']:,} tokens)", text,
+                   ("step", "tokens", "validation perplexity", *domains), rows,
+                   curve=("training tokens", "validation perplexity", points) if len(points) > 1 else None)
 
 
 def _check_teacher(config: TrainConfig, teacher: Any, student: Any, reshaped: str | None) -> None:
