@@ -84,6 +84,8 @@ RECIPES = {
     "incremental50-ap0": ["--prune-width", "0.5", "--width-allocation", "adapt-pruner", "--width-amplitude", "0"],
     # the default at a third of its peak learning rate: for starts that pruning damaged less
     "lr3e-4": ["--lr", "3e-4"],
+    "lr1e-4": ["--lr", "1e-4"],
+    "t2": ["--temperature", "2"],  # distillation temperature 2 (the loss scaled by T^2)
     # the default plus SquareHead's layer-wise distillation of every block's output, weight 1
     "squarehead": ["--hidden-weight", "1"],
     # the default once more: a row whose start was pruned again (on another machine) since its first run
@@ -197,17 +199,24 @@ def scores(model: Path, name: str, probe_items: int = 200) -> dict:
     return row
 
 
+def domain_dir(start: str, trained_on: str, recipe: str, tokens: int) -> Path:
+    return WORK / f"{start}-{trained_on}{'' if recipe == 'default' else '-' + recipe}-{tokens}"
+
+
 def run_domains(key: str, tokens: int) -> dict:
-    start_name, trained_on = key.split(":")
+    """START:SOURCE[:RECIPE] (a recipe of RECIPES; default: secateur's defaults)."""
+    start_name, trained_on, recipe = (key.split(":") + ["default"])[:3]
     start = start_model(start_name)
-    out = WORK / f"{start_name}-{trained_on}-{tokens}"
+    out = domain_dir(start_name, trained_on, recipe, tokens)
     resume = ["--resume"] if (out.parent / (out.name + ".checkpoints")).exists() else []
     if not (out / "secateur.json").exists():
-        cli("train", start, "--out", out, "--tokens", tokens, "--calib", TRAINED_ON[trained_on], *resume)
+        cli("train", start, "--out", out, "--tokens", tokens, "--calib", TRAINED_ON[trained_on], *RECIPES[recipe],
+            *resume)
     record = json.loads((out / "secateur.json").read_text())["history"][-1]["result"]
-    return {"run": run_key(key, tokens), "start": start_name, "trained_on": trained_on, "tokens": tokens,
-            "dense": scores(dense_model(), "dense"), "before": scores(start, f"start-{start_name}"),
-            "after": scores(out, out.name), "train_seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"],
+    return {"run": run_key(key, tokens), "start": start_name, "trained_on": trained_on, "recipe": recipe,
+            "flags": RECIPES[recipe], "tokens": tokens, "dense": scores(dense_model(), "dense"),
+            "before": scores(start, f"start-{start_name}"), "after": scores(out, out.name),
+            "train_seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"],
             "validation": record["validation"]}  # fmt: skip
 
 
@@ -226,7 +235,9 @@ def domain_table(rows: list[dict]) -> str:
         cells = " | ".join(f"{b[d]:.1f} → {a[d]:.1f}" for d in DOMAINS)
         analogies = (f"{row['before']['analogy']:.3f} → {row['after']['analogy']:.3f}"
                      if "analogy" in row["after"] else "")  # fmt: skip
-        lines.append(f"| {row['start']} | {row['trained_on']} | {cells} | {gain:+.3f} | "
+        recipe = "" if row.get("recipe", "default") == "default" else f" ({row['recipe']})"
+        budget = "" if row["tokens"] == B else f" @{row['tokens']:,}"
+        lines.append(f"| {row['start']} | {row['trained_on']}{recipe}{budget} | {cells} | {gain:+.3f} | "
                      f"{row['before']['probe']:.3f} → {row['after']['probe']:.3f} | {analogies} |")
     dense = rows[0]["dense"] if rows else None
     if dense:
@@ -366,9 +377,9 @@ def main() -> int:
         if args.rescore:
             for row in rows:
                 start = start_model(row["start"])
+                out = domain_dir(row["start"], row["trained_on"], row.get("recipe", "default"), row["tokens"])
                 row.update(dense=scores(dense_model(), "dense"), before=scores(start, f"start-{row['start']}"),
-                           after=scores(WORK / f"{row['start']}-{row['trained_on']}-{row['tokens']}",
-                                        f"{row['start']}-{row['trained_on']}-{row['tokens']}"))  # fmt: skip
+                           after=scores(out, out.name))  # fmt: skip
             partial = DOMAIN_RESULTS.with_suffix(".tmp")
             partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
             partial.replace(DOMAIN_RESULTS)
