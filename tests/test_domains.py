@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import WORDS, calibration_ids, tiny_model, tiny_tokenizer
 
+import secateur
 from secateur.cli import main
 from secateur.config import CalibConfig
 from secateur.data import DataError, tokenize
@@ -160,3 +161,25 @@ def test_newsgroup_headers_are_dropped_and_the_pickle_reader_is_narrow():
     evil = pickle.dumps(print)  # names builtins.print: refused, never called
     with pytest.raises(pickle.UnpicklingError, match="not read"):
         _Unpickler(__import__("io").BytesIO(evil)).load()
+
+
+def test_a_run_evaluates_on_several_sources_and_the_report_compares_on_them(corpora, model_dir, tmp_path, capsys):
+    dense, out = model_dir("llama"), tmp_path / "out"
+    assert main(["prune", str(dense), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out), "--eval",
+                 f"{corpora[0]},{corpora[2]}", "--eval-seq-len", str(SEQ), "--eval-windows", "2"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    evaluation = json.loads((out / "secateur.json").read_text())["evaluation"]
+    assert list(evaluation["domains"]) == [corpora[0], corpora[2]] and evaluation["source"] == f"{corpora[0]},{corpora[2]}"
+    model, tokenizer = secateur.load(out)
+    for path in (corpora[0], corpora[2]):
+        alone = evaluate_model(model, tokenizer, path, SEQ, 2)["perplexity"]
+        assert evaluation["domains"][path]["perplexity"] == pytest.approx(alone, rel=1e-6)
+        assert any(f"perplexity {alone:.3f}," in line and f"({path}," in line for line in printed.splitlines())
+    assert "mean over 2 domains" in printed
+    assert main(["report", str(dense), str(out), "--out", str(tmp_path / "report")]) == 0
+    original, tokenizer = secateur.load(dense)
+    expected = evaluate_sources(original, tokenizer, [corpora[0], corpora[2]], SEQ, 2)["perplexity"]
+    assert f"{expected:.2f}*" in (tmp_path / "report" / "report.md").read_text()
+    assert main(["prune", str(dense), "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "o2"),
+                 "--eval", f"{corpora[0]},nope.txt"]) == 2  # fmt: skip
+    assert "unknown text source 'nope.txt'" in capsys.readouterr().err and not (tmp_path / "o2").exists()

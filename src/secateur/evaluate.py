@@ -87,20 +87,37 @@ def split_sources(data: str) -> list[str]:
 
 def evaluate_sources(model: nn.Module, tokenizer: Any, sources: list[str], seq_len: int, windows: int, *,
                      field: str = "text", batch_size: int = 4, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Perplexity on each source (`evaluate_model`); with several, each under `domains` and their mean
-    at the top: mean_nll the mean of the domains' (each domain weighs the same), perplexity its
-    exponential (the geometric mean of the domains' perplexities), bits per byte the mean of theirs."""
-    results = {source: evaluate_model(model, tokenizer, source, seq_len, windows, field=field, batch_size=batch_size,
-                                      device=device) for source in sources}  # fmt: skip
+    """Perplexity on each source (`evaluate_model`), combined by `combine`."""
+    return combine({source: evaluate_model(model, tokenizer, source, seq_len, windows, field=field,
+                                           batch_size=batch_size, device=device) for source in sources})  # fmt: skip
+
+
+def combine(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One source's result as it is; several under `domains` with their mean at the top: mean_nll the
+    mean of the domains' (each domain weighs the same), perplexity its exponential (the geometric mean
+    of the domains' perplexities), bits per byte the mean of theirs; `source` names them all."""
     if len(results) == 1:
         return next(iter(results.values()))
+    first = next(iter(results.values()))
     nll = sum(r["mean_nll"] for r in results.values()) / len(results)
     per_byte = ({"bits_per_byte": sum(r["bits_per_byte"] for r in results.values()) / len(results)}
                 if all("bits_per_byte" in r for r in results.values()) else {})  # fmt: skip
-    return {"sources": list(results), "perplexity": math.exp(nll), "mean_nll": nll, **per_byte,
-            "mean": "each domain weighs the same: exp(mean over domains of their mean NLL)",
-            "windows": windows, "seq_len": seq_len, "seconds": sum(r["seconds"] for r in results.values()),
-            "domains": results, "protocol": PROTOCOL}  # fmt: skip
+    return {"source": ",".join(results), "sources": list(results), "perplexity": math.exp(nll), "mean_nll": nll,
+            **per_byte, "mean": "each domain weighs the same: exp(mean over domains of their mean NLL)",
+            "windows": first["windows"], "seq_len": first["seq_len"],
+            "seconds": sum(r["seconds"] for r in results.values()), "domains": results, "protocol": PROTOCOL}  # fmt: skip
+
+
+def evaluation_sets(model: nn.Module, tokenizer: Any, source: str, seq_len: int, windows: int) -> dict[str, Tensor]:
+    """The evaluation windows of each source `source` names (`split_sources`)."""
+    return {name: evaluation_data(model, tokenizer, name, seq_len, windows) for name in split_sources(source)}
+
+
+def evaluation_records(model: nn.Module, tokenizer: Any, sets: dict[str, Tensor], batch_size: int,
+                       device: torch.device | str) -> dict[str, Any]:  # fmt: skip
+    """Perplexity on windows already cut from each source, combined, as the manifest records it."""
+    return combine({name: evaluation_record(model, tokenizer, name, data, batch_size, device)
+                    for name, data in sets.items()})  # fmt: skip
 
 
 def evaluation_record(model: nn.Module, tokenizer: Any, source: str, data: Tensor, batch_size: int,

@@ -189,7 +189,8 @@ def manifest_inputs(manifest: dict[str, Any]) -> list[str]:
     """Paths a manifest names as the run's inputs (model sources, text files), protected by `save`."""
     paths = [(manifest.get("source") or {}).get("path")]
     calibration = manifest.get("calibration") or {}
-    paths += [calibration.get("source"), (manifest.get("evaluation") or {}).get("source")]
+    evaluation = manifest.get("evaluation") or {}
+    paths += [calibration.get("source"), evaluation.get("source"), *(evaluation.get("domains") or {})]
     return [p for p in paths if isinstance(p, str) and Path(p).exists()]
 
 

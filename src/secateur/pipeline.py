@@ -18,7 +18,7 @@ from secateur.data import load_text
 from secateur.data.calibration import calibration_data, evaluation_data
 from secateur.data.mixture import MIXTURES, labels
 from secateur.errors import ConfigError
-from secateur.evaluate import changed_tokens, evaluation_record
+from secateur.evaluate import changed_tokens, evaluation_records, evaluation_sets, split_sources
 from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load, load_config, load_tokenizer,
                          model_positions, read_manifest, resolve_device, save)
 from secateur.manifest import applied, build_manifest, history_of, record_run, run_identity
@@ -37,7 +37,7 @@ def _text_sources(stages: list[PlannedStage], options: RunOptions) -> list[tuple
     """(source, purpose, text field) of every text the run reads."""
     sources = [(s.calib.source, "calibration", s.calib.text_field) for s in stages if s.calib is not None]
     if options.eval_source:
-        sources.append((options.eval_source, "evaluation", "text"))
+        sources += [(name, "evaluation", "text") for name in split_sources(options.eval_source)]
     return sources
 
 
@@ -209,7 +209,7 @@ def _check_windows(model: nn.Module, tokenizer: Any, stages: list[PlannedStage],
     None when off."""
     calibrated = [s.calib for s in stages if s.calib is not None]
     source, field = ((calibrated[0].source, calibrated[0].text_field) if calibrated else (options.eval_source, "text"))
-    source = MIXTURES[source].sources[0] if source in MIXTURES else source
+    source = split_sources(source)[0] if source is not None else None  # a mixture's or a list's first corpus
     if not options.check_windows or source is None:
         return None
     windows = min(options.check_windows, options.eval_windows)  # inside the hold-out of eval_windows windows
@@ -294,14 +294,14 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
         teacher = KeptVocabulary(teacher, load_tokenizer(teacher_file), tokenizer)  # reads and predicts its tokens
     timings = {"load": time.perf_counter() - clock}
     compute = resolve_device(options.device)
-    evaluation = (evaluation_data(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
+    evaluation = (evaluation_sets(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
                   if options.eval_source else None)  # windows cut before pruning: a short text fails early
     work = checkpoints_for(output.path) if _trains(stages) else None
     records, stage_timings, pruned = apply_stages(model, tokenizer, stages, compute, history, model_path,
                                                   teacher=teacher, workdir=work, resume=options.resume,
                                                   options=options)  # fmt: skip
     if pruned is not tokenizer and evaluation is not None:  # the same text in the new vocabulary's ids
-        evaluation = evaluation_data(model, pruned, options.eval_source, options.eval_seq_len, options.eval_windows)
+        evaluation = evaluation_sets(model, pruned, options.eval_source, options.eval_seq_len, options.eval_windows)
     original, tokenizer = tokenizer, pruned
     check_finite(model, "the pruned model", allow=options.allow_nonfinite,
                  advice="nothing was saved: a stage diverged (for recovery, lower --lr), or pass --allow-nonfinite "
@@ -313,11 +313,13 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
         manifest["adapted"] = notes
     if evaluation is not None:
         model.to(compute)
-        manifest["evaluation"] = evaluation_record(model, tokenizer, options.eval_source, evaluation, 4, compute)
+        manifest["evaluation"] = evaluation_records(model, tokenizer, evaluation, 4, compute)
         model.to("cpu")
         if original is not tokenizer:
-            manifest["evaluation"]["changed_tokens"] = changed_tokens(original, tokenizer, options.eval_source,
-                                                                      options.eval_seq_len, options.eval_windows)
+            domains = manifest["evaluation"].get("domains") or dict.fromkeys(evaluation, manifest["evaluation"])
+            for name, record in domains.items():
+                record["changed_tokens"] = changed_tokens(original, tokenizer, name, options.eval_seq_len,
+                                                          options.eval_windows)  # fmt: skip
     if tasks:
         from secateur.tasks.harness import run_tasks
 

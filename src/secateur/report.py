@@ -149,7 +149,8 @@ def fill_perplexity(models: list[ModelFacts]) -> str | None:
     """Evaluate the models whose manifest holds no perplexity (the original, a plain HF directory) on the
     windows the others were evaluated on, when they all were on the same ones; returns what was done
     (for the page) or None."""
-    from secateur.evaluate import evaluate_model
+    from secateur.data.sources import NAMED
+    from secateur.evaluate import evaluate_sources
     from secateur.io import load
 
     protocols = {(e["source"], e["windows"], e["seq_len"]) for m in models
@@ -158,11 +159,13 @@ def fill_perplexity(models: list[ModelFacts]) -> str | None:
     if not missing or len(protocols) != 1:
         return None
     source, windows, seq_len = protocols.pop()
-    if not Path(source).exists() and source != "enwiki-sample":
-        return f"not measured for {', '.join(m.name for m in missing)}: the evaluation text {source} is gone"
+    sources = [source] if Path(source).exists() else source.split(",")  # several: the names `combine` joined
+    gone = [s for s in sources if not Path(s).exists() and s not in NAMED]
+    if gone:
+        return f"not measured for {', '.join(m.name for m in missing)}: the evaluation text {gone[0]} is gone"
     for m in missing:
         model, tokenizer = load(m.path)
-        m.measured_perplexity = evaluate_model(model, tokenizer, source, seq_len, windows)["perplexity"]
+        m.measured_perplexity = evaluate_sources(model, tokenizer, sources, seq_len, windows)["perplexity"]
     return (f"* measured by `secateur report` on the windows the other models were evaluated on ({source}, "
             f"{windows} x {seq_len} tokens)")
 

@@ -70,9 +70,13 @@ def run(args: argparse.Namespace) -> int:
           f"{structure['target_sparsity']:.4f} of the block layers, in {manifest['timings']['prune']:.1f} s")
     print_structure(structure)
     ev = manifest.get("evaluation") or {}
+    for name, one in (ev.get("domains") or {}).items():
+        per_byte = f", {one['bits_per_byte']:.4f} bits per byte" if "bits_per_byte" in one else ""
+        print(f"perplexity {one['perplexity']:.3f}{per_byte} ({name}, {one['windows']} x {one['seq_len']} tokens)")
     if "perplexity" in ev:
         per_byte = f", {ev['bits_per_byte']:.4f} bits per byte" if "bits_per_byte" in ev else ""
-        print(f"perplexity {ev['perplexity']:.3f}{per_byte} ({ev['source']}, {ev['windows']} x {ev['seq_len']} tokens)")
+        what = f"mean over {len(ev['domains'])} domains" if "domains" in ev else ev["source"]
+        print(f"perplexity {ev['perplexity']:.3f}{per_byte} ({what}, {ev['windows']} x {ev['seq_len']} tokens)")
     for name, task in (ev.get("tasks") or {}).get("tasks", {}).items():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in task["metrics"].items() if isinstance(v, float))
         print(f"{name} v{task['version']}: {metrics} ({task['samples']} documents)")
