@@ -3,6 +3,7 @@ evaluation on several sources, and recovery's validation per corpus."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import pickle
@@ -183,3 +184,31 @@ def test_a_run_evaluates_on_several_sources_and_the_report_compares_on_them(corp
     assert main(["prune", str(dense), "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "o2"),
                  "--eval", f"{corpora[0]},nope.txt"]) == 2  # fmt: skip
     assert "unknown text source 'nope.txt'" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_no_training_batch_holds_an_evaluation_or_validation_window(corpora, model_dir, tmp_path, monkeypatch):
+    """Every window a recovery step trains on, as the loss sees it, lies after its corpus's evaluation
+    region (64 windows of --eval-seq-len) and is none of the validation windows."""
+    loop = importlib.import_module("secateur.train.loop")
+
+    seen = []
+
+    def recording(out, ids, *args, **kwargs):
+        seen.extend(ids.tolist())
+        return step_loss(out, ids, *args, **kwargs)
+
+    step_loss = loop.step_loss
+    monkeypatch.setattr(loop, "step_loss", recording)
+    out = tmp_path / "out"
+    assert main(["train", str(model_dir("llama")), "--out", str(out), "--calib", "test-mix", "--tokens", str(16 * SEQ),
+                 "--train-seq-len", str(SEQ), "--val-windows", "4", "--eval-seq-len", str(SEQ),
+                 "--check-windows", "0"]) == 0  # fmt: skip
+    assert len(seen) == 16
+    tokenizer = tiny_tokenizer()
+    streams = [tokenize(tokenizer, open(path).read()).tolist() for path in corpora]
+    calib = CalibConfig(source="test-mix", samples=20, seq_len=SEQ, holdout_windows=64, holdout_seq_len=SEQ)
+    validation = calibration_data(tiny_model("llama"), tokenizer, calib)[16:].tolist()
+    for window in seen:
+        stream = streams[_part_of(torch.tensor(window))]
+        start = next(s for s in range(len(stream)) if stream[s : s + SEQ] == window)
+        assert start >= 64 * SEQ and window not in validation
