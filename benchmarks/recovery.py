@@ -28,6 +28,7 @@ bench-out/recovery/quality/.
 
     python benchmarks/recovery.py [--tokens 131072] [--only width50:default,24:default] [--table]
     python benchmarks/recovery.py --domains [--only width20:mix]
+    python benchmarks/recovery.py --domains --tokens 32768 --only width20:mix:lr3e-4   # a recipe sweep row
 """
 
 from __future__ import annotations
@@ -181,8 +182,9 @@ NEVER_TRAINED = ["news-sample", "legal-sample"]
 DOMAIN_PLAN = [f"{start}:{source}" for start in ("width20", "depth20", "width50", "24") for source in TRAINED_ON]
 
 
-def scores(model: Path, name: str, probe_items: int = 200) -> dict:
-    """Perplexity on every domain's evaluation windows and the WordNet probe, cached by model name."""
+def scores(model: Path, name: str, probe_items: int = 200, tasks: bool = True) -> dict:
+    """Perplexity on every domain's evaluation windows, the WordNet probe and the analogies (unless not
+    `tasks`), cached by model name."""
     cache = WORK / "quality" / f"{name}.json"
     row = json.loads(cache.read_text()) if cache.exists() else {}
     if "ppl" not in row:
@@ -190,7 +192,7 @@ def scores(model: Path, name: str, probe_items: int = 200) -> dict:
                               "--windows", "32", "--json"], check=True, capture_output=True, text=True).stdout
         row["ppl"] = {source: r["perplexity"] for source, r in json.loads(out)["domains"].items()}
     for key, task in (("probe", "secateur_wordnet"), ("analogy", "secateur_analogy")):
-        if key not in row:
+        if key not in row and tasks:
             out = subprocess.run([sys.executable, "-m", "secateur.cli", "eval", str(model), "--tasks", task, "--limit",
                                   str(probe_items), "--json"], check=True, capture_output=True, text=True).stdout
             row[key] = json.loads(out)["tasks"][task]["metrics"]["acc"]
@@ -215,7 +217,8 @@ def run_domains(key: str, tokens: int) -> dict:
     record = json.loads((out / "secateur.json").read_text())["history"][-1]["result"]
     return {"run": run_key(key, tokens), "start": start_name, "trained_on": trained_on, "recipe": recipe,
             "flags": RECIPES[recipe], "tokens": tokens, "dense": scores(dense_model(), "dense"),
-            "before": scores(start, f"start-{start_name}"), "after": scores(out, out.name),
+            "before": scores(start, f"start-{start_name}"),
+            "after": scores(out, out.name, tasks=recipe == "default" and tokens == B),  # a sweep's rows: perplexity
             "train_seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"],
             "validation": record["validation"]}  # fmt: skip
 
