@@ -182,9 +182,9 @@ NEVER_TRAINED = ["news-sample", "legal-sample"]
 DOMAIN_PLAN = [f"{start}:{source}" for start in ("width20", "depth20", "width50", "24") for source in TRAINED_ON]
 
 
-def scores(model: Path, name: str, probe_items: int = 200, tasks: bool = True) -> dict:
-    """Perplexity on every domain's evaluation windows, the WordNet probe and the analogies (unless not
-    `tasks`), cached by model name."""
+def scores(model: Path, name: str, probe_items: int = 200, tasks: tuple[str, ...] = ("probe", "analogy")) -> dict:
+    """Perplexity on every domain's evaluation windows and `tasks` (the WordNet probe, the analogies),
+    cached by model name."""
     cache = WORK / "quality" / f"{name}.json"
     row = json.loads(cache.read_text()) if cache.exists() else {}
     if "ppl" not in row:
@@ -192,7 +192,7 @@ def scores(model: Path, name: str, probe_items: int = 200, tasks: bool = True) -
                               "--windows", "32", "--json"], check=True, capture_output=True, text=True).stdout
         row["ppl"] = {source: r["perplexity"] for source, r in json.loads(out)["domains"].items()}
     for key, task in (("probe", "secateur_wordnet"), ("analogy", "secateur_analogy")):
-        if key not in row and tasks:
+        if key not in row and key in tasks:
             out = subprocess.run([sys.executable, "-m", "secateur.cli", "eval", str(model), "--tasks", task, "--limit",
                                   str(probe_items), "--json"], check=True, capture_output=True, text=True).stdout
             row[key] = json.loads(out)["tasks"][task]["metrics"]["acc"]
@@ -218,7 +218,8 @@ def run_domains(key: str, tokens: int) -> dict:
     return {"run": run_key(key, tokens), "start": start_name, "trained_on": trained_on, "recipe": recipe,
             "flags": RECIPES[recipe], "tokens": tokens, "dense": scores(dense_model(), "dense"),
             "before": scores(start, f"start-{start_name}"),
-            "after": scores(out, out.name, tasks=recipe == "default" and tokens == B),  # a sweep's rows: perplexity
+            "after": scores(out, out.name, tasks=("probe", "analogy") if recipe == "default" and tokens == B
+                            else ("probe",)),  # a sweep's rows: perplexity and the probe
             "train_seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"],
             "validation": record["validation"]}  # fmt: skip
 
