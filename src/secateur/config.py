@@ -227,8 +227,10 @@ class RefineConfig:
 class CalibConfig:
     """Where calibration text comes from and how windows are drawn from it."""
 
-    source: str = option("enwiki-sample", "calibration text: enwiki-sample (offline), wikitext2, c4 (need the "
-                                          "internet), a text file, a .jsonl file or a datasets directory", key="calib")
+    source: str = option("enwiki-sample", "calibration text: offline enwiki-sample, newsgroups-sample, code-sample, "
+                                          "docs-sample, news-sample, legal-sample or offline-mix (a mixture of the "
+                                          "first four); wikitext2, c4 (need the internet); a text file, a .jsonl file "
+                                          "or a datasets directory", key="calib")
     samples: int = option(64, "calibration windows", key="calib_samples")
     seq_len: int = option(512, "tokens per calibration window", key="calib_seq_len")
     seed: int = option(0, "seed for drawing calibration windows")

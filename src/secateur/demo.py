@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from secateur.io import load_model, save
 from secateur.evaluate import evaluate_model
 from secateur.manifest import build_manifest
 from secateur.pipeline import apply_stages
+from secateur.recipe import kind_of
 from secateur.settings import RunOptions, plan_stage
 from secateur.runtime import tune_allocator
 from secateur.train import TrainConfig
@@ -82,7 +84,9 @@ def main() -> None:
     _save(path, model, tokenizer, stages, records, timings, result, "smollm2-wanda50")
 
     model, _ = load_model(path)  # the main flow: a structured prune, then recovery from the dense model
-    stages = [plan_stage(STRUCTURED, calib), plan_stage(TrainConfig(tokens=RECOVERY_TOKENS))]
+    recovery = TrainConfig(tokens=RECOVERY_TOKENS)  # on the enwiki sample, which the demo evaluates on
+    stages = [plan_stage(STRUCTURED, calib),
+              plan_stage(recovery, replace(kind_of(recovery).calibration(recovery), source="enwiki-sample"))]
     records, timings, _ = apply_stages(model, tokenizer, stages[:1], cpu, source=path)
     rows.append(_row("width 20%", model, tokenizer, records, records[0]["seconds"])[0])
     trained, more, _ = apply_stages(model, tokenizer, stages[1:], cpu, records, source=path, teacher=dense)

@@ -40,11 +40,16 @@ def _kind_commands(sub: argparse._SubParsersAction) -> None:
                 *(k for k in CALIB_OPTIONS if k not in kind.calib_fixed)}  # fmt: skip
         p = sub.add_parser(name, help=help_text)
         job_arguments(p)
-        option_flags(p, {k: v for k, v in flag_options().items() if k in keys})
+        options = {k: v for k, v in flag_options().items() if k in keys}
+        source = kind.calibration(kind.build(method, {})).source  # the kind's own default text
+        if "calib" in options:
+            option = options["calib"][0]
+            options["calib"] = (option, f"calibration: {option.help} (default {source})")
+        option_flags(p, options)
         if len(kind.methods()) > 1:
             p.add_argument("--method", choices=kind.methods(), help=f"the stage's method (default: {method})")
         p.set_defaults(method=method, recipe=None, run=run, keeps_checkpoints=True)
-        p.epilog = f"the same as: secateur prune MODEL --method {method}; data: {flag('calib')} (default enwiki-sample)"
+        p.epilog = f"the same as: secateur prune MODEL --method {method}; data: {flag('calib')} (default {source})"
 
 
 COMMAND_ONLY = ("command", "model", "out", "overwrite", "recipe", "verbose", "resume", "allow_nonfinite", "run",
