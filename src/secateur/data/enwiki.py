@@ -9,7 +9,7 @@ from __future__ import annotations
 import bz2
 import xml.etree.ElementTree as ET
 
-from secateur.data.corpora import GENSIM, TEST_DATA, cache_dir
+from secateur.data.archives import GENSIM, TEST_DATA, cache_dir, cached
 
 MEMBER = TEST_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 __all__ = ["articles", "build", "cache_dir", "load"]
@@ -49,6 +49,4 @@ def build() -> str:
 
 def load() -> str:
     """The sample, fetched and cached on first use."""
-    from secateur.data.corpora import load as load_corpus
-
-    return load_corpus("enwiki-sample")
+    return cached("enwiki-sample", build, "the gensim 4.4.0 wheel")

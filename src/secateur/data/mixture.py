@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from secateur.data.sources import DataError
+from secateur.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from secateur.data import corpora
-from secateur.errors import SecateurError
+from secateur.data.corpora import CORPORA, load as load_corpus
+from secateur.errors import DataError
+
+__all__ = ["NAMED", "DataError", "check_text_field", "has_fields", "load_text", "needs_holdout"]
 
 Purpose = Literal["calibration", "evaluation"]
 JSONL = (".jsonl", ".ndjson")
-
-
-class DataError(SecateurError):
-    """A text source is missing, unreadable or too short; the message says what was expected."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +43,13 @@ def _hub(name: str, config: str | None, splits: dict[str, str], data_files: dict
 
 
 def _offline(name: str) -> NamedSource:
-    corpus = corpora.CORPORA[name]
-    return NamedSource(lambda purpose, field: corpora.load(name), False, f"offline {corpus.kind}: {corpus.origin}",
+    corpus = CORPORA[name]
+    return NamedSource(lambda purpose, field: load_corpus(name), False, f"offline {corpus.kind}: {corpus.origin}",
                        fields=False)
 
 
 NAMED: dict[str, NamedSource] = {
-    **{name: _offline(name) for name in corpora.CORPORA},
+    **{name: _offline(name) for name in CORPORA},
     "wikitext2": NamedSource(
         _hub("wikitext", "wikitext-2-raw-v1", {"calibration": "train", "evaluation": "test"}), True, "WikiText-2 raw"
     ),

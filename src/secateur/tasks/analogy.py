@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from secateur.data.corpora import GENSIM, TEST_DATA
+from secateur.data.archives import GENSIM, TEST_DATA
 from secateur.tasks.local import write_multiple_choice
 
 TASK = "secateur_analogy"
