@@ -201,6 +201,11 @@ def scores(model: Path, name: str, probe_items: int = 200, tasks: tuple[str, ...
     return row
 
 
+def row_tasks(recipe: str, tokens: int) -> tuple[str, ...]:
+    """The tasks a trained model is scored on: a sweep's rows (another recipe or budget) the probe only."""
+    return ("probe", "analogy") if recipe == "default" and tokens == B else ("probe",)
+
+
 def domain_dir(start: str, trained_on: str, recipe: str, tokens: int) -> Path:
     return WORK / f"{start}-{trained_on}{'' if recipe == 'default' else '-' + recipe}-{tokens}"
 
@@ -218,8 +223,7 @@ def run_domains(key: str, tokens: int) -> dict:
     return {"run": run_key(key, tokens), "start": start_name, "trained_on": trained_on, "recipe": recipe,
             "flags": RECIPES[recipe], "tokens": tokens, "dense": scores(dense_model(), "dense"),
             "before": scores(start, f"start-{start_name}"),
-            "after": scores(out, out.name, tasks=("probe", "analogy") if recipe == "default" and tokens == B
-                            else ("probe",)),  # a sweep's rows: perplexity and the probe
+            "after": scores(out, out.name, tasks=row_tasks(recipe, tokens)),
             "train_seconds": record["seconds"], "tokens_per_s": record["tokens_per_s"],
             "validation": record["validation"]}  # fmt: skip
 
@@ -383,7 +387,7 @@ def main() -> int:
                 start = start_model(row["start"])
                 out = domain_dir(row["start"], row["trained_on"], row.get("recipe", "default"), row["tokens"])
                 row.update(dense=scores(dense_model(), "dense"), before=scores(start, f"start-{row['start']}"),
-                           after=scores(out, out.name))  # fmt: skip
+                           after=scores(out, out.name, tasks=row_tasks(row.get("recipe", "default"), row["tokens"])))
             partial = DOMAIN_RESULTS.with_suffix(".tmp")
             partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
             partial.replace(DOMAIN_RESULTS)
