@@ -375,7 +375,7 @@ def main() -> int:
         finished = ({json.loads(line)["run"] for line in DOMAIN_RESULTS.read_text().splitlines()}
                     if DOMAIN_RESULTS.exists() else set())  # fmt: skip
         for key in (args.only.split(",") if args.only else DOMAIN_PLAN):
-            if args.table or run_key(key, args.tokens) in finished:
+            if args.table or args.rescore or run_key(key, args.tokens) in finished:
                 continue
             row = run_domains(key, args.tokens)
             with DOMAIN_RESULTS.open("a") as f:
