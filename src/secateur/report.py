@@ -150,7 +150,7 @@ def fill_perplexity(models: list[ModelFacts]) -> str | None:
     windows the others were evaluated on, when they all were on the same ones; returns what was done
     (for the page) or None."""
     from secateur.data.sources import NAMED
-    from secateur.evaluate import evaluate_sources
+    from secateur.evaluate import evaluate_sources, split_sources
     from secateur.io import load
 
     protocols = {(e["source"], e["windows"], e["seq_len"]) for m in models
@@ -159,7 +159,7 @@ def fill_perplexity(models: list[ModelFacts]) -> str | None:
     if not missing or len(protocols) != 1:
         return None
     source, windows, seq_len = protocols.pop()
-    sources = [source] if Path(source).exists() else source.split(",")  # several: the names `combine` joined
+    sources = split_sources(source)  # several: the names `combine` joined
     gone = [s for s in sources if not Path(s).exists() and s not in NAMED]
     if gone:
         return f"not measured for {', '.join(m.name for m in missing)}: the evaluation text {gone[0]} is gone"

@@ -137,7 +137,7 @@ def load_text(source: str, purpose: Purpose = "evaluation", text_field: str = "t
     return text
 
 
-@functools.lru_cache(maxsize=4)  # checked before a run, read again during it
+@functools.lru_cache(maxsize=8)  # checked before a run, read again during it (a mixture's corpora and more)
 def _load_text(source: str, purpose: Purpose, text_field: str, stamp: tuple[int, int, bool] | None) -> str:
     from secateur.data.mixture import MIXTURES
 

@@ -16,27 +16,17 @@ from secateur.tasks import analogy
 from secateur.tasks.wordnet import TASK as PROBE, write_task
 
 log = logging.getLogger(__name__)
-PROBE_VERSION = "v1"  # bump when the generator changes: the cached items are regenerated
-# the other built-in offline tasks: name -> (generator version, writer into a directory)
-BUILTIN = {analogy.TASK: ("v1", analogy.write_task)}
+# the built-in offline tasks: name -> (generator version: bump it when the generator changes, and the
+# cached items are regenerated; writer of the items and task file into a directory)
+BUILTIN = {PROBE: ("v1", write_task), analogy.TASK: ("v1", analogy.write_task)}
 
 
 class TaskError(SecateurError):
     """A task cannot be found or run."""
 
 
-def probe_dir() -> Path:
-    """The knowledge probe's items and task file, generated on first use."""
-    from secateur.data.enwiki import cache_dir
-
-    directory = cache_dir() / "tasks" / f"{PROBE}-{PROBE_VERSION}"
-    if not (directory / f"{PROBE}.yaml").is_file():
-        write_task(directory)
-    return directory
-
-
 def builtin_dir(name: str) -> Path:
-    """A built-in task's items and task file (not the probe's), generated on first use."""
+    """A built-in task's items and task file, generated on first use."""
     from secateur.data.enwiki import cache_dir
 
     version, write = BUILTIN[name]
@@ -44,6 +34,11 @@ def builtin_dir(name: str) -> Path:
     if not (directory / f"{name}.yaml").is_file():
         write(directory)
     return directory
+
+
+def probe_dir() -> Path:
+    """The knowledge probe's items and task file."""
+    return builtin_dir(PROBE)
 
 
 def _lm_eval():
@@ -62,13 +57,13 @@ def _manager(tasks: list[str], include_path: list[Path] = ()):
 
     if not tasks:
         raise ConfigError("--tasks is empty; give task names separated by commas")
-    paths = [str(p) for p in include_path] + ([str(probe_dir())] if PROBE in tasks else [])
-    paths += [str(builtin_dir(name)) for name in BUILTIN if name in tasks]
+    paths = [str(p) for p in include_path]
+    paths += [str(probe_dir() if name == PROBE else builtin_dir(name)) for name in BUILTIN if name in tasks]
     manager = TaskManager(include_path=paths or None, verbosity="ERROR")
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         raise TaskError(f"unknown task(s) {', '.join(missing)}; give lm-eval task names (offline: local task files "
-                        f"with --include-path DIR, or the built-in {', '.join([PROBE, *BUILTIN])})")
+                        f"with --include-path DIR, or the built-in {', '.join(BUILTIN)})")
     return manager
 
 
@@ -97,7 +92,7 @@ def _reachable(tasks: list[str]) -> Iterator[None]:
         raise TaskError(f"the data of {', '.join(tasks)} could not be fetched ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160]}); lm-eval's tasks download their datasets from the Hugging "
                         f"Face hub, which needs the internet: offline, use local task files (--include-path DIR) or "
-                        f"the built-in {', '.join([PROBE, *BUILTIN])}") from None
+                        f"the built-in {', '.join(BUILTIN)}") from None
 
 
 def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int | None = None,
@@ -121,6 +116,6 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int 
         out[name] = {"metrics": metrics, "version": results.get("versions", {}).get(name),
                      "samples": results.get("n-samples", {}).get(name, {}).get("effective"),
                      "num_fewshot": results.get("n-shot", {}).get(name)}  # fmt: skip
-        if name == PROBE or name in BUILTIN:
+        if name in BUILTIN:
             out[name]["chance"] = 0.25
     return {"lm_eval_version": lm_eval.__version__, "limit": limit, "tasks": out}
