@@ -1,6 +1,6 @@
-"""Command line: `secateur prune | train | eval | info | bench | export | report | plan | llama-cpp`. Each command is
-a module of `secateur.commands` (its parser and handler); this module parses, dispatches, and turns
-every failure into one line and an exit code."""
+"""Command line: `secateur prune | train | eval | generate | filter-layer | info | bench | export | report | plan |
+llama-cpp`. Each command is a module of `secateur.commands` (its parser and handler); this module parses,
+dispatches, and turns every failure into one line and an exit code."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from secateur.commands import bench, evaluate, export, info, job, llamacpp, plan, report
+from secateur.commands import bench, evaluate, export, generate, info, job, llamacpp, plan, report
 from secateur.errors import SecateurError
 from secateur.output import disk_error, signals_raise
 from secateur.runtime import tune_allocator
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="secateur", description="Prune Hugging Face causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (job, evaluate, info, bench, export, report, plan, llamacpp):
+    for command in (job, evaluate, generate, info, bench, export, report, plan, llamacpp):
         command.add(sub)
     return parser
 

@@ -24,6 +24,7 @@ class Decoded:
     accepted: int = 0  # of them, the ones the target agreed with
     target_calls: int = 0  # target forwards after the prefill
     accepted_per_round: list[int] = field(default_factory=list)
+    first_token_seconds: float = 0.0  # the prefill, up to the first new token (greedy only)
 
     @property
     def acceptance(self) -> float:
@@ -47,12 +48,13 @@ def greedy(model: nn.Module, prompt: Tensor, new_tokens: int) -> Decoded:
     start = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     tokens = [int(out.logits[0, -1].argmax())]
+    first = time.perf_counter() - start
     cache = out.past_key_values
     while len(tokens) < new_tokens:
         out = model(input_ids=prompt.new_tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         tokens.append(int(out.logits[0, -1].argmax()))
-    return Decoded(tokens, time.perf_counter() - start, target_calls=len(tokens) - 1)
+    return Decoded(tokens, time.perf_counter() - start, target_calls=len(tokens) - 1, first_token_seconds=first)
 
 
 @torch.inference_mode()
