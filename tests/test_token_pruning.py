@@ -243,3 +243,104 @@ def test_filter_layer_command_writes_settings_generate_reads(model_dir, tmp_path
     other.write_text('{"filter_layer": 1}')
     assert main(["generate", str(path), "--prompt-file", str(prompt), "--settings", str(other)]) == 2
     assert "not a file written by secateur filter-layer" in capsys.readouterr().err
+
+
+# --- early exit and self-speculation -----------------------------------------------------------------
+
+
+def test_early_exit_at_threshold_one_is_greedy_decoding():
+    from secateur.generate import greedy
+    from secateur.generate.early_exit import early_exit
+
+    for family in ("llama", "qwen3", "gemma3_text"):
+        model = tiny_model(family)
+        prompt = torch.tensor([ids(10, 6)])
+        exited = early_exit(model, prompt, 12, 1.0, [0])
+        assert exited.tokens == greedy(model, prompt, 12).tokens
+        assert exited.exit_blocks == [2] * 11
+
+
+def test_an_exited_token_is_the_exit_block_s_readout():
+    """Exiting after block 0 at every token: each new token is the LM head's argmax over the final norm
+    of block 0's output at the last position (block 0 always runs in full, so a plain forward over the
+    sequence so far gives that state)."""
+    from secateur.generate.early_exit import early_exit
+
+    model = tiny_model("llama")
+    prompt = ids(10, 7)
+    exited = early_exit(model, torch.tensor([prompt]), 10, 0.0, [0])
+    assert exited.exit_blocks == [1] * 9
+    for i in range(1, 10):
+        sequence = torch.tensor([prompt + exited.tokens[:i]])
+        with torch.no_grad():
+            state = model(sequence, output_hidden_states=True).hidden_states[1][0, -1]
+            assert int(model.lm_head(model.model.norm(state)).argmax()) == exited.tokens[i]
+
+
+def test_blocks_after_the_exit_cache_the_exited_state():
+    """CALM's state propagation: blocks 1 and 2's cached keys of a token that exited after block 0 are
+    their key projections of the exited state (through their input norms, with the rotary embedding
+    at that position), not of what block 1 would have passed on."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from secateur.generate.early_exit import _exiting
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    prompt = torch.tensor([ids(10, 8)])
+    with torch.no_grad(), _exiting(model, 0.0, [0]) as run:
+        out = model(input_ids=prompt, use_cache=True)
+        cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        run.active = True
+        model(input_ids=token, past_key_values=cache, use_cache=True)
+        state = run.state
+    assert run.block == 1
+    for index in (1, 2):
+        block = model.model.layers[index]
+        hidden = block.input_layernorm(state)
+        key = block.self_attn.k_proj(hidden).view(1, 1, -1, 16).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(hidden, torch.tensor([[10]]))
+        _, key = apply_rotary_pos_emb(key, key, cos, sin)
+        assert cache.layers[index].keys.shape[2] == 11
+        assert torch.allclose(cache.layers[index].keys[:, :, -1:], key, atol=1e-5)
+
+
+def test_early_exit_leaves_the_model_as_it_was():
+    from secateur.generate.early_exit import early_exit
+
+    model = tiny_model("llama")
+    prompt = torch.tensor([ids(10, 9)])
+    before = model(prompt).logits
+    early_exit(model, prompt, 6, 0.0, [0])
+    assert "forward" not in vars(model.model.layers[0])
+    assert type(model.model.layers[1].mlp).__name__ == "LlamaMLP"
+    assert torch.equal(model(prompt).logits, before)
+    with pytest.raises(ConfigError, match="exit blocks"):
+        early_exit(model, prompt, 6, 0.5, [1])  # after the last block nothing is left to skip
+
+
+def test_self_speculation_is_lossless_and_shares_the_weights():
+    from secateur.generate import greedy
+    from secateur.generate.early_exit import self_speculative, shallow_view
+
+    model = tiny_model("qwen3")
+    prompt = torch.tensor([ids(10, 10)])
+    assert self_speculative(model, prompt, 16, 1, 3).tokens == greedy(model, prompt, 16).tokens
+    view = shallow_view(model, 1)
+    assert len(view.model.layers) == 1 and len(model.model.layers) == 2
+    assert model.config.num_hidden_layers == 2 and view.config.num_hidden_layers == 1
+    assert view.model.layers[0] is model.model.layers[0] and view.lm_head is model.lm_head
+    with pytest.raises(ConfigError, match="1..1"):
+        shallow_view(model, 2)
+
+
+def test_teacher_forced_early_exit_scores_the_given_tokens():
+    from secateur.generate.early_exit import early_exit
+
+    model = tiny_model("llama")
+    text = ids(20, 11)
+    forced = early_exit(model, torch.tensor([text[:8]]), 0, 1.0, [0], forced=text[8:])
+    assert forced.tokens == text[8:]
+    with torch.no_grad():
+        logits = model(torch.tensor([text])).logits[0, 7:-1].log_softmax(-1)
+    expected = -logits.gather(1, torch.tensor(text[8:]).view(-1, 1)).view(-1)
+    assert torch.allclose(torch.tensor(forced.nll), expected, atol=1e-4)
