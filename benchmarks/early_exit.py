@@ -1,8 +1,12 @@
 """Dynamic depth at decoding time on SmolLM2-135M-Instruct (30 blocks), CPU: CALM-style early exit
 against early-exit self-speculation, beside plain greedy decoding.
 
-- early exit (`secateur.generate.early_exit.early_exit`): exit checks after blocks 9, 14, 19 and 24
-  (0-based; the LM head reads each), thresholds 0.95, 0.9 and 0.8 on the top-1 probability. Quality:
+- early exit (`secateur.generate.early_exit.early_exit`), CALM's two training-free confidences:
+  `softmax`, the LM head's top-1 probability, checked after blocks 9, 14, 19 and 24 (0-based; each
+  check is a pass through the LM head), thresholds 0.95, 0.9 and 0.8; `saturation`, the cosine of a
+  block's output with its input, checked after every block from 9 to 28, thresholds 0.99, 0.985
+  and 0.98 (chosen from the cosines' spread on a news-sample prompt, `--spread`, where they let 14%
+  to 83% of the tokens exit; not on the benchmark's text). Quality:
   the share of the 64 greedy tokens that equal the model's own and the position of the first that
   differs; perplexity by teacher forcing (the exits decided on the real text) on 2 x 256 tokens of
   the enwiki sample and of the news sample (never used for calibration or recovery), against the
@@ -16,7 +20,7 @@ prompts of plain time / method time (prefill included). 2 threads.
 
 Resumable: every finished row is a line of benchmarks/results/early-exit.jsonl.
 
-    python benchmarks/early_exit.py [--only exit-0.9,spec-15-k4] [--table]
+    python benchmarks/early_exit.py [--only softmax-0.9,spec-15-k4] [--table]
 """
 
 from __future__ import annotations
@@ -34,12 +38,35 @@ ROOT = HERE.parent
 RESULTS = HERE / "results" / "early-exit.jsonl"
 sys.path.insert(0, str(ROOT / "src"))
 
-EXITS = (9, 14, 19, 24)
-THRESHOLDS = (0.95, 0.9, 0.8)
+EXITS = {"softmax": (9, 14, 19, 24), "saturation": tuple(range(9, 29))}
+THRESHOLDS = {"softmax": (0.95, 0.9, 0.8), "saturation": (0.99, 0.985, 0.98)}
 DRAFTS = ((8, 2), (8, 4), (15, 2), (15, 4), (22, 2), (22, 4))
 PROMPT, NEW_TOKENS, PROMPTS = 256, 64, 3
 SCORED = (("enwiki-sample", 2), ("news-sample", 2))  # texts and stretches of 256 + 256 tokens
-ROWS = [f"exit-{t}" for t in THRESHOLDS] + [f"spec-{b}-k{k}" for b, k in DRAFTS]
+ROWS = [f"{m}-{t}" for m, ts in THRESHOLDS.items() for t in ts] + [f"spec-{b}-k{k}" for b, k in DRAFTS]
+
+
+def spread(model, tokenizer) -> None:
+    """The cosines of block outputs with their inputs (blocks 9-28) over 64 positions of a news-sample
+    prompt: the range the saturation thresholds are picked from."""
+    import torch
+
+    from secateur.data import load_text
+    from secateur.data.windows import tokenize
+
+    ids = tokenize(tokenizer, load_text("news-sample", "evaluation")).tolist()[:PROMPT + 64]
+    with torch.no_grad():
+        states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    cosines = torch.stack([torch.cosine_similarity(states[b + 1][0, -64:], states[b][0, -64:], dim=-1)
+                           for b in EXITS["saturation"]])  # (blocks, positions); states[b + 1]: block b's output
+    for b, row in zip(EXITS["saturation"], cosines):
+        q = row.quantile(torch.tensor([0.1, 0.5, 0.9])).tolist()
+        print(f"block {b}: cosine 10% {q[0]:.4f}, median {q[1]:.4f}, 90% {q[2]:.4f}")
+    blocks = torch.tensor(EXITS["saturation"])
+    for t in (0.995, 0.99, 0.98, 0.97, 0.95, 0.9):
+        over = cosines > t
+        exit_at = torch.where(over.any(0), blocks[over.float().argmax(0)] + 1, torch.tensor(30))
+        print(f"threshold {t}: mean blocks run {exit_at.float().mean():.1f}, tokens exiting {over.any(0).float().mean():.0%}")
 
 
 def done() -> dict[str, dict]:
@@ -47,7 +74,7 @@ def done() -> dict[str, dict]:
     return {row["row"]: row for row in rows}
 
 
-def perplexity(model, tokenizer, threshold: float) -> dict:
+def perplexity(model, tokenizer, measure: str, threshold: float) -> dict:
     import torch
 
     from secateur.data import load_text
@@ -60,7 +87,8 @@ def perplexity(model, tokenizer, threshold: float) -> dict:
         nll, blocks = [], []
         for i in range(stretches):
             text = ids[i * 2 * PROMPT:(i + 1) * 2 * PROMPT]
-            run = early_exit(model, torch.tensor([text[:PROMPT]]), 0, threshold, EXITS, forced=text[PROMPT:])
+            run = early_exit(model, torch.tensor([text[:PROMPT]]), 0, threshold, EXITS[measure], forced=text[PROMPT:],
+                             measure=measure)  # fmt: skip
             nll += run.nll[1:]  # the first is the prompt's own (no exit)
             blocks += run.exit_blocks
         out[source] = {"ppl": math.exp(sum(nll) / len(nll)), "mean_blocks": sum(blocks) / len(blocks)}
@@ -71,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated rows (default: all)")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--spread", action="store_true", help="print the saturation cosines' spread and stop")
     args = parser.parse_args()
     if args.table:
         return table()
@@ -85,11 +114,13 @@ def main() -> None:
 
     torch.set_num_threads(2)
     model, tokenizer = load(default_model_dir())
+    if args.spread:
+        return spread(model, tokenizer)
     ids = tokenize(tokenizer, load_text("enwiki-sample", "evaluation")).tolist()
     prompts = [torch.tensor([ids[i * 4096:i * 4096 + PROMPT]]) for i in range(PROMPTS)]
     finished = done()
     if "none" not in finished:  # the model's own perplexity through the same loop
-        row = {"row": "none", "perplexity": perplexity(model, tokenizer, 1.0)}
+        row = {"row": "none", "perplexity": perplexity(model, tokenizer, "softmax", 1.0)}
         print(json.dumps(row), flush=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -101,8 +132,9 @@ def main() -> None:
         row = {"row": name, "prompts": []}
         for prompt in prompts:
             plain = greedy(model, prompt, NEW_TOKENS)
-            if name.startswith("exit-"):
-                run = early_exit(model, prompt, NEW_TOKENS, float(name.split("-")[1]), EXITS)
+            measure, _, threshold = name.partition("-")
+            if measure in EXITS:
+                run = early_exit(model, prompt, NEW_TOKENS, float(threshold), EXITS[measure], measure=measure)
                 extra = {"mean_blocks": statistics.mean(run.exit_blocks)}
             else:
                 blocks, k = (int(x) for x in name[len("spec-"):].split("-k"))
@@ -111,8 +143,9 @@ def main() -> None:
             same = [a == b for a, b in zip(run.tokens, plain.tokens)]
             row["prompts"].append({"plain_seconds": plain.seconds, "seconds": run.seconds, "agree": sum(same) / len(same),
                                    "first_difference": same.index(False) if False in same else None, **extra})  # fmt: skip
-        if name.startswith("exit-"):
-            row["perplexity"] = perplexity(model, tokenizer, float(name.split("-")[1]))
+        measure, _, threshold = name.partition("-")
+        if measure in EXITS:
+            row["perplexity"] = perplexity(model, tokenizer, measure, float(threshold))
         row["wall_seconds"] = time.perf_counter() - clock
         print(json.dumps(row), flush=True)
         with RESULTS.open("a") as f:

@@ -8,7 +8,8 @@ template. Each haystack is answered, greedily (16 new tokens), by:
 
 - full: the whole prompt;
 - gemfilter-K: GemFilter at the filter layer `secateur filter-layer` recommends (at length 4,096,
-  budget 512, 8 haystacks), keeping K = 256, 512 or 1,024 tokens;
+  budget 512, 8 haystacks), keeping K = 256, 512 or 1,024 tokens; at 8,176 tokens also at the layer
+  it recommends at that length (budget 1,024, 4 haystacks), rows `8176-i@8176`;
 - last-K: the naive baseline, the last K tokens of the prompt.
 
 An answer is right when it states the number. Time to first token: the filter pass (GemFilter) and
@@ -42,10 +43,14 @@ SEEDS = (0, 1)
 BUDGETS = (256, 512, 1024)
 NEW_TOKENS = 16
 SEARCH = dict(length=4096, samples=8, budget=512)
+LONG_SEARCH = dict(length=8176, samples=4, budget=1024)  # the layer chosen at the longest length
 ROWS = [f"{length}-{i}" for length in LENGTHS for i in range(len(DEPTHS) * len(SEEDS))]
+LONG_ROWS = [f"8176-{i}@8176" for i in range(len(DEPTHS) * len(SEEDS))]
 
 
-def methods() -> list[str]:
+def methods(row: str = "") -> list[str]:
+    if row.endswith("@8176"):  # the haystacks again, GemFilter at the block chosen at 8,176 tokens
+        return ["full", *(f"gemfilter-{k}" for k in BUDGETS)]
     return ["full", *(f"gemfilter-{k}" for k in BUDGETS), *(f"last-{k}" for k in BUDGETS)]
 
 
@@ -96,13 +101,13 @@ def main() -> None:
     torch.set_num_threads(2)
     model, tokenizer = load(default_model_dir())
     finished = done()
-    if "search" not in finished:
-        clock = time.perf_counter()
-        found = find_filter_layer(model, tokenizer, FilterSearch(**SEARCH))
-        finished["search"] = {"row": "search", **SEARCH, "filter_layer": found["filter_layer"],
-                              "recall": found["recall"], "seconds": time.perf_counter() - clock}  # fmt: skip
-        append(finished["search"])
-    layer = finished["search"]["filter_layer"]
+    for key, search in (("search", SEARCH), ("search-8176", LONG_SEARCH)):
+        if key not in finished:
+            clock = time.perf_counter()
+            found = find_filter_layer(model, tokenizer, FilterSearch(**search))
+            finished[key] = {"row": key, **search, "filter_layer": found["filter_layer"], "recall": found["recall"],
+                             "seconds": time.perf_counter() - clock}  # fmt: skip
+            append(finished[key])
     ids = tokenize(tokenizer, load_text("enwiki-sample", "evaluation")).tolist()
     ids = ids[: len(ids) // 2]
     stacks = {}
@@ -111,13 +116,14 @@ def main() -> None:
                                                          offset=seed * len(DEPTHS) * length)]  # fmt: skip
         stacks.update({f"{length}-{i}": h for i, h in enumerate(built)})
     warm = stacks[ROWS[0]]
-    answer(model, tokenizer, warm.ids, warm, TokenPruning(filter_layer=layer, budget=256))
-    for name in args.only.split(",") if args.only else ROWS:
+    answer(model, tokenizer, warm.ids, warm, TokenPruning(filter_layer=0, budget=256))
+    for name in args.only.split(",") if args.only else ROWS + LONG_ROWS:
         if name in finished:
             continue
-        haystack = stacks[name]
+        haystack = stacks[name.split("@")[0]]
+        layer = finished["search-8176" if name.endswith("@8176") else "search"]["filter_layer"]
         row = {"row": name, "length": len(haystack.ids), "depth": haystack.depth, "filter_layer": layer}
-        for method in methods():
+        for method in methods(name):
             kind, _, budget = method.partition("-")
             if kind == "full":
                 row[method] = answer(model, tokenizer, haystack.ids, haystack)
@@ -132,24 +138,28 @@ def main() -> None:
 
 def table() -> None:
     rows = done()
-    search = rows.pop("search", None)
-    if search:
-        recall = " ".join(f"{r:.2f}" for r in search["recall"])
-        print(f"filter layer {search['filter_layer']} (recall of the answer's tokens by block at budget "
-              f"{search['budget']} of {search['length']}: {recall})\n")
+    for key in ("search", "search-8176"):
+        search = rows.pop(key, None)
+        if search:
+            recall = " ".join(f"{r:.2f}" for r in search["recall"])
+            print(f"filter layer {search['filter_layer']} (recall of the answer's tokens by block at budget "
+                  f"{search['budget']} of {search['length']}: {recall})\n")
     print("| prompt tokens | method | haystacks | retrieval accuracy | kept tokens | time to first token (median) | "
           "speedup (median) |")
     print("|---|---|---|---|---|---|---|")
-    for length in LENGTHS:
-        group = [r for r in rows.values() if r["row"].startswith(f"{length}-")]
+    for length, suffix in [*((n, "") for n in LENGTHS), (8176, "@8176")]:
+        group = [r for r in rows.values() if r["row"].startswith(f"{length}-") and r["row"].endswith(suffix)
+                 and ("@" in r["row"]) == bool(suffix)]  # fmt: skip
         if not group:
             continue
-        for method in methods():
+        for method in methods(suffix):
             right = sum(r[method]["right"] for r in group)
             ttft = statistics.median(r[method]["ttft"] for r in group)
             speedup = statistics.median(r["full"]["ttft"] / r[method]["ttft"] for r in group)
             kept = statistics.median(r[method]["kept"] for r in group)
-            print(f"| {length} | {method} | {len(group)} | {right / len(group):.0%} ({right}/{len(group)}) | "
+            label = method if method == "full" or not method.startswith("gemfilter") else \
+                f"{method} (block {group[0]['filter_layer']})"
+            print(f"| {length} | {label} | {len(group)} | {right / len(group):.0%} ({right}/{len(group)}) | "
                   f"{kept:.0f} | {ttft:.2f} s | {speedup:.2f}x |")
 
 

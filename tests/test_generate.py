@@ -109,3 +109,15 @@ def test_bench_with_a_draft(model_dir, text_file, tmp_path, capsys):
     assert "one model with its draft" in capsys.readouterr().err
     assert main(["bench", str(model_dir("llama")), "--draft-tokens", "3"]) == 2
     assert "--draft-tokens applies only with --draft" in capsys.readouterr().err
+
+
+def test_bench_with_the_model_s_own_first_blocks_as_draft(model_dir, text_file, capsys):
+    args = ["bench", str(model_dir("llama")), "--prompt", "16", "--new-tokens", "10", "--repeats", "1",
+            "--prompt-text", str(text_file)]
+    assert main([*args, "--draft-blocks", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["result"]
+    assert result["identical"] and result["draft"] == "its first 1 blocks"
+    assert main([*args, "--draft-blocks", "2"]) == 2
+    assert "fewer than the model's 2 blocks" in capsys.readouterr().err
+    assert main([*args, "--draft-blocks", "1", "--draft", str(model_dir("llama"))]) == 2
+    assert "give one" in capsys.readouterr().err

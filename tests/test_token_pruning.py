@@ -209,15 +209,13 @@ def test_generate_command_prunes_long_prompts(model_dir, tmp_path, capsys):
     (["--budget", "8"], "applies only with token pruning"),
     (["--no-chat"], "no-chat applies only"),
     (["--filter-layer", "1", "--pool", "2"], "--pool must be an odd"),
-    (["--filter-layer", "7"], "0..1"),
+    (["--filter-layer", "7", "--budget", "4"], "0..1"),
     (["--max-new-tokens", "0"], "at least 1"),
 ])  # fmt: skip
 def test_generate_command_refuses_bad_settings(model_dir, tmp_path, capsys, flags, message):
     prompt = tmp_path / "p.txt"
     prompt.write_text("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10")
-    assert main(["generate", str(model_dir("llama")), "--prompt-file", str(prompt), "--budget", "4", *flags]
-                if flags == ["--filter-layer", "7"] else
-                ["generate", str(model_dir("llama")), "--prompt-file", str(prompt), *flags]) == 2  # fmt: skip
+    assert main(["generate", str(model_dir("llama")), "--prompt-file", str(prompt), *flags]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -344,3 +342,22 @@ def test_teacher_forced_early_exit_scores_the_given_tokens():
         logits = model(torch.tensor([text])).logits[0, 7:-1].log_softmax(-1)
     expected = -logits.gather(1, torch.tensor(text[8:]).view(-1, 1)).view(-1)
     assert torch.allclose(torch.tensor(forced.nll), expected, atol=1e-4)
+
+
+def test_saturation_exits_where_the_block_barely_turns_the_state():
+    """CALM's saturation measure: the cosine of block 0's output with its input at the new token,
+    computed by hand, decides the exit on either side of it."""
+    from secateur.generate import greedy
+    from secateur.generate.early_exit import early_exit
+
+    model = tiny_model("llama")
+    prompt = ids(10, 12)
+    first = greedy(model, torch.tensor([prompt]), 1).tokens
+    with torch.no_grad():
+        states = model(torch.tensor([prompt + first]), output_hidden_states=True).hidden_states
+    cosine = float(torch.cosine_similarity(states[1][0, -1], states[0][0, -1], dim=0))
+    below = early_exit(model, torch.tensor([prompt]), 2, cosine - 1e-4, [0], measure="saturation")
+    above = early_exit(model, torch.tensor([prompt]), 2, cosine + 1e-4, [0], measure="saturation")
+    assert below.exit_blocks == [1] and above.exit_blocks == [2]
+    assert early_exit(model, torch.tensor([prompt]), 8, 1.0, [0], measure="saturation").tokens == \
+        greedy(model, torch.tensor([prompt]), 8).tokens

@@ -35,6 +35,13 @@ HF = Requires(lambda c: c.engine == "hf", "--engine hf (the default)")
 LLAMA_CPP = Requires(lambda c: c.engine == "llama.cpp", "--engine llama.cpp")
 
 
+def speculating(config) -> bool:
+    return config.draft is not None or config.draft_blocks is not None
+
+
+SPECULATING = Requires(speculating, "--draft or --draft-blocks")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """How `secateur bench` times its models; its flags are generated from these fields."""
@@ -51,18 +58,23 @@ class BenchConfig:
     repeats: int = option(3, "timed runs per model and round")
     rounds: int = option(3, "rounds over all models, each model in a fresh process per round, so machine drift "
                             "falls on every model alike; medians over all runs, speedups are medians of per-round "
-                            "ratios", requires=Requires(lambda c: c.draft is None, "several models (not --draft)"))
+                            "ratios", requires=Requires(lambda c: not speculating(c), "several models (not --draft)"))
     draft: str | None = option(None, "a pruned model as the speculative-decoding draft of the one model given: its "
                                      "acceptance rate, the speedup of greedy decoding, and whether the output is the "
                                      "model's own greedy output", requires=HF)
-    draft_tokens: int = option(4, "draft tokens proposed per round", requires=Requires(lambda c: c.draft is not None,
-                                                                                         "--draft"))
+    draft_blocks: int | None = option(None, "the model's own first N blocks (with its final norm and LM head, "
+                                            "sharing its weights) as the draft: self-speculation", requires=HF)
+    draft_tokens: int = option(4, "draft tokens proposed per round", requires=SPECULATING)
     prompt_text: str = option("enwiki-sample", "the text whose first --prompt tokens are the prompt (--draft: "
                                                "acceptance depends on real text)",
-                              requires=Requires(lambda c: c.draft is not None, "--draft"))
+                              requires=SPECULATING)
 
     def __post_init__(self) -> None:
         refuse_inapplicable(self)
+        if self.draft is not None and self.draft_blocks is not None:
+            raise ConfigError("--draft and --draft-blocks each name the draft; give one")
+        if self.draft_blocks is not None and self.draft_blocks < 1:
+            raise ConfigError(f"--draft-blocks must be at least 1, got {self.draft_blocks}")
         least = 0 if self.engine == "llama.cpp" else 1  # llama.cpp skips a test of length 0; hf times both
         for name in ("prompt", "new_tokens"):
             if getattr(self, name) < least:
@@ -393,17 +405,22 @@ class DraftResult:
     speculative_runs: list[float] = field(default_factory=list)
 
 
-def measure_draft(path: str | Path, draft_path: str | Path, *, prompt: int = 512, new_tokens: int = 128,
+def measure_draft(path: str | Path, draft_path: str | Path | None, *, prompt: int = 512, new_tokens: int = 128,
                   draft_tokens: int = 4, repeats: int = 3, text: str = "enwiki-sample", device: str = "cpu",
-                  dtype: str = "float32", allow_nonfinite: bool = False) -> DraftResult:  # fmt: skip
-    """Greedy decoding of `path` alone and with `draft_path` as its speculative draft, on a real prompt."""
+                  dtype: str = "float32", allow_nonfinite: bool = False,
+                  draft_blocks: int | None = None) -> DraftResult:  # fmt: skip
+    """Greedy decoding of `path` alone and with `draft_path` (or, with `draft_blocks`, the model's own
+    first blocks) as its speculative draft, on a real prompt."""
     from secateur.data import load_text
     from secateur.data.windows import tokenize
-    from secateur.generate import greedy, speculative
+    from secateur.generate import greedy, shallow_view, speculative
     from secateur.io import load
 
     model, tokenizer = load(path, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
-    draft, _ = load(draft_path, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
+    if draft_blocks is not None:
+        draft, draft_path = shallow_view(model, draft_blocks), f"its first {draft_blocks} blocks"
+    else:
+        draft, _ = load(draft_path, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
     ids = tokenize(tokenizer, load_text(text, "evaluation", "text"))
     if len(ids) < prompt:
         raise ConfigError(f"--prompt-text {text} has {len(ids)} tokens, fewer than --prompt {prompt}")

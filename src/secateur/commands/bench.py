@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         split_model_path(Path(path))  # a missing or non-model path fails before any timing
     config = from_flags(BenchConfig, vars(args))
     common = dict(rounds=config.rounds, prompt=config.prompt, new_tokens=config.new_tokens, repeats=config.repeats)
-    if config.draft is not None:
+    if config.draft is not None or config.draft_blocks is not None:
         return _draft(args, config)
     if config.engine == "llama.cpp":
         if args.allow_nonfinite:
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _draft(args: argparse.Namespace, config) -> int:
-    """`secateur bench MODEL --draft PRUNED`: speculative decoding with a pruned draft."""
+    """`secateur bench MODEL --draft PRUNED` (or `--draft-blocks N`): speculative decoding with a pruned
+    draft, or with the model's own first blocks."""
     import json
     from dataclasses import asdict
 
@@ -63,13 +64,19 @@ def _draft(args: argparse.Namespace, config) -> int:
 
     if len(args.models) != 1:
         raise SecateurError(f"--draft times one model with its draft; {len(args.models)} models were given")
-    split_model_path(Path(config.draft))
-    if load_config(config.draft).vocab_size != load_config(args.models[0]).vocab_size:
-        raise SecateurError("the draft must share the model's vocabulary (a vocabulary-pruned draft does not)")
+    if config.draft_blocks is not None:
+        blocks = load_config(args.models[0]).num_hidden_layers
+        if config.draft_blocks >= blocks:
+            raise SecateurError(f"--draft-blocks {config.draft_blocks}: the draft keeps fewer than the model's "
+                                f"{blocks} blocks")
+    if config.draft is not None:
+        split_model_path(Path(config.draft))
+        if load_config(config.draft).vocab_size != load_config(args.models[0]).vocab_size:
+            raise SecateurError("the draft must share the model's vocabulary (a vocabulary-pruned draft does not)")
     result = measure_draft(args.models[0], config.draft, prompt=config.prompt, new_tokens=config.new_tokens,
                            draft_tokens=config.draft_tokens, repeats=config.repeats, text=config.prompt_text,
                            device=str(resolve_device(config.device)), dtype=config.dtype,
-                           allow_nonfinite=args.allow_nonfinite)  # fmt: skip
+                           allow_nonfinite=args.allow_nonfinite, draft_blocks=config.draft_blocks)  # fmt: skip
     if args.json:
         print(json.dumps({"protocol": DRAFT_PROTOCOL, "result": asdict(result)}, indent=2))
         return 0

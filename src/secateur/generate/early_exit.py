@@ -1,8 +1,11 @@
 """Dynamic depth at decoding time, two ways.
 
-- **Early exit** (CALM, Schuster et al. 2022): at each new token, after each block in `exits` the
-  LM head reads the last position (through the final norm); when its top-1 probability exceeds
-  `threshold`, that block's hidden state is the token's final state. The blocks after it do not run
+- **Early exit** (CALM, Schuster et al. 2022): at each new token, after each block in `exits` a
+  confidence is read at the last position; when it exceeds `threshold`, that block's hidden state
+  is the token's final state. Two of CALM's confidence measures: `softmax`, the LM head's top-1
+  probability (through the final norm; it costs a pass through the LM head at every check, for
+  SmolLM2 as much memory traffic as 8 blocks), and `saturation`, the cosine similarity of the
+  block's output with its input (nearly free). The blocks after it do not run
   their MLP; they run only their attention branch on the exited state, so their key/value caches
   hold an entry for the token and later tokens attend to it (CALM's state propagation). The prompt
   always runs through every block. Not lossless: the output can differ from the model's.
@@ -77,8 +80,12 @@ class _ZeroBranch(nn.Module):
         return torch.zeros((), dtype=hidden.dtype, device=hidden.device)
 
 
+MEASURES = ("softmax", "saturation")
+
+
 @dataclass
 class _Exit:
+    measure: str
     threshold: float
     exits: frozenset[int]
     head: nn.Module
@@ -90,7 +97,7 @@ class _Exit:
 
 
 @contextlib.contextmanager
-def _exiting(model: nn.Module, threshold: float, exits: Sequence[int]) -> Iterator[_Exit]:
+def _exiting(model: nn.Module, threshold: float, exits: Sequence[int], measure: str = "softmax") -> Iterator[_Exit]:
     from secateur.models import adapter_for
 
     adapter = adapter_for(model)
@@ -101,7 +108,7 @@ def _exiting(model: nn.Module, threshold: float, exits: Sequence[int]) -> Iterat
     final = adapter.width.hidden.final_norm if adapter.width.hidden is not None else None
     if final is None:
         raise ConfigError(f"early exit reads the final norm, which the {adapter.family} adapter does not name")
-    run = _Exit(threshold, frozenset(exits), model.get_output_embeddings(), model.get_submodule(final),
+    run = _Exit(measure, threshold, frozenset(exits), model.get_output_embeddings(), model.get_submodule(final),
                 getattr(model.config, "final_logit_softcapping", None))
     zero, handles = _ZeroBranch(), []
 
@@ -120,12 +127,15 @@ def _exiting(model: nn.Module, threshold: float, exits: Sequence[int]) -> Iterat
                     owner._modules[name] = branch
                 return run.state
             out = original(hidden_states, *args, **kwargs)
-            if run.active and index in run.exits:
+            if run.active and index in run.exits and run.threshold < 1.0:  # 1: never (a cosine can round above)
                 hidden = out[0] if isinstance(out, tuple) else out
-                logits = run.head(run.norm(hidden[:, -1:])).float()
-                if run.softcap:  # Gemma's final soft-capping, as the model's own logits have it
-                    logits = run.softcap * torch.tanh(logits / run.softcap)
-                confidence = logits.softmax(-1).amax()
+                if run.measure == "saturation":
+                    confidence = torch.cosine_similarity(hidden[0, -1].float(), hidden_states[0, -1].float(), dim=0)
+                else:
+                    logits = run.head(run.norm(hidden[:, -1:])).float()
+                    if run.softcap:  # Gemma's final soft-capping, as the model's own logits have it
+                        logits = run.softcap * torch.tanh(logits / run.softcap)
+                    confidence = logits.softmax(-1).amax()
                 if confidence.item() > run.threshold:
                     run.state, run.block = hidden, index + 1
             return out
@@ -144,21 +154,23 @@ def _exiting(model: nn.Module, threshold: float, exits: Sequence[int]) -> Iterat
 
 @torch.inference_mode()
 def early_exit(model: nn.Module, prompt: Tensor, new_tokens: int, threshold: float, exits: Sequence[int],
-               forced: Sequence[int] | None = None) -> Exited:  # fmt: skip
+               forced: Sequence[int] | None = None, measure: str = "softmax") -> Exited:  # fmt: skip
     """`new_tokens` greedy tokens after `prompt` (1, length), each leaving the stack after the first
-    block of `exits` (0-based) where the LM head's top-1 probability exceeds `threshold`; a threshold
-    of 1 never exits (the model's greedy output). With `forced`, those tokens are fed instead of the
+    block of `exits` (0-based) where the confidence `measure` exceeds `threshold`; a threshold of 1
+    never exits (the model's greedy output). With `forced`, those tokens are fed instead of the
     model's choices (teacher forcing) and `nll` holds each one's negative log-likelihood."""
     total = len(_blocks(model))
+    if measure not in MEASURES:
+        raise ConfigError(f"the exit confidence is one of {', '.join(MEASURES)}, got {measure!r}")
     if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"the exit threshold is a probability in 0..1, got {threshold}")
+        raise ConfigError(f"the exit threshold lies in 0..1, got {threshold}")
     if not exits or any(not 0 <= e < total - 1 for e in exits):
         raise ConfigError(f"exit blocks lie in 0..{total - 2} (after the last block there is nothing to skip), "
                           f"got {list(exits)}")
     if forced is not None:
         new_tokens = len(forced)
     start = time.perf_counter()
-    with _exiting(model, threshold, exits) as run:
+    with _exiting(model, threshold, exits, measure) as run:
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         result = Exited([], 0.0, first_token_seconds=time.perf_counter() - start)
