@@ -4,7 +4,7 @@ into secateur's cache, so `secateur bench --engine llama.cpp` and `secateur plan
 on a fresh machine. Needs cmake, a C++ compiler and PyPI; several minutes on two cores.
 
 The cache (<cache>/llamacpp/) holds the unpacked sdist and a CMake build with shared libraries:
-`llama-bench`, `llama-perplexity` and `libllama.so`. The sdist's pure-Python `llama_cpp` package is
+`llama-bench`, `llama-perplexity`, `llama-completion`, `llama-speculative-simple` and `libllama.so`. The sdist's pure-Python `llama_cpp` package is
 used against that library (`LLAMA_CPP_LIB_PATH`), so its bindings always match the binaries.
 """
 
@@ -20,7 +20,10 @@ from pathlib import Path
 from secateur.errors import SecateurError
 
 VERSION = "0.3.36"  # llama-cpp-python; the llama.cpp it vendors is what is built
-TARGETS = ("llama-bench", "llama-perplexity", "llama")  # the last: libllama.so, for the Python bindings
+# the last: libllama.so, for the Python bindings; llama-completion and llama-speculative-simple: plain
+# and speculative decoding with the same sampler code (benchmarks/llamacpp_drafts.py)
+TARGETS = ("llama-bench", "llama-perplexity", "llama-completion", "llama-speculative-simple", "llama")
+TOOLS = TARGETS[:-1]
 
 
 def cache() -> Path:
@@ -36,7 +39,7 @@ def bin_dir() -> Path:
 def built() -> Path | None:
     """The cached build's bin directory when it is complete, else None."""
     where = bin_dir()
-    complete = all((where / t).is_file() for t in TARGETS[:2]) and any(where.glob("libllama.so*"))
+    complete = all((where / t).is_file() for t in TOOLS) and any(where.glob("libllama.so*"))
     return where if complete else None
 
 
@@ -66,7 +69,7 @@ def build() -> Path:
     build_dir = bin_dir().parent
     subprocess.run(["cmake", "-S", str(llama), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                     "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_SERVER=OFF",
                     "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"],
                    check=True)  # fmt: skip
     jobs = str(os.cpu_count() or 2)
