@@ -157,8 +157,11 @@ def test_the_build_of_secateur_llama_cpp_is_found_and_not_rebuilt(tmp_path, monk
         llama_bench_binary(None)
     where = llamacpp.bin_dir()
     where.mkdir(parents=True)
-    for name in ("llama-bench", "llama-perplexity", "libllama.so"):
+    for name in ("llama-bench", "llama-perplexity", "libllama.so"):  # a build from before the decoding tools
         (where / name).write_text("")
     assert llama_bench_binary(None) == where / "llama-bench"
+    assert llamacpp.built() is None  # `secateur llama-cpp` completes it
+    for name in llamacpp.TOOLS:
+        (where / name).write_text("")
     monkeypatch.setattr(llamacpp.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a complete build"))
     assert main(["llama-cpp"]) == 0 and str(where) in capsys.readouterr().out

@@ -121,3 +121,15 @@ def test_bench_with_the_model_s_own_first_blocks_as_draft(model_dir, text_file, 
     assert "fewer than the model's 2 blocks" in capsys.readouterr().err
     assert main([*args, "--draft-blocks", "1", "--draft", str(model_dir("llama"))]) == 2
     assert "give one" in capsys.readouterr().err
+
+
+def test_speculation_rolls_back_sliding_window_caches():
+    """Gemma 3's sliding layers drop states beyond their window; the caches record them after the
+    prefill, so rounds can be cut back past the window (prompt 30 > window 8)."""
+    from secateur.generate import self_speculative
+
+    target = tiny_model("gemma3_text")
+    ids = prompt(30, seed=3)
+    reference = greedy(target, ids, 25).tokens
+    assert speculative(target, tiny_model("gemma3_text", seed=1), ids, 25, k=4).tokens == reference
+    assert self_speculative(target, ids, 25, 1, 3).tokens == reference

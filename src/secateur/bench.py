@@ -262,7 +262,7 @@ def llama_bench_binary(directory: str | Path | None) -> Path:
 
     where = directory or os.environ.get(LLAMA_CPP_ENV)
     found = Path(where) / "llama-bench" if where else (Path(p) if (p := shutil.which("llama-bench")) else None)
-    if found is None and (cached := built()) is not None:
+    if found is None and (cached := built(("llama-bench",))) is not None:  # an older build without the newer tools too
         found = cached / "llama-bench"
     if found is None or not found.is_file():
         raise ConfigError(f"llama-bench not found {'in ' + str(where) if where else 'on PATH'}: run `secateur "

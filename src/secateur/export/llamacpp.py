@@ -36,10 +36,10 @@ def bin_dir() -> Path:
     return cache() / f"build-{VERSION}" / "bin"
 
 
-def built() -> Path | None:
-    """The cached build's bin directory when it is complete, else None."""
+def built(tools: tuple[str, ...] = TOOLS) -> Path | None:
+    """The cached build's bin directory when it holds `tools` (default: all) and libllama, else None."""
     where = bin_dir()
-    complete = all((where / t).is_file() for t in TOOLS) and any(where.glob("libllama.so*"))
+    complete = all((where / t).is_file() for t in tools) and any(where.glob("libllama.so*"))
     return where if complete else None
 
 

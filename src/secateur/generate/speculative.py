@@ -69,6 +69,9 @@ def speculative(target: nn.Module, draft: nn.Module, prompt: Tensor, new_tokens:
     out = target(input_ids=prompt, use_cache=True, logits_to_keep=1)
     target_cache, tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]  # target cache: prompt
     draft_cache, drafted = draft(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values, 0
+    for cache in (target_cache, draft_cache):  # sliding-window layers keep what a rollback needs (after the
+        if hasattr(cache, "activate_past_recording"):  # prefill: recording it would hold the whole prompt)
+            cache.activate_past_recording()
     result = Decoded(tokens, 0.0)
     while len(tokens) < new_tokens:
         # the draft catches up on the tokens it has not seen, then proposes k tokens
