@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -165,3 +166,54 @@ def test_the_build_of_secateur_llama_cpp_is_found_and_not_rebuilt(tmp_path, monk
         (where / name).write_text("")
     monkeypatch.setattr(llamacpp.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a complete build"))
     assert main(["llama-cpp"]) == 0 and str(where) in capsys.readouterr().out
+
+
+FAKE_COMPLETION = """#!/usr/bin/env python3
+import sys
+args = sys.argv[1:]
+prompt = args[args.index("-p") + 1]
+print(prompt + " one two three four")
+print("common_perf_print: prompt eval time = 10.00 ms / 8 tokens (1.25 ms per token, 800.00 tokens per second)",
+      file=sys.stderr)
+print("common_perf_print:        eval time = 40.00 ms / 3 runs (13.3 ms per token, 75.00 tokens per second)",
+      file=sys.stderr)
+"""
+
+FAKE_SPECULATIVE = """#!/usr/bin/env python3
+import os, sys
+args = sys.argv[1:]
+prompt = args[args.index("-p") + 1]
+assert args[args.index("--spec-type") + 1] == "draft-simple" and args[args.index("--spec-draft-n-max") + 1] == "2"
+tail = " one two FIVE" if os.environ.get("FAKE_DIFFER") else " one two three four five"
+print(prompt + tail)
+print("I encoded    8 tokens in    0.010 seconds, speed:  800.000 t/s", file=sys.stderr)
+print("I decoded    6 tokens in    0.040 seconds, speed:  150.000 t/s", file=sys.stderr)
+print("I n_draft   = 2", file=sys.stderr)
+print("I n_drafted = 4", file=sys.stderr)
+print("I n_accept  = 3", file=sys.stderr)
+"""
+
+
+def test_llamacpp_draft_runs_llama_cpp_s_own_speculative_decoding(tmp_path, model_dir, text_file, capsys, monkeypatch):
+    path, _ = _gguf(tmp_path, model_dir)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name, script in (("llama-completion", FAKE_COMPLETION), ("llama-speculative-simple", FAKE_SPECULATIVE)):
+        (tools / name).write_text(script)
+        (tools / name).chmod(0o755)
+    args = ["bench", str(path), "--draft", str(path), "--engine", "llama.cpp", "--llama-cpp", str(tools), "--prompt",
+            "8", "--new-tokens", "4", "--draft-tokens", "2", "--repeats", "2", "--prompt-text", str(text_file)]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["result"]
+    assert result["plain_tokens_per_second"] == 75.0 and result["speculative_tokens_per_second"] == 150.0
+    assert result["speedup"] == 2.0 and result["acceptance"] == 0.75
+    assert result["tokens_per_round"] == 3.0  # 6 new tokens over 4 / 2 verifications
+    assert result["identical"]  # the speculative loop ran past the plain one's end: a prefix
+    monkeypatch.setenv("FAKE_DIFFER", "1")
+    assert main(args) == 1
+    assert "DIFFERS" in capsys.readouterr().out
+    assert main([*args[:3], str(text_file), *args[4:]]) == 2
+    assert "times .gguf files, the model and its draft" in capsys.readouterr().err
+    assert main(["bench", str(path), "--draft", str(path), "--engine", "llama.cpp", "--llama-cpp",
+                 str(tmp_path / "none")]) == 2  # fmt: skip
+    assert "llama-completion not found" in capsys.readouterr().err

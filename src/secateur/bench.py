@@ -61,7 +61,7 @@ class BenchConfig:
                             "ratios", requires=Requires(lambda c: not speculating(c), "several models (not --draft)"))
     draft: str | None = option(None, "a pruned model as the speculative-decoding draft of the one model given: its "
                                      "acceptance rate, the speedup of greedy decoding, and whether the output is the "
-                                     "model's own greedy output", requires=HF)
+                                     "model's own greedy output (llama.cpp: both .gguf files)")
     draft_blocks: int | None = option(None, "the model's own first N blocks (with its final norm and LM head, "
                                             "sharing its weights) as the draft: self-speculation", requires=HF)
     draft_tokens: int = option(4, "draft tokens proposed per round", requires=SPECULATING)
@@ -255,17 +255,22 @@ LLAMA_CPP_ENV = "SECATEUR_LLAMA_CPP"  # a directory holding llama.cpp's binaries
 def llama_bench_binary(directory: str | Path | None) -> Path:
     """llama-bench from `directory`, else from $SECATEUR_LLAMA_CPP, else from PATH, else from the build
     `secateur llama-cpp` leaves in secateur's cache."""
+    return llama_cpp_tool("llama-bench", directory)
+
+
+def llama_cpp_tool(name: str, directory: str | Path | None) -> Path:
+    """One of llama.cpp's binaries, looked up as `llama_bench_binary` says."""
     import os
     import shutil
 
     from secateur.export.llamacpp import built
 
     where = directory or os.environ.get(LLAMA_CPP_ENV)
-    found = Path(where) / "llama-bench" if where else (Path(p) if (p := shutil.which("llama-bench")) else None)
-    if found is None and (cached := built(("llama-bench",))) is not None:  # an older build without the newer tools too
-        found = cached / "llama-bench"
+    found = Path(where) / name if where else (Path(p) if (p := shutil.which(name)) else None)
+    if found is None and (cached := built((name,))) is not None:  # an older build without the newer tools too
+        found = cached / name
     if found is None or not found.is_file():
-        raise ConfigError(f"llama-bench not found {'in ' + str(where) if where else 'on PATH'}: run `secateur "
+        raise ConfigError(f"{name} not found {'in ' + str(where) if where else 'on PATH'}: run `secateur "
                           f"llama-cpp` once to build it (several minutes; needs cmake and a C++ compiler), or pass "
                           f"--llama-cpp DIR or set {LLAMA_CPP_ENV} to the directory of llama.cpp's binaries")
     return found
@@ -438,3 +443,82 @@ def measure_draft(path: str | Path, draft_path: str | Path | None, *, prompt: in
         tokens_per_round=(first.accepted + first.target_calls) / max(first.target_calls, 1),
         plain_tokens_per_second=plain_speed, speculative_tokens_per_second=fast_speed, speedup=fast_speed / plain_speed,
         plain_runs=plain, speculative_runs=fast)  # fmt: skip
+
+
+LLAMA_DRAFT_PROTOCOL = (
+    "llama.cpp, greedy (--temp 0 --top-k 1); the prompt is the first --prompt tokens of --prompt-text; plain = "
+    "llama-completion, speculative = llama-speculative-simple (--spec-type draft-simple, --draft-tokens per round), "
+    "both with --threads threads per model; decode speed without the prompt, as each tool reports it; medians of "
+    "--repeats runs; identical = one continuation is a prefix of the other (a round may pass --new-tokens)"
+)
+
+
+def _llama_run(binary: Path, *args: Any) -> Any:
+    import os
+    import subprocess
+
+    libraries = [str(binary.parent), os.environ.get("LD_LIBRARY_PATH", "")]
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(p for p in libraries if p)}
+    process = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, env=env)
+    if process.returncode != 0:
+        last = (process.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"{binary.name} failed (exit {process.returncode}): {last}")
+    return process
+
+
+def _continuation(stdout: str, prompt: str) -> str:
+    """What a llama.cpp tool printed after the prompt, without colour codes."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", stdout)
+    tail = prompt[-60:]
+    return text[text.index(tail) + len(tail):].strip() if tail in text else text.strip()
+
+
+def measure_draft_llamacpp(path: str | Path, draft_path: str | Path, *, llama_cpp: str | Path | None = None,
+                           prompt: int = 512, new_tokens: int = 128, draft_tokens: int = 4, repeats: int = 3,
+                           text: str = "enwiki-sample", threads: int | None = None) -> DraftResult:  # fmt: skip
+    """Plain and speculative greedy decoding of a GGUF file in llama.cpp, with a GGUF draft."""
+    import re
+
+    from secateur.data import load_text
+    from secateur.data.windows import tokenize
+    from secateur.io import load_tokenizer
+
+    plain_tool = llama_cpp_tool("llama-completion", llama_cpp)
+    speculative_tool = llama_cpp_tool("llama-speculative-simple", llama_cpp)
+    tokenizer = load_tokenizer(path)
+    ids = tokenize(tokenizer, load_text(text, "evaluation", "text"))
+    if len(ids) < prompt:
+        raise ConfigError(f"--prompt-text {text} has {len(ids)} tokens, fewer than --prompt {prompt}")
+    words = tokenizer.decode(ids[:prompt].tolist())
+    threads = threads or torch.get_num_threads()
+    common = ["-n", new_tokens, "--temp", 0, "--top-k", 1, "-t", threads]
+    plain, fast, accepted, per_round, texts = [], [], [], [], {}
+    for _ in range(repeats):
+        out = _llama_run(plain_tool, "-m", path, *common, "-no-cnv", "-p", words)
+        line = next((x for x in out.stderr.splitlines() if "eval time" in x and "prompt" not in x), "")
+        found = re.search(r"([\d.]+) tokens per second", line)
+        if found is None:
+            raise ConfigError(f"{plain_tool.name} printed no decode speed")
+        plain.append(float(found[1]))
+        texts.setdefault("plain", _continuation(out.stdout, words))
+        out = _llama_run(speculative_tool, "-m", path, "-md", draft_path, "--spec-type", "draft-simple", *common,
+                         "-td", threads, "--spec-draft-n-max", draft_tokens, "-p", words)  # fmt: skip
+        speed = re.search(r"decoded\s+(\d+) tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+)", out.stderr)
+        counts = re.search(r"n_drafted\s+=\s+(\d+).*?n_accept\s+=\s+(\d+)", out.stderr, re.S)
+        if speed is None or counts is None:
+            raise ConfigError(f"{speculative_tool.name} printed no speed or acceptance")
+        fast.append(float(speed[2]))
+        drafted, kept = int(counts[1]), int(counts[2])
+        accepted.append(kept / drafted if drafted else 0.0)
+        per_round.append(int(speed[1]) / max(drafted / draft_tokens, 1.0))  # new tokens per verification
+        texts.setdefault("speculative", _continuation(out.stdout, words))
+    a, b = texts["plain"], texts["speculative"]
+    plain_speed, fast_speed = statistics.median(plain), statistics.median(fast)
+    return DraftResult(
+        model=str(path), draft=str(draft_path), prompt=prompt, new_tokens=new_tokens, draft_tokens=draft_tokens,
+        identical=a.startswith(b) or b.startswith(a), acceptance=statistics.median(accepted),
+        tokens_per_round=statistics.median(per_round), plain_tokens_per_second=plain_speed,
+        speculative_tokens_per_second=fast_speed, speedup=fast_speed / plain_speed, plain_runs=plain,
+        speculative_runs=fast)  # fmt: skip

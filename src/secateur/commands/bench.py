@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(rounds=config.rounds, prompt=config.prompt, new_tokens=config.new_tokens, repeats=config.repeats)
     if config.draft is not None or config.draft_blocks is not None:
         return _draft(args, config)
-    if config.engine == "llama.cpp":
+    if config.engine == "llama.cpp":  # several models timed by llama-bench
         if args.allow_nonfinite:
             raise SecateurError("--allow-nonfinite applies only with --engine hf (llama.cpp reads the GGUF as it is)")
         if not all(str(p).lower().endswith(".gguf") for p in args.models):
@@ -59,11 +59,18 @@ def _draft(args: argparse.Namespace, config) -> int:
     import json
     from dataclasses import asdict
 
-    from secateur.bench import DRAFT_PROTOCOL, measure_draft
+    from secateur.bench import DRAFT_PROTOCOL, LLAMA_DRAFT_PROTOCOL, measure_draft, measure_draft_llamacpp
     from secateur.io import load_config
 
     if len(args.models) != 1:
         raise SecateurError(f"--draft times one model with its draft; {len(args.models)} models were given")
+    llama = config.engine == "llama.cpp"
+    if llama:
+        if args.allow_nonfinite:
+            raise SecateurError("--allow-nonfinite applies only with --engine hf (llama.cpp reads the GGUF as it is)")
+        if not all(str(p).lower().endswith(".gguf") for p in (args.models[0], config.draft)):
+            raise SecateurError("--engine llama.cpp --draft times .gguf files, the model and its draft; write them "
+                                "first with secateur export MODEL --gguf OUT.gguf")
     if config.draft_blocks is not None:
         blocks = load_config(args.models[0]).num_hidden_layers
         if config.draft_blocks >= blocks:
@@ -73,17 +80,23 @@ def _draft(args: argparse.Namespace, config) -> int:
         split_model_path(Path(config.draft))
         if load_config(config.draft).vocab_size != load_config(args.models[0]).vocab_size:
             raise SecateurError("the draft must share the model's vocabulary (a vocabulary-pruned draft does not)")
-    result = measure_draft(args.models[0], config.draft, prompt=config.prompt, new_tokens=config.new_tokens,
-                           draft_tokens=config.draft_tokens, repeats=config.repeats, text=config.prompt_text,
-                           device=str(resolve_device(config.device)), dtype=config.dtype,
-                           allow_nonfinite=args.allow_nonfinite, draft_blocks=config.draft_blocks)  # fmt: skip
+    if llama:
+        result = measure_draft_llamacpp(args.models[0], config.draft, llama_cpp=config.llama_cpp, prompt=config.prompt,
+                                        new_tokens=config.new_tokens, draft_tokens=config.draft_tokens,
+                                        repeats=config.repeats, text=config.prompt_text, threads=config.threads)  # fmt: skip
+    else:
+        result = measure_draft(args.models[0], config.draft, prompt=config.prompt, new_tokens=config.new_tokens,
+                               draft_tokens=config.draft_tokens, repeats=config.repeats, text=config.prompt_text,
+                               device=str(resolve_device(config.device)), dtype=config.dtype,
+                               allow_nonfinite=args.allow_nonfinite, draft_blocks=config.draft_blocks)  # fmt: skip
+    protocol = LLAMA_DRAFT_PROTOCOL if llama else DRAFT_PROTOCOL
     if args.json:
-        print(json.dumps({"protocol": DRAFT_PROTOCOL, "result": asdict(result)}, indent=2))
+        print(json.dumps({"protocol": protocol, "result": asdict(result)}, indent=2))
         return 0
     print(f"{result.model} with draft {result.draft}: acceptance {result.acceptance:.1%} of {result.draft_tokens} "
           f"proposed per round ({result.tokens_per_round:.2f} tokens per target forward); greedy "
           f"{result.plain_tokens_per_second:.1f} -> {result.speculative_tokens_per_second:.1f} tokens/s "
           f"({result.speedup:.2f}x); output {'identical to' if result.identical else 'DIFFERS from'} the model's "
           "greedy output")
-    print(DRAFT_PROTOCOL)
+    print(protocol)
     return 0 if result.identical else 1
