@@ -97,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     pruning = _pruning(args)
+    if pruning is not None:  # before the model loads
+        from secateur.io import load_config
+
+        blocks = load_config(args.model).num_hidden_layers
+        if pruning.filter_layer >= blocks:
+            raise ConfigError(f"filter layers must lie in 0..{blocks - 1} (the model has {blocks} blocks), got "
+                              f"{pruning.filter_layer}")
     texts = []
     for name in args.prompt_files:
         try:
