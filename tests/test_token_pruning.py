@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
+from conftest import FAMILIES, MOE_FAMILIES, VOCAB, tiny_model, tiny_tokenizer
 from secateur.cli import main
 from secateur.data.haystack import answered, haystacks
 from secateur.errors import ConfigError
@@ -65,7 +65,7 @@ def test_settings_are_checked():
 # --- the scores in a model ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES)
 def test_scores_are_the_attention_logits_the_model_computes(family):
     """scale * score_j - sum over heads of log attention_h,j is the same for every key j (the sum of the
     heads' log-normalisers): the scores are the summed logits of the last query, in the filter block."""
