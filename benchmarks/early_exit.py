@@ -26,7 +26,6 @@ Resumable: every finished row is a line of benchmarks/results/early-exit.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -37,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "early-exit.jsonl"
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+from measure import append_row, finished  # noqa: E402
 
 EXITS = {"softmax": (9, 14, 19, 24), "saturation": tuple(range(9, 29))}
 THRESHOLDS = {"softmax": (0.95, 0.9, 0.8), "saturation": (0.99, 0.985, 0.98)}
@@ -67,11 +68,6 @@ def spread(model, tokenizer) -> None:
         over = cosines > t
         exit_at = torch.where(over.any(0), blocks[over.float().argmax(0)] + 1, torch.tensor(30))
         print(f"threshold {t}: mean blocks run {exit_at.float().mean():.1f}, tokens exiting {over.any(0).float().mean():.0%}")
-
-
-def done() -> dict[str, dict]:
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
-    return {row["row"]: row for row in rows}
 
 
 def perplexity(model, tokenizer, measure: str, threshold: float) -> dict:
@@ -118,21 +114,18 @@ def main() -> None:
         return spread(model, tokenizer)
     ids = tokenize(tokenizer, load_text("enwiki-sample", "evaluation")).tolist()
     prompts = [torch.tensor([ids[i * 4096:i * 4096 + PROMPT]]) for i in range(PROMPTS)]
-    finished = done()
-    if "none" not in finished:  # the model's own perplexity through the same loop
-        row = {"row": "none", "perplexity": perplexity(model, tokenizer, "softmax", 1.0)}
-        print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    done = finished(RESULTS)
+    if "none" not in done:  # the model's own perplexity through the same loop
+        append_row(RESULTS, {"row": "none", "perplexity": perplexity(model, tokenizer, "softmax", 1.0)})
     greedy(model, prompts[0], 8)  # warm-up
     for name in args.only.split(",") if args.only else ROWS:
-        if name in finished:
+        if name in done:
             continue
         clock = time.perf_counter()
         row = {"row": name, "prompts": []}
+        measure, _, threshold = name.partition("-")
         for prompt in prompts:
             plain = greedy(model, prompt, NEW_TOKENS)
-            measure, _, threshold = name.partition("-")
             if measure in EXITS:
                 run = early_exit(model, prompt, NEW_TOKENS, float(threshold), EXITS[measure], measure=measure)
                 extra = {"mean_blocks": statistics.mean(run.exit_blocks)}
@@ -143,18 +136,15 @@ def main() -> None:
             same = [a == b for a, b in zip(run.tokens, plain.tokens)]
             row["prompts"].append({"plain_seconds": plain.seconds, "seconds": run.seconds, "agree": sum(same) / len(same),
                                    "first_difference": same.index(False) if False in same else None, **extra})  # fmt: skip
-        measure, _, threshold = name.partition("-")
         if measure in EXITS:
             row["perplexity"] = perplexity(model, tokenizer, measure, float(threshold))
         row["wall_seconds"] = time.perf_counter() - clock
-        print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(RESULTS, row)
     table()
 
 
 def table() -> None:
-    rows = done()
+    rows = finished(RESULTS)
     none = rows.pop("none", None)
     if none:
         print("no exit: " + ", ".join(f"{s} perplexity {v['ppl']:.2f}" for s, v in none["perplexity"].items()) + "\n")

@@ -19,11 +19,7 @@ Resumable: every finished row is a line of benchmarks/results/llamacpp-drafts.js
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +29,7 @@ RESULTS = HERE / "results" / "llamacpp-drafts.jsonl"
 WORK = ROOT / "bench-out" / "drafts"
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
+from measure import append_row, finished  # noqa: E402
 
 TYPES = ("q8_0", "f16")
 ROWS = [row for t in TYPES for row in (f"plain-{t}", f"depth20-k4-{t}", f"depth20-k2-{t}", f"depth50-k2-{t}")]
@@ -57,41 +54,34 @@ def prompt() -> str:
     return load_text("enwiki-sample", "evaluation")[:1200]
 
 
-def run(binary: str, *args) -> subprocess.CompletedProcess:
+def run(binary: str, *args):
+    from secateur.bench import llama_cpp_tool, run_llama_tool
     from secateur.export.llamacpp import build
 
-    where = build()
-    env = {**os.environ, "LD_LIBRARY_PATH": str(where)}
-    return subprocess.run([str(where / binary), *map(str, args)], capture_output=True, text=True, env=env,
-                          check=True)  # fmt: skip
-
-
-def continuation(stdout: str) -> str:
-    """The generated text after the prompt, without colour codes and surrounding whitespace."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", stdout)
-    tail = prompt()[-80:]
-    return text[text.index(tail) + len(tail):].strip() if tail in text else text.strip()
+    return run_llama_tool(llama_cpp_tool(binary, build()), *args)
 
 
 def measure(name: str) -> dict:
+    from secateur.bench import completion_speed, continuation, speculative_stats
+
     name, kind = name.rsplit("-", 1)
-    speeds, accepts, texts = [], [], []
+    speeds, accepts, text = [], [], None
     for _ in range(RUNS):
         if name == "plain":
             out = run("llama-completion", "-m", gguf("dense", kind), "-n", NEW_TOKENS, "--temp", 0, "--top-k", 1,
                       "-t", THREADS, "-no-cnv", "-p", prompt())  # fmt: skip
-            decode = next(line for line in out.stderr.splitlines() if "eval time" in line and "prompt" not in line)
-            speeds.append(float(re.search(r"([\d.]+) tokens per second", decode)[1]))
+            speeds.append(completion_speed(out.stderr))
         else:
             which, k = name.rsplit("-k", 1)
             out = run("llama-speculative-simple", "-m", gguf("dense", kind), "-md", gguf(which, kind), "--spec-type",
                       "draft-simple", "-n", NEW_TOKENS, "--temp", 0, "--top-k", 1, "--spec-draft-n-max", k, "-t",
                       THREADS, "-td", THREADS, "-p", prompt())  # fmt: skip
-            speeds.append(float(re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+)", out.stderr)[1]))
-            accepts.append(float(re.search(r"accept\s+=\s+([\d.]+)%", out.stderr)[1]) / 100)
-        texts.append(continuation(out.stdout))
+            _, speed, drafted, kept = speculative_stats(out.stderr)
+            speeds.append(speed)
+            accepts.append(kept / drafted)
+        text = text if text is not None else continuation(out.stdout, prompt())
     row = {"row": f"{name}-{kind}", "type": kind, "tokens_per_second": statistics.median(speeds), "runs": speeds,
-           "text": texts[0]}  # fmt: skip
+           "text": text}  # fmt: skip
     if accepts:
         which, k = name.rsplit("-k", 1)
         row.update(draft=which, k=int(k), acceptance=statistics.median(accepts))
@@ -99,8 +89,9 @@ def measure(name: str) -> dict:
 
 
 def table() -> None:
-    lines = RESULTS.read_text().splitlines() if RESULTS.exists() else []
-    rows = {json.loads(line)["row"]: json.loads(line) for line in lines}
+    from secateur.bench import agree
+
+    rows = finished(RESULTS)
     print("| GGUF | draft | k | acceptance | decode tok/s | speedup | output against plain greedy |")
     print("|---|---|---|---|---|---|---|")
     for kind in TYPES:
@@ -112,7 +103,7 @@ def table() -> None:
             if row["type"] != kind or "draft" not in row:
                 continue
             a, b = row["text"], plain["text"]
-            same = a.startswith(b) or b.startswith(a)
+            same = agree(a, b)
             shared = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             print(f"| {kind} | {row['draft']} | {row['k']} | {row['acceptance']:.1%} | {row['tokens_per_second']:.1f} | "
                   f"{row['tokens_per_second'] / plain['tokens_per_second']:.2f}x | "
@@ -125,14 +116,10 @@ def main() -> None:
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if not args.table:
-        done = {json.loads(line)["row"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+        done = finished(RESULTS)
         for name in args.only.split(",") if args.only else ROWS:
-            if name in done:
-                continue
-            row = measure(name)
-            print(json.dumps(row), flush=True)
-            with RESULTS.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            if name not in done:
+                append_row(RESULTS, measure(name))
     table()
 
 

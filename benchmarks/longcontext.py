@@ -26,7 +26,6 @@ layer search is the first line).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "longcontext.jsonl"
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+from measure import append_row, finished  # noqa: E402
 
 LENGTHS = (2048, 4096, 8176)
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -52,17 +53,6 @@ def methods(row: str = "") -> list[str]:
     if row.endswith("@8176"):  # the haystacks again, GemFilter at the block chosen at 8,176 tokens
         return ["full", *(f"gemfilter-{k}" for k in BUDGETS)]
     return ["full", *(f"gemfilter-{k}" for k in BUDGETS), *(f"last-{k}" for k in BUDGETS)]
-
-
-def done() -> dict[str, dict]:
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
-    return {row["row"]: row for row in rows}
-
-
-def append(row: dict) -> None:
-    print(json.dumps(row), flush=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def answer(model, tokenizer, prompt: list[int], haystack, pruning=None) -> dict:
@@ -100,14 +90,14 @@ def main() -> None:
 
     torch.set_num_threads(2)
     model, tokenizer = load(default_model_dir())
-    finished = done()
+    done = finished(RESULTS)
     for key, search in (("search", SEARCH), ("search-8176", LONG_SEARCH)):
-        if key not in finished:
+        if key not in done:
             clock = time.perf_counter()
             found = find_filter_layer(model, tokenizer, FilterSearch(**search))
-            finished[key] = {"row": key, **search, "filter_layer": found["filter_layer"], "recall": found["recall"],
+            done[key] = {"row": key, **search, "filter_layer": found["filter_layer"], "recall": found["recall"],
                              "seconds": time.perf_counter() - clock}  # fmt: skip
-            append(finished[key])
+            append_row(RESULTS, done[key])
     ids = tokenize(tokenizer, load_text("enwiki-sample", "evaluation")).tolist()
     ids = ids[: len(ids) // 2]
     stacks = {}
@@ -118,10 +108,10 @@ def main() -> None:
     warm = stacks[ROWS[0]]
     answer(model, tokenizer, warm.ids, warm, TokenPruning(filter_layer=0, budget=256))
     for name in args.only.split(",") if args.only else ROWS + LONG_ROWS:
-        if name in finished:
+        if name in done:
             continue
         haystack = stacks[name.split("@")[0]]
-        layer = finished["search-8176" if name.endswith("@8176") else "search"]["filter_layer"]
+        layer = done["search-8176" if name.endswith("@8176") else "search"]["filter_layer"]
         row = {"row": name, "length": len(haystack.ids), "depth": haystack.depth, "filter_layer": layer}
         for method in methods(name):
             kind, _, budget = method.partition("-")
@@ -132,12 +122,12 @@ def main() -> None:
                                      TokenPruning(filter_layer=layer, budget=int(budget)))  # fmt: skip
             else:
                 row[method] = answer(model, tokenizer, haystack.ids[-int(budget):], haystack)
-        append(row)
+        append_row(RESULTS, row)
     table()
 
 
 def table() -> None:
-    rows = done()
+    rows = finished(RESULTS)
     for key in ("search", "search-8176"):
         search = rows.pop(key, None)
         if search:

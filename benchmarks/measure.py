@@ -50,6 +50,19 @@ def cli_timed(*args) -> tuple[str, float, float]:
         return out.read(), seconds, usage.ru_maxrss / 1024
 
 
+def finished(results: Path) -> dict[str, dict]:
+    """The rows a resumable benchmark has written so far, by name."""
+    lines = results.read_text().splitlines() if results.exists() else []
+    return {row["row"]: row for row in map(json.loads, lines)}
+
+
+def append_row(results: Path, row: dict) -> None:
+    """Print a finished row and append it to `results` (one JSON line)."""
+    print(json.dumps(row), flush=True)
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def run_rows(doc: str, results: Path, rows: list[str], measure: Callable[[str, int], dict],
              table: Callable[[], None]) -> None:
     """A model benchmark's command line: measure every row (or those of `--only`) not yet a line of
@@ -58,14 +71,10 @@ def run_rows(doc: str, results: Path, rows: list[str], measure: Callable[[str, i
     parser.add_argument("--only", help="comma-separated rows (default: all)")
     parser.add_argument("--probe-items", type=int, default=200)
     args = parser.parse_args()
-    done = {json.loads(line)["row"] for line in results.read_text().splitlines()} if results.exists() else set()
+    done = finished(results)
     for name in args.only.split(",") if args.only else rows:
-        if name in done:
-            continue
-        row = measure(name, args.probe_items)
-        print(json.dumps(row), flush=True)
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if name not in done:
+            append_row(results, measure(name, args.probe_items))
     table()
 
 

@@ -453,7 +453,8 @@ LLAMA_DRAFT_PROTOCOL = (
 )
 
 
-def _llama_run(binary: Path, *args: Any) -> Any:
+def run_llama_tool(binary: Path, *args: Any) -> Any:
+    """One of llama.cpp's binaries run to completion, beside its shared libraries; a failure is one line."""
     import os
     import subprocess
 
@@ -466,7 +467,7 @@ def _llama_run(binary: Path, *args: Any) -> Any:
     return process
 
 
-def _continuation(stdout: str, prompt: str) -> str:
+def continuation(stdout: str, prompt: str) -> str:
     """What a llama.cpp tool printed after the prompt, without colour codes."""
     import re
 
@@ -475,12 +476,39 @@ def _continuation(stdout: str, prompt: str) -> str:
     return text[text.index(tail) + len(tail):].strip() if tail in text else text.strip()
 
 
+def agree(a: str, b: str) -> bool:
+    """Two greedy continuations agree when one is a prefix of the other (a speculative round may pass the
+    requested length)."""
+    return a.startswith(b) or b.startswith(a)
+
+
+def completion_speed(stderr: str) -> float:
+    """Decode tokens per second from `llama-completion`'s timings (not the prompt's)."""
+    import re
+
+    line = next((x for x in stderr.splitlines() if "eval time" in x and "prompt" not in x), "")
+    found = re.search(r"([\d.]+) tokens per second", line)
+    if found is None:
+        raise ConfigError("llama-completion printed no decode speed")
+    return float(found[1])
+
+
+def speculative_stats(stderr: str) -> tuple[int, float, int, int]:
+    """(new tokens, decode tokens per second, tokens drafted, drafts accepted) from
+    `llama-speculative-simple`'s report."""
+    import re
+
+    speed = re.search(r"decoded\s+(\d+) tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+)", stderr)
+    counts = re.search(r"n_drafted\s+=\s+(\d+).*?n_accept\s+=\s+(\d+)", stderr, re.S)
+    if speed is None or counts is None:
+        raise ConfigError("llama-speculative-simple printed no speed or acceptance")
+    return int(speed[1]), float(speed[2]), int(counts[1]), int(counts[2])
+
+
 def measure_draft_llamacpp(path: str | Path, draft_path: str | Path, *, llama_cpp: str | Path | None = None,
                            prompt: int = 512, new_tokens: int = 128, draft_tokens: int = 4, repeats: int = 3,
                            text: str = "enwiki-sample", threads: int | None = None) -> DraftResult:  # fmt: skip
     """Plain and speculative greedy decoding of a GGUF file in llama.cpp, with a GGUF draft."""
-    import re
-
     from secateur.data import load_text
     from secateur.data.windows import tokenize
     from secateur.io import load_tokenizer
@@ -496,29 +524,20 @@ def measure_draft_llamacpp(path: str | Path, draft_path: str | Path, *, llama_cp
     common = ["-n", new_tokens, "--temp", 0, "--top-k", 1, "-t", threads]
     plain, fast, accepted, per_round, texts = [], [], [], [], {}
     for _ in range(repeats):
-        out = _llama_run(plain_tool, "-m", path, *common, "-no-cnv", "-p", words)
-        line = next((x for x in out.stderr.splitlines() if "eval time" in x and "prompt" not in x), "")
-        found = re.search(r"([\d.]+) tokens per second", line)
-        if found is None:
-            raise ConfigError(f"{plain_tool.name} printed no decode speed")
-        plain.append(float(found[1]))
-        texts.setdefault("plain", _continuation(out.stdout, words))
-        out = _llama_run(speculative_tool, "-m", path, "-md", draft_path, "--spec-type", "draft-simple", *common,
-                         "-td", threads, "--spec-draft-n-max", draft_tokens, "-p", words)  # fmt: skip
-        speed = re.search(r"decoded\s+(\d+) tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+)", out.stderr)
-        counts = re.search(r"n_drafted\s+=\s+(\d+).*?n_accept\s+=\s+(\d+)", out.stderr, re.S)
-        if speed is None or counts is None:
-            raise ConfigError(f"{speculative_tool.name} printed no speed or acceptance")
-        fast.append(float(speed[2]))
-        drafted, kept = int(counts[1]), int(counts[2])
+        out = run_llama_tool(plain_tool, "-m", path, *common, "-no-cnv", "-p", words)
+        plain.append(completion_speed(out.stderr))
+        texts.setdefault("plain", continuation(out.stdout, words))
+        out = run_llama_tool(speculative_tool, "-m", path, "-md", draft_path, "--spec-type", "draft-simple", *common,
+                             "-td", threads, "--spec-draft-n-max", draft_tokens, "-p", words)  # fmt: skip
+        decoded, speed, drafted, kept = speculative_stats(out.stderr)
+        fast.append(speed)
         accepted.append(kept / drafted if drafted else 0.0)
-        per_round.append(int(speed[1]) / max(drafted / draft_tokens, 1.0))  # new tokens per verification
-        texts.setdefault("speculative", _continuation(out.stdout, words))
-    a, b = texts["plain"], texts["speculative"]
+        per_round.append(decoded / max(drafted / draft_tokens, 1.0))  # new tokens per verification
+        texts.setdefault("speculative", continuation(out.stdout, words))
     plain_speed, fast_speed = statistics.median(plain), statistics.median(fast)
     return DraftResult(
         model=str(path), draft=str(draft_path), prompt=prompt, new_tokens=new_tokens, draft_tokens=draft_tokens,
-        identical=a.startswith(b) or b.startswith(a), acceptance=statistics.median(accepted),
+        identical=agree(texts["plain"], texts["speculative"]), acceptance=statistics.median(accepted),
         tokens_per_round=statistics.median(per_round), plain_tokens_per_second=plain_speed,
         speculative_tokens_per_second=fast_speed, speedup=fast_speed / plain_speed, plain_runs=plain,
         speculative_runs=fast)  # fmt: skip

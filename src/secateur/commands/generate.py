@@ -68,14 +68,14 @@ def read_settings(path: str | Path) -> dict[str, Any]:
 def _pruning(args: argparse.Namespace):
     """The token-pruning settings asked for (a settings file, then flags over it), or None."""
     from secateur.generate.tokens import TokenPruning
-    from secateur.schema import fill, options_of
+    from secateur.schema import fill, flag, options_of
 
     flags = {k: getattr(args, k) for k in options_of(TokenPruning) if getattr(args, k) is not None}
     settings = {**(read_settings(args.settings) if args.settings else {}), **flags}
     if "filter_layer" not in settings:
         if flags:
-            raise ConfigError(f"--{next(iter(flags)).replace('_', '-')} applies only with token pruning; give "
-                              "--filter-layer or --settings")
+            raise ConfigError(f"{flag(next(iter(flags)))} applies only with token pruning; give --filter-layer or "
+                              "--settings")
         return None
     return fill(TokenPruning, settings)
 
@@ -90,20 +90,15 @@ def _prompt(tokenizer: Any, text: str, chat: bool, bos: int | None) -> list[int]
 
 def run(args: argparse.Namespace) -> int:
     from secateur.data.calibration import bos_token
-    from secateur.generate.tokens import generate
-    from secateur.io import load, load_tokenizer
+    from secateur.generate.tokens import check_layers, generate
+    from secateur.io import load, load_config, load_tokenizer
 
     split_model_path(Path(args.model))
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     pruning = _pruning(args)
     if pruning is not None:  # before the model loads
-        from secateur.io import load_config
-
-        blocks = load_config(args.model).num_hidden_layers
-        if pruning.filter_layer >= blocks:
-            raise ConfigError(f"filter layers must lie in 0..{blocks - 1} (the model has {blocks} blocks), got "
-                              f"{pruning.filter_layer}")
+        check_layers([pruning.filter_layer], load_config(args.model).num_hidden_layers)
     texts = []
     for name in args.prompt_files:
         try:

@@ -24,6 +24,10 @@ class Haystack:
     depth: float  # where the fact sits in the text, 0 (start) to 1 (end)
 
 
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def chat_parts(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The tokens before and after a user message: the chat template split around it, or nothing and
     a plain "Answer:" cue for a model without a template."""
@@ -33,15 +37,13 @@ def chat_parts(tokenizer: Any) -> tuple[list[int], list[int]]:
         head, tail = rendered.split(MARK, 1)
     else:
         head, tail = "", "\nAnswer:"
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return encode(head), encode(tail)
+    return _encode(tokenizer, head), _encode(tokenizer, tail)
 
 
 def haystacks(tokenizer: Any, text_ids: Sequence[int], length: int, depths: Sequence[float], *, seed: int = 0,
               offset: int = 0) -> list[Haystack]:  # fmt: skip
     """One prompt of about `length` tokens per depth, each from its own stretch of `text_ids` (starting
     at `offset`), with its own key and number (seeded)."""
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     head, tail = chat_parts(tokenizer)
     rng = random.Random(seed)
     out = []
@@ -49,8 +51,9 @@ def haystacks(tokenizer: Any, text_ids: Sequence[int], length: int, depths: Sequ
         if not 0.0 <= depth <= 1.0:
             raise ConfigError(f"a needle's depth lies in 0..1, got {depth}")
         key, number = KEYS[rng.randrange(len(KEYS))], str(rng.randrange(10_000, 100_000))
-        before, value, after = encode(f" The secret number of {key} is"), encode(f" {number}"), encode(". ")
-        question = encode(f"\n\nWhat is the secret number of {key}? Answer with the number only.")
+        before, value, after = (_encode(tokenizer, part) for part in (f" The secret number of {key} is", f" {number}",
+                                                                      ". "))
+        question = _encode(tokenizer, f"\n\nWhat is the secret number of {key}? Answer with the number only.")
         needle = before + value + after
         room = length - len(head) - len(tail) - len(question) - len(needle)
         if room < 1:

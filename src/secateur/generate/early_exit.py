@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from secateur.errors import ConfigError
 from secateur.generate.speculative import Decoded, speculative
+from secateur.models.head import Head
 
 
 def shallow_view(model: nn.Module, blocks: int) -> nn.Module:
@@ -69,16 +70,6 @@ class Exited(Decoded):
     exit_blocks: list[int] = field(default_factory=list)  # per decoded token (after the first): blocks run in full
     nll: list[float] = field(default_factory=list)  # teacher forcing: each fed token's negative log-likelihood
 
-    def mean_blocks(self, total: int) -> float:
-        return sum(self.exit_blocks) / len(self.exit_blocks) if self.exit_blocks else float(total)
-
-
-class _ZeroBranch(nn.Module):
-    """Stands in for a block's MLP after the exit: adds nothing to the residual stream."""
-
-    def forward(self, hidden: Tensor, *args, **kwargs) -> Tensor:
-        return torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-
 
 MEASURES = ("softmax", "saturation")
 
@@ -88,9 +79,8 @@ class _Exit:
     measure: str
     threshold: float
     exits: frozenset[int]
-    head: nn.Module
+    head: Head  # the LM head with the family's final soft-capping, as the model's own logits have it
     norm: nn.Module
-    softcap: float | None = None
     active: bool = False  # decoding (the prompt runs through every block)
     state: Tensor | None = None  # the exited hidden state of the current token
     block: int | None = None
@@ -98,33 +88,33 @@ class _Exit:
 
 @contextlib.contextmanager
 def _exiting(model: nn.Module, threshold: float, exits: Sequence[int], measure: str = "softmax") -> Iterator[_Exit]:
+    from secateur.depth.structure import Removed
     from secateur.models import adapter_for
 
     adapter = adapter_for(model)
     blocks = adapter.block_list(model)
     if adapter.width is None or adapter.experts is not None:
         raise ConfigError(f"early exit skips a block's MLP, which the {adapter.family} adapter does not locate")
-    mlp = adapter.branches.of("mlp")[0]
-    final = adapter.width.hidden.final_norm if adapter.width.hidden is not None else None
-    if final is None:
+    if adapter.width.hidden is None:
         raise ConfigError(f"early exit reads the final norm, which the {adapter.family} adapter does not name")
-    run = _Exit(measure, threshold, frozenset(exits), model.get_output_embeddings(), model.get_submodule(final),
-                getattr(model.config, "final_logit_softcapping", None))
-    zero, handles = _ZeroBranch(), []
+    output = model.get_output_embeddings()
+    head = Head(output.weight, output.bias, getattr(model.config, "final_logit_softcapping", None))
+    run = _Exit(measure, threshold, frozenset(exits), head, model.get_submodule(adapter.width.hidden.final_norm))
+    parent, _, slot = adapter.branches.of("mlp")[0].rpartition(".")
+    skipped = Removed("mlp")  # adds nothing to the residual stream
 
     def forward_of(index: int, block: nn.Module):
         original = block.forward
+        owner = block.get_submodule(parent) if parent else block
+        mlp = owner._modules[slot]
 
         def forward(hidden_states, *args, **kwargs):
             if run.state is not None:  # exited: fill this block's cache from the exited state, skip its MLP
-                branch = block.get_submodule(mlp)
-                parent, _, name = mlp.rpartition(".")
-                owner = block.get_submodule(parent) if parent else block
-                owner._modules[name] = zero
+                owner._modules[slot] = skipped
                 try:
                     original(run.state, *args, **kwargs)
                 finally:
-                    owner._modules[name] = branch
+                    owner._modules[slot] = mlp
                 return run.state
             out = original(hidden_states, *args, **kwargs)
             if run.active and index in run.exits and run.threshold < 1.0:  # 1: never (a cosine can round above)
@@ -132,10 +122,7 @@ def _exiting(model: nn.Module, threshold: float, exits: Sequence[int], measure: 
                 if run.measure == "saturation":
                     confidence = torch.cosine_similarity(hidden[0, -1].float(), hidden_states[0, -1].float(), dim=0)
                 else:
-                    logits = run.head(run.norm(hidden[:, -1:])).float()
-                    if run.softcap:  # Gemma's final soft-capping, as the model's own logits have it
-                        logits = run.softcap * torch.tanh(logits / run.softcap)
-                    confidence = logits.softmax(-1).amax()
+                    confidence = run.head(run.norm(hidden[:, -1:])).float().softmax(-1).amax()
                 if confidence.item() > run.threshold:
                     run.state, run.block = hidden, index + 1
             return out
@@ -144,11 +131,10 @@ def _exiting(model: nn.Module, threshold: float, exits: Sequence[int], measure: 
 
     for index, block in enumerate(blocks):
         block.forward = forward_of(index, block)
-        handles.append(block)
     try:
         yield run
     finally:
-        for block in handles:
+        for block in blocks:
             del block.forward  # the class's forward again
 
 
@@ -159,7 +145,9 @@ def early_exit(model: nn.Module, prompt: Tensor, new_tokens: int, threshold: flo
     block of `exits` (0-based) where the confidence `measure` exceeds `threshold`; a threshold of 1
     never exits (the model's greedy output). With `forced`, those tokens are fed instead of the
     model's choices (teacher forcing) and `nll` holds each one's negative log-likelihood."""
-    total = len(_blocks(model))
+    from secateur.models import adapter_for
+
+    total = len(adapter_for(model).block_list(model))
     if measure not in MEASURES:
         raise ConfigError(f"the exit confidence is one of {', '.join(MEASURES)}, got {measure!r}")
     if not 0.0 <= threshold <= 1.0:
@@ -191,8 +179,3 @@ def early_exit(model: nn.Module, prompt: Tensor, new_tokens: int, threshold: flo
     result.seconds = time.perf_counter() - start
     return result
 
-
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    from secateur.models import adapter_for
-
-    return adapter_for(model).block_list(model)

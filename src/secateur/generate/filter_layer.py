@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from secateur.errors import ConfigError
-from secateur.generate.tokens import attention_modules, filter_scores, select
+from secateur.generate.tokens import TokenPruning, attention_modules, filter_scores, select
 from secateur.schema import option
 
 
@@ -32,11 +32,10 @@ class FilterSearch:
     seed: int = option(0, "seed of the needles' keys and numbers")
 
     def __post_init__(self) -> None:
-        for name in ("length", "samples", "budget", "pool"):
+        for name in ("length", "samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.pool % 2 == 0:
-            raise ConfigError(f"--pool must be odd, got {self.pool}")
+        TokenPruning(filter_layer=0, budget=self.budget, pool=self.pool)  # the settings it writes, checked as read
         if not 0.0 <= self.tolerance <= 1.0:
             raise ConfigError(f"--tolerance is a fraction in 0..1, got {self.tolerance}")
         if self.budget >= self.length:

@@ -115,6 +115,15 @@ def _register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE, sdpa_mask)
 
 
+def check_layers(layers: Sequence[int], blocks: int) -> list[int]:
+    """The filter blocks asked for, sorted and distinct; each must be one of the model's `blocks`."""
+    wanted = sorted(set(layers))
+    if not wanted or wanted[0] < 0 or wanted[-1] >= blocks:
+        raise ConfigError(f"filter layers must lie in 0..{blocks - 1} (the model has {blocks} blocks), got "
+                          f"{list(layers)}")
+    return wanted
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """Each block's attention module, in block order."""
     from secateur.models import adapter_for
@@ -130,10 +139,7 @@ def filter_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     """{block: (batch, positions) GemFilter scores} for `layers`, from one forward that stops after the
     last of them (the blocks after it and the LM head never run)."""
     modules = attention_modules(model)
-    wanted = sorted(set(layers))
-    if not wanted or wanted[0] < 0 or wanted[-1] >= len(modules):
-        raise ConfigError(f"filter layers must lie in 0..{len(modules) - 1} (the model has {len(modules)} blocks), "
-                          f"got {list(layers)}")
+    wanted = check_layers(layers, len(modules))
     _register()
     # left padding: each prompt's positions count from its first real token, as generation counts them
     positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
