@@ -42,7 +42,7 @@ from measure import cache, cli_timed, quality, run_rows  # noqa: E402
 
 EVAL = ["--windows", "64", "--seq-len", "512"]
 EXPERTS, TOP_K, TEMPERATURE, SHARED = 8, 2, 1.0, 768
-CRITERIA = ("reap", "frequency", "naee", "random")
+CRITERIA = ("reap", "frequency", "naee", "random", "stun")
 pct = lambda fraction: str(round(float(fraction) * 100))  # noqa: E731  "0.25" -> "25"
 EXPERTS_ARGS = ["prune", "--method", "experts", "--remove-fraction"]
 ROWS: dict[str, tuple[str | None, list[str] | None]] = {  # name: (input row, arguments); 50% first
@@ -54,6 +54,11 @@ ROWS: dict[str, tuple[str | None, list[str] | None]] = {  # name: (input row, ar
         (f"llmc-reap{pct(f)}", ("proxy", ["llm-compressor", f])),
         (f"expert-width{pct(f)}", ("proxy", ["prune", "--method", "expert-width", "--remove-fraction", f])),
         *(((f"reap{pct(f)}+recovery", (f"reap{pct(f)}", ["train"])),) if f == "0.5" else ()))},
+    # STUN: unstructured alone against experts first, then unstructured to the same non-zero count
+    **{name: row for method, total in (("wanda", "0.5"), ("wanda", "0.65"), ("sparsegpt", "0.5")) for name, row in (
+        (f"{method}{pct(total)}", ("proxy", ["prune", "--method", method, "--sparsity", total])),
+        (f"stun-frequency50+{method}{pct(total)}", ("frequency50", ["stun", method, total])))},
+    **{f"stun50+wanda{pct(total)}": ("stun50", ["stun", "wanda", total]) for total in ("0.5", "0.65")},
 }
 
 
@@ -142,6 +147,31 @@ def build_peer(name: str, fraction: str) -> dict:
             "removed": [sorted(set(range(8)) - set(kept[i])) for i in sorted(kept)]}  # fmt: skip
 
 
+def weights_in_blocks(path: Path) -> tuple[int, int]:
+    """(non-zero, all) weights of the layers sparsity prunes: every matrix of the decoder blocks (the
+    fused experts included) but the routers, read from the safetensors."""
+    from safetensors import safe_open
+
+    nonzero = total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as tensors:
+            for key in tensors.keys():
+                if ".layers." in key and not key.endswith("mlp.gate.weight"):
+                    tensor = tensors.get_tensor(key)
+                    if tensor.ndim >= 2:
+                        nonzero, total = nonzero + int(tensor.count_nonzero()), total + tensor.numel()
+    return nonzero, total
+
+
+def stun_args(source: str, method: str, total: str) -> list[str]:
+    """STUN's second stage: unstructured sparsity inside what expert removal kept, to the non-zero count
+    that `total` sparsity leaves in the unpruned proxy."""
+    _, proxy = weights_in_blocks(path_of("proxy"))
+    _, kept = weights_in_blocks(path_of(source))
+    inside = 1 - (1 - float(total)) * proxy / kept
+    return ["prune", "--method", method, "--sparsity", f"{inside:.6f}"]
+
+
 def build(name: str) -> dict:
     """Prune (or train) the row's model unless it is there: its stage record, time and peak memory."""
     source, args = ROWS[name]
@@ -149,6 +179,8 @@ def build(name: str) -> dict:
         return {}
     if args[0] == "llm-compressor":
         return build_peer(name, args[1])
+    if args[0] == "stun":
+        args = stun_args(source, *args[1:])
     out, timing = path_of(name), {}
     if not (out / "secateur.json").exists():
         printed, seconds, peak = cli_timed(args[0], path_of(source), *args[1:], "--out", out)
@@ -156,8 +188,12 @@ def build(name: str) -> dict:
         timing = {"wall_seconds_command": seconds, "peak_rss_mib": peak}
     record = json.loads((out / "secateur.json").read_text())["history"][-1]
     result = record["result"]
-    return {**timing, "seconds_stage": record["seconds"], "parameters": result.get("parameters_after"),
-            "removed": [b["removed"] for b in result.get("blocks", []) if "removed" in b] or None}  # fmt: skip
+    row = {**timing, "seconds_stage": record["seconds"], "parameters": result.get("parameters_after"),
+           "removed": [b["removed"] for b in result.get("blocks", []) if "removed" in b] or None}  # fmt: skip
+    if record["kind"] == "sparsity":
+        row["sparsity_stage"], (row["nonzero_in_blocks"], _) = result["sparsity"], weights_in_blocks(out)
+        row["stage_args"] = args
+    return row
 
 
 def measure(name: str, probe_items: int) -> dict:
@@ -183,12 +219,14 @@ def main() -> None:
 def table() -> None:
     rows = {r["row"]: r for r in map(json.loads, RESULTS.read_text().splitlines())}
     base = rows.get("proxy")
-    print("| row | parameters | enwiki ppl | × proxy | legal ppl | × proxy | probe acc | prune s | peak MiB | same kept set |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| row | parameters | non-zero in blocks | enwiki ppl | × proxy | legal ppl | × proxy | probe acc | prune s | "
+          "peak MiB | same kept set |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         ratio = lambda k: f"{r[k] / base[k]:.2f}" if base else ""  # noqa: E731
         same = r.get("blocks_same_kept_set")
-        print(f"| {name} | {r['parameters'] or 0:,} | {r['ppl_enwiki']:.2f} | {ratio('ppl_enwiki')} | {r['ppl_legal']:.2f} | "
+        nonzero = f"{r['nonzero_in_blocks']:,}" if "nonzero_in_blocks" in r else ""
+        print(f"| {name} | {r['parameters'] or 0:,} | {nonzero} | {r['ppl_enwiki']:.2f} | {ratio('ppl_enwiki')} | {r['ppl_legal']:.2f} | "
               f"{ratio('ppl_legal')} | {r['probe_acc']:.3f} | {r.get('seconds_stage') or 0:.1f} | "
               f"{r.get('peak_rss_mib') or 0:.0f} | {'' if same is None else f'{same} of 30 blocks'} |")
 

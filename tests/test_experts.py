@@ -138,7 +138,7 @@ def test_removing_experts_no_token_reaches_keeps_the_logits_bit_identical():
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-@pytest.mark.parametrize("criterion", ["reap", "frequency", "naee", "random"])
+@pytest.mark.parametrize("criterion", ["reap", "frequency", "naee", "random", "stun"])
 def test_every_criterion_prunes_every_family_and_stock_from_pretrained_reloads_it(family, criterion, tmp_path):
     model = tiny_model(family)
     ids = calibration_ids()
@@ -211,7 +211,6 @@ def test_depth_rewrites_which_blocks_are_dense(tmp_path):
 
 
 @pytest.mark.parametrize("method,args", [
-    ("wanda", ["--sparsity", "0.5"]),
     ("width", ["--remove-fraction", "0.2"]),
 ])  # fmt: skip
 def test_kinds_that_would_miss_the_experts_refuse_in_one_line(method, args, model_dir, text_file, tmp_path, capsys):
@@ -317,6 +316,29 @@ def test_clustering_by_hand():
     similarity = torch.tensor([[1.0, 0.9, 0.1, 0.2], [0.9, 1.0, 0.3, 0.0], [0.1, 0.3, 1.0, 0.8], [0.2, 0.0, 0.8, 1.0]])
     assert criteria.cluster(similarity, 2) == [[0, 1], [2, 3]]
     assert criteria.cluster(similarity, 3) == [[0, 1], [2], [3]]
+
+
+def test_single_linkage_follows_a_chain_where_average_linkage_does_not():
+    points = torch.tensor([[0.0], [1.0], [2.1], [3.3]])
+    distance = torch.cdist(points, points)
+    assert criteria.single_linkage(distance, 2) == [[0, 1, 2], [3]]  # 0-1 (1.0), then 1-2 (1.1)
+    assert criteria.cluster(-distance, 2) == [[0, 1], [2, 3]]  # average: {0, 1} to 2 is 1.6, 2 to 3 is 1.2
+
+
+def test_stun_keeps_the_member_closest_to_its_cluster_mean_by_hand():
+    weights = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0], [9.0, 9.0]])
+    assert criteria.closest_to_mean([[0, 1, 2], [3]], weights) == [1, 3]  # mean (2, 0): expert 1 is 1 away
+    assert criteria.closest_to_mean([[0, 1]], weights) == [0]  # equidistant: the lower index
+    router = torch.tensor([[0.0, 0.0], [0.1, 0.0], [3.0, 3.0], [3.0, 3.2], [-4.0, 1.0]])  # {0, 1}, {2, 3}, {4}
+    flat = torch.tensor([[1.0], [0.0], [2.0], [2.0], [7.0]])
+    assert criteria.stun_removal(router, flat, 2) == [1, 3]
+    assert not criteria.CRITERIA["stun"].calibrated and criteria.CRITERIA["reap"].calibrated
+
+
+def test_stun_needs_no_calibration():
+    model = tiny_model("mixtral")
+    report = prune_experts(model, ExpertsConfig(count=2, criterion="stun"), None)
+    assert report.criterion == "stun" and all(len(b["removed"]) == 2 for b in report.blocks)
 
 
 def test_merging_identical_experts_is_exact_and_weights_by_routed_tokens():

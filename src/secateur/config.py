@@ -272,6 +272,10 @@ class PruneConfig:
     # block above this is reported as collapsed (warned and recorded).
     collapse_threshold: float = option(1.0, "warn about blocks whose output error exceeds this share of the dense "
                                             "block's update")
+    # Mixtures of experts: each expert is calibrated on the tokens routed to it; one that few tokens
+    # reach has statistics too thin to trust, so its layers fall back to weight magnitude (reported).
+    expert_min_tokens: int = option(16, "mixture of experts: an expert routed fewer calibration tokens than this is "
+                                        "pruned by weight magnitude (and listed)")
 
     def __post_init__(self) -> None:
         if self.block_stats not in BLOCK_STATS:
@@ -280,6 +284,8 @@ class PruneConfig:
             raise ConfigError("an N:M pattern is the same in every layer: use --allocation uniform and no module sparsity")
         if self.permute and not isinstance(self.target, NM):
             raise ConfigError("--permute chooses channel orders for an N:M pattern; give --pattern N:M")
+        if self.expert_min_tokens < 0:
+            raise ConfigError(f"--expert-min-tokens must be >= 0, got {self.expert_min_tokens}")
 
     @property
     def method_name(self) -> str:

@@ -72,9 +72,21 @@ def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
         weight_map(Path(model_path))
     except DiskError as exc:
         return str(exc)
+    if _is_moe(Path(model_path)):
+        return "it does not reach the fused experts of a mixture of experts yet"
     if check_model(model_path):
         return "the input's manifest records shapes the stock config cannot express (an earlier width or depth run)"
     return None
+
+
+def _is_moe(path: Path) -> bool:
+    from secateur.models import ADAPTERS
+
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return False
+    return model_type in ADAPTERS and ADAPTERS[model_type].experts is not None
 
 
 def on_disk(model_path: str | Path, stages: list[PlannedStage], options: RunOptions) -> bool:

@@ -38,6 +38,11 @@ class InputNormSq:
         """Reorder the features (N:M channel permutation): feature i becomes old feature order[i]."""
         self.value = self.value[order]
 
+    def uninformed(self) -> None:
+        """Unit energy on every feature: what a method reads reduces to weight magnitude (for an
+        expert routed too few calibration tokens to measure)."""
+        self.value = torch.ones_like(self.value)
+
 
 PANEL = 256  # features per row panel of the symmetric Hessian update (measured best for 576..1536)
 
@@ -82,6 +87,11 @@ class Hessian:
     def permute(self, order: Tensor) -> None:
         full = self.value
         self._sum = full[order][:, order].contiguous()
+
+    def uninformed(self) -> None:
+        """H = I: uncorrelated features of unit energy, so OBS selects by weight magnitude and updates
+        nothing (for an expert routed too few calibration tokens to measure)."""
+        self._sum = torch.eye(self._sum.shape[0], dtype=self._sum.dtype, device=self._sum.device)
 
 
 def check_finite(name: str, tensor: Tensor) -> None:
@@ -128,3 +138,7 @@ class Moments:
 
     def permute(self, order: Tensor) -> None:
         self.sum, self.sumsq = self.sum[order], self.sumsq[order]
+
+    def uninformed(self) -> None:
+        """Zero mean and unit energy on every feature, from one token (see `InputNormSq.uninformed`)."""
+        self.sum, self.sumsq, self.tokens = torch.zeros_like(self.sum), torch.ones_like(self.sumsq), 1

@@ -20,7 +20,8 @@ class ExpertsConfig:
     `--method experts` removes `fraction` of every block's experts (or `count` of them) with their
     router rows; criterion: reap (default; REAP's gate-weighted output norm over the tokens routed to
     the expert), frequency (tokens routed), naee (the kept set that best reproduces the block's
-    routed output), random (the baseline). With `merge`, clusters of experts that behave alike (their
+    routed output), stun (clusters of experts with close router rows, one kept per cluster: STUN's
+    expert stage, no calibration), random (the baseline). With `merge`, clusters of experts that behave alike (their
     outputs on the same calibration tokens) are merged instead, each into one expert: the members'
     weights averaged by how many tokens each was routed, the router row of the most-routed member
     (M-SMoE / HC-SMoE). Every block keeps the same number of experts, so the stock config and
@@ -35,7 +36,7 @@ class ExpertsConfig:
       block (held in memory: experts x tokens x hidden floats).
     """
 
-    criterion: str = option("reap", "expert score: reap, frequency, naee or random", choices=lambda: tuple(CRITERIA),
+    criterion: str = option("reap", "expert score: reap, frequency, naee, stun or random", choices=lambda: tuple(CRITERIA),
                             requires=Requires(lambda c: not c.width and not c.merge, "--method experts without --merge"))
     fraction: float | None = option(None, "experts: fraction of every MoE block's routed experts to remove; "
                                           "expert-width: fraction of every expert's channels", key="remove_fraction")
@@ -78,7 +79,7 @@ class ExpertsConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.width or self.merge or self.criterion != "random"
+        return self.width or self.merge or CRITERIA[self.criterion].calibrated
 
     @property
     def needs_sample(self) -> bool:

@@ -5,7 +5,11 @@ routed to j of gate_j(x) x ||f_j(x)||_2. random: a seeded draw (the floor any cr
 naee: NAEE-style search (Lu et al. 2024, "Not All Experts are Equal"): the kept set whose block
 output, routed among the kept experts only, is closest to the block's output on calibration tokens;
 every kept set is tried when there are at most `EXHAUSTIVE` of them, else experts go one at a time,
-each time the one whose removal costs least.
+each time the one whose removal costs least. stun: STUN's expert stage (Lee et al. 2025,
+"Structured-Then-Unstructured Pruning for Scalable MoE Pruning", its released code's default): experts
+whose router rows lie close behave alike, so they are clustered by single linkage on the L2 distance
+between router rows until as many clusters remain as experts stay, and each cluster keeps the member
+whose weights lie closest to the cluster's mean weights; no calibration pass.
 """
 
 from __future__ import annotations
@@ -29,11 +33,51 @@ class Criterion:
     help: str
     score: Callable[[ExpertStats, int], Tensor] | None = None  # (stats, seed) -> (experts,), low goes first
     search: bool = False  # chooses the kept set from the reconstruction error instead
+    # chooses from the weights alone: (router (experts, hidden), every expert's weights flattened
+    # (experts, n), how many go) -> the experts removed
+    weights: Callable[[Tensor, Tensor, int], list[int]] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the criterion reads calibration statistics."""
+        return self.search or (self.score is not None and self.score is not _random)
 
 
 def _random(stats: ExpertStats, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(len(stats.count), generator=generator, dtype=torch.float64)
+
+
+def single_linkage(distance: Tensor, groups: int) -> list[list[int]]:
+    """Agglomerative clustering with single linkage (clusters as far apart as their closest members):
+    `distance` (n, n) -> `groups` clusters, each sorted, in the order of their smallest member; ties
+    merge the pair of lower indices first."""
+    clusters = [[j] for j in range(distance.shape[0])]
+    while len(clusters) > groups:
+        pairs = itertools.combinations(range(len(clusters)), 2)
+        a, b = min(pairs, key=lambda p: (float(distance[clusters[p[0]]][:, clusters[p[1]]].min()), p))
+        clusters[a] = sorted(clusters[a] + clusters.pop(b))
+    return sorted(clusters)
+
+
+def closest_to_mean(clusters: list[list[int]], weights: Tensor) -> list[int]:
+    """Per cluster, the member whose weights (experts, n) lie closest (L2) to the members' mean; ties
+    go to the lower index."""
+    kept = []
+    for members in clusters:
+        rows = weights[members].double()  # (members, n)
+        distance = (rows - rows.mean(dim=0)).norm(dim=1)
+        kept.append(members[int(torch.argmin(distance))])  # argmin returns the first of equal minima
+    return kept
+
+
+def stun_removal(router: Tensor, weights: Tensor, remove: int) -> list[int]:
+    """STUN's expert stage: cluster router rows (experts, hidden) by single linkage on L2 distance
+    into experts - remove clusters, keep each cluster's member closest to its mean weights."""
+    rows = router.double()
+    clusters = single_linkage(torch.cdist(rows, rows), rows.shape[0] - remove)
+    kept = closest_to_mean(clusters, weights)
+    return sorted(set(range(rows.shape[0])) - set(kept))
 
 
 CRITERIA: dict[str, Criterion] = {
@@ -42,6 +86,8 @@ CRITERIA: dict[str, Criterion] = {
     "frequency": Criterion("tokens routed to the expert", lambda stats, seed: stats.count.clone()),
     "random": Criterion("a seeded random draw (the baseline)", _random),
     "naee": Criterion("the kept set that best reproduces the block's routed output (NAEE-style search)", search=True),
+    "stun": Criterion("STUN: experts clustered by their router rows, one kept per cluster (no calibration)",
+                      weights=stun_removal),
 }
 
 

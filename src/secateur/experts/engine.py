@@ -104,7 +104,12 @@ def _search(recorder: _Recorder, remove: int) -> list[int]:
 def _remove(block: nn.Module, adapter: Adapter, config: ExpertsConfig, recorder: _Recorder | None, count: int,
             remove: int, index: int) -> dict[str, Any]:  # fmt: skip
     criterion = CRITERIA[config.criterion]
-    if criterion.search:
+    if criterion.weights is not None:
+        experts = block.get_submodule(adapter.experts.experts)
+        flat = torch.cat([experts.gate_up_proj.detach().flatten(1), experts.down_proj.detach().flatten(1)], dim=1)
+        router = block.get_submodule(adapter.experts.router).weight.detach()
+        removed, scores = criterion.weights(router, flat, remove), None
+    elif criterion.search:
         removed, scores = _search(recorder, remove), None
     else:
         stats = recorder.stats if recorder is not None else ExpertStats(count, "cpu")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from secateur.export.errors import ExportError
+from secateur.models.base import Attention
 
 if TYPE_CHECKING:
     from secateur.export.vocab import Vocabulary
@@ -97,6 +98,36 @@ def _phi3_check(config, shape: "Shape") -> None:
         raise ExportError(f"partial rotary embeddings (factor {factor}) are not exported yet")
 
 
+MOE_ATTENTION = Attention("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def _moe_check(renormalised: bool) -> Callable[[Any, "Shape"], None]:
+    """What llama.cpp's graph for a mixture of experts cannot compute: it renormalises the top-k
+    weights or not by architecture (qwen3moe and llama do, qwen2moe and olmoe do not)."""
+
+    def check(config, shape: "Shape") -> None:
+        ours = bool(getattr(config, "norm_topk_prob", True))  # Mixtral has no flag: it always renormalises
+        if ours != renormalised:
+            raise ExportError(f"norm_topk_prob is {ours}, but llama.cpp's {shape.arch} graph "
+                              f"{'always' if renormalised else 'never'} renormalises the top-k routing weights")
+        if shape.arch == "qwen2moe" and not getattr(config, "shared_expert_intermediate_size", 0):
+            raise ExportError("llama.cpp's qwen2moe graph needs the shared expert, and this model has none")
+
+    return check
+
+
+def _moe(writer, config, shape: "Shape") -> None:
+    """A mixture of experts' keys: experts, experts per token, an expert's width, the shared expert's."""
+    from secateur.models import adapter_for
+
+    experts = adapter_for(config).experts
+    writer.add_expert_count(int(getattr(config, experts.count_key)))
+    writer.add_expert_used_count(int(getattr(config, experts.top_k_key)))
+    writer.add_expert_feed_forward_length(shape.channels[0])
+    if getattr(config, "shared_expert_intermediate_size", 0):
+        writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
+
+
 FAMILIES = {
     "llama": Family("llama", interleaved_rope=True, per_layer=True),
     "mistral": Family("llama", interleaved_rope=True, per_layer=True),
@@ -106,6 +137,11 @@ FAMILIES = {
                           check=_gemma3_check, unlike_deci="q/k norms, post-norms and GELU"),
     "phi3": Family("phi3", interleaved_rope=False, per_layer=False, check=_phi3_check,
                    unlike_deci="fused qkv and gate_up projections"),
+    # mixtures of experts: every block routes to experts of one width and count
+    "qwen2_moe": Family("qwen2moe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(False)),
+    "qwen3_moe": Family("qwen3moe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(True)),
+    "mixtral": Family("llama", interleaved_rope=True, per_layer=False, extra=_moe, check=_moe_check(True)),
+    "olmoe": Family("olmoe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(False)),
 }
 PER_LAYER_ARCH = "deci"
 
@@ -175,6 +211,8 @@ def model_shape(model: nn.Module) -> Shape:
 
     family, adapter = family_of(model), adapter_for(model)
     size = head_dim(model.config)
+    if adapter.experts is not None:
+        return _checked(model, family, _moe_shape(model, family, adapter, size))
     widths = [layer_width(block, adapter.width, size) for block in adapter.block_list(model)]
     heads = [w.attention_heads or 0 for w in widths]
     kv_heads = [w.key_value_heads or 0 for w in widths]
@@ -188,10 +226,49 @@ def model_shape(model: nn.Module) -> Shape:
     _rope_theta(model.config)
     stubs = [i for i, (h, c) in enumerate(zip(heads, channels)) if h > 0 and c == 0]
     channels = [1 if i in stubs else c for i, c in enumerate(channels)]
-    shape = Shape(family.arch if uniform else PER_LAYER_ARCH, heads, kv_heads, channels, size, stubs)
+    return _checked(model, family, Shape(family.arch if uniform else PER_LAYER_ARCH, heads, kv_heads, channels, size,
+                                         stubs))  # fmt: skip
+
+
+def _checked(model: nn.Module, family: Family, shape: Shape) -> Shape:
     if family.check is not None:
         family.check(model.config, shape)
     return shape
+
+
+def _moe_shape(model: nn.Module, family: Family, adapter, size: int) -> Shape:
+    """A mixture of experts as llama.cpp holds it: every block routes to the same number of experts of
+    one width, behind attention of one shape."""
+    from secateur.models.shapes import attention_heads
+
+    blocks = adapter.block_list(model)
+    sparse = adapter.experts.sparse_blocks(blocks)
+    if len(sparse) != len(blocks):
+        raise ExportError(f"blocks {[i for i in range(len(blocks)) if i not in sparse]} hold a dense MLP or none; "
+                          f"llama.cpp's {family.arch} graph routes every block to experts")
+    heads = {attention_heads(block, MOE_ATTENTION, size) for block in blocks}
+    experts = [block.get_submodule(adapter.experts.experts) for block in blocks]
+    layout = {(e.gate_up_proj.shape[0], e.down_proj.shape[2]) for e in experts}  # (experts, width) per block
+    if None in heads or len(heads) != 1 or len(layout) != 1:
+        raise ExportError("blocks differ in attention heads or in their experts' count or width (or lack attention); "
+                          f"llama.cpp's {family.arch} graph holds one shape for every block")
+    (q, kv), ((_, width),) = heads.pop(), layout
+    n = len(blocks)
+    _rope_theta(model.config)
+    return Shape(family.arch, [q] * n, [kv] * n, [width] * n, size, [])
+
+
+def _unfused(hf_name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+    """transformers 5's fused experts (parameters without a .weight suffix) under the names llama.cpp's
+    tensor map reads: gate_up_proj (experts, 2 x width, hidden) split into gate_proj and up_proj;
+    down_proj as it is."""
+    if hf_name.endswith("mlp.experts.gate_up_proj"):
+        base = hf_name.removesuffix("gate_up_proj")
+        gate, up = tensor.chunk(2, dim=1)  # (experts, width, hidden) each
+        return [(base + "gate_proj.weight", gate), (base + "up_proj.weight", up)]
+    if hf_name.endswith("mlp.experts.down_proj"):
+        return [(hf_name + ".weight", tensor)]
+    return [(hf_name, tensor)]
 
 
 def stub_mlp(block: int, hidden: int) -> list[tuple[str, Tensor]]:
@@ -226,7 +303,8 @@ def named_tensors(model: nn.Module, shape: Shape) -> Iterator[tuple[str, Tensor]
     names = gguf.get_tensor_name_map(arch, len(shape.heads))
     interleave = family.interleaved_rope or shape.arch == PER_LAYER_ARCH
     tied = getattr(model.config, "tie_word_embeddings", False)
-    for hf_name, tensor in model.state_dict().items():
+    state = ((n, t) for hf_name, fused in model.state_dict().items() for n, t in _unfused(hf_name, fused))
+    for hf_name, tensor in state:
         if tied and hf_name == "lm_head.weight":
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -245,13 +323,13 @@ def named_tensors(model: nn.Module, shape: Shape) -> Iterator[tuple[str, Tensor]
 
 
 def encode(name: str, tensor: Tensor, kind: str) -> tuple[np.ndarray, Any]:
-    """The tensor's bytes in the requested type: 1-D tensors (norms, biases) stay float32, as
-    llama.cpp's converter keeps them; 2-D rows whose length is no multiple of 32 fall back to f16."""
+    """The tensor's bytes in the requested type: 1-D tensors (norms, biases) and routers stay float32,
+    as llama.cpp's converter keeps them; 2-D rows whose length is no multiple of 32 fall back to f16."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType[TYPES[kind].tensor]
     data = tensor.numpy()
-    if data.ndim == 1:
+    if data.ndim == 1 or ".ffn_gate_inp" in name:  # routers stay float32 too, as the converter keeps them
         qtype = gguf.GGMLQuantizationType.F32
     elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % BLOCK:
         log.info("%s: rows of %d values cannot be 8-bit blocks; written as f16", name, data.shape[-1])
@@ -314,4 +392,4 @@ def write_gguf(model: nn.Module, shape: Shape, path: Path, kind: str, manifest: 
 def file_bytes(model: nn.Module, kind: str) -> int:
     """About the size of the file: every weight at the type's bytes per value (norms stay f32)."""
     per_value = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[kind]
-    return int(sum(p.numel() * (per_value if p.dim() == 2 else 4.0) for p in model.parameters()))
+    return int(sum(p.numel() * (per_value if p.dim() >= 2 else 4.0) for p in model.parameters()))

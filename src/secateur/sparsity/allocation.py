@@ -214,6 +214,6 @@ def dense_input_norms(model: nn.Module, adapter: Adapter, layers: list[tuple[str
                       device: torch.device, batch_size: int) -> dict[str, Tensor]:
     """||X_j||_2 of every target layer's input on the dense model (one streamed pass, no pruning)."""
     wanted = {name for name, _ in layers}
-    stats = collect_input_stats(model, adapter, adapter.layer_names(), calibration, batch_size, device, InputNormSq,
-                                "input norms")  # fmt: skip
+    relative = sorted({name.removeprefix(f"{adapter.blocks}.").split(".", 1)[1] for name in wanted})  # "3.mlp.x" -> "mlp.x"
+    stats = collect_input_stats(model, adapter, relative, calibration, batch_size, device, InputNormSq, "input norms")
     return {name: stat.norm.cpu() for name, stat in stats.items() if name in wanted}

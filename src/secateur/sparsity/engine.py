@@ -29,6 +29,7 @@ from secateur.calibrate.stream import BlockInputs, StopForward, run_block
 from secateur.models.shapes import submodule
 from secateur.config import PruneConfig, Target
 from secateur.models import Adapter, read_weight, write_weight
+from secateur.models.linear_experts import block_groups, is_expert_layer, rebind
 from secateur.sparsity.methods import GroupJob, MethodSpec
 from secateur.sparsity.permute import Permuter, permuter_for
 from secateur.sparsity.refine import REFINERS
@@ -40,6 +41,8 @@ class LayerReport:
     shape: tuple[int, int]
     sparsity: float  # fraction of weights the mask removed
     seconds: float  # time spent computing the mask and the update
+    # an expert routed fewer than expert_min_tokens calibration tokens: pruned by weight magnitude
+    magnitude_fallback: bool = False
 
 
 # --- one block ---------------------------------------------------------------------------------------
@@ -65,24 +68,29 @@ class _Group:
     done: bool = False
     permuter: Permuter | None = None  # N:M channel permutation of a layer fed by an inner dimension
     perm: Tensor | None = None  # the column order chosen, once pruned
+    expert: bool = False  # a routed expert's layer: its statistics count only the tokens routed to it
 
 
 def _groups(block: nn.Module, index: int, adapter: Adapter, config: PruneConfig) -> list[_Group]:
     groups = []
-    for group in adapter.groups:
+    for group in block_groups(block, adapter):
         names = [f"{adapter.blocks}.{index}.{name}" for name in group]
         modules = [submodule(block, name) for name in group]  # None: the branch was removed by depth pruning
         keep = [i for i, name in enumerate(names)
                 if modules[i] is not None and not any(fnmatch.fnmatch(name, p) for p in config.ignore)]  # fmt: skip
         if keep:
             permuter = permuter_for(block, adapter, group[0], config.target) if config.permute and len(group) == 1 else None
-            groups.append(_Group([names[i] for i in keep], [modules[i] for i in keep], permuter=permuter))
+            groups.append(_Group([names[i] for i in keep], [modules[i] for i in keep], permuter=permuter,
+                                 expert=is_expert_layer(group[0], adapter)))
     return groups
 
 
 def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
     start = time.perf_counter()
+    fallback = group.expert and any(s.tokens < plan.config.expert_min_tokens for s in group.stats.values())
     for kind, stat in group.stats.items():
+        if fallback:
+            stat.uninformed()
         check_finite(f"input statistic ({kind.__name__}) of {group.names[0]}", stat.value)
     weights = [read_weight(module).to(WORK_DTYPE) for module in group.modules]
     for name, weight in zip(group.names, weights):
@@ -112,7 +120,7 @@ def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
             module.weight.data = _with_columns(module, weight)
         else:
             write_weight(module, weight)
-        reports.append(LayerReport(name, tuple(weight.shape), float(mask.float().mean()), seconds))
+        reports.append(LayerReport(name, tuple(weight.shape), float(mask.float().mean()), seconds, fallback))
     group.stats, group.done = {}, True  # free the statistics (Hessians can be large)
 
 
@@ -185,6 +193,7 @@ def prune_block(
     every batch is parked there, the group is pruned and all resume. So the block runs exactly once
     per batch, and each layer is calibrated on the outputs of its pruned predecessors.
     """
+    rebind(block, adapter)  # the block was moved to the compute device: its exposed experts view its weights again
     groups = _groups(block, index, adapter, plan.config)
     reference = run_block(block, inputs.hidden[0], inputs.extras[index][0])  # dense output of one batch
     if plan.config.block_stats == "dense":

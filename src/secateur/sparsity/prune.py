@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from secateur.calibrate.stream import BlockState, stream_blocks
 from secateur.models.shapes import submodule
 from secateur.config import NM, ConfigError, PruneConfig, Target
-from secateur.models import Adapter, adapter_for, read_weight, refuse_experts, write_weight
+from secateur.models import Adapter, adapter_for, read_weight, write_weight
+from secateur.models.linear_experts import block_groups, linear_experts
 from secateur.sparsity.allocation import allocate_targets
 from secateur.sparsity.engine import LayerReport, Plan, prune_block
 from secateur.sparsity.masks import global_masks
@@ -51,6 +52,7 @@ class PruneReport:
             "allocation": self.allocation,
             "block_errors": self.block_errors,
             "collapsed_blocks": self.collapsed,
+            "magnitude_fallback": [r.name for r in self.layers if r.magnitude_fallback],
             "layers": [asdict(r) for r in self.layers],
         }
 
@@ -59,7 +61,7 @@ def target_layers(model: nn.Module, adapter: Adapter, ignore: tuple[str, ...] = 
     """Every linear layer of the decoder blocks named by the adapter, minus the ignored ones."""
     layers = []
     for index, block in enumerate(adapter.block_list(model)):
-        for name in adapter.layer_names():
+        for name in (name for group in block_groups(block, adapter) for name in group):
             full = f"{adapter.blocks}.{index}.{name}"
             module = submodule(block, name)
             if module is not None and not any(fnmatch.fnmatch(full, pattern) for pattern in ignore):
@@ -69,10 +71,11 @@ def target_layers(model: nn.Module, adapter: Adapter, ignore: tuple[str, ...] = 
 
 def sparsity_table(model: nn.Module) -> list[tuple[str, tuple[int, int], float]]:
     """(name, shape, fraction of zeros) of every prunable layer, as found in the weights."""
-    rows = []
-    for name, module in target_layers(model, adapter_for(model)):
-        weight = read_weight(module)
-        rows.append((name, tuple(weight.shape), float((weight == 0).float().mean())))
+    rows, adapter = [], adapter_for(model)
+    with linear_experts(model, adapter):
+        for name, module in target_layers(model, adapter):
+            weight = read_weight(module)
+            rows.append((name, tuple(weight.shape), float((weight == 0).float().mean())))
     return rows
 
 
@@ -150,7 +153,17 @@ def sparsify(
     tokenizer together (and for methods that will need it).
     """
     adapter = adapter_for(model)
-    refuse_experts(adapter, "sparsity")
+    if adapter.experts is None and config.expert_min_tokens != PruneConfig.expert_min_tokens:
+        raise ConfigError(f"--expert-min-tokens applies to mixtures of experts; {adapter.family} has none")
+    if adapter.experts is not None and store is not None:
+        raise ConfigError(f"streaming from disk (--offload disk) does not reach the fused experts of {adapter.family} "
+                          "yet; prune it in memory (--offload none)")
+    with linear_experts(model, adapter):  # the fused experts as one linear layer per projection and expert
+        return _sparsify(model, adapter, config, calibration, device, batch_size, store)
+
+
+def _sparsify(model: nn.Module, adapter: Adapter, config: PruneConfig, calibration: Tensor | None,
+              device: str | torch.device | None, batch_size: int, store: Any) -> PruneReport:
     spec = spec_for(config.method)
     layers = target_layers(model, adapter, config.ignore)
     _check_ignore(target_layers(model, adapter), config.ignore)
@@ -177,6 +190,11 @@ def sparsify(
         report.layers, report.block_errors = _prune_sequential(model, adapter, plan, calibration, device, batch_size,
                                                                store)  # fmt: skip
         report.collapsed = [i for i, e in enumerate(report.block_errors) if e > config.collapse_threshold]
+        fallback = [r.name for r in report.layers if r.magnitude_fallback]
+        if fallback:
+            log.warning("%d expert layers were routed fewer than %d calibration tokens and were pruned by weight "
+                        "magnitude: %s; more calibration windows reach more experts", len(fallback),
+                        config.expert_min_tokens, ", ".join(fallback[:6]) + (" ..." if len(fallback) > 6 else ""))  # fmt: skip
         if report.collapsed:
             log.warning("blocks %s collapsed: their output error exceeds %g of the dense block's update (errors %s); "
                         "lower the sparsity or spread it with --allocation owl", report.collapsed, config.collapse_threshold,

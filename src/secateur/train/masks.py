@@ -9,8 +9,9 @@ optimizer state describes weights that do not exist, and a mask that changes dur
 (gradual pruning) would then revive weights with stale momentum. The weights are masked after the
 step too as a guarantee that does not depend on the optimizer (any optimizer, fused or not).
 
-Zeros kept are every exact zero of a target layer, so N:M patterns hold as they are (the zeros of
-an N:M model are its pattern). Layers without zeros get no mask.
+Zeros kept are every exact zero of a target layer (and of a mixture of experts' fused expert
+weights), so N:M patterns hold as they are (the zeros of an N:M model are its pattern). Layers
+without zeros get no mask.
 """
 
 from __future__ import annotations
@@ -26,12 +27,21 @@ def weight_masks(model: nn.Module, adapter: Adapter) -> dict[str, Tensor]:
     """{parameter name: bool mask of the weights to keep} for every target layer that has zeros."""
     names = {id(p): n for n, p in model.named_parameters()}
     masks = {}
-    for _, module in target_layers(model, adapter):
-        weight = module.weight
+    for weight in [module.weight for _, module in target_layers(model, adapter)] + fused_experts(model, adapter):
         keep = weight != 0
         if not bool(keep.all()):
             masks[names[id(weight)]] = keep
     return masks
+
+
+def fused_experts(model: nn.Module, adapter: Adapter) -> list[nn.Parameter]:
+    """The fused 3-D expert weights of a mixture of experts (sparsity reaches them, see
+    `models.linear_experts`), which are not linear layers."""
+    if adapter.experts is None:
+        return []
+    blocks = adapter.block_list(model)
+    experts = [blocks[i].get_submodule(adapter.experts.experts) for i in adapter.experts.sparse_blocks(blocks)]
+    return [param for module in experts for param in (module.gate_up_proj, module.down_proj)]
 
 
 class MaskHolder:

@@ -1,0 +1,209 @@
+"""Pruned mixtures of experts in llama.cpp: the MoEfied SmolLM2 proxy of benchmarks/experts.py and
+its expert-pruned outputs, exported with `secateur export` (qwen2moe) and run by llama.cpp (built
+from the llama-cpp-python sdist, see llamacpp_build.py), CPU, 2 threads.
+
+Models (built by benchmarks/experts.py, which this script runs for a missing one): the proxy (a
+shared expert and 8 routed experts of 96 channels per block, top-2), frequency 50% and REAP 50% of
+the routed experts removed (4 left, top-2 kept), and every routed expert at half width
+(expert-width 50%). Quality figures are the proxy's, not a pretrained MoE's.
+
+Phases (resumable; each finished item is a line of benchmarks/results/experts-llamacpp.jsonl):
+- `quality`: f16 and q8_0 exports; perplexity inside llama.cpp (its Python bindings, each of
+  protocol v1's first 16 windows of 512 tokens from an empty cache) next to secateur's HF
+  perplexity on the same windows; the f16 export against llama.cpp's own `convert_hf_to_gguf.py`
+  on the same directory (tensor names, shapes, values); the file's size, and the bytes of weights
+  one decoded token reads (the routed experts counted at top-k / experts of their bytes).
+- `speed`: `llama-bench` prefill (512) and decode (128) tokens/s and the peak resident memory of a
+  `llama-bench` run of that file, `--rounds` interleaved rounds, medians of per-round ratios to the
+  proxy of the same type. Nothing else may run on the machine meanwhile.
+
+    python benchmarks/experts_llamacpp.py [--phase quality|speed|table|all] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "experts-llamacpp.jsonl"
+WORK = ROOT / "bench-out" / "experts-llamacpp"
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+
+import experts  # noqa: E402
+from llamacpp import THREADS, WINDOWS, bindings_perplexity, compare_files, file_facts  # noqa: E402
+from llamacpp_build import build, converter  # noqa: E402
+from measure import append_row, finished  # noqa: E402
+
+MODELS = ("proxy", "frequency50", "reap50", "expert-width50")
+TYPES = ("f16", "q8_0")
+
+
+def model_dir(name: str) -> Path:
+    path = experts.path_of(name)
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, str(HERE / "experts.py"), "--only", name], check=True)
+    return path
+
+
+def exported(name: str, kind: str) -> Path:
+    out = WORK / f"{name}-{kind}.gguf"
+    if not out.exists():
+        subprocess.run([sys.executable, "-m", "secateur.cli", "export", str(model_dir(name)), "--gguf", str(out),
+                        "--type", kind], check=True)  # fmt: skip
+    return out
+
+
+def converted(name: str) -> Path:
+    """The same directory through llama.cpp's own converter (its bundled gguf-py), f16."""
+    out = WORK / f"{name}-f16-convert_hf_to_gguf.gguf"
+    if not out.exists():
+        env = {**os.environ, "PYTHONPATH": str(converter().parent / "gguf-py")}
+        subprocess.run([sys.executable, str(converter()), str(model_dir(name)), "--outfile", str(out),
+                        "--outtype", "f16"], check=True, env=env)  # fmt: skip
+    return out
+
+
+def active_read_bytes(path: Path) -> int:
+    """Bytes of weights one decoded token reads: every tensor but the (untied) input embedding, the
+    routed experts' at the share of experts a token is routed to."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    share = reader.fields[f"{arch}.expert_used_count"].contents() / reader.fields[f"{arch}.expert_count"].contents()
+    tensors = {t.name: t for t in reader.tensors}
+    tied = "output.weight" not in tensors
+    return int(sum(int(t.n_bytes) * (share if "_exps." in n else 1.0) for n, t in tensors.items()
+                   if n != "token_embd.weight" or tied))  # fmt: skip
+
+
+def hf_on_windows(name: str, data) -> float:
+    from secateur.evaluate import perplexity
+    from secateur.io import load
+
+    model, _ = load(model_dir(name))
+    return perplexity(model, data)["perplexity"]
+
+
+def windows():
+    from secateur.data.calibration import evaluation_data
+    from secateur.io import load_model
+
+    model, tokenizer = load_model(model_dir("proxy"))
+    return evaluation_data(model, tokenizer, "enwiki-sample", 512, 64)[:WINDOWS]
+
+
+def quality(names: list[str]) -> None:
+    done, data = finished(RESULTS), None
+    for name in names:
+        hf = None
+        for kind in (*TYPES, "f16-convert_hf_to_gguf"):
+            key = f"quality:{name}:{kind}"
+            if key in done:
+                continue
+            path = converted(name) if kind.endswith("convert_hf_to_gguf") else exported(name, kind)
+            data = windows() if data is None else data
+            hf = hf_on_windows(name, data) if hf is None else hf
+            row = {"row": key, "model": name, "type": kind, "windows": WINDOWS, "hf_perplexity": hf,
+                   **file_facts(path), "active_read_bytes": active_read_bytes(path),
+                   "llama_cpp": bindings_perplexity(path, data)}  # fmt: skip
+            if kind.endswith("convert_hf_to_gguf"):
+                row["versus_ours"] = compare_files(exported(name, "f16"), path)
+            append_row(RESULTS, row)
+            print(f"{key}: llama.cpp {row['llama_cpp']['perplexity']:.3f}, secateur {hf:.3f}", flush=True)
+
+
+def bench(path: Path, repetitions: int) -> dict:
+    """llama-bench prefill 512 / decode 128 tokens/s and the run's peak resident memory (MiB)."""
+    args = [str(build() / "llama-bench"), "-m", str(path), "-t", str(THREADS), "-p", "512", "-n", "128",
+            "-r", str(repetitions), "-o", "json"]  # fmt: skip
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"llama-bench failed on {path}")
+    rows = json.loads(out)
+    prefill = next(r for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
+    decode = next(r for r in rows if r["n_gen"] == 128 and r["n_prompt"] == 0)
+    return {"prefill_tps": prefill["avg_ts"], "decode_tps": decode["avg_ts"], "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def speed(names: list[str], rounds: int, repetitions: int) -> None:
+    files = [(f"{n}:{k}", exported(n, k)) for n in names for k in TYPES]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for r in range(rounds):
+        for item, path in files[r % len(files):] + files[: r % len(files)]:
+            row = {"row": f"speed:{stamp}:{r}:{item}", "run": stamp, "round": r, "item": item, **bench(path, repetitions)}
+            append_row(RESULTS, row)
+            print(f"round {r} {item}: prefill {row['prefill_tps']:.1f}, decode {row['decode_tps']:.1f} tokens/s, "
+                  f"{row['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+
+
+def speeds() -> dict[str, dict]:
+    rows = [r for r in finished(RESULTS).values() if r["row"].startswith("speed:")]
+    if not rows:
+        return {}
+    latest = max(r["run"] for r in rows)
+    by_round: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        if r["run"] == latest:
+            by_round.setdefault(r["round"], {})[r["item"]] = r
+    out = {}
+    for item in {i for rs in by_round.values() for i in rs}:
+        base = "proxy:" + item.split(":", 1)[1]
+        mine = [rs[item] for rs in by_round.values() if item in rs]
+        ratio = lambda k: statistics.median(rs[item][k] / rs[base][k] for rs in by_round.values()  # noqa: E731
+                                            if item in rs and base in rs)
+        out[item] = {k: statistics.median(m[k] for m in mine) for k in ("prefill_tps", "decode_tps", "peak_rss_mib")}
+        out[item].update(prefill_speedup=ratio("prefill_tps"), decode_speedup=ratio("decode_tps"))
+    return out
+
+
+def table() -> str:
+    rows = {r["row"]: r for r in finished(RESULTS).values() if r["row"].startswith("quality:")}
+    timed = speeds()
+    lines = ["| model | type | parameters | file MiB | peak RSS MiB | read/token MiB | decode t/s | speedup (bytes ideal) | "
+             "prefill t/s | speedup | ppl llama.cpp | ppl secateur | converter max diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, row in rows.items():
+        base = rows.get(f"quality:proxy:{row['type']}")
+        s = timed.get(f"{row['model']}:{row['type']}", {})
+        ideal = base["active_read_bytes"] / row["active_read_bytes"] if base else float("nan")
+        versus = row.get("versus_ours")
+        nan = float("nan")
+        lines.append(
+            f"| {row['model']} | {row['type']} | {row['parameters'] / 1e6:.1f}M | {row['bytes'] / 2**20:.0f} | "
+            f"{s.get('peak_rss_mib', nan):.0f} | {row['active_read_bytes'] / 2**20:.0f} | {s.get('decode_tps', nan):.1f} | "
+            f"{s.get('decode_speedup', nan):.2f}x ({ideal:.2f}x) | {s.get('prefill_tps', nan):.0f} | "
+            f"{s.get('prefill_speedup', nan):.2f}x | {row['llama_cpp']['perplexity']:.3f} | {row['hf_perplexity']:.3f} | "
+            f"{'' if versus is None else versus['max_abs_diff']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", default="all", choices=["quality", "speed", "table", "all"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repetitions", type=int, default=3, help="llama-bench -r per model and round")
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.phase in ("quality", "all"):
+        quality(list(MODELS))
+    if args.phase in ("speed", "all"):
+        speed(list(MODELS), args.rounds, args.repetitions)
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
