@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -63,6 +64,12 @@ MOE_CONFIGS = {
                                         shared_expert_intermediate_size=64),
     "mixtral": lambda: MixtralConfig(**{**COMMON, "intermediate_size": 32}, **ATTN, **MOE, num_local_experts=8),
     "olmoe": lambda: OlmoeConfig(**{**COMMON, "intermediate_size": 32}, **ATTN, **MOE, num_experts=8),
+    # multi-head latent attention, sigmoid scores with a correction bias, a shared expert; one group
+    # of experts here (group-limited routing has its own tests) and no leading dense block
+    "deepseek_v3": lambda: DeepseekV3Config(**COMMON, num_attention_heads=4, num_key_value_heads=4, **MOE,
+                                            n_routed_experts=8, moe_intermediate_size=32, n_group=1, topk_group=1,
+                                            first_k_dense_replace=0, n_shared_experts=1, q_lora_rank=32,
+                                            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
 }
 MOE_FAMILIES = list(MOE_CONFIGS)
 

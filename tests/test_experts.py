@@ -285,7 +285,7 @@ def test_expert_width_channel_scores_by_hand():
     assert stats.channels[0].tolist() == pytest.approx([0.5 * 4 + 1.0 * 1, 0.5 * 3 + 1.0 * 0])
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("family", [f for f in MOE_FAMILIES if f != "deepseek_v3"])  # tied shared width: refused
 def test_expert_width_keeps_the_best_channels_of_every_expert_and_reloads(family, tmp_path):
     model = tiny_model(family)
     before = model.model.layers[0].mlp.experts.gate_up_proj.clone()
@@ -409,3 +409,62 @@ def test_recovery_adds_the_family_load_balancing_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "step_loss", spy)
     train(model, config, calibration_ids(8, 16), calibration_ids(2, 16, seed=1), device="cpu", progress=False)
     assert seen and all(seen_ == (0.01, True) for seen_ in seen)
+
+
+# --- DeepSeek-V3: group-limited routing, leading dense blocks -------------------------------------------
+
+
+def grouped_deepseek(**overrides):
+    """4 groups of 4 experts, a token's 2 experts from the best 2 groups, one leading dense block."""
+    return tiny_model("deepseek_v3", n_routed_experts=16, n_group=4, topk_group=2, first_k_dense_replace=1,
+                      num_hidden_layers=3, **overrides)  # fmt: skip
+
+
+def test_per_group_removal_takes_the_same_number_from_every_group_by_hand():
+    from secateur.experts.engine import per_group
+
+    scores = torch.tensor([5.0, 1.0, 3.0, 2.0, 0.5, 9.0, 8.0, 0.1])  # two groups of four
+    choose = lambda members, k: [members[j] for j in criteria.lowest(scores[members], k)]  # noqa: E731
+    assert per_group(8, 2, 4, choose) == [1, 3, 4, 7]  # globally lowest four would be 7, 4, 1, 3 too
+    assert per_group(8, 2, 2, choose) == [1, 7]  # globally: 7 and 4, both from the second group
+    assert per_group(8, 1, 2, choose) == [4, 7]
+
+
+def test_grouped_routing_loses_experts_evenly_and_reloads_with_stock_transformers(tmp_path):
+    model, ids = grouped_deepseek(), calibration_ids()
+    report = prune_experts(model, ExpertsConfig(count=8, criterion="frequency"), ids)
+    assert [b["block"] for b in report.blocks] == [1, 2]
+    for block in report.blocks:
+        assert [sum(1 for j in block["removed"] if j // 4 == g) for g in range(4)] == [2, 2, 2, 2]
+    router = model.model.layers[1].mlp.gate
+    assert router.weight.shape[0] == router.e_score_correction_bias.shape[0] == router.num_experts == 8
+    assert model.config.n_routed_experts == 8 and model.config.num_local_experts == 8
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("config,match", [
+    (ExpertsConfig(count=2), "remove a multiple of 4"),
+    (ExpertsConfig(count=12), "at least 2"),
+    (ExpertsConfig(count=4, criterion="naee"), "not built for group-limited routing"),
+    (ExpertsConfig(count=4, merge=True), "not built for group-limited routing"),
+    (ExpertsConfig(fraction=0.5, width=True), "shared expert's width"),
+])  # fmt: skip
+def test_what_deepseek_routing_cannot_hold_is_refused_before_any_pass(config, match):
+    with pytest.raises(ExpertsError, match=match):
+        prune_experts(grouped_deepseek(), config, calibration_ids())
+
+
+def test_depth_rewrites_deepseek_leading_dense_blocks(tmp_path):
+    from secateur.depth.structure import remove_blocks
+
+    model = grouped_deepseek()
+    remove_blocks(model, adapter_for(model), [0])  # the dense block goes: no block is dense now
+    assert model.config.first_k_dense_replace == 0 and model.config.num_hidden_layers == 2
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = calibration_ids()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import MOE_FAMILIES, calibration_ids, tiny_model
+from conftest import calibration_ids, tiny_model
 from secateur.experts import ExpertsConfig, prune_experts
 from secateur.export import ExportError, export_gguf, model_shape
 from secateur.export.gguf import interleave_rope_rows
@@ -26,7 +26,7 @@ def read(path):
     return reader, tensors
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("family", list(ARCH))
 def test_experts_routers_and_metadata_are_written_as_llama_cpp_reads_them(family, tmp_path):
     model = tiny_model(family)
     export_gguf(saved(model, tmp_path), tmp_path / "m.gguf", kind="f32")
@@ -74,6 +74,12 @@ def test_fewer_experts_after_removal_are_what_the_file_says(tmp_path):
 def test_routing_llama_cpp_would_weight_otherwise_is_refused(family, flag):
     with pytest.raises(ExportError, match="renormalises the top-k"):
         model_shape(tiny_model(family, norm_topk_prob=flag))
+
+
+def test_deepseek_v3_is_refused_before_writing(tmp_path):
+    with pytest.raises(ExportError, match="deepseek_v3 models cannot be exported yet"):
+        export_gguf(saved(tiny_model("deepseek_v3"), tmp_path), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_dense_blocks_among_the_experts_are_refused_before_writing(tmp_path):

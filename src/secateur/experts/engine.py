@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -101,27 +101,37 @@ def _search(recorder: _Recorder, remove: int) -> list[int]:
     return search_removal(count, remove, lambda kept: float((output(kept) - reference).square().sum()))
 
 
+def per_group(count: int, groups: int, remove: int, choose: Callable[[list[int], int], list[int]]) -> list[int]:
+    """The experts removed when each of `groups` groups of consecutive experts loses remove / groups:
+    `choose(members, k)` picks k of a group's members."""
+    size = count // groups
+    return sorted(j for g in range(groups) for j in choose(list(range(g * size, (g + 1) * size)), remove // groups))
+
+
 def _remove(block: nn.Module, adapter: Adapter, config: ExpertsConfig, recorder: _Recorder | None, count: int,
-            remove: int, index: int) -> dict[str, Any]:  # fmt: skip
+            remove: int, index: int, groups: int = 1) -> dict[str, Any]:  # fmt: skip
     criterion = CRITERIA[config.criterion]
+    scores = None
     if criterion.weights is not None:
         experts = block.get_submodule(adapter.experts.experts)
         flat = torch.cat([experts.gate_up_proj.detach().flatten(1), experts.down_proj.detach().flatten(1)], dim=1)
         router = block.get_submodule(adapter.experts.router).weight.detach()
-        removed, scores = criterion.weights(router, flat, remove), None
-    elif criterion.search:
-        removed, scores = _search(recorder, remove), None
+        choose = lambda members, k: [members[j] for j in criterion.weights(router[members], flat[members], k)]  # noqa: E731
+    elif criterion.search:  # refused for grouped routing (prune_experts)
+        choose = lambda members, k: _search(recorder, k)  # noqa: E731
     else:
         stats = recorder.stats if recorder is not None else ExpertStats(count, "cpu")
         values = criterion.score(stats, config.draw_seed + index)
-        removed, scores = lowest(values, remove), values.tolist()
+        scores = values.tolist()
+        choose = lambda members, k: [members[j] for j in lowest(values[members], k)]  # noqa: E731
+    removed = per_group(count, groups, remove, choose)
     keep_experts(block, adapter, [j for j in range(count) if j not in removed])
     return {"removed": removed, "scores": scores}
 
 
 @torch.no_grad()
 def _merge(block: nn.Module, adapter: Adapter, config: ExpertsConfig, recorder: _Recorder, count: int,
-           remove: int, index: int) -> dict[str, Any]:  # fmt: skip
+           remove: int, index: int, groups: int = 1) -> dict[str, Any]:  # fmt: skip
     """Cluster the experts by the cosine similarity of their outputs on the sampled tokens, merge each
     cluster, weighting members by the tokens routed to them."""
     _, outputs = _sample_outputs(recorder)
@@ -132,7 +142,7 @@ def _merge(block: nn.Module, adapter: Adapter, config: ExpertsConfig, recorder: 
 
 
 def _slim(block: nn.Module, adapter: Adapter, config: ExpertsConfig, recorder: _Recorder, count: int,
-          remove: int, index: int) -> dict[str, Any]:  # fmt: skip
+          remove: int, index: int, groups: int = 1) -> dict[str, Any]:  # fmt: skip
     """Every expert keeps its channels of highest gate-weighted activation x down-projection norm."""
     experts = recorder.experts
     width = experts.down_proj.shape[2]
@@ -162,8 +172,15 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
                            "one count")
     count, top_k = counts.pop(), getattr(model.config, adapter.experts.top_k_key)
     remove = 0 if config.width else config.removed(count, top_k)
+    groups = adapter.experts.groups(model.config)
+    if groups > 1 and remove:
+        _check_groups(config, count, remove, groups, top_k, int(getattr(model.config, "topk_group", groups)))
     if config.width:
         config.kept_channels(getattr(model.config, adapter.experts.width_key))  # refused before any pass
+        if adapter.experts.shared_tied:
+            raise ExpertsError(f"{adapter.family}'s config derives the shared expert's width from the routed experts' "
+                               f"({adapter.experts.width_key}), so a stock config cannot hold narrower routed experts "
+                               "beside a whole shared one; expert width is not built for it yet")
     has_calibration = calibration is not None and calibration.ndim == 2 and len(calibration) > 0
     if config.needs_calibration and not has_calibration:
         raise ExpertsError(f"{config.method_name} ({config.criterion_name}) needs calibration: a (samples, seq_len) "
@@ -174,12 +191,13 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
     model.eval()
     if not config.needs_calibration:
         for index in sparse:
-            report.blocks.append({"block": index, **_remove(blocks[index], adapter, config, None, count, remove, index)})
+            report.blocks.append({"block": index, **_remove(blocks[index], adapter, config, None, count, remove, index,
+                                                            groups)})  # fmt: skip
     else:
         with torch.no_grad():
             for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "experts"):
                 if index in sparse:
-                    report.blocks.append(_prune_block(block, adapter, config, inputs, index, count, remove))
+                    report.blocks.append(_prune_block(block, adapter, config, inputs, index, count, remove, groups))
                 inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
     if config.width:
         report.width_before, report.width_after = report.blocks[0]["width_before"], report.blocks[0]["width_after"]
@@ -190,13 +208,26 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
     return report
 
 
+def _check_groups(config: ExpertsConfig, count: int, remove: int, groups: int, top_k: int, top_groups: int) -> None:
+    """Group-limited routing (DeepSeek-V3): every group loses the same number of experts, keeps the two
+    whose scores rank the group, and the groups a token may use still hold its top-k."""
+    if config.merge or CRITERIA[config.criterion].search:
+        raise ExpertsError(f"the router picks experts within {groups} groups; --merge and --criterion naee are not "
+                           "built for group-limited routing: use reap, frequency, stun or random")
+    kept = (count - remove) // groups
+    if remove % groups or kept < 2 or kept * top_groups < top_k:
+        raise ExpertsError(f"the router picks {top_k} experts within {top_groups} of {groups} groups of "
+                           f"{count // groups}: remove a multiple of {groups} experts that leaves every group at least "
+                           f"2 and {top_groups} groups at least {top_k} (asked: {remove})")
+
+
 def _prune_block(block: nn.Module, adapter: Adapter, config: ExpertsConfig, inputs: BlockInputs, index: int,
-                 count: int, remove: int) -> dict[str, Any]:  # fmt: skip
+                 count: int, remove: int, groups: int = 1) -> dict[str, Any]:  # fmt: skip
     experts = block.get_submodule(adapter.experts.experts)
     stats = ExpertStats(count, next(block.parameters()).device, experts.down_proj.shape[2] if config.width else 0)
     recorder = _Recorder(block, adapter, stats, config.search_tokens if config.needs_sample else 0)
     recorder.run(block, inputs, index)
-    done = _apply(config)(block, adapter, config, recorder, count, remove, index)
+    done = _apply(config)(block, adapter, config, recorder, count, remove, index, groups)
     few = [j for j in range(count) if stats.count[j] < config.min_tokens]
     return {"block": index, **done, "tokens": stats.tokens, "few_tokens": few,
             "few_tokens_removed": [j for j in few if j in done.get("removed", [])], **stats.to_dict()}

@@ -104,11 +104,15 @@ class Experts:
     (tokens, top-k indices, top-k weights); the experts are fused 3-D parameters, `gate_up_proj`
     (experts, 2 x width, hidden: gate rows then up rows) and `down_proj` (experts, hidden, width).
 
-    Blocks whose `module` has no `experts` are dense (Qwen MoE's `mlp_only_layers`). `count_key`,
-    `top_k_key` and `width_key` are the config fields of the expert count, the experts per token and
-    an expert's width; `dense_key` / `step_key` say which blocks are dense (a list of block indices
-    and the every-n-th-block-is-sparse step), rewritten when blocks go; `shared` is an always-on
-    shared expert beside the routed ones (Qwen2-MoE), untouched by expert removal."""
+    Blocks whose `module` has no `experts` are dense (Qwen MoE's `mlp_only_layers`, DeepSeek-V3's
+    first blocks). `count_key`, `top_k_key` and `width_key` are the config fields of the expert
+    count, the experts per token and an expert's width; `dense_key` / `step_key` say which blocks
+    are dense (a list of block indices and the every-n-th-block-is-sparse step) and
+    `dense_prefix_key` how many leading blocks are (DeepSeek's first_k_dense_replace), rewritten
+    when blocks go; `shared` is an always-on shared expert beside the routed ones (Qwen2-MoE,
+    DeepSeek-V3), untouched by expert removal; `group_key` the config field of the router's expert
+    groups (DeepSeek-V3's group-limited routing: each group holds count / groups consecutive
+    experts, so removal takes the same number from every group)."""
 
     count_key: str
     width_key: str
@@ -118,7 +122,14 @@ class Experts:
     top_k_key: str = "num_experts_per_tok"
     dense_key: str | None = None
     step_key: str | None = None
+    dense_prefix_key: str | None = None
     shared: str | None = None
+    group_key: str | None = None
+    shared_tied: bool = False  # the shared expert's width follows width_key (DeepSeek-V3: x n_shared_experts)
+
+    def groups(self, config) -> int:
+        """How many groups the router splits its experts into (1: no group-limited routing)."""
+        return int(getattr(config, self.group_key, None) or 1) if self.group_key else 1
 
     def sparse_blocks(self, blocks: nn.ModuleList) -> list[int]:
         """The indices of the blocks that route to experts (the others hold a dense MLP)."""
@@ -127,9 +138,11 @@ class Experts:
     def sync_layers(self, config, blocks: nn.ModuleList) -> None:
         """Rewrite the config's dense-block list from `blocks` as they are (after blocks were removed or
         reordered), so a stock config rebuilds the same mix of dense and sparse blocks."""
+        sparse = set(self.sparse_blocks(blocks))
+        if self.dense_prefix_key is not None:  # the leading blocks that are not sparse
+            setattr(config, self.dense_prefix_key, next((i for i in range(len(blocks)) if i in sparse), len(blocks)))
         if self.dense_key is None:
             return
-        sparse = set(self.sparse_blocks(blocks))
         setattr(config, self.dense_key, [i for i in range(len(blocks)) if i not in sparse])
         if self.step_key is not None:
             setattr(config, self.step_key, 1)
