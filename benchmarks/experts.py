@@ -59,6 +59,7 @@ ROWS: dict[str, tuple[str | None, list[str] | None]] = {  # name: (input row, ar
         (f"{method}{pct(total)}", ("proxy", ["prune", "--method", method, "--sparsity", total])),
         (f"stun-frequency50+{method}{pct(total)}", ("frequency50", ["stun", method, total])))},
     **{f"stun50+wanda{pct(total)}": ("stun50", ["stun", "wanda", total]) for total in ("0.5", "0.65")},
+    "stun-frequency50+wanda50+recovery": ("stun-frequency50+wanda50", ["train"]),  # the zeros kept
 }
 
 
@@ -191,8 +192,9 @@ def build(name: str) -> dict:
     row = {**timing, "seconds_stage": record["seconds"], "parameters": result.get("parameters_after"),
            "removed": [b["removed"] for b in result.get("blocks", []) if "removed" in b] or None}  # fmt: skip
     if record["kind"] == "sparsity":
-        row["sparsity_stage"], (row["nonzero_in_blocks"], _) = result["sparsity"], weights_in_blocks(out)
-        row["stage_args"] = args
+        row["sparsity_stage"], row["stage_args"] = result["sparsity"], args
+    if "wanda" in name or "sparsegpt" in name:
+        row["nonzero_in_blocks"] = weights_in_blocks(out)[0]
     return row
 
 

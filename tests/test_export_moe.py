@@ -28,7 +28,7 @@ def read(path):
 
 @pytest.mark.parametrize("family", list(ARCH))
 def test_experts_routers_and_metadata_are_written_as_llama_cpp_reads_them(family, tmp_path):
-    model = tiny_model(family)
+    model = tiny_model(family, **({"num_key_value_heads": 4} if family == "olmoe" else {}))
     export_gguf(saved(model, tmp_path), tmp_path / "m.gguf", kind="f32")
     reader, tensors = read(tmp_path / "m.gguf")
     arch = ARCH[family]
@@ -53,6 +53,11 @@ def test_experts_routers_and_metadata_are_written_as_llama_cpp_reads_them(family
         assert tensors["blk.1.ffn_gate_inp_shexp.weight"][0] == "F32"
 
 
+def test_olmoe_with_grouped_query_attention_is_refused():
+    with pytest.raises(ExportError, match="no grouped-query"):
+        model_shape(tiny_model("olmoe"))  # 2 key/value heads for 4 query heads
+
+
 def test_routers_stay_float32_and_experts_take_the_type(tmp_path):
     export_gguf(saved(tiny_model("qwen3_moe"), tmp_path), tmp_path / "m.gguf", kind="f16")
     _, tensors = read(tmp_path / "m.gguf")
@@ -73,7 +78,7 @@ def test_fewer_experts_after_removal_are_what_the_file_says(tmp_path):
 @pytest.mark.parametrize("family,flag", [("qwen2_moe", True), ("qwen3_moe", False), ("olmoe", True)])
 def test_routing_llama_cpp_would_weight_otherwise_is_refused(family, flag):
     with pytest.raises(ExportError, match="renormalises the top-k"):
-        model_shape(tiny_model(family, norm_topk_prob=flag))
+        model_shape(tiny_model(family, norm_topk_prob=flag, num_key_value_heads=4))
 
 
 def test_deepseek_v3_is_refused_before_writing(tmp_path):

@@ -112,6 +112,10 @@ def _moe_check(renormalised: bool) -> Callable[[Any, "Shape"], None]:
                               f"{'always' if renormalised else 'never'} renormalises the top-k routing weights")
         if shape.arch == "qwen2moe" and not getattr(config, "shared_expert_intermediate_size", 0):
             raise ExportError("llama.cpp's qwen2moe graph needs the shared expert, and this model has none")
+        if shape.arch == "olmoe" and shape.kv_heads[0] != shape.heads[0]:
+            raise ExportError(f"llama.cpp's olmoe graph normalises keys over the hidden size, so it holds no grouped-query "
+                              f"attention; this model has {shape.kv_heads[0]} key/value heads for {shape.heads[0]} "
+                              "query heads")
 
     return check
 
