@@ -5,7 +5,11 @@ from the llama-cpp-python sdist, see llamacpp_build.py), CPU, 2 threads.
 Models (built by benchmarks/experts.py, which this script runs for a missing one): the proxy (a
 shared expert and 8 routed experts of 96 channels per block, top-2), frequency 50% and REAP 50% of
 the routed experts removed (4 left, top-2 kept), and every routed expert at half width
-(expert-width 50%). Quality figures are the proxy's, not a pretrained MoE's.
+(expert-width 50%). Quality figures are the proxy's, not a pretrained MoE's. The proxy renormalises
+its top-2 routing weights, which llama.cpp's qwen2moe graph never does (`secateur export` refuses
+it); every model here is therefore the same weights with `norm_topk_prob` false, in secateur and in
+llama.cpp alike: another routing than benchmarks/experts.py's rows (its perplexities differ from
+them), the same cost per token.
 
 Phases (resumable; each finished item is a line of benchmarks/results/experts-llamacpp.jsonl):
 - `quality`: f16 and q8_0 exports; perplexity inside llama.cpp (its Python bindings, each of
@@ -49,10 +53,20 @@ TYPES = ("f16", "q8_0")
 
 
 def model_dir(name: str) -> Path:
+    """The benchmark's model routed as llama.cpp's qwen2moe routes: its top-k weights not renormalised
+    (`norm_topk_prob` false; the weights are the same files)."""
     path = experts.path_of(name)
     if not (path / "config.json").exists():
         subprocess.run([sys.executable, str(HERE / "experts.py"), "--only", name], check=True)
-    return path
+    variant = WORK / f"{name}-unnormalised"
+    if not (variant / "config.json").exists():
+        variant.mkdir(parents=True, exist_ok=True)
+        for file in path.iterdir():
+            if file.name != "config.json" and not (variant / file.name).exists():
+                (variant / file.name).symlink_to(file.resolve())
+        config = json.loads((path / "config.json").read_text())
+        (variant / "config.json").write_text(json.dumps({**config, "norm_topk_prob": False}, indent=2))
+    return variant
 
 
 def exported(name: str, kind: str) -> Path:

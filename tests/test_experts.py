@@ -116,6 +116,22 @@ def test_the_router_decides_which_tokens_each_expert_is_measured_on():
     assert float(stats.reap[1]) == pytest.approx(float(expected_reap_1), rel=1e-5)
 
 
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_a_pruned_block_reruns_only_its_moe_branch_and_gets_the_whole_block_outputs(family):
+    from secateur.calibrate.stream import stream_blocks
+    from secateur.experts.engine import _outputs, _prune_block
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        index, block, inputs = next(stream_blocks(model, adapter, calibration_ids(), 2, torch.device("cpu"), "t"))
+        done, outputs = _prune_block(block, adapter, ExpertsConfig(count=4, criterion="frequency"), inputs, index, 8,
+                                     4)  # fmt: skip
+        whole = _outputs(block, adapter, None, inputs, index, recomputable=False)  # the whole pruned block
+    assert len(done["removed"]) == 4 and len(outputs) == len(whole) == len(inputs.hidden) > 1
+    assert all(torch.equal(a, b) for a, b in zip(outputs, whole))
+
+
 # --- removal -----------------------------------------------------------------------------------------------
 
 

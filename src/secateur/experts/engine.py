@@ -44,8 +44,14 @@ class _Recorder:
 
     def __init__(self, block: nn.Module, adapter: Adapter, stats: ExpertStats, sample: int) -> None:
         self.router, self.experts = block.get_submodule(adapter.experts.router), block.get_submodule(adapter.experts.experts)
+        self.norm = block.get_submodule(adapter.experts.norm)
         self.stats, self.sample, self.kept = stats, sample, []
         self.logits: Tensor | None = None
+        self.residuals: list[Tensor] = []  # per batch: the residual stream entering the MoE branch
+        self.first: Tensor | None = None  # the dense block's output of the first batch
+
+    def on_norm(self, module: nn.Module, args: tuple) -> None:
+        self.residuals.append(args[0])
 
     def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
         self.logits = output[0]
@@ -63,18 +69,39 @@ class _Recorder:
     @contextmanager
     def attached(self) -> Iterator[None]:
         """The router hook and the measuring forward, while the block runs on calibration."""
-        handle = self.router.register_forward_hook(self.on_router)
+        handles = [self.router.register_forward_hook(self.on_router), self.norm.register_forward_pre_hook(self.on_norm)]
         self.experts.forward = self.experts_forward  # an instance attribute shadows the class's forward
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             del self.experts.forward
 
     def run(self, block: nn.Module, inputs: BlockInputs, index: int) -> None:
         with self.attached():
             for hidden, extra in zip(inputs.hidden, inputs.extras[index]):
-                run_block(block, hidden, extra)
+                out = run_block(block, hidden, extra)
+                self.first = out if self.first is None else self.first
+        if len(self.residuals) != len(inputs.hidden):
+            self.residuals = []  # the norm ran more or less than once per batch: not the pre-norm layout
+
+
+def _moe_branch(block: nn.Module, adapter: Adapter, residual: Tensor) -> Tensor:
+    """A pre-norm block's output from the residual stream entering its MoE branch: the residual plus
+    the MoE module's output of it (what the decoder layer computes after its attention)."""
+    out = block.get_submodule(adapter.experts.module)(block.get_submodule(adapter.experts.norm)(residual))
+    return residual + (out[0] if isinstance(out, tuple) else out)
+
+
+def _outputs(block: nn.Module, adapter: Adapter, recorder: _Recorder, inputs: BlockInputs, index: int,
+             recomputable: bool) -> list[Tensor]:  # fmt: skip
+    """The block's outputs under its pruned experts: its attention did not change, so only the MoE
+    branch runs again, on the residuals the measuring pass kept (the whole block where they were not
+    kept or did not reproduce the dense block)."""
+    if recomputable:
+        return [_moe_branch(block, adapter, residual) for residual in recorder.residuals]
+    return [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
 
 
 def _sample_outputs(recorder: _Recorder) -> tuple[Tensor, Tensor]:
@@ -197,8 +224,10 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
         with torch.no_grad():
             for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "experts"):
                 if index in sparse:
-                    report.blocks.append(_prune_block(block, adapter, config, inputs, index, count, remove, groups))
-                inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+                    done, inputs.hidden = _prune_block(block, adapter, config, inputs, index, count, remove, groups)
+                    report.blocks.append(done)
+                else:
+                    inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
     if config.width:
         report.width_before, report.width_after = report.blocks[0]["width_before"], report.blocks[0]["width_after"]
         setattr(model.config, adapter.experts.width_key, report.width_after)
@@ -222,12 +251,16 @@ def _check_groups(config: ExpertsConfig, count: int, remove: int, groups: int, t
 
 
 def _prune_block(block: nn.Module, adapter: Adapter, config: ExpertsConfig, inputs: BlockInputs, index: int,
-                 count: int, remove: int, groups: int = 1) -> dict[str, Any]:  # fmt: skip
+                 count: int, remove: int, groups: int = 1) -> tuple[dict[str, Any], list[Tensor]]:  # fmt: skip
+    """Measure, prune and run one MoE block: its record and its outputs under the pruned experts."""
     experts = block.get_submodule(adapter.experts.experts)
     stats = ExpertStats(count, next(block.parameters()).device, experts.down_proj.shape[2] if config.width else 0)
     recorder = _Recorder(block, adapter, stats, config.search_tokens if config.needs_sample else 0)
     recorder.run(block, inputs, index)
+    recomputable = bool(recorder.residuals) and torch.allclose(
+        _moe_branch(block, adapter, recorder.residuals[0]), recorder.first, rtol=1e-4, atol=1e-5)  # the dense block
     done = _apply(config)(block, adapter, config, recorder, count, remove, index, groups)
+    outputs = _outputs(block, adapter, recorder, inputs, index, recomputable)
     few = [j for j in range(count) if stats.count[j] < config.min_tokens]
     return {"block": index, **done, "tokens": stats.tokens, "few_tokens": few,
-            "few_tokens_removed": [j for j in few if j in done.get("removed", [])], **stats.to_dict()}
+            "few_tokens_removed": [j for j in few if j in done.get("removed", [])], **stats.to_dict()}, outputs

@@ -126,6 +126,9 @@ class Experts:
     shared: str | None = None
     group_key: str | None = None
     shared_tied: bool = False  # the shared expert's width follows width_key (DeepSeek-V3: x n_shared_experts)
+    # the norm `module` reads through, in a pre-norm block: the block's output is this norm's input
+    # plus `module`'s output (so a block whose experts changed is recomputed from that point)
+    norm: str = "post_attention_layernorm"
 
     def groups(self, config) -> int:
         """How many groups the router splits its experts into (1: no group-limited routing)."""
