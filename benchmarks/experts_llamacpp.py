@@ -7,9 +7,10 @@ shared expert and 8 routed experts of 96 channels per block, top-2), frequency 5
 the routed experts removed (4 left, top-2 kept), and every routed expert at half width
 (expert-width 50%). Quality figures are the proxy's, not a pretrained MoE's. The proxy renormalises
 its top-2 routing weights, which llama.cpp's qwen2moe graph never does (`secateur export` refuses
-it); every model here is therefore the same weights with `norm_topk_prob` false, in secateur and in
-llama.cpp alike: another routing than benchmarks/experts.py's rows (its perplexities differ from
-them), the same cost per token.
+it), and its shared expert's gate weights are exactly 0, where llama.cpp's sigmoid (silu(g) / g) is
+NaN; every model here is therefore a variant, in secateur and in llama.cpp alike: `norm_topk_prob`
+false and the gate weights 1e-6 (see `model_dir`): another routing than benchmarks/experts.py's rows
+(its perplexities differ from them), the same cost per token.
 
 Phases (resumable; each finished item is a line of benchmarks/results/experts-llamacpp.jsonl):
 - `quality`: f16 and q8_0 exports; perplexity inside llama.cpp (its Python bindings, each of
@@ -35,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -52,18 +55,33 @@ MODELS = ("proxy", "frequency50", "reap50", "expert-width50")
 TYPES = ("f16", "q8_0")
 
 
+GATE = 1e-6  # every weight of the shared expert's gate in the variants (the proxy's are exactly 0)
+
+
 def model_dir(name: str) -> Path:
-    """The benchmark's model routed as llama.cpp's qwen2moe routes: its top-k weights not renormalised
-    (`norm_topk_prob` false; the weights are the same files)."""
+    """The benchmark's model as llama.cpp's qwen2moe can compute it: its top-k routing weights not
+    renormalised (`norm_topk_prob` false), and its shared expert's gate weights 1e-6 instead of 0
+    (llama.cpp computes that gate's sigmoid as silu(g) / g, NaN at g = 0 exactly; the gate moves
+    from 0.5 by about 1e-5). Both engines read the same variant."""
+    from safetensors.torch import load_file, save_file
+
     path = experts.path_of(name)
     if not (path / "config.json").exists():
         subprocess.run([sys.executable, str(HERE / "experts.py"), "--only", name], check=True)
-    variant = WORK / f"{name}-unnormalised"
+    variant = WORK / f"{name}-variant"
     if not (variant / "config.json").exists():
         variant.mkdir(parents=True, exist_ok=True)
         for file in path.iterdir():
-            if file.name != "config.json" and not (variant / file.name).exists():
+            if file.suffix != ".safetensors" and file.name not in ("config.json", "model.safetensors.index.json"):
                 (variant / file.name).symlink_to(file.resolve())
+        for file in path.glob("*.safetensors"):
+            tensors = load_file(file)
+            for key in tensors:
+                if key.endswith("shared_expert_gate.weight"):
+                    tensors[key] = torch.full_like(tensors[key], GATE)
+            save_file(tensors, variant / file.name, metadata={"format": "pt"})
+        if (path / "model.safetensors.index.json").exists():
+            (variant / "model.safetensors.index.json").symlink_to((path / "model.safetensors.index.json").resolve())
         config = json.loads((path / "config.json").read_text())
         (variant / "config.json").write_text(json.dumps({**config, "norm_topk_prob": False}, indent=2))
     return variant
@@ -129,10 +147,13 @@ def quality(names: list[str]) -> None:
             data = windows() if data is None else data
             hf = hf_on_windows(name, data) if hf is None else hf
             row = {"row": key, "model": name, "type": kind, "windows": WINDOWS, "hf_perplexity": hf,
-                   **file_facts(path), "active_read_bytes": active_read_bytes(path),
-                   "llama_cpp": bindings_perplexity(path, data)}  # fmt: skip
+                   **file_facts(path), "active_read_bytes": active_read_bytes(path)}  # fmt: skip
             if kind.endswith("convert_hf_to_gguf"):
                 row["versus_ours"] = compare_files(exported(name, "f16"), path)
+            try:
+                row["llama_cpp"] = bindings_perplexity(path, data)
+            except ValueError as error:  # the converter leaves out a tied head, which llama.cpp's qwen2moe requires
+                row["llama_cpp"], row["llama_cpp_error"] = {"perplexity": float("nan")}, str(error)
             append_row(RESULTS, row)
             print(f"{key}: llama.cpp {row['llama_cpp']['perplexity']:.3f}, secateur {hf:.3f}", flush=True)
 

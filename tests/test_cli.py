@@ -126,7 +126,7 @@ def test_bad_model_paths_fail_clearly(tmp_path, falcon_dir, capsys):
         (tmp_path / "missing", "does not exist"),
         (tmp_path / "empty", "no config.json"),
         (tmp_path / "file.bin", "not a .gguf"),
-        (falcon_dir, "unsupported architecture 'falcon'; secateur supports: gemma3_text, gpt2"),
+        (falcon_dir, "unsupported architecture 'falcon'; secateur supports: deepseek_v3, gemma3_text, gpt2"),
     ]
     for path, message in cases:
         code, _, err = run(["prune", path, "--method", "magnitude", "--out", tmp_path / "out"], capsys)

@@ -58,6 +58,17 @@ def test_olmoe_with_grouped_query_attention_is_refused():
         model_shape(tiny_model("olmoe"))  # 2 key/value heads for 4 query heads
 
 
+@pytest.mark.parametrize("family,written", [("qwen2_moe", True), ("olmoe", True), ("qwen3_moe", False)])
+def test_a_tied_head_is_written_where_llama_cpp_requires_it(family, written, tmp_path):
+    model = tiny_model(family, tie_word_embeddings=True, num_key_value_heads=4)
+    model.tie_weights()
+    export_gguf(saved(model, tmp_path), tmp_path / "m.gguf", kind="f32")
+    _, tensors = read(tmp_path / "m.gguf")
+    assert ("output.weight" in tensors) == written
+    if written:
+        assert np.array_equal(tensors["output.weight"][1], tensors["token_embd.weight"][1])
+
+
 def test_routers_stay_float32_and_experts_take_the_type(tmp_path):
     export_gguf(saved(tiny_model("qwen3_moe"), tmp_path), tmp_path / "m.gguf", kind="f16")
     _, tensors = read(tmp_path / "m.gguf")

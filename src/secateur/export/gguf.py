@@ -58,6 +58,7 @@ class Family:
     extra: Callable[[Any, Any, "Shape"], None] | None = None
     check: Callable[[Any, "Shape"], None] | None = None
     unlike_deci: str = ""  # what its blocks have that llama.cpp's deci cannot hold (per-layer widths refused)
+    head_required: bool = False  # llama.cpp's graph reads output.weight even where the model ties it to the embedding
 
 
 def _gemma3_check(config, shape: "Shape") -> None:
@@ -142,10 +143,12 @@ FAMILIES = {
     "phi3": Family("phi3", interleaved_rope=False, per_layer=False, check=_phi3_check,
                    unlike_deci="fused qkv and gate_up projections"),
     # mixtures of experts: every block routes to experts of one width and count
-    "qwen2_moe": Family("qwen2moe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(False)),
+    "qwen2_moe": Family("qwen2moe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(False),
+                        head_required=True),
     "qwen3_moe": Family("qwen3moe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(True)),
     "mixtral": Family("llama", interleaved_rope=True, per_layer=False, extra=_moe, check=_moe_check(True)),
-    "olmoe": Family("olmoe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(False)),
+    "olmoe": Family("olmoe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(False),
+                    head_required=True),
 }
 PER_LAYER_ARCH = "deci"
 
@@ -306,7 +309,7 @@ def named_tensors(model: nn.Module, shape: Shape) -> Iterator[tuple[str, Tensor]
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == shape.arch)
     names = gguf.get_tensor_name_map(arch, len(shape.heads))
     interleave = family.interleaved_rope or shape.arch == PER_LAYER_ARCH
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    tied = getattr(model.config, "tie_word_embeddings", False) and not family.head_required  # else written twice
     state = ((n, t) for hf_name, fused in model.state_dict().items() for n, t in _unfused(hf_name, fused))
     for hf_name, tensor in state:
         if tied and hf_name == "lm_head.weight":
