@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 import time
@@ -47,8 +45,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
 import experts  # noqa: E402
-from llamacpp import THREADS, WINDOWS, bindings_perplexity, compare_files, file_facts  # noqa: E402
-from llamacpp_build import build, converter  # noqa: E402
+import llamacpp  # noqa: E402
+from llamacpp import (WINDOWS, bindings_perplexity, compare_files, convert, export, file_facts,  # noqa: E402
+                      hf_perplexity_on, llama_bench, round_medians)
 from measure import append_row, finished  # noqa: E402
 
 MODELS = ("proxy", "frequency50", "reap50", "expert-width50")
@@ -88,21 +87,12 @@ def model_dir(name: str) -> Path:
 
 
 def exported(name: str, kind: str) -> Path:
-    out = WORK / f"{name}-{kind}.gguf"
-    if not out.exists():
-        subprocess.run([sys.executable, "-m", "secateur.cli", "export", str(model_dir(name)), "--gguf", str(out),
-                        "--type", kind], check=True)  # fmt: skip
-    return out
+    return export(model_dir(name), WORK / f"{name}-{kind}.gguf", kind)
 
 
 def converted(name: str) -> Path:
-    """The same directory through llama.cpp's own converter (its bundled gguf-py), f16."""
-    out = WORK / f"{name}-f16-convert_hf_to_gguf.gguf"
-    if not out.exists():
-        env = {**os.environ, "PYTHONPATH": str(converter().parent / "gguf-py")}
-        subprocess.run([sys.executable, str(converter()), str(model_dir(name)), "--outfile", str(out),
-                        "--outtype", "f16"], check=True, env=env)  # fmt: skip
-    return out
+    """The same directory through llama.cpp's own converter, f16."""
+    return convert(model_dir(name), WORK / f"{name}-f16-convert_hf_to_gguf.gguf")
 
 
 def active_read_bytes(path: Path) -> int:
@@ -119,20 +109,9 @@ def active_read_bytes(path: Path) -> int:
                    if n != "token_embd.weight" or tied))  # fmt: skip
 
 
-def hf_on_windows(name: str, data) -> float:
-    from secateur.evaluate import perplexity
-    from secateur.io import load
-
-    model, _ = load(model_dir(name))
-    return perplexity(model, data)["perplexity"]
-
-
 def windows():
-    from secateur.data.calibration import evaluation_data
-    from secateur.io import load_model
-
-    model, tokenizer = load_model(model_dir("proxy"))
-    return evaluation_data(model, tokenizer, "enwiki-sample", 512, 64)[:WINDOWS]
+    """The first WINDOWS of protocol v1's windows (the proxy shares SmolLM2's tokenizer)."""
+    return llamacpp.windows()[0][:WINDOWS]
 
 
 def quality(names: list[str]) -> None:
@@ -145,7 +124,7 @@ def quality(names: list[str]) -> None:
                 continue
             path = converted(name) if kind.endswith("convert_hf_to_gguf") else exported(name, kind)
             data = windows() if data is None else data
-            hf = hf_on_windows(name, data) if hf is None else hf
+            hf = hf_perplexity_on(model_dir(name), data) if hf is None else hf
             row = {"row": key, "model": name, "type": kind, "windows": WINDOWS, "hf_perplexity": hf,
                    **file_facts(path), "active_read_bytes": active_read_bytes(path)}  # fmt: skip
             if kind.endswith("convert_hf_to_gguf"):
@@ -158,50 +137,24 @@ def quality(names: list[str]) -> None:
             print(f"{key}: llama.cpp {row['llama_cpp']['perplexity']:.3f}, secateur {hf:.3f}", flush=True)
 
 
-def bench(path: Path, repetitions: int) -> dict:
-    """llama-bench prefill 512 / decode 128 tokens/s and the run's peak resident memory (MiB)."""
-    args = [str(build() / "llama-bench"), "-m", str(path), "-t", str(THREADS), "-p", "512", "-n", "128",
-            "-r", str(repetitions), "-o", "json"]  # fmt: skip
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"llama-bench failed on {path}")
-    rows = json.loads(out)
-    prefill = next(r for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
-    decode = next(r for r in rows if r["n_gen"] == 128 and r["n_prompt"] == 0)
-    return {"prefill_tps": prefill["avg_ts"], "decode_tps": decode["avg_ts"], "peak_rss_mib": usage.ru_maxrss / 1024}
-
-
 def speed(names: list[str], rounds: int, repetitions: int) -> None:
     files = [(f"{n}:{k}", exported(n, k)) for n in names for k in TYPES]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for r in range(rounds):
         for item, path in files[r % len(files):] + files[: r % len(files)]:
-            row = {"row": f"speed:{stamp}:{r}:{item}", "run": stamp, "round": r, "item": item, **bench(path, repetitions)}
+            row = {"row": f"speed:{stamp}:{r}:{item}", "run": stamp, "round": r, "item": item, **llama_bench(path, repetitions)}
             append_row(RESULTS, row)
             print(f"round {r} {item}: prefill {row['prefill_tps']:.1f}, decode {row['decode_tps']:.1f} tokens/s, "
                   f"{row['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
 
 
 def speeds() -> dict[str, dict]:
+    """The latest speed run's medians and ratios to the proxy of the same type."""
     rows = [r for r in finished(RESULTS).values() if r["row"].startswith("speed:")]
     if not rows:
         return {}
     latest = max(r["run"] for r in rows)
-    by_round: dict[int, dict[str, dict]] = {}
-    for r in rows:
-        if r["run"] == latest:
-            by_round.setdefault(r["round"], {})[r["item"]] = r
-    out = {}
-    for item in {i for rs in by_round.values() for i in rs}:
-        base = "proxy:" + item.split(":", 1)[1]
-        mine = [rs[item] for rs in by_round.values() if item in rs]
-        ratio = lambda k: statistics.median(rs[item][k] / rs[base][k] for rs in by_round.values()  # noqa: E731
-                                            if item in rs and base in rs)
-        out[item] = {k: statistics.median(m[k] for m in mine) for k in ("prefill_tps", "decode_tps", "peak_rss_mib")}
-        out[item].update(prefill_speedup=ratio("prefill_tps"), decode_speedup=ratio("decode_tps"))
-    return out
+    return round_medians([r for r in rows if r["run"] == latest], lambda item: "proxy:" + item.split(":", 1)[1])
 
 
 def table() -> str:

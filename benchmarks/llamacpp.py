@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -126,25 +127,34 @@ def hf_perplexity(name: str) -> float:
     return json.loads((model_dir(name) / "secateur.json").read_text())["evaluation"]["perplexity"]
 
 
-def exported(name: str, kind: str) -> Path:
-    out = WORK / f"{name}-{kind}.gguf"
+def export(directory: Path, out: Path, kind: str) -> Path:
+    """`secateur export` of `directory` to `out` at `kind`, unless `out` is there."""
     if not out.exists():
-        secateur("export", model_dir(name), "--gguf", out, "--type", kind)
+        secateur("export", directory, "--gguf", out, "--type", kind)
     return out
+
+
+def exported(name: str, kind: str) -> Path:
+    return export(model_dir(name), WORK / f"{name}-{kind}.gguf", kind)
 
 
 def uniform(name: str) -> bool:
     return "adaptive" not in name and "finercut" not in name
 
 
-def converted(name: str) -> Path:
-    """The same model through llama.cpp's own converter (its bundled gguf-py), f16."""
-    out = WORK / f"{name}-f16-convert_hf_to_gguf.gguf"
+def convert(directory: Path, out: Path) -> Path:
+    """`directory` through llama.cpp's own converter (its bundled gguf-py) to `out`, f16, unless `out`
+    is there."""
     if not out.exists():
         env = {**os.environ, "PYTHONPATH": str(converter().parent / "gguf-py")}
-        subprocess.run([sys.executable, str(converter()), str(model_dir(name)), "--outfile", str(out),
-                        "--outtype", "f16"], check=True, env=env)  # fmt: skip
+        subprocess.run([sys.executable, str(converter()), str(directory), "--outfile", str(out), "--outtype", "f16"],
+                       check=True, env=env)  # fmt: skip
     return out
+
+
+def converted(name: str) -> Path:
+    """The same model through llama.cpp's own converter, f16."""
+    return convert(model_dir(name), WORK / f"{name}-f16-convert_hf_to_gguf.gguf")
 
 
 # --- what a file holds --------------------------------------------------------------------------------
@@ -233,13 +243,17 @@ def compare_files(ours: Path, theirs: Path) -> dict:
             "max_abs_diff": diff}  # fmt: skip
 
 
-def hf_on_windows(name: str, data) -> float:
-    """secateur's own perplexity (HF engine, float32) on the same windows."""
+def hf_perplexity_on(directory: Path, data) -> float:
+    """secateur's own perplexity (HF engine, float32) of the model in `directory` on windows `data`."""
     from secateur.evaluate import perplexity
     from secateur.io import load
 
-    model, _ = load(model_dir(name))
+    model, _ = load(directory)
     return perplexity(model, data)["perplexity"]
+
+
+def hf_on_windows(name: str, data) -> float:
+    return hf_perplexity_on(model_dir(name), data)
 
 
 def quality(names: list[str]) -> None:
@@ -274,12 +288,18 @@ def quality(names: list[str]) -> None:
 
 
 def llama_bench(path: Path, repetitions: int) -> dict:
-    out = subprocess.run([str(build() / "llama-bench"), "-m", str(path), "-t", str(THREADS), "-p", "512", "-n", "128",
-                          "-r", str(repetitions), "-o", "json"], check=True, capture_output=True, text=True)  # fmt: skip
-    rows = json.loads(out.stdout)
+    """llama-bench prefill 512 / decode 128 tokens/s, and the run's peak resident memory (MiB)."""
+    args = [str(build() / "llama-bench"), "-m", str(path), "-t", str(THREADS), "-p", "512", "-n", "128",
+            "-r", str(repetitions), "-o", "json"]  # fmt: skip
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"llama-bench failed on {path}")
+    rows = json.loads(out)
     prefill = next(r for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
     decode = next(r for r in rows if r["n_gen"] == 128 and r["n_prompt"] == 0)
-    return {"prefill_tps": prefill["avg_ts"], "decode_tps": decode["avg_ts"]}
+    return {"prefill_tps": prefill["avg_ts"], "decode_tps": decode["avg_ts"], "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
 def speed(names: list[str], rounds: int, repetitions: int, types: tuple[str, ...] = TYPES) -> None:
@@ -297,26 +317,32 @@ def speed(names: list[str], rounds: int, repetitions: int, types: tuple[str, ...
 # --- table ----------------------------------------------------------------------------------------
 
 
-def speed_ratios(run: str | None = None) -> dict[str, dict]:
-    rows = list(done("speed").values())
-    if not rows:
-        return {}
-    latest = run or max(r["run"] for r in rows)
-    rows = [r for r in rows if r["run"] == latest]
+def round_medians(rows: list[dict], base_of: Callable[[str], str]) -> dict[str, dict]:
+    """Per item of one speed run's `rows`: the medians over rounds of its measures, and of its ratios
+    to the item `base_of(item)` timed in the same round."""
     by_round: dict[int, dict[str, dict]] = {}
     for r in rows:
         by_round.setdefault(r["round"], {})[r["item"]] = r
     out = {}
     for item in {r["item"] for r in rows}:
-        base = "dense:" + item.split(":", 1)[1].replace("-convert_hf_to_gguf", "")
-        ratios = [(rs[item]["prefill_tps"] / rs[base]["prefill_tps"], rs[item]["decode_tps"] / rs[base]["decode_tps"])
-                  for rs in by_round.values() if item in rs and base in rs]  # fmt: skip
+        base = base_of(item)
+        pairs = [(rs[item], rs[base]) for rs in by_round.values() if item in rs and base in rs]
         mine = [rs[item] for rs in by_round.values() if item in rs]
-        out[item] = {"prefill_tps": statistics.median(m["prefill_tps"] for m in mine),
-                     "decode_tps": statistics.median(m["decode_tps"] for m in mine),
-                     "prefill_speedup": statistics.median(p for p, _ in ratios),
-                     "decode_speedup": statistics.median(d for _, d in ratios), "rounds": len(ratios), "run": latest}
+        out[item] = {k: statistics.median(m[k] for m in mine) for k in ("prefill_tps", "decode_tps", "peak_rss_mib")
+                     if all(k in m for m in mine)}  # fmt: skip
+        out[item].update({f"{k}_speedup": statistics.median(a[f"{k}_tps"] / b[f"{k}_tps"] for a, b in pairs)
+                          for k in ("prefill", "decode")}, rounds=len(pairs))  # fmt: skip
     return out
+
+
+def speed_ratios(run: str | None = None) -> dict[str, dict]:
+    rows = list(done("speed").values())
+    if not rows:
+        return {}
+    latest = run or max(r["run"] for r in rows)
+    out = round_medians([r for r in rows if r["run"] == latest],
+                        lambda item: "dense:" + item.split(":", 1)[1].replace("-convert_hf_to_gguf", ""))
+    return {item: {**values, "run": latest} for item, values in out.items()}
 
 
 def table(run: str | None = None) -> str:

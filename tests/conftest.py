@@ -83,6 +83,15 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+def reloads_the_same(model, path: Path, ids: torch.Tensor) -> bool:
+    """Whether `model`, saved to `path`, comes back from stock `from_pretrained` with the same logits
+    on `ids`, bit for bit."""
+    model.save_pretrained(path)
+    reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

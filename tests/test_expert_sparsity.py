@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import MOE_FAMILIES, calibration_ids, tiny_model
+from conftest import MOE_FAMILIES, calibration_ids, reloads_the_same, tiny_model
 from secateur.cli import main
 from secateur.config import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
 from secateur.errors import ConfigError
@@ -148,10 +148,7 @@ def test_the_fused_experts_are_pruned_exactly_and_reload_with_stock_transformers
             assert abs(float((weight == 0).float().mean()) - target.fraction) <= 1 / weight[0].numel()  # rounding
     names = [name for name, _, _ in sparsity_table(model)]
     assert "model.layers.1.mlp.experts.7.down_proj" in names
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert reloads_the_same(model, tmp_path, ids)
 
 
 def test_recovery_masks_hold_the_zeros_of_the_fused_experts():
@@ -192,17 +189,13 @@ def test_cli_stun_experts_then_unstructured_inside_the_kept_experts(model_dir, t
     assert down.shape[0] == 4 and abs(float((down == 0).float().mean()) - 0.4) < 0.01
 
 
-def test_cli_refuses_the_min_tokens_flag_on_a_dense_model_before_writing(model_dir, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("family,flags,message", [
+    ("llama", ["--expert-min-tokens", "4"], "--expert-min-tokens applies to mixtures of experts"),
+    ("qwen2_moe", ["--offload", "disk"], "fused experts of a mixture of experts"),
+])  # fmt: skip
+def test_cli_refuses_what_does_not_apply_before_writing(family, flags, message, model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "out"
-    code, _, err = run(["prune", model_dir("llama"), "--method", "wanda", "--expert-min-tokens", "4", "--calib",
-                        text_file, *SMALL, "--out", out], capsys)  # fmt: skip
+    code, _, err = run(["prune", model_dir(family), "--method", "wanda", *flags, "--calib", text_file, *SMALL,
+                        "--out", out], capsys)  # fmt: skip
     assert code == 2 and not out.exists()
-    assert "--expert-min-tokens applies to mixtures of experts" in err
-
-
-def test_offload_disk_refuses_a_mixture_of_experts(model_dir, text_file, tmp_path, capsys):
-    out = tmp_path / "out"
-    code, _, err = run(["prune", model_dir("qwen2_moe"), "--method", "wanda", "--offload", "disk", "--calib",
-                        text_file, *SMALL, "--out", out], capsys)  # fmt: skip
-    assert code == 2 and not out.exists()
-    assert "fused experts of a mixture of experts" in err
+    assert message in err

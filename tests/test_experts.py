@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import MOE_FAMILIES, calibration_ids, tiny_model
+from conftest import MOE_FAMILIES, calibration_ids, reloads_the_same, tiny_model
 from secateur.cli import main
 from secateur.errors import ConfigError
 from secateur.experts import ExpertsConfig, prune_experts
@@ -166,10 +166,7 @@ def test_every_criterion_prunes_every_family_and_stock_from_pretrained_reloads_i
     experts = model.model.layers[0].mlp.experts
     assert experts.gate_up_proj.shape[0] == experts.down_proj.shape[0] == experts.num_experts == 6
     assert model.model.layers[0].mlp.gate.weight.shape[0] == 6 and count_of(model) == 6
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert reloads_the_same(model, tmp_path, ids)
 
 
 def test_kept_rows_are_the_original_experts():
@@ -219,11 +216,7 @@ def test_depth_rewrites_which_blocks_are_dense(tmp_path):
     prune(model, build_stage({"method": "angular", "remove_blocks": 1, "remove_last": False, "compensate": False}),
           calibration_ids(), progress=False)  # fmt: skip
     assert model.config.mlp_only_layers == [1] and model.config.num_hidden_layers == 2
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = calibration_ids()
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert reloads_the_same(model, tmp_path, calibration_ids())
 
 
 @pytest.mark.parametrize("method,args", [
@@ -314,9 +307,7 @@ def test_expert_width_keeps_the_best_channels_of_every_expert_and_reloads(family
     assert experts.gate_up_proj.shape == (8, 32, 64) and experts.down_proj.shape == (8, 64, 16)
     rows = {tuple(r.tolist()) for r in before[0]}  # every kept gate and up row is one of the expert's own
     assert all(tuple(r.tolist()) in rows for r in experts.gate_up_proj[0])
-    model.save_pretrained(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+    assert reloads_the_same(model, tmp_path, ids)
 
 
 def test_each_method_takes_its_own_keys():
@@ -383,9 +374,7 @@ def test_merging_reloads_with_stock_from_pretrained(family, tmp_path):
     blocks = report.stages[0]["result"]["blocks"]
     assert all(sorted(j for c in b["clusters"] for j in c) == list(range(8)) and len(b["clusters"]) == 4
                for b in blocks)  # fmt: skip
-    model.save_pretrained(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+    assert reloads_the_same(model, tmp_path, ids)
 
 
 def test_info_says_what_the_mixture_holds(model_dir, text_file, tmp_path, capsys):
@@ -455,10 +444,7 @@ def test_grouped_routing_loses_experts_evenly_and_reloads_with_stock_transformer
     router = model.model.layers[1].mlp.gate
     assert router.weight.shape[0] == router.e_score_correction_bias.shape[0] == router.num_experts == 8
     assert model.config.n_routed_experts == 8 and model.config.num_local_experts == 8
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert reloads_the_same(model, tmp_path, ids)
 
 
 @pytest.mark.parametrize("config,match", [
@@ -479,8 +465,4 @@ def test_depth_rewrites_deepseek_leading_dense_blocks(tmp_path):
     model = grouped_deepseek()
     remove_blocks(model, adapter_for(model), [0])  # the dense block goes: no block is dense now
     assert model.config.first_k_dense_replace == 0 and model.config.num_hidden_layers == 2
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = calibration_ids()
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert reloads_the_same(model, tmp_path, calibration_ids())

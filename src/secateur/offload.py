@@ -82,10 +82,7 @@ def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
 def _is_moe(path: Path) -> bool:
     from secateur.models import ADAPTERS
 
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return False
+    model_type = getattr(load_config(path), "model_type", None)
     return model_type in ADAPTERS and ADAPTERS[model_type].experts is not None
 
 

@@ -56,7 +56,7 @@ class Family:
     per_layer: bool
     norm_shift: float = 0.0
     extra: Callable[[Any, Any, "Shape"], None] | None = None
-    check: Callable[[Any, "Shape"], None] | None = None
+    check: Callable[[Any, "Shape"], None] | None = None  # raises ExportError for what the graph cannot compute
     unlike_deci: str = ""  # what its blocks have that llama.cpp's deci cannot hold (per-layer widths refused)
     head_required: bool = False  # llama.cpp's graph reads output.weight even where the model ties it to the embedding
 
@@ -102,23 +102,35 @@ def _phi3_check(config, shape: "Shape") -> None:
 MOE_ATTENTION = Attention("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
 
-def _moe_check(renormalised: bool) -> Callable[[Any, "Shape"], None]:
+Check = Callable[[Any, "Shape"], None]
+
+
+def _moe_check(renormalised: bool, *more: Check) -> Check:
     """What llama.cpp's graph for a mixture of experts cannot compute: it renormalises the top-k
-    weights or not by architecture (qwen3moe and llama do, qwen2moe and olmoe do not)."""
+    weights or not by architecture (qwen3moe and llama do, qwen2moe and olmoe do not); then the
+    architecture's own checks `more`."""
 
     def check(config, shape: "Shape") -> None:
         ours = bool(getattr(config, "norm_topk_prob", True))  # Mixtral has no flag: it always renormalises
         if ours != renormalised:
             raise ExportError(f"norm_topk_prob is {ours}, but llama.cpp's {shape.arch} graph "
                               f"{'always' if renormalised else 'never'} renormalises the top-k routing weights")
-        if shape.arch == "qwen2moe" and not getattr(config, "shared_expert_intermediate_size", 0):
-            raise ExportError("llama.cpp's qwen2moe graph needs the shared expert, and this model has none")
-        if shape.arch == "olmoe" and shape.kv_heads[0] != shape.heads[0]:
-            raise ExportError(f"llama.cpp's olmoe graph normalises keys over the hidden size, so it holds no grouped-query "
-                              f"attention; this model has {shape.kv_heads[0]} key/value heads for {shape.heads[0]} "
-                              "query heads")
+        for extra in more:
+            extra(config, shape)
 
     return check
+
+
+def _shared_expert(config, shape: "Shape") -> None:
+    if not getattr(config, "shared_expert_intermediate_size", 0):
+        raise ExportError("llama.cpp's qwen2moe graph needs the shared expert, and this model has none")
+
+
+def _no_grouped_query(config, shape: "Shape") -> None:
+    if shape.kv_heads[0] != shape.heads[0]:
+        raise ExportError(f"llama.cpp's olmoe graph normalises keys over the hidden size, so it holds no grouped-query "
+                          f"attention; this model has {shape.kv_heads[0]} key/value heads for {shape.heads[0]} "
+                          "query heads")
 
 
 def _moe(writer, config, shape: "Shape") -> None:
@@ -143,12 +155,12 @@ FAMILIES = {
     "phi3": Family("phi3", interleaved_rope=False, per_layer=False, check=_phi3_check,
                    unlike_deci="fused qkv and gate_up projections"),
     # mixtures of experts: every block routes to experts of one width and count
-    "qwen2_moe": Family("qwen2moe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(False),
-                        head_required=True),
+    "qwen2_moe": Family("qwen2moe", interleaved_rope=False, per_layer=False, extra=_moe,
+                        check=_moe_check(False, _shared_expert), head_required=True),
     "qwen3_moe": Family("qwen3moe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(True)),
     "mixtral": Family("llama", interleaved_rope=True, per_layer=False, extra=_moe, check=_moe_check(True)),
-    "olmoe": Family("olmoe", interleaved_rope=False, per_layer=False, extra=_moe, check=_moe_check(False),
-                    head_required=True),
+    "olmoe": Family("olmoe", interleaved_rope=False, per_layer=False, extra=_moe,
+                    check=_moe_check(False, _no_grouped_query), head_required=True),
 }
 PER_LAYER_ARCH = "deci"
 

@@ -26,21 +26,31 @@ from secateur.models.shapes import submodule
 EXPERT_LAYERS = ("gate_up_proj", "down_proj")  # one expert's linear layers, in the order they run
 
 
+def _bind(layer: nn.Linear, weight: Tensor) -> None:
+    """Make `weight` itself the layer's weight (a view: writes reach its base)."""
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)  # shares the storage
+
+
 def _view(weight: Tensor) -> nn.Linear:
-    """An `nn.Linear` (no bias) whose weight is `weight` itself (a view: writes reach its base)."""
+    """An `nn.Linear` (no bias) over `weight` (out, in)."""
     with torch.device("meta"):
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)  # shares the storage
+    _bind(layer, weight)
     return layer
 
 
 class ExpertLayers(nn.Module):
     """One routed expert's projections as linear layers over its slices of the fused weights."""
 
-    def __init__(self, gate_up: Tensor, down: Tensor) -> None:
+    def __init__(self, experts: nn.Module, j: int) -> None:
         super().__init__()
-        self.gate_up_proj = _view(gate_up)  # (2 x width, hidden): gate rows, then up rows
-        self.down_proj = _view(down)  # (hidden, width)
+        self.gate_up_proj = _view(experts.gate_up_proj[j])  # (2 x width, hidden): gate rows, then up rows
+        self.down_proj = _view(experts.down_proj[j])  # (hidden, width)
+
+
+def _exposed(experts: nn.Module | None) -> int:
+    """How many experts of an experts module are exposed (its children named by index)."""
+    return 0 if experts is None else sum(name.isdigit() for name in experts._modules)
 
 
 def _forward(experts: nn.Module, count: int):
@@ -65,8 +75,7 @@ def expert_groups(block: nn.Module, adapter: Adapter) -> tuple[tuple[str, ...], 
     holds no experts or they are not exposed."""
     if adapter.experts is None:
         return ()
-    experts = submodule(block, adapter.experts.experts)
-    count = sum(name.isdigit() for name in experts._modules) if experts is not None else 0  # exposed: named by index
+    count = _exposed(submodule(block, adapter.experts.experts))
     return tuple((f"{adapter.experts.experts}.{j}.{layer}",) for j in range(count) for layer in EXPERT_LAYERS)
 
 
@@ -75,18 +84,13 @@ def block_groups(block: nn.Module, adapter: Adapter) -> tuple[tuple[str, ...], .
     return adapter.groups + expert_groups(block, adapter)
 
 
-def is_expert_layer(name: str, adapter: Adapter) -> bool:
-    """Whether a (qualified or block-relative) layer name is one of an exposed expert's layers."""
-    return adapter.experts is not None and f"{adapter.experts.experts}." in name and name.rsplit(".", 1)[-1] in EXPERT_LAYERS
-
-
 def rebind(block: nn.Module, adapter: Adapter) -> None:
     """Make the exposed experts' layers views of the fused weights again: moving a block between
     devices or dtypes (`block.to(...)`) copies every parameter on its own, which separates them."""
-    for group in expert_groups(block, adapter):
-        layer, (index, name) = block.get_submodule(group[0]), group[0].split(".")[-2:]
-        fused = getattr(block.get_submodule(adapter.experts.experts), name)
-        layer.weight = nn.Parameter(fused[int(index)].detach(), requires_grad=layer.weight.requires_grad)
+    experts = submodule(block, adapter.experts.experts) if adapter.experts is not None else None
+    for j in range(_exposed(experts)):
+        for name in EXPERT_LAYERS:
+            _bind(experts.get_submodule(f"{j}.{name}"), getattr(experts, name)[j])
 
 
 @contextmanager
@@ -103,7 +107,7 @@ def linear_experts(model: nn.Module, adapter: Adapter) -> Iterator[None]:
             experts = blocks[index].get_submodule(adapter.experts.experts)
             count = experts.gate_up_proj.shape[0]
             for j in range(count):
-                experts.add_module(str(j), ExpertLayers(experts.gate_up_proj[j], experts.down_proj[j]))
+                experts.add_module(str(j), ExpertLayers(experts, j))
             experts.forward = _forward(experts, count)  # an instance attribute shadows the class's forward
             exposed.append((experts, count))
         yield

@@ -29,7 +29,7 @@ from secateur.calibrate.stream import BlockInputs, StopForward, run_block
 from secateur.models.shapes import submodule
 from secateur.config import PruneConfig, Target
 from secateur.models import Adapter, read_weight, write_weight
-from secateur.models.linear_experts import block_groups, is_expert_layer, rebind
+from secateur.models.linear_experts import expert_groups, rebind
 from secateur.sparsity.methods import GroupJob, MethodSpec
 from secateur.sparsity.permute import Permuter, permuter_for
 from secateur.sparsity.refine import REFINERS
@@ -72,8 +72,9 @@ class _Group:
 
 
 def _groups(block: nn.Module, index: int, adapter: Adapter, config: PruneConfig) -> list[_Group]:
-    groups = []
-    for group in block_groups(block, adapter):
+    groups, experts = [], expert_groups(block, adapter)
+    routed = set(experts)  # a routed expert's layer: its statistics count only the tokens routed to it
+    for group in adapter.groups + experts:
         names = [f"{adapter.blocks}.{index}.{name}" for name in group]
         modules = [submodule(block, name) for name in group]  # None: the branch was removed by depth pruning
         keep = [i for i, name in enumerate(names)
@@ -81,7 +82,7 @@ def _groups(block: nn.Module, index: int, adapter: Adapter, config: PruneConfig)
         if keep:
             permuter = permuter_for(block, adapter, group[0], config.target) if config.permute and len(group) == 1 else None
             groups.append(_Group([names[i] for i in keep], [modules[i] for i in keep], permuter=permuter,
-                                 expert=is_expert_layer(group[0], adapter)))
+                                 expert=group in routed))
     return groups
 
 
