@@ -15,7 +15,8 @@ Rows: the dense model, the proxy, then 50% and 25% of each block's routed expert
 criterion (`secateur prune --method experts --criterion C`), merged (`--merge`), and by
 llm-compressor 0.14's REAPPruningModifier on the same calibration windows (its own venv), then 25% and
 50% of every routed expert's channels (`--method expert-width`), and REAP 50% after the default
-recovery. Calibration: secateur's default (64 x 512 enwiki windows). Quality on text no stage saw:
+recovery; then the STUN rows, and reap / frequency with `--allocation global` (per-block expert
+counts, the same total). Calibration: secateur's default (64 x 512 enwiki windows). Quality on text no stage saw:
 protocol v1 perplexity (the first 64 windows of 512 tokens of the enwiki sample's evaluation
 region), legal English (64 windows of Debian's license texts) and the WordNet probe (200 items,
 chance 25%); prune wall time and the prune process's peak memory.
@@ -60,6 +61,9 @@ ROWS: dict[str, tuple[str | None, list[str] | None]] = {  # name: (input row, ar
         (f"stun-frequency50+{method}{pct(total)}", ("frequency50", ["stun", method, total])))},
     **{f"stun50+wanda{pct(total)}": ("stun50", ["stun", "wanda", total]) for total in ("0.5", "0.65")},
     "stun-frequency50+wanda50+recovery": ("stun-frequency50+wanda50", ["train"]),  # the zeros kept
+    # per-block expert counts: one ranking of all blocks' experts by their share of the block's score
+    **{f"{c}{pct(f)}-global": ("proxy", [*EXPERTS_ARGS, f, "--criterion", c, "--allocation", "global"])
+       for f in ("0.5", "0.25") for c in ("reap", "frequency")},
 }
 
 
@@ -190,7 +194,8 @@ def build(name: str) -> dict:
     record = json.loads((out / "secateur.json").read_text())["history"][-1]
     result = record["result"]
     row = {**timing, "seconds_stage": record["seconds"], "parameters": result.get("parameters_after"),
-           "removed": [b["removed"] for b in result.get("blocks", []) if "removed" in b] or None}  # fmt: skip
+           "removed": [b["removed"] for b in result.get("blocks", []) if "removed" in b] or None,
+           "experts_kept": [b["experts_after"] for b in result.get("blocks", []) if "experts_after" in b] or None}  # fmt: skip
     if record["kind"] == "sparsity":
         row["sparsity_stage"], row["stage_args"] = result["sparsity"], args
     if "wanda" in name or "sparsegpt" in name:

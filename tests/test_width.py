@@ -380,7 +380,7 @@ def test_adaptive_output_reloads_with_secateur_load_and_stock_remote_code(family
 
 def test_remote_code_is_not_declared_when_a_module_is_gone():
     from secateur.depth.structure import remove_sublayers
-    from secateur.width.remote import declare_reshaped, prepare_module
+    from secateur.models.remote import declare_reshaped, prepare_module
 
     model = tiny_model("llama")
     remove_sublayers(model, adapter_for(model), [(1, "mlp")])

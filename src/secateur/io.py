@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from secateur.errors import ConfigError, SecateurError
-from secateur.models import adapter_for
+from secateur.models import adapter_for, remote
 from secateur.output import Output, check_apart, claim
 
 MANIFEST = "secateur.json"
@@ -218,7 +218,7 @@ def save(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, 
                                                                               overwrite=overwrite, marker=MANIFEST)
     with claimed as output:
         with output.write(size=model_bytes(model)) as staging:
-            files = {name: text for s in structures() for name, text in s.save_files(model).items()}  # before the config
+            files = remote.save_files(model)  # per-block shapes for trust_remote_code (completes the config)
             model.save_pretrained(staging)
             for name, text in files.items():
                 (staging / name).write_text(text)
@@ -435,25 +435,33 @@ def check_weight_files(path: Path, recorded: Recorded = ()) -> None:
 
 
 def _load_reshaped(path: Path, dtype: str, device: str, recorded: Recorded) -> tuple[nn.Module, Any]:
-    """Build the model empty from its config, shape it as recorded, then load the weights."""
-    from safetensors.torch import load_file
+    """Load through transformers (its renamings and tensor fusions included) into the stock class
+    shaped as recorded: a subclass, made here, reshapes the model right after the stock `__init__`,
+    before the weights load; the model is an instance of the stock class again afterwards."""
     from transformers import AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    model = _skeleton(path, recorded, resolve_dtype(dtype))
-    config = model.config
-    state = {k: v for file in sorted(path.glob("*.safetensors")) for k, v in load_file(file).items()}
-    state = _as_loaded(model, state)
-    if state is None:
-        raise ModelPathError(f"{path}: transformers fuses or splits this family's tensors on load, which a recorded "
-                             "structure cannot be rebuilt over yet; load it with its own code")
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
-        raise ModelPathError(f"{path}: weights do not match the recorded structure (missing {sorted(set(missing) - tied)[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-    if tied:
-        model.tie_weights()
-    model = model.to(resolve_dtype(dtype))
+    config = load_config(path)
+    stock = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+    class Reshaped(stock):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            for structure, needed in recorded:
+                structure.rebuild(self, needed)
+
+    for name in ("__name__", "__qualname__", "__module__"):  # transformers finds a family's conversions by these
+        setattr(Reshaped, name, getattr(stock, name))
+    with _quiet_missing_weights():
+        model, info = Reshaped.from_pretrained(path, config=config, dtype=resolve_dtype(dtype), output_loading_info=True)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in info.get("missing_keys", ()) if not (tied and k.endswith("lm_head.weight"))]
+    mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", ())]
+    wrong = [*missing, *info.get("unexpected_keys", ()), *mismatched]
+    if wrong:
+        raise ModelPathError(f"{path}: weights do not match the recorded structure ({sorted(map(str, wrong))[:3]}); "
+                             "restore the weights or the manifest")
+    model.__class__ = stock
     return model.to(resolve_device(device)).eval(), AutoTokenizer.from_pretrained(path)
 
 

@@ -55,8 +55,8 @@ class Structure:
     builds the model as it is); `rebuild` applies that to a model built empty from its config, before
     its weights load; `problem` checks the kind's keys in a manifest read from disk; `show` is its line
     in `info` and `prune` (None: nothing to say); `legacy` reads its keys from the manifest layout of
-    earlier versions; `save_files` are files written beside the weights (called before the config is
-    written, which it may complete)."""
+    earlier versions. (Per-block shapes that `from_pretrained(..., trust_remote_code=True)` can build
+    are declared in the config by `models.remote`, for every kind.)"""
 
     record: Callable[[nn.Module], dict[str, Any]]
     needed: Callable[[dict[str, Any]], Any]
@@ -64,7 +64,6 @@ class Structure:
     problem: Callable[[dict[str, Any]], str | None] = lambda section: None
     show: Callable[[dict[str, Any]], str | None] = lambda section: None
     legacy: Callable[[dict[str, Any]], dict[str, Any]] = lambda manifest: {}
-    save_files: Callable[[nn.Module], dict[str, str]] = lambda model: {}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 from secateur.errors import ConfigError
 from secateur.experts.criteria import CRITERIA
@@ -10,6 +12,7 @@ from secateur.schema import Requires, option, refuse_inapplicable
 
 COUNT = Requires(lambda c: not c.width, "--method experts")
 WIDTH = Requires(lambda c: c.width, "--method expert-width")
+GLOBAL = Requires(lambda c: c.allocation == "global", "--allocation global")
 METHODS = ("experts", "expert-width")
 
 
@@ -24,8 +27,15 @@ class ExpertsConfig:
     expert stage, no calibration), random (the baseline). With `merge`, clusters of experts that behave alike (their
     outputs on the same calibration tokens) are merged instead, each into one expert: the members'
     weights averaged by how many tokens each was routed, the router row of the most-routed member
-    (M-SMoE / HC-SMoE). Every block keeps the same number of experts, so the stock config and
-    `from_pretrained` reload the output.
+    (M-SMoE / HC-SMoE).
+    allocation: `uniform` (default) removes the same number of experts from every MoE block, so the
+      stock config and `from_pretrained` reload the output. `global` ranks the experts of all blocks
+      together, each by its criterion score as a share of its block's total (the share of the
+      block's routed tokens for frequency, of its REAP mass for reap), measured in one pass over the
+      unpruned model; the lowest shares go, no block losing more than `max_block_fraction` of its
+      experts or keeping fewer than the top-k. Blocks then hold different expert counts: the output
+      loads with `secateur.load` or `from_pretrained(..., trust_remote_code=True)`, not with stock
+      code alone, vLLM or llama.cpp (one expert count per model).
     `--method expert-width` removes `fraction` of every expert's MLP channels (Minitron's expert FFN
     axis), the same number in every expert (a stock config holds one expert width); a channel's score
     is the sum over the tokens routed to its expert of gate weight x |activation| x the norm of its
@@ -43,6 +53,12 @@ class ExpertsConfig:
     count: int | None = option(None, "routed experts to remove from every MoE block", key="remove_experts", requires=COUNT)
     merge: bool = option(False, "merge clusters of similar experts (weights averaged by routed tokens) instead of "
                                 "removing experts", requires=COUNT)
+    allocation: Literal["uniform", "global"] = option(
+        "uniform", "uniform (every MoE block loses the same number of experts: stock config) or global (one ranking "
+        "of all blocks' experts by their share of the block's score: per-block counts)", requires=Requires(
+            lambda c: not c.width and not c.merge, "--method experts without --merge"))
+    max_block_fraction: float | None = option(None, "global allocation: no MoE block loses more than this fraction of "
+                                                    "its experts (default: target + (1 - target) / 2)", requires=GLOBAL)
     min_tokens: int = option(16, "report experts routed fewer calibration tokens than this")
     search_tokens: int = option(4096, "naee and merge: calibration tokens per block on which experts' outputs are "
                                       "compared", requires=Requires(lambda c: c.criterion == "naee" or c.merge,
@@ -65,6 +81,11 @@ class ExpertsConfig:
             raise ConfigError(f"--remove-fraction must be in (0, 1), got {self.fraction}")
         if self.count is not None and self.count < 1:
             raise ConfigError(f"--remove-experts must be at least 1, got {self.count}")
+        if self.allocation == "global" and CRITERIA[self.criterion].score is None:
+            raise ConfigError(f"--allocation global ranks experts by a score: use --criterion reap, frequency or random "
+                              f"({self.criterion} chooses kept sets per block)")
+        if self.max_block_fraction is not None and not 0 < self.max_block_fraction < 1:
+            raise ConfigError(f"--max-block-fraction must be in (0, 1), got {self.max_block_fraction}")
         if self.min_tokens < 0 or self.search_tokens < 1 or self.round_to < 1:
             raise ConfigError("--min-tokens must be at least 0, --search-tokens and --round-to at least 1")
 
@@ -95,6 +116,19 @@ class ExpertsConfig:
             raise ConfigError(f"removing {remove} of {experts} experts leaves {experts - remove}, fewer than the "
                               f"{top_k} every token is routed to: remove at most {experts - top_k}")
         return remove
+
+    def total_removed(self, experts: list[int], top_k: int) -> int:
+        """Global allocation: how many of all MoE blocks' experts (`experts` per block) go."""
+        remove = self.count * len(experts) if self.count is not None else round(self.fraction * sum(experts))
+        if remove < 1:
+            raise ConfigError(f"--remove-fraction {self.fraction} of {sum(experts)} experts removes none; ask for more")
+        return remove
+
+    def block_floor(self, experts: int, top_k: int) -> int:
+        """Global allocation: the fewest experts a block of `experts` may keep."""
+        target = self.fraction if self.fraction is not None else self.count / experts
+        cap = self.max_block_fraction if self.max_block_fraction is not None else target + (1 - target) / 2
+        return max(top_k, experts - math.floor(cap * experts + 1e-9))
 
     def kept_channels(self, width: int) -> int:
         """How many of an expert's `width` channels stay (a multiple of round_to, at least one multiple)."""

@@ -13,21 +13,24 @@ import torch
 from torch import Tensor, nn
 
 from secateur.calibrate.stream import BlockInputs, run_block, stream_blocks
+from secateur.experts.allocation import global_counts
 from secateur.experts.config import ExpertsConfig
 from secateur.experts.criteria import CRITERIA, cluster, lowest, search_removal
 from secateur.experts.prune import (ExpertsError, keep_experts, merge_experts, routed_output, router_over, set_count,
                                     slim_experts)
 from secateur.experts.stats import ExpertStats, expert_output
 from secateur.models import Adapter, adapter_for
+from secateur.models.remote import declare_reshaped
 
 
 @dataclass
 class ExpertsReport:
     method: str  # experts or expert-width
     criterion: str  # reap, frequency, naee, random or merge (experts)
-    experts_before: int
-    experts_after: int
+    experts_before: int | None  # per MoE block (None: blocks differ, see each block's record)
+    experts_after: int | None
     top_k: int
+    allocation: str = "uniform"  # uniform or global (experts): how many experts each block loses
     width_before: int | None = None  # expert-width: channels per expert
     width_after: int | None = None
     blocks: list[dict[str, Any]] = field(default_factory=list)  # per MoE block: what went, scores, statistics
@@ -35,7 +38,7 @@ class ExpertsReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "criterion": self.criterion, "experts_before": self.experts_before,
-                "experts_after": self.experts_after, "top_k": self.top_k, "width_before": self.width_before,
+                "experts_after": self.experts_after, "top_k": self.top_k, "allocation": self.allocation, "width_before": self.width_before,
                 "width_after": self.width_after, "blocks": self.blocks, "seconds": self.seconds}  # fmt: skip
 
 
@@ -78,13 +81,14 @@ class _Recorder:
                 handle.remove()
             del self.experts.forward
 
-    def run(self, block: nn.Module, inputs: BlockInputs, index: int) -> None:
+    def run(self, block: nn.Module, inputs: BlockInputs, index: int) -> list[Tensor]:
+        """The block's outputs on every batch, measured."""
         with self.attached():
-            for hidden, extra in zip(inputs.hidden, inputs.extras[index]):
-                out = run_block(block, hidden, extra)
-                self.first = out if self.first is None else self.first
+            outputs = [run_block(block, hidden, extra) for hidden, extra in zip(inputs.hidden, inputs.extras[index])]
+        self.first = outputs[0] if outputs else None
         if len(self.residuals) != len(inputs.hidden):
             self.residuals = []  # the norm ran more or less than once per batch: not the pre-norm layout
+        return outputs
 
 
 def _moe_branch(block: nn.Module, adapter: Adapter, residual: Tensor) -> Tensor:
@@ -187,54 +191,102 @@ def _apply(config: ExpertsConfig):
 def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor | None, *,
                   device: str | torch.device = "cpu", batch_size: int = 4) -> ExpertsReport:  # fmt: skip
     """Remove, merge or slim the routed experts of every MoE block of `model` in place; the config
-    follows."""
+    follows (per-block expert counts, from global allocation, are declared for `trust_remote_code`)."""
     adapter = adapter_for(model)
     if adapter.experts is None:
         raise ExpertsError(f"{adapter.family} is not a mixture of experts: there are no experts to prune")
     blocks = adapter.block_list(model)
     sparse = adapter.experts.sparse_blocks(blocks)
-    counts = {blocks[i].get_submodule(adapter.experts.router).weight.shape[0] for i in sparse}
-    if len(counts) != 1:
-        raise ExpertsError(f"the MoE blocks hold different expert counts {sorted(counts)}; secateur prunes blocks of "
-                           "one count")
-    count, top_k = counts.pop(), getattr(model.config, adapter.experts.top_k_key)
-    remove = 0 if config.width else config.removed(count, top_k)
+    counts = {i: blocks[i].get_submodule(adapter.experts.router).weight.shape[0] for i in sparse}
+    if len(set(counts.values())) != 1 and (config.width or config.allocation != "global"):
+        raise ExpertsError(f"the MoE blocks hold different expert counts {sorted(set(counts.values()))}; "
+                           f"{config.method_name} prunes blocks of one count (--allocation global ranks experts "
+                           "across blocks of any count)")
+    top_k = getattr(model.config, adapter.experts.top_k_key)
     groups = adapter.experts.groups(model.config)
-    if groups > 1 and remove:
-        _check_groups(config, count, remove, groups, top_k, int(getattr(model.config, "topk_group", groups)))
+    if config.allocation == "global" and groups > 1:
+        raise ExpertsError(f"the router picks experts within {groups} groups, which must stay of equal size in every "
+                           "block; use --allocation uniform")
     if config.width:
         config.kept_channels(getattr(model.config, adapter.experts.width_key))  # refused before any pass
         if adapter.experts.shared_tied:
             raise ExpertsError(f"{adapter.family}'s config derives the shared expert's width from the routed experts' "
                                f"({adapter.experts.width_key}), so a stock config cannot hold narrower routed experts "
                                "beside a whole shared one; expert width is not built for it yet")
+        remove = dict.fromkeys(sparse, 0)
+    elif config.allocation == "uniform":
+        remove = dict.fromkeys(sparse, config.removed(next(iter(counts.values())), top_k))
+        if groups > 1:
+            _check_groups(config, counts[sparse[0]], remove[sparse[0]], groups, top_k,
+                          int(getattr(model.config, "topk_group", groups)))
+    else:
+        remove = {}  # chosen below, from the scores of all blocks
     has_calibration = calibration is not None and calibration.ndim == 2 and len(calibration) > 0
     if config.needs_calibration and not has_calibration:
         raise ExpertsError(f"{config.method_name} ({config.criterion_name}) needs calibration: a (samples, seq_len) "
                            "tensor of token ids")
     start = time.perf_counter()
-    report = ExpertsReport(config.method_name, config.criterion_name, count, count - remove, top_k)
     device = torch.device(device)
     model.eval()
+    if not remove:
+        remove = _allocate(model, adapter, config, calibration if has_calibration else None, counts, top_k,
+                           device, batch_size)  # fmt: skip
+    kept = {i: counts[i] - remove[i] for i in sparse}
+    uniform = len(set(kept.values())) == 1
+    report = ExpertsReport(config.method_name, config.criterion_name, counts[sparse[0]] if uniform else None,
+                           kept[sparse[0]] if uniform else None, top_k, allocation=config.allocation)  # fmt: skip
     if not config.needs_calibration:
         for index in sparse:
-            report.blocks.append({"block": index, **_remove(blocks[index], adapter, config, None, count, remove, index,
-                                                            groups)})  # fmt: skip
+            report.blocks.append({"block": index, **_remove(blocks[index], adapter, config, None, counts[index],
+                                                            remove[index], index, groups)})  # fmt: skip
     else:
         with torch.no_grad():
             for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "experts"):
                 if index in sparse:
-                    done, inputs.hidden = _prune_block(block, adapter, config, inputs, index, count, remove, groups)
+                    done, inputs.hidden = _prune_block(block, adapter, config, inputs, index, counts[index],
+                                                       remove[index], groups)  # fmt: skip
                     report.blocks.append(done)
                 else:
                     inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+    for done in report.blocks:
+        done["experts_before"], done["experts_after"] = counts[done["block"]], kept[done["block"]]
     if config.width:
         report.width_before, report.width_after = report.blocks[0]["width_before"], report.blocks[0]["width_after"]
         setattr(model.config, adapter.experts.width_key, report.width_after)
     else:
-        set_count(model, adapter, count - remove)
+        set_count(model, adapter, max(kept.values()))
+        if not uniform:
+            declare_reshaped(model)  # per-block counts: trust_remote_code builds them (secateur.load always does)
     report.seconds = time.perf_counter() - start
     return report
+
+
+@torch.no_grad()
+def _allocate(model: nn.Module, adapter: Adapter, config: ExpertsConfig, calibration: Tensor | None,
+              counts: dict[int, int], top_k: int, device: torch.device, batch_size: int) -> dict[int, int]:  # fmt: skip
+    """Global allocation: every MoE block's criterion scores, measured in one pass over the model as it
+    is (no block pruned yet), ranked together as shares of their block's total (`global_counts`)."""
+    criterion = CRITERIA[config.criterion]
+    scores: dict[int, Tensor] = {}
+    if calibration is None:  # random: the draws the removal itself makes
+        scores = {i: criterion.score(ExpertStats(n, "cpu"), config.draw_seed + i) for i, n in counts.items()}
+    else:
+        for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "expert scores"):
+            if index in counts:
+                recorder = _Recorder(block, adapter, ExpertStats(counts[index], next(block.parameters()).device), 0)
+                inputs.hidden = recorder.run(block, inputs, index)
+                scores[index] = criterion.score(recorder.stats, config.draw_seed + index).cpu()
+            else:
+                inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+    order = sorted(counts)
+    total = config.total_removed([counts[i] for i in order], top_k)
+    floors = [config.block_floor(counts[i], top_k) for i in order]
+    try:
+        removed = global_counts([scores[i] for i in order], total, floors)
+    except ValueError:
+        raise ExpertsError(f"removing {total} experts leaves some block below its floor (top-k {top_k}, "
+                           f"--max-block-fraction): raise --max-block-fraction or remove fewer") from None
+    return dict(zip(order, removed))
 
 
 def _check_groups(config: ExpertsConfig, count: int, remove: int, groups: int, top_k: int, top_groups: int) -> None:

@@ -9,7 +9,9 @@ from torch import Tensor, nn
 from secateur.config import CalibConfig
 from secateur.experts import ExpertsConfig, prune_experts
 from secateur.experts.config import METHODS
-from secateur.recipe import Section, Settings, StageContext, StageKind, register
+from secateur.experts.prune import ExpertsError, keep_experts
+from secateur.models import adapter_for
+from secateur.recipe import Section, Settings, StageContext, StageKind, Structure, register
 from secateur.schema import Option, fill, flatten, options_of
 
 
@@ -50,15 +52,23 @@ def _what(r: dict[str, Any]) -> str:
     if r["method"] == "expert-width":
         return f"{r['width_before']} -> {r['width_after']} channels in every routed expert"
     verb = "merged into" if r["criterion"] == "merge" else "->"
+    if r.get("experts_after") is None:  # global allocation: per-block counts
+        before = sum(b["experts_before"] for b in r["blocks"])
+        kept = [b["experts_after"] for b in r["blocks"]]
+        return f"{before} -> {sum(kept)} routed experts over the MoE blocks ({min(kept)} to {max(kept)} per block)"
     return f"{r['experts_before']} {verb} {r['experts_after']} routed experts"
 
 
 def _summary(record: dict[str, Any]) -> str:
     r = record["result"]
     how = "" if r["method"] == "expert-width" else f" ({r['criterion']})"
-    return (f"{r['method']}{how}: {_what(r)} in each of {len(r['blocks'])} MoE blocks (top-{r['top_k']} routing "
-            f"kept), {r['parameters_before']:,} -> {r['parameters_after']:,} parameters in {record['seconds']:.1f} s"
-            + _few(r))
+    where = f" in each of {len(r['blocks'])} MoE blocks" if r.get("experts_after") is not None or r["method"] == \
+        "expert-width" else ""
+    per_block = ("\nexpert counts differ per block: load with secateur.load(path) or "
+                 "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
+                 if r["method"] == "experts" and r.get("experts_after") is None else "")
+    return (f"{r['method']}{how}: {_what(r)}{where} (top-{r['top_k']} routing kept), {r['parameters_before']:,} -> "
+            f"{r['parameters_after']:,} parameters in {record['seconds']:.1f} s" + _few(r) + per_block)
 
 
 def _gone(block: dict[str, Any]) -> str:
@@ -71,7 +81,8 @@ def _report(record: dict[str, Any]) -> Section:
     """What every MoE block lost (experts removed, clusters merged) and how many calibration tokens each
     expert was routed."""
     r = record["result"]
-    text = (f"{_what(r)} per MoE block, {r['parameters_before']:,} -> {r['parameters_after']:,} parameters; every "
+    text = (f"{_what(r)}{' per MoE block' if r.get('experts_after') is not None else ''} ({r.get('allocation', 'uniform')} "
+            f"allocation), {r['parameters_before']:,} -> {r['parameters_after']:,} parameters; every "
             f"token is still routed to {r['top_k']} experts.")
     routed = lambda b: ", ".join(str(int(t)) for t in b.get("tokens_routed", [])) or "-"  # noqa: E731
     few = lambda b: ", ".join(map(str, b.get("few_tokens", []))) or "-"  # noqa: E731
@@ -79,9 +90,57 @@ def _report(record: dict[str, Any]) -> Section:
         return Section("Expert width", text, ("block", "calibration tokens routed per expert", "few tokens"),
                        tuple((str(b["block"]), routed(b), few(b)) for b in r["blocks"]))  # fmt: skip
     gone = "merged experts" if r["criterion"] == "merge" else "removed experts"
-    return Section(f"Experts ({r['criterion']})", text, ("block", gone, "calibration tokens routed per expert",
-                                                        "few tokens"),
-                   tuple((str(b["block"]), _gone(b), routed(b), few(b)) for b in r["blocks"]))  # fmt: skip
+    kept = lambda b: f"{b['experts_before']} -> {b['experts_after']}" if "experts_after" in b else "-"  # noqa: E731
+    return Section(f"Experts ({r['criterion']})", text, ("block", "experts", gone,
+                                                        "calibration tokens routed per expert", "few tokens"),
+                   tuple((str(b["block"]), kept(b), _gone(b), routed(b), few(b)) for b in r["blocks"]))  # fmt: skip
+
+
+def _counts(model: nn.Module) -> list[int | None]:
+    """Every block's routed-expert count (None: a dense block)."""
+    adapter = adapter_for(model)
+    if adapter.experts is None:
+        return []
+    blocks = adapter.block_list(model)
+    sparse = set(adapter.experts.sparse_blocks(blocks))
+    return [blocks[i].get_submodule(adapter.experts.router).weight.shape[0] if i in sparse else None
+            for i in range(len(blocks))]  # fmt: skip
+
+
+def _record(model: nn.Module) -> dict[str, Any]:
+    counts = _counts(model)
+    return {"experts_per_block": counts} if len({c for c in counts if c is not None}) > 1 else {}
+
+
+def _rebuild(model: nn.Module, counts: list[int | None]) -> None:
+    """Shape every MoE block of a model built from its config to its recorded expert count."""
+    adapter = adapter_for(model)
+    blocks = adapter.block_list(model)
+    if adapter.experts is None or len(counts) != len(blocks):
+        raise ExpertsError(f"the manifest records expert counts for {len(counts)} blocks; the config builds "
+                           f"{len(blocks)} blocks{'' if adapter.experts else ' without experts'}")
+    for block, count in zip(blocks, counts):
+        if count is not None:
+            keep_experts(block, adapter, range(count))
+
+
+def _counts_problem(section: dict[str, Any]) -> str | None:
+    counts = section.get("experts_per_block", [])
+    if not isinstance(counts, list) or not all(c is None or (isinstance(c, int) and c > 0) for c in counts):
+        return "structure.experts_per_block is not a list of per-block expert counts"
+    return None
+
+
+# per-block expert counts (global allocation): a stock config holds one count, so a loader slices
+# every block's router and experts to the recorded count before the weights load
+STRUCTURE = Structure(
+    record=_record,
+    needed=lambda section: section.get("experts_per_block") or None,
+    rebuild=_rebuild,
+    problem=_counts_problem,
+    show=lambda section: (f"routed experts per block (load with secateur.load): {section['experts_per_block']}"
+                          if section.get("experts_per_block") else None),
+)
 
 
 KIND = register(StageKind(
@@ -90,4 +149,5 @@ KIND = register(StageKind(
     summary=_summary,
     describe=_what,
     report=_report,
+    structure=STRUCTURE,
 ))  # fmt: skip

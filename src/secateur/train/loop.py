@@ -35,7 +35,9 @@ from secateur.train.config import TrainConfig, precision_for
 from secateur.train.gradual import gradual_pruning, plan_for
 from secateur.train.masks import MaskHolder, weight_masks
 from secateur.train.modes import merge_lora, select_trainable
-from secateur.train.objective import check_layerwise, router_weight, step_loss, teacher_cache
+from secateur.train.loss import load_balance
+from secateur.train.objective import (check_layerwise, router_logits, router_weight, step_loss, teacher_cache,
+                                      uneven_routers)
 from secateur.train.run import Run, TrainResult, record_of
 from secateur.train.schedule import batch_rows, lr_factor, total_steps
 from secateur.train.width import IncrementalWidth, prune_width_step, reshape, shape_record
@@ -156,6 +158,7 @@ def _setup(model: nn.Module, config: TrainConfig, windows: Tensor, validation: T
               steps, int(config.warmup * steps), every, config.checkpoint_every or every, counts, masks, precision,
               home, pruner=pruner, widener=widener, workdir=workdir,
               aux_weight=router_weight(acc.unwrap_model(model), adapter),
+              routers=uneven_routers(acc.unwrap_model(model), adapter),
               chunk=_loss_chunk(config, acc, model, teacher if config.needs_teacher else None),
               metrics=workdir / METRICS if workdir is not None and acc.is_main_process else None)  # fmt: skip
     for stateful in (run.state, pruner, widener):
@@ -247,11 +250,14 @@ def _step(run: Run) -> dict[str, float]:
         ids = run.windows[rows].to(acc.device)
         with acc.accumulate(run.model):
             with acc.autocast():
-                router = {"output_router_logits": True} if run.aux_weight else {}  # MoE: load-balancing loss
-                with hidden_out(run.raw) if run.chunk else nullcontext() as head:  # logits in chunks, below
+                # MoE: the family's load-balancing loss, or one per router where blocks hold different counts
+                routers = run.routers if run.aux_weight else []
+                router = {"output_router_logits": True} if run.aux_weight and not routers else {}
+                with hidden_out(run.raw) if run.chunk else nullcontext() as head, router_logits(routers) as logits:
                     out = run.model(input_ids=ids, output_hidden_states=config.hidden_weight > 0, **router)
+                aux = load_balance(logits, getattr(run.raw.config, run.adapter.experts.top_k_key)) if logits else None
                 loss, kd, ce, layers = step_loss(out, ids, rows, config, run.teacher, run.cache, run.aux_weight,
-                                                 head, run.chunk)  # fmt: skip
+                                                 head, run.chunk, aux)  # fmt: skip
             acc.backward(loss)
             if acc.sync_gradients:
                 if run.pruner is not None:

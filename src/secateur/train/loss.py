@@ -98,6 +98,21 @@ def layerwise_distillation(student: Sequence[Tensor], teacher: Sequence[Tensor],
     return torch.stack(terms).sum()
 
 
+def load_balance(logits: Sequence[Tensor], top_k: int) -> Tensor:
+    """Switch Transformer's load-balancing loss (Fedus et al. 2021, eqs. 4-6) of every router, averaged:
+    for a router of E experts with logits (tokens, E), f_j the share of tokens among whose top-k j is
+    (summed over the k slots) and P_j the mean softmax probability of j, E x sum_j f_j P_j. A family's
+    own loss pools all blocks into one E-way count, which blocks of different expert counts cannot
+    share; with one router the two agree."""
+    losses = []
+    for layer in logits:
+        probability = layer.float().softmax(dim=-1)  # (tokens, E)
+        chosen = probability.topk(top_k, dim=-1).indices
+        share = torch.zeros_like(probability).scatter_add_(1, chosen, torch.ones_like(chosen, dtype=probability.dtype))
+        losses.append(layer.shape[-1] * (share.mean(dim=0) * probability.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
 def next_token_cross_entropy(logits: Tensor, ids: Tensor) -> Tensor:
     """Mean cross-entropy of each position's prediction of the next token (the last position has none)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

@@ -3,8 +3,8 @@ cross-entropy, and layer-wise distillation of the block outputs, mixed by the co
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -23,13 +23,35 @@ def router_weight(model: nn.Module, adapter: Any) -> float:
     return float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0) if adapter.experts is not None else 0.0
 
 
+def uneven_routers(model: nn.Module, adapter: Any) -> list[nn.Module]:
+    """The routers of a mixture of experts whose blocks hold different expert counts (global
+    allocation), whose family's load-balancing loss cannot pool them; [] otherwise."""
+    if adapter.experts is None:
+        return []
+    blocks = adapter.block_list(model)
+    routers = [blocks[i].get_submodule(adapter.experts.router) for i in adapter.experts.sparse_blocks(blocks)]
+    return routers if len({r.weight.shape[0] for r in routers}) > 1 else []
+
+
+@contextmanager
+def router_logits(routers: list[nn.Module]) -> Iterator[list[Tensor]]:
+    """The logits (tokens, experts) every router in `routers` computes while the block runs."""
+    seen: list[Tensor] = []
+    handles = [r.register_forward_hook(lambda module, args, output: seen.append(output[0])) for r in routers]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def step_loss(out: Any, ids: Tensor, rows: Tensor, config: TrainConfig, teacher: nn.Module | None,
               cache: tuple[Tensor, Tensor] | None, aux_weight: float = 0.0, head: Head | None = None,
-              chunk: int = 0) -> tuple[Tensor, float, float, float]:  # fmt: skip
+              chunk: int = 0, aux_loss: Tensor | None = None) -> tuple[Tensor, float, float, float]:  # fmt: skip
     """(loss, its distillation, cross-entropy and layer-wise parts) of one micro-batch, from the
     student's outputs `out` (with hidden states when config.hidden_weight > 0). A mixture of experts'
-    load-balancing loss (`out.aux_loss`, computed when the model is asked for its router logits) is
-    added with `aux_weight`. With `head` (the student ran inside `hidden_out`: `out.logits` are its last
+    load-balancing loss (`aux_loss`, else `out.aux_loss`, computed when the model is asked for its router
+    logits) is added with `aux_weight`. With `head` (the student ran inside `hidden_out`: `out.logits` are its last
     hidden states), the logit losses are computed `chunk` positions at a time (`loss.head_loss`), the
     teacher's logits too."""
     kd = ce = layers = target = None
@@ -53,7 +75,7 @@ def step_loss(out: Any, ids: Tensor, rows: Tensor, config: TrainConfig, teacher:
         loss = None
     if config.hidden_weight > 0:  # block outputs: hidden_states[0] is the embeddings
         layers = layerwise_distillation(out.hidden_states[1:], target.hidden_states[1:], config.hidden_norm)
-    aux = getattr(out, "aux_loss", None) if aux_weight else None
+    aux = (aux_loss if aux_loss is not None else getattr(out, "aux_loss", None)) if aux_weight else None
     terms = [(1.0, loss)] if loss is not None else [(config.kd_weight, kd), (1 - config.kd_weight, ce)]
     loss = sum(w * part for w, part in (*terms, (config.hidden_weight, layers), (aux_weight, aux)) if part is not None)
     return loss, *(float(p.detach()) if p is not None else 0.0 for p in (kd, ce, layers))

@@ -68,6 +68,7 @@ class Run:
     teacher: nn.Module | None = None
     cache: tuple[Tensor, Tensor] | None = None  # the teacher's top-k logits (--top-k)
     aux_weight: float = 0.0  # a mixture of experts' load-balancing loss, as its family weights it
+    routers: list[nn.Module] = field(default_factory=list)  # per-block expert counts: the loss per router
     chunk: int = 0  # positions per chunk of the logit losses (0: the model's own full logits)
     cache_seconds: float = 0.0
     pruner: Sparsifier | None = None

@@ -26,7 +26,7 @@ from secateur.models import Adapter, Width, adapter_for, read_weight, refuse_exp
 from secateur.width.config import WidthConfig
 from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
 from secateur.width.reconstruct import Cut, refit_layer, stream_refits
-from secateur.width.remote import declare_reshaped
+from secateur.models.remote import declare_reshaped
 from secateur.width.scores import IMPORTANCE
 from secateur.models.shapes import LayerWidth, attention_heads, head_dim, submodule, widths_of
 from secateur.width.structure import (

@@ -13,7 +13,6 @@ from secateur.models.shapes import LayerWidth, widths_of
 from secateur.recipe import Section, Settings, StageContext, StageKind, Structure, register
 from secateur.schema import fill, flatten, options_of
 from secateur.width import WidthConfig, apply_widths, width_prune
-from secateur.width.remote import MODULE, prepare_module
 
 
 def _build(method: str, settings: Settings) -> WidthConfig:
@@ -94,11 +93,6 @@ def _legacy(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"uniform_widths": section.get("uniform", True), "widths": section.get("layers", [])}
 
 
-def _save_files(model: nn.Module) -> dict[str, str]:
-    source = prepare_module(model)  # per-block widths for `trust_remote_code=True`
-    return {f"{MODULE}.py": source} if source else {}
-
-
 # per-block widths: a stock config holds one width per kind, so a loader shapes each block as recorded
 STRUCTURE = Structure(
     record=_record,
@@ -107,7 +101,6 @@ STRUCTURE = Structure(
     problem=_widths_problem,
     show=_show,
     legacy=_legacy,
-    save_files=_save_files,
 )
 
 
