@@ -728,3 +728,71 @@ def test_a_reconstructing_plan_scores_refitted_candidates_and_its_recipe_refits(
     assert plain.config.intermediate_size == refit.config.intermediate_size
     down = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(plain.get_parameter(down), refit.get_parameter(down))
+
+
+# --- mixtures of experts: depth x expert count -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A 4-block tiny Qwen3-MoE (8 routed experts, top-2) and its text."""
+    from conftest import tiny_model
+
+    root = tmp_path_factory.mktemp("plan-moe")
+    tiny_model("qwen3_moe", num_hidden_layers=4).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "text.txt").write_text(tiny_text(12000))
+    return root / "model", root / "text.txt"
+
+
+def _moe_flags(text: Path, out: Path, *extra: str) -> list[str]:
+    return ["--out", str(out), "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4",
+            "--eval-windows", "4", "--eval-seq-len", "32", "--depth", "0,0.25,0.5", "--experts", "0:0.75:0.25",
+            *extra]  # fmt: skip
+
+
+def test_a_mixture_of_experts_is_planned_along_depth_and_expert_count_and_its_recipe_runs(moe_model, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = moe_model
+    dense = sum(p.numel() for p in load(model)[0].parameters())
+    target = int(dense * 0.75)
+    assert main(["plan", str(model), "--target", f"params={target}", *_moe_flags(text, tmp_path / "plan")]) == 0
+    record = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    keys = {r["key"] for r in record["candidates"]}
+    # 8 experts: 0.25 and 0.5 remove 2 and 4; 0.75 removes 6, leaving the 2 of the top-2 (allowed)
+    assert {"d0-w0-h0-e0.25", "d0-w0-h0-e0.5", "d0-w0-h0-e0.75", "d1-w0-h0", "d2-w0-h0-e0.5"} <= keys
+    by_key = {r["key"]: r for r in record["candidates"]}
+    assert by_key["d0-w0-h0-e0.5"]["kind"] == "experts" and by_key["d1-w0-h0-e0.25"]["kind"] == "depth + experts"
+    assert by_key["d0-w0-h0-e0.5"]["shape"]["experts"] == 4 and by_key["d1-w0-h0"]["shape"]["experts"] == 8
+    chosen = record["chosen"]
+    assert chosen["params"] <= target and record["costs"]["engine"] is None
+    assert [s["method"] for s in record["stages"]] == (["angular"] if chosen["blocks"] else []) + \
+        (["experts"] if chosen["experts"] else [])
+    assert main(["prune", str(model), "--recipe", str(tmp_path / "plan" / "plan.toml"), "--out", str(tmp_path / "p"),
+                 "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4", "--eval-windows", "4",
+                 "--eval-seq-len", "32"]) == 0  # fmt: skip
+    assert sum(p.numel() for p in load(tmp_path / "p")[0].parameters()) == chosen["params"]  # counted exactly
+
+
+@pytest.mark.parametrize("target, extra, message", [
+    ("params=10k", ("--width", "0,0.5"), "--width applies to dense decoders; a mixture of experts (qwen3_moe) is "
+                                         "planned along --depth and --experts"),
+    ("params=10k", ("--hidden", "0", "--no-reconstruct"), "--hidden, --reconstruct apply to dense decoders"),
+    ("decode-speedup=1.2", (), "secateur plan times dense decoders only"),
+    ("params=10k", ("--experts", "0:1.5:0.5"), "every fraction must be in"),
+])  # fmt: skip
+def test_what_a_mixture_of_experts_plan_cannot_take_is_refused(moe_model, tmp_path, monkeypatch, capsys, target,
+                                                              extra, message):  # fmt: skip
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = moe_model
+    assert main(["plan", str(model), "--target", target, *_moe_flags(text, tmp_path / "plan"), *extra]) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "plan").exists()
+
+
+def test_experts_on_a_dense_model_is_refused(deep_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    assert main(["plan", str(model), "--target", "params=10k", *_flags(text, tmp_path / "plan"), "--experts", "0.5"]) == 2
+    assert "--experts applies to mixtures of experts; llama has no routed experts" in capsys.readouterr().err

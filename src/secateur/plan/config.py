@@ -19,8 +19,8 @@ LLAMA_CPP = Requires(lambda c: parse_target(c.target).speed and c.engine in (Non
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """Search depth x width x attention split x hidden for the candidate that meets `target` with the
-    least KL to the dense model. Grids are fractions: `a,b,c` or `start:stop:step` (stop included)."""
+    """Search depth x width x attention split x hidden (for a mixture of experts: depth x expert
+    count) for the candidate that meets `target` with the least KL to the dense model. Grids are fractions: `a,b,c` or `start:stop:step` (stop included)."""
 
     target: str = option(REQUIRED, "decode-speedup=X or prefill-speedup=X (in --engine), params=N (80M), or "
                                    "file=SIZE (200MB; the GGUF f16 file for llama.cpp, float32 safetensors for hf)")
@@ -45,6 +45,9 @@ class PlanConfig:
     reconstruct: bool = option(True, "width stages refit the output projections by least squares (the width "
                                      "stage's --reconstruct), in the candidates the proxy scores and in the recipe; "
                                      "--no-reconstruct: plain slicing (about half the planning time, worse recipes)")
+    experts: str = option("0:0.5:0.125", "mixtures of experts: fractions of every MoE block's routed experts to "
+                                         "remove (the experts stage, REAP), searched with --depth instead of the "
+                                         "width axes")
     hidden: str = option("0,0.125", "fractions of the hidden channels to remove (counted in the width fraction)")
     calib: str = option("enwiki-sample", "text for statistics, spans and proxy windows (drawn after the "
                                          "evaluation region)")

@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateur.errors import ConfigError
+from secateur.models import adapter_for
 from secateur.plan.rows import append_rows, read_rows
 
 
@@ -55,10 +56,12 @@ class ArchShape:
     kv_heads: int
     head_dim: int
     channels: int  # MLP width
+    experts: int = 0  # routed experts per MoE block (0: a dense decoder)
 
     @property
     def key(self) -> str:
-        return f"L{self.layers}-h{self.hidden}-q{self.heads}-kv{self.kv_heads}-d{self.head_dim}-c{self.channels}"
+        experts = f"-e{self.experts}" if self.experts else ""
+        return f"L{self.layers}-h{self.hidden}-q{self.heads}-kv{self.kv_heads}-d{self.head_dim}-c{self.channels}{experts}"
 
     @property
     def attention_params(self) -> int:
@@ -76,10 +79,12 @@ class ArchShape:
 
 def shape_of(config: Any) -> ArchShape:
     heads = config.num_attention_heads
+    experts = adapter_for(config).experts
     return ArchShape(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
                      kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                      head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-                     channels=config.intermediate_size)  # fmt: skip
+                     channels=config.intermediate_size,
+                     experts=getattr(config, experts.count_key) if experts is not None else 0)  # fmt: skip
 
 
 def with_layers(config: Any, layers: int) -> Any:

@@ -73,10 +73,12 @@ def pareto_plot(record: dict[str, Any], path: Path) -> None:
     label = {"decode-speedup": "decode speedup", "prefill-speedup": "prefill speedup", "params": "parameters (M)",
              "file": "file (MB)"}[metric]  # fmt: skip
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, colour in (("depth", "tab:blue"), ("width", "tab:orange"), ("width+hidden", "tab:purple")):
+    for kind, colour in (("depth", "tab:blue"), ("width", "tab:orange"), ("width+hidden", "tab:purple"),
+                         ("experts", "tab:brown")):  # fmt: skip
         pts = [r for r in rows if r["kind"] == kind]
-        ax.scatter([cost(r) for r in pts], [r["kl"] for r in pts], s=18, c=colour, label=f"{kind} only")
-    mixed = [r for r in rows if r["blocks"] and r["width"]]
+        if pts:
+            ax.scatter([cost(r) for r in pts], [r["kl"] for r in pts], s=18, c=colour, label=f"{kind} only")
+    mixed = [r for r in rows if r["blocks"] and (r["width"] or r.get("experts"))]
     ax.scatter([cost(r) for r in mixed], [r["kl"] for r in mixed], s=18, c="tab:green", label="mixed")
     front = [next(r for r in rows if r["key"] == k) for k in record["front"]]
     ax.plot([cost(r) for r in front], [r["kl"] for r in front], "k-", lw=1, label="Pareto front")

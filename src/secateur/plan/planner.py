@@ -38,6 +38,7 @@ from secateur.calibrate.stream import block_bars
 from secateur.config import CalibConfig
 from secateur.data.enwiki import cache_dir
 from secateur.errors import ConfigError
+from secateur.experts import ExpertsConfig
 from secateur.io import check_model, content_hash, load, load_config, resolve_device
 from secateur.models import adapter_for
 from secateur.output import Output, claim
@@ -180,7 +181,7 @@ def _distinct(configs: dict[Candidate, Any]) -> tuple[dict[Candidate, Any], dict
     remove the least stays (the default split before explicit ones); the others are named with it."""
     kept: dict[tuple[int, ArchShape], Candidate] = {}
     same: dict[str, str] = {}
-    for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width, *split_order(c.attention))):
+    for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width, *split_order(c.attention), c.experts)):
         key = (c.blocks, shape_of(configs[c]))
         if key in kept:
             same[c.key] = kept[key].key
@@ -298,11 +299,10 @@ class Search:
 
 def boundary(rows: dict[str, Row]) -> dict[str, Row]:
     """The rows that meet the target (or may) and that no other such row of the same hidden fraction
-    and attention split dominates with fewer blocks and no more width, or less width and no more
-    blocks."""
+    and attention split dominates: no more blocks, width and experts removed, and less of one."""
     live = [r for r in rows.values() if r.feasible]
-    keep = undominated([((r.candidate.hidden, r.candidate.attention), (r.candidate.blocks, r.candidate.width))
-                        for r in live])  # fmt: skip
+    keep = undominated([((r.candidate.hidden, r.candidate.attention),
+                         (r.candidate.blocks, r.candidate.width, r.candidate.experts)) for r in live])  # fmt: skip
     return {live[i].candidate.key: live[i] for i in keep}
 
 
@@ -325,7 +325,7 @@ def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwri
     texts = [config.calib] if Path(config.calib).exists() else []
     with claim(out, inputs=[model_path, *texts], overwrite=overwrite, marker=PLAN_FILE) as output:
         config = fit_positions(config, load_config(model_path), explicit)
-        return _plan(model_path, config, output, progress, engine, allow_nonfinite)
+        return _plan(model_path, config, output, progress, engine, allow_nonfinite, explicit)
 
 
 def fit_positions(config: PlanConfig, base: Any, explicit: frozenset[str]) -> PlanConfig:
@@ -346,12 +346,12 @@ def fit_positions(config: PlanConfig, base: Any, explicit: frozenset[str]) -> Pl
     return config
 
 
-def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: bool,
-          engine: Engine | None, allow_nonfinite: bool) -> dict[str, Any]:  # fmt: skip
+def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: bool, engine: Engine | None,
+          allow_nonfinite: bool, explicit: frozenset[str] = frozenset()) -> dict[str, Any]:  # fmt: skip
     from secateur.plan.output import write_plan
 
     clock = time.perf_counter()
-    target, base, grid = _inputs(model_path, config)
+    target, base, grid = _inputs(model_path, config, explicit)
     if engine is None:
         engine = _engine(config, target, model_path)
     grid, rows, configs, refused, same = _grid(base, grid, config)
@@ -391,8 +391,13 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
     return record
 
 
-def _inputs(model_path: str | Path, config: PlanConfig) -> tuple[Target, Any, list[Candidate]]:
-    """The target, the model's config and the candidate grid, every input checked before any work."""
+WIDTH_AXES = ("width", "hidden", "attention", "reconstruct", "round_to")  # the dense decoders' axes
+
+
+def _inputs(model_path: str | Path, config: PlanConfig,
+            explicit: frozenset[str] = frozenset()) -> tuple[Target, Any, list[Candidate]]:  # fmt: skip
+    """The target, the model's config and the candidate grid, every input checked before any work.
+    `explicit`: the options the user gave (those of another kind of model are refused)."""
     from secateur.data import load_text
 
     target = parse_target(config.target)
@@ -400,10 +405,15 @@ def _inputs(model_path: str | Path, config: PlanConfig) -> tuple[Target, Any, li
     widths = parse_grid(config.width, "width")
     hiddens = parse_grid(config.hidden, "hidden")
     splits = parse_splits(config.attention)
+    shares = parse_grid(config.experts, "experts")
     load_text(config.calib, "calibration", "text")
     check_model(model_path)
     base = load_config(model_path)
     adapter = adapter_for(base)
+    if adapter.experts is not None:
+        return target, base, _expert_candidates(base, config, target, shares, explicit)
+    if "experts" in explicit:
+        raise ConfigError(f"--experts applies to mixtures of experts; {base.model_type} has no routed experts")
     if adapter.width is None:
         raise ConfigError(f"secateur plan prunes width; {base.model_type} has no width description")
     if adapter.width.mlp.size_key != "intermediate_size":  # the shapes the cost model describes
@@ -417,9 +427,49 @@ def _inputs(model_path: str | Path, config: PlanConfig) -> tuple[Target, Any, li
     return target, base, grid
 
 
+def _expert_candidates(base: Any, config: PlanConfig, target: Target, shares: tuple[float, ...],
+                       explicit: frozenset[str]) -> list[Candidate]:  # fmt: skip
+    """A mixture of experts is planned along depth and the share of every MoE block's routed experts
+    removed (the experts stage with its default criterion, REAP); sizes only: the cost model times
+    dense decoders."""
+    given = [f"--{k.replace('_', '-')}" for k in WIDTH_AXES if k in explicit]
+    if given:
+        raise ConfigError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to dense decoders; a mixture "
+                          f"of experts ({base.model_type}) is planned along --depth and --experts")
+    if target.speed:
+        raise ConfigError(f"secateur plan times dense decoders only; for a mixture of experts ({base.model_type}) "
+                          "give a params= or file= target")
+    return candidates(depth_counts(config.depth, base.num_hidden_layers), (0.0,), (0.0,), experts=shares)
+
+
+def _expert_configs(base: Any, grid: list[Candidate]) -> tuple[dict[Candidate, Any], dict[str, str]]:
+    """Every candidate's config (blocks and expert count; the experts stage's own rounding and
+    refusals), and the expert shares that cannot be removed, with the reason."""
+    spec = adapter_for(base).experts
+    count, top_k = getattr(base, spec.count_key), getattr(base, spec.top_k_key)
+    configs, refused = {}, {}
+    for c in grid:
+        try:
+            removed = ExpertsConfig(fraction=c.experts).removed(count, top_k) if c.experts else 0
+        except ConfigError as exc:
+            refused[f"e{c.experts:g}"] = str(exc)
+            continue
+        configs[c] = with_layers(base, base.num_hidden_layers - c.blocks)
+        setattr(configs[c], spec.count_key, count - removed)
+    return configs, refused
+
+
 def _grid(base: Any, grid: list[Candidate], config: PlanConfig) -> tuple:
     """The candidates whose shapes exist, one per distinct shape: (grid, rows by key, configs, refused
     shapes with the reason, candidates that share a shape)."""
+    if adapter_for(base).experts is not None:  # counted exactly on the meta device, shape by shape
+        configs, refused = _expert_configs(base, grid)
+        configs, same = _distinct(configs)
+        rows = {}
+        for c, cfg in configs.items():
+            params, one_d = parameter_count(cfg)
+            rows[c.key] = Row(c, shape_of(cfg), params, _file_bytes(params, one_d, config))
+        return list(configs), rows, configs, refused, same
     blocks = base.num_hidden_layers
     shapes = block_shapes(base, sorted({c.stage for c in grid}))
     refused = {s.key.removeprefix("d0-"): why for s, why in shapes.items() if isinstance(why, str)}

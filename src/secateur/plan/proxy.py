@@ -9,7 +9,9 @@ differs from the dense model from the block before its removed run on (the block
 the fit reads the kept activations entering that block and, as its target, those leaving the run,
 so no block of the run runs; the statistics pass starts at that block, on the kept dense
 activations; the statistics of the blocks before are the dense ones. A candidate is then a copy of
-its level sliced by `width_prune` with those statistics, and one forward per window."""
+its level sliced by `width_prune` with those statistics, and one forward per window. A mixture of
+experts' candidate is a copy of its level whose experts `prune_experts` removes (its own streamed
+pass over the calibration windows, REAP)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from secateur.depth.compensate import compensate, unavailable
 from secateur.depth.scores import lowest
 from secateur.depth.search import angular_distances
 from secateur.depth.structure import remove_blocks
+from secateur.experts import ExpertsConfig, prune_experts
 from secateur.models import adapter_for
 from secateur.plan.space import Candidate
 from secateur.width import width_prune
@@ -177,12 +180,17 @@ class Proxy:
 
     def build(self, candidate: Candidate) -> nn.Module:
         """The candidate, pruned one-shot (a new model)."""
-        if candidate.width or candidate.blocks:  # first: a new level's compensation reads the states it keeps
+        # first: a new level's compensation reads the states it keeps (a mixture of experts has no width
+        # statistics: its levels compensate from a pass of their own)
+        if candidate.width or (candidate.blocks and adapter_for(self.model).width is not None):
             self.dense_statistics()
         level = self.level(candidate.blocks)
         statistics = self.statistics(level) if candidate.width else None  # timed as "levels"
         clock = time.perf_counter()
         model = copy.deepcopy(level.model)
+        if candidate.experts:  # after the blocks, as the recipe orders them
+            prune_experts(model, ExpertsConfig(fraction=candidate.experts), self.calibration, device=self.device,
+                          batch_size=self.batch_size)  # fmt: skip
         if candidate.width:
             config = candidate.width_config()
             width_prune(model, config, self.calibration if config.reconstruct else None,

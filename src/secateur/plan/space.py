@@ -1,6 +1,7 @@
 """The search space: how many blocks to remove, then which share of the rest as heads and MLP
 channels, how that share splits between attention and MLP, and how much of it goes as hidden
-channels. Grids come from `0,0.1,0.2` or `0:0.5:0.1`; depth also takes `0:0.5`, every block count
+channels; for a mixture of experts, how many blocks and which share of every MoE block's routed
+experts. Grids come from `0,0.1,0.2` or `0:0.5:0.1`; depth also takes `0:0.5`, every block count
 in between; the split also takes `default` (the width stage's own rounding)."""
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Candidate:
     hidden channels counting towards it; `attention`: the fraction of every block's key/value groups
     among them (the width stage's --attention-fraction; None: its default rounding of `width`);
     `reconstruct`: the width stage refits the output projections (a setting of the whole plan, like
-    `round_to`: not part of the key)."""
+    `round_to`: not part of the key); `experts`: the fraction of every MoE block's routed experts
+    removed after the blocks (the experts stage, REAP)."""
 
     blocks: int
     width: float
@@ -39,9 +41,10 @@ class Candidate:
     round_to: int = 8  # MLP widths and the hidden size are multiples of this
     attention: float | None = None
     reconstruct: bool = False
+    experts: float = 0.0
 
     def _order(self) -> tuple:
-        return (self.blocks, self.width, self.hidden, self.round_to, *split_order(self.attention))
+        return (self.blocks, self.width, self.hidden, self.round_to, *split_order(self.attention), self.experts)
 
     def __lt__(self, other: "Candidate") -> bool:
         return self._order() < other._order()
@@ -55,13 +58,15 @@ class Candidate:
     @property
     def key(self) -> str:
         split = "" if self.attention is None else f"-a{self.attention:g}"
-        return f"d{self.blocks}-w{self.width:g}-h{self.hidden:g}{split}"
+        experts = f"-e{self.experts:g}" if self.experts else ""  # absent for dense models: their caches stay valid
+        return f"d{self.blocks}-w{self.width:g}-h{self.hidden:g}{split}{experts}"
 
     @property
     def kind(self) -> str:
-        """depth, width, hidden, or a mix of them (the single-kind baselines are the first two)."""
+        """depth, width, hidden, experts, or a mix of them (the single-kind baselines are depth, width
+        and experts)."""
         parts = [name for name, on in (("depth", self.blocks), ("width", self.width and not self.hidden),
-                                       ("width+hidden", self.hidden)) if on]  # fmt: skip
+                                       ("width+hidden", self.hidden), ("experts", self.experts)) if on]  # fmt: skip
         return " + ".join(parts) or "dense"
 
     def width_config(self) -> "WidthConfig":
@@ -76,6 +81,8 @@ class Candidate:
         tables: list[dict[str, Any]] = []
         if self.blocks:
             tables.append({"method": "angular", "remove_blocks": self.blocks})
+        if self.experts:
+            tables.append({"method": "experts", "remove_fraction": self.experts})
         if self.width:
             width: dict[str, Any] = {"method": "width", "remove_fraction": self.width}
             if self.hidden:
@@ -141,13 +148,13 @@ def parse_splits(text: str) -> tuple[float | None, ...]:
 
 def candidates(depths: tuple[int, ...], widths: tuple[float, ...], hiddens: tuple[float, ...],
                round_to: int = 8, splits: tuple[float | None, ...] = (None,),
-               reconstruct: bool = False) -> list[Candidate]:  # fmt: skip
+               reconstruct: bool = False, experts: tuple[float, ...] = (0.0,)) -> list[Candidate]:  # fmt: skip
     """Every combination but the dense model; hidden channels and attention splits only come with
     some width (they are shares of it)."""
     out = []
-    for blocks, width, hidden, split in itertools.product(depths, widths, hiddens, splits):
+    for blocks, width, hidden, split, share in itertools.product(depths, widths, hiddens, splits, experts):
         if (hidden or split is not None) and not width:
             continue
-        if blocks or width:
-            out.append(Candidate(blocks, width, hidden, round_to, split, reconstruct and bool(width)))
+        if blocks or width or share:
+            out.append(Candidate(blocks, width, hidden, round_to, split, reconstruct and bool(width), share))
     return out
