@@ -361,3 +361,70 @@ def test_saturation_exits_where_the_block_barely_turns_the_state():
     assert below.exit_blocks == [1] and above.exit_blocks == [2]
     assert early_exit(model, torch.tensor([prompt]), 8, 1.0, [0], measure="saturation").tokens == \
         greedy(model, torch.tensor([prompt]), 8).tokens
+
+
+# --- secateur eval with token pruning --------------------------------------------------------------------
+
+
+def test_continuation_perplexity_after_the_whole_prompt_is_the_windows_own_prediction_of_its_tail():
+    import math
+
+    import torch.nn.functional as F
+
+    from secateur.generate.tokens import continuation_perplexity
+
+    model = tiny_model("llama")
+    windows = torch.tensor([ids(24, 6), ids(24, 7), ids(24, 8)])
+    result = continuation_perplexity(model, windows, 5, None, batch_size=2)
+    with torch.no_grad():
+        logits = model(windows).logits[:, -6:-1]  # the predictions of the last 5 tokens
+    nll = F.cross_entropy(logits.flatten(0, 1), windows[:, -5:].flatten())
+    assert result["perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    assert result["prompt_tokens"] == 19 and result["kept_prompt_tokens"] == 19
+
+
+def test_continuation_perplexity_after_a_cut_prompt_reads_the_kept_tokens_then_the_tail():
+    import math
+
+    import torch.nn.functional as F
+
+    from secateur.generate.tokens import continuation_perplexity
+
+    model = tiny_model("qwen3")
+    windows = torch.tensor([ids(30, 9), ids(30, 10)])
+    settings = TokenPruning(filter_layer=1, budget=7, pool=3)
+    result = continuation_perplexity(model, windows, 4, settings, batch_size=2)
+    kept = prune_prompts(model, [w[:-4].tolist() for w in windows], settings)
+    assert [len(k) for k in kept] == [7, 7] and result["kept_prompt_tokens"] == 7
+    total = 0.0
+    for prompt, window in zip(kept, windows):  # each alone: the kept prompt as a fresh sequence, then the tail
+        sequence = torch.tensor([prompt + window[-4:].tolist()])
+        with torch.no_grad():
+            logits = model(sequence).logits[0, 6:-1]
+        total += float(F.cross_entropy(logits, window[-4:], reduction="sum"))
+    assert result["perplexity"] == pytest.approx(math.exp(total / 8), rel=1e-5)
+    # a budget that covers the prompt cuts nothing
+    covered = continuation_perplexity(model, windows, 4, TokenPruning(filter_layer=1, budget=26), batch_size=2)
+    assert covered["perplexity"] == pytest.approx(continuation_perplexity(model, windows, 4, None)["perplexity"])
+
+
+def test_eval_command_reports_the_tail_after_the_whole_and_the_cut_prompt(model_dir, text_file, capsys):
+    path = model_dir("llama")
+    assert main(["eval", str(path), "--data", str(text_file), "--seq-len", "40", "--windows", "3",
+                 "--filter-layer", "1", "--budget", "10", "--score-tokens", "8", "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["token_pruning"] == {"filter_layer": 1, "budget": 10, "pool": 5}
+    [one] = result["sources"].values()
+    assert one["whole_prompt"]["prompt_tokens"] == 32 and one["pruned_prompt"]["kept_prompt_tokens"] == 10
+    assert one["ratio"] == pytest.approx(one["pruned_prompt"]["perplexity"] / one["whole_prompt"]["perplexity"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget", "10"], "--budget applies only with --filter-layer (token pruning)"),
+    (["--filter-layer", "1", "--budget", "40"], "give a prompt longer than the budget"),
+    (["--filter-layer", "5"], "0..1"),
+    (["--filter-layer", "1", "--tasks", "secateur_wordnet"], "applies only with perplexity"),
+])  # fmt: skip
+def test_eval_command_refuses_token_pruning_it_cannot_do(model_dir, text_file, capsys, flags, message):
+    assert main(["eval", str(model_dir("llama")), "--seq-len", "48", *flags]) == 2
+    assert message in capsys.readouterr().err

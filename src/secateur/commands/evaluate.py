@@ -66,8 +66,11 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
     sources = split_sources(config.data)
     for source in sources:
         load_text(source, "evaluation", config.text_field)  # a missing or unreadable source fails before loading
+    pruning = _token_pruning(args.model, config)
     device = resolve_device(config.device)
     model, tokenizer = load(args.model, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
+    if pruning is not None:
+        return _eval_token_pruning(args, config, pruning, sources, model, tokenizer)
     result = evaluate_sources(model, tokenizer, sources, config.seq_len, config.windows, field=config.text_field,
                               batch_size=config.batch_size, device=device)  # fmt: skip
     result["model"] = args.model
@@ -93,6 +96,55 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
             print(f"pruned vocabulary: {gone} of the original tokenizer's tokens of this text are gone (their text is split into kept tokens); "
                   "perplexity per token does not compare with the original's, bits per byte does")
         print(f"protocol: {result['protocol']}")
+    return 0
+
+
+def _token_pruning(model: str, config: Any):
+    """The GemFilter settings of a token-pruned perplexity (None without --filter-layer), checked
+    against the model's blocks and the windows before the model loads."""
+    from secateur.generate.tokens import TokenPruning, check_layers
+    from secateur.io import load_config
+    from secateur.schema import fill
+
+    if config.filter_layer is None:
+        return None
+    given = {k: v for k in ("filter_layer", "budget", "pool") if (v := getattr(config, k)) is not None}
+    pruning = fill(TokenPruning, given)
+    check_layers([pruning.filter_layer], load_config(model).num_hidden_layers)
+    prompt = config.seq_len - config.score_tokens
+    if not 0 < config.score_tokens < config.seq_len or prompt <= pruning.budget:
+        raise SecateurError(f"token pruning cuts the prompt (--seq-len {config.seq_len} - --score-tokens "
+                            f"{config.score_tokens} = {prompt} tokens) to --budget {pruning.budget}: give a prompt "
+                            "longer than the budget and at least one scored token")
+    return pruning
+
+
+def _eval_token_pruning(args: argparse.Namespace, config: Any, pruning: Any, sources: list[str], model: Any,
+                        tokenizer: Any) -> int:  # fmt: skip
+    """The scored tokens' perplexity after the whole prompt and after the GemFilter-cut prompt, per source."""
+    from dataclasses import asdict
+
+    from secateur.evaluate import evaluation_sets
+    from secateur.generate.tokens import continuation_perplexity
+
+    pad = model.config.pad_token_id or 0
+    results = {}
+    for source in sources:
+        windows = next(iter(evaluation_sets(model, tokenizer, source, config.seq_len, config.windows).values()))
+        full = continuation_perplexity(model, windows, config.score_tokens, None, config.batch_size, pad)
+        cut = continuation_perplexity(model, windows, config.score_tokens, pruning, config.batch_size, pad)
+        results[source] = {"whole_prompt": full, "pruned_prompt": cut, "ratio": cut["perplexity"] / full["perplexity"]}
+    record = {"model": args.model, "token_pruning": asdict(pruning), "seq_len": config.seq_len,
+              "score_tokens": config.score_tokens, "sources": results}  # fmt: skip
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    for source, r in results.items():
+        full, cut = r["whole_prompt"], r["pruned_prompt"]
+        print(f"{args.model} on {source}: the last {config.score_tokens} tokens of {full['windows']} windows of "
+              f"{config.seq_len}: perplexity {full['perplexity']:.3f} after the whole prompt ({full['prompt_tokens']} "
+              f"tokens, {full['seconds']:.1f} s), {cut['perplexity']:.3f} after GemFilter's {cut['kept_prompt_tokens']:.0f} "
+              f"(block {pruning.filter_layer}, {cut['seconds']:.1f} s): {r['ratio']:.3f}x")
     return 0
 
 

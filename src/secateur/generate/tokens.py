@@ -17,9 +17,11 @@ interface is refused in one line.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -233,3 +235,33 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
         tokens.append(row[:cut])
     return Generated(tokens, [len(k) for k in kept], [len(p) for p in prompts], time.perf_counter() - start)
 
+
+
+# --- evaluation: what the cut prompt costs -----------------------------------------------------------
+
+
+@torch.inference_mode()
+def continuation_perplexity(model: nn.Module, windows: Tensor, score_tokens: int, pruning: TokenPruning | None,
+                            batch_size: int = 4, pad: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Perplexity of the last `score_tokens` tokens of every window (n, seq_len), each predicted from
+    the window's tokens before it: the prompt (the window's first seq_len - score_tokens tokens),
+    cut by GemFilter to its budget where `pruning` is given, then the scored tokens before it. The
+    whole model reads the kept prompt as a fresh sequence (positions from 0), as generation does."""
+    if not 0 < score_tokens < windows.shape[1]:
+        raise ConfigError(f"--score-tokens must be between 1 and the window's {windows.shape[1] - 1}, got {score_tokens}")
+    model.eval()
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    total, kept_tokens = 0.0, 0
+    for batch in windows.split(batch_size):
+        prompts, tail = batch[:, :-score_tokens].tolist(), batch[:, -score_tokens:].to(device)
+        kept = prune_prompts(model, prompts, pruning, pad) if pruning is not None else prompts
+        prompt = torch.tensor(kept, dtype=torch.long, device=device)  # every window's prompt: one length
+        logits = model(input_ids=torch.cat([prompt, tail], dim=1), use_cache=False).logits
+        predictions = logits[:, prompt.shape[1] - 1 : -1].float()  # (b, score_tokens, vocab)
+        total += float(F.cross_entropy(predictions.flatten(0, 1), tail.flatten(), reduction="sum"))
+        kept_tokens += prompt.numel()
+    mean = total / (len(windows) * score_tokens)
+    return {"perplexity": math.exp(mean), "mean_nll": mean, "windows": len(windows), "score_tokens": score_tokens,
+            "prompt_tokens": windows.shape[1] - score_tokens, "kept_prompt_tokens": kept_tokens / len(windows),
+            "seconds": time.perf_counter() - start}  # fmt: skip
