@@ -61,6 +61,10 @@ ROWS: dict[str, tuple[str | None, list[str] | None]] = {  # name: (input row, ar
         (f"stun-frequency50+{method}{pct(total)}", ("frequency50", ["stun", method, total])))},
     **{f"stun50+wanda{pct(total)}": ("stun50", ["stun", "wanda", total]) for total in ("0.5", "0.65")},
     "stun-frequency50+wanda50+recovery": ("stun-frequency50+wanda50", ["train"]),  # the zeros kept
+    # the shared expert slimmed as well: 25% of every expert's channels, routed and shared (about the
+    # parameters of half the routed experts removed)
+    "expert-width25-shared": ("proxy", ["prune", "--method", "expert-width", "--remove-fraction", "0.25",
+                                        "--shared-expert"]),
     # per-block expert counts: one ranking of all blocks' experts by their share of the block's score
     **{f"{c}{pct(f)}-global": ("proxy", [*EXPERTS_ARGS, f, "--criterion", c, "--allocation", "global"])
        for f in ("0.5", "0.25") for c in ("reap", "frequency")},

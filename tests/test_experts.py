@@ -310,6 +310,45 @@ def test_expert_width_keeps_the_best_channels_of_every_expert_and_reloads(family
     assert reloads_the_same(model, tmp_path, ids)
 
 
+def test_the_shared_expert_s_channel_scores_are_its_gate_times_activation_by_hand():
+    model = tiny_model("qwen2_moe")
+    block = model.model.layers[0]
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(3))
+    recorder = _Recorder(block, adapter_for(model), ExpertStats(8, "cpu", width=32), 0, shared=True)
+    with torch.no_grad():
+        with recorder.attached():
+            block.mlp(x)
+        shared, flat = block.mlp.shared_expert, x[0]
+        activation = shared.act_fn(shared.gate_proj(flat)) * shared.up_proj(flat)  # (5, 64)
+        gate = torch.sigmoid(block.mlp.shared_expert_gate(flat))  # (5, 1): what the block scales it by
+    expected = (gate * activation.abs()).sum(dim=0)
+    torch.testing.assert_close(recorder.shared_channels.float(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_width_slims_the_shared_expert_too_and_reloads(tmp_path):
+    model = tiny_model("qwen2_moe")
+    shared = model.model.layers[1].mlp.shared_expert
+    down = shared.down_proj.weight.detach().clone()
+    ids = calibration_ids()
+    report = prune(model, build_stage({"method": "expert-width", "remove_fraction": 0.5, "shared_expert": True}), ids,
+                   progress=False)  # fmt: skip
+    result = report.stages[0]["result"]
+    assert (result["shared_width_before"], result["shared_width_after"]) == (64, 32)
+    assert model.config.shared_expert_intermediate_size == 32 and model.config.moe_intermediate_size == 16
+    assert shared.gate_proj.weight.shape == (32, 64) and shared.down_proj.weight.shape == (64, 32)
+    columns = {tuple(c.tolist()) for c in down.T}  # every kept down column is one of the shared expert's own
+    assert all(tuple(c.tolist()) in columns for c in shared.down_proj.weight.T)
+    assert reloads_the_same(model, tmp_path, ids)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_family_without_a_shared_expert_refuses_to_slim_one(family):
+    with pytest.raises(ExpertsError, match=f"--shared-expert: {family} has no shared expert"):
+        prune_experts(tiny_model(family), ExpertsConfig(fraction=0.5, width=True, shared_expert=True), calibration_ids())
+    with pytest.raises(ConfigError, match="--shared-expert applies only with --method expert-width"):
+        ExpertsConfig(fraction=0.5, shared_expert=True)
+
+
 def test_each_method_takes_its_own_keys():
     with pytest.raises(ConfigError, match="--round-to belongs to width and experts \\(expert-width\\), not to experts,"):
         build_stage({"method": "experts", "remove_fraction": 0.5, "round_to": 4})

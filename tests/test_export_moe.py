@@ -86,6 +86,17 @@ def test_fewer_experts_after_removal_are_what_the_file_says(tmp_path):
     assert tensors["blk.0.ffn_gate_inp.weight"][1].shape == (4, 64)
 
 
+def test_a_slimmed_shared_expert_is_what_the_file_says(tmp_path):
+    model = tiny_model("qwen2_moe")
+    prune_experts(model, ExpertsConfig(fraction=0.5, width=True, shared_expert=True), calibration_ids())
+    export_gguf(saved(model, tmp_path), tmp_path / "m.gguf", kind="f32")
+    reader, tensors = read(tmp_path / "m.gguf")
+    assert reader.fields["qwen2moe.expert_shared_feed_forward_length"].contents() == 32
+    assert reader.fields["qwen2moe.expert_feed_forward_length"].contents() == 16
+    assert tensors["blk.0.ffn_down_shexp.weight"][1].shape == (64, 32)
+    assert tensors["blk.0.ffn_down_exps.weight"][1].shape == (8, 64, 16)
+
+
 @pytest.mark.parametrize("family,flag", [("qwen2_moe", True), ("qwen3_moe", False), ("olmoe", True)])
 def test_routing_llama_cpp_would_weight_otherwise_is_refused(family, flag):
     with pytest.raises(ExportError, match="renormalises the top-k"):

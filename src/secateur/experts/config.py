@@ -39,7 +39,9 @@ class ExpertsConfig:
     `--method expert-width` removes `fraction` of every expert's MLP channels (Minitron's expert FFN
     axis), the same number in every expert (a stock config holds one expert width); a channel's score
     is the sum over the tokens routed to its expert of gate weight x |activation| x the norm of its
-    down-projection column.
+    down-projection column. With `shared_expert`, the shared expert (a family whose config holds its
+    own width) loses the same fraction of its channels, scored alike over every token (its gate:
+    the sigmoid of its scalar gate where it has one).
     min_tokens: experts routed fewer calibration tokens than this in a block are reported (their
       scores rest on little data); they are scored on what they saw.
     search_tokens: naee and merge compare every expert's output on this many calibration tokens per
@@ -66,6 +68,8 @@ class ExpertsConfig:
     draw_seed: int = option(0, "random: the draw's seed", requires=Requires(lambda c: c.criterion == "random",
                                                                               "--criterion random"))
     round_to: int = option(8, "expert-width: expert widths are multiples of this", requires=WIDTH)
+    shared_expert: bool = option(False, "expert-width: also remove the same fraction of the shared expert's channels "
+                                        "(Qwen2-MoE)", requires=WIDTH)
     width: bool = False  # set by the method (expert-width), not an option
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ from secateur.experts.allocation import global_counts
 from secateur.experts.config import ExpertsConfig
 from secateur.experts.criteria import CRITERIA, cluster, lowest, search_removal
 from secateur.experts.prune import (ExpertsError, keep_experts, merge_experts, routed_output, router_over, set_count,
-                                    slim_experts)
+                                    slim_experts, slim_shared)
 from secateur.experts.stats import ExpertStats, expert_output
 from secateur.models import Adapter, adapter_for
 from secateur.models.remote import declare_reshaped
@@ -33,22 +33,32 @@ class ExpertsReport:
     allocation: str = "uniform"  # uniform or global (experts): how many experts each block loses
     width_before: int | None = None  # expert-width: channels per expert
     width_after: int | None = None
+    shared_width_before: int | None = None  # expert-width with the shared expert: its channels
+    shared_width_after: int | None = None
     blocks: list[dict[str, Any]] = field(default_factory=list)  # per MoE block: what went, scores, statistics
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "criterion": self.criterion, "experts_before": self.experts_before,
                 "experts_after": self.experts_after, "top_k": self.top_k, "allocation": self.allocation, "width_before": self.width_before,
-                "width_after": self.width_after, "blocks": self.blocks, "seconds": self.seconds}  # fmt: skip
+                "width_after": self.width_after, "shared_width_before": self.shared_width_before,
+                "shared_width_after": self.shared_width_after, "blocks": self.blocks, "seconds": self.seconds}  # fmt: skip
 
 
 class _Recorder:
     """Hooks on one block's router and experts feeding an `ExpertStats` (and a token sample for a search)."""
 
-    def __init__(self, block: nn.Module, adapter: Adapter, stats: ExpertStats, sample: int) -> None:
+    def __init__(self, block: nn.Module, adapter: Adapter, stats: ExpertStats, sample: int,
+                 shared: bool = False) -> None:  # fmt: skip
         self.router, self.experts = block.get_submodule(adapter.experts.router), block.get_submodule(adapter.experts.experts)
         self.norm = block.get_submodule(adapter.experts.norm)
         self.stats, self.sample, self.kept = stats, sample, []
+        # the shared expert's channels, scored like a routed expert's: sum of gate x |activation|
+        spec = adapter.experts
+        self.shared = block.get_submodule(spec.shared) if shared else None
+        self.shared_gate = block.get_submodule(spec.shared_gate) if shared and spec.shared_gate else None
+        self.shared_channels: Tensor | None = None
+        self._activation: Tensor | None = None
         self.logits: Tensor | None = None
         self.residuals: list[Tensor] = []  # per batch: the residual stream entering the MoE branch
         self.first: Tensor | None = None  # the dense block's output of the first batch
@@ -58,6 +68,18 @@ class _Recorder:
 
     def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
         self.logits = output[0]
+
+    def on_shared_down(self, module: nn.Module, args: tuple) -> None:
+        self._activation = args[0].detach().abs().double().flatten(0, -2)  # (tokens, shared width)
+        if self.shared_gate is None:
+            self._accumulate(torch.ones_like(self._activation[:, :1]))
+
+    def on_shared_gate(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self._accumulate(torch.sigmoid(output.detach().double().flatten(0, -2)))  # (tokens, 1)
+
+    def _accumulate(self, gate: Tensor) -> None:
+        total = (gate * self._activation).sum(dim=0)
+        self.shared_channels = total if self.shared_channels is None else self.shared_channels + total
 
     def experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """The experts module's forward while it is measured: every routed expert runs once, for its
@@ -73,6 +95,10 @@ class _Recorder:
     def attached(self) -> Iterator[None]:
         """The router hook and the measuring forward, while the block runs on calibration."""
         handles = [self.router.register_forward_hook(self.on_router), self.norm.register_forward_pre_hook(self.on_norm)]
+        if self.shared is not None:
+            handles.append(self.shared.down_proj.register_forward_pre_hook(self.on_shared_down))
+        if self.shared_gate is not None:
+            handles.append(self.shared_gate.register_forward_hook(self.on_shared_gate))
         self.experts.forward = self.experts_forward  # an instance attribute shadows the class's forward
         try:
             yield
@@ -181,7 +207,14 @@ def _slim(block: nn.Module, adapter: Adapter, config: ExpertsConfig, recorder: _
     scores = recorder.stats.channels * experts.down_proj.detach().double().norm(dim=1)  # (experts, width)
     kept = scores.topk(keep, dim=1).indices.sort(dim=1).values.cpu()
     slim_experts(block, adapter, kept)
-    return {"width_before": width, "width_after": keep}
+    done = {"width_before": width, "width_after": keep}
+    if recorder.shared is not None:
+        down = recorder.shared.down_proj.weight.detach()  # (hidden, shared width)
+        shared_keep = config.kept_channels(down.shape[1])
+        shared_scores = recorder.shared_channels.to(down.device) * down.double().norm(dim=0)
+        slim_shared(recorder.shared, shared_scores.topk(shared_keep).indices.sort().values)
+        done.update(shared_width_before=down.shape[1], shared_width_after=shared_keep)
+    return done
 
 
 def _apply(config: ExpertsConfig):
@@ -209,6 +242,11 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
                            "block; use --allocation uniform")
     if config.width:
         config.kept_channels(getattr(model.config, adapter.experts.width_key))  # refused before any pass
+        if config.shared_expert and (adapter.experts.shared is None or adapter.experts.shared_width_key is None):
+            raise ExpertsError(f"--shared-expert: {adapter.family} has no shared expert of its own width (one config "
+                               "field) to slim")
+        if config.shared_expert:
+            config.kept_channels(getattr(model.config, adapter.experts.shared_width_key))
         if adapter.experts.shared_tied:
             raise ExpertsError(f"{adapter.family}'s config derives the shared expert's width from the routed experts' "
                                f"({adapter.experts.width_key}), so a stock config cannot hold narrower routed experts "
@@ -253,6 +291,10 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
     if config.width:
         report.width_before, report.width_after = report.blocks[0]["width_before"], report.blocks[0]["width_after"]
         setattr(model.config, adapter.experts.width_key, report.width_after)
+        if config.shared_expert:
+            report.shared_width_before = report.blocks[0]["shared_width_before"]
+            report.shared_width_after = report.blocks[0]["shared_width_after"]
+            setattr(model.config, adapter.experts.shared_width_key, report.shared_width_after)
     else:
         set_count(model, adapter, max(kept.values()))
         if not uniform:
@@ -307,7 +349,8 @@ def _prune_block(block: nn.Module, adapter: Adapter, config: ExpertsConfig, inpu
     """Measure, prune and run one MoE block: its record and its outputs under the pruned experts."""
     experts = block.get_submodule(adapter.experts.experts)
     stats = ExpertStats(count, next(block.parameters()).device, experts.down_proj.shape[2] if config.width else 0)
-    recorder = _Recorder(block, adapter, stats, config.search_tokens if config.needs_sample else 0)
+    recorder = _Recorder(block, adapter, stats, config.search_tokens if config.needs_sample else 0,
+                         shared=config.width and config.shared_expert)
     recorder.run(block, inputs, index)
     recomputable = bool(recorder.residuals) and torch.allclose(
         _moe_branch(block, adapter, recorder.residuals[0]), recorder.first, rtol=1e-4, atol=1e-5)  # the dense block

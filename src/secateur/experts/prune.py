@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from secateur.models import Adapter
+from secateur.width.structure import slice_layer
 
 
 class ExpertsError(ValueError):
@@ -77,6 +78,16 @@ def slim_experts(block: nn.Module, adapter: Adapter, kept: Tensor) -> None:
     experts.down_proj.data = torch.stack([down[j][:, kept[j].to(down.device)] for j in range(len(kept))])
     if isinstance(getattr(experts, "intermediate_dim", None), int):
         experts.intermediate_dim = kept.shape[1]
+
+
+def slim_shared(mlp: nn.Module, kept: Tensor) -> None:
+    """Keep channels `kept` (ascending) of a shared expert (a gated MLP: gate_proj, up_proj rows,
+    down_proj columns), its width attribute with them."""
+    for name in ("gate_proj", "up_proj"):
+        slice_layer(mlp.get_submodule(name), rows=kept.to(mlp.get_submodule(name).weight.device))
+    slice_layer(mlp.down_proj, columns=kept.to(mlp.down_proj.weight.device))
+    if isinstance(getattr(mlp, "intermediate_size", None), int):
+        mlp.intermediate_size = len(kept)
 
 
 def merge_experts(block: nn.Module, adapter: Adapter, clusters: Sequence[Sequence[int]], weights: Tensor) -> None:

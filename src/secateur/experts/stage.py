@@ -15,14 +15,14 @@ from secateur.recipe import Section, Settings, StageContext, StageKind, Structur
 from secateur.schema import Option, fill, flatten, options_of
 
 
-WIDTH_KEYS = ("remove_fraction", "min_tokens", "round_to")
+WIDTH_KEYS = ("remove_fraction", "min_tokens", "round_to", "shared_expert")
 
 
 def _options(method: str) -> dict[str, Option]:
     options = options_of(ExpertsConfig)
     if method == "expert-width":
         return {k: options[k] for k in WIDTH_KEYS}
-    return {k: o for k, o in options.items() if k != "round_to"}
+    return {k: o for k, o in options.items() if k not in ("round_to", "shared_expert")}
 
 
 def _build(method: str, settings: Settings) -> ExpertsConfig:
@@ -50,7 +50,9 @@ def _few(result: dict[str, Any]) -> str:
 
 def _what(r: dict[str, Any]) -> str:
     if r["method"] == "expert-width":
-        return f"{r['width_before']} -> {r['width_after']} channels in every routed expert"
+        shared = (f", the shared expert's {r['shared_width_before']} -> {r['shared_width_after']}"
+                  if r.get("shared_width_after") is not None else "")
+        return f"{r['width_before']} -> {r['width_after']} channels in every routed expert{shared}"
     verb = "merged into" if r["criterion"] == "merge" else "->"
     if r.get("experts_after") is None:  # global allocation: per-block counts
         before = sum(b["experts_before"] for b in r["blocks"])

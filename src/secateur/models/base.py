@@ -126,6 +126,8 @@ class Experts:
     shared: str | None = None
     group_key: str | None = None
     shared_tied: bool = False  # the shared expert's width follows width_key (DeepSeek-V3: x n_shared_experts)
+    shared_width_key: str | None = None  # the config field of the shared expert's own width (Qwen2-MoE)
+    shared_gate: str | None = None  # the shared expert's scalar gate, sigmoid(gate(x)) x its output (Qwen2-MoE)
     # the norm `module` reads through, in a pre-norm block: the block's output is this norm's input
     # plus `module`'s output (so a block whose experts changed is recomputed from that point)
     norm: str = "post_attention_layernorm"

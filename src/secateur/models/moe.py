@@ -22,7 +22,8 @@ QWEN3_MOE = register(Adapter(
 QWEN2_MOE = register(Adapter(
     "qwen2_moe", ("qwen2_moe",), "model.layers", ATTENTION_GROUPS + DENSE_MLP + SHARED_EXPERT,
     experts=Experts("num_experts", "moe_intermediate_size", dense_key="mlp_only_layers", step_key="decoder_sparse_step",
-                    shared="mlp.shared_expert"),
+                    shared="mlp.shared_expert", shared_width_key="shared_expert_intermediate_size",
+                    shared_gate="mlp.shared_expert_gate"),
 ))  # fmt: skip
 MIXTRAL = register(Adapter("mixtral", ("mixtral",), "model.layers", ATTENTION_GROUPS,
                            experts=Experts("num_local_experts", "intermediate_size")))
