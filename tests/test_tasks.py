@@ -241,3 +241,65 @@ def test_analogy_task_runs_through_the_cli(tmp_path, monkeypatch, capsys):
     assert main(["eval", str(model), "--tasks", "secateur_analogy", "--device", "cpu", "--json"]) == 0
     task = json.loads(capsys.readouterr().out)["tasks"]["secateur_analogy"]
     assert task["metrics"]["acc"] == pytest.approx(2 / 5) and task["samples"] == 5 and task["chance"] == 0.25
+
+
+# --- tasks on contexts cut by GemFilter (secateur eval --tasks ... --filter-layer) --------------------------
+
+
+def long_task(tmp_path, name="long_mc", output="multiple_choice"):
+    docs = [{"question": " ".join(f"w{(7 * i + j) % 80 + 5}" for j in range(12)), "choices": ["w0", "w1", "w2", "w3"],
+             "answer": i % 4} for i in range(6)]  # fmt: skip
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    extra = ("doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n"
+             if output == "multiple_choice" else "doc_to_target: \"{{question}}\"\nmetric_list:\n  - metric: word_perplexity\n")
+    (directory / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / f'{name}.jsonl'}\n"
+        f"test_split: test\noutput_type: {output}\ndoc_to_text: \"{{{{question}}}}\"\n{extra}metadata:\n  version: 1.0\n")
+    return directory
+
+
+def test_token_pruned_tasks_read_each_context_as_gemfilter_cuts_it(tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    from secateur.generate.tokens import TokenPruning, prune_prompts
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    seen = []
+    original = HFLM._loglikelihood_tokens
+
+    def spy(self, requests, *args, **kwargs):
+        seen.extend(ctx for _, ctx, _ in requests)
+        return original(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", spy)
+    directory = long_task(tmp_path)
+    plain = run_tasks(model, tokenizer, ["long_mc"], include_path=[directory])
+    whole = list(seen)
+    assert all(len(ctx) > 5 for ctx in whole)
+    seen.clear()
+    settings = TokenPruning(filter_layer=1, budget=5, pool=3)
+    cut = run_tasks(model, tokenizer, ["long_mc"], include_path=[directory], token_pruning=settings)
+    assert len(seen) == len(whole) and all(len(ctx) == 5 for ctx in seen)
+    assert [list(c) for c in seen] == [prune_prompts(model, [list(c)], settings)[0] for c in whole]
+    assert cut["token_pruning"]["contexts_cut"] == cut["token_pruning"]["contexts"] == 6
+    # a budget that covers every context changes nothing
+    covered = run_tasks(model, tokenizer, ["long_mc"], include_path=[directory],
+                        token_pruning=TokenPruning(filter_layer=1, budget=64))  # fmt: skip
+    assert covered["tasks"]["long_mc"]["metrics"] == plain["tasks"]["long_mc"]["metrics"]
+    assert covered["token_pruning"]["contexts_cut"] == 0
+
+
+def test_cli_token_pruned_tasks_and_what_they_refuse(tmp_path, capsys):
+    model = tmp_path / "model"
+    save(tiny_model("llama"), tiny_tokenizer(), model, {})
+    args = ["eval", str(model), "--device", "cpu", "--include-path", str(long_task(tmp_path))]
+    assert main([*args, "--tasks", "long_mc", "--filter-layer", "1", "--budget", "5"]) == 0
+    assert "token pruning: 6 of 6 contexts longer than --budget 5 cut by block 1's attention" in capsys.readouterr().out
+    assert main([*args, "--tasks", "long_mc", "--filter-layer", "1", "--score-tokens", "8"]) == 2
+    assert "--score-tokens applies only with --filter-layer (token pruning) on perplexity" in capsys.readouterr().err
+    rolling = long_task(tmp_path, "long_rolling", "loglikelihood_rolling")
+    assert main(["eval", str(model), "--device", "cpu", "--include-path", str(rolling), "--tasks", "long_rolling",
+                 "--filter-layer", "1"]) == 2  # fmt: skip
+    assert "long_rolling (loglikelihood_rolling) cannot be token-pruned" in capsys.readouterr().err

@@ -16,7 +16,10 @@ FIELDS = Requires(lambda c: c.mode == "perplexity" and has_fields(c.data),
                   "perplexity on a .jsonl file or a `datasets` directory")
 TASKS = Requires(lambda c: c.mode == "tasks", "--tasks")
 GENERATE = Requires(lambda c: c.mode == "generate", "--generate")
-PRUNED = Requires(lambda c: c.mode == "perplexity" and c.filter_layer is not None, "--filter-layer (token pruning)")
+PRUNED = Requires(lambda c: c.mode != "generate" and c.filter_layer is not None, "--filter-layer (token pruning)")
+SCORED = Requires(lambda c: c.mode == "perplexity" and c.filter_layer is not None,
+                  "--filter-layer (token pruning) on perplexity")
+PERPLEXITY_OR_TASKS = Requires(lambda c: c.mode != "generate", "perplexity or --tasks")
 
 
 @dataclass(frozen=True)
@@ -29,16 +32,17 @@ class EvalConfig:
     seq_len: int = option(512, "perplexity: tokens per window (a default longer than the model's positions "
                                "becomes its positions)", requires=PERPLEXITY)
     windows: int = option(64, "perplexity: number of windows from the start", requires=PERPLEXITY)
-    filter_layer: int | None = option(None, "perplexity with GemFilter token pruning: the last --score-tokens "
-                                            "tokens of every window, read after the window's prompt cut to "
-                                            "--budget tokens by this block's attention, beside the same tokens "
-                                            "read after the whole prompt", requires=PERPLEXITY)
+    filter_layer: int | None = option(None, "GemFilter token pruning by this block's attention: perplexity of the "
+                                            "last --score-tokens tokens of every window after the window's prompt "
+                                            "cut to --budget tokens, beside the same after the whole prompt; "
+                                            "tasks: every context longer than --budget cut to it",
+                                      requires=PERPLEXITY_OR_TASKS)
     budget: int | None = option(None, "token pruning: prompt tokens the whole model reads (default 1024)",
                                 requires=PRUNED)
     pool: int | None = option(None, "token pruning: width of the moving average over the scores (default 5)",
                               requires=PRUNED)
     score_tokens: int = option(64, "token pruning: the tokens at the end of every window that are scored (the "
-                                   "rest is the prompt)", requires=PRUNED)
+                                   "rest is the prompt)", requires=SCORED)
     tasks: str | None = option(None, "lm-eval task names, comma-separated (offline: secateur_wordnet, the "
                                      "knowledge probe; secateur_analogy, the Google analogies); replaces perplexity")
     limit: int | None = option(None, "tasks: at most N documents per task", requires=TASKS)

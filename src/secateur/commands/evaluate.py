@@ -100,8 +100,8 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
 
 
 def _token_pruning(model: str, config: Any):
-    """The GemFilter settings of a token-pruned perplexity (None without --filter-layer), checked
-    against the model's blocks and the windows before the model loads."""
+    """The GemFilter settings of a token-pruned evaluation (None without --filter-layer), checked
+    against the model's blocks (and, for perplexity, the windows) before the model loads."""
     from secateur.generate.tokens import TokenPruning, check_layers
     from secateur.io import load_config
     from secateur.schema import fill
@@ -111,6 +111,8 @@ def _token_pruning(model: str, config: Any):
     given = {k: v for k in ("filter_layer", "budget", "pool") if (v := getattr(config, k)) is not None}
     pruning = fill(TokenPruning, given)
     check_layers([pruning.filter_layer], load_config(model).num_hidden_layers)
+    if config.mode == "tasks":
+        return pruning
     prompt = config.seq_len - config.score_tokens
     if not 0 < config.score_tokens < config.seq_len or prompt <= pruning.budget:
         raise SecateurError(f"token pruning cuts the prompt (--seq-len {config.seq_len} - --score-tokens "
@@ -192,13 +194,15 @@ def _eval_tasks(args: argparse.Namespace, config: Any) -> int:
             raise SecateurError(f"--include-path {directory} is not a directory of task files")
     results = (claim(config.results, inputs=[args.model, *include], overwrite=None, shape="file", flag="--results",
                      suffix=".json") if config.results else contextlib.nullcontext())  # fmt: skip
+    pruning = _token_pruning(args.model, config)
     with results as output:
-        check_tasks(tasks, include)
+        check_tasks(tasks, include, pruned=pruning is not None)
         device = resolve_device(config.device)
         model, tokenizer = load(args.model, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
         clock = time.perf_counter()
         result = run_tasks(model, tokenizer, tasks, limit=config.limit, num_fewshot=config.num_fewshot,
-                           batch_size=config.batch_size, device=str(device), include_path=include)  # fmt: skip
+                           batch_size=config.batch_size, device=str(device), include_path=include,
+                           token_pruning=pruning)  # fmt: skip
         result.update(model=args.model, seconds=time.perf_counter() - clock)
         if output is not None:
             with output.write() as staging:
@@ -211,5 +215,9 @@ def _eval_tasks(args: argparse.Namespace, config: Any) -> int:
         chance = f" (chance {task['chance']:.2f})" if "chance" in task else ""
         print(f"{args.model}: {name} v{task['version']}: {metrics}{chance}, {task['samples']} documents, "
               f"{task['num_fewshot']}-shot")
+    if result.get("token_pruning"):
+        tp = result["token_pruning"]
+        print(f"token pruning: {tp['contexts_cut']} of {tp['contexts']} contexts longer than --budget "
+              f"{tp['settings']['budget']} cut by block {tp['settings']['filter_layer']}'s attention")
     print(f"lm-eval {result['lm_eval_version']}, {result['seconds']:.1f} s")
     return 0

@@ -67,14 +67,47 @@ def _manager(tasks: list[str], include_path: list[Path] = ()):
     return manager
 
 
-def check_tasks(tasks: list[str], include_path: list[Path] = ()) -> None:
+CUT_OUTPUTS = ("loglikelihood", "multiple_choice")  # the task outputs whose contexts token pruning cuts
+
+
+def check_tasks(tasks: list[str], include_path: list[Path] = (), pruned: bool = False) -> None:
     """Fail before any work when lm-eval is missing, a task name is unknown or a task's data cannot be
-    had (a hub dataset without the internet): the tasks are built here, their data cached."""
+    had (a hub dataset without the internet): the tasks are built here, their data cached. With
+    token pruning (`pruned`), tasks that score no context (rolling perplexity) or generate are refused."""
     from lm_eval.tasks import get_task_dict
 
     manager = _manager(tasks, include_path)
     with _reachable(tasks):
-        get_task_dict(tasks, manager)
+        built = get_task_dict(tasks, manager)
+    if pruned:
+        other = {name: task.OUTPUT_TYPE for name, task in built.items() if task.OUTPUT_TYPE not in CUT_OUTPUTS}
+        if other:
+            raise ConfigError(f"--filter-layer cuts the contexts of loglikelihood and multiple-choice tasks; "
+                              f"{', '.join(f'{n} ({t})' for n, t in other.items())} cannot be token-pruned")
+
+
+def token_pruned(lm_class: type, pruning: Any, counts: dict[str, int]) -> type:
+    """`lm_class` (lm-eval's HFLM) whose loglikelihood requests read their contexts cut by GemFilter:
+    every context longer than the budget is replaced by its kept tokens (the whole model then reads
+    them, and the continuation after them); `counts` tallies the distinct contexts and those cut."""
+    from secateur.generate.tokens import prune_prompts
+
+    class TokenPrunedLM(lm_class):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            contexts = sorted({tuple(ctx) for _, ctx, _ in requests})
+            long = [list(c) for c in contexts if len(c) > pruning.budget]
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            size = self.batch_size if isinstance(self.batch_size, int) else 1  # "auto": one context at a time
+            kept = {}
+            for start in range(0, len(long), size):
+                chunk = long[start : start + size]
+                kept.update(zip(map(tuple, chunk), prune_prompts(self.model, chunk, pruning, pad)))
+            counts["contexts"] += len(contexts)
+            counts["contexts_cut"] += len(long)
+            requests = [(key, kept.get(tuple(ctx), ctx), cont) for key, ctx, cont in requests]
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    return TokenPrunedLM
 
 
 NETWORK_MODULES = ("requests", "urllib3", "httpx", "huggingface_hub", "datasets", "aiohttp")
@@ -97,13 +130,16 @@ def _reachable(tasks: list[str]) -> Iterator[None]:
 
 def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int | None = None,
               num_fewshot: int | None = None, batch_size: int = 8, device: str = "cpu",
-              include_path: list[Path] = (), seed: int = 0) -> dict[str, Any]:  # fmt: skip
-    """lm-eval's `simple_evaluate` on `model`; returns {lm_eval_version, tasks: {name: metrics}}."""
+              include_path: list[Path] = (), seed: int = 0, token_pruning: Any = None) -> dict[str, Any]:  # fmt: skip
+    """lm-eval's `simple_evaluate` on `model`; returns {lm_eval_version, tasks: {name: metrics}}. With
+    `token_pruning` (GemFilter settings), every context longer than its budget is cut first."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     manager = _manager(tasks, include_path)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    counts = {"contexts": 0, "contexts_cut": 0}
+    lm_class = token_pruned(HFLM, token_pruning, counts) if token_pruning is not None else HFLM
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     with _reachable(tasks):
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                           task_manager=manager, bootstrap_iters=0, random_seed=seed,
@@ -118,4 +154,5 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, limit: int 
                      "num_fewshot": results.get("n-shot", {}).get(name)}  # fmt: skip
         if name in BUILTIN:
             out[name]["chance"] = 0.25
-    return {"lm_eval_version": lm_eval.__version__, "limit": limit, "tasks": out}
+    pruned = {"token_pruning": {"settings": vars(token_pruning), **counts}} if token_pruning is not None else {}
+    return {"lm_eval_version": lm_eval.__version__, "limit": limit, "tasks": out, **pruned}
