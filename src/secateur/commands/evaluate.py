@@ -126,13 +126,13 @@ def _eval_token_pruning(args: argparse.Namespace, config: Any, pruning: Any, sou
     """The scored tokens' perplexity after the whole prompt and after the GemFilter-cut prompt, per source."""
     from dataclasses import asdict
 
-    from secateur.evaluate import evaluation_sets
+    from secateur.data.calibration import evaluation_data
     from secateur.generate.tokens import continuation_perplexity
 
     pad = model.config.pad_token_id or 0
     results = {}
     for source in sources:
-        windows = next(iter(evaluation_sets(model, tokenizer, source, config.seq_len, config.windows).values()))
+        windows = evaluation_data(model, tokenizer, source, config.seq_len, config.windows, config.text_field)
         full = continuation_perplexity(model, windows, config.score_tokens, None, config.batch_size, pad)
         cut = continuation_perplexity(model, windows, config.score_tokens, pruning, config.batch_size, pad)
         results[source] = {"whole_prompt": full, "pruned_prompt": cut, "ratio": cut["perplexity"] / full["perplexity"]}

@@ -229,8 +229,8 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
     if adapter.experts is None:
         raise ExpertsError(f"{adapter.family} is not a mixture of experts: there are no experts to prune")
     blocks = adapter.block_list(model)
-    sparse = adapter.experts.sparse_blocks(blocks)
-    counts = {i: blocks[i].get_submodule(adapter.experts.router).weight.shape[0] for i in sparse}
+    counts = adapter.experts.counts(blocks)
+    sparse = list(counts)
     if len(set(counts.values())) != 1 and (config.width or config.allocation != "global"):
         raise ExpertsError(f"the MoE blocks hold different expert counts {sorted(set(counts.values()))}; "
                            f"{config.method_name} prunes blocks of one count (--allocation global ranks experts "

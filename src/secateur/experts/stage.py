@@ -64,11 +64,10 @@ def _what(r: dict[str, Any]) -> str:
 def _summary(record: dict[str, Any]) -> str:
     r = record["result"]
     how = "" if r["method"] == "expert-width" else f" ({r['criterion']})"
-    where = f" in each of {len(r['blocks'])} MoE blocks" if r.get("experts_after") is not None or r["method"] == \
-        "expert-width" else ""
+    uneven = r["method"] == "experts" and r.get("experts_after") is None  # global allocation: per-block counts
+    where = "" if uneven else f" in each of {len(r['blocks'])} MoE blocks"
     per_block = ("\nexpert counts differ per block: load with secateur.load(path) or "
-                 "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
-                 if r["method"] == "experts" and r.get("experts_after") is None else "")
+                 "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if uneven else "")
     return (f"{r['method']}{how}: {_what(r)}{where} (top-{r['top_k']} routing kept), {r['parameters_before']:,} -> "
             f"{r['parameters_after']:,} parameters in {record['seconds']:.1f} s" + _few(r) + per_block)
 
@@ -104,9 +103,8 @@ def _counts(model: nn.Module) -> list[int | None]:
     if adapter.experts is None:
         return []
     blocks = adapter.block_list(model)
-    sparse = set(adapter.experts.sparse_blocks(blocks))
-    return [blocks[i].get_submodule(adapter.experts.router).weight.shape[0] if i in sparse else None
-            for i in range(len(blocks))]  # fmt: skip
+    counts = adapter.experts.counts(blocks)
+    return [counts.get(i) for i in range(len(blocks))]
 
 
 def _record(model: nn.Module) -> dict[str, Any]:

@@ -268,7 +268,7 @@ def _moe_shape(model: nn.Module, family: Family, adapter, size: int) -> Shape:
     heads = {attention_heads(block, MOE_ATTENTION, size) for block in blocks}
     experts = [block.get_submodule(adapter.experts.experts) for block in blocks]
     layout = {(e.gate_up_proj.shape[0], e.down_proj.shape[2]) for e in experts}  # (experts, width) per block
-    counts = [e.gate_up_proj.shape[0] for e in experts]
+    counts = list(adapter.experts.counts(blocks).values())
     if len(set(counts)) > 1:
         raise ExportError(f"the MoE blocks hold different expert counts ({', '.join(map(str, counts))}: global "
                           f"allocation); llama.cpp's {family.arch} graph holds one count for every block: prune with "

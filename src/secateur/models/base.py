@@ -140,6 +140,10 @@ class Experts:
         """The indices of the blocks that route to experts (the others hold a dense MLP)."""
         return [i for i, block in enumerate(blocks) if hasattr(block.get_submodule(self.module), "experts")]
 
+    def counts(self, blocks: nn.ModuleList) -> dict[int, int]:
+        """Every MoE block's routed-expert count (its router's rows), by block index."""
+        return {i: blocks[i].get_submodule(self.router).weight.shape[0] for i in self.sparse_blocks(blocks)}
+
     def sync_layers(self, config, blocks: nn.ModuleList) -> None:
         """Rewrite the config's dense-block list from `blocks` as they are (after blocks were removed or
         reordered), so a stock config rebuilds the same mix of dense and sparse blocks."""

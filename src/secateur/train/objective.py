@@ -29,8 +29,10 @@ def uneven_routers(model: nn.Module, adapter: Any) -> list[nn.Module]:
     if adapter.experts is None:
         return []
     blocks = adapter.block_list(model)
-    routers = [blocks[i].get_submodule(adapter.experts.router) for i in adapter.experts.sparse_blocks(blocks)]
-    return routers if len({r.weight.shape[0] for r in routers}) > 1 else []
+    counts = adapter.experts.counts(blocks)
+    if len(set(counts.values())) <= 1:
+        return []
+    return [blocks[i].get_submodule(adapter.experts.router) for i in counts]
 
 
 @contextmanager
