@@ -580,12 +580,17 @@ def test_plan_for_a_parameter_target_from_the_command_line(deep_model, tmp_path,
     ("params=1", (), "no candidate of the grid meets"),
     ("params=1G", (), "already meets"),
     ("params=50%", (), "the value must be a number"),
-    ("params=1k", ("--engine", "hf"), "--engine applies only with a speed or file target"),
-    ("params=1k", ("--threads", "2"), "--threads applies only with a speed target timed in llama.cpp"),
+    ("params=1k", ("--engine", "hf"), "--engine applies only with a speed, file or draft target"),
+    ("params=1k", ("--threads", "2"), "--threads applies only with a speed or draft target timed in llama.cpp"),
+    ("params=1k", ("--checks", "3"), "--checks applies only with --target draft"),
+    ("draft", ("--exhaustive",), "--exhaustive applies only with a target to meet"),
+    ("draft", ("--margin", "0.1"), "--margin applies only with a speed target"),
+    ("draft", ("--draft-tokens", "0:2"), "every k (proposals per round) must be at least 1"),
+    ("draft=2", (), "the draft target takes no value"),
     ("params=1k", ("--margin", "0.1"), "--margin applies only with a speed target"),
     ("params=1k", ("--timing-rounds", "2"), "--timing-rounds applies only with a speed target"),
     ("decode-speedup=1.5", ("--timing-rounds", "0"), "--timing-rounds must be at least 1"),
-    ("decode-speedup=1.5", ("--engine", "hf", "--llama-cpp", "/nowhere"), "--llama-cpp applies only with a speed target timed in llama.cpp"),
+    ("decode-speedup=1.5", ("--engine", "hf", "--llama-cpp", "/nowhere"), "--llama-cpp applies only with a speed or draft target timed in llama.cpp"),
     ("decode-speedup=1.5", ("--llama-cpp", "/nowhere"), "llama-bench not found"),
     ("params=10k", ("--width", "0:1.5:0.5"), "every fraction must be in"),
     ("params=10k", ("--keep", "1"), "--keep must be in (0, 1)"),
@@ -796,3 +801,111 @@ def test_experts_on_a_dense_model_is_refused(deep_model, tmp_path, monkeypatch, 
     model, text = deep_model
     assert main(["plan", str(model), "--target", "params=10k", *_flags(text, tmp_path / "plan"), "--experts", "0.5"]) == 2
     assert "--experts applies to mixtures of experts; llama has no routed experts" in capsys.readouterr().err
+
+
+# --- --target draft ----------------------------------------------------------------------------------------------
+
+
+def test_speculative_speedup_by_hand():
+    from secateur.plan.draft import best_round, parse_tokens, speculative_speedup
+
+    # a = 0.5, k = 2: (1 - 0.125) / 0.5 = 1.75 tokens per round, for 2 x 0.25 + 1 = 1.5 steps
+    assert speculative_speedup(0.5, 0.25, 2) == pytest.approx(1.75 / 1.5)
+    assert speculative_speedup(0.5, 0.25, 2, verify=1.25) == pytest.approx(1.75 / 1.75)
+    assert speculative_speedup(1.0, 0.1, 3) == pytest.approx(4 / 1.3)  # every proposal accepted: k + 1 tokens
+    assert speculative_speedup(0.0, 0.0, 4) == pytest.approx(1.0)  # a free draft that is always wrong: plain decoding
+    # a draft that is right 90% of the time at a tenth of the cost: k = 1..6, verification free of charge
+    figures = {k: (1 - 0.9 ** (k + 1)) / (0.1 * (k * 0.1 + 1)) for k in range(1, 7)}
+    k, speedup = best_round(0.9, 0.1, {k: 1.0 for k in range(1, 7)})
+    assert (k, speedup) == (max(figures, key=figures.get), pytest.approx(max(figures.values())))
+    assert best_round(0.2, 0.5, {1: 1.0, 4: 1.0})[0] == 1  # a poor draft proposes little
+    assert parse_tokens("1:3") == (1, 2, 3) and parse_tokens("4,2,2") == (2, 4)
+    with pytest.raises(ValueError):
+        speculative_speedup(1.2, 0.1, 1)
+    assert parse_target("draft").draft and str(parse_target("draft")) == "draft"
+
+
+def test_agreement_is_the_share_of_positions_with_the_teachers_argmax():
+    from secateur.plan.draft import agreement
+
+    teacher = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]]), -1)
+    student = torch.tensor([[5.0, 1.0, 0.0], [0.0, 0.0, 3.0], [0.0, 0.0, 1.0], [0.0, 4.0, 0.0]])
+    assert agreement(teacher, student) == 0.5
+
+
+def test_verification_costs_are_timed_on_the_dense_shape_per_k():
+    from dataclasses import dataclass
+
+    from secateur.plan.draft import verification_costs
+
+    @dataclass
+    class Probe:
+        prompt: int = 128
+        name: str = "probe"
+        seen: tuple = ()
+
+        def prepare(self, config):
+            return self.prompt
+
+        def run(self, prepared, only=None):
+            return Timing(decode=float("nan"), prefill=0.01 * (1 + 0.25 * prepared))
+
+        def release(self, prepared):
+            pass
+
+    assert verification_costs(Probe(), None, (1, 3), 0.01) == pytest.approx({1: 1.5, 3: 2.0})
+
+
+def _draft_engine(model: Path):
+    """The table's timings, with a prefill that grows with the prompt (what the verification costs
+    read), named hf so that the chosen drafts run for real in transformers."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class DraftTable(TableEngine):
+        name: str = "hf"
+        prompt: int = 12
+        new_tokens: int = 10
+        repeats: int = 1
+
+        def run(self, prepared, only=None):
+            self.calls.append(prepared)
+            decode = self.table[prepared].decode
+            return Timing(decode=decode, prefill=decode * (1 + 0.1 * self.prompt))
+
+    return DraftTable(_table_for(model).table)
+
+
+def test_plan_finds_the_fastest_draft_and_runs_the_best_for_real(deep_model, tmp_path, monkeypatch, capsys):
+    from secateur.plan import PlanConfig, plan
+    from secateur.plan.draft import best_round
+    from secateur.schema import fill
+
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    settings = {k: v for k, v in _settings(text).items() if k != "margin"}
+    config = fill(PlanConfig, {**settings, "target": "draft", "draft_tokens": "1:4", "checks": 2})
+    engine = _draft_engine(model)
+    record = plan(model, config, tmp_path / "plan", engine=engine, progress=False)
+    verify = {int(k): v for k, v in record["costs"]["verify"].items()}
+    assert verify == pytest.approx({k: 1 + 0.1 * (k + 1) for k in range(1, 5)})
+    rows = [r for r in record["candidates"] if r.get("agree") is not None]
+    assert rows and all(r["blocks"] or r["width"] for r in rows)  # the dense model is no draft
+    for r in rows:  # every figure is the formula's, from the row's agreement and predicted cost
+        k, speedup = best_round(r["agree"], 1 / r["decode_speedup"], verify)
+        assert (r["draft_tokens"], r["draft_speedup"]) == (k, pytest.approx(speedup))
+    checks = record["costs"]["checks"]
+    top = max(r["windows"] for r in rows)
+    best = sorted((r for r in rows if r["windows"] == top), key=lambda r: -r["draft_speedup"])[:2]
+    assert [c["key"] for c in checks] == [r["key"] for r in best]  # the two best predicted ran for real
+    assert all(c["identical"] and 0 <= c["acceptance"] <= 1 for c in checks)  # lossless, in transformers
+    chosen = record["chosen"]
+    assert chosen["check"]["speedup"] == max(c["speedup"] for c in checks)
+    assert "as the speculative draft" in (tmp_path / "plan" / "plan.toml").read_text()
+    assert "measured x" in (tmp_path / "plan" / "front.md").read_text()
+    assert (tmp_path / "plan" / "pareto.png").stat().st_size > 0
+    # the recipe prunes the chosen draft
+    assert main(["prune", str(model), "--recipe", str(tmp_path / "plan" / "plan.toml"), "--out", str(tmp_path / "d"),
+                 "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4", "--eval-windows", "4",
+                 "--eval-seq-len", "32"]) == 0  # fmt: skip
+    assert shape_of(load(tmp_path / "d")[0].config) == ArchShape(**chosen["shape"])

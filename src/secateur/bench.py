@@ -15,6 +15,7 @@ Protocol (per model, batch 1, random token ids, greedy):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import statistics
@@ -418,7 +419,7 @@ def measure_draft(path: str | Path, draft_path: str | Path | None, *, prompt: in
     first blocks) as its speculative draft, on a real prompt."""
     from secateur.data import load_text
     from secateur.data.windows import tokenize
-    from secateur.generate import greedy, shallow_view, speculative
+    from secateur.generate import shallow_view
     from secateur.io import load
 
     model, tokenizer = load(path, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
@@ -429,7 +430,16 @@ def measure_draft(path: str | Path, draft_path: str | Path | None, *, prompt: in
     ids = tokenize(tokenizer, load_text(text, "evaluation", "text"))
     if len(ids) < prompt:
         raise ConfigError(f"--prompt-text {text} has {len(ids)} tokens, fewer than --prompt {prompt}")
-    prompt_ids = ids[:prompt].view(1, -1).to(device)
+    result = draft_speed(model, draft, ids[:prompt].view(1, -1).to(device), new_tokens, draft_tokens, repeats)
+    return dataclasses.replace(result, model=str(path), draft=str(draft_path))
+
+
+def draft_speed(model: nn.Module, draft: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, draft_tokens: int,
+                repeats: int) -> DraftResult:  # fmt: skip
+    """Greedy decoding of `model` alone and with `draft` proposing `draft_tokens` per round, after
+    `prompt_ids` (1, length): a warm-up pair, then `repeats` pairs, medians."""
+    from secateur.generate import greedy, speculative
+
     reference = greedy(model, prompt_ids, new_tokens)  # also the warm-up
     first = speculative(model, draft, prompt_ids, new_tokens, draft_tokens)
     plain, fast = [], []
@@ -438,7 +448,7 @@ def measure_draft(path: str | Path, draft_path: str | Path | None, *, prompt: in
         fast.append(new_tokens / speculative(model, draft, prompt_ids, new_tokens, draft_tokens).seconds)
     plain_speed, fast_speed = statistics.median(plain), statistics.median(fast)
     return DraftResult(
-        model=str(path), draft=str(draft_path), prompt=prompt, new_tokens=new_tokens, draft_tokens=draft_tokens,
+        model="", draft="", prompt=prompt_ids.shape[1], new_tokens=new_tokens, draft_tokens=draft_tokens,
         identical=first.tokens == reference.tokens, acceptance=first.acceptance,
         tokens_per_round=(first.accepted + first.target_calls) / max(first.target_calls, 1),
         plain_tokens_per_second=plain_speed, speculative_tokens_per_second=fast_speed, speedup=fast_speed / plain_speed,
@@ -507,15 +517,17 @@ def speculative_stats(stderr: str) -> tuple[int, float, int, int]:
 
 def measure_draft_llamacpp(path: str | Path, draft_path: str | Path, *, llama_cpp: str | Path | None = None,
                            prompt: int = 512, new_tokens: int = 128, draft_tokens: int = 4, repeats: int = 3,
-                           text: str = "enwiki-sample", threads: int | None = None) -> DraftResult:  # fmt: skip
-    """Plain and speculative greedy decoding of a GGUF file in llama.cpp, with a GGUF draft."""
+                           text: str = "enwiki-sample", threads: int | None = None,
+                           tokenizer: Any = None) -> DraftResult:  # fmt: skip
+    """Plain and speculative greedy decoding of a GGUF file in llama.cpp, with a GGUF draft (the prompt
+    tokenized by `tokenizer`, by default the GGUF file's own)."""
     from secateur.data import load_text
     from secateur.data.windows import tokenize
     from secateur.io import load_tokenizer
 
     plain_tool = llama_cpp_tool("llama-completion", llama_cpp)
     speculative_tool = llama_cpp_tool("llama-speculative-simple", llama_cpp)
-    tokenizer = load_tokenizer(path)
+    tokenizer = tokenizer or load_tokenizer(path)
     ids = tokenize(tokenizer, load_text(text, "evaluation", "text"))
     if len(ids) < prompt:
         raise ConfigError(f"--prompt-text {text} has {len(ids)} tokens, fewer than --prompt {prompt}")

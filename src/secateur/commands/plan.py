@@ -27,14 +27,23 @@ def run(args: argparse.Namespace) -> int:
     from secateur.schema import from_flags
 
     if args.target is None:
-        raise ConfigError("--target is required, e.g. --target decode-speedup=1.6, params=80M or file=200MB")
+        raise ConfigError("--target is required, e.g. --target decode-speedup=1.6, params=80M, file=200MB or draft")
     record = plan(args.model, from_flags(PlanConfig, vars(args)), args.out, overwrite=args.overwrite,
                   allow_nonfinite=args.allow_nonfinite,
                   explicit=frozenset(k for k, v in vars(args).items() if v is not None))  # fmt: skip
     chosen, costs = record["chosen"], record["costs"]
     print(f"plan for --target {record['target']}: {chosen['key']} ({chosen['kind']}), {chosen['params'] / 1e6:.1f}M "
           f"parameters, KL {chosen['kl']:.4f} on {chosen['windows']} windows")
-    if costs.get("engine"):
+    if record["metric"] == "draft":
+        check = chosen["check"]
+        print(f"  as the draft of the model in {costs['engine']['engine']}: agreement {chosen['agree']:.3f}, "
+              f"k={chosen['draft_tokens']}, predicted {chosen['draft_speedup']:.2f}x, measured {check['speedup']:.2f}x "
+              f"(acceptance {check['acceptance']:.3f}, output {'identical' if check['identical'] else 'NOT identical'}); "
+              f"{len(costs['checks'])} drafts run")
+        if check["speedup"] < 1:
+            print(f"  no draft of the grid decodes faster than the model alone in this engine on this machine "
+                  f"(best measured {check['speedup']:.2f}x)")
+    elif costs.get("engine"):
         errors = [abs(e[k]) for e in costs["errors"] for k in ("decode", "prefill")]
         print(f"  {'timed against dense' if chosen['measured'] else 'predicted'} in {costs['engine']['engine']}: "
               f"decode {chosen['decode_speedup']:.2f}x, prefill {chosen['prefill_speedup']:.2f}x; cost model "

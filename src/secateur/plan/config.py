@@ -12,20 +12,26 @@ from secateur.schema import REQUIRED, Requires, option, refuse_inapplicable
 # the targets and engines some options belong to (set for another, they are refused, from the schema)
 SPEED = Requires(lambda c: parse_target(c.target).speed, "a speed target (decode-speedup, prefill-speedup)")
 SPEED_OR_FILE = Requires(lambda c: parse_target(c.target).metric != "params",
-                         "a speed or file target (params counts parameters)")
-LLAMA_CPP = Requires(lambda c: parse_target(c.target).speed and c.engine in (None, "llama.cpp"),
-                     "a speed target timed in llama.cpp (--engine llama.cpp, the default)")
+                         "a speed, file or draft target (params counts parameters)")
+TIMED = Requires(lambda c: parse_target(c.target).timed, "a speed target (decode-speedup, prefill-speedup) or draft")
+LLAMA_CPP = Requires(lambda c: parse_target(c.target).timed and c.engine in (None, "llama.cpp"),
+                     "a speed or draft target timed in llama.cpp (--engine llama.cpp, the default)")
+DRAFT = Requires(lambda c: parse_target(c.target).draft, "--target draft")
+NOT_DRAFT = Requires(lambda c: not parse_target(c.target).draft,
+                     "a target to meet (--target draft searches every candidate)")
 
 
 @dataclass(frozen=True)
 class PlanConfig:
     """Search depth x width x attention split x hidden (for a mixture of experts: depth x expert
-    count) for the candidate that meets `target` with the least KL to the dense model. Grids are fractions: `a,b,c` or `start:stop:step` (stop included)."""
+    count) for the candidate that meets `target` with the least KL to the dense model, or (`draft`)
+    for the fastest speculative draft of the dense model. Grids are fractions: `a,b,c` or `start:stop:step` (stop included)."""
 
-    target: str = option(REQUIRED, "decode-speedup=X or prefill-speedup=X (in --engine), params=N (80M), or "
-                                   "file=SIZE (200MB; the GGUF f16 file for llama.cpp, float32 safetensors for hf)")
-    engine: Literal["llama.cpp", "hf"] | None = option(None, "speed and file targets: llama.cpp (llama-bench on GGUF "
-                                                             "f16) or hf (transformers here); default llama.cpp",
+    target: str = option(REQUIRED, "decode-speedup=X or prefill-speedup=X (in --engine), params=N (80M), "
+                                   "file=SIZE (200MB; the GGUF f16 file for llama.cpp, float32 safetensors for hf), "
+                                   "or draft (the fastest speculative draft of the model in --engine, lossless)")
+    engine: Literal["llama.cpp", "hf"] | None = option(None, "speed, file and draft targets: llama.cpp (llama-bench "
+                                                             "on GGUF f16) or hf (transformers here); default llama.cpp",
                                                        requires=SPEED_OR_FILE)
     llama_cpp: str | None = option(None, "llama.cpp's binaries (default: $SECATEUR_LLAMA_CPP, then PATH)",
                                    requires=LLAMA_CPP)
@@ -70,22 +76,26 @@ class PlanConfig:
                                            "(default, per hidden size: its fit's largest held-out error, at least 0.05; after "
                                            "a check, the largest error of the corrected predictions on the checked "
                                            "shapes)", requires=SPEED)
-    timing_rounds: int | None = option(None, "speed targets: passes over the shapes the cost model is fitted and "
-                                             "tested on, each shape's timing the fastest of its passes (cached per "
-                                             "pass; default 3)", requires=SPEED)
+    timing_rounds: int | None = option(None, "speed and draft targets: passes over the shapes the cost model is "
+                                             "fitted and tested on, each shape's timing the fastest of its passes "
+                                             "(cached per pass; default 3)", requires=TIMED)
     rounds: int | None = option(None, "speed targets: rounds of the paired timing that checks a chosen shape "
                                       "(default 3)", requires=SPEED)
     exhaustive: bool = option(False, "score every candidate, not only those that meet the target and remove "
-                                     "no more than needed (a fuller Pareto front, slower)")
+                                     "no more than needed (a fuller Pareto front, slower)", requires=NOT_DRAFT)
+    draft_tokens: str = option("1:6", "--target draft: proposals per round (k) to consider, e.g. 1:6 or 2,4; each "
+                                      "candidate gets the fastest predicted", requires=DRAFT)
+    checks: int = option(2, "--target draft: the best predicted drafts run for real with the model (speed, "
+                            "acceptance, identical output); the fastest measured is chosen", requires=DRAFT)
     budget_minutes: float | None = option(None, "stop evaluating candidates after this many minutes (the plan "
                                                 "is chosen among those evaluated; a rerun goes on from the cache)")
     recover_tokens: int = option(0, "append a recovery stage (distillation from the dense model) of this many "
                                     "tokens to the recipe (0: none)")
     device: str = option("auto", "auto (cuda when present), cpu or cuda[:N]")
-    prompt: int | None = option(None, "timing: prompt tokens (default: llama.cpp 512, hf 128)", requires=SPEED)
-    new_tokens: int | None = option(None, "timing: decoded tokens (default: llama.cpp 128, hf 32)", requires=SPEED)
-    repeats: int | None = option(None, "timing: runs per shape, the fastest counting (default: llama.cpp 5, hf 3)",
-                                 requires=SPEED)
+    prompt: int | None = option(None, "timing: prompt tokens (default: llama.cpp 512, hf 128)", requires=TIMED)
+    new_tokens: int | None = option(None, "timing: decoded tokens (default: llama.cpp 128, hf 32)", requires=TIMED)
+    repeats: int | None = option(None, "timing: runs per shape, the fastest counting (default: llama.cpp 5, hf 3); "
+                                       "a draft's check: its median of runs", requires=TIMED)
 
     def __post_init__(self) -> None:
         refuse_inapplicable(self)
@@ -96,6 +106,12 @@ class PlanConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.calib_seq_len < 2:
             raise ConfigError(f"--calib-seq-len must be at least 2, got {self.calib_seq_len}")
+        if self.target.strip().lower() == "draft":  # (other targets are parsed where they are used)
+            from secateur.plan.draft import parse_tokens
+
+            parse_tokens(self.draft_tokens)
+            if self.checks < 1:
+                raise ConfigError(f"--checks must be at least 1, got {self.checks}")
         if self.holdout < 0 or self.recover_tokens < 0:
             raise ConfigError("--holdout and --recover-tokens must be >= 0")
         if self.margin is not None and not 0 <= self.margin < 1:

@@ -26,7 +26,13 @@ def recipe_toml(record: dict[str, Any]) -> str:
     lines = [f"# secateur plan: --target {record['target']} for {record['model']}",
              f"# chosen {chosen['key']} ({chosen['kind']}): {chosen['params'] / 1e6:.1f}M parameters, "
              f"file {chosen['file_bytes'] / 1e6:.1f} MB, KL to dense {chosen['kl']:.4f} on {chosen['windows']} windows"]  # fmt: skip
-    if chosen["decode_speedup"] is not None:
+    if record["metric"] == "draft":
+        check = chosen["check"]
+        lines.append(f"# as the speculative draft of the model in {record['costs']['engine']['engine']}: agreement "
+                     f"{chosen['agree']:.3f}, {chosen['draft_tokens']} proposals per round, predicted "
+                     f"{chosen['draft_speedup']:.2f}x; measured {check['speedup']:.2f}x (acceptance "
+                     f"{check['acceptance']:.3f}, output {'identical' if check['identical'] else 'NOT identical'})")
+    elif chosen["decode_speedup"] is not None:
         how = "timed against dense" if chosen["measured"] else "predicted"
         lines.append(f"# {how} in {record['costs']['engine']['engine']}: decode {chosen['decode_speedup']:.2f}x, "
                      f"prefill {chosen['prefill_speedup']:.2f}x")
@@ -38,6 +44,8 @@ def recipe_toml(record: dict[str, Any]) -> str:
 
 
 def front_table(record: dict[str, Any]) -> str:
+    if record["metric"] == "draft":
+        return draft_table(record)
     rows = {r["key"]: r for r in record["candidates"]}
     speed = record["costs"].get("engine") is not None
     head = "| candidate | kind | KL to dense | windows | parameters | file MB |" + (" decode x | prefill x |" if speed else "")
@@ -56,6 +64,26 @@ def front_table(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def draft_table(record: dict[str, Any]) -> str:
+    """--target draft: the front of agreement against cost per token, then the drafts run for real."""
+    rows = {r["key"]: r for r in record["candidates"]}
+    head = ("| candidate | kind | agreement | windows | parameters | draft cost (decode steps) | k | "
+            "predicted speculative x | measured x | acceptance | identical |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    keys = list(dict.fromkeys([*record["front"], *(c["key"] for c in record["costs"]["checks"])]))
+    for key in sorted(keys, key=lambda k: -rows[k]["draft_speedup"]):
+        r, check = rows[key], rows[key].get("check") or {}
+        mark = " (chosen)" if key == record["chosen"]["key"] else ""
+        measured = (f"{check['speedup']:.2f} | {check['acceptance']:.3f} | {check['identical']} |" if check
+                    else "| | |")  # fmt: skip
+        lines.append(f"| {key}{mark} | {r['kind']} | {r['agree']:.3f} | {r['windows']} | {r['params'] / 1e6:.1f}M | "
+                     f"{1 / r['decode_speedup']:.3f}{'' if r['measured'] else '*'} | {r['draft_tokens']} | "
+                     f"{r['draft_speedup']:.2f} | {measured}")  # fmt: skip
+    lines.append("\n\\* the draft's cost per token predicted by the cost model; the front: no other candidate both agrees "
+                 "more often and costs less; measured: run as the draft of the model")
+    return "\n".join(lines) + "\n"
+
+
 def pareto_plot(record: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -63,32 +91,40 @@ def pareto_plot(record: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metric = record["metric"]
-    rows = [r for r in record["candidates"] if r["kl"] is not None]
+    draft = metric == "draft"
+    rows = [r for r in record["candidates"] if r["kl"] is not None and (r.get("agree") is not None or not draft)]
 
     def cost(r: dict[str, Any]) -> float:
+        if draft:
+            return 1 / r["decode_speedup"]
         if metric in ("decode-speedup", "prefill-speedup"):
             return r[metric.replace("-", "_")]
         return r["params"] / 1e6 if metric == "params" else r["file_bytes"] / 1e6
 
+    def quality(r: dict[str, Any]) -> float:
+        return 1 - r["agree"] if draft else r["kl"]
+
     label = {"decode-speedup": "decode speedup", "prefill-speedup": "prefill speedup", "params": "parameters (M)",
-             "file": "file (MB)"}[metric]  # fmt: skip
+             "file": "file (MB)", "draft": "draft cost per token (dense decode steps)"}[metric]  # fmt: skip
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, colour in (("depth", "tab:blue"), ("width", "tab:orange"), ("width+hidden", "tab:purple"),
                          ("experts", "tab:brown")):  # fmt: skip
         pts = [r for r in rows if r["kind"] == kind]
         if pts:
-            ax.scatter([cost(r) for r in pts], [r["kl"] for r in pts], s=18, c=colour, label=f"{kind} only")
+            ax.scatter([cost(r) for r in pts], [quality(r) for r in pts], s=18, c=colour, label=f"{kind} only")
     mixed = [r for r in rows if r["blocks"] and (r["width"] or r.get("experts"))]
-    ax.scatter([cost(r) for r in mixed], [r["kl"] for r in mixed], s=18, c="tab:green", label="mixed")
+    ax.scatter([cost(r) for r in mixed], [quality(r) for r in mixed], s=18, c="tab:green", label="mixed")
     front = [next(r for r in rows if r["key"] == k) for k in record["front"]]
-    ax.plot([cost(r) for r in front], [r["kl"] for r in front], "k-", lw=1, label="Pareto front")
+    ax.plot([cost(r) for r in front], [quality(r) for r in front], "k-", lw=1, label="Pareto front")
     chosen = record["chosen"]
-    ax.scatter([cost(chosen)], [chosen["kl"]], s=90, facecolors="none", edgecolors="red", label="chosen")
-    target = record["value"] / (1e6 if metric in ("params", "file") else 1)
-    ax.axvline(target, color="red", ls="--", lw=1, label=f"target {record['target']}")
+    ax.scatter([cost(chosen)], [quality(chosen)], s=90, facecolors="none", edgecolors="red", label="chosen")
+    if not draft:
+        target = record["value"] / (1e6 if metric in ("params", "file") else 1)
+        ax.axvline(target, color="red", ls="--", lw=1, label=f"target {record['target']}")
     ax.set_xlabel(label)
-    ax.set_ylabel("KL to the dense model (proxy)")
-    ax.set_yscale("log")
+    ax.set_ylabel("disagreement with the dense model's argmax" if draft else "KL to the dense model (proxy)")
+    if not draft:
+        ax.set_yscale("log")
     ax.set_title(f"secateur plan: {Path(record['model']).name}")
     ax.legend(fontsize=7)
     fig.tight_layout()

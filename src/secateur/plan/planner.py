@@ -17,6 +17,11 @@
    smaller), and 4 runs again (from the cache) until the winner is one that was timed and meets
    the target.
 6. The Pareto front (KL, cost), a plot, and the chosen candidate as a recipe.
+
+`--target draft` (plan/draft.py) searches every candidate but the dense model by the predicted
+speedup of speculative decoding with it as the draft (its argmax agreement with the dense model on
+the proxy windows, its predicted cost per token, the verification's cost timed on the dense model),
+then runs the best predicted ones as drafts for real and chooses the fastest measured.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from secateur.plan.costs import (
     with_layers,
 )
 from secateur.plan.config import PlanConfig
+from secateur.plan.draft import best_round, measure_in_engine, parse_tokens, verification_costs
 from secateur.plan.proxy import Proxy
 from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front, undominated
@@ -89,23 +95,32 @@ class Row:
     measured: bool = False  # the speedup was timed on this very shape, against the dense model
     feasible: bool = False  # meets the target (timed, or a size), or may (predicted within the tolerance)
     kl: list[float] = field(default_factory=list)
+    agree: list[float] = field(default_factory=list)  # per window: argmax agreement with the dense model
+    draft: tuple[int, float] | None = None  # --target draft: (proposals per round, predicted speedup)
+    check: dict[str, Any] | None = None  # --target draft: the draft run for real with the dense model
 
     @property
     def score(self) -> float:
         return sum(self.kl) / len(self.kl) if self.kl else float("inf")
+
+    @property
+    def agreement(self) -> float | None:
+        return sum(self.agree) / len(self.agree) if self.agree else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.candidate.key, **asdict(self.candidate), "kind": self.candidate.kind,
                 "shape": asdict(self.shape), "params": self.params, "file_bytes": self.file_bytes,
                 "decode_speedup": self.speedup[0] if self.speedup else None,
                 "prefill_speedup": self.speedup[1] if self.speedup else None, "measured": self.measured,
-                "feasible": self.feasible, "kl": self.score if self.kl else None, "windows": len(self.kl)}  # fmt: skip
+                "feasible": self.feasible, "kl": self.score if self.kl else None, "windows": len(self.kl),
+                **({"agree": self.agreement, "draft_tokens": self.draft[0], "draft_speedup": self.draft[1],
+                    "check": self.check} if self.draft else {})}  # fmt: skip
 
 
 def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> Engine | None:
     """The timing engine a speed target needs (checked before any work); None for size targets. Which
     options apply to which target and engine is the options' own `requires` (plan/config.py)."""
-    if not target.speed:
+    if not target.timed:
         return None
     lengths = {k: v for k in ("prompt", "new_tokens", "repeats") if (v := getattr(config, k)) is not None}
     if (config.engine or "llama.cpp") == "hf":
@@ -230,10 +245,11 @@ def _score_cache(model_path: str | Path, config: PlanConfig) -> Path:
     return cache_dir() / "plan" / f"scores-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.jsonl"
 
 
-def _read_scores(path: Path) -> dict[str, dict[int, float]]:
-    scores: dict[str, dict[int, float]] = {}
+def _read_scores(path: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """key -> window -> {"kl": ..., "agree": ...} (rows cached before agreement was measured: KL only)."""
+    scores: dict[str, dict[int, dict[str, float]]] = {}
     for row in read_rows(path):
-        scores.setdefault(row["key"], {})[int(row["window"])] = float(row["kl"])
+        scores.setdefault(row["key"], {})[int(row["window"])] = {k: float(row[k]) for k in ("kl", "agree") if k in row}
     return scores
 
 
@@ -248,8 +264,12 @@ class Search:
     windows: int
     deadline: float | None
     progress: bool = True
+    rank: Callable[[Row], float] | None = None  # lower is better; default: the mean KL
     stopped: str | None = None  # why the search ended before its last rung
     evaluations: int = 0
+
+    def ranked(self, row: Row) -> float:
+        return row.score if self.rank is None else self.rank(row)
 
     def run(self) -> list[int]:
         """Returns the windows read at each rung."""
@@ -262,16 +282,18 @@ class Search:
             rungs.append(size)
             for key in sorted(alive, key=lambda k: self.rows[k].candidate):
                 cached = known.setdefault(key, {})
-                missing = [i for i in range(size) if i not in cached]
+                need = ("kl", "agree") if self.rank is not None else ("kl",)
+                missing = [i for i in range(size) if any(k not in cached.get(i, {}) for k in need)]
                 if missing and self._late():
                     self.stopped = f"--budget-minutes reached at rung {len(rungs)} ({size} windows)"
                     bar.close()
                     return rungs
                 if missing:
                     self._score(self.rows[key], missing, cached)
-                self.rows[key].kl = [cached[i] for i in range(size)]
+                self.rows[key].kl = [cached[i]["kl"] for i in range(size)]
+                self.rows[key].agree = [cached[i]["agree"] for i in range(size) if "agree" in cached[i]]
                 bar.update(1)
-            feasible = {k: self.rows[k].score for k in alive if self.rows[k].feasible}
+            feasible = {k: self.ranked(self.rows[k]) for k in alive if self.rows[k].feasible}
             if size >= self.windows or len(feasible) <= 1:
                 break
             alive = halve(feasible, self.keep)
@@ -284,17 +306,17 @@ class Search:
     def _late(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
-    def _score(self, row: Row, missing: list[int], cached: dict[int, float]) -> None:
+    def _score(self, row: Row, missing: list[int], cached: dict[int, dict[str, float]]) -> None:
         """Build the candidate, score the windows the cache lacks, and append them to it."""
         model = self.proxy.build(row.candidate)
         built = shape_of(model.config)
         if built != row.shape:
             raise RuntimeError(f"{row.candidate.key}: built {built.key}, predicted {row.shape.key}")
-        scores = self.proxy.score(model, missing)
+        scores = self.proxy.measure(model, missing)
         del model
         self.evaluations += 1
         cached.update(zip(missing, scores))
-        append_rows(self.cache, [{"key": row.candidate.key, "window": i, "kl": kl} for i, kl in zip(missing, scores)])
+        append_rows(self.cache, [{"key": row.candidate.key, "window": i, **m} for i, m in zip(missing, scores)])
 
 
 def boundary(rows: dict[str, Row]) -> dict[str, Row]:
@@ -306,12 +328,19 @@ def boundary(rows: dict[str, Row]) -> dict[str, Row]:
     return {live[i].candidate.key: live[i] for i in keep}
 
 
-def _choose(rows: dict[str, Row]) -> Row | None:
-    """The best score among the searched rows meeting the target that were scored on the most windows
-    (rows left out of the last search keep older scores, which are not compared)."""
+def _choose(rows: dict[str, Row], rank: Callable[[Row], float] | None = None) -> Row | None:
+    """The best score (`rank`, else the mean KL) among the searched rows meeting the target that were
+    scored on the most windows (rows left out of the last search keep older scores, which are not
+    compared)."""
+    return next(iter(_best(rows, rank)), None)
+
+
+def _best(rows: dict[str, Row], rank: Callable[[Row], float] | None = None) -> list[Row]:
+    """The rows `_choose` chooses among, best first."""
     scored = [r for r in rows.values() if r.kl and r.feasible]
     top = max((len(r.kl) for r in scored), default=0)
-    return min((r for r in scored if len(r.kl) == top), key=lambda r: (r.score, r.candidate), default=None)
+    return sorted((r for r in scored if len(r.kl) == top),
+                  key=lambda r: (r.score if rank is None else rank(r), r.candidate))  # fmt: skip
 
 
 def plan(model_path: str | Path, config: PlanConfig, out: str | Path, *, overwrite: bool = False,
@@ -357,7 +386,7 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
     grid, rows, configs, refused, same = _grid(base, grid, config)
     dense_params, dense_one_d = parameter_count(base)
     dense_value = {"params": dense_params, "file": _file_bytes(dense_params, dense_one_d, config)}
-    if not target.speed:
+    if not target.timed:
         _feasible(rows, target, None, 0.0, {}, dense_value)
     model, tokenizer = load(model_path, dtype="float32", device="cpu", allow_nonfinite=allow_nonfinite)
     calibration, windows = _windows(model, tokenizer, config)  # a short text fails before any timing
@@ -367,16 +396,22 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
     margin, tolerance = costs["margin"], costs["tolerance"]
     if target.speed:
         _feasible(rows, target, book, margin, tolerance, dense_value)
+    rank = None
+    if target.draft:
+        rank = _draft_rows(rows, book, engine, base, config, costs)
     setup = time.perf_counter() - clock
     proxy = Proxy(model, calibration, windows, resolve_device(config.device))
     proxy.spans(sorted({c.blocks for c in grid}))
     deadline = clock + config.budget_minutes * 60 if config.budget_minutes else None
     search = Search(rows, proxy, _score_cache(model_path, config), config.keep, config.proxy_windows, deadline,
-                    progress)  # fmt: skip
+                    progress, rank)  # fmt: skip
     try:
         with block_bars(progress):
-            chosen, rungs, tolerance = _search(search, rows, configs, book, costs, config, target, tolerance,
-                                               dense_value)  # fmt: skip
+            if target.draft:
+                chosen, rungs = _search_drafts(search, rows, rank, proxy, engine, tokenizer, config, costs)
+            else:
+                chosen, rungs, tolerance = _search(search, rows, configs, book, costs, config, target, tolerance,
+                                                   dense_value)  # fmt: skip
     finally:
         if book is not None:
             book.close()
@@ -436,7 +471,7 @@ def _expert_candidates(base: Any, config: PlanConfig, target: Target, shares: tu
     if given:
         raise ConfigError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to dense decoders; a mixture "
                           f"of experts ({base.model_type}) is planned along --depth and --experts")
-    if target.speed:
+    if target.timed:
         raise ConfigError(f"secateur plan times dense decoders only; for a mixture of experts ({base.model_type}) "
                           "give a params= or file= target")
     return candidates(depth_counts(config.depth, base.num_hidden_layers), (0.0,), (0.0,), experts=shares)
@@ -512,6 +547,49 @@ def _search(search: Search, rows: dict[str, Row], configs: dict[Candidate, Any],
         _feasible(rows, target, book, margin, tolerance, dense_value)
 
 
+def _draft_rows(rows: dict[str, Row], book: CostBook, engine: Engine, base: Any, config: PlanConfig,
+                costs: dict[str, Any]) -> Callable[[Row], float]:  # fmt: skip
+    """--target draft: every candidate that removes something is in the search, with its predicted
+    decode speedup (the draft's cost per token is its inverse); the verification's cost is timed on
+    the dense model. Returns the search's rank: minus the predicted speculative speedup."""
+    for row in rows.values():
+        row.speedup = book.speedup(row.shape)
+        c = row.candidate
+        row.feasible = bool(c.blocks or c.width or c.hidden)
+    verify = verification_costs(engine, base, parse_tokens(config.draft_tokens), costs["dense"]["decode"])
+    costs["verify"] = {str(k): v for k, v in verify.items()}
+
+    def rank(row: Row) -> float:
+        row.draft = best_round(row.agreement, 1 / row.speedup[0], verify)
+        return -row.draft[1]
+
+    return rank
+
+
+def _search_drafts(search: Search, rows: dict[str, Row], rank: Callable[[Row], float], proxy: Proxy, engine: Engine,
+                   tokenizer: Any, config: PlanConfig, costs: dict[str, Any]) -> tuple[Row, list[int]]:  # fmt: skip
+    """Successive halving by the predicted speculative speedup over every candidate; then the best
+    `config.checks` run as drafts of the dense model for real, and the fastest measured that gives
+    the dense model's output is chosen (a faster one that does not is said in the record)."""
+    search.rows = {k: r for k, r in rows.items() if r.feasible}  # not the dense model
+    rungs = search.run()
+    for row in rows.values():
+        if row.agree and row.feasible:
+            rank(row)  # every scored row gets its predicted figure (the record's front)
+    best = _best(rows, rank)
+    if not best:
+        raise ConfigError("the budget ran out before any draft was scored; raise --budget-minutes (a rerun reuses "
+                          "what was scored)")
+    vocabulary = getattr(engine, "vocabulary", None)
+    for row in best[: config.checks]:
+        draft = proxy.build(row.candidate)
+        row.check = measure_in_engine(engine, proxy.model, draft, tokenizer, config.calib, row.draft[0], vocabulary)
+        costs["checks"].append({"key": row.candidate.key, "predicted": row.draft[1], **row.check})
+        del draft
+    checked = [r for r in best if r.check]
+    return max(checked, key=lambda r: (r.check["identical"], r.check["speedup"])), rungs
+
+
 def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict[Candidate, Any],
            config: PlanConfig, target: Target, progress: bool) -> tuple[CostBook | None, dict[str, Any]]:  # fmt: skip
     """Speed targets: the cost model fitted and checked on held-out shapes of this engine."""
@@ -576,14 +654,18 @@ def cost_of(row: Row, target: Target) -> float:
         return 1 / row.speedup[0]
     if target.metric == "prefill-speedup":
         return 1 / row.speedup[1]
+    if target.draft:  # a draft token's cost in the dense model's decode steps
+        return 1 / row.speedup[0]
     return float(row.params if target.metric == "params" else row.file_bytes)
 
 
 def _record(model_path: str | Path, config: PlanConfig, target: Target, rows: dict[str, Row], costs: dict[str, Any],
             search: Search, rungs: list[int], refused: dict[str, str], dense_params: int,
             chosen: Row) -> dict[str, Any]:  # fmt: skip
-    scored = [r for r in rows.values() if r.kl]
-    front = pareto_front([(r.score, cost_of(r, target)) for r in scored])
+    scored = [r for r in rows.values() if r.kl and (r.draft or not target.draft)]
+    # a draft's front: disagreement with the dense model against its cost per token
+    quality = (lambda r: 1 - r.agreement) if target.draft else (lambda r: r.score)
+    front = pareto_front([(quality(r), cost_of(r, target)) for r in scored])
     return {"model": str(Path(model_path).resolve()), "target": str(target), "metric": target.metric,
             "value": target.value, "config": asdict(config), "dense_params": dense_params, "costs": costs,
             "rungs": rungs, "evaluations": search.evaluations, "searched": len(search.rows), "stopped": search.stopped, "refused": refused,

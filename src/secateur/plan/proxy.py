@@ -30,6 +30,7 @@ from secateur.depth.search import angular_distances
 from secateur.depth.structure import remove_blocks
 from secateur.experts import ExpertsConfig, prune_experts
 from secateur.models import adapter_for
+from secateur.plan.draft import agreement
 from secateur.plan.space import Candidate
 from secateur.width import width_prune
 from secateur.width.prune import Statistics, gather_statistics
@@ -43,10 +44,12 @@ def token_kl(teacher_logprobs: Tensor, student_logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def window_kl(model: nn.Module, window: Tensor, teacher_logprobs: Tensor, device: torch.device) -> float:
-    """Mean KL over one window's positions."""
+def window_scores(model: nn.Module, window: Tensor, teacher_logprobs: Tensor, device: torch.device) -> dict[str, float]:
+    """Over one window's positions: the mean KL, and the share of positions whose most likely token
+    is the teacher's (`agree`: a draft's greedy acceptance rate, plan/draft.py)."""
     logits = model(input_ids=window[None].to(device), use_cache=False).logits[0]  # (seq, vocab)
-    return float(token_kl(teacher_logprobs.to(device), logits).mean())
+    teacher = teacher_logprobs.to(device)
+    return {"kl": float(token_kl(teacher, logits).mean()), "agree": agreement(teacher, logits)}
 
 
 @dataclass
@@ -210,9 +213,13 @@ class Proxy:
 
     def score(self, model: nn.Module, indices: range) -> list[float]:
         """Per-window KL of a built candidate on the proxy windows `indices`."""
+        return [m["kl"] for m in self.measure(model, indices)]
+
+    def measure(self, model: nn.Module, indices: range) -> list[dict[str, float]]:
+        """Per-window KL and argmax agreement of a built candidate on the proxy windows `indices`."""
         teachers = [self.teacher(i) for i in indices]  # timed apart, as "teacher"
         clock = time.perf_counter()
         model.to(self.device).eval()
-        scores = [window_kl(model, self.windows[i], t, self.device) for i, t in zip(indices, teachers)]
+        scores = [window_scores(model, self.windows[i], t, self.device) for i, t in zip(indices, teachers)]
         self.seconds["candidates"] += time.perf_counter() - clock
         return scores

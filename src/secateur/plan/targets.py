@@ -1,5 +1,6 @@
 """What the user asks of the plan: a decode or prefill speedup in an engine, a parameter count, or a
-file size. Parsed from `--target metric=value`; each target reads one number off a candidate's costs."""
+file size, parsed from `--target metric=value` (each reads one number off a candidate's costs); or
+`--target draft`: the fastest speculative draft of the model itself (plan/draft.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from secateur.errors import ConfigError
 
 SPEED = ("decode-speedup", "prefill-speedup")
 METRICS = (*SPEED, "params", "file")
+DRAFT = "draft"
 _COUNT = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
 _BYTES = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -26,11 +28,22 @@ class Target:
         return self.metric in SPEED
 
     @property
+    def draft(self) -> bool:
+        return self.metric == DRAFT
+
+    @property
+    def timed(self) -> bool:
+        """Timed in an engine: a speed target, or a draft (its cost per token)."""
+        return self.speed or self.draft
+
+    @property
     def speed_index(self) -> int:
-        """Where a speed target reads a (decode, prefill) pair."""
-        return SPEED.index(self.metric)
+        """Where a timed target reads a (decode, prefill) pair (a draft: its decode speed)."""
+        return 0 if self.draft else SPEED.index(self.metric)
 
     def __str__(self) -> str:
+        if self.draft:
+            return DRAFT
         if self.metric == "params":
             return f"params<={self.value / 1e6:g}M" if self.value >= 1e5 else f"params<={self.value:g}"
         if self.metric == "file":
@@ -47,12 +60,17 @@ class Target:
 
 def parse_target(text: str) -> Target:
     """`decode-speedup=1.6`, `prefill-speedup=2`, `params=80M`, `file=200MB` (also KB, GB, KiB, MiB,
-    GiB; a bare number counts units)."""
+    GiB; a bare number counts units); `draft` (no value: the fastest draft)."""
     metric, sep, value = text.partition("=")
     metric = metric.strip().lower()
+    if metric == DRAFT:
+        if sep:
+            raise ConfigError(f"--target {text!r}: the draft target takes no value (the plan looks for the fastest "
+                              "draft); write --target draft")
+        return Target(DRAFT, 0.0)
     if not sep or metric not in METRICS:
         raise ConfigError(f"--target {text!r}: write METRIC=VALUE with METRIC one of {', '.join(METRICS)} "
-                          "(e.g. decode-speedup=1.6, params=80M, file=200MB)")
+                          "(e.g. decode-speedup=1.6, params=80M, file=200MB), or draft")
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", value.lower())
     units = _BYTES if metric == "file" else _COUNT if metric == "params" else {"": 1, "x": 1}
     if match is None or match.group(2) not in units:

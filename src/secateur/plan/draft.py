@@ -1,0 +1,127 @@
+"""`secateur plan --target draft`: the candidate that, as the speculative draft of the model it was
+pruned from, decodes that model's greedy output the fastest (lossless: the output is the original's).
+
+What a draft buys depends on two numbers: how often the original agrees with its proposals and
+what one of its tokens costs. Under greedy decoding a proposal is accepted when it is the
+original's own next token, so the acceptance rate is estimated by the share of positions of the
+proxy windows where the draft's argmax equals the original's (one forward each, with the KL). The
+draft's cost per token is the inverse of its predicted decode speedup (the cost model of the speed
+targets), and the cost of the verification forward of k + 1 tokens is timed on the original in the
+same engine. With acceptance a per token, independent across positions (Leviathan et al. 2023,
+section 3.4), a round of k proposals yields (1 - a^(k+1)) / (1 - a) tokens for k draft steps and one
+verification, so the speedup over plain decoding is
+
+    (1 - a^(k+1)) / ((1 - a) * (k * c + v_k))
+
+with c and v_k in units of the original's decode step; each candidate gets the k of `--draft-tokens`
+that maximises it. The search ranks candidates by this figure; then the best few are built, run as
+drafts of the original for real (secateur's own loop in transformers, llama-speculative-simple on
+f16 GGUF files in llama.cpp), checked to give the original's greedy output, and the fastest measured
+is chosen."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from secateur.errors import ConfigError
+
+
+def speculative_speedup(acceptance: float, cost: float, k: int, verify: float = 1.0) -> float:
+    """Expected speedup of greedy speculative decoding over plain decoding: `acceptance` per proposal
+    (independent), a draft token costing `cost` target decode steps, `k` proposals per round and a
+    verification forward of k + 1 tokens costing `verify` decode steps."""
+    if not 0 <= acceptance <= 1:
+        raise ValueError(f"an acceptance rate is in [0, 1], got {acceptance}")
+    if k < 1 or cost < 0 or verify <= 0:
+        raise ValueError("k >= 1, cost >= 0 and verify > 0")
+    tokens = k + 1 if acceptance == 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
+    return tokens / (k * cost + verify)
+
+
+def best_round(acceptance: float, cost: float, verify: dict[int, float]) -> tuple[int, float]:
+    """(k, speedup) with the k of `verify` (k -> cost of verifying k + 1 tokens) that decodes fastest;
+    the smaller k on a tie."""
+    return max(((k, speculative_speedup(acceptance, cost, k, v)) for k, v in sorted(verify.items())),
+               key=lambda kv: (kv[1], -kv[0]))  # fmt: skip
+
+
+def parse_tokens(text: str) -> tuple[int, ...]:
+    """`--draft-tokens 1,2,4` or `1:8` (every k in between)."""
+    try:
+        if ":" in text:
+            low, high = (int(p) for p in text.split(":"))
+            values = tuple(range(low, high + 1))
+        else:
+            values = tuple(sorted({int(p) for p in text.split(",") if p.strip()}))
+    except ValueError:
+        raise ConfigError(f"--draft-tokens {text!r}: write k values as 1,2,4 or a range 1:8") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"--draft-tokens {text!r}: every k (proposals per round) must be at least 1")
+    return values
+
+
+def verification_costs(engine: Any, base: Any, ks: Sequence[int], decode_seconds: float) -> dict[int, float]:
+    """k -> the time of one forward of k + 1 tokens on the original's shape (random weights, timed by
+    `engine` as a prefill of k + 1 tokens: from an empty cache, which at short contexts costs what a
+    verification at depth does), in units of its decode step (`decode_seconds`)."""
+    out: dict[int, float] = {}
+    for k in ks:
+        probe = dataclasses.replace(engine, prompt=k + 1) if dataclasses.is_dataclass(engine) else engine
+        prepared = probe.prepare(base)
+        try:
+            out[k] = probe.run(prepared, "prefill").prefill / decode_seconds
+        finally:
+            probe.release(prepared)
+    return out
+
+
+def agreement(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> float:
+    """The share of positions where the student's most likely token is the teacher's."""
+    return float((teacher_logprobs.argmax(-1) == student_logits.argmax(-1)).float().mean())
+
+
+def measure_in_engine(engine: Any, original: nn.Module, draft: nn.Module, tokenizer: Any, text: str, k: int,
+                      vocabulary: Any = None) -> dict[str, Any]:  # fmt: skip
+    """The draft run for real with the original: transformers (secateur's loop, float32 here) or
+    llama.cpp (both written as f16 GGUF files in a temporary folder). The prompt is the first
+    `engine.prompt` tokens of `text`'s evaluation region (held out from the plan's windows)."""
+    from secateur.bench import draft_speed, measure_draft_llamacpp
+    from secateur.data import load_text
+    from secateur.data.windows import tokenize
+
+    if engine.name == "llama.cpp":
+        from secateur.export.gguf import model_shape, write_gguf
+
+        folder = Path(tempfile.mkdtemp(prefix="secateur-plan-draft-"))
+        try:
+            paths = []
+            for name, model in (("original", original), ("draft", draft)):
+                path = folder / f"{name}.gguf"
+                write_gguf(model, model_shape(model), path, "f16", None, vocabulary, name=name)
+                paths.append(path)
+            tokenizer.save_pretrained(folder / "tokenizer")
+            result = measure_draft_llamacpp(paths[0], paths[1], llama_cpp=engine.binary, prompt=engine.prompt,
+                                            new_tokens=engine.new_tokens, draft_tokens=k, repeats=engine.repeats,
+                                            text=text, threads=engine.threads, tokenizer=tokenizer)  # fmt: skip
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    elif engine.name == "hf":
+        ids = tokenize(tokenizer, load_text(text, "evaluation", "text"))
+        if len(ids) < engine.prompt:
+            raise ConfigError(f"--calib {text} has {len(ids)} tokens, fewer than --prompt {engine.prompt}")
+        device = next(original.parameters()).device
+        result = draft_speed(original.eval(), draft.to(device).eval(), ids[: engine.prompt].view(1, -1).to(device),
+                             engine.new_tokens, k, engine.repeats)  # fmt: skip
+    else:  # a timing table (tests) has no decoding loop
+        raise ConfigError(f"the {engine.name} engine cannot run a draft")
+    return {"draft_tokens": k, "acceptance": result.acceptance, "tokens_per_round": result.tokens_per_round,
+            "plain_tokens_per_second": result.plain_tokens_per_second,
+            "speculative_tokens_per_second": result.speculative_tokens_per_second, "speedup": result.speedup,
+            "identical": result.identical}  # fmt: skip
