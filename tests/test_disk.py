@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from secateur import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
 from secateur.calibrate.disk import DiskBlocks, DiskError
 from secateur.errors import OutputError
-from secateur.sparsity.disk import sparsify_on_disk
+from secateur.offload import prune_on_disk as sparsify_on_disk
 from secateur.sparsity.prune import sparsify
 
 CONFIGS = {
@@ -47,7 +47,7 @@ def test_streamed_output_equals_in_memory_output_bit_for_bit(tmp_path, family, m
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     sparsify(model, None, CONFIGS[method](), calibration, batch_size=4)
     model.save_pretrained(tmp_path / "memory")
-    report = sparsify_on_disk(path, tmp_path / "disk", CONFIGS[method](), calibration, batch_size=4)
+    record = sparsify_on_disk(path, tmp_path / "disk", CONFIGS[method](), calibration, batch_size=4)
     memory, disk = stored(tmp_path / "memory"), stored(tmp_path / "disk")
     assert set(disk) >= set(memory)  # a tied head is stored once in memory's save, as in the input
     for name, tensor in memory.items():
@@ -57,7 +57,7 @@ def test_streamed_output_equals_in_memory_output_bit_for_bit(tmp_path, family, m
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     manifest = json.loads((tmp_path / "disk" / "secateur.json").read_text())
-    assert manifest["history"][0]["offload"] == "disk" and manifest["history"][0]["result"]["sparsity"] == report.sparsity
+    assert manifest["history"][0]["offload"] == "disk" and manifest["history"][0]["result"]["sparsity"] == record["result"]["sparsity"]
 
 
 def test_a_sharded_input_streams_and_the_output_index_names_every_tensor(tmp_path):
@@ -162,7 +162,7 @@ def test_offload_disk_on_the_command_line_equals_the_in_memory_run(model_dir, te
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "width", "--remove-fraction", "0.5"], "one sparsity stage"),
+    (["--method", "width", "--remove-fraction", "0.5"], "a width stage is not streamed yet"),
     (["--method", "wanda", "--sparsity", "0.5", "--allocation", "owl"], "allocation owl"),
     (["--method", "wanda", "--sparsity", "0.5", "--check-windows", "2"], "--check-windows evaluates the whole model"),
 ])  # fmt: skip
@@ -272,7 +272,7 @@ def test_peak_memory_of_a_streamed_run_stays_flat_as_the_depth_grows(tmp_path):
         script = textwrap.dedent(f"""
             import torch
             from secateur import PruneConfig, Unstructured, WandaConfig
-            from secateur.sparsity.disk import sparsify_on_disk
+            from secateur.offload import prune_on_disk as sparsify_on_disk
             ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
             sparsify_on_disk({str(path)!r}, {str(tmp_path / f"out{blocks}")!r}, PruneConfig(WandaConfig(), Unstructured(0.5)), ids)
             status = open("/proc/self/status").read().splitlines()

@@ -54,12 +54,13 @@ def applied(history: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return [(h["kind"], h.get("settings", {})) for h in history]
 
 
-def structure_of(model: nn.Module) -> dict[str, Any]:
+def structure_of(model: nn.Module, layers: list[tuple[str, tuple[int, int], float]] | None = None) -> dict[str, Any]:
     """What the weights and the stock config alone cannot tell a loader, and a summary of the shapes:
     read from the model at save time, so it is right whatever the stages did (each kind that leaves
-    shapes the stock config cannot express adds its keys through its structure hook)."""
+    shapes the stock config cannot express adds its keys through its structure hook). `layers`:
+    the sparsity table, where the weights are not in `model` (a run streamed from disk counts it)."""
     blocks = adapter_for(model).block_list(model)
-    layers = sparsity_table(model)
+    layers = sparsity_table(model) if layers is None else layers
     target = sum(r * c for _, (r, c), _ in layers)
     return {
         "blocks": len(blocks),

@@ -1,10 +1,12 @@
 """Where a run's weights live (`--offload`): in memory (`none`), or on disk (`disk`: the blocks streamed
-from the input's safetensors to the output one at a time, `sparsity.disk`); `auto` streams when the
-weights would not fit in the memory available, and says so.
+from the input's safetensors to the output one at a time, by the stage kind's `Streaming`:
+`sparsity.disk`, `depth.disk`); `auto` streams when the weights would not fit in the memory
+available, and says so.
 
-Streaming covers one sparsity stage with a uniform allocation (or N:M) so far; evaluation after the
-run and the held-out check need the whole model, so they are not done (an explicit --eval, --eval-tasks
-or --check-windows is refused; the default check is skipped, and the manifest says so).
+Streaming covers one stage so far: sparsity with a uniform allocation (or N:M), and depth by angular
+distance or Block Influence (with compensation); evaluation after the run and the held-out check
+need the whole model, so they are not done (an explicit --eval, --eval-tasks or --check-windows is
+refused; the default check is skipped, and the manifest says so).
 """
 
 from __future__ import annotations
@@ -54,12 +56,15 @@ def weight_bytes(model_path: str | Path, dtype: str) -> int | None:
 def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOptions) -> str | None:
     """Why this run cannot stream its blocks from disk (None: it can)."""
     from secateur.calibrate.disk import DiskError, weight_map
-    from secateur.config import PruneConfig
-    from secateur.sparsity.disk import streamable
+    from secateur.recipe import KINDS, kind_of
 
-    if len(stages) != 1 or not isinstance(stages[0].config, PruneConfig):
-        return "it streams a recipe of one sparsity stage so far"
-    why = streamable(stages[0].config)
+    streams = [k.name for k in KINDS.values() if k.streaming is not None]
+    if len(stages) != 1:
+        return f"it streams a recipe of one stage ({', '.join(streams)}) so far"
+    kind = kind_of(stages[0].config)
+    if kind.streaming is None:
+        return f"a {kind.name} stage is not streamed yet (only {', '.join(streams)})"
+    why = kind.streaming.why_not(stages[0].config)
     if why is not None:
         return why
     given = [f"{flag(k)}" for k in ("eval_source", "eval_tasks", "check_windows") if k in options.explicit
@@ -115,7 +120,7 @@ def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Outp
     from secateur.calibrate.disk import stored_bytes
     from secateur.io import MANIFEST
     from secateur.manifest import header, history_of, recipe_document
-    from secateur.sparsity.disk import stream_sparsity, structure_of
+    from secateur.recipe import kind_of
 
     stage = stages[0]
     clock = time.perf_counter()
@@ -126,16 +131,52 @@ def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Outp
     compute = resolve_device(options.device)
     with output.write(size=stored_bytes(Path(model_path))) as staging:
         start = time.perf_counter()
-        report, record = stream_sparsity(Path(model_path), staging, stage.config, windows, options.dtype, compute,
-                                         stage.calib.batch_size if stage.calib else 4, work)  # fmt: skip
+        record, structure = kind_of(stage.config).streaming.run(
+            Path(model_path), staging, stage.config, windows, options.dtype, compute,
+            stage.calib.batch_size if stage.calib else 4, work)  # fmt: skip
         seconds = time.perf_counter() - start
         record.update(calibration={**flatten(stage.calib), "tokens": windows.numel()} if windows is not None else None,
                       input={"path": str(Path(model_path).resolve())})  # fmt: skip
         manifest = {**header(model_path, options.dtype, compute, earlier), "recipe": recipe_document(stages, options),
-                    "history": [*history_of(earlier), record], "structure": structure_of(Path(model_path), report),
+                    "history": [*history_of(earlier), record], "structure": structure,
                     "timings": {"calibration_data": cutting, "prune": seconds}, "offload": "disk",
                     "check": "skipped: the whole model is never in memory when streaming"}  # fmt: skip
         if notes:
             manifest["adapted"] = notes
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def prune_on_disk(path: str | Path, out: str | Path, config: Any, calibration: Any, *, dtype: str = "float32",
+                  device: str = "cpu", batch_size: int = 4, overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """One stage (a sparsity or depth config) on the model at `path` (a HF directory of safetensors),
+    block by block from disk into `out`, never holding the model; returns the stage's history record.
+    `calibration`: (samples, seq_len) token ids, tokenized by the input's tokenizer. The output goes
+    through the one output path (claimed before any work, written to a hidden sibling, renamed into
+    place at the end, removed on an error or a signal). Tunes the process's allocator as the command
+    line does (`runtime.tune_allocator`: freed buffers stay in the heap for the next block; without
+    it, glibc's moving mmap threshold lets resident memory creep up by a few MB per block)."""
+    from secateur.calibrate.disk import stored_bytes
+    from secateur.io import MANIFEST
+    from secateur.manifest import header
+    from secateur.output import claim
+    from secateur.recipe import kind_of
+    from secateur.runtime import tune_allocator
+
+    kind = kind_of(config)
+    why = "it is not streamed yet" if kind.streaming is None else kind.streaming.why_not(config)
+    if why is not None:
+        raise ConfigError(f"a {kind.name} stage cannot be streamed from disk: {why}")
+    tune_allocator()
+    path, start = Path(path), time.perf_counter()
+    load_config(path)  # a directory with a readable config, before anything is claimed
+    size = stored_bytes(path)
+    with claim(out, inputs=[path], overwrite=overwrite, marker=MANIFEST) as output:
+        with output.write(size=size) as staging:
+            record, structure = kind.streaming.run(path, staging, config, calibration, dtype, resolve_device(device),
+                                                   batch_size, None)  # fmt: skip
+            manifest = {**header(path, dtype, device, {}), "recipe": {"dtype": dtype, "stage": [record["settings"]]},
+                        "history": [record], "structure": structure, "offload": "disk",
+                        "timings": {kind.name: time.perf_counter() - start}}  # fmt: skip
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return record

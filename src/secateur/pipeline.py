@@ -253,7 +253,7 @@ def _run_streamed(model_path: str | Path, stages: list[PlannedStage], output: Ou
     """The run streamed from disk (`offload`), resumable like recovery: its finished blocks and the
     state to go on from stay in the checkpoints directory when it is interrupted."""
     if options.teacher is not None:
-        raise ConfigError("--teacher applies to a recovery stage that distils; this run prunes one sparsity stage")
+        raise ConfigError("--teacher applies to a recovery stage that distils; this run prunes one stage streamed from disk")
     work = checkpoints_for(output.path)
     _check_work(work, options)
     record_run(work, run_identity(model_path, None, stages, options), options.resume)

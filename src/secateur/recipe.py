@@ -81,6 +81,19 @@ class Section:
 
 
 @dataclass(frozen=True)
+class Streaming:
+    """How a stage of a kind runs from disk to disk, the model never whole in memory (`--offload disk`,
+    offload.py). `why_not(config)`: why this stage cannot (None: it can); `run(input, staging, config,
+    windows, dtype, device, batch size, work)` writes the output's weights, index, config and
+    tokenizer files into `staging` and returns (the stage's history record, the manifest's structure
+    section); with `work`, what it needs to resume after a kill is kept there."""
+
+    why_not: Callable[[Any], str | None]
+    run: Callable[[Path, Path, Any, Tensor | None, str, torch.device, int, Path | None],
+                  tuple[dict[str, Any], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
 class StageKind:
     """One kind of stage. `options(method)` are the keys a stage of that method takes besides
     `method`; `build` checks and turns them into the config, `settings` is its inverse."""
@@ -123,6 +136,7 @@ class StageKind:
     check_teacher: Callable[[Any, Any, Any, str | None], None] = lambda config, teacher, student, reshaped: None
     outputs: Callable[[dict[str, Any], int, Path], dict[str, Path]] = lambda record, number, teacher: {}
     command: tuple[str, str] | None = None
+    streaming: Streaming | None = None  # the stage from disk to disk (None: in memory only)
 
 
 KINDS: dict[str, StageKind] = {}

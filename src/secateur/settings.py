@@ -37,7 +37,8 @@ class RunOptions:
                                    "stage calibrates or trains on) against the input's; 0: off")
     offload: Literal["auto", "none", "disk"] = option(
         "auto", "where the weights live: none (in memory), disk (decoder blocks streamed one at a time from the "
-                "input's safetensors to the output: one sparsity stage with a uniform or N:M target, no evaluation), "
+                "input's safetensors to the output: one sparsity stage with a uniform or N:M target, or one depth "
+                "stage by angular or block-influence; no evaluation), "
                 "auto (disk when the weights exceed 0.8 of the memory available and the run can stream; says so)")
     check_ratio: float = option(3.0, "warn, and record it, when a stage leaves that held-out perplexity above this "
                                      "multiple of the input's")

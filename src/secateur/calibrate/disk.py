@@ -56,6 +56,9 @@ _TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}  # fmt: skip
 _SAFE = {dtype: name for name, dtype in _TORCH.items()}
 
+# what a HF directory holds besides config and weights, copied as they are
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")  # fmt: skip
 Headers = dict[Path, tuple[int, dict[str, dict[str, Any]]]]  # file -> (where its data starts, its entries)
 
 
@@ -73,6 +76,16 @@ def weight_map(path: Path) -> dict[str, Path]:
         raise DiskError(f"{path} holds no safetensors weights (model.safetensors or {INDEX}); streaming from disk "
                         f"reads safetensors only: convert it with save_pretrained first")
     return {name: single for name in safetensors_header(single)[1]}
+
+
+def write_side_files(path: Path, staging: Path, config: Any) -> None:
+    """The output's `config` and the input's tokenizer and generation files there are, as they are."""
+    import shutil
+
+    config.save_pretrained(staging)
+    for name in SIDE_FILES:
+        if (path / name).is_file():
+            shutil.copyfile(path / name, staging / name)
 
 
 def stored_shapes(path: Path) -> dict[str, list[int]]:
@@ -185,6 +198,7 @@ class DiskBlocks:
     work: Path | None = None  # where they are written instead, with the state a resumed run starts from
     _pending: dict | None = None  # the state after the last finished block, read when saved
     _saved_at: float = field(default_factory=time.monotonic)
+    pinned: set[int] = field(default_factory=set)  # blocks that stay resident when left (a fit changes them later)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     _ahead: dict[int, Future] = field(default_factory=dict)
 
@@ -203,7 +217,14 @@ class DiskBlocks:
         store._check_names()
         store._load_outside()
         model.eval()
+        model._secateur_disk = store  # every streamed pass over this model reads its blocks from here
         return store
+
+    def ready(self) -> None:
+        """Before a streamed pass: what computes the first block's inputs, read again where an earlier
+        pass dropped it."""
+        if self.model.get_input_embeddings().weight.is_meta:
+            self._load_outside()
 
     def _place(self, root: nn.Module, name: str, tensor: Tensor) -> None:
         """`tensor` as the parameter `name` (relative to `root`)."""
@@ -255,10 +276,13 @@ class DiskBlocks:
 
     def enter(self, index: int, device: torch.device) -> nn.Module:
         """Block `index` with its weights, on `device`; the next block starts loading."""
+        block = self.adapter.block_list(self.model)[index]
+        if index in self.pinned and not any(p.is_meta for p in block.parameters()):
+            self.prefetch(index + 1)
+            return block.to(device)  # resident since an earlier pass, with what was fitted into it
         self.prefetch(index)
         tensors = self._ahead.pop(index).result()
         self.prefetch(index + 1)
-        block = self.adapter.block_list(self.model)[index]
         prefix = f"{self.adapter.blocks}.{index}."
         for name, tensor in tensors.items():
             self._place(block, name[len(prefix):], tensor.to(device))
@@ -273,6 +297,9 @@ class DiskBlocks:
             file = self._block_file(index)
             save_tensors({prefix + name: p for name, p in block.named_parameters()}, file.with_suffix(".tmp"))
             os.replace(file.with_suffix(".tmp"), file)
+        if index in self.pinned:
+            block.to("cpu")
+            return
         block.to("meta")
         release_free_memory()
         pending, self._pending = self._pending, None
@@ -283,6 +310,31 @@ class DiskBlocks:
             torch.save(state, self.work / (STATE + ".tmp"))
             os.replace(self.work / (STATE + ".tmp"), self.work / STATE)
             self._saved_at = time.monotonic()
+
+    def write_blocks(self, order: list[int], patches: dict[int, dict[str, Tensor]] | None = None) -> dict[str, tuple]:
+        """The output's block j is the input's block `order[j]`, read from the input (`patches`: the
+        block-relative tensors that replace some of its own) and written under its new number; a
+        block file already there (a resumed run) is kept. Returns (shape, fraction of zeros) of every
+        matrix written, by its new name (the output's sparsity table, without reading it again)."""
+        patches, table = patches or {}, {}
+        for new, old in enumerate(order):
+            file = self._block_file(new)
+            source, target = f"{self.adapter.blocks}.{old}.", f"{self.adapter.blocks}.{new}."
+            if file.is_file():
+                tensors = read({n: file for n in safetensors_header(file)[1]}, {file: safetensors_header(file)},
+                               list(safetensors_header(file)[1]), self.dtype)  # fmt: skip
+            else:
+                tensors = read(self.files, self.headers, self.names(old), self.dtype)
+                for name, tensor in patches.get(old, {}).items():
+                    tensors[source + name] = tensor.to(self.dtype)
+                tensors = {target + name[len(source):]: t for name, t in tensors.items()}
+                save_tensors(tensors, file.with_suffix(".tmp"))
+                os.replace(file.with_suffix(".tmp"), file)
+            table.update({name: (tuple(t.shape), int((t == 0).sum()) / t.numel()) for name, t in tensors.items()
+                          if t.ndim == 2})  # fmt: skip
+            del tensors
+            release_free_memory()
+        return table
 
     def _block_file(self, index: int) -> Path:
         return (self.work or self.staging) / f"block-{index:05d}.safetensors"

@@ -115,7 +115,10 @@ def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch
     activations need to be on `device`; everything returns home afterwards. With `start`, the pass
     begins at its block, on its activations (those `calibration` leads to there). With `store` (a
     `calibrate.disk.DiskBlocks`), each block is read from disk when its turn comes and written out
-    when the caller is done with it."""
+    when the caller is done with it; a model whose blocks stay on disk (`DiskBlocks.open`) brings its own."""
+    store = store if store is not None else getattr(model, "_secateur_disk", None)
+    if store is not None:
+        store.ready()
     home = next(model.parameters()).device
     move_outside_blocks(model, adapter, device)
     try:

@@ -11,7 +11,7 @@ from secateur.depth import (REGISTRY, Amount, DepthConfig, depth_prune, remove_s
                             resolve_compensation)
 from secateur.errors import ConfigError
 from secateur.models import adapter_for
-from secateur.recipe import Section, Settings, StageContext, StageKind, Structure, register, sparsifies
+from secateur.recipe import Section, Settings, StageContext, StageKind, Streaming, Structure, register, sparsifies
 from secateur.schema import Option, fill, flatten, options_of
 
 AMOUNT_OPTIONS = {
@@ -130,6 +130,32 @@ STRUCTURE = Structure(
 )
 
 
+def _why_not_stream(config: DepthConfig) -> str | None:
+    from secateur.depth.disk import streamable
+
+    return streamable(config)
+
+
+def _stream(path: Any, staging: Any, config: DepthConfig, calibration: Tensor | None, dtype: str, device: Any,
+            batch_size: int, work: Any) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The stage from disk to disk (depth/disk.py): (history record, manifest structure section)."""
+    import time
+
+    from secateur.calibrate.disk import write_side_files
+    from secateur.depth.disk import stream_depth
+    from secateur.io import resolve_dtype
+    from secateur.recipe import stage_settings
+
+    clock = time.perf_counter()
+    result, config, model, structure = stream_depth(path, staging, config, calibration, resolve_dtype(dtype), device,
+                                                    batch_size, work)  # fmt: skip
+    model.config.dtype = resolve_dtype(dtype)
+    write_side_files(path, staging, model.config)
+    record = {"kind": "depth", "settings": stage_settings(config), "result": result,
+              "seconds": time.perf_counter() - clock, "offload": "disk"}  # fmt: skip
+    return record, structure
+
+
 KIND = register(StageKind(
     "depth", DepthConfig, lambda: tuple(REGISTRY), _options, _build, _settings, _run,
     lambda config: True,
@@ -142,4 +168,5 @@ KIND = register(StageKind(
     refits_dense=lambda settings: bool(settings.get("compensate")),
     reshapes=lambda settings: True,
     structure=STRUCTURE,
+    streaming=Streaming(_why_not_stream, _stream),
 ))  # fmt: skip

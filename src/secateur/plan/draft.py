@@ -1,23 +1,27 @@
 """`secateur plan --target draft`: the candidate that, as the speculative draft of the model it was
 pruned from, decodes that model's greedy output the fastest (lossless: the output is the original's).
 
-What a draft buys depends on two numbers: how often the original agrees with its proposals and
-what one of its tokens costs. Under greedy decoding a proposal is accepted when it is the
-original's own next token, so the acceptance rate is estimated by the share of positions of the
-proxy windows where the draft's argmax equals the original's (one forward each, with the KL). The
-draft's cost per token is the inverse of its predicted decode speedup (the cost model of the speed
-targets), and the cost of the verification forward of k + 1 tokens is timed on the original in the
-same engine. With acceptance a per token, independent across positions (Leviathan et al. 2023,
-section 3.4), a round of k proposals yields (1 - a^(k+1)) / (1 - a) tokens for k draft steps and one
-verification, so the speedup over plain decoding is
+What a draft buys depends on how many rounds of proposals decoding takes and what a round costs.
+Under greedy decoding the text the original verifies is its own greedy output, and a proposal is
+accepted when it is the original's next token there, given a prefix that is that same output. So
+the proxy windows end in the original's own greedy continuation (`CONTINUATION` tokens generated
+from the window's start), and one forward of a draft over such a window gives, at every position
+of the continuation, whether its proposal there would be accepted: replaying speculative decoding
+over that sequence of agreements (`rounds`) counts exactly the rounds the real loop takes with k
+proposals (up to rounding near ties). Acceptance is not independent across positions (easy
+stretches come in runs), so the closed form of Leviathan et al. (2023, section 3.4),
+(1 - a^(k+1)) / (1 - a) tokens per round, undercounts long rounds; it is kept for reference
+(`speculative_speedup`). A round costs k draft steps and one verification of k + 1 tokens: the
+draft's cost per token c is the inverse of its predicted decode speedup (the cost model of the
+speed targets), the verification's v_k is timed on the original's shape in the same engine, both in
+units of the original's decode step, so the predicted speedup over plain decoding is
 
-    (1 - a^(k+1)) / ((1 - a) * (k * c + v_k))
+    tokens / (rounds * (k * c + v_k))
 
-with c and v_k in units of the original's decode step; each candidate gets the k of `--draft-tokens`
-that maximises it. The search ranks candidates by this figure; then the best few are built, run as
-drafts of the original for real (secateur's own loop in transformers, llama-speculative-simple on
-f16 GGUF files in llama.cpp), checked to give the original's greedy output, and the fastest measured
-is chosen."""
+and each candidate gets the k of `--draft-tokens` that maximises it. The search ranks candidates by
+this figure; then the best few are built, run as drafts of the original for real (secateur's own
+loop in transformers, llama-speculative-simple on f16 GGUF files in llama.cpp), checked to give the
+original's greedy output, and the fastest measured is chosen."""
 
 from __future__ import annotations
 
@@ -45,11 +49,31 @@ def speculative_speedup(acceptance: float, cost: float, k: int, verify: float = 
     return tokens / (k * cost + verify)
 
 
-def best_round(acceptance: float, cost: float, verify: dict[int, float]) -> tuple[int, float]:
-    """(k, speedup) with the k of `verify` (k -> cost of verifying k + 1 tokens) that decodes fastest;
+CONTINUATION = 128  # tokens of the original's greedy continuation per proxy window (at most half of it)
+
+
+def rounds(accepted: str, k: int) -> int:
+    """Rounds of greedy speculative decoding with `k` proposals per round over a continuation whose
+    position t is accepted ("1") when the draft's argmax there, given the continuation before it, is
+    the original's token: each round accepts the run of "1" from where it starts, up to k, and
+    adds the original's own next token."""
+    position, count = 0, 0
+    while position < len(accepted):
+        run = 0
+        while run < k and position + run < len(accepted) and accepted[position + run] == "1":
+            run += 1
+        position += run + 1
+        count += 1
+    return count
+
+
+def best_round(accepted: list[str], cost: float, verify: dict[int, float]) -> tuple[int, float]:
+    """(k, predicted speedup) with the k of `verify` (k -> cost of verifying k + 1 tokens, in decode
+    steps) that decodes the continuations `accepted` fastest with a draft costing `cost` per token;
     the smaller k on a tie."""
-    return max(((k, speculative_speedup(acceptance, cost, k, v)) for k, v in sorted(verify.items())),
-               key=lambda kv: (kv[1], -kv[0]))  # fmt: skip
+    tokens = sum(len(a) for a in accepted)
+    figures = {k: tokens / (sum(rounds(a, k) for a in accepted) * (k * cost + v)) for k, v in verify.items()}
+    return max(sorted(figures.items()), key=lambda kv: (kv[1], -kv[0]))
 
 
 def parse_tokens(text: str) -> tuple[int, ...]:
@@ -85,6 +109,20 @@ def verification_costs(engine: Any, base: Any, ks: Sequence[int], decode_seconds
 def agreement(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> float:
     """The share of positions where the student's most likely token is the teacher's."""
     return float((teacher_logprobs.argmax(-1) == student_logits.argmax(-1)).float().mean())
+
+
+def accepted(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> str:
+    """Per position, "1" where the student's most likely token is the teacher's, else "0"."""
+    return "".join("1" if a else "0" for a in (teacher_logprobs.argmax(-1) == student_logits.argmax(-1)).tolist())
+
+
+@torch.no_grad()
+def continued(model: nn.Module, window: torch.Tensor, tokens: int, device: torch.device) -> torch.Tensor:
+    """`window` (seq,) with its last `tokens` replaced by `model`'s greedy continuation of the rest."""
+    from secateur.generate import greedy
+
+    prompt = window[: len(window) - tokens][None].to(device)
+    return torch.cat([window[: len(window) - tokens], torch.tensor(greedy(model, prompt, tokens).tokens)])
 
 
 def measure_in_engine(engine: Any, original: nn.Module, draft: nn.Module, tokenizer: Any, text: str, k: int,

@@ -19,9 +19,10 @@
 6. The Pareto front (KL, cost), a plot, and the chosen candidate as a recipe.
 
 `--target draft` (plan/draft.py) searches every candidate but the dense model by the predicted
-speedup of speculative decoding with it as the draft (its argmax agreement with the dense model on
-the proxy windows, its predicted cost per token, the verification's cost timed on the dense model),
-then runs the best predicted ones as drafts for real and chooses the fastest measured.
+speedup of speculative decoding with it as the draft (the rounds a replay of decoding takes over
+the dense model's own greedy continuations of the proxy windows, its predicted cost per token, the
+verification's cost timed on the dense model), then runs the best predicted ones as drafts for real
+and chooses the fastest measured.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from secateur.plan.costs import (
     with_layers,
 )
 from secateur.plan.config import PlanConfig
-from secateur.plan.draft import best_round, measure_in_engine, parse_tokens, verification_costs
+from secateur.plan.draft import CONTINUATION, best_round, measure_in_engine, parse_tokens, verification_costs
 from secateur.plan.proxy import Proxy
 from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front, undominated
@@ -96,6 +97,7 @@ class Row:
     feasible: bool = False  # meets the target (timed, or a size), or may (predicted within the tolerance)
     kl: list[float] = field(default_factory=list)
     agree: list[float] = field(default_factory=list)  # per window: argmax agreement with the dense model
+    accept: list[str] = field(default_factory=list)  # --target draft, per window: proposals accepted ("0101...")
     draft: tuple[int, float] | None = None  # --target draft: (proposals per round, predicted speedup)
     check: dict[str, Any] | None = None  # --target draft: the draft run for real with the dense model
 
@@ -105,6 +107,10 @@ class Row:
 
     @property
     def agreement(self) -> float | None:
+        """The share of proposals the dense model accepts on its own continuations (drafts), else the
+        argmax agreement on the proxy windows."""
+        if self.accept:
+            return sum(a.count("1") for a in self.accept) / sum(len(a) for a in self.accept)
         return sum(self.agree) / len(self.agree) if self.agree else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,7 +120,7 @@ class Row:
                 "prefill_speedup": self.speedup[1] if self.speedup else None, "measured": self.measured,
                 "feasible": self.feasible, "kl": self.score if self.kl else None, "windows": len(self.kl),
                 **({"agree": self.agreement, "draft_tokens": self.draft[0], "draft_speedup": self.draft[1],
-                    "check": self.check} if self.draft else {})}  # fmt: skip
+                    "check": self.check, "accept": self.accept} if self.draft else {})}  # fmt: skip
 
 
 def _engine(config: PlanConfig, target: Target, model_path: str | Path) -> Engine | None:
@@ -241,15 +247,24 @@ def _score_cache(model_path: str | Path, config: PlanConfig) -> Path:
                 "holdout": [config.eval_windows, config.eval_seq_len]}  # fmt: skip
     if config.reconstruct:  # absent otherwise: caches of plans before the option stay valid
         identity["reconstruct"] = True
+    if parse_target(config.target).draft:  # windows that end in the dense model's own continuation
+        identity["continuation"] = continuation_of(config)
     blob = json.dumps(identity, sort_keys=True)
     return cache_dir() / "plan" / f"scores-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.jsonl"
 
 
-def _read_scores(path: Path) -> dict[str, dict[int, dict[str, float]]]:
-    """key -> window -> {"kl": ..., "agree": ...} (rows cached before agreement was measured: KL only)."""
-    scores: dict[str, dict[int, dict[str, float]]] = {}
+def continuation_of(config: PlanConfig) -> int:
+    """--target draft: tokens of the dense model's own continuation that end each proxy window."""
+    return min(CONTINUATION, config.calib_seq_len // 2)
+
+
+def _read_scores(path: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """key -> window -> {"kl": ..., "agree": ..., "accept": ...} (rows cached before agreement was
+    measured: KL only)."""
+    scores: dict[str, dict[int, dict[str, Any]]] = {}
     for row in read_rows(path):
-        scores.setdefault(row["key"], {})[int(row["window"])] = {k: float(row[k]) for k in ("kl", "agree") if k in row}
+        scores.setdefault(row["key"], {})[int(row["window"])] = {k: row[k] for k in ("kl", "agree", "accept")
+                                                                 if k in row}  # fmt: skip
     return scores
 
 
@@ -282,7 +297,7 @@ class Search:
             rungs.append(size)
             for key in sorted(alive, key=lambda k: self.rows[k].candidate):
                 cached = known.setdefault(key, {})
-                need = ("kl", "agree") if self.rank is not None else ("kl",)
+                need = ("kl", "accept") if self.rank is not None else ("kl",)
                 missing = [i for i in range(size) if any(k not in cached.get(i, {}) for k in need)]
                 if missing and self._late():
                     self.stopped = f"--budget-minutes reached at rung {len(rungs)} ({size} windows)"
@@ -292,6 +307,7 @@ class Search:
                     self._score(self.rows[key], missing, cached)
                 self.rows[key].kl = [cached[i]["kl"] for i in range(size)]
                 self.rows[key].agree = [cached[i]["agree"] for i in range(size) if "agree" in cached[i]]
+                self.rows[key].accept = [cached[i]["accept"] for i in range(size) if "accept" in cached[i]]
                 bar.update(1)
             feasible = {k: self.ranked(self.rows[k]) for k in alive if self.rows[k].feasible}
             if size >= self.windows or len(feasible) <= 1:
@@ -306,7 +322,7 @@ class Search:
     def _late(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
-    def _score(self, row: Row, missing: list[int], cached: dict[int, dict[str, float]]) -> None:
+    def _score(self, row: Row, missing: list[int], cached: dict[int, dict[str, Any]]) -> None:
         """Build the candidate, score the windows the cache lacks, and append them to it."""
         model = self.proxy.build(row.candidate)
         built = shape_of(model.config)
@@ -400,7 +416,8 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
     if target.draft:
         rank = _draft_rows(rows, book, engine, base, config, costs)
     setup = time.perf_counter() - clock
-    proxy = Proxy(model, calibration, windows, resolve_device(config.device))
+    proxy = Proxy(model, calibration, windows, resolve_device(config.device),
+                  continuation=continuation_of(config) if target.draft else 0)  # fmt: skip
     proxy.spans(sorted({c.blocks for c in grid}))
     deadline = clock + config.budget_minutes * 60 if config.budget_minutes else None
     search = Search(rows, proxy, _score_cache(model_path, config), config.keep, config.proxy_windows, deadline,
@@ -560,7 +577,7 @@ def _draft_rows(rows: dict[str, Row], book: CostBook, engine: Engine, base: Any,
     costs["verify"] = {str(k): v for k, v in verify.items()}
 
     def rank(row: Row) -> float:
-        row.draft = best_round(row.agreement, 1 / row.speedup[0], verify)
+        row.draft = best_round(row.accept, 1 / row.speedup[0], verify)
         return -row.draft[1]
 
     return rank
@@ -574,7 +591,7 @@ def _search_drafts(search: Search, rows: dict[str, Row], rank: Callable[[Row], f
     search.rows = {k: r for k, r in rows.items() if r.feasible}  # not the dense model
     rungs = search.run()
     for row in rows.values():
-        if row.agree and row.feasible:
+        if row.accept and row.feasible:
             rank(row)  # every scored row gets its predicted figure (the record's front)
     best = _best(rows, rank)
     if not best:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from secateur.depth.search import angular_distances
 from secateur.depth.structure import remove_blocks
 from secateur.experts import ExpertsConfig, prune_experts
 from secateur.models import adapter_for
-from secateur.plan.draft import agreement
+from secateur.plan.draft import accepted, agreement, continued
 from secateur.plan.space import Candidate
 from secateur.width import width_prune
 from secateur.width.prune import Statistics, gather_statistics
@@ -44,12 +45,17 @@ def token_kl(teacher_logprobs: Tensor, student_logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def window_scores(model: nn.Module, window: Tensor, teacher_logprobs: Tensor, device: torch.device) -> dict[str, float]:
+def window_scores(model: nn.Module, window: Tensor, teacher_logprobs: Tensor, device: torch.device,
+                  tail: int = 0) -> dict[str, Any]:  # fmt: skip
     """Over one window's positions: the mean KL, and the share of positions whose most likely token
-    is the teacher's (`agree`: a draft's greedy acceptance rate, plan/draft.py)."""
+    is the teacher's (`agree`); with `tail`, whether the model's proposal for each of the window's
+    last `tail` tokens is the teacher's (`accept`, a string of 0 and 1: plan/draft.py)."""
     logits = model(input_ids=window[None].to(device), use_cache=False).logits[0]  # (seq, vocab)
     teacher = teacher_logprobs.to(device)
-    return {"kl": float(token_kl(teacher, logits).mean()), "agree": agreement(teacher, logits)}
+    scores = {"kl": float(token_kl(teacher, logits).mean()), "agree": agreement(teacher, logits)}
+    if tail:  # position i predicts token i + 1
+        scores["accept"] = accepted(teacher[-tail - 1 : -1], logits[-tail - 1 : -1])
+    return scores
 
 
 @dataclass
@@ -75,12 +81,14 @@ class Proxy:
     batch_size: int = 4
     damp: float = 0.1  # the depth stage's compensate_damp default
     max_levels: int = 6  # depth levels whose model is kept (a copy each); older ones are rebuilt from patches
+    continuation: int = 0  # each window's last tokens replaced by the dense model's greedy continuation (drafts)
     levels: dict[int, Level] = field(default_factory=dict)
     _held: dict[int, None] = field(default_factory=dict)  # levels holding a model, least recently used first
     seconds: dict[str, float] = field(default_factory=lambda: {"spans": 0.0, "levels": 0.0, "teacher": 0.0,
                                                                 "builds": 0.0, "candidates": 0.0})  # fmt: skip
     _distances: dict[int, list[float]] | None = None
     _teacher: dict[int, Tensor] = field(default_factory=dict)
+    _continued: dict[int, Tensor] = field(default_factory=dict)
     _dense: Statistics | None = None  # the dense model's width statistics
     _states: dict[int, list[Tensor]] = field(default_factory=dict)  # dense activations entering level starts
 
@@ -201,12 +209,25 @@ class Proxy:
         self.seconds["builds"] += time.perf_counter() - clock
         return model
 
+    def window(self, index: int) -> Tensor:
+        """Proxy window `index`; with `continuation`, its last tokens are the dense model's own greedy
+        continuation of the rest (what the dense model verifies when a draft proposes)."""
+        if not self.continuation:
+            return self.windows[index]
+        if index not in self._continued:
+            clock = time.perf_counter()
+            self.model.to(self.device).eval()
+            self._continued[index] = continued(self.model, self.windows[index], self.continuation, self.device)
+            self.seconds["teacher"] += time.perf_counter() - clock
+        return self._continued[index]
+
     def teacher(self, index: int) -> Tensor:
         if index not in self._teacher:
+            window = self.window(index)
             clock = time.perf_counter()
             with torch.no_grad():
                 self.model.to(self.device)
-                logits = self.model(input_ids=self.windows[index][None].to(self.device), use_cache=False).logits[0]
+                logits = self.model(input_ids=window[None].to(self.device), use_cache=False).logits[0]
                 self._teacher[index] = F.log_softmax(logits.float(), dim=-1).cpu()
             self.seconds["teacher"] += time.perf_counter() - clock
         return self._teacher[index]
@@ -215,11 +236,13 @@ class Proxy:
         """Per-window KL of a built candidate on the proxy windows `indices`."""
         return [m["kl"] for m in self.measure(model, indices)]
 
-    def measure(self, model: nn.Module, indices: range) -> list[dict[str, float]]:
-        """Per-window KL and argmax agreement of a built candidate on the proxy windows `indices`."""
+    def measure(self, model: nn.Module, indices: range) -> list[dict[str, Any]]:
+        """Per-window KL, argmax agreement (and, with `continuation`, the accepted proposals) of a built
+        candidate on the proxy windows `indices`."""
         teachers = [self.teacher(i) for i in indices]  # timed apart, as "teacher"
         clock = time.perf_counter()
         model.to(self.device).eval()
-        scores = [window_scores(model, self.windows[i], t, self.device) for i, t in zip(indices, teachers)]
+        scores = [window_scores(model, self.window(i), t, self.device, self.continuation)
+                  for i, t in zip(indices, teachers)]  # fmt: skip
         self.seconds["candidates"] += time.perf_counter() - clock
         return scores

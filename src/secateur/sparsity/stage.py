@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from secateur.config import NM, AllocationConfig, CalibConfig, PruneConfig, RefineConfig, Target, Unstructured
 from secateur.errors import ConfigError
-from secateur.recipe import Section, Settings, StageContext, StageKind, register
+from secateur.recipe import Section, Settings, StageContext, StageKind, Streaming, register
 from secateur.schema import Option, fill, flatten, options_of
 from secateur.sparsity.methods import REGISTRY
 from secateur.sparsity.prune import needs_calibration, sparsify
@@ -76,6 +76,18 @@ def _report(record: dict[str, Any]) -> Section:
                    ("block", "sparsity", "least", "most", "block error"), rows, heatmap=True)
 
 
+def _why_not_stream(config: PruneConfig) -> str | None:
+    from secateur.sparsity.disk import streamable
+
+    return streamable(config)
+
+
+def _stream(*args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    from secateur.sparsity.disk import streamed
+
+    return streamed(*args)
+
+
 KIND = register(StageKind(
     "sparsity", PruneConfig, lambda: tuple(REGISTRY), _options, _build, _settings, _run, needs_calibration,
     lambda config: CalibConfig(),
@@ -84,4 +96,5 @@ KIND = register(StageKind(
     report=_report,
     leaves_zeros=lambda settings: True,
     leaves_nm=lambda settings: "pattern" in settings,
+    streaming=Streaming(_why_not_stream, _stream),
 ))  # fmt: skip
