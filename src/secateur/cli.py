@@ -41,7 +41,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     work = checkpoints_for(args.out) if getattr(args, "keeps_checkpoints", False) else None
     if work is not None and any(work.glob("stage-*/checkpoint")):
         return f"no output was written; the recovery's checkpoints stay in {work} (rerun with --resume)"
-    if work is not None and any(work.glob("stream/state.pt")):
+    if work is not None and any(work.glob("stream/*.pt")):  # a streamed kind's state (state.pt, depth.pt)
         return f"no output was written; the blocks streamed so far stay in {work} (rerun with --resume)"
     return "no output was written (partial files were removed)"
 

@@ -82,13 +82,15 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
     why = streamable(config)
     if why is not None:
         raise ConfigError(f"{why}: it cannot be streamed from disk; use angular or block-influence, or load it in memory")
-    store = DiskBlocks.open(path, dtype, staging, work)
+    store = DiskBlocks.open(path, dtype)  # read only: the passes write nothing
     try:
         model, adapter = store.model, store.adapter
         before = len(adapter.block_list(model))
         parameters_before = sum(p.numel() for p in model.parameters())
         config, why = resolve_compensation(model, config)
         saved = work / STATE if work is not None else None
+        if work is not None:
+            work.mkdir(parents=True, exist_ok=True)
         if saved is not None and saved.is_file():
             state = torch.load(saved, weights_only=True)
         else:
@@ -100,6 +102,7 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
                 torch.save(state, saved.with_suffix(".tmp"))
                 os.replace(saved.with_suffix(".tmp"), saved)
         removed = list(state["removed"])
+        store.staging, store.work = staging, work  # the blocks are written now, renumbered
         table = store.write_blocks([i for i in range(before) if i not in set(removed)], state["patches"])
         remove_blocks(model, adapter, removed)  # on the meta device: the output's config and block count
         store.finish()
