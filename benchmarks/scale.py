@@ -3,13 +3,15 @@ resident memory and speed before and after the chunked loss.
 
 Streaming rows: Wanda 50% (the default 64 x 512 calibration tokens unless said) by `secateur prune`
 with `--offload none` (in memory) and `--offload disk` (blocks streamed from the input's safetensors
-to the output). `smollm2-*`: SmolLM2-135M in float32. `llama8b-*`: a random-weight model with
+to the output); `*-depth-*` rows: angular depth removing a quarter of the blocks, compensated (the
+default 16 x 512 calibration tokens for SmolLM2). `smollm2-*`: SmolLM2-135M in float32. `llama8b-*`: a random-weight model with
 Llama-3.1-8B shapes (32 blocks of hidden 4,096, MLP 14,336, 32 query / 8 key-value heads, a
 128,256-token vocabulary, untied head: 8.03B parameters, bfloat16 safetensors, 16.1 GB on disk, one
 shard per block), written here by `llama8b_model()` (normal(0, 0.02) weights, SmolLM2's tokenizer for
 the calibration text), pruned in bfloat16 with 16 x 512 calibration tokens;
 `llama8b2-memory` / `llama8b2-disk` are the same with 2 blocks, the per-block cost in memory and
-streamed on the same block shape. `prune s` is the pass over the blocks (a streamed run's reading and
+streamed on the same block shape; `llama8b16-*` has 16 of those blocks (8 GB: in memory too on
+this 24 GiB machine). `prune s` is the pass over the blocks (a streamed run's reading and
 writing of blocks included; its copying of what lies outside the blocks is `write s`).
 
 Recovery rows: SmolLM2-135M width 50% (`secateur prune --method width --remove-fraction 0.5`, 81.7M
@@ -50,13 +52,20 @@ RECOVERY = {
 }
 
 
+WANDA = ["--method", "wanda", "--sparsity", "0.5"]
+DEPTH = ["--method", "angular", "--remove-fraction", "0.25"]  # compensated: the default where the family allows
 STREAM = {
-    "smollm2-memory": ("smollm2", ["--offload", "none"]),
-    "smollm2-disk": ("smollm2", ["--offload", "disk"]),
-    "llama8b2-memory": ("llama8b2", ["--offload", "none"]),
-    "llama8b2-disk": ("llama8b2", ["--offload", "disk"]),
-    "llama8b-disk": ("llama8b", ["--offload", "disk"]),
+    "smollm2-memory": ("smollm2", ["--offload", "none", *WANDA]),
+    "smollm2-disk": ("smollm2", ["--offload", "disk", *WANDA]),
+    "llama8b2-memory": ("llama8b2", ["--offload", "none", *WANDA]),
+    "llama8b2-disk": ("llama8b2", ["--offload", "disk", *WANDA]),
+    "llama8b-disk": ("llama8b", ["--offload", "disk", *WANDA]),
+    "smollm2-depth-memory": ("smollm2", ["--offload", "none", *DEPTH]),
+    "smollm2-depth-disk": ("smollm2", ["--offload", "disk", *DEPTH]),
+    "llama8b16-depth-memory": ("llama8b16", ["--offload", "none", *DEPTH]),
+    "llama8b16-depth-disk": ("llama8b16", ["--offload", "disk", *DEPTH]),
 }
+BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)  # fmt: skip
@@ -117,18 +126,20 @@ def made(blocks: int) -> Path:
 
 def stream_row(name: str) -> dict:
     model, flags = STREAM[name]
-    path = dense() if model == "smollm2" else made(32 if model == "llama8b" else 2)
+    path = dense() if model == "smollm2" else made(BLOCKS[model])
     extra = [] if model == "smollm2" else ["--dtype", "bfloat16", "--calib-samples", "16"]
     out = WORK / name
-    _, seconds, peak = cli_timed("prune", path, "--method", "wanda", "--sparsity", "0.5", *flags, *extra,
-                                 "--check-windows", "0", "--out", out, "--overwrite")  # fmt: skip
+    _, seconds, peak = cli_timed("prune", path, *flags, *extra, "--check-windows", "0", "--out", out,
+                                 "--overwrite")  # fmt: skip
     manifest = json.loads((out / "secateur.json").read_text())
     record = manifest["history"][-1]
     row = {"row": name, "peak_rss_mib": peak, "seconds": seconds, "prune_seconds": record["seconds"],
            "write_seconds": record.get("write_seconds"),
            "blocks": manifest["structure"]["blocks"], "parameters": manifest["structure"]["parameters"],
            "sparsity": manifest["structure"]["target_sparsity"], "calibration_tokens": record["calibration"]["tokens"],
-           "offload": manifest.get("offload", "none")}  # fmt: skip
+           "offload": manifest.get("offload", "none"), "kind": record["kind"],
+           "removed_blocks": record["result"].get("removed_blocks"),
+           "input_blocks": record["result"].get("blocks_before", manifest["structure"]["blocks"])}  # fmt: skip
     if model != "smollm2":
         import shutil
 
@@ -171,8 +182,9 @@ def table() -> None:
           f"{'wall s':>8s}")  # fmt: skip
     for r in rows:
         if r["row"] in STREAM:
-            print(f"{r['row']:18s} {r['blocks']:6d} {r['peak_rss_mib']:12.0f} {r['prune_seconds']:8.1f} "
-                  f"{r['prune_seconds'] / r['blocks']:8.2f} {r.get('write_seconds') or 0:8.1f} {r['seconds']:8.1f}")  # fmt: skip
+            blocks = r.get("input_blocks", r["blocks"])  # the passes run over the input's blocks
+            print(f"{r['row']:22s} {blocks:6d} {r['peak_rss_mib']:12.0f} {r['prune_seconds']:8.1f} "
+                  f"{r['prune_seconds'] / blocks:8.2f} {r.get('write_seconds') or 0:8.1f} {r['seconds']:8.1f}")  # fmt: skip
     print()
     for r in rows:
         if r["row"].startswith("recovery"):

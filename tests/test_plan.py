@@ -822,6 +822,22 @@ def test_rounds_replay_greedy_speculative_decoding_by_hand():
     assert best_round(["0000"], 0.5, {1: 1.0, 3: 1.0})[0] == 1  # a draft that is always wrong proposes little
 
 
+def test_round_costs_smooth_the_verification_and_learn_the_loops_overhead():
+    from secateur.plan.draft import RoundCosts, line
+
+    assert line({1: 1.0, 2: 2.0, 3: 3.0}) == pytest.approx({1: 1.0, 2: 2.0, 3: 3.0})
+    assert line({1: 1.3, 2: 1.1, 3: 1.2}) == pytest.approx({1: 1.2, 2: 1.2, 3: 1.2})  # falling: flat, the mean
+    assert line({1: 1.0, 3: 2.0, 5: 3.0}) == pytest.approx({1: 1.0, 3: 2.0, 5: 3.0}) and line({2: 1.5}) == {2: 1.5}
+    costs = RoundCosts({1: 1.0, 2: 1.0})
+    # a draft of cost 0.5 run with k = 1 gave 1.5 tokens per round at 0.5x: a round took 3 steps, 1.5 modelled
+    costs.correct(1, 0.5, 1.5, 0.5)
+    assert costs.overhead == pytest.approx(1.5) and costs.per_round == pytest.approx({1: 2.5, 2: 2.5})
+    costs.correct(2, 0.5, 2.0, 2.0)  # faster than modelled: no negative overhead; the median of 1.5 and 0
+    assert costs.implied == pytest.approx([1.5, 0.0]) and costs.overhead == pytest.approx(0.75)
+    # with the overhead, longer rounds pay: "11111111" at cost 0.5: k = 1 -> 4 rounds, k = 2 -> 3 rounds
+    assert costs.best(["11111111"], 0.5) == (2, pytest.approx(8 / (3 * (1.0 + 1.75))))
+
+
 def test_speculative_speedup_by_hand():
     from secateur.plan.draft import parse_tokens, speculative_speedup
 
@@ -889,7 +905,7 @@ def _draft_engine(model: Path):
 
 def test_plan_finds_the_fastest_draft_and_runs_the_best_for_real(deep_model, tmp_path, monkeypatch, capsys):
     from secateur.plan import PlanConfig, plan
-    from secateur.plan.draft import best_round
+    from secateur.plan.draft import RoundCosts
     from secateur.schema import fill
 
     monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
@@ -902,14 +918,18 @@ def test_plan_finds_the_fastest_draft_and_runs_the_best_for_real(deep_model, tmp
     assert verify == pytest.approx({k: 1 + 0.1 * (k + 1) for k in range(1, 5)})
     rows = [r for r in record["candidates"] if r.get("agree") is not None]
     assert rows and all(r["blocks"] or r["width"] for r in rows)  # the dense model is no draft
-    for r in rows:  # every figure is the replay's, from the row's accepted proposals and predicted cost
-        assert all(len(a) == 16 for a in r["accept"])  # half of each 32-token window: the dense continuation
-        k, speedup = best_round(r["accept"], 1 / r["decode_speedup"], verify)
-        assert (r["draft_tokens"], r["draft_speedup"]) == (k, pytest.approx(speedup))
     checks = record["costs"]["checks"]
+    assert len(checks) == 2 and checks[0]["overhead"] == 0  # the first pick: before any run corrected it
     top = max(r["windows"] for r in rows)
-    best = sorted((r for r in rows if r["windows"] == top), key=lambda r: -r["draft_speedup"])[:2]
-    assert [c["key"] for c in checks] == [r["key"] for r in best]  # the two best predicted ran for real
+    first = RoundCosts(verify)
+    best = max((r for r in rows if r["windows"] == top),
+               key=lambda r: first.best(r["accept"], 1 / r["decode_speedup"])[1])  # fmt: skip
+    assert checks[0]["key"] == best["key"] and checks[0]["draft_tokens"] == first.best(best["accept"], 1 / best["decode_speedup"])[0]
+    final = RoundCosts(verify, overhead=record["costs"]["overhead"])
+    for r in rows:  # every figure is the replay's, from the row's accepted proposals, its cost, the corrected rounds
+        assert all(len(a) == 16 for a in r["accept"])  # half of each 32-token window: the dense continuation
+        k, speedup = final.best(r["accept"], 1 / r["decode_speedup"])
+        assert (r["draft_tokens"], r["draft_speedup"]) == (k, pytest.approx(speedup))
     assert all(c["identical"] and 0 <= c["acceptance"] <= 1 for c in checks)  # lossless, in transformers
     chosen = record["chosen"]
     assert chosen["check"]["speedup"] == max(c["speedup"] for c in checks)

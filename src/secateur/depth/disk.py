@@ -76,7 +76,7 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
                  device: torch.device, batch_size: int, work: Path | None = None) -> tuple[dict[str, Any], DepthConfig,
                                                                                           Any, dict[str, Any]]:  # fmt: skip
     """Remove blocks of the model at `path` into the directory `staging` (weights and index); returns
-    the stage's result (as the in-memory stage reports it), its config with compensation resolved,
+    the stage's result (as the in-memory stage reports it, and `write_seconds`: the writing), its config with compensation resolved,
     the output's model on the meta device (its config and shapes) and the manifest's structure
     section."""
     why = streamable(config)
@@ -103,14 +103,17 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
                 os.replace(saved.with_suffix(".tmp"), saved)
         removed = list(state["removed"])
         store.staging, store.work = staging, work  # the blocks are written now, renumbered
+        clock = time.perf_counter()
         table = store.write_blocks([i for i in range(before) if i not in set(removed)], state["patches"])
         remove_blocks(model, adapter, removed)  # on the meta device: the output's config and block count
         store.finish()
+        written = time.perf_counter() - clock
     finally:
         store.close()
     result = {"blocks_before": before, "blocks_after": model.config.num_hidden_layers,
               "parameters_before": parameters_before, "parameters_after": sum(p.numel() for p in model.parameters()),
-              "removed_blocks": removed, "removed_sublayers": [], **state["selection"]}  # fmt: skip
+              "removed_blocks": removed, "removed_sublayers": [], **state["selection"],
+              "write_seconds": written}  # fmt: skip
     if why is not None:
         result["variant"] = why
     layers = [(name, table[name + ".weight"][0], table[name + ".weight"][1]) for name, _ in target_layers(model, adapter)]

@@ -151,8 +151,10 @@ def _stream(path: Any, staging: Any, config: DepthConfig, calibration: Tensor | 
                                                     batch_size, work)  # fmt: skip
     model.config.dtype = resolve_dtype(dtype)
     write_side_files(path, staging, model.config)
-    record = {"kind": "depth", "settings": stage_settings(config), "result": result,
-              "seconds": time.perf_counter() - clock, "offload": "disk"}  # fmt: skip
+    written = result.pop("write_seconds")
+    seconds = time.perf_counter() - clock
+    record = {"kind": "depth", "settings": stage_settings(config), "result": result, "seconds": seconds - written,
+              "write_seconds": written, "offload": "disk"}  # fmt: skip
     return record, structure
 
 

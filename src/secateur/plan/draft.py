@@ -21,13 +21,18 @@ units of the original's decode step, so the predicted speedup over plain decodin
 and each candidate gets the k of `--draft-tokens` that maximises it. The search ranks candidates by
 this figure; then the best few are built, run as drafts of the original for real (secateur's own
 loop in transformers, llama-speculative-simple on f16 GGUF files in llama.cpp), checked to give the
-original's greedy output, and the fastest measured is chosen."""
+original's greedy output, and the fastest measured is chosen. The real loop costs more per round
+than the timed parts (`RoundCosts.overhead`): each run corrects the predictions before the next
+draft to run is picked, so later checks (and the k each draft is run with) follow what was
+measured."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+import statistics
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,12 +73,52 @@ def rounds(accepted: str, k: int) -> int:
 
 
 def best_round(accepted: list[str], cost: float, verify: dict[int, float]) -> tuple[int, float]:
-    """(k, predicted speedup) with the k of `verify` (k -> cost of verifying k + 1 tokens, in decode
-    steps) that decodes the continuations `accepted` fastest with a draft costing `cost` per token;
-    the smaller k on a tie."""
+    """(k, predicted speedup) with the k of `verify` (k -> what a round of k proposals costs besides
+    the proposals, in decode steps: the verification of k + 1 tokens and any overhead) that decodes
+    the continuations `accepted` fastest with a draft costing `cost` per token; the smaller k on a
+    tie."""
     tokens = sum(len(a) for a in accepted)
     figures = {k: tokens / (sum(rounds(a, k) for a in accepted) * (k * cost + v)) for k, v in verify.items()}
     return max(sorted(figures.items()), key=lambda kv: (kv[1], -kv[0]))
+
+
+def line(points: dict[int, float]) -> dict[int, float]:
+    """The least-squares line a + b k through (k, value), b >= 0 (a verification of more tokens never
+    costs less), evaluated at each k: one timing per k is noisy, a line through all of them less."""
+    ks = sorted(points)
+    if len(ks) < 2:
+        return dict(points)
+    mean_k, mean_v = sum(ks) / len(ks), sum(points.values()) / len(ks)
+    slope = sum((k - mean_k) * (points[k] - mean_v) for k in ks) / sum((k - mean_k) ** 2 for k in ks)
+    slope = max(slope, 0.0)
+    return {k: mean_v + slope * (k - mean_k) if slope else mean_v for k in ks}
+
+
+@dataclass
+class RoundCosts:
+    """What a round of k proposals costs besides the proposals themselves, in the original's decode
+    steps: the verification of k + 1 tokens (timed, and smoothed by `line`) and an overhead per
+    round that the real decoding loop adds (the caches cut back, the draft catching up, the draft's
+    own prefill spread over the rounds): zero until a draft has run for real, then the median of
+    what the runs imply (`correct`)."""
+
+    verify: dict[int, float]  # k -> timed cost of the verification of k + 1 tokens
+    overhead: float = 0.0
+    implied: list[float] = field(default_factory=list)
+
+    @property
+    def per_round(self) -> dict[int, float]:
+        return {k: v + self.overhead for k, v in line(self.verify).items()}
+
+    def best(self, accepted: list[str], cost: float) -> tuple[int, float]:
+        return best_round(accepted, cost, self.per_round)
+
+    def correct(self, k: int, cost: float, tokens_per_round: float, speedup: float) -> None:
+        """A draft of cost `cost` run with `k` proposals gave `tokens_per_round` tokens per round at
+        `speedup`: a round took tokens_per_round / speedup decode steps, of which k * cost + the
+        smoothed verification are modelled; the rest is overhead (at least 0)."""
+        self.implied.append(max(0.0, tokens_per_round / speedup - k * cost - line(self.verify)[k]))
+        self.overhead = statistics.median(self.implied)
 
 
 def parse_tokens(text: str) -> tuple[int, ...]:

@@ -64,7 +64,7 @@ from secateur.plan.costs import (
     with_layers,
 )
 from secateur.plan.config import PlanConfig
-from secateur.plan.draft import CONTINUATION, best_round, measure_in_engine, parse_tokens, verification_costs
+from secateur.plan.draft import CONTINUATION, RoundCosts, measure_in_engine, parse_tokens, verification_costs
 from secateur.plan.proxy import Proxy
 from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front, undominated
@@ -412,9 +412,9 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
     margin, tolerance = costs["margin"], costs["tolerance"]
     if target.speed:
         _feasible(rows, target, book, margin, tolerance, dense_value)
-    rank = None
+    rank = round_costs = None
     if target.draft:
-        rank = _draft_rows(rows, book, engine, base, config, costs)
+        rank, round_costs = _draft_rows(rows, book, engine, base, config, costs)
     setup = time.perf_counter() - clock
     proxy = Proxy(model, calibration, windows, resolve_device(config.device),
                   continuation=continuation_of(config) if target.draft else 0)  # fmt: skip
@@ -425,7 +425,8 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
     try:
         with block_bars(progress):
             if target.draft:
-                chosen, rungs = _search_drafts(search, rows, rank, proxy, engine, tokenizer, config, costs)
+                chosen, rungs = _search_drafts(search, rows, rank, round_costs, proxy, engine, tokenizer, config,
+                                               costs)  # fmt: skip
             else:
                 chosen, rungs, tolerance = _search(search, rows, configs, book, costs, config, target, tolerance,
                                                    dense_value)  # fmt: skip
@@ -565,45 +566,60 @@ def _search(search: Search, rows: dict[str, Row], configs: dict[Candidate, Any],
 
 
 def _draft_rows(rows: dict[str, Row], book: CostBook, engine: Engine, base: Any, config: PlanConfig,
-                costs: dict[str, Any]) -> Callable[[Row], float]:  # fmt: skip
+                costs: dict[str, Any]) -> tuple[Callable[[Row], float], RoundCosts]:  # fmt: skip
     """--target draft: every candidate that removes something is in the search, with its predicted
     decode speedup (the draft's cost per token is its inverse); the verification's cost is timed on
-    the dense model. Returns the search's rank: minus the predicted speculative speedup."""
+    the dense model. Returns the search's rank (minus the predicted speculative speedup, with the
+    round costs as they stand when it is called) and those round costs."""
     for row in rows.values():
         row.speedup = book.speedup(row.shape)
         c = row.candidate
         row.feasible = bool(c.blocks or c.width or c.hidden)
     verify = verification_costs(engine, base, parse_tokens(config.draft_tokens), costs["dense"]["decode"])
     costs["verify"] = {str(k): v for k, v in verify.items()}
+    rounds = RoundCosts(verify)
 
     def rank(row: Row) -> float:
-        row.draft = best_round(row.accept, 1 / row.speedup[0], verify)
+        row.draft = rounds.best(row.accept, 1 / row.speedup[0])
         return -row.draft[1]
 
-    return rank
+    return rank, rounds
 
 
-def _search_drafts(search: Search, rows: dict[str, Row], rank: Callable[[Row], float], proxy: Proxy, engine: Engine,
-                   tokenizer: Any, config: PlanConfig, costs: dict[str, Any]) -> tuple[Row, list[int]]:  # fmt: skip
-    """Successive halving by the predicted speculative speedup over every candidate; then the best
-    `config.checks` run as drafts of the dense model for real, and the fastest measured that gives
-    the dense model's output is chosen (a faster one that does not is said in the record)."""
+def _search_drafts(search: Search, rows: dict[str, Row], rank: Callable[[Row], float], round_costs: RoundCosts,
+                   proxy: Proxy, engine: Engine, tokenizer: Any, config: PlanConfig,
+                   costs: dict[str, Any]) -> tuple[Row, list[int]]:  # fmt: skip
+    """Successive halving by the predicted speculative speedup over every candidate; then, `checks`
+    times, the best predicted draft (with its best k) not yet run runs as the dense model's draft for
+    real, and what it measured corrects the round costs of every prediction before the next pick.
+    The fastest measured that gives the dense model's output is chosen (one that does not is said in
+    the record)."""
     search.rows = {k: r for k, r in rows.items() if r.feasible}  # not the dense model
     rungs = search.run()
-    for row in rows.values():
-        if row.accept and row.feasible:
-            rank(row)  # every scored row gets its predicted figure (the record's front)
-    best = _best(rows, rank)
-    if not best:
+    if not _best(rows, rank):
         raise ConfigError("the budget ran out before any draft was scored; raise --budget-minutes (a rerun reuses "
                           "what was scored)")
-    vocabulary = getattr(engine, "vocabulary", None)
-    for row in best[: config.checks]:
+    vocabulary, done, measured = getattr(engine, "vocabulary", None), set(), {}
+    while len(done) < config.checks:
+        row = next((r for r in _best(rows, rank) if (r.candidate.key, r.draft[0]) not in done), None)
+        if row is None:
+            break
+        k, predicted = row.draft
         draft = proxy.build(row.candidate)
-        row.check = measure_in_engine(engine, proxy.model, draft, tokenizer, config.calib, row.draft[0], vocabulary)
-        costs["checks"].append({"key": row.candidate.key, "predicted": row.draft[1], **row.check})
+        check = measure_in_engine(engine, proxy.model, draft, tokenizer, config.calib, k, vocabulary)
         del draft
-    checked = [r for r in best if r.check]
+        done.add((row.candidate.key, k))
+        costs["checks"].append({"key": row.candidate.key, "predicted": predicted, "overhead": round_costs.overhead,
+                                **check})  # fmt: skip
+        if row.candidate.key not in measured or check["speedup"] > measured[row.candidate.key]["speedup"]:
+            measured[row.candidate.key] = check
+        round_costs.correct(k, 1 / row.speedup[0], check["tokens_per_round"], check["speedup"])
+    costs["overhead"], costs["implied_overheads"] = round_costs.overhead, list(round_costs.implied)
+    for row in rows.values():
+        if row.accept and row.feasible:
+            rank(row)  # every scored row's figure with the corrected round costs (the record's front)
+        row.check = measured.get(row.candidate.key)
+    checked = [r for r in rows.values() if r.check]
     return max(checked, key=lambda r: (r.check["identical"], r.check["speedup"])), rungs
 
 
