@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS, calibration_ids, tiny_tokenizer
+from conftest import CONFIGS, calibration_ids, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import secateur
@@ -579,3 +579,24 @@ def test_cli_compensate_is_recorded(tmp_path, text_file, model_dir):
     assert stage["compensate"] is True and stage["compensate_damp"] == 0.2
     assert len(manifest["history"][-1]["result"]["compensation"]) == 1
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+def test_the_additivity_check_holds_in_bfloat16_and_still_catches_a_norm():
+    """bfloat16's own rounding of the residual sum (2^-8 of each value) is not a norm after the MLP;
+    a norm after it still is, in bfloat16 too."""
+    import dataclasses
+
+    from secateur.depth.compensate import compensate
+    from secateur.depth.structure import DepthError
+    from secateur.models import adapter_for
+
+    model = tiny_model("llama", num_hidden_layers=4).to(torch.bfloat16)
+    records = compensate(model, adapter_for(model), [2], calibration_ids(4, 16), 2, torch.device("cpu"))
+    assert records[0]["fitted"] == "model.layers.1.mlp.down_proj"
+    gemma = tiny_model("gemma3_text", num_hidden_layers=4,
+                       layer_types=["sliding_attention"] * 3 + ["full_attention"]).to(torch.bfloat16)  # fmt: skip
+    adapter = adapter_for(gemma)
+    forgetful = dataclasses.replace(adapter, width=dataclasses.replace(
+        adapter.width, mlp=dataclasses.replace(adapter.width.mlp, post_norm=None)))
+    with pytest.raises(DepthError, match="not added straight to the residual stream"):
+        compensate(gemma, forgetful, [2], calibration_ids(2, 8), 2, torch.device("cpu"))

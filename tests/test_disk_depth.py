@@ -69,6 +69,7 @@ def test_streamed_depth_equals_the_in_memory_stage_bit_for_bit(tmp_path, family)
     result = record["result"]
     assert result["removed_blocks"] == selection.blocks and result["compensated"] == selection.compensated
     assert result["compensation"] == selection.compensation and result["blocks_after"] == 4
+    assert result["parameters_after"] == sum(p.numel() for p in model.parameters())  # a tied head counted once
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").eval()  # stock transformers
     assert reloaded.config.num_hidden_layers == 4
     ids = calibration_ids(2, 16, seed=3)

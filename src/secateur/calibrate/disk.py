@@ -199,6 +199,9 @@ class DiskBlocks:
     _pending: dict | None = None  # the state after the last finished block, read when saved
     _saved_at: float = field(default_factory=time.monotonic)
     pinned: set[int] = field(default_factory=set)  # blocks that stay resident when left (a fit changes them later)
+    # hand the heap's free pages back after every block: against the creep that the pruning's temporaries
+    # leave; a pass that only runs the blocks reuses the same activations and would page-fault them anew
+    trim: bool = True
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     _ahead: dict[int, Future] = field(default_factory=dict)
 
@@ -301,7 +304,8 @@ class DiskBlocks:
             block.to("cpu")
             return
         block.to("meta")
-        release_free_memory()
+        if self.trim:
+            release_free_memory()
         pending, self._pending = self._pending, None
         if self.work is not None and pending is not None and pending["index"] == index + 1 \
                 and time.monotonic() - self._saved_at >= SAVE_EVERY:  # fmt: skip

@@ -83,6 +83,7 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
     if why is not None:
         raise ConfigError(f"{why}: it cannot be streamed from disk; use angular or block-influence, or load it in memory")
     store = DiskBlocks.open(path, dtype)  # read only: the passes write nothing
+    store.trim = False  # forward passes: the same activations every block, nothing to give back
     try:
         model, adapter = store.model, store.adapter
         before = len(adapter.block_list(model))
@@ -106,6 +107,8 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
         clock = time.perf_counter()
         table = store.write_blocks([i for i in range(before) if i not in set(removed)], state["patches"])
         remove_blocks(model, adapter, removed)  # on the meta device: the output's config and block count
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()  # the passes sent head and embeddings to the meta device one by one: counted once
         store.finish()
         written = time.perf_counter() - clock
     finally:
