@@ -64,6 +64,7 @@ STREAM = {
     "smollm2-depth-disk": ("smollm2", ["--offload", "disk", *DEPTH]),
     "llama8b16-depth-memory": ("llama8b16", ["--offload", "none", *DEPTH]),
     "llama8b16-depth-disk": ("llama8b16", ["--offload", "disk", *DEPTH]),
+    "llama8b16-depth-plain-disk": ("llama8b16", ["--offload", "disk", *DEPTH, "--no-compensate"]),
 }
 BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,

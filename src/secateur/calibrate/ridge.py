@@ -41,7 +41,8 @@ def ridge_towards(eq: NormalEquations, prior: Tensor, damp: float) -> Tensor:
     lam = damp * float(eq.gram.diagonal().mean())
     if lam <= 0:
         lam = 1e-8 * max(float(eq.gram.diagonal().abs().max()), 1.0)
-    gram = eq.gram + lam * torch.eye(len(eq.gram), dtype=eq.gram.dtype, device=eq.gram.device)
+    gram = eq.gram.clone()  # + lam I, without an identity matrix as large as the Gram matrix beside it
+    gram.diagonal().add_(lam)
     return torch.linalg.solve(gram, eq.cross + lam * prior.to(eq.gram.dtype))
 
 

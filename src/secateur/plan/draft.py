@@ -189,10 +189,10 @@ def measure_in_engine(engine: Any, original: nn.Module, draft: nn.Module, tokeni
                 path = folder / f"{name}.gguf"
                 write_gguf(model, model_shape(model), path, "f16", None, vocabulary, name=name)
                 paths.append(path)
-            tokenizer.save_pretrained(folder / "tokenizer")
-            result = measure_draft_llamacpp(paths[0], paths[1], llama_cpp=engine.binary, prompt=engine.prompt,
-                                            new_tokens=engine.new_tokens, draft_tokens=k, repeats=engine.repeats,
-                                            text=text, threads=engine.threads, tokenizer=tokenizer)  # fmt: skip
+            result = measure_draft_llamacpp(paths[0], paths[1], llama_cpp=Path(engine.binary).parent,
+                                            prompt=engine.prompt, new_tokens=engine.new_tokens, draft_tokens=k,
+                                            repeats=engine.repeats, text=text, threads=engine.threads,
+                                            tokenizer=tokenizer)  # fmt: skip
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     elif engine.name == "hf":
