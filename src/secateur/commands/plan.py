@@ -36,10 +36,11 @@ def run(args: argparse.Namespace) -> int:
           f"parameters, KL {chosen['kl']:.4f} on {chosen['windows']} windows")
     if record["metric"] == "draft":
         check = chosen["check"]
-        print(f"  as the draft of the model in {costs['engine']['engine']}: agreement {chosen['agree']:.3f}, "
-              f"k={chosen['draft_tokens']}, predicted {chosen['draft_speedup']:.2f}x, measured {check['speedup']:.2f}x "
-              f"(acceptance {check['acceptance']:.3f}, output {'identical' if check['identical'] else 'NOT identical'}); "
-              f"{len(costs['checks'])} drafts run")
+        print(f"  as the draft of the model in {costs['engine']['engine']}: measured {check['speedup']:.2f}x with "
+              f"{check['draft_tokens']} proposals per round (acceptance {check['acceptance']:.3f}, output "
+              f"{'identical' if check['identical'] else 'NOT identical'}); predicted best: {chosen['draft_tokens']} "
+              f"per round, {chosen['draft_speedup']:.2f}x (acceptance on the model's continuations "
+              f"{chosen['agree']:.3f}); {len(costs['checks'])} runs")
         if check["speedup"] < 1:
             print(f"  no draft of the grid decodes faster than the model alone in this engine on this machine "
                   f"(best measured {check['speedup']:.2f}x)")

@@ -28,10 +28,10 @@ def recipe_toml(record: dict[str, Any]) -> str:
              f"file {chosen['file_bytes'] / 1e6:.1f} MB, KL to dense {chosen['kl']:.4f} on {chosen['windows']} windows"]  # fmt: skip
     if record["metric"] == "draft":
         check = chosen["check"]
-        lines.append(f"# as the speculative draft of the model in {record['costs']['engine']['engine']}: agreement "
-                     f"{chosen['agree']:.3f}, {chosen['draft_tokens']} proposals per round, predicted "
-                     f"{chosen['draft_speedup']:.2f}x; measured {check['speedup']:.2f}x (acceptance "
-                     f"{check['acceptance']:.3f}, output {'identical' if check['identical'] else 'NOT identical'})")
+        lines.append(f"# as the speculative draft of the model in {record['costs']['engine']['engine']}: measured "
+                     f"{check['speedup']:.2f}x with {check['draft_tokens']} proposals per round (acceptance "
+                     f"{check['acceptance']:.3f}, output {'identical' if check['identical'] else 'NOT identical'}); "
+                     f"predicted {chosen['draft_speedup']:.2f}x with {chosen['draft_tokens']}")
     elif chosen["decode_speedup"] is not None:
         how = "timed against dense" if chosen["measured"] else "predicted"
         lines.append(f"# {how} in {record['costs']['engine']['engine']}: decode {chosen['decode_speedup']:.2f}x, "
