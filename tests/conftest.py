@@ -92,6 +92,16 @@ def reloads_the_same(model, path: Path, ids: torch.Tensor) -> bool:
         return torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+def stored(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved checkpoint directory's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, calibration_ids, tiny_model, tiny_tokenizer
-from safetensors.torch import load_file
+from conftest import FAMILIES, calibration_ids, stored, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from secateur import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
@@ -30,13 +29,6 @@ def saved(tmp_path, family: str, **save_args):
     tiny_model(family).save_pretrained(path, **save_args)
     tiny_tokenizer().save_pretrained(path)
     return path
-
-
-def stored(path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 @pytest.mark.parametrize("family", FAMILIES)

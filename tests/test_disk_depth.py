@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import CONFIGS, FAMILIES, calibration_ids, tiny_model, tiny_tokenizer
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from conftest import CONFIGS, FAMILIES, calibration_ids, stored, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
 from secateur.calibrate.disk import DiskBlocks
 from secateur.cli import main
@@ -30,13 +29,6 @@ def deep(tmp_path, family: str, blocks: int = 5):
     tiny_model(family, **overrides).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
-
-
-def stored(path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def cli(args, capsys):
