@@ -968,3 +968,17 @@ def test_the_replay_counts_the_rounds_of_the_real_speculative_loop(deep_model):
         real = speculative(dense, draft, prompt[None], 24, k)
         assert real.tokens == window[-24:].tolist()
         assert rounds(accepts[1:], k) == real.target_calls, k  # the first token comes from the prefill
+
+
+def test_a_draft_plan_from_the_command_line_says_what_it_measured(deep_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = deep_model
+    code = main(["plan", str(model), "--target", "draft", *_flags(text, tmp_path / "plan"), "--engine", "hf",
+                 "--prompt", "12", "--new-tokens", "8", "--repeats", "1", "--timing-rounds", "1", "--holdout", "0",
+                 "--draft-tokens", "1:2", "--checks", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    record = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    check = record["chosen"]["check"]
+    assert f"measured {check['speedup']:.2f}x with {check['draft_tokens']} proposals per round" in out
+    assert "output identical" in out and len(record["costs"]["checks"]) == 1
