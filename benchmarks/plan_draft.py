@@ -4,8 +4,9 @@ llama.cpp (f16 GGUF files, llama-speculative-simple), CPU.
 
 Grid: depth 0, 20, 40 and 60% of the 30 blocks (angular span, compensated) x width 0, 25 and 50%
 (uniform, refitted), no hidden channels: 11 drafts. Each is ranked by its predicted speculative
-speedup (argmax agreement with the original on the proxy windows, its cost per token from the cost
-model, the verification timed on the original's shape), and the best 3 are run as drafts for real.
+speedup (the proposals the original accepts on its own greedy continuations of the proxy windows,
+replayed; its cost per token from the cost model; the verification timed on the original's shape),
+and 3 are run as drafts for real, each run correcting the predictions before the next pick.
 transformers: prompt 256 tokens, 64 new, 3 runs (the protocol of benchmarks/drafts.py); llama.cpp:
 the planner's defaults (512, 128, 5 runs).
 

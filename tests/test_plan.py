@@ -852,14 +852,6 @@ def test_speculative_speedup_by_hand():
     assert parse_target("draft").draft and str(parse_target("draft")) == "draft"
 
 
-def test_agreement_is_the_share_of_positions_with_the_teachers_argmax():
-    from secateur.plan.draft import agreement
-
-    teacher = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]]), -1)
-    student = torch.tensor([[5.0, 1.0, 0.0], [0.0, 0.0, 3.0], [0.0, 0.0, 1.0], [0.0, 4.0, 0.0]])
-    assert agreement(teacher, student) == 0.5
-
-
 def test_verification_costs_are_timed_on_the_dense_shape_per_k():
     from dataclasses import dataclass
 

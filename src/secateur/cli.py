@@ -36,12 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _interrupted(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: no output; a recovery stage's checkpoints, for --resume."""
-    from secateur.pipeline import checkpoints_for
+    from secateur.calibrate.disk import has_state
+    from secateur.pipeline import STREAM, checkpoints_for
 
     work = checkpoints_for(args.out) if getattr(args, "keeps_checkpoints", False) else None
     if work is not None and any(work.glob("stage-*/checkpoint")):
         return f"no output was written; the recovery's checkpoints stay in {work} (rerun with --resume)"
-    if work is not None and any(work.glob("stream/*.pt")):  # a streamed kind's state (state.pt, depth.pt)
+    if work is not None and has_state(work / STREAM):
         return f"no output was written; the blocks streamed so far stay in {work} (rerun with --resume)"
     return "no output was written (partial files were removed)"
 

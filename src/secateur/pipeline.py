@@ -23,6 +23,7 @@ from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load
                          model_positions, read_manifest, resolve_device, save)
 from secateur.manifest import applied, build_manifest, history_of, record_run, run_identity
 from secateur.models import adapter_for
+from secateur.calibrate.disk import has_state
 from secateur.offload import on_disk, run_on_disk
 from secateur.output import Output, check_apart, claim
 from secateur.recipe import KINDS, check_order, kind_of, prune, stage_settings
@@ -259,7 +260,7 @@ def _run_streamed(model_path: str | Path, stages: list[PlannedStage], output: Ou
     try:
         manifest = run_on_disk(model_path, stages, output, options, earlier, notes, work / STREAM)
     except BaseException:
-        if not any((work / STREAM).glob("*.pt")):  # a streamed kind's state to go on from (state.pt, depth.pt)
+        if not has_state(work / STREAM):
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from
         raise
     shutil.rmtree(work, ignore_errors=True)

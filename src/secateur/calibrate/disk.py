@@ -3,8 +3,9 @@ reaches them and written to the output's shards as soon as they are done.
 
 `DiskBlocks.open(path)` builds the model on the meta device (buffers such as rotary tables computed as
 usual) and loads only what lies outside the blocks and is needed to reach them (the input
-embeddings; a tied head shares them), dropped again once the first block's inputs are captured. A
-streamed pass (`calibrate.stream.stream_blocks(..., store=blocks)`) then calls `enter(i)`: block
+embeddings; a tied head shares them), dropped again once the first block's inputs are captured.
+The model carries its store (`disk_store`), so any streamed pass over it
+(`calibrate.stream.stream_blocks`) calls `enter(i)`: block
 i's tensors are read from the input (the next block's already, in a background thread, while this
 one computes) and placed on the device; and `leave(i)`: block i is written to its own output shard
 and goes back to the meta device. Peak host memory is about two blocks plus the calibration
@@ -60,6 +61,18 @@ _SAFE = {dtype: name for name, dtype in _TORCH.items()}
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")  # fmt: skip
 Headers = dict[Path, tuple[int, dict[str, dict[str, Any]]]]  # file -> (where its data starts, its entries)
+_STORE = "_secateur_disk"  # the attribute of a model whose blocks stay on disk: its DiskBlocks
+
+
+def disk_store(model: nn.Module) -> "DiskBlocks | None":
+    """The store of a model whose blocks stay on disk (`DiskBlocks.open`); None for a model in memory."""
+    return getattr(model, _STORE, None)
+
+
+def has_state(work: Path) -> bool:
+    """Whether a streamed run's work directory holds a state to resume from (each streamed kind saves
+    one `*.pt` there: `state.pt` for sparsity, `depth.pt` for depth)."""
+    return any(work.glob("*.pt"))
 
 
 class DiskError(SecateurError):
@@ -220,7 +233,7 @@ class DiskBlocks:
         store._check_names()
         store._load_outside()
         model.eval()
-        model._secateur_disk = store  # every streamed pass over this model reads its blocks from here
+        setattr(model, _STORE, store)  # every streamed pass over this model reads its blocks from here
         return store
 
     def ready(self) -> None:
@@ -324,9 +337,9 @@ class DiskBlocks:
         for new, old in enumerate(order):
             file = self._block_file(new)
             source, target = f"{self.adapter.blocks}.{old}.", f"{self.adapter.blocks}.{new}."
-            if file.is_file():
-                tensors = read({n: file for n in safetensors_header(file)[1]}, {file: safetensors_header(file)},
-                               list(safetensors_header(file)[1]), self.dtype)  # fmt: skip
+            if file.is_file():  # written before the kill: read back for its counts
+                header = safetensors_header(file)
+                tensors = read(dict.fromkeys(header[1], file), {file: header}, list(header[1]), self.dtype)
             else:
                 tensors = read(self.files, self.headers, self.names(old), self.dtype)
                 for name, tensor in patches.get(old, {}).items():

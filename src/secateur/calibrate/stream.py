@@ -108,15 +108,16 @@ def block_bars(enabled: bool) -> Iterator[None]:
 
 
 def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch_size: int, device: torch.device,
-                  desc: str, start: BlockState | None = None,
-                  store: Any = None) -> Iterator[tuple[int, nn.Module, BlockInputs]]:  # fmt: skip
+                  desc: str, start: BlockState | None = None) -> Iterator[tuple[int, nn.Module, BlockInputs]]:  # fmt: skip
     """Capture the first block's inputs, then yield (index, block on `device`, inputs) block by block;
     the caller sets `inputs.hidden` to the block's outputs. Only the current block and the calibration
     activations need to be on `device`; everything returns home afterwards. With `start`, the pass
-    begins at its block, on its activations (those `calibration` leads to there). With `store` (a
-    `calibrate.disk.DiskBlocks`), each block is read from disk when its turn comes and written out
-    when the caller is done with it; a model whose blocks stay on disk (`DiskBlocks.open`) brings its own."""
-    store = store if store is not None else getattr(model, "_secateur_disk", None)
+    begins at its block, on its activations (those `calibration` leads to there). For a model whose
+    blocks stay on disk (`calibrate.disk.DiskBlocks.open`), each block is read from disk when its
+    turn comes and written out when the caller is done with it."""
+    from secateur.calibrate.disk import disk_store
+
+    store = disk_store(model)
     if store is not None:
         store.ready()
     home = next(model.parameters()).device

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secateur.calibrate.disk import DiskBlocks
+from secateur.calibrate.disk import DiskBlocks, write_side_files
 from secateur.depth.compensate import compensate, runs
 from secateur.depth.config import DepthConfig, GreedyLossConfig
 from secateur.depth.methods import REGISTRY, resolve_compensation, select_removals
 from secateur.depth.structure import remove_blocks
 from secateur.errors import ConfigError
+from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
 from secateur.sparsity.prune import target_layers
 
@@ -95,17 +96,15 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
         if saved is not None and saved.is_file():
             state = torch.load(saved, weights_only=True)
         else:
-            clock = time.perf_counter()
             removed, patches, selection = _select(store, config, why, calibration, device, batch_size)
-            state = {"removed": removed, "patches": patches, "selection": selection,
-                     "seconds": time.perf_counter() - clock}  # fmt: skip
+            state = {"removed": removed, "patches": patches, "selection": selection}
             if saved is not None:
                 torch.save(state, saved.with_suffix(".tmp"))
                 os.replace(saved.with_suffix(".tmp"), saved)
         removed = list(state["removed"])
         store.staging, store.work = staging, work  # the blocks are written now, renumbered
         clock = time.perf_counter()
-        table = store.write_blocks([i for i in range(before) if i not in set(removed)], state["patches"])
+        table = store.write_blocks(sorted(set(range(before)) - set(removed)), state["patches"])
         remove_blocks(model, adapter, removed)  # on the meta device: the output's config and block count
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # the passes sent head and embeddings to the meta device one by one: counted once
@@ -121,3 +120,20 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
         result["variant"] = why
     layers = [(name, table[name + ".weight"][0], table[name + ".weight"][1]) for name, _ in target_layers(model, adapter)]
     return result, config, model, structure_of(model, layers)
+
+
+def streamed(path: Path, staging: Path, config: DepthConfig, calibration: Tensor | None, dtype: str,
+             device: torch.device, batch_size: int, work: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The kind's `Streaming.run`: the stage, the output's config and tokenizer files; (history record,
+    manifest structure section)."""
+    from secateur.recipe import stage_settings
+
+    clock = time.perf_counter()
+    result, config, model, structure = stream_depth(path, staging, config, calibration, resolve_dtype(dtype), device,
+                                                    batch_size, work)  # fmt: skip
+    model.config.dtype = resolve_dtype(dtype)
+    write_side_files(path, staging, model.config)
+    written = result.pop("write_seconds")
+    record = {"kind": "depth", "settings": stage_settings(config), "result": result,
+              "seconds": time.perf_counter() - clock - written, "write_seconds": written, "offload": "disk"}  # fmt: skip
+    return record, structure

@@ -136,26 +136,10 @@ def _why_not_stream(config: DepthConfig) -> str | None:
     return streamable(config)
 
 
-def _stream(path: Any, staging: Any, config: DepthConfig, calibration: Tensor | None, dtype: str, device: Any,
-            batch_size: int, work: Any) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """The stage from disk to disk (depth/disk.py): (history record, manifest structure section)."""
-    import time
+def _stream(*args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    from secateur.depth.disk import streamed
 
-    from secateur.calibrate.disk import write_side_files
-    from secateur.depth.disk import stream_depth
-    from secateur.io import resolve_dtype
-    from secateur.recipe import stage_settings
-
-    clock = time.perf_counter()
-    result, config, model, structure = stream_depth(path, staging, config, calibration, resolve_dtype(dtype), device,
-                                                    batch_size, work)  # fmt: skip
-    model.config.dtype = resolve_dtype(dtype)
-    write_side_files(path, staging, model.config)
-    written = result.pop("write_seconds")
-    seconds = time.perf_counter() - clock
-    record = {"kind": "depth", "settings": stage_settings(config), "result": result, "seconds": seconds - written,
-              "write_seconds": written, "offload": "disk"}  # fmt: skip
-    return record, structure
+    return streamed(*args)
 
 
 KIND = register(StageKind(

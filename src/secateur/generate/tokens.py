@@ -236,7 +236,6 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     return Generated(tokens, [len(k) for k in kept], [len(p) for p in prompts], time.perf_counter() - start)
 
 
-
 # --- evaluation: what the cut prompt costs -----------------------------------------------------------
 
 

@@ -142,18 +142,13 @@ def verification_costs(engine: Any, base: Any, ks: Sequence[int], decode_seconds
     verification at depth does), in units of its decode step (`decode_seconds`)."""
     out: dict[int, float] = {}
     for k in ks:
-        probe = dataclasses.replace(engine, prompt=k + 1) if dataclasses.is_dataclass(engine) else engine
+        probe = dataclasses.replace(engine, prompt=k + 1)
         prepared = probe.prepare(base)
         try:
             out[k] = probe.run(prepared, "prefill").prefill / decode_seconds
         finally:
             probe.release(prepared)
     return out
-
-
-def agreement(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> float:
-    """The share of positions where the student's most likely token is the teacher's."""
-    return float((teacher_logprobs.argmax(-1) == student_logits.argmax(-1)).float().mean())
 
 
 def accepted(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> str:

@@ -96,7 +96,6 @@ class Row:
     measured: bool = False  # the speedup was timed on this very shape, against the dense model
     feasible: bool = False  # meets the target (timed, or a size), or may (predicted within the tolerance)
     kl: list[float] = field(default_factory=list)
-    agree: list[float] = field(default_factory=list)  # per window: argmax agreement with the dense model
     accept: list[str] = field(default_factory=list)  # --target draft, per window: proposals accepted ("0101...")
     draft: tuple[int, float] | None = None  # --target draft: (proposals per round, predicted speedup)
     check: dict[str, Any] | None = None  # --target draft: the draft run for real with the dense model
@@ -107,11 +106,8 @@ class Row:
 
     @property
     def agreement(self) -> float | None:
-        """The share of proposals the dense model accepts on its own continuations (drafts), else the
-        argmax agreement on the proxy windows."""
-        if self.accept:
-            return sum(a.count("1") for a in self.accept) / sum(len(a) for a in self.accept)
-        return sum(self.agree) / len(self.agree) if self.agree else None
+        """--target draft: the share of proposals the dense model accepts on its own continuations."""
+        return sum(a.count("1") for a in self.accept) / sum(len(a) for a in self.accept) if self.accept else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.candidate.key, **asdict(self.candidate), "kind": self.candidate.kind,
@@ -259,11 +255,10 @@ def continuation_of(config: PlanConfig) -> int:
 
 
 def _read_scores(path: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    """key -> window -> {"kl": ..., "agree": ..., "accept": ...} (rows cached before agreement was
-    measured: KL only)."""
+    """key -> window -> {"kl": ..., "accept": ...} (rows cached without accepted proposals: KL only)."""
     scores: dict[str, dict[int, dict[str, Any]]] = {}
     for row in read_rows(path):
-        scores.setdefault(row["key"], {})[int(row["window"])] = {k: row[k] for k in ("kl", "agree", "accept")
+        scores.setdefault(row["key"], {})[int(row["window"])] = {k: row[k] for k in ("kl", "accept")
                                                                  if k in row}  # fmt: skip
     return scores
 
@@ -280,6 +275,7 @@ class Search:
     deadline: float | None
     progress: bool = True
     rank: Callable[[Row], float] | None = None  # lower is better; default: the mean KL
+    needs: tuple[str, ...] = ("kl",)  # the per-window figures a row must have (drafts: "accept" too)
     stopped: str | None = None  # why the search ended before its last rung
     evaluations: int = 0
 
@@ -297,8 +293,7 @@ class Search:
             rungs.append(size)
             for key in sorted(alive, key=lambda k: self.rows[k].candidate):
                 cached = known.setdefault(key, {})
-                need = ("kl", "accept") if self.rank is not None else ("kl",)
-                missing = [i for i in range(size) if any(k not in cached.get(i, {}) for k in need)]
+                missing = [i for i in range(size) if any(k not in cached.get(i, {}) for k in self.needs)]
                 if missing and self._late():
                     self.stopped = f"--budget-minutes reached at rung {len(rungs)} ({size} windows)"
                     bar.close()
@@ -306,7 +301,6 @@ class Search:
                 if missing:
                     self._score(self.rows[key], missing, cached)
                 self.rows[key].kl = [cached[i]["kl"] for i in range(size)]
-                self.rows[key].agree = [cached[i]["agree"] for i in range(size) if "agree" in cached[i]]
                 self.rows[key].accept = [cached[i]["accept"] for i in range(size) if "accept" in cached[i]]
                 bar.update(1)
             feasible = {k: self.ranked(self.rows[k]) for k in alive if self.rows[k].feasible}
@@ -421,7 +415,7 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
     proxy.spans(sorted({c.blocks for c in grid}))
     deadline = clock + config.budget_minutes * 60 if config.budget_minutes else None
     search = Search(rows, proxy, _score_cache(model_path, config), config.keep, config.proxy_windows, deadline,
-                    progress, rank)  # fmt: skip
+                    progress, rank, ("kl", "accept") if target.draft else ("kl",))  # fmt: skip
     try:
         with block_bars(progress):
             if target.draft:

@@ -31,7 +31,7 @@ from secateur.depth.search import angular_distances
 from secateur.depth.structure import remove_blocks
 from secateur.experts import ExpertsConfig, prune_experts
 from secateur.models import adapter_for
-from secateur.plan.draft import accepted, agreement, continued
+from secateur.plan.draft import accepted, continued
 from secateur.plan.space import Candidate
 from secateur.width import width_prune
 from secateur.width.prune import Statistics, gather_statistics
@@ -47,12 +47,11 @@ def token_kl(teacher_logprobs: Tensor, student_logits: Tensor) -> Tensor:
 @torch.no_grad()
 def window_scores(model: nn.Module, window: Tensor, teacher_logprobs: Tensor, device: torch.device,
                   tail: int = 0) -> dict[str, Any]:  # fmt: skip
-    """Over one window's positions: the mean KL, and the share of positions whose most likely token
-    is the teacher's (`agree`); with `tail`, whether the model's proposal for each of the window's
-    last `tail` tokens is the teacher's (`accept`, a string of 0 and 1: plan/draft.py)."""
+    """Over one window's positions: the mean KL; with `tail`, whether the model's proposal for each of
+    the window's last `tail` tokens is the teacher's (`accept`, a string of 0 and 1: plan/draft.py)."""
     logits = model(input_ids=window[None].to(device), use_cache=False).logits[0]  # (seq, vocab)
     teacher = teacher_logprobs.to(device)
-    scores = {"kl": float(token_kl(teacher, logits).mean()), "agree": agreement(teacher, logits)}
+    scores: dict[str, Any] = {"kl": float(token_kl(teacher, logits).mean())}
     if tail:  # position i predicts token i + 1
         scores["accept"] = accepted(teacher[-tail - 1 : -1], logits[-tail - 1 : -1])
     return scores
@@ -237,8 +236,8 @@ class Proxy:
         return [m["kl"] for m in self.measure(model, indices)]
 
     def measure(self, model: nn.Module, indices: range) -> list[dict[str, Any]]:
-        """Per-window KL, argmax agreement (and, with `continuation`, the accepted proposals) of a built
-        candidate on the proxy windows `indices`."""
+        """Per-window KL (and, with `continuation`, the accepted proposals) of a built candidate on the
+        proxy windows `indices`."""
         teachers = [self.teacher(i) for i in indices]  # timed apart, as "teacher"
         clock = time.perf_counter()
         model.to(self.device).eval()

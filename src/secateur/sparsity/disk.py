@@ -6,7 +6,6 @@ safetensors (the next one prefetched while the current one is pruned), writes ea
 the output as soon as it is done, the tensors outside the blocks copied unchanged, and the manifest
 last: the same weights, bit for bit, as `sparsify` on the model loaded in memory and saved, at a peak
 host memory of about the input embeddings plus two blocks plus the calibration activations.
-
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from secateur.config import NM, PruneConfig
 from secateur.errors import ConfigError
 from secateur.io import load_config, resolve_dtype
 from secateur.sparsity.prune import PruneReport, sparsify
+
 
 def streamable(config: PruneConfig) -> str | None:
     """Why a sparsity stage cannot be streamed block by block (None: it can): what reads the whole
@@ -52,8 +52,7 @@ def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration:
         raise ConfigError(f"{why}: it cannot be streamed from disk; use a uniform allocation or load it in memory")
     store = DiskBlocks.open(path, resolve_dtype(dtype), staging, work)
     try:
-        report = sparsify(store.model, None, config, calibration, device=torch.device(device), batch_size=batch_size,
-                          store=store)  # fmt: skip
+        report = sparsify(store.model, None, config, calibration, device=torch.device(device), batch_size=batch_size)
         clock = time.perf_counter()
         store.finish()
     finally:

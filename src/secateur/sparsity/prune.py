@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secateur.calibrate.disk import DiskBlocks, disk_store
 from secateur.calibrate.stream import BlockState, stream_blocks
 from secateur.models.shapes import submodule
 from secateur.config import NM, ConfigError, PruneConfig, Target
@@ -141,11 +142,10 @@ def sparsify(
     *,
     device: str | torch.device | None = None,
     batch_size: int = 4,
-    store: Any = None,
 ) -> PruneReport:
-    """Prune `model` in place. `calibration` is a (samples, seq_len) tensor of token ids. With `store`
-    (`calibrate.disk.DiskBlocks`: `model` is its skeleton), every block is read from disk, pruned and
-    written out in one streamed pass.
+    """Prune `model` in place. `calibration` is a (samples, seq_len) tensor of token ids. For a model
+    whose blocks stay on disk (`calibrate.disk.DiskBlocks.open`), every block is read from disk,
+    pruned and written out in one streamed pass.
 
     `batch_size` samples go through a block per forward call (0 = all at once); memory holds all
     batches' activations of one block either way.
@@ -155,6 +155,7 @@ def sparsify(
     adapter = adapter_for(model)
     if adapter.experts is None and config.expert_min_tokens != PruneConfig.expert_min_tokens:
         raise ConfigError(f"--expert-min-tokens applies to mixtures of experts; {adapter.family} has none")
+    store = disk_store(model)
     if adapter.experts is not None and store is not None:
         raise ConfigError(f"streaming from disk (--offload disk) does not reach the fused experts of {adapter.family} "
                           "yet; prune it in memory (--offload none)")
@@ -163,7 +164,7 @@ def sparsify(
 
 
 def _sparsify(model: nn.Module, adapter: Adapter, config: PruneConfig, calibration: Tensor | None,
-              device: str | torch.device | None, batch_size: int, store: Any) -> PruneReport:
+              device: str | torch.device | None, batch_size: int, store: DiskBlocks | None) -> PruneReport:
     spec = spec_for(config.method)
     layers = target_layers(model, adapter, config.ignore)
     _check_ignore(target_layers(model, adapter), config.ignore)
@@ -205,7 +206,7 @@ def _sparsify(model: nn.Module, adapter: Adapter, config: PruneConfig, calibrati
 
 def _prune_sequential(
     model: nn.Module, adapter: Adapter, plan: Plan, calibration: Tensor, device: torch.device, batch_size: int,
-    store: Any = None,
+    store: DiskBlocks | None = None,
 ) -> tuple[list[LayerReport], list[float]]:
     """Prune block by block; each block's pruned outputs are the next block's inputs."""
     reports: list[LayerReport] = []
@@ -215,7 +216,7 @@ def _prune_sequential(
     if point is not None:  # an interrupted streamed run: go on from its last saved block
         reports = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in point["reports"]]
         errors, start = list(point["errors"]), BlockState(point["index"], point["hidden"])
-    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc, start, store):
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc, start):
         inputs.hidden, block_reports, error = prune_block(block, index, adapter, plan, inputs)
         reports += block_reports
         errors.append(error)
