@@ -154,7 +154,7 @@ def test_offload_disk_on_the_command_line_equals_the_in_memory_run(model_dir, te
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "width", "--remove-fraction", "0.5"], "a width stage is not streamed yet"),
+    (["--method", "vocabulary", "--coverage", "0.99"], "a vocabulary stage is not streamed yet"),
     (["--method", "wanda", "--sparsity", "0.5", "--allocation", "owl"], "allocation owl"),
     (["--method", "wanda", "--sparsity", "0.5", "--check-windows", "2"], "--check-windows evaluates the whole model"),
 ])  # fmt: skip
@@ -181,8 +181,8 @@ def test_offload_auto_streams_when_the_weights_do_not_fit_and_says_so(model_dir,
     assert json.loads((tmp_path / "streamed" / "secateur.json").read_text())["offload"] == "disk"
     caplog.clear()
     with caplog.at_level("WARNING"):  # cannot stream: says so and loads in memory
-        code, _, err = cli([*args[:3], "width", "--remove-fraction", "0.25", *args[6:], "--out", tmp_path / "width"],
-                           capsys)  # fmt: skip
+        code, _, err = cli([*args[:3], "width", "--remove-fraction", "0.25", "--importance", "taylor", *args[6:],
+                            "--out", tmp_path / "width"], capsys)  # fmt: skip
     assert code == 0, err
     assert "loading them in memory anyway" in caplog.text
 

@@ -1,10 +1,12 @@
 """Where a run's weights live (`--offload`): in memory (`none`), or on disk (`disk`: the blocks streamed
 from the input's safetensors to the output one at a time, by the stage kind's `Streaming`:
-`sparsity.disk`, `depth.disk`); `auto` streams when the weights would not fit in the memory
-available, and says so.
+`sparsity.disk`, `depth.disk`, `width.disk`); `auto` streams when the weights would not fit in the
+memory available, and says so.
 
-Streaming covers one stage so far: sparsity with a uniform allocation (or N:M), and depth by angular
-distance or Block Influence (with compensation); evaluation after the run and the held-out check
+Streaming covers one stage so far: sparsity with a uniform allocation (or N:M), depth by angular
+distance or Block Influence (with compensation), and width (heads and MLP channels by activation,
+fluctuation or magnitude, bias compensation or the least-squares refit, uniform or adaptive
+allocation; not Taylor importance, not the hidden size); evaluation after the run and the held-out check
 need the whole model, so they are not done (an explicit --eval, --eval-tasks or --check-windows is
 refused; the default check is skipped, and the manifest says so).
 """
@@ -149,7 +151,7 @@ def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Outp
 
 def prune_on_disk(path: str | Path, out: str | Path, config: Any, calibration: Any, *, dtype: str = "float32",
                   device: str = "cpu", batch_size: int = 4, overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
-    """One stage (a sparsity or depth config) on the model at `path` (a HF directory of safetensors),
+    """One stage (a sparsity, depth or width config) on the model at `path` (a HF directory of safetensors),
     block by block from disk into `out`, never holding the model; returns the stage's history record.
     `calibration`: (samples, seq_len) token ids, tokenized by the input's tokenizer. The output goes
     through the one output path (claimed before any work, written to a hidden sibling, renamed into

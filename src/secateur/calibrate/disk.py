@@ -215,6 +215,8 @@ class DiskBlocks:
     # hand the heap's free pages back after every block: against the creep that the pruning's temporaries
     # leave; a pass that only runs the blocks reuses the same activations and would page-fault them anew
     trim: bool = True
+    # (shape, fraction of zeros) of every matrix written, by name: the output's sparsity table without reading it again
+    table: dict[str, tuple] = field(default_factory=dict)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     _ahead: dict[int, Future] = field(default_factory=dict)
 
@@ -283,8 +285,11 @@ class DiskBlocks:
                             f"renamed): it cannot be streamed block by block; load it in memory")
 
     def names(self, index: int) -> list[str]:
+        """The input's tensors of block `index` (a parameter a stage added, such as a compensation bias,
+        is stored nowhere yet)."""
         block = self.adapter.block_list(self.model)[index]
-        return [f"{self.adapter.blocks}.{index}.{name}" for name, _ in block.named_parameters()]
+        return [name for name in (f"{self.adapter.blocks}.{index}.{n}" for n, _ in block.named_parameters())
+                if name in self.files]  # fmt: skip
 
     def prefetch(self, index: int) -> None:
         if 0 <= index < len(self.adapter.block_list(self.model)) and index not in self._ahead:
@@ -302,6 +307,9 @@ class DiskBlocks:
         prefix = f"{self.adapter.blocks}.{index}."
         for name, tensor in tensors.items():
             self._place(block, name[len(prefix):], tensor.to(device))
+        for name, param in list(block.named_parameters()):
+            if param.is_meta:  # added by the stage (a bias for compensation): zeros, as it was created
+                self._place(block, name, torch.zeros(param.shape, dtype=param.dtype, device=device))
         return block
 
     def leave(self, index: int) -> None:
@@ -311,8 +319,10 @@ class DiskBlocks:
         if self.staging is not None:
             prefix = f"{self.adapter.blocks}.{index}."
             file = self._block_file(index)
-            save_tensors({prefix + name: p for name, p in block.named_parameters()}, file.with_suffix(".tmp"))
+            tensors = {prefix + name: p.detach() for name, p in block.named_parameters()}
+            save_tensors(tensors, file.with_suffix(".tmp"))
             os.replace(file.with_suffix(".tmp"), file)
+            self._count(tensors)
         if index in self.pinned:
             block.to("cpu")
             return
@@ -323,7 +333,8 @@ class DiskBlocks:
         if self.work is not None and pending is not None and pending["index"] == index + 1 \
                 and time.monotonic() - self._saved_at >= SAVE_EVERY:  # fmt: skip
             state = {"index": pending["index"], "hidden": [h.to("cpu") for h in pending["hidden"]],
-                     "reports": [asdict(r) for r in pending["reports"]], "errors": list(pending["errors"])}  # fmt: skip
+                     "reports": [r if isinstance(r, dict) else asdict(r) for r in pending["reports"]],
+                     "errors": list(pending["errors"])}  # fmt: skip
             torch.save(state, self.work / (STATE + ".tmp"))
             os.replace(self.work / (STATE + ".tmp"), self.work / STATE)
             self._saved_at = time.monotonic()
@@ -331,27 +342,43 @@ class DiskBlocks:
     def write_blocks(self, order: list[int], patches: dict[int, dict[str, Tensor]] | None = None) -> dict[str, tuple]:
         """The output's block j is the input's block `order[j]`, read from the input (`patches`: the
         block-relative tensors that replace some of its own) and written under its new number; a
-        block file already there (a resumed run) is kept. Returns (shape, fraction of zeros) of every
-        matrix written, by its new name (the output's sparsity table, without reading it again)."""
-        patches, table = patches or {}, {}
+        block file already there (a resumed run) is kept. Returns `table`."""
+        patches = patches or {}
         for new, old in enumerate(order):
             file = self._block_file(new)
             source, target = f"{self.adapter.blocks}.{old}.", f"{self.adapter.blocks}.{new}."
             if file.is_file():  # written before the kill: read back for its counts
-                header = safetensors_header(file)
-                tensors = read(dict.fromkeys(header[1], file), {file: header}, list(header[1]), self.dtype)
-            else:
-                tensors = read(self.files, self.headers, self.names(old), self.dtype)
-                for name, tensor in patches.get(old, {}).items():
-                    tensors[source + name] = tensor.to(self.dtype)
-                tensors = {target + name[len(source):]: t for name, t in tensors.items()}
-                save_tensors(tensors, file.with_suffix(".tmp"))
-                os.replace(file.with_suffix(".tmp"), file)
-            table.update({name: (tuple(t.shape), int((t == 0).sum()) / t.numel()) for name, t in tensors.items()
-                          if t.ndim == 2})  # fmt: skip
+                self.recount(new)
+                continue
+            tensors = read(self.files, self.headers, self.names(old), self.dtype)
+            for name, tensor in patches.get(old, {}).items():
+                tensors[source + name] = tensor.to(self.dtype)
+            tensors = {target + name[len(source):]: t for name, t in tensors.items()}
+            save_tensors(tensors, file.with_suffix(".tmp"))
+            os.replace(file.with_suffix(".tmp"), file)
+            self._count(tensors)
             del tensors
             release_free_memory()
-        return table
+        return self.table
+
+    def _count(self, tensors: dict[str, Tensor]) -> None:
+        self.table.update({name: (tuple(t.shape), int((t == 0).sum()) / t.numel()) for name, t in tensors.items()
+                           if t.ndim == 2})  # fmt: skip
+
+    def recount(self, index: int) -> None:
+        """Count the matrices of block `index` as written by an interrupted run (when it wrote it)."""
+        file = self._block_file(index) if self.staging is not None else None
+        if file is None or not file.is_file():
+            return
+        header = safetensors_header(file)
+        self._count(read(dict.fromkeys(header[1], file), {file: header}, list(header[1]), self.dtype))
+        release_free_memory()
+
+    def written(self) -> set[int]:
+        """The blocks an interrupted run has written already (none without a work directory)."""
+        if self.work is None or self.staging is None:
+            return set()
+        return {i for i in range(len(self.adapter.block_list(self.model))) if self._block_file(i).is_file()}
 
     def _block_file(self, index: int) -> Path:
         return (self.work or self.staging) / f"block-{index:05d}.safetensors"

@@ -39,6 +39,7 @@ class BlockState:
 
 
 Observer = Callable[[int, list[Tensor]], None]  # (block index, the activations entering it, per batch)
+Finished = Callable[[int, nn.Module, dict[str, Any]], None]  # (block index, the block, the statistics so far)
 
 
 class StopForward(Exception):
@@ -132,6 +133,9 @@ def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch
                 raise ValueError(f"the start state has {len(start.hidden)} batches, the calibration {len(inputs.hidden)}")
             first, inputs.hidden = start.index, [h.to(device) for h in start.hidden]
         blocks = adapter.block_list(model)
+        if store is not None:
+            for index in range(first):
+                store.recount(index)  # written by an interrupted run: its matrices counted from its file
         for index in tqdm(range(first, len(blocks)), desc=desc, unit="block", disable=not _BARS.get()):
             block = store.enter(index, device) if store is not None else blocks[index].to(device)
             try:
@@ -148,12 +152,39 @@ def stream_blocks(model: nn.Module, adapter: Adapter, calibration: Tensor, batch
         move_outside_blocks(model, adapter, home)
 
 
+def each_block(model: nn.Module, adapter: Adapter, device: torch.device,
+               skip: set[int] = frozenset()) -> Iterator[tuple[int, nn.Module]]:  # fmt: skip
+    """Every block but those in `skip`, in turn, with its weights, for work that needs no activations
+    (slicing, scoring weights). A model in memory hands its blocks as they are; a model whose blocks
+    stay on disk reads each one (on `device`) and writes it out when the caller is done with it."""
+    from secateur.calibrate.disk import disk_store
+
+    store = disk_store(model)
+    blocks = adapter.block_list(model)
+    for index in range(len(blocks)):
+        if index in skip:
+            if store is not None:
+                store.recount(index)
+            continue
+        if store is None:
+            yield index, blocks[index]
+            continue
+        block = store.enter(index, device)
+        try:
+            yield index, block
+        except BaseException:
+            block.to("meta")
+            raise
+        store.leave(index)
+
+
 def collect_input_stats(model: nn.Module, adapter: Adapter, names: list[str], calibration: Tensor, batch_size: int,
                         device: torch.device, kind: type, desc: str, *, start: BlockState | None = None,
-                        observe: Observer | None = None) -> dict[str, Any]:  # fmt: skip
+                        observe: Observer | None = None, after: Finished | None = None) -> dict[str, Any]:  # fmt: skip
     """One statistic of type `kind` per named (block-relative) layer of every block (from `start`'s
     on), fed with its inputs on the dense model: one streamed pass, nothing pruned. Keys are
-    qualified layer names. `observe` sees each block's inputs before the block runs."""
+    qualified layer names. `observe` sees each block's inputs before the block runs, `after` the
+    block once it ran, while it is still resident, with the statistics gathered so far."""
     stats: dict[str, Any] = {}
     for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, desc, start):
         if observe is not None:
@@ -169,4 +200,6 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, names: list[str], ca
         finally:
             for handle in handles:
                 handle.remove()
+        if after is not None:
+            after(index, block, stats)
     return stats

@@ -21,7 +21,8 @@ from transformers.pytorch_utils import Conv1D
 
 from secateur.calibrate.gradients import weight_gradients
 from secateur.calibrate.stats import Moments
-from secateur.calibrate.stream import BlockState, Observer, collect_input_stats
+from secateur.calibrate.disk import disk_store
+from secateur.calibrate.stream import BlockState, Observer, collect_input_stats, each_block
 from secateur.models import Adapter, Width, adapter_for, read_weight, refuse_experts
 from secateur.width.config import WidthConfig
 from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
@@ -230,18 +231,44 @@ def gather_statistics(model: nn.Module, calibration: Tensor, *, moments: bool, g
 
 
 def _units(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig, statistics: Statistics) -> list[Units]:
-    importance = IMPORTANCE[config.importance]
+    return [u for index, block in enumerate(adapter.block_list(model))
+            for u in _block_units(model, adapter, width, config, statistics, index, block)]  # fmt: skip
+
+
+def _block_units(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig, statistics: Statistics,
+                 index: int, block: nn.Module) -> list[Units]:  # fmt: skip
+    """Block `index`'s units (attention first, then MLP channels), scored on its weights and statistics."""
     size = head_dim(model.config)
+    score = layer_scorer(block, f"{adapter.blocks}.{index}", IMPORTANCE[config.importance], statistics.moments,
+                         statistics.grads, compensated=config.compensate)  # fmt: skip
     units = []
-    for index, block in enumerate(adapter.block_list(model)):
-        score = layer_scorer(block, f"{adapter.blocks}.{index}", importance, statistics.moments, statistics.grads,
-                             compensated=config.compensate)  # fmt: skip
-        heads = attention_heads(block, width.attention, size) if config.heads != "none" else None
-        if heads is not None:
-            units.append(attention_units(block, index, width.attention, size, *heads, config.heads, score))
-        if submodule(block, width.mlp.consumer) is not None:
-            units.append(mlp_units(block, index, width.mlp, score))
+    heads = attention_heads(block, width.attention, size) if config.heads != "none" else None
+    if heads is not None:
+        units.append(attention_units(block, index, width.attention, size, *heads, config.heads, score))
+    if submodule(block, width.mlp.consumer) is not None:
+        units.append(mlp_units(block, index, width.mlp, score))
     return units
+
+
+def scored_units(model: nn.Module, config: WidthConfig, calibration: Tensor | None, device: torch.device,
+                 batch_size: int) -> tuple[Statistics, list[Units]]:  # fmt: skip
+    """Statistics and every block's units in one pass, each block scored while it is resident: what a
+    model whose blocks stay on disk allows (`config` resolved by `resolve_variant`; gradients and
+    hidden channels, which read the whole model, are not gathered)."""
+    adapter = adapter_for(model)
+    width, units = adapter.width, []
+    if not config.needs_moments:
+        for index, block in each_block(model, adapter, device):
+            units += _block_units(model, adapter, width, config, Statistics(), index, block)
+        return Statistics(), units
+
+    def score(index: int, block: nn.Module, moments: dict[str, Moments]) -> None:
+        nonlocal units
+        units += _block_units(model, adapter, width, config, Statistics(moments), index, block)
+
+    moments = collect_input_stats(model, adapter, _projection_names(width, config.heads != "none"), calibration,
+                                  batch_size, device, Moments, "width statistics", after=score)  # fmt: skip
+    return Statistics(moments), units
 
 
 @dataclass(frozen=True)
@@ -255,35 +282,45 @@ class Refit:
 
 
 @torch.no_grad()
-def _apply(model: nn.Module, adapter: Adapter, width: Width, units: list[Units], removals: dict, stats: dict,
-           compensate_bias: bool, on_slice: Sliced | None = None, refit: Refit | None = None) -> list[dict]:  # fmt: skip
-    """Slice every unit's removals; with `refit`, block by block on the model as pruned so far, each
-    output projection refitted first (returns the refits' records)."""
+def _apply(model: nn.Module, adapter: Adapter, width: Width, units: list[Units], removals: dict,
+           means: dict[str, Tensor], compensate_bias: bool, on_slice: Sliced | None = None,
+           refit: Refit | None = None, device: torch.device | None = None) -> list[dict]:  # fmt: skip
+    """Slice every unit's removals (`means`: the consumers' input means, by layer name, for bias
+    compensation); with `refit`, block by block on the model as pruned so far, each output projection
+    refitted first (returns the refits' records). Where the blocks stay on disk, each block is read,
+    cut and written in turn (on `device`); blocks an interrupted run wrote are cut in shape only."""
     if compensate_bias:
         for kind in {u.kind for u in units if removals[(u.block, u.kind)]}:
             enable_biases(model, adapter, kind)
     todo = [u for u in units if removals[(u.block, u.kind)]]
     cuts: dict[int, list] = {}
     for u in todo:  # attention before the MLP within a block (the order `_units` lists them in)
-        cut = _cutter(model, adapter, width, u, removals[(u.block, u.kind)], stats, compensate_bias, on_slice,
+        cut = _cutter(model, adapter, width, u, removals[(u.block, u.kind)], means, compensate_bias, on_slice,
                       refit.damp if refit else None)  # fmt: skip
         cuts.setdefault(u.block, []).append((width.mlp.consumer if u.kind == "mlp" else width.attention.o, cut))
-    if refit is not None:
-        return stream_refits(model, adapter, cuts, refit.calibration, refit.batch_size, refit.device)
+    store = disk_store(model)
+    resumed = store.resume_point() if store is not None and refit is not None else None
+    done = set(range(resumed["index"])) if resumed else (store.written() if store is not None and refit is None else set())
     blocks = adapter.block_list(model)
-    for index, block_cuts in cuts.items():
-        for _, cut in block_cuts:
-            cut(blocks[index], None)
+    for index in done:  # on the meta device: the shapes the written block has
+        for _, cut in cuts.get(index, []):
+            cut(blocks[index], None, shape_only=True)
+    if refit is not None:
+        return stream_refits(model, adapter, cuts, refit.calibration, refit.batch_size, refit.device, resumed)
+    for index, block in each_block(model, adapter, device or torch.device("cpu"), skip=done):
+        for _, cut in cuts.get(index, []):
+            cut(block, None)
     return []
 
 
-def _cutter(model: nn.Module, adapter: Adapter, width: Width, u: Units, removed: int, stats: dict,
+def _cutter(model: nn.Module, adapter: Adapter, width: Width, u: Units, removed: int, means: dict[str, Tensor],
             compensate_bias: bool, on_slice: Sliced | None, damp: float | None) -> Cut:  # fmt: skip
     """The cut of one unit's removals: given the block (and the Gram of its consumer's inputs, when
-    refitting), refit the consumer or fold the removed channels' mean into its bias, then slice."""
+    refitting), refit the consumer or fold the removed channels' mean into its bias, then slice
+    (`shape_only`: slice alone, on a block whose weights are elsewhere)."""
     size, prefix = head_dim(model.config), f"{adapter.blocks}.{u.block}"
 
-    def cut(block: nn.Module, gram: Tensor | None) -> dict:
+    def cut(block: nn.Module, gram: Tensor | None, shape_only: bool = False) -> dict:
         if u.kind == "mlp":
             keep = u.keep(removed)
             name, columns = width.mlp.consumer, keep
@@ -291,11 +328,13 @@ def _cutter(model: nn.Module, adapter: Adapter, width: Width, u: Units, removed:
             q_keep, kv_keep = head_keep(u, removed, *attention_heads(block, width.attention, size))
             name, columns = width.attention.o, head_rows(q_keep, size)
         consumer, record = block.get_submodule(name), {}
-        if gram is not None:
+        if shape_only:
+            pass
+        elif gram is not None:
             record = refit_layer(consumer, columns, gram, damp)
         elif compensate_bias:
             gone = _complement(columns, read_weight(consumer).shape[1])
-            compensate(consumer, gone, stats[f"{prefix}.{name}"].mean)
+            compensate(consumer, gone, means[f"{prefix}.{name}"])
         if u.kind == "mlp":
             keep_channels(block, width.mlp, keep, on_slice)
         else:
@@ -387,14 +426,11 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     config, variant = resolve_variant(model, adapter, config)
     width = width_of(model, adapter, config)
     device = torch.device(device)
-    size = head_dim(model.config)
     model.eval()
     start = time.perf_counter()
     if widths is None and config.attention_fraction is not None:  # before any calibration pass (shapes only)
         _check_attention_share(config, shape_units(model, config)[1], config.fraction * block_parameters(model, adapter))
-    report = WidthReport(before=widths_of(model, adapter),
-                         block_parameters_before=block_parameters(model, adapter), head_dim=size,
-                         bias_compensation=config.compensate, heads=config.heads, variant=variant)  # fmt: skip
+    report = new_report(model, adapter, config, variant)
     has_calibration = calibration is not None and calibration.ndim == 2 and len(calibration) > 0
     if config.reconstruct and not has_calibration:
         raise WidthError("--reconstruct refits on calibration: pass a (samples, seq_len) tensor of token ids")
@@ -407,22 +443,45 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
                                        device=device, batch_size=batch_size)  # fmt: skip
     units = _units(model, adapter, width, config, statistics)
     target = config.fraction * report.block_parameters_before
-    report.hidden_before = report.hidden_after = model.config.hidden_size
     if config.hidden_fraction:
         target -= _prune_hidden(model, adapter, width, config, statistics, units, target)
         report.hidden_after = model.config.hidden_size
+    removals = allocate(config, units, target, report.before, widths)
+    refit = Refit(calibration, config.damp, batch_size, device) if config.reconstruct else None
+    report.reconstruction = _apply(model, adapter, width, units, removals, means_of(statistics), config.compensate,
+                                   on_slice, refit)  # fmt: skip
+    return finish_report(model, adapter, report, start)
+
+
+def new_report(model: nn.Module, adapter: Adapter, config: WidthConfig, variant: str | None) -> WidthReport:
+    """The report's figures before any cut (`config` resolved)."""
+    return WidthReport(before=widths_of(model, adapter), block_parameters_before=block_parameters(model, adapter),
+                       head_dim=head_dim(model.config), bias_compensation=config.compensate, heads=config.heads,
+                       variant=variant, hidden_before=model.config.hidden_size,
+                       hidden_after=model.config.hidden_size)  # fmt: skip
+
+
+def allocate(config: WidthConfig, units: list[Units], target: float, before: list[LayerWidth],
+             widths: list[LayerWidth] | None = None) -> dict[tuple[int, str], int]:  # fmt: skip
+    """How many units each block loses: down to `widths` where given, else `target` parameters by the
+    config's allocation."""
     if widths is not None:
         if config.hidden_fraction:
             raise WidthError("pruning to given widths keeps the hidden size: drop --hidden-fraction")
-        removals = removals_to(units, report.before, widths)
-    elif config.allocation == "uniform":
+        return removals_to(units, before, widths)
+    if config.allocation == "uniform":
         removals = uniform_removals(units, config.attention_share, target, config.mlp_multiple)
         _check_attention_share(config, units, target)
-    else:
-        removals = adaptive_removals(units, target, config.mlp_multiple)
-    refit = Refit(calibration, config.damp, batch_size, device) if config.reconstruct else None
-    report.reconstruction = _apply(model, adapter, width, units, removals, statistics.moments, config.compensate,
-                                   on_slice, refit)  # fmt: skip
+        return removals
+    return adaptive_removals(units, target, config.mlp_multiple)
+
+
+def means_of(statistics: Statistics) -> dict[str, Tensor]:
+    return {name: moments.mean for name, moments in statistics.moments.items()}
+
+
+def finish_report(model: nn.Module, adapter: Adapter, report: WidthReport, start: float) -> WidthReport:
+    """The widths after the cuts, described in the config; the report completed."""
     report.after = widths_of(model, adapter)
     report.uniform = len(set(report.after)) == 1
     report.remote_code = describe_widths(model, adapter, report.after)

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from secateur.calibrate.ridge import NormalEquations, ridge_towards, with_ones
 from secateur.calibrate.stats import Hessian
-from secateur.calibrate.stream import StopForward, run_block, stream_blocks
+from secateur.calibrate.disk import disk_store
+from secateur.calibrate.stream import BlockState, StopForward, run_block, stream_blocks
 from secateur.models import Adapter, read_weight
 
 
@@ -72,21 +73,29 @@ Cut = Callable[[nn.Module, Tensor], dict[str, Any]]
 
 @torch.no_grad()
 def stream_refits(model: nn.Module, adapter: Adapter, cuts: dict[int, list[tuple[str, Cut]]], calibration: Tensor,
-                  batch_size: int, device: torch.device) -> list[dict[str, Any]]:  # fmt: skip
+                  batch_size: int, device: torch.device,
+                  resumed: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Block by block on the model as pruned so far: for each (consumer name, cut) of a block, in
     order, gather the Gram of [x, 1] (x alone where the consumer has no bias) over the calibration
     activations entering the block, then call the cut; the activations then pass on through the
-    pruned block. Returns the cuts' records, with the layer's name."""
-    records: list[dict[str, Any]] = []
+    pruned block (up to the last block cut: the rest only pass by, to be written where the blocks
+    stay on disk). Returns the cuts' records, with the layer's name. `resumed`: the state an
+    interrupted pass over a model on disk saved (`DiskBlocks.resume_point`): the pass goes on from
+    there."""
+    store = disk_store(model)
+    records: list[dict[str, Any]] = list(resumed["reports"]) if resumed else []
+    start = BlockState(resumed["index"], resumed["hidden"]) if resumed else None
     last = max(cuts, default=-1)
-    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "width reconstruction"):
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "width reconstruction",
+                                              start):  # fmt: skip
         extras = inputs.extras[index]
         for name, cut in cuts.get(index, []):
             gram = _consumer_gram(block, name, inputs.hidden, extras, device)
             records.append({"layer": f"{adapter.blocks}.{index}.{name}", **cut(block, gram)})
-        if index == last:
-            break
-        inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, extras)]
+        if index < last:
+            inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, extras)]
+        if store is not None:
+            store.reached(index + 1, inputs.hidden, records, [])
     return records
 
 

@@ -10,7 +10,7 @@ from secateur.config import CalibConfig
 from secateur.errors import ConfigError
 from secateur.models import adapter_for
 from secateur.models.shapes import LayerWidth, widths_of
-from secateur.recipe import Section, Settings, StageContext, StageKind, Structure, register
+from secateur.recipe import Section, Settings, StageContext, StageKind, Streaming, Structure, register
 from secateur.schema import fill, flatten, options_of
 from secateur.width import WidthConfig, apply_widths, width_prune
 
@@ -104,6 +104,18 @@ STRUCTURE = Structure(
 )
 
 
+def _why_not_stream(config: WidthConfig) -> str | None:
+    from secateur.width.disk import streamable
+
+    return streamable(config)
+
+
+def _stream(*args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    from secateur.width.disk import streamed
+
+    return streamed(*args)
+
+
 KIND = register(StageKind(
     "width", WidthConfig, lambda: ("width",), lambda method: options_of(WidthConfig), _build, flatten, _run,
     lambda config: config.needs_calibration, lambda config: CalibConfig(),
@@ -113,4 +125,5 @@ KIND = register(StageKind(
     removes_columns=lambda settings: True,
     reshapes=lambda settings: bool(settings.get("hidden_fraction")),
     structure=STRUCTURE,
+    streaming=Streaming(_why_not_stream, _stream),
 ))  # fmt: skip
