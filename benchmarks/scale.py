@@ -4,7 +4,8 @@ resident memory and speed before and after the chunked loss.
 Streaming rows: Wanda 50% (the default 64 x 512 calibration tokens unless said) by `secateur prune`
 with `--offload none` (in memory) and `--offload disk` (blocks streamed from the input's safetensors
 to the output); `*-depth-*` rows: angular depth removing a quarter of the blocks, compensated (the
-default 16 x 512 calibration tokens for SmolLM2). `smollm2-*`: SmolLM2-135M in float32. `llama8b-*`: a random-weight model with
+default 16 x 512 calibration tokens for SmolLM2); `*-width-*` rows: width 20% with `--reconstruct` (the
+default 64 x 512 calibration tokens for SmolLM2). `smollm2-*`: SmolLM2-135M in float32. `llama8b-*`: a random-weight model with
 Llama-3.1-8B shapes (32 blocks of hidden 4,096, MLP 14,336, 32 query / 8 key-value heads, a
 128,256-token vocabulary, untied head: 8.03B parameters, bfloat16 safetensors, 16.1 GB on disk, one
 shard per block), written here by `llama8b_model()` (normal(0, 0.02) weights, SmolLM2's tokenizer for
@@ -54,6 +55,7 @@ RECOVERY = {
 
 WANDA = ["--method", "wanda", "--sparsity", "0.5"]
 DEPTH = ["--method", "angular", "--remove-fraction", "0.25"]  # compensated: the default where the family allows
+WIDTH = ["--method", "width", "--remove-fraction", "0.2", "--reconstruct"]  # the README's width recipe
 STREAM = {
     "smollm2-memory": ("smollm2", ["--offload", "none", *WANDA]),
     "smollm2-disk": ("smollm2", ["--offload", "disk", *WANDA]),
@@ -65,6 +67,11 @@ STREAM = {
     "llama8b16-depth-memory": ("llama8b16", ["--offload", "none", *DEPTH]),
     "llama8b16-depth-disk": ("llama8b16", ["--offload", "disk", *DEPTH]),
     "llama8b16-depth-plain-disk": ("llama8b16", ["--offload", "disk", *DEPTH, "--no-compensate"]),
+    "smollm2-width-memory": ("smollm2", ["--offload", "none", *WIDTH]),
+    "smollm2-width-disk": ("smollm2", ["--offload", "disk", *WIDTH]),
+    "llama8b2-width-memory": ("llama8b2", ["--offload", "none", *WIDTH]),
+    "llama8b2-width-disk": ("llama8b2", ["--offload", "disk", *WIDTH]),
+    "llama8b16-width-disk": ("llama8b16", ["--offload", "disk", *WIDTH]),
 }
 BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -149,7 +156,9 @@ def stream_row(name: str) -> dict:
 
 
 def dense() -> Path:
-    return cache() / "models" / "SmolLM2-135M-Instruct"
+    from secateur.demo import default_model_dir
+
+    return default_model_dir()
 
 
 def width50() -> Path:

@@ -3,7 +3,8 @@ from the input's safetensors to the output one at a time, by the stage kind's `S
 `sparsity.disk`, `depth.disk`, `width.disk`); `auto` streams when the weights would not fit in the
 memory available, and says so.
 
-Streaming covers one stage so far: sparsity with a uniform allocation (or N:M), depth by angular
+Streaming covers recipes of these stages (each from disk to disk, through intermediates in the
+checkpoints directory): sparsity with a uniform allocation (or N:M), depth by angular
 distance or Block Influence (with compensation), and width (heads and MLP channels by activation,
 fluctuation or magnitude, bias compensation or the least-squares refit, uniform or adaptive
 allocation; not Taylor importance, not the hidden size); evaluation after the run and the held-out check
@@ -17,13 +18,14 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from secateur.data.calibration import calibration_data
 from secateur.errors import ConfigError
-from secateur.io import check_model, load_config, load_tokenizer, resolve_device, resolve_dtype
+from secateur.io import load_config, load_tokenizer, resolve_device, resolve_dtype
 from secateur.output import Output
 from secateur.schema import flag, flatten
 from secateur.settings import PlannedStage, RunOptions
@@ -61,14 +63,13 @@ def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
     from secateur.recipe import KINDS, kind_of
 
     streams = [k.name for k in KINDS.values() if k.streaming is not None]
-    if len(stages) != 1:
-        return f"it streams a recipe of one stage ({', '.join(streams)}) so far"
-    kind = kind_of(stages[0].config)
-    if kind.streaming is None:
-        return f"a {kind.name} stage is not streamed yet (only {', '.join(streams)})"
-    why = kind.streaming.why_not(stages[0].config)
-    if why is not None:
-        return why
+    for stage in stages:
+        kind = kind_of(stage.config)
+        if kind.streaming is None:
+            return f"a {kind.name} stage is not streamed yet (only {', '.join(streams)})"
+        why = kind.streaming.why_not(stage.config)
+        if why is not None:
+            return why
     given = [f"{flag(k)}" for k in ("eval_source", "eval_tasks", "check_windows") if k in options.explicit
              and getattr(options, k)]  # fmt: skip
     if given:
@@ -81,8 +82,6 @@ def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
         return str(exc)
     if _is_moe(Path(model_path)):
         return "it does not reach the fused experts of a mixture of experts yet"
-    if check_model(model_path):
-        return "the input's manifest records shapes the stock config cannot express (an earlier width or depth run)"
     return None
 
 
@@ -118,35 +117,75 @@ def on_disk(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
 def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Output, options: RunOptions,
                 earlier: dict[str, Any], notes: list[str], work: Path) -> dict[str, Any]:  # fmt: skip
     """The run streamed from disk into the claimed `output`, finished blocks and the state to resume
-    from kept in `work` until the end; returns the manifest it wrote."""
+    from kept in `work` until the end; returns the manifest it wrote. A recipe of several stages goes
+    from disk to disk stage by stage: each stage but the last writes a whole intermediate model
+    into `work` (`stage-i`, with the manifest's structure so that the next stage builds its shapes),
+    which the next stage streams from; a finished intermediate stays there for a resumed run, and
+    is removed once the stage after it is done. Peak disk: the input, two intermediates, the output."""
     from secateur.calibrate.disk import stored_bytes
     from secateur.io import MANIFEST
     from secateur.manifest import header, history_of, recipe_document
-    from secateur.recipe import kind_of
 
-    stage = stages[0]
-    clock = time.perf_counter()
-    windows = None
-    if stage.calib is not None:  # whether windows start with BOS: the config says, no weight is needed
-        windows = calibration_data(load_config(model_path), load_tokenizer(model_path), stage.calib)
-    cutting = time.perf_counter() - clock
     compute = resolve_device(options.device)
+    records, structure, cutting, seconds = [], {}, 0.0, 0.0
+    source = Path(model_path)
     with output.write(size=stored_bytes(Path(model_path))) as staging:
-        start = time.perf_counter()
-        record, structure = kind_of(stage.config).streaming.run(
-            Path(model_path), staging, stage.config, windows, options.dtype, compute,
-            stage.calib.batch_size if stage.calib else 4, work)  # fmt: skip
-        seconds = time.perf_counter() - start
-        record.update(calibration={**flatten(stage.calib), "tokens": windows.numel()} if windows is not None else None,
-                      input={"path": str(Path(model_path).resolve())})  # fmt: skip
+        for index, stage in enumerate(stages):
+            last = index == len(stages) - 1
+            target = staging if last else work / f"stage-{index}"
+            stage_work = work if len(stages) == 1 else work / f"stage-{index}.work"
+            if not last and (target / MANIFEST).is_file():  # finished before an interrupted run stopped
+                done = json.loads((target / MANIFEST).read_text())
+                record, structure = done["history"][-1], done["structure"]
+            else:
+                record, structure, times = _stream_stage(source, target, stage, options, compute, stage_work,
+                                                         Path(model_path))  # fmt: skip
+                cutting, seconds = cutting + times[0], seconds + times[1]
+            records.append(record)
+            if index > 0:
+                shutil.rmtree(source, ignore_errors=True)  # the intermediate this stage read
+            source = target
         manifest = {**header(model_path, options.dtype, compute, earlier), "recipe": recipe_document(stages, options),
-                    "history": [*history_of(earlier), record], "structure": structure,
+                    "history": [*history_of(earlier), *records], "structure": structure,
                     "timings": {"calibration_data": cutting, "prune": seconds}, "offload": "disk",
                     "check": "skipped: the whole model is never in memory when streaming"}  # fmt: skip
         if notes:
             manifest["adapted"] = notes
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def _stream_stage(source: Path, target: Path, stage: PlannedStage, options: RunOptions, compute: Any,
+                  work: Path, run_input: Path) -> tuple[dict[str, Any], dict[str, Any], tuple[float, float]]:  # fmt: skip
+    """One stage from the model at `source` into `target` (an intermediate, created here, when it is
+    not the claimed output's staging directory: written under a hidden name with its structure,
+    renamed when complete); returns (its history record, the structure section, (seconds cutting the
+    calibration, seconds pruning))."""
+    from secateur.io import MANIFEST
+    from secateur.recipe import kind_of
+
+    clock = time.perf_counter()
+    windows = None
+    if stage.calib is not None:  # whether windows start with BOS: the config says, no weight is needed
+        windows = calibration_data(load_config(source), load_tokenizer(source), stage.calib)
+    cutting = time.perf_counter() - clock
+    final = target
+    if not target.exists():
+        target = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+    start = time.perf_counter()
+    record, structure = kind_of(stage.config).streaming.run(source, target, stage.config, windows, options.dtype,
+                                                            compute, stage.calib.batch_size if stage.calib else 4,
+                                                            work)  # fmt: skip
+    seconds = time.perf_counter() - start
+    record.update(calibration={**flatten(stage.calib), "tokens": windows.numel()} if windows is not None else None,
+                  input={"path": str(run_input.resolve())})  # fmt: skip
+    if target != final:
+        (target / MANIFEST).write_text(json.dumps({"history": [record], "structure": structure}, default=str))
+        target.rename(final)
+        shutil.rmtree(work, ignore_errors=True)  # the stage's own resumable state: the stage is done
+    return record, structure, (cutting, seconds)
 
 
 def prune_on_disk(path: str | Path, out: str | Path, config: Any, calibration: Any, *, dtype: str = "float32",

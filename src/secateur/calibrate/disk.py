@@ -71,8 +71,9 @@ def disk_store(model: nn.Module) -> "DiskBlocks | None":
 
 def has_state(work: Path) -> bool:
     """Whether a streamed run's work directory holds a state to resume from (each streamed kind saves
-    one `*.pt` there: `state.pt` for sparsity, `depth.pt` for depth)."""
-    return any(work.glob("*.pt"))
+    one `*.pt` there: `state.pt` for sparsity, `depth.pt` for depth, `width.pt` for width; a recipe's
+    stage, in its own `stage-i.work`), or a recipe's finished intermediate model (`stage-i`)."""
+    return work.is_dir() and (any(work.rglob("*.pt")) or any(work.glob("stage-*/secateur.json")))
 
 
 class DiskError(SecateurError):
@@ -91,11 +92,21 @@ def weight_map(path: Path) -> dict[str, Path]:
     return {name: single for name in safetensors_header(single)[1]}
 
 
-def write_side_files(path: Path, staging: Path, config: Any) -> None:
-    """The output's `config` and the input's tokenizer and generation files there are, as they are."""
+def write_side_files(path: Path, staging: Path, model: nn.Module, dtype: torch.dtype) -> None:
+    """What the output holds besides its weights: the config of `model` (the output's, on the meta
+    device, with weights of `dtype`), the module that builds per-block shapes where it has them
+    (`models.remote`), and the input's tokenizer and generation files there are, as they are."""
     import shutil
 
-    config.save_pretrained(staging)
+    from secateur.models import remote
+
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the passes sent head and embeddings to the meta device one by one
+    model.config.dtype = dtype
+    files = remote.save_files(model)  # re-derives a declaration (completes the config) or drops a stale one
+    model.config.save_pretrained(staging)
+    for name, text in files.items():
+        (staging / name).write_text(text)
     for name in SIDE_FILES:
         if (path / name).is_file():
             shutil.copyfile(path / name, staging / name)
@@ -223,11 +234,11 @@ class DiskBlocks:
     @classmethod
     def open(cls, path: str | Path, dtype: torch.dtype, staging: Path | None = None,
              work: Path | None = None) -> DiskBlocks:  # fmt: skip
-        from secateur.io import _skeleton
+        from secateur.io import _skeleton, check_model
 
         path = Path(path)
         release_free_memory()  # what came before (the calibration text's tokens) leaves no high-water mark
-        model = _skeleton(path, (), dtype)
+        model = _skeleton(path, check_model(path), dtype)  # shapes an earlier run recorded, rebuilt
         files = weight_map(path)
         store = cls(model, adapter_for(model), files, headers_of(files), dtype, staging, work)
         if work is not None:

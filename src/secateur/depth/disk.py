@@ -131,8 +131,7 @@ def streamed(path: Path, staging: Path, config: DepthConfig, calibration: Tensor
     clock = time.perf_counter()
     result, config, model, structure = stream_depth(path, staging, config, calibration, resolve_dtype(dtype), device,
                                                     batch_size, work)  # fmt: skip
-    model.config.dtype = resolve_dtype(dtype)
-    write_side_files(path, staging, model.config)
+    write_side_files(path, staging, model, resolve_dtype(dtype))
     written = result.pop("write_seconds")
     record = {"kind": "depth", "settings": stage_settings(config), "result": result,
               "seconds": time.perf_counter() - clock - written, "write_seconds": written, "offload": "disk"}  # fmt: skip

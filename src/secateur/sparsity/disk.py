@@ -10,7 +10,6 @@ host memory of about the input embeddings plus two blocks plus the calibration a
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secateur.calibrate.disk import DiskBlocks, stored_shapes, write_side_files
+from secateur.calibrate.disk import DiskBlocks, write_side_files
 from secateur.config import NM, PruneConfig
 from secateur.errors import ConfigError
-from secateur.io import load_config, resolve_dtype
-from secateur.sparsity.prune import PruneReport, sparsify
+from secateur.io import resolve_dtype
+from secateur.manifest import structure_of
+from secateur.sparsity.prune import PruneReport, sparsify, target_layers
 
 
 def streamable(config: PruneConfig) -> str | None:
@@ -39,12 +39,12 @@ def streamable(config: PruneConfig) -> str | None:
 
 def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration: Tensor | None, dtype: str,
                     device: str | torch.device, batch_size: int,
-                    work: Path | None = None) -> tuple[PruneReport, dict[str, Any]]:  # fmt: skip
+                    work: Path | None = None) -> tuple[PruneReport, dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Prune the model at `path` block by block into the directory `staging` (weights, index, config,
-    tokenizer and generation files); returns the report and the stage's history record (its seconds:
-    the pass; its write_seconds: copying what lies outside the blocks). With `work`, finished blocks
-    and the state to resume from are kept there until the end (a run interrupted earlier goes on from
-    what it holds)."""
+    tokenizer and generation files); returns the report, the stage's history record (its seconds:
+    the pass; its write_seconds: copying what lies outside the blocks) and the manifest's structure
+    section. With `work`, finished blocks and the state to resume from are kept there until the end
+    (a run interrupted earlier goes on from what it holds)."""
     from secateur.recipe import stage_settings
 
     why = streamable(config)
@@ -52,31 +52,21 @@ def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration:
         raise ConfigError(f"{why}: it cannot be streamed from disk; use a uniform allocation or load it in memory")
     store = DiskBlocks.open(path, resolve_dtype(dtype), staging, work)
     try:
-        report = sparsify(store.model, None, config, calibration, device=torch.device(device), batch_size=batch_size)
+        model, adapter = store.model, store.adapter
+        report = sparsify(model, None, config, calibration, device=torch.device(device), batch_size=batch_size)
         clock = time.perf_counter()
         store.finish()
     finally:
         store.close()
-    config_out = load_config(path)
-    config_out.dtype = resolve_dtype(dtype)
-    write_side_files(path, staging, config_out)
+    write_side_files(path, staging, model, resolve_dtype(dtype))
     record = {"kind": "sparsity", "settings": stage_settings(config), "result": report.to_dict(),
               "seconds": report.seconds, "write_seconds": time.perf_counter() - clock, "offload": "disk"}  # fmt: skip
-    return report, record
+    layers = [(name, *store.table[name + ".weight"]) for name, _ in target_layers(model, adapter)]
+    return report, record, structure_of(model, layers)
 
 
 def streamed(path: Path, staging: Path, config: PruneConfig, calibration: Tensor | None, dtype: str,
              device: torch.device, batch_size: int, work: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """The kind's `Streaming.run`: (history record, manifest structure section)."""
-    report, record = stream_sparsity(path, staging, config, calibration, dtype, device, batch_size, work)
-    return record, structure_of(path, report)
-
-
-def structure_of(path: Path, report: PruneReport) -> dict[str, Any]:
-    """The manifest's structure section, from the layer reports and the stored shapes (the model itself
-    was never whole in memory)."""
-    layers, config = report.layers, load_config(path)
-    target = sum(r.shape[0] * r.shape[1] for r in layers)
-    return {"blocks": config.num_hidden_layers, "hidden_size": config.hidden_size,
-            "parameters": sum(math.prod(shape) for shape in stored_shapes(path).values()), "target_parameters": target,
-            "target_sparsity": sum(r.shape[0] * r.shape[1] * r.sparsity for r in layers) / max(target, 1)}  # fmt: skip
+    _, record, structure = stream_sparsity(path, staging, config, calibration, dtype, device, batch_size, work)
+    return record, structure

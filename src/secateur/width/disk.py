@@ -33,7 +33,6 @@ from secateur.calibrate.disk import DiskBlocks, write_side_files
 from secateur.errors import ConfigError
 from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
-from secateur.models import remote
 from secateur.sparsity.prune import target_layers
 from secateur.width.config import WidthConfig
 from secateur.width.prune import (Refit, WidthReport, _apply, allocate, finish_report, new_report, resolve_variant,
@@ -117,13 +116,7 @@ def streamed(path: Path, staging: Path, config: WidthConfig, calibration: Tensor
         store.finish()
     finally:
         store.close()
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()  # the passes sent head and embeddings to the meta device one by one: counted once
-    model.config.dtype = resolve_dtype(dtype)
-    files = remote.save_files(model)  # per-block widths: the module that builds them (completes the config)
-    write_side_files(path, staging, model.config)
-    for name, text in files.items():
-        (staging / name).write_text(text)
+    write_side_files(path, staging, model, resolve_dtype(dtype))  # per-block widths: the module that builds them
     written = time.perf_counter() - written
     result = {"parameters_before": report.block_parameters_before + outside,
               "parameters_after": sum(p.numel() for p in model.parameters()), **report.to_dict()}  # fmt: skip
