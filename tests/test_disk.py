@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from secateur import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig
 from secateur.calibrate.disk import DiskBlocks, DiskError
+from secateur.config import AllocationConfig
 from secateur.errors import OutputError
 from secateur.offload import prune_on_disk as sparsify_on_disk
 from secateur.sparsity.prune import sparsify
@@ -21,6 +22,10 @@ CONFIGS = {
     "wanda": lambda: PruneConfig(WandaConfig(), Unstructured(0.5)),
     "sparsegpt-2:4": lambda: PruneConfig(SparseGPTConfig(), NM(2, 4)),
     "magnitude": lambda: PruneConfig(MagnitudeConfig(), Unstructured(0.6)),
+    # allocations that look at the dense model first: a read-only pass (OWL: input norms and each block's
+    # outlier ratio while the block is resident; global magnitude: the weights alone)
+    "wanda-owl": lambda: PruneConfig(WandaConfig(), Unstructured(0.5), allocation=AllocationConfig("owl")),
+    "magnitude-global": lambda: PruneConfig(MagnitudeConfig(), Unstructured(0.5), allocation=AllocationConfig("global")),
 }
 
 
@@ -155,7 +160,7 @@ def test_offload_disk_on_the_command_line_equals_the_in_memory_run(model_dir, te
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "vocabulary", "--coverage", "0.99"], "a vocabulary stage is not streamed yet"),
-    (["--method", "wanda", "--sparsity", "0.5", "--allocation", "owl"], "allocation owl"),
+    (["--method", "gblm", "--sparsity", "0.5"], "gblm needs gradients of the whole model"),
     (["--method", "wanda", "--sparsity", "0.5", "--check-windows", "2"], "--check-windows evaluates the whole model"),
 ])  # fmt: skip
 def test_offload_disk_that_cannot_stream_is_refused_before_work(model_dir, text_file, tmp_path, capsys, extra, message):

@@ -34,9 +34,10 @@ import mmap
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -349,6 +350,16 @@ class DiskBlocks:
             torch.save(state, self.work / (STATE + ".tmp"))
             os.replace(self.work / (STATE + ".tmp"), self.work / STATE)
             self._saved_at = time.monotonic()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Passes inside write nothing and save no state (a look at the dense model, such as an
+        allocation's, before the pass that writes)."""
+        staging, work, self.staging, self.work = self.staging, self.work, None, None
+        try:
+            yield
+        finally:
+            self.staging, self.work = staging, work
 
     def write_blocks(self, order: list[int], patches: dict[int, dict[str, Tensor]] | None = None) -> dict[str, tuple]:
         """The output's block j is the input's block `order[j]`, read from the input (`patches`: the

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from secateur.calibrate.stats import InputNormSq
-from secateur.calibrate.stream import collect_input_stats
+from secateur.calibrate.disk import disk_store
+from secateur.calibrate.stream import collect_input_stats, each_block
 from secateur.config import AllocationConfig, ConfigError, PruneConfig, Target, Unstructured
 from secateur.models import Adapter, read_weight
 from secateur.sparsity.masks import prune_count
@@ -184,18 +185,15 @@ def allocate_targets(
         return {i.name: Unstructured(counts[i.name] / i.size) for i in infos}, {"kind": "uniform"}
     pinned, _ = split_target(infos, config.target.sparsity, alloc)
     modules = dict(layers)
-    norms: dict[str, Tensor] = {}
-    if alloc.kind == "owl" or (alloc.kind == "global" and needs_norms):
-        if calibration is None:
-            raise ConfigError(f"allocation {alloc.kind!r} needs calibration data (input norms of the dense model)")
-        norms = dense_input_norms(model, adapter, layers, calibration, device, batch_size)
     outliers: dict[int, float] = {}
     samples: dict[str, Tensor] = {}
     generator = torch.Generator().manual_seed(0)
-    for block in sorted({info.block for info in infos}):
+
+    def evidence(block: int, norms: dict[str, Tensor]) -> None:
+        """Block `block`'s outlier ratio (OWL) or score samples (global), from its weights (resident)."""
         free = [info for info in infos if info.block == block and info.name not in pinned]
         if not free:
-            continue
+            return
         if alloc.kind == "owl":
             scores = [wanda_scores(read_weight(modules[i.name]), norms[i.name]) for i in free]
             outliers[block] = outlier_ratio(scores, alloc.owl_m)
@@ -203,6 +201,22 @@ def allocate_targets(
             for info in free:
                 scores = score(config.method, read_weight(modules[info.name]), norms.get(info.name))
                 samples[info.name] = sorted_sample(scores, generator)
+
+    blocks = sorted({info.block for info in infos})
+    store = disk_store(model)
+    if alloc.kind == "owl" or (alloc.kind == "global" and needs_norms):
+        if calibration is None:
+            raise ConfigError(f"allocation {alloc.kind!r} needs calibration data (input norms of the dense model)")
+        if store is not None:  # each block's evidence while the pass holds it (blocks in order, as below)
+            dense_input_norms(model, adapter, layers, calibration, device, batch_size,
+                              after=lambda index, norms: evidence(index, norms))  # fmt: skip
+        else:
+            norms = dense_input_norms(model, adapter, layers, calibration, device, batch_size)
+            for block in blocks:
+                evidence(block, norms)
+    elif alloc.kind == "global":  # scores from the weights alone: a look at each block
+        for index, _ in each_block(model, adapter, device, skip=set(range(len(adapter.block_list(model)))) - set(blocks)):
+            evidence(index, {})
     counts = allocate(infos, config.target.sparsity, alloc, outliers, samples)
     targets = {info.name: Unstructured(counts[info.name] / info.size) for info in infos}
     summary = {"kind": alloc.kind, "outlier_ratios": {str(b): r for b, r in outliers.items()} or None,
@@ -211,9 +225,13 @@ def allocate_targets(
 
 
 def dense_input_norms(model: nn.Module, adapter: Adapter, layers: list[tuple[str, nn.Module]], calibration: Tensor,
-                      device: torch.device, batch_size: int) -> dict[str, Tensor]:
-    """||X_j||_2 of every target layer's input on the dense model (one streamed pass, no pruning)."""
+                      device: torch.device, batch_size: int,
+                      after: Callable[[int, dict[str, Tensor]], None] | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """||X_j||_2 of every target layer's input on the dense model (one streamed pass, no pruning);
+    `after(block, norms so far)` once each block ran, while it is resident."""
     wanted = {name for name, _ in layers}
     relative = sorted({name.removeprefix(f"{adapter.blocks}.").split(".", 1)[1] for name in wanted})  # "3.mlp.x" -> "mlp.x"
-    stats = collect_input_stats(model, adapter, relative, calibration, batch_size, device, InputNormSq, "input norms")
-    return {name: stat.norm.cpu() for name, stat in stats.items() if name in wanted}
+    norms = lambda stats: {name: stat.norm.cpu() for name, stat in stats.items() if name in wanted}  # noqa: E731
+    stats = collect_input_stats(model, adapter, relative, calibration, batch_size, device, InputNormSq, "input norms",
+                                after=None if after is None else lambda index, _, stats: after(index, norms(stats)))  # fmt: skip
+    return norms(stats)

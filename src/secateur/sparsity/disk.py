@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from secateur.calibrate.disk import DiskBlocks, write_side_files
-from secateur.config import NM, PruneConfig
+from secateur.config import PruneConfig
 from secateur.errors import ConfigError
 from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
@@ -30,8 +30,6 @@ def streamable(config: PruneConfig) -> str | None:
     model before the pass (data-driven allocations, gradients)."""
     from secateur.sparsity.methods import spec_for
 
-    if not isinstance(config.target, NM) and not config.allocation.is_uniform:
-        return f"allocation {config.allocation.kind} ranks the layers of the whole model before pruning"
     if spec_for(config.method).prepare is not None:
         return f"{config.method_name} needs gradients of the whole model"
     return None

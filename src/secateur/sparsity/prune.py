@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import fnmatch
 import logging
 import time
@@ -179,8 +181,9 @@ def _sparsify(model: nn.Module, adapter: Adapter, config: PruneConfig, calibrati
             raise ConfigError(f"this run ({report.method}, allocation {config.allocation.kind}, refine "
                               f"{list(config.refine.steps)}) needs calibration: a (samples, seq_len) tensor of token ids")
         report.calibration_tokens = calibration.numel()
-    targets, report.allocation = allocate_targets(model, adapter, layers, config, spec.score, calibration, device,
-                                                  batch_size, needs_norms=bool(spec.statistics))  # fmt: skip
+    with store.reading() if store is not None else nullcontext():  # the dense model: nothing written yet
+        targets, report.allocation = allocate_targets(model, adapter, layers, config, spec.score, calibration, device,
+                                                      batch_size, needs_norms=bool(spec.statistics))  # fmt: skip
     if not calibrated and not config.permute and store is None:
         report.layers = _prune_without_data(layers, config, targets)
     else:
