@@ -42,6 +42,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from secateur.calibrate.processes import require_single
 from secateur.errors import SecateurError
 from secateur.io import safetensors_header
 from secateur.models import Adapter, adapter_for
@@ -237,6 +238,7 @@ class DiskBlocks:
              work: Path | None = None) -> DiskBlocks:  # fmt: skip
         from secateur.io import _skeleton, check_model
 
+        require_single("streaming from disk")
         path = Path(path)
         release_free_memory()  # what came before (the calibration text's tokens) leaves no high-water mark
         model = _skeleton(path, check_model(path), dtype)  # shapes an earlier run recorded, rebuilt

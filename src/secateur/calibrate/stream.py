@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from secateur.calibrate.processes import reduce
 from secateur.models import Adapter, read_weight
 from secateur.models.shapes import submodule
 
@@ -200,6 +201,9 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, names: list[str], ca
         finally:
             for handle in handles:
                 handle.remove()
+        for name in names:  # summed over the processes, each of which fed its own windows
+            if f"{adapter.blocks}.{index}.{name}" in stats:
+                reduce(stats[f"{adapter.blocks}.{index}.{name}"])
         if after is not None:
             after(index, block, stats)
     return stats

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from secateur.calibrate.processes import require_single
 from secateur.config import ConfigError
 from secateur.depth.compensate import compensate, unavailable
 from secateur.depth.config import (
@@ -169,6 +170,7 @@ def depth_prune(model: nn.Module, config: DepthConfig, calibration: Tensor, *, d
                 batch_size: int = 4) -> Selection:
     """Choose the blocks or branches to remove from calibration data, compensate (see
     `resolve_compensation` for the default), then remove them in place."""
+    require_single("depth pruning")
     config, why = resolve_compensation(model, config)
     selection = select_removals(model, config, calibration, device=device, batch_size=batch_size)
     selection.compensated, selection.variant = config.compensate, why

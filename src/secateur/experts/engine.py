@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from secateur.calibrate.processes import require_single
 from secateur.calibrate.stream import BlockInputs, run_block, stream_blocks
 from secateur.experts.allocation import global_counts
 from secateur.experts.config import ExpertsConfig
@@ -225,6 +226,7 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
                   device: str | torch.device = "cpu", batch_size: int = 4) -> ExpertsReport:  # fmt: skip
     """Remove, merge or slim the routed experts of every MoE block of `model` in place; the config
     follows (per-block expert counts, from global allocation, are declared for `trust_remote_code`)."""
+    require_single("expert pruning")
     adapter = adapter_for(model)
     if adapter.experts is None:
         raise ExpertsError(f"{adapter.family} is not a mixture of experts: there are no experts to prune")

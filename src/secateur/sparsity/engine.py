@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from secateur.calibrate.processes import reduce
 from secateur.calibrate.stats import WORK_DTYPE, check_finite
 from secateur.calibrate.stream import BlockInputs, StopForward, run_block
 from secateur.models.shapes import submodule
@@ -88,6 +89,8 @@ def _groups(block: nn.Module, index: int, adapter: Adapter, config: PruneConfig)
 
 def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
     start = time.perf_counter()
+    for stat in group.stats.values():
+        reduce(stat)  # summed over the processes (each fed its own windows): every process prunes alike
     fallback = group.expert and any(s.tokens < plan.config.expert_min_tokens for s in group.stats.values())
     for kind, stat in group.stats.items():
         if fallback:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from secateur.calibrate.disk import DiskBlocks, disk_store
+from secateur.calibrate.processes import require_single, share
 from secateur.calibrate.stream import BlockState, stream_blocks
 from secateur.models.shapes import submodule
 from secateur.config import NM, ConfigError, PruneConfig, Target
@@ -158,6 +159,8 @@ def sparsify(
     if adapter.experts is None and config.expert_min_tokens != PruneConfig.expert_min_tokens:
         raise ConfigError(f"--expert-min-tokens applies to mixtures of experts; {adapter.family} has none")
     store = disk_store(model)
+    if adapter.experts is not None:
+        require_single(f"sparsity inside {adapter.family}'s experts")
     if adapter.experts is not None and store is not None:
         raise ConfigError(f"streaming from disk (--offload disk) does not reach the fused experts of {adapter.family} "
                           "yet; prune it in memory (--offload none)")
@@ -181,6 +184,7 @@ def _sparsify(model: nn.Module, adapter: Adapter, config: PruneConfig, calibrati
             raise ConfigError(f"this run ({report.method}, allocation {config.allocation.kind}, refine "
                               f"{list(config.refine.steps)}) needs calibration: a (samples, seq_len) tensor of token ids")
         report.calibration_tokens = calibration.numel()
+        calibration = share(calibration)  # this process's windows (all of them in one process)
     with store.reading() if store is not None else nullcontext():  # the dense model: nothing written yet
         targets, report.allocation = allocate_targets(model, adapter, layers, config, spec.score, calibration, device,
                                                       batch_size, needs_norms=bool(spec.statistics))  # fmt: skip

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from secateur.calibrate.gradients import weight_gradients
+from secateur.calibrate.processes import reduce_tensor, share
 from secateur.calibrate.stats import Moments
 from secateur.calibrate.disk import disk_store
 from secateur.calibrate.stream import BlockState, Observer, collect_input_stats, each_block
@@ -203,7 +204,8 @@ def collect_gradients(model: nn.Module, adapter: Adapter, names: list[str], cali
             batch = batch.to(device)
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss * len(batch)
             loss.backward()
-        return {k: (m.weight.grad.T if isinstance(m, Conv1D) else m.weight.grad).float().cpu() for k, m in layers.items()}
+        return {k: reduce_tensor(m.weight.grad.T if isinstance(m, Conv1D) else m.weight.grad).float().cpu()
+                for k, m in layers.items()}  # fmt: skip
 
 
 @dataclass
@@ -426,6 +428,7 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     config, variant = resolve_variant(model, adapter, config)
     width = width_of(model, adapter, config)
     device = torch.device(device)
+    calibration = share(calibration)  # this process's windows (all of them in one process)
     model.eval()
     start = time.perf_counter()
     if widths is None and config.attention_fraction is not None:  # before any calibration pass (shapes only)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from secateur.calibrate.ridge import NormalEquations, ridge_towards, with_ones
 from secateur.calibrate.stats import Hessian
 from secateur.calibrate.disk import disk_store
+from secateur.calibrate.processes import reduce
 from secateur.calibrate.stream import BlockState, StopForward, run_block, stream_blocks
 from secateur.models import Adapter, read_weight
 
@@ -118,4 +119,5 @@ def _consumer_gram(block: nn.Module, name: str, hidden: list[Tensor], extras: li
                 pass
     finally:
         handle.remove()
+    reduce(gram)  # summed over the processes, each of which fed its own windows
     return gram.value
