@@ -250,6 +250,23 @@ def test_best_validated_weights_are_kept():
     assert ppl == pytest.approx(record["best"]["perplexity"], rel=1e-4)
 
 
+def test_a_recovery_that_never_beats_its_input_returns_the_input(caplog):
+    """The input is validated before the first step and is the first candidate: a learning rate that
+    wrecks every step leaves the input's weights, bit for bit, and says so."""
+    model, dense = _two_four()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(mode="full", lr=5.0, eval_every=1, **SMALL)
+    with caplog.at_level("WARNING"):
+        record = train(model, config, calibration_ids(32, 16), calibration_ids(2, 16, seed=1), teacher=dense,
+                       device="cpu", progress=False).record  # fmt: skip
+    first, *trained = record["validation"]
+    assert first["step"] == 0 and first["tokens"] == 0 and trained
+    assert all(v["perplexity"] > first["perplexity"] for v in trained)
+    assert record["best"] == {"step": 0, "perplexity": first["perplexity"]}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert "no validated step beat the input" in caplog.text
+
+
 def test_early_stop_on_a_plateau():
     model, dense = _two_four()
     config = TrainConfig(mode="perp", lr=5.0, eval_every=1, patience=2, epochs=4, **SMALL)

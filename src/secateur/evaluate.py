@@ -11,6 +11,7 @@ tokens' text: the figure that compares models whose tokenizers differ (a pruned 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,6 +27,7 @@ from secateur.data.calibration import bos_token, evaluation_data
 from secateur.data.windows import tokenize
 from secateur.models.head import chunk_positions, hidden_out, splittable
 
+LARGEST_NLL = math.log(sys.float_info.max)  # exp of more overflows a float
 PROTOCOL = (
     "first N non-overlapping windows of seq_len tokens from the start of the text; each window scored "
     "independently; perplexity = exp(mean NLL of the seq_len-1 next-token predictions per window)"
@@ -51,7 +53,7 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: s
     mean_nll = total_nll / total_tokens
     per_byte = {"bytes": predicted_bytes, "bits_per_byte": total_nll / math.log(2) / predicted_bytes} if predicted_bytes else {}
     return {
-        "perplexity": math.exp(mean_nll),
+        "perplexity": math.exp(mean_nll) if mean_nll < LARGEST_NLL else math.inf,  # a wrecked model: inf, not a crash
         "mean_nll": mean_nll,
         **per_byte,
         "windows": len(windows),

@@ -70,6 +70,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     bar = tqdm(total=run.steps, initial=state.step, desc="recovery", unit="step",
                disable=not (progress and run.acc.is_main_process))  # fmt: skip
     start_step, stopped_early, last_loss, best, overhead = state.step, False, None, None, 0.0
+    if state.step == 0 and run.pruner is None and run.widener is None:  # the input is the first candidate
+        best = _validate(run, {"step": 0, "tokens": 0}, best)
     clock = time.perf_counter()
     while state.step < run.steps:
         parts = _step(run)
@@ -98,6 +100,11 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
             break
     bar.close()
     seconds = time.perf_counter() - clock
+    if state.best_step == 0 and state.step > 0:
+        trained = min(v["perplexity"] for v in state.validations if v["step"] > 0)
+        log.warning("recovery: no validated step beat the input (validation perplexity %.4g before training, %.4g at "
+                    "best after): the output is the input's weights; a lower --lr (or fewer trainable weights: "
+                    "--lora) usually trains", state.best, trained)  # fmt: skip
     _finish(run, best)
     timing = {"start_step": start_step, "seconds": seconds, "overhead": overhead, "stopped_early": stopped_early,
               "last_loss": last_loss, "resumed": resume}  # fmt: skip
