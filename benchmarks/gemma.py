@@ -62,6 +62,10 @@ ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `tr
     "greedy20+recovery": ("greedy20", ["train", *RECOVERY]),
     "width20-reconstruct+recovery": ("width20-reconstruct", ["train", *RECOVERY]),
     "greedy20-remove-last+recovery": ("greedy20-remove-last", ["train", *RECOVERY]),
+    # after the input became recovery's first candidate (a run that never beats it returns it), at the
+    # default lr and at a tenth of it
+    "greedy20-remove-last+recovery-guarded": ("greedy20-remove-last", ["train", *RECOVERY]),
+    "greedy20-remove-last+recovery-lr1e-4": ("greedy20-remove-last", ["train", *RECOVERY, "--lr", "1e-4"]),
 }
 
 
@@ -111,7 +115,8 @@ def build(name: str) -> dict:
     result = record.get("result", {})
     return {"removed": result.get("removed_blocks") or result.get("removed_fraction"),
             "compensation": result.get("compensation"), "check": record.get("check"),
-            "seconds_stage": record.get("seconds"), "parameters": manifest.get("structure", {}).get("parameters")}
+            "seconds_stage": record.get("seconds"), "parameters": manifest.get("structure", {}).get("parameters"),
+            "best": result.get("best"), "validation": result.get("validation")}  # recovery rows
 
 
 def measure(name: str, probe_items: int) -> dict:
