@@ -37,6 +37,36 @@ def cli(args, capsys):
     return code, captured.out, captured.err
 
 
+def both_ways(args, tmp_path, capsys) -> tuple[dict, dict, str]:
+    """The command in memory (`memory`) and streamed (`disk`): equal weights; (the two manifests, the
+    streamed run's console)."""
+    code, _, err = cli([*args, "--offload", "none", "--out", tmp_path / "memory"], capsys)
+    assert code == 0, err
+    code, stdout, err = cli([*args, "--offload", "disk", "--out", tmp_path / "disk"], capsys)
+    assert code == 0, err
+    same(tmp_path / "memory", tmp_path / "disk")
+    manifests = [json.loads((tmp_path / name / "secateur.json").read_text()) for name in ("memory", "disk")]
+    return *manifests, stdout
+
+
+def interrupted(args, out, capsys, monkeypatch, method: str, replacement) -> None:
+    """The command killed by `replacement` in place of `DiskBlocks.<method>`: exit 130, no output."""
+    original = getattr(DiskBlocks, method)
+    monkeypatch.setattr(DiskBlocks, method, replacement)
+    code, _, err = cli([*args, "--out", out], capsys)
+    assert code == 130 and "--resume" in err and not out.exists()
+    monkeypatch.setattr(DiskBlocks, method, original)
+
+
+def resumed(args, out, capsys, monkeypatch) -> list[int]:
+    """The command again with --resume: succeeds; returns the blocks it entered."""
+    entered, enter = [], DiskBlocks.enter
+    monkeypatch.setattr(DiskBlocks, "enter", lambda self, i, d: entered.append(i) or enter(self, i, d))
+    code, _, err = cli([*args, "--out", out, "--resume"], capsys)
+    assert code == 0, err
+    return entered
+
+
 def same(a, b) -> None:
     memory, disk = stored(a), stored(b)
     assert set(memory) <= set(disk)  # a tied head: stored once by save_pretrained, as in the input
@@ -72,13 +102,7 @@ def test_streamed_depth_equals_the_in_memory_stage_bit_for_bit(tmp_path, family)
 def test_offload_disk_depth_on_the_command_line_records_what_the_in_memory_run_does(tmp_path, text_file, capsys):
     path = deep(tmp_path, "llama")
     args = ["prune", path, "--method", "angular", "--remove-blocks", "2", "--calib", text_file, *SMALL]
-    code, _, err = cli([*args, "--offload", "none", "--out", tmp_path / "memory"], capsys)
-    assert code == 0, err
-    code, stdout, err = cli([*args, "--offload", "disk", "--out", tmp_path / "disk"], capsys)
-    assert code == 0, err
-    same(tmp_path / "memory", tmp_path / "disk")
-    memory = json.loads((tmp_path / "memory" / "secateur.json").read_text())
-    disk = json.loads((tmp_path / "disk" / "secateur.json").read_text())
+    memory, disk, stdout = both_ways(args, tmp_path, capsys)
     a, b = memory["history"][-1], disk["history"][-1]
     assert b["offload"] == "disk" and a["settings"] == b["settings"]  # compensation resolved alike
     for key in ("removed_blocks", "blocks_after", "parameters_after", "compensated", "compensation", "removed"):
@@ -93,11 +117,8 @@ def test_block_influence_with_a_compensated_run_in_the_middle_streams_alike(tmp_
     path = deep(tmp_path, "llama", blocks=6)
     args = ["prune", path, "--method", "block-influence", "--remove-blocks", "3", "--compensate", "--calib",
             text_file, *SMALL]  # fmt: skip
-    assert cli([*args, "--offload", "none", "--out", tmp_path / "memory"], capsys)[0] == 0
-    code, _, err = cli([*args, "--offload", "disk", "--out", tmp_path / "disk"], capsys)
-    assert code == 0, err
-    same(tmp_path / "memory", tmp_path / "disk")
-    record = json.loads((tmp_path / "disk" / "secateur.json").read_text())["history"][-1]["result"]
+    _, disk, _ = both_ways(args, tmp_path, capsys)
+    record = disk["history"][-1]["result"]
     assert record["compensated"] and any(c.get("fitted") for c in record["compensation"])
 
 
@@ -139,19 +160,11 @@ def test_a_streamed_depth_run_killed_while_writing_resumes_to_the_same_output(tm
         write(self, order[:2], patches)  # two blocks written, then the kill
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(DiskBlocks, "write_blocks", killed)
     out = tmp_path / "resumed"
-    code, _, err = cli([*args, "--out", out], capsys)
-    assert code == 130 and "--resume" in err and not out.exists()
+    interrupted(args, out, capsys, monkeypatch, "write_blocks", killed)
     work = tmp_path / "resumed.checkpoints" / "stream"
     assert (work / "depth.pt").is_file() and len(list(work.glob("block-*.safetensors"))) == 2
-    monkeypatch.setattr(DiskBlocks, "write_blocks", write)
-    entered = []
-    enter = DiskBlocks.enter
-    monkeypatch.setattr(DiskBlocks, "enter", lambda self, i, d: entered.append(i) or enter(self, i, d))
-    code, _, err = cli([*args, "--out", out, "--resume"], capsys)
-    assert code == 0, err
-    assert entered == []  # the selection and the fit were saved: no pass runs again
+    assert resumed(args, out, capsys, monkeypatch) == []  # the selection and the fit were saved: no pass runs again
     same(tmp_path / "whole", out)
     assert not (tmp_path / "resumed.checkpoints").exists()
 

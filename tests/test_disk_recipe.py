@@ -9,7 +9,7 @@ import json
 
 import torch
 from conftest import calibration_ids
-from test_disk_depth import cli, deep, same
+from test_disk_depth import both_ways, cli, deep, interrupted, same
 
 import secateur
 from secateur.calibrate.disk import DiskBlocks
@@ -38,13 +38,7 @@ def recipe(tmp_path, text_file):
 def test_a_three_stage_recipe_streamed_equals_the_recipe_in_memory_bit_for_bit(tmp_path, text_file, capsys):
     path = deep(tmp_path, "llama", blocks=5)
     args = ["prune", path, "--recipe", recipe(tmp_path, text_file), *SMALL]
-    code, _, err = cli([*args, "--offload", "none", "--out", tmp_path / "memory"], capsys)
-    assert code == 0, err
-    code, stdout, err = cli([*args, "--offload", "disk", "--out", tmp_path / "disk"], capsys)
-    assert code == 0, err
-    same(tmp_path / "memory", tmp_path / "disk")
-    memory = json.loads((tmp_path / "memory" / "secateur.json").read_text())
-    disk = json.loads((tmp_path / "disk" / "secateur.json").read_text())
+    memory, disk, _ = both_ways(args, tmp_path, capsys)
     assert [h["kind"] for h in disk["history"]] == ["width", "depth", "sparsity"] and disk["offload"] == "disk"
     for a, b in zip(memory["history"], disk["history"]):
         assert a["settings"] == b["settings"] and a["calibration"] == b["calibration"], a["kind"]
@@ -67,13 +61,7 @@ def test_an_input_with_per_block_widths_streams_its_next_stage(tmp_path, text_fi
                         "--calib", text_file, *SMALL, "--out", tmp_path / "width"], capsys)  # fmt: skip
     assert code == 0, err
     args = ["prune", tmp_path / "width", "--method", "angular", "--remove-blocks", "1", "--calib", text_file, *SMALL]
-    code, _, err = cli([*args, "--offload", "none", "--out", tmp_path / "memory"], capsys)
-    assert code == 0, err
-    code, _, err = cli([*args, "--offload", "disk", "--out", tmp_path / "disk"], capsys)
-    assert code == 0, err
-    same(tmp_path / "memory", tmp_path / "disk")
-    memory = json.loads((tmp_path / "memory" / "secateur.json").read_text())
-    disk = json.loads((tmp_path / "disk" / "secateur.json").read_text())
+    memory, disk, _ = both_ways(args, tmp_path, capsys)
     assert memory["structure"] == disk["structure"]
     assert (tmp_path / "disk" / "modeling_secateur.py").read_text() == (tmp_path / "memory" / "modeling_secateur.py").read_text()
 
@@ -92,14 +80,11 @@ def test_a_streamed_recipe_killed_in_its_second_stage_resumes_without_redoing_th
         write(self, order[:2], patches)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(DiskBlocks, "write_blocks", killed)
     out = tmp_path / "resumed"
-    code, _, err = cli([*args, "--out", out], capsys)
-    assert code == 130 and "--resume" in err and not out.exists()
+    interrupted(args, out, capsys, monkeypatch, "write_blocks", killed)
     work = tmp_path / "resumed.checkpoints" / "stream"
     assert (work / "stage-0" / "secateur.json").is_file() and not (work / "stage-0.work").exists()
     assert (work / "stage-1.work" / "depth.pt").is_file()
-    monkeypatch.setattr(DiskBlocks, "write_blocks", write)
     opened = []
     open_ = DiskBlocks.open.__func__
     monkeypatch.setattr(DiskBlocks, "open", classmethod(lambda cls, p, *a, **k: opened.append(p) or open_(cls, p, *a, **k)))

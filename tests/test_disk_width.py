@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from conftest import FAMILIES, calibration_ids
-from test_disk_depth import cli, deep, same
+from test_disk_depth import both_ways, cli, deep, interrupted, resumed, same
 from transformers import AutoModelForCausalLM
 
 import secateur
@@ -87,13 +87,7 @@ def test_offload_disk_width_on_the_command_line_records_what_the_in_memory_run_d
     path = deep(tmp_path, "llama", blocks=4)
     args = ["prune", path, "--method", "width", "--remove-fraction", "0.3", "--reconstruct", "--calib", text_file,
             *SMALL]  # fmt: skip
-    code, _, err = cli([*args, "--offload", "none", "--out", tmp_path / "memory"], capsys)
-    assert code == 0, err
-    code, stdout, err = cli([*args, "--offload", "disk", "--out", tmp_path / "disk"], capsys)
-    assert code == 0, err
-    same(tmp_path / "memory", tmp_path / "disk")
-    memory = json.loads((tmp_path / "memory" / "secateur.json").read_text())
-    disk = json.loads((tmp_path / "disk" / "secateur.json").read_text())
+    memory, disk, stdout = both_ways(args, tmp_path, capsys)
     a, b = memory["history"][-1], disk["history"][-1]
     assert b["offload"] == "disk" and a["settings"] == b["settings"]
     for key in ("layers", "parameters_before", "parameters_after", "removed_fraction", "reconstruction", "variant"):
@@ -148,25 +142,18 @@ def test_a_streamed_width_run_killed_midway_resumes_to_the_same_output(tmp_path,
         if self.staging is not None and index == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(DiskBlocks, "leave", killed)
     out = tmp_path / "resumed"
-    code, _, err = cli([*args, "--out", out], capsys)
-    assert code == 130 and "--resume" in err and not out.exists()
+    interrupted(args, out, capsys, monkeypatch, "leave", killed)
     work = tmp_path / "resumed.checkpoints" / "stream"
     assert (work / "width.pt").is_file() and len(list(work.glob("block-*.safetensors"))) == 2
-    monkeypatch.setattr(DiskBlocks, "leave", leave)
-    entered = []
-    enter = DiskBlocks.enter
-    monkeypatch.setattr(DiskBlocks, "enter", lambda self, i, d: entered.append(i) or enter(self, i, d))
-    code, _, err = cli([*args, "--out", out, "--resume"], capsys)
-    assert code == 0, err
-    assert entered == [2, 3, 4]  # no scoring pass; the cutting pass from the first block not written
+    # no scoring pass; the cutting pass from the first block not written
+    assert resumed(args, out, capsys, monkeypatch) == [2, 3, 4]
     same(tmp_path / "whole", out)
     whole = json.loads((tmp_path / "whole" / "secateur.json").read_text())
-    resumed = json.loads((out / "secateur.json").read_text())
+    again = json.loads((out / "secateur.json").read_text())
     for key in ("layers", "reconstruction", "parameters_after"):
-        assert whole["history"][-1]["result"][key] == resumed["history"][-1]["result"][key], key
-    assert whole["structure"] == resumed["structure"]
+        assert whole["history"][-1]["result"][key] == again["history"][-1]["result"][key], key
+    assert whole["structure"] == again["structure"]
     assert not (tmp_path / "resumed.checkpoints").exists()
 
 

@@ -623,3 +623,25 @@ def test_gemma3_refits_by_default_where_bias_compensation_cannot_be_held():
 
     report = prune(gemma, WidthConfig(0.3), calibration())
     assert report.stages[0]["result"]["reconstruction"]
+
+
+def test_uniform_heads_that_the_stock_config_refuses_are_not_removed_and_that_is_said(caplog):
+    """Llama's config wants hidden_size divisible by the query heads: with 8 query heads in 4 groups and
+    a hidden size of 64, the default 20% would remove one group (6 query heads: refused by the config
+    at save time, after all the work); no group goes and the MLP takes the whole target. An explicit
+    --attention-fraction that does so is refused before any work."""
+    from secateur.width import WidthConfig, width_prune
+    from secateur.width.structure import WidthError
+
+    shape = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    model = tiny_model("llama", **shape)
+    before = sum(p.numel() for p in model.parameters())
+    with caplog.at_level("WARNING"):
+        report = width_prune(model, WidthConfig(fraction=0.2, importance="magnitude"), None)
+    assert "divisible by the query heads" in caplog.text and "so 0 go" in caplog.text
+    assert model.config.num_attention_heads == 8 and model.config.num_key_value_heads == 4
+    assert report.removed_fraction == pytest.approx(0.2, abs=0.02) and sum(p.numel() for p in model.parameters()) < before
+    model.config.validate()  # saves with stock transformers
+    with pytest.raises(WidthError, match=r"--attention-fraction 0.25 leaves 6 query heads .* remove 0/4, 2/4, 3/4"):
+        width_prune(tiny_model("llama", **shape), WidthConfig(fraction=0.2, importance="magnitude",
+                                                              attention_fraction=0.25), None)  # fmt: skip

@@ -150,6 +150,9 @@ def resolve_variant(model: nn.Module, adapter: Adapter, config: WidthConfig) -> 
                                "compensation off, channels scored by the error they leave uncompensated")
                 config = replace(config, bias_compensation=False)
                 break
+    config, why = _stock_heads(model, adapter, config)
+    if why:
+        reasons.append(why)
     if config.reconstruct is None:
         if config.reconstruct_damp is not None and not adapter.width.refit:
             raise WidthError(f"--reconstruct-damp applies only with --reconstruct, off by default for "
@@ -161,6 +164,48 @@ def resolve_variant(model: nn.Module, adapter: Adapter, config: WidthConfig) -> 
     for why in reasons:
         log.warning("width: %s", why)
     return config, "; ".join(reasons) or None
+
+
+def _accepts(model_config: Any, q_heads: int, kv_heads: int) -> bool:
+    """Whether the family's stock config validates with these head counts (Llama's wants hidden_size
+    divisible by the query heads, whatever its head size)."""
+    import copy
+
+    trial = copy.deepcopy(model_config)
+    try:
+        trial.num_attention_heads, trial.num_key_value_heads = q_heads, kv_heads
+        validate = getattr(trial, "validate", None)
+        if validate is not None:
+            validate()
+    except Exception:  # noqa: BLE001 - huggingface_hub's strict validation error derives from none of ValueError's
+        return False
+    return True
+
+
+def _stock_heads(model: nn.Module, adapter: Adapter, config: WidthConfig) -> tuple[WidthConfig, str | None]:
+    """Uniform allocation writes the head counts into the stock config, which some families validate:
+    where the default share would leave a count the config refuses, fewer attention units go (the
+    largest count it accepts; the MLP makes up the rest), said; an explicit --attention-fraction that
+    does is refused, before any work."""
+    if config.allocation != "uniform" or config.heads == "none" or adapter.width.attention is None:
+        return config, None
+    q, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    units = kv if config.heads == "kv-groups" else q // kv
+    saved = lambda r: ((kv - r) * (q // kv), kv - r) if config.heads == "kv-groups" else (kv * (q // kv - r), kv)  # noqa: E731
+    removed = uniform_attention_removal(units, config.attention_share)
+    if _accepts(model.config, *saved(removed)) or not _accepts(model.config, q, kv):  # fine, or not the heads' fault
+        return config, None
+    fits = [r for r in range(units) if _accepts(model.config, *saved(r))]
+    kind = model.config.model_type
+    if config.attention_fraction is not None:
+        raise WidthError(f"--attention-fraction {config.attention_fraction:g} leaves {saved(removed)[0]} query heads per "
+                         f"block, which {kind}'s config refuses (hidden_size {model.config.hidden_size} must be a "
+                         f"multiple): remove {', '.join(f'{r}/{units}' for r in fits)} of the {units} attention units")
+    chosen = max(r for r in fits if r <= removed)
+    config = replace(config, attention_fraction=chosen / units)
+    return config, (f"{kind}'s config needs hidden_size ({model.config.hidden_size}) divisible by the query heads: "
+                    f"{removed} of {units} attention units per block would leave {saved(removed)[0]}, so {chosen} go "
+                    f"and the MLP channels make up the rest")
 
 
 def block_parameters(model: nn.Module, adapter: Adapter) -> int:
