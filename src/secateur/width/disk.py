@@ -58,8 +58,8 @@ def _plan(store: DiskBlocks, config: WidthConfig, report: WidthReport, calibrati
     """The read-only pass and the allocation: what the cuts need, as a state that saves and loads."""
     statistics, units = scored_units(store.model, config, calibration, device, batch_size)
     removals = allocate(config, units, config.fraction * report.block_parameters_before, report.before)
-    consumers = {f"{store.adapter.blocks}.{u.block}.{store.adapter.width.mlp.consumer if u.kind == 'mlp' else store.adapter.width.attention.o}"
-                 for u in units}  # fmt: skip
+    width, blocks = store.adapter.width, store.adapter.blocks
+    consumers = {f"{blocks}.{u.block}.{width.mlp.consumer if u.kind == 'mlp' else width.attention.o}" for u in units}
     return {"units": [asdict(u) for u in units], "removals": [[b, kind, n] for (b, kind), n in removals.items()],
             "means": {name: m.mean for name, m in statistics.moments.items() if name in consumers}}  # fmt: skip
 
