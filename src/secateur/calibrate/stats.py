@@ -84,6 +84,13 @@ class Hessian:
     def norm(self) -> Tensor:
         return self.value.diagonal().sqrt()
 
+    def take(self, dtype: torch.dtype) -> Tensor:
+        """The full matrix as `dtype`, the accumulator emptied: where the type changes, the sums are
+        freed before the caller's work on the copy (at 8B widths each is a gigabyte)."""
+        value = self.value.to(dtype)
+        self._sum = None
+        return value
+
     def permute(self, order: Tensor) -> None:
         full = self.value
         self._sum = full[order][:, order].contiguous()

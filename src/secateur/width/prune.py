@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from secateur.calibrate.gradients import weight_gradients
 from secateur.calibrate.processes import reduce_tensor, share
-from secateur.calibrate.stats import Moments
+from secateur.calibrate.stats import Hessian, Moments
 from secateur.calibrate.disk import disk_store
 from secateur.calibrate.stream import BlockState, Observer, collect_input_stats, each_block
 from secateur.models import Adapter, Width, adapter_for, read_weight, refuse_experts
@@ -367,7 +367,7 @@ def _cutter(model: nn.Module, adapter: Adapter, width: Width, u: Units, removed:
     (`shape_only`: slice alone, on a block whose weights are elsewhere)."""
     size, prefix = head_dim(model.config), f"{adapter.blocks}.{u.block}"
 
-    def cut(block: nn.Module, gram: Tensor | None, shape_only: bool = False) -> dict:
+    def cut(block: nn.Module, gram: Hessian | None, shape_only: bool = False) -> dict:
         if u.kind == "mlp":
             keep = u.keep(removed)
             name, columns = width.mlp.consumer, keep

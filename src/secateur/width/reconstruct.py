@@ -45,7 +45,11 @@ def refit_columns(gram: Tensor, weight: Tensor, bias: Tensor | None, keep: Tenso
         features = torch.cat([features, torch.tensor([n], device=features.device)])
     if gram.shape[0] != full.shape[0]:
         raise ValueError(f"gram is {tuple(gram.shape)} for a layer of {n} inputs{' and a bias' if bias is not None else ''}")
-    eq = NormalEquations(gram[features][:, features], gram[features] @ full, float((full * (gram @ full)).sum()))
+    target_sq = float((full * (gram @ full)).sum())
+    rows = gram[features]  # (kept, n): indexed once (at 8B widths each such copy is a gigabyte)
+    del gram
+    eq = NormalEquations(rows[:, features], rows @ full, target_sq)
+    del rows
     prior = full[features]
     coef = ridge_towards(eq, prior, damp)
     before, after = eq.error(prior), eq.error(coef)
@@ -58,17 +62,18 @@ def refit_columns(gram: Tensor, weight: Tensor, bias: Tensor | None, keep: Tenso
 
 
 @torch.no_grad()
-def refit_layer(module: nn.Module, keep: Tensor, gram: Tensor, damp: float) -> dict[str, float]:
-    """Refit `module`'s kept input columns in place (the caller slices them afterwards)."""
+def refit_layer(module: nn.Module, keep: Tensor, gram: Hessian, damp: float) -> dict[str, float]:
+    """Refit `module`'s kept input columns in place (the caller slices them afterwards); `gram`, the
+    accumulated Gram matrix, is emptied (its float64 copy lives only as long as the fit needs it)."""
     weight, bias = read_weight(module), getattr(module, "bias", None)
-    new_weight, new_bias, before, after = refit_columns(gram, weight, bias, keep, damp)
+    new_weight, new_bias, before, after = refit_columns(gram.take(torch.float64), weight, bias, keep, damp)
     weight[:, keep] = new_weight  # a view of the parameter (transposed for Conv1D)
     if bias is not None:
         bias.data.copy_(new_bias)
     return {"error_before": before, "error_after": after}
 
 
-Cut = Callable[[nn.Module, Tensor], dict[str, Any]]
+Cut = Callable[[nn.Module, Hessian | None], dict[str, Any]]
 """Refits and slices one branch of a block, given the block and the Gram of its consumer's inputs."""
 
 
@@ -100,7 +105,7 @@ def stream_refits(model: nn.Module, adapter: Adapter, cuts: dict[int, list[tuple
     return records
 
 
-def _consumer_gram(block: nn.Module, name: str, hidden: list[Tensor], extras: list, device: torch.device) -> Tensor:
+def _consumer_gram(block: nn.Module, name: str, hidden: list[Tensor], extras: list, device: torch.device) -> Hessian:
     """Σ aᵀa of the consumer's inputs over every batch; the block stops at the consumer."""
     module = block.get_submodule(name)
     with_bias = getattr(module, "bias", None) is not None
@@ -120,4 +125,4 @@ def _consumer_gram(block: nn.Module, name: str, hidden: list[Tensor], extras: li
     finally:
         handle.remove()
     reduce(gram)  # summed over the processes, each of which fed its own windows
-    return gram.value
+    return gram
