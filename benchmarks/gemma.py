@@ -104,6 +104,8 @@ def build(name: str) -> dict:
     """Prune (or train) the row's model unless it is there; returns its history summary."""
     source, args = ROWS[name]
     out = path_of(name)
+    if args is not None and ROWS[source][1] is not None and not (path_of(source) / "secateur.json").exists():
+        build(source)  # an input row measured before, its model since removed
     if args is not None and not (out / "secateur.json").exists():
         command = args[0] if args[0] == "train" else "prune"
         rest = args[1:] if command == "train" else args
