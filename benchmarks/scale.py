@@ -72,6 +72,8 @@ STREAM = {
     "llama8b2-width-memory": ("llama8b2", ["--offload", "none", *WIDTH]),
     "llama8b2-width-disk": ("llama8b2", ["--offload", "disk", *WIDTH]),
     "llama8b16-width-disk": ("llama8b16", ["--offload", "disk", *WIDTH]),
+    # after the refit's Gram matrix is handed over and indexed once (Hessian.take): the same weights
+    "llama8b2-width-disk-handover": ("llama8b2", ["--offload", "disk", *WIDTH]),
 }
 BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
