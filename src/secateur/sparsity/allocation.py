@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from secateur.calibrate.stats import InputNormSq
-from secateur.calibrate.disk import disk_store
 from secateur.calibrate.stream import collect_input_stats, each_block
 from secateur.config import AllocationConfig, ConfigError, PruneConfig, Target, Unstructured
 from secateur.models import Adapter, read_weight
@@ -190,30 +189,26 @@ def allocate_targets(
     generator = torch.Generator().manual_seed(0)
 
     def evidence(block: int, norms: dict[str, Tensor]) -> None:
-        """Block `block`'s outlier ratio (OWL) or score samples (global), from its weights (resident)."""
+        """Block `block`'s outlier ratio (OWL) or score samples (global), from its weights while they are
+        resident (a pass over a model on disk holds one block at a time), on the CPU like the norms."""
         free = [info for info in infos if info.block == block and info.name not in pinned]
         if not free:
             return
+        weights = {i.name: read_weight(modules[i.name]).to("cpu") for i in free}
         if alloc.kind == "owl":
-            scores = [wanda_scores(read_weight(modules[i.name]), norms[i.name]) for i in free]
-            outliers[block] = outlier_ratio(scores, alloc.owl_m)
+            outliers[block] = outlier_ratio([wanda_scores(weights[i.name], norms[i.name]) for i in free], alloc.owl_m)
         elif alloc.kind == "global":
             for info in free:
-                scores = score(config.method, read_weight(modules[info.name]), norms.get(info.name))
-                samples[info.name] = sorted_sample(scores, generator)
+                samples[info.name] = sorted_sample(score(config.method, weights[info.name], norms.get(info.name)),
+                                                   generator)  # fmt: skip
 
     blocks = sorted({info.block for info in infos})
-    store = disk_store(model)
     if alloc.kind == "owl" or (alloc.kind == "global" and needs_norms):
         if calibration is None:
             raise ConfigError(f"allocation {alloc.kind!r} needs calibration data (input norms of the dense model)")
-        if store is not None:  # each block's evidence while the pass holds it (blocks in order, as below)
-            dense_input_norms(model, adapter, layers, calibration, device, batch_size,
-                              after=lambda index, norms: evidence(index, norms))  # fmt: skip
-        else:
-            norms = dense_input_norms(model, adapter, layers, calibration, device, batch_size)
-            for block in blocks:
-                evidence(block, norms)
+        # each block's evidence as soon as the pass has its norms, in block order
+        dense_input_norms(model, adapter, layers, calibration, device, batch_size,
+                          after=lambda index, norms: evidence(index, norms) if index in blocks else None)  # fmt: skip
     elif alloc.kind == "global":  # scores from the weights alone: a look at each block
         for index, _ in each_block(model, adapter, device, skip=set(range(len(adapter.block_list(model)))) - set(blocks)):
             evidence(index, {})
