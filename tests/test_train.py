@@ -267,6 +267,23 @@ def test_a_recovery_that_never_beats_its_input_returns_the_input(caplog):
     assert "no validated step beat the input" in caplog.text
 
 
+@pytest.mark.parametrize("family, settings, peak", [
+    ("gemma3_text", {}, 1e-4),  # the mode's 1e-3 diverged on Gemma 3 (measured): its own default
+    ("gemma3_text", {"lr": 3e-3}, 3e-3),  # an explicit --lr is kept
+    ("gemma3_text", {"mode": "lora"}, 1e-4),  # LoRA's own default
+    ("llama", {}, 1e-3),
+])  # fmt: skip
+def test_full_fine_tuning_takes_the_family_learning_rate_where_the_default_diverges(family, settings, peak, caplog):
+    model = tiny_model(family)
+    config = TrainConfig(tokens=8 * 16, train_seq_len=16, micro_batch=4, val_windows=2, kd_weight=0.0, **settings)
+    with caplog.at_level("WARNING"):
+        record = train(model, config, calibration_ids(8, 16), calibration_ids(2, 16, seed=1), device="cpu",
+                       progress=False).record  # fmt: skip
+    assert record["schedule"]["peak_lr"] == peak
+    assert ("gemma3 fine-tunes in full at a peak learning rate of 0.0001" in caplog.text) == (family == "gemma3_text"
+                                                                                             and not settings)
+
+
 def test_early_stop_on_a_plateau():
     model, dense = _two_four()
     config = TrainConfig(mode="perp", lr=5.0, eval_every=1, patience=2, epochs=4, **SMALL)

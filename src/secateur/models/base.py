@@ -171,6 +171,7 @@ class Adapter:
     per_layer_config: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
     width: Width | None = None  # for structured width pruning (heads, MLP channels)
     experts: Experts | None = None  # mixture of experts: where the routed experts are (expert pruning)
+    full_lr: float | None = None  # recovery's full fine-tuning peak lr where the mode's default diverges (measured)
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)

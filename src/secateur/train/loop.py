@@ -12,6 +12,7 @@ place; `resume` loads the latest one and goes on from its step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -64,6 +65,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     window (a mixture): every validation then records each corpus's perplexity too."""
     if validation_domains is not None and len(validation_domains) != len(validation):
         raise TrainError(f"{len(validation_domains)} domain names for {len(validation)} validation windows")
+    config = family_lr(model, config)
     run = _setup(model, config, windows, validation, teacher, device, workdir, resume)
     run.validation_domains = list(validation_domains) if validation_domains is not None else None
     state = run.state
@@ -113,6 +115,17 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
         run.pruner.close()
     _reset_accelerator()
     return result
+
+
+def family_lr(model: nn.Module, config: TrainConfig) -> TrainConfig:
+    """The config with the family's full fine-tuning learning rate where --lr is left to its default and
+    the mode's default is measured to diverge on the family (said)."""
+    family = adapter_for(model)
+    if config.lr is not None or config.mode != "full" or family.full_lr is None:
+        return config
+    log.warning("recovery: %s fine-tunes in full at a peak learning rate of %g by default (the mode's %g diverges on "
+                "it, measured); --lr sets another", family.family, family.full_lr, config.peak_lr)  # fmt: skip
+    return dataclasses.replace(config, lr=family.full_lr)
 
 
 def _reset_accelerator() -> None:
