@@ -62,10 +62,11 @@ ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `tr
     "greedy20+recovery": ("greedy20", ["train", *RECOVERY]),
     "width20-reconstruct+recovery": ("width20-reconstruct", ["train", *RECOVERY]),
     "greedy20-remove-last+recovery": ("greedy20-remove-last", ["train", *RECOVERY]),
-    # after the input became recovery's first candidate (a run that never beats it returns it), at a
-    # tenth of the default lr and at the default, from the best depth 20% measured (blocks 8, 9, 14, 17)
+    # after the input became recovery's first candidate (a run that never beats it returns it), from the
+    # best depth 20% measured (blocks 8, 9, 14, 17), at 1e-4 (since then Gemma 3's default) and at 1e-3
+    # (the mode's default, which it was when the row ran)
     "bi20-before+recovery-lr1e-4": ("bi20-before", ["train", *RECOVERY, "--lr", "1e-4"]),
-    "bi20-before+recovery": ("bi20-before", ["train", *RECOVERY]),
+    "bi20-before+recovery-lr1e-3": ("bi20-before", ["train", *RECOVERY, "--lr", "1e-3"]),
 }
 
 
