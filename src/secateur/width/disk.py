@@ -35,10 +35,9 @@ from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
 from secateur.sparsity.prune import target_layers
 from secateur.width.config import WidthConfig
-from secateur.width.prune import (Refit, WidthReport, _apply, allocate, finish_report, new_report, resolve_variant,
-                                  scored_units, width_of)  # fmt: skip
+from secateur.width.prune import (Refit, WidthReport, _apply, allocate, check_calibration, finish_report, means_of,
+                                  new_report, resolve_variant, scored_units, width_of)  # fmt: skip
 from secateur.width.scores import IMPORTANCE
-from secateur.width.structure import WidthError
 from secateur.width.units import Units
 
 STATE = "width.pt"  # in the work directory: the units' scores, the allocation and the compensation means
@@ -61,7 +60,7 @@ def _plan(store: DiskBlocks, config: WidthConfig, report: WidthReport, calibrati
     width, blocks = store.adapter.width, store.adapter.blocks
     consumers = {f"{blocks}.{u.block}.{width.mlp.consumer if u.kind == 'mlp' else width.attention.o}" for u in units}
     return {"units": [asdict(u) for u in units], "removals": [[b, kind, n] for (b, kind), n in removals.items()],
-            "means": {name: m.mean for name, m in statistics.moments.items() if name in consumers}}  # fmt: skip
+            "means": {name: mean for name, mean in means_of(statistics).items() if name in consumers}}  # fmt: skip
 
 
 def stream_width(store: DiskBlocks, staging: Path, config: WidthConfig, calibration: Tensor | None,
@@ -76,9 +75,7 @@ def stream_width(store: DiskBlocks, staging: Path, config: WidthConfig, calibrat
     model, adapter = store.model, store.adapter
     config, variant = resolve_variant(model, adapter, config)
     width = width_of(model, adapter, config)
-    if config.needs_calibration and (calibration is None or calibration.ndim != 2 or len(calibration) == 0):
-        raise WidthError(f"{config.importance} importance (reconstruct {config.reconstruct}) needs calibration: a "
-                         f"(samples, seq_len) tensor of token ids")
+    check_calibration(config, calibration)
     start = time.perf_counter()
     report = new_report(model, adapter, config, variant)
     saved = work / STATE if work is not None else None

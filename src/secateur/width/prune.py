@@ -345,9 +345,12 @@ def _apply(model: nn.Module, adapter: Adapter, width: Width, units: list[Units],
         cut = _cutter(model, adapter, width, u, removals[(u.block, u.kind)], means, compensate_bias, on_slice,
                       refit.damp if refit else None)  # fmt: skip
         cuts.setdefault(u.block, []).append((width.mlp.consumer if u.kind == "mlp" else width.attention.o, cut))
-    store = disk_store(model)
-    resumed = store.resume_point() if store is not None and refit is not None else None
-    done = set(range(resumed["index"])) if resumed else (store.written() if store is not None and refit is None else set())
+    store, resumed, done = disk_store(model), None, set()
+    if store is not None and refit is not None:  # the refit goes on from its saved activations
+        resumed = store.resume_point()
+        done = set(range(resumed["index"])) if resumed else set()
+    elif store is not None:  # plain cuts: every block written before is done
+        done = store.written()
     blocks = adapter.block_list(model)
     for index in done:  # on the meta device: the shapes the written block has
         for _, cut in cuts.get(index, []):
@@ -479,12 +482,8 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     if widths is None and config.attention_fraction is not None:  # before any calibration pass (shapes only)
         _check_attention_share(config, shape_units(model, config)[1], config.fraction * block_parameters(model, adapter))
     report = new_report(model, adapter, config, variant)
-    has_calibration = calibration is not None and calibration.ndim == 2 and len(calibration) > 0
-    if config.reconstruct and not has_calibration:
-        raise WidthError("--reconstruct refits on calibration: pass a (samples, seq_len) tensor of token ids")
+    check_calibration(config, calibration, gathered=statistics is not None)
     if statistics is None:
-        if config.needs_calibration and not has_calibration:
-            raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
         statistics = gather_statistics(model, calibration, moments=config.needs_moments,
                                        gradients=IMPORTANCE[config.importance].gradients,
                                        heads=config.heads != "none" or config.hidden_fraction > 0,
@@ -499,6 +498,15 @@ def width_prune(model: nn.Module, config: WidthConfig, calibration: Tensor | Non
     report.reconstruction = _apply(model, adapter, width, units, removals, means_of(statistics), config.compensate,
                                    on_slice, refit)  # fmt: skip
     return finish_report(model, adapter, report, start)
+
+
+def check_calibration(config: WidthConfig, calibration: Tensor | None, gathered: bool = False) -> None:
+    """Calibration is there where the run reads it (`gathered`: the statistics were given)."""
+    has_calibration = calibration is not None and calibration.ndim == 2 and len(calibration) > 0
+    if config.reconstruct and not has_calibration:
+        raise WidthError("--reconstruct refits on calibration: pass a (samples, seq_len) tensor of token ids")
+    if not gathered and config.needs_calibration and not has_calibration:
+        raise WidthError(f"{config.importance} importance needs calibration: a (samples, seq_len) tensor of token ids")
 
 
 def new_report(model: nn.Module, adapter: Adapter, config: WidthConfig, variant: str | None) -> WidthReport:
