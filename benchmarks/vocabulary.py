@@ -85,6 +85,9 @@ ROWS = {  # name: `secateur prune` arguments (None: the dense model)
     # (the hidden size shrinks the embedding and LM head too)
     "gemma-vocab60k+depth10+width20": ["--recipe", "vocab60k+depth10+width20"],
     "gemma-depth10+width60-hidden55": ["--recipe", "depth10+width60-hidden55"],
+    # `secateur plan` with the vocabulary axis at the same size, its recipe run as written
+    "gemma-plan110M": ["--plan", "--target", "params=110M", "--depth", "0,0.1,0.2", "--width", "0,0.2,0.4",
+                       "--hidden", "0", "--vocabulary", "48000,60000"],
     "llamacpp-speed": None,
     "gemma-llamacpp": None,
 }
@@ -128,6 +131,14 @@ def build(name: str) -> dict:
         if "+recovery" in name:
             printed, seconds, peak = cli_timed("train", path_of(name.split("+recovery")[0]), "--out", out,
                                                *ROWS[name])  # fmt: skip
+        elif ROWS[name][0] == "--plan":
+            plan = WORK / f"{name}.plan"
+            if not (plan / "plan.toml").exists():
+                printed, planning, _ = cli_timed("plan", dense_of(name), "--out", plan, *ROWS[name][1:])
+                print(printed, flush=True)
+                (plan / "seconds.json").write_text(json.dumps({"plan_seconds": planning}))
+            printed, seconds, peak = cli_timed("prune", dense_of(name), "--out", out, "--recipe", plan / "plan.toml")
+            facts = json.loads((plan / "seconds.json").read_text())
         elif ROWS[name][0] == "--recipe":
             recipe = WORK / f"{ROWS[name][1]}.toml"
             recipe.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +149,7 @@ def build(name: str) -> dict:
             printed, seconds, peak = cli_timed("prune", dense_of(name), "--out", out, "--method", "vocabulary",
                                                *args)  # fmt: skip
         print(printed, flush=True)
-        facts = {"prune_seconds": seconds, "peak_mib": peak}
+        facts = {**facts, "prune_seconds": seconds, "peak_mib": peak}
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(out)

@@ -348,3 +348,102 @@ def test_sentencepiece_whitespace_tokens_match_their_transformers_spelling(tmp_p
     assert sliced["tokenizer.ggml.tokens"] == ["<s>", "  "] and sliced["tokenizer.ggml.token_type"] == [3, 4]
     assert sliced["tokenizer.ggml.scores"] == [0.0, -2.0] and sliced["tokenizer.ggml.bos_token_id"] == 0
     assert from_gguf(path, ["<s>", "c"]) is None
+
+
+# --- SentencePiece-style tokenizers written from tokenizer.json -----------------------------------------
+
+
+def sentencepiece_tokenizer(complete: bool = True) -> PreTrainedTokenizerFast:
+    """BPE with byte fallback as transformers converts a SentencePiece model: ▁ for spaces, <0xNN> byte
+    tokens, and (`complete`) a merge for every pair of tokens whose join is a token, ranked by the
+    join's id (its score); else the trainer's own merges, which lack some of those pairs."""
+    from tokenizers import normalizers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials + [f"<0x{b:02X}>" for b in range(256)],
+                                  show_progress=False)  # fmt: skip
+    backend.train_from_iterator([tiny_text(2000).replace(" ", "\u2581") + " é 中文"], trainer)
+    data = json.loads(backend.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in specials]
+    vocab = data["model"]["vocab"]
+    if complete:
+        pairs = [(vocab[t], vocab[t[:k]], vocab[t[k:]], t[:k], t[k:]) for t in vocab for k in range(1, len(t))
+                 if t[:k] in vocab and t[k:] in vocab]  # fmt: skip
+        data["model"]["merges"] = [[a, b] for *_, a, b in sorted(pairs)]
+    data["decoder"] = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"},
+                                                         "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")  # fmt: skip
+
+
+def llama_cpp_spm(text: str, tokens: list[str], scores: list[float], space_prefix: bool) -> list[int]:
+    """llama.cpp's llama (SentencePiece) tokenizer, as its llm_tokenizer_spm does it: the text's characters
+    (spaces as ▁), then again and again the adjacent pair whose join is the token of highest score
+    (leftmost on a tie) joined; characters no token holds as their byte tokens."""
+    import heapq
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    symbols = list(("\u2581" if space_prefix else "") + text.replace(" ", "\u2581"))
+    after = list(range(1, len(symbols))) + [-1]
+    before = list(range(-1, len(symbols) - 1))
+    queue: list = []
+
+    def pair(left: int, right: int) -> None:
+        if left >= 0 and right >= 0 and symbols[left] + symbols[right] in vocab:
+            heapq.heappush(queue, (-scores[vocab[symbols[left] + symbols[right]]], left, symbols[left] + symbols[right]))
+
+    for i in range(len(symbols) - 1):
+        pair(i, i + 1)
+    while queue:
+        _, left, joined = heapq.heappop(queue)
+        right = after[left]
+        if symbols[left] is None or right < 0 or symbols[left] + symbols[right] != joined:
+            continue  # a pair that an earlier join changed
+        symbols[left], symbols[right], after[left] = joined, None, after[right]
+        if after[left] >= 0:
+            before[after[left]] = left
+        pair(before[left], left), pair(left, after[left])
+    out = []
+    for symbol in (s for s in symbols if s is not None):
+        out += [vocab[symbol]] if symbol in vocab else [vocab[f"<0x{b:02X}>"] for b in symbol.encode()]
+    return out
+
+
+def test_a_sentencepiece_tokenizer_is_written_so_llama_cpp_tokenizes_as_transformers(tmp_path):
+    tokenizer = sentencepiece_tokenizer()
+    out = tmp_path / "model"
+    save(tiny_model("llama", vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=None),
+         tokenizer, out, {})  # fmt: skip
+    record = export_gguf(out, tmp_path / "model.gguf")
+    assert "SentencePiece-style" in record["tokenizer"]
+    fields = gguf.GGUFReader(tmp_path / "model.gguf").fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and fields["tokenizer.ggml.pre"].contents() == "default"
+    assert tokens == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert types[:3] == [3, 3, 3] and types[tokens.index("<0x41>")] == 6 and types[len(tokens) - 1] == 1
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    scores = fields["tokenizer.ggml.scores"].contents()
+    rng = np.random.default_rng(0)
+    words = tiny_text(400).split()
+    texts = [" ".join(rng.choice(words, 12)) for _ in range(20)] + [
+        "naïve café 中文 ok", "def f(x):\n    return x ** 2  # 🙂", "ÿ€ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢  two  spaces", "🙂🙃 emoji"]
+    for text in texts:
+        assert llama_cpp_spm(text, tokens, scores, False) == tokenizer(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_a_byte_fallback_bpe_that_llama_cpp_would_split_otherwise_is_refused(tmp_path, capsys):
+    out = tmp_path / "model"
+    tokenizer = sentencepiece_tokenizer(complete=False)
+    save(tiny_model("llama", vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=None),
+         tokenizer, out, {})  # fmt: skip
+    assert main(["export", str(out), "--gguf", str(tmp_path / "a.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "have no merge" in err[-1] and "llama tokenizer" in err[-1] and not (tmp_path / "a.gguf").exists()
+    with pytest.raises(ExportError, match="--tokenizer-pre names the pre-tokenizer of a byte-level BPE"):
+        save(tiny_model("llama", vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=None),
+             sentencepiece_tokenizer(), tmp_path / "complete", {})  # fmt: skip
+        export_gguf(tmp_path / "complete", tmp_path / "b.gguf", tokenizer_pre="gpt-2")
+    assert not (tmp_path / "b.gguf").exists()

@@ -4,9 +4,13 @@ HF tokenizer.
 When the model traces back (through its manifests) to a GGUF file whose vocabulary is this
 tokenizer's, its `tokenizer.*` metadata is copied as is: the pre-tokenizer name, token types, merges,
 special ids and chat template the original file's authors chose; when this tokenizer keeps a subset
-of that file's tokens (vocabulary pruning), the same metadata at the kept tokens. Otherwise a byte-level BPE
-(GPT-2 style) tokenizer is written from `tokenizer.json`; llama.cpp needs the name of its
-pre-tokenizer, recognised from the tokenizer's structure for the layouts below or given by the user.
+of that file's tokens (vocabulary pruning), the same metadata at the kept tokens. Otherwise the
+tokenizer is written from `tokenizer.json`: a byte-level BPE (GPT-2 style) as llama.cpp's `gpt2`
+tokenizer, whose pre-tokenizer llama.cpp needs by name (recognised from the tokenizer's structure
+for the layouts below, or given by the user); a BPE with byte fallback (SentencePiece's, as
+transformers converts Llama 2, Mistral and Gemma tokenizers) as llama.cpp's `llama` tokenizer, with
+scores that make its joins BPE's merges (gguf's own `LlamaHfVocab` writes one score for every token,
+which would leave the joins to their position).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secateur.data.bytes import BYTE_TOKEN, is_byte_level
 from secateur.export.errors import ExportError
 
-TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}  # gguf.TokenType values
+TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5, "byte": 6}  # gguf.TokenType values
 
 # The pre-tokenizer names llama.cpp accepts (`tokenizer.ggml.pre`), as its llama-vocab.cpp lists them
 # (llama.cpp vendored by llama-cpp-python 0.3.36); another name makes llama.cpp refuse the file.
@@ -163,29 +168,32 @@ def token_list(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
 
 
 def from_tokenizer(tokenizer: Any, directory: Path, vocab_size: int, pre: str | None) -> Vocabulary:
-    """A byte-level BPE vocabulary from a HF tokenizer saved in `directory`."""
-    import gguf
-
+    """A vocabulary built from the HF tokenizer saved in `directory`: byte-level BPE as llama.cpp's
+    `gpt2` tokenizer, BPE with byte fallback (SentencePiece's, as transformers converts it) as its
+    `llama` tokenizer; anything else is refused."""
     file = directory / "tokenizer.json"
     data = json.loads(file.read_text()) if file.is_file() else {}
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (data.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ExportError(f"{directory}: only byte-level BPE tokenizers (GPT-2 style tokenizer.json) are written to "
-                          "GGUF; this one is not, and the model comes from no GGUF whose vocabulary could be copied")
-    if pre is None:
-        pre = PRE_TOKENIZERS.get(json.dumps(_structure(data.get("pre_tokenizer"))))
-        if pre is None:
-            raise ExportError("the tokenizer's pre-tokenizer is not one secateur recognises; pass --tokenizer-pre "
-                              "with llama.cpp's name for it (for example llama-bpe, qwen2, gpt-2)")
-    tokens, types = token_list(tokenizer, vocab_size)
+    if model.get("type") == "BPE" and is_byte_level(data):
+        return _byte_level(tokenizer, directory, vocab_size, pre, data)
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        if pre is not None:
+            raise ExportError("--tokenizer-pre names the pre-tokenizer of a byte-level BPE; this tokenizer is "
+                              "SentencePiece-style (byte fallback), which llama.cpp's llama tokenizer runs without one")
+        return _sentencepiece(tokenizer, directory, vocab_size, data)
+    raise ExportError(f"{directory}: only BPE tokenizers (byte-level, or with byte fallback) are written to GGUF; this "
+                      f"one is {model.get('type') or 'unknown'}, and the model comes from no GGUF whose vocabulary "
+                      "could be copied")
+
+
+def _special_fields(directory: Path, vocab_size: int) -> tuple[Any, list[tuple[str, Any, Any, Any]]]:
+    """gguf's SpecialVocab of `directory` and the fields it gives: special ids, whether BOS / EOS are
+    added, the chat template."""
+    import gguf
+
     special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        raise ExportError(f"{file} holds no merges; a BPE vocabulary without them cannot tokenize")
     V = gguf.GGUFValueType
-    fields = [("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", pre, V.STRING, None),
-              ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
-              ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
-              ("tokenizer.ggml.merges", special.merges, V.ARRAY, V.STRING)]  # fmt: skip
+    fields = []
     for kind, token_id in special.special_token_ids.items():
         key = "padding" if kind == "pad" else "unknown" if kind == "unk" else kind
         fields.append((f"tokenizer.ggml.{key}_token_id", int(token_id), V.UINT32, None))
@@ -193,7 +201,96 @@ def from_tokenizer(tokenizer: Any, directory: Path, vocab_size: int, pre: str | 
         fields.append((f"tokenizer.ggml.add_{kind}_token", bool(value), V.BOOL, None))
     if special.chat_template:
         fields.append(("tokenizer.chat_template", special.chat_template, V.STRING, None))
-    return Vocabulary(fields, origin=f"built from {file} (pre-tokenizer {pre})")
+    return special, fields
+
+
+def _byte_level(tokenizer: Any, directory: Path, vocab_size: int, pre: str | None, data: dict[str, Any]) -> Vocabulary:
+    import gguf
+
+    if pre is None:
+        pre = PRE_TOKENIZERS.get(json.dumps(_structure(data.get("pre_tokenizer"))))
+        if pre is None:
+            raise ExportError("the tokenizer's pre-tokenizer is not one secateur recognises; pass --tokenizer-pre "
+                              "with llama.cpp's name for it (for example llama-bpe, qwen2, gpt-2)")
+    tokens, types = token_list(tokenizer, vocab_size)
+    special, specials = _special_fields(directory, vocab_size)
+    if not special.merges:
+        raise ExportError(f"{directory / 'tokenizer.json'} holds no merges; a BPE vocabulary without them cannot tokenize")
+    V = gguf.GGUFValueType
+    fields = [("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", pre, V.STRING, None),
+              ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+              ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+              ("tokenizer.ggml.merges", special.merges, V.ARRAY, V.STRING), *specials]  # fmt: skip
+    return Vocabulary(fields, origin=f"built from {directory / 'tokenizer.json'} (pre-tokenizer {pre})")
+
+
+def merge_scores(data: dict[str, Any]) -> dict[int, float]:
+    """SentencePiece scores for the tokens merges build: minus the rank of the first merge that builds
+    each. llama.cpp's llama tokenizer joins, at every step, the adjacent pair whose join is the token
+    of highest score (the leftmost on a tie); that is BPE with these merges when every pair of tokens
+    whose join is a token has a merge, in the order of their joins' scores (`sentencepiece_merges`)."""
+    vocab = data["model"]["vocab"]
+    scores: dict[int, float] = {}
+    for rank, merge in enumerate(data["model"]["merges"]):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token = vocab.get(left + right)
+        if token is not None:
+            scores.setdefault(token, -float(rank))
+    return scores
+
+
+def sentencepiece_merges(data: dict[str, Any]) -> str | None:
+    """None when the merges are SentencePiece's as transformers converts them (every pair of tokens whose
+    join is a token has one, ranked by the join's first merge), else what breaks that, in words."""
+    vocab = data["model"]["vocab"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    listed = set(merges)
+    missing = [(t[:k], t[k:]) for t in vocab for k in range(1, len(t))
+               if t[:k] in vocab and t[k:] in vocab and (t[:k], t[k:]) not in listed]  # fmt: skip
+    if missing:
+        return (f"{len(missing):,} pairs of tokens whose join is a token have no merge (first: {missing[0]!r}), so "
+                "llama.cpp's llama tokenizer, which joins any such pair, would split text differently")
+    first: dict[str, int] = {}
+    for rank, (left, right) in enumerate(merges):
+        first.setdefault(left + right, rank)
+    order = [first[a + b] for a, b in merges]
+    if any(x > y for x, y in zip(order, order[1:])):
+        return "its merges are not ranked by the tokens they build, which llama.cpp's llama tokenizer needs"
+    return None
+
+
+def _sentencepiece(tokenizer: Any, directory: Path, vocab_size: int, data: dict[str, Any]) -> Vocabulary:
+    """llama.cpp's `llama` (SentencePiece) tokenizer: the tokens as transformers spells them (user-defined
+    tokens with spaces for `▁`, as llama.cpp matches them in the raw text), scores from the merges,
+    byte, control and user-defined types, and whether a space is put before the text."""
+    import gguf
+
+    broken = sentencepiece_merges(data)
+    if broken:
+        raise ExportError(f"{directory / 'tokenizer.json'} is BPE with byte fallback, but {broken}")
+    tokens, types = token_list(tokenizer, vocab_size)
+    scores = merge_scores(data)
+    listed = len(data["model"]["merges"])
+    values = []
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if BYTE_TOKEN.fullmatch(token):
+            types[i], score = TOKEN_TYPES["byte"], 0.0
+        elif kind == TOKEN_TYPES["normal"]:  # the tokens no merge builds (characters) rank below the rest
+            score = scores.get(i, -float(listed + i))
+        else:
+            score = -1000.0
+        if kind == TOKEN_TYPES["user_defined"]:
+            tokens[i] = token.replace("\u2581", " ")
+        values.append(score)
+    _, specials = _special_fields(directory, vocab_size)
+    prefix = '"Prepend"' in json.dumps(data.get("normalizer")) or '"Metaspace"' in json.dumps(data.get("pre_tokenizer"))
+    V = gguf.GGUFValueType
+    fields = [("tokenizer.ggml.model", "llama", V.STRING, None), ("tokenizer.ggml.pre", "default", V.STRING, None),
+              ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+              ("tokenizer.ggml.scores", values, V.ARRAY, V.FLOAT32),
+              ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+              ("tokenizer.ggml.add_space_prefix", prefix, V.BOOL, None), *specials]  # fmt: skip
+    return Vocabulary(fields, origin=f"built from {directory / 'tokenizer.json'} (SentencePiece-style BPE)")
 
 
 def vocabulary(tokenizer: Any, directory: Path, vocab_size: int, manifest: dict[str, Any] | None,

@@ -17,6 +17,9 @@ TIMED = Requires(lambda c: parse_target(c.target).timed, "a speed target (decode
 LLAMA_CPP = Requires(lambda c: parse_target(c.target).timed and c.engine in (None, "llama.cpp"),
                      "a speed or draft target timed in llama.cpp (--engine llama.cpp, the default)")
 DRAFT = Requires(lambda c: parse_target(c.target).draft, "--target draft")
+SIZE = Requires(lambda c: parse_target(c.target).metric in ("params", "file"),
+                "a params= or file= target (the speed of a smaller vocabulary is not modelled)")
+VOCABULARY = Requires(lambda c: bool(c.vocabulary.strip()), "--vocabulary")
 NOT_DRAFT = Requires(lambda c: not parse_target(c.target).draft,
                      "a target to meet (--target draft searches every candidate)")
 
@@ -54,6 +57,13 @@ class PlanConfig:
     experts: str = option("0:0.5:0.125", "mixtures of experts: fractions of every MoE block's routed experts to "
                                          "remove (the experts stage, REAP), searched with --depth instead of the "
                                          "width axes")
+    vocabulary: str = option("", "token counts to keep in the embedding and LM head, one more axis (the vocabulary "
+                                 "stage's --keep-tokens, counted on --calib, applied last), e.g. 32768,49152; "
+                                 "scored as KL plus the excess cross-entropy of the re-tokenized text per token "
+                                 "(default: the whole vocabulary only)", requires=SIZE)
+    vocabulary_samples: int = option(256, "--vocabulary: windows of --calib whose tokens are counted (the "
+                                          "vocabulary stage's default)", requires=VOCABULARY)
+    vocabulary_seq_len: int = option(2048, "--vocabulary: tokens per counted window", requires=VOCABULARY)
     hidden: str = option("0,0.125", "fractions of the hidden channels to remove (counted in the width fraction)")
     calib: str = option("enwiki-sample", "text for statistics, spans and proxy windows (drawn after the "
                                          "evaluation region)")
@@ -101,7 +111,8 @@ class PlanConfig:
         refuse_inapplicable(self)
         if not 0 < self.keep < 1:
             raise ConfigError(f"--keep must be in (0, 1), got {self.keep}")
-        for name in ("calib_samples", "proxy_windows", "eval_windows", "eval_seq_len"):
+        for name in ("calib_samples", "proxy_windows", "eval_windows", "eval_seq_len", "vocabulary_samples",
+                     "vocabulary_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.calib_seq_len < 2:

@@ -88,11 +88,14 @@ def shape_of(config: Any) -> ArchShape:
 
 
 def with_layers(config: Any, layers: int) -> Any:
-    """A copy of `config` with `layers` decoder blocks."""
+    """A copy of `config` with `layers` decoder blocks. Per-layer attention types (Gemma 3, Qwen3) are
+    cut to the first `layers`, or repeated in turn where there are fewer (a one-block copy grown back:
+    they do not change the parameters, and the timed shapes of the planner are uniform blocks)."""
     config = copy.deepcopy(config)
     config.num_hidden_layers = layers
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:layers]
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and types:
+        config.layer_types = [types[i % len(types)] for i in range(layers)]
     return config
 
 

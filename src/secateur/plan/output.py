@@ -61,6 +61,10 @@ def front_table(record: dict[str, Any]) -> str:
         lines.append(line)
     if speed:
         lines.append("\n\\* predicted by the cost model (the others were timed on their own shape against the dense model)")
+    if any(r.get("vocabulary") for r in record["candidates"]):
+        lines.append("\nWith fewer tokens (-v: tokens kept) the KL column adds the cross-entropy the vocabulary adds on "
+                     "the windows' text re-tokenized, per token of the dense tokenization (negative where the text "
+                     "keeps its tokens: the removed tokens' probability goes to the kept ones)")
     return "\n".join(lines) + "\n"
 
 
@@ -108,11 +112,11 @@ def pareto_plot(record: dict[str, Any], path: Path) -> None:
              "file": "file (MB)", "draft": "draft cost per token (dense decode steps)"}[metric]  # fmt: skip
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, colour in (("depth", "tab:blue"), ("width", "tab:orange"), ("width+hidden", "tab:purple"),
-                         ("experts", "tab:brown")):  # fmt: skip
+                         ("experts", "tab:brown"), ("vocabulary", "tab:gray")):  # fmt: skip
         pts = [r for r in rows if r["kind"] == kind]
         if pts:
             ax.scatter([cost(r) for r in pts], [quality(r) for r in pts], s=18, c=colour, label=f"{kind} only")
-    mixed = [r for r in rows if r["blocks"] and (r["width"] or r.get("experts"))]
+    mixed = [r for r in rows if " + " in r["kind"]]
     ax.scatter([cost(r) for r in mixed], [quality(r) for r in mixed], s=18, c="tab:green", label="mixed")
     front = [next(r for r in rows if r["key"] == k) for k in record["front"]]
     ax.plot([cost(r) for r in front], [quality(r) for r in front], "k-", lw=1, label="Pareto front")
@@ -123,8 +127,10 @@ def pareto_plot(record: dict[str, Any], path: Path) -> None:
         ax.axvline(target, color="red", ls="--", lw=1, label=f"target {record['target']}")
     ax.set_xlabel(label)
     ax.set_ylabel("disagreement with the dense model's argmax" if draft else "KL to the dense model (proxy)")
-    if not draft:
+    if not draft and all(quality(r) > 0 for r in rows):
         ax.set_yscale("log")
+    elif not draft:  # a smaller vocabulary can score below zero (see front_table)
+        ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_title(f"secateur plan: {Path(record['model']).name}")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from secateur.calibrate.stream import block_bars
 from secateur.config import CalibConfig
+from secateur.data.calibration import bos_token
 from secateur.data.enwiki import cache_dir
 from secateur.errors import ConfigError
 from secateur.experts import ExpertsConfig
@@ -68,7 +69,15 @@ from secateur.plan.draft import CONTINUATION, RoundCosts, measure_in_engine, par
 from secateur.plan.proxy import Proxy
 from secateur.plan.rows import append_rows, read_rows
 from secateur.plan.search import halve, pareto_front, undominated
-from secateur.plan.space import Candidate, candidates, depth_counts, parse_grid, parse_splits, split_order
+from secateur.plan.space import (
+    Candidate,
+    candidates,
+    depth_counts,
+    parse_grid,
+    parse_splits,
+    parse_vocabulary,
+    split_order,
+)
 from secateur.plan.targets import Target, parse_target
 from secateur.width import WidthConfig, width_prune
 from secateur.width.prune import gather_statistics, resolve_variant, width_of
@@ -198,8 +207,9 @@ def _distinct(configs: dict[Candidate, Any]) -> tuple[dict[Candidate, Any], dict
     remove the least stays (the default split before explicit ones); the others are named with it."""
     kept: dict[tuple[int, ArchShape], Candidate] = {}
     same: dict[str, str] = {}
-    for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width, *split_order(c.attention), c.experts)):
-        key = (c.blocks, shape_of(configs[c]))
+    for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width, *split_order(c.attention), c.experts,
+                                           c.vocabulary)):  # fmt: skip
+        key = (c.blocks, shape_of(configs[c]), configs[c].vocab_size)
         if key in kept:
             same[c.key] = kept[key].key
         else:
@@ -243,6 +253,8 @@ def _score_cache(model_path: str | Path, config: PlanConfig) -> Path:
                 "holdout": [config.eval_windows, config.eval_seq_len]}  # fmt: skip
     if config.reconstruct:  # absent otherwise: caches of plans before the option stay valid
         identity["reconstruct"] = True
+    if config.vocabulary.strip():  # the windows whose tokens a vocabulary candidate keeps
+        identity["vocabulary"] = [config.vocabulary_samples, config.vocabulary_seq_len]
     if parse_target(config.target).draft:  # windows that end in the dense model's own continuation
         identity["continuation"] = continuation_of(config)
     blob = json.dumps(identity, sort_keys=True)
@@ -322,7 +334,7 @@ class Search:
         built = shape_of(model.config)
         if built != row.shape:
             raise RuntimeError(f"{row.candidate.key}: built {built.key}, predicted {row.shape.key}")
-        scores = self.proxy.measure(model, missing)
+        scores = self.proxy.measure(model, missing, row.candidate.vocabulary)
         del model
         self.evaluations += 1
         cached.update(zip(missing, scores))
@@ -331,10 +343,11 @@ class Search:
 
 def boundary(rows: dict[str, Row]) -> dict[str, Row]:
     """The rows that meet the target (or may) and that no other such row of the same hidden fraction
-    and attention split dominates: no more blocks, width and experts removed, and less of one."""
+    and attention split dominates: no more blocks, width, experts and tokens removed, and less of one."""
     live = [r for r in rows.values() if r.feasible]
     keep = undominated([((r.candidate.hidden, r.candidate.attention),
-                         (r.candidate.blocks, r.candidate.width, r.candidate.experts)) for r in live])  # fmt: skip
+                         (r.candidate.blocks, r.candidate.width, r.candidate.experts,
+                          -(r.candidate.vocabulary or math.inf))) for r in live])  # fmt: skip
     return {live[i].candidate.key: live[i] for i in keep}
 
 
@@ -400,6 +413,8 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
         _feasible(rows, target, None, 0.0, {}, dense_value)
     model, tokenizer = load(model_path, dtype="float32", device="cpu", allow_nonfinite=allow_nonfinite)
     calibration, windows = _windows(model, tokenizer, config)  # a short text fails before any timing
+    sizes = sorted({c.vocabulary for c in grid} - {0})
+    vocabularies = _vocabularies(model, tokenizer, sizes, config) if sizes else {}
     if isinstance(engine, LlamaCppEngine) and engine.vocabulary is None:
         engine.vocabulary = vocabulary_of(tokenizer, model_path, base.vocab_size)
     book, costs = _costs(engine, base, rows, configs, config, target, progress)
@@ -411,7 +426,8 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
         rank, round_costs = _draft_rows(rows, book, engine, base, config, costs)
     setup = time.perf_counter() - clock
     proxy = Proxy(model, calibration, windows, resolve_device(config.device),
-                  continuation=continuation_of(config) if target.draft else 0)  # fmt: skip
+                  continuation=continuation_of(config) if target.draft else 0, tokenizer=tokenizer,
+                  bos=bos_token(model, tokenizer), vocabularies=vocabularies)  # fmt: skip
     proxy.spans(sorted({c.blocks for c in grid}))
     deadline = clock + config.budget_minutes * 60 if config.budget_minutes else None
     search = Search(rows, proxy, _score_cache(model_path, config), config.keep, config.proxy_windows, deadline,
@@ -457,8 +473,11 @@ def _inputs(model_path: str | Path, config: PlanConfig,
     check_model(model_path)
     base = load_config(model_path)
     adapter = adapter_for(base)
+    tokens = parse_vocabulary(config.vocabulary, base.vocab_size)
+    if len(tokens) > 1:
+        _check_tokenizer(model_path, tokens)
     if adapter.experts is not None:
-        return target, base, _expert_candidates(base, config, target, shares, explicit)
+        return target, base, _expert_candidates(base, config, target, shares, explicit, tokens)
     if "experts" in explicit:
         raise ConfigError(f"--experts applies to mixtures of experts; {base.model_type} has no routed experts")
     if adapter.width is None:
@@ -470,12 +489,45 @@ def _inputs(model_path: str | Path, config: PlanConfig,
         raise ConfigError(f"--attention {config.attention}: {base.model_type}'s heads are not pruned (its head size "
                           f"is hidden_size / heads), so there is no split to search: drop --attention")
     grid = candidates(depth_counts(config.depth, base.num_hidden_layers), widths, hiddens, round_to_of(config), splits,
-                      config.reconstruct)  # fmt: skip
+                      config.reconstruct, vocabularies=tokens)  # fmt: skip
     return target, base, grid
 
 
+def _check_tokenizer(model_path: str | Path, tokens: tuple[int, ...]) -> None:
+    """Before any work: the tokenizer is one vocabulary pruning rewrites, and every size asked for holds
+    the tokens each pruned vocabulary keeps."""
+    from secateur.io import load_tokenizer
+    from secateur.vocabulary.bpe import Closure, read_bpe
+    from secateur.vocabulary.tokenizer import tokenizer_json
+
+    bpe = read_bpe(tokenizer_json(load_tokenizer(model_path)))
+    Closure(bpe)  # refuses what it cannot close
+    if min(t for t in tokens if t) < len(bpe.required):
+        raise ConfigError(f"--vocabulary {min(t for t in tokens if t)} is fewer than the {len(bpe.required):,} tokens "
+                          "every pruned vocabulary keeps (bytes, unknown and special tokens)")
+
+
+def vocabulary_calibration(config: PlanConfig) -> CalibConfig:
+    """The windows whose tokens a vocabulary candidate keeps (the recipe's vocabulary stage counts the same)."""
+    return CalibConfig(source=config.calib, samples=config.vocabulary_samples, seq_len=config.vocabulary_seq_len,
+                       seed=config.seed, holdout_windows=config.eval_windows, holdout_seq_len=config.eval_seq_len)
+
+
+def _vocabularies(model: Any, tokenizer: Any, sizes: list[int], config: PlanConfig) -> dict[int, tuple[list[int], Any]]:
+    """Per token count: the kept ids and the tokenizer the vocabulary stage would make."""
+    from secateur.data.calibration import calibration_data
+    from secateur.vocabulary import VocabularyConfig, choose_vocabulary
+
+    windows = calibration_data(model, tokenizer, vocabulary_calibration(config))
+    out = {}
+    for size in sizes:
+        kept, pruned, _ = choose_vocabulary(model, tokenizer, VocabularyConfig(keep_tokens=size), windows)
+        out[size] = (kept, pruned)
+    return out
+
+
 def _expert_candidates(base: Any, config: PlanConfig, target: Target, shares: tuple[float, ...],
-                       explicit: frozenset[str]) -> list[Candidate]:  # fmt: skip
+                       explicit: frozenset[str], tokens: tuple[int, ...] = (0,)) -> list[Candidate]:  # fmt: skip
     """A mixture of experts is planned along depth and the share of every MoE block's routed experts
     removed (the experts stage with its default criterion, REAP); sizes only: the cost model times
     dense decoders."""
@@ -486,7 +538,8 @@ def _expert_candidates(base: Any, config: PlanConfig, target: Target, shares: tu
     if target.timed:
         raise ConfigError(f"secateur plan times dense decoders only; for a mixture of experts ({base.model_type}) "
                           "give a params= or file= target")
-    return candidates(depth_counts(config.depth, base.num_hidden_layers), (0.0,), (0.0,), experts=shares)
+    return candidates(depth_counts(config.depth, base.num_hidden_layers), (0.0,), (0.0,), experts=shares,
+                      vocabularies=tokens)
 
 
 def _expert_configs(base: Any, grid: list[Candidate]) -> tuple[dict[Candidate, Any], dict[str, str]]:
@@ -501,7 +554,7 @@ def _expert_configs(base: Any, grid: list[Candidate]) -> tuple[dict[Candidate, A
         except ConfigError as exc:
             refused[f"e{c.experts:g}"] = str(exc)
             continue
-        configs[c] = with_layers(base, base.num_hidden_layers - c.blocks)
+        configs[c] = with_tokens(with_layers(base, base.num_hidden_layers - c.blocks), c.vocabulary)
         setattr(configs[c], spec.count_key, count - removed)
     return configs, refused
 
@@ -521,13 +574,13 @@ def _grid(base: Any, grid: list[Candidate], config: PlanConfig) -> tuple:
     shapes = block_shapes(base, sorted({c.stage for c in grid}))
     refused = {s.key.removeprefix("d0-"): why for s, why in shapes.items() if isinstance(why, str)}
     grid = [c for c in grid if not isinstance(shapes[c.stage], str)]
-    configs = {c: with_layers(shapes[c.stage], blocks - c.blocks) for c in grid}
+    configs = {c: with_tokens(with_layers(shapes[c.stage], blocks - c.blocks), c.vocabulary) for c in grid}
     configs, same = _distinct(configs)
     grid = list(configs)
     rows = {}
-    counts = {stage: stage_counts(shapes[stage]) for stage in {c.stage for c in grid}}
+    counts = {(c.stage, c.vocabulary): stage_counts(with_tokens(shapes[c.stage], c.vocabulary)) for c in grid}
     for c in grid:
-        params, one_d = counts[c.stage](blocks - c.blocks)
+        params, one_d = counts[c.stage, c.vocabulary](blocks - c.blocks)
         rows[c.key] = Row(c, shape_of(configs[c]), params, _file_bytes(params, one_d, config))
     return grid, rows, configs, refused, same
 
@@ -674,6 +727,22 @@ def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margi
                           "--depth / --width / --hidden")
 
 
+def _counting(config: PlanConfig) -> dict[str, Any]:
+    """The vocabulary stage's calibration settings in the recipe: the windows the planner counted."""
+    calib = vocabulary_calibration(config)
+    return {"calib": calib.source, "calib_samples": calib.samples, "calib_seq_len": calib.seq_len,
+            **({"seed": calib.seed} if calib.seed else {})}  # fmt: skip
+
+
+def with_tokens(config: Any, tokens: int) -> Any:
+    """A copy of `config` with `tokens` in its vocabulary (0: `config` itself)."""
+    if not tokens:
+        return config
+    config = copy.deepcopy(config)
+    config.vocab_size = tokens
+    return config
+
+
 def cost_of(row: Row, target: Target) -> float:
     """The front's cost axis (lower is better): time per token relative to dense for speed targets,
     else the target's own quantity."""
@@ -697,5 +766,5 @@ def _record(model_path: str | Path, config: PlanConfig, target: Target, rows: di
             "value": target.value, "config": asdict(config), "dense_params": dense_params, "costs": costs,
             "rungs": rungs, "evaluations": search.evaluations, "searched": len(search.rows), "stopped": search.stopped, "refused": refused,
             "candidates": [r.to_dict() for r in rows.values()], "front": [scored[i].candidate.key for i in front],
-            "chosen": chosen.to_dict(), "stages": chosen.candidate.stages(),
+            "chosen": chosen.to_dict(), "stages": chosen.candidate.stages(_counting(config)),
             "recover_tokens": config.recover_tokens}  # fmt: skip

@@ -11,7 +11,15 @@ so no block of the run runs; the statistics pass starts at that block, on the ke
 activations; the statistics of the blocks before are the dense ones. A candidate is then a copy of
 its level sliced by `width_prune` with those statistics, and one forward per window. A mixture of
 experts' candidate is a copy of its level whose experts `prune_experts` removes (its own streamed
-pass over the calibration windows, REAP)."""
+pass over the calibration windows, REAP).
+
+A candidate that also keeps fewer tokens (its last stage, as in the recipe) cannot be compared token
+for token: its tokenizer splits the text of a removed token into smaller kept ones. Its score adds,
+to the KL of the candidate with the whole vocabulary, the cross-entropy its vocabulary adds on the
+window's text: (the summed next-token cross-entropy of the sliced model on the text re-tokenized,
+less that of the unsliced model on the window) / the window's predicted tokens, in nats per token of
+the dense tokenization like the KL. It is negative where every token of the text is kept (the
+probability of the removed tokens goes to the kept ones) and large where rare words are split."""
 
 from __future__ import annotations
 
@@ -32,9 +40,16 @@ from secateur.depth.structure import remove_blocks
 from secateur.experts import ExpertsConfig, prune_experts
 from secateur.models import adapter_for
 from secateur.plan.draft import accepted, continued
+from secateur.data.windows import tokenize
 from secateur.plan.space import Candidate
+from secateur.vocabulary.model import slice_vocabulary
 from secateur.width import width_prune
 from secateur.width.prune import Statistics, gather_statistics
+
+
+def token_cross_entropy(logits: Tensor, ids: Tensor) -> Tensor:
+    """The summed next-token cross-entropy (nats) of (seq, vocab) logits on their (seq,) ids."""
+    return F.cross_entropy(logits[:-1].float(), ids[1:].to(logits.device), reduction="sum")
 
 
 def token_kl(teacher_logprobs: Tensor, student_logits: Tensor) -> Tensor:
@@ -51,7 +66,8 @@ def window_scores(model: nn.Module, window: Tensor, teacher_logprobs: Tensor, de
     the window's last `tail` tokens is the teacher's (`accept`, a string of 0 and 1: plan/draft.py)."""
     logits = model(input_ids=window[None].to(device), use_cache=False).logits[0]  # (seq, vocab)
     teacher = teacher_logprobs.to(device)
-    scores: dict[str, Any] = {"kl": float(token_kl(teacher, logits).mean())}
+    scores: dict[str, Any] = {"kl": float(token_kl(teacher, logits).mean()),
+                              "nats": float(token_cross_entropy(logits, window))}  # fmt: skip
     if tail:  # position i predicts token i + 1
         scores["accept"] = accepted(teacher[-tail - 1 : -1], logits[-tail - 1 : -1])
     return scores
@@ -81,6 +97,9 @@ class Proxy:
     damp: float = 0.1  # the depth stage's compensate_damp default
     max_levels: int = 6  # depth levels whose model is kept (a copy each); older ones are rebuilt from patches
     continuation: int = 0  # each window's last tokens replaced by the dense model's greedy continuation (drafts)
+    tokenizer: Any = None  # the dense model's: candidates with fewer tokens re-tokenize the windows' text
+    bos: int | None = None  # the BOS id the windows start with (None: none)
+    vocabularies: dict[int, tuple[list[int], Any]] = field(default_factory=dict)  # tokens -> (kept ids, tokenizer)
     levels: dict[int, Level] = field(default_factory=dict)
     _held: dict[int, None] = field(default_factory=dict)  # levels holding a model, least recently used first
     seconds: dict[str, float] = field(default_factory=lambda: {"spans": 0.0, "levels": 0.0, "teacher": 0.0,
@@ -235,13 +254,30 @@ class Proxy:
         """Per-window KL of a built candidate on the proxy windows `indices`."""
         return [m["kl"] for m in self.measure(model, indices)]
 
-    def measure(self, model: nn.Module, indices: range) -> list[dict[str, Any]]:
+    def measure(self, model: nn.Module, indices: range, vocabulary: int = 0) -> list[dict[str, Any]]:
         """Per-window KL (and, with `continuation`, the accepted proposals) of a built candidate on the
-        proxy windows `indices`."""
+        proxy windows `indices`; with `vocabulary` (tokens kept), `model`'s vocabulary is then sliced
+        to them and the cross-entropy that adds on the windows' text is added to the KL ("kl"; the
+        part in "vocabulary")."""
         teachers = [self.teacher(i) for i in indices]  # timed apart, as "teacher"
         clock = time.perf_counter()
         model.to(self.device).eval()
         scores = [window_scores(model, self.window(i), t, self.device, self.continuation)
                   for i, t in zip(indices, teachers)]  # fmt: skip
+        if vocabulary:
+            kept, tokenizer = self.vocabularies[vocabulary]
+            slice_vocabulary(model, kept)
+            for index, score in zip(indices, scores):
+                window = self.window(index)
+                text = window[1:] if self.bos is not None and int(window[0]) == self.bos else window
+                ids = tokenize(tokenizer, self.tokenizer.decode(text.tolist(), clean_up_tokenization_spaces=False))
+                if text is not window:
+                    ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
+                with torch.no_grad():
+                    logits = model(input_ids=ids[None].to(self.device), use_cache=False).logits[0]
+                score["vocabulary"] = (float(token_cross_entropy(logits, ids)) - score["nats"]) / (len(window) - 1)
+                score["kl"] += score["vocabulary"]
+        for score in scores:
+            del score["nats"]
         self.seconds["candidates"] += time.perf_counter() - clock
         return scores

@@ -1,7 +1,7 @@
 """The search space: how many blocks to remove, then which share of the rest as heads and MLP
 channels, how that share splits between attention and MLP, and how much of it goes as hidden
 channels; for a mixture of experts, how many blocks and which share of every MoE block's routed
-experts. Grids come from `0,0.1,0.2` or `0:0.5:0.1`; depth also takes `0:0.5`, every block count
+experts; for either, how many tokens of the vocabulary to keep. Grids come from `0,0.1,0.2` or `0:0.5:0.1`; depth also takes `0:0.5`, every block count
 in between; the split also takes `default` (the width stage's own rounding)."""
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class Candidate:
     among them (the width stage's --attention-fraction; None: its default rounding of `width`);
     `reconstruct`: the width stage refits the output projections (a setting of the whole plan, like
     `round_to`: not part of the key); `experts`: the fraction of every MoE block's routed experts
-    removed after the blocks (the experts stage, REAP)."""
+    removed after the blocks (the experts stage, REAP); `vocabulary`: the tokens kept in the embedding
+    and LM head, last (the vocabulary stage's --keep-tokens; 0: all)."""
 
     blocks: int
     width: float
@@ -42,9 +43,11 @@ class Candidate:
     attention: float | None = None
     reconstruct: bool = False
     experts: float = 0.0
+    vocabulary: int = 0
 
     def _order(self) -> tuple:
-        return (self.blocks, self.width, self.hidden, self.round_to, *split_order(self.attention), self.experts)
+        return (self.blocks, self.width, self.hidden, self.round_to, *split_order(self.attention), self.experts,
+                -self.vocabulary if self.vocabulary else -math.inf)
 
     def __lt__(self, other: "Candidate") -> bool:
         return self._order() < other._order()
@@ -53,20 +56,22 @@ class Candidate:
     def stage(self) -> "Candidate":
         """The width stage alone (no blocks removed): uniform widths do not depend on the depth, so
         every candidate of one stage has the same block shape."""
-        return dataclasses.replace(self, blocks=0)
+        return dataclasses.replace(self, blocks=0, vocabulary=0)
 
     @property
     def key(self) -> str:
         split = "" if self.attention is None else f"-a{self.attention:g}"
         experts = f"-e{self.experts:g}" if self.experts else ""  # absent for dense models: their caches stay valid
-        return f"d{self.blocks}-w{self.width:g}-h{self.hidden:g}{split}{experts}"
+        vocabulary = f"-v{self.vocabulary}" if self.vocabulary else ""  # absent likewise
+        return f"d{self.blocks}-w{self.width:g}-h{self.hidden:g}{split}{experts}{vocabulary}"
 
     @property
     def kind(self) -> str:
-        """depth, width, hidden, experts, or a mix of them (the single-kind baselines are depth, width
-        and experts)."""
+        """depth, width, hidden, experts, vocabulary, or a mix of them (the single-kind baselines are
+        depth, width, experts and vocabulary)."""
         parts = [name for name, on in (("depth", self.blocks), ("width", self.width and not self.hidden),
-                                       ("width+hidden", self.hidden), ("experts", self.experts)) if on]  # fmt: skip
+                                       ("width+hidden", self.hidden), ("experts", self.experts),
+                                       ("vocabulary", self.vocabulary)) if on]  # fmt: skip
         return " + ".join(parts) or "dense"
 
     def width_config(self) -> "WidthConfig":
@@ -76,8 +81,10 @@ class Candidate:
         return WidthConfig(self.width, hidden_fraction=self.hidden, round_to=self.round_to,
                            attention_fraction=self.attention, reconstruct=self.reconstruct)
 
-    def stages(self) -> list[dict[str, Any]]:
-        """The candidate as recipe [[stage]] tables (depth first: width then scores the shallower model)."""
+    def stages(self, counting: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The candidate as recipe [[stage]] tables (depth first: width then scores the shallower model;
+        the vocabulary last, so the other stages calibrate on the ids the planner scored them on).
+        `counting`: the vocabulary stage's calibration settings (the text whose tokens it counts)."""
         tables: list[dict[str, Any]] = []
         if self.blocks:
             tables.append({"method": "angular", "remove_blocks": self.blocks})
@@ -93,6 +100,8 @@ class Candidate:
             if self.reconstruct:
                 width["reconstruct"] = True
             tables.append(width)
+        if self.vocabulary:
+            tables.append({"method": "vocabulary", "keep_tokens": self.vocabulary, **(counting or {})})
         return tables
 
 
@@ -146,15 +155,31 @@ def parse_splits(text: str) -> tuple[float | None, ...]:
     return ((None,) if default else ()) + fractions
 
 
+def parse_vocabulary(text: str, vocab_size: int) -> tuple[int, ...]:
+    """`--vocabulary`: token counts to keep (`32768,49152`), each below the model's vocabulary; the
+    whole vocabulary (0) comes first. Empty: no vocabulary axis."""
+    try:
+        sizes = sorted({int(p) for p in text.split(",") if p.strip()})
+    except ValueError:
+        raise ConfigError(f"--vocabulary {text!r}: give token counts to keep, e.g. 32768,49152") from None
+    wrong = [n for n in sizes if not 0 < n < vocab_size]
+    if wrong:
+        raise ConfigError(f"--vocabulary {wrong[0]}: the tokens kept must be more than 0 and fewer than the "
+                          f"model's {vocab_size:,}")
+    return (0, *sizes)
+
+
 def candidates(depths: tuple[int, ...], widths: tuple[float, ...], hiddens: tuple[float, ...],
                round_to: int = 8, splits: tuple[float | None, ...] = (None,),
-               reconstruct: bool = False, experts: tuple[float, ...] = (0.0,)) -> list[Candidate]:  # fmt: skip
+               reconstruct: bool = False, experts: tuple[float, ...] = (0.0,),
+               vocabularies: tuple[int, ...] = (0,)) -> list[Candidate]:  # fmt: skip
     """Every combination but the dense model; hidden channels and attention splits only come with
     some width (they are shares of it)."""
     out = []
-    for blocks, width, hidden, split, share in itertools.product(depths, widths, hiddens, splits, experts):
+    for blocks, width, hidden, split, share, tokens in itertools.product(depths, widths, hiddens, splits, experts,
+                                                                         vocabularies):  # fmt: skip
         if (hidden or split is not None) and not width:
             continue
-        if blocks or width or share:
-            out.append(Candidate(blocks, width, hidden, round_to, split, reconstruct and bool(width), share))
+        if blocks or width or share or tokens:
+            out.append(Candidate(blocks, width, hidden, round_to, split, reconstruct and bool(width), share, tokens))
     return out

@@ -3,6 +3,6 @@ rewritten to emit only those."""
 
 from secateur.vocabulary.bpe import VocabularyError
 from secateur.vocabulary.config import VocabularyConfig
-from secateur.vocabulary.engine import VocabularyReport, prune_vocabulary
+from secateur.vocabulary.engine import VocabularyReport, choose_vocabulary, prune_vocabulary
 
-__all__ = ["VocabularyConfig", "VocabularyError", "VocabularyReport", "prune_vocabulary"]
+__all__ = ["VocabularyConfig", "VocabularyError", "VocabularyReport", "choose_vocabulary", "prune_vocabulary"]

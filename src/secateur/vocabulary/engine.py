@@ -39,10 +39,10 @@ def count_tokens(windows: Tensor) -> dict[int, int]:
     return dict(zip(ids.tolist(), counts[ids].tolist()))
 
 
-def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
-                     calibration: Tensor) -> tuple[Any, VocabularyReport]:  # fmt: skip
-    """Keep the tokens the calibration windows use (with the tokens they are built from and the
-    required ones) in `model` (in place) and in a new tokenizer, which is returned with the report."""
+def choose_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
+                      calibration: Tensor) -> tuple[list[int], Any, VocabularyReport]:  # fmt: skip
+    """The ids to keep (the calibration windows' tokens with the tokens they are built from and the
+    required ones), the tokenizer that emits them only, and the report; `model` is read, not changed."""
     if tokenizer is None:
         raise VocabularyError("vocabulary pruning needs the model's tokenizer (secateur.prune(..., tokenizer=...))")
     data = tokenizer_json(tokenizer)
@@ -58,7 +58,6 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
     kept = select(counts, bpe, keep_tokens=config.keep_tokens, coverage=config.coverage)
     pruned = prune_tokenizer_json(data, kept, bpe)
     new_tokenizer = prune_tokenizer(tokenizer, pruned, kept)
-    slice_vocabulary(model, kept)
     keep = set(kept)
     total = sum(counts.values())
     report = VocabularyReport(
@@ -66,5 +65,13 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
         corpus_tokens=total, corpus_distinct=len(counts), corpus_kept=sum(c for i, c in counts.items() if i in keep) / total,
         not_in_corpus=sum(1 for i in keep if i not in counts and i not in bpe.required),
         merges_before=len(bpe.merges), merges_after=len(pruned["model"]["merges"]))  # fmt: skip
-    return new_tokenizer, report
+    return kept, new_tokenizer, report
 
+
+def prune_vocabulary(model: nn.Module, tokenizer: Any, config: VocabularyConfig,
+                     calibration: Tensor) -> tuple[Any, VocabularyReport]:  # fmt: skip
+    """Keep the tokens the calibration windows use (with the tokens they are built from and the
+    required ones) in `model` (in place) and in a new tokenizer, which is returned with the report."""
+    kept, new_tokenizer, report = choose_vocabulary(model, tokenizer, config, calibration)
+    slice_vocabulary(model, kept)
+    return new_tokenizer, report
