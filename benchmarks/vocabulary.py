@@ -22,6 +22,12 @@ space-separated), 400 windows of 2,048 tokens (most of it).
 Composition (Gemma, about 110M parameters each): the vocabulary kept at 60,000 tokens, then angular
 depth 10% and width 20% (`--reconstruct`), against depth 10% and width 60% with 55% of the hidden
 channels (which shrinks the embedding and LM head) and no vocabulary pruning.
+`gemma-plan110M`: what `secateur plan --target params=110M` chooses with the vocabulary axis
+(`--vocabulary 48000,60000` over depth 0/10/20% and width 0/20/40%), its recipe run as written.
+`gemma-spm-export`: Gemma exported from its HF directory alone (no manifest leading to the GGUF it
+came from), so its tokenizer is written from tokenizer.json as llama.cpp's SentencePiece tokenizer;
+llama.cpp's tokenization of held-out lines (enwiki, legal English, code) against transformers', and
+perplexity inside llama.cpp against secateur's.
 
 Recovery (`smol-cov1.0+recovery`): `secateur train` with the default recipe on 65,536 enwiki tokens
 (and `-lr1e-4`: the same at a tenth of the default peak learning rate), distilling from the dense model, whose probability of a removed token goes to the first token of its
@@ -90,6 +96,7 @@ ROWS = {  # name: `secateur prune` arguments (None: the dense model)
                        "--hidden", "0", "--vocabulary", "48000,60000"],
     "llamacpp-speed": None,
     "gemma-llamacpp": None,
+    "gemma-spm-export": None,  # the tokenizer written from tokenizer.json alone, run by llama.cpp
 }
 GEMMA_IN_LLAMACPP = ("gemma-dense", "gemma-keep60k")
 LLAMACPP_WINDOWS = 8  # Gemma's 262,144-entry logits for every position of a window: ~0.5 GB each
@@ -221,10 +228,53 @@ def inside_llamacpp(names: tuple[str, ...]) -> dict:
     return {"inside": out}
 
 
+def spm_export() -> dict:
+    """Gemma exported from its HF directory alone (no manifest leading to its GGUF, so the tokenizer is
+    written from tokenizer.json as llama.cpp's SentencePiece tokenizer): llama.cpp's tokenization of
+    held-out text against transformers', line by line, and perplexity inside llama.cpp against
+    secateur's on the same token windows."""
+    from llamacpp import bindings_perplexity, llama_cpp_module
+
+    from secateur.data.calibration import evaluation_data
+    from secateur.data.sources import load_text
+    from secateur.evaluate import perplexity
+    from secateur.io import load
+
+    dense = dense_of("gemma-dense")
+    alone = WORK / "gemma-hf-alone"
+    alone.mkdir(parents=True, exist_ok=True)
+    for file in dense.iterdir():
+        if file.name != "secateur.json" and not (alone / file.name).exists():
+            (alone / file.name).symlink_to(file)
+    gguf = WORK / "gemma-hf-alone-f16.gguf"
+    if not gguf.exists():
+        print(cli("export", alone, "--gguf", gguf, "--type", "f16"), flush=True)
+    model, tokenizer = load(alone)
+    llm = llama_cpp_module().Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    out: dict = {}
+    for source in ("enwiki-sample", "legal-sample", "code-sample"):
+        lines = [line for line in load_text(source, "evaluation")[:200_000].split("\n") if line.strip()]
+        same = tokens = 0
+        for line in lines:
+            ours = tokenizer(line, add_special_tokens=False)["input_ids"]
+            same += llm.tokenize(line.encode(), add_bos=False, special=False) == ours
+            tokens += len(ours)
+        out[source] = {"lines": len(lines), "identical_lines": same, "tokens": tokens}
+        print(source, out[source], flush=True)
+    del llm
+    data = evaluation_data(model, tokenizer, "enwiki-sample", 512, LLAMACPP_WINDOWS)
+    out["perplexity"] = {"secateur": perplexity(model, data)["perplexity"],
+                         "llama_cpp": bindings_perplexity(gguf, data)["perplexity"]}
+    print(out["perplexity"], flush=True)
+    return {"tokenization": out}
+
+
 def measure(name: str, probe_items: int) -> dict:
     clock = time.perf_counter()
     if name == "llamacpp-speed":
         row = {"row": name, **speed(["smol-dense", "smol-cov0.999", "smol-cov1.0", "smol-keep32k", "smol-keep16k"])}
+    elif name == "gemma-spm-export":
+        row = {"row": name, **spm_export()}
     elif name == "gemma-llamacpp":
         row = {"row": name, **inside_llamacpp(GEMMA_IN_LLAMACPP), **speed(list(GEMMA_IN_LLAMACPP))}
     else:
@@ -239,7 +289,7 @@ def table() -> None:
     print("| row | tokens | parameters | enwiki bpb | x dense | changed | legal bpb | x dense | changed | probe acc | prune s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        if "speed" in r:
+        if "speed" in r or "tokenization" in r:
             continue
         dense = rows.get(f"{name.split('-')[0]}-dense", {})
         ratio = lambda k: f"{r[k] / dense[k]:.3f}" if k in dense else ""  # noqa: E731

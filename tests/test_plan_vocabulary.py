@@ -14,6 +14,7 @@ import torch
 from secateur.cli import main
 from secateur.errors import ConfigError
 from secateur.io import load
+from secateur.plan.costs import ArchShape, Timing
 from secateur.plan.proxy import Proxy
 from secateur.plan.space import Candidate, candidates, parse_vocabulary
 from secateur.vocabulary import VocabularyConfig, choose_vocabulary
@@ -114,8 +115,7 @@ def test_a_plan_with_the_vocabulary_axis_counts_exactly_and_its_recipe_runs(bpe_
 
 
 @pytest.mark.parametrize("target, extra, message", [
-    ("decode-speedup=1.5", ("--vocabulary", "400"), "--vocabulary applies only with a params= or file= target"),
-    ("draft", ("--vocabulary", "400"), "--vocabulary applies only with a params= or file= target"),
+    ("draft", ("--vocabulary", "400"), "--vocabulary applies only with a params=, file= or speed target"),
     ("params=10k", ("--vocabulary", "many"), "give token counts to keep"),
     ("params=10k", ("--vocabulary", "5000"), "fewer than the model's 600"),
     ("params=10k", ("--vocabulary", "20"), "is fewer than the"),
@@ -157,3 +157,52 @@ def test_families_with_per_layer_attention_types_are_counted_at_every_depth(fami
         grown = with_layers(with_layers(base, 1), layers)
         assert len(grown.layer_types) == layers and counts(layers) == parameter_count(grown)
     assert with_layers(base, 2).layer_types == base.layer_types[:2]
+
+
+def _law(shape: ArchShape) -> Timing:
+    """A fake engine whose decoding reads every weight once a token, the LM head's like the blocks'."""
+    head = shape.hidden * (shape.vocab or 600)
+    weights = shape.layers * (shape.attention_params + shape.mlp_params) + head
+    return Timing(decode=1e-4 + 1e-5 * shape.layers + 1e-8 * weights, prefill=1e-3 + 3e-7 * shape.layers * 1e3)
+
+
+def test_a_speed_plan_predicts_the_head_a_vocabulary_drops_and_times_the_winner(bpe_dir, tmp_path, monkeypatch):
+    from secateur.io import load_config
+    from secateur.plan import PlanConfig, plan
+    from secateur.plan.costs import TableEngine, shape_of, with_layers
+    from secateur.plan.planner import block_shapes, with_tokens
+    from secateur.schema import fill
+
+    monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
+    model, text = bpe_dir
+    base = load_config(model)
+    table = {}
+    for cfg in block_shapes(base, [Candidate(0, w, 0.0, 8) for w in (0.0, 0.25)]).values():
+        for layers in (1, 2):
+            for tokens in (0, 300, 450):
+                shape = shape_of(with_tokens(with_layers(cfg, layers), tokens), tokens)
+                table[shape] = _law(shape)
+    engine = TableEngine(table, vocab=base.vocab_size)
+    settings = {"target": "decode-speedup=1.2", "calib": str(text), "calib_seq_len": 32, "calib_samples": 4,
+                "eval_windows": 4, "eval_seq_len": 32, "depth": "0", "width": "0,0.25", "hidden": "0",
+                "engine": "hf", "margin": 0.02, "round_to": 8, "vocabulary": "300,450", "vocabulary_samples": 8,
+                "vocabulary_seq_len": 64, "exhaustive": True}  # fmt: skip
+    record = plan(model, fill(PlanConfig, settings), tmp_path / "plan", engine=engine, progress=False)
+    dense = _law(shape_of(base))
+    rows = {r["key"]: r for r in record["candidates"]}
+    for key in ("d0-w0-h0-v300", "d0-w0-h0-v450", "d0-w0.25-h0-v300"):  # predicted from blocks-only fits, exactly
+        truth = dense.decode / _law(shape_of_row(rows[key])).decode
+        assert rows[key]["decode_speedup"] == pytest.approx(truth, rel=1e-6)
+    assert not rows["d0-w0.25-h0"]["feasible"] and not rows["d0-w0-h0-v300"]["feasible"]  # 1.17x and 1.18x alone
+    chosen = record["chosen"]
+    assert chosen["measured"] and chosen["vocabulary"] and chosen["decode_speedup"] >= 1.2 * 1.02
+    assert any(s.vocab for s in engine.calls)  # the winner's own shape, vocabulary included, was timed
+    assert main(["prune", str(model), "--recipe", str(tmp_path / "plan" / "plan.toml"), "--out", str(tmp_path / "p"),
+                 "--calib", str(text), "--calib-seq-len", "32", "--calib-samples", "4", "--eval-windows", "4",
+                 "--eval-seq-len", "32"]) == 0  # fmt: skip
+    pruned, _ = load(tmp_path / "p")
+    assert shape_of(pruned.config, pruned.config.vocab_size) == shape_of_row(chosen)
+
+
+def shape_of_row(row: dict) -> ArchShape:
+    return ArchShape(**row["shape"])

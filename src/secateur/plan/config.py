@@ -17,8 +17,8 @@ TIMED = Requires(lambda c: parse_target(c.target).timed, "a speed target (decode
 LLAMA_CPP = Requires(lambda c: parse_target(c.target).timed and c.engine in (None, "llama.cpp"),
                      "a speed or draft target timed in llama.cpp (--engine llama.cpp, the default)")
 DRAFT = Requires(lambda c: parse_target(c.target).draft, "--target draft")
-SIZE = Requires(lambda c: parse_target(c.target).metric in ("params", "file"),
-                "a params= or file= target (the speed of a smaller vocabulary is not modelled)")
+SHARED_IDS = Requires(lambda c: not parse_target(c.target).draft,
+                      "a params=, file= or speed target (a draft must read and write the model's own ids)")
 VOCABULARY = Requires(lambda c: bool(c.vocabulary.strip()), "--vocabulary")
 NOT_DRAFT = Requires(lambda c: not parse_target(c.target).draft,
                      "a target to meet (--target draft searches every candidate)")
@@ -60,7 +60,7 @@ class PlanConfig:
     vocabulary: str = option("", "token counts to keep in the embedding and LM head, one more axis (the vocabulary "
                                  "stage's --keep-tokens, counted on --calib, applied last), e.g. 32768,49152; "
                                  "scored as KL plus the excess cross-entropy of the re-tokenized text per token "
-                                 "(default: the whole vocabulary only)", requires=SIZE)
+                                 "(default: the whole vocabulary only)", requires=SHARED_IDS)
     vocabulary_samples: int = option(256, "--vocabulary: windows of --calib whose tokens are counted (the "
                                           "vocabulary stage's default)", requires=VOCABULARY)
     vocabulary_seq_len: int = option(2048, "--vocabulary: tokens per counted window", requires=VOCABULARY)

@@ -32,7 +32,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
@@ -48,7 +48,8 @@ from secateur.plan.rows import append_rows, read_rows
 
 @dataclass(frozen=True, order=True)
 class ArchShape:
-    """What a uniform decoder's speed depends on (with the family and vocabulary of the base model)."""
+    """What a uniform decoder's speed depends on (with the family of the base model, and its vocabulary
+    unless `vocab` says how many tokens are kept)."""
 
     hidden: int
     layers: int
@@ -57,11 +58,19 @@ class ArchShape:
     head_dim: int
     channels: int  # MLP width
     experts: int = 0  # routed experts per MoE block (0: a dense decoder)
+    vocab: int = 0  # tokens in the embedding and LM head (0: the base model's)
 
     @property
     def key(self) -> str:
         experts = f"-e{self.experts}" if self.experts else ""
-        return f"L{self.layers}-h{self.hidden}-q{self.heads}-kv{self.kv_heads}-d{self.head_dim}-c{self.channels}{experts}"
+        vocab = f"-v{self.vocab}" if self.vocab else ""  # absent otherwise: caches of earlier plans stay valid
+        return (f"L{self.layers}-h{self.hidden}-q{self.heads}-kv{self.kv_heads}-d{self.head_dim}-c{self.channels}"
+                f"{experts}{vocab}")
+
+    @property
+    def blocks_only(self) -> "ArchShape":
+        """The same blocks with the base model's vocabulary (what the cost model is fitted on)."""
+        return replace(self, vocab=0)
 
     @property
     def attention_params(self) -> int:
@@ -77,14 +86,15 @@ class ArchShape:
         return [1.0, self.layers, self.layers * (self.attention_params + self.mlp_params) / 1e6]
 
 
-def shape_of(config: Any) -> ArchShape:
+def shape_of(config: Any, vocab: int = 0) -> ArchShape:
+    """`config`'s shape; `vocab`: the tokens it keeps where that is not the base model's vocabulary."""
     heads = config.num_attention_heads
     experts = adapter_for(config).experts
     return ArchShape(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
                      kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                      head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
                      channels=config.intermediate_size,
-                     experts=getattr(config, experts.count_key) if experts is not None else 0)  # fmt: skip
+                     experts=getattr(config, experts.count_key) if experts is not None else 0, vocab=vocab)  # fmt: skip
 
 
 def with_layers(config: Any, layers: int) -> Any:
@@ -256,6 +266,7 @@ class LlamaCppEngine:
     binary: Path
     vocabulary: Any  # secateur.export.vocab.Vocabulary of the source model
     threads: int | None = None
+    vocabularies: dict[int, Any] = field(default_factory=dict)  # smaller vocabularies, by size (plan --vocabulary)
     prompt: int = 512
     new_tokens: int = 128
     repeats: int = 5
@@ -277,7 +288,8 @@ class LlamaCppEngine:
         model = random_model(config)
         path = Path(tempfile.mkdtemp(prefix="secateur-plan-")) / "shape.gguf"
         try:
-            write_gguf(model, model_shape(model), path, self.kind, None, self.vocabulary, name="shape")
+            vocabulary = self.vocabularies.get(config.vocab_size, self.vocabulary)
+            write_gguf(model, model_shape(model), path, self.kind, None, vocabulary, name="shape")
         except BaseException:
             self.release(path)
             raise
@@ -306,12 +318,13 @@ class TableEngine:
     name: str = "table"
     keeps: bool = True
     calls: list[ArchShape] = field(default_factory=list)
+    vocab: int = 0  # the base model's vocabulary: a config with another has a shape of its own
 
     def identity(self) -> dict[str, Any]:
         return {"engine": self.name, "table": sorted(s.key for s in self.table)}
 
     def prepare(self, config: Any) -> ArchShape:
-        shape = shape_of(config)
+        shape = shape_of(config, config.vocab_size if self.vocab and config.vocab_size != self.vocab else 0)
         if shape not in self.table:
             raise ConfigError(f"the timing table has no row for {shape.key}")
         return shape
@@ -487,8 +500,16 @@ class CostBook:
         self._reference: Any = None  # the dense model, prepared at the first check
 
     def predicted(self, shape: ArchShape) -> tuple[float, float]:
-        """The model's (decode, prefill) speedup, uncorrected."""
-        return self.model.predict(shape).speedup(self.timings[self.dense])
+        """The model's (decode, prefill) speedup, uncorrected. A shape with fewer tokens is its blocks'
+        prediction less the LM head rows it drops, at the fitted decode cost of a block parameter
+        (decoding reads every weight once a token, the head's like the blocks'); prefill is left as
+        predicted (llama-bench's prefill takes the logits of its last token only)."""
+        timing = self.model.predict(shape.blocks_only)
+        if shape.vocab:
+            per_million = self.model.coefficients[shape.hidden][0][2]  # decode seconds per 1e6 block parameters
+            rows = self.base.vocab_size - shape.vocab
+            timing = Timing(timing.decode - per_million * rows * shape.hidden / 1e6, timing.prefill)
+        return timing.speedup(self.timings[self.dense])
 
     def _ratios(self, metric: int) -> dict[ArchShape, float]:
         """measured / predicted of the checked shapes that timed `metric`."""
@@ -510,11 +531,12 @@ class CostBook:
         measured = self.checked.get(shape, (float("nan"), float("nan")))
         return tuple(m if np.isfinite(m) else g for m, g in zip(measured, guess))  # type: ignore[return-value]
 
-    def check(self, config: Any, threshold: float | None = None) -> tuple[float, float]:
-        """Time `config`'s shape against the dense model in pairs (cached), and update the correction.
-        With a `threshold` for the book's metric, the rounds stop once they decide on which side of it
-        the shape falls (`paired`); such a timing is reused only for the same threshold."""
-        shape = shape_of(config)
+    def check(self, config: Any, threshold: float | None = None, shape: ArchShape | None = None) -> tuple[float, float]:
+        """Time `config`'s shape (`shape`, where it keeps fewer tokens) against the dense model in pairs
+        (cached), and update the correction. With a `threshold` for the book's metric, the rounds stop
+        once they decide on which side of it the shape falls (`paired`); such a timing is reused only
+        for the same threshold."""
+        shape = shape or shape_of(config)
         row = self._cached.get(shape.key)
         if row is not None and row.get("ran", self.rounds) < self.rounds and row.get("threshold") != threshold:
             row = None

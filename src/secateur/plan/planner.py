@@ -209,7 +209,7 @@ def _distinct(configs: dict[Candidate, Any]) -> tuple[dict[Candidate, Any], dict
     same: dict[str, str] = {}
     for c in sorted(configs, key=lambda c: (c.blocks, c.hidden, c.width, *split_order(c.attention), c.experts,
                                            c.vocabulary)):  # fmt: skip
-        key = (c.blocks, shape_of(configs[c]), configs[c].vocab_size)
+        key = (c.blocks, shape_of(configs[c], c.vocabulary))
         if key in kept:
             same[c.key] = kept[key].key
         else:
@@ -331,8 +331,8 @@ class Search:
     def _score(self, row: Row, missing: list[int], cached: dict[int, dict[str, Any]]) -> None:
         """Build the candidate, score the windows the cache lacks, and append them to it."""
         model = self.proxy.build(row.candidate)
-        built = shape_of(model.config)
-        if built != row.shape:
+        built = shape_of(model.config)  # its vocabulary is sliced as it is measured
+        if built != row.shape.blocks_only:
             raise RuntimeError(f"{row.candidate.key}: built {built.key}, predicted {row.shape.key}")
         scores = self.proxy.measure(model, missing, row.candidate.vocabulary)
         del model
@@ -417,6 +417,9 @@ def _plan(model_path: str | Path, config: PlanConfig, output: Output, progress: 
     vocabularies = _vocabularies(model, tokenizer, sizes, config) if sizes else {}
     if isinstance(engine, LlamaCppEngine) and engine.vocabulary is None:
         engine.vocabulary = vocabulary_of(tokenizer, model_path, base.vocab_size)
+    if isinstance(engine, LlamaCppEngine):  # the timed files of smaller vocabularies hold their own tokens
+        engine.vocabularies.update({n: vocabulary_of(tokens, model_path, n, pruned=True)
+                                   for n, (_, tokens) in vocabularies.items()})
     book, costs = _costs(engine, base, rows, configs, config, target, progress)
     margin, tolerance = costs["margin"], costs["tolerance"]
     if target.speed:
@@ -568,7 +571,7 @@ def _grid(base: Any, grid: list[Candidate], config: PlanConfig) -> tuple:
         rows = {}
         for c, cfg in configs.items():
             params, one_d = parameter_count(cfg)
-            rows[c.key] = Row(c, shape_of(cfg), params, _file_bytes(params, one_d, config))
+            rows[c.key] = Row(c, shape_of(cfg, c.vocabulary), params, _file_bytes(params, one_d, config))
         return list(configs), rows, configs, refused, same
     blocks = base.num_hidden_layers
     shapes = block_shapes(base, sorted({c.stage for c in grid}))
@@ -581,7 +584,7 @@ def _grid(base: Any, grid: list[Candidate], config: PlanConfig) -> tuple:
     counts = {(c.stage, c.vocabulary): stage_counts(with_tokens(shapes[c.stage], c.vocabulary)) for c in grid}
     for c in grid:
         params, one_d = counts[c.stage, c.vocabulary](blocks - c.blocks)
-        rows[c.key] = Row(c, shape_of(configs[c]), params, _file_bytes(params, one_d, config))
+        rows[c.key] = Row(c, shape_of(configs[c], c.vocabulary), params, _file_bytes(params, one_d, config))
     return grid, rows, configs, refused, same
 
 
@@ -602,7 +605,7 @@ def _search(search: Search, rows: dict[str, Row], configs: dict[Candidate, Any],
         if not target.speed or chosen.measured:
             return chosen, rungs, tolerance
         predicted = chosen.speedup
-        measured = book.check(configs[by_key[chosen.candidate.key]], target.value * (1 + margin))
+        measured = book.check(configs[by_key[chosen.candidate.key]], target.value * (1 + margin), chosen.shape)
         costs["checks"].append({"key": chosen.candidate.key, "shape": chosen.shape.key, "predicted": predicted,
                                 "measured": [v if math.isfinite(v) else None for v in measured]})  # fmt: skip
         # what the checks say the corrected predictions of the other shapes are worth
@@ -675,7 +678,7 @@ def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict
     """Speed targets: the cost model fitted and checked on held-out shapes of this engine."""
     if engine is None:
         return None, {"engine": None, "margin": 0.0, "tolerance": {}, "checks": []}
-    by_shape = {rows[c.key].shape: cfg for c, cfg in configs.items()}
+    by_shape = {rows[c.key].shape: cfg for c, cfg in configs.items() if not c.vocabulary}  # fewer tokens: predicted
     dense = shape_of(base)
     key = identity_key(engine, base)
     cache = cache_dir() / "plan" / f"costs-{key}.jsonl"
@@ -694,15 +697,21 @@ def _costs(engine: Engine | None, base: Any, rows: dict[str, Row], configs: dict
                   "coefficients": {str(h): [list(map(float, c)) for c in v] for h, v in fitted.coefficients.items()}}  # fmt: skip
 
 
-def vocabulary_of(tokenizer: Any, model_path: str | Path, vocab_size: int) -> Any:
-    """The GGUF vocabulary of the model (its source GGUF's where it came from one)."""
+def vocabulary_of(tokenizer: Any, model_path: str | Path, vocab_size: int, pruned: bool = False) -> Any:
+    """The GGUF vocabulary of the model (its source GGUF's where it came from one); `pruned`: of a
+    smaller `tokenizer` of it (the source GGUF's at its tokens, else built from its own files)."""
+    import tempfile
+
     from secateur.export.vocab import vocabulary
     from secateur.io import read_manifest
 
     path = Path(model_path)
-    if path.is_file():
-        return vocabulary(tokenizer, path.parent, vocab_size, {"converted_from": str(path)}, None)
-    return vocabulary(tokenizer, path, vocab_size, read_manifest(path), None)
+    manifest = {"converted_from": str(path)} if path.is_file() else read_manifest(path)
+    if not pruned:
+        return vocabulary(tokenizer, path.parent if path.is_file() else path, vocab_size, manifest, None)
+    with tempfile.TemporaryDirectory(prefix="secateur-plan-tokenizer-") as files:
+        tokenizer.save_pretrained(files)
+        return vocabulary(tokenizer, Path(files), vocab_size, manifest, None)
 
 
 def _feasible(rows: dict[str, Row], target: Target, book: CostBook | None, margin: float,
