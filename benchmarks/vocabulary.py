@@ -94,6 +94,9 @@ ROWS = {  # name: `secateur prune` arguments (None: the dense model)
     # `secateur plan` with the vocabulary axis at the same size, its recipe run as written
     "gemma-plan110M": ["--plan", "--target", "params=110M", "--depth", "0,0.1,0.2", "--width", "0,0.2,0.4",
                        "--hidden", "0", "--vocabulary", "48000,60000"],
+    # the same for a decode speed in llama.cpp: a smaller vocabulary predicted from the blocks-only cost model
+    "gemma-plan-decode1.6": ["--plan", "--target", "decode-speedup=1.6", "--depth", "0,0.1,0.2", "--width", "0,0.2",
+                             "--hidden", "0", "--vocabulary", "60000"],
     "llamacpp-speed": None,
     "gemma-llamacpp": None,
     "gemma-spm-export": None,  # the tokenizer written from tokenizer.json alone, run by llama.cpp

@@ -206,3 +206,15 @@ def test_a_speed_plan_predicts_the_head_a_vocabulary_drops_and_times_the_winner(
 
 def shape_of_row(row: dict) -> ArchShape:
     return ArchShape(**row["shape"])
+
+
+def test_the_shapes_of_a_family_with_attention_types_keep_the_models_pattern():
+    from conftest import CONFIGS
+    from secateur.plan.costs import with_layers
+    from secateur.plan.planner import block_shapes
+
+    base = CONFIGS["gemma3_text"]()
+    base.num_hidden_layers, base.layer_types = 6, ["sliding_attention"] * 5 + ["full_attention"]
+    for config in block_shapes(base, [Candidate(0, 0.0), Candidate(0, 0.25, round_to=8)]).values():
+        assert with_layers(config, 6).layer_types == base.layer_types  # timed as the model runs, not all local
+        assert with_layers(config, 4).layer_types == base.layer_types[:4]

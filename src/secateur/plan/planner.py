@@ -179,6 +179,10 @@ def block_shapes(model_config: Any, stages: list[Candidate]) -> dict[Candidate, 
                 continue
         skeleton.config.vocab_size = model_config.vocab_size
         out[stage] = skeleton.config
+    types = getattr(model_config, "layer_types", None)
+    for config in out.values():  # a depth's shape gets the model's first attention types (Gemma 3: 5 local, 1 global)
+        if isinstance(types, list) and not isinstance(config, str):
+            config.layer_types = list(types)
     return out
 
 
