@@ -159,7 +159,8 @@ def test_offload_disk_on_the_command_line_equals_the_in_memory_run(model_dir, te
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "vocabulary", "--coverage", "0.99"], "a vocabulary stage is not streamed yet"),
+    (["--method", "width", "--remove-fraction", "0.2", "--importance", "taylor"],
+     "taylor importance takes gradients through the whole model"),
     (["--method", "gblm", "--sparsity", "0.5"], "gblm needs gradients of the whole model"),
     (["--method", "wanda", "--sparsity", "0.5", "--check-windows", "2"], "--check-windows evaluates the whole model"),
 ])  # fmt: skip

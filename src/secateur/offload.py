@@ -167,7 +167,7 @@ def _stream_stage(source: Path, target: Path, stage: PlannedStage, options: RunO
     clock = time.perf_counter()
     windows = None
     if stage.calib is not None:  # whether windows start with BOS: the config says, no weight is needed
-        windows = calibration_data(load_config(source), load_tokenizer(source), stage.calib)
+        windows = _windows(source, run_input, stage)
     cutting = time.perf_counter() - clock
     final = target
     if not target.exists():
@@ -188,9 +188,22 @@ def _stream_stage(source: Path, target: Path, stage: PlannedStage, options: RunO
     return record, structure, (cutting, seconds)
 
 
+def _windows(source: Path, run_input: Path, stage: PlannedStage) -> Any:
+    """A stage's calibration windows as the recipe in memory cuts them: from the run's input with its
+    tokenizer, re-tokenized where an earlier stage (a vocabulary) gave the model another one."""
+    from secateur.data.calibration import retokenize
+
+    original = load_tokenizer(run_input)
+    windows = calibration_data(load_config(run_input), original, stage.calib)
+    current = load_tokenizer(source) if source != run_input else original
+    if current.get_vocab() != original.get_vocab():
+        windows = retokenize(windows, original, current, load_config(source))
+    return windows
+
+
 def prune_on_disk(path: str | Path, out: str | Path, config: Any, calibration: Any, *, dtype: str = "float32",
                   device: str = "cpu", batch_size: int = 4, overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
-    """One stage (a sparsity, depth or width config) on the model at `path` (a HF directory of safetensors),
+    """One stage (a sparsity, depth, width or vocabulary config) on the model at `path` (a HF directory of safetensors),
     block by block from disk into `out`, never holding the model; returns the stage's history record.
     `calibration`: (samples, seq_len) token ids, tokenized by the input's tokenizer. The output goes
     through the one output path (claimed before any work, written to a hidden sibling, renamed into

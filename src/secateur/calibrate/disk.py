@@ -73,7 +73,7 @@ def disk_store(model: nn.Module) -> "DiskBlocks | None":
 
 def has_state(work: Path) -> bool:
     """Whether a streamed run's work directory holds a state to resume from (each streamed kind saves
-    one `*.pt` there: `state.pt` for sparsity, `depth.pt` for depth, `width.pt` for width; a recipe's
+    one `*.pt` there: `state.pt` for sparsity, `depth.pt` for depth, `width.pt` for width, `vocabulary.pt`; a recipe's
     stage, in its own `stage-i.work`), or a recipe's finished intermediate model (`stage-i`)."""
     return work.is_dir() and (any(work.rglob("*.pt")) or any(work.glob("stage-*/secateur.json")))
 
@@ -94,10 +94,11 @@ def weight_map(path: Path) -> dict[str, Path]:
     return {name: single for name in safetensors_header(single)[1]}
 
 
-def write_side_files(path: Path, staging: Path, model: nn.Module, dtype: torch.dtype) -> None:
+def write_side_files(path: Path, staging: Path, model: nn.Module, dtype: torch.dtype, tokenizer: Any = None) -> None:
     """What the output holds besides its weights: the config of `model` (the output's, on the meta
     device, with weights of `dtype`), the module that builds per-block shapes where it has them
-    (`models.remote`), and the input's tokenizer and generation files there are, as they are."""
+    (`models.remote`), and the input's tokenizer and generation files there are, as they are; with
+    `tokenizer` (a stage rewrote it), that tokenizer and `model`'s generation config instead."""
     import shutil
 
     from secateur.models import remote
@@ -109,6 +110,11 @@ def write_side_files(path: Path, staging: Path, model: nn.Module, dtype: torch.d
     model.config.save_pretrained(staging)
     for name, text in files.items():
         (staging / name).write_text(text)
+    if tokenizer is not None:
+        if (path / "generation_config.json").is_file():
+            model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        return
     for name in SIDE_FILES:
         if (path / name).is_file():
             shutil.copyfile(path / name, staging / name)
@@ -420,14 +426,16 @@ class DiskBlocks:
             return None
         return torch.load(self.work / STATE, weights_only=True)
 
-    def finish(self) -> None:
-        """The tensors outside the blocks, copied from the input a shard of at most SHARD bytes at a time;
-        shard names and index as transformers writes them."""
+    def finish(self, replaced: dict[str, Tensor] | None = None) -> None:
+        """The tensors outside the blocks, copied from the input a shard of at most SHARD bytes at a time
+        (`replaced`: tensors written instead of the input's, in a shard of their own); shard names and
+        index as transformers writes them."""
         self._pool.shutdown()
         self.model.to("meta")
         prefix = f"{self.adapter.blocks}."
+        replaced = replaced or {}
         groups, size = [[]], 0
-        for name in sorted(name for name in self.files if not name.startswith(prefix)):
+        for name in sorted(name for name in self.files if not name.startswith(prefix) and name not in replaced):
             if size >= SHARD:
                 groups.append([])
                 size = 0
@@ -438,6 +446,9 @@ class DiskBlocks:
         for group in filter(None, groups):
             shards.append(self.staging / f"rest-{len(shards):05d}.safetensors")
             copy_tensors(self.files, self.headers, group, self.dtype, shards[-1])
+        if replaced:
+            shards.append(self.staging / f"rest-{len(shards):05d}.safetensors")
+            save_tensors({name: t.to(self.dtype) for name, t in replaced.items()}, shards[-1])
         shards += [self._block_file(i) for i in range(len(self.adapter.block_list(self.model)))]
         mapping, total = {}, 0
         for i, shard in enumerate(shards):

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from secateur.config import CalibConfig
-from secateur.recipe import Section, StageContext, StageKind, register
+from secateur.recipe import Section, StageContext, StageKind, Streaming, register
 from secateur.schema import fill, flatten, options_of
 from secateur.vocabulary import VocabularyConfig, prune_vocabulary
 from secateur.vocabulary.config import METHODS
@@ -50,6 +50,12 @@ def _report(record: dict[str, Any]) -> Section:
     return Section("Vocabulary", text, ("", "before", "after"), rows)
 
 
+def _stream(*args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    from secateur.vocabulary.disk import streamed
+
+    return streamed(*args)
+
+
 KIND = register(StageKind(
     "vocabulary", VocabularyConfig, lambda: METHODS, lambda method: options_of(VocabularyConfig),
     lambda method, settings: fill(VocabularyConfig, settings), flatten, _run,
@@ -58,4 +64,5 @@ KIND = register(StageKind(
     describe=_what,
     report=_report,
     renumbers_tokens=True,
+    streaming=Streaming(lambda config: None, _stream),
 ))  # fmt: skip
