@@ -163,7 +163,7 @@ def _law(shape: ArchShape) -> Timing:
     """A fake engine whose decoding reads every weight once a token, the LM head's like the blocks'."""
     head = shape.hidden * (shape.vocab or 600)
     weights = shape.layers * (shape.attention_params + shape.mlp_params) + head
-    return Timing(decode=1e-4 + 1e-5 * shape.layers + 1e-8 * weights, prefill=1e-3 + 3e-7 * shape.layers * 1e3)
+    return Timing(decode=1e-8 * weights, prefill=1e-3 + 3e-7 * shape.layers * 1e3)
 
 
 def test_a_speed_plan_predicts_the_head_a_vocabulary_drops_and_times_the_winner(bpe_dir, tmp_path, monkeypatch):
@@ -190,9 +190,9 @@ def test_a_speed_plan_predicts_the_head_a_vocabulary_drops_and_times_the_winner(
     record = plan(model, fill(PlanConfig, settings), tmp_path / "plan", engine=engine, progress=False)
     dense = _law(shape_of(base))
     rows = {r["key"]: r for r in record["candidates"]}
-    for key in ("d0-w0-h0-v300", "d0-w0-h0-v450", "d0-w0.25-h0-v300"):  # predicted from blocks-only fits, exactly
-        truth = dense.decode / _law(shape_of_row(rows[key])).decode
-        assert rows[key]["decode_speedup"] == pytest.approx(truth, rel=1e-6)
+    for key in ("d0-w0-h0-v300", "d0-w0-h0-v450", "d0-w0.25-h0-v300"):  # predicted from the blocks-only fit less
+        truth = dense.decode / _law(shape_of_row(rows[key])).decode  # the head at dense seconds per weight
+        assert rows[key]["decode_speedup"] == pytest.approx(truth, rel=0.03)
     assert not rows["d0-w0.25-h0"]["feasible"] and not rows["d0-w0-h0-v300"]["feasible"]  # 1.17x and 1.18x alone
     chosen = record["chosen"]
     assert chosen["measured"] and chosen["vocabulary"] and chosen["decode_speedup"] >= 1.2 * 1.02

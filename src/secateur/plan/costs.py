@@ -494,6 +494,12 @@ class CostBook:
         if self.dense not in self.timings:
             raise ValueError("the cost book needs the dense model's timing")
         self.model = CostModel.fit(self.timings)
+        # the dense model's decode seconds per weight read a token: all of them but an untied embedding's
+        # (one row is read); measured whole, where a slope fitted across shapes of the blocks alone is
+        # at the mercy of their noise (Gemma-3-270M in llama.cpp: its blocks are a third of the bytes)
+        total, _ = parameter_count(self.base)
+        embedding = 0 if getattr(self.base, "tie_word_embeddings", False) else self.base.vocab_size * self.base.hidden_size
+        self.per_parameter = self.timings[self.dense].decode / (total - embedding)
         wanted = METRICS if self.metric is None else (METRICS[self.metric],)
         self._cached = {r["shape"]: r for r in read_rows(self.cache) if r["base"] == self.dense.key
                         and r["rounds"] == self.rounds and all(r.get(k) is not None for k in wanted)}  # fmt: skip
@@ -501,14 +507,14 @@ class CostBook:
 
     def predicted(self, shape: ArchShape) -> tuple[float, float]:
         """The model's (decode, prefill) speedup, uncorrected. A shape with fewer tokens is its blocks'
-        prediction less the LM head rows it drops, at the fitted decode cost of a block parameter
-        (decoding reads every weight once a token, the head's like the blocks'); prefill is left as
-        predicted (llama-bench's prefill takes the logits of its last token only)."""
+        prediction less the LM head rows it drops, at the dense model's decode time per weight it
+        reads a token (`per_parameter`: decoding reads every weight once a token, the head's like the
+        blocks'); prefill is left as predicted (llama-bench's prefill takes the logits of its last
+        token only)."""
         timing = self.model.predict(shape.blocks_only)
         if shape.vocab:
-            per_million = self.model.coefficients[shape.hidden][0][2]  # decode seconds per 1e6 block parameters
             rows = self.base.vocab_size - shape.vocab
-            timing = Timing(timing.decode - per_million * rows * shape.hidden / 1e6, timing.prefill)
+            timing = Timing(timing.decode - self.per_parameter * rows * shape.hidden, timing.prefill)
         return timing.speedup(self.timings[self.dense])
 
     def _ratios(self, metric: int) -> dict[ArchShape, float]:
