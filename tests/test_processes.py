@@ -4,6 +4,7 @@ same weights, and those of one process fed every window (up to the order of the 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,37 @@ def test_one_process_shares_and_reductions_are_the_identity():
     hessian.update(torch.ones(2, 3))
     reduce(hessian)
     assert hessian.tokens == 2 and torch.equal(hessian.value, torch.full((3, 3), 2.0))
+
+
+def _cli(args: list, processes: int, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+    return subprocess.run([sys.executable, *(launcher if processes > 1 else []), "-m", "secateur.cli", *map(str, args)],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+
+
+def test_the_command_line_under_torchrun_writes_once_what_one_process_writes(model_dir, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["prune", model_dir("llama"), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", text_file,
+            "--calib-samples", "8", "--calib-seq-len", "16", "--eval-windows", "4", "--eval-seq-len", "16"]  # fmt: skip
+    two = _cli([*args, "--out", tmp_path / "two"], 2, 29551)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("held-out check") == 1 and two.stdout.count(" blocks, ") == 1  # process 0 reports
+    one = _cli([*args, "--out", tmp_path / "one"], 1, 0)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    for name, value in b.items():
+        if value.ndim == 2 and "layers" in name:
+            assert torch.equal(a[name] == 0, value == 0), name  # the same masks from the summed statistics
+        torch.testing.assert_close(a[name], value, rtol=1e-4, atol=1e-5)
+    manifest = json.loads((tmp_path / "two" / "secateur.json").read_text())
+    assert manifest["processes"] == 2 and "processes" not in json.loads((tmp_path / "one" / "secateur.json").read_text())
+    # an output that exists stops every process with process 0's line, before any work, and stays as it was
+    before = (tmp_path / "one" / "secateur.json").read_text()
+    again = _cli([*args, "--out", tmp_path / "one"], 2, 29552)
+    assert again.returncode != 0 and again.stderr.count("already exists") == 2
+    assert (tmp_path / "one" / "secateur.json").read_text() == before
+    streamed = _cli([*args, "--out", tmp_path / "disk", "--offload", "disk"], 2, 29553)
+    assert streamed.returncode != 0 and "--offload disk: it runs in one process" in streamed.stderr
+    assert not (tmp_path / "disk").exists()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from secateur.calibrate.processes import world
 from secateur.data.calibration import calibration_data
 from secateur.errors import ConfigError
 from secateur.io import load_config, load_tokenizer, resolve_device, resolve_dtype
@@ -62,6 +63,8 @@ def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
     from secateur.calibrate.disk import DiskError, weight_map
     from secateur.recipe import KINDS, kind_of
 
+    if world()[1] > 1:
+        return "it runs in one process (each of several would read and write the same blocks); run it without torchrun"
     streams = [k.name for k in KINDS.values() if k.streaming is not None]
     for stage in stages:
         kind = kind_of(stage.config)

@@ -3,12 +3,13 @@ inputs, load, calibrate, run the stages, evaluate, save with a manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,8 @@ from secateur.config import CalibConfig
 from secateur.data import load_text
 from secateur.data.calibration import calibration_data, evaluation_data
 from secateur.data.mixture import MIXTURES, labels
-from secateur.errors import ConfigError
+from secateur.calibrate.processes import agree, main_process, start, world
+from secateur.errors import ConfigError, SecateurError
 from secateur.evaluate import changed_tokens, evaluation_records, evaluation_sets, split_sources
 from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load, load_config, load_tokenizer,
                          model_positions, read_manifest, resolve_device, save)
@@ -41,14 +43,27 @@ def _text_sources(stages: list[PlannedStage], options: RunOptions) -> list[tuple
     return sources
 
 
+@contextlib.contextmanager
 def _claim(model_path: str | Path, out: str | Path, options: RunOptions, stages: list[PlannedStage],
-           inputs: Sequence[str | Path]) -> Output:  # fmt: skip
+           inputs: Sequence[str | Path]) -> Iterator[Output | None]:  # fmt: skip
     """The output, claimed before anything else: not an input (the model, texts, recipe, teacher),
-    not existing unless overwriting, writable, locked against a second run to it."""
+    not existing unless overwriting, writable, locked against a second run to it. Of several
+    processes (torchrun), the first claims it and the others get None, or its refusal."""
     texts = [s for s, _, _ in _text_sources(stages, options) if Path(s).exists()]
     work = [checkpoints_for(out)]  # recovery checkpoints, or the blocks a streamed run finished
     protected = [model_path, *texts, *inputs, *([options.teacher] if options.teacher else [])]
-    return claim(out, inputs=protected, overwrite=options.overwrite, marker=MANIFEST, also=work)
+    if not main_process():
+        agree(None)  # process 0's refusal, if it has one, is raised here
+        yield None
+        return
+    try:
+        output = claim(out, inputs=protected, overwrite=options.overwrite, marker=MANIFEST, also=work)
+    except SecateurError as exc:
+        agree(str(exc))
+        raise
+    agree(None)
+    with output:
+        yield output
 
 
 def _preflight(model_path: str | Path, config: Any, options: RunOptions, stages: list[PlannedStage],
@@ -226,6 +241,7 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
         raise ConfigError("the recipe has no stages")
     earlier = (read_manifest(model_path) if Path(model_path).is_dir() else None) or {}
     history = history_of(earlier)
+    start(options.device)  # one of several processes (torchrun): join them; process 0 writes
     with _claim(model_path, out, options, stages, inputs) as output:
         model_config = load_config(model_path)
         stages, options, notes = adapt_lengths(model_config, stages, options)
@@ -235,12 +251,12 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
         if on_disk(model_path, stages, options):
             return _run_streamed(model_path, stages, output, options, earlier, notes)
         teacher_file = _check_training(model_path, out, options, stages, earlier)
-        check_apart(output.path, [teacher_file])
+        check_apart(Path(out), [teacher_file])
         work = checkpoints_for(out) if _trains(stages) else None
-        if work is not None:
+        if work is not None and output is not None:
             record_run(work, run_identity(model_path, teacher_file, stages, options), options.resume)
         try:
-            manifest = _run(model_path, stages, output, options, earlier, teacher_file, notes)
+            manifest = _run(model_path, stages, output, options, earlier, teacher_file, notes, Path(out))
         except BaseException:
             if work is not None and not any(work.glob("stage-*/checkpoint")):
                 shutil.rmtree(work, ignore_errors=True)  # nothing to resume from
@@ -276,8 +292,10 @@ def _check_work(work: Path, options: RunOptions) -> None:
         raise ConfigError(f"--resume: there is nothing to resume in {work}")
 
 
-def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, options: RunOptions,
-         earlier: dict[str, Any], teacher_file: str | None, notes: list[str]) -> dict[str, Any]:  # fmt: skip
+def _run(model_path: str | Path, stages: list[PlannedStage], output: Output | None, options: RunOptions,
+         earlier: dict[str, Any], teacher_file: str | None, notes: list[str], out: Path) -> dict[str, Any]:  # fmt: skip
+    """The stages in memory, then (the only process, or the first of several: `output` is None in the
+    others) the evaluation and the saved output."""
     history = history_of(earlier)
     tasks = [t.strip() for t in (options.eval_tasks or "").split(",") if t.strip()]
     if tasks:
@@ -296,7 +314,7 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
     compute = resolve_device(options.device)
     evaluation = (evaluation_sets(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
                   if options.eval_source else None)  # windows cut before pruning: a short text fails early
-    work = checkpoints_for(output.path) if _trains(stages) else None
+    work = checkpoints_for(out) if _trains(stages) else None
     records, stage_timings, pruned = apply_stages(model, tokenizer, stages, compute, history, model_path,
                                                   teacher=teacher, workdir=work, resume=options.resume,
                                                   options=options)  # fmt: skip
@@ -311,6 +329,11 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output, opt
                               {**timings, **stage_timings})  # fmt: skip
     if notes:
         manifest["adapted"] = notes
+    processes = world()[1]
+    if processes > 1:
+        manifest["processes"] = processes  # the calibration windows were split over them
+    if output is None:
+        return manifest  # process 0 evaluates and writes
     if evaluation is not None:
         model.to(compute)
         manifest["evaluation"] = evaluation_records(model, tokenizer, evaluation, 4, compute)

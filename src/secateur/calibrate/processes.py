@@ -10,10 +10,16 @@ pruned block. With one process, or none initialised, both are the identity.
 Only where a pass reads the sums is this wired: sparsity (the sequential engine and the
 allocation's norms) and width (scores, compensation means, the refit's Gram matrices). Depth's
 distances and the experts' routing statistics are not reduced yet: `require_single` refuses them.
+
+The command line joins the group torchrun sets up (`start`): every process runs the same checks
+and the same stages, process 0 alone claims and writes the output (`agree` tells the others when
+its claim failed, so every process stops with the same line) and evaluates it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
@@ -75,3 +81,48 @@ def require_single(what: str) -> None:
     if world()[1] > 1:
         raise ConfigError(f"{what} does not sum its statistics over processes yet: run it in one process "
                           f"(without torchrun)")
+
+
+def start(device: str = "auto") -> bool:
+    """Join the process group that `torchrun` (or `accelerate launch`) describes in the environment:
+    gloo on CPU, NCCL on CUDA with this process on `cuda:LOCAL_RANK`; the processes but the first go
+    quiet (no progress bars, errors only). Returns whether this is one of several processes."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "RANK" not in os.environ:
+        return False
+    if not dist.is_initialized():
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() != 0:
+        os.environ["TQDM_DISABLE"] = "1"
+        logging.getLogger("secateur").setLevel(logging.ERROR)
+    return True
+
+
+def main_process() -> bool:
+    """Whether this process writes and evaluates (the only one, or the first of several)."""
+    return world()[0] == 0
+
+
+def agree(error: str | None) -> None:
+    """Process 0's error (None: none), told to every process: the others raise it as a ConfigError
+    (process 0 raises its own)."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None and not main_process():
+        raise ConfigError(box[0])
+
+
+def stop() -> None:
+    """Leave the process group `start` joined (nothing when there is none)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

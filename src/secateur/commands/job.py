@@ -57,6 +57,7 @@ COMMAND_ONLY = ("command", "model", "out", "overwrite", "recipe", "verbose", "re
 
 
 def run(args: argparse.Namespace) -> int:
+    from secateur.calibrate.processes import main_process, stop
     from secateur.pipeline import run_recipe
     from secateur.settings import plan_recipe, read_recipe
 
@@ -64,7 +65,13 @@ def run(args: argparse.Namespace) -> int:
     document = read_recipe(args.recipe) if args.recipe else {}
     stages, options = plan_recipe(document, flags, overwrite=args.overwrite, resume=args.resume,
                                   allow_nonfinite=args.allow_nonfinite)  # fmt: skip
-    manifest = run_recipe(args.model, stages, args.out, options, inputs=[args.recipe] if args.recipe else [])
+    try:
+        manifest = run_recipe(args.model, stages, args.out, options, inputs=[args.recipe] if args.recipe else [])
+        main = main_process()
+    finally:
+        stop()
+    if not main:
+        return 0  # of several processes (torchrun), the first reports
     records = manifest["history"][-len(stages):]
     for record in records:
         print(summary(record))
