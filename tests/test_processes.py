@@ -88,3 +88,13 @@ def test_the_command_line_under_torchrun_writes_once_what_one_process_writes(mod
     streamed = _cli([*args, "--out", tmp_path / "disk", "--offload", "disk"], 2, 29553)
     assert streamed.returncode != 0 and "--offload disk: it runs in one process" in streamed.stderr
     assert not (tmp_path / "disk").exists()
+
+
+def test_recovery_from_the_command_line_under_torchrun_writes_once(model_dir, text_file, tmp_path):
+    args = ["train", model_dir("llama"), "--out", tmp_path / "out", "--tokens", "1024", "--train-seq-len", "16",
+            "--calib", text_file, "--val-windows", "2", "--eval-windows", "4", "--eval-seq-len", "16"]  # fmt: skip
+    done = _cli(args, 2, 29554)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "secateur.json").read_text())
+    assert manifest["processes"] == 2 and manifest["history"][-1]["result"]["processes"] == 2
+    assert not (tmp_path / "out.checkpoints").exists() and done.stdout.count(" blocks, ") == 1

@@ -18,7 +18,7 @@ from secateur.config import CalibConfig
 from secateur.data import load_text
 from secateur.data.calibration import calibration_data, evaluation_data
 from secateur.data.mixture import MIXTURES, labels
-from secateur.calibrate.processes import agree, main_process, start, world
+from secateur.calibrate.processes import agree, barrier, main_process, start, world
 from secateur.errors import ConfigError, SecateurError
 from secateur.evaluate import changed_tokens, evaluation_records, evaluation_sets, split_sources
 from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load, load_config, load_tokenizer,
@@ -252,6 +252,7 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
             return _run_streamed(model_path, stages, output, options, earlier, notes)
         teacher_file = _check_training(model_path, out, options, stages, earlier)
         check_apart(Path(out), [teacher_file])
+        barrier()  # every process has checked the checkpoints directory before process 0 writes into it
         work = checkpoints_for(out) if _trains(stages) else None
         if work is not None and output is not None:
             record_run(work, run_identity(model_path, teacher_file, stages, options), options.resume)

@@ -126,3 +126,11 @@ def stop() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (nothing with one): what they checked before it, none has written yet."""
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        dist.barrier()
