@@ -600,10 +600,17 @@ def test_bad_plans_fail_with_one_line_and_write_nothing(deep_model, tmp_path, mo
                                                        message):  # fmt: skip
     monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
     model, text = deep_model
-    assert main(["plan", str(model), "--target", target, *_flags(text, tmp_path / "plan"), *extra]) == 2
-    err = capsys.readouterr().err  # (a progress bar of the model's loading may come first)
+    refuses(["plan", str(model), "--target", target, *_flags(text, tmp_path / "plan"), *extra], capsys,
+            tmp_path / "plan", message)  # fmt: skip
+
+
+def refuses(argv: list[str], capsys, out: Path, message: str) -> None:
+    """The command exits 2 with one error line, `message` in it (a progress bar of the model's loading
+    may come first), and writes nothing at `out`."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and err.count("secateur: error") == 1
-    assert not (tmp_path / "plan").exists()
+    assert not out.exists()
 
 
 def test_an_existing_output_is_refused_before_any_work(deep_model, tmp_path, monkeypatch, capsys):
@@ -791,9 +798,8 @@ def test_what_a_mixture_of_experts_plan_cannot_take_is_refused(moe_model, tmp_pa
                                                               extra, message):  # fmt: skip
     monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
     model, text = moe_model
-    assert main(["plan", str(model), "--target", target, *_moe_flags(text, tmp_path / "plan"), *extra]) == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
-    assert not (tmp_path / "plan").exists()
+    refuses(["plan", str(model), "--target", target, *_moe_flags(text, tmp_path / "plan"), *extra], capsys,
+            tmp_path / "plan", message)  # fmt: skip
 
 
 def test_experts_on_a_dense_model_is_refused(deep_model, tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ from secateur.plan.costs import ArchShape, Timing
 from secateur.plan.proxy import Proxy
 from secateur.plan.space import Candidate, candidates, parse_vocabulary
 from secateur.vocabulary import VocabularyConfig, choose_vocabulary
+from test_plan import refuses
 from test_vocabulary import CORPUS, byte_level_tokenizer, model_for, windows_of
 
 
@@ -124,10 +125,9 @@ def test_bad_vocabulary_plans_fail_with_one_line_and_write_nothing(bpe_dir, tmp_
                                                                   extra, message):  # fmt: skip
     monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path / "cache"))
     model, text = bpe_dir
-    assert main(["plan", str(model), "--target", target, *_flags(text, tmp_path / "plan"), *extra]) == 2
-    err = capsys.readouterr().err
-    assert message in err.strip().splitlines()[-1] and err.count("secateur: error") == 1
-    assert not (tmp_path / "plan").exists() and not (tmp_path / "cache").exists()
+    refuses(["plan", str(model), "--target", target, *_flags(text, tmp_path / "plan"), *extra], capsys,
+            tmp_path / "plan", message)  # fmt: skip
+    assert not (tmp_path / "cache").exists()
 
 
 def test_counting_options_need_the_axis_and_a_word_level_tokenizer_is_refused(model_dir, text_file, tmp_path,
