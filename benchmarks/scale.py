@@ -74,6 +74,8 @@ STREAM = {
     "llama8b16-width-disk": ("llama8b16", ["--offload", "disk", *WIDTH]),
     # after the refit's Gram matrix is handed over and indexed once (Hessian.take): the same weights
     "llama8b2-width-disk-handover": ("llama8b2", ["--offload", "disk", *WIDTH]),
+    # after the depth fit's sums are solved in place (NormalEquations.update in place, Cholesky in place)
+    "llama8b16-depth-disk-consuming": ("llama8b16", ["--offload", "disk", *DEPTH]),
 }
 BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,

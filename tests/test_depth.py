@@ -321,6 +321,25 @@ def test_ridge_towards_prior_hand_cases():
         assert eq.error(coef) == pytest.approx(float(((a @ coef - r) ** 2).sum()), rel=1e-9)
 
 
+def test_the_consuming_ridge_solves_and_scores_as_the_sums_do():
+    """The depth fit's solver spends the sums (Cholesky in place) but gives the same solution, and the
+    errors at the prior and at the solution that the intact sums give, by hand from the data."""
+    from secateur.calibrate.ridge import NormalEquations, ridge_consuming, ridge_towards
+
+    torch.manual_seed(0)
+    a, r, prior = torch.randn(60, 5, dtype=torch.float64), torch.randn(60, 3, dtype=torch.float64), torch.randn(5, 3)
+    sums = [NormalEquations.empty(5, 3, torch.device("cpu")) for _ in range(2)]
+    for eq in sums:
+        eq.update(a[:25], r[:25]), eq.update(a[25:], r[25:])
+    for damp in (0.5, 0.0):
+        kept, spent = (NormalEquations(e.gram.clone(), e.cross.clone(), e.target_sq) for e in sums)
+        coef, before, after = ridge_consuming(spent, prior, damp)
+        torch.testing.assert_close(coef, ridge_towards(kept, prior, damp), rtol=1e-8, atol=1e-10)
+        assert before == pytest.approx(float(((a @ prior.double() - r) ** 2).sum()), rel=1e-9)
+        assert after == pytest.approx(float(((a @ coef - r) ** 2).sum()), rel=1e-7)
+        assert spent.gram is None and spent.cross is None
+
+
 def _identity_forward(hidden_states, *args, **kwargs):
     return hidden_states
 

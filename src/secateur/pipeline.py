@@ -325,7 +325,8 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output | No
     check_finite(model, "the pruned model", allow=options.allow_nonfinite,
                  advice="nothing was saved: a stage diverged (for recovery, lower --lr), or pass --allow-nonfinite "
                         "to save it anyway")  # fmt: skip
-    extras = _stage_outputs(records, len(history), teacher_file or model_path)
+    # the stages' files (a recovery's curve, drawn here): process 0's, which alone writes
+    extras = _stage_outputs(records, len(history), teacher_file or model_path) if output is not None else {}
     manifest = build_manifest(model_path, model, stages, records, options, compute, earlier,
                               {**timings, **stage_timings})  # fmt: skip
     if notes:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from secateur.calibrate.ridge import NormalEquations, ridge_towards, with_ones
+from secateur.calibrate.ridge import NormalEquations, ridge_consuming, with_ones
 from secateur.calibrate.stream import BlockState, run_block, stream_blocks
 from secateur.depth.structure import DepthError
 from secateur.models import Adapter
@@ -214,8 +214,8 @@ def _fit(block: nn.Module, consumer: str, pending: _Pending, targets: list[Tenso
                 eq = NormalEquations.empty(a.shape[-1], weight.shape[0], device)
             eq.update(a, target - (out - m))  # r = L − Y
         prior = weight.T if bias is None else torch.cat([weight.T, bias[None]], dim=0)
-        coef = ridge_towards(eq, prior, damp)
-        before, after = eq.error(prior), eq.error(coef)
+        total = max(eq.target_sq, 1e-30)
+        coef, before, after = ridge_consuming(eq, prior, damp)
         if after < before:
             write_weight(module, coef[: weight.shape[1]].T.to(weight.dtype))
             if bias is not None:
@@ -223,7 +223,6 @@ def _fit(block: nn.Module, consumer: str, pending: _Pending, targets: list[Tenso
         else:
             log.warning("compensation of blocks %d..%d did not lower the calibration error; weights kept",
                         pending.first, pending.last)
-        total = max(eq.target_sq, 1e-30)
         return {"run": [pending.first, pending.last], "error_before": (before / total) ** 0.5,
                 "error_after": (min(after, before) / total) ** 0.5, "damp": damp}  # fmt: skip
     finally:
