@@ -18,7 +18,7 @@ from secateur.config import CalibConfig
 from secateur.data import load_text
 from secateur.data.calibration import calibration_data, evaluation_data
 from secateur.data.mixture import MIXTURES, labels
-from secateur.calibrate.processes import agree, barrier, main_process, start, world
+from secateur.calibrate.processes import agree, barrier, main_process, world
 from secateur.errors import ConfigError, SecateurError
 from secateur.evaluate import changed_tokens, evaluation_records, evaluation_sets, split_sources
 from secateur.io import (MANIFEST, check_finite, check_model, content_hash, load, load_config, load_tokenizer,
@@ -241,7 +241,6 @@ def run_recipe(model_path: str | Path, stages: list[PlannedStage], out: str | Pa
         raise ConfigError("the recipe has no stages")
     earlier = (read_manifest(model_path) if Path(model_path).is_dir() else None) or {}
     history = history_of(earlier)
-    start(options.device)  # one of several processes (torchrun): join them; process 0 writes
     with _claim(model_path, out, options, stages, inputs) as output:
         model_config = load_config(model_path)
         stages, options, notes = adapt_lengths(model_config, stages, options)

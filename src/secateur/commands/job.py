@@ -57,7 +57,7 @@ COMMAND_ONLY = ("command", "model", "out", "overwrite", "recipe", "verbose", "re
 
 
 def run(args: argparse.Namespace) -> int:
-    from secateur.calibrate.processes import main_process, stop
+    from secateur.calibrate.processes import main_process, start, stop
     from secateur.pipeline import run_recipe
     from secateur.settings import plan_recipe, read_recipe
 
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     document = read_recipe(args.recipe) if args.recipe else {}
     stages, options = plan_recipe(document, flags, overwrite=args.overwrite, resume=args.resume,
                                   allow_nonfinite=args.allow_nonfinite)  # fmt: skip
+    start(options.device)  # one of several processes (torchrun): join them; process 0 writes
     try:
         manifest = run_recipe(args.model, stages, args.out, options, inputs=[args.recipe] if args.recipe else [])
         main = main_process()

@@ -22,6 +22,7 @@ from typing import Any
 
 from secateur.data.bytes import BYTE_TOKEN, is_byte_level
 from secateur.export.errors import ExportError
+from secateur.vocabulary.bpe import first_merges, parse_merges
 
 TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5, "byte": 6}  # gguf.TokenType values
 
@@ -224,35 +225,18 @@ def _byte_level(tokenizer: Any, directory: Path, vocab_size: int, pre: str | Non
     return Vocabulary(fields, origin=f"built from {directory / 'tokenizer.json'} (pre-tokenizer {pre})")
 
 
-def merge_scores(data: dict[str, Any]) -> dict[int, float]:
-    """SentencePiece scores for the tokens merges build: minus the rank of the first merge that builds
-    each. llama.cpp's llama tokenizer joins, at every step, the adjacent pair whose join is the token
-    of highest score (the leftmost on a tie); that is BPE with these merges when every pair of tokens
-    whose join is a token has a merge, in the order of their joins' scores (`sentencepiece_merges`)."""
-    vocab = data["model"]["vocab"]
-    scores: dict[int, float] = {}
-    for rank, merge in enumerate(data["model"]["merges"]):
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        token = vocab.get(left + right)
-        if token is not None:
-            scores.setdefault(token, -float(rank))
-    return scores
-
-
-def sentencepiece_merges(data: dict[str, Any]) -> str | None:
+def sentencepiece_merges(vocab: dict[str, int], merges: list[tuple[str, str]], first: dict[str, int]) -> str | None:
     """None when the merges are SentencePiece's as transformers converts them (every pair of tokens whose
-    join is a token has one, ranked by the join's first merge), else what breaks that, in words."""
-    vocab = data["model"]["vocab"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    join is a token has one, ranked by the join's first merge, `first`), else what breaks that, in
+    words. Then llama.cpp's llama tokenizer, which joins at every step the adjacent pair whose join is
+    the token of highest score (the leftmost on a tie), is BPE with these merges when each token's
+    score is minus the rank of its first merge."""
     listed = set(merges)
     missing = [(t[:k], t[k:]) for t in vocab for k in range(1, len(t))
                if t[:k] in vocab and t[k:] in vocab and (t[:k], t[k:]) not in listed]  # fmt: skip
     if missing:
         return (f"{len(missing):,} pairs of tokens whose join is a token have no merge (first: {missing[0]!r}), so "
                 "llama.cpp's llama tokenizer, which joins any such pair, would split text differently")
-    first: dict[str, int] = {}
-    for rank, (left, right) in enumerate(merges):
-        first.setdefault(left + right, rank)
     order = [first[a + b] for a, b in merges]
     if any(x > y for x, y in zip(order, order[1:])):
         return "its merges are not ranked by the tokens they build, which llama.cpp's llama tokenizer needs"
@@ -265,12 +249,14 @@ def _sentencepiece(tokenizer: Any, directory: Path, vocab_size: int, data: dict[
     byte, control and user-defined types, and whether a space is put before the text."""
     import gguf
 
-    broken = sentencepiece_merges(data)
+    vocab, merges = data["model"]["vocab"], parse_merges(data["model"])
+    first = first_merges(merges)
+    broken = sentencepiece_merges(vocab, merges, first)
     if broken:
         raise ExportError(f"{directory / 'tokenizer.json'} is BPE with byte fallback, but {broken}")
     tokens, types = token_list(tokenizer, vocab_size)
-    scores = merge_scores(data)
-    listed = len(data["model"]["merges"])
+    scores = {vocab[token]: -float(rank) for token, rank in first.items() if token in vocab}
+    listed = len(merges)
     values = []
     for i, (token, kind) in enumerate(zip(tokens, types)):
         if BYTE_TOKEN.fullmatch(token):

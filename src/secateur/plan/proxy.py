@@ -61,13 +61,14 @@ def token_kl(teacher_logprobs: Tensor, student_logits: Tensor) -> Tensor:
 
 @torch.no_grad()
 def window_scores(model: nn.Module, window: Tensor, teacher_logprobs: Tensor, device: torch.device,
-                  tail: int = 0) -> dict[str, Any]:  # fmt: skip
+                  tail: int = 0, nats: bool = False) -> dict[str, Any]:  # fmt: skip
     """Over one window's positions: the mean KL; with `tail`, whether the model's proposal for each of
     the window's last `tail` tokens is the teacher's (`accept`, a string of 0 and 1: plan/draft.py)."""
     logits = model(input_ids=window[None].to(device), use_cache=False).logits[0]  # (seq, vocab)
     teacher = teacher_logprobs.to(device)
-    scores: dict[str, Any] = {"kl": float(token_kl(teacher, logits).mean()),
-                              "nats": float(token_cross_entropy(logits, window))}  # fmt: skip
+    scores: dict[str, Any] = {"kl": float(token_kl(teacher, logits).mean())}
+    if nats:  # the summed cross-entropy on the window's own tokens (a vocabulary's score starts from it)
+        scores["nats"] = float(token_cross_entropy(logits, window))
     if tail:  # position i predicts token i + 1
         scores["accept"] = accepted(teacher[-tail - 1 : -1], logits[-tail - 1 : -1])
     return scores
@@ -262,7 +263,7 @@ class Proxy:
         teachers = [self.teacher(i) for i in indices]  # timed apart, as "teacher"
         clock = time.perf_counter()
         model.to(self.device).eval()
-        scores = [window_scores(model, self.window(i), t, self.device, self.continuation)
+        scores = [window_scores(model, self.window(i), t, self.device, self.continuation, nats=bool(vocabulary))
                   for i, t in zip(indices, teachers)]  # fmt: skip
         if vocabulary:
             kept, tokenizer = self.vocabularies[vocabulary]
@@ -275,9 +276,7 @@ class Proxy:
                     ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
                 with torch.no_grad():
                     logits = model(input_ids=ids[None].to(self.device), use_cache=False).logits[0]
-                score["vocabulary"] = (float(token_cross_entropy(logits, ids)) - score["nats"]) / (len(window) - 1)
+                score["vocabulary"] = (float(token_cross_entropy(logits, ids)) - score.pop("nats")) / (len(window) - 1)
                 score["kl"] += score["vocabulary"]
-        for score in scores:
-            del score["nats"]
         self.seconds["candidates"] += time.perf_counter() - clock
         return scores

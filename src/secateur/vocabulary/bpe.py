@@ -58,7 +58,7 @@ def read_bpe(data: dict[str, Any]) -> Bpe:
     vocab = dict(model["vocab"])
     for token in data.get("added_tokens", []):
         vocab.setdefault(token["content"], token["id"])
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    merges = parse_merges(model)
     if is_byte_level(data):
         style: Style = "byte-level"
         required = {vocab[c] for c in byte_alphabet() if c in vocab}  # some lack a few (SmolLM2: 21)
@@ -75,6 +75,19 @@ def read_bpe(data: dict[str, Any]) -> Bpe:
     required |= {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
     required |= set(_processor_ids(data.get("post_processor")))
     return Bpe(vocab, merges, style, model.get("continuing_subword_prefix") or "", frozenset(required))
+
+
+def parse_merges(model: dict[str, Any]) -> list[tuple[str, str]]:
+    """A tokenizer.json BPE model's merges in rank order, as pairs (stored as "a b" or ["a", "b"])."""
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+
+
+def first_merges(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """The rank of the first merge that builds each token, by its text."""
+    first: dict[str, int] = {}
+    for rank, (left, right) in enumerate(merges):
+        first.setdefault(left + right, rank)
+    return first
 
 
 def merge_path(token: str, ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -31,18 +31,11 @@ STATE = "vocabulary.pt"  # in the work directory: the kept ids
 
 
 def row_tensors(model: Any) -> list[str]:
-    """The stored names of the tensors whose rows are tokens: the embedding, and the LM head (weight,
-    bias) where it is not the embedding itself."""
-    rows = {id(model.get_input_embeddings().weight)}
+    """The names of the tensors whose rows are tokens: the embedding, and the LM head (weight, bias)
+    where it is not the embedding itself (a tied head is named once, as the embedding)."""
     head = model.get_output_embeddings()
-    if head is not None:
-        rows |= {id(p) for p in head.parameters()}
-    names, seen = [], set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in rows and id(param) not in seen:
-            names.append(name)
-            seen.add(id(param))
-    return names
+    rows = {id(model.get_input_embeddings().weight), *(id(p) for p in (head.parameters() if head is not None else ()))}
+    return [name for name, param in model.named_parameters() if id(param) in rows]
 
 
 def _keep_state(work: Path, kept: list[int]) -> None:
@@ -77,10 +70,14 @@ def streamed(path: Path, staging: Path, config: VocabularyConfig, calibration: T
         kept, new_tokenizer, report = choose_vocabulary(model, tokenizer, config, calibration)
         if work is not None:
             _keep_state(work, kept)
-        names = [n for n in row_tensors(model) if n in store.files]  # a tied head is stored once, or not at all
+        # the rows of what the store holds already (the embedding) and of what it left on disk (an untied head)
+        params = dict(model.named_parameters())
+        names = [n for n in row_tensors(model) if n in store.files]
+        held = {n: params[n] for n in names if not params[n].is_meta}
         rows = torch.as_tensor(kept, dtype=torch.long)
-        sliced = {name: tensor[rows].clone() for name, tensor in read(store.files, store.headers, names,
-                                                                      store.dtype).items()}  # fmt: skip
+        full = {**held, **read(store.files, store.headers, [n for n in names if n not in held], store.dtype)}
+        sliced = {name: tensor[rows].clone() for name, tensor in full.items()}
+        del full, held
         chosen = time.perf_counter() - clock
         table = store.write_blocks(list(range(len(adapter.block_list(model)))))
         model.to("meta")
