@@ -67,6 +67,13 @@ ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `tr
     # (the mode's default, which it was when the row ran)
     "bi20-before+recovery-lr1e-4": ("bi20-before", ["train", *RECOVERY, "--lr", "1e-4"]),
     "bi20-before+recovery-lr1e-3": ("bi20-before", ["train", *RECOVERY, "--lr", "1e-3"]),
+    # after the compensation learned to turn the MLP output's direction before the post-norm (the output
+    # projection refitted as well as the norm's scale, 2026-12-07): the same flags as the rows above
+    "depth10-direction": ("dense", [*ANGULAR, "--remove-fraction", "0.1"]),
+    "depth20-direction": ("dense", [*ANGULAR, "--remove-fraction", "0.2"]),
+    "bi20-direction": ("dense", [*BI, "--remove-fraction", "0.2"]),
+    "greedy20-direction": ("dense", [*GREEDY, "--remove-fraction", "0.2"]),
+    "bi20-remove-last-direction": ("dense", [*BI, "--remove-fraction", "0.2", "--remove-last"]),
 }
 
 

@@ -470,9 +470,11 @@ def test_compensation_of_a_run_at_block_zero_is_recorded_as_impossible():
 
 
 def test_compensation_of_a_normalised_mlp_output_fits_the_norm_scale():
-    """Gemma 3 normalises the MLP output before the residual add: the fit goes into that norm's scale,
-    equal to a per-channel ridge on hooks of the stock forward, and lowers the error of the state
-    passed on; an adapter that forgot the norm is caught by running the block."""
+    """Gemma 3 normalises the MLP output before the residual add: the fit is the norm's scale alone or
+    the output projection's direction and the scale, whichever leaves the lower calibration error.
+    The scale alone is the per-channel ridge computed here on hooks of the stock forward; the record's
+    error is the one the compensated model really has (re-measured here) and is at most the scale's;
+    only the fitted block's MLP changes; an adapter that forgot the norm is caught by running it."""
     from secateur.depth.compensate import compensate
 
     model = deep_model("gemma3_text", layers=4)
@@ -480,32 +482,92 @@ def test_compensation_of_a_normalised_mlp_output_fits_the_norm_scale():
     ids = calibration_ids(4, 8)
     blocks = adapter.block_list(model)
     norm = blocks[1].post_feedforward_layernorm
-    seen, states = {}, {}
-    handles = [norm.register_forward_hook(lambda m, a, o: seen.update(x=a[0], n=o)),
-               blocks[1].register_forward_hook(lambda m, a, o: states.update(out1=o[0] if isinstance(o, tuple) else o)),
-               blocks[3].register_forward_pre_hook(lambda m, a, k: states.update(l=(a[0] if a else k["hidden_states"])),
-                                                   with_kwargs=True)]  # fmt: skip
-    with torch.no_grad():
-        model(input_ids=ids)
-    for handle in handles:
-        handle.remove()
-    x = seen["x"].float()
+
+    def observe() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # (norm input, norm output, block 1 out, L)
+        seen, states = {}, {}
+        handles = [norm.register_forward_hook(lambda m, a, o: seen.update(x=a[0], n=o)),
+                   blocks[1].register_forward_hook(lambda m, a, o: states.update(out1=o[0] if isinstance(o, tuple) else o)),
+                   blocks[3].register_forward_pre_hook(lambda m, a, k: states.update(l=(a[0] if a else k["hidden_states"])),
+                                                       with_kwargs=True)]  # fmt: skip
+        with torch.no_grad():
+            model(input_ids=ids)
+        for handle in handles:
+            handle.remove()
+        return seen["x"].float(), seen["n"], states["out1"], states["l"]
+
+    x, n, out1, dense_l = observe()
     u = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)).reshape(-1, x.shape[-1])
-    r = (states["l"] - (states["out1"] - seen["n"])).float().reshape(u.shape)  # L - Y
+    r = (dense_l - (out1 - n)).float().reshape(u.shape)  # L - Y
     prior = norm.weight.detach().float() + 1.0
     lam = 0.1 * float((u * u).sum(0).mean())
-    expected = ((u * r).sum(0) + lam * prior) / ((u * u).sum(0) + lam) - 1.0
+    scale_only = ((u * r).sum(0) + lam * prior) / ((u * u).sum(0) + lam)
+    scale_error = float((u * scale_only - r).norm() / r.norm())
     before = copy.deepcopy(model.state_dict())
     records = compensate(model, adapter, [2], ids, 2, torch.device("cpu"))
-    assert records[0]["fitted"] == "model.layers.1.post_feedforward_layernorm" and records[0]["fit"] == "post-norm scale"
-    assert records[0]["error_after"] < records[0]["error_before"]
-    torch.testing.assert_close(norm.weight.detach(), expected, rtol=1e-4, atol=1e-5)
+    record = records[0]
+    assert record["error_before"] == pytest.approx(float((u * prior - r).norm() / r.norm()), rel=1e-4)
+    assert record["error_after"] <= scale_error * (1 + 1e-4) and record["error_after"] < record["error_before"]
+    _, _, out1_fitted, _ = observe()  # block 1 compensated, its output now stands for blocks 1..2
+    assert float((out1_fitted - dense_l).norm() / r.norm()) == pytest.approx(record["error_after"], rel=1e-3)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
-    assert changed == ["model.layers.1.post_feedforward_layernorm.weight"]
+    if record["fit"] == "post-norm scale":
+        assert record["fitted"] == "model.layers.1.post_feedforward_layernorm"
+        torch.testing.assert_close(norm.weight.detach(), scale_only - 1.0, rtol=1e-4, atol=1e-5)
+        assert changed == ["model.layers.1.post_feedforward_layernorm.weight"]
+    else:
+        assert record["fit"] == "output direction and post-norm scale"
+        assert record["fitted"] == "model.layers.1.mlp.down_proj, model.layers.1.post_feedforward_layernorm"
+        assert sorted(changed) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.post_feedforward_layernorm.weight"]
     forgetful = dataclasses.replace(adapter, width=dataclasses.replace(
         adapter.width, mlp=dataclasses.replace(adapter.width.mlp, post_norm=None)))
     with pytest.raises(DepthError, match="not added straight to the residual stream"):
         compensate(model, forgetful, [2], calibration_ids(2, 8), 2, torch.device("cpu"))
+
+
+def test_post_norm_compensation_folds_a_turned_output_exactly():
+    """The dense model's block 1 writes the same MLP output with its channels permuted (P·W) and block 2
+    adds nothing: what leaves the run is s ⊙ unit(P·M), which the scale alone cannot reach but P·W
+    in the output projection does, exactly (the target direction has M's own length)."""
+    from secateur.depth.compensate import compensate
+
+    dense = deep_model("gemma3_text", layers=4)
+    adapter = adapter_for(dense)
+    blocks = adapter.block_list(dense)
+    silence(blocks[2])
+    model = copy.deepcopy(dense)
+    down = blocks[1].mlp.down_proj.weight
+    permutation = torch.roll(torch.arange(down.shape[0]), 1)
+    with torch.no_grad():
+        norm = blocks[1].post_feedforward_layernorm.weight
+        norm.copy_(torch.linspace(-0.5, 0.5, norm.shape[0]))  # a scale that differs per channel
+        adapter.block_list(model)[1].post_feedforward_layernorm.weight.copy_(norm)
+        down.copy_(down[permutation])
+    ids = calibration_ids(16, 16)  # 256 tokens: more than the MLP's width, so the fit is determined
+    targets = []
+    handle = blocks[2].register_forward_hook(lambda m, a, o: targets.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        for batch in ids.split(4):
+            dense(input_ids=batch)
+    handle.remove()
+    records = compensate(model, adapter_for(model), [2], ids, 4, torch.device("cpu"), damp=1e-9,
+                         targets={2: targets})  # fmt: skip
+    assert records[0]["fit"] == "output direction and post-norm scale"
+    assert records[0]["error_before"] > 0.5 and records[0]["error_after"] < 1e-3
+    torch.testing.assert_close(adapter.block_list(model)[1].mlp.down_proj.weight, down, rtol=1e-3, atol=1e-4)
+
+
+def test_direction_targets_by_hand():
+    """M* = rms(M) · g / rms(g), g = r / s with |s| floored at 5% of its mean."""
+    from secateur.depth.compensate import direction_targets
+
+    m = torch.tensor([[3.0, 4.0]])  # rms sqrt(12.5)
+    scale = torch.tensor([2.0, 0.5])
+    r = scale * torch.tensor([[1.0, 1.0]])  # g = [1, 1]: the direction (1, 1) at M's length
+    torch.testing.assert_close(direction_targets(m, r, scale), torch.full((1, 2), 12.5**0.5))
+    scale = torch.tensor([2.0, -0.01])  # floored to -0.05025 (5% of the mean |s|, 1.005), its sign kept
+    r = torch.tensor([[2.0, 0.1005]])  # g = [1, -2]: rms sqrt(2.5)
+    expected = 12.5**0.5 * torch.tensor([[1.0, -2.0]]) / 2.5**0.5
+    torch.testing.assert_close(direction_targets(m, r, scale), expected)
 
 
 def test_post_norm_scale_fit_by_hand():
