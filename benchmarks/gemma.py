@@ -74,6 +74,9 @@ ROWS = {  # name: (input row or None for the dense model, `secateur prune` / `tr
     "bi20-direction": ("dense", [*BI, "--remove-fraction", "0.2"]),
     "greedy20-direction": ("dense", [*GREEDY, "--remove-fraction", "0.2"]),
     "bi20-remove-last-direction": ("dense", [*BI, "--remove-fraction", "0.2", "--remove-last"]),
+    # the direction fit's reach outside the calibration domain: a stronger ridge, or calibration on the mix
+    "depth20-direction-damp1": ("dense", [*ANGULAR, "--remove-fraction", "0.2", "--compensate-damp", "1.0"]),
+    "depth20-direction-mix": ("dense", [*ANGULAR, "--remove-fraction", "0.2", "--calib", "offline-mix"]),
 }
 
 
