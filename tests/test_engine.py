@@ -5,7 +5,7 @@ import torch
 from conftest import FAMILIES, calibration_ids, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from secateur import NM, MagnitudeConfig, PruneConfig, SparseGPTConfig, Unstructured, WandaConfig, save
+from secateur import NM, MagnitudeConfig, PruneConfig, RIAConfig, SparseGPTConfig, Unstructured, WandaConfig, save
 from secateur.sparsity.methods import select_mask, wanda_scores
 from secateur.models import adapter_for, read_weight
 from secateur.sparsity.prune import sparsify, target_layers
@@ -142,3 +142,32 @@ def test_dense_block_stats_match_the_reference_order(batch_size):
     sparsify(model, None, PruneConfig(WandaConfig(), Unstructured(0.5), block_stats="dense"), calibration, batch_size=batch_size)
     assert same_masks(model, expected)
     assert not same_masks(model, reference_wanda(tiny_model("llama"), calibration, 0.5))  # the orders differ
+
+
+@pytest.mark.parametrize("method", [WandaConfig(), RIAConfig()], ids=lambda m: m.name)
+def test_score_methods_prune_one_layer_at_a_time_with_the_group_result(method, monkeypatch):
+    """Wanda and RIA score each weight alone: the engine hands their handler one layer per job
+    (one layer's float32 copy and scores resident), and the weights equal a run given whole groups."""
+    import dataclasses
+
+    from secateur.sparsity import methods
+
+    spec = methods.REGISTRY[method.name]
+    assert spec.layerwise
+    seen: list[int] = []
+
+    def spy(config, job):
+        seen.append(len(job.weights))
+        return spec.prune_group(config, job)
+
+    ids, config = calibration_ids(), PruneConfig(method, Unstructured(0.5))
+    split, whole = tiny_model("llama"), tiny_model("llama")
+    monkeypatch.setitem(methods.REGISTRY, method.name, dataclasses.replace(spec, prune_group=spy))
+    sparsify(split, None, config, ids)
+    assert seen and set(seen) == {1}  # q/k/v and gate/up groups included
+    seen.clear()
+    monkeypatch.setitem(methods.REGISTRY, method.name, dataclasses.replace(spec, prune_group=spy, layerwise=False))
+    sparsify(whole, None, config, ids)
+    assert max(seen) == 3  # q, k and v in one job
+    for a, b in zip(split.parameters(), whole.parameters()):
+        assert torch.equal(a, b)

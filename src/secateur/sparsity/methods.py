@@ -71,6 +71,9 @@ class MethodSpec:
     score: Callable[[Any, Tensor, Tensor | None], Tensor] = lambda config, w, norm: wanda_scores(w, norm)
     # Work before the block pass that needs the whole model (e.g. gradients): returns aux tensors by layer name.
     prepare: Callable[..., dict[str, Tensor]] | None = None
+    # Each layer's result depends on that layer alone (a score per weight, no shared solve): the engine
+    # may run the handler one layer at a time, which bounds the temporaries to one layer's.
+    layerwise: bool = False
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -118,7 +121,7 @@ def magnitude_scores(weight: Tensor) -> Tensor:
 
 def wanda_scores(weight: Tensor, input_norm: Tensor) -> Tensor:
     """|W_ij| * ||X_j||_2 (the norm, not its square)."""
-    return weight.abs().to(WORK_DTYPE) * input_norm[None, :]
+    return weight.abs().to(WORK_DTYPE).mul_(input_norm[None, :])  # |W| is a new tensor: scaled in place
 
 
 def ria_scores(weight: Tensor, input_norm: Tensor, alpha: float = 0.5) -> Tensor:
@@ -197,10 +200,12 @@ def _gblm_prepare(config: GBLMConfig, model, adapter, calibration: Tensor, devic
     return gradient_norms(model, calibration, names, device, samples=config.gradient_samples)
 
 
-register(MethodSpec(MagnitudeConfig.name, MagnitudeConfig, (), magnitude_group, score=lambda c, w, norm: magnitude_scores(w)))
-register(MethodSpec(WandaConfig.name, WandaConfig, (InputNormSq,), wanda_group))
+register(MethodSpec(MagnitudeConfig.name, MagnitudeConfig, (), magnitude_group, score=lambda c, w, norm: magnitude_scores(w),
+                    layerwise=True))
+register(MethodSpec(WandaConfig.name, WandaConfig, (InputNormSq,), wanda_group, layerwise=True))
 register(MethodSpec(SparseGPTConfig.name, SparseGPTConfig, (Hessian,), sparsegpt_group))
-register(MethodSpec(RIAConfig.name, RIAConfig, (InputNormSq,), ria_group, score=lambda c, w, norm: ria_scores(w, norm, c.alpha)))
-register(MethodSpec(GBLMConfig.name, GBLMConfig, (InputNormSq,), gblm_group, prepare=_gblm_prepare))
+register(MethodSpec(RIAConfig.name, RIAConfig, (InputNormSq,), ria_group, score=lambda c, w, norm: ria_scores(w, norm, c.alpha),
+                    layerwise=True))
+register(MethodSpec(GBLMConfig.name, GBLMConfig, (InputNormSq,), gblm_group, prepare=_gblm_prepare, layerwise=True))
 
 __all__ = ["REGISTRY", "GroupJob", "MethodSpec", "register", "spec_for", "select_mask"]
