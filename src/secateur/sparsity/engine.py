@@ -34,6 +34,9 @@ from secateur.models.linear_experts import expert_groups, rebind
 from secateur.sparsity.methods import GroupJob, MethodSpec
 from secateur.sparsity.permute import Permuter, permuter_for
 from secateur.sparsity.refine import REFINERS
+from secateur.runtime import release_free_memory
+
+TRIM_AFTER = 1 << 24  # weights in a group: a large one hands the free pages its temporaries left back
 
 
 @dataclass
@@ -105,6 +108,8 @@ def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
     seconds = (time.perf_counter() - start) / len(group.modules)
     reports.extend(LayerReport(name, shape, sparsity, seconds, fallback) for name, shape, sparsity in pruned)
     group.stats, group.done = {}, True  # free the statistics (Hessians can be large)
+    if sum(module.weight.numel() for module in group.modules) >= TRIM_AFTER:
+        release_free_memory()
 
 
 def _prune_layers(group: _Group, plan: Plan, part: list[int]) -> list[tuple[str, tuple[int, int], float]]:
