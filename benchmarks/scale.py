@@ -76,6 +76,11 @@ STREAM = {
     "llama8b2-width-disk-handover": ("llama8b2", ["--offload", "disk", *WIDTH]),
     # after the depth fit's sums are solved in place (NormalEquations.update in place, Cholesky in place)
     "llama8b16-depth-disk-consuming": ("llama8b16", ["--offload", "disk", *DEPTH]),
+    # after score methods prune one layer of a group at a time and large groups hand free pages back
+    "smollm2-memory-layerwise": ("smollm2", ["--offload", "none", *WANDA]),
+    "smollm2-disk-layerwise": ("smollm2", ["--offload", "disk", *WANDA]),
+    "llama8b2-disk-layerwise": ("llama8b2", ["--offload", "disk", *WANDA]),
+    "llama8b-disk-layerwise": ("llama8b", ["--offload", "disk", *WANDA]),
 }
 BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
