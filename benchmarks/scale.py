@@ -81,6 +81,14 @@ STREAM = {
     "smollm2-disk-layerwise": ("smollm2", ["--offload", "disk", *WANDA]),
     "llama8b2-disk-layerwise": ("llama8b2", ["--offload", "disk", *WANDA]),
     "llama8b-disk-layerwise": ("llama8b", ["--offload", "disk", *WANDA]),
+    # the free pages handed back after groups of 2^26 weights or more (gate and up) instead of 2^24 (every group)
+    "llama8b2-disk-trim26": ("llama8b2", ["--offload", "disk", *WANDA]),
+    "llama8b-disk-trim26": ("llama8b", ["--offload", "disk", *WANDA]),
+    # one layer at a time, no free pages handed back inside a block (what was kept)
+    "llama8b2-disk-notrim": ("llama8b2", ["--offload", "disk", *WANDA]),
+    "llama8b-disk-notrim": ("llama8b", ["--offload", "disk", *WANDA]),
+    # the code before layer-at-a-time (commit 4ba40a9, run with PYTHONPATH=its src), again, the same day
+    "llama8b-disk-4ba40a9": ("llama8b", ["--offload", "disk", *WANDA]),
 }
 BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,

@@ -483,7 +483,7 @@ def test_compensation_of_a_normalised_mlp_output_fits_the_norm_scale():
     blocks = adapter.block_list(model)
     norm = blocks[1].post_feedforward_layernorm
 
-    def observe() -> tuple[Tensor, Tensor, Tensor, Tensor]:  # (norm input, norm output, block 1 out, L)
+    def observe() -> tuple[torch.Tensor, ...]:  # (norm input, norm output, block 1 out, L)
         seen, states = {}, {}
         handles = [norm.register_forward_hook(lambda m, a, o: seen.update(x=a[0], n=o)),
                    blocks[1].register_forward_hook(lambda m, a, o: states.update(out1=o[0] if isinstance(o, tuple) else o)),

@@ -36,7 +36,7 @@ from secateur.sparsity.permute import Permuter, permuter_for
 from secateur.sparsity.refine import REFINERS
 from secateur.runtime import release_free_memory
 
-TRIM_AFTER = 1 << 24  # weights in a group: a large one hands the free pages its temporaries left back
+TRIM_AFTER = 1 << 26  # weights in a group (gate and up of an 8B model): its temporaries leave free pages, handed back
 
 
 @dataclass
