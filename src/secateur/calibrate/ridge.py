@@ -36,11 +36,15 @@ class NormalEquations:
         return float((coef * (self.gram @ coef)).sum() - 2 * (coef * self.cross).sum()) + self.target_sq
 
 
+def _ridge(gram: Tensor, damp: float) -> float:
+    """λ = damp · mean diag(aᵀa), or a tiny positive one where that is not positive."""
+    lam = damp * float(gram.diagonal().mean())
+    return lam if lam > 0 else 1e-8 * max(float(gram.diagonal().abs().max()), 1.0)
+
+
 def ridge_towards(eq: NormalEquations, prior: Tensor, damp: float) -> Tensor:
     """argmin_X ‖aX − r‖² + λ‖X − prior‖², λ = damp · mean diag(aᵀa); prior, X: features x outputs."""
-    lam = damp * float(eq.gram.diagonal().mean())
-    if lam <= 0:
-        lam = 1e-8 * max(float(eq.gram.diagonal().abs().max()), 1.0)
+    lam = _ridge(eq.gram, damp)
     gram = eq.gram.clone()  # + lam I, without an identity matrix as large as the Gram matrix beside it
     gram.diagonal().add_(lam)
     return torch.linalg.solve(gram, eq.cross + lam * prior.to(eq.gram.dtype))
@@ -54,9 +58,7 @@ def ridge_consuming(eq: NormalEquations, prior: Tensor, damp: float) -> tuple[Te
     at the solution c comes from the factor: with L Lᵀ = G + λI and X the cross sums,
     cᵀGc − 2c·X + Σ‖r‖² = ‖Lᵀc‖² − λ‖c‖² − 2c·X + Σ‖r‖²."""
     before = eq.error(prior)
-    lam = damp * float(eq.gram.diagonal().mean())
-    if lam <= 0:
-        lam = 1e-8 * max(float(eq.gram.diagonal().abs().max()), 1.0)
+    lam = _ridge(eq.gram, damp)
     prior = prior.to(eq.gram.dtype)
     eq.gram.diagonal().add_(lam)
     factor, info = torch.linalg.cholesky_ex(eq.gram, out=(eq.gram, torch.empty((), dtype=torch.int32,

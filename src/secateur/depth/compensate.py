@@ -234,8 +234,8 @@ def _fit(block: nn.Module, consumer: str, pending: _Pending, targets: list[Tenso
         else:
             log.warning("compensation of blocks %d..%d did not lower the calibration error; weights kept",
                         pending.first, pending.last)
-        return {"run": [pending.first, pending.last], "error_before": (before / total) ** 0.5,
-                "error_after": (max(min(after, before), 0.0) / total) ** 0.5, "damp": damp}  # fmt: skip
+        return {"run": [pending.first, pending.last], "error_before": _relative(before, total),
+                "error_after": _relative(min(after, before), total), "damp": damp}  # fmt: skip
     finally:
         block.to(home)
 
@@ -251,16 +251,26 @@ def direction_targets(m: Tensor, r: Tensor, scale: Tensor, floor: float = 0.05) 
     return length * g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
 
 
-def _scale_sums(block: nn.Module, norm: str, pending: _Pending, residuals: list[Tensor], eps: float
-                ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Σ u², Σ u·r, Σ r² per channel, u the unit-rms input of the norm as the block computes it now."""
-    uu = ur = rr = None
+Sums = tuple[Tensor, Tensor, Tensor]  # Σ u², Σ u·r, Σ r² per channel
+
+
+def _add_sums(sums: Sums | None, u: Tensor, r: Tensor) -> Sums:
+    parts = ((u * u).sum(0), (u * r).sum(0), (r * r).sum(0))
+    return parts if sums is None else (sums[0] + parts[0], sums[1] + parts[1], sums[2] + parts[2])
+
+
+def _scale_sums(block: nn.Module, norm: str, pending: _Pending, residuals: list[Tensor], eps: float) -> Sums:
+    """The scale fit's sums, u the unit-rms input of the norm as the block computes it now."""
+    sums = None
     for hidden, extra, r in zip(pending.inputs, pending.extras, residuals):
         x, _, _ = _mlp_output(block, norm, hidden, extra)
-        u = _rms_unit(x, eps).reshape(r.shape)
-        parts = ((u * u).sum(0), (u * r).sum(0), (r * r).sum(0))
-        uu, ur, rr = parts if uu is None else (uu + parts[0], ur + parts[1], rr + parts[2])
-    return uu, ur, rr
+        sums = _add_sums(sums, _rms_unit(x, eps).reshape(r.shape), r)
+    return sums
+
+
+def _relative(squared: float, total: float) -> float:
+    """A fit's relative error from its squared error (which the closed forms can leave a hair below 0)."""
+    return (max(squared, 0.0) / total) ** 0.5
 
 
 def _fit_post_norm(block: nn.Module, norm: str, pending: _Pending, targets: list[Tensor], device: torch.device,
@@ -276,7 +286,7 @@ def _fit_post_norm(block: nn.Module, norm: str, pending: _Pending, targets: list
         projection = block.get_submodule(adapter.width.mlp.consumer)
         offset, eps = adapter.width.hidden.norm_offset, getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6))
         prior = module.weight.detach().float() + offset
-        residuals = []
+        residuals, sums = [], None
         for hidden, extra, target in zip(pending.inputs, pending.extras, targets):
             x, n, out = _mlp_output(block, norm, hidden, extra)  # the norm's input, its output, the block's
             u = _rms_unit(x, eps).reshape(-1, x.shape[-1])
@@ -284,9 +294,9 @@ def _fit_post_norm(block: nn.Module, norm: str, pending: _Pending, targets: list
                 raise DepthError(f"{adapter.family}: {norm} is not an RMSNorm scaled by {offset:g} + weight, so its "
                                  "scale cannot be fitted; drop --compensate")
             residuals.append((target - (out - n)).float().reshape(u.shape))  # r = L − Y
-        uu, ur, rr = _scale_sums(block, norm, pending, residuals, eps)
-        total = max(float(rr.sum()), 1e-30)
-        scale, before, after = scale_fit(uu, ur, rr, prior, damp)
+            sums = _add_sums(sums, u, residuals[-1])
+        total = max(float(sums[2].sum()), 1e-30)
+        scale, before, after = scale_fit(*sums, prior, damp)
         original = read_weight(projection).clone()  # write_weight copies into the parameter
         best = (after, [norm], None, scale)
         for reference in (prior, scale):  # the direction asked for under the original scale and the fitted one
@@ -302,17 +312,16 @@ def _fit_post_norm(block: nn.Module, norm: str, pending: _Pending, targets: list
             fitted, _, error = scale_fit(*_scale_sums(block, norm, pending, residuals, eps), prior, damp)
             if error < best[0]:
                 best = (error, [adapter.width.mlp.consumer, norm], weight, fitted)
-        write_weight(projection, original if best[2] is None else best[2])
-        error, layers, _, scale = best
+        error, layers, weight, scale = best
         if error < before:
             module.weight.data.copy_((scale - offset).to(module.weight.dtype))
         else:
-            write_weight(projection, original)
-            layers = [norm]
+            layers, weight = [norm], None
             log.warning("compensation of blocks %d..%d did not lower the calibration error; weights kept",
                         pending.first, pending.last)
-        return {"run": [pending.first, pending.last], "error_before": (before / total) ** 0.5,
-                "error_after": (max(min(error, before), 0.0) / total) ** 0.5, "damp": damp, "layers": layers,
+        write_weight(projection, original if weight is None else weight)
+        return {"run": [pending.first, pending.last], "error_before": _relative(before, total),
+                "error_after": _relative(min(error, before), total), "damp": damp, "layers": layers,
                 "fit": "post-norm scale" if layers == [norm] else "output direction and post-norm scale"}  # fmt: skip
     finally:
         block.to(home)

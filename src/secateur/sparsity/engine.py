@@ -31,10 +31,10 @@ from secateur.models.shapes import submodule
 from secateur.config import PruneConfig, Target
 from secateur.models import Adapter, read_weight, write_weight
 from secateur.models.linear_experts import expert_groups, rebind
+from secateur.runtime import release_free_memory
 from secateur.sparsity.methods import GroupJob, MethodSpec
 from secateur.sparsity.permute import Permuter, permuter_for
 from secateur.sparsity.refine import REFINERS
-from secateur.runtime import release_free_memory
 
 TRIM_AFTER = 1 << 26  # weights in a group (gate and up of an 8B model): its temporaries leave free pages, handed back
 
