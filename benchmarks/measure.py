@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,12 +36,16 @@ def cli(*args) -> str:
     return cli_timed(*args)[0]
 
 
-def cli_timed(*args) -> tuple[str, float, float]:
+def cli_timed(*args, resident: list[float] | None = None) -> tuple[str, float, float]:
     """`secateur ARGS`: its stdout, wall seconds and peak resident memory in MiB (that child's alone, with a
-    floor: Linux folds the parent's peak at the spawn into it, so the calling process must stay small)."""
+    floor: Linux folds the parent's peak at the spawn into it, so the calling process must stay small).
+    `resident`: filled with the child's resident memory in MiB, read every RESIDENT_EVERY seconds."""
     clock = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen([sys.executable, "-m", "secateur.cli", *map(str, args)], stdout=out, stderr=err)
+        if resident is not None:
+            watcher = threading.Thread(target=_watch, args=(child, resident), daemon=True)
+            watcher.start()
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - clock
@@ -48,6 +53,22 @@ def cli_timed(*args) -> tuple[str, float, float]:
         if child.returncode != 0:
             raise SystemExit(f"secateur {' '.join(map(str, args))} failed:\n{err.read()[-3000:]}")
         return out.read(), seconds, usage.ru_maxrss / 1024
+
+
+RESIDENT_EVERY = 0.05  # seconds between two readings of a child's resident memory
+
+
+def _watch(child: subprocess.Popen, resident: list[float]) -> None:
+    """Append the child's VmRSS (MiB) every RESIDENT_EVERY seconds until it exits (read from /proc: no
+    thread of the child's own, which would change its allocator's arenas)."""
+    status = Path(f"/proc/{child.pid}/status")
+    while True:
+        try:
+            line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):  # gone, or a zombie (no VmRSS): done
+            return
+        resident.append(int(line.split()[1]) / 1024)
+        time.sleep(RESIDENT_EVERY)
 
 
 def finished(results: Path) -> dict[str, dict]:

@@ -13,7 +13,9 @@ the calibration text), pruned in bfloat16 with 16 x 512 calibration tokens;
 `llama8b2-memory` / `llama8b2-disk` are the same with 2 blocks, the per-block cost in memory and
 streamed on the same block shape; `llama8b16-*` has 16 of those blocks (8 GB: in memory too on
 this 24 GiB machine). `prune s` is the pass over the blocks (a streamed run's reading and
-writing of blocks included; its copying of what lies outside the blocks is `write s`).
+writing of blocks included; its copying of what lies outside the blocks is `write s`). Rows written
+since 2026-12-07 also record the child's resident memory read every 50 ms from outside: its median,
+99th percentile and the share of readings above 4 GiB (the peak alone spreads from run to run).
 
 Recovery rows: SmolLM2-135M width 50% (`secateur prune --method width --remove-fraction 0.5`, 81.7M
 parameters) trained by `secateur train` with the dense model as teacher at the default batch
@@ -89,6 +91,10 @@ STREAM = {
     "llama8b-disk-notrim": ("llama8b", ["--offload", "disk", *WANDA]),
     # the code before layer-at-a-time (commit 4ba40a9, run with PYTHONPATH=its src), again, the same day
     "llama8b-disk-4ba40a9": ("llama8b", ["--offload", "disk", *WANDA]),
+    # the same command as llama8b-disk, run again with the child's resident memory read every 50 ms
+    "llama8b-disk-profiled": ("llama8b", ["--offload", "disk", *WANDA]),
+    # free pages handed back after every group (TRIM_AFTER = 0), profiled the same way
+    "llama8b-disk-trim-every-group": ("llama8b", ["--offload", "disk", *WANDA]),
 }
 BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -154,8 +160,9 @@ def stream_row(name: str) -> dict:
     path = dense() if model == "smollm2" else made(BLOCKS[model])
     extra = [] if model == "smollm2" else ["--dtype", "bfloat16", "--calib-samples", "16"]
     out = WORK / name
+    resident: list[float] = []
     _, seconds, peak = cli_timed("prune", path, *flags, *extra, "--check-windows", "0", "--out", out,
-                                 "--overwrite")  # fmt: skip
+                                 "--overwrite", resident=resident)  # fmt: skip
     manifest = json.loads((out / "secateur.json").read_text())
     record = manifest["history"][-1]
     row = {"row": name, "peak_rss_mib": peak, "seconds": seconds, "prune_seconds": record["seconds"],
@@ -164,12 +171,23 @@ def stream_row(name: str) -> dict:
            "sparsity": manifest["structure"]["target_sparsity"], "calibration_tokens": record["calibration"]["tokens"],
            "offload": manifest.get("offload", "none"), "kind": record["kind"],
            "removed_blocks": record["result"].get("removed_blocks"),
-           "input_blocks": record["result"].get("blocks_before", manifest["structure"]["blocks"])}  # fmt: skip
+           "input_blocks": record["result"].get("blocks_before", manifest["structure"]["blocks"]),
+           **resident_profile(resident)}  # fmt: skip
     if model != "smollm2":
         import shutil
 
         shutil.rmtree(out)  # 16 GB: the figures are what the row keeps
     return row
+
+
+def resident_profile(resident: list[float]) -> dict:
+    """How the child's resident memory spread over its run (read every 50 ms, `measure.RESIDENT_EVERY`): the
+    median, the 99th percentile and the share of the readings above 4 GiB."""
+    if not resident:
+        return {}
+    ordered = sorted(resident)
+    return {"rss_median_mib": ordered[len(ordered) // 2], "rss_p99_mib": ordered[int(0.99 * (len(ordered) - 1))],
+            "rss_over_4gib_share": sum(r > 4096 for r in resident) / len(resident)}
 
 
 def dense() -> Path:
@@ -206,12 +224,14 @@ def table() -> None:
     base = next((r for r in rows if r["row"] == "recovery-full-logits"), None)
     print(f"{'row':24s} {'peak RSS MiB':>12s} {'tokens/s':>9s} {'vs full':>8s} {'first loss':>10s} {'val ppl':>8s}")
     print(f"\n{'row':18s} {'blocks':>6s} {'peak RSS MiB':>12s} {'prune s':>8s} {'s/block':>8s} {'write s':>8s} "
-          f"{'wall s':>8s}")  # fmt: skip
+          f"{'wall s':>8s} {'median MiB':>10s} {'p99 MiB':>8s} {'>4 GiB':>7s}")  # fmt: skip
     for r in rows:
         if r["row"] in STREAM:
             blocks = r.get("input_blocks", r["blocks"])  # the passes run over the input's blocks
             print(f"{r['row']:22s} {blocks:6d} {r['peak_rss_mib']:12.0f} {r['prune_seconds']:8.1f} "
-                  f"{r['prune_seconds'] / blocks:8.2f} {r.get('write_seconds') or 0:8.1f} {r['seconds']:8.1f}")  # fmt: skip
+                  f"{r['prune_seconds'] / blocks:8.2f} {r.get('write_seconds') or 0:8.1f} {r['seconds']:8.1f}"
+                  + (f" {r['rss_median_mib']:10.0f} {r['rss_p99_mib']:8.0f} {r['rss_over_4gib_share']:7.1%}"
+                     if "rss_median_mib" in r else ""))  # fmt: skip
     print()
     for r in rows:
         if r["row"].startswith("recovery"):

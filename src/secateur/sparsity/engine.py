@@ -36,7 +36,9 @@ from secateur.sparsity.methods import GroupJob, MethodSpec
 from secateur.sparsity.permute import Permuter, permuter_for
 from secateur.sparsity.refine import REFINERS
 
-TRIM_AFTER = 1 << 26  # weights in a group (gate and up of an 8B model): its temporaries leave free pages, handed back
+# weights in a group from which its temporaries' free pages are handed back once it is pruned: every group (the heap
+# otherwise climbs by gigabytes within an 8B-shaped block, by a varying amount from run to run: docs/benchmarks.md)
+TRIM_AFTER = 0
 
 
 @dataclass
