@@ -95,6 +95,7 @@ STREAM = {
     "llama8b-disk-profiled": ("llama8b", ["--offload", "disk", *WANDA]),
     # free pages handed back after every group (TRIM_AFTER = 0), profiled the same way
     "llama8b-disk-trim-every-group": ("llama8b", ["--offload", "disk", *WANDA]),
+    "llama8b-disk-trim-every-group-2": ("llama8b", ["--offload", "disk", *WANDA]),  # the same, again
 }
 BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
