@@ -44,8 +44,7 @@ def cli_timed(*args, resident: list[float] | None = None) -> tuple[str, float, f
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen([sys.executable, "-m", "secateur.cli", *map(str, args)], stdout=out, stderr=err)
         if resident is not None:
-            watcher = threading.Thread(target=_watch, args=(child, resident), daemon=True)
-            watcher.start()
+            threading.Thread(target=_watch, args=(child, resident), daemon=True).start()
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - clock

@@ -93,7 +93,7 @@ STREAM = {
     "llama8b-disk-4ba40a9": ("llama8b", ["--offload", "disk", *WANDA]),
     # the same command as llama8b-disk, run again with the child's resident memory read every 50 ms
     "llama8b-disk-profiled": ("llama8b", ["--offload", "disk", *WANDA]),
-    # free pages handed back after every group (TRIM_AFTER = 0), profiled the same way
+    # free pages handed back after every group (what was kept), profiled the same way
     "llama8b-disk-trim-every-group": ("llama8b", ["--offload", "disk", *WANDA]),
     "llama8b-disk-trim-every-group-2": ("llama8b", ["--offload", "disk", *WANDA]),  # the same, again
 }

@@ -36,10 +36,6 @@ from secateur.sparsity.methods import GroupJob, MethodSpec
 from secateur.sparsity.permute import Permuter, permuter_for
 from secateur.sparsity.refine import REFINERS
 
-# weights in a group from which its temporaries' free pages are handed back once it is pruned: every group (the heap
-# otherwise climbs by gigabytes within an 8B-shaped block, by a varying amount from run to run: docs/benchmarks.md)
-TRIM_AFTER = 0
-
 
 @dataclass
 class LayerReport:
@@ -110,8 +106,9 @@ def _prune_group(group: _Group, plan: Plan, reports: list[LayerReport]) -> None:
     seconds = (time.perf_counter() - start) / len(group.modules)
     reports.extend(LayerReport(name, shape, sparsity, seconds, fallback) for name, shape, sparsity in pruned)
     group.stats, group.done = {}, True  # free the statistics (Hessians can be large)
-    if sum(module.weight.numel() for module in group.modules) >= TRIM_AFTER:
-        release_free_memory()
+    # the free pages its temporaries left, handed back: otherwise the heap climbs by gigabytes within an
+    # 8B-shaped block, by an amount that varies from run to run (docs/benchmarks.md)
+    release_free_memory()
 
 
 def _prune_layers(group: _Group, plan: Plan, part: list[int]) -> list[tuple[str, tuple[int, int], float]]:
