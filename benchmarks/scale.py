@@ -97,31 +97,64 @@ STREAM = {
     "llama8b-disk-trim-every-group": ("llama8b", ["--offload", "disk", *WANDA]),
     "llama8b-disk-trim-every-group-2": ("llama8b", ["--offload", "disk", *WANDA]),  # the same, again
 }
-BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16}
+EXPERTS = ["--method", "experts", "--remove-fraction", "0.5"]  # REAP, uniform: 64 of every block's 128 experts
+STREAM.update({
+    "qwen3moe2-experts-memory": ("qwen3moe2", ["--offload", "none", *EXPERTS]),
+    "qwen3moe2-experts-disk": ("qwen3moe2", ["--offload", "disk", *EXPERTS]),
+    "qwen3moe12-experts-disk": ("qwen3moe12", ["--offload", "disk", *EXPERTS]),
+})
+BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16, "qwen3moe2": 2, "qwen3moe12": 12}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)  # fmt: skip
+# Qwen3-30B-A3B's block: 128 routed experts of width 768 (top-8, renormalised), 32 query / 4 key-value
+# heads of 128, hidden 2,048, a 151,936-token vocabulary, untied head (the real model has 48 blocks)
+QWEN3MOE = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
+                num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)  # fmt: skip
 
 
 def llama8b_model(blocks: int) -> Path:
-    """A random-weight bfloat16 checkpoint with Llama-3.1-8B shapes and `blocks` blocks, written one
-    shard per block (never whole in memory)."""
+    """A random-weight bfloat16 checkpoint with Llama-3.1-8B shapes and `blocks` blocks."""
+    from transformers import LlamaConfig
+
+    return random_model(f"random-llama8b-shape-{blocks}", LlamaConfig(**LLAMA8B, num_hidden_layers=blocks,
+                                                                      dtype="bfloat16"))  # fmt: skip
+
+
+def qwen3moe_model(blocks: int) -> Path:
+    """A random-weight bfloat16 checkpoint with Qwen3-30B-A3B's block shapes and `blocks` blocks, its
+    experts stored one matrix per expert and projection as published checkpoints store them."""
+    from transformers import Qwen3MoeConfig
+
+    return random_model(f"random-qwen3moe-shape-{blocks}", Qwen3MoeConfig(**QWEN3MOE, num_hidden_layers=blocks,
+                                                                          dtype="bfloat16"))  # fmt: skip
+
+
+def random_model(name: str, config) -> Path:
+    """A random-weight bfloat16 checkpoint of `config` (normal(0, 0.02) weights, norms at one), written
+    one shard per block (never whole in memory), fused experts in the stored layout
+    (`calibrate.layout`); SmolLM2's tokenizer for the calibration text."""
     import shutil
 
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    path = cache() / "models" / f"random-llama8b-shape-{blocks}"
+    from secateur.calibrate.layout import layout_of
+    from secateur.models import adapter_for
+
+    path = cache() / "models" / name
     if (path / "model.safetensors.index.json").is_file():
         return path
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    config = LlamaConfig(**LLAMA8B, num_hidden_layers=blocks, dtype="bfloat16")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    layout = layout_of(adapter_for(model), set())  # fused experts stored per expert
     generator = torch.Generator().manual_seed(0)
     groups: dict[str, list[str]] = {}
     for name, _ in model.named_parameters():
@@ -131,12 +164,17 @@ def llama8b_model(blocks: int) -> Path:
     for shard, names in sorted(groups.items()):
         tensors = {}
         for name in names:
-            shape = model.get_parameter(name).shape
-            tensors[name] = (torch.ones(shape) if name.endswith("norm.weight") else
-                             torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)  # fmt: skip
-            total += tensors[name].numel() * 2
+            shape = tuple(model.get_parameter(name).shape)
+            head, layers, rest = name.partition(".layers.")  # a block's tensor: stored per its layout
+            number, _, relative = rest.partition(".") if layers else ("", "", name)
+            prefix = f"{head}.layers.{number}." if layers else ""
+            for stored, at in layout.pieces(relative, shape):
+                piece = shape if at is None else (at[2] - at[1], *shape[2:])
+                tensors[prefix + stored] = (torch.ones(piece) if name.endswith("norm.weight") else
+                                            torch.randn(piece, generator=generator) * 0.02).to(torch.bfloat16)  # fmt: skip
+                total += tensors[prefix + stored].numel() * 2
         save_file(tensors, staging / f"{shard}.safetensors", metadata={"format": "pt"})
-        weight_map.update({name: f"{shard}.safetensors" for name in names})
+        weight_map.update({name: f"{shard}.safetensors" for name in tensors})
     (staging / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                       "weight_map": weight_map}))  # fmt: skip
     config.save_pretrained(staging)
@@ -146,19 +184,21 @@ def llama8b_model(blocks: int) -> Path:
     return path
 
 
-def made(blocks: int) -> Path:
-    """`llama8b_model(blocks)`, written by a child process: this one stays small, since a child's peak
-    RSS as wait4 reports it includes its parent's at the spawn."""
+def made(model: str) -> Path:
+    """The random-weight checkpoint of a row's `model` (`llama8b*`, `qwen3moe*`), written by a child
+    process: this one stays small, since a child's peak RSS as wait4 reports it includes its parent's
+    at the spawn."""
     import subprocess
 
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import scale; print(scale.llama8b_model({blocks}))"
+    maker = "qwen3moe_model" if model.startswith("qwen3moe") else "llama8b_model"
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import scale; print(scale.{maker}({BLOCKS[model]}))"
     return Path(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                text=True).stdout.split()[-1])  # fmt: skip
 
 
 def stream_row(name: str) -> dict:
     model, flags = STREAM[name]
-    path = dense() if model == "smollm2" else made(BLOCKS[model])
+    path = dense() if model == "smollm2" else made(model)
     extra = [] if model == "smollm2" else ["--dtype", "bfloat16", "--calib-samples", "16"]
     out = WORK / name
     resident: list[float] = []

@@ -191,7 +191,6 @@ def test_cli_stun_experts_then_unstructured_inside_the_kept_experts(model_dir, t
 
 @pytest.mark.parametrize("family,flags,message", [
     ("llama", ["--expert-min-tokens", "4"], "--expert-min-tokens applies to mixtures of experts"),
-    ("qwen2_moe", ["--offload", "disk"], "fused experts of a mixture of experts"),
 ])  # fmt: skip
 def test_cli_refuses_what_does_not_apply_before_writing(family, flags, message, model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "out"

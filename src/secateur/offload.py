@@ -83,16 +83,7 @@ def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
         weight_map(Path(model_path))
     except DiskError as exc:
         return str(exc)
-    if _is_moe(Path(model_path)):
-        return "it does not reach the fused experts of a mixture of experts yet"
     return None
-
-
-def _is_moe(path: Path) -> bool:
-    from secateur.models import ADAPTERS
-
-    model_type = getattr(load_config(path), "model_type", None)
-    return model_type in ADAPTERS and ADAPTERS[model_type].experts is not None
 
 
 def on_disk(model_path: str | Path, stages: list[PlannedStage], options: RunOptions) -> bool:

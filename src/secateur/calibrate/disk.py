@@ -42,10 +42,12 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from secateur.calibrate.layout import Layout, Piece, layout_of
 from secateur.calibrate.processes import require_single
 from secateur.errors import SecateurError
 from secateur.io import safetensors_header
 from secateur.models import Adapter, adapter_for
+from secateur.models.linear_experts import stock_parameters
 from secateur.runtime import release_free_memory
 
 INDEX = "model.safetensors.index.json"
@@ -76,6 +78,16 @@ def has_state(work: Path) -> bool:
     one `*.pt` there: `state.pt` for sparsity, `depth.pt` for depth, `width.pt` for width, `vocabulary.pt`; a recipe's
     stage, in its own `stage-i.work`), or a recipe's finished intermediate model (`stage-i`)."""
     return work.is_dir() and (any(work.rglob("*.pt")) or any(work.glob("stage-*/secateur.json")))
+
+
+def block_tensors(block: nn.Module, adapter: Adapter) -> Iterator[tuple[str, Tensor]]:
+    """What a checkpoint stores of a block, by block-relative name: its own parameters and its
+    persistent buffers (DeepSeek-V3's router correction bias)."""
+    yield from stock_parameters(block, adapter)
+    for module_name, module in block.named_modules():
+        for leaf, buffer in module._buffers.items():
+            if buffer is not None and leaf not in module._non_persistent_buffers_set:
+                yield f"{module_name}.{leaf}" if module_name else leaf, buffer
 
 
 class DiskError(SecateurError):
@@ -151,28 +163,43 @@ def _read_into(file: Path, offset: int, target: Tensor) -> None:
         handle.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy()))
 
 
+Wanted = dict[str, tuple[tuple[int, ...], list[Piece]]]  # tensor name -> (its shape, its stored pieces)
+
+
 def read(files: dict[str, Path], headers: Headers, names: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The named tensors, read into one buffer of their own, floating-point ones cast to `dtype`. The
-    buffer is an anonymous mapping, outside the allocator's heap: a block's weights go back to the
-    system as one piece when its last view dies (as separate heap tensors, interleaved with the
-    pruning's temporaries, they fragment the heap and resident memory creeps up block after block)."""
-    layout, total = [], 0
-    for name in names:
-        file, stored, shape, offset = _entry(files, headers, name)
-        kind = dtype if stored.is_floating_point else stored
-        layout.append((name, file, stored, kind, shape, offset, total))
+    """The named stored tensors (see `read_pieces`)."""
+    return read_pieces(files, headers, {n: (tuple(_entry(files, headers, n)[2]), [(n, None)]) for n in names}, dtype)
+
+
+def read_pieces(files: dict[str, Path], headers: Headers, wanted: Wanted, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The wanted tensors, each assembled from its stored pieces (`calibrate.layout`: a fused tensor
+    read expert by expert into its slices), read into one buffer of their own, floating-point ones
+    cast to `dtype`. The buffer is an anonymous mapping, outside the allocator's heap: a block's
+    weights go back to the system as one piece when its last view dies (as separate heap tensors,
+    interleaved with the pruning's temporaries, they fragment the heap and resident memory creeps up
+    block after block)."""
+    plan, total = [], 0
+    for name, (shape, pieces) in wanted.items():
+        sources = [(_entry(files, headers, stored), at) for stored, at in pieces]
+        kind = dtype if sources[0][0][1].is_floating_point else sources[0][0][1]
+        plan.append((name, shape, kind, sources, total))
         total += -(-math.prod(shape) * kind.itemsize // ALIGN) * ALIGN
     buffer = torch.frombuffer(mmap.mmap(-1, max(total, 1)), dtype=torch.uint8)  # unmapped with its last view
     tensors = {}
-    for name, file, stored, kind, shape, offset, at in layout:
-        view = buffer[at : at + math.prod(shape) * kind.itemsize].view(kind).view(shape)
-        if stored == kind:
-            _read_into(file, offset, view)
-        else:
-            stored_copy = torch.empty(shape, dtype=stored)
-            _read_into(file, offset, stored_copy)
-            view.copy_(stored_copy)
-        tensors[name] = view
+    for name, shape, kind, sources, at in plan:
+        tensor = buffer[at : at + math.prod(shape) * kind.itemsize].view(kind).view(shape)
+        for (file, stored, stored_shape, offset), where in sources:
+            view = tensor if where is None else tensor[where[0], where[1] : where[2]]
+            if list(view.shape) != stored_shape:
+                raise DiskError(f"{name}: a stored piece of shape {stored_shape} where the model holds {list(view.shape)} "
+                                "(the config does not describe this checkpoint)")
+            if stored == kind:
+                _read_into(file, offset, view)
+            else:
+                stored_copy = torch.empty(stored_shape, dtype=stored)
+                _read_into(file, offset, stored_copy)
+                view.copy_(stored_copy)
+        tensors[name] = tensor
     return tensors
 
 
@@ -226,6 +253,7 @@ class DiskBlocks:
     files: dict[str, Path]  # input tensor name -> its file
     headers: Headers  # input file -> its header
     dtype: torch.dtype
+    layout: Layout  # how the input stores the blocks' tensors (and the output will): fused experts or per expert
     staging: Path | None = None  # where finished blocks are written (None: nowhere, read only)
     work: Path | None = None  # where they are written instead, with the state a resumed run starts from
     _pending: dict | None = None  # the state after the last finished block, read when saved
@@ -249,7 +277,8 @@ class DiskBlocks:
         release_free_memory()  # what came before (the calibration text's tokens) leaves no high-water mark
         model = _skeleton(path, check_model(path), dtype)  # shapes an earlier run recorded, rebuilt
         files = weight_map(path)
-        store = cls(model, adapter_for(model), files, headers_of(files), dtype, staging, work)
+        adapter = adapter_for(model)
+        store = cls(model, adapter, files, headers_of(files), dtype, layout_of(adapter, set(files)), staging, work)
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
         store._check_names()
@@ -265,9 +294,13 @@ class DiskBlocks:
             self._load_outside()
 
     def _place(self, root: nn.Module, name: str, tensor: Tensor) -> None:
-        """`tensor` as the parameter `name` (relative to `root`)."""
+        """`tensor` as the parameter (or persistent buffer) `name` (relative to `root`)."""
         module_name, _, leaf = name.rpartition(".")
-        root.get_submodule(module_name)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        module = root.get_submodule(module_name)
+        if leaf in module._buffers:
+            module._buffers[leaf] = tensor
+        else:
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
     def _load_outside(self) -> None:
         """What the blocks' inputs are computed from: every tensor outside the blocks but the output head's
@@ -297,23 +330,40 @@ class DiskBlocks:
         release_free_memory()
 
     def _check_names(self) -> None:
-        """The blocks' tensors must be stored under the names the model gives them (no renaming)."""
-        wanted = {f"{self.adapter.blocks}.{name}" for name, _ in self.adapter.block_list(self.model).named_parameters()}
-        missing = sorted(wanted - set(self.files))
+        """The blocks' tensors must be stored under the names the model gives them (no renaming beyond
+        the layout of fused experts)."""
+        missing = [stored for index in range(len(self.adapter.block_list(self.model)))
+                   for _, pieces in self.pieces(index).values() for stored, _ in pieces if stored not in self.files]  # fmt: skip
         if missing:
             raise DiskError(f"the checkpoint stores no tensor {missing[0]!r} ({len(missing)} block tensors missing or "
                             f"renamed): it cannot be streamed block by block; load it in memory")
 
-    def names(self, index: int) -> list[str]:
+    def pieces(self, index: int, number: int | None = None) -> Wanted:
+        """Block `index`'s tensors by qualified name, with their shapes and their stored pieces
+        (qualified); `number`: named as the block of that number (a block renumbered)."""
+        prefix = f"{self.adapter.blocks}.{index if number is None else number}."
+        return {prefix + name: (tuple(p.shape), [(prefix + stored, at) for stored, at in self.layout.pieces(name, tuple(p.shape))])
+                for name, p in block_tensors(self.adapter.block_list(self.model)[index], self.adapter)}  # fmt: skip
+
+    def _stored(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A block's tensors (qualified names) as the output stores them: fused experts in pieces."""
+        stored = {}
+        for name, tensor in tensors.items():
+            block, _, relative = name[len(self.adapter.blocks) + 1 :].partition(".")
+            prefix = f"{self.adapter.blocks}.{block}."
+            for piece, at in self.layout.pieces(relative, tuple(tensor.shape)):
+                stored[prefix + piece] = tensor if at is None else tensor[at[0], at[1] : at[2]]
+        return stored
+
+    def _read_block(self, index: int) -> dict[str, Tensor]:
         """The input's tensors of block `index` (a parameter a stage added, such as a compensation bias,
         is stored nowhere yet)."""
-        block = self.adapter.block_list(self.model)[index]
-        return [name for name in (f"{self.adapter.blocks}.{index}.{n}" for n, _ in block.named_parameters())
-                if name in self.files]  # fmt: skip
+        wanted = {name: spec for name, spec in self.pieces(index).items() if all(s in self.files for s, _ in spec[1])}
+        return read_pieces(self.files, self.headers, wanted, self.dtype)
 
     def prefetch(self, index: int) -> None:
         if 0 <= index < len(self.adapter.block_list(self.model)) and index not in self._ahead:
-            self._ahead[index] = self._pool.submit(read, self.files, self.headers, self.names(index), self.dtype)
+            self._ahead[index] = self._pool.submit(self._read_block, index)
 
     def enter(self, index: int, device: torch.device) -> nn.Module:
         """Block `index` with its weights, on `device`; the next block starts loading."""
@@ -327,7 +377,7 @@ class DiskBlocks:
         prefix = f"{self.adapter.blocks}.{index}."
         for name, tensor in tensors.items():
             self._place(block, name[len(prefix):], tensor.to(device))
-        for name, param in list(block.named_parameters()):
+        for name, param in list(stock_parameters(block, self.adapter)):
             if param.is_meta:  # added by the stage (a bias for compensation): zeros, as it was created
                 self._place(block, name, torch.zeros(param.shape, dtype=param.dtype, device=device))
         return block
@@ -339,8 +389,8 @@ class DiskBlocks:
         if self.staging is not None:
             prefix = f"{self.adapter.blocks}.{index}."
             file = self._block_file(index)
-            tensors = {prefix + name: p.detach() for name, p in block.named_parameters()}
-            save_tensors(tensors, file.with_suffix(".tmp"))
+            tensors = {prefix + name: p.detach() for name, p in block_tensors(block, self.adapter)}
+            save_tensors(self._stored(tensors), file.with_suffix(".tmp"))
             os.replace(file.with_suffix(".tmp"), file)
             self._count(tensors)
         if index in self.pinned:
@@ -378,13 +428,13 @@ class DiskBlocks:
             file = self._block_file(new)
             source, target = f"{self.adapter.blocks}.{old}.", f"{self.adapter.blocks}.{new}."
             if file.is_file():  # written before the kill: read back for its counts
-                self.recount(new)
+                self.recount(new, old)
                 continue
-            tensors = read(self.files, self.headers, self.names(old), self.dtype)
+            tensors = self._read_block(old)
             for name, tensor in patches.get(old, {}).items():
                 tensors[source + name] = tensor.to(self.dtype)
             tensors = {target + name[len(source):]: t for name, t in tensors.items()}
-            save_tensors(tensors, file.with_suffix(".tmp"))
+            save_tensors(self._stored(tensors), file.with_suffix(".tmp"))
             os.replace(file.with_suffix(".tmp"), file)
             self._count(tensors)
             del tensors
@@ -395,13 +445,15 @@ class DiskBlocks:
         self.table.update({name: (tuple(t.shape), int((t == 0).sum()) / t.numel()) for name, t in tensors.items()
                            if t.ndim == 2})  # fmt: skip
 
-    def recount(self, index: int) -> None:
-        """Count the matrices of block `index` as written by an interrupted run (when it wrote it)."""
+    def recount(self, index: int, source: int | None = None) -> None:
+        """Count the matrices of block `index` as written by an interrupted run (when it wrote it);
+        `source`: the model's block it was written from (renumbered), when another."""
         file = self._block_file(index) if self.staging is not None else None
         if file is None or not file.is_file():
             return
         header = safetensors_header(file)
-        self._count(read(dict.fromkeys(header[1], file), {file: header}, list(header[1]), self.dtype))
+        self._count(read_pieces(dict.fromkeys(header[1], file), {file: header},
+                                self.pieces(index if source is None else source, index), self.dtype))
         release_free_memory()
 
     def written(self) -> set[int]:

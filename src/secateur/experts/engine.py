@@ -5,7 +5,7 @@ and hands its pruned outputs to the next block."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from secateur.calibrate.processes import require_single
-from secateur.calibrate.stream import BlockInputs, run_block, stream_blocks
+from secateur.calibrate.disk import disk_store
+from secateur.calibrate.stream import BlockInputs, BlockState, each_block, run_block, stream_blocks
 from secateur.experts.allocation import global_counts
 from secateur.experts.config import ExpertsConfig
 from secateur.experts.criteria import CRITERIA, cluster, lowest, search_removal
@@ -275,19 +276,14 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
     uniform = len(set(kept.values())) == 1
     report = ExpertsReport(config.method_name, config.criterion_name, counts[sparse[0]] if uniform else None,
                            kept[sparse[0]] if uniform else None, top_k, allocation=config.allocation)  # fmt: skip
-    if not config.needs_calibration:
-        for index in sparse:
-            report.blocks.append({"block": index, **_remove(blocks[index], adapter, config, None, counts[index],
-                                                            remove[index], index, groups)})  # fmt: skip
+    if not config.needs_calibration:  # a model on disk: every block read and written again (a resumed run too)
+        for index, block in each_block(model, adapter, device, skip=set(range(len(blocks))) - set(sparse)
+                                       if disk_store(model) is None else set()):  # fmt: skip
+            if index in sparse:
+                report.blocks.append({"block": index, **_remove(block, adapter, config, None, counts[index],
+                                                                remove[index], index, groups)})  # fmt: skip
     else:
-        with torch.no_grad():
-            for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "experts"):
-                if index in sparse:
-                    done, inputs.hidden = _prune_block(block, adapter, config, inputs, index, counts[index],
-                                                       remove[index], groups)  # fmt: skip
-                    report.blocks.append(done)
-                else:
-                    inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+        report.blocks = _prune_blocks(model, adapter, config, calibration, counts, remove, groups, device, batch_size)
     for done in report.blocks:
         done["experts_before"], done["experts_after"] = counts[done["block"]], kept[done["block"]]
     if config.width:
@@ -312,16 +308,20 @@ def _allocate(model: nn.Module, adapter: Adapter, config: ExpertsConfig, calibra
     is (no block pruned yet), ranked together as shares of their block's total (`global_counts`)."""
     criterion = CRITERIA[config.criterion]
     scores: dict[int, Tensor] = {}
+    store = disk_store(model)
     if calibration is None:  # random: the draws the removal itself makes
         scores = {i: criterion.score(ExpertStats(n, "cpu"), config.draw_seed + i) for i, n in counts.items()}
     else:
-        for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "expert scores"):
-            if index in counts:
-                recorder = _Recorder(block, adapter, ExpertStats(counts[index], next(block.parameters()).device), 0)
-                inputs.hidden = recorder.run(block, inputs, index)
-                scores[index] = criterion.score(recorder.stats, config.draw_seed + index).cpu()
-            else:
-                inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+        passes = stream_blocks(model, adapter, calibration, batch_size, device, "expert scores")
+        with store.reading() if store is not None else nullcontext():  # the dense model, written nowhere
+            for index, block, inputs in passes:
+                if index in counts:
+                    stats = ExpertStats(counts[index], next(block.parameters()).device)
+                    recorder = _Recorder(block, adapter, stats, 0)
+                    inputs.hidden = recorder.run(block, inputs, index)
+                    scores[index] = criterion.score(recorder.stats, config.draw_seed + index).cpu()
+                else:
+                    inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
     order = sorted(counts)
     total = config.total_removed([counts[i] for i in order], top_k)
     floors = [config.block_floor(counts[i], top_k) for i in order]
@@ -331,6 +331,45 @@ def _allocate(model: nn.Module, adapter: Adapter, config: ExpertsConfig, calibra
         raise ExpertsError(f"removing {total} experts leaves some block below its floor (top-k {top_k}, "
                            f"--max-block-fraction): raise --max-block-fraction or remove fewer") from None
     return dict(zip(order, removed))
+
+
+@torch.no_grad()
+def _prune_blocks(model: nn.Module, adapter: Adapter, config: ExpertsConfig, calibration: Tensor,
+                  counts: dict[int, int], remove: dict[int, int], groups: int, device: torch.device,
+                  batch_size: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The pass that measures and prunes every MoE block on the activations of the model pruned so far
+    (the dense blocks only run); a model on disk goes on from where an interrupted run saved."""
+    store = disk_store(model)
+    point = store.resume_point() if store is not None else None
+    records, start = (list(point["reports"]), BlockState(point["index"], point["hidden"])) if point else ([], None)
+    blocks = adapter.block_list(model)
+    for record in records:  # pruned and written before the kill: their shapes, as that run left them
+        _as_recorded(blocks[record["block"]], adapter, record)
+    for index, block, inputs in stream_blocks(model, adapter, calibration, batch_size, device, "experts", start):
+        if index in counts:
+            done, inputs.hidden = _prune_block(block, adapter, config, inputs, index, counts[index], remove[index],
+                                               groups)  # fmt: skip
+            records.append(done)
+        else:
+            inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+        if store is not None:
+            store.reached(index + 1, inputs.hidden, records, [])
+    return records
+
+
+def _as_recorded(block: nn.Module, adapter: Adapter, record: dict[str, Any]) -> None:
+    """Shape a block (on the meta device) as its record says it was pruned: its experts removed or
+    merged, or its channels slimmed."""
+    experts = block.get_submodule(adapter.experts.experts)
+    count = experts.down_proj.shape[0]
+    if "width_after" in record:
+        slim_experts(block, adapter, torch.arange(record["width_after"]).expand(count, -1))
+        if "shared_width_after" in record:
+            slim_shared(block.get_submodule(adapter.experts.shared), torch.arange(record["shared_width_after"]))
+        return
+    kept = range(len(record["clusters"])) if "clusters" in record else \
+        [j for j in range(count) if j not in record["removed"]]  # fmt: skip
+    keep_experts(block, adapter, list(kept))
 
 
 def _check_groups(config: ExpertsConfig, count: int, remove: int, groups: int, top_k: int, top_groups: int) -> None:

@@ -11,7 +11,7 @@ from secateur.experts import ExpertsConfig, prune_experts
 from secateur.experts.config import METHODS
 from secateur.experts.prune import ExpertsError, keep_experts
 from secateur.models import adapter_for
-from secateur.recipe import Section, Settings, StageContext, StageKind, Structure, register
+from secateur.recipe import Section, Settings, StageContext, StageKind, Streaming, Structure, register
 from secateur.schema import Option, fill, flatten, options_of
 
 
@@ -131,6 +131,12 @@ def _counts_problem(section: dict[str, Any]) -> str | None:
     return None
 
 
+def _stream(*args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    from secateur.experts.disk import streamed
+
+    return streamed(*args)
+
+
 # per-block expert counts (global allocation): a stock config holds one count, so a loader slices
 # every block's router and experts to the recorded count before the weights load
 STRUCTURE = Structure(
@@ -150,4 +156,5 @@ KIND = register(StageKind(
     describe=_what,
     report=_report,
     structure=STRUCTURE,
+    streaming=Streaming(lambda config: None, _stream),  # every method and criterion works one block at a time
 ))  # fmt: skip

@@ -128,6 +128,10 @@ class Experts:
     shared_tied: bool = False  # the shared expert's width follows width_key (DeepSeek-V3: x n_shared_experts)
     shared_width_key: str | None = None  # the config field of the shared expert's own width (Qwen2-MoE)
     shared_gate: str | None = None  # the shared expert's scalar gate, sigmoid(gate(x)) x its output (Qwen2-MoE)
+    # how checkpoints store the experts (transformers 5 saves them so): one matrix per expert and projection,
+    # `{stored_module}.experts.{j}.{gate|up|down}.weight`, the MoE module renamed where they name it otherwise
+    stored_module: str | None = None  # Mixtral: block_sparse_moe (None: `module`)
+    stored_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
     # the norm `module` reads through, in a pre-norm block: the block's output is this norm's input
     # plus `module`'s output (so a block whose experts changed is recomputed from that point)
     norm: str = "post_attention_layernorm"

@@ -84,6 +84,15 @@ def block_groups(block: nn.Module, adapter: Adapter) -> tuple[tuple[str, ...], .
     return adapter.groups + expert_groups(block, adapter)
 
 
+def stock_parameters(block: nn.Module, adapter: Adapter) -> Iterator[tuple[str, nn.Parameter]]:
+    """The block's own parameters, by block-relative name: without the exposed experts' layers (views
+    of the fused weights, which a checkpoint never stores)."""
+    exposed = f"{adapter.experts.experts}." if adapter.experts is not None else None
+    for name, param in block.named_parameters():
+        if exposed is None or not name.startswith(exposed) or not name[len(exposed) :].split(".")[0].isdigit():
+            yield name, param
+
+
 def rebind(block: nn.Module, adapter: Adapter) -> None:
     """Make the exposed experts' layers views of the fused weights again: moving a block between
     devices or dtypes (`block.to(...)`) copies every parameter on its own, which separates them."""

@@ -26,7 +26,8 @@ QWEN2_MOE = register(Adapter(
                     shared_gate="mlp.shared_expert_gate"),
 ))  # fmt: skip
 MIXTRAL = register(Adapter("mixtral", ("mixtral",), "model.layers", ATTENTION_GROUPS,
-                           experts=Experts("num_local_experts", "intermediate_size")))
+                           experts=Experts("num_local_experts", "intermediate_size", stored_module="block_sparse_moe",
+                                           stored_projections=("w1", "w3", "w2"))))
 OLMOE = register(Adapter("olmoe", ("olmoe",), "model.layers", ATTENTION_GROUPS,
                          experts=Experts("num_experts", "intermediate_size")))
 

@@ -161,9 +161,6 @@ def sparsify(
     store = disk_store(model)
     if adapter.experts is not None:
         require_single(f"sparsity inside {adapter.family}'s experts")
-    if adapter.experts is not None and store is not None:
-        raise ConfigError(f"streaming from disk (--offload disk) does not reach the fused experts of {adapter.family} "
-                          "yet; prune it in memory (--offload none)")
     with linear_experts(model, adapter):  # the fused experts as one linear layer per projection and expert
         return _sparsify(model, adapter, config, calibration, device, batch_size, store)
 
