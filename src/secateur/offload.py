@@ -1,13 +1,15 @@
 """Where a run's weights live (`--offload`): in memory (`none`), or on disk (`disk`: the blocks streamed
 from the input's safetensors to the output one at a time, by the stage kind's `Streaming`:
-`sparsity.disk`, `depth.disk`, `width.disk`); `auto` streams when the weights would not fit in the
-memory available, and says so.
+`sparsity.disk`, `depth.disk`, `width.disk`, `vocabulary.disk`, `experts.disk`); `auto` streams when
+the weights would not fit in the memory available, and says so.
 
 Streaming covers recipes of these stages (each from disk to disk, through intermediates in the
-checkpoints directory): sparsity with a uniform allocation (or N:M), depth by angular
-distance or Block Influence (with compensation), and width (heads and MLP channels by activation,
+checkpoints directory): sparsity with a uniform, OWL or global allocation (or N:M), depth by angular
+distance or Block Influence (with compensation), width (heads and MLP channels by activation,
 fluctuation or magnitude, bias compensation or the least-squares refit, uniform or adaptive
-allocation; not Taylor importance, not the hidden size); evaluation after the run and the held-out check
+allocation; not Taylor importance, not the hidden size), vocabulary, and experts (every method);
+mixtures of experts stream through the checkpoint's per-expert matrices (`calibrate.layout`), so
+sparsity inside the experts and depth reach them too. Evaluation after the run and the held-out check
 need the whole model, so they are not done (an explicit --eval, --eval-tasks or --check-windows is
 refused; the default check is skipped, and the manifest says so).
 """
@@ -197,7 +199,7 @@ def _windows(source: Path, run_input: Path, stage: PlannedStage) -> Any:
 
 def prune_on_disk(path: str | Path, out: str | Path, config: Any, calibration: Any, *, dtype: str = "float32",
                   device: str = "cpu", batch_size: int = 4, overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
-    """One stage (a sparsity, depth, width or vocabulary config) on the model at `path` (a HF directory of safetensors),
+    """One stage (a sparsity, depth, width, vocabulary or experts config) on the model at `path` (a HF directory of safetensors),
     block by block from disk into `out`, never holding the model; returns the stage's history record.
     `calibration`: (samples, seq_len) token ids, tokenized by the input's tokenizer. The output goes
     through the one output path (claimed before any work, written to a hidden sibling, renamed into

@@ -20,6 +20,10 @@ would, bit for bit; the blocks move into the output at the end.
 sparsity stage leaves it unchanged), renames the shards to transformers' `model-0000i-of-0000n`
 names and writes their index, so stock `from_pretrained` loads the output.
 
+A block's tensors are read as its checkpoint stores them (`calibrate.layout`: a mixture's fused
+experts from one matrix per expert and projection, straight into their slices) and written back in
+that layout; its persistent buffers (DeepSeek-V3's router bias) go with its parameters.
+
 Every tensor is read and written with plain file reads and writes at the offsets the safetensors
 headers give (`io.safetensors_header`): safetensors' own `get_tensor` hands out views of a
 copy-on-write mapping of the whole file (its pages resident while any view lives) and its
