@@ -26,6 +26,7 @@ rate as its manifest records it (validation and checkpoints excluded).
     recovery-full-logits   --loss-chunk 0: the model's own batch x sequence x vocabulary logits
     recovery-chunked       the default: logits 2^24 at a time, gradients worked out per chunk
     recovery-chunked-ac    the default plus --activation-checkpointing
+    recovery-fused(-ac)    the same after AdamW became fused, on the default data of the day (the offline mix)
 
 Resumable: every finished row is a line of benchmarks/results/scale.jsonl and is skipped next time.
 
@@ -52,6 +53,9 @@ RECOVERY = {
     "recovery-full-logits": ["--loss-chunk", "0"],
     "recovery-chunked": [],
     "recovery-chunked-ac": ["--activation-checkpointing"],
+    # fused AdamW (2026-12-07); the default data is the offline mix since issue 38 (the rows above: enwiki)
+    "recovery-fused": [],
+    "recovery-fused-ac": ["--activation-checkpointing"],
 }
 
 

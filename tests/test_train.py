@@ -506,3 +506,21 @@ def test_depth_compensation_after_gradual_pruning_is_refused():
         check_order([("recovery", {"prune_to": 0.5}), ("depth", {"method": "angular", "compensate": True})])
     with pytest.raises(secateur.SecateurError, match="breaks the N:M groups"):
         check_order([("recovery", {"prune_pattern": "2:4"}), ("width", {"method": "width"})])
+
+
+def test_the_optimizer_is_fused_adamw_with_the_same_step_as_the_reference():
+    from secateur.train.loop import adamw
+
+    torch.manual_seed(0)
+    ours, reference = torch.randn(8, 4, requires_grad=True), None
+    reference = ours.detach().clone().requires_grad_()
+    fused = adamw([ours], 1e-2, 0.1)
+    plain = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        grad = torch.randn(8, 4)
+        for param, optimizer in ((ours, fused), (reference, plain)):
+            param.grad = grad.clone()
+            optimizer.step()
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+    assert adamw([torch.zeros(2, device="meta", requires_grad=True)], 1e-3, 0.0).defaults["fused"] is None
