@@ -123,6 +123,7 @@ def test_stun_recipe_streamed_on_the_command_line_equals_the_in_memory_run(text_
     memory, disk, _ = both_ways(["prune", path, "--recipe", recipe, "--calib", text_file, *SMALL], tmp_path, capsys)
     assert sorted(stored(tmp_path / "memory")) == sorted(stored(tmp_path / "disk"))
     assert [r["kind"] for r in disk["history"]] == ["experts", "sparsity"] and disk["offload"] == "disk"
+    assert disk["structure"] == memory["structure"]  # the sparsity table counts every kept expert's layers
     assert disk["history"][0]["result"]["blocks"] == memory["history"][0]["result"]["blocks"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "disk").config.num_experts == 4
 
@@ -222,3 +223,26 @@ def test_only_the_entered_block_holds_its_experts(tmp_path, monkeypatch):
     assert seen == [(i, [i], True) for i in range(4)]
     prune_experts(model, config, calibration, batch_size=4)
     same_logits(tmp_path / "disk", model)
+
+
+def test_per_block_expert_counts_stream_into_a_later_stage(text_file, tmp_path, capsys):
+    """Global allocation leaves blocks of different expert counts; the next stage streams from that
+    intermediate, its shapes rebuilt from the manifest."""
+    from test_disk_depth import both_ways
+
+    recipe = tmp_path / "global.toml"
+    recipe.write_text('[[stage]]\nmethod = "experts"\nallocation = "global"\nremove_fraction = 0.4\n'
+                      '[[stage]]\nmethod = "sparsegpt"\nsparsity = 0.5\n')
+    path = deep_moe(tmp_path, "qwen3_moe", blocks=3)
+    memory, disk, _ = both_ways(["prune", path, "--recipe", recipe, "--calib", text_file, *SMALL], tmp_path, capsys)
+    assert disk["structure"] == memory["structure"]
+    counts = disk["structure"]["experts_per_block"]
+    assert len(set(counts)) > 1 and sum(counts) == 24 - round(0.4 * 24)
+
+
+def test_width_on_a_mixture_of_experts_is_refused_when_streamed_too(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = cli(["prune", model_dir("qwen2_moe"), "--method", "width", "--remove-fraction", "0.25",
+                        "--offload", "disk", "--calib", text_file, *SMALL, "--out", out], capsys)  # fmt: skip
+    assert code == 2 and not out.exists()
+    assert "does not reach the fused 3-D expert weights" in err and err.count("secateur: error") == 1

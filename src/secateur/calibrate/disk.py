@@ -446,8 +446,15 @@ class DiskBlocks:
         return self.table
 
     def _count(self, tensors: dict[str, Tensor]) -> None:
-        self.table.update({name: (tuple(t.shape), int((t == 0).sum()) / t.numel()) for name, t in tensors.items()
-                           if t.ndim == 2})  # fmt: skip
+        """(shape, fraction of zeros) of every matrix, a fused expert tensor's by expert under the name
+        its exposed layer takes (`models.linear_experts`: `...experts.{j}.gate_up_proj.weight`)."""
+        for name, t in tensors.items():
+            if t.ndim == 2:
+                self.table[name] = tuple(t.shape), int((t == 0).sum()) / t.numel()
+            elif t.ndim == 3 and self.adapter.experts is not None and f".{self.adapter.experts.experts}." in name:
+                base, _, leaf = name.rpartition(".")
+                for j, expert in enumerate(t):
+                    self.table[f"{base}.{j}.{leaf}.weight"] = tuple(expert.shape), int((expert == 0).sum()) / expert.numel()
 
     def recount(self, index: int, source: int | None = None) -> None:
         """Count the matrices of block `index` as written by an interrupted run (when it wrote it);

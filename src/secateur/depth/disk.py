@@ -32,7 +32,7 @@ from secateur.depth.structure import remove_blocks
 from secateur.errors import ConfigError
 from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
-from secateur.sparsity.prune import target_layers
+from secateur.sparsity.prune import streamed_table
 
 STATE = "depth.pt"  # in the work directory: the selection and the fitted weights
 
@@ -118,7 +118,7 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
               "write_seconds": written}  # fmt: skip
     if why is not None:
         result["variant"] = why
-    layers = [(name, table[name + ".weight"][0], table[name + ".weight"][1]) for name, _ in target_layers(model, adapter)]
+    layers = streamed_table(model, table)
     return result, config, model, structure_of(model, layers)
 
 

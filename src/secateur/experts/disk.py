@@ -29,7 +29,7 @@ from secateur.experts.config import ExpertsConfig
 from secateur.experts.engine import prune_experts
 from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
-from secateur.sparsity.prune import target_layers
+from secateur.sparsity.prune import streamed_table
 
 
 def streamed(path: Path, staging: Path, config: ExpertsConfig, calibration: Tensor | None, dtype: str,
@@ -50,7 +50,7 @@ def streamed(path: Path, staging: Path, config: ExpertsConfig, calibration: Tens
     write_side_files(path, staging, model, resolve_dtype(dtype))  # per-block expert counts: the module that builds them
     result = {"parameters_before": before, "parameters_after": sum(p.numel() for p in model.parameters()),
               **report.to_dict()}  # fmt: skip
-    layers = [(name, *store.table[name + ".weight"]) for name, _ in target_layers(model, adapter)]
+    layers = streamed_table(model, store.table)
     record = {"kind": "experts", "settings": stage_settings(config), "result": result, "seconds": report.seconds,
               "write_seconds": time.perf_counter() - clock, "offload": "disk"}  # fmt: skip
     return record, structure_of(model, layers)

@@ -22,7 +22,7 @@ from secateur.config import PruneConfig
 from secateur.errors import ConfigError
 from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
-from secateur.sparsity.prune import PruneReport, sparsify, target_layers
+from secateur.sparsity.prune import PruneReport, sparsify, streamed_table
 
 
 def streamable(config: PruneConfig) -> str | None:
@@ -59,7 +59,7 @@ def stream_sparsity(path: Path, staging: Path, config: PruneConfig, calibration:
     write_side_files(path, staging, model, resolve_dtype(dtype))
     record = {"kind": "sparsity", "settings": stage_settings(config), "result": report.to_dict(),
               "seconds": report.seconds, "write_seconds": time.perf_counter() - clock, "offload": "disk"}  # fmt: skip
-    layers = [(name, *store.table[name + ".weight"]) for name, _ in target_layers(model, adapter)]
+    layers = streamed_table(model, store.table)
     return report, record, structure_of(model, layers)
 
 

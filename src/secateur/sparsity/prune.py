@@ -83,6 +83,14 @@ def sparsity_table(model: nn.Module) -> list[tuple[str, tuple[int, int], float]]
     return rows
 
 
+def streamed_table(model: nn.Module, table: dict[str, tuple]) -> list[tuple[str, tuple[int, int], float]]:
+    """The same rows as `sparsity_table` for a model streamed from disk (on the meta device), from the
+    counts made as its blocks were written (`DiskBlocks.table`): every routed expert's layers too."""
+    adapter = adapter_for(model)
+    with linear_experts(model, adapter):
+        return [(name, *table[name + ".weight"]) for name, _ in target_layers(model, adapter)]
+
+
 def _check_ignore(layers: list[tuple[str, nn.Module]], ignore: tuple[str, ...]) -> None:
     """An --ignore pattern that matches no layer is a typo, not a choice."""
     for pattern in ignore:

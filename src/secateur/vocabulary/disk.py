@@ -22,7 +22,7 @@ from secateur.calibrate.disk import DiskBlocks, read, write_side_files
 from secateur.errors import ConfigError
 from secateur.io import load_tokenizer, resolve_dtype
 from secateur.manifest import structure_of
-from secateur.sparsity.prune import target_layers
+from secateur.sparsity.prune import streamed_table
 from secateur.vocabulary.config import VocabularyConfig
 from secateur.vocabulary.engine import choose_vocabulary
 from secateur.vocabulary.model import slice_vocabulary
@@ -89,7 +89,7 @@ def streamed(path: Path, staging: Path, config: VocabularyConfig, calibration: T
     write_side_files(path, staging, model, resolve_dtype(dtype), tokenizer=new_tokenizer)
     result = {"parameters_before": parameters_before, "parameters_after": sum(p.numel() for p in model.parameters()),
               **report.to_dict()}  # fmt: skip
-    layers = [(name, table[name + ".weight"][0], table[name + ".weight"][1]) for name, _ in target_layers(model, adapter)]
+    layers = streamed_table(model, table)
     record = {"kind": "vocabulary", "settings": stage_settings(config), "result": result, "seconds": chosen,
               "write_seconds": written, "offload": "disk"}  # fmt: skip
     return record, structure_of(model, layers)

@@ -33,7 +33,7 @@ from secateur.calibrate.disk import DiskBlocks, write_side_files
 from secateur.errors import ConfigError
 from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
-from secateur.sparsity.prune import target_layers
+from secateur.sparsity.prune import streamed_table
 from secateur.width.config import WidthConfig
 from secateur.width.prune import (Refit, WidthReport, _apply, allocate, check_calibration, finish_report, means_of,
                                   new_report, resolve_variant, scored_units, width_of)  # fmt: skip
@@ -117,7 +117,7 @@ def streamed(path: Path, staging: Path, config: WidthConfig, calibration: Tensor
     written = time.perf_counter() - written
     result = {"parameters_before": report.block_parameters_before + outside,
               "parameters_after": sum(p.numel() for p in model.parameters()), **report.to_dict()}  # fmt: skip
-    layers = [(name, *store.table[name + ".weight"]) for name, _ in target_layers(model, adapter)]
+    layers = streamed_table(model, store.table)
     record = {"kind": "width", "settings": stage_settings(config), "result": result,
               "seconds": time.perf_counter() - clock - written, "write_seconds": written, "offload": "disk"}  # fmt: skip
     return record, structure_of(model, layers)
