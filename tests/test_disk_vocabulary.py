@@ -87,3 +87,24 @@ def test_the_blocks_are_copied_not_run_and_a_killed_run_resumes(tmp_path, capsys
     same(tmp_path / "full", tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "secateur.json").read_text())
     assert manifest["history"][-1]["result"]["tokens_after"] == 400
+
+
+def test_a_head_stored_under_another_name_is_cut_too(tmp_path, capsys):
+    """GPT-NeoX stores its untied head as embed_out (transformers names it lm_head on load): the
+    streamed stage cuts its rows under the stored name, as save_pretrained writes them."""
+    from transformers import GPTNeoXConfig
+
+    tokenizer = TOKENIZERS[next(iter(TOKENIZERS))]()
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    path = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    text = tmp_path / "corpus.txt"
+    text.write_text(CORPUS * 3)
+    memory, disk, _ = both_ways(_args(path, text), tmp_path, capsys)
+    assert disk["structure"] == memory["structure"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
+    assert model.get_output_embeddings().weight.shape[0] == model.config.vocab_size == 400

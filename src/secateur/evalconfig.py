@@ -20,6 +20,7 @@ PRUNED = Requires(lambda c: c.mode != "generate" and c.filter_layer is not None,
 SCORED = Requires(lambda c: c.mode == "perplexity" and c.filter_layer is not None,
                   "--filter-layer (token pruning) on perplexity")
 PERPLEXITY_OR_TASKS = Requires(lambda c: c.mode != "generate", "perplexity or --tasks")
+STREAMED = Requires(lambda c: c.mode == "perplexity" and c.filter_layer is None, "perplexity without --filter-layer")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class EvalConfig:
     reference: str | None = option(None, "generate: the model to compare with (default: the manifest's origin, the "
                                          "model before any secateur run)", requires=GENERATE)
     new_tokens: int = option(32, "generate: tokens per continuation", requires=GENERATE)
+    offload: Literal["auto", "none", "disk"] = option(
+        "auto", "perplexity: none (the model loaded), disk (its blocks read from the safetensors one at a time: "
+        "models larger than memory) or auto (disk where the weights exceed 0.8 of the memory available)",
+        requires=STREAMED)
     batch_size: int = option(4, "windows or documents per forward call")
     dtype: Dtype = option("float32", "load and work precision")
     device: str = option("auto", "auto (cuda when present), cpu or cuda[:N]")

@@ -400,6 +400,26 @@ def _as_loaded(model: nn.Module, found: dict[str, Any]) -> dict[str, Any] | None
     return renamed
 
 
+def renamed_on_load(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Stored tensor name -> the name transformers' renamings give it on load (GPT-NeoX's embed_out ->
+    lm_head), for the keys a renaming changes; tensors it merges or splits are left out."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except (ImportError, TypeError, AttributeError):  # another transformers: the names as stored
+        return {}
+    renamed = {}
+    for key in keys:
+        loaded = key
+        for transform in renamings:
+            loaded, _ = transform.rename_source_key(loaded)
+        if loaded != key:
+            renamed[key] = loaded
+    return renamed
+
+
 def check_weight_files(path: Path, recorded: Recorded = ()) -> None:
     """Refuse a model directory whose safetensors files are truncated or unreadable, or disagree with
     its config.json: another block count, a missing tensor, another shape (transformers would fill the

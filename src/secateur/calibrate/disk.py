@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from secateur.calibrate.layout import Layout, Piece, layout_of
 from secateur.calibrate.processes import require_single
 from secateur.errors import SecateurError
-from secateur.io import safetensors_header
+from secateur.io import renamed_on_load, safetensors_header
 from secateur.models import Adapter, adapter_for
 from secateur.models.linear_experts import stock_parameters
 from secateur.runtime import release_free_memory
@@ -270,6 +270,7 @@ class DiskBlocks:
     table: dict[str, tuple] = field(default_factory=dict)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     _ahead: dict[int, Future] = field(default_factory=dict)
+    _renamed: dict[str, str] | None = None  # outside tensors: the model's name -> the input's, where they differ
 
     @classmethod
     def open(cls, path: str | Path, dtype: torch.dtype, staging: Path | None = None,
@@ -306,22 +307,40 @@ class DiskBlocks:
         else:
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
-    def _load_outside(self) -> None:
+    def _load_outside(self, head: bool = False) -> None:
         """What the blocks' inputs are computed from: every tensor outside the blocks but the output head's
-        (embeddings, positions, projections, norms; a tied head comes with the embeddings)."""
-        head = self.model.get_output_embeddings()
-        skip = {id(p) for p in head.parameters()} - {id(self.model.get_input_embeddings().weight)}
+        (embeddings, positions, projections, norms; a tied head comes with the embeddings); with `head`,
+        the output head's too (what turns the last block's output into logits)."""
+        output = self.model.get_output_embeddings()
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
+        skip = set() if head and not tied else \
+            {id(p) for p in output.parameters()} - {id(self.model.get_input_embeddings().weight)}  # fmt: skip
         prefix = f"{self.adapter.blocks}."
         wanted = [name for name, p in self.model.named_parameters()
                   if not name.startswith(prefix) and id(p) not in skip]  # fmt: skip
-        missing = [name for name in wanted if name not in self.files]
+        missing = [name for name in wanted if self.stored_name(name) not in self.files]
         if missing:
-            raise DiskError(f"the checkpoint stores no tensor {missing[0]!r} (renamed on load?): it cannot be "
-                            f"streamed block by block; load it in memory")
-        for name, tensor in read(self.files, self.headers, wanted, self.dtype).items():
-            self._place(self.model, name, tensor)
-        if getattr(self.model.config, "tie_word_embeddings", False):
+            raise DiskError(f"the checkpoint stores no tensor {missing[0]!r}: it cannot be streamed block by block; "
+                            f"load it in memory")
+        tensors = read(self.files, self.headers, [self.stored_name(name) for name in wanted], self.dtype)
+        for name in wanted:
+            self._place(self.model, name, tensors[self.stored_name(name)])
+        if tied:
             self.model.tie_weights()
+
+    def stored_name(self, name: str) -> str:
+        """The input's name of a tensor outside the blocks (GPT-NeoX stores its head `lm_head` as
+        embed_out: transformers renames it on load)."""
+        if self._renamed is None:
+            prefix = f"{self.adapter.blocks}."
+            outside = [key for key in self.files if not key.startswith(prefix)]
+            self._renamed = {loaded: key for key, loaded in renamed_on_load(self.model, outside).items()}
+        return self._renamed.get(name, name)
+
+    def load_outside(self) -> None:
+        """Every tensor outside the blocks, the output head's included: the model runs whole but for its
+        blocks (`evaluate.perplexity_on_disk` carries their outputs in)."""
+        self._load_outside(head=True)
 
     def captured(self) -> None:
         """The blocks' inputs are captured: the tensors outside the blocks (the embeddings above all) go

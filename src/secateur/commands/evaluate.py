@@ -10,7 +10,7 @@ from typing import Any
 
 from secateur.commands.flags import generated_flags, nonfinite_argument
 from secateur.errors import SecateurError
-from secateur.io import load, read_manifest, resolve_device, split_model_path
+from secateur.io import load, read_manifest, resolve_device, resolve_dtype, split_model_path
 from secateur.output import claim
 
 
@@ -68,11 +68,15 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
         load_text(source, "evaluation", config.text_field)  # a missing or unreadable source fails before loading
     pruning = _token_pruning(args.model, config)
     device = resolve_device(config.device)
-    model, tokenizer = load(args.model, dtype=config.dtype, device=str(device), allow_nonfinite=args.allow_nonfinite)
-    if pruning is not None:
-        return _eval_token_pruning(args, config, pruning, sources, model, tokenizer)
-    result = evaluate_sources(model, tokenizer, sources, config.seq_len, config.windows, field=config.text_field,
-                              batch_size=config.batch_size, device=device)  # fmt: skip
+    if pruning is None and _streams(args.model, config):
+        result, tokenizer = _perplexity_on_disk(args.model, config, sources, device)
+    else:
+        model, tokenizer = load(args.model, dtype=config.dtype, device=str(device),
+                                allow_nonfinite=args.allow_nonfinite)  # fmt: skip
+        if pruning is not None:
+            return _eval_token_pruning(args, config, pruning, sources, model, tokenizer)
+        result = evaluate_sources(model, tokenizer, sources, config.seq_len, config.windows, field=config.text_field,
+                                  batch_size=config.batch_size, device=device)  # fmt: skip
     result["model"] = args.model
     original = _original_tokenizer(args.model, tokenizer)
     domains = result.get("domains", {sources[0]: result})
@@ -97,6 +101,55 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
                   "perplexity per token does not compare with the original's, bits per byte does")
         print(f"protocol: {result['protocol']}")
     return 0
+
+
+def _streams(model: str, config: Any) -> bool:
+    """Whether the perplexity reads the model's blocks from disk one at a time: as asked (a model that
+    cannot be read so is refused), or (auto) when its weights do not fit in the memory available."""
+    from secateur.calibrate.disk import DiskBlocks, DiskError
+    from secateur.offload import AUTO_SHARE, available_memory, weight_bytes
+
+    if config.offload == "none":
+        return False
+    size, free = weight_bytes(model, config.dtype), available_memory()
+    if config.offload == "auto" and (size is None or size <= AUTO_SHARE * free):
+        return False
+    why = None
+    try:
+        DiskBlocks.open(model, resolve_dtype(config.dtype)).close()  # the names and shapes it needs, checked
+    except (DiskError, NotADirectoryError, FileNotFoundError) as exc:
+        why = "it reads safetensors directories, not GGUF files" if Path(model).is_file() else str(exc)
+    if config.offload == "disk" and why is not None:
+        raise SecateurError(f"--offload disk: {why}")
+    if config.offload == "auto":
+        print(f"note: the weights ({size / 2**30:.1f} GiB) exceed {AUTO_SHARE:.0%} of the memory available "
+              f"({free / 2**30:.1f} GiB): " + (f"loading them anyway, since {why}" if why else
+                                               "reading the blocks from disk one at a time"), file=sys.stderr)  # fmt: skip
+    return why is None
+
+
+def _perplexity_on_disk(model: str, config: Any, sources: list[str], device: Any) -> tuple[dict[str, Any], Any]:
+    """Perplexity on every source with the model's blocks read from disk (one pass over them per
+    source), as `evaluate_sources` records it; (the result, the tokenizer)."""
+    from secateur.calibrate.disk import DiskBlocks
+    from secateur.data.bytes import token_bytes
+    from secateur.data.calibration import bos_token, evaluation_data
+    from secateur.evaluate import combine, perplexity_on_disk
+    from secateur.io import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    store = DiskBlocks.open(model, resolve_dtype(config.dtype))
+    try:
+        vocabulary = store.model.get_input_embeddings().num_embeddings
+        results = {}
+        for source in sources:
+            data = evaluation_data(store.model, tokenizer, source, config.seq_len, config.windows, config.text_field)
+            results[source] = {"source": source, "bos": bos_token(store.model, tokenizer) is not None,
+                               **perplexity_on_disk(store, data, config.batch_size, device,
+                                                    token_bytes(tokenizer, vocabulary))}  # fmt: skip
+    finally:
+        store.close()
+    return combine(results), tokenizer
 
 
 def _token_pruning(model: str, config: Any):

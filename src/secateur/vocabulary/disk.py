@@ -72,11 +72,12 @@ def streamed(path: Path, staging: Path, config: VocabularyConfig, calibration: T
             _keep_state(work, kept)
         # the rows of what the store holds already (the embedding) and of what it left on disk (an untied head)
         params = dict(model.named_parameters())
-        names = [n for n in row_tensors(model) if n in store.files]
-        held = {n: params[n] for n in names if not params[n].is_meta}
+        names = {store.stored_name(n): n for n in row_tensors(model)
+                 if store.stored_name(n) in store.files}  # the input's name -> the model's (a tied head: none)
+        held = {stored: params[n] for stored, n in names.items() if not params[n].is_meta}
         rows = torch.as_tensor(kept, dtype=torch.long)
         full = {**held, **read(store.files, store.headers, [n for n in names if n not in held], store.dtype)}
-        sliced = {name: tensor[rows].clone() for name, tensor in full.items()}
+        sliced = {name: tensor[rows].clone() for name, tensor in full.items()}  # written under the input's names
         del full, held
         chosen = time.perf_counter() - clock
         table = store.write_blocks(list(range(len(adapter.block_list(model)))))
