@@ -28,6 +28,9 @@ rate as its manifest records it (validation and checkpoints excluded).
     recovery-chunked-ac    the default plus --activation-checkpointing
     recovery-fused(-ac)    the same after AdamW became fused, on the default data of the day (the offline mix)
 
+Evaluation rows (`*-eval-*`): `secateur eval` perplexity on enwiki-sample (512-token windows), the model loaded
+(`--offload none`) against its blocks read from disk one at a time (`--offload disk`).
+
 Resumable: every finished row is a line of benchmarks/results/scale.jsonl and is skipped next time.
 
     python benchmarks/scale.py [--only recovery-chunked,...]
@@ -107,6 +110,15 @@ STREAM.update({
     "qwen3moe2-experts-disk": ("qwen3moe2", ["--offload", "disk", *EXPERTS]),
     "qwen3moe12-experts-disk": ("qwen3moe12", ["--offload", "disk", *EXPERTS]),
 })
+# perplexity by `secateur eval` (enwiki-sample, 512-token windows), the model loaded against its blocks read from
+# disk one at a time: SmolLM2 in float32 on the default 64 windows, the 8B-shaped model in bfloat16 on 4 windows
+EVAL = {
+    "smollm2-eval-memory": ("smollm2", ["--offload", "none"]),
+    "smollm2-eval-disk": ("smollm2", ["--offload", "disk"]),
+    "llama8b2-eval-memory": ("llama8b2", ["--offload", "none", "--dtype", "bfloat16", "--windows", "4"]),
+    "llama8b2-eval-disk": ("llama8b2", ["--offload", "disk", "--dtype", "bfloat16", "--windows", "4"]),
+    "llama8b-eval-disk": ("llama8b", ["--offload", "disk", "--dtype", "bfloat16", "--windows", "4"]),
+}
 BLOCKS = {"llama8b": 32, "llama8b2": 2, "llama8b16": 16, "qwen3moe2": 2, "qwen3moe12": 12}
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
@@ -225,6 +237,17 @@ def stream_row(name: str) -> dict:
     return row
 
 
+def eval_row(name: str) -> dict:
+    model, flags = EVAL[name]
+    path = dense() if model == "smollm2" else made(model)
+    resident: list[float] = []
+    out, seconds, peak = cli_timed("eval", path, *flags, "--json", resident=resident)
+    result = json.loads(out)
+    return {"row": name, "peak_rss_mib": peak, "seconds": seconds, "eval_seconds": result["seconds"],
+            "perplexity": result["perplexity"], "mean_nll": result["mean_nll"], "windows": result["windows"],
+            "offload": result.get("offload", "none"), **resident_profile(resident)}  # fmt: skip
+
+
 def resident_profile(resident: list[float]) -> dict:
     """How the child's resident memory spread over its run (read every 50 ms, `measure.RESIDENT_EVERY`): the
     median, the 99th percentile and the share of the readings above 4 GiB."""
@@ -251,6 +274,8 @@ def width50() -> Path:
 def measure(name: str, _probe_items: int) -> dict:
     if name in STREAM:
         return stream_row(name)
+    if name in EVAL:
+        return eval_row(name)
     if name in RECOVERY:
         out = WORK / name
         _, seconds, peak = cli_timed("train", width50(), "--teacher", dense(), "--tokens", TOKENS, "--eval-every", 100,
@@ -283,7 +308,12 @@ def table() -> None:
             ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
             print(f"{r['row']:24s} {r['peak_rss_mib']:12.0f} {r['tokens_per_s']:9.1f} {ratio:8.3f} "
                   f"{r['first_loss']:10.4f} {r['best_validation']:8.2f}")  # fmt: skip
+    print(f"\n{'row':22s} {'windows':>7s} {'peak RSS MiB':>12s} {'eval s':>8s} {'wall s':>8s} {'mean NLL':>12s}")
+    for r in rows:
+        if r["row"] in EVAL:
+            print(f"{r['row']:22s} {r['windows']:7d} {r['peak_rss_mib']:12.0f} {r['eval_seconds']:8.1f} "
+                  f"{r['seconds']:8.1f} {r['mean_nll']:12.8f}")  # fmt: skip
 
 
 if __name__ == "__main__":
-    run_rows(__doc__, RESULTS, [*RECOVERY, *STREAM], measure, table)
+    run_rows(__doc__, RESULTS, [*RECOVERY, *STREAM, *EVAL], measure, table)
