@@ -162,7 +162,8 @@ def test_offload_disk_on_the_command_line_equals_the_in_memory_run(model_dir, te
     (["--method", "width", "--remove-fraction", "0.2", "--importance", "taylor"],
      "taylor importance takes gradients through the whole model"),
     (["--method", "gblm", "--sparsity", "0.5"], "gblm needs gradients of the whole model"),
-    (["--method", "wanda", "--sparsity", "0.5", "--check-windows", "2"], "--check-windows evaluates the whole model"),
+    (["--method", "wanda", "--sparsity", "0.5", "--check-windows", "2"], "--check-windows runs the whole model"),
+    (["--method", "wanda", "--sparsity", "0.5", "--eval-tasks", "secateur_wordnet"], "--eval-tasks runs the whole model"),
 ])  # fmt: skip
 def test_offload_disk_that_cannot_stream_is_refused_before_work(model_dir, text_file, tmp_path, capsys, extra, message):
     code, _, err = cli(["prune", model_dir("llama"), *extra, "--calib", text_file, "--offload", "disk",

@@ -93,3 +93,20 @@ def test_eval_offload_disk_of_a_model_without_safetensors_is_refused(deep_llama,
     (deep_llama / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
     code, _, err = cli(["eval", deep_llama, "--data", text_file, *SMALL, "--offload", "disk"], capsys)
     assert code == 2 and "--offload disk:" in err and err.count("error") == 1
+
+
+def test_a_streamed_prune_with_eval_records_the_in_memory_evaluation(deep_llama, text_file, tmp_path, capsys):
+    """`--eval` of a run streamed from disk: the output's blocks read once more, the same record as the
+    run in memory (perplexity on every domain, bit for bit)."""
+    from test_disk_depth import both_ways
+
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(text_file.read_text().split())))
+    args = ["prune", deep_llama, "--method", "sparsegpt", "--sparsity", "0.5", "--calib", text_file,
+            "--calib-samples", "6", "--calib-seq-len", "16", "--eval", f"{text_file},{other}", "--eval-windows", "4",
+            "--eval-seq-len", "32", "--check-windows", "0"]  # fmt: skip
+    memory, disk, _ = both_ways(args, tmp_path, capsys)
+    assert disk["evaluation"]["mean_nll"] == memory["evaluation"]["mean_nll"]
+    assert {name: d["mean_nll"] for name, d in disk["evaluation"]["domains"].items()} == \
+        {name: d["mean_nll"] for name, d in memory["evaluation"]["domains"].items()}  # fmt: skip
+    assert [d["offload"] for d in disk["evaluation"]["domains"].values()] == ["disk", "disk"]

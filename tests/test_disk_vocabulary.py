@@ -104,7 +104,9 @@ def test_a_head_stored_under_another_name_is_cut_too(tmp_path, capsys):
     tokenizer.save_pretrained(path)
     text = tmp_path / "corpus.txt"
     text.write_text(CORPUS * 3)
-    memory, disk, _ = both_ways(_args(path, text), tmp_path, capsys)
+    memory, disk, _ = both_ways(_args(path, text, "--eval", text), tmp_path, capsys)
     assert disk["structure"] == memory["structure"]
+    for key in ("mean_nll", "changed_tokens", "bits_per_byte"):  # --eval: the output read from disk once more
+        assert disk["evaluation"][key] == memory["evaluation"][key], key
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "disk")
     assert model.get_output_embeddings().weight.shape[0] == model.config.vocab_size == 400

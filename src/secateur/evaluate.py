@@ -97,6 +97,28 @@ def perplexity_on_disk(store: Any, windows: Tensor, batch_size: int = 4, device:
     return {**result, "seconds": time.perf_counter() - start, "offload": "disk"}
 
 
+def evaluate_on_disk(path: str | Path, tokenizer: Any, sources: list[str], seq_len: int, windows: int, *,
+                     field: str = "text", batch_size: int = 4, dtype: str = "float32",
+                     device: torch.device | str = "cpu") -> dict[str, Any]:  # fmt: skip
+    """`evaluate_sources` of the model at `path` (a safetensors directory) with its blocks read from
+    disk one at a time (`perplexity_on_disk`, one pass over them per source)."""
+    from secateur.calibrate.disk import DiskBlocks
+    from secateur.io import resolve_dtype
+
+    store = DiskBlocks.open(path, resolve_dtype(dtype))
+    try:
+        vocabulary = store.model.get_input_embeddings().num_embeddings
+        results = {}
+        for source in sources:
+            data = evaluation_data(store.model, tokenizer, source, seq_len, windows, field)
+            results[source] = {"source": source, "bos": bos_token(store.model, tokenizer) is not None,
+                               **perplexity_on_disk(store, data, batch_size, device,
+                                                    bytes_of_tokens(tokenizer, vocabulary))}  # fmt: skip
+    finally:
+        store.close()
+    return combine(results)
+
+
 def _nll(outputs: Tensor, targets: Tensor, head: Any, chunk: int) -> float:
     """Summed negative log-likelihood of `targets` (n,) from logits (n, vocab), or from hidden states
     (n, hidden) through `head`, `chunk` positions at a time."""

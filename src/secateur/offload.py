@@ -10,7 +10,8 @@ fluctuation or magnitude, bias compensation or the least-squares refit, uniform 
 allocation; not Taylor importance, not the hidden size), vocabulary, and experts (every method);
 mixtures of experts stream through the checkpoint's per-expert matrices (`calibrate.layout`), so
 sparsity inside the experts and depth reach them too. Evaluation after the run and the held-out check
-need the whole model, so they are not done (an explicit --eval, --eval-tasks or --check-windows is
+need the whole model: `--eval` reads the output's blocks from disk once more (`evaluate.perplexity_on_disk`);
+lm-eval tasks and the held-out check are not done (an explicit --eval-tasks or --check-windows is
 refused; the default check is skipped, and the manifest says so).
 """
 
@@ -75,10 +76,9 @@ def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
         why = kind.streaming.why_not(stage.config)
         if why is not None:
             return why
-    given = [f"{flag(k)}" for k in ("eval_source", "eval_tasks", "check_windows") if k in options.explicit
-             and getattr(options, k)]  # fmt: skip
+    given = [f"{flag(k)}" for k in ("eval_tasks", "check_windows") if k in options.explicit and getattr(options, k)]
     if given:
-        return f"{', '.join(given)} evaluates the whole model, which streaming never holds; evaluate the output after"
+        return f"{', '.join(given)} runs the whole model, which streaming never holds; evaluate the output after"
     if Path(model_path).is_file():
         return "it reads safetensors directories, not GGUF files; convert the model first"
     try:
@@ -148,7 +148,29 @@ def run_on_disk(model_path: str | Path, stages: list[PlannedStage], output: Outp
         if notes:
             manifest["adapted"] = notes
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if options.eval_source:  # the output as written (its manifest rebuilds per-block shapes), streamed too
+            manifest["evaluation"] = _evaluate(staging, model_path, options, compute)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def _evaluate(staging: Path, model_path: str | Path, options: RunOptions, compute: Any) -> dict[str, Any]:
+    """`--eval` of a streamed run: the output's perplexity on each source with its blocks read from disk
+    one at a time, as the run in memory records it (with the share of the text's tokens a pruned
+    vocabulary splits otherwise)."""
+    from secateur.evaluate import changed_tokens, evaluate_on_disk, split_sources
+
+    clock = time.perf_counter()
+    tokenizer, original = load_tokenizer(staging), load_tokenizer(model_path)
+    sources = split_sources(options.eval_source)
+    evaluation = evaluate_on_disk(staging, tokenizer, sources, options.eval_seq_len, options.eval_windows,
+                                  dtype=options.dtype, device=compute)  # fmt: skip
+    if original.get_vocab() != tokenizer.get_vocab():
+        for name, record in (evaluation.get("domains") or {sources[0]: evaluation}).items():
+            record["changed_tokens"] = changed_tokens(original, tokenizer, name, options.eval_seq_len,
+                                                      options.eval_windows)  # fmt: skip
+    log.info("evaluated the output from disk in %.1f s", time.perf_counter() - clock)
+    return evaluation
 
 
 def _stream_stage(source: Path, target: Path, stage: PlannedStage, options: RunOptions, compute: Any,

@@ -69,7 +69,12 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
     pruning = _token_pruning(args.model, config)
     device = resolve_device(config.device)
     if pruning is None and _streams(args.model, config):
-        result, tokenizer = _perplexity_on_disk(args.model, config, sources, device)
+        from secateur.evaluate import evaluate_on_disk
+        from secateur.io import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+        result = evaluate_on_disk(args.model, tokenizer, sources, config.seq_len, config.windows, field=config.text_field,
+                                  batch_size=config.batch_size, dtype=config.dtype, device=device)  # fmt: skip
     else:
         model, tokenizer = load(args.model, dtype=config.dtype, device=str(device),
                                 allow_nonfinite=args.allow_nonfinite)  # fmt: skip
@@ -126,30 +131,6 @@ def _streams(model: str, config: Any) -> bool:
               f"({free / 2**30:.1f} GiB): " + (f"loading them anyway, since {why}" if why else
                                                "reading the blocks from disk one at a time"), file=sys.stderr)  # fmt: skip
     return why is None
-
-
-def _perplexity_on_disk(model: str, config: Any, sources: list[str], device: Any) -> tuple[dict[str, Any], Any]:
-    """Perplexity on every source with the model's blocks read from disk (one pass over them per
-    source), as `evaluate_sources` records it; (the result, the tokenizer)."""
-    from secateur.calibrate.disk import DiskBlocks
-    from secateur.data.bytes import token_bytes
-    from secateur.data.calibration import bos_token, evaluation_data
-    from secateur.evaluate import combine, perplexity_on_disk
-    from secateur.io import load_tokenizer
-
-    tokenizer = load_tokenizer(model)
-    store = DiskBlocks.open(model, resolve_dtype(config.dtype))
-    try:
-        vocabulary = store.model.get_input_embeddings().num_embeddings
-        results = {}
-        for source in sources:
-            data = evaluation_data(store.model, tokenizer, source, config.seq_len, config.windows, config.text_field)
-            results[source] = {"source": source, "bos": bos_token(store.model, tokenizer) is not None,
-                               **perplexity_on_disk(store, data, config.batch_size, device,
-                                                    token_bytes(tokenizer, vocabulary))}  # fmt: skip
-    finally:
-        store.close()
-    return combine(results), tokenizer
 
 
 def _token_pruning(model: str, config: Any):
