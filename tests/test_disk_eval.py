@@ -14,7 +14,8 @@ from test_disk_experts import deep_moe
 from transformers import AutoModelForCausalLM
 
 from secateur.calibrate.disk import DiskBlocks
-from secateur.evaluate import perplexity, perplexity_on_disk
+from secateur.evaluate import perplexity
+from secateur.offload import perplexity_on_disk
 
 SMALL = ["--windows", "4", "--seq-len", "32"]
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import MOE_CONFIGS, MOE_FAMILIES, calibration_ids, stored, tiny_model, tiny_tokenizer
 from test_disk_depth import cli, interrupted, resumed
+from test_disk_width import both as both_stages
 from transformers import AutoModelForCausalLM
 
 import secateur
@@ -31,14 +32,8 @@ def deep_moe(tmp_path, family: str, blocks: int = 4, **overrides):
 
 
 def both(tmp_path, path, config, calibration):
-    """The stage in memory (saved) and streamed; (in-memory model, its report, the streamed record)."""
-    from secateur.offload import prune_on_disk
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    report = prune_experts(model, config, calibration, batch_size=4)
-    secateur.save(model, None, tmp_path / "memory", {"history": []})
-    record = prune_on_disk(path, tmp_path / "disk", config, calibration, batch_size=4)
-    return model, report, record
+    """The experts stage in memory (saved) and streamed (`test_disk_width.both`)."""
+    return both_stages(tmp_path, path, config, calibration, stage=prune_experts)
 
 
 def identical(a, b) -> None:

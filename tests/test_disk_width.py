@@ -21,12 +21,13 @@ SMALL = ["--calib-samples", "6", "--calib-seq-len", "16", "--eval-windows", "4",
          "--check-windows", "0"]  # fmt: skip
 
 
-def both(tmp_path, path, config, calibration):
-    """The stage in memory (saved) and streamed; (in-memory model, its report, the streamed record)."""
+def both(tmp_path, path, config, calibration, stage=width_prune):
+    """The stage (`stage(model, config, calibration, batch_size=...)`) in memory (saved) and streamed;
+    (in-memory model, its report, the streamed record)."""
     from secateur.offload import prune_on_disk
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    report = width_prune(model, config, calibration, batch_size=4)
+    report = stage(model, config, calibration, batch_size=4)
     secateur.save(model, None, tmp_path / "memory", {"history": []})
     record = prune_on_disk(path, tmp_path / "disk", config, calibration, batch_size=4)
     return model, report, record

@@ -64,61 +64,6 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: s
     }
 
 
-@torch.no_grad()
-def perplexity_on_disk(store: Any, windows: Tensor, batch_size: int = 4, device: str | torch.device = "cpu",
-                       token_bytes: Tensor | None = None) -> dict[str, Any]:  # fmt: skip
-    """`perplexity` of a model whose blocks stay on disk (`calibrate.disk.DiskBlocks`, opened read
-    only): the windows' hidden states go through one block at a time (`stream_blocks`, the same
-    batches), then the model runs once more per batch with every block passing its input on and the
-    last handing over the streamed output, so its own final norm and head (a chunk of positions at a
-    time) turn it into the same figure. Memory: two blocks, the outside tensors and every window's
-    hidden states."""
-    from secateur.calibrate.stream import move_outside_blocks, run_block, stream_blocks
-
-    model, adapter = store.model, store.adapter
-    start = time.perf_counter()
-    outputs: list[Tensor] = []
-    for index, block, inputs in stream_blocks(model, adapter, windows, batch_size, torch.device(device), "perplexity"):
-        inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
-        outputs = inputs.hidden
-    store.load_outside()
-    blocks, streamed = adapter.block_list(model), iter(outputs)
-    for block in blocks[:-1]:
-        block.forward = lambda hidden_states, *args, **kwargs: hidden_states  # instance attribute shadows the class's
-    blocks[-1].forward = lambda hidden_states, *args, **kwargs: next(streamed)
-    move_outside_blocks(model, adapter, torch.device(device))
-    try:
-        result = perplexity(model, windows, batch_size, device, token_bytes)
-    finally:
-        for block in blocks:
-            del block.forward
-        store.captured()  # the outside tensors back to the meta device: another pass reads them again
-        move_outside_blocks(model, adapter, torch.device("cpu"))
-    return {**result, "seconds": time.perf_counter() - start, "offload": "disk"}
-
-
-def evaluate_on_disk(path: str | Path, tokenizer: Any, sources: list[str], seq_len: int, windows: int, *,
-                     field: str = "text", batch_size: int = 4, dtype: str = "float32",
-                     device: torch.device | str = "cpu") -> dict[str, Any]:  # fmt: skip
-    """`evaluate_sources` of the model at `path` (a safetensors directory) with its blocks read from
-    disk one at a time (`perplexity_on_disk`, one pass over them per source)."""
-    from secateur.calibrate.disk import DiskBlocks
-    from secateur.io import resolve_dtype
-
-    store = DiskBlocks.open(path, resolve_dtype(dtype))
-    try:
-        vocabulary = store.model.get_input_embeddings().num_embeddings
-        results = {}
-        for source in sources:
-            data = evaluation_data(store.model, tokenizer, source, seq_len, windows, field)
-            results[source] = {"source": source, "bos": bos_token(store.model, tokenizer) is not None,
-                               **perplexity_on_disk(store, data, batch_size, device,
-                                                    bytes_of_tokens(tokenizer, vocabulary))}  # fmt: skip
-    finally:
-        store.close()
-    return combine(results)
-
-
 def _nll(outputs: Tensor, targets: Tensor, head: Any, chunk: int) -> float:
     """Summed negative log-likelihood of `targets` (n,) from logits (n, vocab), or from hidden states
     (n, hidden) through `head`, `chunk` positions at a time."""

@@ -9,9 +9,9 @@ distance or Block Influence (with compensation), width (heads and MLP channels b
 fluctuation or magnitude, bias compensation or the least-squares refit, uniform or adaptive
 allocation; not Taylor importance, not the hidden size), vocabulary, and experts (every method);
 mixtures of experts stream through the checkpoint's per-expert matrices (`calibrate.layout`), so
-sparsity inside the experts and depth reach them too. Evaluation after the run and the held-out check
-need the whole model: `--eval` reads the output's blocks from disk once more (`evaluate.perplexity_on_disk`);
-lm-eval tasks and the held-out check are not done (an explicit --eval-tasks or --check-windows is
+sparsity inside the experts and depth reach them too. `--eval` reads the output's blocks from disk once
+more (`perplexity_on_disk`, below, which `secateur eval --offload disk` uses too); lm-eval tasks and
+the held-out check run the whole model, so they are not done (an explicit --eval-tasks or --check-windows is
 refused; the default check is skipped, and the manifest says so).
 """
 
@@ -25,6 +25,9 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from secateur.calibrate.processes import world
 from secateur.data.calibration import calibration_data
@@ -158,7 +161,7 @@ def _evaluate(staging: Path, model_path: str | Path, options: RunOptions, comput
     """`--eval` of a streamed run: the output's perplexity on each source with its blocks read from disk
     one at a time, as the run in memory records it (with the share of the text's tokens a pruned
     vocabulary splits otherwise)."""
-    from secateur.evaluate import changed_tokens, evaluate_on_disk, split_sources
+    from secateur.evaluate import changed_tokens, split_sources
 
     clock = time.perf_counter()
     tokenizer, original = load_tokenizer(staging), load_tokenizer(model_path)
@@ -252,3 +255,61 @@ def prune_on_disk(path: str | Path, out: str | Path, config: Any, calibration: A
                         "timings": {kind.name: time.perf_counter() - start}}  # fmt: skip
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return record
+
+
+@torch.no_grad()
+def perplexity_on_disk(store: Any, windows: Tensor, batch_size: int = 4, device: str | torch.device = "cpu",
+                       token_bytes: Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+    """`evaluate.perplexity` of a model whose blocks stay on disk (`calibrate.disk.DiskBlocks`, opened read
+    only): the windows' hidden states go through one block at a time (`stream_blocks`, the same
+    batches), then the model runs once more per batch with every block passing its input on and the
+    last handing over the streamed output, so its own final norm and head (a chunk of positions at a
+    time) turn it into the same figure. Memory: two blocks, the outside tensors and every window's
+    hidden states."""
+    from secateur.calibrate.stream import move_outside_blocks, run_block, stream_blocks
+    from secateur.evaluate import perplexity
+
+    model, adapter = store.model, store.adapter
+    start = time.perf_counter()
+    outputs: list[Tensor] = []
+    for index, block, inputs in stream_blocks(model, adapter, windows, batch_size, torch.device(device), "perplexity"):
+        inputs.hidden = [run_block(block, h, e) for h, e in zip(inputs.hidden, inputs.extras[index])]
+        outputs = inputs.hidden
+    store.load_outside()
+    blocks, streamed = adapter.block_list(model), iter(outputs)
+    for block in blocks[:-1]:
+        block.forward = lambda hidden_states, *args, **kwargs: hidden_states  # instance attribute shadows the class's
+    blocks[-1].forward = lambda hidden_states, *args, **kwargs: next(streamed)
+    move_outside_blocks(model, adapter, torch.device(device))
+    try:
+        result = perplexity(model, windows, batch_size, device, token_bytes)
+    finally:
+        for block in blocks:
+            del block.forward
+        store.captured()  # the outside tensors back to the meta device: another pass reads them again
+        move_outside_blocks(model, adapter, torch.device("cpu"))
+    return {**result, "seconds": time.perf_counter() - start, "offload": "disk"}
+
+
+def evaluate_on_disk(path: str | Path, tokenizer: Any, sources: list[str], seq_len: int, windows: int, *,
+                     field: str = "text", batch_size: int = 4, dtype: str = "float32",
+                     device: torch.device | str = "cpu") -> dict[str, Any]:  # fmt: skip
+    """`evaluate.evaluate_sources` of the model at `path` (a safetensors directory) with its blocks read from
+    disk one at a time (`perplexity_on_disk`, one pass over them per source)."""
+    from secateur.calibrate.disk import DiskBlocks
+    from secateur.data.bytes import token_bytes
+    from secateur.data.calibration import bos_token, evaluation_data
+    from secateur.evaluate import combine
+
+    store = DiskBlocks.open(path, resolve_dtype(dtype))
+    try:
+        vocabulary = store.model.get_input_embeddings().num_embeddings
+        results = {}
+        for source in sources:
+            data = evaluation_data(store.model, tokenizer, source, seq_len, windows, field)
+            results[source] = {"source": source, "bos": bos_token(store.model, tokenizer) is not None,
+                               **perplexity_on_disk(store, data, batch_size, device,
+                                                    token_bytes(tokenizer, vocabulary))}  # fmt: skip
+    finally:
+        store.close()
+    return combine(results)

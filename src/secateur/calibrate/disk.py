@@ -339,7 +339,7 @@ class DiskBlocks:
 
     def load_outside(self) -> None:
         """Every tensor outside the blocks, the output head's included: the model runs whole but for its
-        blocks (`evaluate.perplexity_on_disk` carries their outputs in)."""
+        blocks (`offload.perplexity_on_disk` carries their outputs in)."""
         self._load_outside(head=True)
 
     def captured(self) -> None:

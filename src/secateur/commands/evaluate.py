@@ -69,7 +69,7 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
     pruning = _token_pruning(args.model, config)
     device = resolve_device(config.device)
     if pruning is None and _streams(args.model, config):
-        from secateur.evaluate import evaluate_on_disk
+        from secateur.offload import evaluate_on_disk
         from secateur.io import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
