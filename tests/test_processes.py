@@ -98,3 +98,22 @@ def test_recovery_from_the_command_line_under_torchrun_writes_once(model_dir, te
     manifest = json.loads((tmp_path / "out" / "secateur.json").read_text())
     assert manifest["processes"] == 2 and manifest["history"][-1]["result"]["processes"] == 2
     assert not (tmp_path / "out.checkpoints").exists() and done.stdout.count(" blocks, ") == 1
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "{model}", "--windows", "2", "--seq-len", "16"],
+    ["export", "{model}", "--gguf", "{out}"],
+    ["plan", "{model}", "--target", "params=80M", "--out", "{out}"],
+    ["info", "{model}"],
+])  # fmt: skip
+def test_commands_that_do_not_share_their_work_refuse_several_processes(model_dir, tmp_path, capsys, monkeypatch,
+                                                                        command):  # fmt: skip
+    """Under torchrun every process would do the whole work (and several would claim one output): one
+    line, exit 2, nothing written; prune and train join the processes instead."""
+    from secateur.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "out"
+    code = main([part.format(model=model_dir("llama"), out=out) for part in command])
+    err = capsys.readouterr().err
+    assert code == 2 and f"secateur {command[0]} runs in one process" in err and not out.exists()

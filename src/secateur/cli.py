@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from secateur.calibrate.processes import several_processes
 from secateur.commands import bench, evaluate, export, generate, info, job, llamacpp, plan, report
 from secateur.errors import SecateurError
 from secateur.output import disk_error, signals_raise
@@ -56,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tune_allocator()
     try:
+        if several_processes() and not getattr(args, "joins_processes", False):  # each would do the whole work
+            raise SecateurError(f"secateur {args.command} runs in one process: run it without torchrun (prune and "
+                              "train share their work over the processes torchrun starts)")
         with signals_raise():  # SIGTERM and SIGHUP end the run as Ctrl-C does: every cleanup runs
             return args.run(args)
     except USER_ERRORS as exc:

@@ -83,13 +83,18 @@ def require_single(what: str) -> None:
                           f"(without torchrun)")
 
 
+def several_processes() -> bool:
+    """Whether this process is one of several that torchrun (or `accelerate launch`) started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
 def start(device: str = "auto") -> bool:
     """Join the process group that `torchrun` (or `accelerate launch`) describes in the environment:
     gloo on CPU, NCCL on CUDA with this process on `cuda:LOCAL_RANK`; the processes but the first go
     quiet (no progress bars, errors only). Returns whether this is one of several processes."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "RANK" not in os.environ:
+    if not several_processes():
         return False
     if not dist.is_initialized():
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())

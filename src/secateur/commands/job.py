@@ -21,7 +21,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=all_methods(),
                    help="the stage's method (default: wanda): sparsity, depth (blocks or branches), width or recovery")
     option_flags(p, flag_options())
-    p.set_defaults(run=run, keeps_checkpoints=True)
+    p.set_defaults(run=run, keeps_checkpoints=True, joins_processes=True)
     _kind_commands(sub)
 
 
@@ -48,12 +48,12 @@ def _kind_commands(sub: argparse._SubParsersAction) -> None:
         option_flags(p, options)
         if len(kind.methods()) > 1:
             p.add_argument("--method", choices=kind.methods(), help=f"the stage's method (default: {method})")
-        p.set_defaults(method=method, recipe=None, run=run, keeps_checkpoints=True)
+        p.set_defaults(method=method, recipe=None, run=run, keeps_checkpoints=True, joins_processes=True)
         p.epilog = f"the same as: secateur prune MODEL --method {method}; data: {flag('calib')} (default {source})"
 
 
 COMMAND_ONLY = ("command", "model", "out", "overwrite", "recipe", "verbose", "resume", "allow_nonfinite", "run",
-                "keeps_checkpoints")
+                "keeps_checkpoints", "joins_processes")
 
 
 def run(args: argparse.Namespace) -> int:
