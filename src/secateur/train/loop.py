@@ -56,8 +56,9 @@ log = logging.getLogger(__name__)
 
 def adamw(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW, fused where torch has the kernel for every parameter's device (CPU, CUDA): one pass per
-    step, without the temporaries of the multi-tensor implementation (on SmolLM2 width 50%, 2-core
-    EPYC: 205 against 186 tokens/s, peak RSS 4,708 against 4,886 MiB; docs/benchmarks.md)."""
+    step instead of the multi-tensor implementation's several (on SmolLM2 width 50%, 2-core EPYC:
+    185-205 tokens/s in six runs against 174-186 in two; the peak RSS within the runs' spread; the
+    demo's width 20% recovery was slower in one run each: docs/benchmarks.md)."""
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
