@@ -66,7 +66,6 @@ def weight_bytes(model_path: str | Path, dtype: str) -> int | None:
 
 def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOptions) -> str | None:
     """Why this run cannot stream its blocks from disk (None: it can)."""
-    from secateur.calibrate.disk import DiskError, weight_map
     from secateur.recipe import KINDS, kind_of
 
     if world()[1] > 1:
@@ -82,6 +81,14 @@ def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
     given = [f"{flag(k)}" for k in ("eval_tasks", "check_windows") if k in options.explicit and getattr(options, k)]
     if given:
         return f"{', '.join(given)} runs the whole model, which streaming never holds; evaluate the output after"
+    return unreadable(model_path)
+
+
+def unreadable(model_path: str | Path) -> str | None:
+    """Why the model's files cannot be read a block at a time (None: they can): not a directory of
+    safetensors."""
+    from secateur.calibrate.disk import DiskError, weight_map
+
     if Path(model_path).is_file():
         return "it reads safetensors directories, not GGUF files; convert the model first"
     try:
@@ -89,6 +96,13 @@ def why_not(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
     except DiskError as exc:
         return str(exc)
     return None
+
+
+def oversized(model_path: str | Path, dtype: str) -> tuple[int, int] | None:
+    """(the weights' bytes at `dtype`, the memory available) when the weights exceed AUTO_SHARE of that
+    memory, what `--offload auto` streams; None when they fit (or their size is unknown)."""
+    size, free = weight_bytes(model_path, dtype), available_memory()
+    return (size, free) if size is not None and size > AUTO_SHARE * free else None
 
 
 def on_disk(model_path: str | Path, stages: list[PlannedStage], options: RunOptions) -> bool:
@@ -101,9 +115,10 @@ def on_disk(model_path: str | Path, stages: list[PlannedStage], options: RunOpti
         if why is not None:
             raise ConfigError(f"--offload disk: {why}")
         return True
-    size, free = weight_bytes(model_path, options.dtype), available_memory()
-    if size is None or size <= AUTO_SHARE * free:
+    over = oversized(model_path, options.dtype)
+    if over is None:
         return False
+    size, free = over
     if why is not None:
         log.warning("offload auto: the weights (%.1f GiB) exceed %d%% of the memory available (%.1f GiB), but %s: "
                     "loading them in memory anyway", size / 2**30, AUTO_SHARE * 100, free / 2**30, why)  # fmt: skip

@@ -10,7 +10,7 @@ from typing import Any
 
 from secateur.commands.flags import generated_flags, nonfinite_argument
 from secateur.errors import SecateurError
-from secateur.io import load, read_manifest, resolve_device, resolve_dtype, split_model_path
+from secateur.io import load, read_manifest, resolve_device, split_model_path
 from secateur.output import claim
 
 
@@ -111,25 +111,22 @@ def _eval_perplexity(args: argparse.Namespace, config: Any) -> int:
 def _streams(model: str, config: Any) -> bool:
     """Whether the perplexity reads the model's blocks from disk one at a time: as asked (a model that
     cannot be read so is refused), or (auto) when its weights do not fit in the memory available."""
-    from secateur.calibrate.disk import DiskBlocks, DiskError
-    from secateur.offload import AUTO_SHARE, available_memory, weight_bytes
+    from secateur.offload import AUTO_SHARE, oversized, unreadable
 
     if config.offload == "none":
         return False
-    size, free = weight_bytes(model, config.dtype), available_memory()
-    if config.offload == "auto" and (size is None or size <= AUTO_SHARE * free):
+    over = oversized(model, config.dtype)
+    if config.offload == "auto" and over is None:
         return False
-    why = None
-    try:
-        DiskBlocks.open(model, resolve_dtype(config.dtype)).close()  # the names and shapes it needs, checked
-    except (DiskError, NotADirectoryError, FileNotFoundError) as exc:
-        why = "it reads safetensors directories, not GGUF files" if Path(model).is_file() else str(exc)
-    if config.offload == "disk" and why is not None:
-        raise SecateurError(f"--offload disk: {why}")
-    if config.offload == "auto":
-        print(f"note: the weights ({size / 2**30:.1f} GiB) exceed {AUTO_SHARE:.0%} of the memory available "
-              f"({free / 2**30:.1f} GiB): " + (f"loading them anyway, since {why}" if why else
-                                               "reading the blocks from disk one at a time"), file=sys.stderr)  # fmt: skip
+    why = unreadable(model)
+    if config.offload == "disk":
+        if why is not None:
+            raise SecateurError(f"--offload disk: {why}")
+        return True
+    size, free = over
+    print(f"note: the weights ({size / 2**30:.1f} GiB) exceed {AUTO_SHARE:.0%} of the memory available "
+          f"({free / 2**30:.1f} GiB): " + (f"loading them anyway, since {why}" if why else
+                                           "reading the blocks from disk one at a time"), file=sys.stderr)  # fmt: skip
     return why is None
 
 

@@ -276,9 +276,10 @@ def prune_experts(model: nn.Module, config: ExpertsConfig, calibration: Tensor |
     uniform = len(set(kept.values())) == 1
     report = ExpertsReport(config.method_name, config.criterion_name, counts[sparse[0]] if uniform else None,
                            kept[sparse[0]] if uniform else None, top_k, allocation=config.allocation)  # fmt: skip
-    if not config.needs_calibration:  # a model on disk: every block read and written again (a resumed run too)
-        for index, block in each_block(model, adapter, device, skip=set(range(len(blocks))) - set(sparse)
-                                       if disk_store(model) is None else set()):  # fmt: skip
+    if not config.needs_calibration:
+        # in memory only the MoE blocks are visited; on disk every block is read and written (a resumed run too)
+        dense = set() if disk_store(model) is not None else set(range(len(blocks))) - set(sparse)
+        for index, block in each_block(model, adapter, device, skip=dense):
             if index in sparse:
                 report.blocks.append({"block": index, **_remove(block, adapter, config, None, counts[index],
                                                                 remove[index], index, groups)})  # fmt: skip

@@ -72,8 +72,8 @@ def streamed(path: Path, staging: Path, config: VocabularyConfig, calibration: T
             _keep_state(work, kept)
         # the rows of what the store holds already (the embedding) and of what it left on disk (an untied head)
         params = dict(model.named_parameters())
-        names = {store.stored_name(n): n for n in row_tensors(model)
-                 if store.stored_name(n) in store.files}  # the input's name -> the model's (a tied head: none)
+        stored = {store.stored_name(n): n for n in row_tensors(model)}  # the input's name -> the model's
+        names = {key: n for key, n in stored.items() if key in store.files}  # a tied head is stored nowhere
         held = {stored: params[n] for stored, n in names.items() if not params[n].is_meta}
         rows = torch.as_tensor(kept, dtype=torch.long)
         full = {**held, **read(store.files, store.headers, [n for n in names if n not in held], store.dtype)}
