@@ -29,6 +29,7 @@ bench-out/recovery/quality/.
     python benchmarks/recovery.py [--tokens 131072] [--only width50:default,24:default] [--table]
     python benchmarks/recovery.py --domains [--only width20:mix]
     python benchmarks/recovery.py --domains --tokens 32768 --only width20:mix:lr3e-4   # a recipe sweep row
+    python benchmarks/recovery.py --domains --only width20:mix:self50   # half the windows written by the teacher
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ RECIPES = {
     "s1": ["--train-seed", "1"],
     # the same, each position's squared error divided by the teacher's squared norm there
     "layerwise": ["--hidden-weight", "1", "--hidden-norm", "position"],
+    # self-data distillation: half (all) of the training windows continued by the teacher after their first
+    # 32 tokens of corpus text
+    "self50": ["--self-data", "0.5"],
+    "self100": ["--self-data", "1"],
 }
 # the order runs are taken in: the headline rows first
 PLAN = ["width50:default", "24:default", "width20:default", "depth20:default", "sparse70:default",
@@ -202,8 +207,8 @@ def scores(model: Path, name: str, probe_items: int = 200, tasks: tuple[str, ...
 
 
 def row_tasks(recipe: str, tokens: int) -> tuple[str, ...]:
-    """The tasks a trained model is scored on: a sweep's rows (another recipe or budget) the probe only."""
-    return ("probe", "analogy") if recipe == "default" and tokens == B else ("probe",)
+    """The tasks a trained model is scored on: a sweep's rows (another budget) the probe only."""
+    return ("probe", "analogy") if tokens == B else ("probe",)
 
 
 def domain_dir(start: str, trained_on: str, recipe: str, tokens: int) -> Path:

@@ -32,6 +32,7 @@ GRADUAL = Requires(lambda c: c.gradual, "gradual pruning (--prune-to or --prune-
                                         "with --width-importance)")
 SCHEDULED = Requires(lambda c: c.scheduled, "pruning during training (--prune-to, --prune-pattern or --prune-width)")
 WIDTH = Requires(lambda c: c.prune_width is not None, "incremental width pruning (--prune-width)")
+SELF_DATA = Requires(lambda c: c.self_data > 0, "text the teacher writes (--self-data above 0)")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ class TrainConfig:
     temperature: float = option(1.0, "distillation temperature T (the loss is scaled by T^2)", requires=DISTILS)
     top_k: int = option(0, "distil from the teacher's k largest logits, computed once and cached (0: full "
                            "logits, the teacher runs at every step)", requires=DISTILS)
+    self_data: float = option(0.0, "share of the training windows the teacher writes (self-data distillation): each "
+                                   "keeps its first --self-data-prompt tokens of corpus text and the teacher "
+                                   "continues it by sampling from its own next-token distribution (temperature 1), "
+                                   "once before training; validation windows stay corpus text (0: none)")
+    self_data_prompt: int = option(32, "tokens of corpus text each window the teacher writes starts from",
+                                   requires=SELF_DATA)
     lora_rank: int = option(8, "lora: adapter rank r", requires=LORA)
     lora_alpha: float = option(16.0, "lora: scale alpha, the update being alpha / r * B A", requires=LORA)
     keep_masks: bool = option(True, "keep every exact zero of the block layers zero (sparse and N:M models stay so)")
@@ -128,6 +135,9 @@ class TrainConfig:
              "--eval-every, --patience and --checkpoint-every must be >= 0"),
             (self.val_windows >= 1, "--val-windows must be at least 1"),
             (self.loss_chunk is None or self.loss_chunk >= 0, "--loss-chunk must be >= 0 (0: no chunks)"),
+            (0 <= self.self_data <= 1, "--self-data is a share of the training windows, in [0, 1]"),
+            (not self.self_data or 1 <= self.self_data_prompt < self.train_seq_len,
+             f"--self-data-prompt must be at least 1 and below --train-seq-len ({self.train_seq_len})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -153,6 +163,9 @@ class TrainConfig:
             raise ConfigError("gradual pruning needs 0 <= --prune-start < --prune-end <= 1")
         if self.prune_every is not None and self.prune_every < 1:
             raise ConfigError("--prune-every must be at least 1")
+        if self.self_data and not self.needs_teacher:
+            raise ConfigError("--self-data: the teacher writes the text, and plain fine-tuning (--kd-weight 0) loads "
+                              "none; distil (--kd-weight above 0) or leave --self-data at 0")
         if self.top_k and self.hidden_weight:
             raise ConfigError("--hidden-weight needs the teacher's block outputs at every step, which --top-k's cache "
                               "of logits does not keep: give one or the other")

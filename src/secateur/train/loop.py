@@ -41,6 +41,7 @@ from secateur.train.objective import (check_layerwise, router_logits, router_wei
                                       uneven_routers)
 from secateur.train.run import Run, TrainResult, record_of
 from secateur.train.schedule import batch_rows, lr_factor, total_steps
+from secateur.train.selfdata import self_written
 from secateur.train.width import IncrementalWidth, prune_width_step, reshape, shape_record
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,8 @@ def _start(run: Run, teacher: nn.Module | None, resume: bool) -> None:
         run.teacher = teacher.to(run.acc.device).eval().requires_grad_(False)
     if run.workdir is not None:
         run.workdir.mkdir(parents=True, exist_ok=True)
+    if config.self_data:  # before the top-k cache, which is of the windows trained on
+        run.windows, run.self_data = self_written(run.teacher, run.windows, config, run.acc, run.workdir, resume)
     if resume:
         _resume(run)
     elif run.metrics is not None and run.metrics.exists():

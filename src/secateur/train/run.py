@@ -71,6 +71,7 @@ class Run:
     routers: list[nn.Module] = field(default_factory=list)  # per-block expert counts: the loss per router
     chunk: int = 0  # positions per chunk of the logit losses (0: the model's own full logits)
     cache_seconds: float = 0.0
+    self_data: dict[str, Any] | None = None  # what the teacher wrote (--self-data)
     pruner: Sparsifier | None = None
     widener: IncrementalWidth | None = None
     workdir: Path | None = None
@@ -108,6 +109,7 @@ def record_of(run: Run, timing: dict[str, Any]) -> dict[str, Any]:
         "stopped_early": timing["stopped_early"], "resumed_at": timing["start_step"] if timing["resumed"] else None,
         "seconds": seconds, "validation_seconds": overhead,  # validations and checkpoints
         "tokens_per_s": (state.step - timing["start_step"]) * tokens_per_step / max(seconds - overhead, 1e-9),
+        "self_data": run.self_data,
         "teacher_cache": {"top_k": config.top_k, "seconds": run.cache_seconds} if run.cache is not None else None,
         "gradual": ({"score": pruner.score, "pattern": config.prune_pattern, "final": pruner.plan.final,
                      "initial": pruner.plan.initial, "start": pruner.plan.start, "every": pruner.plan.every,

@@ -51,6 +51,12 @@ def _summary(record: dict[str, Any]) -> str:
             f"at step {best['step']}, {r['tokens_per_s']:.0f} tokens/s, {record['seconds']:.1f} s")
     if r["masks"]["layers"]:
         line += f"\nmasks kept: {r['masks']['kept_after']:,} of {r['masks']['size']:,} weights non-zero (was {r['masks']['kept']:,})"
+    written = r.get("self_data")
+    if written:
+        how = (f"sampled at {written['tokens_per_s']:.0f} tokens/s" if written["sampled"]
+               else "read back from the work directory")  # fmt: skip
+        line += (f"\nself-data: the teacher wrote {written['windows']} training windows after their first "
+                 f"{written['prompt_tokens']} tokens ({written['new_tokens']:,} tokens, {how})")
     if r.get("curve"):
         line += f"\ncurve: {r['curve']}, metrics: {r['metrics']}"
     return line
