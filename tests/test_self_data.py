@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import calibration_ids, killed_and_resumed, tiny_model
+from conftest import FAMILIES, calibration_ids, killed_and_resumed, tiny_model
 from torch import nn
 
 from secateur.cli import main
@@ -62,10 +62,11 @@ def test_sampling_draws_from_the_model_distribution():
     assert torch.equal(out, again)
 
 
-def test_cached_sampling_equals_recomputing_every_prefix():
-    """On a real (tiny) transformer, the KV-cached sampler draws the same tokens as a loop that runs
-    the model on the whole prefix at every step with the same generator."""
-    model = tiny_model("llama").eval()
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_moe"])
+def test_cached_sampling_equals_recomputing_every_prefix(family):
+    """On a real (tiny) transformer of every family, the KV-cached sampler draws the same tokens as a
+    loop that runs the model on the whole prefix at every step with the same generator."""
+    model = tiny_model(family).eval()
     prompts = calibration_ids(3, 4)
     out = sample_continuations(model, prompts, 12, torch.Generator().manual_seed(3), batch=2)
     generator, reference = torch.Generator().manual_seed(3), []
