@@ -226,6 +226,16 @@ class Output:
             staging.rename(self.path)
 
 
+def save_whole(state: Any, path: Path) -> None:
+    """torch.save `state` to `path` through a sibling `.tmp` renamed into place: a kill never leaves a
+    half-written file under its name (the work files a resumed run reads back)."""
+    import torch
+
+    partial = path.with_suffix(".tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
 def claim(out: str | Path, *, inputs: Sequence[str | Path | None] = (), overwrite: bool | None = False,
           shape: Literal["dir", "file"] = "dir", flag: str = "--out", suffix: str | None = None,
           marker: str | None = None, magic: bytes | None = None, also: Sequence[Path] = ()) -> Output:

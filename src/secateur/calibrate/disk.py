@@ -53,6 +53,7 @@ from secateur.io import renamed_on_load, safetensors_header
 from secateur.models import Adapter, adapter_for
 from secateur.models.linear_experts import stock_parameters
 from secateur.runtime import release_free_memory
+from secateur.output import save_whole
 
 INDEX = "model.safetensors.index.json"
 STATE = "state.pt"  # in the work directory: where a resumed run starts
@@ -428,8 +429,7 @@ class DiskBlocks:
             state = {"index": pending["index"], "hidden": [h.to("cpu") for h in pending["hidden"]],
                      "reports": [r if isinstance(r, dict) else asdict(r) for r in pending["reports"]],
                      "errors": list(pending["errors"])}  # fmt: skip
-            torch.save(state, self.work / (STATE + ".tmp"))
-            os.replace(self.work / (STATE + ".tmp"), self.work / STATE)
+            save_whole(state, self.work / STATE)
             self._saved_at = time.monotonic()
 
     @contextmanager

@@ -16,7 +16,6 @@ done, and each written block as soon as it is: a run killed at any point goes on
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from secateur.errors import ConfigError
 from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
 from secateur.sparsity.prune import streamed_table
+from secateur.output import save_whole
 
 STATE = "depth.pt"  # in the work directory: the selection and the fitted weights
 
@@ -99,8 +99,7 @@ def stream_depth(path: Path, staging: Path, config: DepthConfig, calibration: Te
             removed, patches, selection = _select(store, config, why, calibration, device, batch_size)
             state = {"removed": removed, "patches": patches, "selection": selection}
             if saved is not None:
-                torch.save(state, saved.with_suffix(".tmp"))
-                os.replace(saved.with_suffix(".tmp"), saved)
+                save_whole(state, saved)
         removed = list(state["removed"])
         store.staging, store.work = staging, work  # the blocks are written now, renumbered
         clock = time.perf_counter()

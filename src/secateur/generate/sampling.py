@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 
 def spread(count: int, share: float) -> list[int]:
-    """The positions of round(count x share) of `count` windows, spread evenly: window i is chosen when
+    """The positions of floor(count x share) of `count` windows, spread evenly: window i is chosen when
     floor((i + 1) x share) passes an integer, so every run of consecutive windows holds its share as
     closely as whole windows allow (a mixture's proportions stay as they were)."""
     return [i for i in range(count) if int((i + 1) * share + 1e-9) > int(i * share + 1e-9)]

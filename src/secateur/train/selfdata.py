@@ -7,7 +7,6 @@ again. Every process samples the same windows from the same seed (the batches ar
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from secateur.errors import TrainError
 from secateur.generate.sampling import sample_continuations, spread
 from secateur.train.config import TrainConfig
+from secateur.output import save_whole
 
 SELF_DATA = "self-data.pt"
 SEED_OFFSET = 7919  # the sampler's seed is the run's seed plus this (not the window order's stream)
@@ -45,9 +45,7 @@ def self_written(teacher: nn.Module, windows: Tensor, config: TrainConfig, acc: 
                                        autocast=acc.autocast, device=acc.device)  # fmt: skip
         sampled = True
         if saved is not None and acc.is_main_process:
-            partial = saved.with_name(saved.name + ".partial")
-            torch.save(written, partial)
-            os.replace(partial, saved)
+            save_whole(written, saved)
     seconds = time.perf_counter() - clock
     out = windows.clone()
     out[rows] = written

@@ -10,7 +10,6 @@ are saved once chosen and copied blocks are kept, so a killed run goes on from t
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from secateur.sparsity.prune import streamed_table
 from secateur.vocabulary.config import VocabularyConfig
 from secateur.vocabulary.engine import choose_vocabulary
 from secateur.vocabulary.model import slice_vocabulary
+from secateur.output import save_whole
 
 STATE = "vocabulary.pt"  # in the work directory: the kept ids
 
@@ -48,8 +48,7 @@ def _keep_state(work: Path, kept: list[int]) -> None:
                               "run it again without --resume")
         return
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({"kept": kept}, saved.with_suffix(".tmp"))
-    os.replace(saved.with_suffix(".tmp"), saved)
+    save_whole({"kept": kept}, saved)
 
 
 def streamed(path: Path, staging: Path, config: VocabularyConfig, calibration: Tensor | None, dtype: str,

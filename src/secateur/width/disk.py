@@ -20,7 +20,6 @@ blocks).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +38,7 @@ from secateur.width.prune import (Refit, WidthReport, _apply, allocate, check_ca
                                   new_report, resolve_variant, scored_units, width_of)  # fmt: skip
 from secateur.width.scores import IMPORTANCE
 from secateur.width.units import Units
+from secateur.output import save_whole
 
 STATE = "width.pt"  # in the work directory: the units' scores, the allocation and the compensation means
 
@@ -86,8 +86,7 @@ def stream_width(store: DiskBlocks, staging: Path, config: WidthConfig, calibrat
         state = _plan(store, config, report, calibration, device, batch_size)
         if saved is not None:
             work.mkdir(parents=True, exist_ok=True)
-            torch.save(state, saved.with_suffix(".tmp"))
-            os.replace(saved.with_suffix(".tmp"), saved)
+            save_whole(state, saved)
     units = [Units(**u) for u in state["units"]]
     removals = {(b, kind): n for b, kind, n in state["removals"]}
     store.staging, store.work, store.trim = staging, work, True  # the blocks are cut and written now
