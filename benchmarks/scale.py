@@ -5,7 +5,8 @@ Streaming rows: Wanda 50% (the default 64 x 512 calibration tokens unless said) 
 with `--offload none` (in memory) and `--offload disk` (blocks streamed from the input's safetensors
 to the output); `*-depth-*` rows: angular depth removing a quarter of the blocks, compensated (the
 default 16 x 512 calibration tokens for SmolLM2); `*-width-*` rows: width 20% with `--reconstruct` (the
-default 64 x 512 calibration tokens for SmolLM2). `smollm2-*`: SmolLM2-135M in float32. `llama8b-*`: a random-weight model with
+default 64 x 512 calibration tokens for SmolLM2); `*-hidden-*` rows: width 30% of which a tenth of the
+hidden channels, with `--reconstruct`. `smollm2-*`: SmolLM2-135M in float32. `llama8b-*`: a random-weight model with
 Llama-3.1-8B shapes (32 blocks of hidden 4,096, MLP 14,336, 32 query / 8 key-value heads, a
 128,256-token vocabulary, untied head: 8.03B parameters, bfloat16 safetensors, 16.1 GB on disk, one
 shard per block), written here by `llama8b_model()` (normal(0, 0.02) weights, SmolLM2's tokenizer for
@@ -104,6 +105,14 @@ STREAM = {
     "llama8b-disk-trim-every-group": ("llama8b", ["--offload", "disk", *WANDA]),
     "llama8b-disk-trim-every-group-2": ("llama8b", ["--offload", "disk", *WANDA]),  # the same, again
 }
+# width 30% of which a tenth of the hidden channels (--hidden-fraction 0.1), with the refit: since 2026-12-07 the
+# hidden cut streams as well
+HIDDEN = ["--method", "width", "--remove-fraction", "0.3", "--hidden-fraction", "0.1", "--reconstruct"]
+STREAM.update({
+    "smollm2-hidden-memory": ("smollm2", ["--offload", "none", *HIDDEN]),
+    "smollm2-hidden-disk": ("smollm2", ["--offload", "disk", *HIDDEN]),
+    "llama8b2-hidden-disk": ("llama8b2", ["--offload", "disk", *HIDDEN]),
+})
 EXPERTS = ["--method", "experts", "--remove-fraction", "0.5"]  # REAP, uniform: 64 of every block's 128 experts
 STREAM.update({
     "qwen3moe2-experts-memory": ("qwen3moe2", ["--offload", "none", *EXPERTS]),

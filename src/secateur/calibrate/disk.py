@@ -41,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -272,6 +272,9 @@ class DiskBlocks:
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
     _ahead: dict[int, Future] = field(default_factory=dict)
     _renamed: dict[str, str] | None = None  # outside tensors: the model's name -> the input's, where they differ
+    # a stage that changes every block's shapes at once (hidden channels): each tensor as read from the input
+    # (qualified name, the input's tensor) -> as the model now holds it
+    reshape: Callable[[str, Tensor], Tensor] | None = None
 
     @classmethod
     def open(cls, path: str | Path, dtype: torch.dtype, staging: Path | None = None,
@@ -325,7 +328,8 @@ class DiskBlocks:
                             f"load it in memory")
         tensors = read(self.files, self.headers, [self.stored_name(name) for name in wanted], self.dtype)
         for name in wanted:
-            self._place(self.model, name, tensors[self.stored_name(name)])
+            tensor = tensors[self.stored_name(name)]
+            self._place(self.model, name, self.reshape(name, tensor) if self.reshape is not None else tensor)
         if tied:
             self.model.tie_weights()
 
@@ -383,7 +387,21 @@ class DiskBlocks:
         """The input's tensors of block `index` (a parameter a stage added, such as a compensation bias,
         is stored nowhere yet)."""
         wanted = {name: spec for name, spec in self.pieces(index).items() if all(s in self.files for s, _ in spec[1])}
-        return read_pieces(self.files, self.headers, wanted, self.dtype)
+        if self.reshape is None:
+            return read_pieces(self.files, self.headers, wanted, self.dtype)
+        # read at the input's shapes (a tensor stored whole), then reshaped as the model holds it now
+        wanted = {name: (tuple(_entry(self.files, self.headers, pieces[0][0])[2]), pieces)
+                  if len(pieces) == 1 and pieces[0][1] is None else (shape, pieces)
+                  for name, (shape, pieces) in wanted.items()}  # fmt: skip
+        return {name: self.reshape(name, t) for name, t in read_pieces(self.files, self.headers, wanted, self.dtype).items()}
+
+    def reshaped_outside(self, names: list[str]) -> dict[str, Tensor]:
+        """The named tensors outside the blocks (the model's names) read from the input through
+        `reshape`, by the input's names, for `finish(replaced=...)`; those the input does not store (a
+        tied head) are left out."""
+        stored = {name: self.stored_name(name) for name in names if self.stored_name(name) in self.files}
+        tensors = read(self.files, self.headers, list(stored.values()), self.dtype)
+        return {key: self.reshape(name, tensors[key]) for name, key in stored.items()}
 
     def prefetch(self, index: int) -> None:
         if 0 <= index < len(self.adapter.block_list(self.model)) and index not in self._ahead:

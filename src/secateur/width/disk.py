@@ -5,7 +5,7 @@ The model stays on disk (`calibrate.disk.DiskBlocks`). One read-only pass gather
 and scores each block's heads and channels while the block is resident (`width.prune.scored_units`);
 the allocation needs only those scores. A second pass cuts each block (bias compensation, or the
 least-squares refit on the activations of the model as pruned so far with `--reconstruct`) and
-writes it as soon as it is done; what lies outside the blocks is copied unchanged, the config
+writes it as soon as it is done; what lies outside the blocks is copied unchanged (cut, with a hidden cut), the config
 describes the new widths (stock where they are uniform, `modeling_secateur.py` otherwise), the
 manifest comes last. The same weights, bit for bit, as the stage run in memory and saved.
 
@@ -13,9 +13,12 @@ With a work directory, the scores and the allocation are saved there after the f
 second pass keeps each written block and (with the refit) the activations every SAVE_EVERY
 seconds: a run killed at any point goes on from there (`--resume`).
 
-Not streamed: gradient importance (Taylor: a backward pass through the whole model) and
-`--hidden-fraction` (it cuts the embeddings and every block's residual width from scores over all
-blocks).
+With `--hidden-fraction`, the first pass also sums each block's share of the hidden channels' scores;
+the hidden cut is decided after it and applied to every tensor as it is read from the input from
+then on (`width.hidden.HiddenCut`): the embeddings that feed the refit, each block before its own
+cuts, and the embedding, final norm and untied head written at the end.
+
+Not streamed: gradient importance (Taylor: a backward pass through the whole model).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from secateur.io import resolve_dtype
 from secateur.manifest import structure_of
 from secateur.sparsity.prune import streamed_table
 from secateur.width.config import WidthConfig
-from secateur.width.prune import (Refit, WidthReport, _apply, allocate, check_calibration, finish_report, means_of,
-                                  new_report, resolve_variant, scored_units, width_of)  # fmt: skip
+from secateur.width.hidden import keep_hidden
+from secateur.width.prune import (Refit, WidthReport, _apply, allocate, check_calibration, finish_report, hidden_keep,
+                                  means_of, new_report, recost, resolve_variant, scored_units, width_of)  # fmt: skip
 from secateur.width.scores import IMPORTANCE
 from secateur.width.units import Units
 from secateur.output import save_whole
@@ -47,31 +51,48 @@ def streamable(config: WidthConfig) -> str | None:
     """Why a width stage cannot be streamed block by block (None: it can)."""
     if IMPORTANCE[config.importance].gradients:
         return f"{config.importance} importance takes gradients through the whole model"
-    if config.hidden_fraction:
-        return "--hidden-fraction cuts the embeddings and every block's residual width from scores over all blocks"
     return None
 
 
 def _plan(store: DiskBlocks, config: WidthConfig, report: WidthReport, calibration: Tensor | None,
           device: torch.device, batch_size: int) -> dict[str, Any]:  # fmt: skip
-    """The read-only pass and the allocation: what the cuts need, as a state that saves and loads."""
-    statistics, units = scored_units(store.model, config, calibration, device, batch_size)
-    removals = allocate(config, units, config.fraction * report.block_parameters_before, report.before)
-    width, blocks = store.adapter.width, store.adapter.blocks
+    """The read-only pass and the allocation: what the cuts need, as a state that saves and loads. With
+    --hidden-fraction the model (on the meta device) takes the hidden cut here, before the allocation
+    re-costs its units."""
+    model, adapter = store.model, store.adapter
+    statistics, units, scores = scored_units(model, config, calibration, device, batch_size)
+    target, keep = config.fraction * report.block_parameters_before, None
+    if scores is not None:
+        keep, removed = hidden_keep(model, adapter, config, scores, units, target)
+        _cut_hidden(store, keep)
+        recost(model, adapter, adapter.width, config, units)
+        target -= removed
+    removals = allocate(config, units, target, report.before)
+    width, blocks = adapter.width, adapter.blocks
     consumers = {f"{blocks}.{u.block}.{width.mlp.consumer if u.kind == 'mlp' else width.attention.o}" for u in units}
     return {"units": [asdict(u) for u in units], "removals": [[b, kind, n] for (b, kind), n in removals.items()],
-            "means": {name: mean for name, mean in means_of(statistics).items() if name in consumers}}  # fmt: skip
+            "means": {name: mean for name, mean in means_of(statistics).items() if name in consumers},
+            "hidden": keep}  # fmt: skip
+
+
+def _cut_hidden(store: DiskBlocks, keep: Tensor) -> None:
+    """The model takes the hidden cut in shape (its blocks on the meta device), and every tensor read
+    from the input from now on is cut as it arrives (`HiddenCut`); the embeddings read before are
+    dropped, to be read again cut."""
+    store.reshape = keep_hidden(store.model, store.adapter, keep)
+    store.captured()
 
 
 def stream_width(store: DiskBlocks, staging: Path, config: WidthConfig, calibration: Tensor | None,
                  device: torch.device, batch_size: int, work: Path | None = None) -> WidthReport:  # fmt: skip
     """Prune the widths of the model in `store` (opened read only) into the directory `staging`:
     every block cut and written (`finish` still to come); returns the report. The store's model is
-    left on the meta device with the new shapes and config, its `table` lists the matrices written."""
+    left on the meta device with the new shapes and config, its `table` lists the matrices written;
+    with a hidden cut, the store's `reshape` cuts what `finish` writes outside the blocks."""
     why = streamable(config)
     if why is not None:
-        raise ConfigError(f"{why}: it cannot be streamed from disk; use activation or fluctuation importance "
-                          f"without --hidden-fraction, or load it in memory")
+        raise ConfigError(f"{why}: it cannot be streamed from disk; use activation or fluctuation importance, "
+                          f"or load it in memory")
     model, adapter = store.model, store.adapter
     config, variant = resolve_variant(model, adapter, config)
     width = width_of(model, adapter, config)
@@ -81,12 +102,15 @@ def stream_width(store: DiskBlocks, staging: Path, config: WidthConfig, calibrat
     saved = work / STATE if work is not None else None
     if saved is not None and saved.is_file():
         state = torch.load(saved, weights_only=True)
+        if state["hidden"] is not None:
+            _cut_hidden(store, state["hidden"])
     else:
         store.trim = False  # the first pass only runs the blocks: the same activations every block
         state = _plan(store, config, report, calibration, device, batch_size)
         if saved is not None:
             work.mkdir(parents=True, exist_ok=True)
             save_whole(state, saved)
+    report.hidden_after = model.config.hidden_size
     units = [Units(**u) for u in state["units"]]
     removals = {(b, kind): n for b, kind, n in state["removals"]}
     store.staging, store.work, store.trim = staging, work, True  # the blocks are cut and written now
@@ -109,7 +133,8 @@ def streamed(path: Path, staging: Path, config: WidthConfig, calibration: Tensor
         outside = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(f"{adapter.blocks}."))
         report = stream_width(store, staging, config, calibration, device, batch_size, work)
         written = time.perf_counter()
-        store.finish()
+        cut = store.reshape
+        store.finish(store.reshaped_outside(cut.outside(adapter.blocks)) if cut is not None else None)
     finally:
         store.close()
     write_side_files(path, staging, model, resolve_dtype(dtype))  # per-block widths: the module that builds them

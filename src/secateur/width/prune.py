@@ -26,7 +26,8 @@ from secateur.calibrate.disk import disk_store
 from secateur.calibrate.stream import BlockState, Observer, collect_input_stats, each_block
 from secateur.models import Adapter, Width, adapter_for, read_weight, refuse_experts
 from secateur.width.config import WidthConfig
-from secateur.width.hidden import check_hidden, hidden_channel_parameters, hidden_count, hidden_scores, keep_hidden
+from secateur.width.hidden import (add_scores, block_hidden_scores, check_hidden, checked_scores, hidden_channel_parameters,
+                                   hidden_count, hidden_scores, keep_hidden)  # fmt: skip
 from secateur.width.reconstruct import Cut, refit_layer, stream_refits
 from secateur.models.remote import declare_reshaped
 from secateur.width.scores import IMPORTANCE
@@ -48,9 +49,11 @@ from secateur.width.units import (
     removals_to,
     unit_count,
     with_unit_counts,
+    attention_cost,
     attention_units,
     head_keep,
     layer_scorer,
+    mlp_cost,
     mlp_units,
     uniform_attention_removal,
     uniform_removals,
@@ -298,24 +301,29 @@ def _block_units(model: nn.Module, adapter: Adapter, width: Width, config: Width
 
 
 def scored_units(model: nn.Module, config: WidthConfig, calibration: Tensor | None, device: torch.device,
-                 batch_size: int) -> tuple[Statistics, list[Units]]:  # fmt: skip
-    """Statistics and every block's units in one pass, each block scored while it is resident: what a
-    model whose blocks stay on disk allows (`config` resolved by `resolve_variant`; gradients and
-    hidden channels, which read the whole model, are not gathered)."""
+                 batch_size: int) -> tuple[Statistics, list[Units], Tensor | None]:  # fmt: skip
+    """Statistics, every block's units and (with --hidden-fraction) the hidden channels' scores in one
+    pass, each block scored while it is resident: what a model whose blocks stay on disk allows
+    (`config` resolved by `resolve_variant`; gradients, which read the whole model, are not gathered)."""
     adapter = adapter_for(model)
-    width, units = adapter.width, []
-    if not config.needs_moments:
-        for index, block in each_block(model, adapter, device):
-            units += _block_units(model, adapter, width, config, Statistics(), index, block)
-        return Statistics(), units
+    width, units, hidden = adapter.width, [], None
+    importance = IMPORTANCE[config.importance]
 
     def score(index: int, block: nn.Module, moments: dict[str, Moments]) -> None:
-        nonlocal units
+        nonlocal units, hidden
         units += _block_units(model, adapter, width, config, Statistics(moments), index, block)
+        if config.hidden_fraction:
+            hidden = add_scores(hidden, block_hidden_scores(block, f"{adapter.blocks}.{index}", width, importance,
+                                                            moments, {}))  # fmt: skip
 
-    moments = collect_input_stats(model, adapter, _projection_names(width, config.heads != "none"), calibration,
-                                  batch_size, device, Moments, "width statistics", after=score)  # fmt: skip
-    return Statistics(moments), units
+    if not config.needs_moments:
+        for index, block in each_block(model, adapter, device):
+            score(index, block, {})
+        return Statistics(), units, checked_scores(hidden) if config.hidden_fraction else None
+    names = _projection_names(width, config.heads != "none" or config.hidden_fraction > 0)
+    moments = collect_input_stats(model, adapter, names, calibration, batch_size, device, Moments, "width statistics",
+                                  after=score)  # fmt: skip
+    return Statistics(moments), units, checked_scores(hidden) if config.hidden_fraction else None
 
 
 @dataclass(frozen=True)
@@ -410,15 +418,33 @@ def _prune_hidden(model: nn.Module, adapter: Adapter, width: Width, config: Widt
     units at the new hidden size. Returns the block parameters removed; refuses, before touching the
     model, a hidden share above the `target`."""
     scores = hidden_scores(model, adapter, IMPORTANCE[config.importance], statistics.moments, statistics.grads)
+    keep, removed = hidden_keep(model, adapter, config, scores, units, target)
+    keep_hidden(model, adapter, keep)
+    recost(model, adapter, width, config, units)
+    return removed
+
+
+def hidden_keep(model: nn.Module, adapter: Adapter, config: WidthConfig, scores: Tensor, units: list[Units],
+                target: float) -> tuple[Tensor, int]:  # fmt: skip
+    """The hidden channels kept (ascending: the highest `scores`) and the block parameters the others
+    hold; refuses a hidden share above the `target` (shapes only: works on a model on the meta device)."""
     kept = hidden_count(len(scores), config.hidden_fraction, math.lcm(config.hidden_multiple, _saved_heads(model, config, units)))
     removed = (len(scores) - kept) * hidden_channel_parameters(model, adapter)
     if removed > target:
         raise WidthError(f"--hidden-fraction {config.hidden_fraction:g} alone removes more than --remove-fraction "
                          f"{config.fraction:g} of the block parameters; raise --remove-fraction")
-    keep_hidden(model, adapter, scores.argsort()[len(scores) - kept:].sort().values)
-    for unit, resized in zip(units, _units(model, adapter, width, replace(config, importance="magnitude"), Statistics())):
-        unit.cost = resized.cost
-    return removed
+    return scores.argsort()[len(scores) - kept:].sort().values, removed
+
+
+def recost(model: nn.Module, adapter: Adapter, width: Width, config: WidthConfig, units: list[Units]) -> None:
+    """Each unit's parameter count at the blocks' shapes now (after the hidden cut; shapes only: works
+    on blocks on the meta device)."""
+    size, blocks = head_dim(model.config), adapter.block_list(model)
+    for unit in units:
+        block = blocks[unit.block]
+        unit.cost = (mlp_cost(block, width.mlp) if unit.kind == "mlp" else
+                     attention_cost(block, width.attention, size, *attention_heads(block, width.attention, size),
+                                    config.heads))  # fmt: skip
 
 
 def shape_units(model: nn.Module, config: WidthConfig) -> tuple[WidthConfig, list[Units]]:

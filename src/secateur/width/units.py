@@ -54,15 +54,27 @@ def _row_cost(layer: nn.Module) -> int:
     return read_weight(layer).shape[1] + (layer.bias is not None)
 
 
+def mlp_cost(block: nn.Module, mlp: MLP) -> int:
+    """Parameters one MLP channel holds: a column of the consumer, a row of every producer."""
+    cost = read_weight(block.get_submodule(mlp.consumer)).shape[0]
+    return cost + sum(mlp.stacked * _row_cost(block.get_submodule(name)) for name in mlp.producers)
+
+
+def attention_cost(block: nn.Module, attention: Attention, size: int, q_heads: int, kv_heads: int, mode: str) -> int:
+    """Parameters one attention unit holds: a key/value group (its query heads, key and value) or a
+    query-head slot (one query head of every group)."""
+    head_cost = size * (_row_cost(block.get_submodule(attention.q)) + read_weight(block.get_submodule(attention.o)).shape[0])
+    if mode == "queries":
+        return kv_heads * head_cost
+    return q_heads // kv_heads * head_cost + 2 * size * _row_cost(block.get_submodule(attention.k))
+
+
 def mlp_units(block: nn.Module, index: int, mlp: MLP, score: LayerScore) -> Units:
-    consumer = block.get_submodule(mlp.consumer)
-    channels = read_weight(consumer).shape[1]
+    channels = read_weight(block.get_submodule(mlp.consumer)).shape[1]
     total = score(mlp.consumer, "columns")  # (channels,)
-    cost = read_weight(consumer).shape[0]
     for name in mlp.producers:
         total = total + score(name, "rows").view(mlp.stacked, channels).sum(dim=0)
-        cost += mlp.stacked * _row_cost(block.get_submodule(name))
-    return Units(index, "mlp", total, cost)
+    return Units(index, "mlp", total, mlp_cost(block, mlp))
 
 
 def attention_units(block: nn.Module, index: int, attention: Attention, size: int, q_heads: int, kv_heads: int,
@@ -70,7 +82,6 @@ def attention_units(block: nn.Module, index: int, attention: Attention, size: in
     """Scores per key/value group (`kv-groups`) or per query-head slot (`queries`: slot s holds the
     s-th weakest query head of every group, so removing k slots removes k heads from each group)."""
     group = q_heads // kv_heads
-    o = block.get_submodule(attention.o)
     per_head = score(attention.o, "columns").view(q_heads, size).sum(dim=1)
     if attention.fused:
         rows = score(attention.q, "rows")
@@ -78,14 +89,13 @@ def attention_units(block: nn.Module, index: int, attention: Attention, size: in
     else:
         q_rows, k_rows, v_rows = (score(name, "rows") for name in (attention.q, attention.k, attention.v))
     per_head = per_head + q_rows.view(q_heads, size).sum(dim=1)  # (q_heads,)
-    head_cost = size * (_row_cost(block.get_submodule(attention.q)) + read_weight(o).shape[0])
+    cost = attention_cost(block, attention, size, q_heads, kv_heads, mode)
     if mode == "queries":
         by_group = per_head.view(kv_heads, group)
         slots = by_group.sort(dim=1).values.sum(dim=0)  # (group,) ascending by construction
-        return Units(index, "attention", slots, kv_heads * head_cost, head_scores=by_group)
+        return Units(index, "attention", slots, cost, head_scores=by_group)
     kv_scores = (k_rows + v_rows).view(kv_heads, size).sum(dim=1)
-    kv_cost = 2 * size * _row_cost(block.get_submodule(attention.k))
-    return Units(index, "attention", per_head.view(kv_heads, group).sum(dim=1) + kv_scores, group * head_cost + kv_cost)
+    return Units(index, "attention", per_head.view(kv_heads, group).sum(dim=1) + kv_scores, cost)
 
 
 def head_keep(units: Units, removed: int, q_heads: int, kv_heads: int) -> tuple[Tensor, Tensor]:
