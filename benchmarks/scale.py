@@ -60,6 +60,12 @@ RECOVERY = {
     # fused AdamW (2026-12-07); the default data is the offline mix since issue 38 (the rows above: enwiki)
     "recovery-fused": [],
     "recovery-fused-ac": ["--activation-checkpointing"],
+    # the teacher held for autocast (block linear layers in bfloat16) and the best weights kept on disk only
+    # (2026-12-07); `-before-` rows: the code just before (commit f21c766), run with PYTHONPATH=its src, the same day
+    "recovery-held": [],
+    "recovery-held-ac": ["--activation-checkpointing"],
+    "recovery-before-held": [],
+    "recovery-before-held-ac": ["--activation-checkpointing"],
 }
 
 

@@ -28,7 +28,8 @@ from secateur.models import adapter_for
 from secateur.calibrate.disk import has_state
 from secateur.offload import on_disk, run_on_disk
 from secateur.output import Output, check_apart, claim
-from secateur.recipe import KINDS, check_order, kind_of, prune, stage_settings
+from secateur.models.autocast import hold_for_autocast
+from secateur.recipe import KINDS, autocast_teacher, check_order, kind_of, prune, stage_settings
 from secateur.schema import flag, flatten
 from secateur.settings import PlannedStage, RunOptions
 
@@ -306,12 +307,14 @@ def _run(model_path: str | Path, stages: list[PlannedStage], output: Output | No
     model, tokenizer = load(model_path, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)
     teacher = (load(teacher_file, dtype=options.dtype, device="cpu", allow_nonfinite=options.allow_nonfinite)[0]
                if teacher_file is not None else None)  # fmt: skip
+    compute = resolve_device(options.device)
+    if teacher is not None and autocast_teacher([s.config for s in stages], compute):
+        hold_for_autocast(teacher)  # loaded for this run alone: held as the stages run it
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         from secateur.vocabulary.teacher import KeptVocabulary  # the input's vocabulary was pruned: the teacher
 
         teacher = KeptVocabulary(teacher, load_tokenizer(teacher_file), tokenizer)  # reads and predicts its tokens
     timings = {"load": time.perf_counter() - clock}
-    compute = resolve_device(options.device)
     evaluation = (evaluation_sets(model, tokenizer, options.eval_source, options.eval_seq_len, options.eval_windows)
                   if options.eval_source else None)  # windows cut before pruning: a short text fails early
     work = checkpoints_for(out) if _trains(stages) else None

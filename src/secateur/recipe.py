@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from secateur.config import CalibConfig
 from secateur.data.calibration import retokenize
 from secateur.errors import ConfigError
+from secateur.models.autocast import hold_for_autocast
 from secateur.schema import Option, check_finite_options, flag
 
 Settings = dict[str, Any]
@@ -134,6 +135,9 @@ class StageKind:
     checkpoints: bool = False
     length_key: str = "calib_seq_len"
     check_teacher: Callable[[Any, Any, Any, str | None], None] = lambda config, teacher, student, reshaped: None
+    # the precision a stage runs the teacher in on a device ("bfloat16": under bfloat16 autocast only; None: it
+    # does not run the teacher), so that a teacher secateur loads itself is held for autocast where all agree
+    teacher_precision: Callable[[Any, torch.device], str | None] = lambda config, device: None
     outputs: Callable[[dict[str, Any], int, Path], dict[str, Path]] = lambda record, number, teacher: {}
     command: tuple[str, str] | None = None
     streaming: Streaming | None = None  # the stage from disk to disk (None: in memory only)
@@ -260,6 +264,13 @@ def as_stages(recipe: Any) -> list[Any]:
     return stages
 
 
+def autocast_teacher(stages: Sequence[Any], device: torch.device) -> bool:
+    """Whether every stage config that runs the teacher runs it under bfloat16 autocast on `device`
+    (and one does): the teacher can then be held for autocast (`models.autocast.hold_for_autocast`)."""
+    wanted = {kind_of(config).teacher_precision(config, device) for config in stages} - {None}
+    return wanted == {"bfloat16"}
+
+
 def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor | None] | None = None, *,
           device: str | torch.device | None = None, batch_size: int | Sequence[int] = 4,
           history: Sequence[tuple[str, Settings]] = (), teacher: nn.Module | None = None,
@@ -294,6 +305,8 @@ def prune(model: nn.Module, recipe: Any, calibration: Tensor | Sequence[Tensor |
     device = torch.device(device or "cpu")
     if teacher is None and any(getattr(s, "needs_teacher", False) for s in stages):
         teacher = copy.deepcopy(model)
+        if autocast_teacher(stages, device):  # a copy of our own: held as the stages run it
+            hold_for_autocast(teacher)
     report = RecipeReport()
     start = time.perf_counter()
     earlier = list(history)

@@ -65,12 +65,6 @@ def trainable(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_best(best: dict[str, Tensor], path: Path) -> None:
-    staging = path.with_name(path.name + ".partial")
-    torch.save(best, staging)
-    staging.replace(path)
-
-
 def load_trainable(model: nn.Module, values: dict[str, Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from secateur.evaluate import perplexity
 from secateur.models.head import chunk_positions, hidden_out, splittable
 from secateur.models import adapter_for
-from secateur.train.checkpoint import (BEST, CHECKPOINT, METRICS, SHAPE, load_trainable, save_best, save_checkpoint,
+from secateur.train.checkpoint import (BEST, CHECKPOINT, METRICS, SHAPE, load_trainable, save_checkpoint,
                                        trainable, trim_metrics, write_json_line)
 from secateur.errors import TrainError
+from secateur.output import save_whole
 from secateur.train.config import TrainConfig, precision_for
 from secateur.train.gradual import gradual_pruning, plan_for
 from secateur.train.masks import MaskHolder, weight_masks
@@ -331,7 +332,8 @@ def _step_record(run: Run, parts: dict[str, float], loss: float, speed: float) -
 
 def _validate(run: Run, record: dict[str, Any], best: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
     """Validation perplexity into `record` and the history; a new best (once pruning is over) is kept
-    in memory and in the work directory. Returns the best trainable weights so far."""
+    in the work directory (the process that writes it) or else in memory. Returns the best trainable
+    weights held in memory (None: in the work directory, or none yet)."""
     state = run.state
     ppl, domains = _validation_perplexity(run)
     run.raw.train()
@@ -342,9 +344,12 @@ def _validate(run: Run, record: dict[str, Any], best: dict[str, Tensor] | None) 
     final = all(p is None or state.step >= p.plan.end for p in (run.pruner, run.widener))  # less pruned: no candidate
     if final and ppl < state.best:
         state.best, state.best_step, state.since_best = ppl, state.step, 0
-        best = trainable(run.raw)
-        if run.workdir is not None and run.acc.is_main_process:
-            save_best(best, run.workdir / BEST)
+        if run.workdir is not None and run.acc.is_main_process:  # not held beside the model: read back at the end
+            save_whole({n: p.detach().cpu() for n, p in run.raw.named_parameters() if p.requires_grad},
+                      run.workdir / BEST)  # fmt: skip
+            best = None
+        else:
+            best = trainable(run.raw)
     elif final:
         state.since_best += 1
     return best
@@ -369,7 +374,7 @@ def _finish(run: Run, best: dict[str, Tensor] | None) -> None:
     run.acc.wait_for_everyone()
     model = run.acc.unwrap_model(run.model)
     if run.state.best_step != run.state.step:  # the last step did not validate best: go back to the best
-        if best is None and run.workdir is not None and (run.workdir / BEST).exists():  # best from before a resume
+        if best is None and run.workdir is not None and (run.workdir / BEST).exists():  # kept in the work directory
             best = torch.load(run.workdir / BEST, map_location="cpu", weights_only=True)
         if best is not None:
             load_trainable(model, best)

@@ -13,6 +13,7 @@ from secateur.recipe import Section, StageContext, StageKind, register
 from secateur.schema import fill, flatten, options_of
 from secateur.io import content_hash
 from secateur.train import TrainConfig, train
+from secateur.train.config import precision_for
 from secateur.train.objective import check_layerwise
 from secateur.train.plot import plot_metrics
 
@@ -119,6 +120,7 @@ KIND = register(StageKind(
     checkpoints=True,
     length_key="train_seq_len",
     check_teacher=_check_teacher,
+    teacher_precision=lambda config, device: precision_for(config, device) if config.needs_teacher else None,
     outputs=_outputs,
     command=("train", "recover a pruned model by training (distillation from the original model by default) and "
                       "save it with a manifest"),
