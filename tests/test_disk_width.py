@@ -41,6 +41,11 @@ def test_streamed_width_with_reconstruction_equals_the_in_memory_stage_bit_for_b
     calibration = calibration_ids(6, 16)
     config = WidthConfig(fraction=0.3, reconstruct=True, heads="none" if family == "phi3" else None)
     model, report, record = both(tmp_path, path, config, calibration)
+    _same_stage(tmp_path, model, report, record)
+
+
+def _same_stage(tmp_path, model, report, record):
+    """The streamed output is the in-memory one: files, record, parameter count, reloaded logits."""
     same(tmp_path / "memory", tmp_path / "disk")
     result = record["result"]
     assert result["layers"] == report.to_dict()["layers"] and result["reconstruction"] == report.reconstruction
@@ -64,15 +69,9 @@ def test_streamed_hidden_channels_equal_the_in_memory_stage_bit_for_bit(tmp_path
     config = WidthConfig(fraction=0.4, hidden_fraction=0.25, reconstruct=reconstruct,
                          heads="none" if family == "phi3" else None)  # fmt: skip
     model, report, record = both(tmp_path, path, config, calibration_ids(6, 16))
-    same(tmp_path / "memory", tmp_path / "disk")
+    _same_stage(tmp_path, model, report, record)
     result = record["result"]
     assert (result["hidden_before"], result["hidden_after"]) == (64, 48) == (report.hidden_before, report.hidden_after)
-    assert result["layers"] == report.to_dict()["layers"] and result["reconstruction"] == report.reconstruction
-    assert result["parameters_after"] == sum(p.numel() for p in model.parameters())
-    reloaded = secateur.load(tmp_path / "disk")[0].eval()
-    ids = calibration_ids(2, 16, seed=3)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("settings", [
