@@ -5,9 +5,10 @@ The model stays on disk (`calibrate.disk.DiskBlocks`). One read-only pass gather
 and scores each block's heads and channels while the block is resident (`width.prune.scored_units`);
 the allocation needs only those scores. A second pass cuts each block (bias compensation, or the
 least-squares refit on the activations of the model as pruned so far with `--reconstruct`) and
-writes it as soon as it is done; what lies outside the blocks is copied unchanged (cut, with a hidden cut), the config
-describes the new widths (stock where they are uniform, `modeling_secateur.py` otherwise), the
-manifest comes last. The same weights, bit for bit, as the stage run in memory and saved.
+writes it as soon as it is done; what lies outside the blocks is copied unchanged (cut, with a
+hidden cut), the config describes the new widths (stock where they are uniform,
+`modeling_secateur.py` otherwise), the manifest comes last. The same weights, bit for bit, as the
+stage run in memory and saved.
 
 With a work directory, the scores and the allocation are saved there after the first pass, and the
 second pass keeps each written block and (with the refit) the activations every SAVE_EVERY
@@ -102,7 +103,7 @@ def stream_width(store: DiskBlocks, staging: Path, config: WidthConfig, calibrat
     saved = work / STATE if work is not None else None
     if saved is not None and saved.is_file():
         state = torch.load(saved, weights_only=True)
-        if state["hidden"] is not None:
+        if state.get("hidden") is not None:  # (a state saved before hidden cuts streamed has no entry)
             _cut_hidden(store, state["hidden"])
     else:
         store.trim = False  # the first pass only runs the blocks: the same activations every block
