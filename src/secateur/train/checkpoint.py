@@ -61,8 +61,10 @@ def save_checkpoint(acc: Any, checkpoint: Path, shape: dict[str, Any] | None = N
     acc.wait_for_everyone()
 
 
-def trainable(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable(model: nn.Module, copy: bool = True) -> dict[str, Tensor]:
+    """The trainable parameters by name, on the CPU (`copy`: copies, else the tensors themselves there)."""
+    return {n: p.detach().cpu().clone() if copy else p.detach().cpu() for n, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def load_trainable(model: nn.Module, values: dict[str, Tensor]) -> None:

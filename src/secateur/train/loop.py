@@ -345,8 +345,7 @@ def _validate(run: Run, record: dict[str, Any], best: dict[str, Tensor] | None) 
     if final and ppl < state.best:
         state.best, state.best_step, state.since_best = ppl, state.step, 0
         if run.workdir is not None and run.acc.is_main_process:  # not held beside the model: read back at the end
-            save_whole({n: p.detach().cpu() for n, p in run.raw.named_parameters() if p.requires_grad},
-                      run.workdir / BEST)  # fmt: skip
+            save_whole(trainable(run.raw, copy=False), run.workdir / BEST)
             best = None
         else:
             best = trainable(run.raw)
