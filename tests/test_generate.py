@@ -133,3 +133,22 @@ def test_speculation_rolls_back_sliding_window_caches():
     reference = greedy(target, ids, 25).tokens
     assert speculative(target, tiny_model("gemma3_text", seed=1), ids, 25, k=4).tokens == reference
     assert self_speculative(target, ids, 25, 1, 3).tokens == reference
+
+
+def test_the_cache_goes_under_the_name_the_forward_takes():
+    """The installed transformers' own name for the KV cache (no deprecation warning from a decode), and
+    the old name for a forward that only knows `past_key_values`."""
+    import warnings
+
+    from secateur.models.cache import with_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return input_ids
+
+    model = tiny_model("llama")
+    assert set(with_cache(Old(), "c")) == {"past_key_values", "use_cache"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert greedy(model, prompt(), 6).tokens == by_hand(model, prompt(), 6)
+        assert speculative(model, tiny_model("llama", seed=3), prompt(), 6).tokens == by_hand(model, prompt(), 6)

@@ -30,6 +30,7 @@ from torch import nn
 
 from secateur.config import ConfigError
 from secateur.io import Dtype
+from secateur.models.cache import cache_of, with_cache
 from secateur.schema import Requires, option, refuse_inapplicable
 
 HF = Requires(lambda c: c.engine == "hf", "--engine hf (the default)")
@@ -147,11 +148,11 @@ def _one_run(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> tup
     token = out.logits[:, -1:].argmax(-1)
     sync()
     prefill = time.perf_counter() - start
-    cache = out.past_key_values
+    cache = cache_of(out)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token, **with_cache(model, cache))
+        cache = cache_of(out)
         token = out.logits[:, -1:].argmax(-1)
     sync()
     return prefill, new_tokens / (time.perf_counter() - start)

@@ -91,7 +91,7 @@ class RemovedAttention(Removed):
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
         hidden = args[0] if args else kwargs["hidden_states"]  # (batch, seq, hidden)
-        cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None)
         if cache is not None and self.layer_idx is not None and hasattr(cache, "update"):
             empty = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 0)  # (batch, 1 head, seq, 0)
             cache.update(empty, empty, self.layer_idx)

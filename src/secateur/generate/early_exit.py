@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from secateur.errors import ConfigError
 from secateur.generate.speculative import Decoded, speculative
+from secateur.models.cache import cache_of, with_cache
 from secateur.models.head import Head
 
 
@@ -160,7 +161,7 @@ def early_exit(model: nn.Module, prompt: Tensor, new_tokens: int, threshold: flo
     start = time.perf_counter()
     with _exiting(model, threshold, exits, measure) as run:
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = cache_of(out)
         result = Exited([], 0.0, first_token_seconds=time.perf_counter() - start)
         while True:
             logits = out.logits[0, -1].float()
@@ -171,8 +172,8 @@ def early_exit(model: nn.Module, prompt: Tensor, new_tokens: int, threshold: flo
             if len(result.tokens) >= new_tokens:
                 break
             run.state, run.block, run.active = None, None, True
-            out = model(input_ids=prompt.new_tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=prompt.new_tensor([[token]]), **with_cache(model, cache))
+            cache = cache_of(out)
             result.exit_blocks.append(run.block or total)
             result.target_calls += 1
         run.state = None

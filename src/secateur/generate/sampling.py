@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from secateur.models.cache import cache_of, with_cache
+
 
 def spread(count: int, share: float) -> list[int]:
     """The positions of floor(count x share) of `count` windows, spread evenly: window i is chosen when
@@ -37,8 +39,8 @@ def sample_continuations(model: nn.Module, prompts: Tensor, length: int, generat
         pieces, cache, step = [ids], None, ids
         with scope():
             for _ in range(length - p):
-                result = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = result.past_key_values
+                result = model(input_ids=step, **with_cache(model, cache), logits_to_keep=1)
+                cache = cache_of(result)
                 probs = torch.softmax(result.logits[:, -1].float(), dim=-1)
                 step = torch.multinomial(probs, 1, generator=generator)
                 pieces.append(step)

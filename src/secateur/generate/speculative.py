@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from secateur.errors import SecateurError
+from secateur.models.cache import cache_of, with_cache
 
 
 @dataclass
@@ -49,10 +50,10 @@ def greedy(model: nn.Module, prompt: Tensor, new_tokens: int) -> Decoded:
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     tokens = [int(out.logits[0, -1].argmax())]
     first = time.perf_counter() - start
-    cache = out.past_key_values
+    cache = cache_of(out)
     while len(tokens) < new_tokens:
-        out = model(input_ids=prompt.new_tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=prompt.new_tensor([[tokens[-1]]]), **with_cache(model, cache))
+        cache = cache_of(out)
         tokens.append(int(out.logits[0, -1].argmax()))
     return Decoded(tokens, time.perf_counter() - start, target_calls=len(tokens) - 1, first_token_seconds=first)
 
@@ -67,8 +68,8 @@ def speculative(target: nn.Module, draft: nn.Module, prompt: Tensor, new_tokens:
         raise SecateurError("the draft must share the target's vocabulary (a vocabulary-pruned draft does not)")
     start = time.perf_counter()
     out = target(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    target_cache, tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]  # target cache: prompt
-    draft_cache, drafted = draft(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values, 0
+    target_cache, tokens = cache_of(out), [int(out.logits[0, -1].argmax())]  # target cache: prompt
+    draft_cache, drafted = cache_of(draft(input_ids=prompt, use_cache=True, logits_to_keep=1)), 0
     for cache in (target_cache, draft_cache):  # sliding-window layers keep what a rollback needs (after the
         if hasattr(cache, "activate_past_recording"):  # prefill: recording it would hold the whole prompt)
             cache.activate_past_recording()
@@ -78,13 +79,12 @@ def speculative(target: nn.Module, draft: nn.Module, prompt: Tensor, new_tokens:
         pending = tokens[drafted:]
         proposals: list[int] = []
         for _ in range(k):
-            out = draft(input_ids=prompt.new_tensor([pending]), past_key_values=draft_cache, use_cache=True)
-            draft_cache, pending = out.past_key_values, [int(out.logits[0, -1].argmax())]
+            out = draft(input_ids=prompt.new_tensor([pending]), **with_cache(draft, draft_cache))
+            draft_cache, pending = cache_of(out), [int(out.logits[0, -1].argmax())]
             proposals.append(pending[0])
         # the target scores the last accepted token and the k proposals in one forward
-        scored = target(input_ids=prompt.new_tensor([[tokens[-1], *proposals]]), past_key_values=target_cache,
-                        use_cache=True)  # fmt: skip
-        target_cache, choices = scored.past_key_values, scored.logits[0].argmax(-1).tolist()  # (k + 1,)
+        scored = target(input_ids=prompt.new_tensor([[tokens[-1], *proposals]]), **with_cache(target, target_cache))
+        target_cache, choices = cache_of(scored), scored.logits[0].argmax(-1).tolist()  # (k + 1,)
         accepted = 0
         while accepted < k and proposals[accepted] == choices[accepted]:
             accepted += 1
