@@ -86,6 +86,9 @@ RECIPES = {
     "incremental50-ap0": ["--prune-width", "0.5", "--width-allocation", "adapt-pruner", "--width-amplitude", "0"],
     # the default at a third of its peak learning rate: for starts that pruning damaged less
     "lr3e-4": ["--lr", "3e-4"],
+    # the mode's fixed rate, which the default was before the rate was chosen by the start's distance from
+    # its teacher (rows run before 2026-12-08 under "default" trained at it)
+    "lr1e-3": ["--lr", "1e-3"],
     "lr1e-4": ["--lr", "1e-4"],
     "t2": ["--temperature", "2"],  # distillation temperature 2 (the loss scaled by T^2)
     # the default plus SquareHead's layer-wise distillation of every block's output, weight 1

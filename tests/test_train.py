@@ -22,7 +22,7 @@ from secateur.train.objective import step_loss as _loss
 from secateur.train.loss import (kl_distillation, layerwise_distillation, next_token_cross_entropy, top_k,
                                  topk_distillation)
 from secateur.train.modes import merge_lora, select_trainable
-from secateur.train.schedule import lr_factor
+from secateur.train.schedule import lr_factor, peak_lr_for
 
 SMALL = dict(tokens=32 * 16, train_seq_len=16, micro_batch=4, val_windows=2)
 
@@ -282,6 +282,56 @@ def test_full_fine_tuning_takes_the_family_learning_rate_where_the_default_diver
     assert record["schedule"]["peak_lr"] == peak
     assert ("gemma3 fine-tunes in full at a peak learning rate of 0.0001" in caplog.text) == (family == "gemma3_text"
                                                                                              and not settings)
+
+
+def test_peak_lr_by_the_start_s_distance_from_its_teacher():
+    """3e-4 below 3 nats per token above the teacher, 1e-3 from there on (a wrecked start included)."""
+    assert [peak_lr_for(g) for g in (0.0, -0.5, 2.999, 3.0, 7.0, math.inf)] == [3e-4, 3e-4, 3e-4, 1e-3, 1e-3, 1e-3]
+
+
+@pytest.mark.parametrize("head_scale, peak", [(1.0, 3e-4), (60.0, 1e-3)])
+def test_the_default_full_lr_is_chosen_from_the_validation_gap(head_scale, peak, caplog):
+    """A start equal to its teacher (gap 0) trains at 3e-4; the same start with its head scaled up
+    (confidently wrong: far above the teacher) at 1e-3. The gap is the log ratio of the two validation
+    perplexities, the teacher's computed here on its own."""
+    teacher = tiny_model("llama")
+    model = copy.deepcopy(teacher)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(head_scale)
+    validation = calibration_ids(2, 16, seed=1)
+    config = TrainConfig(precision="float32", **SMALL)
+    with caplog.at_level("WARNING"):
+        record = train(model, config, calibration_ids(32, 16), validation, teacher=teacher, device="cpu",
+                       progress=False).record  # fmt: skip
+    choice, start = record["lr_choice"], record["validation"][0]["perplexity"]
+    expected = secateur.evaluate.perplexity(teacher, validation)["perplexity"]
+    assert choice["teacher_perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert choice["gap"] == pytest.approx(math.log(start) - math.log(expected), abs=1e-9)
+    assert (choice["gap"] == 0.0) == (head_scale == 1.0) and (choice["gap"] > 3) == (head_scale > 1)
+    assert record["schedule"]["peak_lr"] == choice["peak_lr"] == peak
+    assert f"peak learning rate {peak:g}" in caplog.text
+
+
+@pytest.mark.parametrize("settings", [{"lr": 5e-4}, {"mode": "lora"}, {"prune_to": 0.75}])
+def test_no_lr_choice_where_the_rate_is_given_or_the_start_is_not_what_trains(settings):
+    """An explicit --lr, another mode, and pruning during training keep their rates: nothing is chosen."""
+    model, dense = _two_four()
+    config = TrainConfig(precision="float32", **{**SMALL, **settings})
+    record = train(model, config, calibration_ids(32, 16), calibration_ids(2, 16, seed=1), teacher=dense,
+                   device="cpu", progress=False).record  # fmt: skip
+    assert record["lr_choice"] is None
+    assert record["schedule"]["peak_lr"] == config.peak_lr
+
+
+def test_a_resumed_run_keeps_the_learning_rate_it_chose(tmp_path, monkeypatch):
+    """Killed after step 4 and resumed with --lr unset: the same choice and the same weights as an
+    uninterrupted run, bit for bit (the resumed run does not fall back to the mode's 1e-3)."""
+    config = TrainConfig(mode="full", epochs=2, checkpoint_every=2, eval_every=16, precision="float32", **SMALL)
+    model, _ = _two_four()
+    whole, resumed, record = killed_and_resumed(tmp_path, monkeypatch, model, config, die_at=5)
+    assert record["resumed_at"] == 4 and record["lr_choice"]["peak_lr"] == record["schedule"]["peak_lr"] == 3e-4
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_early_stop_on_a_plateau():

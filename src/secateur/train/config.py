@@ -19,8 +19,9 @@ Mode = Literal["full", "lora", "perp", "perp-lora"]
 Precision = Literal["auto", "float32", "bfloat16"]
 
 # peak learning rates by mode (AdamW). full: the best of 5e-5, 2e-4, 1e-3 in a 32,768-token probe on
-# SmolLM2-135M width 50% (validation perplexity 205.75, 138.75, 114.41); lora: LLM-Pruner's; the others
-# are not tuned
+# SmolLM2-135M width 50% (validation perplexity 205.75, 138.75, 114.41), and where a teacher is given
+# for the start itself, chosen by its distance from the teacher (`schedule.peak_lr_for`: 3e-4 close to
+# it); lora: LLM-Pruner's; the others are not tuned
 DEFAULT_LR = {"full": 1e-3, "lora": 1e-4, "perp": 1e-3, "perp-lora": 2e-4}
 ADAPT_AMPLITUDE = 0.03  # Adapt-Pruner's allocation: its code's default layer_prune_distribution_amplitude
 
@@ -51,8 +52,10 @@ class TrainConfig:
     train_seq_len: int = option(512, "tokens per training window")
     micro_batch: int = option(4, "windows per forward and backward")
     accumulate: int = option(1, "micro-batches per optimizer step (per process)")
-    lr: float | None = option(None, "peak learning rate (default by mode: full 1e-3, lora 1e-4, perp 1e-3, "
-                                    "perp-lora 2e-4; full on Gemma 3: 1e-4, where 1e-3 diverges)")
+    lr: float | None = option(None, "peak learning rate (default by mode: full 1e-3, or with a teacher and no "
+                                    "pruning during training 3e-4 where the start's validation perplexity is "
+                                    "within e^3 (about 20x) of the teacher's; lora 1e-4, perp 1e-3, perp-lora "
+                                    "2e-4; full on Gemma 3: 1e-4, where 1e-3 diverges)")
     warmup: float = option(0.05, "fraction of the optimizer steps spent warming up linearly")
     min_lr: float = option(0.1, "the cosine decay's floor, as a fraction of the peak learning rate")
     weight_decay: float = option(0.0, "AdamW's decoupled weight decay")

@@ -41,7 +41,7 @@ from secateur.train.loss import load_balance
 from secateur.train.objective import (check_layerwise, router_logits, router_weight, step_loss, teacher_cache,
                                       uneven_routers)
 from secateur.train.run import Run, TrainResult, record_of
-from secateur.train.schedule import batch_rows, lr_factor, total_steps
+from secateur.train.schedule import batch_rows, lr_factor, peak_lr_for, total_steps
 from secateur.train.selfdata import self_written
 from secateur.train.width import IncrementalWidth, prune_width_step, reshape, shape_record
 
@@ -85,6 +85,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Tensor, validation: Te
     start_step, stopped_early, last_loss, best, overhead = state.step, False, None, None, 0.0
     if state.step == 0 and run.pruner is None and run.widener is None:  # the input is the first candidate
         best = _validate(run, {"step": 0, "tokens": 0}, best)
+    run.config = config = distance_lr(run)
     clock = time.perf_counter()
     while state.step < run.steps:
         parts = _step(run)
@@ -137,6 +138,29 @@ def family_lr(model: nn.Module, config: TrainConfig) -> TrainConfig:
     log.warning("recovery: %s fine-tunes in full at a peak learning rate of %g by default (the mode's %g diverges on "
                 "it, measured); --lr sets another", family.family, family.full_lr, config.peak_lr)  # fmt: skip
     return dataclasses.replace(config, lr=family.full_lr)
+
+
+def distance_lr(run: Run) -> TrainConfig:
+    """The run's config with full fine-tuning's peak learning rate chosen by how far the start is from
+    its teacher (`schedule.peak_lr_for`), where --lr is left to its default and the start is what
+    trains (no pruning during training): the teacher's validation perplexity beside the start's
+    (validated before the first step), the choice kept in the loop's state, so a resumed run goes on
+    at the rate it started with."""
+    config, state = run.config, run.state
+    if config.lr is not None or config.mode != "full" or run.teacher is None or run.pruner or run.widener:
+        return config
+    if state.lr_choice is None:
+        if state.step > 0:  # a checkpoint from before the choice: it ran at the mode's default
+            return config
+        with run.acc.autocast():  # the teacher as it runs in training (held for bfloat16 autocast or not)
+            teacher = _validation_perplexity(run, run.teacher)[0]
+        student = state.validations[0]["perplexity"]
+        gap = math.log(student) - math.log(teacher)
+        state.lr_choice = {"teacher_perplexity": teacher, "start_perplexity": student, "gap": gap,
+                           "peak_lr": peak_lr_for(gap)}  # fmt: skip
+        log.warning("recovery: the start's validation perplexity is %.4g against the teacher's %.4g (%.2f nats per "
+                    "token): peak learning rate %g (--lr sets another)", student, teacher, gap, peak_lr_for(gap))  # fmt: skip
+    return dataclasses.replace(config, lr=state.lr_choice["peak_lr"])
 
 
 def _reset_accelerator() -> None:
@@ -354,10 +378,10 @@ def _validate(run: Run, record: dict[str, Any], best: dict[str, Tensor] | None) 
     return best
 
 
-def _validation_perplexity(run: Run) -> tuple[float, dict[str, float]]:
-    """Perplexity over all validation windows and, when they come from several corpora, each corpus's
-    (one pass over the windows either way)."""
-    score = partial(perplexity, run.raw.eval(), batch_size=run.config.micro_batch, device=run.acc.device)
+def _validation_perplexity(run: Run, model: nn.Module | None = None) -> tuple[float, dict[str, float]]:
+    """Perplexity of the model trained (or `model`) over all validation windows and, when they come
+    from several corpora, each corpus's (one pass over the windows either way)."""
+    score = partial(perplexity, (model or run.raw).eval(), batch_size=run.config.micro_batch, device=run.acc.device)
     if not run.validation_domains:
         return score(run.validation)["perplexity"], {}
     names = list(dict.fromkeys(run.validation_domains))

@@ -28,6 +28,7 @@ class LoopState:
     since_best: int = 0
     first_loss: float | None = None
     validations: list[dict[str, Any]] = field(default_factory=list)
+    lr_choice: dict[str, float] | None = None  # the default peak learning rate chosen at the start (--lr unset)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -104,6 +105,7 @@ def record_of(run: Run, timing: dict[str, Any]) -> dict[str, Any]:
         "schedule": {"peak_lr": config.peak_lr, "warmup_steps": run.warmup, "min_lr": config.min_lr,
                      "global_batch_windows": tokens_per_step // run.windows.shape[1],
                      "window_tokens": run.windows.shape[1]},
+        "lr_choice": state.lr_choice,
         "loss": {"first": state.first_loss, "last": timing["last_loss"]},
         "validation": state.validations, "best": {"step": state.best_step, "perplexity": state.best},
         "stopped_early": timing["stopped_early"], "resumed_at": timing["start_step"] if timing["resumed"] else None,

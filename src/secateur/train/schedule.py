@@ -11,6 +11,14 @@ from torch import Tensor
 
 from secateur.errors import TrainError
 
+# full fine-tuning's peak learning rate by the start's distance from its teacher: MILD_LR for a start
+# within MILD_GAP nats per token (validation perplexity within e^MILD_GAP, about 20x, of the teacher's),
+# DAMAGED_LR beyond. Chosen on held-out corpora at 131,072 tokens of the mixture (docs/benchmarks.md,
+# "The default recipe, chosen on the never-trained corpora"): 3e-4 did better than 1e-3 on SmolLM2
+# depth 20% (gap 0.86 on the mixture's validation windows) and width 20% (2.34), 1e-3 better than 3e-4
+# on width 50% (4.46)
+MILD_LR, DAMAGED_LR, MILD_GAP = 3e-4, 1e-3, 3.0
+
 
 def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based) of `total`.
@@ -24,6 +32,13 @@ def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     decay = total - warmup - 1
     t = 1.0 if decay <= 0 else min((step - warmup) / decay, 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def peak_lr_for(gap: float) -> float:
+    """Full fine-tuning's peak learning rate for a start `gap` nats per token above its teacher on the
+    validation windows (log of the ratio of their perplexities): the milder rate close to the teacher,
+    where 1e-3 undoes more than it repairs, the larger one for a heavily damaged start."""
+    return MILD_LR if gap < MILD_GAP else DAMAGED_LR
 
 
 def batch_rows(step: int, micro: int, config, windows: int, processes: int, rank: int) -> Tensor:
