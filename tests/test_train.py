@@ -377,7 +377,7 @@ def _train_cli(model, out, *extra):
                  "--val-windows", "2", "--micro-batch", "4", "--eval-seq-len", "16", "--eval-windows", "4", *extra])
 
 
-def test_cli_train_saves_a_recovered_model(tmp_path, model_dir, text_file):
+def test_cli_train_saves_a_recovered_model(tmp_path, model_dir, text_file, capsys):
     """prune (2:4) -> train: the output loads, keeps its pattern, and its manifest records the
     recovery (teacher = the model before the first secateur run, with its hash), metrics and curve."""
     src, pruned, out = model_dir("llama"), tmp_path / "pruned", tmp_path / "recovered"
@@ -388,6 +388,9 @@ def test_cli_train_saves_a_recovered_model(tmp_path, model_dir, text_file):
     assert [h["kind"] for h in manifest["history"]] == ["sparsity", "recovery"]
     assert record["result"]["teacher"]["sha256"] == manifest["origin"]["sha256"]
     assert record["result"]["masks"]["kept_after"] == record["result"]["masks"]["kept"] > 0
+    chosen = record["result"]["lr_choice"]  # the default rate, chosen from the start's distance to its teacher
+    assert record["result"]["schedule"]["peak_lr"] == chosen["peak_lr"]
+    assert f"peak learning rate {chosen['peak_lr']:g}, chosen" in capsys.readouterr().out
     assert (out / record["result"]["metrics"]).is_file() and (out / record["result"]["curve"]).is_file()
     assert (out / record["result"]["curve"]).read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "recovered.checkpoints").exists()

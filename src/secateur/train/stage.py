@@ -52,6 +52,11 @@ def _summary(record: dict[str, Any]) -> str:
             f"at step {best['step']}, {r['tokens_per_s']:.0f} tokens/s, {record['seconds']:.1f} s")
     if r["masks"]["layers"]:
         line += f"\nmasks kept: {r['masks']['kept_after']:,} of {r['masks']['size']:,} weights non-zero (was {r['masks']['kept']:,})"
+    chosen = r.get("lr_choice")
+    if chosen:
+        line += (f"\npeak learning rate {chosen['peak_lr']:g}, chosen: the start's validation perplexity "
+                 f"{chosen['start_perplexity']:.3f} is {chosen['gap']:.2f} nats per token above the teacher's "
+                 f"{chosen['teacher_perplexity']:.3f}")
     written = r.get("self_data")
     if written:
         how = (f"sampled at {written['tokens_per_s']:.0f} tokens/s" if written["sampled"]
