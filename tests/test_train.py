@@ -577,3 +577,13 @@ def test_the_optimizer_is_fused_adamw_with_the_same_step_as_the_reference():
             optimizer.step()
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
     assert adamw([torch.zeros(2, device="meta", requires_grad=True)], 1e-3, 0.0).defaults["fused"] is None
+
+
+def test_cached_top_k_logits_in_chunks_under_bfloat16_autocast():
+    """The teacher's top-k cache computed a chunk of positions at a time under bfloat16 autocast (the
+    default on CPUs with native bfloat16) trains: its float16 values are joined outside autocast."""
+    model, dense = _two_four()
+    config = TrainConfig(top_k=4, precision="bfloat16", loss_chunk=8, **SMALL)
+    record = train(model, config, calibration_ids(32, 16), calibration_ids(2, 16, seed=1), teacher=dense,
+                   device="cpu", progress=False).record  # fmt: skip
+    assert record["teacher_cache"]["top_k"] == 4 and math.isfinite(record["loss"]["last"])

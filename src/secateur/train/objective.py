@@ -110,9 +110,9 @@ def teacher_cache(teacher: nn.Module, windows: Tensor, config: TrainConfig, acc:
             if head is None:
                 v, i = top_k(out, config.top_k)
             else:
-                flat = out.flatten(0, 1)
-                parts = [top_k(logits, config.top_k) for _, logits in head.chunks(flat, chunk)]
-                v, i = (torch.cat(p).unflatten(0, out.shape[:2]) for p in zip(*parts))
+                parts = [top_k(logits, config.top_k) for _, logits in head.chunks(out.flatten(0, 1), chunk)]
+        if head is not None:  # joined outside autocast, which refuses to concatenate float16 values under bfloat16
+            v, i = (torch.cat(p).unflatten(0, out.shape[:2]) for p in zip(*parts))
         values.append(v.cpu())
         indices.append(i.cpu())
     return torch.cat(values), torch.cat(indices)
