@@ -149,6 +149,8 @@ def distance_lr(run: Run) -> TrainConfig:
     config, state = run.config, run.state
     if config.lr is not None or config.mode != "full" or run.teacher is None or run.pruner or run.widener:
         return config
+    if not hasattr(run.teacher, "get_output_embeddings"):  # a teacher seen through a pruned vocabulary: not scored
+        return config
     if state.lr_choice is None:
         if state.step > 0:  # a checkpoint from before the choice: it ran at the mode's default
             return config
