@@ -161,7 +161,8 @@ def distance_lr(run: Run) -> TrainConfig:
         state.lr_choice = {"teacher_perplexity": teacher, "start_perplexity": student, "gap": gap,
                            "peak_lr": peak_lr_for(gap)}  # fmt: skip
         log.warning("recovery: the start's validation perplexity is %.4g against the teacher's %.4g (%.2f nats per "
-                    "token): peak learning rate %g (--lr sets another)", student, teacher, gap, peak_lr_for(gap))  # fmt: skip
+                    "token): peak learning rate %g (--lr sets another)", student, teacher, gap,
+                    state.lr_choice["peak_lr"])  # fmt: skip
     return dataclasses.replace(config, lr=state.lr_choice["peak_lr"])
 
 
